@@ -1,0 +1,116 @@
+"""What a stage's time went to: the internal recording API of every integration.
+
+An integration (the SQLAlchemy listener, an LLM provider, a vector search) reports a unit
+of work with :func:`record` or a cache outcome with :func:`record_cache`. The work is
+added to the innermost open frame of the current task or thread; when a frame exits, its
+totals are rolled up into its parent, so a stage's ``breakdown`` covers the work of its
+nested stages too. Outside any stage, recording is a no-op.
+
+Shape, as it appears on the stage's completion line::
+
+    {"db": {"count": 3, "ms": 12.1}, "llm": {"count": 1, "ms": 800.2},
+     "cache": {"hits": 1, "misses": 2}}
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from rag_instrument._context import Frame, current_frame
+
+__all__ = ["as_attributes", "largest", "record", "record_cache", "render", "roll_up"]
+
+# Frames are per task, but a frame's children may finish on other threads (work submitted
+# through ``wrap_context``). One process-wide lock keeps their roll-ups from losing counts;
+# it is uncontended in the common single-threaded case.
+_lock = threading.Lock()
+
+
+def record(kind: str, ms: float, count: int = 1) -> None:
+    """Report ``count`` units of ``kind`` work (``db``, ``llm``, ``vector``, ``embedding``).
+
+    Args:
+        kind: the breakdown key.
+        ms: wall-clock milliseconds the work took.
+        count: how many operations (statements, calls) that was.
+    """
+    frame = current_frame()
+    if frame is None:
+        return
+    with _lock:
+        bd = frame.breakdown
+        if bd is None:
+            bd = frame.breakdown = {}
+        entry = bd.get(kind)
+        if entry is None:
+            bd[kind] = {"count": count, "ms": ms}
+        else:
+            entry["count"] += count
+            entry["ms"] += ms
+
+
+def record_cache(hit: bool, count: int = 1) -> None:
+    """Report a cache hit (``hit=True``) or miss to the innermost open stage."""
+    frame = current_frame()
+    if frame is None:
+        return
+    with _lock:
+        bd = frame.breakdown
+        if bd is None:
+            bd = frame.breakdown = {}
+        entry = bd.get("cache")
+        if entry is None:
+            entry = bd["cache"] = {"hits": 0, "misses": 0}
+        entry["hits" if hit else "misses"] += count
+
+
+def roll_up(frame: Frame) -> None:
+    """Add ``frame``'s totals to its parent's (called once, when ``frame`` exits)."""
+    parent = frame.parent
+    child = frame.breakdown
+    if parent is None or not child:
+        return
+    with _lock:
+        bd = parent.breakdown
+        if bd is None:
+            bd = parent.breakdown = {}
+        for kind, values in child.items():
+            entry = bd.get(kind)
+            if entry is None:
+                bd[kind] = dict(values)
+            else:
+                for key, amount in values.items():
+                    entry[key] = entry.get(key, 0) + amount
+
+
+def render(breakdown: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """The log form: counts as integers, milliseconds rounded to the microsecond."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind, values in breakdown.items():
+        out[kind] = {
+            k: (round(v, 3) if k == "ms" else int(v)) for k, v in values.items()
+        }
+    return out
+
+
+def largest(breakdown: dict[str, dict[str, float]] | None) -> dict[str, Any] | None:
+    """The timed entry that took the most milliseconds, as ``{"kind", "count", "ms"}``."""
+    if not breakdown:
+        return None
+    best: tuple[str, dict[str, float]] | None = None
+    for kind, values in breakdown.items():
+        if "ms" in values and (best is None or values["ms"] > best[1]["ms"]):
+            best = (kind, values)
+    if best is None:
+        return None
+    return {"kind": best[0], "count": int(best[1]["count"]), "ms": round(best[1]["ms"], 3)}
+
+
+def as_attributes(breakdown: dict[str, dict[str, float]]) -> dict[str, float | int]:
+    """Flatten for span attributes: ``rag.breakdown.db.count``, ``rag.breakdown.db.ms``."""
+    out: dict[str, float | int] = {}
+    for kind, values in breakdown.items():
+        for key, amount in values.items():
+            out[f"rag.breakdown.{kind}.{key}"] = round(amount, 3) if key == "ms" else int(amount)
+    return out

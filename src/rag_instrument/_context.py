@@ -1,0 +1,196 @@
+"""Per-task and per-thread state: bound log context and the stack of open stages.
+
+Both live in :mod:`contextvars`, so every asyncio task and every thread sees only its own
+values (a task starts with a copy of its creator's, a new thread with none). Values are
+stored immutably and replaced on change, so a copied context can never be mutated by the
+task it was copied from.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
+__all__ = [
+    "Bound",
+    "Frame",
+    "bind_context",
+    "bound",
+    "current_frame",
+    "current_stage",
+    "request_context",
+    "unbind_context",
+    "wrap_context",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Bound:
+    """An immutable snapshot of bound values, in log form and in span-attribute form."""
+
+    __slots__ = ("attrs", "log")
+
+    def __init__(self, log: dict[str, Any], attrs: dict[str, Any]) -> None:
+        self.log = log
+        self.attrs = attrs
+
+
+EMPTY = Bound({}, {})
+_bound: contextvars.ContextVar[Bound] = contextvars.ContextVar("rag_instrument.bound", default=EMPTY)
+
+
+class Frame:
+    """One open stage (or traced operation) in the current task or thread.
+
+    ``breakdown`` accumulates the work reported while this frame is the innermost one; at
+    exit it is rolled up into ``parent``. ``stage`` is the pipeline stage log lines inside
+    this frame report (a traced operation inherits its parent's).
+    """
+
+    __slots__ = (
+        "breakdown",
+        "is_stage",
+        "name",
+        "owner",
+        "parent",
+        "scratch",
+        "span",
+        "stage",
+        "start_ns",
+        "tokens",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        stage: str | None,
+        is_stage: bool,
+        parent: Frame | None,
+        span: Span,
+        owner: object,
+    ) -> None:
+        self.name = name
+        self.stage = stage
+        self.is_stage = is_stage
+        self.parent = parent
+        self.span = span
+        self.owner = owner
+        self.breakdown: dict[str, dict[str, float]] | None = None
+        self.start_ns = 0
+        self.tokens: tuple[Any, Any] | None = None
+        #: Per-frame state for integrations (e.g. N+1 statement counts), created on demand.
+        self.scratch: dict[str, Any] | None = None
+
+
+_frame: contextvars.ContextVar[Frame | None] = contextvars.ContextVar(
+    "rag_instrument.frame", default=None
+)
+
+current_frame = _frame.get
+set_frame = _frame.set
+reset_frame = _frame.reset
+bound = _bound.get
+
+
+def current_stage() -> str | None:
+    """The pipeline stage the current task or thread is in, or ``None``."""
+    frame = _frame.get()
+    return frame.stage if frame is not None else None
+
+
+def _make_bound(base: Bound, kv: dict[str, Any]) -> Bound:
+    from rag_instrument import _config  # late: _config imports this module
+    from rag_instrument._sanitize import to_attribute_value
+
+    sanitizer = _config.runtime().sanitizer
+    log = dict(base.log)
+    attrs = dict(base.attrs)
+    for key, value in kv.items():
+        log[key] = sanitizer.value(value, key)
+        attr = to_attribute_value(log[key], sanitizer)
+        if attr is None:
+            attrs.pop(key, None)
+        else:
+            attrs[key] = attr
+    return Bound(log, attrs)
+
+
+def bind_context(**kv: Any) -> None:
+    """Bind values that appear under ``"context"`` in every log line of this task or thread.
+
+    They also become span attributes of stages started afterwards. Values are redacted and
+    truncated once, here, not on every log line.
+    """
+    try:
+        _bound.set(_make_bound(_bound.get(), kv))
+    except Exception as exc:
+        from rag_instrument._utils import internal_error
+
+        internal_error("bind_context", exc)
+
+
+def unbind_context(*keys: str) -> None:
+    """Remove bound values by key (missing keys are ignored)."""
+    current = _bound.get()
+    if not any(k in current.log for k in keys):
+        return
+    log = {k: v for k, v in current.log.items() if k not in keys}
+    attrs = {k: v for k, v in current.attrs.items() if k not in keys}
+    _bound.set(Bound(log, attrs) if log else EMPTY)
+
+
+@contextmanager
+def request_context(**kv: Any) -> Iterator[None]:
+    """Bind values for the duration of a ``with`` block, then restore what was bound before.
+
+    Example:
+        >>> import rag_instrument as ri
+        >>> with ri.request_context(request_id="r-1"):
+        ...     pass
+    """
+    try:
+        token: contextvars.Token[Bound] | None = _bound.set(_make_bound(_bound.get(), kv))
+    except Exception as exc:
+        from rag_instrument._utils import internal_error
+
+        internal_error("request_context", exc)
+        token = None
+    try:
+        yield
+    finally:
+        if token is not None:
+            try:
+                _bound.reset(token)
+            except ValueError:
+                # Exited in another context than it was entered in (a generator finalised
+                # elsewhere): the other context's values must not be touched.
+                pass
+
+
+def wrap_context(fn: Callable[P, R]) -> Callable[P, R]:
+    """Return ``fn`` bound to a copy of the caller's context (trace, stage, bound values).
+
+    Use it to run work in a thread pool or executor that should belong to the caller's
+    request::
+
+        loop.run_in_executor(None, ri.wrap_context(work), arg)
+
+    Each call runs in a fresh copy, so a reused worker thread keeps nothing from the
+    previous job, and concurrent calls do not see each other's changes.
+    """
+    ctx = contextvars.copy_context()
+
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        return ctx.copy().run(fn, *args, **kwargs)
+
+    run.__wrapped__ = fn  # type: ignore[attr-defined]
+    run.__name__ = getattr(fn, "__name__", "wrapped")
+    run.__doc__ = getattr(fn, "__doc__", None)
+    return run

@@ -1,0 +1,283 @@
+"""Make arbitrary values safe to log and to put on spans.
+
+Three jobs, applied together in one walk:
+
+* **Redaction**: values under secret-looking keys (``api_key``, ``authorization``,
+  ``password`` ...) and secret-looking substrings (``sk-...`` keys, ``Bearer`` tokens,
+  passwords in URLs) become :data:`REDACTED`. The mask never echoes any part of the secret.
+* **Truncation**: strings longer than the limit are cut and end with a marker that states
+  the original length.
+* **Serialisability**: anything that is not JSON (objects, cycles, bytes, objects whose
+  ``repr`` raises, lone surrogates) becomes a safe placeholder. Nothing here ever raises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import functools
+import math
+import re
+import uuid
+from collections.abc import Mapping
+from pathlib import PurePath
+from typing import Any, Final
+
+import orjson
+
+__all__ = [
+    "REDACTED",
+    "Sanitizer",
+    "is_secret_key",
+    "redact_text",
+    "safe_repr",
+    "to_attribute_value",
+    "truncate",
+]
+
+REDACTED: Final = "[REDACTED]"
+
+_SECRET_WORDS: Final = frozenset(
+    {
+        "password",
+        "passwd",
+        "pwd",
+        "passphrase",
+        "secret",
+        "token",
+        "apikey",
+        "authorization",
+        "auth",
+        "credential",
+        "credentials",
+        "cookie",
+        "signature",
+        "dsn",
+    }
+)
+# Two-word names, joined without separator after splitting (``api_key`` -> ``apikey``).
+_SECRET_PAIRS: Final = frozenset(
+    {
+        "apikey",
+        "accesskey",
+        "privatekey",
+        "secretkey",
+        "sessionid",
+        "clientsecret",
+        "setcookie",
+    }
+)
+_WORD_SPLIT: Final = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])")
+
+
+@functools.lru_cache(maxsize=4096)
+def is_secret_key(key: str) -> bool:
+    """Return whether a mapping key names a secret (``api_key``, ``X-Api-Key``, ``password``).
+
+    Words are compared whole so that ``max_tokens`` or ``input_tokens`` stay visible while
+    ``access_token`` and ``token`` are masked.
+    """
+    words = [w.lower() for w in _WORD_SPLIT.split(key) if w]
+    if any(w in _SECRET_WORDS for w in words):
+        return True
+    return any(a + b in _SECRET_PAIRS for a, b in zip(words, words[1:], strict=False))
+
+
+_SECRET_VALUE: Final = re.compile(
+    r"""
+    (?P<url>(?<=://)[^\s:/?#@]*:)[^\s/?#@]+(?=@)         # scheme://user:PASSWORD@host
+    | (?P<scheme>\b(?:Bearer|Basic|Token)\s+)[A-Za-z0-9._~+/=-]{6,}  # Authorization values
+    | \bsk-[A-Za-z0-9_-]{12,}                           # OpenAI / Anthropic style keys
+    | \b(?:AKIA|ASIA)[0-9A-Z]{16}\b                      # AWS access key ids
+    | \bgh[pousr]_[A-Za-z0-9]{30,}                       # GitHub tokens
+    | \bxox[abposr]-[A-Za-z0-9-]{10,}                    # Slack tokens
+    | \beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]+  # JWTs
+    """,
+    re.VERBOSE,
+)
+
+
+def _mask(match: re.Match[str]) -> str:
+    prefix = match.group("url") or match.group("scheme") or ""
+    return prefix + REDACTED
+
+
+def redact_text(text: str) -> str:
+    """Mask secret-looking substrings of ``text``; the rest is left as it is."""
+    if len(text) < 8:
+        return text
+    return _SECRET_VALUE.sub(_mask, text)
+
+
+def truncate(text: str, limit: int) -> str:
+    """Cut ``text`` to ``limit`` characters plus a marker giving the original length."""
+    if limit < 0 or len(text) <= limit:
+        return text
+    return f"{text[:limit]}...[truncated, {len(text)} chars]"
+
+
+def safe_repr(value: object, limit: int = 200) -> str:
+    """``repr(value)`` cut to ``limit``, or a placeholder naming the type when ``repr`` fails."""
+    try:
+        text = repr(value)
+    except BaseException:  # a hostile __repr__ may raise anything
+        return f"<unrepresentable {_type_name(value)}>"
+    if not isinstance(text, str):  # a __repr__ returning a non-str is caught by repr() already
+        return f"<unrepresentable {_type_name(value)}>"
+    return truncate(_fix_surrogates(text), limit)
+
+
+def _type_name(value: object) -> str:
+    try:
+        return type(value).__qualname__
+    except Exception:
+        return "object"
+
+
+def _fix_surrogates(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+_MAX_DEPTH: Final = 8
+_MAX_ITEMS: Final = 200
+_SCALARS: Final = (bool, int, float, type(None))
+
+
+class Sanitizer:
+    """Turn values into JSON-safe, redacted, size-bounded Python values.
+
+    Args:
+        max_chars: the longest string kept whole (``configure(max_content_chars=...)``).
+        redact: whether to mask secrets (on by default; ``configure(redact=False)``).
+    """
+
+    __slots__ = ("max_chars", "redact")
+
+    def __init__(self, max_chars: int = 2000, *, redact: bool = True) -> None:
+        self.max_chars = max_chars
+        self.redact = redact
+
+    def text(self, value: str) -> str:
+        """Redact, fix encoding and truncate one string."""
+        if self.redact:
+            value = redact_text(value)
+        return truncate(_fix_surrogates(value), self.max_chars)
+
+    def mapping(self, items: Mapping[Any, Any]) -> dict[str, Any]:
+        """Sanitise a mapping of log fields; never raises."""
+        try:
+            return self._mapping(items, 0, set())
+        except Exception:
+            return {"_unserializable": f"<unrepresentable {_type_name(items)}>"}
+
+    def value(self, value: Any, key: str | None = None) -> Any:
+        """Sanitise one value (``key`` is its mapping key, for key-based redaction)."""
+        try:
+            if key is not None and self.redact and is_secret_key(key):
+                return REDACTED
+            return self._value(value, 0, set())
+        except Exception:
+            return f"<unrepresentable {_type_name(value)}>"
+
+    def _key(self, key: Any) -> str:
+        if isinstance(key, str):
+            return _fix_surrogates(key)
+        if isinstance(key, enum.Enum):
+            key = key.value
+        if isinstance(key, str | int | float | bool | uuid.UUID) or key is None:
+            return str(key)
+        return safe_repr(key, 100)
+
+    def _mapping(self, items: Mapping[Any, Any], depth: int, seen: set[int]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for n, (k, v) in enumerate(items.items()):
+            if n >= _MAX_ITEMS:
+                out["..."] = f"[{len(items) - _MAX_ITEMS} more items]"
+                break
+            key = self._key(k)
+            if self.redact and is_secret_key(key):
+                out[key] = REDACTED
+            else:
+                out[key] = self._value(v, depth + 1, seen)
+        return out
+
+    def _value(self, value: Any, depth: int, seen: set[int]) -> Any:
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, _SCALARS):
+            if isinstance(value, float) and not math.isfinite(value):
+                return str(value)  # NaN and infinities are not JSON
+            return value
+        if isinstance(value, enum.Enum):
+            return self._value(value.value, depth, seen)
+        if depth >= _MAX_DEPTH:
+            return f"<{_type_name(value)} nested too deep>"
+        if isinstance(value, Mapping | list | tuple | set | frozenset):
+            ident = id(value)
+            if ident in seen:
+                return "<cycle>"
+            seen.add(ident)
+            try:
+                if isinstance(value, Mapping):
+                    return self._mapping(value, depth, seen)
+                seq = list(value) if isinstance(value, set | frozenset) else value
+                items = [self._value(v, depth + 1, seen) for v in seq[:_MAX_ITEMS]]
+                if len(seq) > _MAX_ITEMS:
+                    items.append(f"[{len(seq) - _MAX_ITEMS} more items]")
+                return items
+            finally:
+                seen.discard(ident)
+        if isinstance(value, bytes | bytearray | memoryview):
+            return f"<bytes len={len(value)}>"
+        if isinstance(value, dt.datetime | dt.date | dt.time):
+            return value.isoformat()
+        if isinstance(value, uuid.UUID | PurePath | dt.timedelta):
+            return str(value)
+        if isinstance(value, BaseException):
+            return self.text(f"{_type_name(value)}: {_safe_str(value)}")
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return f"<{_type_name(value)}>"
+        # Anything else (a client object, a module, a lock, a socket, a model instance):
+        # its repr may be huge or hold credentials, so only a bounded, redacted repr.
+        text = safe_repr(value, min(self.max_chars, 200))
+        return redact_text(text) if self.redact else text
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except BaseException:
+        return "<unprintable>"
+
+
+def to_attribute_value(value: Any, sanitizer: Sanitizer) -> str | bool | int | float | list[Any] | None:
+    """Convert a value to an OpenTelemetry attribute value, or ``None`` to omit it.
+
+    Strings, booleans, integers and floats pass (strings redacted and truncated);
+    homogeneous lists of those pass as lists; anything else is sanitised and rendered as a
+    compact JSON string, identically on every supported OpenTelemetry version.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return sanitizer.text(value)
+    if isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, enum.Enum):
+        return to_attribute_value(value.value, sanitizer)
+    if isinstance(value, list | tuple) and value:
+        first = type(value[0])
+        if first in (str, bool, int, float) and all(type(v) is first for v in value):
+            if first is str:
+                return [sanitizer.text(v) for v in value[:_MAX_ITEMS]]
+            return list(value[:_MAX_ITEMS])
+    clean = sanitizer.value(value)
+    try:
+        return sanitizer.text(orjson.dumps(clean, option=orjson.OPT_NON_STR_KEYS).decode())
+    except Exception:
+        return f"<unrepresentable {_type_name(value)}>"

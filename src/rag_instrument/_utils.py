@@ -1,0 +1,128 @@
+"""Internal helpers: the never-raise guard, rate-limited warnings and function-kind dispatch."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from enum import Enum
+from typing import Any
+
+__all__ = [
+    "FunctionKind",
+    "RateLimitedLogger",
+    "function_kind",
+    "internal_error",
+    "internal_logger",
+    "user_code_error",
+]
+
+#: Our own diagnostics go to this standard-library logger. It is never routed back through
+#: rag_instrument's pipeline while that pipeline is emitting (see ``logs._StdlibHandler``).
+internal_logger = logging.getLogger("rag_instrument.internal")
+
+_WINDOW_S = 20.0
+
+
+class RateLimitedLogger:
+    """Log each distinct message at most once per window (20 s by default).
+
+    A broken exporter or a misbehaving callback can fail on every call; one line per 20 s per
+    message is enough to notice it without flooding the application's logs (the SDK spec's
+    advice, and the behaviour of otel-python's ``DuplicateFilter``).
+    """
+
+    def __init__(self, logger: logging.Logger, window_s: float = _WINDOW_S) -> None:
+        self._logger = logger
+        self._window_s = window_s
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def warning(self, message: str, *, exc_info: BaseException | None = None) -> bool:
+        """Log ``message`` unless it was logged within the window; return whether it was."""
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(message)
+            if last is not None and now - last < self._window_s:
+                self._suppressed[message] = self._suppressed.get(message, 0) + 1
+                return False
+            if len(self._last) > 1024:  # bound the memory of distinct messages
+                self._last.clear()
+                self._suppressed.clear()
+            self._last[message] = now
+            suppressed = self._suppressed.pop(message, 0)
+        text = message if not suppressed else f"{message} ({suppressed} similar suppressed)"
+        try:
+            self._logger.warning(text, exc_info=exc_info)
+        except Exception:
+            pass
+        return True
+
+    def reset(self) -> None:
+        """Forget what was logged (used by tests and ``configure()``)."""
+        with self._lock:
+            self._last.clear()
+            self._suppressed.clear()
+
+
+warn_once = RateLimitedLogger(internal_logger)
+
+
+def _raise_internal() -> bool:
+    # Our own test-suite sets this so that a bug in rag_instrument fails loudly instead of
+    # being swallowed like a broken exporter would be. Applications never set it.
+    return os.environ.get("RAG_INSTRUMENT_RAISE_INTERNAL_ERRORS", "") == "1"
+
+
+def internal_error(where: str, exc: BaseException) -> None:
+    """Report a bug in rag_instrument itself without disturbing the application.
+
+    Logged at most once per 20 s per place; re-raised when
+    ``RAG_INSTRUMENT_RAISE_INTERNAL_ERRORS=1`` (our own test-suite).
+    """
+    warn_once.warning(
+        f"rag_instrument internal error in {where}: {type(exc).__name__}", exc_info=exc
+    )
+    if _raise_internal():
+        raise exc
+
+
+def user_code_error(where: str, exc: BaseException) -> None:
+    """Report a failure of code we call but do not own (an exporter, a processor, a hook).
+
+    Never re-raised: losing telemetry is acceptable, changing the application is not.
+    """
+    warn_once.warning(f"rag_instrument: {where} failed: {type(exc).__name__}: {exc!s:.200}")
+
+
+class FunctionKind(Enum):
+    """How a decorated callable must be wrapped."""
+
+    SYNC = "sync"
+    ASYNC = "async"
+    GENERATOR = "generator"
+    ASYNC_GENERATOR = "async_generator"
+
+
+def function_kind(fn: Callable[..., Any]) -> FunctionKind:
+    """Classify ``fn`` (functions, methods, ``functools.partial`` and callable objects)."""
+    if inspect.isasyncgenfunction(fn):
+        return FunctionKind.ASYNC_GENERATOR
+    if inspect.iscoroutinefunction(fn):
+        return FunctionKind.ASYNC
+    if inspect.isgeneratorfunction(fn):
+        return FunctionKind.GENERATOR
+    if not inspect.isfunction(fn) and not inspect.ismethod(fn):
+        call = getattr(type(fn), "__call__", None)
+        if call is not None and call is not fn:
+            if inspect.isasyncgenfunction(call):
+                return FunctionKind.ASYNC_GENERATOR
+            if inspect.iscoroutinefunction(call):
+                return FunctionKind.ASYNC
+            if inspect.isgeneratorfunction(call):
+                return FunctionKind.GENERATOR
+    return FunctionKind.SYNC

@@ -1,0 +1,1 @@
+"""The ``rag-instrument`` command line."""

@@ -1,0 +1,54 @@
+"""``rag-instrument``: run the demo and diagnose services.
+
+Each subcommand lives in its own module with ``add_parser(subparsers)`` (which registers
+the subcommand and sets ``func`` on it) so that this file stays a dispatcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from rag_instrument import __version__
+
+__all__ = ["build_parser", "main"]
+
+_SUBCOMMANDS = ("rag_instrument.cli.demo", "rag_instrument.cli.db_doctor")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every available subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="rag-instrument",
+        description="Where each request's time goes in a RAG backend.",
+    )
+    parser.add_argument("--version", action="version", version=f"rag-instrument {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in _SUBCOMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue  # a subcommand whose module is not there (yet) is simply not offered
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        status: int = func(args)
+    except KeyboardInterrupt:
+        return 130
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

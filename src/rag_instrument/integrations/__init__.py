@@ -1,0 +1,1 @@
+"""Integrations with third-party clients; each module needs its extra installed."""

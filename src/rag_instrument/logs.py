@@ -1,0 +1,430 @@
+"""The log pipeline: one JSON object per line, with trace ids and the pipeline stage.
+
+Every line, whether it comes from a stage, from :func:`get_logger` or from the standard
+library's :mod:`logging`, has this shape (``log_format="json"``)::
+
+    {"timestamp": "2026-11-25T15:33:19.123456Z", "level": "info",
+     "event": "retrieval completed", "logger": "rag_instrument",
+     "trace_id": "<32 hex>", "span_id": "<16 hex>",
+     "context": {"pipeline_stage": "retrieval", "request_id": "r-1"},
+     "execution_time_ms": 1234.8, ...}
+
+``log_format="console"`` renders the same events for people, one line each, with values
+that contain spaces, quotes or control characters quoted and escaped.
+
+Loggers returned by :func:`get_logger` are structlog bound loggers whose processor chain is
+rag_instrument's; they look the configuration up at each call, so a module-level logger
+honours a later ``configure()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, MutableMapping
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+import structlog
+from opentelemetry import trace as trace_api
+from structlog.tracebacks import ExceptionDictTransformer
+
+from rag_instrument import _config
+from rag_instrument._context import bound, current_frame
+from rag_instrument._sanitize import safe_repr
+from rag_instrument._utils import internal_error, internal_logger
+from rag_instrument.attributes import LOGGER_NAME
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
+    from rag_instrument._config import Runtime, Settings
+
+__all__ = ["BoundLogger", "LogOutput", "emit", "get_logger"]
+
+_LEVEL_NO: Final = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+_METHOD_LEVEL: Final = {
+    "debug": "debug",
+    "info": "info",
+    "msg": "info",
+    "warning": "warning",
+    "warn": "warning",
+    "error": "error",
+    "exception": "error",
+    "critical": "critical",
+    "fatal": "critical",
+}
+_RESERVED: Final = frozenset(
+    {"timestamp", "level", "event", "logger", "trace_id", "span_id", "context"}
+)
+_DUMP_OPTIONS: Final = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
+
+# --- timestamps ---------------------------------------------------------------------------
+
+_ts_cache: list[Any] = [-1, ""]
+
+
+def _timestamp() -> str:
+    """UTC ISO 8601 with microseconds and ``Z``; the seconds part is cached (hot path)."""
+    now = time.time()
+    whole = int(now)
+    if whole != _ts_cache[0]:
+        _ts_cache[0] = whole
+        _ts_cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{_ts_cache[1]}.{int((now - whole) * 1_000_000):06d}Z"
+
+
+# --- rendering ----------------------------------------------------------------------------
+
+
+def _default(value: Any) -> Any:
+    # Reached only for values that bypassed sanitising (our own fields never do).
+    return safe_repr(value)
+
+
+def render_json(event: dict[str, Any]) -> bytes:
+    """Render one event as a JSON line (newline included); never raises."""
+    try:
+        return orjson.dumps(event, default=_default, option=_DUMP_OPTIONS)
+    except Exception:
+        # Lone surrogates, integers over 64 bits, cycles smuggled past sanitising ...
+        clean = _config.runtime().sanitizer.mapping(event)
+        try:
+            return orjson.dumps(clean, default=_default, option=_DUMP_OPTIONS)
+        except Exception:
+            fallback = {
+                "timestamp": event.get("timestamp"),
+                "level": event.get("level"),
+                "event": safe_repr(event.get("event")),
+                "logger": LOGGER_NAME,
+                "rendering_error": True,
+            }
+            return orjson.dumps(fallback, default=_default, option=_DUMP_OPTIONS)
+
+
+_SAFE_BARE: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:/@+")
+
+
+def _console_value(value: Any) -> str:
+    if isinstance(value, str):
+        if value and all(ch in _SAFE_BARE for ch in value):
+            return value
+        return orjson.dumps(value).decode()  # quoted, control characters escaped
+    try:
+        return orjson.dumps(value, default=_default, option=orjson.OPT_NON_STR_KEYS).decode()
+    except Exception:
+        return orjson.dumps(safe_repr(value)).decode()
+
+
+def render_console(event: dict[str, Any]) -> bytes:
+    """Render one event for people: ``time [level] event key=value ...`` on one line."""
+    try:
+        message = orjson.dumps(str(event.get("event", ""))).decode()[1:-1]
+        head = f"{event.get('timestamp', '')} [{event.get('level', ''):<8}] {message}"
+        parts = [head]
+        context = event.get("context") or {}
+        for key, value in event.items():
+            if key in ("timestamp", "level", "event", "context"):
+                continue
+            parts.append(f"{_console_value(key)}={_console_value(value)}")
+        parts.extend(f"{_console_value(k)}={_console_value(v)}" for k, v in context.items())
+        return (" ".join(parts) + "\n").encode("utf-8", "backslashreplace")
+    except Exception:
+        return render_json(event)
+
+
+# --- output -------------------------------------------------------------------------------
+
+
+class LogOutput:
+    """Where rendered lines go: a file (appended with one ``write`` per line), standard
+    error, or a capture sink (``rag_instrument.testing``)."""
+
+    def __init__(self, settings: Settings, sink: Callable[[bytes], None] | None = None) -> None:
+        self.level_no = settings.log_level_no
+        self.render: Callable[[dict[str, Any]], bytes] = (
+            render_json if settings.log_format == "json" or sink is not None else render_console
+        )
+        self.sink = sink
+        self._fd: int | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+        if sink is None and settings.log_file is not None:
+            # O_APPEND: each line is one write(2), so lines from threads and from forked
+            # workers sharing the file never interleave, without a lock.
+            self._fd = os.open(settings.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, data: bytes) -> None:
+        """Write one rendered line (dropped once the output is closed)."""
+        if self._closed:
+            return
+        if self.sink is not None:
+            self.sink(data)
+            return
+        fd = self._fd
+        if fd is not None:
+            os.write(fd, data)
+            return
+        stream = sys.stderr
+        if stream is None:
+            return
+        with self._lock:
+            stream.write(data.decode("utf-8", "replace"))
+            stream.flush()
+
+    def close(self) -> None:
+        """Close the file, if any; lines written after this are dropped."""
+        self._closed = True
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+_local = threading.local()
+
+
+def _trace_ids(out: dict[str, Any], span: Span | None) -> None:
+    if span is None:
+        span = trace_api.get_current_span()
+    ctx = span.get_span_context()
+    if ctx.is_valid:
+        out["trace_id"] = format(ctx.trace_id, "032x")
+        out["span_id"] = format(ctx.span_id, "016x")
+
+
+def emit(
+    level: str,
+    event: str,
+    fields: dict[str, Any] | None = None,
+    *,
+    logger: str = LOGGER_NAME,
+    span: Span | None = None,
+    stage: str | None = None,
+    trusted: bool = False,
+    exc_info: Any = None,
+    rt: Runtime | None = None,
+) -> None:
+    """Write one event through the pipeline; never raises.
+
+    Args:
+        level: ``debug``, ``info``, ``warning``, ``error`` or ``critical``.
+        event: the message.
+        fields: extra top-level keys; sanitised (redacted, truncated, made JSON-safe)
+            unless ``trusted``.
+        logger: the ``logger`` field.
+        span: whose ids to report (default: the current span).
+        stage: the pipeline stage (default: the current task's; ``""`` for none).
+        trusted: ``fields`` were built by rag_instrument and need no sanitising.
+        exc_info: an exception (or ``True`` for the one being handled) to render as a
+            structured ``exception`` field, without local variables.
+        rt: the runtime (looked up when omitted).
+    """
+    if rt is None:
+        rt = _config._RUNTIME  # noqa: SLF001
+    out = rt.log
+    if out is None or _LEVEL_NO.get(level, logging.INFO) < out.level_no:
+        return
+    if getattr(_local, "emitting", False):
+        return  # a handler or renderer logged while we were logging: drop, do not recurse
+    _local.emitting = True
+    try:
+        line: dict[str, Any] = {
+            "timestamp": _timestamp(),
+            "level": level,
+            "event": event if type(event) is str else rt.sanitizer.value(event),
+            "logger": logger,
+        }
+        _trace_ids(line, span)
+        if stage is None:
+            frame = current_frame()
+            stage = frame.stage if frame is not None else None
+        context = bound().log
+        line["context"] = {"pipeline_stage": stage, **context} if stage else context
+        if fields:
+            if trusted:
+                line.update(fields)
+            else:
+                clean = rt.sanitizer.mapping(fields)
+                for key, value in clean.items():
+                    line[key if key not in _RESERVED else f"field_{key}"] = value
+        if exc_info:
+            exception = _exception_dict(exc_info, rt)
+            if exception is not None:
+                line["exception"] = exception
+        if not trusted and type(line["event"]) is str:
+            line["event"] = rt.sanitizer.text(line["event"])
+        out.write(out.render(line))
+    except Exception as exc:
+        internal_error("emit", exc)
+    finally:
+        _local.emitting = False
+
+
+_transform = ExceptionDictTransformer(show_locals=False, max_frames=20, use_rich=False)
+
+
+def _exception_dict(exc_info: Any, rt: Runtime) -> Any:
+    if exc_info is True:
+        exc_info = sys.exc_info()
+    if isinstance(exc_info, BaseException):
+        exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+    if not isinstance(exc_info, tuple) or len(exc_info) != 3 or exc_info[1] is None:
+        return None
+    try:
+        stacks = _transform(exc_info)
+    except Exception:
+        exc = exc_info[1]
+        stacks = [{"exc_type": type(exc).__name__, "exc_value": safe_repr(exc)}]
+    # Exception messages and source lines can carry secrets and prompt text.
+    return rt.sanitizer.value(stacks)
+
+
+# --- structlog front end ------------------------------------------------------------------
+
+
+def _process(_logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> bytes:
+    rt = _config._RUNTIME  # noqa: SLF001
+    level = _METHOD_LEVEL.get(method_name, "info")
+    out = rt.log
+    if out is None or _LEVEL_NO[level] < out.level_no:
+        raise structlog.DropEvent
+    fields = dict(event_dict)
+    event = fields.pop("event", "")
+    exc_info = fields.pop("exc_info", None)
+    if method_name == "exception" and exc_info is None:
+        exc_info = True
+    name = fields.pop("_logger_name", LOGGER_NAME)
+    emit(level, event, fields, logger=name, exc_info=exc_info, rt=rt)
+    raise structlog.DropEvent  # emit() wrote it: nothing left for structlog to do
+
+
+class _Sink:
+    """The wrapped logger: never reached, since :func:`_process` writes and drops."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
+class BoundLogger(structlog.BoundLoggerBase):
+    """A structlog bound logger on rag_instrument's pipeline (see :func:`get_logger`)."""
+
+    def debug(self, event: str | None = None, **kw: Any) -> Any:
+        """Log at debug level."""
+        return self._proxy_to_logger("debug", event, **kw)
+
+    def info(self, event: str | None = None, **kw: Any) -> Any:
+        """Log at info level."""
+        return self._proxy_to_logger("info", event, **kw)
+
+    def warning(self, event: str | None = None, **kw: Any) -> Any:
+        """Log at warning level."""
+        return self._proxy_to_logger("warning", event, **kw)
+
+    warn = warning
+
+    def error(self, event: str | None = None, **kw: Any) -> Any:
+        """Log at error level."""
+        return self._proxy_to_logger("error", event, **kw)
+
+    def exception(self, event: str | None = None, **kw: Any) -> Any:
+        """Log at error level with the exception being handled, as a structured dict."""
+        return self._proxy_to_logger("exception", event, **kw)
+
+    def critical(self, event: str | None = None, **kw: Any) -> Any:
+        """Log at critical level."""
+        return self._proxy_to_logger("critical", event, **kw)
+
+    def _proxy_to_logger(self, method_name: str, event: str | None = None, **event_kw: Any) -> Any:
+        try:
+            return super()._proxy_to_logger(method_name, event, **event_kw)
+        except Exception as exc:  # e.g. a non-str key in event_kw
+            internal_error("logger call", exc)
+            return None
+
+
+def get_logger(name: str | None = None, **initial_values: Any) -> BoundLogger:
+    """A structlog logger whose lines go through rag_instrument's pipeline.
+
+    Args:
+        name: the ``logger`` field of its lines (default ``"rag_instrument"``).
+        **initial_values: keys bound to every line of this logger.
+
+    Example:
+        >>> import rag_instrument as ri
+        >>> log = ri.get_logger("app.search")
+        >>> log.info("cache warmed", entries=12)
+    """
+    values = dict(initial_values)
+    values["_logger_name"] = name or LOGGER_NAME
+    return BoundLogger(_Sink(), [_process], values)
+
+
+# --- standard-library logging -------------------------------------------------------------
+
+_RECORD_KEYS: Final = frozenset(
+    vars(logging.LogRecord("x", logging.INFO, "x", 0, "", (), None)).keys()
+) | {"message", "asctime", "taskName"}
+
+
+class _StdlibHandler(logging.Handler):
+    """Routes ``logging`` records through the pipeline, with trace ids and context."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(_local, "emitting", False):
+            return
+        try:
+            try:
+                message = record.getMessage()
+            except Exception:
+                message = f"{record.msg!s} (unformattable arguments)"
+            extra = {k: v for k, v in record.__dict__.items() if k not in _RECORD_KEYS}
+            level = record.levelname.lower()
+            if level not in _LEVEL_NO:
+                level = "critical" if record.levelno >= logging.CRITICAL else "info"
+            emit(
+                level,
+                message,
+                extra,
+                logger=record.name,
+                exc_info=record.exc_info if record.exc_info else None,
+            )
+        except Exception as exc:
+            internal_error("logging handler", exc)
+
+
+_HANDLER: _StdlibHandler | None = None
+_LOWERED_ROOT: int | None = None
+
+
+def install_stdlib_handler(rt: Runtime) -> None:
+    """Add (or remove) the root-logger handler for the configuration in force."""
+    global _HANDLER, _LOWERED_ROOT
+    root = logging.getLogger()
+    if _HANDLER is not None:
+        root.removeHandler(_HANDLER)
+        _HANDLER = None
+    if _LOWERED_ROOT is not None:
+        root.setLevel(_LOWERED_ROOT)
+        _LOWERED_ROOT = None
+    if rt.log is None or not rt.settings.capture_logging:
+        return
+    _HANDLER = _StdlibHandler(level=rt.log.level_no)
+    root.addHandler(_HANDLER)
+    # Our own diagnostics should not travel through the pipeline they may be reporting on.
+    internal_logger.propagate = True
+    if not [h for h in root.handlers if h is not _HANDLER] and root.level > rt.log.level_no:
+        # Nobody else configured logging: let records at our level reach our handler.
+        _LOWERED_ROOT = root.level
+        root.setLevel(rt.log.level_no)

@@ -1,0 +1,27 @@
+"""Shared fixtures: every test starts unconfigured, with no RAG_INSTRUMENT_* environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+import rag_instrument as ri
+from rag_instrument import _utils
+
+# A bug inside rag_instrument must fail our tests, not be swallowed like a broken exporter.
+os.environ["RAG_INSTRUMENT_RAISE_INTERNAL_ERRORS"] = "1"
+
+_ENV_PREFIXES = ("RAG_INSTRUMENT_", "OTEL_")
+
+
+@pytest.fixture(autouse=True)
+def _clean_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for name in list(os.environ):
+        if name.startswith(_ENV_PREFIXES) and name != "RAG_INSTRUMENT_RAISE_INTERNAL_ERRORS":
+            monkeypatch.delenv(name)
+    _utils.warn_once.reset()
+    yield
+    ri.shutdown(timeout=5.0)
+    _utils.warn_once.reset()
