@@ -88,9 +88,7 @@ def render(breakdown: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
     """The log form: counts as integers, milliseconds rounded to the microsecond."""
     out: dict[str, dict[str, Any]] = {}
     for kind, values in breakdown.items():
-        out[kind] = {
-            k: (round(v, 3) if k == "ms" else int(v)) for k, v in values.items()
-        }
+        out[kind] = {k: (round(v, 3) if k == "ms" else int(v)) for k, v in values.items()}
     return out
 
 

@@ -88,8 +88,8 @@ class Runtime:
 
     __slots__ = (
         "_instruments",
-        "budgets",
         "budget_counter",
+        "budgets",
         "configured",
         "enabled",
         "log",
@@ -210,7 +210,9 @@ def _env_name(name: str) -> str:
 
 
 def _bad(name: str, origin: str, value: Any, accepted: str) -> ValueError:
-    return ValueError(f"rag_instrument: invalid {name} {value!r} (from {origin}); expected {accepted}")
+    return ValueError(
+        f"rag_instrument: invalid {name} {value!r} (from {origin}); expected {accepted}"
+    )
 
 
 def _parse_bool(name: str, origin: str, value: Any) -> bool:
@@ -253,7 +255,9 @@ def _parse_budgets(origin: str, value: Any) -> dict[str, float]:
             else:
                 value = dict(part.split("=", 1) for part in text.split(",") if part.strip())
         except ValueError:
-            raise _bad("budgets", origin, text, accepted + " (e.g. 'retrieval=1500,search=2000')") from None
+            raise _bad(
+                "budgets", origin, text, accepted + " (e.g. 'retrieval=1500,search=2000')"
+            ) from None
     if not isinstance(value, Mapping):
         raise _bad("budgets", origin, value, accepted)
     budgets: dict[str, float] = {}
@@ -317,9 +321,7 @@ def _check_log_file(origin: str, value: Any) -> str:
     return str(path)
 
 
-def build_settings(
-    env: Mapping[str, str] | None = None, **given: Any
-) -> Settings:
+def build_settings(env: Mapping[str, str] | None = None, **given: Any) -> Settings:
     """Merge explicit arguments, environment and defaults into validated :class:`Settings`.
 
     Precedence: explicit argument > ``RAG_INSTRUMENT_<NAME>`` > the standard ``OTEL_*``
@@ -332,7 +334,9 @@ def build_settings(
     defaults = Settings()
     values: dict[str, Any] = {}
 
-    picked = src.pick("service_name", given.get("service_name"), _env_name("service_name"), "OTEL_SERVICE_NAME")
+    picked = src.pick(
+        "service_name", given.get("service_name"), _env_name("service_name"), "OTEL_SERVICE_NAME"
+    )
     if picked is not None:
         name, origin = picked
         if not isinstance(name, str) or not name.strip():
@@ -344,17 +348,32 @@ def build_settings(
         exporter, origin = picked
         if isinstance(exporter, str):
             if exporter.strip().lower() not in EXPORTERS:
-                raise _bad("exporter", origin, exporter, "one of 'none', 'console', 'otlp', 'memory' or a SpanExporter instance")
+                raise _bad(
+                    "exporter",
+                    origin,
+                    exporter,
+                    "one of 'none', 'console', 'otlp', 'memory' or a SpanExporter instance",
+                )
             values["exporter"] = exporter.strip().lower()
         else:
             from opentelemetry.sdk.trace.export import SpanExporter
 
             if not isinstance(exporter, SpanExporter):
-                raise _bad("exporter", origin, exporter, "one of 'none', 'console', 'otlp', 'memory' or a SpanExporter instance")
+                raise _bad(
+                    "exporter",
+                    origin,
+                    exporter,
+                    "one of 'none', 'console', 'otlp', 'memory' or a SpanExporter instance",
+                )
             values["exporter"] = "custom"
             values["span_exporter"] = exporter
 
-    picked = src.pick("otlp_endpoint", given.get("otlp_endpoint"), _env_name("otlp_endpoint"), "OTEL_EXPORTER_OTLP_ENDPOINT")
+    picked = src.pick(
+        "otlp_endpoint",
+        given.get("otlp_endpoint"),
+        _env_name("otlp_endpoint"),
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    )
     if picked is not None:
         endpoint, origin = picked
         if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
@@ -368,7 +387,9 @@ def build_settings(
             if isinstance(raw, int) and name == "log_level":
                 raw = logging.getLevelName(raw)
             if not isinstance(raw, str) or raw.strip().lower() not in accepted_values:
-                raise _bad(name, origin, raw, "one of " + ", ".join(repr(v) for v in accepted_values))
+                raise _bad(
+                    name, origin, raw, "one of " + ", ".join(repr(v) for v in accepted_values)
+                )
             values[name] = raw.strip().lower()
     if values.get("log_level") == "warn":
         values["log_level"] = "warning"
@@ -389,15 +410,21 @@ def build_settings(
         if picked is not None:
             values[name] = _parse_bool(name, picked[1], picked[0])
 
-    picked = src.pick("max_content_chars", given.get("max_content_chars"), _env_name("max_content_chars"))
+    picked = src.pick(
+        "max_content_chars", given.get("max_content_chars"), _env_name("max_content_chars")
+    )
     if picked is not None:
         values["max_content_chars"] = int(
             _parse_number("max_content_chars", picked[1], picked[0], integer=True, minimum=1)
         )
     picked = src.pick("slow_query_ms", given.get("slow_query_ms"), _env_name("slow_query_ms"))
     if picked is not None:
-        values["slow_query_ms"] = _parse_number("slow_query_ms", picked[1], picked[0], integer=False, minimum=0)
-    picked = src.pick("n_plus_one_threshold", given.get("n_plus_one_threshold"), _env_name("n_plus_one_threshold"))
+        values["slow_query_ms"] = _parse_number(
+            "slow_query_ms", picked[1], picked[0], integer=False, minimum=0
+        )
+    picked = src.pick(
+        "n_plus_one_threshold", given.get("n_plus_one_threshold"), _env_name("n_plus_one_threshold")
+    )
     if picked is not None:
         values["n_plus_one_threshold"] = int(
             _parse_number("n_plus_one_threshold", picked[1], picked[0], integer=True, minimum=2)
@@ -525,12 +552,16 @@ def apply(
     with _LOCK:
         # Build the new pieces first: an exporter that cannot be built (missing extra)
         # must leave the running configuration alone.
-        pipelines = exporters.build(
-            settings,
-            metric_readers=metric_readers,
-            tracer_provider=tracer_provider,
-            meter_provider=meter_provider,
-        ) if settings.enabled else None
+        pipelines = (
+            exporters.build(
+                settings,
+                metric_readers=metric_readers,
+                tracer_provider=tracer_provider,
+                meter_provider=meter_provider,
+            )
+            if settings.enabled
+            else None
+        )
         output = logs.LogOutput(settings, sink=log_sink) if settings.enabled else None
         old = _RUNTIME
         if pipelines is not None:
@@ -625,6 +656,6 @@ def force_flush(timeout: float = 5.0) -> bool:
 
 def _at_exit() -> None:
     try:
-        shutdown(timeout=float(os.environ.get("RAG_INSTRUMENT_SHUTDOWN_TIMEOUT", "5") or 5))
+        shutdown(timeout=float(os.environ.get("RAG_INSTRUMENT_SHUTDOWN_TIMEOUT", "3") or 3))
     except Exception:
         pass

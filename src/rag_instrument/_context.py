@@ -43,7 +43,9 @@ class Bound:
 
 
 EMPTY = Bound({}, {})
-_bound: contextvars.ContextVar[Bound] = contextvars.ContextVar("rag_instrument.bound", default=EMPTY)
+_bound: contextvars.ContextVar[Bound] = contextvars.ContextVar(
+    "rag_instrument.bound", default=EMPTY
+)
 
 
 class Frame:

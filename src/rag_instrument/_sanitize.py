@@ -17,6 +17,7 @@ import dataclasses
 import datetime as dt
 import enum
 import functools
+import itertools
 import math
 import re
 import uuid
@@ -81,7 +82,7 @@ def is_secret_key(key: str) -> bool:
     words = [w.lower() for w in _WORD_SPLIT.split(key) if w]
     if any(w in _SECRET_WORDS for w in words):
         return True
-    return any(a + b in _SECRET_PAIRS for a, b in zip(words, words[1:], strict=False))
+    return any(a + b in _SECRET_PAIRS for a, b in itertools.pairwise(words))
 
 
 _SECRET_VALUE: Final = re.compile(
@@ -120,10 +121,8 @@ def truncate(text: str, limit: int) -> str:
 def safe_repr(value: object, limit: int = 200) -> str:
     """``repr(value)`` cut to ``limit``, or a placeholder naming the type when ``repr`` fails."""
     try:
-        text = repr(value)
-    except BaseException:  # a hostile __repr__ may raise anything
-        return f"<unrepresentable {_type_name(value)}>"
-    if not isinstance(text, str):  # a __repr__ returning a non-str is caught by repr() already
+        text = repr(value)  # repr() itself rejects a __repr__ that returns a non-str
+    except Exception:  # a hostile __repr__ may raise anything
         return f"<unrepresentable {_type_name(value)}>"
     return truncate(_fix_surrogates(text), limit)
 
@@ -251,11 +250,13 @@ class Sanitizer:
 def _safe_str(exc: BaseException) -> str:
     try:
         return str(exc)
-    except BaseException:
+    except Exception:
         return "<unprintable>"
 
 
-def to_attribute_value(value: Any, sanitizer: Sanitizer) -> str | bool | int | float | list[Any] | None:
+def to_attribute_value(
+    value: Any, sanitizer: Sanitizer
+) -> str | bool | int | float | list[Any] | None:
     """Convert a value to an OpenTelemetry attribute value, or ``None`` to omit it.
 
     Strings, booleans, integers and floats pass (strings redacted and truncated);

@@ -117,7 +117,7 @@ def function_kind(fn: Callable[..., Any]) -> FunctionKind:
     if inspect.isgeneratorfunction(fn):
         return FunctionKind.GENERATOR
     if not inspect.isfunction(fn) and not inspect.ismethod(fn):
-        call = getattr(type(fn), "__call__", None)
+        call = getattr(type(fn), "__call__", None)  # noqa: B004 - the class's, not callable()
         if call is not None and call is not fn:
             if inspect.isasyncgenfunction(call):
                 return FunctionKind.ASYNC_GENERATOR

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -47,6 +48,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_ON,
     Decision,
     ParentBased,
     Sampler,
@@ -148,6 +150,7 @@ class SafeSpanExporter(SpanExporter):
         self._drops = drops
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        """Export, turning exceptions into a counted failure."""
         try:
             result = self.inner.export(spans)
         except Exception as exc:
@@ -159,12 +162,14 @@ class SafeSpanExporter(SpanExporter):
         return result
 
     def shutdown(self) -> None:
+        """Shut the wrapped exporter down; failures are logged, not raised."""
         try:
             self.inner.shutdown()
         except Exception as exc:
             user_code_error(f"span exporter {type(self.inner).__name__}.shutdown", exc)
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        """Flush the wrapped exporter; ``False`` on failure."""
         try:
             return bool(self.inner.force_flush(timeout_millis))
         except Exception as exc:
@@ -190,6 +195,7 @@ class _CountingBatchProcessor(BatchSpanProcessor):
         self._queue = getattr(inner, "_queue", None)
 
     def on_end(self, span: ReadableSpan) -> None:
+        """Call every current processor (or queue the span), isolating failures."""
         queue = self._queue
         if queue is not None and queue.maxlen is not None and len(queue) >= queue.maxlen:
             self._drops.add(1)
@@ -209,6 +215,7 @@ class DispatchProcessor(SpanProcessor):
         self.processors: tuple[SpanProcessor, ...] = ()
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        """Call every current processor, isolating their failures."""
         for processor in self.processors:
             try:
                 processor.on_start(span, parent_context=parent_context)
@@ -216,6 +223,7 @@ class DispatchProcessor(SpanProcessor):
                 user_code_error(f"span processor {type(processor).__name__}.on_start", exc)
 
     def on_end(self, span: ReadableSpan) -> None:
+        """Call every current processor (or queue the span), isolating failures."""
         for processor in self.processors:
             try:
                 processor.on_end(span)
@@ -237,11 +245,16 @@ class DispatchProcessor(SpanProcessor):
         return ok
 
 
+def _ratio_sampler(ratio: float) -> Sampler:
+    # ALWAYS_ON skips the ratio arithmetic on every span at the default ratio of 1.
+    return ParentBased(ALWAYS_ON if ratio >= 1.0 else TraceIdRatioBased(ratio))
+
+
 class _SwitchableSampler(Sampler):
     """Parent-based ratio sampling whose ratio ``configure()`` can change."""
 
     def __init__(self, ratio: float) -> None:
-        self.delegate: Sampler = ParentBased(TraceIdRatioBased(ratio))
+        self.delegate: Sampler = _ratio_sampler(ratio)
 
     def should_sample(
         self,
@@ -311,7 +324,7 @@ def _span_processors(settings: Settings, drops: _Drops) -> tuple[list[SpanProces
         memory = InMemorySpanExporter()
         return [SimpleSpanProcessor(SafeSpanExporter(memory, drops))], memory
     if settings.exporter == "console":
-        exporter = ConsoleSpanExporter()
+        exporter = ConsoleSpanExporter(out=sys.stdout)  # the stdout of now, not of import time
     elif settings.exporter == "otlp":
         exporter = _otlp("trace")(endpoint=_otlp_url(settings, "traces"), timeout=OTLP_TIMEOUT_S)
     elif settings.exporter == "custom":
@@ -377,13 +390,14 @@ class Pipelines:
             self.dispatcher.processors = tuple(self.processors)
 
     def force_flush(self, timeout_millis: int) -> bool:
-        """Flush processors and metric readers."""
+        """Flush processors and metric readers; ``False`` if any span failed to export."""
+        dropped_before = self.drops.count
         ok = True
         for processor in self.processors:
             ok = bool(processor.force_flush(timeout_millis)) and ok
         if self.meter_provider is not None:
             ok = bool(self.meter_provider.force_flush(timeout_millis)) and ok
-        return ok
+        return ok and self.drops.count == dropped_before
 
     def shutdown(self, timeout_millis: int) -> None:
         """Detach from the dispatcher, then flush and close everything this built."""
@@ -421,7 +435,9 @@ def _meter(
         all_readers.append(memory)
     elif settings.exporter == "console":
         all_readers.append(
-            PeriodicExportingMetricReader(ConsoleMetricExporter(), export_interval_millis=60_000)
+            PeriodicExportingMetricReader(
+                ConsoleMetricExporter(out=sys.stdout), export_interval_millis=60_000
+            )
         )
     elif settings.exporter == "otlp":
         exporter = _otlp("metric")(endpoint=_otlp_url(settings, "metrics"), timeout=OTLP_TIMEOUT_S)
@@ -464,12 +480,15 @@ def build(
     provider, owned = _tracer_provider(settings, tracer_provider)
     if owned and isinstance(provider, SDKTracerProvider):
         if _SAMPLER is not None:
-            _SAMPLER.delegate = ParentBased(TraceIdRatioBased(settings.sample_ratio))
+            _SAMPLER.delegate = _ratio_sampler(settings.sample_ratio)
         resource = _resource(settings)
         if getattr(provider, "_resource", None) != resource:
-            # A reconfigured service name applies to tracers obtained from now on (ours is
-            # obtained below); the SDK offers no public setter.
-            provider._resource = resource  # noqa: SLF001
+            # A reconfigured service name: the SDK offers no public setter, and its tracers
+            # cache the resource they were created with.
+            provider._resource = resource
+            for cached in getattr(provider, "_tracers", {}).values():
+                if hasattr(cached, "resource"):
+                    cached.resource = resource
     dispatcher: DispatchProcessor | None = getattr(provider, "_rag_instrument_dispatcher", None)
     if dispatcher is None and hasattr(provider, "add_span_processor"):
         dispatcher = DispatchProcessor()

@@ -111,7 +111,9 @@ def render_json(event: dict[str, Any]) -> bytes:
             return orjson.dumps(fallback, default=_default, option=_DUMP_OPTIONS)
 
 
-_SAFE_BARE: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:/@+")
+_SAFE_BARE: Final = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:/@+"
+)
 
 
 def _console_value(value: Any) -> str:
@@ -146,8 +148,11 @@ def render_console(event: dict[str, Any]) -> bytes:
 
 
 class LogOutput:
-    """Where rendered lines go: a file (appended with one ``write`` per line), standard
-    error, or a capture sink (``rag_instrument.testing``)."""
+    """Where rendered lines go.
+
+    A file (appended with one ``write`` per line), standard error, or a capture sink
+    (``rag_instrument.testing``).
+    """
 
     def __init__(self, settings: Settings, sink: Callable[[bytes], None] | None = None) -> None:
         self.level_no = settings.log_level_no
@@ -232,7 +237,7 @@ def emit(
         rt: the runtime (looked up when omitted).
     """
     if rt is None:
-        rt = _config._RUNTIME  # noqa: SLF001
+        rt = _config._RUNTIME
     out = rt.log
     if out is None or _LEVEL_NO.get(level, logging.INFO) < out.level_no:
         return
@@ -295,7 +300,7 @@ def _exception_dict(exc_info: Any, rt: Runtime) -> Any:
 
 
 def _process(_logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> bytes:
-    rt = _config._RUNTIME  # noqa: SLF001
+    rt = _config._RUNTIME
     level = _METHOD_LEVEL.get(method_name, "info")
     out = rt.log
     if out is None or _LEVEL_NO[level] < out.level_no:

@@ -164,7 +164,11 @@ def _record_exception(span: Span, exc: BaseException, rt: Runtime) -> None:
         stack = ""
     exc_type = type(exc)
     module = exc_type.__module__
-    qualname = exc_type.__qualname__ if module in ("builtins", None) else f"{module}.{exc_type.__qualname__}"
+    qualname = (
+        exc_type.__qualname__
+        if module in ("builtins", None)
+        else f"{module}.{exc_type.__qualname__}"
+    )
     clean_message = sanitizer.text(message)
     span.set_status(Status(StatusCode.ERROR, f"{exc_type.__name__}: {clean_message}"))
     span.add_event(
@@ -186,7 +190,7 @@ def _end(
     completed: bool = True,
 ) -> None:
     elapsed_ns = time.perf_counter_ns() - frame.start_ns
-    rt = _config._RUNTIME  # noqa: SLF001 - the configuration in force now, not at start
+    rt = _config._RUNTIME
     tokens = frame.tokens
     frame.tokens = None
     if tokens is not None:
@@ -219,7 +223,7 @@ def _end(
                 _record_exception(span, exc, rt)
         if exceeded:
             span.set_attribute(attr.RAG_BUDGET_EXCEEDED, True)
-            span.set_attribute(attr.RAG_BUDGET_MS, budget)  # type: ignore[arg-type]
+            span.set_attribute(attr.RAG_BUDGET_MS, budget)
     try:
         span.end()
     except Exception as end_exc:  # a span processor we do not own raised
@@ -293,7 +297,7 @@ def _safe_end(
 
 def _wrap_sync(fn: Callable[P, R], spec: _Spec) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        rt = _config._RUNTIME  # noqa: SLF001
+        rt = _config._RUNTIME
         if not rt.enabled:
             return fn(*args, **kwargs)
         frame = _safe_begin(spec, rt, wrapper)
@@ -312,7 +316,7 @@ def _wrap_sync(fn: Callable[P, R], spec: _Spec) -> Callable[P, R]:
 
 def _wrap_async(fn: Callable[P, Awaitable[R]], spec: _Spec) -> Callable[P, Awaitable[R]]:
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        rt = _config._RUNTIME  # noqa: SLF001
+        rt = _config._RUNTIME
         if not rt.enabled:
             return await fn(*args, **kwargs)
         frame = _safe_begin(spec, rt, wrapper)
@@ -369,15 +373,17 @@ def _wrap_generator(
     fn: Callable[P, Generator[Any, Any, R]], spec: _Spec
 ) -> Callable[P, Generator[Any, Any, R]]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> Generator[Any, Any, R]:
-        rt = _config._RUNTIME  # noqa: SLF001
+        rt = _config._RUNTIME
         if not rt.enabled:
             return (yield from fn(*args, **kwargs))
         ctx = contextvars.copy_context()
         gen = ctx.run(fn, *args, **kwargs)
         frame = ctx.run(_safe_begin, spec, rt, wrapper)
         if frame is None:
-            return (yield from gen)
-        return (yield from _drive_generator(gen, ctx, frame, spec))
+            result: R = yield from gen
+            return result
+        driven: R = yield from _drive_generator(gen, ctx, frame, spec)
+        return driven
 
     return wrapper
 
@@ -410,7 +416,10 @@ def _in_context(ctx: contextvars.Context, awaitable: Awaitable[R]) -> Generator[
 
 
 async def _drive_async_generator(
-    agen: AsyncGenerator[Any, Any], ctx: contextvars.Context | None, frame: Frame | None, spec: _Spec
+    agen: AsyncGenerator[Any, Any],
+    ctx: contextvars.Context | None,
+    frame: Frame | None,
+    spec: _Spec,
 ) -> AsyncGenerator[Any, Any]:
     items = 0
     value: Any = None
@@ -452,7 +461,7 @@ def _wrap_async_generator(
     fn: Callable[P, AsyncGenerator[Any, Any]], spec: _Spec
 ) -> Callable[P, AsyncGenerator[Any, Any]]:
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> AsyncGenerator[Any, Any]:
-        rt = _config._RUNTIME  # noqa: SLF001
+        rt = _config._RUNTIME
         if not rt.enabled:
             driver = _drive_async_generator(fn(*args, **kwargs), None, None, spec)
         else:
@@ -501,7 +510,7 @@ def _warn_order(fn: Callable[..., Any], what: str) -> None:
 
 def _decorate(fn: F, spec: _Spec, what: str) -> F:
     if isinstance(fn, classmethod | staticmethod):
-        return type(fn)(_decorate(fn.__func__, spec, what))  # type: ignore[return-value]
+        return type(fn)(_decorate(fn.__func__, spec, what))
     if not callable(fn):
         raise TypeError(f"rag_instrument.{what}: cannot decorate {fn!r:.80}: it is not callable")
     _warn_order(fn, what)
@@ -550,7 +559,7 @@ class Stage:
         return _decorate(fn, self._spec, self._what)
 
     def __enter__(self) -> Span:
-        rt = _config._RUNTIME  # noqa: SLF001
+        rt = _config._RUNTIME
         if not rt.enabled:
             return trace_api.INVALID_SPAN
         frame = _safe_begin(self._spec, rt, self)

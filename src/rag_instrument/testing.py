@@ -118,7 +118,7 @@ def capture(**settings: Any) -> Iterator[Capture]:
     cap = Capture()
     values = {"exporter": "memory", **settings}
     built = _config.build_settings(env={}, **values)
-    cap._runtime = _config.apply(built, log_sink=cap._write)  # noqa: SLF001
+    cap._runtime = _config.apply(built, log_sink=cap._write)
     try:
         yield cap
     finally:

@@ -1,0 +1,388 @@
+"""configure(): precedence, validation, exporters, reconfiguration, shutdown bounds."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from support.otlp_receiver import OTLPReceiver
+
+import rag_instrument as ri
+from rag_instrument import _config
+from rag_instrument._config import build_settings
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(raw) for raw in path.read_bytes().splitlines()]
+
+
+def _memory_spans() -> list[Any]:
+    pipelines = _config.runtime().pipelines
+    assert pipelines is not None and pipelines.memory_exporter is not None
+    return list(pipelines.memory_exporter.get_finished_spans())
+
+
+# --- precedence -----------------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    settings = build_settings(env={})
+    assert settings.service_name == "rag-service"
+    assert settings.exporter == "none"
+    assert settings.log_format == "json"
+    assert settings.log_level == "info"
+    assert settings.enabled is True
+    assert settings.capture_content is False
+    assert settings.max_content_chars == 2000
+    assert settings.slow_query_ms == 1000.0
+    assert settings.n_plus_one_threshold == 5
+    assert dict(settings.budgets) == {}
+    assert settings.sample_ratio == 1.0
+    assert settings.redact is True
+
+
+def test_argument_beats_environment_beats_default() -> None:
+    env = {
+        "RAG_INSTRUMENT_SERVICE_NAME": "from-ours",
+        "OTEL_SERVICE_NAME": "from-otel",
+        "RAG_INSTRUMENT_SLOW_QUERY_MS": "250",
+        "RAG_INSTRUMENT_BUDGETS": "retrieval=1500,search=2000",
+        "RAG_INSTRUMENT_ENABLED": "false",
+        "RAG_INSTRUMENT_LOG_LEVEL": "WARNING",
+    }
+    settings = build_settings(env=env)
+    assert settings.service_name == "from-ours"
+    assert settings.slow_query_ms == 250.0
+    assert dict(settings.budgets) == {"retrieval": 1500.0, "search": 2000.0}
+    assert settings.enabled is False
+    assert settings.log_level == "warning"
+    assert build_settings(env={"OTEL_SERVICE_NAME": "from-otel"}).service_name == "from-otel"
+    explicit = build_settings(env=env, service_name="explicit", slow_query_ms=5, enabled=True)
+    assert explicit.service_name == "explicit"
+    assert explicit.slow_query_ms == 5.0
+    assert explicit.enabled is True
+
+
+def test_standard_otel_variables() -> None:
+    settings = build_settings(
+        env={
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.25",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
+            "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "SPAN_ONLY",
+        }
+    )
+    assert settings.sample_ratio == 0.25
+    assert settings.otlp_endpoint == "http://collector:4318"
+    assert settings.capture_content is True
+    assert build_settings(env={"OTEL_TRACES_SAMPLER": "always_off"}).sample_ratio == 0.0
+    assert build_settings(env={"OTEL_SDK_DISABLED": "true"}).enabled is False
+    assert (
+        build_settings(
+            env={"OTEL_TRACES_SAMPLER": "always_off", "RAG_INSTRUMENT_SAMPLE_RATIO": "0.5"}
+        ).sample_ratio
+        == 0.5
+    )
+
+
+def test_budgets_accept_json_and_enum_keys() -> None:
+    assert dict(build_settings(env={"RAG_INSTRUMENT_BUDGETS": '{"search": 2000}'}).budgets) == {
+        "search": 2000.0
+    }
+    settings = build_settings(env={}, budgets={ri.PipelineStage.RETRIEVAL: 10})
+    assert dict(settings.budgets) == {"retrieval": 10.0}
+
+
+# --- validation -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "env", "pattern"),
+    [
+        ({"exporter": "zipkin"}, {}, r"exporter 'zipkin' \(from configure\(exporter=...\)\); expected one of 'none', 'console', 'otlp', 'memory'"),
+        ({}, {"RAG_INSTRUMENT_EXPORTER": "jaeger"}, r"exporter 'jaeger' \(from environment variable RAG_INSTRUMENT_EXPORTER\)"),
+        ({"exporter": object()}, {}, r"invalid exporter .*SpanExporter instance"),
+        ({"slow_query_ms": -1}, {}, r"slow_query_ms -1 .*at least 0"),
+        ({}, {"RAG_INSTRUMENT_SLOW_QUERY_MS": "fast"}, r"slow_query_ms 'fast' \(from environment variable RAG_INSTRUMENT_SLOW_QUERY_MS\)"),
+        ({"n_plus_one_threshold": 0}, {}, r"n_plus_one_threshold 0 .*an integer at least 2"),
+        ({"n_plus_one_threshold": 2.5}, {}, r"n_plus_one_threshold 2.5 .*an integer"),
+        ({"max_content_chars": 0}, {}, r"max_content_chars"),
+        ({"budgets": {"retrieval": 0}}, {}, r"budgets\['retrieval'\] 0 .*greater than 0"),
+        ({"budgets": {"retrieval": -5}}, {}, r"budgets\['retrieval'\]"),
+        ({"budgets": {"retrieval": "soon"}}, {}, r"budgets\['retrieval'\] 'soon'"),
+        ({"budgets": {"retrieval": True}}, {}, r"budgets\['retrieval'\] True"),
+        ({"budgets": [1, 2]}, {}, r"budgets .*mapping of stage name"),
+        ({}, {"RAG_INSTRUMENT_BUDGETS": "retrieval"}, r"budgets 'retrieval' .*retrieval=1500"),
+        ({"sample_ratio": 1.5}, {}, r"sample_ratio 1.5 .*between 0 and 1"),
+        ({"sample_ratio": -0.1}, {}, r"sample_ratio"),
+        ({"sample_ratio": float("nan")}, {}, r"sample_ratio nan"),
+        ({}, {"OTEL_TRACES_SAMPLER": "sometimes"}, r"sampler 'sometimes' .*OTEL_TRACES_SAMPLER"),
+        ({}, {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "2"}, r"OTEL_TRACES_SAMPLER_ARG"),
+        ({"log_format": "xml"}, {}, r"log_format 'xml' .*'json', 'console'"),
+        ({"log_level": "loud"}, {}, r"log_level 'loud'"),
+        ({"enabled": "maybe"}, {}, r"enabled 'maybe' .*a boolean"),
+        ({}, {"RAG_INSTRUMENT_CAPTURE_CONTENT": "perhaps"}, r"capture_content 'perhaps'"),
+        ({"otlp_endpoint": "collector:4318"}, {}, r"otlp_endpoint 'collector:4318' .*http:// or https://"),
+        ({"service_name": "  "}, {}, r"service_name"),
+    ],
+)
+def test_invalid_settings_name_the_culprit(
+    kwargs: dict[str, Any], env: dict[str, str], pattern: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match=pattern):
+        ri.configure(**kwargs)
+
+
+def test_log_file_folder_is_created_and_unwritable_path_rejected(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b" / "rag.jsonl"
+    ri.configure(log_file=str(target))
+    with ri.stage("retrieval"):
+        pass
+    assert _lines(target)[0]["event"] == "retrieval completed"
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match=r"invalid log_file .*file/rag.jsonl.*cannot write"):
+        ri.configure(log_file=str(blocker / "rag.jsonl"))
+
+
+def test_failed_configure_keeps_the_running_configuration(tmp_path: Path) -> None:
+    log = tmp_path / "rag.jsonl"
+    ri.configure(log_file=str(log), exporter="memory")
+    with pytest.raises(ValueError, match="exporter"):
+        ri.configure(exporter="bogus")
+    with ri.stage("retrieval"):
+        pass
+    assert [line["event"] for line in _lines(log)] == ["retrieval completed"]
+    assert [s.name for s in _memory_spans()] == ["retrieval"]
+
+
+# --- reconfiguration ------------------------------------------------------------------------
+
+
+def test_reconfigure_does_not_double_spans_or_lines(tmp_path: Path) -> None:
+    log = tmp_path / "rag.jsonl"
+    for _ in range(3):
+        ri.configure(exporter="memory", log_file=str(log))
+    with ri.stage("retrieval"):
+        pass
+    assert [s.name for s in _memory_spans()] == ["retrieval"]
+    assert [line["event"] for line in _lines(log)] == ["retrieval completed"]
+    import logging
+
+    logging.getLogger("app").warning("one line only")
+    assert [line["event"] for line in _lines(log)][-1] == "one line only"
+    assert len(_lines(log)) == 2
+
+
+def test_reconfigured_service_name_applies() -> None:
+    ri.configure(exporter="memory", service_name="first")
+    with ri.stage("a"):
+        pass
+    assert _memory_spans()[0].resource.attributes["service.name"] == "first"
+    ri.configure(exporter="memory", service_name="second")
+    with ri.stage("b"):
+        pass
+    assert _memory_spans()[0].resource.attributes["service.name"] == "second"
+
+
+def test_sample_ratio_zero_exports_no_span_but_logs_with_ids(tmp_path: Path) -> None:
+    log = tmp_path / "rag.jsonl"
+    ri.configure(exporter="memory", sample_ratio=0.0, log_file=str(log))
+    with ri.stage("retrieval"):
+        pass
+    assert _memory_spans() == []
+    (line,) = _lines(log)
+    assert len(line["trace_id"]) == 32
+    ri.configure(exporter="memory", sample_ratio=1.0)
+    with ri.stage("retrieval"):
+        pass
+    assert len(_memory_spans()) == 1
+
+
+def test_explicit_tracer_provider_is_used_as_is() -> None:
+    app_exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(app_exporter))
+    ri.configure(exporter="memory", tracer_provider=provider)
+    with ri.stage("retrieval"):
+        pass
+    ri.configure(exporter="memory", tracer_provider=provider)
+    with ri.stage("generation"):
+        pass
+    # The application's own processor saw both; ours was added once, not twice.
+    assert [s.name for s in app_exporter.get_finished_spans()] == ["retrieval", "generation"]
+    assert [s.name for s in _memory_spans()] == ["generation"]
+
+
+def _run(code: str, timeout: float = 30, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("RAG_INSTRUMENT_", "OTEL_"))}
+    clean.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=clean,
+        check=False,
+    )
+
+
+def test_application_sdk_provider_is_kept_in_a_fresh_process() -> None:
+    result = _run(
+        """
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        import rag_instrument as ri
+        from rag_instrument import _config
+
+        app = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(app))
+        trace.set_tracer_provider(provider)
+        ri.configure(exporter="memory")
+        ri.configure(exporter="memory")
+        with ri.stage("retrieval"):
+            pass
+        ours = _config.runtime().pipelines.memory_exporter.get_finished_spans()
+        assert trace.get_tracer_provider() is provider
+        assert [s.name for s in app.get_finished_spans()] == ["retrieval"]
+        assert [s.name for s in ours] == ["retrieval"]
+        print("ok")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+# --- exporters ------------------------------------------------------------------------------
+
+
+def test_otlp_exporter_reaches_a_real_receiver() -> None:
+    with OTLPReceiver() as receiver:
+        ri.configure(exporter="otlp", otlp_endpoint=receiver.endpoint, service_name="svc-otlp")
+        with ri.stage("search"), ri.stage("retrieval"):
+            pass
+        assert ri.force_flush(timeout=5.0) is True
+        assert receiver.wait_for_spans(2)
+        spans = {s["name"]: s for s in receiver.spans()}
+        assert spans["retrieval"]["parent_span_id"] == spans["search"]["span_id"]
+        assert spans["search"]["service_name"] == "svc-otlp"
+        assert spans["retrieval"]["attributes"]["rag.stage"] == "retrieval"
+        assert ri.shutdown(timeout=5.0) is True
+        assert receiver.wait_for_metrics({"rag.stage.duration"})
+
+
+def test_console_exporter_writes_spans(capsys: pytest.CaptureFixture[str]) -> None:
+    ri.configure(exporter="console")
+    with ri.stage("retrieval"):
+        pass
+    ri.shutdown()
+    assert '"name": "retrieval"' in capsys.readouterr().out
+
+
+@pytest.fixture
+def black_hole() -> Iterator[str]:
+    """A TCP port that accepts connections and never answers."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        sock.close()
+
+
+def test_shutdown_is_bounded_when_the_collector_black_holes(black_hole: str) -> None:
+    ri.configure(exporter="otlp", otlp_endpoint=black_hole)
+    for _ in range(20):
+        with ri.stage("retrieval"):
+            pass
+    started = time.monotonic()
+    assert ri.force_flush(timeout=0.5) is False
+    assert ri.shutdown(timeout=1.0) is False
+    assert time.monotonic() - started < 2.0
+    assert ri.shutdown() is True  # a second call is a no-op
+
+
+def test_process_exits_promptly_with_a_black_holed_collector(black_hole: str) -> None:
+    started = time.monotonic()
+    result = _run(
+        f"""
+        import rag_instrument as ri
+        ri.configure(exporter="otlp", otlp_endpoint="{black_hole}")
+        for _ in range(100):
+            with ri.stage("retrieval"):
+                pass
+        print("done")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "done"
+    assert time.monotonic() - started < 8.0  # interpreter start + at most 5 s of flushing
+
+
+def test_spans_after_shutdown_are_dropped_and_reinit_works(tmp_path: Path) -> None:
+    ri.configure(exporter="memory")
+    ri.shutdown()
+    with ri.stage("retrieval"):
+        pass  # runs, exports nowhere
+    log = tmp_path / "x.jsonl"
+    ri.configure(exporter="memory", log_file=str(log))
+    with ri.stage("generation"):
+        pass
+    assert [s.name for s in _memory_spans()] == ["generation"]
+    assert [line["event"] for line in _lines(log)] == ["generation completed"]
+
+
+def test_fork_child_exports_its_own_spans() -> None:
+    if not hasattr(os, "fork"):
+        pytest.skip("needs os.fork")
+    with OTLPReceiver() as receiver:
+        code = f"""
+        import os
+        import rag_instrument as ri
+        ri.configure(exporter="otlp", otlp_endpoint="{receiver.endpoint}")
+        with ri.stage("parent-before-fork"):
+            pass
+        pid = os.fork()
+        if pid == 0:
+            with ri.stage("child"):
+                pass
+            ok = ri.shutdown(timeout=5)
+            os._exit(0 if ok else 3)
+        with ri.stage("parent-after-fork"):
+            pass
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+        assert ri.shutdown(timeout=5)
+        """
+        result = _run(code)
+        assert result.returncode == 0, result.stderr
+        assert "TypeError" not in result.stderr
+        assert receiver.wait_for_spans(3)
+        assert sorted(receiver.span_names()) == ["child", "parent-after-fork", "parent-before-fork"]
+
+
+def test_enabled_false_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAG_INSTRUMENT_ENABLED", "0")
+    settings = ri.configure(exporter="memory")
+    assert settings.enabled is False
+    with ri.stage("retrieval") as span:
+        assert span is trace.INVALID_SPAN

@@ -1,0 +1,746 @@
+"""Stages on every function kind: spans, lines, exceptions, generators, cancellation, context."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import gc
+import inspect
+import logging
+import threading
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.trace import StatusCode
+
+import rag_instrument as ri
+from rag_instrument.testing import Capture, capture
+
+
+def _completed(cap: Capture, stage_name: str) -> list[dict[str, Any]]:
+    return cap.find_logs(f"{stage_name} completed")
+
+
+# --- transparency ---------------------------------------------------------------------------
+
+
+def plain(a: int, b: int = 2) -> int:
+    """Add."""
+    return a + b
+
+
+async def coro(a: int, b: int = 2) -> int:
+    """Add later."""
+    await asyncio.sleep(0)
+    return a + b
+
+
+def gen(n: int) -> Iterator[int]:
+    """Count."""
+    yield from range(n)
+
+
+async def agen(n: int) -> AsyncIterator[int]:
+    """Count later."""
+    for i in range(n):
+        await asyncio.sleep(0)
+        yield i
+
+
+@pytest.mark.parametrize("fn", [plain, coro, gen, agen])
+def test_decorator_keeps_metadata_and_kind(fn: Any) -> None:
+    wrapped = ri.stage("retrieval")(fn)
+    assert wrapped.__name__ == fn.__name__
+    assert wrapped.__qualname__ == fn.__qualname__
+    assert wrapped.__doc__ == fn.__doc__
+    assert wrapped.__wrapped__ is fn
+    assert inspect.signature(wrapped) == inspect.signature(fn)
+    for check in (
+        inspect.iscoroutinefunction,
+        inspect.isgeneratorfunction,
+        inspect.isasyncgenfunction,
+    ):
+        assert check(wrapped) == check(fn)
+
+
+def test_return_value_is_the_same_object() -> None:
+    sentinel = object()
+    wrapped = ri.stage("retrieval")(lambda: sentinel)
+    with capture():
+        assert wrapped() is sentinel
+
+
+def test_sync_stage_span_and_line(rag_capture: Capture) -> None:
+    @ri.stage(ri.PipelineStage.RETRIEVAL, top_k=5)
+    def retrieve() -> list[str]:
+        return ["a"]
+
+    with ri.request_context(request_id="r-1"):
+        assert retrieve() == ["a"]
+    span = rag_capture.span("retrieval")
+    assert span.attributes is not None
+    assert span.attributes["rag.stage"] == "retrieval"
+    assert span.attributes["openinference.span.kind"] == "RETRIEVER"
+    assert span.attributes["top_k"] == 5
+    assert span.attributes["request_id"] == "r-1"
+    assert span.status.status_code is StatusCode.UNSET
+    (line,) = _completed(rag_capture, "retrieval")
+    assert line["level"] == "info"
+    assert line["logger"] == "rag_instrument"
+    assert line["context"] == {"pipeline_stage": "retrieval", "request_id": "r-1"}
+    assert line["trace_id"] == format(span.context.trace_id, "032x")
+    assert line["span_id"] == format(span.context.span_id, "016x")
+    assert span.end_time is not None and span.start_time is not None
+    duration_ms = (span.end_time - span.start_time) / 1e6
+    assert line["execution_time_ms"] == pytest.approx(duration_ms, abs=1.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("retrieval", "RETRIEVER"),
+        ("reranking", "RERANKER"),
+        ("embedding", "EMBEDDING"),
+        ("generation", "LLM"),
+        ("query_rewriting", "CHAIN"),
+        ("search", "CHAIN"),
+        ("my_custom_step", "CHAIN"),
+    ],
+)
+def test_openinference_span_kind(name: str, kind: str, rag_capture: Capture) -> None:
+    with ri.pipeline_stage_context(name):
+        pass
+    attributes = rag_capture.span(name).attributes
+    assert attributes is not None
+    assert attributes["openinference.span.kind"] == kind
+
+
+def test_pipeline_stage_enum_values() -> None:
+    assert [s.value for s in ri.PipelineStage] == [
+        "query_rewriting",
+        "embedding",
+        "retrieval",
+        "reranking",
+        "generation",
+        "chain_of_thought",
+        "ingestion",
+        "search",
+    ]
+    assert isinstance(ri.PipelineStage.SEARCH, str)
+
+
+def test_bad_stage_names_fail_at_decoration() -> None:
+    with pytest.raises(TypeError, match="str or PipelineStage"):
+        ri.stage(42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="must not be empty"):
+        ri.stage("  ")
+    with pytest.raises(TypeError, match="not callable"):
+        ri.stage("x")(3)  # type: ignore[type-var]
+
+
+def test_exception_is_reraised_unchanged(rag_capture: Capture) -> None:
+    cause = KeyError("k")
+    error = ValueError("boom")
+
+    @ri.stage("generation")
+    def fail() -> None:
+        raise error from cause
+
+    with pytest.raises(ValueError, match="boom") as info:
+        fail()
+    assert info.value is error
+    assert info.value.__cause__ is cause
+    # The innermost traceback frame is the user's function.
+    tb = info.tb
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    assert tb.tb_frame.f_code.co_name == "fail"
+    span = rag_capture.span("generation")
+    assert span.status.status_code is StatusCode.ERROR
+    assert [e.name for e in span.events] == ["exception"]
+    assert span.events[0].attributes is not None
+    assert span.events[0].attributes["exception.type"] == "ValueError"
+    (line,) = rag_capture.find_logs("generation failed")
+    assert line["level"] == "error"
+    assert line["error_type"] == "ValueError"
+    assert line["error_message"] == "boom"
+    assert isinstance(line["execution_time_ms"], float)
+
+
+def test_exception_message_is_redacted(rag_capture: Capture) -> None:
+    @ri.stage("generation")
+    def fail() -> None:
+        raise RuntimeError("auth failed for sk-abcdefghijklmnop1234")
+
+    with pytest.raises(RuntimeError):
+        fail()
+    span = rag_capture.span("generation")
+    text = repr(span.events[0].attributes) + repr(span.status.description)
+    assert "sk-abcdefghijklmnop1234" not in text
+    (line,) = rag_capture.find_logs("generation failed")
+    assert "sk-abcdefghijklmnop1234" not in line["error_message"]
+    assert "[REDACTED]" in line["error_message"]
+
+
+class Service:
+    factor = 3
+
+    @ri.stage("retrieval")
+    def method(self, x: int) -> int:
+        return x * self.factor
+
+    @ri.stage("reranking")
+    @classmethod
+    def klass(cls, x: int) -> int:
+        return x * cls.factor
+
+    @ri.stage("embedding")
+    @staticmethod
+    def static(x: int) -> int:
+        return x + 1
+
+    @ri.stage("generation")
+    async def amethod(self, x: int) -> int:
+        return x * self.factor
+
+
+def test_methods_classmethods_staticmethods(rag_capture: Capture) -> None:
+    svc = Service()
+    assert svc.method(2) == 6
+    assert Service.klass(2) == 6
+    assert Service.static(2) == 3
+    assert asyncio.run(svc.amethod(2)) == 6
+    assert {s.name for s in rag_capture.spans} == {"retrieval", "reranking", "embedding", "generation"}
+
+
+def test_partial_and_callable_object(rag_capture: Capture) -> None:
+    class Scorer:
+        def __call__(self, x: int) -> int:
+            return x * 2
+
+    assert ri.stage("reranking")(Scorer())(3) == 6
+    assert ri.stage("retrieval")(functools.partial(plain, 1))(b=5) == 6
+    assert len(rag_capture.spans) == 2
+
+
+# --- async ----------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_async_stage_nesting_parents(rag_capture: Capture) -> None:
+    @ri.stage("retrieval")
+    async def retrieve() -> int:
+        await asyncio.sleep(0)
+        return 1
+
+    @ri.stage("search")
+    async def search() -> int:
+        return await retrieve()
+
+    assert await search() == 1
+    outer = rag_capture.span("search")
+    inner = rag_capture.span("retrieval")
+    assert inner.parent is not None
+    assert inner.parent.span_id == outer.context.span_id
+    assert trace.get_current_span() is trace.INVALID_SPAN
+
+
+@pytest.mark.asyncio
+async def test_wait_for_timeout_marks_cancelled(rag_capture: Capture) -> None:
+    @ri.stage("generation")
+    async def slow() -> None:
+        await asyncio.sleep(5)
+
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(slow(), 0.05)
+    span = rag_capture.span("generation")
+    assert span.attributes is not None
+    assert span.attributes["rag.cancelled"] is True
+    assert span.status.status_code is not StatusCode.ERROR
+    (line,) = rag_capture.find_logs("generation cancelled")
+    assert line["error_type"] == "CancelledError"
+
+
+@pytest.mark.asyncio
+async def test_asyncio_timeout_and_taskgroup(rag_capture: Capture) -> None:
+    @ri.stage("retrieval")
+    async def slow() -> None:
+        await asyncio.sleep(5)
+
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await slow()
+
+    async def boom() -> None:
+        await asyncio.sleep(0.01)
+        raise ValueError("sibling failed")
+
+    with pytest.raises(ExceptionGroup):
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(slow())
+            tg.create_task(boom())
+    spans = [s for s in rag_capture.spans if s.name == "retrieval"]
+    assert len(spans) == 2
+    assert all(s.attributes and s.attributes["rag.cancelled"] is True for s in spans)
+
+
+@pytest.mark.asyncio
+async def test_concurrent_tasks_never_see_each_other(rag_capture: Capture) -> None:
+    @ri.stage("retrieval")
+    async def retrieve(i: int) -> None:
+        await asyncio.sleep(0.001 * (i % 5))
+        ri.get_logger().info("inside", i=i)
+
+    @ri.stage("search")
+    async def search(i: int) -> None:
+        ri.bind_context(request_id=f"r-{i}")
+        await retrieve(i)
+
+    await asyncio.gather(*(search(i) for i in range(200)))
+    spans = {s.context.span_id: s for s in rag_capture.spans}
+    for line in rag_capture.find_logs("inside"):
+        assert line["context"] == {"pipeline_stage": "retrieval", "request_id": f"r-{line['i']}"}
+    for span in rag_capture.spans:
+        if span.name == "retrieval":
+            assert span.parent is not None
+            parent = spans[span.parent.span_id]
+            assert parent.attributes is not None and span.attributes is not None
+            assert parent.name == "search"
+            assert span.attributes["request_id"] == f"r-{_i(rag_capture, span)}"
+    from rag_instrument._context import bound, current_frame
+
+    assert bound().log == {}
+    assert current_frame() is None
+
+
+def _i(cap: Capture, span: Any) -> int:
+    for line in cap.find_logs("inside"):
+        if line["span_id"] == format(span.context.span_id, "016x"):
+            return int(line["i"])
+    raise AssertionError("no line for span")
+
+
+def test_threads_never_see_each_other(rag_capture: Capture) -> None:
+    barrier = threading.Barrier(8)
+    seen: dict[int, Any] = {}
+
+    @ri.stage("retrieval")
+    def work(i: int) -> None:
+        ri.bind_context(worker=i)
+        barrier.wait(timeout=5)
+        from rag_instrument._context import bound, current_stage
+
+        seen[i] = (current_stage(), dict(bound().log))
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(work, range(8)))
+    assert seen == {i: ("retrieval", {"worker": i}) for i in range(8)}
+
+
+def test_wrap_context_carries_stage_into_executor(rag_capture: Capture) -> None:
+    def child() -> str | None:
+        with ri.traced("child op"):
+            from rag_instrument._context import current_stage
+
+            return current_stage()
+
+    with ri.stage("retrieval"), ThreadPoolExecutor(2) as pool:
+        assert pool.submit(ri.wrap_context(child)).result() == "retrieval"
+        # Without it the worker thread has no stage.
+        assert pool.submit(child).result() is None
+    parent = rag_capture.span("retrieval")
+    children = [s for s in rag_capture.spans if s.name == "child op"]
+    assert any(s.parent and s.parent.span_id == parent.context.span_id for s in children)
+
+
+# --- generators -----------------------------------------------------------------------------
+
+
+def test_generator_exhausted(rag_capture: Capture) -> None:
+    wrapped = ri.stage("generation")(gen)
+    assert list(wrapped(3)) == [0, 1, 2]
+    span = rag_capture.span("generation")
+    assert span.attributes is not None
+    assert span.attributes["rag.stream.items"] == 3
+    assert span.attributes["rag.stream.completed"] is True
+    assert _completed(rag_capture, "generation")[0]["items"] == 3
+
+
+def test_generator_break_ends_span_and_restores_context(rag_capture: Capture) -> None:
+    wrapped = ri.stage("generation")(gen)
+    before = trace.get_current_span()
+    for item in wrapped(10):
+        assert trace.get_current_span() is before  # the consumer never sees the stage's span
+        if item == 1:
+            break
+    gc.collect()
+    span = rag_capture.span("generation")
+    assert span.attributes is not None
+    assert span.attributes["rag.stream.items"] == 2
+    assert span.attributes["rag.stream.completed"] is False
+    assert span.status.status_code is StatusCode.UNSET
+
+
+def test_generator_close_and_throw(rag_capture: Capture) -> None:
+    wrapped = ri.stage("generation")(gen)
+    g = wrapped(10)
+    next(g)
+    g.close()
+    g2 = wrapped(10)
+    next(g2)
+    with pytest.raises(ValueError, match="stop"):
+        g2.throw(ValueError("stop"))
+    spans = [s for s in rag_capture.spans if s.name == "generation"]
+    assert [s.status.status_code for s in spans] == [StatusCode.UNSET, StatusCode.ERROR]
+
+
+def test_generator_send_and_return_value(rag_capture: Capture) -> None:
+    @ri.stage("reranking")
+    def echo() -> Iterator[int]:
+        total = 0
+        while True:
+            got = yield total
+            if got is None:
+                return
+            total += got
+
+    g = echo()
+    assert next(g) == 0
+    assert g.send(5) == 5
+    assert g.send(2) == 7
+    with pytest.raises(StopIteration):
+        next(g)
+    assert rag_capture.span("reranking").attributes["rag.stream.completed"] is True  # type: ignore[index]
+
+
+def test_generator_dropped_unconsumed_is_collected(rag_capture: Capture) -> None:
+    wrapped = ri.stage("generation")(gen)
+    g = wrapped(10)
+    next(g)
+    del g
+    gc.collect()
+    assert rag_capture.span("generation").end_time is not None
+
+
+def test_generator_span_parents_spans_opened_across_yield(rag_capture: Capture) -> None:
+    tracer = trace.get_tracer("test")
+
+    @ri.stage("generation")
+    def stream() -> Iterator[int]:
+        with tracer.start_as_current_span("inner"):
+            yield 1
+            with tracer.start_as_current_span("after-yield"):
+                yield 2
+
+    with ri.stage("search"):
+        for _ in stream():
+            with tracer.start_as_current_span("consumer"):
+                pass
+    spans = {s.name: s for s in rag_capture.spans}
+    assert spans["after-yield"].parent.span_id == spans["inner"].context.span_id  # type: ignore[union-attr]
+    assert spans["inner"].parent.span_id == spans["generation"].context.span_id  # type: ignore[union-attr]
+    # The consumer's spans belong to the consumer's stage, not the generator's.
+    assert spans["consumer"].parent.span_id == spans["search"].context.span_id  # type: ignore[union-attr]
+
+
+@pytest.mark.asyncio
+async def test_async_generator_break_then_finalised(rag_capture: Capture) -> None:
+    wrapped = ri.stage("generation")(agen)
+    before = trace.get_current_span()
+    async for item in wrapped(10):
+        assert trace.get_current_span() is before
+        if item == 1:
+            break
+    gc.collect()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    span = rag_capture.span("generation")
+    assert span.attributes is not None
+    assert span.attributes["rag.stream.items"] == 2
+    assert span.attributes["rag.stream.completed"] is False
+    assert span.status.status_code is StatusCode.UNSET
+
+
+@pytest.mark.asyncio
+async def test_async_generator_finalised_from_another_task(
+    rag_capture: Capture, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen_in_finally: list[Any] = []
+
+    @ri.stage("generation")
+    async def stream() -> AsyncIterator[int]:
+        try:
+            for i in range(10):
+                yield i
+                await asyncio.sleep(0)
+        finally:
+            from rag_instrument._context import bound
+
+            seen_in_finally.append(dict(bound().log))
+
+    async def consume() -> AsyncIterator[int]:
+        ri.bind_context(request_id="owner")
+        g = stream()
+        await g.__anext__()
+        return g  # type: ignore[return-value]
+
+    g = await asyncio.create_task(consume())
+
+    async def other_request() -> None:
+        ri.bind_context(request_id="intruder")
+        await g.aclose()
+
+    with caplog.at_level(logging.ERROR):
+        await asyncio.create_task(other_request())
+    assert seen_in_finally == [{"request_id": "owner"}]
+    assert "Failed to detach context" not in caplog.text
+    assert rag_capture.span("generation").end_time is not None
+
+
+@pytest.mark.asyncio
+async def test_async_generator_athrow_and_asend(rag_capture: Capture) -> None:
+    @ri.stage("reranking")
+    async def acc() -> AsyncIterator[int]:
+        total = 0
+        while True:
+            try:
+                got = yield total
+            except KeyError:
+                total = -1
+                continue
+            total += got or 0
+
+    g = acc()
+    assert await g.__anext__() == 0
+    assert await g.asend(4) == 4
+    assert await g.athrow(KeyError("k")) == -1
+    await g.aclose()
+    assert rag_capture.span("reranking").status.status_code is StatusCode.UNSET
+
+
+@pytest.mark.asyncio
+async def test_async_generator_error_propagates(rag_capture: Capture) -> None:
+    error = RuntimeError("stream broke")
+
+    @ri.stage("generation")
+    async def broken() -> AsyncIterator[int]:
+        yield 1
+        raise error
+
+    with pytest.raises(RuntimeError) as info:
+        async for _ in broken():
+            pass
+    assert info.value is error
+    assert rag_capture.span("generation").status.status_code is StatusCode.ERROR
+
+
+@pytest.mark.asyncio
+async def test_async_generator_cancelled_consumer(rag_capture: Capture) -> None:
+    @ri.stage("generation")
+    async def slow_stream() -> AsyncIterator[int]:
+        yield 1
+        await asyncio.sleep(5)
+        yield 2
+
+    async def consume() -> None:
+        async for _ in slow_stream():
+            pass
+
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(consume(), 0.05)
+    span = rag_capture.span("generation")
+    assert span.attributes is not None
+    assert span.attributes["rag.cancelled"] is True
+
+
+# --- context managers -----------------------------------------------------------------------
+
+
+def test_context_manager_returns_span_and_nests(rag_capture: Capture) -> None:
+    with ri.stage("search") as outer:
+        outer.set_attribute("custom", 1)
+        with ri.pipeline_stage_context("retrieval") as inner:
+            assert trace.get_current_span() is inner
+        assert trace.get_current_span() is outer
+    assert rag_capture.span("search").attributes["custom"] == 1  # type: ignore[index]
+    assert rag_capture.span("retrieval").parent.span_id == outer.get_span_context().span_id  # type: ignore[union-attr]
+
+
+@pytest.mark.asyncio
+async def test_async_with_and_shared_object_across_tasks(rag_capture: Capture) -> None:
+    shared = ri.stage("retrieval")
+
+    async def one(i: int) -> None:
+        async with shared:
+            await asyncio.sleep(0.001 * (5 - i))
+
+    await asyncio.gather(*(one(i) for i in range(5)))
+    assert len([s for s in rag_capture.spans if s.name == "retrieval"]) == 5
+    assert all(s.parent is None for s in rag_capture.spans)
+
+
+def test_stage_on_contextmanager_factory_warns() -> None:
+    @contextmanager
+    def session() -> Iterator[int]:
+        yield 1
+
+    with pytest.warns(UserWarning, match="below @contextmanager"):
+        ri.stage("retrieval")(session)
+
+
+# --- traced ---------------------------------------------------------------------------------
+
+
+def test_traced_default_name_and_stage_inheritance(rag_capture: Capture) -> None:
+    @ri.traced
+    def helper() -> int:
+        ri.get_logger().info("in helper")
+        return 1
+
+    @ri.traced("named op", kind="x")
+    def named() -> int:
+        return 2
+
+    with ri.stage("retrieval"):
+        assert helper() == 1
+        assert named() == 2
+    helper_span = rag_capture.span(helper.__qualname__)
+    assert helper_span.attributes is not None
+    assert "rag.stage" not in helper_span.attributes
+    assert rag_capture.span("named op").attributes["kind"] == "x"  # type: ignore[index]
+    (line,) = rag_capture.find_logs("in helper")
+    assert line["context"]["pipeline_stage"] == "retrieval"
+
+
+def test_traced_line_is_debug_and_not_attributed_to_stage() -> None:
+    with capture(log_level="debug") as cap:
+        with ri.stage("retrieval"), ri.traced("lookup"):
+            pass
+    (line,) = cap.find_logs("lookup completed")
+    assert line["level"] == "debug"
+    assert line["operation"] == "lookup"
+    assert "pipeline_stage" not in line["context"]
+    with capture() as cap:
+        with ri.traced("lookup"):
+            pass
+    assert cap.find_logs("lookup completed") == []  # info level hides it
+
+
+# --- budgets and metrics --------------------------------------------------------------------
+
+
+def test_budget_exceeded_line_span_and_counter() -> None:
+    from rag_instrument import _breakdown
+
+    with capture(budgets={"retrieval": 0.0001, "search": 10_000}) as cap:
+        with ri.stage("search"):
+            with ri.stage("retrieval"):
+                _breakdown.record("vector", 5.0)
+                _breakdown.record("db", 1.0, count=3)
+    (line,) = cap.find_logs("budget exceeded")
+    assert line["level"] == "warning"
+    assert line["stage"] == "retrieval"
+    assert line["budget_ms"] == 0.0001
+    assert line["execution_time_ms"] > 0.0001
+    assert line["largest"] == {"kind": "vector", "count": 1, "ms": 5.0}
+    assert "pipeline_stage" not in line["context"]
+    retrieval = cap.span("retrieval").attributes
+    assert retrieval is not None
+    assert retrieval["rag.budget.exceeded"] is True
+    assert "rag.budget.exceeded" not in (cap.span("search").attributes or {})
+    points = cap.metrics()["rag.budget.exceeded"]
+    assert [(p.value, dict(p.attributes)) for p in points] == [(1, {"rag.stage": "retrieval"})]
+
+
+def test_stage_duration_histogram() -> None:
+    with capture() as cap:
+        for _ in range(3):
+            with ri.stage("retrieval"):
+                pass
+        with ri.traced("not a stage"):
+            pass
+    points = cap.metrics()["rag.stage.duration"]
+    assert [(dict(p.attributes), p.count) for p in points] == [({"rag.stage": "retrieval"}, 3)]
+
+
+# --- enabled=False / unconfigured -----------------------------------------------------------
+
+
+def test_disabled_is_a_pass_through(capsys: pytest.CaptureFixture[str]) -> None:
+    ri.configure(enabled=False, exporter="memory")
+    calls = []
+
+    @ri.stage("retrieval")
+    def work() -> int:
+        calls.append(trace.get_current_span())
+        return 7
+
+    assert work() == 7
+    assert list(ri.stage("generation")(gen)(2)) == [0, 1]
+    assert asyncio.run(ri.stage("generation")(coro)(1)) == 3
+    with ri.stage("x") as span:
+        assert not span.is_recording()
+    assert calls == [trace.INVALID_SPAN]
+    assert capsys.readouterr().err == ""
+
+
+def test_unconfigured_runs_and_writes_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    @ri.stage("retrieval")
+    def work() -> int:
+        return 1
+
+    assert work() == 1
+    assert list(ri.stage("generation")(gen)(2)) == [0, 1]
+    assert capsys.readouterr() == ("", "")
+
+
+# --- telemetry failures never reach the application -----------------------------------------
+
+
+def test_raising_exporter_and_processor_do_not_change_results(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from opentelemetry.sdk.trace import SpanProcessor
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+    class BadExporter(SpanExporter):
+        def export(self, spans: Any) -> Any:
+            raise RuntimeError("exporter down")
+
+    class BadProcessor(SpanProcessor):
+        def on_end(self, span: Any) -> None:
+            raise RuntimeError("processor broken")
+
+    ri.configure(exporter=BadExporter())
+    provider = trace.get_tracer_provider()
+    provider.add_span_processor(BadProcessor())  # type: ignore[attr-defined]
+    try:
+
+        @ri.stage("retrieval")
+        def ok() -> int:
+            return 5
+
+        @ri.stage("retrieval")
+        def fails() -> None:
+            raise ValueError("app error")
+
+        with caplog.at_level(logging.WARNING, logger="rag_instrument.internal"):
+            for _ in range(50):
+                assert ok() == 5
+                with pytest.raises(ValueError, match="app error"):
+                    fails()
+                assert ri.force_flush(timeout=2.0) is False  # the export failed, and says so
+        warnings = [r.getMessage() for r in caplog.records if r.name == "rag_instrument.internal"]
+        # 100 processor failures and 50 export failures: one warning each per 20 s.
+        assert len([w for w in warnings if "processor broken" in w]) == 1
+        assert len([w for w in warnings if "exporter down" in w]) == 1
+    finally:
+        # Remove the broken processor again (the provider outlives this test).
+        active = provider._active_span_processor  # type: ignore[attr-defined]
+        active._span_processors = tuple(
+            p for p in active._span_processors if not isinstance(p, BadProcessor)
+        )
