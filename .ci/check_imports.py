@@ -32,4 +32,5 @@ for name in rag_instrument.__all__:
 if failures:
     print("imports without extras failed:\n  " + "\n  ".join(failures))
     sys.exit(1)
-print(f"{checked} public modules and {len(rag_instrument.__all__)} names import cleanly or name their extra")
+names = len(rag_instrument.__all__)
+print(f"{checked} public modules and {names} names import cleanly or name their extra")

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 import rag_instrument as ri
-from rag_instrument import _utils
+from rag_instrument import _context, _utils
 
 # A bug inside rag_instrument must fail our tests, not be swallowed like a broken exporter.
 os.environ["RAG_INSTRUMENT_RAISE_INTERNAL_ERRORS"] = "1"
@@ -22,6 +22,8 @@ def _clean_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         if name.startswith(_ENV_PREFIXES) and name != "RAG_INSTRUMENT_RAISE_INTERNAL_ERRORS":
             monkeypatch.delenv(name)
     _utils.warn_once.reset()
+    bound_token = _context._bound.set(_context.EMPTY)
     yield
     ri.shutdown(timeout=5.0)
+    _context._bound.reset(bound_token)
     _utils.warn_once.reset()

@@ -18,11 +18,11 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from support.otlp_receiver import OTLPReceiver
 
 import rag_instrument as ri
 from rag_instrument import _config
 from rag_instrument._config import build_settings
+from support.otlp_receiver import OTLPReceiver
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:
@@ -31,7 +31,8 @@ def _lines(path: Path) -> list[dict[str, Any]]:
 
 def _memory_spans() -> list[Any]:
     pipelines = _config.runtime().pipelines
-    assert pipelines is not None and pipelines.memory_exporter is not None
+    assert pipelines is not None
+    assert pipelines.memory_exporter is not None
     return list(pipelines.memory_exporter.get_finished_spans())
 
 
@@ -112,11 +113,23 @@ def test_budgets_accept_json_and_enum_keys() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "env", "pattern"),
     [
-        ({"exporter": "zipkin"}, {}, r"exporter 'zipkin' \(from configure\(exporter=...\)\); expected one of 'none', 'console', 'otlp', 'memory'"),
-        ({}, {"RAG_INSTRUMENT_EXPORTER": "jaeger"}, r"exporter 'jaeger' \(from environment variable RAG_INSTRUMENT_EXPORTER\)"),
+        (
+            {"exporter": "zipkin"},
+            {},
+            r"exporter 'zipkin' \(from configure\(exporter=...\)\); expected one of 'none', 'console', 'otlp', 'memory'",
+        ),
+        (
+            {},
+            {"RAG_INSTRUMENT_EXPORTER": "jaeger"},
+            r"exporter 'jaeger' \(from environment variable RAG_INSTRUMENT_EXPORTER\)",
+        ),
         ({"exporter": object()}, {}, r"invalid exporter .*SpanExporter instance"),
         ({"slow_query_ms": -1}, {}, r"slow_query_ms -1 .*at least 0"),
-        ({}, {"RAG_INSTRUMENT_SLOW_QUERY_MS": "fast"}, r"slow_query_ms 'fast' \(from environment variable RAG_INSTRUMENT_SLOW_QUERY_MS\)"),
+        (
+            {},
+            {"RAG_INSTRUMENT_SLOW_QUERY_MS": "fast"},
+            r"slow_query_ms 'fast' \(from environment variable RAG_INSTRUMENT_SLOW_QUERY_MS\)",
+        ),
         ({"n_plus_one_threshold": 0}, {}, r"n_plus_one_threshold 0 .*an integer at least 2"),
         ({"n_plus_one_threshold": 2.5}, {}, r"n_plus_one_threshold 2.5 .*an integer"),
         ({"max_content_chars": 0}, {}, r"max_content_chars"),
@@ -130,12 +143,20 @@ def test_budgets_accept_json_and_enum_keys() -> None:
         ({"sample_ratio": -0.1}, {}, r"sample_ratio"),
         ({"sample_ratio": float("nan")}, {}, r"sample_ratio nan"),
         ({}, {"OTEL_TRACES_SAMPLER": "sometimes"}, r"sampler 'sometimes' .*OTEL_TRACES_SAMPLER"),
-        ({}, {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "2"}, r"OTEL_TRACES_SAMPLER_ARG"),
+        (
+            {},
+            {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "2"},
+            r"OTEL_TRACES_SAMPLER_ARG",
+        ),
         ({"log_format": "xml"}, {}, r"log_format 'xml' .*'json', 'console'"),
         ({"log_level": "loud"}, {}, r"log_level 'loud'"),
         ({"enabled": "maybe"}, {}, r"enabled 'maybe' .*a boolean"),
         ({}, {"RAG_INSTRUMENT_CAPTURE_CONTENT": "perhaps"}, r"capture_content 'perhaps'"),
-        ({"otlp_endpoint": "collector:4318"}, {}, r"otlp_endpoint 'collector:4318' .*http:// or https://"),
+        (
+            {"otlp_endpoint": "collector:4318"},
+            {},
+            r"otlp_endpoint 'collector:4318' .*http:// or https://",
+        ),
         ({"service_name": "  "}, {}, r"service_name"),
     ],
 )

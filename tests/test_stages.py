@@ -94,7 +94,8 @@ def test_sync_stage_span_and_line(rag_capture: Capture) -> None:
     assert line["context"] == {"pipeline_stage": "retrieval", "request_id": "r-1"}
     assert line["trace_id"] == format(span.context.trace_id, "032x")
     assert line["span_id"] == format(span.context.span_id, "016x")
-    assert span.end_time is not None and span.start_time is not None
+    assert span.end_time is not None
+    assert span.start_time is not None
     duration_ms = (span.end_time - span.start_time) / 1e6
     assert line["execution_time_ms"] == pytest.approx(duration_ms, abs=1.0)
 
@@ -214,7 +215,12 @@ def test_methods_classmethods_staticmethods(rag_capture: Capture) -> None:
     assert Service.klass(2) == 6
     assert Service.static(2) == 3
     assert asyncio.run(svc.amethod(2)) == 6
-    assert {s.name for s in rag_capture.spans} == {"retrieval", "reranking", "embedding", "generation"}
+    assert {s.name for s in rag_capture.spans} == {
+        "retrieval",
+        "reranking",
+        "embedding",
+        "generation",
+    }
 
 
 def test_partial_and_callable_object(rag_capture: Capture) -> None:
@@ -308,7 +314,8 @@ async def test_concurrent_tasks_never_see_each_other(rag_capture: Capture) -> No
         if span.name == "retrieval":
             assert span.parent is not None
             parent = spans[span.parent.span_id]
-            assert parent.attributes is not None and span.attributes is not None
+            assert parent.attributes is not None
+            assert span.attributes is not None
             assert parent.name == "search"
             assert span.attributes["request_id"] == f"r-{_i(rag_capture, span)}"
     from rag_instrument._context import bound, current_frame

@@ -129,7 +129,7 @@ def safe_repr(value: object, limit: int = 200) -> str:
 
 def _type_name(value: object) -> str:
     try:
-        return type(value).__qualname__
+        return type(value).__name__
     except Exception:
         return "object"
 
@@ -145,6 +145,8 @@ def _fix_surrogates(text: str) -> str:
 _MAX_DEPTH: Final = 8
 _MAX_ITEMS: Final = 200
 _SCALARS: Final = (bool, int, float, type(None))
+_INT_MIN: Final = -(2**63)
+_INT_MAX: Final = 2**64 - 1
 
 
 class Sanitizer:
@@ -211,6 +213,8 @@ class Sanitizer:
         if isinstance(value, _SCALARS):
             if isinstance(value, float) and not math.isfinite(value):
                 return str(value)  # NaN and infinities are not JSON
+            if isinstance(value, int) and not _INT_MIN <= value <= _INT_MAX:
+                return str(value)  # beyond 64 bits: JSON parsers would lose precision
             return value
         if isinstance(value, enum.Enum):
             return self._value(value.value, depth, seen)

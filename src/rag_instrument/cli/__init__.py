@@ -1,1 +1,3 @@
-"""The ``rag-instrument`` command line."""
+"""The ``rag-instrument`` command line (see ``rag_instrument.cli.__main__``)."""
+
+__all__: list[str] = []

@@ -77,7 +77,7 @@ async def generate(query: str, docs: list[str], rng: random.Random) -> str:
 @ri.stage(ri.PipelineStage.SEARCH)
 async def search(question: str, request_id: str, seed: int) -> str:
     """One request through the whole pipeline."""
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 - simulated latency, not security
     ri.bind_context(request_id=request_id)
     query = await rewrite(question, rng)
     docs = await retrieve(query, rng)
@@ -150,7 +150,10 @@ def run_demo(log_file: Path, requests: int = 12, concurrency: int = 4) -> list[d
 
 
 def _print_table(rows: list[dict[str, Any]], budgets: dict[str, float]) -> None:
-    header = f"{'stage':<16} {'count':>5} {'avg_ms':>8} {'p50_ms':>8} {'p95_ms':>8} {'max_ms':>8}  budget"
+    header = (
+        f"{'stage':<16} {'count':>5} {'avg_ms':>8} {'p50_ms':>8} {'p95_ms':>8} {'max_ms':>8}"
+        "  budget"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:

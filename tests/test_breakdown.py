@@ -1,0 +1,84 @@
+"""The internal recording API integrations report work through."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+import rag_instrument as ri
+from rag_instrument import _breakdown
+from rag_instrument.testing import Capture
+
+
+def test_recording_outside_a_stage_is_a_no_op(rag_capture: Capture) -> None:
+    _breakdown.record("db", 5.0)
+    _breakdown.record_cache(hit=True)
+    with ri.stage("retrieval"):
+        pass
+    assert "breakdown" not in rag_capture.find_logs("retrieval completed")[0]
+
+
+def test_work_rolls_up_into_enclosing_stages(rag_capture: Capture) -> None:
+    with ri.stage("search"):
+        _breakdown.record("llm", 100.0)
+        with ri.stage("retrieval"):
+            _breakdown.record("db", 2.0)
+            _breakdown.record("db", 3.0, count=2)
+            _breakdown.record("vector", 40.0)
+            with ri.traced("lookup"):
+                _breakdown.record("db", 1.0)
+        _breakdown.record_cache(hit=True)
+        _breakdown.record_cache(hit=False)
+        _breakdown.record_cache(hit=False)
+    retrieval = rag_capture.find_logs("retrieval completed")[0]["breakdown"]
+    assert retrieval == {"db": {"count": 4, "ms": 6.0}, "vector": {"count": 1, "ms": 40.0}}
+    search = rag_capture.find_logs("search completed")[0]["breakdown"]
+    assert search == {
+        "llm": {"count": 1, "ms": 100.0},
+        "db": {"count": 4, "ms": 6.0},
+        "vector": {"count": 1, "ms": 40.0},
+        "cache": {"hits": 1, "misses": 2},
+    }
+    attributes = rag_capture.span("search").attributes
+    assert attributes is not None
+    assert attributes["rag.breakdown.db.count"] == 4
+    assert attributes["rag.breakdown.cache.misses"] == 2
+
+
+@pytest.mark.asyncio
+async def test_concurrent_children_all_count(rag_capture: Capture) -> None:
+    async def child(i: int) -> None:
+        with ri.stage("retrieval"):
+            await asyncio.sleep(0.001 * (i % 3))
+            _breakdown.record("db", 1.0)
+
+    with ri.stage("search"):
+        await asyncio.gather(*(child(i) for i in range(50)))
+    search = rag_capture.find_logs("search completed")[0]["breakdown"]
+    assert search == {"db": {"count": 50, "ms": 50.0}}
+
+
+def test_threads_via_wrap_context_roll_up_without_losing_counts(rag_capture: Capture) -> None:
+    def worker() -> None:
+        for _ in range(200):
+            with ri.traced("op"):
+                _breakdown.record("db", 0.5)
+
+    with ri.stage("ingestion"):
+        threads = [threading.Thread(target=ri.wrap_context(worker)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    ingestion = rag_capture.find_logs("ingestion completed")[0]["breakdown"]
+    assert ingestion == {"db": {"count": 800, "ms": 400.0}}
+
+
+def test_largest_entry() -> None:
+    assert _breakdown.largest(None) is None
+    assert _breakdown.largest({"cache": {"hits": 1, "misses": 0}}) is None
+    assert _breakdown.largest(
+        {"db": {"count": 3, "ms": 12.1}, "vector": {"count": 1, "ms": 800.2}}
+    ) == {"kind": "vector", "count": 1, "ms": 800.2}

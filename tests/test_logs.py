@@ -1,0 +1,328 @@
+"""The JSON log line: shape, ids, context, stdlib logging, safety of values, console format."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from opentelemetry import trace
+
+import rag_instrument as ri
+from rag_instrument.testing import Capture, capture
+
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+
+# A logger made at import time, before any configure(): it must honour later configuration.
+module_logger = ri.get_logger("app.module")
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    raw = path.read_bytes()
+    assert raw.endswith(b"\n")
+    return [json.loads(line) for line in raw.splitlines()]
+
+
+def test_stage_line_has_exactly_the_documented_shape(tmp_path: Path) -> None:
+    log = tmp_path / "rag.jsonl"
+    ri.configure(log_file=str(log), exporter="memory")
+    with ri.request_context(request_id="r-1"), ri.stage("retrieval"):
+        pass
+    (line,) = _lines(log)
+    assert list(line) == [
+        "timestamp",
+        "level",
+        "event",
+        "logger",
+        "trace_id",
+        "span_id",
+        "context",
+        "execution_time_ms",
+    ]
+    assert TIMESTAMP.match(line["timestamp"])
+    assert line["level"] == "info"
+    assert line["event"] == "retrieval completed"
+    assert line["logger"] == "rag_instrument"
+    assert re.fullmatch(r"[0-9a-f]{32}", line["trace_id"])
+    assert re.fullmatch(r"[0-9a-f]{16}", line["span_id"])
+    assert line["context"] == {"pipeline_stage": "retrieval", "request_id": "r-1"}
+
+
+def test_get_logger_lines_carry_current_span_and_stage(rag_capture: Capture) -> None:
+    log = ri.get_logger("app.search", component="api")
+    with ri.stage("reranking") as span:
+        log.info("scored", candidates=12)
+    (line,) = rag_capture.find_logs("scored")
+    assert line["logger"] == "app.search"
+    assert line["component"] == "api"
+    assert line["candidates"] == 12
+    assert line["span_id"] == format(span.get_span_context().span_id, "016x")
+    assert line["context"] == {"pipeline_stage": "reranking"}
+
+
+def test_module_level_logger_honours_later_configure(tmp_path: Path) -> None:
+    module_logger.info("before configure")  # unconfigured: goes nowhere, does not fail
+    log = tmp_path / "late.jsonl"
+    ri.configure(log_file=str(log))
+    module_logger.warning("after configure", n=1)
+    (line,) = _lines(log)
+    assert (line["event"], line["level"], line["logger"], line["n"]) == (
+        "after configure",
+        "warning",
+        "app.module",
+        1,
+    )
+
+
+def test_level_filtering(tmp_path: Path) -> None:
+    log = tmp_path / "rag.jsonl"
+    ri.configure(log_file=str(log), log_level="warning")
+    logger = ri.get_logger()
+    logger.debug("d")
+    logger.info("i")
+    logger.warning("w")
+    logger.error("e")
+    with ri.stage("retrieval"):
+        pass  # its info line is filtered
+    assert [line["event"] for line in _lines(log)] == ["w", "e"]
+
+
+def test_bound_context_is_isolated_and_unbound(rag_capture: Capture) -> None:
+    log = ri.get_logger()
+    ri.bind_context(user="u1", tenant="t1")
+    ri.unbind_context("user", "missing")
+
+    def other_thread() -> None:
+        log.info("thread line")
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    log.info("main line")
+    with ri.request_context(request_id="r-9"):
+        log.info("inside request")
+    log.info("after request")
+    lines = {line["event"]: line["context"] for line in rag_capture.logs}
+    assert lines["thread line"] == {}
+    assert lines["main line"] == {"tenant": "t1"}
+    assert lines["inside request"] == {"tenant": "t1", "request_id": "r-9"}
+    assert lines["after request"] == {"tenant": "t1"}
+
+
+def test_stdlib_logging_comes_through_with_ids_and_extras(rag_capture: Capture) -> None:
+    app_logger = logging.getLogger("app.service")
+    with ri.stage("generation") as span:
+        app_logger.warning("model %s slow", "gpt", extra={"execution_ms": 12.5})
+    (line,) = rag_capture.find_logs("model gpt slow")
+    assert line["logger"] == "app.service"
+    assert line["level"] == "warning"
+    assert line["execution_ms"] == 12.5
+    assert line["trace_id"] == format(span.get_span_context().trace_id, "032x")
+    assert line["context"] == {"pipeline_stage": "generation"}
+
+
+def test_stdlib_logging_can_be_left_alone(tmp_path: Path) -> None:
+    log = tmp_path / "rag.jsonl"
+    ri.configure(log_file=str(log), capture_logging=False)
+    logging.getLogger("app").warning("not ours")
+    ri.get_logger().warning("ours")
+    assert [line["event"] for line in _lines(log)] == ["ours"]
+
+
+def test_stdlib_exception_is_structured_without_locals(rag_capture: Capture) -> None:
+    api_key = "sk-live-secretvalue1234567890"  # a local that must never be logged
+
+    def fail() -> None:
+        raise RuntimeError(f"upstream rejected key {api_key}")
+
+    try:
+        fail()
+    except RuntimeError:
+        logging.getLogger("app").exception("call failed")
+    (line,) = rag_capture.find_logs("call failed")
+    text = json.dumps(line)
+    assert "secretvalue1234567890" not in text
+    (stack,) = line["exception"]
+    assert all("locals" not in frame for frame in stack["frames"])
+    assert stack["exc_type"] == "RuntimeError"
+    assert "[REDACTED]" in stack["exc_value"]
+    assert stack["frames"][-1]["name"] == "fail"
+
+
+def test_structlog_exception_method(rag_capture: Capture) -> None:
+    log = ri.get_logger()
+    try:
+        {}["missing"]
+    except KeyError:
+        log.exception("lookup failed")
+    log.exception("no exception being handled")  # outside except: no crash, no exception key
+    lines = {line["event"]: line for line in rag_capture.logs}
+    assert lines["lookup failed"]["level"] == "error"
+    assert lines["lookup failed"]["exception"][0]["exc_type"] == "KeyError"
+    assert "exception" not in lines["no exception being handled"]
+
+
+def test_secrets_are_masked_by_key_and_by_value(rag_capture: Capture) -> None:
+    log = ri.get_logger()
+    log.info(
+        "calling",
+        api_key="abc123",
+        headers={"Authorization": "Bearer abcdef123456", "x-api-key": "k-1"},
+        url="postgresql://user:hunter2@db:5432/app",
+        note="key sk-proj-abcdefghijklmnopqrstuvwxyz in text",
+        max_tokens=256,
+    )
+    (line,) = rag_capture.find_logs("calling")
+    text = json.dumps(line)
+    for secret in ("abc123", "abcdef123456", "k-1", "hunter2", "sk-proj-abcdefghij"):
+        assert secret not in text
+    assert line["api_key"] == "[REDACTED]"
+    assert line["url"] == "postgresql://user:[REDACTED]@db:5432/app"
+    assert line["max_tokens"] == 256  # not a secret
+
+
+def test_redaction_can_be_turned_off() -> None:
+    with capture(redact=False) as cap:
+        ri.get_logger().info("raw", api_key="abc123")
+    assert cap.find_logs("raw")[0]["api_key"] == "abc123"
+
+
+def test_one_line_per_event_whatever_the_values(tmp_path: Path) -> None:
+    log = tmp_path / "rag.jsonl"
+    ri.configure(log_file=str(log))
+    hostile = 'q\n{"level":"info","event":"admin_login"}\r\x1b[31mred\x00 a=1 b=2'
+    ri.get_logger().info(hostile, prompt=hostile)
+    logging.getLogger("app").warning(hostile)
+    raw = log.read_bytes()
+    assert raw.count(b"\n") == 2
+    for line in _lines(log):
+        assert line["event"].startswith('q\n{"level"')
+    assert "admin_login" not in [line["event"] for line in _lines(log)]
+
+
+class _Evil:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr for you")
+
+
+def test_unserialisable_values_become_placeholders(rag_capture: Capture) -> None:
+    import socket
+    import uuid
+
+    cyclic: dict[str, Any] = {"a": 1}
+    cyclic["self"] = cyclic
+    lock = threading.Lock()
+    sock = socket.socket()
+    try:
+        ri.get_logger().info(
+            "odd values",
+            module=re,
+            lock=lock,
+            sock=sock,
+            cyclic=cyclic,
+            uuid_keys={uuid.UUID(int=1): "x"},
+            evil=_Evil(),
+            raw=b"\x00\xff",
+            nan=float("nan"),
+            surrogate="bad \ud800 text",
+            big=2**80,
+        )
+    finally:
+        sock.close()
+    (line,) = rag_capture.find_logs("odd values")
+    assert line["cyclic"] == {"a": 1, "self": "<cycle>"}
+    assert line["evil"] == "<unrepresentable _Evil>"
+    assert line["raw"] == "<bytes len=2>"
+    assert line["nan"] == "nan"
+    assert line["uuid_keys"] == {"00000000-0000-0000-0000-000000000001": "x"}
+    assert "\\ud800" in line["surrogate"]
+    assert line["big"] == str(2**80)
+    assert line["module"].startswith("<module 're'")
+
+
+def test_long_strings_are_truncated_with_marker(rag_capture: Capture) -> None:
+    ri.get_logger().info("long", prompt="x" * 5000)
+    (line,) = rag_capture.find_logs("long")
+    assert line["prompt"] == "x" * 2000 + "...[truncated, 5000 chars]"
+
+
+def test_reserved_keys_cannot_be_overwritten(rag_capture: Capture) -> None:
+    ri.get_logger().info("mine", level="fake", trace_id="forged", context="x")
+    (line,) = rag_capture.find_logs("mine")
+    assert line["level"] == "info"
+    assert line["field_level"] == "fake"
+    assert line["field_trace_id"] == "forged"
+    assert "trace_id" not in line  # no span: no forged id either
+
+
+def test_console_format_one_escaped_line(tmp_path: Path) -> None:
+    log = tmp_path / "rag.txt"
+    ri.configure(log_file=str(log), log_format="console")
+    with ri.request_context(request_id="r-1"), ri.stage("retrieval"):
+        ri.get_logger().info("got\nnewline", value="two words", n=3)
+    lines = log.read_text().splitlines()
+    assert len(lines) == 2
+    assert "[info    ] got\\nnewline" in lines[0]
+    assert 'value="two words"' in lines[0]
+    assert "n=3" in lines[0]
+    assert "pipeline_stage=retrieval" in lines[0]
+    assert "request_id=r-1" in lines[0]
+    assert "retrieval completed" in lines[1]
+    assert "execution_time_ms=" in lines[1]
+
+
+def test_logging_never_raises_into_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAG_INSTRUMENT_RAISE_INTERNAL_ERRORS")
+    with capture() as cap:
+        from rag_instrument import logs
+
+        def broken(_event: dict[str, Any]) -> bytes:
+            raise RuntimeError("renderer broke")
+
+        runtime_log = ri._config.runtime().log
+        assert runtime_log is not None
+        monkeypatch.setattr(runtime_log, "render", broken)
+        ri.get_logger().info("dropped")
+        with ri.stage("retrieval"):
+            pass
+        logging.getLogger("x").warning("also dropped")
+        assert logs  # imported fine
+    assert cap.logs == []
+
+
+def test_logger_that_logs_from_a_handler_does_not_deadlock(rag_capture: Capture) -> None:
+    class Echo(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.name != "echo":
+                logging.getLogger("echo").warning("echo of %s", record.getMessage())
+                trace.get_current_span().set_attribute("echo", True)
+
+    handler = Echo()
+    logging.getLogger().addHandler(handler)
+    try:
+        done = threading.Event()
+
+        def work() -> None:
+            with ri.stage("retrieval"):
+                logging.getLogger("app").warning("hello")
+            done.set()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        assert done.wait(2.0)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    events = [line["event"] for line in rag_capture.logs]
+    assert "hello" in events
+    assert "echo of hello" in events
+
+
+def test_rendered_json_is_parseable_with_orjson_and_json(rag_capture: Capture) -> None:
+    ri.get_logger().info("unicode ✓ \u2028 sep", emoji="🙂")
+    (line,) = rag_capture.find_logs("unicode ✓ \u2028 sep")
+    assert orjson.loads(orjson.dumps(line)) == line

@@ -1,0 +1,167 @@
+"""Redaction, truncation and safe serialisation, property-based where inputs vary."""
+
+from __future__ import annotations
+
+import string
+from typing import Any
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rag_instrument._sanitize import (
+    REDACTED,
+    Sanitizer,
+    is_secret_key,
+    redact_text,
+    safe_repr,
+    to_attribute_value,
+    truncate,
+)
+
+TOKEN = st.text(string.ascii_letters + string.digits, min_size=16, max_size=40)
+FILLER = st.text(string.ascii_letters + " .,;", max_size=40)
+
+
+@given(FILLER, TOKEN, FILLER)
+def test_openai_style_keys_never_survive(before: str, token: str, after: str) -> None:
+    secret = f"sk-{token}"
+    out = redact_text(f"{before} {secret} {after}")
+    assert secret not in out
+    assert out.count(token) == f"{before} {after}".count(token)  # no part of the key survives
+    assert REDACTED in out
+
+
+@given(TOKEN, st.sampled_from(["Bearer", "Basic", "Token"]))
+def test_authorization_values_never_survive(token: str, scheme: str) -> None:
+    out = redact_text(f"Authorization: {scheme} {token}")
+    assert token not in out
+    assert out == f"Authorization: {scheme} {REDACTED}"
+
+
+@given(
+    st.sampled_from(["postgresql", "redis", "https", "mysql+pymysql"]),
+    st.text(string.ascii_lowercase, min_size=1, max_size=10),
+    st.text(string.ascii_letters + string.digits + "!$%^&*", min_size=1, max_size=20),
+)
+def test_url_passwords_never_survive(scheme: str, user: str, password: str) -> None:
+    url = f"{scheme}://{user}:{password}@host:5432/db"
+    out = redact_text(url)
+    assert out == f"{scheme}://{user}:{REDACTED}@host:5432/db"
+
+
+@given(st.text(max_size=300))
+def test_redaction_is_idempotent_and_never_raises(text: str) -> None:
+    once = redact_text(text)
+    assert redact_text(once) == once
+
+
+@given(st.text(max_size=500), st.integers(min_value=0, max_value=400))
+def test_truncation_keeps_prefix_and_states_length(text: str, limit: int) -> None:
+    out = truncate(text, limit)
+    if len(text) <= limit:
+        assert out == text
+    else:
+        assert out.startswith(text[:limit])
+        assert out.endswith(f"...[truncated, {len(text)} chars]")
+
+
+@given(
+    st.sampled_from(
+        [
+            "api_key",
+            "apiKey",
+            "API-KEY",
+            "x-api-key",
+            "Authorization",
+            "password",
+            "db_password",
+            "client_secret",
+            "access_token",
+            "token",
+            "Cookie",
+            "private_key",
+            "sessionId",
+        ]
+    )
+)
+def test_secret_keys(key: str) -> None:
+    assert is_secret_key(key)
+
+
+@given(
+    st.sampled_from(
+        [
+            "max_tokens",
+            "input_tokens",
+            "gen_ai.usage.output_tokens",
+            "author",
+            "passage",
+            "keyword",
+            "top_k",
+            "model",
+            "prompt",
+            "monkey",
+            "tokens_saved",
+        ]
+    )
+)
+def test_ordinary_keys(key: str) -> None:
+    assert not is_secret_key(key)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats() | st.text(),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=200)
+@given(json_values)
+def test_sanitised_values_always_serialise(value: Any) -> None:
+    clean = Sanitizer(50).value(value)
+    orjson.dumps(clean)
+
+
+@given(st.lists(st.integers(), min_size=201, max_size=400))
+def test_long_lists_are_capped(values: list[int]) -> None:
+    clean = Sanitizer().value(values)
+    assert len(clean) == 201
+    assert clean[-1] == f"[{len(values) - 200} more items]"
+
+
+def test_deep_nesting_is_bounded() -> None:
+    value: Any = "leaf"
+    for _ in range(50):
+        value = [value]
+    clean = Sanitizer().value(value)
+    orjson.dumps(clean)
+    assert "nested too deep" in orjson.dumps(clean).decode()
+
+
+def test_safe_repr_of_hostile_objects() -> None:
+    class Raises:
+        def __repr__(self) -> str:
+            raise ValueError("no")
+
+    class Long:
+        def __repr__(self) -> str:
+            return "x" * 1000
+
+    assert safe_repr(Raises()) == "<unrepresentable Raises>"
+    assert safe_repr(Long(), 10) == "x" * 10 + "...[truncated, 1000 chars]"
+
+
+def test_attribute_values() -> None:
+    sanitizer = Sanitizer(40)
+    assert to_attribute_value(None, sanitizer) is None
+    assert to_attribute_value(3, sanitizer) == 3
+    assert to_attribute_value(["a", "b"], sanitizer) == ["a", "b"]
+    assert to_attribute_value([1, "a"], sanitizer) == '[1,"a"]'
+    assert (
+        to_attribute_value({"api_key": "x", "n": 1}, sanitizer) == '{"api_key":"[REDACTED]","n":1}'
+    )
+    assert to_attribute_value("y" * 50, sanitizer) == "y" * 40 + "...[truncated, 50 chars]"

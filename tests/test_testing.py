@@ -1,0 +1,68 @@
+"""The testing helpers users assert with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import rag_instrument as ri
+from rag_instrument import _config
+from rag_instrument.testing import Capture, capture
+
+pytest_plugins = ["pytester"]
+
+
+def test_capture_restores_the_previous_configuration(tmp_path: Path) -> None:
+    log = tmp_path / "app.jsonl"
+    ri.configure(log_file=str(log), service_name="app")
+    with capture() as cap:
+        with ri.stage("retrieval"):
+            pass
+        assert [s.name for s in cap.spans] == ["retrieval"]
+    assert _config.runtime().settings.service_name == "app"
+    with ri.stage("generation"):
+        pass
+    assert "generation completed" in log.read_text()
+    assert "retrieval completed" not in log.read_text()
+
+
+def test_capture_when_unconfigured_leaves_it_unconfigured() -> None:
+    with capture():
+        pass
+    assert _config.runtime().configured is False
+
+
+def test_capture_ignores_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAG_INSTRUMENT_LOG_LEVEL", "error")
+    with capture() as cap:
+        ri.get_logger().info("visible")
+    assert cap.find_logs("visible")
+
+
+def test_span_helper_and_clear(rag_capture: Capture) -> None:
+    with ri.stage("a"):
+        pass
+    with ri.stage("a"):
+        pass
+    with pytest.raises(AssertionError, match="expected one span 'a', found 2"):
+        rag_capture.span("a")
+    rag_capture.clear()
+    assert rag_capture.spans == []
+    assert rag_capture.logs == []
+
+
+def test_fixture_is_registered_as_a_plugin(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import rag_instrument as ri
+
+        def test_app(rag_capture):
+            with ri.stage("retrieval"):
+                pass
+            assert rag_capture.span("retrieval").attributes["rag.stage"] == "retrieval"
+            assert rag_capture.logs[0]["event"] == "retrieval completed"
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
