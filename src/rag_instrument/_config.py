@@ -399,14 +399,13 @@ def build_settings(env: Mapping[str, str] | None = None, **given: Any) -> Settin
         values["log_file"] = _check_log_file(picked[1], picked[0])
 
     for name in ("enabled", "capture_content", "redact", "capture_logging"):
-        extra = ()
         if name == "capture_content":
             otel = _capture_from_otel(src.env)
         elif name == "enabled" and src.env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
             otel = (False, "environment variable OTEL_SDK_DISABLED")
         else:
             otel = None
-        picked = src.pick(name, given.get(name), _env_name(name), *extra) or otel
+        picked = src.pick(name, given.get(name), _env_name(name)) or otel
         if picked is not None:
             values[name] = _parse_bool(name, picked[1], picked[0])
 

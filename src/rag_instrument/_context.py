@@ -170,7 +170,7 @@ def request_context(**kv: Any) -> Iterator[None]:
         if token is not None:
             try:
                 _bound.reset(token)
-            except ValueError:
+            except (ValueError, RuntimeError):
                 # Exited in another context than it was entered in (a generator finalised
                 # elsewhere): the other context's values must not be touched.
                 pass

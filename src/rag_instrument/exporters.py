@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
@@ -58,7 +59,7 @@ from opentelemetry.sdk.trace.sampling import (
 from opentelemetry.util.types import Attributes
 
 from rag_instrument import attributes as attr
-from rag_instrument._utils import RateLimitedLogger, user_code_error
+from rag_instrument._utils import user_code_error
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import CallbackOptions, Observation
@@ -94,12 +95,10 @@ class _RateLimitFilter(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
-        self._seen = RateLimitedLogger(logging.getLogger("rag_instrument.internal"))
         self._last: dict[str, float] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        import time
-
+        """Drop a record whose message was let through less than 20 s ago."""
         key = f"{record.name}:{record.msg}"
         now = time.monotonic()
         last = self._last.get(key)

@@ -35,7 +35,7 @@ from structlog.tracebacks import ExceptionDictTransformer
 from rag_instrument import _config
 from rag_instrument._context import bound, current_frame
 from rag_instrument._sanitize import safe_repr
-from rag_instrument._utils import internal_error, internal_logger
+from rag_instrument._utils import internal_error
 from rag_instrument.attributes import LOGGER_NAME
 
 if TYPE_CHECKING:
@@ -427,8 +427,6 @@ def install_stdlib_handler(rt: Runtime) -> None:
         return
     _HANDLER = _StdlibHandler(level=rt.log.level_no)
     root.addHandler(_HANDLER)
-    # Our own diagnostics should not travel through the pipeline they may be reporting on.
-    internal_logger.propagate = True
     if not [h for h in root.handlers if h is not _HANDLER] and root.level > rt.log.level_no:
         # Nobody else configured logging: let records at our level reach our handler.
         _LOWERED_ROOT = root.level

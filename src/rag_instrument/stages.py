@@ -22,7 +22,6 @@ by the garbage collector or by asyncio from another task never runs the generato
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import functools
 import inspect
@@ -640,23 +639,19 @@ def traced(name: Any = None, **attributes: Any) -> Any:
 
 
 class _Traced(Stage):
-    """``traced()`` before its name is known (decorated with the default name)."""
+    """``traced()``: named now, or after the function it decorates."""
 
-    __slots__ = ("_attributes",)
+    __slots__ = ("_attributes", "_named")
 
     def __init__(self, name: str | None, attributes: dict[str, Any]) -> None:
         super().__init__(_Spec(name or "traced", False, attributes), "traced")
         self._attributes = attributes
+        self._named = name is not None
 
     def __call__(self, fn: F) -> F:
         spec = self._spec
-        if spec.name == "traced" and not self._attributes.get("_named"):
-            qualname = getattr(fn, "__qualname__", None) or getattr(
-                getattr(fn, "__func__", None), "__qualname__", "traced"
-            )
+        if not self._named:
+            target = getattr(fn, "__func__", fn)  # classmethod / staticmethod
+            qualname = getattr(target, "__qualname__", None) or type(target).__qualname__
             spec = _Spec(str(qualname), False, self._attributes)
         return _decorate(fn, spec, "traced")
-
-
-def _is_cancellation(exc: BaseException) -> bool:
-    return isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit)

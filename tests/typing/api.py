@@ -1,0 +1,61 @@
+"""Type-checked usage of the public API (``mypy`` checks this file; it is never run).
+
+If a decorator loses a signature or a return type, mypy fails here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import rag_instrument as ri
+
+
+@ri.stage(ri.PipelineStage.RETRIEVAL, top_k=5)
+def retrieve(query: str, k: int = 5) -> list[str]:
+    return [query] * k
+
+
+@ri.stage("generation")
+async def generate(prompt: str) -> str:
+    return prompt
+
+
+@ri.stage("generation")
+def stream(n: int) -> Iterator[int]:
+    yield from range(n)
+
+
+@ri.stage("generation")
+async def astream(n: int) -> AsyncIterator[int]:
+    for i in range(n):
+        yield i
+
+
+@ri.traced
+def helper(x: int) -> int:
+    return x
+
+
+@ri.traced("named")
+def named(x: int) -> int:
+    return x
+
+
+async def use() -> None:
+    docs: list[str] = retrieve("q", k=2)
+    text: str = await generate("p")
+    numbers: list[int] = list(stream(3))
+    async for value in astream(2):
+        numbers.append(value)
+    total: int = helper(1) + named(2)
+    with ri.pipeline_stage_context("reranking") as span:
+        span.set_attribute("docs", len(docs))
+    async with ri.stage("search"):
+        pass
+    settings: ri.Settings = ri.configure(service_name="svc", budgets={"search": 2000})
+    ri.bind_context(request_id="r-1")
+    with ri.request_context(user="u"):
+        ri.get_logger(__name__).info("done", text=text, total=total, ratio=settings.sample_ratio)
+    ri.unbind_context("request_id")
+    flushed: bool = ri.force_flush(timeout=1.0) and ri.shutdown(timeout=1.0)
+    del flushed
