@@ -407,3 +407,67 @@ def test_enabled_false_from_environment(monkeypatch: pytest.MonkeyPatch) -> None
     assert settings.enabled is False
     with ri.stage("retrieval") as span:
         assert span is trace.INVALID_SPAN
+
+
+class _CountingExporter:
+    """Counts exported spans; optionally fails every export."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.count = 0
+        self.fail = fail
+
+    def export(self, spans: Any) -> Any:
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        if self.fail:
+            raise RuntimeError("collector down")
+        self.count += len(spans)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return True
+
+
+def _exporter(fail: bool = False) -> Any:
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+    class Exporter(_CountingExporter, SpanExporter):
+        pass
+
+    return Exporter(fail)
+
+
+def test_tight_loop_of_stages_loses_no_span(tmp_path: Path) -> None:
+    exporter = _exporter()
+    ri.configure(exporter=exporter, log_file=str(tmp_path / "x.jsonl"))
+    log = ri.get_logger()
+    for i in range(20_000):
+        with ri.stage("retrieval"):
+            log.info("step", i=i)
+    assert ri.shutdown(timeout=10.0) is True
+    assert exporter.count == 20_000
+
+
+def test_failed_exports_are_counted_in_a_metric() -> None:
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    ri.configure(exporter=_exporter(fail=True), metric_readers=[reader])
+    for _ in range(10):
+        with ri.stage("retrieval"):
+            pass
+    assert ri.force_flush(timeout=5.0) is False
+    data = reader.get_metrics_data()
+    assert data is not None
+    dropped = [
+        point.value
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for metric in sm.metrics
+        if metric.name == "rag.spans.dropped"
+        for point in metric.data.data_points
+    ]
+    assert dropped == [10]
