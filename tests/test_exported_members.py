@@ -1,9 +1,11 @@
 """The package namespace and __all__ agree, and every public module declares __all__."""
 
 from __future__ import annotations
+import __future__
 
 import importlib
 import pkgutil
+import sys
 
 import pytest
 
@@ -16,7 +18,9 @@ def test_all_names_resolve_and_nothing_public_is_missing() -> None:
     public = {
         name
         for name, value in vars(ri).items()
-        if not name.startswith("_") and not isinstance(value, type(importlib))
+        if not name.startswith("_")
+        and not isinstance(value, type(importlib))
+        and not isinstance(value, __future__._Feature)  # type: ignore[attr-defined]
     }
     assert public <= set(ri.__all__), public - set(ri.__all__)
     assert sorted(ri.__all__) == ri.__all__
@@ -41,3 +45,17 @@ def test_version_comes_from_metadata() -> None:
     from importlib.metadata import version
 
     assert ri.__version__ == version("rag_instrument")
+
+
+def test_retry_is_the_decorator_even_after_the_module_is_imported() -> None:
+    import rag_instrument.retry  # noqa: F401 - the import that used to shadow the name
+
+    assert ri.retry is sys.modules["rag_instrument.retry"].retry
+    assert callable(ri.retry)
+
+
+def test_extra_backed_names_resolve_lazily() -> None:
+    from rag_instrument.integrations.openai import instrument_openai
+
+    assert ri.instrument_openai is instrument_openai
+    assert "instrument_sqlalchemy" in dir(ri)

@@ -13,28 +13,37 @@ and a breakdown of what each stage's time went to::
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _version
-from typing import TYPE_CHECKING, Any
+import importlib as _importlib
+import importlib.metadata as _metadata
+import importlib.util as _importlib_util
+import typing as _typing
 
 from rag_instrument._config import Settings, configure, force_flush, shutdown
 from rag_instrument._context import bind_context, request_context, unbind_context, wrap_context
+from rag_instrument.cache import CacheMixin, cached
+from rag_instrument.llm import LLMProvider, LLMResult
 from rag_instrument.logs import get_logger
+
+# Imported eagerly, not lazily: once the submodule ``rag_instrument.retry`` is imported
+# anywhere, Python sets the package attribute ``retry`` to the module, and a lazy
+# ``__getattr__`` would never be asked for the decorator again.
+from rag_instrument.retry import RetryMixin, retry
 from rag_instrument.stages import PipelineStage, Stage, pipeline_stage_context, stage, traced
 
-if TYPE_CHECKING:
-    from rag_instrument.cache import CacheMixin, RedisCache, cached
-    from rag_instrument.db import db_scope, db_session, instrument_sqlalchemy
+if _typing.TYPE_CHECKING:
+    from rag_instrument.cache import RedisCache
+    from rag_instrument.db import (
+        db_scope,
+        db_session,
+        instrument_sqlalchemy,
+        uninstrument_sqlalchemy,
+    )
     from rag_instrument.integrations.anthropic import instrument_anthropic, uninstrument_anthropic
     from rag_instrument.integrations.openai import instrument_openai, uninstrument_openai
-    from rag_instrument.llm import LLMProvider, LLMResult
-    from rag_instrument.retry import RetryMixin, retry
 
 try:
-    __version__ = _version("rag_instrument")
-except PackageNotFoundError:  # pragma: no cover - imported from a source tree
+    __version__ = _metadata.version("rag_instrument")
+except _metadata.PackageNotFoundError:  # pragma: no cover - imported from a source tree
     __version__ = "0+unknown"
 
 __all__ = [
@@ -66,17 +75,12 @@ __all__ = [
     "unbind_context",
     "uninstrument_anthropic",
     "uninstrument_openai",
+    "uninstrument_sqlalchemy",
     "wrap_context",
 ]
 
 # name -> (module, the third-party module it needs, the extra that installs it)
 _LAZY: dict[str, tuple[str, str | None, str | None]] = {
-    "LLMProvider": ("rag_instrument.llm", None, None),
-    "LLMResult": ("rag_instrument.llm", None, None),
-    "RetryMixin": ("rag_instrument.retry", None, None),
-    "retry": ("rag_instrument.retry", None, None),
-    "CacheMixin": ("rag_instrument.cache", None, None),
-    "cached": ("rag_instrument.cache", None, None),
     "RedisCache": ("rag_instrument.cache", "redis", "redis"),
     "instrument_openai": ("rag_instrument.integrations.openai", "openai", "openai"),
     "uninstrument_openai": ("rag_instrument.integrations.openai", "openai", "openai"),
@@ -85,20 +89,21 @@ _LAZY: dict[str, tuple[str, str | None, str | None]] = {
     "instrument_sqlalchemy": ("rag_instrument.db", "sqlalchemy", "sqlalchemy"),
     "db_session": ("rag_instrument.db", "sqlalchemy", "sqlalchemy"),
     "db_scope": ("rag_instrument.db", "sqlalchemy", "sqlalchemy"),
+    "uninstrument_sqlalchemy": ("rag_instrument.db", "sqlalchemy", "sqlalchemy"),
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _typing.Any:
     """Resolve names that live in heavier or extra-backed modules on first use."""
     try:
         module_name, needs, extra = _LAZY[name]
     except KeyError:
         raise AttributeError(f"module 'rag_instrument' has no attribute {name!r}") from None
-    if needs is not None and importlib.util.find_spec(needs) is None:
+    if needs is not None and _importlib_util.find_spec(needs) is None:
         raise ImportError(
             f"rag_instrument.{name} needs {needs!r}: pip install 'rag_instrument[{extra}]'"
         )
-    value = getattr(importlib.import_module(module_name), name)
+    value = getattr(_importlib.import_module(module_name), name)
     globals()[name] = value  # resolve once
     return value
 

@@ -87,6 +87,7 @@ class Runtime:
     """Everything the hot paths need, resolved once per ``configure()``."""
 
     __slots__ = (
+        "__weakref__",
         "_instruments",
         "budget_counter",
         "budgets",

@@ -18,16 +18,44 @@ __all__ = [
     "BREAKDOWN_LLM",
     "BREAKDOWN_VECTOR",
     "ERROR_TYPE",
+    "EVENT_LLM_CANCELLED",
+    "EVENT_LLM_COMPLETED",
+    "EVENT_LLM_FAILED",
+    "EVENT_RETRY",
+    "GEN_AI_INPUT_MESSAGES",
+    "GEN_AI_OPERATION_NAME",
+    "GEN_AI_OUTPUT_MESSAGES",
+    "GEN_AI_PROVIDER_NAME",
+    "GEN_AI_REQUEST_MODEL",
+    "GEN_AI_RESPONSE_FINISH_REASONS",
+    "GEN_AI_RESPONSE_MODEL",
+    "GEN_AI_TOKEN_TYPE",
+    "GEN_AI_USAGE_INPUT_TOKENS",
+    "GEN_AI_USAGE_OUTPUT_TOKENS",
     "LOGGER_NAME",
+    "LOG_RETRYING",
     "METRIC_BUDGET_EXCEEDED",
+    "METRIC_CACHE_COALESCED",
+    "METRIC_CACHE_HITS",
+    "METRIC_CACHE_MISSES",
+    "METRIC_CACHE_TOKENS_SAVED",
+    "METRIC_OPERATION_DURATION",
+    "METRIC_RETRY_COUNT",
     "METRIC_SPANS_DROPPED",
     "METRIC_STAGE_DURATION",
+    "METRIC_TIME_TO_FIRST_CHUNK",
+    "METRIC_TOKEN_USAGE",
     "OPENINFERENCE_SPAN_KIND",
     "RAG_BREAKDOWN_PREFIX",
     "RAG_BUDGET_EXCEEDED",
     "RAG_BUDGET_MS",
+    "RAG_CACHE_HIT",
     "RAG_CANCELLED",
+    "RAG_LLM_TTFT_MS",
+    "RAG_RETRY_ATTEMPTS",
+    "RAG_RETRY_BACKOFF_MS",
     "RAG_STAGE",
+    "RAG_STREAM_CHUNKS",
     "RAG_STREAM_COMPLETED",
     "RAG_STREAM_ITEMS",
     "SpanKind",
@@ -83,3 +111,38 @@ METRIC_BUDGET_EXCEEDED: Final = "rag.budget.exceeded"
 """Counter, attribute ``rag.stage``: stages that ran over their budget."""
 METRIC_SPANS_DROPPED: Final = "rag.spans.dropped"
 """Counter: finished spans that could not be queued for export (queue full) or failed export."""
+
+# --- LLM calls (OpenTelemetry GenAI semantic conventions), retries, caches -----------------
+GEN_AI_OPERATION_NAME: Final = "gen_ai.operation.name"
+GEN_AI_PROVIDER_NAME: Final = "gen_ai.provider.name"
+GEN_AI_REQUEST_MODEL: Final = "gen_ai.request.model"
+GEN_AI_RESPONSE_MODEL: Final = "gen_ai.response.model"
+GEN_AI_USAGE_INPUT_TOKENS: Final = "gen_ai.usage.input_tokens"
+GEN_AI_USAGE_OUTPUT_TOKENS: Final = "gen_ai.usage.output_tokens"
+GEN_AI_RESPONSE_FINISH_REASONS: Final = "gen_ai.response.finish_reasons"
+GEN_AI_TOKEN_TYPE: Final = "gen_ai.token.type"  # noqa: S105 - a name, not a secret
+GEN_AI_INPUT_MESSAGES: Final = "gen_ai.input.messages"
+GEN_AI_OUTPUT_MESSAGES: Final = "gen_ai.output.messages"
+RAG_RETRY_ATTEMPTS: Final = "rag.retry.attempts"
+"""Attempts made by a retried call (1 when the first succeeded)."""
+RAG_RETRY_BACKOFF_MS: Final = "rag.retry.backoff_ms"
+"""Milliseconds slept between attempts (so backoff is not mistaken for latency)."""
+RAG_CACHE_HIT: Final = "rag.cache.hit"
+"""``True`` when a call was answered from the response cache."""
+RAG_LLM_TTFT_MS: Final = "rag.llm.time_to_first_token_ms"
+"""Milliseconds from the request to the first streamed chunk."""
+RAG_STREAM_CHUNKS: Final = "rag.llm.stream.chunks"
+"""How many chunks a streamed LLM response had."""
+METRIC_OPERATION_DURATION: Final = "gen_ai.client.operation.duration"
+METRIC_TOKEN_USAGE: Final = "gen_ai.client.token.usage"  # noqa: S105 - a name, not a secret
+METRIC_TIME_TO_FIRST_CHUNK: Final = "gen_ai.client.operation.time_to_first_chunk"
+EVENT_LLM_COMPLETED: Final = "llm call completed"
+EVENT_LLM_FAILED: Final = "llm call failed"
+EVENT_LLM_CANCELLED: Final = "llm call cancelled"
+METRIC_RETRY_COUNT: Final = "rag.retry.count"
+EVENT_RETRY: Final = "retry"
+LOG_RETRYING: Final = "retrying"
+METRIC_CACHE_HITS: Final = "rag.cache.hits"
+METRIC_CACHE_MISSES: Final = "rag.cache.misses"
+METRIC_CACHE_COALESCED: Final = "rag.cache.coalesced"
+METRIC_CACHE_TOKENS_SAVED: Final = "rag.cache.tokens_saved"

@@ -1,0 +1,394 @@
+"""One GenAI call's telemetry: span, log line, metrics and breakdown, shared by every client.
+
+:class:`LLMProvider <rag_instrument.llm.LLMProvider>` and the OpenAI / Anthropic integrations
+all describe a model call the same way, so that a dashboard built on one works for all:
+
+- a CLIENT span ``"{gen_ai.operation.name} {model}"`` with the OpenTelemetry GenAI
+  semantic-convention attributes and ``openinference.span.kind``;
+- one log line, ``"llm call completed"`` (info) or ``"llm call failed"`` (error), with
+  ``execution_time_ms``;
+- the histograms ``gen_ai.client.operation.duration`` (s) and ``gen_ai.client.token.usage``;
+- the call reported to the enclosing stage's breakdown (``llm`` or ``embedding``).
+
+Prompt and response text are recorded only when ``capture_content`` is on, and then
+redacted and cut to ``max_content_chars``. Without it, the prompt is also scrubbed from the
+error messages this module records (a provider that echoes the prompt in an exception does
+not leak it into telemetry).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+from opentelemetry import context as otel_context
+from opentelemetry import trace as trace_api
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from rag_instrument import _breakdown, _config
+from rag_instrument import attributes as attr
+from rag_instrument._sanitize import REDACTED
+from rag_instrument._utils import internal_error, user_code_error
+from rag_instrument.attributes import (
+    EVENT_LLM_CANCELLED,
+    EVENT_LLM_COMPLETED,
+    EVENT_LLM_FAILED,
+    GEN_AI_INPUT_MESSAGES,
+    GEN_AI_OPERATION_NAME,
+    GEN_AI_OUTPUT_MESSAGES,
+    GEN_AI_PROVIDER_NAME,
+    GEN_AI_REQUEST_MODEL,
+    GEN_AI_RESPONSE_FINISH_REASONS,
+    GEN_AI_RESPONSE_MODEL,
+    GEN_AI_TOKEN_TYPE,
+    GEN_AI_USAGE_INPUT_TOKENS,
+    GEN_AI_USAGE_OUTPUT_TOKENS,
+    METRIC_OPERATION_DURATION,
+    METRIC_TIME_TO_FIRST_CHUNK,
+    METRIC_TOKEN_USAGE,
+    RAG_CACHE_HIT,
+    RAG_LLM_TTFT_MS,
+    RAG_RETRY_ATTEMPTS,
+    RAG_RETRY_BACKOFF_MS,
+    RAG_STREAM_CHUNKS,
+)
+from rag_instrument.logs import emit
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
+    from rag_instrument._config import Runtime
+
+__all__ = ["GenAICall", "current_call", "numeric_params", "start_call"]
+
+# --- names (to move to attributes.py) -----------------------------------------------------
+
+#: Request parameters recorded as ``gen_ai.request.<name>``: numbers only, never free text.
+_NUMERIC_PARAMS: Final = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "max_tokens": "max_tokens",
+    "max_completion_tokens": "max_tokens",
+    "max_output_tokens": "max_tokens",
+    "frequency_penalty": "frequency_penalty",
+    "presence_penalty": "presence_penalty",
+    "seed": "seed",
+    "n": "choice.count",
+}
+
+_current: contextvars.ContextVar[GenAICall | None] = contextvars.ContextVar(
+    "rag_instrument.genai_call", default=None
+)
+current_call = _current.get
+
+
+def numeric_params(params: Mapping[str, Any]) -> dict[str, int | float]:
+    """The known numeric request parameters as ``gen_ai.request.*`` attributes."""
+    out: dict[str, int | float] = {}
+    for key, value in params.items():
+        name = _NUMERIC_PARAMS.get(key)
+        if name is not None and type(value) in (int, float):
+            out[f"gen_ai.request.{name}"] = value
+    return out
+
+
+def _messages_json(role: str, text: str, rt: Runtime) -> str:
+    clean = rt.sanitizer.text(text)
+    return orjson.dumps([{"role": role, "parts": [{"type": "text", "content": clean}]}]).decode()
+
+
+class GenAICall:
+    """The telemetry state of one model call, from :func:`start_call` to :meth:`finish`.
+
+    Attributes:
+        span: the call's span (ended by :meth:`finish`).
+        attempts: attempts made (set by the retry layer).
+        backoff_ms: milliseconds slept between attempts.
+        cache_hit: ``True``/``False`` when a cache answered or missed, ``None`` if uncached.
+        ttft_ms: time to the first streamed chunk, for streams.
+        chunks: streamed chunks seen, for streams.
+    """
+
+    __slots__ = (
+        "_token",
+        "attempts",
+        "backoff_ms",
+        "breakdown_kind",
+        "cache_hit",
+        "chunks",
+        "finished",
+        "metric_attrs",
+        "operation",
+        "prompt",
+        "rt",
+        "span",
+        "start_ns",
+        "ttft_ms",
+    )
+
+    def __init__(
+        self, rt: Runtime, span: Span, operation: str, breakdown_kind: str, prompt: str | None
+    ) -> None:
+        self.rt = rt
+        self.span = span
+        self.operation = operation
+        self.breakdown_kind = breakdown_kind
+        self.prompt = prompt
+        self.metric_attrs: dict[str, str] = {}
+        self.attempts = 0
+        self.backoff_ms = 0.0
+        self.cache_hit: bool | None = None
+        self.ttft_ms: float | None = None
+        self.chunks: int | None = None
+        self.finished = False
+        self._token: tuple[object, contextvars.Token[GenAICall | None]] | None = None
+        self.start_ns = time.perf_counter_ns()
+
+    # --- context ------------------------------------------------------------------------
+    def attach(self) -> None:
+        """Make the span current (children nest under it) until :meth:`detach`."""
+        ctx = otel_context.attach(trace_api.set_span_in_context(self.span))
+        self._token = (ctx, _current.set(self))
+
+    def detach(self) -> None:
+        """Undo :meth:`attach`; safe to call twice or from another context."""
+        token, self._token = self._token, None
+        if token is None:
+            return
+        try:
+            _current.reset(token[1])
+            otel_context.detach(token[0])  # type: ignore[arg-type]
+        except Exception:
+            pass  # detached in another context (a dropped stream): restore nothing
+
+    # --- during the call ----------------------------------------------------------------
+    def add_retry(self, attempt: int, exc: BaseException, wait_s: float) -> None:
+        """Record one retry as a ``"retry"`` span event."""
+        try:
+            if self.span.is_recording():
+                self.span.add_event(
+                    "retry",
+                    {
+                        "attempt": attempt,
+                        "error_type": type(exc).__qualname__,
+                        "wait_s": round(wait_s, 6),
+                    },
+                )
+        except Exception as err:
+            user_code_error("recording a retry event", err)
+
+    def first_chunk(self) -> None:
+        """Note that the first streamed chunk arrived now."""
+        ms = (time.perf_counter_ns() - self.start_ns) / 1e6
+        self.ttft_ms = ms
+        try:
+            self.rt.histogram(
+                METRIC_TIME_TO_FIRST_CHUNK, "s", "Time to the first chunk of a streamed response."
+            ).record(ms / 1000.0, self.metric_attrs)
+        except Exception as exc:
+            internal_error("recording time to first chunk", exc)
+
+    # --- the end ------------------------------------------------------------------------
+    def finish(
+        self,
+        exc: BaseException | None = None,
+        *,
+        response_model: str | None = None,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        finish_reasons: Sequence[str] | None = None,
+        output_text: str | None = None,
+        completed: bool = True,
+    ) -> None:
+        """End the span and write the log line and metrics (once; never raises)."""
+        if self.finished:
+            return
+        self.finished = True
+        try:
+            self._finish(
+                exc,
+                response_model,
+                input_tokens,
+                output_tokens,
+                finish_reasons,
+                output_text,
+                completed,
+            )
+        except Exception as err:
+            internal_error("finishing an llm call", err)
+
+    def _scrub(self, text: str) -> str:
+        prompt = self.prompt
+        if prompt and not self.rt.settings.capture_content and len(prompt) >= 4:
+            text = text.replace(prompt, REDACTED)
+        return self.rt.sanitizer.text(text)
+
+    def _finish(
+        self,
+        exc: BaseException | None,
+        response_model: str | None,
+        input_tokens: int | None,
+        output_tokens: int | None,
+        finish_reasons: Sequence[str] | None,
+        output_text: str | None,
+        completed: bool,
+    ) -> None:
+        elapsed_s = (time.perf_counter_ns() - self.start_ns) / 1e9
+        ms = elapsed_s * 1000.0
+        rt = self.rt
+        span = self.span
+        cancelled = exc is not None and not isinstance(exc, Exception)
+        hit = self.cache_hit is True
+        if hit:  # nothing was asked of the provider
+            input_tokens = output_tokens = 0
+        if span.is_recording():
+            values: dict[str, Any] = {}
+            if response_model:
+                values[GEN_AI_RESPONSE_MODEL] = response_model
+            if input_tokens is not None:
+                values[GEN_AI_USAGE_INPUT_TOKENS] = input_tokens
+            if output_tokens is not None:
+                values[GEN_AI_USAGE_OUTPUT_TOKENS] = output_tokens
+            if finish_reasons:
+                values[GEN_AI_RESPONSE_FINISH_REASONS] = [str(r) for r in finish_reasons]
+            if self.attempts:
+                values[RAG_RETRY_ATTEMPTS] = self.attempts
+                values[RAG_RETRY_BACKOFF_MS] = round(self.backoff_ms, 3)
+            if self.cache_hit is not None:
+                values[RAG_CACHE_HIT] = hit
+            if self.ttft_ms is not None:
+                values[RAG_LLM_TTFT_MS] = round(self.ttft_ms, 3)
+            if self.chunks is not None:
+                values[RAG_STREAM_CHUNKS] = self.chunks
+                values[attr.RAG_STREAM_COMPLETED] = completed
+            if output_text is not None and rt.settings.capture_content:
+                values[GEN_AI_OUTPUT_MESSAGES] = _messages_json("assistant", output_text, rt)
+            if exc is not None:
+                values[attr.ERROR_TYPE] = type(exc).__qualname__
+                if cancelled:
+                    values[attr.RAG_CANCELLED] = True
+                else:
+                    self._record_exception(exc)
+            span.set_attributes(values)
+        try:
+            span.end()
+        except Exception as end_exc:
+            user_code_error("ending a span", end_exc)
+        metric_attrs: dict[str, str] = self.metric_attrs
+        if exc is not None:
+            metric_attrs = {**metric_attrs, attr.ERROR_TYPE: type(exc).__qualname__}
+        rt.histogram(METRIC_OPERATION_DURATION, "s", "GenAI operation duration.").record(
+            elapsed_s, metric_attrs
+        )
+        if not hit and (input_tokens or output_tokens):
+            usage = rt.histogram(
+                METRIC_TOKEN_USAGE, "{token}", "Number of input and output tokens."
+            )
+            if input_tokens:
+                usage.record(input_tokens, {**self.metric_attrs, GEN_AI_TOKEN_TYPE: "input"})
+            if output_tokens:
+                usage.record(output_tokens, {**self.metric_attrs, GEN_AI_TOKEN_TYPE: "output"})
+        if not hit:
+            _breakdown.record(self.breakdown_kind, ms)
+        if rt.log is None:
+            return
+        fields: dict[str, Any] = {
+            "execution_time_ms": round(ms, 3),
+            "operation": self.operation,
+            "provider": self.metric_attrs.get(GEN_AI_PROVIDER_NAME),
+            "model": self.metric_attrs.get(GEN_AI_REQUEST_MODEL),
+        }
+        if response_model:
+            fields["response_model"] = str(response_model)[:200]
+        if input_tokens is not None:
+            fields["input_tokens"] = input_tokens
+        if output_tokens is not None:
+            fields["output_tokens"] = output_tokens
+        if self.attempts > 1:
+            fields["retry_attempts"] = self.attempts
+            fields["retry_backoff_ms"] = round(self.backoff_ms, 3)
+        if self.cache_hit is not None:
+            fields["cache_hit"] = hit
+        if self.ttft_ms is not None:
+            fields["time_to_first_token_ms"] = round(self.ttft_ms, 3)
+        if exc is None:
+            event, level = EVENT_LLM_COMPLETED, "info"
+        elif cancelled:
+            event, level = EVENT_LLM_CANCELLED, "warning"
+            fields["error_type"] = type(exc).__name__
+        else:
+            event, level = EVENT_LLM_FAILED, "error"
+            fields["error_type"] = type(exc).__name__
+            fields["error_message"] = self._scrub(_message(exc))
+        emit(level, event, fields, span=span, trusted=True, rt=rt)
+
+    def _record_exception(self, exc: BaseException) -> None:
+        try:
+            stack = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        except Exception:
+            stack = ""
+        message = self._scrub(_message(exc))
+        exc_type = type(exc)
+        module = exc_type.__module__
+        qualname = (
+            exc_type.__qualname__ if module == "builtins" else f"{module}.{exc_type.__qualname__}"
+        )
+        self.span.set_status(Status(StatusCode.ERROR, f"{exc_type.__name__}: {message}"))
+        self.span.add_event(
+            "exception",
+            {
+                "exception.type": qualname,
+                "exception.message": message,
+                "exception.stacktrace": self._scrub(stack),
+                "exception.escaped": True,
+            },
+        )
+
+
+def _message(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return "<unprintable>"
+
+
+def start_call(
+    rt: Runtime,
+    *,
+    operation: str,
+    system: str,
+    model: str,
+    params: Mapping[str, Any] | None = None,
+    prompt: str | None = None,
+    breakdown_kind: str = attr.BREAKDOWN_LLM,
+    span_kind: str = attr.SpanKind.LLM,
+) -> GenAICall:
+    """Open the span of one model call (not yet current: see :meth:`GenAICall.attach`)."""
+    attributes: dict[str, Any] = {
+        GEN_AI_OPERATION_NAME: operation,
+        GEN_AI_PROVIDER_NAME: system,
+        GEN_AI_REQUEST_MODEL: model,
+        attr.OPENINFERENCE_SPAN_KIND: span_kind,
+    }
+    if params:
+        attributes.update(numeric_params(params))
+    if prompt is not None and rt.settings.capture_content:
+        attributes[GEN_AI_INPUT_MESSAGES] = _messages_json("user", prompt, rt)
+    span = rt.tracer.start_span(f"{operation} {model}", kind=SpanKind.CLIENT, attributes=attributes)
+    call = GenAICall(rt, span, operation, breakdown_kind, prompt)
+    call.metric_attrs = {
+        GEN_AI_OPERATION_NAME: operation,
+        GEN_AI_PROVIDER_NAME: system,
+        GEN_AI_REQUEST_MODEL: model,
+    }
+    return call
+
+
+def runtime() -> Runtime:
+    """The runtime in force (read at call time, so a later ``configure()`` applies)."""
+    return _config._RUNTIME

@@ -1,0 +1,149 @@
+"""``rag-instrument db-doctor URL``: the PostgreSQL health report for people and scripts.
+
+The URL's password is never printed: every echoed URL is masked, and the driver's own
+error text is scrubbed of it. An unreachable server is one line on standard error and exit
+status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from typing import Any
+
+__all__ = ["add_parser", "mask_url", "render_table", "run"]
+
+_EXIT_UNREACHABLE = 2
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register the ``db-doctor`` subcommand."""
+    parser = subparsers.add_parser(
+        "db-doctor",
+        help="diagnose a PostgreSQL database (connections, cache, indexes, slow statements)",
+        description="Read-only PostgreSQL health report: connection states, sizes, cache hit "
+        "ratio, index usage, sequential scans and the slowest statements.",
+    )
+    parser.add_argument("url", metavar="URL", help="postgresql://user:password@host:port/db")
+    parser.add_argument("--format", choices=("table", "json"), default="table")
+    parser.add_argument("--top", type=int, default=10, help="rows per ranked section")
+    parser.add_argument("--connect-timeout", type=float, default=5.0, help="seconds (default 5)")
+    parser.set_defaults(func=run)
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (best effort for unparsable input)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        # Unparsable: mask anything shaped like "user:password@".
+        return re.sub(r":[^\s:/@]+@", ":***@", url)
+
+
+def _error(message: str) -> int:
+    print(f"rag-instrument db-doctor: {message}", file=sys.stderr)
+    return _EXIT_UNREACHABLE
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the report; return the exit status (0 ok, 2 bad URL or unreachable server)."""
+    try:
+        from sqlalchemy import create_engine
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+        from rag_instrument.db.postgres import diagnose
+    except ImportError:
+        return _error("needs SQLAlchemy and psycopg: pip install 'rag_instrument[postgres]'")
+
+    raw: str = args.url
+    shown = mask_url(raw)
+    try:
+        url = make_url(raw)
+    except ArgumentError:
+        return _error(f"not a database URL: {shown}")
+    if url.get_backend_name() not in ("postgresql", "postgres"):
+        return _error(f"only PostgreSQL is supported, got {url.get_backend_name()!r}")
+    if url.get_driver_name() in ("", "psycopg2") and "+" not in url.drivername:
+        url = url.set(drivername="postgresql+psycopg")  # psycopg 3 comes with the extra
+    password = url.password
+    connect_args: dict[str, Any] = {}
+    if url.get_driver_name() in ("psycopg", "psycopg2"):
+        connect_args["connect_timeout"] = max(1, round(args.connect_timeout))
+    try:
+        engine = create_engine(url, connect_args=connect_args)
+    except (ArgumentError, ImportError) as exc:
+        return _error(f"cannot use {shown}: {exc}")
+    try:
+        report = diagnose(engine, top=args.top)
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", exc) or exc).strip().splitlines()
+        text = reason[0] if reason else type(exc).__name__
+        if password:
+            text = text.replace(str(password), "***")
+        return _error(f"cannot connect to {shown}: {text}")
+    finally:
+        engine.dispose()
+    if args.format == "json":
+        print(json.dumps({"url": shown, **report.to_dict()}, indent=2))
+    else:
+        print(f"database: {shown}")
+        print(render_table(report.to_dict()))
+    return 0
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> list[str]:
+    cells = [[_fmt(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    rows_out = [columns, *cells]
+    return [
+        ("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True))).rstrip()
+        for r in rows_out
+    ]
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    text = str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+_SECTIONS = (
+    ("database", "Database"),
+    ("connections", "Connections (pg_stat_activity)"),
+    ("largest_tables", "Largest tables"),
+    ("cache_hit", "Cache hit ratio (target above 90%)"),
+    ("index_usage", "Index usage"),
+    ("unused_indexes", "Unused indexes (never scanned, not unique)"),
+    ("seq_scan_tables", "Tables read by sequential scans"),
+    ("slowest_by_mean", "Slowest statements by mean time (pg_stat_statements)"),
+    ("slowest_by_total", "Statements by total time (pg_stat_statements)"),
+)
+
+
+def render_table(report: dict[str, Any]) -> str:
+    """The report (as from ``Report.to_dict()``) as plain-text tables."""
+    lines: list[str] = []
+    for key, title in _SECTIONS:
+        section = report[key]
+        lines.append("")
+        lines.append(title)
+        if section["unavailable"] is not None:
+            lines.append(f"  unavailable: {section['unavailable']}")
+        elif not section["rows"]:
+            lines.append("  (none)")
+        else:
+            lines.extend(_table(section["rows"], list(section["rows"][0])))
+    lines.append("")
+    lines.append("Findings")
+    if not report["findings"]:
+        lines.append("  nothing stands out against the usual targets")
+    lines.extend(f"  [{f['level']}] {f['section']}: {f['message']}" for f in report["findings"])
+    return "\n".join(lines)

@@ -1,0 +1,371 @@
+"""SQLAlchemy instrumentation: statement spans, slow queries, N+1, pool and pgvector telemetry.
+
+Usage::
+
+    import rag_instrument as ri
+    from sqlalchemy import create_engine
+
+    engine = create_engine("postgresql+psycopg://app@db/rag")
+    handle = ri.instrument_sqlalchemy(engine, explain_slow=True)
+
+    with ri.stage("retrieval"):
+        ...  # every statement: a CLIENT span, "db" in the stage's breakdown
+
+    handle.uninstrument()
+
+Options of :func:`instrument_sqlalchemy`:
+
+* ``slow_query_ms``: statements at least this slow log ``"slow query"`` (``None``: the
+  ``configure()`` value at the time of the statement, 1000 ms by default).
+* ``explain_slow``: add the query plan to that warning (SELECT only, never ``ANALYZE``,
+  once per statement shape per minute).
+* ``n_plus_one_threshold``: the repetitions of one statement shape inside a stage or
+  :func:`db_scope` that log ``"n+1 query detected"`` (``None``: the ``configure()`` value).
+* ``capture_parameters``: put bind values on spans as ``db.query.parameter.<name>``,
+  redacted and truncated (off by default).
+* ``pool_slow_ms``: a pool checkout waiting longer logs ``"pool checkout slow"`` (100 ms).
+
+Supports SQLAlchemy 2.0 and later (tested with 2.1), sync ``Engine`` and ``AsyncEngine``.
+Requires the ``sqlalchemy`` extra.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import weakref
+from types import TracebackType
+from typing import Any, Final, Generic, TypeVar
+
+try:
+    from sqlalchemy.engine import Engine
+except ImportError as _exc:  # pragma: no cover - exercised in the no-extras CI environment
+    raise ImportError(
+        "rag_instrument.db needs SQLAlchemy: pip install 'rag_instrument[sqlalchemy]'"
+    ) from _exc
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace as trace_api
+from opentelemetry.trace import Status, StatusCode
+
+from rag_instrument import _config
+from rag_instrument import attributes as attr
+from rag_instrument._utils import internal_error
+from rag_instrument.db._listeners import EngineInstrumentation
+from rag_instrument.db._scope import DbScope, StatementCounter, db_scope, session_counter
+from rag_instrument.logs import emit
+
+__all__ = [
+    "DbScope",
+    "DbSession",
+    "SQLAlchemyHandle",
+    "db_scope",
+    "db_session",
+    "instrument_sqlalchemy",
+    "uninstrument_sqlalchemy",
+]
+
+SUPPORTED_VERSIONS: Final = ("sqlalchemy >= 2.0",)
+"""The SQLAlchemy versions this integration supports."""
+
+SESSION_SPAN: Final = "db.session"
+SESSION_STATEMENTS: Final = "rag.db.statement_count"
+SESSION_OUTCOME: Final = "rag.db.session.outcome"
+
+S = TypeVar("S")
+
+
+class SQLAlchemyHandle:
+    """What :func:`instrument_sqlalchemy` returns: undo it with :meth:`uninstrument`.
+
+    Also a context manager that uninstruments on exit.
+    """
+
+    def __init__(self, engine: Engine, instrumentation: EngineInstrumentation) -> None:
+        self._engine = weakref.ref(engine)
+        self._instrumentation = instrumentation
+
+    @property
+    def engine(self) -> Engine | None:
+        """The (sync) engine, or ``None`` once it was garbage-collected."""
+        return self._engine()
+
+    @property
+    def instrumented(self) -> bool:
+        """Whether the listeners are in place."""
+        return self._instrumentation.active
+
+    def uninstrument(self) -> None:
+        """Remove every listener and the pool wrapper; calling it again does nothing."""
+        with _lock:
+            self._instrumentation.remove()
+            engine = self._engine()
+            if engine is not None and _handles.get(engine) is self:
+                del _handles[engine]
+
+    def __enter__(self) -> SQLAlchemyHandle:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.uninstrument()
+
+    def __repr__(self) -> str:
+        state = "instrumented" if self.instrumented else "uninstrumented"
+        return f"<SQLAlchemyHandle {self._instrumentation.system} {state}>"
+
+
+_handles: weakref.WeakKeyDictionary[Engine, SQLAlchemyHandle] = weakref.WeakKeyDictionary()
+_lock = threading.RLock()
+
+
+def _sync_engine(engine: Any) -> Engine:
+    sync = getattr(engine, "sync_engine", engine)
+    if not isinstance(sync, Engine):
+        raise TypeError(
+            "rag_instrument.instrument_sqlalchemy: expected a SQLAlchemy Engine or AsyncEngine, "
+            f"got {type(engine).__name__}"
+        )
+    return sync
+
+
+def _check(name: str, value: float | None, minimum: float, integer: bool = False) -> None:
+    if value is None:
+        return
+    bad = isinstance(value, bool) or not isinstance(value, int | float) or value < minimum
+    if integer and not bad and int(value) != value:
+        bad = True
+    if bad:
+        kind = "an integer" if integer else "a number"
+        raise ValueError(
+            f"rag_instrument.instrument_sqlalchemy: invalid {name} {value!r}; "
+            f"expected {kind} at least {minimum:g}"
+        )
+
+
+def instrument_sqlalchemy(
+    engine: Any,
+    *,
+    slow_query_ms: float | None = None,
+    explain_slow: bool = False,
+    n_plus_one_threshold: int | None = None,
+    capture_parameters: bool = False,
+    pool_slow_ms: float = 100.0,
+) -> SQLAlchemyHandle:
+    """Instrument a SQLAlchemy ``Engine`` or ``AsyncEngine`` through its events.
+
+    Instrumenting an engine that already is returns the existing handle unchanged (its
+    options stay those of the first call).
+
+    Args:
+        engine: an ``Engine`` or ``AsyncEngine``.
+        slow_query_ms: the slow-statement threshold; ``None`` for the ``configure()`` value.
+        explain_slow: add the plan of slow SELECTs to the ``"slow query"`` warning.
+        n_plus_one_threshold: repetitions of one statement shape that count as N+1;
+            ``None`` for the ``configure()`` value.
+        capture_parameters: record bind values on spans (redacted, truncated).
+        pool_slow_ms: a pool checkout slower than this logs ``"pool checkout slow"``.
+
+    Returns:
+        The handle; ``handle.uninstrument()`` removes everything.
+
+    Raises:
+        TypeError: ``engine`` is not an engine.
+        ValueError: a threshold is negative (or ``n_plus_one_threshold`` below 2).
+    """
+    sync = _sync_engine(engine)
+    _check("slow_query_ms", slow_query_ms, 0)
+    _check("n_plus_one_threshold", n_plus_one_threshold, 2, integer=True)
+    _check("pool_slow_ms", pool_slow_ms, 0)
+    with _lock:
+        existing = _handles.get(sync)
+        if existing is not None and existing.instrumented:
+            return existing
+        instrumentation = EngineInstrumentation(
+            sync,
+            slow_query_ms=slow_query_ms,
+            explain_slow=explain_slow,
+            n_plus_one_threshold=n_plus_one_threshold,
+            capture_parameters=capture_parameters,
+            pool_slow_ms=pool_slow_ms,
+        )
+        instrumentation.install(sync)
+        handle = SQLAlchemyHandle(sync, instrumentation)
+        _handles[sync] = handle
+        return handle
+
+
+def uninstrument_sqlalchemy(engine: Any) -> None:
+    """Undo :func:`instrument_sqlalchemy` for ``engine`` (no-op if not instrumented)."""
+    with _lock:
+        handle = _handles.get(_sync_engine(engine))
+    if handle is not None:
+        handle.uninstrument()
+
+
+# --- db_session ---------------------------------------------------------------------------------
+
+
+class DbSession(Generic[S]):
+    """The context manager returned by :func:`db_session` (``with`` or ``async with``)."""
+
+    def __init__(self, factory: Any) -> None:
+        self._factory = factory
+        self._session: Any = None
+        self._span: trace_api.Span | None = None
+        self._token: object | None = None
+        self._counter: StatementCounter | None = None
+        self._counter_token: Any = None
+
+    # --- telemetry (never raises) --------------------------------------------------------
+
+    def _open(self) -> None:
+        rt = _config._RUNTIME
+        if not rt.enabled:
+            return
+        try:
+            span = rt.tracer.start_span(SESSION_SPAN, kind=trace_api.SpanKind.INTERNAL)
+            self._span = span
+            self._token = otel_context.attach(trace_api.set_span_in_context(span))
+            self._counter = StatementCounter()
+            self._counter_token = session_counter.set(self._counter)
+        except Exception as exc:
+            internal_error("db_session", exc)
+
+    def _close(self, outcome: str, error: BaseException | None) -> None:
+        span, self._span = self._span, None
+        if span is None:
+            return
+        try:
+            if self._counter_token is not None:
+                try:
+                    session_counter.reset(self._counter_token)
+                except ValueError:
+                    pass
+            if self._token is not None:
+                try:
+                    otel_context.detach(self._token)  # type: ignore[arg-type]
+                except Exception:
+                    pass
+            if span.is_recording():
+                count = self._counter.count if self._counter is not None else 0
+                span.set_attribute(SESSION_STATEMENTS, count)
+                span.set_attribute(SESSION_OUTCOME, outcome)
+                if error is not None:
+                    span.set_attribute(attr.ERROR_TYPE, type(error).__qualname__)
+                    if isinstance(error, Exception):
+                        span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+                    else:
+                        span.set_attribute(attr.RAG_CANCELLED, True)
+            span.end()
+        except Exception as exc:
+            internal_error("db_session end", exc)
+
+    def _rollback_failed(self, exc: BaseException) -> None:
+        emit(
+            "warning",
+            "db session rollback failed",
+            {"error_type": type(exc).__name__},
+            trusted=True,
+        )
+
+    # --- sync ----------------------------------------------------------------------------
+
+    def __enter__(self) -> S:
+        session = self._factory()
+        if inspect.iscoroutinefunction(getattr(session, "commit", None)):
+            raise TypeError("rag_instrument.db_session: use 'async with' for async sessions")
+        self._session = session
+        self._open()
+        return session  # type: ignore[no-any-return]
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        session, self._session = self._session, None
+        outcome, error = "commit", exc
+        try:
+            if exc is None:
+                try:
+                    session.commit()
+                except BaseException as commit_exc:
+                    outcome, error = "rollback", commit_exc
+                    raise
+            else:
+                outcome = "rollback"
+                try:
+                    session.rollback()
+                except Exception as rollback_exc:
+                    self._rollback_failed(rollback_exc)  # the original error matters more
+        finally:
+            try:
+                session.close()
+            finally:
+                self._close(outcome, error)
+
+    # --- async ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> S:
+        session = self._factory()
+        self._session = session
+        self._open()
+        return session  # type: ignore[no-any-return]
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        session, self._session = self._session, None
+        outcome, error = "commit", exc
+        try:
+            if exc is None:
+                try:
+                    await session.commit()
+                except BaseException as commit_exc:
+                    outcome, error = "rollback", commit_exc
+                    raise
+            else:
+                outcome = "rollback"
+                try:
+                    await session.rollback()
+                except Exception as rollback_exc:
+                    self._rollback_failed(rollback_exc)
+        finally:
+            try:
+                await session.close()
+            finally:
+                self._close(outcome, error)
+
+
+def db_session(session_factory: Any) -> DbSession[Any]:
+    """A session from ``session_factory``, committed on success, rolled back on error.
+
+    Works with ``with`` for a ``sessionmaker`` and ``async with`` for an
+    ``async_sessionmaker``. The session is always closed; an exception from the block is
+    re-raised as the same object after the rollback. One ``db.session`` span covers the
+    block, with the number of statements instrumented engines ran in it
+    (``rag.db.statement_count``).
+
+    Args:
+        session_factory: a ``sessionmaker``, ``async_sessionmaker`` or any callable
+            returning a session.
+
+    Example:
+        >>> import rag_instrument as ri
+        >>> from sqlalchemy import create_engine, text
+        >>> from sqlalchemy.orm import sessionmaker
+        >>> Session = sessionmaker(create_engine("sqlite://"))
+        >>> with ri.db_session(Session) as session:
+        ...     session.execute(text("SELECT 1")).scalar()
+        1
+    """
+    return DbSession(session_factory)

@@ -1,0 +1,483 @@
+"""SQLAlchemy engine events: one span per statement, slow queries, N+1, pgvector, breakdown.
+
+Only SQLAlchemy's own events are used (``before_cursor_execute``, ``after_cursor_execute``,
+``handle_error``, pool events, ``commit`` / ``rollback`` for pgvector settings, and the ORM's
+``do_orm_execute`` to name the relationship behind a lazy load). The statement and the
+parameters are read, never changed, so the SQL that reaches the database is byte for byte
+what it would be without rag_instrument.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any, Final
+
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from sqlalchemy import event
+from sqlalchemy.orm import ORMExecuteState, Session
+
+from rag_instrument import _breakdown, _config
+from rag_instrument import attributes as attr
+from rag_instrument._context import current_stage
+from rag_instrument._sanitize import to_attribute_value
+from rag_instrument._utils import internal_error, warn_once
+from rag_instrument.db import _pgvector
+from rag_instrument.db._explain import Explainer
+from rag_instrument.db._pool import PoolInstrumentation
+from rag_instrument.db._scope import scope_counts, session_counter
+from rag_instrument.db._sql import StatementInfo, analyze, limit_value
+from rag_instrument.logs import emit
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+    from sqlalchemy.engine import Connection, Engine, ExceptionContext
+
+__all__ = ["EngineInstrumentation"]
+
+# --- attribute names (OpenTelemetry database semantic conventions, and ours) ---------------
+DB_SYSTEM: Final = "db.system.name"
+DB_NAMESPACE: Final = "db.namespace"
+DB_OPERATION: Final = "db.operation.name"
+DB_COLLECTION: Final = "db.collection.name"
+DB_QUERY_TEXT: Final = "db.query.text"
+DB_BATCH_SIZE: Final = "db.operation.batch.size"
+DB_PARAMETER: Final = "db.query.parameter."
+DB_STATUS_CODE: Final = "db.response.status_code"
+SERVER_ADDRESS: Final = "server.address"
+SERVER_PORT: Final = "server.port"
+METRIC_DURATION: Final = "db.client.operation.duration"
+VECTOR_METRIC: Final = "rag.vector.metric"
+VECTOR_TOP_K: Final = "rag.vector.top_k"
+VECTOR_RESULT_COUNT: Final = "rag.vector.result_count"
+VECTOR_INDEX_TYPE: Final = "rag.vector.index_type"
+VECTOR_PARAMS: Final = "rag.vector.params."
+
+_SYSTEMS: Final = {"mssql": "microsoft.sql_server", "oracle": "oracle.db"}
+_DEFAULT_PORTS: Final = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433}
+_PENDING: Final = "_rag_instrument_pending"
+
+
+class _Pending:
+    """One statement between ``before_cursor_execute`` and its end."""
+
+    __slots__ = ("info", "rt", "span", "start_ns")
+
+    def __init__(self, span: Span, start_ns: int, info: StatementInfo, rt: _config.Runtime) -> None:
+        self.span = span
+        self.start_ns = start_ns
+        self.info = info
+        self.rt = rt
+
+
+# --- the ORM relationship behind a lazy load ------------------------------------------------
+
+# (the statement being executed for a relationship load, "Parent.relationship")
+_orm_load: contextvars.ContextVar[tuple[Any, str] | None] = contextvars.ContextVar(
+    "rag_instrument.db.orm_load", default=None
+)
+_orm_users = [0]
+_orm_lock = threading.Lock()
+
+
+def _on_orm_execute(state: ORMExecuteState) -> None:
+    try:
+        if not state.is_relationship_load:
+            return
+        path = state.loader_strategy_path
+        prop = path[-1] if path is not None and len(path) else None
+        key = getattr(prop, "key", None)
+        parent = getattr(getattr(prop, "parent", None), "class_", None)
+        if key is None or parent is None:
+            return
+        _orm_load.set((state.statement, f"{parent.__name__}.{key}"))
+    except Exception as exc:
+        internal_error("do_orm_execute", exc)
+
+
+def _orm_acquire() -> None:
+    with _orm_lock:
+        _orm_users[0] += 1
+        if _orm_users[0] == 1:
+            event.listen(Session, "do_orm_execute", _on_orm_execute)
+
+
+def _orm_release() -> None:
+    with _orm_lock:
+        _orm_users[0] -= 1
+        if _orm_users[0] == 0 and event.contains(Session, "do_orm_execute", _on_orm_execute):
+            event.remove(Session, "do_orm_execute", _on_orm_execute)
+
+
+def _error_type(exc: BaseException) -> str:
+    cls = type(exc)
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class EngineInstrumentation:
+    """The listeners of one engine (created by ``instrument_sqlalchemy``)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        slow_query_ms: float | None,
+        explain_slow: bool,
+        n_plus_one_threshold: int | None,
+        capture_parameters: bool,
+        pool_slow_ms: float,
+    ) -> None:
+        self._engine = weakref.ref(engine)
+        self.slow_query_ms = slow_query_ms
+        self.explain_slow = explain_slow
+        self.n_plus_one_threshold = n_plus_one_threshold
+        self.capture_parameters = capture_parameters
+        dialect = engine.dialect.name
+        self.dialect = dialect
+        self.is_postgres = dialect == "postgresql"
+        self.system = _SYSTEMS.get(dialect, dialect)
+        url = engine.url
+        base: dict[str, Any] = {DB_SYSTEM: self.system}
+        if url.database:
+            base[DB_NAMESPACE] = url.database
+        if url.host:
+            base[SERVER_ADDRESS] = url.host
+            port = url.port or _DEFAULT_PORTS.get(dialect)
+            if port:
+                base[SERVER_PORT] = port
+        self.base_attributes = base
+        self._span_attrs: dict[StatementInfo, dict[str, Any]] = {}
+        self._metric_attrs: dict[StatementInfo, dict[str, Any]] = {}
+        self._by_cursor: dict[int, _Pending] = {}
+        self.explainer = Explainer(dialect)
+        self.index_types = _pgvector.IndexTypes()
+        location = f"{url.host}:{base.get(SERVER_PORT, '')}" if url.host else dialect
+        self.pool = PoolInstrumentation(engine, f"{location}/{url.database or ''}", pool_slow_ms)
+        # Names and functions only: a strong reference to the engine here would keep it
+        # alive through the handle registry (a WeakKeyDictionary whose values are handles).
+        self._listeners: list[tuple[str, Any]] = [
+            ("before_cursor_execute", self._before),
+            ("after_cursor_execute", self._after),
+            ("handle_error", self._error),
+        ]
+        if self.is_postgres:
+            self._listeners += [
+                ("commit", self._transaction_end),
+                ("rollback", self._transaction_end),
+                ("checkin", self._pool_checkin),
+            ]
+        self.active = False
+
+    # --- install / remove ----------------------------------------------------------------
+
+    def install(self, engine: Engine) -> None:
+        """Add every listener."""
+        for name, fn in self._listeners:
+            event.listen(engine, name, fn)
+        self.pool.install(engine)
+        _orm_acquire()
+        self.active = True
+
+    def remove(self) -> None:
+        """Remove every listener added by :meth:`install` (idempotent)."""
+        if not self.active:
+            return
+        self.active = False
+        engine = self._engine()
+        if engine is not None:
+            for name, fn in self._listeners:
+                if event.contains(engine, name, fn):
+                    event.remove(engine, name, fn)
+            self.pool.remove(engine)
+        _orm_release()
+
+    # --- per-statement attribute dicts, computed once per statement text --------------------
+
+    def _attributes(self, info: StatementInfo) -> dict[str, Any]:
+        found = self._span_attrs.get(info)
+        if found is not None:
+            return found
+        attrs = dict(self.base_attributes)
+        attrs[DB_QUERY_TEXT] = _config.runtime().sanitizer.text(info.text)
+        if info.operation:
+            attrs[DB_OPERATION] = info.operation
+        if info.collection:
+            attrs[DB_COLLECTION] = info.collection
+        if info.vector_metric is not None and self.is_postgres:
+            attrs[attr.OPENINFERENCE_SPAN_KIND] = attr.SpanKind.RETRIEVER
+            attrs[VECTOR_METRIC] = info.vector_metric
+        if len(self._span_attrs) > 2048:
+            self._span_attrs.clear()
+        self._span_attrs[info] = attrs
+        return attrs
+
+    def _metric_attributes(self, info: StatementInfo) -> dict[str, Any]:
+        found = self._metric_attrs.get(info)
+        if found is not None:
+            return found
+        attrs = {k: v for k, v in self.base_attributes.items() if k != DB_QUERY_TEXT}
+        if info.operation:
+            attrs[DB_OPERATION] = info.operation
+        if info.collection:
+            attrs[DB_COLLECTION] = info.collection
+        if len(self._metric_attrs) > 2048:
+            self._metric_attrs.clear()
+        self._metric_attrs[info] = attrs
+        return attrs
+
+    def _parameters(self, rt: _config.Runtime, parameters: Any, context: Any) -> dict[str, Any]:
+        if isinstance(parameters, list) and parameters:  # executemany: the first set
+            parameters = parameters[0]
+        out: dict[str, Any] = {}
+        if isinstance(parameters, dict):
+            items: list[tuple[str, Any]] = [(str(k), v) for k, v in parameters.items()]
+        elif isinstance(parameters, tuple | list):
+            # Positional paramstyles (qmark, numeric): name values after the bind parameters
+            # of the compiled statement, so that key-based redaction (password=...) works.
+            names = getattr(getattr(context, "compiled", None), "positiontup", None)
+            if names is None or len(names) != len(parameters):
+                names = range(len(parameters))
+            items = [(str(n), v) for n, v in zip(names, parameters, strict=True)]
+        else:
+            return out
+        sanitizer = rt.sanitizer
+        for key, value in items[:128]:
+            converted = to_attribute_value(sanitizer.value(value, key), sanitizer)
+            if converted is not None:
+                out[DB_PARAMETER + key] = converted
+        return out
+
+    # --- events --------------------------------------------------------------------------
+
+    def _before(
+        self,
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
+        rt = _config._RUNTIME
+        if not rt.enabled:
+            return
+        try:
+            info = analyze(statement)
+            attrs = self._attributes(info)
+            if executemany or self.capture_parameters:
+                attrs = dict(attrs)
+                if executemany:
+                    try:
+                        attrs[DB_BATCH_SIZE] = len(parameters)
+                    except TypeError:
+                        pass
+                if self.capture_parameters:
+                    attrs.update(self._parameters(rt, parameters, context))
+            span = rt.tracer.start_span(info.span_name, kind=SpanKind.CLIENT, attributes=attrs)
+            pending = _Pending(span, time.perf_counter_ns(), info, rt)
+            if context is not None:
+                setattr(context, _PENDING, pending)
+            else:
+                self._by_cursor[id(cursor)] = pending
+        except Exception as exc:
+            internal_error("before_cursor_execute", exc)
+
+    def _take(self, cursor: Any, context: Any) -> _Pending | None:
+        if context is not None:
+            pending: _Pending | None = getattr(context, _PENDING, None)
+            if pending is not None:
+                setattr(context, _PENDING, None)
+            return pending
+        return self._by_cursor.pop(id(cursor), None)
+
+    def _after(
+        self,
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
+        end_ns = time.perf_counter_ns()
+        end_wall = time.time_ns()
+        pending = self._take(cursor, context)
+        if pending is None:
+            return
+        try:
+            self._finish(
+                pending, end_ns, end_wall, conn, cursor, statement, parameters, context, executemany
+            )
+        except Exception as exc:
+            internal_error("after_cursor_execute", exc)
+
+    def _finish(
+        self,
+        pending: _Pending,
+        end_ns: int,
+        end_wall: int,
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
+        info, span, rt = pending.info, pending.span, pending.rt
+        ms = (end_ns - pending.start_ns) / 1e6
+        vector = self.is_postgres and info.vector_metric is not None
+        if self.is_postgres and info.touches_vector_settings:
+            _pgvector.invalidate_settings(conn.info)
+        if vector and span.is_recording():
+            self._vector_attributes(span, info, conn, cursor, parameters)
+        span.end(end_time=end_wall)
+        rt.histogram(METRIC_DURATION, "s", "Duration of database client operations.").record(
+            ms / 1000.0, self._metric_attributes(info)
+        )
+        _breakdown.record(attr.BREAKDOWN_VECTOR if vector else attr.BREAKDOWN_DB, ms)
+        counter = session_counter.get()
+        if counter is not None:
+            counter.count += 1
+        threshold = self.n_plus_one_threshold or rt.settings.n_plus_one_threshold
+        shapes, stage = scope_counts()
+        if shapes is not None:
+            count = shapes.add(info.shape, threshold)
+            if count and rt.log is not None:
+                self._report_n_plus_one(rt, info, count, stage, context)
+        if rt.log is None:
+            return
+        slow_ms = self.slow_query_ms
+        if slow_ms is None:
+            slow_ms = rt.settings.slow_query_ms
+        if ms >= slow_ms:
+            self._report_slow(rt, info, ms, conn, pending, statement, parameters, executemany)
+
+    def _error(self, ctx: ExceptionContext) -> None:
+        try:
+            context = ctx.execution_context
+            if context is None:
+                return
+            pending = self._take(None, context)
+            if pending is None:
+                return
+            end_ns = time.perf_counter_ns()
+            span, info, rt = pending.span, pending.info, pending.rt
+            exc = ctx.original_exception
+            error_type = _error_type(exc)
+            if span.is_recording():
+                span.set_attribute(attr.ERROR_TYPE, error_type)
+                if isinstance(exc, Exception):
+                    # Only the type: driver messages can quote the offending values.
+                    span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                    code = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
+                    if isinstance(code, str):
+                        span.set_attribute(DB_STATUS_CODE, code)
+                else:
+                    span.set_attribute(attr.RAG_CANCELLED, True)
+            span.end()
+            ms = (end_ns - pending.start_ns) / 1e6
+            metric_attrs = {**self._metric_attributes(info), attr.ERROR_TYPE: error_type}
+            rt.histogram(METRIC_DURATION, "s", "Duration of database client operations.").record(
+                ms / 1000.0, metric_attrs
+            )
+            vector = self.is_postgres and info.vector_metric is not None
+            _breakdown.record(attr.BREAKDOWN_VECTOR if vector else attr.BREAKDOWN_DB, ms)
+            counter = session_counter.get()
+            if counter is not None:
+                counter.count += 1
+        except Exception as exc:
+            internal_error("handle_error", exc)
+
+    def _transaction_end(self, conn: Connection) -> None:
+        try:
+            _pgvector.invalidate_settings(conn.info)
+        except Exception as exc:
+            internal_error("transaction end", exc)
+
+    def _pool_checkin(self, dbapi_conn: Any, record: Any) -> None:
+        _pgvector.invalidate_settings(getattr(record, "info", None))
+
+    # --- reports -------------------------------------------------------------------------
+
+    def _vector_attributes(
+        self, span: Span, info: StatementInfo, conn: Connection, cursor: Any, parameters: Any
+    ) -> None:
+        assert info.vector_metric is not None
+        top_k = limit_value(info, parameters)
+        if top_k is not None:
+            span.set_attribute(VECTOR_TOP_K, top_k)
+        rowcount = getattr(cursor, "rowcount", -1)
+        if isinstance(rowcount, int) and rowcount >= 0:
+            span.set_attribute(VECTOR_RESULT_COUNT, rowcount)
+        try:
+            dbapi_conn = conn.connection.dbapi_connection
+            index_type = self.index_types.lookup(dbapi_conn, info.collection, info.vector_metric)
+            settings = _pgvector.read_settings(conn.info, dbapi_conn)
+        except Exception as exc:
+            warn_once.warning(
+                f"rag_instrument: reading pgvector settings failed: {type(exc).__name__}"
+            )
+            return
+        if index_type is not None:
+            span.set_attribute(VECTOR_INDEX_TYPE, index_type)
+        for name, value in settings.items():
+            if index_type is None or name.startswith(index_type + "."):
+                span.set_attribute(VECTOR_PARAMS + name, value)
+
+    def _report_n_plus_one(
+        self,
+        rt: _config.Runtime,
+        info: StatementInfo,
+        count: int,
+        stage: str | None,
+        context: Any,
+    ) -> None:
+        fields: dict[str, Any] = {
+            "statement": info.text,
+            "count": count,
+            "pipeline_stage": stage,
+            DB_SYSTEM: self.system,
+        }
+        loaded = _orm_load.get()
+        # The relationship is named only when this very statement is that lazy load.
+        if loaded is not None and getattr(context, "invoked_statement", None) is loaded[0]:
+            fields["relationship"] = loaded[1]
+        emit("warning", "n+1 query detected", fields, rt=rt)
+
+    def _report_slow(
+        self,
+        rt: _config.Runtime,
+        info: StatementInfo,
+        ms: float,
+        conn: Connection,
+        pending: _Pending,
+        statement: str,
+        parameters: Any,
+        executemany: bool,
+    ) -> None:
+        fields: dict[str, Any] = {
+            DB_QUERY_TEXT: info.text,
+            "execution_time_ms": round(ms, 3),
+            "pipeline_stage": current_stage(),
+            DB_SYSTEM: self.system,
+            DB_OPERATION: info.operation,
+        }
+        if (
+            self.explain_slow
+            and info.is_select
+            and not executemany
+            and self.explainer.supported
+            and self.explainer.due(info.shape)
+        ):
+            try:
+                dbapi_conn = conn.connection.dbapi_connection
+                fields["plan"] = self.explainer.plan(dbapi_conn, statement, parameters)
+            except Exception as exc:
+                warn_once.warning(
+                    f"rag_instrument: EXPLAIN of a slow query failed: {type(exc).__name__}"
+                )
+        emit("warning", "slow query", fields, span=pending.span, rt=rt)

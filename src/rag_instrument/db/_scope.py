@@ -1,0 +1,161 @@
+"""Where statements are counted: N+1 scopes (stages or ``db_scope()``) and session counters.
+
+N+1 detection counts statement *shapes* (literals and bind values stripped, see
+:mod:`rag_instrument.db._sql`) per scope. A scope is the innermost open pipeline stage or
+the innermost :func:`db_scope`, whichever was opened last. Outside both, nothing is counted:
+a long-running process would otherwise see every repeated statement as N+1.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+from types import TracebackType
+from typing import Final
+
+from rag_instrument._context import Frame, current_frame
+
+__all__ = ["DbScope", "ShapeCounts", "StatementCounter", "db_scope", "scope_counts"]
+
+_SCRATCH_KEY: Final = "rag_instrument.db.shapes"
+_MAX_SHAPES: Final = 1000
+
+
+class ShapeCounts:
+    """Statement-shape counts of one scope, and the shapes already reported."""
+
+    __slots__ = ("counts", "lock", "warned")
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.warned: set[str] = set()
+        self.lock = threading.Lock()
+
+    def add(self, shape: str, threshold: int) -> int:
+        """Count one statement; return its count if it just reached ``threshold``, else 0.
+
+        Each shape is reported once per scope, however many more times it runs.
+        """
+        with self.lock:
+            count = self.counts.get(shape)
+            if count is None:
+                if len(self.counts) >= _MAX_SHAPES:  # bounded memory for ad-hoc SQL
+                    return 0
+                count = 0
+            count += 1
+            self.counts[shape] = count
+            if count >= threshold and shape not in self.warned:
+                self.warned.add(shape)
+                return count
+            return 0
+
+
+class DbScope:
+    """An N+1 counting scope opened by :func:`db_scope`.
+
+    Attributes:
+        counts: statement shape -> number of executions seen in this scope.
+    """
+
+    __slots__ = ("_frame", "_shapes", "_token")
+
+    def __init__(self) -> None:
+        self._shapes = ShapeCounts()
+        self._frame: Frame | None = None
+        self._token: contextvars.Token[DbScope | None] | None = None
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Statement shape -> executions seen in this scope so far (a copy)."""
+        with self._shapes.lock:
+            return dict(self._shapes.counts)
+
+    def __enter__(self) -> DbScope:
+        self._frame = current_frame()
+        self._token = _scope.set(self)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        token, self._token = self._token, None
+        if token is not None:
+            try:
+                _scope.reset(token)
+            except ValueError:
+                pass  # exited in another context than entered: leave that context alone
+
+    async def __aenter__(self) -> DbScope:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+
+_scope: contextvars.ContextVar[DbScope | None] = contextvars.ContextVar(
+    "rag_instrument.db.scope", default=None
+)
+
+
+def db_scope() -> DbScope:
+    """Open an N+1 counting scope without a pipeline stage (``with`` or ``async with``).
+
+    Statements run inside are counted by shape; a shape that reaches the N+1 threshold
+    logs one ``"n+1 query detected"`` warning for this scope. Stages opened inside the
+    scope count on their own.
+
+    Example:
+        >>> import rag_instrument as ri
+        >>> with ri.db_scope() as scope:
+        ...     pass
+        >>> scope.counts
+        {}
+    """
+    return DbScope()
+
+
+def scope_counts() -> tuple[ShapeCounts | None, str | None]:
+    """The shape counts of the innermost scope, and its pipeline stage name."""
+    frame = current_frame()
+    scope = _scope.get()
+    if scope is not None and scope._frame is frame:
+        return scope._shapes, frame.stage if frame is not None else None
+    stage_frame = frame
+    while stage_frame is not None and not stage_frame.is_stage:
+        stage_frame = stage_frame.parent
+    if stage_frame is None:
+        if scope is None:
+            return None, None
+        return scope._shapes, frame.stage if frame is not None else None
+    scratch = stage_frame.scratch
+    if scratch is None:
+        scratch = stage_frame.scratch = {}
+    shapes: ShapeCounts | None = scratch.get(_SCRATCH_KEY)
+    if shapes is None:
+        shapes = scratch.setdefault(_SCRATCH_KEY, ShapeCounts())
+    return shapes, stage_frame.stage
+
+
+# --- statement counting for db_session() ------------------------------------------------------
+
+
+class StatementCounter:
+    """How many statements instrumented engines ran inside one ``db_session()``."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+session_counter: contextvars.ContextVar[StatementCounter | None] = contextvars.ContextVar(
+    "rag_instrument.db.session_counter", default=None
+)

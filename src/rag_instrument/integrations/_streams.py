@@ -1,0 +1,271 @@
+"""Machinery shared by the SDK integrations: patching client instances and wrapping streams.
+
+A client is instrumented by replacing bound methods on its resource objects
+(``client.chat.completions.create``) with instance attributes, so the class and every other
+client stay untouched, and ``uninstrument_*`` only has to delete those attributes.
+
+A stream (``stream=True``) is not replaced by a proxy: the SDK's own ``Stream`` object is
+returned, with its private ``_iterator`` wrapped and ``close`` shadowed on the instance.
+``isinstance(x, openai.Stream)``, ``with``/``async with``, ``.response`` and every other
+attribute therefore behave exactly as without instrumentation. The call's span ends when
+the stream is exhausted, fails, is closed, or is garbage-collected, whichever comes first.
+Chunks are inspected one at a time and never kept; text is accumulated only when content
+capture is on.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from typing import Any, Final
+
+from rag_instrument import _config
+from rag_instrument._genai import GenAICall, start_call
+from rag_instrument._utils import internal_error
+
+__all__ = ["Describe", "StreamState", "instrument_methods", "instrumented", "uninstrument_methods"]
+
+MARKER: Final = "_rag_instrument_patches"
+
+#: ``describe(kwargs) -> start_call keyword arguments`` (operation, model, params, prompt...).
+Describe = Callable[[Mapping[str, Any]], dict[str, Any]]
+
+
+class StreamState:
+    """What one stream has shown so far; subclasses read their SDK's chunk types."""
+
+    __slots__ = (
+        "call",
+        "capture",
+        "finish_reasons",
+        "input_tokens",
+        "output_tokens",
+        "response_model",
+        "text",
+    )
+
+    def __init__(self, call: GenAICall) -> None:
+        self.call = call
+        call.chunks = 0
+        self.capture = call.rt.settings.capture_content
+        self.response_model: str | None = None
+        self.input_tokens: int | None = None
+        self.output_tokens: int | None = None
+        self.finish_reasons: list[str] = []
+        self.text: list[str] | None = [] if self.capture else None
+
+    def read(self, item: Any) -> None:
+        """Take what is useful from one chunk (implemented per SDK)."""
+
+    def item(self, item: Any) -> None:
+        call = self.call
+        try:
+            if call.chunks == 0:
+                call.first_chunk()
+            call.chunks = (call.chunks or 0) + 1
+            self.read(item)
+        except Exception as exc:
+            internal_error("reading a stream chunk", exc)
+
+    def end(self, exc: BaseException | None = None, *, completed: bool = False) -> None:
+        self.call.finish(
+            exc,
+            response_model=self.response_model,
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            finish_reasons=self.finish_reasons or None,
+            output_text="".join(self.text) if self.text is not None else None,
+            completed=completed,
+        )
+
+
+def _wrap_sync_stream(stream: Any, state: StreamState) -> None:
+    inner: Iterator[Any] = stream._iterator
+
+    def iterate() -> Iterator[Any]:
+        try:
+            for item in inner:
+                state.item(item)
+                yield item
+        except GeneratorExit:
+            state.end(completed=False)
+            raise
+        except BaseException as exc:
+            state.end(exc)
+            raise
+        state.end(completed=True)
+
+    ref = weakref.ref(stream)
+    original_close = type(stream).close
+
+    def close() -> None:
+        state.end(completed=False)
+        target = ref()
+        if target is not None:
+            original_close(target)
+
+    stream._iterator = iterate()
+    stream.close = close
+    weakref.finalize(stream, state.end, completed=False)
+
+
+def _wrap_async_stream(stream: Any, state: StreamState) -> None:
+    inner: AsyncIterator[Any] = stream._iterator
+
+    async def iterate() -> AsyncIterator[Any]:
+        try:
+            async for item in inner:
+                state.item(item)
+                yield item
+        except GeneratorExit:
+            state.end(completed=False)
+            raise
+        except BaseException as exc:
+            state.end(exc)
+            raise
+        state.end(completed=True)
+
+    ref = weakref.ref(stream)
+    original_close = type(stream).close
+
+    async def close() -> None:
+        state.end(completed=False)
+        target = ref()
+        if target is not None:
+            await original_close(target)
+
+    stream._iterator = iterate()
+    stream.close = close
+    weakref.finalize(stream, state.end, completed=False)
+
+
+def _start(system: str, describe: Describe, kwargs: Mapping[str, Any]) -> GenAICall | None:
+    rt = _config._RUNTIME
+    if not rt.enabled:
+        return None
+    try:
+        call = start_call(rt, system=system, **describe(kwargs))
+        call.attach()
+    except Exception as exc:
+        internal_error("starting an llm call", exc)
+        return None
+    return call
+
+
+def instrumented(
+    original: Callable[..., Any],
+    *,
+    system: str,
+    describe: Describe,
+    on_result: Callable[[GenAICall, Any], None],
+    stream_types: tuple[type, ...] = (),
+    make_state: Callable[[GenAICall], StreamState] | None = None,
+    is_async: bool | None = None,
+) -> Callable[..., Any]:
+    """Wrap one SDK method (sync or async) so that each call is a GenAI call.
+
+    Args:
+        original: the bound method.
+        system: ``gen_ai.provider.name``.
+        describe: the span's description from the call's keyword arguments.
+        on_result: finishes the call from a non-stream response.
+        stream_types: the SDK's stream classes (sync and async).
+        make_state: the stream state for a streamed response.
+        is_async: whether ``original`` returns an awaitable (the SDKs' async methods are
+            plain functions behind their decorators, so the caller says so).
+    """
+
+    def finish(call: GenAICall, result: Any) -> None:
+        if stream_types and make_state is not None and isinstance(result, stream_types):
+            try:
+                state = make_state(call)
+                if inspect.iscoroutinefunction(getattr(type(result), "close", None)):
+                    _wrap_async_stream(result, state)
+                else:
+                    _wrap_sync_stream(result, state)
+            except Exception as exc:
+                internal_error("wrapping a stream", exc)
+                call.finish(None)
+            return
+        try:
+            on_result(call, result)
+        except Exception as exc:
+            internal_error("reading a response", exc)
+            call.finish(None)
+
+    if is_async is None:
+        is_async = inspect.iscoroutinefunction(original)
+    if is_async:
+
+        @functools.wraps(original)
+        async def async_method(*args: Any, **kwargs: Any) -> Any:
+            call = _start(system, describe, kwargs)
+            if call is None:
+                return await original(*args, **kwargs)
+            try:
+                result = await original(*args, **kwargs)
+            except BaseException as exc:
+                call.detach()
+                call.finish(exc)
+                raise
+            call.detach()
+            finish(call, result)
+            return result
+
+        return async_method
+
+    @functools.wraps(original)
+    def method(*args: Any, **kwargs: Any) -> Any:
+        call = _start(system, describe, kwargs)
+        if call is None:
+            return original(*args, **kwargs)
+        try:
+            result = original(*args, **kwargs)
+        except BaseException as exc:
+            call.detach()
+            call.finish(exc)
+            raise
+        call.detach()
+        finish(call, result)
+        return result
+
+    return method
+
+
+def instrument_methods(
+    client: Any, targets: list[tuple[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]]]]
+) -> bool:
+    """Patch ``name`` on each resource object; ``False`` if the client already was."""
+    if getattr(client, MARKER, None) is not None:
+        return False
+    patched: list[tuple[Any, str]] = []
+    for resource, name, wrap in targets:
+        original = getattr(resource, name)
+        setattr(resource, name, wrap(original))
+        patched.append((resource, name))
+    setattr(client, MARKER, patched)
+    return True
+
+
+def uninstrument_methods(client: Any) -> bool:
+    """Undo :func:`instrument_methods`; ``False`` if the client was not instrumented."""
+    patched = getattr(client, MARKER, None)
+    if patched is None:
+        return False
+    for resource, name in patched:
+        resource.__dict__.pop(name, None)
+    delattr(client, MARKER)
+    return True
+
+
+def text_of(value: Any) -> str:
+    """The text in chat messages: strings, content parts and message lists."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping):
+        return text_of(value.get("content") or value.get("text") or "")
+    if isinstance(value, list | tuple):
+        return "\n".join(t for t in (text_of(v) for v in value) if t)
+    return ""

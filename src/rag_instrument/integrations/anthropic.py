@@ -1,0 +1,140 @@
+"""Instrument an Anthropic client instance: ``messages.create``, streams included.
+
+::
+
+    client = ri.instrument_anthropic(anthropic.AsyncAnthropic())
+    message = await client.messages.create(model="claude-sonnet-4-5", max_tokens=512,
+                                           messages=[{"role": "user", "content": "..."}])
+
+Each call becomes one GenAI span (``chat claude-sonnet-4-5``) with token usage, one log line
+and the GenAI metrics, and counts as ``llm`` in the enclosing stage's breakdown. With
+``stream=True`` the SDK's own ``Stream`` is returned; its span lasts until the stream is
+exhausted, closed or collected, and records the time to the first event and the usage the
+``message_start`` / ``message_delta`` events carry.
+
+Not instrumented: the ``messages.stream()`` helper (its manager builds the request itself);
+use ``messages.create(stream=True)`` to trace streams. Supported: ``anthropic>=0.34``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+try:
+    import anthropic
+except ImportError as _exc:  # pragma: no cover - exercised without the extra
+    raise ImportError(
+        "rag_instrument.integrations.anthropic needs 'anthropic': "
+        "pip install 'rag_instrument[anthropic]'"
+    ) from _exc
+
+from rag_instrument._genai import GenAICall
+from rag_instrument.integrations._streams import (
+    StreamState,
+    instrument_methods,
+    instrumented,
+    text_of,
+    uninstrument_methods,
+)
+
+__all__ = ["instrument_anthropic", "uninstrument_anthropic"]
+
+C = TypeVar("C")
+SYSTEM = "anthropic"
+
+
+def _describe(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    system = text_of(kwargs.get("system"))
+    messages = text_of(kwargs.get("messages"))
+    return {
+        "operation": "chat",
+        "model": str(kwargs.get("model") or "unknown"),
+        "params": kwargs,
+        "prompt": f"{system}\n{messages}" if system else messages,
+    }
+
+
+def _finish(call: GenAICall, result: Any) -> None:
+    usage = getattr(result, "usage", None)
+    reason = getattr(result, "stop_reason", None)
+    text = None
+    if call.rt.settings.capture_content:
+        parts = [getattr(b, "text", None) for b in getattr(result, "content", None) or ()]
+        text = "".join(p for p in parts if isinstance(p, str))
+    call.finish(
+        None,
+        response_model=getattr(result, "model", None),
+        input_tokens=getattr(usage, "input_tokens", None),
+        output_tokens=getattr(usage, "output_tokens", None),
+        finish_reasons=[str(reason)] if reason else None,
+        output_text=text,
+    )
+
+
+class _MessageStream(StreamState):
+    """Reads raw Messages stream events."""
+
+    __slots__ = ()
+
+    def read(self, item: Any) -> None:
+        kind = getattr(item, "type", None)
+        if kind == "message_start":
+            message = getattr(item, "message", None)
+            self.response_model = getattr(message, "model", None) or self.response_model
+            usage = getattr(message, "usage", None)
+            self.input_tokens = getattr(usage, "input_tokens", None)
+        elif kind == "message_delta":
+            usage = getattr(item, "usage", None)
+            output = getattr(usage, "output_tokens", None)
+            if output is not None:
+                self.output_tokens = output
+            reason = getattr(getattr(item, "delta", None), "stop_reason", None)
+            if reason:
+                self.finish_reasons.append(str(reason))
+        elif kind == "content_block_delta" and self.text is not None:
+            text = getattr(getattr(item, "delta", None), "text", None)
+            if isinstance(text, str):
+                self.text.append(text)
+
+
+def instrument_anthropic(client: C) -> C:
+    """Instrument an ``anthropic.Anthropic`` or ``anthropic.AsyncAnthropic`` client in place.
+
+    Instrumenting twice does nothing the second time; undo with
+    :func:`uninstrument_anthropic`.
+
+    Args:
+        client: the client.
+
+    Returns:
+        The same client, for chaining.
+
+    Raises:
+        TypeError: ``client`` is not an Anthropic client.
+    """
+    if not isinstance(client, anthropic.Anthropic | anthropic.AsyncAnthropic):
+        raise TypeError(
+            f"instrument_anthropic expects an Anthropic client, got {type(client).__name__}"
+        )
+    is_async = isinstance(client, anthropic.AsyncAnthropic)
+    streams = (anthropic.Stream, anthropic.AsyncStream)
+
+    def messages(original: Any) -> Any:
+        return instrumented(
+            original,
+            system=SYSTEM,
+            describe=_describe,
+            on_result=_finish,
+            stream_types=streams,
+            make_state=_MessageStream,
+            is_async=is_async,
+        )
+
+    instrument_methods(client, [(client.messages, "create", messages)])
+    return client
+
+
+def uninstrument_anthropic(client: Any) -> None:
+    """Restore a client instrumented by :func:`instrument_anthropic` (no-op otherwise)."""
+    uninstrument_methods(client)

@@ -1,0 +1,170 @@
+"""Instrument an OpenAI client instance: chat completions (streams included) and embeddings.
+
+::
+
+    client = ri.instrument_openai(openai.AsyncOpenAI())
+    reply = await client.chat.completions.create(model="gpt-4o-mini", messages=[...])
+
+Each call becomes one GenAI span (``chat gpt-4o-mini``, ``embeddings text-embedding-3-small``)
+with token usage, one log line and the GenAI metrics; chat calls count as ``llm`` and
+embeddings as ``embedding`` in the enclosing stage's breakdown. With ``stream=True`` the
+SDK's own ``Stream`` is returned; its span lasts until the stream is exhausted, closed or
+collected, and records the time to the first chunk (pass
+``stream_options={"include_usage": True}`` to get token usage on streams).
+
+Supported: ``openai>=1.40`` (sync ``OpenAI`` and async ``AsyncOpenAI`` clients, and their
+Azure variants).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+try:
+    import openai
+except ImportError as _exc:  # pragma: no cover - exercised without the extra
+    raise ImportError(
+        "rag_instrument.integrations.openai needs 'openai': pip install 'rag_instrument[openai]'"
+    ) from _exc
+
+from rag_instrument import attributes as attr
+from rag_instrument._genai import GenAICall
+from rag_instrument.integrations._streams import (
+    StreamState,
+    instrument_methods,
+    instrumented,
+    text_of,
+    uninstrument_methods,
+)
+
+__all__ = ["instrument_openai", "uninstrument_openai"]
+
+C = TypeVar("C")
+SYSTEM = "openai"
+
+
+def _describe_chat(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "operation": "chat",
+        "model": str(kwargs.get("model") or "unknown"),
+        "params": kwargs,
+        "prompt": text_of(kwargs.get("messages")),
+    }
+
+
+def _describe_embeddings(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "operation": "embeddings",
+        "model": str(kwargs.get("model") or "unknown"),
+        "params": {},
+        "prompt": text_of(kwargs.get("input")),
+        "breakdown_kind": attr.BREAKDOWN_EMBEDDING,
+        "span_kind": attr.SpanKind.EMBEDDING,
+    }
+
+
+def _usage(result: Any) -> tuple[int | None, int | None]:
+    usage = getattr(result, "usage", None)
+    if usage is None:
+        return None, None
+    return getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None)
+
+
+def _finish_chat(call: GenAICall, result: Any) -> None:
+    choices = getattr(result, "choices", None) or []
+    input_tokens, output_tokens = _usage(result)
+    reasons = [str(c.finish_reason) for c in choices if getattr(c, "finish_reason", None)]
+    text = None
+    if call.rt.settings.capture_content and choices:
+        text = getattr(getattr(choices[0], "message", None), "content", None)
+    call.finish(
+        None,
+        response_model=getattr(result, "model", None),
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        finish_reasons=reasons,
+        output_text=text if isinstance(text, str) else None,
+    )
+
+
+def _finish_embeddings(call: GenAICall, result: Any) -> None:
+    input_tokens, _ = _usage(result)
+    call.finish(None, response_model=getattr(result, "model", None), input_tokens=input_tokens)
+
+
+class _ChatStream(StreamState):
+    """Reads ``ChatCompletionChunk`` objects."""
+
+    __slots__ = ()
+
+    def read(self, item: Any) -> None:
+        model = getattr(item, "model", None)
+        if model:
+            self.response_model = model
+        usage = getattr(item, "usage", None)
+        if usage is not None:
+            self.input_tokens = getattr(usage, "prompt_tokens", None)
+            self.output_tokens = getattr(usage, "completion_tokens", None)
+        for choice in getattr(item, "choices", None) or ():
+            reason = getattr(choice, "finish_reason", None)
+            if reason:
+                self.finish_reasons.append(str(reason))
+            if self.text is not None:
+                content = getattr(getattr(choice, "delta", None), "content", None)
+                if isinstance(content, str):
+                    self.text.append(content)
+
+
+def instrument_openai(client: C) -> C:
+    """Instrument an ``openai.OpenAI`` or ``openai.AsyncOpenAI`` client in place.
+
+    Instrumenting twice does nothing the second time; undo with :func:`uninstrument_openai`.
+
+    Args:
+        client: the client.
+
+    Returns:
+        The same client, for chaining.
+
+    Raises:
+        TypeError: ``client`` is not an OpenAI client.
+    """
+    if not isinstance(client, openai.OpenAI | openai.AsyncOpenAI):
+        raise TypeError(f"instrument_openai expects an OpenAI client, got {type(client).__name__}")
+    is_async = isinstance(client, openai.AsyncOpenAI)
+    streams = (openai.Stream, openai.AsyncStream)
+
+    def chat(original: Any) -> Any:
+        return instrumented(
+            original,
+            system=SYSTEM,
+            describe=_describe_chat,
+            on_result=_finish_chat,
+            stream_types=streams,
+            make_state=_ChatStream,
+            is_async=is_async,
+        )
+
+    def embeddings(original: Any) -> Any:
+        return instrumented(
+            original,
+            system=SYSTEM,
+            describe=_describe_embeddings,
+            on_result=_finish_embeddings,
+            is_async=is_async,
+        )
+
+    instrument_methods(
+        client,
+        [
+            (client.chat.completions, "create", chat),
+            (client.embeddings, "create", embeddings),
+        ],
+    )
+    return client
+
+
+def uninstrument_openai(client: Any) -> None:
+    """Restore a client instrumented by :func:`instrument_openai` (no-op otherwise)."""
+    uninstrument_methods(client)

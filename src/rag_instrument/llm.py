@@ -1,0 +1,254 @@
+"""LLM providers: an instrumented base class for any model API.
+
+Subclass :class:`LLMProvider`, name the ``system`` and ``model``, implement ``_generate``::
+
+    class Granite(ri.RetryMixin, ri.LLMProvider):
+        system = "watsonx"
+        model = "ibm/granite-13b-chat-v2"
+        timeout = 30.0
+
+        async def _generate(self, prompt: str, **params: Any) -> ri.LLMResult:
+            ...
+
+    text = await Granite().generate("Summarise: ...", temperature=0)
+
+Every :meth:`LLMProvider.generate` is one CLIENT span ``"chat {model}"`` with the
+OpenTelemetry GenAI attributes, one ``"llm call completed"`` log line, the GenAI duration
+and token histograms, and an ``llm`` entry in the enclosing stage's breakdown.
+
+The mixins plug in through one cooperative method, ``_invoke``: ``generate`` opens the
+span and calls ``self._invoke(request)``; :class:`~rag_instrument.cache.CacheMixin` answers
+from its cache or calls on, :class:`~rag_instrument.retry.RetryMixin` repeats what follows
+it, and :class:`LLMProvider` itself makes one attempt (under ``timeout``). List the mixins
+before ``LLMProvider`` (cache first), so that a cache hit never retries and every retry
+has its own deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
+
+from rag_instrument import _config
+from rag_instrument._genai import GenAICall, start_call
+from rag_instrument._utils import internal_error
+
+__all__ = ["LLMProvider", "LLMRequest", "LLMResult"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LLMResult:
+    """What a model call produced, with what it cost.
+
+    Args:
+        text: the generated text.
+        input_tokens: prompt tokens billed, if the API reports them.
+        output_tokens: completion tokens billed, if the API reports them.
+        finish_reason: why generation stopped (``"stop"``, ``"length"``, ...).
+        model: the model that answered (may differ from the one requested).
+    """
+
+    text: str
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    finish_reason: str | None = None
+    model: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (the cache's storage form)."""
+        return {
+            "text": self.text,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "finish_reason": self.finish_reason,
+            "model": self.model,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LLMResult:
+        """Rebuild a result from :meth:`to_dict` output.
+
+        Raises:
+            TypeError: ``data`` does not have the shape of a result.
+        """
+        text = data.get("text")
+        if not isinstance(text, str):
+            raise TypeError("an LLMResult needs a str 'text'")
+        fields: dict[str, Any] = {}
+        for name in ("input_tokens", "output_tokens"):
+            value = data.get(name)
+            if value is not None and type(value) is not int:
+                raise TypeError(f"an LLMResult's {name!r} must be an int or None")
+            fields[name] = value
+        for name in ("finish_reason", "model"):
+            value = data.get(name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"an LLMResult's {name!r} must be a str or None")
+            fields[name] = value
+        return cls(text, **fields)
+
+
+@dataclasses.dataclass(slots=True)
+class LLMRequest:
+    """One ``generate`` call as it travels through the mixins' ``_invoke`` chain.
+
+    Attributes:
+        prompt: the prompt.
+        params: the keyword arguments for ``_generate``.
+        cache: ``False`` when the caller asked to bypass the cache.
+        cache_namespace: the call's cache namespace (e.g. a tenant id), if any.
+        call: the call's telemetry, or ``None`` when telemetry is disabled.
+    """
+
+    prompt: str
+    params: dict[str, Any]
+    cache: bool = True
+    cache_namespace: str | None = None
+    call: GenAICall | None = None
+
+
+def _result_fields(result: object) -> dict[str, Any]:
+    if isinstance(result, LLMResult):
+        return {
+            "response_model": result.model,
+            "input_tokens": result.input_tokens,
+            "output_tokens": result.output_tokens,
+            "finish_reasons": [result.finish_reason] if result.finish_reason else None,
+            "output_text": result.text,
+        }
+    if isinstance(result, str):
+        return {"output_text": result}
+    return {}
+
+
+class LLMProvider:
+    """Base class of an instrumented model provider.
+
+    Class attributes:
+        system: the provider, as ``gen_ai.provider.name`` (``"openai"``, ``"watsonx"``...).
+        model: the model requested, as ``gen_ai.request.model``.
+        timeout: seconds allowed per attempt, or ``None``; past it the attempt raises
+            :class:`TimeoutError` (which :class:`~rag_instrument.retry.RetryMixin` retries).
+
+    ``_generate`` may be ``async def`` or a plain ``def`` (a synchronous vendor SDK): a plain
+    one runs in a worker thread via :func:`asyncio.to_thread`, with the caller's context
+    (spans, bound log context, the stage's breakdown) carried over, so the event loop keeps
+    running while it waits.
+    """
+
+    system: str = "unknown"
+    model: str = "unknown"
+    timeout: float | None = None
+
+    _rag_sync_generate: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._rag_sync_generate = not inspect.iscoroutinefunction(cls._generate)
+
+    async def _generate(self, prompt: str, **params: Any) -> str | LLMResult:
+        """Call the model; implemented by subclasses.
+
+        Raises:
+            NotImplementedError: always, here.
+        """
+        raise NotImplementedError(f"{type(self).__qualname__} must implement _generate")
+
+    async def generate(
+        self,
+        prompt: str,
+        /,
+        *,
+        cache: bool = True,
+        cache_namespace: str | None = None,
+        **params: Any,
+    ) -> str | LLMResult:
+        """Generate a completion for ``prompt``, instrumented.
+
+        Args:
+            prompt: the prompt.
+            cache: ``False`` bypasses :class:`~rag_instrument.cache.CacheMixin`'s cache.
+            cache_namespace: keeps cache entries apart (e.g. per tenant); overrides the
+                class attribute of the same name.
+            **params: passed to ``_generate`` unchanged (``temperature=0``, ...).
+
+        Returns:
+            Exactly what ``_generate`` returned (or, on a cache hit, an equal value).
+
+        Raises:
+            Exception: whatever ``_generate`` raised, as itself; :class:`TimeoutError`
+                past ``timeout``.
+        """
+        request = LLMRequest(prompt, params, cache, cache_namespace)
+        rt = _config._RUNTIME
+        if not rt.enabled:
+            return await self._invoke(request)  # type: ignore[no-any-return]
+        try:
+            call = start_call(
+                rt,
+                operation="chat",
+                system=str(self.system),
+                model=str(self.model),
+                params=params,
+                prompt=prompt,
+            )
+            call.attach()
+        except Exception as exc:
+            internal_error("starting an llm call", exc)
+            return await self._invoke(request)  # type: ignore[no-any-return]
+        request.call = call
+        try:
+            result = await self._invoke(request)
+        except BaseException as exc:
+            call.detach()
+            call.finish(exc)
+            raise
+        call.detach()
+        call.finish(None, **_result_fields(result))
+        return result  # type: ignore[no-any-return]
+
+    async def _invoke(self, request: LLMRequest) -> Any:
+        """Make one attempt: ``_generate`` under ``timeout`` (the end of the mixin chain)."""
+        if self._rag_sync_generate:
+            # to_thread runs the function in a copy of the caller's context.
+            work: Any = asyncio.to_thread(self._generate, request.prompt, **request.params)
+        else:
+            work = self._generate(request.prompt, **request.params)
+        timeout = self.timeout
+        if timeout is None:
+            return await work
+        async with asyncio.timeout(timeout):
+            return await work
+
+    async def generate_batch(
+        self, prompts: Iterable[str], *, concurrency: int = 8, **params: Any
+    ) -> list[str | LLMResult | BaseException]:
+        """Generate for many prompts, at most ``concurrency`` calls in flight.
+
+        Args:
+            prompts: the prompts.
+            concurrency: the largest number of calls running at once (at least 1).
+            **params: passed to every :meth:`generate` call.
+
+        Returns:
+            One entry per prompt, in input order: the result, or the exception that call
+            raised (as ``asyncio.gather(..., return_exceptions=True)`` does).
+
+        Raises:
+            ValueError: ``concurrency`` is less than 1.
+        """
+        if concurrency < 1:
+            raise ValueError(f"generate_batch: concurrency must be >= 1, got {concurrency!r}")
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(prompt: str) -> str | LLMResult:
+            async with gate:
+                return await self.generate(prompt, **params)
+
+        results: list[str | LLMResult | BaseException] = await asyncio.gather(
+            *(one(p) for p in prompts), return_exceptions=True
+        )
+        return results

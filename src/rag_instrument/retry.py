@@ -1,0 +1,501 @@
+"""Retries with exponential backoff and jitter, built on tenacity, and visible in telemetry.
+
+Two front ends share one policy: :class:`RetryMixin` for an
+:class:`~rag_instrument.llm.LLMProvider`, and :func:`retry` for any function::
+
+    @ri.retry(attempts=4, wait_max=5.0)
+    async def ask(question: str) -> str: ...
+
+A first-attempt success never touches tenacity: the function is called directly and the
+``Retrying`` machinery is built only after a retryable failure, so the happy path costs a
+``try`` block. Each retry adds a ``"retry"`` span event (``attempt``, ``error_type``,
+``wait_s``), one to the ``rag.retry.count`` counter and one warning log line; the call's span
+gets ``rag.retry.attempts`` and ``rag.retry.backoff_ms`` (time slept, so backoff is not
+mistaken for model latency).
+
+What is never retried: ``asyncio.CancelledError``, ``KeyboardInterrupt``, ``SystemExit``,
+``GeneratorExit`` (whatever ``is_retryable`` says, they never reach it), and a generator
+that already yielded an item. Out of attempts, the last exception is raised as itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import functools
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Mapping
+from typing import TYPE_CHECKING, Any, Final, TypeVar, overload
+
+from opentelemetry import trace as trace_api
+from tenacity import AsyncRetrying, RetryCallState, Retrying, retry_if_exception, stop_after_attempt
+from tenacity.wait import wait_base, wait_random_exponential
+
+from rag_instrument import _config
+from rag_instrument._utils import FunctionKind, function_kind, internal_error, user_code_error
+from rag_instrument.attributes import (
+    EVENT_RETRY,
+    LOG_RETRYING,
+    METRIC_RETRY_COUNT,
+    RAG_RETRY_ATTEMPTS,
+    RAG_RETRY_BACKOFF_MS,
+)
+from rag_instrument.logs import emit
+
+if TYPE_CHECKING:
+    from rag_instrument._genai import GenAICall
+    from rag_instrument.llm import LLMRequest
+
+__all__ = ["RetryMixin", "is_transient", "retry", "retry_after_s"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+
+
+#: HTTP statuses worth another attempt (529: Anthropic's "overloaded").
+RETRYABLE_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504, 529})
+_NEVER: Final = (asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit)
+_SDK_TRANSIENT: Final = frozenset({"APIConnectionError", "APITimeoutError"})
+
+
+def _status_of(exc: BaseException) -> int | None:
+    for value in (
+        getattr(exc, "status_code", None),
+        getattr(exc, "status", None),
+        getattr(getattr(exc, "response", None), "status_code", None),
+    ):
+        if type(value) is int:
+            return value
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """The default ``is_retryable``: is ``exc`` a failure that may pass if tried again?
+
+    ``TimeoutError``, ``ConnectionError``, the openai / anthropic SDKs' connection and
+    timeout errors, and errors carrying HTTP status 408, 429, 500, 502, 503, 504 or 529 in
+    ``status_code``, ``status`` or ``response.status_code``.
+    """
+    if not isinstance(exc, Exception):
+        return False
+    if isinstance(exc, TimeoutError | ConnectionError):
+        return True
+    for cls in type(exc).__mro__:
+        if cls.__name__ in _SDK_TRANSIENT and cls.__module__.startswith(("openai", "anthropic")):
+            return True
+    return _status_of(exc) in RETRYABLE_STATUSES
+
+
+def _headers_of(exc: BaseException) -> Mapping[str, str] | None:
+    for headers in (
+        getattr(getattr(exc, "response", None), "headers", None),
+        getattr(exc, "headers", None),
+    ):
+        if headers is not None and hasattr(headers, "items"):
+            return {str(k).lower(): str(v) for k, v in headers.items()}
+    return None
+
+
+def retry_after_s(exc: BaseException) -> float | None:
+    """The wait the server asked for, from ``retry-after-ms`` or ``Retry-After``, if any.
+
+    ``Retry-After`` may be seconds or an HTTP date; headers are looked up on
+    ``exc.response.headers`` or ``exc.headers``.
+    """
+    try:
+        headers = _headers_of(exc)
+        if not headers:
+            return None
+        ms = headers.get("retry-after-ms")
+        if ms is not None:
+            return max(float(ms) / 1000.0, 0.0)
+        value = headers.get("retry-after")
+        if value is None:
+            return None
+        try:
+            return max(float(value), 0.0)
+        except ValueError:
+            when = email.utils.parsedate_to_datetime(value)
+            return max(when.timestamp() - time.time(), 0.0)
+    except Exception:
+        return None  # an unparseable header: fall back to our own backoff
+
+
+class _Backoff(wait_base):
+    """Exponential backoff with full jitter, or the server's ``Retry-After`` (capped)."""
+
+    def __init__(self, wait_min: float, wait_max: float) -> None:
+        self.wait_max = wait_max
+        self.jitter = wait_random_exponential(multiplier=wait_min, min=wait_min, max=wait_max)
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        outcome = retry_state.outcome
+        exc = outcome.exception() if outcome is not None else None
+        if exc is not None:
+            asked = retry_after_s(exc)
+            if asked is not None:
+                return min(asked, self.wait_max)
+        return float(self.jitter(retry_state))
+
+
+class RetryPolicy:
+    """How many attempts, how long to wait between them, and which errors to retry."""
+
+    __slots__ = ("attempts", "name", "predicate", "wait")
+
+    def __init__(
+        self,
+        attempts: int,
+        wait_min: float,
+        wait_max: float,
+        predicate: Callable[[BaseException], bool],
+        name: str,
+    ) -> None:
+        if attempts < 1:
+            raise ValueError(f"retry: attempts must be >= 1, got {attempts!r}")
+        if wait_min < 0 or wait_max < wait_min:
+            raise ValueError(
+                f"retry: need 0 <= wait_min <= wait_max, got {wait_min!r} and {wait_max!r}"
+            )
+        self.attempts = attempts
+        self.wait = _Backoff(wait_min, wait_max)
+        self.predicate = predicate
+        self.name = name
+
+    def should_retry(self, exc: BaseException) -> bool:
+        """Whether ``exc`` deserves another attempt (control flow never does)."""
+        if isinstance(exc, _NEVER) or not isinstance(exc, Exception):
+            return False
+        try:
+            return bool(self.predicate(exc))
+        except Exception as err:
+            user_code_error("is_retryable", err)
+            return False
+
+
+class _Recorder:
+    """Telemetry for one retried call: span events, counter, log lines, time slept."""
+
+    __slots__ = ("attempts", "backoff_ms", "call", "name", "span")
+
+    def __init__(self, name: str, call: GenAICall | None) -> None:
+        self.name = name
+        self.call = call
+        self.span = trace_api.get_current_span() if call is None else call.span
+        self.attempts = 1
+        self.backoff_ms = 0.0
+
+    def before_sleep(self, state: RetryCallState) -> None:
+        self.attempts = state.attempt_number + 1
+        rt = _config._RUNTIME
+        if not rt.enabled:
+            return
+        try:
+            outcome = state.outcome
+            exc = outcome.exception() if outcome is not None else None
+            wait_s = float(state.upcoming_sleep)
+            error_type = type(exc).__qualname__ if exc is not None else "unknown"
+            if self.call is not None and exc is not None:
+                self.call.add_retry(state.attempt_number, exc, wait_s)
+            elif self.span.is_recording():
+                self.span.add_event(
+                    EVENT_RETRY,
+                    {"attempt": state.attempt_number, "error_type": error_type, "wait_s": wait_s},
+                )
+            rt.counter(METRIC_RETRY_COUNT, "{retry}", "Retried calls (one per retry).").add(
+                1, {"error.type": error_type}
+            )
+            if rt.log is not None:
+                fields = {
+                    "target": self.name,
+                    "attempt": state.attempt_number,
+                    "error_type": error_type,
+                    "wait_s": round(wait_s, 6),
+                }
+                emit("warning", LOG_RETRYING, fields, span=self.span, trusted=True, rt=rt)
+        except Exception as err:
+            internal_error("recording a retry", err)
+
+    def sleep(self, seconds: float) -> None:
+        start = time.perf_counter_ns()
+        try:
+            time.sleep(seconds)
+        finally:
+            self.backoff_ms += (time.perf_counter_ns() - start) / 1e6
+
+    async def asleep(self, seconds: float) -> None:
+        start = time.perf_counter_ns()
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self.backoff_ms += (time.perf_counter_ns() - start) / 1e6
+
+    def done(self) -> None:
+        """Put the totals on the call (or on the enclosing span for :func:`retry`)."""
+        if self.call is not None:
+            self.call.attempts = self.attempts
+            self.call.backoff_ms = self.backoff_ms
+            return
+        try:
+            if self.span.is_recording():
+                self.span.set_attributes(
+                    {
+                        RAG_RETRY_ATTEMPTS: self.attempts,
+                        RAG_RETRY_BACKOFF_MS: round(self.backoff_ms, 3),
+                    }
+                )
+        except Exception as err:
+            user_code_error("recording retry totals", err)
+
+
+def _retrying(policy: RetryPolicy, recorder: _Recorder) -> dict[str, Any]:
+    return {
+        "stop": stop_after_attempt(policy.attempts),
+        "wait": policy.wait,
+        "retry": retry_if_exception(policy.should_retry),
+        "reraise": True,
+        "before_sleep": recorder.before_sleep,
+    }
+
+
+def _again_sync(
+    policy: RetryPolicy, first: BaseException, fn: Callable[..., T], args: Any, kwargs: Any
+) -> T:
+    """Attempts 2..N after ``first`` failed, through tenacity's ``Retrying``."""
+    recorder = _Recorder(policy.name, None)
+    pending: list[BaseException] = [first]
+    result: Any = None
+    try:
+        for attempt in Retrying(sleep=recorder.sleep, **_retrying(policy, recorder)):
+            with attempt:
+                if pending:
+                    raise pending.pop()  # attempt 1 already happened: let tenacity see it
+                result = fn(*args, **kwargs)
+    finally:
+        recorder.done()
+    return result  # type: ignore[no-any-return]
+
+
+async def _again_async(
+    policy: RetryPolicy,
+    first: BaseException,
+    fn: Callable[..., Awaitable[T]],
+    args: Any,
+    kwargs: Any,
+    call: GenAICall | None = None,
+) -> T:
+    """Attempts 2..N after ``first`` failed, through tenacity's ``AsyncRetrying``."""
+    recorder = _Recorder(policy.name, call)
+    pending: list[BaseException] = [first]
+    result: Any = None
+    try:
+        async for attempt in AsyncRetrying(sleep=recorder.asleep, **_retrying(policy, recorder)):
+            with attempt:
+                if pending:
+                    raise pending.pop()
+                result = await fn(*args, **kwargs)
+    finally:
+        recorder.done()
+    return result  # type: ignore[no-any-return]
+
+
+# --- the decorator ----------------------------------------------------------------------------
+
+_DONE: Final = object()
+
+
+def _wrap_sync(fn: Callable[..., Any], policy: RetryPolicy) -> Callable[..., Any]:
+    should_retry = policy.should_retry
+    single = policy.attempts <= 1
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as exc:
+            if single or not should_retry(exc):
+                raise
+            first = exc
+        return _again_sync(policy, first, fn, args, kwargs)
+
+    return wrapper
+
+
+def _wrap_async(fn: Callable[..., Awaitable[Any]], policy: RetryPolicy) -> Callable[..., Any]:
+    should_retry = policy.should_retry
+    single = policy.attempts <= 1
+
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except BaseException as exc:
+            if single or not should_retry(exc):
+                raise
+            first = exc
+        return await _again_async(policy, first, fn, args, kwargs)
+
+    return wrapper
+
+
+def _wrap_generator(
+    fn: Callable[..., Generator[Any, Any, Any]], policy: RetryPolicy
+) -> Callable[..., Any]:
+    def start(args: Any, kwargs: Any) -> tuple[Generator[Any, Any, Any], Any]:
+        gen = fn(*args, **kwargs)
+        try:
+            return gen, next(gen)
+        except StopIteration as stop:
+            return gen, (_DONE, stop.value)
+
+    starter = _wrap_sync(start, policy)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
+        # Only the way to the first item is retried: once a value was yielded, a retry
+        # would repeat it to the consumer.
+        gen, first = starter(args, kwargs)
+        if type(first) is tuple and len(first) == 2 and first[0] is _DONE:
+            return first[1]
+        yield first
+        return (yield from gen)
+
+    return wrapper
+
+
+def _wrap_async_generator(
+    fn: Callable[..., AsyncGenerator[Any, Any]], policy: RetryPolicy
+) -> Callable[..., Any]:
+    async def start(args: Any, kwargs: Any) -> tuple[AsyncGenerator[Any, Any], Any]:
+        agen = fn(*args, **kwargs)
+        try:
+            return agen, await agen.__anext__()
+        except StopAsyncIteration:
+            return agen, _DONE
+
+    starter = _wrap_async(start, policy)
+
+    async def wrapper(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, Any]:
+        agen, first = await starter(args, kwargs)
+        if first is _DONE:
+            return
+        try:
+            yield first
+            async for item in agen:
+                yield item
+        finally:
+            await agen.aclose()
+
+    return wrapper
+
+
+_WRAPPERS: Final[dict[FunctionKind, Callable[[Any, RetryPolicy], Callable[..., Any]]]] = {
+    FunctionKind.SYNC: _wrap_sync,
+    FunctionKind.ASYNC: _wrap_async,
+    FunctionKind.GENERATOR: _wrap_generator,
+    FunctionKind.ASYNC_GENERATOR: _wrap_async_generator,
+}
+
+
+@overload
+def retry(fn: F, /) -> F: ...
+
+
+@overload
+def retry(
+    fn: None = None,
+    /,
+    *,
+    attempts: int = 3,
+    wait_min: float = 0.5,
+    wait_max: float = 10.0,
+    is_retryable: Callable[[BaseException], bool] | None = None,
+) -> Callable[[F], F]: ...
+
+
+def retry(
+    fn: Any = None,
+    /,
+    *,
+    attempts: int = 3,
+    wait_min: float = 0.5,
+    wait_max: float = 10.0,
+    is_retryable: Callable[[BaseException], bool] | None = None,
+) -> Any:
+    """Retry a function on transient errors, with exponential backoff and jitter.
+
+    Use as ``@ri.retry`` or ``@ri.retry(attempts=5, ...)`` on a ``def``, ``async def``,
+    generator or async generator function; name, docstring, signature and
+    ``inspect.iscoroutinefunction`` are kept.
+
+    Args:
+        fn: the function, when used as ``@ri.retry`` without arguments.
+        attempts: the most attempts made in all (1 = no retry).
+        wait_min: the shortest wait between attempts, seconds.
+        wait_max: the longest wait, seconds; also caps a server's ``Retry-After``.
+        is_retryable: which exceptions to retry (default :func:`is_transient`).
+            Cancellation and interpreter exits never reach it.
+
+    Returns:
+        The decorated function, or a decorator.
+
+    Raises:
+        ValueError: invalid ``attempts``, ``wait_min`` or ``wait_max``.
+    """
+
+    def decorate(func: F) -> F:
+        name = getattr(func, "__qualname__", None) or type(func).__qualname__
+        policy = RetryPolicy(attempts, wait_min, wait_max, is_retryable or is_transient, name)
+        wrapper = _WRAPPERS[function_kind(func)](func, policy)
+        functools.update_wrapper(wrapper, func)
+        return wrapper  # type: ignore[return-value]
+
+    if fn is not None:
+        return decorate(fn)
+    # Validate now, not at first decoration.
+    RetryPolicy(attempts, wait_min, wait_max, is_transient, "retry")
+    return decorate
+
+
+class RetryMixin:
+    """Retries for an :class:`~rag_instrument.llm.LLMProvider`; list it before the provider.
+
+    Class attributes:
+        retry_attempts: the most attempts per call (default 3).
+        retry_wait_min: the shortest wait between attempts in seconds (default 0.5).
+        retry_wait_max: the longest wait, also the cap on ``Retry-After`` (default 10.0).
+
+    Override :meth:`is_retryable` to choose which errors are retried. Each attempt gets the
+    provider's full ``timeout``; each retry is a ``"retry"`` event on the call's span.
+    """
+
+    retry_attempts: int = 3
+    retry_wait_min: float = 0.5
+    retry_wait_max: float = 10.0
+
+    def is_retryable(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is worth another attempt (default: :func:`is_transient`)."""
+        return is_transient(exc)
+
+    async def _invoke(self, request: LLMRequest) -> Any:
+        invoke = super()._invoke  # type: ignore[misc]
+        call = request.call
+        try:
+            result = await invoke(request)
+        except BaseException as exc:
+            if self.retry_attempts <= 1 or isinstance(exc, _NEVER):
+                raise
+            policy = RetryPolicy(
+                self.retry_attempts,
+                self.retry_wait_min,
+                self.retry_wait_max,
+                self.is_retryable,
+                f"{type(self).__qualname__}.generate",
+            )
+            if not policy.should_retry(exc):
+                if call is not None:
+                    call.attempts = 1
+                raise
+            first = exc
+        else:
+            if call is not None:
+                call.attempts = 1
+            return result
+        return await _again_async(policy, first, invoke, (request,), {}, call)

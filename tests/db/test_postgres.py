@@ -1,0 +1,227 @@
+"""The real PostgreSQL: statement spans, errors, EXPLAIN with savepoints, pool, diagnose()."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from db_helpers import PG_ASYNC_URL, PG_READER_URL, PG_URL, require_postgres, unique
+from opentelemetry.trace import StatusCode
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import create_async_engine
+
+import rag_instrument as ri
+from rag_instrument.db import _explain, postgres
+from rag_instrument.testing import capture
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def pg() -> Iterator[tuple[Engine, str]]:
+    require_postgres()
+    engine = create_engine(PG_URL, pool_size=2, max_overflow=3)
+    table = unique("pg_items")
+    with engine.begin() as conn:
+        conn.execute(text(f"CREATE TABLE {table} (id serial PRIMARY KEY, email text UNIQUE)"))
+        conn.execute(text(f"INSERT INTO {table} (email) VALUES ('a@x'), ('b@x')"))
+    try:
+        yield engine, table
+    finally:
+        ri.db.uninstrument_sqlalchemy(engine)
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
+        engine.dispose()
+
+
+def test_statement_span_on_postgresql(pg: tuple[Engine, str]) -> None:
+    engine, table = pg
+    ri.instrument_sqlalchemy(engine)
+    with capture() as cap, engine.connect() as conn:
+        conn.execute(text(f"SELECT id FROM {table} WHERE email = :e AND id > 0"), {"e": "a@x"})
+    attrs = dict(cap.span(f"SELECT {table}").attributes or {})
+    assert attrs["db.system.name"] == "postgresql"
+    assert attrs["db.namespace"] == "test"
+    assert attrs["server.address"] == "127.0.0.1"
+    assert attrs["server.port"] == 5432
+    assert attrs["db.query.text"] == f"SELECT id FROM {table} WHERE email = %(e)s AND id > ?"
+    assert "openinference.span.kind" not in attrs
+
+
+def test_error_carries_sqlstate_and_leaks_no_value(pg: tuple[Engine, str]) -> None:
+    engine, table = pg
+    ri.instrument_sqlalchemy(engine)
+    with capture() as cap:
+        with pytest.raises(sa_exc.IntegrityError), engine.begin() as conn:
+            conn.execute(text(f"INSERT INTO {table} (email) VALUES (:e)"), {"e": "a@x"})
+    span = cap.span(f"INSERT {table}")
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.attributes["error.type"] == "psycopg.errors.UniqueViolation"
+    assert span.attributes["db.response.status_code"] == "23505"
+    assert "a@x" not in repr(span.status.description) + repr(span.attributes)
+
+
+def test_explain_slow_postgres_plan_inside_a_transaction(pg: tuple[Engine, str]) -> None:
+    engine, table = pg
+    ri.instrument_sqlalchemy(engine, slow_query_ms=0, explain_slow=True)
+    with capture() as cap:
+        with engine.begin() as conn:
+            conn.execute(text(f"INSERT INTO {table} (email) VALUES ('c@x')"))
+            rows = conn.execute(
+                text(f"SELECT id FROM {table} WHERE email = :e"), {"e": "secret@x"}
+            ).all()
+            assert rows == []
+    with engine.connect() as conn:
+        assert conn.execute(text(f"SELECT count(*) FROM {table}")).scalar() == 3
+    (line,) = [x for x in cap.find_logs("slow query") if "plan" in x]
+    plan = line["plan"][0]["Plan"]
+    assert plan["Relation Name"] == table or "Plans" in plan or plan["Node Type"]
+    assert "secret@x" not in repr(line)
+    assert "ANALYZE" not in repr(line).upper().replace('ANALYZE": FALSE', "")
+    assert len([s for s in cap.spans if s.name.startswith("SELECT")]) == 1
+
+
+def test_failing_explain_leaves_the_transaction_intact(
+    pg: tuple[Engine, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine, table = pg
+    monkeypatch.setattr(_explain, "_PG_EXPLAIN", "EXPLAIN (FORMAT NOPE) ")
+    ri.instrument_sqlalchemy(engine, slow_query_ms=0, explain_slow=True)
+    with capture() as cap:
+        with engine.begin() as conn:
+            conn.execute(text(f"INSERT INTO {table} (email) VALUES ('d@x')"))
+            conn.execute(text(f"SELECT id FROM {table} WHERE id = 1")).all()
+            conn.execute(text(f"INSERT INTO {table} (email) VALUES ('e@x')"))
+    with engine.connect() as conn:
+        assert conn.execute(text(f"SELECT count(*) FROM {table}")).scalar() == 4
+    assert all("plan" not in x for x in cap.find_logs("slow query"))
+
+
+@pytest.mark.asyncio
+async def test_asyncpg_statement_span_and_explain(pg: tuple[Engine, str]) -> None:
+    _, table = pg
+    engine = create_async_engine(PG_ASYNC_URL)
+    handle = ri.instrument_sqlalchemy(engine, slow_query_ms=0, explain_slow=True)
+    try:
+        with capture() as cap:
+            async with ri.stage("retrieval"), engine.begin() as conn:
+                result = await conn.execute(
+                    text(f"SELECT id FROM {table} WHERE email = :e"), {"e": "a@x"}
+                )
+                assert len(result.all()) == 1
+        span = cap.span(f"SELECT {table}")
+        assert span.attributes["db.query.text"] == f"SELECT id FROM {table} WHERE email = $1"
+        (line,) = cap.find_logs("slow query")
+        assert line["plan"][0]["Plan"]["Node Type"]
+        assert cap.find_logs("retrieval completed")[0]["breakdown"]["db"]["count"] == 1
+    finally:
+        handle.uninstrument()
+        await engine.dispose()
+
+
+def test_pool_gauges_on_a_queue_pool(pg: tuple[Engine, str]) -> None:
+    engine, _ = pg
+    ri.instrument_sqlalchemy(engine)
+    with capture() as cap:
+        with engine.connect(), engine.connect():
+            metrics = cap.metrics()
+    assert [p.value for p in metrics["db.client.connection.max"]] == [5]
+    counts = {
+        p.attributes["db.client.connection.state"]: p.value
+        for p in metrics["db.client.connection.count"]
+    }
+    assert counts["used"] == 2
+    name = metrics["db.client.connection.max"][0].attributes["db.client.connection.pool.name"]
+    assert name == "127.0.0.1:5432/test"
+
+
+# --- diagnose() -------------------------------------------------------------------------------
+
+
+def test_diagnose_as_a_non_superuser(pg: tuple[Engine, str]) -> None:
+    engine, table = pg
+    with engine.begin() as conn:
+        conn.execute(text(f"CREATE INDEX ix_{table} ON {table} (id, email)"))
+        conn.execute(text(f"ANALYZE {table}"))
+        for _ in range(3):
+            conn.execute(text(f"SELECT * FROM {table} WHERE email LIKE '%x'")).all()
+        # Statistics are flushed at most once a second; make this transaction's visible now.
+        if conn.dialect.server_version_info >= (15,):
+            conn.execute(text("SELECT pg_stat_force_next_flush()"))
+    reader = create_engine(PG_READER_URL)
+    try:
+        report = postgres.diagnose(reader, top=50)
+    finally:
+        reader.dispose()
+    data = report.to_dict()
+    assert data["database"]["rows"][0]["user"] == "rag_reader"
+    assert data["database"]["rows"][0]["size_bytes"] > 0
+    assert any(c["count"] >= 1 for c in data["connections"]["rows"])
+    assert table in {t["table"] for t in data["largest_tables"]["rows"]}
+    assert report.cache_hit.available
+    assert len(report.cache_hit.rows) == 1
+    assert f"ix_{table}" in {i.index for i in report.index_usage.rows}
+    assert f"ix_{table}" in {i.index for i in report.unused_indexes.rows}
+    assert table in {t.table for t in report.seq_scan_tables.rows}
+    assert report.slowest_by_mean.available, report.slowest_by_mean.unavailable
+    assert report.slowest_by_total.rows
+    assert any(f.section == "unused_indexes" for f in report.findings)
+    assert all("'%x'" not in s.query for s in report.slowest_by_total.rows)
+
+
+def test_diagnose_reports_a_missing_extension_instead_of_failing() -> None:
+    require_postgres()
+    name = f"rag_diag_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    engine = create_engine(PG_URL.rsplit("/", 1)[0] + f"/{name}")
+    try:
+        report = postgres.diagnose(engine)
+    finally:
+        engine.dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE {name}"))
+        admin.dispose()
+    assert report.database.available
+    assert not report.slowest_by_mean.available
+    assert "pg_stat_statements is not installed" in (report.slowest_by_mean.unavailable or "")
+    assert any(f.section == "slowest_by_total" for f in report.findings)
+
+
+def test_diagnose_section_failure_is_reported_not_raised(
+    pg: tuple[Engine, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine, _ = pg
+    monkeypatch.setattr(postgres, "_SEQ_SCANS", "SELECT * FROM no_such_view_for_rag LIMIT :top")
+    report = postgres.diagnose(engine)
+    assert (report.seq_scan_tables.unavailable or "").startswith("UndefinedTable")
+    assert report.largest_tables.available
+    assert report.slowest_by_total.available
+
+
+def test_diagnose_is_read_only(pg: tuple[Engine, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    engine, table = pg
+    monkeypatch.setattr(
+        postgres, "_TABLES", f"INSERT INTO {table} (email) VALUES ('z') RETURNING 1"
+    )
+    report = postgres.diagnose(engine)
+    assert "ReadOnlySqlTransaction" in (report.largest_tables.unavailable or "")
+
+
+def test_diagnose_refuses_other_databases() -> None:
+    with pytest.raises(ValueError, match="PostgreSQL"):
+        postgres.diagnose(create_engine("sqlite://"))
+
+
+@pytest.mark.asyncio
+async def test_adiagnose() -> None:
+    require_postgres()
+    engine = create_async_engine(PG_ASYNC_URL)
+    try:
+        report = await postgres.adiagnose(engine, top=3)
+    finally:
+        await engine.dispose()
+    assert report.database.rows[0].database == "test"

@@ -1,0 +1,441 @@
+"""instrument_sqlalchemy on SQLite: spans, sanitised text, errors, slow queries, pool, sessions."""
+
+from __future__ import annotations
+
+import gc
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from opentelemetry.trace import SpanKind, StatusCode
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import sessionmaker
+from sqlalchemy.pool import QueuePool, StaticPool
+
+import rag_instrument as ri
+from rag_instrument import db as ri_db
+from rag_instrument.testing import capture
+
+
+@pytest.fixture
+def engine() -> Iterator[Engine]:
+    eng = create_engine("sqlite://", poolclass=StaticPool)
+    with eng.begin() as conn:
+        conn.execute(text("CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT UNIQUE)"))
+    yield eng
+    ri_db.uninstrument_sqlalchemy(eng)
+    eng.dispose()
+
+
+def _everything(cap: object) -> str:
+    """Every span name, attribute, event and log line as one string."""
+    parts: list[str] = []
+    for span in cap.spans:  # type: ignore[attr-defined]
+        parts.append(span.name)
+        parts.append(repr(dict(span.attributes or {})))
+        parts.append(repr(span.status.description))
+        parts.extend(repr(dict(e.attributes or {})) for e in span.events)
+    parts.extend(repr(line) for line in cap.logs)  # type: ignore[attr-defined]
+    return "\n".join(parts)
+
+
+def test_one_client_span_per_statement_inside_the_stage(engine: Engine) -> None:
+    ri.instrument_sqlalchemy(engine)
+    with capture() as cap:
+        with ri.stage("retrieval"):
+            with engine.connect() as conn:
+                conn.execute(text("SELECT id FROM users WHERE id = :id"), {"id": 1})
+    span = cap.span("SELECT users")
+    stage = cap.span("retrieval")
+    assert span.kind is SpanKind.CLIENT
+    assert span.parent is not None
+    assert span.parent.span_id == stage.context.span_id
+    assert dict(span.attributes or {}) == {
+        "db.system.name": "sqlite",
+        "db.operation.name": "SELECT",
+        "db.collection.name": "users",
+        "db.query.text": "SELECT id FROM users WHERE id = ?",  # what the driver receives
+    }
+    completed = cap.find_logs("retrieval completed")[0]
+    assert completed["breakdown"]["db"]["count"] == 1
+    points = cap.metrics()["db.client.operation.duration"]
+    assert points[0].count == 1
+    assert points[0].attributes["db.operation.name"] == "SELECT"
+
+
+def test_literals_and_parameters_never_leak(engine: Engine) -> None:
+    """RELIABILITY G39: neither the bound value nor the inline literal appears anywhere."""
+    ri.instrument_sqlalchemy(engine, slow_query_ms=0)
+    with capture() as cap:
+        with ri.stage("retrieval"):
+            with engine.connect() as conn:
+                conn.execute(
+                    text("SELECT id FROM users WHERE email = :e OR email = '123-45-6789'"),
+                    {"e": "alice@x.example"},
+                )
+    everything = _everything(cap)
+    assert "alice@x.example" not in everything
+    assert "123-45-6789" not in everything
+    assert "email = ? OR email = ?" in cap.span("SELECT users").attributes["db.query.text"]
+
+
+def test_parameters_are_captured_redacted_when_asked(engine: Engine) -> None:
+    ri.instrument_sqlalchemy(engine, capture_parameters=True)
+    with capture() as cap, engine.connect() as conn:
+        conn.execute(
+            text("SELECT :email AS e, :password AS p, :n AS n"),
+            {"email": "a@b.c", "password": "hunter22", "n": 3},
+        )
+    attrs = dict(cap.span("SELECT").attributes or {})
+    assert attrs["db.query.parameter.email"] == "a@b.c"
+    assert attrs["db.query.parameter.n"] == 3
+    assert attrs["db.query.parameter.password"] == "[REDACTED]"
+    assert "hunter22" not in _everything(cap)
+
+
+def test_sql_reaching_the_database_is_byte_identical(tmp_path: Path) -> None:
+    """RELIABILITY G40: no comment or anything else is added to the statement."""
+
+    def run(instrument: bool) -> list[str]:
+        seen: list[str] = []
+
+        def creator() -> sqlite3.Connection:
+            raw = sqlite3.connect(str(tmp_path / f"db{instrument}.sqlite"))
+            raw.set_trace_callback(seen.append)
+            return raw
+
+        eng = create_engine("sqlite://", creator=creator)
+        handle = ri.instrument_sqlalchemy(eng, slow_query_ms=0) if instrument else None
+        with capture(), eng.begin() as conn:
+            conn.execute(text("CREATE TABLE t (a TEXT)"))
+            conn.execute(text("INSERT INTO t VALUES (:a)"), [{"a": "x"}, {"a": "y"}])
+            conn.execute(text("SELECT a FROM t WHERE a = 'x'")).all()
+        if handle is not None:
+            handle.uninstrument()
+        eng.dispose()
+        return seen
+
+    assert run(instrument=True) == run(instrument=False)
+
+
+def test_executemany_is_one_span_with_the_batch_size(engine: Engine) -> None:
+    ri.instrument_sqlalchemy(engine)
+    with capture() as cap, engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO users (email) VALUES (:e)"),
+            [{"e": "a@x"}, {"e": "b@x"}, {"e": "c@x"}],
+        )
+    span = cap.span("INSERT users")
+    assert span.attributes["db.operation.batch.size"] == 3
+
+
+def test_errors_mark_the_span_and_pass_through_unchanged(engine: Engine) -> None:
+    ri.instrument_sqlalchemy(engine)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO users (email) VALUES ('dup@x')"))
+    with capture() as cap:
+        with pytest.raises(sa_exc.IntegrityError) as info, engine.begin() as conn:
+            conn.execute(text("INSERT INTO users (email) VALUES ('dup@x')"))
+    assert isinstance(info.value.orig, sqlite3.IntegrityError)
+    span = cap.span("INSERT users")
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.attributes["error.type"] == "sqlite3.IntegrityError"
+    assert "dup@x" not in _everything(cap)
+    point = cap.metrics()["db.client.operation.duration"][0]
+    assert point.attributes["error.type"] == "sqlite3.IntegrityError"
+
+
+def test_instrumenting_twice_returns_the_same_handle_and_one_span(engine: Engine) -> None:
+    first = ri.instrument_sqlalchemy(engine)
+    assert ri.instrument_sqlalchemy(engine) is first
+    with capture() as cap, engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+    assert len(cap.spans) == 1
+
+
+def test_uninstrument_removes_every_listener(engine: Engine) -> None:
+    pool = engine.pool
+    handle = ri.instrument_sqlalchemy(engine)
+    listeners = list(handle._instrumentation._listeners)
+    assert all(event.contains(engine, name, fn) for name, fn in listeners)
+    assert "connect" in pool.__dict__
+    handle.uninstrument()
+    handle.uninstrument()  # idempotent
+    assert not handle.instrumented
+    assert "connect" not in pool.__dict__
+    assert not any(event.contains(engine, name, fn) for name, fn in listeners)
+    with capture() as cap, engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+    assert cap.spans == []
+    assert ri.instrument_sqlalchemy(engine) is not handle  # can be instrumented again
+
+
+def test_disabled_is_a_pass_through(engine: Engine) -> None:
+    ri.instrument_sqlalchemy(engine, slow_query_ms=0)
+    with capture(enabled=False) as cap, engine.connect() as conn:
+        assert conn.execute(text("SELECT 41 + 1")).scalar() == 42
+    assert cap.spans == []
+    assert cap.logs == []
+
+
+def test_instrumented_before_configure_honours_later_configuration(engine: Engine) -> None:
+    ri.instrument_sqlalchemy(engine)  # slow_query_ms=None: read at statement time
+    with capture(slow_query_ms=0) as cap, engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+    assert cap.find_logs("slow query")
+    with capture(slow_query_ms=60_000) as cap, engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+    assert cap.find_logs("slow query") == []
+
+
+def test_not_recording_spans_are_fine(engine: Engine) -> None:
+    ri.instrument_sqlalchemy(engine, capture_parameters=True)
+    with capture(sample_ratio=0.0) as cap, engine.connect() as conn:
+        assert conn.execute(text("SELECT :x"), {"x": 5}).scalar() == 5
+    assert cap.spans == []
+
+
+def test_slow_query_warning(engine: Engine) -> None:
+    ri.instrument_sqlalchemy(engine, slow_query_ms=0)
+    with capture() as cap:
+        with ri.stage("retrieval"), engine.connect() as conn:
+            conn.execute(text("SELECT id FROM users WHERE email = 'x@y'"))
+    (line,) = cap.find_logs("slow query")
+    assert line["level"] == "warning"
+    assert line["db.query.text"] == "SELECT id FROM users WHERE email = ?"
+    assert line["pipeline_stage"] == "retrieval"
+    assert line["execution_time_ms"] >= 0
+    assert "plan" not in line
+    assert line["span_id"] == format(cap.span("SELECT users").context.span_id, "016x")
+
+
+def test_explain_slow_adds_the_sqlite_plan_once_per_shape_per_minute(engine: Engine) -> None:
+    ri.instrument_sqlalchemy(engine, slow_query_ms=0, explain_slow=True)
+    with capture() as cap, engine.connect() as conn:
+        for email in ("a@x", "b@x"):
+            rows = conn.execute(text("SELECT id FROM users WHERE email = :e"), {"e": email})
+            assert rows.all() == []
+        conn.execute(text("INSERT INTO users (email) VALUES ('c@x')"))
+    first, second, insert = cap.find_logs("slow query")
+    assert first["plan"] == ["SEARCH users USING COVERING INDEX sqlite_autoindex_users_1 (email=?)"]
+    assert "plan" not in second  # same shape within the minute
+    assert "plan" not in insert  # never for anything but SELECT
+    assert len(cap.spans) == 3  # no span for the EXPLAIN
+
+
+def test_async_engine_with_aiosqlite() -> None:
+    import asyncio
+
+    async def main() -> None:
+        eng = create_async_engine("sqlite+aiosqlite://")
+        handle = ri.instrument_sqlalchemy(eng)
+        assert ri.instrument_sqlalchemy(eng.sync_engine) is handle
+        with capture() as cap:
+            async with ri.stage("retrieval"):
+                async with eng.connect() as conn:
+                    assert (await conn.execute(text("SELECT 7"))).scalar() == 7
+        handle.uninstrument()
+        await eng.dispose()
+        assert cap.span("SELECT").attributes["db.system.name"] == "sqlite"
+        assert cap.find_logs("retrieval completed")[0]["breakdown"]["db"]["count"] == 1
+
+    asyncio.run(main())
+
+
+def test_pool_metrics_slow_checkout_and_timeout(tmp_path: Path) -> None:
+    eng = create_engine(
+        f"sqlite:///{tmp_path / 'pool.sqlite'}",
+        poolclass=QueuePool,
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=0.05,
+    )
+    handle = ri.instrument_sqlalchemy(eng, pool_slow_ms=0)
+    with capture() as cap:
+        with ri.stage("retrieval"):
+            held = eng.connect()
+            with pytest.raises(sa_exc.TimeoutError) as info:
+                eng.connect()
+            assert info.value.__class__ is sa_exc.TimeoutError
+            metrics = cap.metrics()
+            held.close()
+    counts = {
+        p.attributes["db.client.connection.state"]: p.value
+        for p in metrics["db.client.connection.count"]
+    }
+    assert counts == {"idle": 0, "used": 1}
+    assert [p.value for p in metrics["db.client.connection.max"]] == [1]
+    assert [p.value for p in metrics["db.client.connection.pending_requests"]] == [0]
+    wait = metrics["db.client.connection.wait_time"][0]
+    assert wait.count == 2
+    assert wait.sum >= 0.05
+    assert cap.find_logs("pool checkout slow")
+    (timeout,) = cap.find_logs("pool checkout timeout")
+    assert timeout["pipeline_stage"] == "retrieval"
+    stage_events = [e.name for e in cap.span("retrieval").events]
+    assert "db.client.connection.timeout" in stage_events
+    handle.uninstrument()
+    eng.dispose()
+
+
+def test_pool_pending_requests_while_waiting(tmp_path: Path) -> None:
+    eng = create_engine(
+        f"sqlite:///{tmp_path / 'pending.sqlite'}", poolclass=QueuePool, pool_size=1, max_overflow=0
+    )
+    handle = ri.instrument_sqlalchemy(eng)
+    with capture() as cap:
+        held = eng.connect()
+        started = threading.Event()
+
+        def waiter() -> None:
+            started.set()
+            with eng.connect():
+                pass
+
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        started.wait()
+        for _ in range(200):
+            points = cap.metrics().get("db.client.connection.pending_requests", [])
+            if points and points[0].value == 1:
+                break
+            threading.Event().wait(0.01)
+        assert points[0].value == 1
+        held.close()
+        thread.join()
+    handle.uninstrument()
+    eng.dispose()
+
+
+def test_pool_is_followed_across_dispose(tmp_path: Path) -> None:
+    eng = create_engine(f"sqlite:///{tmp_path / 'd.sqlite'}", poolclass=QueuePool)
+    handle = ri.instrument_sqlalchemy(eng)
+    eng.dispose()
+    assert "connect" in eng.pool.__dict__
+    with capture() as cap, eng.connect():
+        pass
+    assert cap.metrics()["db.client.connection.wait_time"][0].count == 1
+    handle.uninstrument()
+    assert "connect" not in eng.pool.__dict__
+
+
+def test_many_engines_do_not_accumulate() -> None:
+    """RELIABILITY G41: create and dispose engines; nothing of ours keeps them alive."""
+    for _ in range(200):
+        eng = create_engine("sqlite://")
+        ri.instrument_sqlalchemy(eng)
+        with eng.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        eng.dispose()
+        del eng
+    gc.collect()
+    assert len(ri_db._handles) < 5
+
+
+def test_invalid_arguments_raise_at_instrument_time(engine: Engine) -> None:
+    with pytest.raises(ValueError, match="slow_query_ms"):
+        ri.instrument_sqlalchemy(engine, slow_query_ms=-1)
+    with pytest.raises(ValueError, match="n_plus_one_threshold"):
+        ri.instrument_sqlalchemy(engine, n_plus_one_threshold=1)
+    with pytest.raises(TypeError, match="Engine"):
+        ri.instrument_sqlalchemy(object())
+
+
+# --- db_session ---------------------------------------------------------------------------------
+
+
+def _count(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text("SELECT count(*) FROM users")).scalar_one())
+
+
+def test_db_session_commits_and_counts_statements(engine: Engine) -> None:
+    ri.instrument_sqlalchemy(engine)
+    factory = sessionmaker(engine)
+    with capture() as cap:
+        with ri.db_session(factory) as session:
+            session.execute(text("INSERT INTO users (email) VALUES ('s@x')"))
+            session.execute(text("SELECT 1"))
+    assert _count(engine) == 1
+    span = cap.span("db.session")
+    assert span.attributes["rag.db.statement_count"] == 2
+    assert span.attributes["rag.db.session.outcome"] == "commit"
+    children = [s for s in cap.spans if s.parent and s.parent.span_id == span.context.span_id]
+    assert len(children) == 2
+
+
+def test_db_session_rolls_back_and_reraises_the_same_exception(engine: Engine) -> None:
+    ri.instrument_sqlalchemy(engine)
+    closed: list[object] = []
+    factory = sessionmaker(engine)
+    event.listen(factory, "after_soft_rollback", lambda s, t: closed.append(s))
+    boom = ValueError("boom")
+    with capture() as cap:
+        with pytest.raises(ValueError) as info, ri.db_session(factory) as session:
+            session.execute(text("INSERT INTO users (email) VALUES ('r@x')"))
+            raise boom
+    assert info.value is boom
+    assert _count(engine) == 0
+    assert closed
+    span = cap.span("db.session")
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.attributes["rag.db.session.outcome"] == "rollback"
+    assert span.attributes["error.type"] == "ValueError"
+
+
+def test_db_session_always_closes(engine: Engine) -> None:
+    sessions: list[object] = []
+
+    def factory() -> object:
+        session = sessionmaker(engine)()
+        sessions.append(session)
+        return session
+
+    with pytest.raises(KeyError), ri.db_session(factory):
+        raise KeyError("x")
+    with ri.db_session(factory):
+        pass
+    for session in sessions:
+        assert not session.in_transaction()  # type: ignore[attr-defined]
+
+
+def test_db_session_commit_failure_propagates(engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO users (email) VALUES ('dup@x')"))
+    factory = sessionmaker(engine)
+    with capture() as cap:
+        with pytest.raises(sa_exc.IntegrityError), ri.db_session(factory) as session:
+            session.execute(text("INSERT INTO users (email) VALUES ('dup@x')"))
+    assert cap.span("db.session").status.status_code is StatusCode.ERROR
+
+
+@pytest.mark.asyncio
+async def test_db_session_async(tmp_path: Path) -> None:
+    eng = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'a.sqlite'}")
+    handle = ri.instrument_sqlalchemy(eng)
+    async with eng.begin() as conn:
+        await conn.execute(text("CREATE TABLE t (a INTEGER)"))
+    factory = async_sessionmaker(eng)
+    with capture() as cap:
+        async with ri.db_session(factory) as session:
+            await session.execute(text("INSERT INTO t VALUES (1)"))
+        with pytest.raises(RuntimeError):
+            async with ri.db_session(factory) as session:
+                await session.execute(text("INSERT INTO t VALUES (2)"))
+                raise RuntimeError("no")
+    async with eng.connect() as conn:
+        assert (await conn.execute(text("SELECT a FROM t"))).scalars().all() == [1]
+    outcomes = [s.attributes["rag.db.session.outcome"] for s in cap.spans if s.name == "db.session"]
+    assert outcomes == ["commit", "rollback"]
+    handle.uninstrument()
+    await eng.dispose()
+
+
+def test_db_session_refuses_with_for_async_sessions() -> None:
+    eng = create_async_engine("sqlite+aiosqlite://")
+    with pytest.raises(TypeError, match="async with"), ri.db_session(async_sessionmaker(eng)):
+        pass

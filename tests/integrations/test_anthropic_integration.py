@@ -1,0 +1,159 @@
+"""instrument_anthropic against the real anthropic SDK pointed at the local fake server."""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import anthropic
+import pytest
+from opentelemetry.trace import StatusCode
+
+import rag_instrument as ri
+from rag_instrument.integrations.anthropic import instrument_anthropic, uninstrument_anthropic
+from rag_instrument.retry import retry
+from rag_instrument.testing import Capture, capture
+from support.fake_llm import FakeLLMServer
+
+API_KEY = "sk-ant-rag-test-0123456789SECRET"
+MESSAGES = [{"role": "user", "content": "Where did I park the blue van?"}]
+
+
+@pytest.fixture
+def server() -> Iterator[FakeLLMServer]:
+    with FakeLLMServer() as fake:
+        yield fake
+
+
+def _client(server: FakeLLMServer, **kw: Any) -> anthropic.Anthropic:
+    kw.setdefault("max_retries", 0)
+    return anthropic.Anthropic(api_key=API_KEY, base_url=server.anthropic_base_url, **kw)
+
+
+def _no_secret(cap: Capture, *extra: str) -> None:
+    everything = repr(cap.logs)
+    for span in cap.spans:
+        everything += repr(dict(span.attributes or {})) + repr(span.status.description)
+        everything += repr([(e.name, dict(e.attributes or {})) for e in span.events])
+    for needle in (API_KEY, "0123456789SECRET", *extra):
+        assert needle not in everything
+
+
+def test_message_span_and_usage(server: FakeLLMServer) -> None:
+    client = instrument_anthropic(_client(server))
+    with capture() as cap:
+        with ri.stage("generation"):
+            message = client.messages.create(
+                model="claude-x", max_tokens=100, messages=MESSAGES, system="Be brief."
+            )
+    assert message.content[0].text == server.reply_text  # type: ignore[union-attr]
+    span = cap.span("chat claude-x")
+    attrs = dict(span.attributes or {})
+    assert attrs["gen_ai.provider.name"] == "anthropic"
+    assert attrs["gen_ai.request.max_tokens"] == 100
+    assert attrs["gen_ai.usage.input_tokens"] == message.usage.input_tokens
+    assert attrs["gen_ai.usage.output_tokens"] == message.usage.output_tokens
+    assert tuple(attrs["gen_ai.response.finish_reasons"]) == ("end_turn",)
+    (line,) = cap.find_logs("generation completed")
+    assert line["breakdown"]["llm"]["count"] == 1
+    assert server.requests[0].headers["authorization"].endswith(API_KEY)  # the SDK sent it...
+    _no_secret(cap, "blue van", "Be brief")  # ...and we recorded neither it nor the prompt
+
+
+def test_stream_keeps_the_sdk_object_and_records_usage(server: FakeLLMServer) -> None:
+    client = instrument_anthropic(_client(server))
+    with capture() as cap:
+        stream = client.messages.create(
+            model="claude-x", max_tokens=100, messages=MESSAGES, stream=True
+        )
+        assert isinstance(stream, anthropic.Stream)
+        with stream:
+            events = list(stream)
+    text = "".join(e.delta.text for e in events if e.type == "content_block_delta")  # type: ignore[union-attr]
+    assert text == server.reply_text
+    attrs = dict(cap.span("chat claude-x").attributes or {})
+    assert attrs["rag.llm.stream.chunks"] == len(events)
+    assert attrs["gen_ai.usage.input_tokens"] > 0
+    assert attrs["gen_ai.usage.output_tokens"] > 0
+    assert attrs["rag.llm.time_to_first_token_ms"] > 0
+    assert tuple(attrs["gen_ai.response.finish_reasons"]) == ("end_turn",)
+    _no_secret(cap, "blue van", server.reply_text)
+
+
+def test_dropped_stream_ends_its_span(server: FakeLLMServer) -> None:
+    client = instrument_anthropic(_client(server))
+    with capture() as cap:
+        stream = client.messages.create(model="c", max_tokens=10, messages=MESSAGES, stream=True)
+        next(iter(stream))
+        del stream
+        for _ in range(5):  # the SDK's response objects may need more than one pass
+            gc.collect()
+            if any(s.name == "chat c" for s in cap.spans):
+                break
+            time.sleep(0.02)
+        span = cap.span("chat c")
+    assert span.attributes["rag.stream.completed"] is False
+
+
+@pytest.mark.asyncio
+async def test_async_client_and_stream(server: FakeLLMServer) -> None:
+    client = instrument_anthropic(
+        anthropic.AsyncAnthropic(api_key=API_KEY, base_url=server.anthropic_base_url, max_retries=0)
+    )
+    with capture() as cap:
+        message = await client.messages.create(model="a", max_tokens=10, messages=MESSAGES)
+        stream = await client.messages.create(
+            model="s", max_tokens=10, messages=MESSAGES, stream=True
+        )
+        assert isinstance(stream, anthropic.AsyncStream)
+        async with stream:
+            events = [e async for e in stream]
+    assert message.usage.output_tokens > 0
+    assert cap.span("chat a").attributes["gen_ai.usage.output_tokens"] == message.usage.output_tokens
+    assert cap.span("chat s").attributes["rag.llm.stream.chunks"] == len(events)
+    await client.close()
+
+
+def test_429_then_success_500_hang_and_malformed(server: FakeLLMServer) -> None:
+    server.enqueue(429, headers={"retry-after": "0.05"})
+    client = instrument_anthropic(_client(server, timeout=0.3))
+
+    @retry(attempts=2, wait_min=0, wait_max=1)
+    def ask() -> Any:
+        return client.messages.create(model="m", max_tokens=10, messages=MESSAGES)
+
+    with capture() as cap:
+        assert ask().content[0].text == server.reply_text
+        server.enqueue(500)
+        with pytest.raises(anthropic.InternalServerError):
+            client.messages.create(model="m", max_tokens=10, messages=MESSAGES)
+        server.enqueue(hang_s=3)
+        with pytest.raises(anthropic.APITimeoutError):
+            client.messages.create(model="m", max_tokens=10, messages=MESSAGES)
+        server.enqueue(malformed=True)
+        with pytest.raises(Exception):  # the SDK's own decoding error
+            client.messages.create(model="m", max_tokens=10, messages=MESSAGES)
+    statuses = [s.status.status_code for s in cap.spans if s.name == "chat m"]
+    assert statuses == [StatusCode.ERROR, StatusCode.UNSET, StatusCode.ERROR, StatusCode.ERROR,
+                        StatusCode.ERROR]
+    assert len(cap.find_logs("retrying")) == 1
+    assert len(cap.find_logs("llm call failed")) == 4
+    _no_secret(cap, "blue van")
+
+
+def test_idempotent_and_reversible(server: FakeLLMServer) -> None:
+    client = _client(server)
+    instrument_anthropic(client)
+    instrument_anthropic(client)
+    with capture() as cap:
+        client.messages.create(model="m", max_tokens=10, messages=MESSAGES)
+    # (anthropic>=2 also emits its own span, "anthropic.messages.create": count ours)
+    assert [s.name for s in cap.spans if s.instrumentation_scope.name == "rag_instrument"] == [
+        "chat m"
+    ]
+    uninstrument_anthropic(client)
+    with capture() as cap:
+        client.messages.create(model="m", max_tokens=10, messages=MESSAGES)
+    assert not [s for s in cap.spans if s.instrumentation_scope.name == "rag_instrument"]

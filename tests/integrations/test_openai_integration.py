@@ -1,0 +1,289 @@
+"""instrument_openai against the real openai SDK pointed at the local fake server."""
+
+from __future__ import annotations
+
+import gc
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+from opentelemetry.trace import StatusCode
+
+import rag_instrument as ri
+from rag_instrument.integrations.openai import instrument_openai, uninstrument_openai
+from rag_instrument.retry import retry
+from rag_instrument.testing import Capture, capture
+from support.fake_llm import FakeLLMServer
+
+API_KEY = "sk-rag-test-0123456789abcdefSECRET"
+MESSAGES = [{"role": "user", "content": "Which drawer holds the passports?"}]
+
+
+@pytest.fixture
+def server() -> Iterator[FakeLLMServer]:
+    with FakeLLMServer() as fake:
+        yield fake
+
+
+def _client(server: FakeLLMServer, **kw: Any) -> openai.OpenAI:
+    kw.setdefault("max_retries", 0)
+    return openai.OpenAI(api_key=API_KEY, base_url=server.openai_base_url, **kw)
+
+
+def _aclient(server: FakeLLMServer, **kw: Any) -> openai.AsyncOpenAI:
+    kw.setdefault("max_retries", 0)
+    return openai.AsyncOpenAI(api_key=API_KEY, base_url=server.openai_base_url, **kw)
+
+
+def _no_secret(cap: Capture, *extra: str) -> None:
+    everything = repr(cap.logs)
+    for span in cap.spans:
+        everything += repr(dict(span.attributes or {})) + repr(span.status.description)
+        everything += repr([(e.name, dict(e.attributes or {})) for e in span.events])
+    for needle in (API_KEY, "0123456789abcdefSECRET", *extra):
+        assert needle not in everything
+
+
+def test_chat_completion_span_usage_and_result_unchanged(server: FakeLLMServer) -> None:
+    client = instrument_openai(_client(server))
+    with capture() as cap:
+        with ri.stage("generation"):
+            reply = client.chat.completions.create(
+                model="gpt-4o-mini", messages=MESSAGES, temperature=0.2
+            )
+    assert isinstance(reply, openai.types.chat.ChatCompletion)
+    assert reply.choices[0].message.content == server.reply_text
+    span = cap.span("chat gpt-4o-mini")
+    attrs = dict(span.attributes or {})
+    assert attrs["gen_ai.provider.name"] == "openai"
+    assert attrs["gen_ai.usage.input_tokens"] == reply.usage.prompt_tokens  # type: ignore[union-attr]
+    assert attrs["gen_ai.usage.output_tokens"] == reply.usage.completion_tokens  # type: ignore[union-attr]
+    assert tuple(attrs["gen_ai.response.finish_reasons"]) == ("stop",)
+    assert attrs["gen_ai.request.temperature"] == 0.2
+    (line,) = cap.find_logs("generation completed")
+    assert line["breakdown"]["llm"]["count"] == 1
+    assert cap.find_logs("llm call completed")
+    _no_secret(cap, "passports")
+
+
+def test_embeddings_reported_as_embedding(server: FakeLLMServer) -> None:
+    client = instrument_openai(_client(server))
+    with capture() as cap:
+        with ri.stage("embedding"):
+            result = client.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
+    assert len(result.data) == 2
+    span = cap.span("embeddings text-embedding-3-small")
+    assert span.attributes["openinference.span.kind"] == "EMBEDDING"
+    assert span.attributes["gen_ai.usage.input_tokens"] == result.usage.prompt_tokens
+    (line,) = cap.find_logs("embedding completed")
+    assert line["breakdown"]["embedding"]["count"] == 1
+    assert "llm" not in line["breakdown"]
+
+
+def test_stream_is_the_sdks_own_object_and_span_lasts_until_exhausted(
+    server: FakeLLMServer,
+) -> None:
+    server.chunk_delay_s = 0.02
+    client = instrument_openai(_client(server))
+    with capture() as cap:
+        stream = client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=True,
+            stream_options={"include_usage": True},
+        )
+        assert isinstance(stream, openai.Stream)
+        assert stream.response.status_code == 200
+        assert not cap.spans  # still open
+        with stream as same:
+            assert same is stream
+            text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        metrics = cap.metrics()
+    assert text == server.reply_text
+    span = cap.span("chat gpt-4o-mini")
+    attrs = dict(span.attributes or {})
+    assert attrs["rag.llm.time_to_first_token_ms"] > 0
+    assert attrs["rag.llm.stream.chunks"] >= 3
+    assert attrs["gen_ai.usage.output_tokens"] > 0
+    assert attrs["rag.stream.completed"] is True
+    assert metrics["gen_ai.client.operation.time_to_first_chunk"][0].count == 1
+    _no_secret(cap, "passports", server.reply_text)
+
+
+def test_stream_closed_early_or_dropped_ends_the_span(server: FakeLLMServer) -> None:
+    client = instrument_openai(_client(server))
+    with capture() as cap:
+        stream = client.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+        next(iter(stream))
+        stream.close()
+        assert stream.response.is_closed
+        (span,) = cap.spans
+        assert span.attributes["rag.stream.completed"] is False
+        assert span.attributes["rag.llm.stream.chunks"] == 1
+
+        client.chat.completions.create(model="dropped", messages=MESSAGES, stream=True)
+        gc.collect()
+        assert cap.span("chat dropped")
+
+
+def test_stream_cut_mid_way_records_the_error(server: FakeLLMServer) -> None:
+    server.enqueue(stream_error_after=1)
+    client = instrument_openai(_client(server))
+    with capture() as cap:
+        stream = client.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+        with pytest.raises(openai.APIError):
+            for _ in stream:
+                pass
+    span = cap.span("chat m")
+    assert span.status.status_code is StatusCode.ERROR
+
+
+@pytest.mark.asyncio
+async def test_async_client_chat_and_stream(server: FakeLLMServer) -> None:
+    client = instrument_openai(_aclient(server))
+    assert inspect.iscoroutinefunction(client.chat.completions.create)
+    with capture() as cap:
+        reply = await client.chat.completions.create(model="m", messages=MESSAGES)
+        assert reply.choices[0].message.content == server.reply_text
+        stream = await client.chat.completions.create(model="s", messages=MESSAGES, stream=True)
+        assert isinstance(stream, openai.AsyncStream)
+        async with stream:
+            chunks = [c async for c in stream]
+    assert chunks
+    assert cap.span("chat m").attributes["gen_ai.usage.output_tokens"] > 0
+    assert cap.span("chat s").attributes["rag.llm.stream.chunks"] == len(chunks)
+    await client.close()
+
+
+def test_429_with_retry_after_then_success_through_ri_retry(server: FakeLLMServer) -> None:
+    server.enqueue(429, headers={"retry-after-ms": "30"})
+    client = instrument_openai(_client(server))
+
+    @retry(attempts=3, wait_min=0, wait_max=1.0)
+    def ask() -> Any:
+        return client.chat.completions.create(model="m", messages=MESSAGES)
+
+    with capture() as cap:
+        with ri.stage("generation"):
+            reply = ask()
+    assert reply.choices[0].message.content == server.reply_text
+    assert len(server.requests) == 2
+    stage = cap.span("generation")
+    (event,) = [e for e in stage.events if e.name == "retry"]
+    assert event.attributes["error_type"] == "RateLimitError"
+    assert event.attributes["wait_s"] == pytest.approx(0.03)
+    assert stage.attributes["rag.retry.attempts"] == 2
+    spans = [s for s in cap.spans if s.name == "chat m"]
+    assert [s.status.status_code for s in spans] == [StatusCode.ERROR, StatusCode.UNSET]
+    _no_secret(cap, "passports")
+
+
+@pytest.mark.asyncio
+async def test_429_then_success_through_retry_mixin(server: FakeLLMServer) -> None:
+    server.enqueue(429, headers={"Retry-After": "0"})
+    client = instrument_openai(_aclient(server))
+
+    class Chat(ri.RetryMixin, ri.LLMProvider):
+        system, model = "openai", "gpt-4o-mini"
+        retry_wait_min = 0.0
+
+        async def _generate(self, prompt: str, **params: Any) -> ri.LLMResult:
+            reply = await client.chat.completions.create(
+                model=self.model, messages=[{"role": "user", "content": prompt}], **params
+            )
+            usage = reply.usage
+            return ri.LLMResult(
+                reply.choices[0].message.content or "",
+                usage.prompt_tokens if usage else None,
+                usage.completion_tokens if usage else None,
+                reply.choices[0].finish_reason,
+                reply.model,
+            )
+
+    with capture() as cap:
+        result = await Chat().generate("hello")
+    assert isinstance(result, ri.LLMResult)
+    assert result.text == server.reply_text
+    provider_span = next(s for s in cap.spans if s.name == "chat gpt-4o-mini" and
+                         s.attributes.get("rag.retry.attempts"))
+    assert provider_span.attributes["rag.retry.attempts"] == 2
+    sdk_spans = [s for s in cap.spans if s.parent and s.parent.span_id ==
+                 provider_span.context.span_id]
+    assert len(sdk_spans) == 2  # each attempt's SDK span nests under the provider span
+    await client.close()
+
+
+def test_500_is_recorded_and_reraised_unchanged(server: FakeLLMServer) -> None:
+    server.enqueue(500)
+    client = instrument_openai(_client(server))
+    with capture() as cap:
+        with pytest.raises(openai.InternalServerError) as info:
+            client.chat.completions.create(model="m", messages=MESSAGES)
+    assert info.value.status_code == 500
+    span = cap.span("chat m")
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.attributes["error.type"] == "InternalServerError"
+    (line,) = cap.find_logs("llm call failed")
+    assert line["error_type"] == "InternalServerError"
+    _no_secret(cap, "passports")
+
+
+def test_hang_past_the_timeout(server: FakeLLMServer) -> None:
+    server.enqueue(hang_s=3)
+    client = instrument_openai(_client(server, timeout=0.3))
+    with capture() as cap:
+        with pytest.raises(openai.APITimeoutError):
+            client.chat.completions.create(model="m", messages=MESSAGES)
+    assert cap.span("chat m").attributes["error.type"] == "APITimeoutError"
+    _no_secret(cap)
+
+
+def test_malformed_json(server: FakeLLMServer) -> None:
+    server.enqueue(malformed=True)
+    client = instrument_openai(_client(server))
+    with capture() as cap:
+        with pytest.raises(Exception) as info:
+            client.chat.completions.create(model="m", messages=MESSAGES)
+    span = cap.span("chat m")
+    assert span.attributes["error.type"] == type(info.value).__qualname__
+    _no_secret(cap)
+
+
+def test_content_capture_opt_in_is_redacted(server: FakeLLMServer) -> None:
+    client = instrument_openai(_client(server))
+    with capture(capture_content=True) as cap:
+        client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": f"my key is {API_KEY}"}]
+        )
+    attrs = dict(cap.span("chat m").attributes or {})
+    assert "my key is" in attrs["gen_ai.input.messages"]
+    assert server.reply_text in attrs["gen_ai.output.messages"]
+    _no_secret(cap)
+
+
+def test_idempotent_and_reversible(server: FakeLLMServer) -> None:
+    client = _client(server)
+    original = client.chat.completions.create
+    assert instrument_openai(client) is client
+    patched = client.chat.completions.create
+    instrument_openai(client)
+    assert client.chat.completions.create is patched
+    with capture() as cap:
+        client.chat.completions.create(model="m", messages=MESSAGES)
+    assert len(cap.spans) == 1
+    uninstrument_openai(client)
+    assert client.chat.completions.create == original
+    with capture() as cap:
+        client.chat.completions.create(model="m", messages=MESSAGES)
+    assert cap.spans == []
+    uninstrument_openai(client)  # a second undo is harmless
+    with pytest.raises(TypeError):
+        instrument_openai(object())
+
+
+def test_disabled_passes_through(server: FakeLLMServer) -> None:
+    client = instrument_openai(_client(server))
+    with capture(enabled=False) as cap:
+        stream = client.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+        assert list(stream)
+    assert cap.spans == []

@@ -1,0 +1,284 @@
+"""LLMProvider: spans, logs, metrics, breakdown, content capture, timeouts, batches."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+import time
+from typing import Any
+
+import pytest
+from opentelemetry.trace import SpanKind, StatusCode
+
+import rag_instrument as ri
+from rag_instrument.testing import capture
+
+SECRET_PROMPT = "What is the launch code of project zebra?"
+
+
+class Echo(ri.LLMProvider):
+    system = "acme"
+    model = "acme-1"
+
+    async def _generate(self, prompt: str, **params: Any) -> ri.LLMResult:
+        return ri.LLMResult(
+            f"answer to {prompt}", input_tokens=11, output_tokens=7, finish_reason="stop",
+            model="acme-1-2026",
+        )
+
+
+class Failing(ri.LLMProvider):
+    system = "acme"
+    model = "acme-1"
+
+    async def _generate(self, prompt: str, **params: Any) -> str:
+        raise ValueError(f"model refused: {prompt}")
+
+
+def _point_values(points: list[Any]) -> list[Any]:
+    return [getattr(p, "sum", None) for p in points]
+
+
+@pytest.mark.asyncio
+async def test_generate_returns_result_and_records_genai_span() -> None:
+    with capture() as cap:
+        result = await Echo().generate("hello", temperature=0.0, max_tokens=64, top_p=1)
+    assert result == ri.LLMResult("answer to hello", 11, 7, "stop", "acme-1-2026")
+    span = cap.span("chat acme-1")
+    assert span.kind is SpanKind.CLIENT
+    attrs = dict(span.attributes or {})
+    assert attrs["gen_ai.operation.name"] == "chat"
+    assert attrs["gen_ai.provider.name"] == "acme"
+    assert attrs["gen_ai.request.model"] == "acme-1"
+    assert attrs["gen_ai.response.model"] == "acme-1-2026"
+    assert attrs["gen_ai.usage.input_tokens"] == 11
+    assert attrs["gen_ai.usage.output_tokens"] == 7
+    assert tuple(attrs["gen_ai.response.finish_reasons"]) == ("stop",)
+    assert attrs["openinference.span.kind"] == "LLM"
+    assert attrs["gen_ai.request.temperature"] == 0.0
+    assert attrs["gen_ai.request.max_tokens"] == 64
+    (line,) = cap.find_logs("llm call completed")
+    assert line["level"] == "info"
+    assert line["execution_time_ms"] > 0
+    assert line["input_tokens"] == 11
+
+
+@pytest.mark.asyncio
+async def test_str_result_passes_through_unchanged() -> None:
+    marker = "exactly this object"
+
+    class Plain(ri.LLMProvider):
+        system, model = "acme", "m"
+
+        async def _generate(self, prompt: str, **params: Any) -> str:
+            return marker
+
+    with capture():
+        assert await Plain().generate("x") is marker
+
+
+@pytest.mark.asyncio
+async def test_metrics_duration_and_token_usage() -> None:
+    with capture() as cap:
+        await Echo().generate("hello")
+        metrics = cap.metrics()
+    (duration,) = metrics["gen_ai.client.operation.duration"]
+    assert duration.count == 1
+    assert duration.attributes["gen_ai.request.model"] == "acme-1"
+    usage = {p.attributes["gen_ai.token.type"]: p.sum for p in metrics["gen_ai.client.token.usage"]}
+    assert usage == {"input": 11, "output": 7}
+
+
+@pytest.mark.asyncio
+async def test_breakdown_reports_llm_work_to_the_stage() -> None:
+    with capture() as cap:
+        async with ri.stage("generation"):
+            await Echo().generate("a")
+            await Echo().generate("b")
+    (line,) = cap.find_logs("generation completed")
+    assert line["breakdown"]["llm"]["count"] == 2
+    # the llm span is a child of the stage span
+    stage = cap.span("generation")
+    for span in cap.spans:
+        if span.name == "chat acme-1":
+            assert span.parent is not None
+            assert span.parent.span_id == stage.context.span_id
+
+
+@pytest.mark.asyncio
+async def test_content_is_absent_by_default_everywhere() -> None:
+    with capture() as cap:
+        await Echo().generate(SECRET_PROMPT)
+        with pytest.raises(ValueError):
+            await Failing().generate(SECRET_PROMPT)
+    dumped = repr([(s.attributes, [(e.name, e.attributes) for e in s.events], s.status)
+                   for s in cap.spans]) + repr(cap.logs)
+    assert "launch code" not in dumped
+    assert "answer to" not in dumped
+
+
+@pytest.mark.asyncio
+async def test_content_captured_when_asked_truncated_and_redacted() -> None:
+    prompt = "key sk-abcdefghijklmnopqrstuvwx " + "x" * 500
+    with capture(capture_content=True, max_content_chars=100) as cap:
+        await Echo().generate(prompt)
+    attrs = dict(cap.span("chat acme-1").attributes or {})
+    captured = attrs["gen_ai.input.messages"]
+    assert "key " in captured
+    assert "sk-abcdefghijklmnopqrstuvwx" not in captured
+    assert "truncated" in captured
+    assert "answer to key" in attrs["gen_ai.output.messages"]
+
+
+@pytest.mark.asyncio
+async def test_capture_content_from_the_otel_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "SPAN_ONLY")
+    settings = ri.configure(exporter="memory")
+    assert settings.capture_content
+    from rag_instrument import _config
+
+    await Echo().generate("visible prompt")
+    spans = _config.runtime().pipelines.memory_exporter.get_finished_spans()  # type: ignore[union-attr]
+    assert "visible prompt" in spans[0].attributes["gen_ai.input.messages"]
+
+
+@pytest.mark.asyncio
+async def test_failure_is_reraised_as_itself_and_recorded() -> None:
+    with capture() as cap:
+        with pytest.raises(ValueError) as info:
+            await Failing().generate("a prompt that must not leak")
+    assert "a prompt that must not leak" in str(info.value)  # the caller's exception is intact
+    span = cap.span("chat acme-1")
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.attributes["error.type"] == "ValueError"
+    (line,) = cap.find_logs("llm call failed")
+    assert line["level"] == "error"
+    assert line["error_type"] == "ValueError"
+    assert "must not leak" not in line["error_message"]
+    assert all("must not leak" not in str(e.attributes) for e in span.events)
+
+
+@pytest.mark.asyncio
+async def test_timeout_per_attempt_raises_timeout_error() -> None:
+    class Slow(ri.LLMProvider):
+        system, model, timeout = "acme", "slow", 0.05
+
+        async def _generate(self, prompt: str, **params: Any) -> str:
+            await asyncio.sleep(5)
+            return "never"
+
+    with capture() as cap:
+        start = time.perf_counter()
+        with pytest.raises(TimeoutError):
+            await Slow().generate("x")
+        assert time.perf_counter() - start < 1.0
+    assert cap.span("chat slow").attributes["error.type"] == "TimeoutError"
+
+
+@pytest.mark.asyncio
+async def test_sync_generate_runs_in_a_thread_with_the_callers_context() -> None:
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    seen: dict[str, Any] = {}
+
+    class Blocking(ri.LLMProvider):
+        system, model = "vendor", "sync-1"
+
+        def _generate(self, prompt: str, **params: Any) -> str:  # type: ignore[override]
+            seen["thread"] = threading.current_thread()
+            seen["var"] = var.get()
+            time.sleep(0.2)
+            return "done"
+
+    ticks = 0
+
+    async def heartbeat() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    var.set("from-caller")
+    with capture() as cap:
+        beat = asyncio.create_task(heartbeat())
+        async with ri.stage("generation"):
+            assert await Blocking().generate("x") == "done"
+        beat.cancel()
+    assert seen["thread"] is not threading.main_thread()
+    assert seen["var"] == "from-caller"
+    assert ticks >= 5  # the loop kept running while the vendor call blocked
+    (line,) = cap.find_logs("generation completed")
+    assert line["breakdown"]["llm"]["count"] == 1
+
+
+@pytest.mark.asyncio
+async def test_cancellation_is_not_an_error() -> None:
+    class Hang(ri.LLMProvider):
+        system, model = "acme", "hang"
+
+        async def _generate(self, prompt: str, **params: Any) -> str:
+            await asyncio.sleep(10)
+            return ""
+
+    with capture() as cap:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(Hang().generate("x"), 0.05)
+    span = cap.span("chat hang")
+    assert span.attributes["rag.cancelled"] is True
+    assert span.status.status_code is not StatusCode.ERROR
+
+
+@pytest.mark.asyncio
+async def test_generate_batch_order_exceptions_and_concurrency() -> None:
+    in_flight = peak = 0
+
+    class Counting(ri.LLMProvider):
+        system, model = "acme", "batch"
+
+        async def _generate(self, prompt: str, **params: Any) -> str:
+            nonlocal in_flight, peak
+            in_flight += 1
+            peak = max(peak, in_flight)
+            await asyncio.sleep(0.01 * (int(prompt) % 3))
+            in_flight -= 1
+            if prompt == "4":
+                raise ValueError("bad four")
+            return f"r{prompt}"
+
+    with capture() as cap:
+        results = await Counting().generate_batch([str(i) for i in range(10)], concurrency=3)
+    assert [r if isinstance(r, str) else "E" for r in results] == [
+        "r0", "r1", "r2", "r3", "E", "r5", "r6", "r7", "r8", "r9"
+    ]
+    assert isinstance(results[4], ValueError)
+    assert peak == 3
+    assert len([s for s in cap.spans if s.name == "chat batch"]) == 10
+    with pytest.raises(ValueError, match="concurrency"):
+        await Counting().generate_batch(["1"], concurrency=0)
+
+
+@pytest.mark.asyncio
+async def test_disabled_is_a_pass_through() -> None:
+    with capture(enabled=False) as cap:
+        assert (await Echo().generate("x")).text == "answer to x"
+    assert cap.spans == []
+    assert cap.logs == []
+
+
+@pytest.mark.asyncio
+async def test_exporter_failure_never_reaches_the_caller() -> None:
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    class Broken(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            raise RuntimeError("collector down")
+
+    ri.configure(exporter=Broken())
+    assert (await Echo().generate("x")).text == "answer to x"
+
+
+def test_llm_result_round_trips_through_dict() -> None:
+    result = ri.LLMResult("t", 1, 2, "stop", "m")
+    assert ri.LLMResult.from_dict(result.to_dict()) == result
+    with pytest.raises(TypeError):
+        ri.LLMResult.from_dict({"text": 3})
