@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 
 import pytest
@@ -61,19 +62,27 @@ async def test_concurrent_children_all_count(rag_capture: Capture) -> None:
 
 
 def test_threads_via_wrap_context_roll_up_without_losing_counts(rag_capture: Capture) -> None:
-    def worker() -> None:
-        for _ in range(200):
-            with ri.traced("op"):
-                _breakdown.record("db", 0.5)
+    # Switch threads as often as possible so that unguarded read-modify-writes lose counts.
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
 
-    with ri.stage("ingestion"):
-        threads = [threading.Thread(target=ri.wrap_context(worker)) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        def worker() -> None:
+            for _ in range(500):
+                _breakdown.record("db", 0.5)  # straight into the shared stage frame
+                with ri.traced("op"):
+                    _breakdown.record("vector", 1.0)  # rolled up at the op's exit
+
+        with ri.stage("ingestion"):
+            threads = [threading.Thread(target=ri.wrap_context(worker)) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    finally:
+        sys.setswitchinterval(previous)
     ingestion = rag_capture.find_logs("ingestion completed")[0]["breakdown"]
-    assert ingestion == {"db": {"count": 800, "ms": 400.0}}
+    assert ingestion == {"db": {"count": 4000, "ms": 2000.0}, "vector": {"count": 4000, "ms": 4000.0}}
 
 
 def test_largest_entry() -> None:

@@ -133,6 +133,8 @@ def test_budgets_accept_json_and_enum_keys() -> None:
         ({"n_plus_one_threshold": 0}, {}, r"n_plus_one_threshold 0 .*an integer at least 2"),
         ({"n_plus_one_threshold": 2.5}, {}, r"n_plus_one_threshold 2.5 .*an integer"),
         ({"max_content_chars": 0}, {}, r"max_content_chars"),
+        ({"max_content_chars": 10**400}, {}, r"max_content_chars"),
+        ({"slow_query_ms": float("inf")}, {}, r"slow_query_ms inf"),
         ({"budgets": {"retrieval": 0}}, {}, r"budgets\['retrieval'\] 0 .*greater than 0"),
         ({"budgets": {"retrieval": -5}}, {}, r"budgets\['retrieval'\]"),
         ({"budgets": {"retrieval": "soon"}}, {}, r"budgets\['retrieval'\] 'soon'"),

@@ -13,7 +13,8 @@ import pytest
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
-PAGES = [p for p in sorted(DOCS.glob("*.md")) if BLOCK.search(p.read_text())]
+README = DOCS.parent / "README.md"
+PAGES = [p for p in [*sorted(DOCS.glob("*.md")), README] if BLOCK.search(p.read_text())]
 
 
 def test_there_are_pages_with_examples() -> None:

@@ -200,9 +200,9 @@ def test_one_line_per_event_whatever_the_values(tmp_path: Path) -> None:
     logging.getLogger("app").warning(hostile)
     raw = log.read_bytes()
     assert raw.count(b"\n") == 2
-    for line in _lines(log):
-        assert line["event"].startswith('q\n{"level"')
-    assert "admin_login" not in [line["event"] for line in _lines(log)]
+    lines = _lines(log)
+    assert [line["event"] for line in lines] == [hostile, hostile]
+    assert lines[0]["prompt"] == hostile
 
 
 class _Evil:
@@ -291,7 +291,7 @@ def test_logging_never_raises_into_the_caller(monkeypatch: pytest.MonkeyPatch) -
         with ri.stage("retrieval"):
             pass
         logging.getLogger("x").warning("also dropped")
-        assert logs  # imported fine
+        assert logs.emit is not None
     assert cap.logs == []
 
 
@@ -322,7 +322,38 @@ def test_logger_that_logs_from_a_handler_does_not_deadlock(rag_capture: Capture)
     assert "echo of hello" in events
 
 
-def test_rendered_json_is_parseable_with_orjson_and_json(rag_capture: Capture) -> None:
-    ri.get_logger().info("unicode ✓ \u2028 sep", emoji="🙂")
-    (line,) = rag_capture.find_logs("unicode ✓ \u2028 sep")
-    assert orjson.loads(orjson.dumps(line)) == line
+def test_rendered_bytes_parse_with_the_standard_json_module(tmp_path: Path) -> None:
+    log = tmp_path / "rag.jsonl"
+    ri.configure(log_file=str(log))
+    ri.get_logger().info("unicode ✓ \u2028 sep", emoji="🙂", nested={"k": [1, 2.5, None]})
+    raw = log.read_bytes()
+    assert raw.count(b"\n") == 1
+    (line,) = (json.loads(chunk) for chunk in raw.splitlines())
+    assert line["event"] == "unicode ✓ \u2028 sep"
+    assert orjson.loads(raw) == line
+    assert line["nested"] == {"k": [1, 2.5, None]}
+
+
+def test_pipeline_stage_cannot_be_forged_by_binding(rag_capture: Capture) -> None:
+    ri.bind_context(pipeline_stage="generation", user="u")
+    with ri.stage("retrieval"):
+        ri.get_logger().info("inside")
+    assert rag_capture.find_logs("inside")[0]["context"] == {
+        "pipeline_stage": "retrieval",
+        "user": "u",
+    }
+
+
+def test_more_secret_shapes_are_masked(rag_capture: Capture) -> None:
+    log = ri.get_logger()
+    log.info("h1", text="Authorization: bearer 9f8e7d6c5b4a3210opaque")
+    log.info("h2", url="postgresql://app:p@ss/w#rd@db.internal/rag")
+    log.info("h3", text="GET https://api.example.com/v1?api_key=abc123verysecret&q=x: 401")
+    log.info("h4", headers=[("Authorization", "abc123opaque"), ("Accept", "json")])
+    log.info("h5", jwt="opaque-session-token-value")
+    text = json.dumps(rag_capture.logs)
+    for secret in ("9f8e7d6c5b4a3210opaque", "p@ss/w#rd", "abc123verysecret", "abc123opaque",
+                   "opaque-session-token-value"):
+        assert secret not in text
+    assert rag_capture.find_logs("h2")[0]["url"] == "postgresql://app:[REDACTED]@db.internal/rag"
+    assert rag_capture.find_logs("h4")[0]["headers"][1] == ["Accept", "json"]

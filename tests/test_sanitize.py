@@ -42,7 +42,7 @@ def test_authorization_values_never_survive(token: str, scheme: str) -> None:
 @given(
     st.sampled_from(["postgresql", "redis", "https", "mysql+pymysql"]),
     st.text(string.ascii_lowercase, min_size=1, max_size=10),
-    st.text(string.ascii_letters + string.digits + "!$%^&*", min_size=1, max_size=20),
+    st.text(string.ascii_letters + string.digits + "!$%^&*@/#?:", min_size=1, max_size=20),
 )
 def test_url_passwords_never_survive(scheme: str, user: str, password: str) -> None:
     url = f"{scheme}://{user}:{password}@host:5432/db"

@@ -136,11 +136,36 @@ def test_pipeline_stage_enum_values() -> None:
 
 def test_bad_stage_names_fail_at_decoration() -> None:
     with pytest.raises(TypeError, match="str or PipelineStage"):
-        ri.stage(42)  # type: ignore[arg-type]
+        ri.stage(42)(plain)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="must not be empty"):
-        ri.stage("  ")
+        ri.stage("  ")(plain)
+    with pytest.raises(ValueError, match="must not be empty"):
+        ri.traced("")(plain)
     with pytest.raises(TypeError, match="not callable"):
         ri.stage("x")(3)  # type: ignore[type-var]
+
+
+def test_bad_stage_name_at_run_time_never_fails_the_request(
+    rag_capture: Capture, caplog: pytest.LogCaptureFixture
+) -> None:
+    names: list[Any] = [None, "", "retrieval"]
+    ran = []
+    with caplog.at_level(logging.WARNING, logger="rag_instrument.internal"):
+        for name in names:
+            with ri.pipeline_stage_context(name):
+                ran.append(name)
+    assert ran == names
+    assert [s.name for s in rag_capture.spans] == ["retrieval"]
+    assert "not traced" in caplog.text
+
+
+def test_inline_context_manager_shares_its_description() -> None:
+    first = ri.pipeline_stage_context("retrieval")
+    second = ri.pipeline_stage_context("retrieval")
+    with capture():
+        with first, second:
+            pass
+    assert first._spec is second._spec
 
 
 def test_exception_is_reraised_unchanged(rag_capture: Capture) -> None:
@@ -424,13 +449,64 @@ def test_generator_send_and_return_value(rag_capture: Capture) -> None:
     assert rag_capture.span("reranking").attributes["rag.stream.completed"] is True  # type: ignore[index]
 
 
-def test_generator_dropped_unconsumed_is_collected(rag_capture: Capture) -> None:
+def test_generator_dropped_after_one_item_is_collected(rag_capture: Capture) -> None:
     wrapped = ri.stage("generation")(gen)
     g = wrapped(10)
     next(g)
     del g
     gc.collect()
     assert rag_capture.span("generation").end_time is not None
+
+
+def test_generator_never_iterated_opens_nothing(rag_capture: Capture) -> None:
+    from rag_instrument._context import current_frame
+
+    g = ri.stage("generation")(gen)(10)
+    del g
+    gc.collect()
+    assert rag_capture.spans == []
+    assert current_frame() is None
+    assert trace.get_current_span() is trace.INVALID_SPAN
+
+
+def test_with_block_ends_even_if_something_inside_is_left_open(rag_capture: Capture) -> None:
+    def rows():  # a plain generator holding a traced block across its yield
+        with ri.traced("fetch rows"):
+            yield 1
+            yield 2
+
+    with ri.stage("retrieval") as outer:
+        it = rows()
+        next(it)
+    # The stage ended and the context is what it was before it, despite the open block.
+    assert rag_capture.span("retrieval").end_time is not None
+    assert trace.get_current_span() is trace.INVALID_SPAN
+    from rag_instrument._context import current_frame
+
+    assert current_frame() is None
+    with ri.stage("next request") as nxt:
+        pass
+    assert nxt.get_span_context().trace_id != outer.get_span_context().trace_id
+    del it
+
+
+def test_closing_a_generator_is_not_a_cancellation_of_blocks_inside(
+    rag_capture: Capture,
+) -> None:
+    @ri.stage("generation")
+    def stream() -> Iterator[int]:
+        with ri.traced("decode"):
+            yield 1
+            yield 2
+
+    for _ in stream():
+        break
+    gc.collect()
+    decode = rag_capture.span("decode")
+    assert decode.attributes is not None
+    assert "rag.cancelled" not in decode.attributes
+    assert decode.status.status_code is StatusCode.UNSET
+    assert rag_capture.find_logs("decode cancelled") == []
 
 
 def test_generator_span_parents_spans_opened_across_yield(rag_capture: Capture) -> None:

@@ -66,3 +66,33 @@ def test_fixture_is_registered_as_a_plugin(pytester: pytest.Pytester) -> None:
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+def test_capture_does_not_shut_down_the_applications_exporter() -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    app_exporter = InMemorySpanExporter()
+    ri.configure(exporter=app_exporter)
+    ri.configure(exporter=app_exporter)  # reconfiguring with the same instance, too
+    with capture() as cap:
+        with ri.stage("inside"):
+            pass
+    with ri.stage("after"):
+        pass
+    assert ri.force_flush() is True
+    assert [s.name for s in cap.spans] == ["inside"]
+    assert [s.name for s in app_exporter.get_finished_spans()] == ["after"]
+
+
+def test_captures_nest() -> None:
+    with capture() as outer:
+        with ri.stage("before"):
+            pass
+        with capture() as inner:
+            with ri.stage("inner"):
+                pass
+        with ri.stage("after"):
+            pass
+    assert [s.name for s in inner.spans] == ["inner"]
+    assert [s.name for s in outer.spans] == ["before", "after"]
+    assert [line["event"] for line in outer.logs] == ["before completed", "after completed"]

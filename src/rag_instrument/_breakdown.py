@@ -19,7 +19,7 @@ from typing import Any
 
 from rag_instrument._context import Frame, current_frame
 
-__all__ = ["as_attributes", "largest", "record", "record_cache", "render", "roll_up"]
+__all__ = ["as_attributes", "detach", "largest", "record", "record_cache", "render", "roll_up"]
 
 # Frames are per task, but a frame's children may finish on other threads (work submitted
 # through ``wrap_context``). One process-wide lock keeps their roll-ups from losing counts;
@@ -65,10 +65,25 @@ def record_cache(hit: bool, count: int = 1) -> None:
         entry["hits" if hit else "misses"] += count
 
 
-def roll_up(frame: Frame) -> None:
-    """Add ``frame``'s totals to its parent's (called once, when ``frame`` exits)."""
+def detach(frame: Frame) -> dict[str, dict[str, float]] | None:
+    """Take ``frame``'s totals (once, when it exits) and add them to its parent's.
+
+    Returns the totals, which nothing mutates any more: work reported to ``frame`` after
+    this (by a job it started that outlives it) is counted in a fresh, unreported dict.
+    """
+    with _lock:
+        child = frame.breakdown
+        frame.breakdown = None
+    if child:
+        roll_up(frame, child)
+    return child
+
+
+def roll_up(frame: Frame, child: dict[str, dict[str, float]] | None = None) -> None:
+    """Add ``child`` (default: ``frame``'s totals) to ``frame``'s parent's."""
     parent = frame.parent
-    child = frame.breakdown
+    if child is None:
+        child = frame.breakdown
     if parent is None or not child:
         return
     with _lock:

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from rag_instrument.exporters import Pipelines
     from rag_instrument.logs import LogOutput
 
-__all__ = ["Runtime", "Settings", "configure", "force_flush", "runtime", "shutdown"]
+__all__ = ["Runtime", "Settings", "configure", "force_flush", "restore", "runtime", "shutdown"]
 
 EXPORTERS: Final = ("none", "console", "otlp", "memory")
 LOG_FORMATS: Final = ("json", "console")
@@ -174,14 +174,6 @@ _LOCK = threading.RLock()
 _ATEXIT_REGISTERED = False
 
 
-_LAST_APPLY: dict[str, Any] | None = None
-
-
-def last_apply() -> dict[str, Any] | None:
-    """The keyword arguments of the last :func:`apply` (to restore it after a capture)."""
-    return None if _LAST_APPLY is None else dict(_LAST_APPLY)
-
-
 def runtime() -> Runtime:
     """The runtime in force."""
     return _RUNTIME
@@ -235,12 +227,12 @@ def _parse_number(
         raise _bad(name, origin, value, accepted)
     try:
         number = float(value) if not isinstance(value, int | float) else value
-    except (TypeError, ValueError):
+        if isinstance(number, float) and not math.isfinite(number):
+            raise _bad(name, origin, value, accepted)
+        if integer and float(number) != int(number):
+            raise _bad(name, origin, value, accepted)
+    except (TypeError, ValueError, OverflowError):
         raise _bad(name, origin, value, accepted) from None
-    if isinstance(number, float) and not math.isfinite(number):
-        raise _bad(name, origin, value, accepted)
-    if integer and float(number) != int(number):
-        raise _bad(name, origin, value, accepted)
     if number < minimum or (strict and number == minimum):
         raise _bad(name, origin, value, accepted)
     return float(number)
@@ -543,12 +535,16 @@ def apply(
     tracer_provider: trace_api.TracerProvider | None = None,
     meter_provider: metrics_api.MeterProvider | None = None,
     log_sink: Any = None,
+    retire: bool = True,
 ) -> Runtime:
-    """Install validated ``settings`` (the second half of :func:`configure`)."""
-    global _RUNTIME, _ATEXIT_REGISTERED
+    """Install validated ``settings`` (the second half of :func:`configure`).
+
+    With ``retire=False`` the configuration in force is only set aside, not closed, so that
+    :func:`restore` can put it back (``rag_instrument.testing.capture``).
+    """
+    global _ATEXIT_REGISTERED
     from rag_instrument import exporters, logs
 
-    global _LAST_APPLY
     with _LOCK:
         # Build the new pieces first: an exporter that cannot be built (missing extra)
         # must leave the running configuration alone.
@@ -573,31 +569,49 @@ def apply(
         new = Runtime(
             settings, configured=True, tracer=tracer, meter=meter, log=output, pipelines=pipelines
         )
-        _RUNTIME = new
-        _LAST_APPLY = {
-            "metric_readers": metric_readers,
-            "tracer_provider": tracer_provider,
-            "meter_provider": meter_provider,
-            "log_sink": log_sink,
-        }
-        logs.install_stdlib_handler(new)
+        _switch(new)
         warn_once.reset()
-        if pipelines is not None:
-            pipelines.activate()
-        _retire(old, timeout=5.0)
+        if retire:
+            _retire(old, timeout=5.0, successor=new)
         if not _ATEXIT_REGISTERED:
             atexit.register(_at_exit)
             _ATEXIT_REGISTERED = True
         return new
 
 
-def _retire(old: Runtime, timeout: float) -> bool:
-    """Flush and close what ``old`` created, within ``timeout`` seconds."""
+def _switch(new: Runtime) -> None:
+    global _RUNTIME
+    from rag_instrument import logs
+
+    _RUNTIME = new
+    logs.install_stdlib_handler(new)
+    if new.pipelines is not None:
+        new.pipelines.activate()
+
+
+def restore(previous: Runtime) -> None:
+    """Put back a runtime set aside by ``apply(..., retire=False)``; close the current one."""
+    with _LOCK:
+        current = _RUNTIME
+        if current is previous:
+            return
+        _switch(previous)
+        _retire(current, timeout=5.0, successor=previous)
+
+
+def _retire(old: Runtime, timeout: float, successor: Runtime | None = None) -> bool:
+    """Flush and close what ``old`` created, within ``timeout`` seconds.
+
+    A span exporter the application passed in and the ``successor`` uses as well is
+    flushed, not shut down: reconfiguring must not kill the application's exporter.
+    """
     if old.log is not None:
         old.log.close()
     if old.pipelines is None:
         return True
     pipelines = old.pipelines
+    if successor is not None and successor.settings.span_exporter is not None:
+        pipelines.keep_exporter(successor.settings.span_exporter)
     done = threading.Event()
 
     def work() -> None:

@@ -115,6 +115,12 @@ def _make_bound(base: Bound, kv: dict[str, Any]) -> Bound:
     log = dict(base.log)
     attrs = dict(base.attrs)
     for key, value in kv.items():
+        if key == "pipeline_stage":
+            # Reserved: the stage comes from the stage being run, never from bound values.
+            from rag_instrument._utils import warn_once
+
+            warn_once.warning("rag_instrument: 'pipeline_stage' cannot be bound; ignored")
+            continue
         log[key] = sanitizer.value(value, key)
         attr = to_attribute_value(log[key], sanitizer)
         if attr is None:

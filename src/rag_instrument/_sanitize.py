@@ -55,6 +55,8 @@ _SECRET_WORDS: Final = frozenset(
         "cookie",
         "signature",
         "dsn",
+        "jwt",
+        "bearer",
     }
 )
 # Two-word names, joined without separator after splitting (``api_key`` -> ``apikey``).
@@ -67,6 +69,10 @@ _SECRET_PAIRS: Final = frozenset(
         "sessionid",
         "clientsecret",
         "setcookie",
+        "openaikey",
+        "anthropickey",
+        "signingkey",
+        "encryptionkey",
     }
 )
 _WORD_SPLIT: Final = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])")
@@ -87,8 +93,16 @@ def is_secret_key(key: str) -> bool:
 
 _SECRET_VALUE: Final = re.compile(
     r"""
-    (?P<url>(?<=://)[^\s:/?#@]*:)[^\s/?#@]+(?=@)         # scheme://user:PASSWORD@host
-    | (?P<scheme>\b(?:Bearer|Basic|Token)\s+)[A-Za-z0-9._~+/=-]{6,}  # Authorization values
+    # scheme://user:PASSWORD@host - the password runs to the last "@" of the URL, so
+    # passwords containing "@", "/" or "#" (unencoded, as hand-written DSNs have them)
+    # are masked whole; an "@" later in a path or query only widens the mask.
+    (?P<url>(?<=://)[^\s:/?#@]*:)[^\s]*(?=@[^\s@]*(?:\s|$))
+    # Authorization header values, any case.
+    | (?P<scheme>\b(?i:bearer|basic|token)\s+)[A-Za-z0-9._~+/=-]{6,}
+    # key=value and "key": "value" in free text (query strings, exception messages, JSON).
+    | (?P<kv>\b(?i:api[_-]?key|x-api-key|access[_-]?token|refresh[_-]?token|auth[_-]?token
+        |id[_-]?token|client[_-]?secret|secret|password|passwd|pwd|token)
+        ["']?\s*[=:]\s*["']?)[^\s"'&,;}]+
     | \bsk-[A-Za-z0-9_-]{12,}                           # OpenAI / Anthropic style keys
     | \b(?:AKIA|ASIA)[0-9A-Z]{16}\b                      # AWS access key ids
     | \bgh[pousr]_[A-Za-z0-9]{30,}                       # GitHub tokens
@@ -100,7 +114,7 @@ _SECRET_VALUE: Final = re.compile(
 
 
 def _mask(match: re.Match[str]) -> str:
-    prefix = match.group("url") or match.group("scheme") or ""
+    prefix = match.group("url") or match.group("scheme") or match.group("kv") or ""
     return prefix + REDACTED
 
 
@@ -207,6 +221,12 @@ class Sanitizer:
                 out[key] = self._value(v, depth + 1, seen)
         return out
 
+    def _pair(self, pair: tuple[str, Any], depth: int, seen: set[int]) -> Any:
+        # ("Authorization", "Bearer ...") in a list of header pairs: the key names a secret.
+        if self.redact and is_secret_key(pair[0]):
+            return [self.text(pair[0]), REDACTED]
+        return self._value(pair, depth, seen)
+
     def _value(self, value: Any, depth: int, seen: set[int]) -> Any:
         if isinstance(value, str):
             return self.text(value)
@@ -229,7 +249,12 @@ class Sanitizer:
                 if isinstance(value, Mapping):
                     return self._mapping(value, depth, seen)
                 seq = list(value) if isinstance(value, set | frozenset) else value
-                items = [self._value(v, depth + 1, seen) for v in seq[:_MAX_ITEMS]]
+                items = [
+                    self._pair(v, depth + 1, seen)
+                    if type(v) is tuple and len(v) == 2 and isinstance(v[0], str)
+                    else self._value(v, depth + 1, seen)
+                    for v in seq[:_MAX_ITEMS]
+                ]
                 if len(seq) > _MAX_ITEMS:
                     items.append(f"[{len(seq) - _MAX_ITEMS} more items]")
                 return items

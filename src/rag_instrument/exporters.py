@@ -147,6 +147,8 @@ class SafeSpanExporter(SpanExporter):
     def __init__(self, inner: SpanExporter, drops: _Drops) -> None:
         self.inner = inner
         self._drops = drops
+        #: Set when a later configuration reuses ``inner``: shutting down only flushes it.
+        self.keep_inner = False
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         """Export, turning exceptions into a counted failure."""
@@ -163,6 +165,9 @@ class SafeSpanExporter(SpanExporter):
     def shutdown(self) -> None:
         """Shut the wrapped exporter down; failures are logged, not raised."""
         try:
+            if self.keep_inner:
+                self.inner.force_flush()
+                return
             self.inner.shutdown()
         except Exception as exc:
             user_code_error(f"span exporter {type(self.inner).__name__}.shutdown", exc)
@@ -382,6 +387,13 @@ class Pipelines:
         self.meter_provider = meter_provider
         self.memory_reader = memory_reader
         self.drops = drops
+
+    def keep_exporter(self, exporter: SpanExporter) -> None:
+        """Flush, but do not shut down, ``exporter`` when this configuration is retired."""
+        for processor in self.processors:
+            safe = getattr(processor, "span_exporter", None)
+            if isinstance(safe, SafeSpanExporter) and safe.inner is exporter:
+                safe.keep_inner = True
 
     def activate(self) -> None:
         """Start feeding spans to this configuration's processors."""

@@ -175,10 +175,15 @@ class LogOutput:
         if self.sink is not None:
             self.sink(data)
             return
-        fd = self._fd
-        if fd is not None:
-            os.write(fd, data)
-            return
+        if self._fd is not None:
+            # Under the lock only so that close() cannot free the descriptor (for the OS to
+            # reuse for another file) between reading it and writing; O_APPEND already
+            # keeps concurrent lines whole.
+            with self._lock:
+                fd = self._fd
+                if fd is not None:
+                    os.write(fd, data)
+                    return
         stream = sys.stderr
         if stream is None:
             return
@@ -189,7 +194,8 @@ class LogOutput:
     def close(self) -> None:
         """Close the file, if any; lines written after this are dropped."""
         self._closed = True
-        fd, self._fd = self._fd, None
+        with self._lock:
+            fd, self._fd = self._fd, None
         if fd is not None:
             try:
                 os.close(fd)

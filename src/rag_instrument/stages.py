@@ -41,7 +41,13 @@ from rag_instrument import _breakdown, _config
 from rag_instrument import attributes as attr
 from rag_instrument._context import Frame, bound, current_frame, reset_frame, set_frame
 from rag_instrument._sanitize import to_attribute_value
-from rag_instrument._utils import FunctionKind, function_kind, internal_error, user_code_error
+from rag_instrument._utils import (
+    FunctionKind,
+    function_kind,
+    internal_error,
+    user_code_error,
+    warn_once,
+)
 from rag_instrument.logs import emit
 
 if TYPE_CHECKING:
@@ -201,32 +207,38 @@ def _end(
             # restore nothing rather than someone else's state.
             pass
     ms = elapsed_ns / 1e6
-    breakdown = frame.breakdown
-    if breakdown:
-        _breakdown.roll_up(frame)
+    # Detached under the lock: work still running elsewhere (an executor job) can no longer
+    # change it while it is rendered below.
+    breakdown = _breakdown.detach(frame)
+    if isinstance(exc, GeneratorExit):
+        # A generator around this block was closed or collected: control flow, not an
+        # error, and not a cancellation either (the enclosing stream says completed=false).
+        exc, completed = None, False
     span = frame.span
     cancelled = exc is not None and not isinstance(exc, Exception)
     budget = rt.budgets.get(spec.name) if spec.is_stage and rt.budgets else None
     exceeded = budget is not None and ms > budget
-    if span.is_recording():
-        if breakdown:
-            span.set_attributes(_breakdown.as_attributes(breakdown))
-        if items is not None:
-            span.set_attribute(attr.RAG_STREAM_ITEMS, items)
-            span.set_attribute(attr.RAG_STREAM_COMPLETED, completed)
-        if exc is not None:
-            span.set_attribute(attr.ERROR_TYPE, type(exc).__qualname__)
-            if cancelled:
-                span.set_attribute(attr.RAG_CANCELLED, True)
-            else:
-                _record_exception(span, exc, rt)
-        if exceeded:
-            span.set_attribute(attr.RAG_BUDGET_EXCEEDED, True)
-            span.set_attribute(attr.RAG_BUDGET_MS, budget)
     try:
-        span.end()
-    except Exception as end_exc:  # a span processor we do not own raised
-        user_code_error("ending a span", end_exc)
+        if span.is_recording():
+            if breakdown:
+                span.set_attributes(_breakdown.as_attributes(breakdown))
+            if items is not None:
+                span.set_attribute(attr.RAG_STREAM_ITEMS, items)
+                span.set_attribute(attr.RAG_STREAM_COMPLETED, completed)
+            if exc is not None:
+                span.set_attribute(attr.ERROR_TYPE, type(exc).__qualname__)
+                if cancelled:
+                    span.set_attribute(attr.RAG_CANCELLED, True)
+                else:
+                    _record_exception(span, exc, rt)
+            if exceeded:
+                span.set_attribute(attr.RAG_BUDGET_EXCEEDED, True)
+                span.set_attribute(attr.RAG_BUDGET_MS, budget)
+    finally:
+        try:
+            span.end()
+        except Exception as end_exc:  # a span processor we do not own raised
+            user_code_error("ending a span", end_exc)
     if spec.is_stage:
         rt.stage_duration.record(ms / 1000.0, spec.metric_attributes)
     if rt.log is not None:
@@ -537,31 +549,65 @@ class Stage:
 
         with ri.stage("retrieval") as span:
             span.set_attribute("rag.documents", len(docs))
+
+    The description (attributes, event names) is computed once, on first use, and for
+    attribute-less stages shared by every object of the same name, so writing
+    ``with ri.pipeline_stage_context("retrieval"):`` inline costs next to nothing.
     """
 
-    __slots__ = ("_spec", "_what")
+    __slots__ = ("_attributes", "_error", "_is_stage", "_name", "_spec", "_what")
 
-    def __init__(self, spec: _Spec, what: str) -> None:
-        self._spec = spec
+    def __init__(
+        self,
+        name: str | None,
+        attributes: dict[str, Any],
+        what: str,
+        *,
+        is_stage: bool = True,
+        error: Exception | None = None,
+    ) -> None:
+        self._name = name
+        self._attributes = attributes
         self._what = what
+        self._is_stage = is_stage
+        self._error = error
+        self._spec: _Spec | None = None
 
     @property
-    def name(self) -> str:
-        """The stage (or operation) name."""
-        return self._spec.name
+    def name(self) -> str | None:
+        """The stage (or operation) name; ``None`` for an invalid one."""
+        return self._name
 
     def __repr__(self) -> str:
-        return f"<rag_instrument.{self._what} {self._spec.name!r}>"
+        return f"<rag_instrument.{self._what} {self._name!r}>"
+
+    def _get_spec(self) -> _Spec:
+        spec = self._spec
+        if spec is None:
+            assert self._name is not None
+            spec = self._spec = _make_spec(self._name, self._is_stage, self._attributes)
+        return spec
 
     def __call__(self, fn: F) -> F:
-        """Decorate ``fn`` (``def``, ``async def``, generator or async generator)."""
-        return _decorate(fn, self._spec, self._what)
+        """Decorate ``fn`` (``def``, ``async def``, generator or async generator).
+
+        Raises:
+            TypeError: the stage name was not a string, or ``fn`` is not callable.
+            ValueError: the stage name was empty.
+        """
+        if self._error is not None:
+            raise self._error
+        return _decorate(fn, self._get_spec(), self._what)
 
     def __enter__(self) -> Span:
         rt = _config._RUNTIME
         if not rt.enabled:
             return trace_api.INVALID_SPAN
-        frame = _safe_begin(self._spec, rt, self)
+        if self._error is not None:
+            # A name computed at run time went wrong: say so, but never fail the request.
+            warn_once.warning(f"rag_instrument: not traced: {self._error}")
+            return trace_api.INVALID_SPAN
+        frame = _safe_begin(self._get_spec(), rt, self)
         return frame.span if frame is not None else trace_api.INVALID_SPAN
 
     def __exit__(
@@ -571,7 +617,12 @@ class Stage:
         tb: types.TracebackType | None,
     ) -> None:
         frame = current_frame()
-        if frame is not None and frame.owner is self:
+        # Normally the innermost frame is ours. It is not when something opened inside
+        # this block is still open (a half-consumed plain generator holding a ``with``):
+        # end ours anyway, which restores the context from before this block.
+        while frame is not None and frame.owner is not self:
+            frame = frame.parent
+        if frame is not None and self._spec is not None:
             _safe_end(frame, self._spec, exc)
 
     async def __aenter__(self) -> Span:
@@ -586,6 +637,28 @@ class Stage:
         self.__exit__(exc_type, exc, tb)
 
 
+_SPECS: dict[tuple[str, bool], _Spec] = {}
+
+
+def _make_spec(name: str, is_stage: bool, attributes: dict[str, Any]) -> _Spec:
+    if attributes:
+        return _Spec(name, is_stage, attributes)
+    key = (name, is_stage)
+    spec = _SPECS.get(key)
+    if spec is None:
+        if len(_SPECS) >= 1024:  # names computed at run time must not grow this forever
+            _SPECS.clear()
+        spec = _SPECS[key] = _Spec(name, is_stage, attributes)
+    return spec
+
+
+def _checked(name: object, what: str) -> tuple[str | None, Exception | None]:
+    try:
+        return _stage_name(name, what), None
+    except (TypeError, ValueError) as exc:
+        return None, exc
+
+
 def stage(name: str | PipelineStage, **attributes: Any) -> Stage:
     """A pipeline stage: decorator for any function kind, and context manager.
 
@@ -598,18 +671,20 @@ def stage(name: str | PipelineStage, **attributes: Any) -> Stage:
 
     Args:
         name: a :class:`PipelineStage` or any non-empty string.
-        **attributes: span attributes (redacted and truncated once, here).
+        **attributes: span attributes (redacted and truncated once, on first use).
 
-    Raises:
-        TypeError: ``name`` is not a string.
-        ValueError: ``name`` is empty.
+    An invalid ``name`` (not a string, or empty) raises ``TypeError`` / ``ValueError``
+    when the object decorates a function (configuration time); used as a context
+    manager at run time it logs a rate-limited warning and traces nothing.
     """
-    return Stage(_Spec(_stage_name(name, "stage"), True, attributes), "stage")
+    checked, error = _checked(name, "stage")
+    return Stage(checked, attributes, "stage", error=error)
 
 
 def pipeline_stage_context(name: str | PipelineStage, **attributes: Any) -> Stage:
     """A pipeline stage as a context manager (the same object :func:`stage` returns)."""
-    return Stage(_Spec(_stage_name(name, "pipeline_stage_context"), True, attributes), "stage")
+    checked, error = _checked(name, "pipeline_stage_context")
+    return Stage(checked, attributes, "pipeline_stage_context", error=error)
 
 
 @overload
@@ -617,7 +692,7 @@ def traced(name: F, **attributes: Any) -> F: ...
 
 
 @overload
-def traced(name: str | None = None, **attributes: Any) -> _Traced: ...
+def traced(name: str | None = None, **attributes: Any) -> Stage: ...
 
 
 def traced(name: Any = None, **attributes: Any) -> Any:
@@ -628,30 +703,27 @@ def traced(name: Any = None, **attributes: Any) -> Any:
     stage. Work recorded inside it rolls up into the enclosing stage's breakdown.
 
     Args:
-        name: the span name (default: the decorated function's qualified name).
+        name: the span name (default: the decorated function's qualified name; ``"traced"``
+            for a context manager).
         **attributes: span attributes.
     """
     if callable(name) and not isinstance(name, str):
         return _Traced(None, attributes)(name)
-    if name is not None:
-        name = _stage_name(name, "traced")
-    return _Traced(name, attributes)
+    if name is None:
+        return _Traced(None, attributes)
+    checked, error = _checked(name, "traced")
+    return Stage(checked, attributes, "traced", is_stage=False, error=error)
 
 
 class _Traced(Stage):
-    """``traced()``: named now, or after the function it decorates."""
+    """``traced()`` without a name: named after the function it decorates."""
 
-    __slots__ = ("_attributes", "_named")
+    __slots__ = ()
 
-    def __init__(self, name: str | None, attributes: dict[str, Any]) -> None:
-        super().__init__(_Spec(name or "traced", False, attributes), "traced")
-        self._attributes = attributes
-        self._named = name is not None
+    def __init__(self, name: None, attributes: dict[str, Any]) -> None:
+        super().__init__("traced", attributes, "traced", is_stage=False)
 
     def __call__(self, fn: F) -> F:
-        spec = self._spec
-        if not self._named:
-            target = getattr(fn, "__func__", fn)  # classmethod / staticmethod
-            qualname = getattr(target, "__qualname__", None) or type(target).__qualname__
-            spec = _Spec(str(qualname), False, self._attributes)
-        return _decorate(fn, spec, "traced")
+        target = getattr(fn, "__func__", fn)  # classmethod / staticmethod
+        qualname = getattr(target, "__qualname__", None) or type(target).__qualname__
+        return _decorate(fn, _make_spec(str(qualname), False, self._attributes), "traced")

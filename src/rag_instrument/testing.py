@@ -114,15 +114,13 @@ def capture(**settings: Any) -> Iterator[Capture]:
     The configuration in force before is restored afterwards.
     """
     previous = _config.runtime()
-    previous_apply = _config.last_apply()
     cap = Capture()
     values = {"exporter": "memory", **settings}
     built = _config.build_settings(env={}, **values)
-    cap._runtime = _config.apply(built, log_sink=cap._write)
+    # The configuration in force is set aside, not closed: the application's exporters,
+    # log file and processors come back exactly as they were (and captures nest).
+    cap._runtime = _config.apply(built, log_sink=cap._write, retire=False)
     try:
         yield cap
     finally:
-        if previous.configured and previous_apply is not None:
-            _config.apply(previous.settings, **previous_apply)
-        else:
-            _config.shutdown()
+        _config.restore(previous)

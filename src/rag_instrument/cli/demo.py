@@ -130,9 +130,14 @@ def _percentile(sorted_values: list[float], pct: float) -> float:
 
 def run_demo(log_file: Path, requests: int = 12, concurrency: int = 4) -> list[dict[str, Any]]:
     """Run the demo pipeline, write its JSON log to ``log_file`` and return the table rows."""
+    # Explicit settings: an environment set up for an application (RAG_INSTRUMENT_ENABLED,
+    # _LOG_LEVEL, _LOG_FORMAT ...) must not empty the demo's table.
     ri.configure(
         service_name="rag-instrument-demo",
         log_file=str(log_file),
+        log_format="json",
+        log_level="info",
+        enabled=True,
         budgets=_BUDGETS,
         capture_logging=False,
     )
@@ -200,6 +205,8 @@ def add_parser(subparsers: Any) -> None:
         "--concurrency", type=int, default=4, help="requests in flight at once (default 4)"
     )
     parser.add_argument(
-        "--log-file", help="where to write the JSON log (default rag-demo-<time>.jsonl)"
+        "--log-file",
+        help="where to write the JSON log (default rag-demo-<time>.jsonl; an existing file "
+        "is replaced)",
     )
     parser.set_defaults(func=run)
