@@ -29,6 +29,7 @@ from rag_instrument.db._explain import Explainer
 from rag_instrument.db._pool import PoolInstrumentation
 from rag_instrument.db._scope import scope_counts, session_counter
 from rag_instrument.db._sql import StatementInfo, analyze, limit_value
+from rag_instrument.exporters import start_leaf_span
 from rag_instrument.logs import emit
 
 if TYPE_CHECKING:
@@ -277,7 +278,7 @@ class EngineInstrumentation:
                         pass
                 if self.capture_parameters:
                     attrs.update(self._parameters(rt, parameters, context))
-            span = rt.tracer.start_span(info.span_name, kind=SpanKind.CLIENT, attributes=attrs)
+            span = start_leaf_span(rt.tracer, info.span_name, SpanKind.CLIENT, attrs)
             pending = _Pending(span, time.perf_counter_ns(), info, rt)
             if context is not None:
                 setattr(context, _PENDING, pending)

@@ -1,0 +1,73 @@
+"""Exporter plumbing: leaf spans for statements."""
+
+from __future__ import annotations
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+import rag_instrument as ri
+from rag_instrument import _config
+from rag_instrument.exporters import LeafSpan, start_leaf_span
+from rag_instrument.testing import Capture, capture
+
+
+def test_leaf_span_under_a_stage_is_a_full_child(rag_capture: Capture) -> None:
+    tracer = _config.runtime().tracer
+    with ri.stage("retrieval") as parent:
+        span = start_leaf_span(tracer, "SELECT docs", SpanKind.CLIENT, {"db.system.name": "sqlite"})
+        assert isinstance(span, LeafSpan)
+        span.set_attribute("db.operation.name", "SELECT")
+        span.set_status(StatusCode.ERROR, "boom")
+        span.end()
+        span.end()  # once only
+    leaf = rag_capture.span("SELECT docs")
+    assert leaf.parent is not None
+    assert leaf.parent.span_id == parent.get_span_context().span_id
+    assert leaf.context.trace_id == parent.get_span_context().trace_id
+    assert leaf.kind is SpanKind.CLIENT
+    assert dict(leaf.attributes or {}) == {"db.system.name": "sqlite", "db.operation.name": "SELECT"}
+    assert leaf.status.status_code is StatusCode.ERROR
+    assert leaf.resource.attributes["service.name"] == "rag-service"
+    assert leaf.instrumentation_scope is not None
+    assert leaf.instrumentation_scope.name == "rag_instrument"
+    assert leaf.start_time is not None and leaf.end_time is not None
+    assert leaf.start_time <= leaf.end_time
+
+
+def test_leaf_span_shared_attributes_are_not_mutated() -> None:
+    shared = {"db.system.name": "sqlite"}
+    with capture(), ri.stage("retrieval"):
+        span = start_leaf_span(_config.runtime().tracer, "q", SpanKind.CLIENT, shared)
+        span.set_attribute("extra", 1)
+        span.end()
+    assert shared == {"db.system.name": "sqlite"}
+
+
+def test_unsampled_parent_gives_a_non_recording_span() -> None:
+    with capture(sample_ratio=0.0) as cap, ri.stage("retrieval"):
+        span = start_leaf_span(_config.runtime().tracer, "q", SpanKind.CLIENT, {})
+        assert not span.is_recording()
+        span.end()
+    assert cap.spans == []
+
+
+def test_without_a_parent_it_is_an_ordinary_span(rag_capture: Capture) -> None:
+    span = start_leaf_span(_config.runtime().tracer, "root q", SpanKind.CLIENT, {})
+    assert not isinstance(span, LeafSpan)
+    span.end()
+    assert rag_capture.span("root q").parent is None
+
+
+def test_the_applications_processors_receive_leaf_spans() -> None:
+    app = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(app))
+    ri.configure(exporter="memory", tracer_provider=provider)
+    tracer = _config.runtime().tracer
+    with ri.stage("retrieval"):
+        start_leaf_span(tracer, "q", SpanKind.CLIENT, {}).end()
+    assert [s.name for s in app.get_finished_spans()] == ["q", "retrieval"]
+    assert trace.get_current_span() is trace.INVALID_SPAN
