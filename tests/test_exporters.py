@@ -33,7 +33,8 @@ def test_leaf_span_under_a_stage_is_a_full_child(rag_capture: Capture) -> None:
     assert leaf.resource.attributes["service.name"] == "rag-service"
     assert leaf.instrumentation_scope is not None
     assert leaf.instrumentation_scope.name == "rag_instrument"
-    assert leaf.start_time is not None and leaf.end_time is not None
+    assert leaf.start_time is not None
+    assert leaf.end_time is not None
     assert leaf.start_time <= leaf.end_time
 
 
