@@ -24,7 +24,6 @@ import asyncio
 import functools
 import hashlib
 import threading
-import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol, TypeVar, overload
 
@@ -161,7 +160,10 @@ class MemoryCache:
     def get(self, key: str) -> bytes | None:
         """The stored bytes, or ``None``."""
         with self._lock:
-            return self._cache.get(key)
+            try:
+                return self._cache[key]  # one expiry check, where .get() makes two
+            except KeyError:
+                return None
 
     def set(self, key: str, value: bytes, ttl: float | None) -> None:
         """Store ``value`` (entries share the cache's TTL)."""
@@ -421,7 +423,7 @@ class _Store:
             saved = 0
             if hit and type(value) is LLMResult:
                 saved = (value.input_tokens or 0) + (value.output_tokens or 0)
-            if rt not in _OBSERVED:
+            if _OBSERVED_KEY not in rt._instruments:
                 _observe(rt)  # first: the baseline must not include this call
             _TOTALS.add(outcome, saved)
         except Exception as exc:
@@ -457,7 +459,7 @@ class _Totals:
 
 
 _TOTALS = _Totals()
-_OBSERVED: weakref.WeakSet[Runtime] = weakref.WeakSet()
+_OBSERVED_KEY: Final = ("observable", "rag.cache")
 _METRICS: Final = (
     ("hits", METRIC_CACHE_HITS, "{call}", "Calls answered without an underlying call."),
     ("misses", METRIC_CACHE_MISSES, "{call}", "Calls the cache could not answer."),
@@ -469,9 +471,9 @@ _METRICS: Final = (
 def _observe(rt: Runtime) -> None:
     """Register the cache counters on ``rt``'s meter, counting from now."""
     with _STORES_LOCK:
-        if rt in _OBSERVED:
+        if _OBSERVED_KEY in rt._instruments:
             return
-        _OBSERVED.add(rt)
+        rt._instruments[_OBSERVED_KEY] = True
         baseline = _TOTALS.snapshot()
     for field, name, unit, description in _METRICS:
 
