@@ -17,6 +17,17 @@ __all__ = [
     "BREAKDOWN_KINDS",
     "BREAKDOWN_LLM",
     "BREAKDOWN_VECTOR",
+    "DB_COLLECTION_NAME",
+    "DB_CONNECTION_POOL_NAME",
+    "DB_CONNECTION_STATE",
+    "DB_NAMESPACE",
+    "DB_OPERATION_BATCH_SIZE",
+    "DB_OPERATION_NAME",
+    "DB_QUERY_PARAMETER_PREFIX",
+    "DB_QUERY_TEXT",
+    "DB_RESPONSE_STATUS_CODE",
+    "DB_SESSION_SPAN",
+    "DB_SYSTEM_NAME",
     "ERROR_TYPE",
     "EVENT_LLM_CANCELLED",
     "EVENT_LLM_COMPLETED",
@@ -39,6 +50,12 @@ __all__ = [
     "METRIC_CACHE_HITS",
     "METRIC_CACHE_MISSES",
     "METRIC_CACHE_TOKENS_SAVED",
+    "METRIC_DB_CONNECTION_COUNT",
+    "METRIC_DB_CONNECTION_MAX",
+    "METRIC_DB_CONNECTION_PENDING",
+    "METRIC_DB_CONNECTION_TIMEOUTS",
+    "METRIC_DB_CONNECTION_WAIT_TIME",
+    "METRIC_DB_OPERATION_DURATION",
     "METRIC_OPERATION_DURATION",
     "METRIC_RETRY_COUNT",
     "METRIC_SPANS_DROPPED",
@@ -51,6 +68,8 @@ __all__ = [
     "RAG_BUDGET_MS",
     "RAG_CACHE_HIT",
     "RAG_CANCELLED",
+    "RAG_DB_SESSION_OUTCOME",
+    "RAG_DB_STATEMENT_COUNT",
     "RAG_LLM_TTFT_MS",
     "RAG_RETRY_ATTEMPTS",
     "RAG_RETRY_BACKOFF_MS",
@@ -58,6 +77,13 @@ __all__ = [
     "RAG_STREAM_CHUNKS",
     "RAG_STREAM_COMPLETED",
     "RAG_STREAM_ITEMS",
+    "RAG_VECTOR_INDEX_TYPE",
+    "RAG_VECTOR_METRIC",
+    "RAG_VECTOR_PARAMS_PREFIX",
+    "RAG_VECTOR_RESULT_COUNT",
+    "RAG_VECTOR_TOP_K",
+    "SERVER_ADDRESS",
+    "SERVER_PORT",
     "SpanKind",
 ]
 
@@ -146,3 +172,31 @@ METRIC_CACHE_HITS: Final = "rag.cache.hits"
 METRIC_CACHE_MISSES: Final = "rag.cache.misses"
 METRIC_CACHE_COALESCED: Final = "rag.cache.coalesced"
 METRIC_CACHE_TOKENS_SAVED: Final = "rag.cache.tokens_saved"
+
+# --- databases (OpenTelemetry database semantic conventions), vector searches -------------
+DB_COLLECTION_NAME: Final = "db.collection.name"
+DB_CONNECTION_POOL_NAME: Final = "db.client.connection.pool.name"
+DB_CONNECTION_STATE: Final = "db.client.connection.state"
+DB_NAMESPACE: Final = "db.namespace"
+DB_OPERATION_BATCH_SIZE: Final = "db.operation.batch.size"
+DB_OPERATION_NAME: Final = "db.operation.name"
+DB_QUERY_PARAMETER_PREFIX: Final = "db.query.parameter."
+DB_QUERY_TEXT: Final = "db.query.text"
+DB_RESPONSE_STATUS_CODE: Final = "db.response.status_code"
+DB_SESSION_SPAN: Final = "db.session"
+DB_SYSTEM_NAME: Final = "db.system.name"
+METRIC_DB_CONNECTION_COUNT: Final = "db.client.connection.count"
+METRIC_DB_CONNECTION_MAX: Final = "db.client.connection.max"
+METRIC_DB_CONNECTION_PENDING: Final = "db.client.connection.pending_requests"
+METRIC_DB_CONNECTION_TIMEOUTS: Final = "db.client.connection.timeouts"
+METRIC_DB_CONNECTION_WAIT_TIME: Final = "db.client.connection.wait_time"
+METRIC_DB_OPERATION_DURATION: Final = "db.client.operation.duration"
+RAG_DB_SESSION_OUTCOME: Final = "rag.db.session.outcome"
+RAG_DB_STATEMENT_COUNT: Final = "rag.db.statement_count"
+RAG_VECTOR_INDEX_TYPE: Final = "rag.vector.index_type"
+RAG_VECTOR_METRIC: Final = "rag.vector.metric"
+RAG_VECTOR_PARAMS_PREFIX: Final = "rag.vector.params."
+RAG_VECTOR_RESULT_COUNT: Final = "rag.vector.result_count"
+RAG_VECTOR_TOP_K: Final = "rag.vector.top_k"
+SERVER_ADDRESS: Final = "server.address"
+SERVER_PORT: Final = "server.port"

@@ -51,6 +51,15 @@ from opentelemetry.trace import Status, StatusCode
 from rag_instrument import _config
 from rag_instrument import attributes as attr
 from rag_instrument._utils import internal_error
+from rag_instrument.attributes import (
+    DB_SESSION_SPAN as SESSION_SPAN,
+)
+from rag_instrument.attributes import (
+    RAG_DB_SESSION_OUTCOME as SESSION_OUTCOME,
+)
+from rag_instrument.attributes import (
+    RAG_DB_STATEMENT_COUNT as SESSION_STATEMENTS,
+)
 from rag_instrument.db._listeners import EngineInstrumentation
 from rag_instrument.db._scope import DbScope, StatementCounter, db_scope, session_counter
 from rag_instrument.logs import emit
@@ -68,9 +77,6 @@ __all__ = [
 SUPPORTED_VERSIONS: Final = ("sqlalchemy >= 2.0",)
 """The SQLAlchemy versions this integration supports."""
 
-SESSION_SPAN: Final = "db.session"
-SESSION_STATEMENTS: Final = "rag.db.statement_count"
-SESSION_OUTCOME: Final = "rag.db.session.outcome"
 
 S = TypeVar("S")
 

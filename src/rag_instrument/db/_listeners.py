@@ -24,6 +24,48 @@ from rag_instrument import attributes as attr
 from rag_instrument._context import current_stage
 from rag_instrument._sanitize import to_attribute_value
 from rag_instrument._utils import internal_error, warn_once
+from rag_instrument.attributes import (
+    DB_COLLECTION_NAME as DB_COLLECTION,
+)
+from rag_instrument.attributes import (
+    DB_NAMESPACE,
+    DB_QUERY_TEXT,
+    SERVER_ADDRESS,
+    SERVER_PORT,
+)
+from rag_instrument.attributes import (
+    DB_OPERATION_BATCH_SIZE as DB_BATCH_SIZE,
+)
+from rag_instrument.attributes import (
+    DB_OPERATION_NAME as DB_OPERATION,
+)
+from rag_instrument.attributes import (
+    DB_QUERY_PARAMETER_PREFIX as DB_PARAMETER,
+)
+from rag_instrument.attributes import (
+    DB_RESPONSE_STATUS_CODE as DB_STATUS_CODE,
+)
+from rag_instrument.attributes import (
+    DB_SYSTEM_NAME as DB_SYSTEM,
+)
+from rag_instrument.attributes import (
+    METRIC_DB_OPERATION_DURATION as METRIC_DURATION,
+)
+from rag_instrument.attributes import (
+    RAG_VECTOR_INDEX_TYPE as VECTOR_INDEX_TYPE,
+)
+from rag_instrument.attributes import (
+    RAG_VECTOR_METRIC as VECTOR_METRIC,
+)
+from rag_instrument.attributes import (
+    RAG_VECTOR_PARAMS_PREFIX as VECTOR_PARAMS,
+)
+from rag_instrument.attributes import (
+    RAG_VECTOR_RESULT_COUNT as VECTOR_RESULT_COUNT,
+)
+from rag_instrument.attributes import (
+    RAG_VECTOR_TOP_K as VECTOR_TOP_K,
+)
 from rag_instrument.db import _pgvector
 from rag_instrument.db._explain import Explainer
 from rag_instrument.db._pool import PoolInstrumentation
@@ -39,22 +81,6 @@ if TYPE_CHECKING:
 __all__ = ["EngineInstrumentation"]
 
 # --- attribute names (OpenTelemetry database semantic conventions, and ours) ---------------
-DB_SYSTEM: Final = "db.system.name"
-DB_NAMESPACE: Final = "db.namespace"
-DB_OPERATION: Final = "db.operation.name"
-DB_COLLECTION: Final = "db.collection.name"
-DB_QUERY_TEXT: Final = "db.query.text"
-DB_BATCH_SIZE: Final = "db.operation.batch.size"
-DB_PARAMETER: Final = "db.query.parameter."
-DB_STATUS_CODE: Final = "db.response.status_code"
-SERVER_ADDRESS: Final = "server.address"
-SERVER_PORT: Final = "server.port"
-METRIC_DURATION: Final = "db.client.operation.duration"
-VECTOR_METRIC: Final = "rag.vector.metric"
-VECTOR_TOP_K: Final = "rag.vector.top_k"
-VECTOR_RESULT_COUNT: Final = "rag.vector.result_count"
-VECTOR_INDEX_TYPE: Final = "rag.vector.index_type"
-VECTOR_PARAMS: Final = "rag.vector.params."
 
 _SYSTEMS: Final = {"mssql": "microsoft.sql_server", "oracle": "oracle.db"}
 _DEFAULT_PORTS: Final = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433}

@@ -19,7 +19,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace as trace_api
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -29,6 +29,27 @@ from sqlalchemy import exc as sa_exc
 from rag_instrument import _config
 from rag_instrument._context import current_stage
 from rag_instrument._utils import internal_error
+from rag_instrument.attributes import (
+    DB_CONNECTION_POOL_NAME as POOL_NAME,
+)
+from rag_instrument.attributes import (
+    DB_CONNECTION_STATE as STATE,
+)
+from rag_instrument.attributes import (
+    METRIC_DB_CONNECTION_COUNT as METRIC_COUNT,
+)
+from rag_instrument.attributes import (
+    METRIC_DB_CONNECTION_MAX as METRIC_MAX,
+)
+from rag_instrument.attributes import (
+    METRIC_DB_CONNECTION_PENDING as METRIC_PENDING,
+)
+from rag_instrument.attributes import (
+    METRIC_DB_CONNECTION_TIMEOUTS as METRIC_TIMEOUTS,
+)
+from rag_instrument.attributes import (
+    METRIC_DB_CONNECTION_WAIT_TIME as METRIC_WAIT,
+)
 from rag_instrument.logs import emit
 
 if TYPE_CHECKING:
@@ -37,13 +58,6 @@ if TYPE_CHECKING:
 
 __all__ = ["PoolInstrumentation"]
 
-POOL_NAME: Final = "db.client.connection.pool.name"
-STATE: Final = "db.client.connection.state"
-METRIC_COUNT: Final = "db.client.connection.count"
-METRIC_MAX: Final = "db.client.connection.max"
-METRIC_PENDING: Final = "db.client.connection.pending_requests"
-METRIC_WAIT: Final = "db.client.connection.wait_time"
-METRIC_TIMEOUTS: Final = "db.client.connection.timeouts"
 
 _live: weakref.WeakSet[PoolInstrumentation] = weakref.WeakSet()
 _observed_meter: list[Any] = [None]
