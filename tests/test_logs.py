@@ -357,3 +357,16 @@ def test_more_secret_shapes_are_masked(rag_capture: Capture) -> None:
         assert secret not in text
     assert rag_capture.find_logs("h2")[0]["url"] == "postgresql://app:[REDACTED]@db.internal/rag"
     assert rag_capture.find_logs("h4")[0]["headers"][1] == ["Accept", "json"]
+
+
+def test_logged_statement_errors_hide_parameters(rag_capture: Capture) -> None:
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    engine = sqlalchemy.create_engine("sqlite://")
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT * FROM missing WHERE ssn = :s"), {"s": "123-45-6789"})
+    except sqlalchemy.exc.OperationalError:
+        logging.getLogger("app.db").exception("query failed")
+    (line,) = rag_capture.find_logs("query failed")
+    assert "123-45-6789" not in json.dumps(line)
+    assert line["exception"][0]["exc_type"] == "OperationalError"

@@ -827,3 +827,51 @@ def test_raising_exporter_and_processor_do_not_change_results(
         active._span_processors = tuple(
             p for p in active._span_processors if not isinstance(p, BadProcessor)
         )
+
+
+def test_sql_statement_errors_never_show_parameters(rag_capture: Capture) -> None:
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    engine = sqlalchemy.create_engine("sqlite://")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE users (email TEXT UNIQUE)")
+        conn.exec_driver_sql("INSERT INTO users VALUES ('alice@x.com')")
+
+    @ri.stage("ingestion")
+    def insert() -> None:
+        with engine.begin() as conn:
+            conn.execute(
+                sqlalchemy.text("INSERT INTO users (email) VALUES (:e)"), {"e": "alice@x.com"}
+            )
+
+    with pytest.raises(sqlalchemy.exc.IntegrityError) as info:
+        insert()
+    assert "alice@x.com" in str(info.value)  # the application's exception is unchanged
+    span = rag_capture.span("ingestion")
+    recorded = repr(span.events[0].attributes) + repr(span.status.description)
+    line = rag_capture.find_logs("ingestion failed")[0]
+    assert "alice@x.com" not in recorded
+    assert "alice@x.com" not in line["error_message"]
+    assert "IntegrityError" in line["error_message"]
+
+
+def test_llm_sdk_error_messages_are_hidden_without_content_capture() -> None:
+    class APIStatusError(Exception):
+        status_code = 400
+
+    APIStatusError.__module__ = "openai._exceptions"
+
+    prompt = "the passports are in the " + "blue drawer"  # not in any source line
+
+    @ri.stage("generation")
+    def call() -> None:
+        raise APIStatusError(f"Content rejected: {prompt!r}")
+
+    for capture_content, visible in ((False, False), (True, True)):
+        with capture(capture_content=capture_content) as cap:
+            with pytest.raises(APIStatusError):
+                call()
+        line = cap.find_logs("generation failed")[0]
+        assert ("blue drawer" in line["error_message"]) is visible
+        assert "HTTP 400" in line["error_message"] or visible
+        event = cap.span("generation").events[0].attributes or {}
+        assert ("blue drawer" in str(event["exception.stacktrace"])) is visible

@@ -311,3 +311,62 @@ def to_attribute_value(
         return sanitizer.text(orjson.dumps(clean, option=orjson.OPT_NON_STR_KEYS).decode())
     except Exception:
         return f"<unrepresentable {_type_name(value)}>"
+
+
+# --- exception messages --------------------------------------------------------------------
+
+_SDK_MODULES: Final = (
+    "openai.",
+    "anthropic.",
+    "ibm_watsonx_ai.",
+    "cohere.",
+    "mistralai.",
+    "google.genai.",
+)
+
+
+def _sdk_message(exc: BaseException) -> str:
+    # LLM SDK errors echo request content (the prompt, a rejected message) in their text.
+    status = getattr(exc, "status_code", None) or getattr(exc, "status", None)
+    code = getattr(exc, "code", None)
+    parts = [type(exc).__name__]
+    if isinstance(status, int):
+        parts.append(f"HTTP {status}")
+    if isinstance(code, str) and code.isidentifier() and len(code) <= 64:
+        parts.append(code)
+    return " ".join(parts) + " (message hidden: content capture is off)"
+
+
+def _statement_error_message(exc: BaseException) -> str:
+    # SQLAlchemy's StatementError text carries the raw SQL and a "[parameters: ...]" block,
+    # and the driver's message under it can quote values ("Key (email)=(...)").
+    try:
+        from rag_instrument.db._sql import sanitize_statement_error  # type: ignore[attr-defined]
+
+        rendered = sanitize_statement_error(exc)
+        if isinstance(rendered, str):
+            return rendered
+    except Exception:
+        pass
+    orig = getattr(exc, "orig", None)
+    inner = f" ({type(orig).__module__}.{type(orig).__name__})" if orig is not None else ""
+    return f"{type(exc).__name__}{inner}: statement and parameters hidden"
+
+
+def exception_message(exc: BaseException, sanitizer: Sanitizer, capture_content: bool) -> str:
+    """The text of ``exc`` that is safe to put on a span or a log line.
+
+    Database statement errors never show their SQL literals or parameters; LLM SDK errors
+    show only their type, HTTP status and error code unless content capture is on; any
+    other message is redacted and truncated.
+    """
+    module = type(exc).__module__ or ""
+    if module.startswith("sqlalchemy") and hasattr(exc, "statement"):
+        return sanitizer.text(_statement_error_message(exc))
+    if not capture_content and f"{module}.".startswith(_SDK_MODULES):
+        return _sdk_message(exc)
+    try:
+        text = str(exc)
+    except Exception:
+        text = "<unprintable>"
+    return sanitizer.text(text)

@@ -34,7 +34,7 @@ from structlog.tracebacks import ExceptionDictTransformer
 
 from rag_instrument import _config
 from rag_instrument._context import bound, current_frame
-from rag_instrument._sanitize import safe_repr
+from rag_instrument._sanitize import exception_message, safe_repr
 from rag_instrument._utils import internal_error
 from rag_instrument.attributes import LOGGER_NAME
 
@@ -293,12 +293,23 @@ def _exception_dict(exc_info: Any, rt: Runtime) -> Any:
         exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
     if not isinstance(exc_info, tuple) or len(exc_info) != 3 or exc_info[1] is None:
         return None
+    exc = exc_info[1]
     try:
         stacks = _transform(exc_info)
     except Exception:
-        exc = exc_info[1]
-        stacks = [{"exc_type": type(exc).__name__, "exc_value": safe_repr(exc)}]
-    # Exception messages and source lines can carry secrets and prompt text.
+        stacks = [{"exc_type": type(exc).__name__, "exc_value": ""}]
+    # Exception messages can carry secrets, prompt text and SQL parameters: each message is
+    # replaced by its safe form (the stacks follow the same cause/context chain).
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(chain) < len(stacks) and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or (
+            None if current.__suppress_context__ else current.__context__
+        )
+    for stack, link in zip(stacks, chain, strict=False):
+        if isinstance(stack, dict):
+            stack["exc_value"] = exception_message(link, rt.sanitizer, rt.settings.capture_content)
     return rt.sanitizer.value(stacks)
 
 

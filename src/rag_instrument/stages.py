@@ -40,7 +40,7 @@ from opentelemetry.trace import Status, StatusCode
 from rag_instrument import _breakdown, _config
 from rag_instrument import attributes as attr
 from rag_instrument._context import Frame, bound, current_frame, reset_frame, set_frame
-from rag_instrument._sanitize import to_attribute_value
+from rag_instrument._sanitize import exception_message, to_attribute_value
 from rag_instrument._utils import (
     FunctionKind,
     function_kind,
@@ -159,14 +159,7 @@ def _safe_begin(spec: _Spec, rt: Runtime, owner: object) -> Frame | None:
 
 def _record_exception(span: Span, exc: BaseException, rt: Runtime) -> None:
     sanitizer = rt.sanitizer
-    try:
-        message = str(exc)
-    except Exception:
-        message = "<unprintable>"
-    try:
-        stack = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    except Exception:
-        stack = ""
+    clean_message = exception_message(exc, sanitizer, rt.settings.capture_content)
     exc_type = type(exc)
     module = exc_type.__module__
     qualname = (
@@ -174,7 +167,12 @@ def _record_exception(span: Span, exc: BaseException, rt: Runtime) -> None:
         if module in ("builtins", None)
         else f"{module}.{exc_type.__qualname__}"
     )
-    clean_message = sanitizer.text(message)
+    try:
+        # The frames, then the safe message: format_exception() would repeat the raw one.
+        frames = "".join(traceback.format_tb(exc.__traceback__))
+    except Exception:
+        frames = ""
+    stack = f"Traceback (most recent call last):\n{frames}{qualname}: {clean_message}"
     span.set_status(Status(StatusCode.ERROR, f"{exc_type.__name__}: {clean_message}"))
     span.add_event(
         "exception",
@@ -255,7 +253,9 @@ def _end(
         else:
             event, level = spec.failed_event, "error"
             fields["error_type"] = type(exc).__name__
-            fields["error_message"] = rt.sanitizer.text(_message(exc))
+            fields["error_message"] = exception_message(
+                exc, rt.sanitizer, rt.settings.capture_content
+            )
         # Only a stage's own line reports its duration under context.pipeline_stage, so
         # per-stage aggregations of execution_time_ms (the README's jq one-liner, the
         # analyzer) count each run exactly once.
@@ -281,13 +281,6 @@ def _end(
                 trusted=True,
                 rt=rt,
             )
-
-
-def _message(exc: BaseException) -> str:
-    try:
-        return str(exc)
-    except Exception:
-        return "<unprintable>"
 
 
 def _safe_end(
