@@ -370,3 +370,13 @@ def test_logged_statement_errors_hide_parameters(rag_capture: Capture) -> None:
     (line,) = rag_capture.find_logs("query failed")
     assert "123-45-6789" not in json.dumps(line)
     assert line["exception"][0]["exc_type"] == "OperationalError"
+
+
+def test_measurement_lines_name_the_stage_outside_context(rag_capture: Capture) -> None:
+    from rag_instrument.logs import emit
+
+    with ri.request_context(request_id="r-1"), ri.stage("generation"):
+        emit("info", "llm call completed", {"execution_time_ms": 5.0}, measures=True)
+    (line,) = rag_capture.find_logs("llm call completed")
+    assert line["pipeline_stage"] == "generation"
+    assert line["context"] == {"request_id": "r-1"}

@@ -226,6 +226,7 @@ def emit(
     trusted: bool = False,
     exc_info: Any = None,
     rt: Runtime | None = None,
+    measures: bool = False,
 ) -> None:
     """Write one event through the pipeline; never raises.
 
@@ -241,6 +242,10 @@ def emit(
         exc_info: an exception (or ``True`` for the one being handled) to render as a
             structured ``exception`` field, without local variables.
         rt: the runtime (looked up when omitted).
+        measures: the line reports the duration of something inside a stage (an LLM call,
+            a slow statement) under ``execution_time_ms``: the stage is then a top-level
+            ``pipeline_stage`` field, not ``context.pipeline_stage``, so that per-stage
+            aggregations of ``execution_time_ms`` count only the stages' own lines.
     """
     if rt is None:
         rt = _config._RUNTIME
@@ -262,7 +267,12 @@ def emit(
             frame = current_frame()
             stage = frame.stage if frame is not None else None
         context = bound().log
-        line["context"] = {"pipeline_stage": stage, **context} if stage else context
+        if measures:
+            line["context"] = context
+            if stage:
+                line["pipeline_stage"] = stage
+        else:
+            line["context"] = {"pipeline_stage": stage, **context} if stage else context
         if fields:
             if trusted:
                 line.update(fields)

@@ -1,7 +1,9 @@
 """``rag-instrument demo``: an instrumented RAG pipeline you can run anywhere.
 
 A few concurrent requests go through query rewriting, retrieval, reranking and generation
-(each with simulated latency), under a ``search`` stage with budgets. The JSON log is
+under a ``search`` stage with budgets. The model is a local stand-in with latency, token
+counts and transient faults, behind the library's retry and cache mixins; the database,
+embedding and vector-index work is simulated and reported to the breakdown. The JSON log is
 written to a file, whose name is printed, and a per-stage timing table is computed from
 that file, the same way ``jq`` over the log would.
 """
@@ -22,7 +24,7 @@ import orjson
 import rag_instrument as ri
 from rag_instrument import _breakdown
 
-__all__ = ["add_parser", "run", "run_demo", "stage_table"]
+__all__ = ["StandInLLM", "add_parser", "run", "run_demo", "stage_table"]
 
 _BUDGETS = {"search": 150.0, "retrieval": 60.0, "generation": 90.0}
 
@@ -33,11 +35,48 @@ async def _sleep_ms(mean_ms: float, rng: random.Random) -> float:
     return ms
 
 
+class TransientError(ConnectionError):
+    """A stand-in for a 503 from the model API (retried by :class:`StandInLLM`)."""
+
+    status_code = 503
+
+
+class StandInLLM(ri.CacheMixin, ri.RetryMixin, ri.LLMProvider):
+    """A local model with latency, token counts and an occasional transient fault."""
+
+    system = "stand-in"
+    model = "demo-llm"
+    retry_attempts = 3
+    retry_wait_min = 0.005
+    retry_wait_max = 0.02
+    timeout = 2.0
+
+    def __init__(self, fault_rate: float, seed: int = 7) -> None:
+        self._rng = random.Random(seed)  # noqa: S311 - simulated faults, not security
+        self._fault_rate = fault_rate
+        self._faulted: set[str] = set()
+
+    async def _generate(self, prompt: str, **params: Any) -> ri.LLMResult:
+        mean_ms = float(params.get("mean_ms", 40.0))
+        await asyncio.sleep(max(1.0, self._rng.gauss(mean_ms, mean_ms / 4)) / 1000)
+        # Transient: a prompt that failed once succeeds when retried.
+        if prompt not in self._faulted and self._rng.random() < self._fault_rate:
+            self._faulted.add(prompt)
+            raise TransientError("model overloaded, try again")
+        words = prompt.split()
+        return ri.LLMResult(
+            text=f"answer based on {len(words)} words",
+            input_tokens=len(words),
+            output_tokens=12,
+            finish_reason="stop",
+            model=self.model,
+        )
+
+
 @ri.stage(ri.PipelineStage.QUERY_REWRITING)
-async def rewrite(question: str, rng: random.Random) -> str:
-    """Rewrite the question (an LLM call in a real service)."""
-    ms = await _sleep_ms(8, rng)
-    _breakdown.record("llm", ms)
+async def rewrite(question: str, llm: StandInLLM) -> str:
+    """Rewrite the question with the model (repeated questions come from the cache)."""
+    await llm.generate(f"Rewrite as a search query: {question}", temperature=0, mean_ms=8)
     return question.lower().strip("?")
 
 
@@ -68,29 +107,37 @@ async def rerank(query: str, docs: list[str], rng: random.Random) -> list[str]:
 
 
 @ri.stage(ri.PipelineStage.GENERATION)
-async def generate(query: str, docs: list[str], rng: random.Random) -> str:
-    """Answer from the documents (an LLM call in a real service)."""
-    _breakdown.record("llm", await _sleep_ms(45, rng))
-    return f"answer to {query!r} from {len(docs)} documents"
+async def generate(query: str, docs: list[str], llm: StandInLLM) -> str:
+    """Answer from the documents."""
+    context = " ".join(docs)
+    result = await llm.generate(f"Context: {context}\nQuestion: {query}", temperature=0)
+    return result.text if isinstance(result, ri.LLMResult) else str(result)
 
 
 @ri.stage(ri.PipelineStage.SEARCH)
-async def search(question: str, request_id: str, seed: int) -> str:
+async def search(question: str, request_id: str, seed: int, llm: StandInLLM) -> str:
     """One request through the whole pipeline."""
     rng = random.Random(seed)  # noqa: S311 - simulated latency, not security
     ri.bind_context(request_id=request_id)
-    query = await rewrite(question, rng)
+    query = await rewrite(question, llm)
     docs = await retrieve(query, rng)
     top = await rerank(query, docs, rng)
-    return await generate(query, top, rng)
+    return await generate(query, top, llm)
 
 
-async def _requests(count: int, concurrency: int) -> None:
+async def _requests(count: int, concurrency: int, fault_rate: float) -> None:
     gate = asyncio.Semaphore(concurrency)
+    llm = StandInLLM(fault_rate)
+    StandInLLM.cache_clear()
 
     async def one(i: int) -> None:
         async with gate:
-            await search(f"What is question {i}?", f"req-{i:03d}", seed=i)
+            # A few questions repeat, so that the cache has something to answer.
+            question = f"What is question {i % max(1, count - 2)}?"
+            try:
+                await search(question, f"req-{i:03d}", i, llm)
+            except Exception:
+                pass
 
     await asyncio.gather(*(one(i) for i in range(count)))
 
@@ -128,7 +175,9 @@ def _percentile(sorted_values: list[float], pct: float) -> float:
     return sorted_values[rank]
 
 
-def run_demo(log_file: Path, requests: int = 12, concurrency: int = 4) -> list[dict[str, Any]]:
+def run_demo(
+    log_file: Path, requests: int = 12, concurrency: int = 4, fault_rate: float = 0.15
+) -> list[dict[str, Any]]:
     """Run the demo pipeline, write its JSON log to ``log_file`` and return the table rows."""
     # Explicit settings: an environment set up for an application (RAG_INSTRUMENT_ENABLED,
     # _LOG_LEVEL, _LOG_FORMAT ...) must not empty the demo's table.
@@ -142,7 +191,7 @@ def run_demo(log_file: Path, requests: int = 12, concurrency: int = 4) -> list[d
         capture_logging=False,
     )
     try:
-        asyncio.run(_requests(requests, concurrency))
+        asyncio.run(_requests(requests, concurrency, fault_rate))
     finally:
         ri.shutdown()
     lines = []
@@ -178,10 +227,24 @@ def run(args: argparse.Namespace) -> int:
     if log_file.exists():
         log_file.unlink()
     started = time.perf_counter()
-    rows = run_demo(log_file, requests=args.requests, concurrency=args.concurrency)
+    rows = run_demo(
+        log_file,
+        requests=args.requests,
+        concurrency=args.concurrency,
+        fault_rate=args.fault_rate,
+    )
     elapsed = time.perf_counter() - started
     print(f"Ran {args.requests} requests ({args.concurrency} at a time) in {elapsed:.2f} s.")
     print(f"JSON log: {log_file.resolve()}")
+    retries = cache_hits = 0
+    for raw in log_file.read_bytes().splitlines():
+        line = orjson.loads(raw)
+        retries += line.get("event") == "retrying"
+        if line.get("event") == "search completed":
+            cache_hits += line.get("breakdown", {}).get("cache", {}).get("hits", 0)
+    print(
+        f"Model calls retried after transient faults: {retries}; answered from cache: {cache_hits}."
+    )
     print()
     _print_table(rows, _BUDGETS)
     print()
@@ -208,5 +271,11 @@ def add_parser(subparsers: Any) -> None:
         "--log-file",
         help="where to write the JSON log (default rag-demo-<time>.jsonl; an existing file "
         "is replaced)",
+    )
+    parser.add_argument(
+        "--fault-rate",
+        type=float,
+        default=0.15,
+        help="share of model calls that fail transiently (default 0.15)",
     )
     parser.set_defaults(func=run)
