@@ -72,3 +72,38 @@ def test_the_applications_processors_receive_leaf_spans() -> None:
         start_leaf_span(tracer, "q", SpanKind.CLIENT, {}).end()
     assert [s.name for s in app.get_finished_spans()] == ["q", "retrieval"]
     assert trace.get_current_span() is trace.INVALID_SPAN
+
+
+def test_secrets_in_any_span_are_masked_before_export(rag_capture: Capture) -> None:
+    tracer = trace.get_tracer("some.other.instrumentation")
+    with tracer.start_as_current_span("GET") as span:
+        span.set_attribute("url.full", "https://user:hunter2@api.example.com/v1?api_key=abc123secret")
+        span.set_attribute("http.request.header.authorization", ("Bearer abcdef123456",))
+        span.set_attribute("api_key", "k-123")
+        span.set_attribute("gen_ai.usage.input_tokens", 12)
+        span.add_event("retry", {"note": "sent Authorization: Bearer abcdef123456"})
+        span.set_status(StatusCode.ERROR, "rejected sk-abcdefghijklmnop1234")
+    exported = rag_capture.span("GET")
+    text = repr(dict(exported.attributes or {})) + repr(exported.events[0].attributes)
+    text += repr(exported.status.description)
+    for secret in ("hunter2", "abc123secret", "abcdef123456", "k-123", "sk-abcdefghijklmnop1234"):
+        assert secret not in text
+    assert exported.attributes is not None
+    assert exported.attributes["gen_ai.usage.input_tokens"] == 12
+    assert exported.attributes["url.full"].startswith("https://user:[REDACTED]@api.example.com")
+
+
+def test_spans_without_secrets_are_exported_as_they_are() -> None:
+    from rag_instrument.exporters import redact_span
+
+    with capture() as cap, ri.stage("retrieval"):
+        pass
+    span = cap.span("retrieval")
+    assert redact_span(span) is span
+
+
+def test_redaction_of_spans_can_be_turned_off() -> None:
+    with capture(redact=False) as cap:
+        with trace.get_tracer("x").start_as_current_span("raw") as span:
+            span.set_attribute("api_key", "k-123")
+    assert (cap.span("raw").attributes or {})["api_key"] == "k-123"

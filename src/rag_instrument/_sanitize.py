@@ -341,7 +341,7 @@ def _statement_error_message(exc: BaseException) -> str:
     # SQLAlchemy's StatementError text carries the raw SQL and a "[parameters: ...]" block,
     # and the driver's message under it can quote values ("Key (email)=(...)").
     try:
-        from rag_instrument.db._sql import sanitize_statement_error  # type: ignore[attr-defined]
+        from rag_instrument.db._sql import sanitize_statement_error
 
         rendered = sanitize_statement_error(exc)
         if isinstance(rendered, str):

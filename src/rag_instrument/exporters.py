@@ -38,7 +38,7 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, Span, SpanLimits, SpanProcessor
+from opentelemetry.sdk.trace import Event, ReadableSpan, Span, SpanLimits, SpanProcessor
 from opentelemetry.sdk.trace import TracerProvider as SDKTracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
@@ -56,9 +56,11 @@ from opentelemetry.sdk.trace.sampling import (
     SamplingResult,
     TraceIdRatioBased,
 )
+from opentelemetry.trace import Status
 from opentelemetry.util.types import Attributes
 
 from rag_instrument import attributes as attr
+from rag_instrument._sanitize import REDACTED, is_secret_key, redact_text
 from rag_instrument._utils import user_code_error
 
 if TYPE_CHECKING:
@@ -74,6 +76,7 @@ __all__ = [
     "Pipelines",
     "SafeSpanExporter",
     "build",
+    "redact_span",
     "start_leaf_span",
 ]
 
@@ -143,18 +146,82 @@ class _Drops:
             self.count += n
 
 
-class SafeSpanExporter(SpanExporter):
-    """Wraps an exporter so that its exceptions become counted, rate-limited warnings."""
+def _redact_value(key: str, value: Any) -> Any:
+    if is_secret_key(key):
+        return value if value == REDACTED else REDACTED
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, tuple | list) and value and isinstance(value[0], str):
+        cleaned = [redact_text(v) if isinstance(v, str) else v for v in value]
+        return value if cleaned == list(value) else tuple(cleaned)
+    return value
 
-    def __init__(self, inner: SpanExporter, drops: _Drops) -> None:
+
+def _redact_mapping(attributes: Any) -> dict[str, Any] | None:
+    """A redacted copy of ``attributes``, or ``None`` when nothing needed masking."""
+    if not attributes:
+        return None
+    changed: dict[str, Any] | None = None
+    for key, value in attributes.items():
+        clean = _redact_value(key, value)
+        if clean is not value and clean != value:
+            if changed is None:
+                changed = dict(attributes)
+            changed[key] = clean
+    return changed
+
+
+def redact_span(span: ReadableSpan) -> ReadableSpan:
+    """``span`` itself when nothing in it looks secret, else a copy with secrets masked.
+
+    Runs on the export thread, so spans from any instrumentation (an HTTP client's
+    ``url.full`` with a password, an attribute the application set by hand) are covered
+    at no cost to the application's threads.
+    """
+    attributes = _redact_mapping(span.attributes)
+    events = span.events
+    new_events: list[Event] | None = None
+    for index, event in enumerate(events):
+        cleaned = _redact_mapping(event.attributes)
+        if cleaned is not None:
+            if new_events is None:
+                new_events = list(events)
+            new_events[index] = Event(event.name, cleaned, event.timestamp)
+    description = span.status.description
+    clean_description = redact_text(description) if description else description
+    if attributes is None and new_events is None and clean_description == description:
+        return span
+    return ReadableSpan(
+        name=span.name,
+        context=span.context,
+        parent=span.parent,
+        resource=span.resource,
+        attributes=attributes if attributes is not None else span.attributes,
+        events=new_events if new_events is not None else events,
+        links=span.links,
+        kind=span.kind,
+        status=Status(span.status.status_code, clean_description),
+        start_time=span.start_time,
+        end_time=span.end_time,
+        instrumentation_scope=span.instrumentation_scope,
+    )
+
+
+class SafeSpanExporter(SpanExporter):
+    """Wraps an exporter: secrets masked, exceptions turned into counted, rate-limited warnings."""
+
+    def __init__(self, inner: SpanExporter, drops: _Drops, *, redact: bool = True) -> None:
         self.inner = inner
         self._drops = drops
+        self._redact = redact
         #: Set when a later configuration reuses ``inner``: shutting down only flushes it.
         self.keep_inner = False
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        """Export, turning exceptions into a counted failure."""
+        """Export (secrets masked), turning exceptions into a counted failure."""
         try:
+            if self._redact:
+                spans = [redact_span(span) for span in spans]
             result = self.inner.export(spans)
         except Exception as exc:
             self._drops.add(len(spans))
@@ -328,7 +395,8 @@ def _span_processors(settings: Settings, drops: _Drops) -> tuple[list[SpanProces
     exporter: SpanExporter | None
     if settings.exporter == "memory":
         memory = InMemorySpanExporter()
-        return [SimpleSpanProcessor(SafeSpanExporter(memory, drops))], memory
+        safe = SafeSpanExporter(memory, drops, redact=settings.redact)
+        return [SimpleSpanProcessor(safe)], memory
     if settings.exporter == "console":
         exporter = ConsoleSpanExporter(out=sys.stdout)  # the stdout of now, not of import time
     elif settings.exporter == "otlp":
@@ -339,7 +407,8 @@ def _span_processors(settings: Settings, drops: _Drops) -> tuple[list[SpanProces
         exporter = None
     if exporter is None:
         return [], None
-    return [_CountingBatchProcessor(SafeSpanExporter(exporter, drops), drops)], None
+    safe = SafeSpanExporter(exporter, drops, redact=settings.redact)
+    return [_CountingBatchProcessor(safe, drops)], None
 
 
 def _otlp(signal: str) -> Callable[..., Any]:
