@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -473,3 +474,70 @@ def test_failed_exports_are_counted_in_a_metric() -> None:
         for point in metric.data.data_points
     ]
     assert dropped == [10]
+
+
+def test_blocked_exporter_drops_counted_and_warned_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import threading
+
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    release = threading.Event()
+
+    class Blocked(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            release.wait(10)  # a collector that never answers (until the test lets go)
+            return SpanExportResult.SUCCESS
+
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "50")
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "10")
+    reader = InMemoryMetricReader()
+    ri.configure(exporter=Blocked(), metric_readers=[reader])
+    try:
+        with caplog.at_level(logging.WARNING):
+            for _ in range(500):
+                with ri.stage("retrieval"):
+                    pass  # never waits for the exporter: export runs on the batch thread
+        full = [r for r in caplog.records if "Queue full" in r.getMessage()]
+        assert len(full) <= 1
+        data = reader.get_metrics_data()
+        assert data is not None
+        dropped = [
+            point.value
+            for rm in data.resource_metrics
+            for sm in rm.scope_metrics
+            for metric in sm.metrics
+            if metric.name == "rag.spans.dropped"
+            for point in metric.data.data_points
+        ]
+        assert dropped and dropped[0] >= 400
+    finally:
+        release.set()
+
+
+def test_memory_plateaus_with_a_failing_exporter() -> None:
+    import tracemalloc
+
+    exporter = _exporter(fail=True)
+    ri.configure(exporter=exporter)
+    log = ri.get_logger()
+
+    def burst(n: int) -> None:
+        for i in range(n):
+            with ri.request_context(request_id=f"r-{i}"), ri.stage("retrieval"):
+                log.debug("step", i=i)
+
+    burst(5_000)
+    ri.force_flush(timeout=5.0)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        burst(8_000)
+        ri.force_flush(timeout=5.0)
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    growth = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    assert growth < 1_000_000, f"grew by {growth} bytes over 8,000 stages"
