@@ -512,7 +512,8 @@ def test_blocked_exporter_drops_counted_and_warned_once(
             if metric.name == "rag.spans.dropped"
             for point in metric.data.data_points
         ]
-        assert dropped and dropped[0] >= 400
+        assert dropped
+        assert dropped[0] >= 400
     finally:
         release.set()
 
