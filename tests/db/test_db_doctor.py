@@ -17,6 +17,46 @@ def test_mask_url_hides_the_password() -> None:
     assert mask_url("not a url u:hunter22@x").count("hunter22") == 0
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:p@ss@h/db",
+        "postgresql://u:hun@ter@2@h:5432/db?sslmode=require",
+        "postgresql://u:pa/ss:w@h/db",
+        "u:hun@ter2@h",
+        "postgresql://u:hunter2@h:notaport/db",
+    ],
+)
+def test_mask_url_hides_every_part_of_the_password(url: str) -> None:
+    masked = mask_url(url)
+    assert "***@" in masked
+    for part in ("p@ss", "ss@", "hun", "ter", "pa/ss", "ss:w"):
+        if part in url:
+            assert part not in masked, masked
+    assert mask_url("postgresql://u@h/db") == "postgresql://u@h/db"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgresql://u:hunter2@h:notaport/db", "not a database URL"),
+        ("postgresql://u:hun@ter2@127.0.0.1:1/db", "unencoded '@'"),
+    ],
+)
+def test_bad_port_or_unencoded_at_is_one_line_and_status_2(
+    url: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = main(["db-doctor", url, "--connect-timeout", "1"])
+    out, err = capsys.readouterr()
+    assert status == 2
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert message in err
+    assert "Traceback" not in err
+    for part in ("hunter2", "hun", "ter2"):
+        assert part not in err
+
+
 def test_unreachable_server_is_one_line_and_status_2(capsys: pytest.CaptureFixture[str]) -> None:
     status = main(["db-doctor", "postgresql://u:hunter22@127.0.0.1:1/db", "--connect-timeout", "1"])
     out, err = capsys.readouterr()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +19,7 @@ from sqlalchemy.orm import (
 )
 
 import rag_instrument as ri
+from rag_instrument.db import _scope
 from rag_instrument.testing import capture
 
 
@@ -160,3 +162,85 @@ async def test_db_scope_async_and_nested_stage_counts_separately() -> None:
     assert scope.counts == {"SELECT ?": 1}
     assert [w["pipeline_stage"] for w in cap.find_logs("n+1 query detected")] == ["retrieval"]
     handle.uninstrument()
+
+
+def test_db_scope_inside_a_stage_wins_under_a_traced_operation() -> None:
+    """The scope opened inside the stage counts, also under a traced op opened inside it."""
+    engine = create_engine("sqlite://")
+    handle = ri.instrument_sqlalchemy(engine)
+    with capture(n_plus_one_threshold=3) as cap, ri.stage("retrieval"):
+        with ri.db_scope() as scope, ri.traced("load"), engine.connect() as conn:
+            for i in range(3):
+                conn.execute(text("SELECT :i"), {"i": i})
+        with ri.traced("after"), engine.connect() as conn:  # the scope is closed: the stage
+            conn.execute(text("SELECT :i"), {"i": 9})
+            with ri.db_scope() as inner, ri.stage("rerank"), engine.connect() as conn2:
+                conn2.execute(text("SELECT :i"), {"i": 9})  # a stage inside the scope
+    assert scope.counts == {"SELECT ?": 3}
+    assert inner.counts == {}
+    (warning,) = cap.find_logs("n+1 query detected")
+    assert warning["pipeline_stage"] == "retrieval"
+    handle.uninstrument()
+
+
+def test_scope_resolution_is_cached_per_frame(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = create_engine("sqlite://")
+    handle = ri.instrument_sqlalchemy(engine)
+    walks: list[int] = []
+    original = _scope._resolve
+
+    def counting(frame: Any, scope: Any) -> Any:
+        walks.append(1)
+        return original(frame, scope)
+
+    monkeypatch.setattr(_scope, "_resolve", counting)
+    with capture(), ri.stage("retrieval"), ri.traced("inner"), engine.connect() as conn:
+        for _ in range(10):
+            conn.execute(text("SELECT 1"))
+        with ri.db_scope() as scope:
+            for _ in range(10):
+                conn.execute(text("SELECT 1"))
+    assert len(walks) == 2  # once for the stage, once for the scope
+    assert scope.counts == {"SELECT ?": 10}
+    handle.uninstrument()
+
+
+class _CountingLock:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.acquired = 0
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+        self.acquired += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
+def test_shape_counts_take_the_lock_only_near_the_threshold() -> None:
+    shapes = _scope.ShapeCounts()
+    lock = _CountingLock()
+    shapes.lock = lock  # type: ignore[assignment]
+    reports = [shapes.add("SELECT ?", 50) for _ in range(200)]
+    assert [r for r in reports if r] == [50]
+    assert shapes.counts == {"SELECT ?": 200}
+    assert lock.acquired <= 3  # the first time, and at the threshold
+
+
+def test_shape_counts_report_once_under_threads() -> None:
+    shapes = _scope.ShapeCounts()
+    reports: list[int] = []
+    start = threading.Barrier(8)
+
+    def work() -> None:
+        start.wait()
+        reports.extend(r for r in (shapes.add("SELECT ?", 100) for _ in range(500)) if r)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(reports) == 1
+    assert reports[0] >= 100

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from sqlalchemy import exc as sa_exc
 
+from rag_instrument._sanitize import Sanitizer
 from rag_instrument.db._explain import sanitize_plan
-from rag_instrument.db._sql import analyze, limit_value, sanitize
+from rag_instrument.db._sql import analyze, limit_value, sanitize, sanitize_statement_error
 
 TEMPLATE = "SELECT * FROM t WHERE a = {lit} AND b = :b"
 EXPECTED = "SELECT * FROM t WHERE a = ? AND b = :b"
@@ -30,10 +32,55 @@ def test_dollar_quoted_strings_never_leak(secret: str) -> None:
     assert sanitize(TEMPLATE.format(lit="$x$" + secret + "$x$")) == EXPECTED
 
 
+@given(st.text().filter(lambda s: "$$" not in s and not s.endswith("$")))
+def test_untagged_dollar_quoted_strings_never_leak_nor_swallow(secret: str) -> None:
+    assert sanitize(TEMPLATE.format(lit="$$" + secret + "$$"), "postgresql") == EXPECTED
+
+
+@given(st.lists(st.text().filter(lambda s: "/*" not in s and "*/" not in s), min_size=2))
+def test_nested_block_comments_never_leak(secrets: list[str]) -> None:
+    nested = "/* " + " /* ".join(secrets) + " */" * len(secrets)
+    sql = f"SELECT * FROM t WHERE a = 1 {nested} AND b = :b"
+    assert sanitize(sql, "postgresql") == EXPECTED
+    assert sanitize(sql) == EXPECTED  # standard SQL nests block comments too
+
+
+@given(st.lists(st.text(), min_size=1, max_size=5), st.sampled_from(["postgresql", None]))
+def test_array_literals_never_leak(secrets: list[str], dialect: str | None) -> None:
+    items = ", ".join("'" + s.replace("'", "''") + "'" for s in secrets)
+    assert sanitize(TEMPLATE.format(lit=f"ARRAY[{items}]"), dialect) == (
+        "SELECT * FROM t WHERE a = ARRAY[?] AND b = :b"
+    )
+    mixed = sanitize(f"SELECT ARRAY[tag, {items}] FROM t", dialect)
+    assert mixed == "SELECT ARRAY[tag, " + ", ".join("?" * len(secrets)) + "] FROM t"
+
+
 @given(st.integers() | st.floats(allow_nan=False, allow_infinity=False))
 def test_numbers_never_leak(number: float) -> None:
     text = sanitize(TEMPLATE.format(lit=repr(abs(number))))
     assert text == EXPECTED
+
+
+@given(st.integers(min_value=0))
+def test_prefixed_and_underscored_numbers_never_leak(number: int) -> None:
+    for lit in (f"{number:_}", f"{number:_d}", bin(number), oct(number), hex(number)):
+        assert sanitize(TEMPLATE.format(lit=lit)) == EXPECTED, lit
+        assert sanitize(TEMPLATE.format(lit=lit.upper()), "postgresql") == EXPECTED, lit
+
+
+@given(st.text(), st.sampled_from(["sqlite", "mysql"]))
+def test_double_quoted_strings_never_leak_on_sqlite_and_mysql(secret: str, dialect: str) -> None:
+    if dialect == "mysql":
+        literal = '"' + secret.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    else:
+        literal = '"' + secret.replace('"', '""') + '"'
+    assert sanitize(TEMPLATE.format(lit=literal), dialect) == EXPECTED
+
+
+@given(st.text())
+def test_mysql_backslash_escapes_never_leak(secret: str) -> None:
+    literal = "'" + secret.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    assert sanitize(TEMPLATE.format(lit=literal), "mysql") == EXPECTED
 
 
 @given(st.text(min_size=1))
@@ -59,6 +106,126 @@ def test_unterminated_string_swallows_the_rest(secret: str) -> None:
 )
 def test_literals_become_question_marks(sql: str, expected: str) -> None:
     assert sanitize(sql) == expected
+
+
+@pytest.mark.parametrize(
+    ("sql", "dialect", "expected"),
+    [
+        # Review findings: each of these leaked the value before.
+        (
+            "SELECT * FROM t WHERE tags && ARRAY[tag,'alice@x.com']",
+            "postgresql",
+            "SELECT * FROM t WHERE tags && ARRAY[tag,?]",
+        ),
+        (
+            "SELECT 1 /* a /* b */ alice@x.com */ FROM t",
+            "postgresql",
+            "SELECT ? FROM t",
+        ),
+        ("SELECT $$abc$$ AS x FROM users WHERE id = :id", "postgresql", None),
+        (
+            "SELECT * FROM users WHERE salary > 120_500",
+            None,
+            "SELECT * FROM users WHERE salary > ?",
+        ),
+        ("SELECT 0b1011, 0o777, 0x1F, 1.2.3, 123e, 1e5x", None, "SELECT ?, ?, ?, ??, ?, ?"),
+        ('SELECT id FROM users WHERE email = "alice@x.com"', "sqlite", None),
+        ('SELECT id FROM users WHERE email = "alice@x.com"', "mysql", None),
+        ("SELECT id FROM users WHERE name = 'O\\' OR 1 = \\'alice'", "mysql", None),
+        ("SELECT id FROM users # alice@x.com", "mysql", "SELECT id FROM users"),
+        ("SELECT id FROM [users] WHERE [e] = 'alice'", "mssql", None),
+    ],
+)
+def test_dialect_specific_literals_become_question_marks(
+    sql: str, dialect: str, expected: str | None
+) -> None:
+    text = sanitize(sql, dialect)
+    for secret in ("alice", "abc", "500"):
+        assert secret not in text
+    if expected is not None:
+        assert text == expected
+    if sql.startswith("SELECT $$"):
+        assert text == "SELECT ? AS x FROM users WHERE id = :id"  # the rest is not swallowed
+
+
+def test_double_quotes_stay_identifiers_where_the_dialect_says_so() -> None:
+    sql = 'SELECT "email" FROM "Users"'
+    assert sanitize(sql, "postgresql") == sql
+    assert sanitize(sql) == sql
+    assert sanitize(sql, "sqlite") == "SELECT ? FROM ?"
+    assert analyze('SELECT a FROM "Users"', "postgresql").collection == "Users"
+    # Brackets are arrays and subscripts on PostgreSQL, identifiers on SQL Server.
+    assert sanitize("SELECT a[1] FROM t", "postgresql") == "SELECT a[?] FROM t"
+    assert sanitize("SELECT [a b] FROM t", "mssql") == "SELECT [a b] FROM t"
+    assert analyze("SELECT a FROM [Users]", "mssql").collection == "Users"
+
+
+def test_the_cache_is_per_dialect() -> None:
+    sql = 'SELECT "alice@x.com"'
+    assert analyze(sql, "postgresql").text == sql
+    assert analyze(sql, "sqlite").text == "SELECT ?"
+    assert analyze(sql, "postgresql").text == sql
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("SELECT x FROM t WHERE id IN (-1, 2, +3)", "SELECT x FROM t WHERE id IN (?)"),
+        ("SELECT x FROM t WHERE id IN (- 1)", "SELECT x FROM t WHERE id IN (?)"),
+        (
+            "SELECT x FROM t WHERE id = ANY(ARRAY[1, -2, 3])",
+            "SELECT x FROM t WHERE id = ANY(ARRAY[?])",
+        ),
+        ("SELECT x FROM t WHERE id = ANY(array[?,?])", "SELECT x FROM t WHERE id = ANY(array[?])"),
+    ],
+)
+def test_signed_in_lists_and_arrays_collapse_to_one_shape(sql: str, expected: str) -> None:
+    info = analyze(sql)
+    assert info.text == expected
+    assert info.shape == expected
+
+
+@pytest.mark.parametrize(
+    ("sql", "explainable"),
+    [
+        ("SELECT id FROM t WHERE a = :a", True),
+        ("select 1;", True),
+        ("(SELECT 1) UNION SELECT 2", True),
+        ("WITH c AS (SELECT 1) SELECT * FROM c", True),
+        ("SELECT 1; INSERT INTO audit VALUES (1)", False),
+        ("SELECT 1; -- only a comment after", True),
+        ("SELECT 1; SELECT 2", False),
+        ("WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d", False),
+        ("WITH u AS (UPDATE t SET a = 1 RETURNING *) SELECT * FROM u", False),
+        ("WITH i AS (INSERT INTO t VALUES (1) RETURNING *) SELECT * FROM i", False),
+        ("WITH m AS (MERGE INTO t USING s ON true DO NOTHING) SELECT 1", False),
+        ("INSERT INTO t SELECT 1", False),
+        ("UPDATE t SET a = 1", False),
+        ("EXPLAIN SELECT 1", False),
+        ("SELECT ';'; DELETE FROM t", False),
+    ],
+)
+def test_only_single_selects_are_explainable(sql: str, explainable: bool) -> None:
+    assert analyze(sql, "postgresql").explainable is explainable
+    assert analyze(sql, "sqlite").explainable is explainable
+
+
+def test_statement_errors_render_without_parameters_or_values() -> None:
+    orig = Exception("UNIQUE constraint failed: users.email = alice@x.com")
+    exc = sa_exc.IntegrityError(
+        "INSERT INTO users (email, note) VALUES (?, 'ssn 123-45-6789')", ("alice@x.com",), orig
+    )
+    assert "alice@x.com" in str(exc)  # what SQLAlchemy itself shows
+    message = sanitize_statement_error(exc)
+    assert message == "Exception: [SQL: INSERT INTO users (email, note) VALUES (?, ?)]"
+    truncated = sanitize_statement_error(exc, Sanitizer(max_chars=20))
+    assert truncated == Sanitizer(max_chars=20).text(message) != message
+    quoted = sa_exc.OperationalError('SELECT "alice@x.com"', {"p": "hunter2"}, orig)
+    assert "alice" not in (sanitize_statement_error(quoted) or "")
+    assert sanitize_statement_error(ValueError("alice@x.com")) is None
+    assert sanitize_statement_error(sa_exc.StatementError("m", None, {}, None)) == (
+        "StatementError: [SQL hidden]"
+    )
 
 
 @pytest.mark.parametrize("placeholder", [":email", "%(email)s", "%s", "?", "$1"])

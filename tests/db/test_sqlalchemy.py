@@ -13,11 +13,13 @@ from opentelemetry.trace import SpanKind, StatusCode
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool, StaticPool
 
 import rag_instrument as ri
+from rag_instrument import _config
 from rag_instrument import db as ri_db
+from rag_instrument.db import _listeners
 from rag_instrument.testing import capture
 
 
@@ -147,6 +149,62 @@ def test_errors_mark_the_span_and_pass_through_unchanged(engine: Engine) -> None
     assert "dup@x" not in _everything(cap)
     point = cap.metrics()["db.client.operation.duration"][0]
     assert point.attributes["error.type"] == "sqlite3.IntegrityError"
+
+
+def test_double_quoted_strings_are_literals_on_sqlite(engine: Engine) -> None:
+    """SQLite reads "..." as a string when no such column exists: it must not leak."""
+    ri.instrument_sqlalchemy(engine)
+    with capture() as cap, engine.connect() as conn:
+        rows = conn.execute(text('SELECT id FROM users WHERE email = "alice@x.com"')).all()
+        assert rows == []
+    assert cap.span("SELECT users").attributes["db.query.text"] == (
+        "SELECT id FROM users WHERE email = ?"
+    )
+    assert "alice" not in _everything(cap)
+
+
+def test_failed_statement_inside_a_stage_leaks_no_bound_value(engine: Engine) -> None:
+    """The stage's exception event and failed line render the error without parameters."""
+    ri.instrument_sqlalchemy(engine)
+    email = "-".join(["alice", "x.example"])  # not in this file's source (the traceback)
+    with capture() as cap:
+        with pytest.raises(sa_exc.IntegrityError) as info:
+            with ri.stage("ingestion"), engine.begin() as conn:
+                for _ in range(2):
+                    conn.execute(text("INSERT INTO users (email) VALUES (:e)"), {"e": email})
+    assert email in str(info.value)  # the application's exception is unchanged
+    assert email not in _everything(cap)
+    expected = "IntegrityError: [SQL: INSERT INTO users (email) VALUES (?)]"
+    assert cap.find_logs("ingestion failed")[0]["error_message"] == expected
+    (event,) = cap.span("ingestion").events
+    assert event.attributes["exception.message"] == expected
+    # The statement span itself: the driver exception's type only, no message, no event.
+    (failed,) = [x for x in cap.spans if x.name == "INSERT users" and x.status.description]
+    assert failed.status.description == "IntegrityError"
+    assert list(failed.events) == []
+
+
+def test_duration_histogram_is_looked_up_once_per_runtime(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ri.instrument_sqlalchemy(engine)
+    looked_up: list[str] = []
+    original = _config.Runtime.histogram
+
+    def counting(self: _config.Runtime, name: str, unit: str, description: str = "") -> object:
+        looked_up.append(name)
+        return original(self, name, unit, description)
+
+    monkeypatch.setattr(_config.Runtime, "histogram", counting)
+    with capture() as cap, engine.connect() as conn:
+        for _ in range(20):
+            conn.execute(text("SELECT 1"))
+    assert looked_up.count("db.client.operation.duration") == 1
+    assert cap.metrics()["db.client.operation.duration"][0].count == 20
+    with capture() as cap, engine.connect() as conn:  # a new runtime: a new instrument
+        conn.execute(text("SELECT 1"))
+    assert looked_up.count("db.client.operation.duration") == 2
+    assert cap.metrics()["db.client.operation.duration"][0].count == 1
 
 
 def test_instrumenting_twice_returns_the_same_handle_and_one_span(engine: Engine) -> None:
@@ -324,16 +382,55 @@ def test_pool_is_followed_across_dispose(tmp_path: Path) -> None:
 
 
 def test_many_engines_do_not_accumulate() -> None:
-    """RELIABILITY G41: create and dispose engines; nothing of ours keeps them alive."""
-    for _ in range(200):
-        eng = create_engine("sqlite://")
-        ri.instrument_sqlalchemy(eng)
-        with eng.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        eng.dispose()
-        del eng
+    """RELIABILITY G41: create and dispose sync and async engines without uninstrument().
+
+    Nothing of ours keeps them alive, the process-wide ORM listener is released with the
+    last engine, and every execute is exactly one span.
+    """
+    import asyncio
+
     gc.collect()
-    assert len(ri_db._handles) < 5
+    users_before = _listeners._orm_users[0]
+    handles_before = len(ri_db._handles)
+
+    async def one_async() -> None:
+        eng = create_async_engine("sqlite+aiosqlite://")
+        ri.instrument_sqlalchemy(eng)
+        async with eng.connect() as conn:
+            await conn.execute(text("SELECT 2"))
+        await eng.dispose()
+
+    with capture() as cap:
+        for _ in range(100):
+            eng = create_engine("sqlite://")
+            ri.instrument_sqlalchemy(eng)
+            with eng.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            eng.dispose()
+            del eng, conn
+            asyncio.run(one_async())
+        gc.collect()
+    assert [s.name for s in cap.spans] == ["SELECT"] * 200
+    assert len(ri_db._handles) <= handles_before + 2
+    assert _listeners._orm_users[0] == users_before
+    if users_before == 0:
+        assert not event.contains(Session, "do_orm_execute", _listeners._on_orm_execute)
+
+
+def test_orm_listener_count_is_released_once(engine: Engine) -> None:
+    """uninstrument() then the engine's collection: one release, not two."""
+    gc.collect()
+    before = _listeners._orm_users[0]
+    eng = create_engine("sqlite://")
+    handle = ri.instrument_sqlalchemy(eng)
+    assert _listeners._orm_users[0] == before + 1
+    handle.uninstrument()
+    handle.uninstrument()
+    assert _listeners._orm_users[0] == before
+    eng.dispose()
+    del eng
+    gc.collect()
+    assert _listeners._orm_users[0] == before
 
 
 def test_invalid_arguments_raise_at_instrument_time(engine: Engine) -> None:

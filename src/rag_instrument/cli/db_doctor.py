@@ -1,16 +1,17 @@
 """``rag-instrument db-doctor URL``: the PostgreSQL health report for people and scripts.
 
-The URL's password is never printed: every echoed URL is masked, and the driver's own
-error text is scrubbed of it. An unreachable server is one line on standard error and exit
-status 2.
+The URL's password is never printed: every echoed URL is masked (everything between
+``://user:`` and the last ``@``, so an unencoded ``@`` in the password is masked too), and
+the driver's own error text is scrubbed of it. A bad URL (a port that is not a number, say)
+or an unreachable server is one line on standard error and exit status 2, no traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
+import urllib.parse
 from typing import Any
 
 __all__ = ["add_parser", "mask_url", "render_table", "run"]
@@ -33,20 +34,58 @@ def add_parser(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
+def _password_span(url: str) -> tuple[int, int] | None:
+    """Where the password is in ``url``: from after ``user:`` up to the last ``@``.
+
+    Read on the raw text, not through a URL parser: an unencoded ``@`` or ``/`` in the
+    password makes parsers split it, and any part they leave outside would be echoed.
+    """
+    scheme = url.find("://")
+    start = scheme + 3 if scheme >= 0 else 0
+    at = url.rfind("@")
+    if at <= start:
+        return None
+    colon = url.find(":", start, at)
+    if colon < 0:
+        return None  # "user@host": no password
+    return colon + 1, at
+
+
 def mask_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (best effort for unparsable input)."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        # Unparsable: mask anything shaped like "user:password@".
-        return re.sub(r":[^\s:/@]+@", ":***@", url)
+    """``url`` with its password replaced by ``***`` (also for unparsable input)."""
+    where = _password_span(url)
+    if where is None:
+        return url
+    return f"{url[: where[0]]}***{url[where[1] :]}"
 
 
-def _error(message: str) -> int:
-    print(f"rag-instrument db-doctor: {message}", file=sys.stderr)
+def _secrets(raw: str, parsed_password: object) -> list[str]:
+    """Every form of the password that could appear in a driver's message, longest first."""
+    found: set[str] = set()
+    where = _password_span(raw)
+    if where is not None:
+        secret = raw[where[0] : where[1]]
+        found.update({secret, urllib.parse.unquote(secret)})
+    if parsed_password:
+        found.add(str(parsed_password))
+    return sorted((s for s in found if s), key=len, reverse=True)
+
+
+def _error(message: str, detail: str = "", secrets: list[str] | None = None) -> int:
+    """Print one line (``detail``, the driver's text, scrubbed of ``secrets``); return 2."""
+    for secret in secrets or ():
+        detail = detail.replace(secret, "***")
+    line = f"{message}: {detail}" if detail else message
+    print(f"rag-instrument db-doctor: {' '.join(line.split())}", file=sys.stderr)
     return _EXIT_UNREACHABLE
+
+
+def _first_line(exc: BaseException) -> str:
+    try:
+        lines = str(exc).strip().splitlines()
+    except Exception:
+        lines = []
+    return lines[0] if lines else type(exc).__name__
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         from sqlalchemy import create_engine
         from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+        from sqlalchemy.exc import SQLAlchemyError
 
         from rag_instrument.db.postgres import diagnose
     except ImportError:
@@ -64,28 +103,35 @@ def run(args: argparse.Namespace) -> int:
     shown = mask_url(raw)
     try:
         url = make_url(raw)
-    except ArgumentError:
-        return _error(f"not a database URL: {shown}")
+    except Exception as exc:  # ArgumentError; ValueError for a port that is not a number
+        # Only the type: the parser's message can quote parts of the URL.
+        return _error(f"not a database URL: {shown} ({type(exc).__name__})")
+    where = _password_span(raw)
+    if where is not None and url.password != urllib.parse.unquote(raw[where[0] : where[1]]):
+        # "u:p@ss@host": the parser took "ss@host" for the host, and the driver's error
+        # would then quote part of the password.
+        return _error(
+            f"not a database URL: {shown} (the password seems to contain an unencoded "
+            "'@': percent-encode it as %40)"
+        )
+    secrets = _secrets(raw, url.password)
     if url.get_backend_name() not in ("postgresql", "postgres"):
         return _error(f"only PostgreSQL is supported, got {url.get_backend_name()!r}")
     if url.get_driver_name() in ("", "psycopg2") and "+" not in url.drivername:
         url = url.set(drivername="postgresql+psycopg")  # psycopg 3 comes with the extra
-    password = url.password
     connect_args: dict[str, Any] = {}
     if url.get_driver_name() in ("psycopg", "psycopg2"):
         connect_args["connect_timeout"] = max(1, round(args.connect_timeout))
     try:
         engine = create_engine(url, connect_args=connect_args)
-    except (ArgumentError, ImportError) as exc:
-        return _error(f"cannot use {shown}: {exc}")
+    except Exception as exc:  # ArgumentError, ImportError, a bad query argument ...
+        return _error(f"cannot use {shown}", _first_line(exc), secrets)
     try:
         report = diagnose(engine, top=args.top)
-    except SQLAlchemyError as exc:
-        reason = str(getattr(exc, "orig", exc) or exc).strip().splitlines()
-        text = reason[0] if reason else type(exc).__name__
-        if password:
-            text = text.replace(str(password), "***")
-        return _error(f"cannot connect to {shown}: {text}")
+    except (SQLAlchemyError, OSError, ValueError) as exc:
+        orig = getattr(exc, "orig", None)
+        text = _first_line(orig if orig is not None else exc)
+        return _error(f"cannot connect to {shown}", text, secrets)
     finally:
         engine.dispose()
     if args.format == "json":

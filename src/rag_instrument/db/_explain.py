@@ -3,10 +3,13 @@
 The plan is read on the connection that ran the statement, with the same parameters,
 through a fresh DBAPI cursor: SQLAlchemy's events do not see it (no span, no recursion) and
 the application's cursor and its pending rows are untouched. ``EXPLAIN`` without
-``ANALYZE`` never runs the statement. On PostgreSQL it runs inside a ``SAVEPOINT`` when a
-transaction is open, so even a failing ``EXPLAIN`` cannot abort the application's
-transaction. Plans are sanitised like the statement text: literal values that the planner
-folded into conditions (``Filter: (email = 'a@b.c'::text)``) become ``?``.
+``ANALYZE`` never runs the statement, and only single statements whose first keyword is
+``SELECT`` (or ``WITH`` without data-modifying CTEs) are explained: the driver would run
+the rest of ``"SELECT 1; INSERT ..."`` for real (``StatementInfo.explainable``). On
+PostgreSQL it runs inside a ``SAVEPOINT`` when a transaction is open, so even a failing
+``EXPLAIN`` cannot abort the application's transaction. Plans are sanitised like the
+statement text: literal values that the planner folded into conditions
+(``Filter: (email = 'a@b.c'::text)``) become ``?``.
 """
 
 from __future__ import annotations
@@ -26,14 +29,14 @@ _INTERVAL_S: Final = 60.0
 _MAX_SHAPES: Final = 4096
 
 
-def sanitize_plan(value: Any) -> Any:
+def sanitize_plan(value: Any, dialect: str | None = None) -> Any:
     """Replace SQL literals in every string of a plan (keys and numbers are kept)."""
     if isinstance(value, str):
-        return _scan(value)[0]
+        return _scan(value, dialect)[0]
     if isinstance(value, dict):
-        return {k: sanitize_plan(v) for k, v in value.items()}
+        return {k: sanitize_plan(v, dialect) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [sanitize_plan(v) for v in value]
+        return [sanitize_plan(v, dialect) for v in value]
     return value
 
 
@@ -110,5 +113,5 @@ class Explainer:
     def plan(self, dbapi_conn: Any, statement: str, parameters: Any) -> Any:
         """The sanitised plan of ``statement``; raises whatever the driver raises."""
         if self.dialect_name == "sqlite":
-            return sanitize_plan(_sqlite_plan(dbapi_conn, statement, parameters))
-        return sanitize_plan(_postgres_plan(dbapi_conn, statement, parameters))
+            return sanitize_plan(_sqlite_plan(dbapi_conn, statement, parameters), "sqlite")
+        return sanitize_plan(_postgres_plan(dbapi_conn, statement, parameters), "postgresql")

@@ -90,13 +90,21 @@ _PENDING: Final = "_rag_instrument_pending"
 class _Pending:
     """One statement between ``before_cursor_execute`` and its end."""
 
-    __slots__ = ("info", "rt", "span", "start_ns")
+    __slots__ = ("info", "metric_attributes", "rt", "span", "start_ns")
 
-    def __init__(self, span: Span, start_ns: int, info: StatementInfo, rt: _config.Runtime) -> None:
+    def __init__(
+        self,
+        span: Span,
+        start_ns: int,
+        info: StatementInfo,
+        rt: _config.Runtime,
+        metric_attributes: dict[str, Any],
+    ) -> None:
         self.span = span
         self.start_ns = start_ns
         self.info = info
         self.rt = rt
+        self.metric_attributes = metric_attributes
 
 
 # --- the ORM relationship behind a lazy load ------------------------------------------------
@@ -177,8 +185,11 @@ class EngineInstrumentation:
             if port:
                 base[SERVER_PORT] = port
         self.base_attributes = base
-        self._span_attrs: dict[StatementInfo, dict[str, Any]] = {}
-        self._metric_attrs: dict[StatementInfo, dict[str, Any]] = {}
+        # StatementInfo -> (span attributes, metric attributes), built once per statement.
+        self._info_attrs: dict[StatementInfo, tuple[dict[str, Any], dict[str, Any]]] = {}
+        # The duration histogram of the runtime it was created for.
+        self._histogram: tuple[_config.Runtime | None, Any] = (None, None)
+        self._orm_finalizer: weakref.finalize[Any, Any] | None = None
         self._by_cursor: dict[int, _Pending] = {}
         self.explainer = Explainer(dialect)
         self.index_types = _pgvector.IndexTypes()
@@ -186,6 +197,9 @@ class EngineInstrumentation:
         self.pool = PoolInstrumentation(engine, f"{location}/{url.database or ''}", pool_slow_ms)
         # Names and functions only: a strong reference to the engine here would keep it
         # alive through the handle registry (a WeakKeyDictionary whose values are handles).
+        # before_cursor_execute with retval=True: SQLAlchemy then calls _before directly
+        # instead of through a wrapper; it returns the statement and parameters it got,
+        # the very same objects.
         self._listeners: list[tuple[str, Any]] = [
             ("before_cursor_execute", self._before),
             ("after_cursor_execute", self._after),
@@ -204,9 +218,14 @@ class EngineInstrumentation:
     def install(self, engine: Engine) -> None:
         """Add every listener."""
         for name, fn in self._listeners:
-            event.listen(engine, name, fn)
+            event.listen(engine, name, fn, retval=name == "before_cursor_execute")
         self.pool.install(engine)
         _orm_acquire()
+        # Released by remove(), or when the engine is collected without uninstrument():
+        # a finalizer runs at most once, so the process-wide ORM listener count stays exact.
+        finalizer = weakref.finalize(engine, _orm_release)
+        finalizer.atexit = False
+        self._orm_finalizer = finalizer
         self.active = True
 
     def remove(self) -> None:
@@ -220,12 +239,15 @@ class EngineInstrumentation:
                 if event.contains(engine, name, fn):
                     event.remove(engine, name, fn)
             self.pool.remove(engine)
-        _orm_release()
+        finalizer, self._orm_finalizer = self._orm_finalizer, None
+        if finalizer is not None:
+            finalizer()  # _orm_release(), unless the engine's collection already ran it
 
     # --- per-statement attribute dicts, computed once per statement text --------------------
 
-    def _attributes(self, info: StatementInfo) -> dict[str, Any]:
-        found = self._span_attrs.get(info)
+    def _attributes(self, info: StatementInfo) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The span and the metric attributes of ``info`` (computed once, then shared)."""
+        found = self._info_attrs.get(info)
         if found is not None:
             return found
         attrs = dict(self.base_attributes)
@@ -237,24 +259,25 @@ class EngineInstrumentation:
         if info.vector_metric is not None and self.is_postgres:
             attrs[attr.OPENINFERENCE_SPAN_KIND] = attr.SpanKind.RETRIEVER
             attrs[VECTOR_METRIC] = info.vector_metric
-        if len(self._span_attrs) > 2048:
-            self._span_attrs.clear()
-        self._span_attrs[info] = attrs
-        return attrs
-
-    def _metric_attributes(self, info: StatementInfo) -> dict[str, Any]:
-        found = self._metric_attrs.get(info)
-        if found is not None:
-            return found
-        attrs = {k: v for k, v in self.base_attributes.items() if k != DB_QUERY_TEXT}
+        metric_attrs = dict(self.base_attributes)
         if info.operation:
-            attrs[DB_OPERATION] = info.operation
+            metric_attrs[DB_OPERATION] = info.operation
         if info.collection:
-            attrs[DB_COLLECTION] = info.collection
-        if len(self._metric_attrs) > 2048:
-            self._metric_attrs.clear()
-        self._metric_attrs[info] = attrs
-        return attrs
+            metric_attrs[DB_COLLECTION] = info.collection
+        if len(self._info_attrs) > 2048:
+            self._info_attrs.clear()
+        found = self._info_attrs[info] = (attrs, metric_attrs)
+        return found
+
+    def _duration_histogram(self, rt: _config.Runtime) -> Any:
+        """``db.client.operation.duration`` of ``rt``, looked up once per runtime."""
+        cached_rt, histogram = self._histogram
+        if cached_rt is not rt:
+            histogram = rt.histogram(
+                METRIC_DURATION, "s", "Duration of database client operations."
+            )
+            self._histogram = (rt, histogram)
+        return histogram
 
     def _parameters(self, rt: _config.Runtime, parameters: Any, context: Any) -> dict[str, Any]:
         if isinstance(parameters, list) and parameters:  # executemany: the first set
@@ -288,13 +311,13 @@ class EngineInstrumentation:
         parameters: Any,
         context: Any,
         executemany: bool,
-    ) -> None:
+    ) -> tuple[str, Any]:
         rt = _config._RUNTIME
         if not rt.enabled:
-            return
+            return statement, parameters
         try:
-            info = analyze(statement)
-            attrs = self._attributes(info)
+            info = analyze(statement, self.dialect)
+            attrs, metric_attrs = self._attributes(info)
             if executemany or self.capture_parameters:
                 attrs = dict(attrs)
                 if executemany:
@@ -305,13 +328,14 @@ class EngineInstrumentation:
                 if self.capture_parameters:
                     attrs.update(self._parameters(rt, parameters, context))
             span = start_leaf_span(rt.tracer, info.span_name, SpanKind.CLIENT, attrs)
-            pending = _Pending(span, time.perf_counter_ns(), info, rt)
+            pending = _Pending(span, time.perf_counter_ns(), info, rt, metric_attrs)
             if context is not None:
                 setattr(context, _PENDING, pending)
             else:
                 self._by_cursor[id(cursor)] = pending
         except Exception as exc:
             internal_error("before_cursor_execute", exc)
+        return statement, parameters
 
     def _take(self, cursor: Any, context: Any) -> _Pending | None:
         if context is not None:
@@ -331,14 +355,17 @@ class EngineInstrumentation:
         executemany: bool,
     ) -> None:
         end_ns = time.perf_counter_ns()
-        end_wall = time.time_ns()
-        pending = self._take(cursor, context)
-        if pending is None:
-            return
+        if context is not None:
+            pending: _Pending | None = getattr(context, _PENDING, None)
+            if pending is None:
+                return
+            setattr(context, _PENDING, None)
+        else:
+            pending = self._by_cursor.pop(id(cursor), None)
+            if pending is None:
+                return
         try:
-            self._finish(
-                pending, end_ns, end_wall, conn, cursor, statement, parameters, context, executemany
-            )
+            self._finish(pending, end_ns, conn, cursor, statement, parameters, context, executemany)
         except Exception as exc:
             internal_error("after_cursor_execute", exc)
 
@@ -346,7 +373,6 @@ class EngineInstrumentation:
         self,
         pending: _Pending,
         end_ns: int,
-        end_wall: int,
         conn: Connection,
         cursor: Any,
         statement: str,
@@ -356,22 +382,25 @@ class EngineInstrumentation:
     ) -> None:
         info, span, rt = pending.info, pending.span, pending.rt
         ms = (end_ns - pending.start_ns) / 1e6
-        vector = self.is_postgres and info.vector_metric is not None
-        if self.is_postgres and info.touches_vector_settings:
-            _pgvector.invalidate_settings(conn.info)
-        if vector and span.is_recording():
-            self._vector_attributes(span, info, conn, cursor, parameters)
+        end_wall: int | None = None  # None: the span reads its own clock, right now
+        vector = False
+        if self.is_postgres:
+            if info.touches_vector_settings:
+                _pgvector.invalidate_settings(conn.info)
+            vector = info.vector_metric is not None
+            if vector and span.is_recording():
+                # Reading pgvector settings can take a query: end the span before it.
+                end_wall = time.time_ns()
+                self._vector_attributes(span, info, conn, cursor, parameters)
         span.end(end_time=end_wall)
-        rt.histogram(METRIC_DURATION, "s", "Duration of database client operations.").record(
-            ms / 1000.0, self._metric_attributes(info)
-        )
+        self._duration_histogram(rt).record(ms / 1000.0, pending.metric_attributes)
         _breakdown.record(attr.BREAKDOWN_VECTOR if vector else attr.BREAKDOWN_DB, ms)
         counter = session_counter.get()
         if counter is not None:
             counter.count += 1
-        threshold = self.n_plus_one_threshold or rt.settings.n_plus_one_threshold
         shapes, stage = scope_counts()
         if shapes is not None:
+            threshold = self.n_plus_one_threshold or rt.settings.n_plus_one_threshold
             count = shapes.add(info.shape, threshold)
             if count and rt.log is not None:
                 self._report_n_plus_one(rt, info, count, stage, context)
@@ -407,10 +436,8 @@ class EngineInstrumentation:
                     span.set_attribute(attr.RAG_CANCELLED, True)
             span.end()
             ms = (end_ns - pending.start_ns) / 1e6
-            metric_attrs = {**self._metric_attributes(info), attr.ERROR_TYPE: error_type}
-            rt.histogram(METRIC_DURATION, "s", "Duration of database client operations.").record(
-                ms / 1000.0, metric_attrs
-            )
+            metric_attrs = {**pending.metric_attributes, attr.ERROR_TYPE: error_type}
+            self._duration_histogram(rt).record(ms / 1000.0, metric_attrs)
             vector = self.is_postgres and info.vector_metric is not None
             _breakdown.record(attr.BREAKDOWN_VECTOR if vector else attr.BREAKDOWN_DB, ms)
             counter = session_counter.get()
@@ -495,7 +522,7 @@ class EngineInstrumentation:
         }
         if (
             self.explain_slow
-            and info.is_select
+            and info.explainable
             and not executemany
             and self.explainer.supported
             and self.explainer.due(info.shape)

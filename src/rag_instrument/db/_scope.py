@@ -2,8 +2,13 @@
 
 N+1 detection counts statement *shapes* (literals and bind values stripped, see
 :mod:`rag_instrument.db._sql`) per scope. A scope is the innermost open pipeline stage or
-the innermost :func:`db_scope`, whichever was opened last. Outside both, nothing is counted:
-a long-running process would otherwise see every repeated statement as N+1.
+the innermost :func:`db_scope`, whichever was opened last: a :func:`db_scope` opened inside
+a stage wins, also for statements run under traced operations opened inside the scope; a
+stage opened inside the scope counts on its own. Outside both, nothing is counted: a
+long-running process would otherwise see every repeated statement as N+1.
+
+The resolution is cached in the current frame's scratch (keyed by the open scope), so a
+statement does not walk the frame chain.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from rag_instrument._context import Frame, current_frame
 __all__ = ["DbScope", "ShapeCounts", "StatementCounter", "db_scope", "scope_counts"]
 
 _SCRATCH_KEY: Final = "rag_instrument.db.shapes"
+_RESOLVED_KEY: Final = "rag_instrument.db.resolved"
 _MAX_SHAPES: Final = 1000
 
 
@@ -34,8 +40,15 @@ class ShapeCounts:
     def add(self, shape: str, threshold: int) -> int:
         """Count one statement; return its count if it just reached ``threshold``, else 0.
 
-        Each shape is reported once per scope, however many more times it runs.
+        Each shape is reported once per scope, however many more times it runs. The lock
+        is taken only near the threshold: far below it, or once reported, a count lost to
+        a race between threads can only delay a report, never repeat it.
         """
+        counts = self.counts
+        count = counts.get(shape)
+        if count is not None and (count + 1 < threshold or shape in self.warned):
+            counts[shape] = count + 1
+            return 0
         with self.lock:
             count = self.counts.get(shape)
             if count is None:
@@ -126,15 +139,41 @@ def scope_counts() -> tuple[ShapeCounts | None, str | None]:
     """The shape counts of the innermost scope, and its pipeline stage name."""
     frame = current_frame()
     scope = _scope.get()
-    if scope is not None and scope._frame is frame:
-        return scope._shapes, frame.stage if frame is not None else None
-    stage_frame = frame
-    while stage_frame is not None and not stage_frame.is_stage:
+    if frame is None:
+        return (scope._shapes, None) if scope is not None else (None, None)
+    scratch = frame.scratch
+    if scratch is not None:
+        cached = scratch.get(_RESOLVED_KEY)
+        if (
+            cached is not None
+            and cached[0] is scope
+            and (scope is None or cached[1] is scope._frame)
+        ):
+            return cached[2], cached[3]
+    shapes, stage = _resolve(frame, scope)
+    scratch = frame.scratch
+    if scratch is None:
+        scratch = frame.scratch = {}
+    scratch[_RESOLVED_KEY] = (scope, scope._frame if scope is not None else None, shapes, stage)
+    return shapes, stage
+
+
+def _resolve(frame: Frame, scope: DbScope | None) -> tuple[ShapeCounts | None, str | None]:
+    # Walk up from the current frame: reaching the frame the scope was opened under first
+    # means the scope is the innermost; a stage frame first means that stage was opened
+    # inside the scope (or there is no scope).
+    opened_under = scope._frame if scope is not None else None
+    stage_frame: Frame | None = frame
+    while stage_frame is not None:
+        if scope is not None and stage_frame is opened_under:
+            return scope._shapes, frame.stage
+        if stage_frame.is_stage:
+            break
         stage_frame = stage_frame.parent
     if stage_frame is None:
         if scope is None:
             return None, None
-        return scope._shapes, frame.stage if frame is not None else None
+        return scope._shapes, frame.stage
     scratch = stage_frame.scratch
     if scratch is None:
         scratch = stage_frame.scratch = {}

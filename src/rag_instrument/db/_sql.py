@@ -1,20 +1,30 @@
 """Read SQL without changing it: sanitised text, statement shape, operation, table, LIMIT.
 
 Everything here works on the text the driver receives and never alters what is sent.
-:func:`analyze` tokenises a statement once and derives:
+:func:`analyze` tokenises a statement once, in one pass, and derives:
 
 * ``text``: the statement for ``db.query.text``, with bind placeholders kept (``:name``,
   ``%(name)s``, ``%s``, ``?``, ``$1``) and every literal inside the SQL replaced by ``?``:
   strings (with ``''`` or, in ``E'...'`` strings, backslash escapes), dollar-quoted
-  strings, numbers, hex and bit strings. Comments are dropped (they can hold anything),
-  whitespace runs become one space and ``IN (?, ?, ?)`` becomes ``IN (?)``. An
-  unterminated string swallows the rest of the statement rather than leak it.
+  strings (tagged or not), numbers (``1_000``, ``0x1F``, ``0b101``, ``0o17``, ``1.5e3``),
+  hex and bit strings. Comments are dropped (they can hold anything; PostgreSQL's nest),
+  whitespace runs become one space, and ``IN (?, ?, ?)`` (signs included) and
+  ``ARRAY[?, ?, ?]`` become ``IN (?)`` and ``ARRAY[?]``. An unterminated string or
+  comment swallows the rest of the statement rather than leak it.
 * ``shape``: ``text`` with placeholders also made ``?``, the key N+1 detection counts.
 * ``operation`` / ``collection``: ``SELECT`` and ``users`` when plainly derivable (one
   table, no subquery in ``FROM``), else the operation alone, or nothing.
+* ``explainable``: one statement whose first keyword is ``SELECT`` (or ``WITH`` ...
+  ``SELECT`` without data-modifying CTEs): the only kind a plan is read for.
 * the LIMIT (a number, or which bind parameter holds it) and pgvector's distance operator.
 
-Results are cached per statement text (SQLAlchemy reuses its compiled strings).
+The dialect decides what quotes and comments mean. Block comments nest (standard SQL,
+PostgreSQL, SQL Server) except on SQLite and MySQL. ``"..."`` is an identifier in standard SQL and
+PostgreSQL, but SQLite and MySQL also accept it as a string, so there it becomes ``?``.
+MySQL strings take backslash escapes and ``#`` starts a comment; ``[name]`` is an
+identifier only on SQL Server and SQLite (elsewhere brackets are arrays and subscripts).
+
+Results are cached per (dialect, statement text): SQLAlchemy reuses its compiled strings.
 """
 
 from __future__ import annotations
@@ -23,26 +33,122 @@ import re
 import threading
 from typing import Any, Final
 
-__all__ = ["StatementInfo", "analyze", "collapse_in_lists", "limit_value", "sanitize"]
+__all__ = [
+    "StatementInfo",
+    "analyze",
+    "collapse_in_lists",
+    "limit_value",
+    "sanitize",
+    "sanitize_statement_error",
+]
 
-# One alternation, tried left to right at each position.
-_TOKEN: Final = re.compile(
-    r"""
-      (?P<comment>--[^\n]*|/\*.*?(?:\*/|\Z))
-    | (?P<dollar>\$(?P<tag>[A-Za-z_][A-Za-z0-9_]*)?\$.*?(?:\$(?P=tag)\$|\Z))
-    | (?P<estring>(?<![\w$])[eE]'(?:[^'\\]|\\.|'')*(?:'|\Z))
-    | (?P<string>(?:(?<![\w$])(?:[nNbBxX]|[uU]&))?'(?:[^']|'')*(?:'|\Z))
-    | (?P<qident>"(?:[^"]|"")*(?:"|\Z)|`[^`]*(?:`|\Z)|\[[A-Za-z_][^\]\s]*\])
-    | (?P<param>%\([^()\s]+\)s|%s|\$\d+|(?<![:\w]):[A-Za-z_]\w*|\?)
-    | (?P<vecop><->|<=>|<\#>|<\+>|<~>|<%>)
-    | (?P<number>(?<![\w$.])(?:0[xX][0-9a-fA-F]+|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?))
-    | (?P<word>[A-Za-z_][\w$]*)
-    | (?P<space>\s+)
-    | (?P<other>.)
-    """,
-    re.VERBOSE | re.DOTALL,
+_COMMENT_LINE: Final = r"--[^\n]*"
+_COMMENT_BLOCK: Final = r"/\*.*?(?:\*/|\Z)"
+# The tag group always participates (empty for $$...$$), so the backreference can match.
+_DOLLAR: Final = r"\$(?P<tag>[A-Za-z_][A-Za-z0-9_]*|)\$.*?(?:\$(?P=tag)\$|\Z)"
+_ESTRING: Final = r"(?<![\w$])[eE]'(?:[^'\\]|\\.|'')*(?:'|\Z)"
+_STRING: Final = r"(?:(?<![\w$])(?:[nNbBxX]|[uU]&))?'(?:[^']|'')*(?:'|\Z)"
+_STRING_BACKSLASH: Final = r"(?:(?<![\w$])[nNbBxX])?'(?:[^'\\]|\\.|'')*(?:'|\Z)"
+_DQ_STRING: Final = r'"(?:[^"]|"")*(?:"|\Z)'
+_DQ_STRING_BACKSLASH: Final = r'"(?:[^"\\]|\\.|"")*(?:"|\Z)'
+_BACKTICK: Final = r"`[^`]*(?:`|\Z)"
+_BRACKET: Final = r"\[[A-Za-z_][^\]\s'\",\[]*\]"
+_PARAM: Final = r"%\([^()\s]+\)s|%s|\$\d+|(?<![:\w]):[A-Za-z_]\w*|\?"
+_VECOP: Final = r"<->|<=>|<\#>|<\+>|<~>|<%>"
+# Any run starting with a digit (or a dot and a digit) is a number, whatever follows it:
+# 1_000, 0x1F, 0b101, 0o17, 1.5e-3, and malformed ones (1.2.3, 123e) never leak a digit.
+_NUMBER: Final = r"(?:\d[\w$]*(?:\.[\w$]*)?|\.\d[\w$]*)(?:(?<=[eE])[+-][\w$]*)?"
+
+
+def _token_re(
+    *,
+    comment: str,
+    estring: bool,
+    string: str,
+    dq: str | None,
+    idents: str,
+) -> re.Pattern[str]:
+    parts = [f"(?P<comment>{comment})"]
+    parts.append(f"(?P<dollar>{_DOLLAR})")
+    if estring:
+        parts.append(f"(?P<estring>{_ESTRING})")
+    parts.append(f"(?P<string>{string})")
+    if dq is not None:
+        parts.append(f"(?P<dqstring>{dq})")
+    parts += [
+        f"(?P<qident>{idents})",
+        f"(?P<param>{_PARAM})",
+        f"(?P<vecop>{_VECOP})",
+        f"(?P<number>{_NUMBER})",
+        r"(?P<word>[A-Za-z_][\w$]*)",
+        r"(?P<space>\s+)",
+        r"(?P<other>.)",
+    ]
+    return re.compile("|".join(parts), re.DOTALL)
+
+
+# Block comments nest in PostgreSQL, SQL Server and standard SQL: there the token is only
+# the opening "/*" and the scanner finds the matching "*/" (see _nested_comment_end).
+_PG_TOKEN: Final = _token_re(
+    comment=f"{_COMMENT_LINE}|/\\*",
+    estring=True,
+    string=_STRING,
+    dq=None,
+    idents=f'"(?:[^"]|"")*(?:"|\\Z)|{_BACKTICK}',
 )
-_IN_LIST: Final = re.compile(r"\b(IN)\s*\(\s*\?(?:\s*,\s*\?)+\s*\)", re.IGNORECASE)
+_SQLITE_TOKEN: Final = _token_re(
+    comment=f"{_COMMENT_LINE}|{_COMMENT_BLOCK}",
+    estring=False,
+    string=_STRING,
+    dq=_DQ_STRING,
+    idents=f"{_BACKTICK}|{_BRACKET}",
+)
+_MYSQL_TOKEN: Final = _token_re(
+    comment=f"{_COMMENT_LINE}|\\#[^\\n]*|{_COMMENT_BLOCK}",
+    estring=False,
+    string=_STRING_BACKSLASH,
+    dq=_DQ_STRING_BACKSLASH,
+    idents=_BACKTICK,
+)
+_MSSQL_TOKEN: Final = _token_re(
+    comment=f"{_COMMENT_LINE}|/\\*",
+    estring=False,
+    string=_STRING,
+    dq=None,
+    idents=f'"(?:[^"]|"")*(?:"|\\Z)|{_BRACKET}',
+)
+_STANDARD_TOKEN: Final = _token_re(
+    comment=f"{_COMMENT_LINE}|/\\*",
+    estring=True,
+    string=_STRING,
+    dq=None,
+    idents=f'"(?:[^"]|"")*(?:"|\\Z)|{_BACKTICK}',
+)
+# For text whose dialect is unknown and that must not leak (exception messages): every
+# quoted form a dialect might read as a string is one.
+_STRICT_TOKEN: Final = _token_re(
+    comment=f"{_COMMENT_LINE}|/\\*",
+    estring=True,
+    string=_STRING,
+    dq=_DQ_STRING,
+    idents=_BACKTICK,
+)
+_STRICT: Final = "strict"
+_TOKENS: Final = {
+    "postgresql": _PG_TOKEN,
+    "sqlite": _SQLITE_TOKEN,
+    "mysql": _MYSQL_TOKEN,
+    "mariadb": _MYSQL_TOKEN,
+    "mssql": _MSSQL_TOKEN,
+    _STRICT: _STRICT_TOKEN,
+}
+_FLAT_COMMENTS: Final = frozenset({"sqlite", "mysql", "mariadb"})
+_COMMENT_DELIMITER: Final = re.compile(r"/\*|\*/")
+_SIGNED: Final = r"[-+]?\s*\?"
+_IN_LIST: Final = re.compile(rf"\b(IN)\s*\(\s*{_SIGNED}(?:\s*,\s*{_SIGNED})*\s*\)", re.IGNORECASE)
+_ARRAY_LIST: Final = re.compile(
+    rf"\b(ARRAY)\s*\[\s*{_SIGNED}(?:\s*,\s*{_SIGNED})*\s*\]", re.IGNORECASE
+)
 _VECTOR_METRICS: Final = {
     "<->": "l2",
     "<=>": "cosine",
@@ -61,6 +167,7 @@ class StatementInfo:
 
     __slots__ = (
         "collection",
+        "explainable",
         "is_select",
         "limit",
         "limit_param",
@@ -82,6 +189,7 @@ class StatementInfo:
         limit_param: str | int | None,
         vector_metric: str | None,
         touches_vector_settings: bool,
+        explainable: bool = False,
     ) -> None:
         self.text = text
         self.shape = shape
@@ -92,6 +200,7 @@ class StatementInfo:
         self.limit_param = limit_param
         self.vector_metric = vector_metric
         self.touches_vector_settings = touches_vector_settings
+        self.explainable = explainable
         if operation and collection:
             self.span_name = f"{operation} {collection}"
         else:
@@ -99,12 +208,30 @@ class StatementInfo:
 
 
 def collapse_in_lists(text: str) -> str:
-    """``IN (?, ?, ?)`` -> ``IN (?)``: one shape whatever the list length."""
-    return _IN_LIST.sub(r"\1 (?)", text)
+    """``IN (?, -?, ?)`` -> ``IN (?)``, ``ARRAY[?, ?]`` -> ``ARRAY[?]``: one shape, any length."""
+    if "?" not in text:
+        return text
+    return _ARRAY_LIST.sub(r"\1[?]", _IN_LIST.sub(r"\1 (?)", text))
 
 
-def _scan(sql: str) -> tuple[str, str, list[tuple[str, str, int]], list[str | int]]:
-    """Tokenise ``sql``: sanitised text, shape, significant tokens, placeholder keys.
+def _nested_comment_end(sql: str, pos: int) -> int:
+    """The end of a PostgreSQL block comment whose ``/*`` ends at ``pos`` (they nest)."""
+    depth = 1
+    search = _COMMENT_DELIMITER.search
+    while True:
+        found = search(sql, pos)
+        if found is None:
+            return len(sql)  # unterminated: swallow the rest
+        pos = found.end()
+        depth += 1 if found.group() == "/*" else -1
+        if depth == 0:
+            return pos
+
+
+def _scan(
+    sql: str, dialect: str | None = None
+) -> tuple[str, str, list[tuple[str, str, int]], list[str | int]]:
+    """Tokenise ``sql`` as ``dialect`` reads it: sanitised text, shape, tokens, placeholders.
 
     Tokens are ``(kind, value, depth)`` with ``depth`` the parenthesis depth; placeholder
     keys are the names or positions of the bind parameters, in order.
@@ -115,10 +242,18 @@ def _scan(sql: str) -> tuple[str, str, list[tuple[str, str, int]], list[str | in
     params: list[str | int] = []
     positional = 0
     depth = 0
-    for match in _TOKEN.finditer(sql):
+    match_at = _TOKENS.get(dialect or "", _STANDARD_TOKEN).match
+    nested = dialect not in _FLAT_COMMENTS
+    pos, end = 0, len(sql)
+    while pos < end:
+        match = match_at(sql, pos)
+        assert match is not None  # the last alternative matches any character
+        pos = match.end()
         kind = match.lastgroup
         value = match.group()
         if kind == "comment":
+            if nested and value == "/*":
+                pos = _nested_comment_end(sql, pos)
             if text_parts and text_parts[-1] != " ":
                 text_parts.append(" ")
                 shape_parts.append(" ")
@@ -128,10 +263,10 @@ def _scan(sql: str) -> tuple[str, str, list[tuple[str, str, int]], list[str | in
                 text_parts.append(" ")
                 shape_parts.append(" ")
             continue
-        if kind in ("dollar", "estring", "string", "number"):
+        if kind in ("dollar", "estring", "string", "dqstring", "number"):
             text_parts.append("?")
             shape_parts.append("?")
-            tokens.append(("literal", value if kind == "number" else "", depth))
+            tokens.append(("literal", value.replace("_", "") if kind == "number" else "", depth))
             continue
         if kind == "param":
             text_parts.append(value)
@@ -272,8 +407,36 @@ def _limit(
     return None, None
 
 
-def _analyze(sql: str) -> StatementInfo:
-    text, shape, tokens, params = _scan(sql)
+_DATA_MODIFYING: Final = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE"})
+
+
+def _explainable(tokens: list[tuple[str, str, int]], op: str | None) -> bool:
+    """One statement, a SELECT (or WITH ... SELECT reading only): safe to ``EXPLAIN``.
+
+    ``EXPLAIN`` without ``ANALYZE`` runs nothing itself, but a driver given
+    ``"EXPLAIN SELECT 1; INSERT ..."`` runs the second statement for real.
+    """
+    if op != "SELECT":
+        return False
+    first: str | None = None
+    for i, (kind, value, _depth) in enumerate(tokens):
+        if kind == "punct" and value == ";":
+            if any(t[1] != ";" for t in tokens[i + 1 :]):
+                return False  # more than one statement
+            break
+        if kind == "word":
+            upper = value.upper()
+            if first is None:
+                first = upper
+                if first not in ("SELECT", "WITH"):
+                    return False
+            elif first == "WITH" and upper in _DATA_MODIFYING:
+                return False
+    return first is not None
+
+
+def _analyze(sql: str, dialect: str | None = None) -> StatementInfo:
+    text, shape, tokens, params = _scan(sql, dialect)
     op, at = _operation(tokens)
     collection = _collection(tokens, op, at) if op else None
     limit, limit_param = _limit(tokens, params) if op == "SELECT" else (None, None)
@@ -288,29 +451,78 @@ def _analyze(sql: str) -> StatementInfo:
         op == "SELECT" and "set_config" in text.lower()
     )
     settings = settings and bool(_VECTOR_SETTINGS.search(sql))
-    return StatementInfo(text, shape, op, collection, limit, limit_param, metric, settings)
+    return StatementInfo(
+        text,
+        shape,
+        op,
+        collection,
+        limit,
+        limit_param,
+        metric,
+        settings,
+        _explainable(tokens, op),
+    )
 
 
-_cache: dict[str, StatementInfo] = {}
+_cache: dict[tuple[str | None, str], StatementInfo] = {}
 _cache_lock = threading.Lock()
 
 
-def analyze(sql: str) -> StatementInfo:
-    """Everything derivable from ``sql`` (cached; never raises on odd SQL)."""
-    found = _cache.get(sql)
+def analyze(sql: str, dialect: str | None = None) -> StatementInfo:
+    """Everything derivable from ``sql`` as ``dialect`` (SQLAlchemy's dialect name) reads it.
+
+    Cached per ``(dialect, sql)``; never raises on odd SQL. ``None`` or an unknown
+    dialect reads standard SQL (``"..."`` an identifier, no backslash escapes).
+    """
+    key = (dialect, sql)
+    found = _cache.get(key)
     if found is not None:
         return found
-    info = _analyze(sql)
+    info = _analyze(sql, dialect)
     with _cache_lock:
         if len(_cache) >= _CACHE_MAX:
             _cache.clear()  # crude but bounded: statement texts rarely exceed the cache
-        _cache[sql] = info
+        _cache[key] = info
     return info
 
 
-def sanitize(sql: str) -> str:
+def sanitize(sql: str, dialect: str | None = None) -> str:
     """``sql`` with literals replaced by ``?`` and placeholders kept (see module docs)."""
-    return analyze(sql).text
+    return analyze(sql, dialect).text
+
+
+def sanitize_statement_error(exc: BaseException, sanitizer: Any = None) -> str | None:
+    """A safe message for a SQLAlchemy ``StatementError``; ``None`` for any other exception.
+
+    ``str()`` of a ``StatementError`` holds the raw SQL, a ``[parameters: ...]`` block
+    with the bound values, and the driver's message (which can quote values too:
+    ``Key (email)=(alice@x.com) already exists``). This renders only the driver
+    exception's type and the sanitised statement::
+
+        IntegrityError: [SQL: INSERT INTO users (email) VALUES (?)]
+
+    The dialect is not known here, so the statement is read conservatively: double-quoted
+    tokens become ``?`` too (a string in SQLite and MySQL). ``sanitizer`` (a
+    ``rag_instrument._sanitize.Sanitizer``, optional) redacts and truncates the result.
+    Pure and never raises.
+    """
+    try:
+        from sqlalchemy.exc import StatementError
+    except ImportError:  # pragma: no cover - this module is only imported with SQLAlchemy
+        return None
+    if not isinstance(exc, StatementError):
+        return None
+    try:
+        orig = exc.orig
+        name = type(orig).__name__ if orig is not None else type(exc).__name__
+        statement = exc.statement
+        sql = _scan(statement, _STRICT)[0] if isinstance(statement, str) else ""
+        message = f"{name}: [SQL: {sql}]" if sql else f"{name}: [SQL hidden]"
+        if sanitizer is not None:
+            message = sanitizer.text(message)
+        return message
+    except Exception:
+        return f"{type(exc).__name__}: [SQL hidden]"
 
 
 def limit_value(info: StatementInfo, parameters: Any) -> int | None:

@@ -262,7 +262,7 @@ def _statements(conn: Connection, top: int, order: str) -> list[StatementStats]:
     rows = conn.execute(text(sql), {"top": top})
     return [
         StatementStats(
-            query=_scan(str(r[0]))[0],
+            query=_scan(str(r[0]), "postgresql")[0],
             calls=int(r[1]),
             total_ms=round(float(r[2]), 3),
             mean_ms=round(float(r[3]), 3),
