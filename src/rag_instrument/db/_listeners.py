@@ -534,4 +534,4 @@ class EngineInstrumentation:
                 warn_once.warning(
                     f"rag_instrument: EXPLAIN of a slow query failed: {type(exc).__name__}"
                 )
-        emit("warning", "slow query", fields, span=pending.span, rt=rt)
+        emit("warning", "slow query", fields, span=pending.span, rt=rt, measures=True)
