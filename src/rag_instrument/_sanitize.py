@@ -17,7 +17,6 @@ import dataclasses
 import datetime as dt
 import enum
 import functools
-import itertools
 import math
 import re
 import uuid
@@ -82,13 +81,17 @@ _WORD_SPLIT: Final = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])")
 def is_secret_key(key: str) -> bool:
     """Return whether a mapping key names a secret (``api_key``, ``X-Api-Key``, ``password``).
 
-    Words are compared whole so that ``max_tokens`` or ``input_tokens`` stay visible while
-    ``access_token`` and ``token`` are masked.
+    The key's last word (or last two, for ``api_key`` / ``private_key``) decides, compared
+    whole: ``access_token``, ``db_password`` and ``http.request.header.authorization`` are
+    secrets, while ``max_tokens``, ``gen_ai.usage.input_tokens`` and
+    ``rag.llm.time_to_first_token_ms`` (a duration about a token) are not.
     """
     words = [w.lower() for w in _WORD_SPLIT.split(key) if w]
-    if any(w in _SECRET_WORDS for w in words):
+    if not words:
+        return False
+    if words[-1] in _SECRET_WORDS:
         return True
-    return any(a + b in _SECRET_PAIRS for a, b in itertools.pairwise(words))
+    return len(words) >= 2 and words[-2] + words[-1] in _SECRET_PAIRS
 
 
 _SECRET_VALUE: Final = re.compile(
