@@ -59,12 +59,14 @@ _variation = st.fixed_dictionaries(
 )
 
 
+_KEYED = Counting()
+
+
 def _key(v: dict[str, Any]) -> str:
+    # Through the provider's own cache_key, as a call computes it.
     params = {k: v[k] for k in ("temperature", "top_p", "tools", "system", "response_format", "user")}
-    return make_key(
-        {"system": "acme", "model": v["model"], "prompt": "p", "params": params,
-         "namespace": v["tenant"]}
-    )
+    _KEYED.model = v["model"]  # type: ignore[misc]
+    return _KEYED.cache_key("p", params, v["tenant"])
 
 
 @settings(max_examples=200, deadline=None)
@@ -346,12 +348,16 @@ def redis_cache() -> Any:
 async def test_redis_shared_between_instances_with_server_ttl(redis_cache: RedisCache) -> None:
     import redis
 
-    class Shared(Counting):
-        cache_backend = redis_cache
-        cache_ttl = 30.0
+    def define(backend: RedisCache) -> type[Counting]:
+        class Shared(Counting):  # same qualified name every time, as in another process
+            cache_backend = backend
+            cache_ttl = 30.0
 
-    class OtherProcess(Counting):  # a second class stands for another process or host
-        cache_backend = RedisCache(REDIS_URL, prefix=redis_cache.prefix)
+        return Shared
+
+    Shared = define(redis_cache)
+    # a second class object with its own connection stands for another process or host
+    OtherProcess = define(RedisCache(REDIS_URL, prefix=redis_cache.prefix))
 
     first = Shared()
     assert (await first.generate("q")).text == "re: q"

@@ -188,12 +188,18 @@ async def test_cancellation_during_attempt_and_backoff_is_not_retried() -> None:
             raise ConnectionError
         await asyncio.sleep(10)
 
-    task = asyncio.create_task(slow())
-    await asyncio.sleep(0.05)  # in backoff after attempt 1
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    async def in_a_stage() -> None:
+        with ri.stage("outer"):
+            await slow()
+
+    with capture() as cap:
+        task = asyncio.create_task(in_a_stage())
+        await asyncio.sleep(0.05)  # in backoff after attempt 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
     assert attempts == 1
+    assert cap.span("outer").attributes["rag.retry.attempts"] == 1  # the next one never ran
 
     attempts = 0
     with pytest.raises(TimeoutError):
@@ -241,15 +247,30 @@ def test_retry_after_is_honoured_and_capped() -> None:
 
 
 def test_backoff_is_exponential_with_jitter_within_bounds() -> None:
-    slept: list[float] = []
-    fn = flaky([HTTPError(503)] * 5)
-    wrapped = retry(attempts=6, wait_min=0.1, wait_max=0.4)(fn)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(time, "sleep", slept.append)
-        wrapped()
-    assert len(slept) == 5
-    assert all(0.1 <= s <= 0.4 for s in slept)
-    assert slept[0] == pytest.approx(0.1)
+    import random
+
+    def waits(uniform: Any = None) -> list[float]:
+        slept: list[float] = []
+        wrapped = retry(attempts=6, wait_min=0.1, wait_max=0.4)(flaky([HTTPError(503)] * 5))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(time, "sleep", slept.append)
+            if uniform is not None:
+                mp.setattr(random, "uniform", uniform)
+            wrapped()
+        return slept
+
+    # The jitter's ceiling doubles each attempt up to wait_max: 0.1, 0.2, 0.4, 0.4, 0.4.
+    ceilings = waits(lambda low, high: high)
+    assert ceilings == [pytest.approx(w) for w in (0.1, 0.2, 0.4, 0.4, 0.4)]
+    assert waits(lambda low, high: low) == [pytest.approx(0.1)] * 5  # full jitter's floor
+    runs = [waits() for _ in range(40)]
+    for slept in runs:
+        assert len(slept) == 5
+        assert all(0.1 <= s <= c + 1e-9 for s, c in zip(slept, ceilings, strict=True))
+        assert slept[0] == pytest.approx(0.1)
+    mean = [sum(r[i] for r in runs) / len(runs) for i in range(5)]
+    assert mean[0] < mean[1] < mean[3]  # waits grow across attempts
+    assert len({round(r[4], 6) for r in runs}) > 1  # and are jittered
 
 
 def test_generator_retried_only_before_its_first_item() -> None:

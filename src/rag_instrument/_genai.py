@@ -11,17 +11,22 @@ all describe a model call the same way, so that a dashboard built on one works f
 - the call reported to the enclosing stage's breakdown (``llm`` or ``embedding``).
 
 Prompt and response text are recorded only when ``capture_content`` is on, and then
-redacted and cut to ``max_content_chars``. Without it, the prompt is also scrubbed from the
-error messages this module records (a provider that echoes the prompt in an exception does
-not leak it into telemetry).
+redacted and cut to ``max_content_chars``. Without it, a failed call's span status,
+``exception.message`` and log ``error_message`` carry only the error type, its HTTP status
+and a short provider error code (``"BadRequestError (HTTP 400, code context_length)"``):
+never the SDK's message text, which may echo the prompt in any form (one message of
+several, ``repr``-escaped, JSON-encoded...). With capture on, the message is kept, redacted.
+Either way, the literal secrets a call was started with (an SDK client's own ``api_key``,
+whatever its shape) are replaced in every text recorded for it.
 """
 
 from __future__ import annotations
 
 import contextvars
+import re
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
@@ -63,7 +68,7 @@ if TYPE_CHECKING:
 
     from rag_instrument._config import Runtime
 
-__all__ = ["GenAICall", "current_call", "numeric_params", "start_call"]
+__all__ = ["GenAICall", "current_call", "error_summary", "numeric_params", "start_call"]
 
 # --- names (to move to attributes.py) -----------------------------------------------------
 
@@ -81,6 +86,12 @@ _NUMERIC_PARAMS: Final = {
     "n": "choice.count",
 }
 
+#: A provider error code short and plain enough to record without content capture.
+_ERROR_CODE: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,47}")
+
+#: Secrets shorter than this are not scrubbed literally (too likely to hit ordinary text).
+_MIN_SECRET_CHARS: Final = 8
+
 _current: contextvars.ContextVar[GenAICall | None] = contextvars.ContextVar(
     "rag_instrument.genai_call", default=None
 )
@@ -97,9 +108,62 @@ def numeric_params(params: Mapping[str, Any]) -> dict[str, int | float]:
     return out
 
 
-def _messages_json(role: str, text: str, rt: Runtime) -> str:
-    clean = rt.sanitizer.text(text)
+def _without_secrets(text: str, secrets: Sequence[str]) -> str:
+    # Before the sanitizer: truncating first could leave half a key behind.
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def _messages_json(role: str, text: str, rt: Runtime, secrets: Sequence[str] = ()) -> str:
+    clean = rt.sanitizer.text(_without_secrets(text, secrets))
     return orjson.dumps([{"role": role, "parts": [{"type": "text", "content": clean}]}]).decode()
+
+
+def _status_of(exc: BaseException) -> int | None:
+    for value in (
+        getattr(exc, "status_code", None),
+        getattr(exc, "status", None),
+        getattr(getattr(exc, "response", None), "status_code", None),
+    ):
+        if type(value) is int:
+            return value
+    return None
+
+
+def _code_of(exc: BaseException) -> str | None:
+    candidates: list[object] = [getattr(exc, "code", None)]
+    body = getattr(exc, "body", None)
+    if isinstance(body, Mapping):
+        error = body.get("error")
+        for source in (body, error) if isinstance(error, Mapping) else (body,):
+            candidates += [source.get("code"), source.get("type")]
+    for value in candidates:
+        if isinstance(value, str) and value != "error" and _ERROR_CODE.fullmatch(value):
+            return value
+    return None
+
+
+def error_summary(exc: BaseException, secrets: Sequence[str] = ()) -> str:
+    """What may be said of a failed call without content capture: never the message text.
+
+    The exception's type name, its HTTP status and a short provider error code, e.g.
+    ``"RateLimitError (HTTP 429, code rate_limit_exceeded)"``; just ``"ValueError"`` for
+    an error that carries neither.
+    """
+    parts: list[str] = []
+    try:
+        status = _status_of(exc)
+        if status is not None:
+            parts.append(f"HTTP {status}")
+        code = _code_of(exc)
+        if code is not None and not any(s in code or code in s for s in secrets):
+            parts.append(f"code {code}")
+    except Exception:
+        pass  # a property that raises: say less
+    name = type(exc).__name__
+    return f"{name} ({', '.join(parts)})" if parts else name
 
 
 class GenAICall:
@@ -124,21 +188,26 @@ class GenAICall:
         "finished",
         "metric_attrs",
         "operation",
-        "prompt",
         "rt",
+        "secrets",
         "span",
         "start_ns",
         "ttft_ms",
     )
 
     def __init__(
-        self, rt: Runtime, span: Span, operation: str, breakdown_kind: str, prompt: str | None
+        self,
+        rt: Runtime,
+        span: Span,
+        operation: str,
+        breakdown_kind: str,
+        secrets: Sequence[str] = (),
     ) -> None:
         self.rt = rt
         self.span = span
         self.operation = operation
         self.breakdown_kind = breakdown_kind
-        self.prompt = prompt
+        self.secrets = secrets
         self.metric_attrs: dict[str, str] = {}
         self.attempts = 0
         self.backoff_ms = 0.0
@@ -223,10 +292,13 @@ class GenAICall:
             internal_error("finishing an llm call", err)
 
     def _scrub(self, text: str) -> str:
-        prompt = self.prompt
-        if prompt and not self.rt.settings.capture_content and len(prompt) >= 4:
-            text = text.replace(prompt, REDACTED)
-        return self.rt.sanitizer.text(text)
+        return self.rt.sanitizer.text(_without_secrets(text, self.secrets))
+
+    def _error_text(self, exc: BaseException) -> str:
+        """The error message as recorded: the SDK's text only with content capture on."""
+        if self.rt.settings.capture_content:
+            return self._scrub(_message(exc))
+        return self._scrub(error_summary(exc, self.secrets))
 
     def _finish(
         self,
@@ -267,7 +339,9 @@ class GenAICall:
                 values[RAG_STREAM_CHUNKS] = self.chunks
                 values[attr.RAG_STREAM_COMPLETED] = completed
             if output_text is not None and rt.settings.capture_content:
-                values[GEN_AI_OUTPUT_MESSAGES] = _messages_json("assistant", output_text, rt)
+                values[GEN_AI_OUTPUT_MESSAGES] = _messages_json(
+                    "assistant", output_text, rt, self.secrets
+                )
             if exc is not None:
                 values[attr.ERROR_TYPE] = type(exc).__qualname__
                 if cancelled:
@@ -324,21 +398,29 @@ class GenAICall:
         else:
             event, level = EVENT_LLM_FAILED, "error"
             fields["error_type"] = type(exc).__name__
-            fields["error_message"] = self._scrub(_message(exc))
+            fields["error_message"] = self._error_text(exc)
         emit(level, event, fields, span=span, trusted=True, rt=rt)
 
     def _record_exception(self, exc: BaseException) -> None:
-        try:
-            stack = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        except Exception:
-            stack = ""
-        message = self._scrub(_message(exc))
         exc_type = type(exc)
         module = exc_type.__module__
         qualname = (
             exc_type.__qualname__ if module == "builtins" else f"{module}.{exc_type.__qualname__}"
         )
-        self.span.set_status(Status(StatusCode.ERROR, f"{exc_type.__name__}: {message}"))
+        message = self._error_text(exc)
+        try:
+            if self.rt.settings.capture_content:
+                stack = "".join(traceback.format_exception(exc_type, exc, exc.__traceback__))
+            else:  # the frames, but no message text (nor the chained exceptions' texts)
+                frames = "".join(traceback.format_tb(exc.__traceback__))
+                stack = f"Traceback (most recent call last):\n{frames}{qualname}: {message}\n"
+        except Exception:
+            stack = ""
+        if self.rt.settings.capture_content:
+            description = f"{exc_type.__name__}: {message}"
+        else:
+            description = message  # already "Type (HTTP n, code c)"
+        self.span.set_status(Status(StatusCode.ERROR, description))
         self.span.add_event(
             "exception",
             {
@@ -364,11 +446,27 @@ def start_call(
     system: str,
     model: str,
     params: Mapping[str, Any] | None = None,
-    prompt: str | None = None,
+    prompt: str | Callable[[], str] | None = None,
     breakdown_kind: str = attr.BREAKDOWN_LLM,
     span_kind: str = attr.SpanKind.LLM,
+    secrets: Sequence[str] = (),
 ) -> GenAICall:
-    """Open the span of one model call (not yet current: see :meth:`GenAICall.attach`)."""
+    """Open the span of one model call (not yet current: see :meth:`GenAICall.attach`).
+
+    Args:
+        rt: the runtime in force.
+        operation: ``gen_ai.operation.name`` (``"chat"``, ``"embeddings"``).
+        system: ``gen_ai.provider.name``.
+        model: ``gen_ai.request.model``.
+        params: the request's parameters (only the known numeric ones are recorded).
+        breakdown_kind: the stage breakdown entry (``llm`` or ``embedding``).
+        span_kind: ``openinference.span.kind``.
+        prompt: the prompt text, or a function building it: called only when content
+            capture is on (joining 1,000 embedding inputs is not paid for otherwise).
+        secrets: literal strings (a client's API key) to replace in every text recorded
+            for this call; those shorter than 8 characters are ignored.
+    """
+    secrets = tuple(s for s in secrets if isinstance(s, str) and len(s) >= _MIN_SECRET_CHARS)
     attributes: dict[str, Any] = {
         GEN_AI_OPERATION_NAME: operation,
         GEN_AI_PROVIDER_NAME: system,
@@ -378,9 +476,10 @@ def start_call(
     if params:
         attributes.update(numeric_params(params))
     if prompt is not None and rt.settings.capture_content:
-        attributes[GEN_AI_INPUT_MESSAGES] = _messages_json("user", prompt, rt)
+        text = prompt if isinstance(prompt, str) else prompt()
+        attributes[GEN_AI_INPUT_MESSAGES] = _messages_json("user", text, rt, secrets)
     span = rt.tracer.start_span(f"{operation} {model}", kind=SpanKind.CLIENT, attributes=attributes)
-    call = GenAICall(rt, span, operation, breakdown_kind, prompt)
+    call = GenAICall(rt, span, operation, breakdown_kind, secrets)
     call.metric_attrs = {
         GEN_AI_OPERATION_NAME: operation,
         GEN_AI_PROVIDER_NAME: system,

@@ -9,10 +9,12 @@ risking two different requests sharing a key.
 Values are stored as JSON (an :class:`~rag_instrument.llm.LLMResult` round-trips); nothing
 is pickled or unpickled, so a poisoned shared cache cannot execute code. Exceptions are
 never cached. Concurrent identical calls make one underlying call (single flight, for
-threads and for asyncio tasks); if the leading call fails or is cancelled, a waiter takes
-over instead of failing with it.
+threads and for asyncio tasks); if the leading call fails, the calls waiting on it get its
+exception too (the failure is not kept for later callers); if it is cancelled, one waiter
+takes over instead of failing with it.
 
-Telemetry: ``rag.cache.hit`` on the provider span; counters ``rag.cache.hits`` (calls
+Telemetry: ``rag.cache.hit`` on the provider span (for :func:`cached`, on the span current
+at the call); counters ``rag.cache.hits`` (calls
 answered without an underlying call, coalesced ones included), ``rag.cache.misses``,
 ``rag.cache.coalesced`` (served by another call's in-flight result) and
 ``rag.cache.tokens_saved``; ``cache`` hits and misses in the stage's breakdown.
@@ -21,14 +23,18 @@ answered without an underlying call, coalesced ones included), ``rag.cache.misse
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import hashlib
+import math
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol, TypeVar, overload
 
 import orjson
 from cachetools import TTLCache
+from opentelemetry import trace as trace_api
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from rag_instrument import _breakdown, _config
@@ -39,6 +45,7 @@ from rag_instrument.attributes import (
     METRIC_CACHE_HITS,
     METRIC_CACHE_MISSES,
     METRIC_CACHE_TOKENS_SAVED,
+    RAG_CACHE_HIT,
 )
 from rag_instrument.llm import LLMResult
 
@@ -64,6 +71,30 @@ _MISS: Final = 0
 _HIT: Final = 1
 _COALESCED: Final = 2
 
+#: Name prefix of the worker threads that talk to an out-of-process backend (Redis).
+CACHE_THREAD_PREFIX: Final = "rag_instrument-cache"
+
+_io_executor: concurrent.futures.ThreadPoolExecutor | None = None
+_io_lock = threading.Lock()
+
+
+def _cache_executor() -> concurrent.futures.ThreadPoolExecutor:
+    """The small thread pool of out-of-process backends' I/O.
+
+    A pool of its own, so that a slow Redis cannot starve model calls (nor the
+    application's ``to_thread`` work).
+    """
+    global _io_executor
+    executor = _io_executor
+    if executor is None:
+        with _io_lock:
+            if _io_executor is None:
+                _io_executor = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=8, thread_name_prefix=CACHE_THREAD_PREFIX
+                )
+            executor = _io_executor
+    return executor
+
 
 class UncacheableError(TypeError):
     """A key part or a value has no canonical JSON form, so the call is not cached."""
@@ -83,13 +114,49 @@ def make_key(payload: Any) -> str:
 
     Raises:
         UncacheableError: ``payload`` holds a value JSON cannot represent exactly
-            (an object, a class, bytes, a non-str dict key, ...).
+            (an object, a class, bytes, a non-str dict key, a NaN, ...).
     """
+    return _make_key(payload, payload)
+
+
+def _make_key(payload: Any, variable: Any) -> str:
+    """:func:`make_key`, checking only ``variable`` (a part of ``payload``) for NaN."""
     try:
         data = orjson.dumps(payload, default=_reject, option=_KEY_OPTIONS)
     except orjson.JSONEncodeError as exc:
         raise UncacheableError(str(exc)) from None
+    if _has_non_finite(variable):  # orjson writes NaN and inf as null: two keys in one
+        raise UncacheableError("a NaN or infinite float has no canonical JSON form")
     return hashlib.sha256(data).hexdigest()
+
+
+_LEAVES: Final = frozenset({str, int, bool, type(None)})
+_SEQUENCES: Final = (list, tuple)
+
+
+def _has_non_finite(value: Any) -> bool:
+    """Whether ``value`` holds a NaN or infinite float (one call: no recursion)."""
+    leaves = _LEAVES
+    if type(value) in leaves:
+        return False
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        kind = type(node)
+        if kind is tuple or kind is list:
+            items: Iterable[Any] = node
+        elif kind is dict or isinstance(node, dict):
+            items = node.values()
+        elif isinstance(node, _SEQUENCES):
+            items = node
+        else:
+            if isinstance(node, float) and not math.isfinite(node):
+                return True
+            continue
+        for item in items:
+            if type(item) not in leaves:
+                stack.append(item)  # noqa: PERF401 - a loop is faster for 1-3 items
+    return False
 
 
 def encode_value(value: Any) -> bytes:
@@ -106,6 +173,19 @@ def encode_value(value: Any) -> bytes:
         return orjson.dumps(envelope, default=_reject, option=orjson.OPT_PASSTHROUGH_DATACLASS)
     except orjson.JSONEncodeError as exc:
         raise UncacheableError(str(exc)) from None
+
+
+#: Values a cache hit may hand out as the very object stored: immutable, and equal to what
+#: decoding their JSON would give. Mutable JSON (dict, list) is decoded afresh every time.
+_IMMUTABLE: Final = frozenset({LLMResult, str, int, bool, type(None)})
+
+
+def _keepable(value: Any) -> bool:
+    kind = type(value)
+    return kind in _IMMUTABLE or (kind is float and math.isfinite(value))
+
+
+_NOT_KEPT: Final = object()
 
 
 def decode_value(data: bytes | str) -> Any:
@@ -153,7 +233,8 @@ class MemoryCache:
     """
 
     def __init__(self, maxsize: int = 1024, ttl: float = 3600.0) -> None:
-        self._cache: TTLCache[str, bytes] = TTLCache(maxsize=maxsize, ttl=ttl)
+        # Each entry is (bytes, the decoded value or _NOT_KEPT): see lookup().
+        self._cache: TTLCache[str, tuple[bytes, Any]] = TTLCache(maxsize=maxsize, ttl=ttl)
         self._lock = threading.Lock()
         self.maxsize = maxsize
 
@@ -161,14 +242,28 @@ class MemoryCache:
         """The stored bytes, or ``None``."""
         with self._lock:
             try:
-                return self._cache[key]  # one expiry check, where .get() makes two
+                return self._cache[key][0]  # one expiry check, where .get() makes two
+            except KeyError:
+                return None
+
+    def entry(self, key: str) -> tuple[bytes, Any] | None:
+        """The stored bytes and, for an immutable value, the value itself (or ``_NOT_KEPT``)."""
+        with self._lock:
+            try:
+                return self._cache[key]
             except KeyError:
                 return None
 
     def set(self, key: str, value: bytes, ttl: float | None) -> None:
         """Store ``value`` (entries share the cache's TTL)."""
         with self._lock:
-            self._cache[key] = value
+            self._cache[key] = (value, _NOT_KEPT)
+
+    def set_value(self, key: str, data: bytes, value: Any) -> None:
+        """Store ``data``, the JSON of ``value``, keeping ``value`` if it is immutable."""
+        kept = value if _keepable(value) else _NOT_KEPT
+        with self._lock:
+            self._cache[key] = (data, kept)
 
     def clear(self) -> None:
         """Drop every entry."""
@@ -184,22 +279,33 @@ class RedisCache:
     """A Redis backend shared by processes and hosts (extra ``redis``).
 
     Entries expire on the server (``SET ... PX``). An unreachable or failing Redis turns
-    into cache misses and a warning at most once per 20 s: never a failed call.
+    into cache misses and a warning at most once per 20 s: never a failed call. After an
+    error or a timeout the backend is skipped for ``cooldown_s`` (every lookup a miss,
+    every store dropped), so that a stalled server does not cost each call its timeout;
+    then it is tried again.
 
     Args:
         url: ``redis://host:port/db``.
         prefix: prepended to every key, to share a database safely.
         timeout_s: connect and command timeout, seconds.
+        cooldown_s: seconds the backend is skipped after a failure.
     """
 
     def __init__(
-        self, url: str = "redis://127.0.0.1:6379/0", prefix: str = "rag:", *, timeout_s: float = 0.5
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        prefix: str = "rag:",
+        *,
+        timeout_s: float = 0.5,
+        cooldown_s: float = 5.0,
     ) -> None:
         self.url = url
         self.prefix = prefix
         self.timeout_s = timeout_s
+        self.cooldown_s = cooldown_s
         self._client: Any = None
         self._lock = threading.Lock()
+        self._down_until = 0.0
 
     def __repr__(self) -> str:
         return f"RedisCache({redact_text(self.url)!r}, prefix={self.prefix!r})"
@@ -223,7 +329,11 @@ class RedisCache:
                 client = self._client
         return client
 
+    def _cooling_down(self) -> bool:
+        return self._down_until > 0.0 and time.monotonic() < self._down_until
+
     def _unavailable(self, exc: Exception) -> None:
+        self._down_until = time.monotonic() + self.cooldown_s
         warn_once.warning(
             f"rag_instrument: Redis cache at {redact_text(self.url)} unavailable "
             f"({type(exc).__name__}); serving without the cache"
@@ -231,6 +341,8 @@ class RedisCache:
 
     def get(self, key: str) -> bytes | None:
         """The stored bytes, or ``None`` (missing, or Redis unavailable)."""
+        if self._cooling_down():
+            return None
         client = self._redis()
         try:
             value = client.get(self.prefix + key)
@@ -241,6 +353,8 @@ class RedisCache:
 
     def set(self, key: str, value: bytes, ttl: float | None) -> None:
         """Store ``value`` with a server-side expiry of ``ttl`` seconds."""
+        if self._cooling_down():
+            return
         client = self._redis()
         try:
             if ttl is not None and ttl > 0:
@@ -281,14 +395,37 @@ class CacheInfo(NamedTuple):
 
 
 class _Flight:
-    __slots__ = ("data", "done", "loop")
+    """One underlying call in progress, and how it ended (for the calls waiting on it)."""
+
+    __slots__ = ("data", "done", "error", "loop", "value")
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
         self.loop = loop
         self.done: threading.Event | asyncio.Future[None] = (
             threading.Event() if loop is None else loop.create_future()
         )
-        self.data: bytes | None = None
+        self.data: bytes | None = None  # the result's JSON, if it was stored
+        self.value: Any = _NOT_KEPT  # the result itself, if immutable
+        self.error: Exception | None = None  # the leader's failure (not a cancellation)
+
+    def settle(self, value: Any, data: bytes | None) -> None:
+        self.data = data
+        if data is not None and _keepable(value):
+            self.value = value
+
+    def outcome(self) -> tuple[bool, Any]:
+        """What a waiter gets: ``(True, value)``, or the leader's exception raised.
+
+        ``(False, None)`` when the leader was cancelled or its result could not be stored:
+        the waiter takes over.
+        """
+        if self.error is not None:
+            raise self.error
+        if self.value is not _NOT_KEPT:
+            return True, self.value
+        if self.data is not None:
+            return True, decode_value(self.data)
+        return False, None
 
 
 class _Store:
@@ -297,7 +434,8 @@ class _Store:
     def __init__(self, backend: CacheBackend, ttl: float | None) -> None:
         self.backend = backend
         self.ttl = ttl
-        self.local = type(backend) is MemoryCache
+        self.memory: MemoryCache | None = backend if type(backend) is MemoryCache else None
+        self.local = self.memory is not None
         self.lock = threading.Lock()
         self.flights: dict[str, _Flight] = {}
         self.hits = self.misses = self.coalesced = 0
@@ -312,11 +450,20 @@ class _Store:
         self.hits = self.misses = self.coalesced = 0
 
     def lookup(self, key: str) -> tuple[bool, Any]:
-        data = self.backend.get(key)
-        if data is None:
-            return False, None
+        memory = self.memory
+        if memory is not None:
+            entry = memory.entry(key)
+            if entry is None:
+                return False, None
+            if entry[1] is not _NOT_KEPT:
+                return True, entry[1]  # immutable: no need to decode it again
+            data: bytes | None = entry[0]
+        else:
+            data = self.backend.get(key)
+            if data is None:
+                return False, None
         try:
-            return True, decode_value(data)
+            return True, decode_value(data)  # type: ignore[arg-type]
         except ValueError:
             warn_once.warning("rag_instrument: ignored a cache entry that is not ours (not JSON)")
             return False, None
@@ -327,21 +474,30 @@ class _Store:
         except UncacheableError as exc:
             warn_once.warning(f"rag_instrument: result not cached: {exc}")
             return None
-        self.backend.set(key, data, self.ttl)
+        if self.memory is not None:
+            self.memory.set_value(key, data, value)
+        else:
+            self.backend.set(key, data, self.ttl)
         return data
 
     async def alookup(self, key: str) -> tuple[bool, Any]:
         if self.local:
             return self.lookup(key)
-        return await asyncio.to_thread(self.lookup, key)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_cache_executor(), self.lookup, key)
 
     async def asave(self, key: str, value: Any) -> bytes | None:
         if self.local:
             return self.save(key, value)
-        return await asyncio.to_thread(self.save, key, value)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_cache_executor(), self.save, key, value)
 
     def call(self, key: str, fn: Callable[[], Any]) -> tuple[Any, int]:
-        """Answer from the cache, from an identical call in flight, or by calling ``fn``."""
+        """Answer from the cache, from an identical call in flight, or by calling ``fn``.
+
+        Raises:
+            Exception: what ``fn`` raised, in the leader and in the calls waiting on it.
+        """
         coalesced = False
         while True:
             found, value = self.lookup(key)
@@ -356,15 +512,21 @@ class _Store:
             assert isinstance(done, threading.Event)
             done.wait()
             coalesced = True
-            if flight.data is not None:
-                return decode_value(flight.data), _COALESCED
-        try:
-            found, value = self.lookup(key)  # a leader may have finished just before we led
+            found, value = flight.outcome()  # raises the leader's exception
             if found:
                 return value, _COALESCED
+            # The leader was interrupted (or its result not stored): go round, one takes over.
+        try:
+            if self.local:  # a leader may have finished just before we led (cheap here only)
+                found, value = self.lookup(key)
+                if found:
+                    return value, _COALESCED
             value = fn()
-            mine.data = self.save(key, value)
+            mine.settle(value, self.save(key, value))
             return value, _MISS
+        except Exception as exc:
+            mine.error = exc
+            raise
         finally:
             with self.lock:
                 if self.flights.get(key) is mine:
@@ -388,16 +550,21 @@ class _Store:
             assert isinstance(done, asyncio.Future)
             await asyncio.shield(done)
             coalesced = True
-            if flight.data is not None:
-                return decode_value(flight.data), _COALESCED
-            # The leader failed or was cancelled: go round, one waiter takes over.
-        try:
-            found, value = await self.alookup(key)
+            found, value = flight.outcome()  # raises the leader's exception
             if found:
                 return value, _COALESCED
+            # The leader was cancelled: go round, one waiter takes over.
+        try:
+            if self.local:
+                found, value = self.lookup(key)
+                if found:
+                    return value, _COALESCED
             value = await fn()
-            mine.data = await self.asave(key, value)
+            mine.settle(value, await self.asave(key, value))
             return value, _MISS
+        except Exception as exc:
+            mine.error = exc
+            raise
         finally:
             with self.lock:
                 if self.flights.get(key) is mine:
@@ -543,18 +710,22 @@ class CacheMixin:
     def cache_key(self, prompt: str, params: Mapping[str, Any], namespace: str | None) -> str:
         """The cache key of one call (override to change what is part of it).
 
+        Besides the call, the key holds the provider class's qualified name, so that two
+        classes sharing a backend (a :class:`RedisCache`) never share entries.
+
         Raises:
             UncacheableError: a parameter has no canonical JSON form.
         """
-        return make_key(
-            {
-                "system": getattr(self, "system", None),
-                "model": getattr(self, "model", None),
-                "prompt": prompt,
-                "params": params,
-                "namespace": namespace,
-            }
-        )
+        cls = type(self)
+        payload = {
+            "class": f"{cls.__module__}.{cls.__qualname__}",
+            "system": getattr(self, "system", None),
+            "model": getattr(self, "model", None),
+            "prompt": prompt,
+            "params": params,
+            "namespace": namespace,
+        }
+        return _make_key(payload, params if type(prompt) is str else payload)
 
     def is_cacheable(self, params: Mapping[str, Any]) -> bool:
         """Whether a call with ``params`` may be answered from the cache."""
@@ -602,9 +773,21 @@ def _wrap(
 ) -> Callable[..., Any]:
     kind = function_kind(fn)
 
+    def record(value: Any, outcome: int) -> None:
+        rt = _config._RUNTIME
+        store.count(outcome, value, rt)
+        if rt.enabled:
+            try:
+                span = trace_api.get_current_span()
+                if span.is_recording():
+                    span.set_attribute(RAG_CACHE_HIT, outcome != _MISS)
+            except Exception as exc:
+                internal_error("recording a cache outcome on the span", exc)
+
     def key_of(args: Any, kwargs: Any) -> str | None:
         try:
-            return make_key([prefix, key(*args, **kwargs)])
+            part = key(*args, **kwargs)
+            return _make_key([prefix, part], part)
         except UncacheableError as exc:
             warn_once.warning(f"rag_instrument: {prefix} call not cached: {exc}")
             return None
@@ -616,7 +799,7 @@ def _wrap(
             if k is None:
                 return await fn(*args, **kwargs)
             value, outcome = await store.acall(k, lambda: fn(*args, **kwargs))
-            store.count(outcome, value, _config._RUNTIME)
+            record(value, outcome)
             return value
 
         return async_wrapper
@@ -626,7 +809,7 @@ def _wrap(
         if k is None:
             return fn(*args, **kwargs)
         value, outcome = store.call(k, lambda: fn(*args, **kwargs))
-        store.count(outcome, value, _config._RUNTIME)
+        record(value, outcome)
         return value
 
     return wrapper
@@ -662,7 +845,8 @@ def cached(
     """Cache a function's JSON results, with single flight, for ``def`` and ``async def``.
 
     Use as ``@ri.cached`` or ``@ri.cached(ttl=600, backend=ri.RedisCache(url))``. The
-    wrapper has ``cache_info()`` and ``cache_clear()``.
+    wrapper has ``cache_info()`` and ``cache_clear()``. Each call sets ``rag.cache.hit``
+    on the span current at the call (a stage's, for instance).
 
     Args:
         fn: the function, when used as ``@ri.cached`` without arguments.

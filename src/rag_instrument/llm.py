@@ -27,16 +27,56 @@ has its own deadline.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
 import dataclasses
 import inspect
+import os
+import threading
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 from rag_instrument import _config
 from rag_instrument._genai import GenAICall, start_call
 from rag_instrument._utils import internal_error
 
 __all__ = ["LLMProvider", "LLMRequest", "LLMResult"]
+
+#: Name prefix of the worker threads that run synchronous ``_generate`` methods.
+LLM_THREAD_PREFIX: Final = "rag_instrument-llm"
+
+_executor: concurrent.futures.ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def llm_executor() -> concurrent.futures.ThreadPoolExecutor:
+    """The library's own pool for synchronous ``_generate`` calls (created on first use).
+
+    Not asyncio's default executor: an attempt abandoned at its ``timeout`` keeps its
+    thread until the vendor call returns (a thread cannot be interrupted), and a shared
+    pool full of those would starve the application's ``to_thread`` work, and vice versa.
+    ``max(32, 4 x CPUs)`` workers.
+    """
+    global _executor
+    executor = _executor
+    if executor is None:
+        with _executor_lock:
+            if _executor is None:
+                _executor = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=max(32, (os.cpu_count() or 1) * 4),
+                    thread_name_prefix=LLM_THREAD_PREFIX,
+                )
+            executor = _executor
+    return executor
+
+
+def _forget_executor() -> None:  # in a forked child the parent's threads do not exist
+    global _executor
+    _executor = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_executor)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -134,9 +174,12 @@ class LLMProvider:
             :class:`TimeoutError` (which :class:`~rag_instrument.retry.RetryMixin` retries).
 
     ``_generate`` may be ``async def`` or a plain ``def`` (a synchronous vendor SDK): a plain
-    one runs in a worker thread via :func:`asyncio.to_thread`, with the caller's context
-    (spans, bound log context, the stage's breakdown) carried over, so the event loop keeps
-    running while it waits.
+    one runs in a worker thread of the library's own pool (threads named
+    ``rag_instrument-llm_N``), with the caller's context (spans, bound log context, the
+    stage's breakdown) carried over, so the event loop keeps running while it waits. Its
+    ``timeout`` starts when the thread starts running it, not while it waits for a free
+    worker; past it the caller gets :class:`TimeoutError` at once, but the thread stays
+    busy until the blocking call returns (give the vendor SDK its own timeout too).
     """
 
     system: str = "unknown"
@@ -213,15 +256,43 @@ class LLMProvider:
     async def _invoke(self, request: LLMRequest) -> Any:
         """Make one attempt: ``_generate`` under ``timeout`` (the end of the mixin chain)."""
         if self._rag_sync_generate:
-            # to_thread runs the function in a copy of the caller's context.
-            work: Any = asyncio.to_thread(self._generate, request.prompt, **request.params)
-        else:
-            work = self._generate(request.prompt, **request.params)
+            return await self._invoke_sync(request)
+        work = self._generate(request.prompt, **request.params)
         timeout = self.timeout
         if timeout is None:
             return await work
         async with asyncio.timeout(timeout):
             return await work
+
+    async def _invoke_sync(self, request: LLMRequest) -> Any:
+        """One attempt of a plain-``def`` ``_generate`` on the library's thread pool."""
+        loop = asyncio.get_running_loop()
+        context = contextvars.copy_context()
+        timeout = self.timeout
+        started: asyncio.Future[None] | None = None if timeout is None else loop.create_future()
+
+        def mark_started() -> None:
+            if started is not None and not started.done():
+                started.set_result(None)
+
+        def work() -> Any:
+            if started is not None:
+                try:
+                    loop.call_soon_threadsafe(mark_started)
+                except RuntimeError:
+                    pass  # the loop is closed: nobody waits for the result
+            return context.run(self._generate, request.prompt, **request.params)
+
+        future = loop.run_in_executor(llm_executor(), work)
+        if started is None:
+            return await future
+        try:
+            await started  # queued for a free worker: the attempt's clock has not started
+        except BaseException:
+            future.cancel()  # still queued: it will not run
+            raise
+        async with asyncio.timeout(timeout):
+            return await future
 
     async def generate_batch(
         self, prompts: Iterable[str], *, concurrency: int = 8, **params: Any

@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import functools
+import math
+import numbers
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Mapping
 from typing import TYPE_CHECKING, Any, Final, TypeVar, overload
@@ -100,7 +102,8 @@ def retry_after_s(exc: BaseException) -> float | None:
     """The wait the server asked for, from ``retry-after-ms`` or ``Retry-After``, if any.
 
     ``Retry-After`` may be seconds or an HTTP date; headers are looked up on
-    ``exc.response.headers`` or ``exc.headers``.
+    ``exc.response.headers`` or ``exc.headers``. A value that is not a finite number
+    (``nan``, ``inf``) is ignored, as an unparseable one is.
     """
     try:
         headers = _headers_of(exc)
@@ -108,15 +111,18 @@ def retry_after_s(exc: BaseException) -> float | None:
             return None
         ms = headers.get("retry-after-ms")
         if ms is not None:
-            return max(float(ms) / 1000.0, 0.0)
+            seconds = float(ms) / 1000.0
+            if math.isfinite(seconds):
+                return max(seconds, 0.0)
         value = headers.get("retry-after")
         if value is None:
             return None
         try:
-            return max(float(value), 0.0)
+            seconds = float(value)
         except ValueError:
             when = email.utils.parsedate_to_datetime(value)
-            return max(when.timestamp() - time.time(), 0.0)
+            seconds = when.timestamp() - time.time()
+        return max(seconds, 0.0) if math.isfinite(seconds) else None
     except Exception:
         return None  # an unparseable header: fall back to our own backoff
 
@@ -138,6 +144,23 @@ class _Backoff(wait_base):
         return float(self.jitter(retry_state))
 
 
+def _policy_problem(attempts: object, wait_min: object, wait_max: object) -> str | None:
+    """What is wrong with these settings, as a template naming ``{0}``, ``{1}``, ``{2}``."""
+    if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
+        return f"{{0}} must be an int >= 1, got {attempts!r}"
+    for slot, value in (("{1}", wait_min), ("{2}", wait_max)):
+        if (
+            type(value) is bool
+            or not isinstance(value, numbers.Real)
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            return f"{slot} must be a finite number >= 0, got {value!r}"
+    if wait_min > wait_max:  # type: ignore[operator]
+        return f"need {{1}} <= {{2}}, got {wait_min!r} > {wait_max!r}"
+    return None
+
+
 class RetryPolicy:
     """How many attempts, how long to wait between them, and which errors to retry."""
 
@@ -151,12 +174,9 @@ class RetryPolicy:
         predicate: Callable[[BaseException], bool],
         name: str,
     ) -> None:
-        if attempts < 1:
-            raise ValueError(f"retry: attempts must be >= 1, got {attempts!r}")
-        if wait_min < 0 or wait_max < wait_min:
-            raise ValueError(
-                f"retry: need 0 <= wait_min <= wait_max, got {wait_min!r} and {wait_max!r}"
-            )
+        problem = _policy_problem(attempts, wait_min, wait_max)
+        if problem is not None:
+            raise ValueError(f"retry: {problem.format('attempts', 'wait_min', 'wait_max')}")
         self.attempts = attempts
         self.wait = _Backoff(wait_min, wait_max)
         self.predicate = predicate
@@ -186,7 +206,6 @@ class _Recorder:
         self.backoff_ms = 0.0
 
     def before_sleep(self, state: RetryCallState) -> None:
-        self.attempts = state.attempt_number + 1
         rt = _config._RUNTIME
         if not rt.enabled:
             return
@@ -270,6 +289,8 @@ def _again_sync(
             with attempt:
                 if pending:
                     raise pending.pop()  # attempt 1 already happened: let tenacity see it
+                # Counted when made (not before the backoff: a cancelled wait makes none).
+                recorder.attempts = attempt.retry_state.attempt_number
                 result = fn(*args, **kwargs)
     finally:
         recorder.done()
@@ -293,6 +314,7 @@ async def _again_async(
             with attempt:
                 if pending:
                     raise pending.pop()
+                recorder.attempts = attempt.retry_state.attempt_number
                 result = await fn(*args, **kwargs)
     finally:
         recorder.done()
@@ -437,7 +459,9 @@ def retry(
         The decorated function, or a decorator.
 
     Raises:
-        ValueError: invalid ``attempts``, ``wait_min`` or ``wait_max``.
+        ValueError: invalid ``attempts``, ``wait_min`` or ``wait_max`` (raised where the
+            decorator is applied, never at call time).
+        TypeError: ``is_retryable`` is not callable.
     """
 
     def decorate(func: F) -> F:
@@ -447,6 +471,8 @@ def retry(
         functools.update_wrapper(wrapper, func)
         return wrapper  # type: ignore[return-value]
 
+    if is_retryable is not None and not callable(is_retryable):
+        raise TypeError(f"retry: is_retryable must be callable, got {is_retryable!r}")
     if fn is not None:
         return decorate(fn)
     # Validate now, not at first decoration.
@@ -464,15 +490,47 @@ class RetryMixin:
 
     Override :meth:`is_retryable` to choose which errors are retried. Each attempt gets the
     provider's full ``timeout``; each retry is a ``"retry"`` event on the call's span.
+    The settings are checked when a subclass is defined (:class:`ValueError` naming the
+    class and the attribute); settings made invalid later, on an instance, disable the
+    retries of that call rather than replace its exception.
     """
 
     retry_attempts: int = 3
     retry_wait_min: float = 0.5
     retry_wait_max: float = 10.0
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Check the retry settings when the class is defined, not at its first failure.
+
+        Raises:
+            ValueError: ``retry_attempts``, ``retry_wait_min`` or ``retry_wait_max`` is
+                invalid (the message names the class and the attribute).
+        """
+        super().__init_subclass__(**kwargs)
+        problem = _policy_problem(cls.retry_attempts, cls.retry_wait_min, cls.retry_wait_max)
+        if problem is not None:
+            names = ("retry_attempts", "retry_wait_min", "retry_wait_max")
+            raise ValueError(f"{cls.__qualname__}: {problem.format(*names)}")
+
     def is_retryable(self, exc: BaseException) -> bool:
         """Whether ``exc`` is worth another attempt (default: :func:`is_transient`)."""
         return is_transient(exc)
+
+    def _rag_policy(self) -> RetryPolicy | None:
+        """This call's policy; ``None`` for a single attempt or invalid settings."""
+        try:
+            if self.retry_attempts == 1:
+                return None
+            return RetryPolicy(
+                self.retry_attempts,
+                self.retry_wait_min,
+                self.retry_wait_max,
+                self.is_retryable,
+                f"{type(self).__qualname__}.generate",
+            )
+        except Exception as err:  # settings made invalid after the class was defined
+            user_code_error(f"{type(self).__qualname__} retry settings", err)
+            return None
 
     async def _invoke(self, request: LLMRequest) -> Any:
         invoke = super()._invoke  # type: ignore[misc]
@@ -480,15 +538,13 @@ class RetryMixin:
         try:
             result = await invoke(request)
         except BaseException as exc:
-            if self.retry_attempts <= 1 or isinstance(exc, _NEVER):
+            if isinstance(exc, _NEVER):
                 raise
-            policy = RetryPolicy(
-                self.retry_attempts,
-                self.retry_wait_min,
-                self.retry_wait_max,
-                self.is_retryable,
-                f"{type(self).__qualname__}.generate",
-            )
+            policy = self._rag_policy()
+            if policy is None:
+                if call is not None:
+                    call.attempts = 1
+                raise
             if not policy.should_retry(exc):
                 if call is not None:
                     call.attempts = 1

@@ -157,3 +157,65 @@ def test_idempotent_and_reversible(server: FakeLLMServer) -> None:
     with capture() as cap:
         client.messages.create(model="m", max_tokens=10, messages=MESSAGES)
     assert not [s for s in cap.spans if s.instrumentation_scope.name == "rag_instrument"]
+
+
+# --- review fixes: the client's own key, copies ----------------------------------------------
+
+HEX_KEY = "9c2e4a6b8d0f1e3a5c7b9d2f4a6c8e0b"  # no sk- shape: only literal scrubbing finds it
+
+
+def _echo_key(server: FakeLLMServer, key: str) -> None:
+    server.enqueue(401, body={"type": "error", "error": {
+        "type": "authentication_error", "message": f"invalid x-api-key: {key}"}})
+
+
+def test_key_echoed_by_the_server_is_never_recorded(server: FakeLLMServer) -> None:
+    _echo_key(server, API_KEY)
+    client = instrument_anthropic(_client(server))
+    with capture() as cap:
+        with pytest.raises(anthropic.AuthenticationError) as info:
+            client.messages.create(model="m", max_tokens=10, messages=MESSAGES)
+    assert API_KEY in str(info.value)  # the server did echo it: the check below is real
+    _no_secret(cap, "blue van")
+    (line,) = cap.find_logs("llm call failed")
+    assert line["error_message"] == "AuthenticationError (HTTP 401, code authentication_error)"
+
+
+@pytest.mark.parametrize("capture_content", [False, True])
+def test_non_sk_client_key_is_scrubbed_with_and_without_capture(
+    server: FakeLLMServer, capture_content: bool
+) -> None:
+    _echo_key(server, HEX_KEY)
+    client = instrument_anthropic(
+        anthropic.Anthropic(api_key=HEX_KEY, base_url=server.anthropic_base_url, max_retries=0)
+    )
+    with capture(capture_content=capture_content) as cap:
+        with pytest.raises(anthropic.AuthenticationError) as info:
+            client.messages.create(model="m", max_tokens=10, messages=MESSAGES)
+        client.messages.create(
+            model="ok", max_tokens=10, system=f"key {HEX_KEY}",
+            messages=[{"role": "user", "content": f"my key: {HEX_KEY}"}],
+        )
+    assert HEX_KEY in str(info.value)
+    _no_secret(cap, HEX_KEY)
+    if capture_content:
+        assert "invalid x-api-key" in cap.span("chat m").status.description
+        assert "my key:" in cap.span("chat ok").attributes["gen_ai.input.messages"]
+
+
+@pytest.mark.parametrize("method", ["with_options", "copy"])
+def test_copies_of_an_instrumented_client_are_instrumented(
+    server: FakeLLMServer, method: str
+) -> None:
+    client = instrument_anthropic(_client(server))
+    with capture() as cap:
+        getattr(client, method)(timeout=5).messages.create(
+            model="copy", max_tokens=10, messages=MESSAGES
+        )
+    assert [s.name for s in cap.spans if s.instrumentation_scope.name == "rag_instrument"] == [
+        "chat copy"
+    ]
+    uninstrument_anthropic(client)
+    with capture() as cap:
+        client.with_options(timeout=5).messages.create(model="m", max_tokens=10, messages=MESSAGES)
+    assert not [s for s in cap.spans if s.instrumentation_scope.name == "rag_instrument"]

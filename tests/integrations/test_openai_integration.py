@@ -287,3 +287,112 @@ def test_disabled_passes_through(server: FakeLLMServer) -> None:
         stream = client.chat.completions.create(model="m", messages=MESSAGES, stream=True)
         assert list(stream)
     assert cap.spans == []
+
+
+# --- review fixes: error text, the client's own key, copies -------------------------------
+
+AZURE_KEY = "3f9a0c1e5b7d4a2f8e6c0b9d1a3e5f7c"  # hex, no sk- shape: only literal scrubbing finds it
+
+
+def _echo_key(server: FakeLLMServer, key: str) -> None:
+    server.enqueue(401, body={"error": {
+        "message": f"Incorrect API key provided: {key}. You can find your key at ...",
+        "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}})
+
+
+def test_key_echoed_by_the_server_is_never_recorded(server: FakeLLMServer) -> None:
+    _echo_key(server, API_KEY)
+    client = instrument_openai(_client(server))
+    with capture() as cap:
+        with pytest.raises(openai.AuthenticationError) as info:
+            client.chat.completions.create(model="m", messages=MESSAGES)
+    assert API_KEY in str(info.value)  # the server did echo it: the check below is real
+    _no_secret(cap, "passports")
+    (line,) = cap.find_logs("llm call failed")
+    assert line["error_message"] == "AuthenticationError (HTTP 401, code invalid_api_key)"
+
+
+@pytest.mark.parametrize("capture_content", [False, True])
+def test_non_sk_client_key_is_scrubbed_with_and_without_capture(
+    server: FakeLLMServer, capture_content: bool
+) -> None:
+    _echo_key(server, AZURE_KEY)
+    client = instrument_openai(
+        openai.OpenAI(api_key=AZURE_KEY, base_url=server.openai_base_url, max_retries=0)
+    )
+    with capture(capture_content=capture_content) as cap:
+        with pytest.raises(openai.AuthenticationError) as info:
+            client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": f"is {AZURE_KEY} valid?"}]
+            )
+        client.chat.completions.create(
+            model="ok", messages=[{"role": "user", "content": f"my key: {AZURE_KEY}"}]
+        )
+    assert AZURE_KEY in str(info.value)
+    _no_secret(cap, AZURE_KEY)
+    if capture_content:
+        assert "Incorrect API key provided" in cap.span("chat m").status.description
+        assert "my key:" in cap.span("chat ok").attributes["gen_ai.input.messages"]
+
+
+def test_one_message_of_several_echoed_in_an_error_is_not_recorded(
+    server: FakeLLMServer,
+) -> None:
+    server.enqueue(400, body={"error": {
+        "message": "Content rejected: 'Which drawer holds the passports?'",
+        "type": "invalid_request_error", "param": None, "code": None}})
+    client = instrument_openai(_client(server))
+    with capture() as cap:
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(
+                model="m", messages=[{"role": "system", "content": "You are helpful."}, *MESSAGES]
+            )
+    _no_secret(cap, "passports", "helpful")
+    assert cap.span("chat m").status.description == (
+        "BadRequestError (HTTP 400, code invalid_request_error)"
+    )
+
+
+def test_embedding_inputs_are_not_joined_without_capture(
+    server: FakeLLMServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rag_instrument.integrations import openai as integration
+
+    joined: list[Any] = []
+    real = integration.text_of
+    monkeypatch.setattr(integration, "text_of", lambda v: joined.append(v) or real(v))
+    client = instrument_openai(_client(server))
+    with capture():
+        client.embeddings.create(model="e", input=["x" * 4096] * 1000)
+    assert joined == []
+    with capture(capture_content=True) as cap:
+        client.embeddings.create(model="e", input=["a", "b"])
+    assert len(joined) == 1
+    assert "gen_ai.input.messages" in cap.span("embeddings e").attributes
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("method", ["with_options", "copy"])
+async def test_copies_of_an_instrumented_client_are_instrumented(
+    server: FakeLLMServer, method: str
+) -> None:
+    sync_client = instrument_openai(_client(server))
+    async_client = instrument_openai(_aclient(server))
+    with capture() as cap:
+        getattr(sync_client, method)(timeout=5).chat.completions.create(
+            model="sync-copy", messages=MESSAGES
+        )
+        copy = getattr(async_client, method)(timeout=5)
+        await copy.chat.completions.create(model="async-copy", messages=MESSAGES)
+        getattr(sync_client, method)().embeddings.create(model="e", input="a")
+    assert cap.span("chat sync-copy")
+    assert cap.span("chat async-copy")
+    assert cap.span("embeddings e")
+    uninstrument_openai(sync_client)
+    assert "copy" not in vars(sync_client)
+    assert "with_options" not in vars(sync_client)
+    with capture() as cap:
+        sync_client.with_options(timeout=5).chat.completions.create(model="m", messages=MESSAGES)
+    assert cap.spans == []
+    await copy.close()
+    await async_client.close()

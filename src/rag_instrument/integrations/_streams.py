@@ -141,12 +141,18 @@ def _wrap_async_stream(stream: Any, state: StreamState) -> None:
     weakref.finalize(stream, state.end, completed=False)
 
 
-def _start(system: str, describe: Describe, kwargs: Mapping[str, Any]) -> GenAICall | None:
+def _start(
+    system: str,
+    describe: Describe,
+    kwargs: Mapping[str, Any],
+    secrets: Callable[[], tuple[str, ...]] | None,
+) -> GenAICall | None:
     rt = _config._RUNTIME
     if not rt.enabled:
         return None
     try:
-        call = start_call(rt, system=system, **describe(kwargs))
+        found = secrets() if secrets is not None else ()
+        call = start_call(rt, system=system, secrets=found, **describe(kwargs))
         call.attach()
     except Exception as exc:
         internal_error("starting an llm call", exc)
@@ -163,6 +169,7 @@ def instrumented(
     stream_types: tuple[type, ...] = (),
     make_state: Callable[[GenAICall], StreamState] | None = None,
     is_async: bool | None = None,
+    secrets: Callable[[], tuple[str, ...]] | None = None,
 ) -> Callable[..., Any]:
     """Wrap one SDK method (sync or async) so that each call is a GenAI call.
 
@@ -175,6 +182,8 @@ def instrumented(
         make_state: the stream state for a streamed response.
         is_async: whether ``original`` returns an awaitable (the SDKs' async methods are
             plain functions behind their decorators, so the caller says so).
+        secrets: returns the client's credentials, read at each call, to be scrubbed
+            literally from everything recorded for it (see :func:`client_secrets`).
     """
 
     def finish(call: GenAICall, result: Any) -> None:
@@ -201,7 +210,7 @@ def instrumented(
 
         @functools.wraps(original)
         async def async_method(*args: Any, **kwargs: Any) -> Any:
-            call = _start(system, describe, kwargs)
+            call = _start(system, describe, kwargs, secrets)
             if call is None:
                 return await original(*args, **kwargs)
             try:
@@ -218,7 +227,7 @@ def instrumented(
 
     @functools.wraps(original)
     def method(*args: Any, **kwargs: Any) -> Any:
-        call = _start(system, describe, kwargs)
+        call = _start(system, describe, kwargs, secrets)
         if call is None:
             return original(*args, **kwargs)
         try:
@@ -234,10 +243,33 @@ def instrumented(
     return method
 
 
+def client_secrets(
+    client: Any, names: tuple[str, ...] = ("api_key",)
+) -> Callable[[], tuple[str, ...]]:
+    """A function returning the client's credentials (read at call time, weakly held)."""
+    ref = weakref.ref(client)
+
+    def read() -> tuple[str, ...]:
+        target = ref()
+        if target is None:
+            return ()
+        found = (getattr(target, name, None) for name in names)
+        return tuple(value for value in found if isinstance(value, str) and value)
+
+    return read
+
+
 def instrument_methods(
-    client: Any, targets: list[tuple[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]]]]
+    client: Any,
+    targets: list[tuple[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]]]],
+    instrument: Callable[[Any], Any] | None = None,
 ) -> bool:
-    """Patch ``name`` on each resource object; ``False`` if the client already was."""
+    """Patch ``name`` on each resource object; ``False`` if the client already was.
+
+    With ``instrument``, the client's ``copy`` and ``with_options`` (an alias of ``copy``
+    in both SDKs, looked up on the class, so both are patched) are patched too, so that
+    the copies they return are instrumented by ``instrument(copy)``.
+    """
     if getattr(client, MARKER, None) is not None:
         return False
     patched: list[tuple[Any, str]] = []
@@ -245,8 +277,29 @@ def instrument_methods(
         original = getattr(resource, name)
         setattr(resource, name, wrap(original))
         patched.append((resource, name))
+    if instrument is not None:
+        for name in ("copy", "with_options"):
+            original = getattr(client, name, None)
+            if callable(original):
+                setattr(client, name, _instrumenting_copy(original, instrument))
+                patched.append((client, name))
     setattr(client, MARKER, patched)
     return True
+
+
+def _instrumenting_copy(
+    original: Callable[..., Any], instrument: Callable[[Any], Any]
+) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def copy(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        try:
+            instrument(result)
+        except Exception as exc:
+            internal_error("instrumenting a client copy", exc)
+        return result
+
+    return copy
 
 
 def uninstrument_methods(client: Any) -> bool:

@@ -12,8 +12,14 @@ and the GenAI metrics, and counts as ``llm`` in the enclosing stage's breakdown.
 exhausted, closed or collected, and records the time to the first event and the usage the
 ``message_start`` / ``message_delta`` events carry.
 
+Copies made with ``client.with_options(...)`` / ``client.copy(...)`` are instrumented too,
+and the client's own ``api_key`` / ``auth_token`` are scrubbed, as literals, from everything
+recorded for its calls.
+
 Not instrumented: the ``messages.stream()`` helper (its manager builds the request itself);
-use ``messages.create(stream=True)`` to trace streams. Supported: ``anthropic>=0.34``.
+use ``messages.create(stream=True)`` to trace streams. ``with_raw_response`` calls get a
+span without token usage (the body is parsed only when you call ``.parse()``).
+Supported: ``anthropic>=0.34``.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ except ImportError as _exc:  # pragma: no cover - exercised without the extra
 from rag_instrument._genai import GenAICall
 from rag_instrument.integrations._streams import (
     StreamState,
+    client_secrets,
     instrument_methods,
     instrumented,
     text_of,
@@ -45,13 +52,16 @@ SYSTEM = "anthropic"
 
 
 def _describe(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    system = text_of(kwargs.get("system"))
-    messages = text_of(kwargs.get("messages"))
+    def prompt() -> str:  # built only when content capture is on
+        system = text_of(kwargs.get("system"))
+        messages = text_of(kwargs.get("messages"))
+        return f"{system}\n{messages}" if system else messages
+
     return {
         "operation": "chat",
         "model": str(kwargs.get("model") or "unknown"),
         "params": kwargs,
-        "prompt": f"{system}\n{messages}" if system else messages,
+        "prompt": prompt,
     }
 
 
@@ -119,6 +129,7 @@ def instrument_anthropic(client: C) -> C:
         )
     is_async = isinstance(client, anthropic.AsyncAnthropic)
     streams = (anthropic.Stream, anthropic.AsyncStream)
+    secrets = client_secrets(client, ("api_key", "auth_token"))
 
     def messages(original: Any) -> Any:
         return instrumented(
@@ -129,9 +140,12 @@ def instrument_anthropic(client: C) -> C:
             stream_types=streams,
             make_state=_MessageStream,
             is_async=is_async,
+            secrets=secrets,
         )
 
-    instrument_methods(client, [(client.messages, "create", messages)])
+    instrument_methods(
+        client, [(client.messages, "create", messages)], instrument=instrument_anthropic
+    )
     return client
 
 

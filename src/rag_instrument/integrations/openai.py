@@ -12,12 +12,24 @@ SDK's own ``Stream`` is returned; its span lasts until the stream is exhausted, 
 collected, and records the time to the first chunk (pass
 ``stream_options={"include_usage": True}`` to get token usage on streams).
 
+Copies made with ``client.with_options(...)`` / ``client.copy(...)`` are instrumented too;
+:func:`uninstrument_openai` undoes the original client only (copies already made stay
+instrumented). The client's own ``api_key`` is scrubbed, as a literal, from everything
+recorded for its calls, whatever its shape (Azure keys are plain hex).
+
+Limitation: ``client.chat.completions.with_raw_response.create(...)`` (and
+``with_streaming_response``) calls get their span, duration, log line and errors, but no
+token usage, response model or finish reason: the SDK hands back the raw HTTP response,
+and its body is parsed only if and when you call ``.parse()``, after the span has ended.
+Read usage from the parsed object yourself if you need it there.
+
 Supported: ``openai>=1.40`` (sync ``OpenAI`` and async ``AsyncOpenAI`` clients, and their
 Azure variants).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -32,6 +44,7 @@ from rag_instrument import attributes as attr
 from rag_instrument._genai import GenAICall
 from rag_instrument.integrations._streams import (
     StreamState,
+    client_secrets,
     instrument_methods,
     instrumented,
     text_of,
@@ -49,7 +62,7 @@ def _describe_chat(kwargs: Mapping[str, Any]) -> dict[str, Any]:
         "operation": "chat",
         "model": str(kwargs.get("model") or "unknown"),
         "params": kwargs,
-        "prompt": text_of(kwargs.get("messages")),
+        "prompt": functools.partial(text_of, kwargs.get("messages")),  # built only if captured
     }
 
 
@@ -58,7 +71,7 @@ def _describe_embeddings(kwargs: Mapping[str, Any]) -> dict[str, Any]:
         "operation": "embeddings",
         "model": str(kwargs.get("model") or "unknown"),
         "params": {},
-        "prompt": text_of(kwargs.get("input")),
+        "prompt": functools.partial(text_of, kwargs.get("input")),
         "breakdown_kind": attr.BREAKDOWN_EMBEDDING,
         "span_kind": attr.SpanKind.EMBEDDING,
     }
@@ -134,6 +147,7 @@ def instrument_openai(client: C) -> C:
         raise TypeError(f"instrument_openai expects an OpenAI client, got {type(client).__name__}")
     is_async = isinstance(client, openai.AsyncOpenAI)
     streams = (openai.Stream, openai.AsyncStream)
+    secrets = client_secrets(client)
 
     def chat(original: Any) -> Any:
         return instrumented(
@@ -144,6 +158,7 @@ def instrument_openai(client: C) -> C:
             stream_types=streams,
             make_state=_ChatStream,
             is_async=is_async,
+            secrets=secrets,
         )
 
     def embeddings(original: Any) -> Any:
@@ -153,6 +168,7 @@ def instrument_openai(client: C) -> C:
             describe=_describe_embeddings,
             on_result=_finish_embeddings,
             is_async=is_async,
+            secrets=secrets,
         )
 
     instrument_methods(
@@ -161,6 +177,7 @@ def instrument_openai(client: C) -> C:
             (client.chat.completions, "create", chat),
             (client.embeddings, "create", embeddings),
         ],
+        instrument=instrument_openai,
     )
     return client
 

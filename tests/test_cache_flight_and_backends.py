@@ -1,0 +1,327 @@
+"""Cache review fixes: shared failures, stalled Redis, decoded hits, keys, span attribute."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import rag_instrument as ri
+from rag_instrument import cache as cache_module
+from rag_instrument.cache import MemoryCache, RedisCache, UncacheableError, cached, make_key
+from rag_instrument.testing import capture
+
+# --- single flight: a failing leader fails its waiters --------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_waiters_share_the_leaders_failure_async() -> None:
+    class Down(ri.CacheMixin, ri.LLMProvider):
+        system, model = "acme", "down"
+        calls = 0
+
+        async def _generate(self, prompt: str, **params: Any) -> str:
+            Down.calls += 1
+            await asyncio.sleep(0.1)  # a 100 ms 503
+            raise ConnectionError("503")
+
+    provider = Down()
+    with capture() as cap:
+        start = time.perf_counter()
+        results = await asyncio.gather(
+            *(provider.generate("q") for _ in range(20)), return_exceptions=True
+        )
+        elapsed = time.perf_counter() - start
+    assert Down.calls == 1
+    assert all(isinstance(r, ConnectionError) for r in results)
+    assert elapsed < 0.5  # ~0.1 s, not 20 x 0.1 s one after another
+    assert len(cap.find_logs("llm call failed")) == 20
+    with pytest.raises(ConnectionError):  # the failure is not kept for later callers
+        await provider.generate("q")
+    assert Down.calls == 2
+
+
+def test_waiters_share_the_leaders_failure_threads() -> None:
+    calls = 0
+    lock = threading.Lock()
+
+    @cached
+    def down(x: int) -> str:
+        nonlocal calls
+        with lock:
+            calls += 1
+        time.sleep(0.1)
+        raise ConnectionError("503")
+
+    barrier = threading.Barrier(20)
+    outcomes: list[BaseException | str] = []
+
+    def worker() -> None:
+        barrier.wait()
+        try:
+            outcomes.append(down(1))
+        except ConnectionError as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(20)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    assert calls == 1
+    assert len(outcomes) == 20
+    assert all(isinstance(o, ConnectionError) for o in outcomes)
+    assert elapsed < 0.5
+    with pytest.raises(ConnectionError):
+        down(1)
+    assert calls == 2
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_leader_still_hands_over_to_one_waiter() -> None:
+    class Slow(ri.CacheMixin, ri.LLMProvider):
+        system, model = "acme", "slow"
+        calls = 0
+
+        async def _generate(self, prompt: str, **params: Any) -> str:
+            Slow.calls += 1
+            await asyncio.sleep(0.1)
+            return "ok"
+
+    leader = asyncio.create_task(Slow().generate("q"))
+    await asyncio.sleep(0.01)
+    waiters = [asyncio.create_task(Slow().generate("q")) for _ in range(5)]
+    await asyncio.sleep(0.01)
+    leader.cancel()
+    assert await asyncio.gather(*waiters) == ["ok"] * 5
+    assert Slow.calls == 2
+
+
+# --- out-of-process backends: one lookup, and a cool-down after a failure -------------------
+
+
+class CountingBackend:
+    """A backend that is not in-process (so the store treats it like Redis)."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+        self.gets = 0
+
+    def get(self, key: str) -> bytes | None:
+        self.gets += 1
+        return self.data.get(key)
+
+    def set(self, key: str, value: bytes, ttl: float | None) -> None:
+        self.data[key] = value
+
+    def clear(self) -> None:
+        self.data.clear()
+
+
+@pytest.mark.asyncio
+async def test_a_miss_makes_one_lookup_on_an_out_of_process_backend() -> None:
+    backend = CountingBackend()
+
+    class P(ri.CacheMixin, ri.LLMProvider):
+        system, model = "acme", "m"
+        cache_backend = backend
+
+        async def _generate(self, prompt: str, **params: Any) -> str:
+            return "ok"
+
+    await P().generate("q")
+    assert backend.gets == 1
+    await P().generate("q")
+    assert backend.gets == 2
+
+    @cached(backend=backend)
+    def f() -> int:
+        return 1
+
+    backend.gets = 0
+    f()
+    assert backend.gets == 1
+
+
+@pytest.fixture
+def black_hole() -> Iterator[int]:
+    """A TCP server that accepts connections and never answers (a stalled Redis)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(100)
+    held: list[Any] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                held.append(server.accept())
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join()
+    for conn, _ in held:
+        conn.close()
+    server.close()
+
+
+@pytest.mark.asyncio
+async def test_stalled_redis_is_skipped_for_a_cool_down(
+    black_hole: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = RedisCache(f"redis://127.0.0.1:{black_hole}/0", timeout_s=0.2, cooldown_s=0.6)
+
+    class P(ri.CacheMixin, ri.LLMProvider):
+        system, model = "acme", "m"
+        cache_backend = backend
+
+        async def _generate(self, prompt: str, **params: Any) -> str:
+            return "ok"
+
+    provider = P()
+    durations = []
+    with caplog.at_level("WARNING", logger="rag_instrument.internal"):
+        for i in range(3):
+            start = time.perf_counter()
+            assert await provider.generate(f"q{i}") == "ok"
+            durations.append(time.perf_counter() - start)
+        await asyncio.sleep(0.7)  # the cool-down is over: Redis is tried again
+        start = time.perf_counter()
+        assert await provider.generate("again") == "ok"
+        retried = time.perf_counter() - start
+    backend.close()
+    assert 0.15 < durations[0] < 0.35  # one timeout, not one per lookup and store
+    assert durations[1] < 0.1
+    assert durations[2] < 0.1
+    assert retried > 0.15
+
+
+# --- decoded values kept for immutable results ----------------------------------------------
+
+
+def test_llm_result_is_immutable() -> None:
+    result = ri.LLMResult("t")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.text = "u"  # type: ignore[misc]
+
+
+@pytest.mark.asyncio
+async def test_hits_on_immutable_values_are_not_decoded_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class P(ri.CacheMixin, ri.LLMProvider):
+        system, model = "acme", "m"
+
+        async def _generate(self, prompt: str, **params: Any) -> ri.LLMResult:
+            return ri.LLMResult(f"re: {prompt}", 1, 2)
+
+    decoded = 0
+    real = cache_module.decode_value
+
+    def counting(data: bytes | str) -> Any:
+        nonlocal decoded
+        decoded += 1
+        return real(data)
+
+    monkeypatch.setattr(cache_module, "decode_value", counting)
+    first = await P().generate("q")
+    assert await P().generate("q") is first
+    assert decoded == 0
+
+    @cached
+    def text(x: int) -> str:
+        return f"t{x}"
+
+    @cached
+    def mapping(x: int) -> dict[str, list[int]]:
+        return {"a": [x]}
+
+    assert text(1) == text(1) == "t1"
+    assert decoded == 0
+    one, two = mapping(1), mapping(1)
+    assert one == two == {"a": [1]}
+    assert one is not two  # mutable JSON: a fresh copy every hit
+    assert decoded == 1
+
+
+def test_memory_cache_get_still_returns_the_stored_bytes() -> None:
+    cache = MemoryCache()
+    cache.set("k", b'{"t":"json","v":1}', None)
+    assert cache.get("k") == b'{"t":"json","v":1}'
+    assert cache.get("missing") is None
+
+
+# --- keys ----------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_two_classes_sharing_a_backend_never_share_entries() -> None:
+    shared = MemoryCache()
+
+    class A(ri.CacheMixin, ri.LLMProvider):
+        system, model = "acme", "m"
+        cache_backend = shared
+
+        async def _generate(self, prompt: str, **params: Any) -> str:
+            return "from A"
+
+    class B(A):
+        async def _generate(self, prompt: str, **params: Any) -> str:
+            return "from B"
+
+    assert await A().generate("q") == "from A"
+    assert await B().generate("q") == "from B"
+    assert len(shared) == 2
+
+
+def test_nan_and_infinity_are_uncacheable_not_null() -> None:
+    for bad in (float("nan"), float("inf"), [1.0, float("-inf")], {"t": {"x": float("nan")}}):
+        with pytest.raises(UncacheableError):
+            make_key({"params": bad})
+    assert make_key({"a": None}) != make_key({"a": 1.0})
+
+
+@pytest.mark.asyncio
+async def test_a_nan_parameter_makes_the_call_uncached() -> None:
+    class P(ri.CacheMixin, ri.LLMProvider):
+        system, model = "acme", "m"
+        calls = 0
+
+        async def _generate(self, prompt: str, **params: Any) -> str:
+            P.calls += 1
+            return "ok"
+
+    await P().generate("q", top_p=float("nan"))
+    await P().generate("q", top_p=float("nan"))
+    await P().generate("q", top_p=None)
+    assert P.calls == 3
+
+
+# --- telemetry -----------------------------------------------------------------------------
+
+
+def test_cached_sets_rag_cache_hit_on_the_current_span() -> None:
+    @cached
+    def f(x: int) -> int:
+        return x
+
+    with capture() as cap:
+        with ri.stage("first"):
+            f(1)
+        with ri.stage("second"):
+            f(1)
+    assert cap.span("first").attributes["rag.cache.hit"] is False
+    assert cap.span("second").attributes["rag.cache.hit"] is True
