@@ -40,7 +40,7 @@ async def test_waiters_share_the_leaders_failure_async() -> None:
         elapsed = time.perf_counter() - start
     assert Down.calls == 1
     assert all(isinstance(r, ConnectionError) for r in results)
-    assert elapsed < 0.5  # ~0.1 s, not 20 x 0.1 s one after another
+    assert elapsed < 1.5  # ~0.1 s, not 20 x 0.1 s = 2 s one after another (the count proves it)
     assert len(cap.find_logs("llm call failed")) == 20
     with pytest.raises(ConnectionError):  # the failure is not kept for later callers
         await provider.generate("q")
@@ -79,7 +79,7 @@ def test_waiters_share_the_leaders_failure_threads() -> None:
     assert calls == 1
     assert len(outcomes) == 20
     assert all(isinstance(o, ConnectionError) for o in outcomes)
-    assert elapsed < 0.5
+    assert elapsed < 1.5  # not 20 x 0.1 s one after another (the count proves it)
     with pytest.raises(ConnectionError):
         down(1)
     assert calls == 2
@@ -182,7 +182,7 @@ def black_hole() -> Iterator[int]:
 async def test_stalled_redis_is_skipped_for_a_cool_down(
     black_hole: int, caplog: pytest.LogCaptureFixture
 ) -> None:
-    backend = RedisCache(f"redis://127.0.0.1:{black_hole}/0", timeout_s=0.2, cooldown_s=0.6)
+    backend = RedisCache(f"redis://127.0.0.1:{black_hole}/0", timeout_s=0.5, cooldown_s=1.5)
 
     class P(ri.CacheMixin, ri.LLMProvider):
         system, model = "acme", "m"
@@ -198,15 +198,17 @@ async def test_stalled_redis_is_skipped_for_a_cool_down(
             start = time.perf_counter()
             assert await provider.generate(f"q{i}") == "ok"
             durations.append(time.perf_counter() - start)
-        await asyncio.sleep(0.7)  # the cool-down is over: Redis is tried again
+        await asyncio.sleep(1.6)  # the cool-down is over: Redis is tried again
         start = time.perf_counter()
         assert await provider.generate("again") == "ok"
         retried = time.perf_counter() - start
     backend.close()
-    assert 0.15 < durations[0] < 0.35  # one timeout, not one per lookup and store
-    assert durations[1] < 0.1
-    assert durations[2] < 0.1
-    assert retried > 0.15
+    # Margins are wide on purpose (shared CI machines): one 0.5 s timeout, not one per
+    # lookup and store (1.5 s); then no Redis at all during the cool-down; then Redis again.
+    assert 0.4 < durations[0] < 1.2
+    assert durations[1] < 0.4
+    assert durations[2] < 0.4
+    assert retried > 0.4
 
 
 # --- decoded values kept for immutable results ----------------------------------------------

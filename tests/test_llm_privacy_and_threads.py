@@ -201,31 +201,35 @@ async def test_sync_generate_runs_on_the_library_pool_with_the_callers_context()
 
 @pytest.mark.asyncio
 async def test_sync_timeout_starts_when_the_work_runs_not_while_queued() -> None:
+    gate = threading.Event()
+    ran_after_release: list[bool] = []
+
     class Hung(ri.LLMProvider):
         system, model, timeout = "vendor", "hung", 0.05
 
         def _generate(self, prompt: str, **params: Any) -> str:  # type: ignore[override]
-            time.sleep(0.5)
+            gate.wait(10)
             return prompt
 
     class Fast(ri.LLMProvider):
         system, model, timeout = "vendor", "fast", 0.3
 
         def _generate(self, prompt: str, **params: Any) -> str:  # type: ignore[override]
+            ran_after_release.append(gate.is_set())
             return prompt
 
     workers = llm.llm_executor()._max_workers
     with capture(enabled=False):
-        # every worker busy with an abandoned attempt (each has already timed out) ...
+        # Every worker busy with an abandoned attempt (each has already timed out) ...
         hung = await asyncio.gather(
             *(Hung().generate(str(i)) for i in range(workers)), return_exceptions=True
         )
         assert all(isinstance(r, TimeoutError) for r in hung)
-        # ... so this call waits ~0.45 s for a thread, longer than its own 0.3 s timeout,
-        # and succeeds: the clock started when it ran.
-        start = time.perf_counter()
+        # ... so this call waits for a thread until the gate opens, well past its own 0.3 s
+        # timeout, and still succeeds: its clock starts when it runs, not while queued.
+        asyncio.get_running_loop().call_later(0.8, gate.set)
         assert await Fast().generate("y") == "y"
-        assert 0.3 < time.perf_counter() - start < 2.0
+    assert ran_after_release == [True]
 
 
 @pytest.mark.asyncio

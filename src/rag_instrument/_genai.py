@@ -399,7 +399,7 @@ class GenAICall:
             event, level = EVENT_LLM_FAILED, "error"
             fields["error_type"] = type(exc).__name__
             fields["error_message"] = self._error_text(exc)
-        emit(level, event, fields, span=span, trusted=True, rt=rt)
+        emit(level, event, fields, span=span, trusted=True, rt=rt, measures=True)
 
     def _record_exception(self, exc: BaseException) -> None:
         exc_type = type(exc)

@@ -82,6 +82,10 @@ def test_stream_keeps_the_sdk_object_and_records_usage(server: FakeLLMServer) ->
     _no_secret(cap, "blue van", server.reply_text)
 
 
+# Dropping a stream without closing it leaves its HTTP connection to the garbage collector,
+# which rightly warns about the unclosed socket: that is what these tests do on purpose.
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_dropped_stream_ends_its_span(server: FakeLLMServer) -> None:
     client = instrument_anthropic(_client(server))
     with capture() as cap:

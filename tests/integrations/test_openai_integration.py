@@ -110,6 +110,10 @@ def test_stream_is_the_sdks_own_object_and_span_lasts_until_exhausted(
     _no_secret(cap, "passports", server.reply_text)
 
 
+# Dropping a stream without closing it leaves its HTTP connection to the garbage collector,
+# which rightly warns about the unclosed socket: that is what these tests do on purpose.
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_stream_closed_early_or_dropped_ends_the_span(server: FakeLLMServer) -> None:
     client = instrument_openai(_client(server))
     with capture() as cap:
