@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 
 import rag_instrument as ri
 from rag_instrument import _config
@@ -30,19 +32,35 @@ def test_jq_pipeline_matches_span_durations(tmp_path: Path) -> None:
         exporter="memory", log_file=str(log), budgets={"retrieval": 1.0}, log_level="debug"
     )
     logger = ri.get_logger("app")
+
+    class Model(ri.LLMProvider):
+        system, model = "stand-in", "m"
+
+        async def _generate(self, prompt: str, **params: object) -> str:
+            return "answer"
+
+    # Lines that time something inside a stage (an LLM call, a slow statement) are in the
+    # file too, and must not be counted as stage runs either.
+    engine = sqlalchemy.create_engine("sqlite://")
+    ri.instrument_sqlalchemy(engine, slow_query_ms=0.0)
     for i in range(4):
         with ri.request_context(request_id=f"r-{i}"):
             logger.info("request received", i=i)
             with ri.stage("search"):
-                with ri.stage("retrieval"):
+                with ri.stage("retrieval"), engine.connect() as conn:
+                    conn.execute(sqlalchemy.text("SELECT 1"))
                     time.sleep(0.004 * (i + 1))
                 with ri.stage("generation"), ri.traced("tokenize"):
+                    asyncio.run(Model().generate("q"))
                     time.sleep(0.003)
     pipelines = _config.runtime().pipelines
     assert pipelines is not None
     assert pipelines.memory_exporter is not None
     spans = pipelines.memory_exporter.get_finished_spans()
     ri.shutdown()
+    events = log.read_text()
+    assert '"llm call completed"' in events
+    assert '"slow query"' in events
 
     # `cat FILE | jq ...`, exactly as in the README and the performance guide.
     result = subprocess.run(
