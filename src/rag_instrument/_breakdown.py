@@ -71,6 +71,8 @@ def detach(frame: Frame) -> dict[str, dict[str, float]] | None:
     Returns the totals, which nothing mutates any more: work reported to ``frame`` after
     this (by a job it started that outlives it) is counted in a fresh, unreported dict.
     """
+    if frame.breakdown is None:
+        return None  # nothing was recorded: no lock needed (the common case)
     with _lock:
         child = frame.breakdown
         frame.breakdown = None

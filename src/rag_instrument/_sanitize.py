@@ -94,38 +94,73 @@ def is_secret_key(key: str) -> bool:
     return len(words) >= 2 and words[-2] + words[-1] in _SECRET_PAIRS
 
 
-_SECRET_VALUE: Final = re.compile(
-    r"""
+# One pattern per kind of secret, each run only when a cheap substring test says it may
+# match: a single alternation of them all costs microseconds per string, because the
+# regular-expression engine tries every alternative at every position.
+_URL_PASSWORD: Final = re.compile(
     # scheme://user:PASSWORD@host - the password runs to the last "@" of the URL, so
-    # passwords containing "@", "/" or "#" (unencoded, as hand-written DSNs have them)
-    # are masked whole; an "@" later in a path or query only widens the mask.
-    (?P<url>(?<=://)[^\s:/?#@]*:)[^\s]*(?=@[^\s@]*(?:\s|$))
-    # Authorization header values, any case.
-    | (?P<scheme>\b(?i:bearer|basic|token)\s+)[A-Za-z0-9._~+/=-]{6,}
-    # key=value and "key": "value" in free text (query strings, exception messages, JSON).
-    | (?P<kv>\b(?i:api[_-]?key|x-api-key|access[_-]?token|refresh[_-]?token|auth[_-]?token
-        |id[_-]?token|client[_-]?secret|secret|password|passwd|pwd|token)
-        ["']?\s*[=:]\s*["']?)[^\s"'&,;}]+
-    | \bsk-[A-Za-z0-9_-]{12,}                           # OpenAI / Anthropic style keys
-    | \b(?:AKIA|ASIA)[0-9A-Z]{16}\b                      # AWS access key ids
-    | \bgh[pousr]_[A-Za-z0-9]{30,}                       # GitHub tokens
-    | \bxox[abposr]-[A-Za-z0-9-]{10,}                    # Slack tokens
-    | \beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]+  # JWTs
-    """,
-    re.VERBOSE,
+    # passwords containing "@", "/" or "#" (unencoded, as hand-written DSNs have them) are
+    # masked whole; an "@" later in a path or query only widens the mask.
+    r"(://[^\s:/?#@]*:)[^\s]*(?=@[^\s@]*(?:\s|$))"
 )
+_AUTH_SCHEME: Final = re.compile(r"(?i)\b((?:bearer|basic|token)\s+)[A-Za-z0-9._~+/=-]{6,}")
+_KEY_VALUE: Final = re.compile(
+    # key=value and "key": "value" in free text (query strings, exception messages, JSON).
+    r"""(?i)\b((?:api[_-]?key|x-api-key|access[_-]?token|refresh[_-]?token|auth[_-]?token"""
+    r"""|id[_-]?token|client[_-]?secret|secret|password|passwd|pwd|token)"""
+    r"""["']?\s*[=:]\s*["']?)[^\s"'&,;}]+"""
+)
+_TOKENS: Final = re.compile(
+    r"\bsk-[A-Za-z0-9_-]{12,}"  # OpenAI / Anthropic style keys
+    r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"  # AWS access key ids
+    r"|\bgh[pousr]_[A-Za-z0-9]{30,}"  # GitHub tokens
+    r"|\bxox[abposr]-[A-Za-z0-9-]{10,}"  # Slack tokens
+    r"|\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]+"  # JWTs
+)
+_KEY_WORDS: Final = ("key", "token", "secret", "pass", "pwd")
+_SCHEME_WORDS: Final = ("bearer", "basic", "token")
+_TOKEN_MARKS: Final = ("sk-", "AKIA", "ASIA", "xox", "eyJ")
 
 
-def _mask(match: re.Match[str]) -> str:
-    prefix = match.group("url") or match.group("scheme") or match.group("kv") or ""
-    return prefix + REDACTED
+def _keep_prefix(match: re.Match[str]) -> str:
+    return match.group(1) + REDACTED
+
+
+def _redact(text: str) -> str:
+    if "://" in text:
+        text = _URL_PASSWORD.sub(_keep_prefix, text)
+    lower = text.lower()
+    if "bearer" in lower or "basic" in lower or "token" in lower:
+        text = _AUTH_SCHEME.sub(_keep_prefix, text)
+    if "key" in lower or "token" in lower or "secret" in lower or "pass" in lower or "pwd" in lower:
+        text = _KEY_VALUE.sub(_keep_prefix, text)
+    if (
+        "sk-" in text
+        or "AKIA" in text
+        or "ASIA" in text
+        or "xox" in text
+        or "eyJ" in text
+        or ("gh" in text and "_" in text)
+    ):
+        text = _TOKENS.sub(REDACTED, text)
+    return text
+
+
+# Short strings repeat (stage names, span kinds, SQL shapes): remember the ones found clean.
+# Only clean ones, so that no secret is kept alive here.
+_CLEAN: dict[str, None] = {}
 
 
 def redact_text(text: str) -> str:
     """Mask secret-looking substrings of ``text``; the rest is left as it is."""
-    if len(text) < 8:
+    if len(text) < 8 or text in _CLEAN:
         return text
-    return _SECRET_VALUE.sub(_mask, text)
+    out = _redact(text)
+    if out == text and len(text) <= 256:
+        if len(_CLEAN) >= 8192:
+            _CLEAN.clear()
+        _CLEAN[text] = None
+    return out
 
 
 def truncate(text: str, limit: int) -> str:

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from opentelemetry import metrics as metrics_api
 from opentelemetry import trace as trace_api
@@ -50,14 +50,11 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_ON,
-    Decision,
     ParentBased,
     Sampler,
-    SamplingResult,
     TraceIdRatioBased,
 )
 from opentelemetry.trace import Status
-from opentelemetry.util.types import Attributes
 
 from rag_instrument import attributes as attr
 from rag_instrument._sanitize import REDACTED, is_secret_key, redact_text
@@ -65,8 +62,6 @@ from rag_instrument._utils import user_code_error
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import CallbackOptions, Observation
-    from opentelemetry.trace import Link, SpanKind
-    from opentelemetry.trace.span import TraceState
 
     from rag_instrument._config import Settings
 
@@ -146,27 +141,32 @@ class _Drops:
             self.count += n
 
 
-def _redact_value(key: str, value: Any) -> Any:
-    if is_secret_key(key):
-        return value if value == REDACTED else REDACTED
-    if isinstance(value, str):
-        return redact_text(value)
-    if isinstance(value, tuple | list) and value and isinstance(value[0], str):
-        cleaned = [redact_text(v) if isinstance(v, str) else v for v in value]
-        return value if cleaned == list(value) else tuple(cleaned)
-    return value
-
-
 def _redact_mapping(attributes: Any) -> dict[str, Any] | None:
-    """A redacted copy of ``attributes``, or ``None`` when nothing needed masking."""
+    """A redacted copy of ``attributes``, or ``None`` when nothing needed masking.
+
+    Runs for every exported span, so it does as little as it can: numbers and booleans
+    are skipped, and secret-key checks and clean strings are cached.
+    """
     if not attributes:
         return None
+    # BoundedAttributes takes its lock per item; the span has ended, so read its dict.
+    plain = getattr(attributes, "_dict", attributes)
     changed: dict[str, Any] | None = None
-    for key, value in attributes.items():
-        clean = _redact_value(key, value)
-        if clean is not value and clean != value:
+    for key, value in plain.items():
+        kind = type(value)
+        if kind is bool or kind is int or kind is float:
+            continue
+        if is_secret_key(key):
+            clean: Any = REDACTED
+        elif kind is str:
+            clean = redact_text(value)
+        elif kind is tuple or kind is list:
+            clean = tuple(redact_text(v) if type(v) is str else v for v in value)
+        else:
+            continue
+        if clean != value:
             if changed is None:
-                changed = dict(attributes)
+                changed = dict(plain)
             changed[key] = clean
     return changed
 
@@ -178,8 +178,8 @@ def redact_span(span: ReadableSpan) -> ReadableSpan:
     ``url.full`` with a password, an attribute the application set by hand) are covered
     at no cost to the application's threads.
     """
-    attributes = _redact_mapping(span.attributes)
-    events = span.events
+    attributes = _redact_mapping(span._attributes)  # the mapping itself, not a read-only view
+    events = span._events
     new_events: list[Event] | None = None
     for index, event in enumerate(events):
         cleaned = _redact_mapping(event.attributes)
@@ -187,7 +187,8 @@ def redact_span(span: ReadableSpan) -> ReadableSpan:
             if new_events is None:
                 new_events = list(events)
             new_events[index] = Event(event.name, cleaned, event.timestamp)
-    description = span.status.description
+    status = span._status
+    description = status.description
     clean_description = redact_text(description) if description else description
     if attributes is None and new_events is None and clean_description == description:
         return span
@@ -200,7 +201,7 @@ def redact_span(span: ReadableSpan) -> ReadableSpan:
         events=new_events if new_events is not None else events,
         links=span.links,
         kind=span.kind,
-        status=Status(span.status.status_code, clean_description),
+        status=Status(status.status_code, clean_description),
         start_time=span.start_time,
         end_time=span.end_time,
         instrumentation_scope=span.instrumentation_scope,
@@ -275,6 +276,11 @@ class _CountingBatchProcessor(BatchSpanProcessor):
         super().on_end(span)
 
 
+_NO_OP_ON_START: Final = frozenset(
+    {SpanProcessor.on_start, BatchSpanProcessor.on_start, SimpleSpanProcessor.on_start}
+)
+
+
 class DispatchProcessor(SpanProcessor):
     """The one processor rag_instrument adds to a provider; feeds the current pipelines.
 
@@ -285,11 +291,25 @@ class DispatchProcessor(SpanProcessor):
     """
 
     def __init__(self) -> None:
-        self.processors: tuple[SpanProcessor, ...] = ()
+        self._processors: tuple[SpanProcessor, ...] = ()
+        self._starters: tuple[SpanProcessor, ...] = ()
+
+    @property
+    def processors(self) -> tuple[SpanProcessor, ...]:
+        """The processors fed now."""
+        return self._processors
+
+    @processors.setter
+    def processors(self, processors: tuple[SpanProcessor, ...]) -> None:
+        # Batch and simple processors do nothing on start: skip them there (hot path).
+        self._starters = tuple(
+            p for p in processors if type(p).on_start not in _NO_OP_ON_START
+        )
+        self._processors = processors
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        """Call every current processor, isolating their failures."""
-        for processor in self.processors:
+        """Call every current processor that acts on start, isolating their failures."""
+        for processor in self._starters:
             try:
                 processor.on_start(span, parent_context=parent_context)
             except Exception as exc:
@@ -297,7 +317,7 @@ class DispatchProcessor(SpanProcessor):
 
     def on_end(self, span: ReadableSpan) -> None:
         """Call every current processor (or queue the span), isolating failures."""
-        for processor in self.processors:
+        for processor in self._processors:
             try:
                 processor.on_end(span)
             except Exception as exc:
@@ -323,37 +343,7 @@ def _ratio_sampler(ratio: float) -> Sampler:
     return ParentBased(ALWAYS_ON if ratio >= 1.0 else TraceIdRatioBased(ratio))
 
 
-class _SwitchableSampler(Sampler):
-    """Parent-based ratio sampling whose ratio ``configure()`` can change."""
-
-    def __init__(self, ratio: float) -> None:
-        self.delegate: Sampler = _ratio_sampler(ratio)
-
-    def should_sample(
-        self,
-        parent_context: Context | None,
-        trace_id: int,
-        name: str,
-        kind: SpanKind | None = None,
-        attributes: Attributes = None,
-        links: Sequence[Link] | None = None,
-        trace_state: TraceState | None = None,
-    ) -> SamplingResult:
-        try:
-            return self.delegate.should_sample(
-                parent_context, trace_id, name, kind, attributes, links, trace_state
-            )
-        except Exception as exc:  # a sampler must not fail span creation
-            user_code_error("sampler", exc)
-            return SamplingResult(Decision.DROP)
-
-    def get_description(self) -> str:
-        """Describe the delegate."""
-        return f"RagInstrumentSampler{{{self.delegate.get_description()}}}"
-
-
 _OWNED_PROVIDER: SDKTracerProvider | None = None
-_SAMPLER: _SwitchableSampler | None = None
 
 
 def _resource(settings: Settings) -> Resource:
@@ -364,7 +354,7 @@ def _tracer_provider(
     settings: Settings, explicit: trace_api.TracerProvider | None
 ) -> tuple[trace_api.TracerProvider, bool]:
     """The provider to use, and whether rag_instrument owns it."""
-    global _OWNED_PROVIDER, _SAMPLER
+    global _OWNED_PROVIDER
     if explicit is not None:
         return explicit, explicit is _OWNED_PROVIDER
     current = trace_api.get_tracer_provider()
@@ -373,9 +363,8 @@ def _tracer_provider(
     if hasattr(current, "add_span_processor"):
         return current, False  # the application's own SDK provider: add to it
     if isinstance(current, trace_api.ProxyTracerProvider) and _OWNED_PROVIDER is None:
-        _SAMPLER = _SwitchableSampler(settings.sample_ratio)
         _OWNED_PROVIDER = SDKTracerProvider(
-            sampler=_SAMPLER,
+            sampler=_ratio_sampler(settings.sample_ratio),
             resource=_resource(settings),
             span_limits=SpanLimits(
                 max_attributes=128,
@@ -561,8 +550,13 @@ def build(
     )
     provider, owned = _tracer_provider(settings, tracer_provider)
     if owned and isinstance(provider, SDKTracerProvider):
-        if _SAMPLER is not None:
-            _SAMPLER.delegate = _ratio_sampler(settings.sample_ratio)
+        # A reconfigured ratio: tracers read the sampler they were created with, so the
+        # provider's and every cached tracer's are replaced (no wrapper on the hot path).
+        sampler = _ratio_sampler(settings.sample_ratio)
+        provider.sampler = sampler
+        for cached in getattr(provider, "_tracers", {}).values():
+            if hasattr(cached, "sampler"):
+                cached.sampler = sampler
         resource = _resource(settings)
         if getattr(provider, "_resource", None) != resource:
             # A reconfigured service name: the SDK offers no public setter, and its tracers
