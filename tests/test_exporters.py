@@ -107,3 +107,12 @@ def test_redaction_of_spans_can_be_turned_off() -> None:
         with trace.get_tracer("x").start_as_current_span("raw") as span:
             span.set_attribute("api_key", "k-123")
     assert (cap.span("raw").attributes or {})["api_key"] == "k-123"
+
+
+def test_attributes_added_to_a_stage_span_by_hand_are_still_masked(rag_capture: Capture) -> None:
+    with ri.stage("retrieval") as span:
+        span.set_attribute("api_key", "k-123")
+    with ri.stage("generation"):
+        pass
+    assert (rag_capture.span("retrieval").attributes or {})["api_key"] == "[REDACTED]"
+    assert (rag_capture.span("generation").attributes or {})["rag.stage"] == "generation"

@@ -71,6 +71,7 @@ __all__ = [
     "Pipelines",
     "SafeSpanExporter",
     "build",
+    "mark_sanitized",
     "redact_span",
     "start_leaf_span",
 ]
@@ -141,33 +142,49 @@ class _Drops:
             self.count += n
 
 
+# (key, value) pairs already found clean: stage names, span kinds, operation names and the
+# like repeat on every span, so most attributes cost one dictionary lookup.
+_CLEAN_PAIRS: dict[tuple[str, Any], None] = {}
+
+
 def _redact_mapping(attributes: Any) -> dict[str, Any] | None:
     """A redacted copy of ``attributes``, or ``None`` when nothing needed masking.
 
-    Runs for every exported span, so it does as little as it can: numbers and booleans
-    are skipped, and secret-key checks and clean strings are cached.
+    Runs for every exported span, on the export thread, which shares the interpreter lock
+    with the application: numbers are skipped and clean pairs remembered.
     """
     if not attributes:
         return None
     # BoundedAttributes takes its lock per item; the span has ended, so read its dict.
     plain = getattr(attributes, "_dict", attributes)
     changed: dict[str, Any] | None = None
+    clean_pairs = _CLEAN_PAIRS
     for key, value in plain.items():
         kind = type(value)
         if kind is bool or kind is int or kind is float:
             continue
-        if is_secret_key(key):
-            clean: Any = REDACTED
-        elif kind is str:
-            clean = redact_text(value)
+        if kind is str:
+            pair = (key, value)
+            if pair in clean_pairs:
+                continue
+            clean: Any = REDACTED if is_secret_key(key) else redact_text(value)
+            if clean == value:
+                if len(value) <= 256:
+                    if len(clean_pairs) >= 16384:
+                        clean_pairs.clear()
+                    clean_pairs[pair] = None
+                continue
+        elif is_secret_key(key):
+            clean = REDACTED
         elif kind is tuple or kind is list:
             clean = tuple(redact_text(v) if type(v) is str else v for v in value)
+            if clean == tuple(value):
+                continue
         else:
             continue
-        if clean != value:
-            if changed is None:
-                changed = dict(plain)
-            changed[key] = clean
+        if changed is None:
+            changed = dict(plain)
+        changed[key] = clean
     return changed
 
 
@@ -208,6 +225,27 @@ def redact_span(span: ReadableSpan) -> ReadableSpan:
     )
 
 
+# Span ids of spans whose every attribute and event the library sanitised as it set them
+# (leaf statement spans, stage spans nobody else touched): export skips redacting them.
+_SANITIZED: set[int] = set()
+_SANITIZED_MAX: Final = 200_000
+
+
+def mark_sanitized(span_id: int) -> None:
+    """Tell the exporters that the span ``span_id`` needs no export-time redaction."""
+    if len(_SANITIZED) >= _SANITIZED_MAX:  # spans dropped before export leave ids behind
+        _SANITIZED.clear()
+    _SANITIZED.add(span_id)
+
+
+def _redact_unless_sanitized(span: ReadableSpan) -> ReadableSpan:
+    span_id = span.context.span_id if span.context is not None else 0
+    if span_id in _SANITIZED:
+        _SANITIZED.discard(span_id)
+        return span
+    return redact_span(span)
+
+
 class SafeSpanExporter(SpanExporter):
     """Wraps an exporter: secrets masked, exceptions turned into counted, rate-limited warnings."""
 
@@ -222,7 +260,7 @@ class SafeSpanExporter(SpanExporter):
         """Export (secrets masked), turning exceptions into a counted failure."""
         try:
             if self._redact:
-                spans = [redact_span(span) for span in spans]
+                spans = [_redact_unless_sanitized(span) for span in spans]
             result = self.inner.export(spans)
         except Exception as exc:
             self._drops.add(len(spans))
@@ -302,9 +340,7 @@ class DispatchProcessor(SpanProcessor):
     @processors.setter
     def processors(self, processors: tuple[SpanProcessor, ...]) -> None:
         # Batch and simple processors do nothing on start: skip them there (hot path).
-        self._starters = tuple(
-            p for p in processors if type(p).on_start not in _NO_OP_ON_START
-        )
+        self._starters = tuple(p for p in processors if type(p).on_start not in _NO_OP_ON_START)
         self._processors = processors
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
@@ -604,6 +640,7 @@ class LeafSpan(trace_api.Span):
         "_kind",
         "_name",
         "_parent",
+        "_sanitized",
         "_start_time",
         "_status",
         "_tracer",
@@ -627,6 +664,8 @@ class LeafSpan(trace_api.Span):
         self._status = _UNSET
         self._start_time = time.time_ns()
         self._ended = False
+        #: Set by callers whose attributes all come from the library's sanitiser.
+        self._sanitized = False
 
     def get_span_context(self) -> trace_api.SpanContext:
         """The span's identity."""
@@ -690,6 +729,8 @@ class LeafSpan(trace_api.Span):
             end_time=end_time if end_time is not None else time.time_ns(),
             instrumentation_scope=tracer._instrumentation_scope,
         )
+        if self._sanitized:
+            mark_sanitized(self._context.span_id)
         tracer.span_processor.on_end(readable)  # the provider's processors, app's too
 
 
@@ -703,12 +744,16 @@ def start_leaf_span(
     name: str,
     kind: trace_api.SpanKind,
     attributes: dict[str, Any],
+    *,
+    sanitized: bool = False,
 ) -> trace_api.Span:
     """Start a span that will have no children, as cheaply as the tracer allows.
 
     Under a sampled parent on an SDK tracer: a :class:`LeafSpan` (sampled like its parent,
     as parent-based sampling decides). Under an unsampled parent: a non-recording span.
     Anywhere else (no parent, another SDK, no SDK): the tracer's own ``start_span``.
+    ``sanitized=True`` promises that every attribute was made by the library's sanitiser,
+    so export skips redacting the span.
     """
     parent = trace_api.get_current_span().get_span_context()
     checked = _LEAF_CHECK
@@ -732,4 +777,6 @@ def start_leaf_span(
     )
     if not parent.trace_flags.sampled:
         return trace_api.NonRecordingSpan(context)
-    return LeafSpan(tracer, name, context, parent, kind, attributes)
+    span = LeafSpan(tracer, name, context, parent, kind, attributes)
+    span._sanitized = sanitized
+    return span

@@ -48,6 +48,7 @@ from rag_instrument._utils import (
     user_code_error,
     warn_once,
 )
+from rag_instrument.exporters import mark_sanitized
 from rag_instrument.logs import emit
 
 if TYPE_CHECKING:
@@ -144,6 +145,7 @@ def _begin(spec: _Spec, rt: Runtime, owner: object) -> Frame:
     span = rt.tracer.start_span(spec.name, attributes=attributes)
     stage_name = spec.name if spec.is_stage else (parent.stage if parent is not None else None)
     frame = Frame(spec.name, stage_name, spec.is_stage, parent, span, owner)
+    frame.attr_count = len(attributes)
     frame.tokens = (otel_context.attach(trace_api.set_span_in_context(span)), set_frame(frame))
     frame.start_ns = time.perf_counter_ns()
     return frame
@@ -185,6 +187,20 @@ def _record_exception(span: Span, exc: BaseException, rt: Runtime) -> None:
     )
 
 
+def _mark_if_clean(span: Span, attr_count: int) -> None:
+    # Everything this library puts on a stage span is sanitised where it is made. If
+    # nothing else added attributes or events, the export-time redaction can skip the
+    # span: it costs the application's threads time through the interpreter lock.
+    # The SDK span's own containers: its public properties copy them (a tuple of events
+    # per call), which the hot path cannot afford.
+    attributes = getattr(span, "_attributes", None)
+    events = getattr(span, "_events", None)
+    if attributes is None or events is None:
+        return
+    if len(attributes) == attr_count and not events:
+        mark_sanitized(span.get_span_context().span_id)
+
+
 def _end(
     frame: Frame,
     spec: _Spec,
@@ -218,6 +234,8 @@ def _end(
     exceeded = budget is not None and ms > budget
     try:
         if span.is_recording():
+            if rt.settings.redact:
+                _mark_if_clean(span, frame.attr_count)
             if breakdown:
                 span.set_attributes(_breakdown.as_attributes(breakdown))
             if items is not None:

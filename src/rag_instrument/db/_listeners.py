@@ -327,7 +327,9 @@ class EngineInstrumentation:
                         pass
                 if self.capture_parameters:
                     attrs.update(self._parameters(rt, parameters, context))
-            span = start_leaf_span(rt.tracer, info.span_name, SpanKind.CLIENT, attrs)
+            span = start_leaf_span(
+                rt.tracer, info.span_name, SpanKind.CLIENT, attrs, sanitized=True
+            )
             pending = _Pending(span, time.perf_counter_ns(), info, rt, metric_attrs)
             if context is not None:
                 setattr(context, _PENDING, pending)
