@@ -36,8 +36,8 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from rag_instrument import _breakdown, _config
 from rag_instrument import attributes as attr
-from rag_instrument._sanitize import REDACTED
-from rag_instrument._utils import internal_error, user_code_error
+from rag_instrument._sanitize import REDACTED, safe_str
+from rag_instrument._utils import http_status, internal_error, user_code_error
 from rag_instrument.attributes import (
     EVENT_LLM_CANCELLED,
     EVENT_LLM_COMPLETED,
@@ -121,17 +121,6 @@ def _messages_json(role: str, text: str, rt: Runtime, secrets: Sequence[str] = (
     return orjson.dumps([{"role": role, "parts": [{"type": "text", "content": clean}]}]).decode()
 
 
-def _status_of(exc: BaseException) -> int | None:
-    for value in (
-        getattr(exc, "status_code", None),
-        getattr(exc, "status", None),
-        getattr(getattr(exc, "response", None), "status_code", None),
-    ):
-        if type(value) is int:
-            return value
-    return None
-
-
 def _code_of(exc: BaseException) -> str | None:
     candidates: list[object] = [getattr(exc, "code", None)]
     body = getattr(exc, "body", None)
@@ -154,7 +143,7 @@ def error_summary(exc: BaseException, secrets: Sequence[str] = ()) -> str:
     """
     parts: list[str] = []
     try:
-        status = _status_of(exc)
+        status = http_status(exc)
         if status is not None:
             parts.append(f"HTTP {status}")
         code = _code_of(exc)
@@ -297,7 +286,7 @@ class GenAICall:
     def _error_text(self, exc: BaseException) -> str:
         """The error message as recorded: the SDK's text only with content capture on."""
         if self.rt.settings.capture_content:
-            return self._scrub(_message(exc))
+            return self._scrub(safe_str(exc))
         return self._scrub(error_summary(exc, self.secrets))
 
     def _finish(
@@ -430,13 +419,6 @@ class GenAICall:
                 "exception.escaped": True,
             },
         )
-
-
-def _message(exc: BaseException) -> str:
-    try:
-        return str(exc)
-    except Exception:
-        return "<unprintable>"
 
 
 def start_call(

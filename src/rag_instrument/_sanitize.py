@@ -26,12 +26,15 @@ from typing import Any, Final
 
 import orjson
 
+from rag_instrument._utils import http_status
+
 __all__ = [
     "REDACTED",
     "Sanitizer",
     "is_secret_key",
     "redact_text",
     "safe_repr",
+    "safe_str",
     "to_attribute_value",
     "truncate",
 ]
@@ -305,7 +308,7 @@ class Sanitizer:
         if isinstance(value, uuid.UUID | PurePath | dt.timedelta):
             return str(value)
         if isinstance(value, BaseException):
-            return self.text(f"{_type_name(value)}: {_safe_str(value)}")
+            return self.text(f"{_type_name(value)}: {safe_str(value)}")
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             return f"<{_type_name(value)}>"
         # Anything else (a client object, a module, a lock, a socket, a model instance):
@@ -314,7 +317,8 @@ class Sanitizer:
         return redact_text(text) if self.redact else text
 
 
-def _safe_str(exc: BaseException) -> str:
+def safe_str(exc: BaseException) -> str:
+    """``str(exc)``, or ``"<unprintable>"`` when its ``__str__`` raises."""
     try:
         return str(exc)
     except Exception:
@@ -365,7 +369,7 @@ _SDK_MODULES: Final = (
 
 def _sdk_message(exc: BaseException) -> str:
     # LLM SDK errors echo request content (the prompt, a rejected message) in their text.
-    status = getattr(exc, "status_code", None) or getattr(exc, "status", None)
+    status = http_status(exc)
     code = getattr(exc, "code", None)
     parts = [type(exc).__name__]
     if isinstance(status, int):
@@ -403,8 +407,4 @@ def exception_message(exc: BaseException, sanitizer: Sanitizer, capture_content:
         return sanitizer.text(_statement_error_message(exc))
     if not capture_content and f"{module}.".startswith(_SDK_MODULES):
         return _sdk_message(exc)
-    try:
-        text = str(exc)
-    except Exception:
-        text = "<unprintable>"
-    return sanitizer.text(text)
+    return sanitizer.text(safe_str(exc))

@@ -15,6 +15,7 @@ __all__ = [
     "FunctionKind",
     "RateLimitedLogger",
     "function_kind",
+    "http_status",
     "internal_error",
     "internal_logger",
     "user_code_error",
@@ -126,3 +127,18 @@ def function_kind(fn: Callable[..., Any]) -> FunctionKind:
             if inspect.isgeneratorfunction(call):
                 return FunctionKind.GENERATOR
     return FunctionKind.SYNC
+
+
+def http_status(exc: BaseException) -> int | None:
+    """The HTTP status an error carries (``status_code``, ``status`` or ``response``), if any.
+
+    Covers the openai and anthropic SDKs' status errors, httpx and requests errors.
+    """
+    for value in (
+        getattr(exc, "status_code", None),
+        getattr(exc, "status", None),
+        getattr(getattr(exc, "response", None), "status_code", None),
+    ):
+        if type(value) is int:
+            return value
+    return None

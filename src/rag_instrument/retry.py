@@ -34,7 +34,13 @@ from tenacity import AsyncRetrying, RetryCallState, Retrying, retry_if_exception
 from tenacity.wait import wait_base, wait_random_exponential
 
 from rag_instrument import _config
-from rag_instrument._utils import FunctionKind, function_kind, internal_error, user_code_error
+from rag_instrument._utils import (
+    FunctionKind,
+    function_kind,
+    http_status,
+    internal_error,
+    user_code_error,
+)
 from rag_instrument.attributes import (
     EVENT_RETRY,
     LOG_RETRYING,
@@ -60,17 +66,6 @@ _NEVER: Final = (asyncio.CancelledError, KeyboardInterrupt, SystemExit, Generato
 _SDK_TRANSIENT: Final = frozenset({"APIConnectionError", "APITimeoutError"})
 
 
-def _status_of(exc: BaseException) -> int | None:
-    for value in (
-        getattr(exc, "status_code", None),
-        getattr(exc, "status", None),
-        getattr(getattr(exc, "response", None), "status_code", None),
-    ):
-        if type(value) is int:
-            return value
-    return None
-
-
 def is_transient(exc: BaseException) -> bool:
     """The default ``is_retryable``: is ``exc`` a failure that may pass if tried again?
 
@@ -85,7 +80,7 @@ def is_transient(exc: BaseException) -> bool:
     for cls in type(exc).__mro__:
         if cls.__name__ in _SDK_TRANSIENT and cls.__module__.startswith(("openai", "anthropic")):
             return True
-    return _status_of(exc) in RETRYABLE_STATUSES
+    return http_status(exc) in RETRYABLE_STATUSES
 
 
 def _headers_of(exc: BaseException) -> Mapping[str, str] | None:
