@@ -327,3 +327,18 @@ def test_cached_sets_rag_cache_hit_on_the_current_span() -> None:
             f(1)
     assert cap.span("first").attributes["rag.cache.hit"] is False
     assert cap.span("second").attributes["rag.cache.hit"] is True
+
+
+def test_cache_settings_that_would_cache_nothing_fail_at_definition() -> None:
+    with pytest.raises(ValueError, match="rag_instrument.cached: ttl must be a positive"):
+        cached(ttl=-1)
+    with pytest.raises(ValueError, match="maxsize must be an int >= 1"):
+        cached(maxsize=0)
+    with pytest.raises(ValueError, match="Broken: cache_ttl must be a positive"):
+
+        class Broken(ri.CacheMixin, ri.LLMProvider):
+            system, model = "acme", "m"
+            cache_ttl = 0
+
+            async def _generate(self, prompt: str, **params: Any) -> str:
+                return prompt

@@ -652,6 +652,21 @@ def _observe(rt: Runtime) -> None:
         )
 
 
+def _check_cache_settings(owner: str, ttl: Any, maxsize: Any, prefix: str) -> None:
+    """Reject a TTL or size that would silently cache nothing (configuration time)."""
+    if ttl is not None and (
+        isinstance(ttl, bool)
+        or not isinstance(ttl, int | float)
+        or not math.isfinite(ttl)
+        or ttl <= 0
+    ):
+        raise ValueError(
+            f"{owner}: {prefix}ttl must be a positive number of seconds or None, got {ttl!r}"
+        )
+    if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+        raise ValueError(f"{owner}: {prefix}maxsize must be an int >= 1, got {maxsize!r}")
+
+
 def _make_backend(backend: CacheBackend | None, maxsize: int, ttl: float | None) -> CacheBackend:
     if backend is not None:
         return backend
@@ -684,6 +699,10 @@ class CacheMixin:
     cache_backend: CacheBackend | None = None
     cache_namespace: str | None = None
     cache_nondeterministic: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _check_cache_settings(cls.__qualname__, cls.cache_ttl, cls.cache_maxsize, "cache_")
 
     @classmethod
     def _rag_store(cls) -> _Store:
@@ -863,6 +882,7 @@ def cached(
     Raises:
         TypeError: the function is a generator (streams are not cached).
     """
+    _check_cache_settings("rag_instrument.cached", ttl, maxsize, "")
 
     def decorate(func: F) -> F:
         if function_kind(func) in (FunctionKind.GENERATOR, FunctionKind.ASYNC_GENERATOR):
