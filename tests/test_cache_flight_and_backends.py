@@ -330,7 +330,7 @@ def test_cached_sets_rag_cache_hit_on_the_current_span() -> None:
 
 
 def test_cache_settings_that_would_cache_nothing_fail_at_definition() -> None:
-    with pytest.raises(ValueError, match="rag_instrument.cached: ttl must be a positive"):
+    with pytest.raises(ValueError, match=r"rag_instrument\.cached: ttl must be a positive"):
         cached(ttl=-1)
     with pytest.raises(ValueError, match="maxsize must be an int >= 1"):
         cached(maxsize=0)
