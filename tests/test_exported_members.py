@@ -59,3 +59,18 @@ def test_extra_backed_names_resolve_lazily() -> None:
 
     assert ri.instrument_openai is instrument_openai
     assert "instrument_sqlalchemy" in dir(ri)
+
+
+def test_importing_the_package_does_not_load_the_sdk_or_extras() -> None:
+    import subprocess
+
+    code = (
+        "import sys, rag_instrument\n"
+        "loaded = [m for m in ('opentelemetry.sdk', 'sqlalchemy', 'openai', 'anthropic', 'redis')"
+        " if m in sys.modules]\n"
+        "print(','.join(loaded))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == ""

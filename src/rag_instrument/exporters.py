@@ -57,7 +57,13 @@ from opentelemetry.sdk.trace.sampling import (
 from opentelemetry.trace import Status
 
 from rag_instrument import attributes as attr
-from rag_instrument._sanitize import REDACTED, is_secret_key, redact_text
+from rag_instrument._sanitize import (
+    REDACTED,
+    is_secret_key,
+    mark_sanitized,
+    redact_text,
+    take_sanitized,
+)
 from rag_instrument._utils import user_code_error
 
 if TYPE_CHECKING:
@@ -225,23 +231,9 @@ def redact_span(span: ReadableSpan) -> ReadableSpan:
     )
 
 
-# Span ids of spans whose every attribute and event the library sanitised as it set them
-# (leaf statement spans, stage spans nobody else touched): export skips redacting them.
-_SANITIZED: set[int] = set()
-_SANITIZED_MAX: Final = 200_000
-
-
-def mark_sanitized(span_id: int) -> None:
-    """Tell the exporters that the span ``span_id`` needs no export-time redaction."""
-    if len(_SANITIZED) >= _SANITIZED_MAX:  # spans dropped before export leave ids behind
-        _SANITIZED.clear()
-    _SANITIZED.add(span_id)
-
-
 def _redact_unless_sanitized(span: ReadableSpan) -> ReadableSpan:
     span_id = span.context.span_id if span.context is not None else 0
-    if span_id in _SANITIZED:
-        _SANITIZED.discard(span_id)
+    if take_sanitized(span_id):
         return span
     return redact_span(span)
 

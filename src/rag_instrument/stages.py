@@ -40,7 +40,7 @@ from opentelemetry.trace import Status, StatusCode
 from rag_instrument import _breakdown, _config
 from rag_instrument import attributes as attr
 from rag_instrument._context import Frame, bound, current_frame, reset_frame, set_frame
-from rag_instrument._sanitize import exception_message, to_attribute_value
+from rag_instrument._sanitize import exception_message, mark_sanitized, to_attribute_value
 from rag_instrument._utils import (
     FunctionKind,
     function_kind,
@@ -48,7 +48,6 @@ from rag_instrument._utils import (
     user_code_error,
     warn_once,
 )
-from rag_instrument.exporters import mark_sanitized
 from rag_instrument.logs import emit
 
 if TYPE_CHECKING:
