@@ -125,9 +125,7 @@ def _make_key(payload: Any, variable: Any) -> str:
         data = orjson.dumps(payload, default=_reject, option=_KEY_OPTIONS)
     except orjson.JSONEncodeError as exc:
         raise UncacheableError(str(exc)) from None
-    # orjson writes NaN and inf as null, which would make two keys one. A key without any
-    # "null" in its JSON cannot hold one, so the walk runs only when it might.
-    if b"null" in data and _has_non_finite(variable):
+    if _has_non_finite(variable):  # orjson writes NaN and inf as null: two keys in one
         raise UncacheableError("a NaN or infinite float has no canonical JSON form")
     return hashlib.sha256(data).hexdigest()
 
