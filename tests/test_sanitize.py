@@ -165,3 +165,10 @@ def test_attribute_values() -> None:
         to_attribute_value({"api_key": "x", "n": 1}, sanitizer) == '{"api_key":"[REDACTED]","n":1}'
     )
     assert to_attribute_value("y" * 50, sanitizer) == "y" * 40 + "...[truncated, 50 chars]"
+
+
+def test_url_user_named_like_a_secret_key_keeps_the_host() -> None:
+    assert redact_text("postgresql://pwd:s3cret@host:5432/db") == (
+        "postgresql://pwd:[REDACTED]@host:5432/db"
+    )
+    assert redact_text("redis://token:abc@cache:6379/0") == "redis://token:[REDACTED]@cache:6379/0"

@@ -81,11 +81,9 @@ def detach(frame: Frame) -> dict[str, dict[str, float]] | None:
     return child
 
 
-def roll_up(frame: Frame, child: dict[str, dict[str, float]] | None = None) -> None:
-    """Add ``child`` (default: ``frame``'s totals) to ``frame``'s parent's."""
+def roll_up(frame: Frame, child: dict[str, dict[str, float]]) -> None:
+    """Add ``child`` (``frame``'s detached totals) to ``frame``'s parent's."""
     parent = frame.parent
-    if child is None:
-        child = frame.breakdown
     if parent is None or not child:
         return
     with _lock:

@@ -28,7 +28,7 @@ from rag_instrument._sanitize import Sanitizer
 from rag_instrument._utils import internal_error, warn_once
 
 if TYPE_CHECKING:
-    from opentelemetry.metrics import Counter, Histogram, Meter, UpDownCounter
+    from opentelemetry.metrics import Counter, Histogram, Meter
     from opentelemetry.sdk.metrics.export import MetricReader
     from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.trace import Tracer
@@ -145,11 +145,6 @@ class Runtime:
     def counter(self, name: str, unit: str, description: str = "") -> Counter:
         """A counter on the current meter, created once per configuration."""
         result: Counter = self._instrument("counter", name, unit, description)
-        return result
-
-    def up_down_counter(self, name: str, unit: str, description: str = "") -> UpDownCounter:
-        """An up-down counter on the current meter, created once per configuration."""
-        result: UpDownCounter = self._instrument("up_down_counter", name, unit, description)
         return result
 
 

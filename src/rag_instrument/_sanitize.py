@@ -113,7 +113,7 @@ _KEY_VALUE: Final = re.compile(
     # key=value and "key": "value" in free text (query strings, exception messages, JSON).
     r"""(?i)\b((?:api[_-]?key|x-api-key|access[_-]?token|refresh[_-]?token|auth[_-]?token"""
     r"""|id[_-]?token|client[_-]?secret|secret|password|passwd|pwd|token)"""
-    r"""["']?\s*[=:]\s*["']?)[^\s"'&,;}]+"""
+    r"""["']?\s*[=:]\s*["']?)(?!\[REDACTED\])[^\s"'&,;}]+"""  # not twice (URL user "pwd")
 )
 _TOKENS: Final = re.compile(
     r"\bsk-[A-Za-z0-9_-]{12,}"  # OpenAI / Anthropic style keys
