@@ -49,6 +49,7 @@ _SECRET_WORDS: Final = frozenset(
         "passwd",
         "pwd",
         "passphrase",
+        "pass",
         "secret",
         "token",
         "apikey",
@@ -58,6 +59,7 @@ _SECRET_WORDS: Final = frozenset(
         "credentials",
         "cookie",
         "signature",
+        "sig",
         "dsn",
         "jwt",
         "bearer",
@@ -71,13 +73,28 @@ _SECRET_PAIRS: Final = frozenset(
         "privatekey",
         "secretkey",
         "sessionid",
+        "sessionkey",
         "clientsecret",
         "setcookie",
         "openaikey",
         "anthropickey",
         "signingkey",
         "encryptionkey",
+        "masterkey",
+        "accountkey",
     }
+)
+# A last word that merely ends with one of these is a secret too (``dbpassword``,
+# ``AWSSECRETKEY``, ``csrftoken``) - but not ``tokens`` or ``keyword``.
+_SECRET_SUFFIXES: Final = (
+    "password",
+    "passwd",
+    "secret",
+    "apikey",
+    "accesskey",
+    "privatekey",
+    "secretkey",
+    "token",
 )
 _WORD_SPLIT: Final = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])")
 
@@ -87,67 +104,204 @@ def is_secret_key(key: str) -> bool:
     """Return whether a mapping key names a secret (``api_key``, ``X-Api-Key``, ``password``).
 
     The key's last word (or last two, for ``api_key`` / ``private_key``) decides, compared
-    whole: ``access_token``, ``db_password`` and ``http.request.header.authorization`` are
-    secrets, while ``max_tokens``, ``gen_ai.usage.input_tokens`` and
-    ``rag.llm.time_to_first_token_ms`` (a duration about a token) are not.
+    whole: ``access_token``, ``db_password``, ``AWS_SECRET_ACCESS_KEY`` and
+    ``http.request.header.authorization`` are secrets, while ``max_tokens``,
+    ``gen_ai.usage.input_tokens`` and ``rag.llm.time_to_first_token_ms`` (a duration about
+    a token) are not. A last word that ends with ``password``, ``secret``, ``token`` or
+    ``apikey`` (``dbpassword``, ``csrftoken``) counts too.
     """
     words = [w.lower() for w in _WORD_SPLIT.split(key) if w]
     if not words:
         return False
-    if words[-1] in _SECRET_WORDS:
+    last = words[-1]
+    if last in _SECRET_WORDS:
         return True
-    return len(words) >= 2 and words[-2] + words[-1] in _SECRET_PAIRS
+    if len(words) >= 2 and words[-2] + last in _SECRET_PAIRS:
+        return True
+    return len(last) > 5 and last.endswith(_SECRET_SUFFIXES)
 
 
 # One pattern per kind of secret, each run only when a cheap substring test says it may
 # match: a single alternation of them all costs microseconds per string, because the
 # regular-expression engine tries every alternative at every position.
+
+_PEM: Final = re.compile(
+    # A private key block, whole (or to the end of the text when its END line was cut off).
+    r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+    r"(?:.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|.*\Z)",
+    re.DOTALL,
+)
 _URL_PASSWORD: Final = re.compile(
-    # scheme://user:PASSWORD@host - the password runs to the last "@" of the URL, so
-    # passwords containing "@", "/" or "#" (unencoded, as hand-written DSNs have them) are
-    # masked whole; an "@" later in a path or query only widens the mask.
-    r"(://[^\s:/?#@]*:)[^\s]*(?=@[^\s@]*(?:\s|$))"
+    # scheme://user:PASSWORD@host - the password runs to the last "@" before the host (an
+    # "@" followed by a host name and then "/", "?", "#" or the end), so passwords with
+    # "@", "/" or "#" in them (unencoded, as hand-written DSNs have them) are masked whole
+    # while an e-mail in the query string stays. Not when the colon starts a port
+    # ("host:443/?to=a@b.c": no credentials at all).
+    r"(://[^\s:/?#@]*:)(?!\d{1,5}(?:[/?#]|$|\s))(?!\[REDACTED)[^\s?]*"
+    r"(?=@[^\s@/?#]*(?:[/?#\s]|$))"
 )
-_AUTH_SCHEME: Final = re.compile(r"(?i)\b((?:bearer|basic|token)\s+)[A-Za-z0-9._~+/=-]{6,}")
+_URL_PASSWORD_WIDE: Final = re.compile(
+    # The same for a password with a "?" in it: to the last "@" of the URL.
+    r"(://[^\s:/?#@]*:)(?!\d{1,5}(?:[/?#]|$|\s))(?!\[REDACTED)[^\s]*(?=@[^\s@]*(?:\s|$))"
+)
+_URL_USER_TOKEN: Final = re.compile(
+    # scheme://TOKEN@host: a user part long or digit-bearing enough to be a credential
+    # (https://ghp_...@github.com, https://<key>@sentry.io) - not "postgres@localhost".
+    r"(://)(?=[^\s:/?#@]*\d)[^\s:/?#@\[\]]{12,}(?=@)|(://)[^\s:/?#@\[\]]{24,}(?=@)"
+)
+_COOKIE: Final = re.compile(
+    # The whole header value: every cookie in it may be a session.
+    r"""(?im)(\b(?:set-)?cookie["']?\s*[:=]\s*["']?)(?!\s*\[REDACTED\])[^\r\n"']+"""
+)
+_AUTH_HEADER: Final = re.compile(
+    # Authorization: <scheme> <credentials> - whatever the credentials look like.
+    r"""(?i)(\b(?:proxy-)?authorization["']?\s*[:=]\s*["']?"""
+    r"""(?:bearer|basic|token|digest|negotiate|apikey|dsn)\s+)(?!\[REDACTED\])[^\s"',;]+"""
+)
+_AUTH_SCHEME: Final = re.compile(
+    # "Bearer <credential>" in free text: only credential-shaped words, so that "Basic
+    # research" and "token budget exhausted" survive.
+    r"(?i)\b((?:bearer|basic|token)\s+)(?!\[REDACTED\])([A-Za-z0-9._~+/=-]{8,})"
+)
 _KEY_VALUE: Final = re.compile(
-    # key=value and "key": "value" in free text (query strings, exception messages, JSON).
-    r"""(?i)\b((?:api[_-]?key|x-api-key|access[_-]?token|refresh[_-]?token|auth[_-]?token"""
-    r"""|id[_-]?token|client[_-]?secret|secret|password|passwd|pwd|token)"""
-    r"""["']?\s*[=:]\s*["']?)(?!\[REDACTED\])[^\s"'&,;}]+"""  # not twice (URL user "pwd")
+    # name=value, name: value and "name": "value" in free text (environment dumps, query
+    # strings, reprs, JSON), where the name is judged by is_secret_key(): NAME_PASSWORD=,
+    # AWS_SECRET_ACCESS_KEY=, db_password='...', "api_key": "...".
+    r"""(?<![\w.-])([A-Za-z_][\w.-]{0,80})(["']?\s*[=:]\s*)"""
+    r"""(?!\[REDACTED)(?:(["'])([^"'\r\n]*)\3|(?!//)([^\s"'&,;}\])]+))"""
 )
-_TOKENS: Final = re.compile(
-    r"\bsk-[A-Za-z0-9_-]{12,}"  # OpenAI / Anthropic style keys
-    r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"  # AWS access key ids
+_TOKEN_COUNT: Final = re.compile(r"[0-9][0-9_,.]{0,9}")
+_AUTH_SCHEME_WORDS: Final = frozenset(
+    {"bearer", "basic", "token", "digest", "negotiate", "apikey", "dsn"}
+)
+
+# The prefixed key formats of the major providers (after gitleaks' and detect-secrets'
+# rule sets). Each prefix is specific enough; the lengths follow the issuers' formats.
+_PROVIDER_TOKENS: Final = re.compile(
+    r"\b(?:sk|rk)_(?:live|test|prod)_[A-Za-z0-9]{10,}"  # Stripe secret / restricted keys
+    r"|\bwhsec_[A-Za-z0-9+/=]{20,}"  # Stripe webhook signing secrets
+    r"|\bAIza[0-9A-Za-z_-]{35}"  # Google API keys
+    r"|\bya29\.[0-9A-Za-z_-]{20,}"  # Google OAuth access tokens
+    r"|\bGOCSPX-[0-9A-Za-z_-]{20,}"  # Google OAuth client secrets
+    r"|\bgl(?:pat|ptt|dt|rt|cbt|soat|ffct|imt|oas|agent)-[0-9A-Za-z_-]{20,}"  # GitLab
+    r"|\bhf_[A-Za-z0-9]{30,}"  # Hugging Face user tokens
+    r"|\bapi_org_[A-Za-z0-9]{30,}"  # Hugging Face organisation tokens
+    r"|\bxox[abposer]-[A-Za-z0-9-]{10,}"  # Slack bot / user / app tokens
+    r"|\bxapp-\d-[A-Za-z0-9-]{10,}"  # Slack app-level tokens
+    r"|hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9/_+-]{20,}"  # webhooks
     r"|\bgh[pousr]_[A-Za-z0-9]{30,}"  # GitHub tokens
-    r"|\bxox[abposr]-[A-Za-z0-9-]{10,}"  # Slack tokens
+    r"|\bgithub_pat_[A-Za-z0-9_]{30,}"  # GitHub fine-grained tokens
+    r"|\b(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z2-7]{16}\b"  # AWS access key ids
+    r"|\bnpm_[A-Za-z0-9]{36}\b"  # npm tokens
+    r"|\bpypi-AgEIcHlwaS5vcmc[A-Za-z0-9_-]{50,}"  # PyPI upload tokens
+    r"|\bSG\.[A-Za-z0-9_-]{16,32}\.[A-Za-z0-9_-]{16,64}"  # SendGrid keys
+    r"|\bdapi[0-9a-f]{32}\b"  # Databricks tokens
     r"|\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]+"  # JWTs
 )
-_KEY_WORDS: Final = ("key", "token", "secret", "pass", "pwd")
-_SCHEME_WORDS: Final = ("bearer", "basic", "token")
-_TOKEN_MARKS: Final = ("sk-", "AKIA", "ASIA", "xox", "eyJ")
+_PROVIDER_MARKS: Final = (
+    "_live_", "_test_", "_prod_", "whsec_", "AIza", "ya29.", "GOCSPX-", "gl", "hf_",
+    "api_org_", "xox", "xapp-", "hooks.slack.com", "gh", "github_pat_", "AKIA", "ASIA",
+    "ABIA", "ACCA", "A3T", "npm_", "pypi-", "SG.", "dapi", "eyJ",
+)  # fmt: skip
+# OpenAI / Anthropic keys: "sk-" then a random part (sk-proj-..., sk-ant-api03-...).
+# Identifiers that merely start with "sk-" ("sk-learn-compat", "sk-2024-plan") survive:
+# the key needs a provider's key prefix (sk-proj-, sk-ant-...) or a random-looking run of
+# 16+ characters mixing letter cases or digits.
+_SK_KEY: Final = re.compile(r"\bsk-[A-Za-z0-9_-]{16,}")
+_RANDOM_RUN: Final = re.compile(r"[A-Za-z0-9]{16,}")
 
 
 def _keep_prefix(match: re.Match[str]) -> str:
     return match.group(1) + REDACTED
 
 
+def _url_user(match: re.Match[str]) -> str:
+    return (match.group(1) or match.group(2)) + REDACTED
+
+
+def _auth_scheme(match: re.Match[str]) -> str:
+    credential = match.group(2)
+    if len(credential) >= 20 or _credential_shaped(credential):
+        return match.group(1) + REDACTED
+    return match.group(0)
+
+
+def _credential_shaped(word: str) -> bool:
+    # Prose ("research", "budget", "sk-learn") is lowercase or capitalised words, maybe
+    # hyphenated; credentials are base64/base62 soup with digits, symbols or mixed case.
+    for part in re.split(r"[-_.~]", word):
+        if any(not ch.isalpha() for ch in part):
+            return True
+        rest = part[1:]
+        if rest and not (rest.islower() or rest.isupper()):
+            return True
+    return False
+
+
+def _key_value(match: re.Match[str]) -> str:
+    key = match.group(1)
+    if not is_secret_key(key):
+        return match.group(0)
+    quoted = match.group(4)
+    value = quoted if quoted is not None else match.group(5)
+    if not value or value.startswith(REDACTED):
+        return match.group(0)
+    lowered = value.lower()
+    if lowered in _AUTH_SCHEME_WORDS:
+        return match.group(0)  # "Authorization: Bearer ..." - the scheme pass masks the rest
+    if _TOKEN_COUNT.fullmatch(value) and key.lower().rstrip("s").endswith("token"):
+        return match.group(0)  # "token: 512" counts tokens
+    if quoted is not None:
+        quote = match.group(3)
+        return f"{key}{match.group(2)}{quote}{REDACTED}{quote}"
+    return f"{key}{match.group(2)}{REDACTED}"
+
+
+_SK_PREFIXES: Final = ("sk-proj-", "sk-ant-", "sk-svcacct-", "sk-admin-", "sk-None-")
+
+
+def _sk_key(match: re.Match[str]) -> str:
+    text = match.group(0)
+    if text.startswith(_SK_PREFIXES):
+        return REDACTED  # a provider's own key prefix: whatever follows
+    for run in _RANDOM_RUN.findall(text):
+        classes = (
+            any(c.isdigit() for c in run)
+            + any(c.islower() for c in run)
+            + any(c.isupper() for c in run)
+        )
+        if classes >= 2:
+            return REDACTED
+    return text
+
+
+_KV_WORDS: Final = (
+    "key", "token", "secret", "pass", "pwd", "auth", "cookie", "sig", "credential",
+    "dsn", "jwt", "bearer", "session",
+)  # fmt: skip
+
+
 def _redact(text: str) -> str:
+    if "PRIVATE KEY" in text:
+        text = _PEM.sub(REDACTED, text)
     if "://" in text:
         text = _URL_PASSWORD.sub(_keep_prefix, text)
+        text = _URL_PASSWORD_WIDE.sub(_keep_prefix, text)
+        if "@" in text:
+            text = _URL_USER_TOKEN.sub(_url_user, text)
     lower = text.lower()
+    if "cookie" in lower:
+        text = _COOKIE.sub(_keep_prefix, text)
+    if "authorization" in lower:
+        text = _AUTH_HEADER.sub(_keep_prefix, text)
     if "bearer" in lower or "basic" in lower or "token" in lower:
-        text = _AUTH_SCHEME.sub(_keep_prefix, text)
-    if "key" in lower or "token" in lower or "secret" in lower or "pass" in lower or "pwd" in lower:
-        text = _KEY_VALUE.sub(_keep_prefix, text)
-    if (
-        "sk-" in text
-        or "AKIA" in text
-        or "ASIA" in text
-        or "xox" in text
-        or "eyJ" in text
-        or ("gh" in text and "_" in text)
-    ):
-        text = _TOKENS.sub(REDACTED, text)
+        text = _AUTH_SCHEME.sub(_auth_scheme, text)
+    if any(word in lower for word in _KV_WORDS):
+        text = _KEY_VALUE.sub(_key_value, text)
+    if "sk-" in text:
+        text = _SK_KEY.sub(_sk_key, text)
+    if any(mark in text for mark in _PROVIDER_MARKS):
+        text = _PROVIDER_TOKENS.sub(REDACTED, text)
     return text
 
 
