@@ -57,7 +57,6 @@ class Frame:
     """
 
     __slots__ = (
-        "attr_count",
         "breakdown",
         "is_stage",
         "name",
@@ -66,6 +65,7 @@ class Frame:
         "scratch",
         "span",
         "stage",
+        "start_attrs",
         "start_ns",
         "tokens",
     )
@@ -88,8 +88,8 @@ class Frame:
         self.breakdown: dict[str, dict[str, float]] | None = None
         self.start_ns = 0
         self.tokens: tuple[Any, Any] | None = None
-        #: How many attributes the span was started with (all sanitised by us).
-        self.attr_count = 0
+        #: The attributes the span was started with (all sanitised by us).
+        self.start_attrs: dict[str, Any] | None = None
         #: Per-frame state for integrations (e.g. N+1 statement counts), created on demand.
         self.scratch: dict[str, Any] | None = None
 

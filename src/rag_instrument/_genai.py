@@ -36,7 +36,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from rag_instrument import _breakdown, _config
 from rag_instrument import attributes as attr
-from rag_instrument._sanitize import REDACTED, safe_str
+from rag_instrument._sanitize import REDACTED, note_content, remember_exception, safe_str
 from rag_instrument._utils import http_status, internal_error, user_code_error
 from rag_instrument.attributes import (
     EVENT_LLM_CANCELLED,
@@ -327,6 +327,8 @@ class GenAICall:
             if self.chunks is not None:
                 values[RAG_STREAM_CHUNKS] = self.chunks
                 values[attr.RAG_STREAM_COMPLETED] = completed
+            if output_text is not None and not rt.settings.capture_content:
+                note_content(output_text)
             if output_text is not None and rt.settings.capture_content:
                 values[GEN_AI_OUTPUT_MESSAGES] = _messages_json(
                     "assistant", output_text, rt, self.secrets
@@ -397,6 +399,12 @@ class GenAICall:
             exc_type.__qualname__ if module == "builtins" else f"{module}.{exc_type.__qualname__}"
         )
         message = self._error_text(exc)
+        # The stages this exception propagates through say no more than this span does.
+        remember_exception(
+            exc,
+            summary=None if self.rt.settings.capture_content else message,
+            secrets=tuple(self.secrets),
+        )
         try:
             if self.rt.settings.capture_content:
                 stack = "".join(traceback.format_exception(exc_type, exc, exc.__traceback__))
@@ -460,6 +468,8 @@ def start_call(
     if prompt is not None and rt.settings.capture_content:
         text = prompt if isinstance(prompt, str) else prompt()
         attributes[GEN_AI_INPUT_MESSAGES] = _messages_json("user", text, rt, secrets)
+    elif isinstance(prompt, str):
+        note_content(prompt)  # hidden where an exception of the enclosing stage quotes it
     span = rt.tracer.start_span(f"{operation} {model}", kind=SpanKind.CLIENT, attributes=attributes)
     call = GenAICall(rt, span, operation, breakdown_kind, secrets)
     call.metric_attrs = {

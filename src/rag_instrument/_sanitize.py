@@ -17,10 +17,12 @@ import dataclasses
 import datetime as dt
 import enum
 import functools
+import itertools
 import math
 import re
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import PurePath
 from typing import Any, Final
 
@@ -31,11 +33,18 @@ from rag_instrument._utils import http_status
 __all__ = [
     "REDACTED",
     "Sanitizer",
+    "exception_chain",
+    "exception_message",
+    "hide_content",
     "is_secret_key",
     "mark_sanitized",
+    "note_content",
     "redact_text",
+    "redact_then_truncate",
+    "remember_exception",
     "safe_repr",
     "safe_str",
+    "seen_contents",
     "take_sanitized",
     "to_attribute_value",
     "truncate",
@@ -167,8 +176,10 @@ _KEY_VALUE: Final = re.compile(
     # name=value, name: value and "name": "value" in free text (environment dumps, query
     # strings, reprs, JSON), where the name is judged by is_secret_key(): NAME_PASSWORD=,
     # AWS_SECRET_ACCESS_KEY=, db_password='...', "api_key": "...".
+    # The value is only looked at (a lookahead): when the name is no secret, the search
+    # goes on inside the value ("config: DB_PASSWORD=...").
     r"""(?<![\w.-])([A-Za-z_][\w.-]{0,80})(["']?\s*[=:]\s*)"""
-    r"""(?!\[REDACTED)(?:(["'])([^"'\r\n]*)\3|(?!//)([^\s"'&,;}\])]+))"""
+    r"""(?!\[REDACTED)(?=(["'])([^"'\r\n]*)\3|(?!//)([^\s"'&,;}\])]+))"""
 )
 _TOKEN_COUNT: Final = re.compile(r"[0-9][0-9_,.]{0,9}")
 _AUTH_SCHEME_WORDS: Final = frozenset(
@@ -205,10 +216,10 @@ _PROVIDER_MARKS: Final = (
 )  # fmt: skip
 # OpenAI / Anthropic keys: "sk-" then a random part (sk-proj-..., sk-ant-api03-...).
 # Identifiers that merely start with "sk-" ("sk-learn-compat", "sk-2024-plan") survive:
-# the key needs a provider's key prefix (sk-proj-, sk-ant-...) or a random-looking run of
-# 16+ characters mixing letter cases or digits.
+# the key needs a provider's key prefix (sk-proj-, sk-ant-...), a run of 20+ letters and
+# digits (longer than words are), or of 12+ mixing letter cases or digits.
 _SK_KEY: Final = re.compile(r"\bsk-[A-Za-z0-9_-]{16,}")
-_RANDOM_RUN: Final = re.compile(r"[A-Za-z0-9]{16,}")
+_RANDOM_RUN: Final = re.compile(r"[A-Za-z0-9]{12,}")
 
 
 def _keep_prefix(match: re.Match[str]) -> str:
@@ -238,23 +249,42 @@ def _credential_shaped(word: str) -> bool:
     return False
 
 
-def _key_value(match: re.Match[str]) -> str:
+def _key_value_mask(match: re.Match[str]) -> tuple[int, str] | None:
+    # Where the value ends and what replaces name, separator and value; None to keep.
     key = match.group(1)
     if not is_secret_key(key):
-        return match.group(0)
+        return None
     quoted = match.group(4)
     value = quoted if quoted is not None else match.group(5)
-    if not value or value.startswith(REDACTED):
-        return match.group(0)
-    lowered = value.lower()
-    if lowered in _AUTH_SCHEME_WORDS:
-        return match.group(0)  # "Authorization: Bearer ..." - the scheme pass masks the rest
+    if not value:
+        return None
+    if value.lower() in _AUTH_SCHEME_WORDS:
+        return None  # "Authorization: Bearer ..." - the scheme pass masks the rest
     if _TOKEN_COUNT.fullmatch(value) and key.lower().rstrip("s").endswith("token"):
-        return match.group(0)  # "token: 512" counts tokens
+        return None  # "token: 512" counts tokens
     if quoted is not None:
         quote = match.group(3)
-        return f"{key}{match.group(2)}{quote}{REDACTED}{quote}"
-    return f"{key}{match.group(2)}{REDACTED}"
+        return match.end() + len(value) + 2, f"{key}{match.group(2)}{quote}{REDACTED}{quote}"
+    return match.end() + len(value), f"{key}{match.group(2)}{REDACTED}"
+
+
+def _mask_key_values(text: str) -> str:
+    parts: list[str] = []
+    done = 0
+    for match in _KEY_VALUE.finditer(text):
+        if match.start() < done:
+            continue  # inside a value already masked
+        masked = _key_value_mask(match)
+        if masked is None:
+            continue
+        end, replacement = masked
+        parts.append(text[done : match.start()])
+        parts.append(replacement)
+        done = end
+    if not parts:
+        return text
+    parts.append(text[done:])
+    return "".join(parts)
 
 
 _SK_PREFIXES: Final = ("sk-proj-", "sk-ant-", "sk-svcacct-", "sk-admin-", "sk-None-")
@@ -265,6 +295,8 @@ def _sk_key(match: re.Match[str]) -> str:
     if text.startswith(_SK_PREFIXES):
         return REDACTED  # a provider's own key prefix: whatever follows
     for run in _RANDOM_RUN.findall(text):
+        if len(run) >= 20:
+            return REDACTED  # longer than any word
         classes = (
             any(c.isdigit() for c in run)
             + any(c.islower() for c in run)
@@ -297,7 +329,7 @@ def _redact(text: str) -> str:
     if "bearer" in lower or "basic" in lower or "token" in lower:
         text = _AUTH_SCHEME.sub(_auth_scheme, text)
     if any(word in lower for word in _KV_WORDS):
-        text = _KEY_VALUE.sub(_key_value, text)
+        text = _mask_key_values(text)
     if "sk-" in text:
         text = _SK_KEY.sub(_sk_key, text)
     if any(mark in text for mark in _PROVIDER_MARKS):
@@ -329,13 +361,70 @@ def truncate(text: str, limit: int) -> str:
     return f"{text[:limit]}...[truncated, {len(text)} chars]"
 
 
-def safe_repr(value: object, limit: int = 200) -> str:
-    """``repr(value)`` cut to ``limit``, or a placeholder naming the type when ``repr`` fails."""
+#: Redaction looks this far past a cut, so a secret straddling the cut is still recognised
+#: whole (the longest token format is well under it), while a 10 MB value costs no more to
+#: redact than a few kilobytes.
+_LOOKAHEAD: Final = 4096
+
+
+def redact_then_truncate(text: str, limit: int) -> str:
+    """Mask secrets in ``text``, then cut it to ``limit`` (never the other way round).
+
+    A cut first could split a secret from the pattern that recognises it (``DB_PASS`` |
+    ``WORD=hunter2``) and leave part of it behind.
+    """
+    if limit < 0 or len(text) <= limit:
+        return redact_text(text)
+    window = redact_text(text[: limit + _LOOKAHEAD])
+    return f"{window[:limit]}...[truncated, {len(text)} chars]"
+
+
+# Rendering budget: a repr that took longer than this once is not called again for its
+# type (a repr that sleeps, walks a remote object or formats millions of items).
+_REPR_BUDGET_S: Final = 0.005
+_SLOW_REPR_TYPES: dict[type, None] = {}
+#: Sized objects with more items than this are described, not repr'd (a 10-million-item
+#: deque takes seconds to render).
+_MAX_REPR_ITEMS: Final = 1000
+
+
+def _sized(value: object) -> int | None:
+    if isinstance(value, str | bytes | bytearray):
+        return None
+    try:
+        size = len(value)  # type: ignore[arg-type]
+    except Exception:  # no __len__, or one that raises
+        return None
+    return size if isinstance(size, int) else None
+
+
+def safe_repr(value: object, limit: int = 200, *, redact: bool = True) -> str:
+    """``repr(value)`` redacted, then cut to ``limit``; a placeholder when it cannot be had.
+
+    Never raises, and bounds the cost: objects with more than 1,000 items are described by
+    type and length instead, and a type whose ``repr`` once took more than 5 ms is not
+    rendered again (placeholder ``<Type: repr skipped>``).
+    """
+    kind = type(value)
+    if kind in _SLOW_REPR_TYPES:
+        return f"<{_type_name(value)}: repr skipped>"
+    size = _sized(value)
+    if size is not None and size > _MAX_REPR_ITEMS:
+        return f"<{_type_name(value)} len={size}>"
+    start = time.perf_counter()
     try:
         text = repr(value)  # repr() itself rejects a __repr__ that returns a non-str
     except Exception:  # a hostile __repr__ may raise anything
         return f"<unrepresentable {_type_name(value)}>"
-    return truncate(_fix_surrogates(text), limit)
+    finally:
+        if time.perf_counter() - start > _REPR_BUDGET_S:
+            if len(_SLOW_REPR_TYPES) >= 1024:
+                _SLOW_REPR_TYPES.clear()
+            _SLOW_REPR_TYPES[kind] = None
+    text = _fix_surrogates(text)
+    if not redact:
+        return truncate(text, limit)
+    return redact_then_truncate(text, limit)
 
 
 def _type_name(value: object) -> str:
@@ -375,9 +464,9 @@ class Sanitizer:
         self.redact = redact
 
     def text(self, value: str) -> str:
-        """Redact, fix encoding and truncate one string."""
+        """Redact, fix encoding and truncate one string (in that order)."""
         if self.redact:
-            value = redact_text(value)
+            return redact_then_truncate(_fix_surrogates(value), self.max_chars)
         return truncate(_fix_surrogates(value), self.max_chars)
 
     def mapping(self, items: Mapping[Any, Any]) -> dict[str, Any]:
@@ -445,7 +534,11 @@ class Sanitizer:
             try:
                 if isinstance(value, Mapping):
                     return self._mapping(value, depth, seen)
-                seq = list(value) if isinstance(value, set | frozenset) else value
+                seq = (
+                    list(itertools.islice(value, _MAX_ITEMS + 1))
+                    if isinstance(value, set | frozenset)
+                    else value
+                )
                 items = [
                     self._pair(v, depth + 1, seen)
                     if type(v) is tuple and len(v) == 2 and isinstance(v[0], str)
@@ -453,7 +546,7 @@ class Sanitizer:
                     for v in seq[:_MAX_ITEMS]
                 ]
                 if len(seq) > _MAX_ITEMS:
-                    items.append(f"[{len(seq) - _MAX_ITEMS} more items]")
+                    items.append(f"[{len(value) - _MAX_ITEMS} more items]")
                 return items
             finally:
                 seen.discard(ident)
@@ -468,9 +561,8 @@ class Sanitizer:
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             return f"<{_type_name(value)}>"
         # Anything else (a client object, a module, a lock, a socket, a model instance):
-        # its repr may be huge or hold credentials, so only a bounded, redacted repr.
-        text = safe_repr(value, min(self.max_chars, 200))
-        return redact_text(text) if self.redact else text
+        # its repr may be huge, slow or hold credentials: only a bounded, redacted repr.
+        return safe_repr(value, min(self.max_chars, 200), redact=self.redact)
 
 
 def safe_str(exc: BaseException) -> str:
@@ -488,8 +580,19 @@ def to_attribute_value(
 
     Strings, booleans, integers and floats pass (strings redacted and truncated);
     homogeneous lists of those pass as lists; anything else is sanitised and rendered as a
-    compact JSON string, identically on every supported OpenTelemetry version.
+    compact JSON string, identically on every supported OpenTelemetry version. Never
+    raises: a value whose ``__len__``, ``__iter__`` or ``__repr__`` raises becomes a
+    placeholder.
     """
+    try:
+        return _to_attribute_value(value, sanitizer)
+    except Exception:
+        return f"<unrepresentable {_type_name(value)}>"
+
+
+def _to_attribute_value(
+    value: Any, sanitizer: Sanitizer
+) -> str | bool | int | float | list[Any] | None:
     if value is None:
         return None
     if isinstance(value, str):
@@ -497,13 +600,14 @@ def to_attribute_value(
     if isinstance(value, bool | int | float):
         return value
     if isinstance(value, enum.Enum):
-        return to_attribute_value(value.value, sanitizer)
+        return _to_attribute_value(value.value, sanitizer)
     if isinstance(value, list | tuple) and value:
         first = type(value[0])
-        if first in (str, bool, int, float) and all(type(v) is first for v in value):
+        head = value[:_MAX_ITEMS]
+        if first in (str, bool, int, float) and all(type(v) is first for v in head):
             if first is str:
-                return [sanitizer.text(v) for v in value[:_MAX_ITEMS]]
-            return list(value[:_MAX_ITEMS])
+                return [sanitizer.text(v) for v in head]
+            return list(head)
     clean = sanitizer.value(value)
     try:
         return sanitizer.text(orjson.dumps(clean, option=orjson.OPT_NON_STR_KEYS).decode())
@@ -551,19 +655,254 @@ def _statement_error_message(exc: BaseException) -> str:
     return f"{type(exc).__name__}{inner}: statement and parameters hidden"
 
 
-def exception_message(exc: BaseException, sanitizer: Sanitizer, capture_content: bool) -> str:
-    """The text of ``exc`` that is safe to put on a span or a log line.
+_DRIVER_ROOTS: Final = frozenset(
+    {
+        "psycopg",
+        "psycopg2",
+        "asyncpg",
+        "pg8000",
+        "sqlite3",
+        "aiosqlite",
+        "pymysql",
+        "MySQLdb",
+        "mysql",
+        "aiomysql",
+        "asyncmy",
+        "oracledb",
+        "cx_Oracle",
+        "pyodbc",
+        "pymssql",
+        "duckdb",
+    }
+)
+# The driver's words around a value: "Key (email)=(alice@x.com)", "for type integer: "abc"".
+_DRIVER_VALUES: Final = re.compile(r"\(([^()]*)\)=\((?:[^()]|\([^()]*\))*\)|(:\s*)\"[^\"]*\"\s*$")
 
-    Database statement errors never show their SQL literals or parameters; LLM SDK errors
-    show only their type, HTTP status and error code unless content capture is on; any
-    other message is redacted and truncated.
+
+def _driver_values(match: re.Match[str]) -> str:
+    if match.group(1) is not None:
+        return f"({match.group(1)})=(?)"
+    return f"{match.group(2)}?"
+
+
+def _driver_message(exc: BaseException) -> str:
+    # A database driver's own exception (psycopg's UniqueViolation ...): its first line says
+    # what went wrong ("duplicate key value violates unique constraint ..."); the DETAIL,
+    # HINT and CONTEXT lines after it quote the row's values. Keep the first line, with any
+    # value it quotes replaced.
+    first = safe_str(exc).split("\n", 1)[0].strip()
+    return f"{_type_name(exc)}: {_DRIVER_VALUES.sub(_driver_values, first)}"
+
+
+def _is_driver_error(exc: BaseException) -> bool:
+    module = type(exc).__module__ or ""
+    return module.split(".", 1)[0] in _DRIVER_ROOTS
+
+
+# What the library learnt about an exception where it was raised: the safe summary an LLM
+# call recorded for it (content capture off), and the literal secrets (a client's API key)
+# that must not appear in any text of it, on any span or line, wherever it ends up. Kept in
+# the exception's own __dict__ (built-in exceptions take no weak references), so it lives
+# exactly as long as the exception.
+_SHOWN_KEY: Final = "__rag_instrument_shown__"
+
+
+class _Shown:
+    """How an exception may be shown; its repr says nothing (error reporters print it)."""
+
+    __slots__ = ("secrets", "summary")
+
+    def __init__(self, summary: str | None, secrets: tuple[str, ...]) -> None:
+        self.summary = summary
+        self.secrets = secrets
+
+    def __repr__(self) -> str:
+        return "<rag_instrument: redaction state>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Shown, (None, ()))  # never pickled along with the exception
+
+
+def remember_exception(
+    exc: BaseException, *, summary: str | None, secrets: tuple[str, ...] = ()
+) -> None:
+    """Record how ``exc`` may be shown wherever it is reported later.
+
+    ``summary`` replaces its text (``None``: its text, redacted) and ``secrets`` are masked
+    in it. Used by the LLM call that saw it first, so that the stages it propagates
+    through say no more than the call's own span.
     """
+    try:
+        state = vars(exc)
+    except TypeError:  # an exception class with __slots__ only: nothing to remember
+        return
+    if isinstance(state, dict):
+        state[_SHOWN_KEY] = _Shown(summary, secrets)
+
+
+def _remembered(exc: BaseException) -> tuple[str | None, tuple[str, ...]] | None:
+    try:
+        state = vars(exc)
+    except TypeError:
+        return None
+    found = state.get(_SHOWN_KEY) if isinstance(state, dict) else None
+    return (found.summary, found.secrets) if isinstance(found, _Shown) else None
+
+
+# --- content seen by a stage -----------------------------------------------------------------
+
+_CONTENTS_KEY: Final = "rag_instrument.contents"
+_MAX_CONTENTS: Final = 16
+_MIN_CONTENT_CHARS: Final = 8
+
+
+def note_content(text: object) -> None:
+    """Remember prompt or completion ``text`` in the enclosing stages (content capture off).
+
+    An exception raised later in those stages that quotes it has the quote hidden on the
+    stage's span and failed line. Only references are kept, until the stages end.
+    """
+    if not isinstance(text, str) or len(text) < _MIN_CONTENT_CHARS:
+        return
+    from rag_instrument._context import current_frame  # late: _context imports this module
+
+    frame = current_frame()
+    depth = 0
+    while frame is not None and depth < 32:
+        scratch = frame.scratch
+        if scratch is None:
+            scratch = frame.scratch = {}
+        seen: list[str] = scratch.setdefault(_CONTENTS_KEY, [])
+        if len(seen) >= _MAX_CONTENTS:
+            del seen[0]
+        seen.append(text)
+        frame = frame.parent
+        depth += 1
+
+
+def seen_contents(frame: Any = None) -> tuple[str, ...]:
+    """The content texts noted in ``frame`` (default: the current stage)."""
+    if frame is None:
+        from rag_instrument._context import current_frame
+
+        frame = current_frame()
+    scratch = getattr(frame, "scratch", None)
+    if not scratch:
+        return ()
+    return tuple(scratch.get(_CONTENTS_KEY, ()))
+
+
+_HIDDEN: Final = "[content hidden]"
+_MIN_QUOTE: Final = 24
+
+
+def hide_content(text: str, hidden: Sequence[str]) -> str:
+    """Replace quotes of each ``hidden`` text in ``text`` with a marker.
+
+    A quote is the text whole, repr- or JSON-escaped, or a long enough prefix of it (as
+    ``f"{prompt[:50]}..."`` makes).
+    """
+    for content in hidden:
+        if len(content) < _MIN_CONTENT_CHARS:
+            continue
+        forms = list(
+            dict.fromkeys((content, repr(content)[1:-1], orjson.dumps(content).decode()[1:-1]))
+        )
+        for form in forms:  # whole quotes first
+            if form in text:
+                text = text.replace(form, _HIDDEN)
+        for form in forms:  # then cut ones: from where they start, as far as they match
+            probe = form[:_MIN_QUOTE]
+            if len(probe) < _MIN_QUOTE:
+                continue
+            start = text.find(probe)
+            while start != -1:
+                end = start + len(probe)
+                limit = min(len(text), start + len(form))
+                while end < limit and text[end] == form[end - start]:
+                    end += 1
+                text = text[:start] + _HIDDEN + text[end:]
+                start = text.find(probe, start + len(_HIDDEN))
+    return text
+
+
+def exception_chain(exc: BaseException, limit: int = 16) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from (cause, else unsuppressed context)."""
+    out: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(out) < limit and not any(current is e for e in out):
+        out.append(current)
+        current = current.__cause__ or (
+            None if current.__suppress_context__ else current.__context__
+        )
+    return out
+
+
+def _own_message(exc: BaseException, capture_content: bool) -> str:
+    remembered = _remembered(exc)
+    if remembered is not None and remembered[0] is not None and not capture_content:
+        return remembered[0]
     module = type(exc).__module__ or ""
     if module.startswith("sqlalchemy") and hasattr(exc, "statement"):
-        return sanitizer.text(_statement_error_message(exc))
+        return _statement_error_message(exc)
+    if _is_driver_error(exc):
+        return _driver_message(exc)
     if not capture_content and f"{module}.".startswith(_SDK_MODULES):
         return _sdk_message(exc)
-    return sanitizer.text(safe_str(exc))
+    return safe_str(exc)
+
+
+def _sensitive(exc: BaseException, capture_content: bool) -> bool:
+    # Whose raw text must not be quoted by the exceptions raised from it.
+    module = type(exc).__module__ or ""
+    if module.startswith("sqlalchemy") and hasattr(exc, "statement"):
+        return True
+    if _is_driver_error(exc):
+        return True
+    remembered = _remembered(exc)
+    if remembered is not None and remembered[0] is not None and not capture_content:
+        return True
+    return not capture_content and f"{module}.".startswith(_SDK_MODULES)
+
+
+def exception_message(
+    exc: BaseException,
+    sanitizer: Sanitizer,
+    capture_content: bool,
+    hide: Sequence[str] = (),
+) -> str:
+    """The text of ``exc`` that is safe to put on a span or a log line.
+
+    Database statement errors never show their SQL literals or parameters, driver errors
+    only their first line with quoted values replaced (no ``DETAIL: Key (email)=(...)``);
+    LLM SDK errors show only their type, HTTP status and error code unless content capture
+    is on; any other message is redacted and truncated. Whatever the exception was raised
+    from is looked at too: an application error that quotes a database or SDK error's
+    text (``f"insert failed: {e}"``) has the quote hidden, and the literal secrets an LLM
+    call was made with are masked. Without content capture, ``hide`` (the prompts and
+    completions the enclosing stage saw) are hidden where quoted. Never raises.
+    """
+    try:
+        message = _own_message(exc, capture_content)
+        hidden: list[str] = [] if capture_content else list(hide)
+        secrets: list[str] = []
+        for link in exception_chain(exc):
+            remembered = _remembered(link)
+            if remembered is not None:
+                secrets.extend(remembered[1])
+            if link is not exc and _sensitive(link, capture_content):
+                hidden.append(safe_str(link))
+                orig = getattr(link, "orig", None)
+                if isinstance(orig, BaseException):
+                    hidden.append(safe_str(orig))
+        for secret in secrets:
+            if secret and secret in message:
+                message = message.replace(secret, REDACTED)
+        if hidden:
+            message = hide_content(message, hidden)
+        return sanitizer.text(message)
+    except Exception:
+        return f"{_type_name(exc)} (message unavailable)"
 
 
 # --- spans sanitised at the source -----------------------------------------------------------

@@ -63,6 +63,7 @@ from rag_instrument._sanitize import (
     mark_sanitized,
     redact_text,
     take_sanitized,
+    truncate,
 )
 from rag_instrument._utils import user_code_error
 
@@ -194,6 +195,10 @@ def _redact_mapping(attributes: Any) -> dict[str, Any] | None:
     return changed
 
 
+#: Longest span name exported (names from other instrumentations too: a URL, a query).
+MAX_SPAN_NAME_CHARS: Final = 200
+
+
 def redact_span(span: ReadableSpan) -> ReadableSpan:
     """``span`` itself when nothing in it looks secret, else a copy with secrets masked.
 
@@ -213,10 +218,17 @@ def redact_span(span: ReadableSpan) -> ReadableSpan:
     status = span._status
     description = status.description
     clean_description = redact_text(description) if description else description
-    if attributes is None and new_events is None and clean_description == description:
+    name = span.name
+    clean_name = truncate(redact_text(name), MAX_SPAN_NAME_CHARS) if name else name
+    if (
+        attributes is None
+        and new_events is None
+        and clean_description == description
+        and clean_name == name
+    ):
         return span
     return ReadableSpan(
-        name=span.name,
+        name=clean_name,
         context=span.context,
         parent=span.parent,
         resource=span.resource,

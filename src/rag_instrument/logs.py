@@ -34,7 +34,13 @@ from structlog.tracebacks import ExceptionDictTransformer
 
 from rag_instrument import _config
 from rag_instrument._context import bound, current_frame
-from rag_instrument._sanitize import exception_message, safe_repr
+from rag_instrument._sanitize import (
+    exception_chain,
+    exception_message,
+    hide_content,
+    safe_repr,
+    seen_contents,
+)
 from rag_instrument._utils import internal_error
 from rag_instrument.attributes import LOGGER_NAME
 
@@ -308,19 +314,47 @@ def _exception_dict(exc_info: Any, rt: Runtime) -> Any:
         stacks = _transform(exc_info)
     except Exception:
         stacks = [{"exc_type": type(exc).__name__, "exc_value": ""}]
-    # Exception messages can carry secrets, prompt text and SQL parameters: each message is
-    # replaced by its safe form (the stacks follow the same cause/context chain).
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and len(chain) < len(stacks) and current not in chain:
-        chain.append(current)
-        current = current.__cause__ or (
-            None if current.__suppress_context__ else current.__context__
-        )
-    for stack, link in zip(stacks, chain, strict=False):
-        if isinstance(stack, dict):
-            stack["exc_value"] = exception_message(link, rt.sanitizer, rt.settings.capture_content)
+    _safe_messages(stacks, exc, rt, seen_contents(), 0)
     return rt.sanitizer.value(stacks)
+
+
+def _safe_messages(
+    stacks: Any, exc: BaseException, rt: Runtime, hide: tuple[str, ...], depth: int
+) -> None:
+    # Exception messages can carry secrets, prompt text, SQL parameters and a driver's
+    # DETAIL line: each message is replaced by its safe form. The stacks follow the same
+    # cause/context chain as exception_chain(), and a group's members nest under "exceptions".
+    if not isinstance(stacks, list):
+        return
+    chain = exception_chain(exc, len(stacks))
+    capture = rt.settings.capture_content
+    for index, stack in enumerate(stacks):
+        if not isinstance(stack, dict):
+            continue
+        link = chain[index] if index < len(chain) else None
+        if link is None:  # cannot tell whose message it is: say nothing of it
+            stack["exc_value"] = ""
+            stack.pop("exceptions", None)
+            continue
+        stack["exc_value"] = exception_message(link, rt.sanitizer, capture, hide)
+        notes = stack.get("exc_notes")
+        if notes:
+            stack["exc_notes"] = [_exception_note(str(n), rt, hide) for n in notes]
+        members = stack.get("exceptions")
+        if members:
+            group = getattr(link, "exceptions", None)
+            if depth < 8 and isinstance(group, tuple) and len(group) == len(members):
+                for sub, member in zip(members, group, strict=True):
+                    _safe_messages(sub, member, rt, hide, depth + 1)
+            else:
+                stack["exceptions"] = []
+
+
+def _exception_note(note: str, rt: Runtime, hide: tuple[str, ...]) -> str:
+    """An exception note (``add_note``) as it may be logged: content hidden, redacted."""
+    if not rt.settings.capture_content and hide:
+        note = hide_content(note, hide)
+    return rt.sanitizer.text(note)
 
 
 # --- structlog front end ------------------------------------------------------------------

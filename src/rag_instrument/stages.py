@@ -40,7 +40,17 @@ from opentelemetry.trace import Status, StatusCode
 from rag_instrument import _breakdown, _config
 from rag_instrument import attributes as attr
 from rag_instrument._context import Frame, bound, current_frame, reset_frame, set_frame
-from rag_instrument._sanitize import exception_message, mark_sanitized, to_attribute_value
+from rag_instrument._sanitize import (
+    REDACTED,
+    exception_message,
+    is_secret_key,
+    mark_sanitized,
+    redact_text,
+    safe_repr,
+    seen_contents,
+    to_attribute_value,
+    truncate,
+)
 from rag_instrument._utils import (
     FunctionKind,
     function_kind,
@@ -106,6 +116,9 @@ class _Spec:
             attrs[attr.RAG_STAGE] = name
             attrs[attr.OPENINFERENCE_SPAN_KIND] = _SPAN_KIND.get(name, attr.SpanKind.CHAIN)
         for key, value in attributes.items():
+            if sanitizer.redact and is_secret_key(key):
+                attrs[key] = REDACTED  # api_key=..., password=...: by name, whatever the value
+                continue
             converted = to_attribute_value(value, sanitizer)
             if converted is not None:
                 attrs[key] = converted
@@ -118,18 +131,28 @@ class _Spec:
         self.level = "info" if is_stage else "debug"
 
 
+#: Longest stage or span name kept (a name is a label, not a payload).
+MAX_NAME_CHARS: Final = 120
+
+
 def _stage_name(value: object, what: str) -> str:
     if isinstance(value, PipelineStage):
         return value.value
     if not isinstance(value, str):
         raise TypeError(
             f"rag_instrument.{what}: the name must be a str or PipelineStage, "
-            f"got {type(value).__name__} {value!r:.80}"
+            f"got {safe_repr(value, 80)}"
         )
-    name = value.strip()
+    # str's own methods: a str subclass may override strip() or __repr__.
+    name = str.strip(value)
     if not name:
         raise ValueError(f"rag_instrument.{what}: the name must not be empty")
-    return name
+    return _clean_name(name)
+
+
+def _clean_name(name: str) -> str:
+    """A span or stage name made safe: secrets masked, then cut to ``MAX_NAME_CHARS``."""
+    return truncate(redact_text(name), MAX_NAME_CHARS)
 
 
 # --- begin / end ----------------------------------------------------------------------------
@@ -144,7 +167,7 @@ def _begin(spec: _Spec, rt: Runtime, owner: object) -> Frame:
     span = rt.tracer.start_span(spec.name, attributes=attributes)
     stage_name = spec.name if spec.is_stage else (parent.stage if parent is not None else None)
     frame = Frame(spec.name, stage_name, spec.is_stage, parent, span, owner)
-    frame.attr_count = len(attributes)
+    frame.start_attrs = attributes
     frame.tokens = (otel_context.attach(trace_api.set_span_in_context(span)), set_frame(frame))
     frame.start_ns = time.perf_counter_ns()
     return frame
@@ -158,9 +181,8 @@ def _safe_begin(spec: _Spec, rt: Runtime, owner: object) -> Frame | None:
         return None
 
 
-def _record_exception(span: Span, exc: BaseException, rt: Runtime) -> None:
+def _record_exception(span: Span, exc: BaseException, rt: Runtime, clean_message: str) -> None:
     sanitizer = rt.sanitizer
-    clean_message = exception_message(exc, sanitizer, rt.settings.capture_content)
     exc_type = type(exc)
     module = exc_type.__module__
     qualname = (
@@ -186,17 +208,25 @@ def _record_exception(span: Span, exc: BaseException, rt: Runtime) -> None:
     )
 
 
-def _mark_if_clean(span: Span, attr_count: int) -> None:
+def _mark_if_clean(span: Span, spec: _Spec, start_attrs: dict[str, Any] | None) -> None:
     # Everything this library puts on a stage span is sanitised where it is made. If
-    # nothing else added attributes or events, the export-time redaction can skip the
-    # span: it costs the application's threads time through the interpreter lock.
+    # nothing else touched the span (no attribute added *or overwritten*, no event, no
+    # status, no new name), the export-time redaction can skip it: it costs the
+    # application's threads time through the interpreter lock. Anything else - an
+    # attribute the application set through the span it got from ``with`` or from
+    # ``trace.get_current_span()`` - leaves the span to the export-time pass.
     # The SDK span's own containers: its public properties copy them (a tuple of events
     # per call), which the hot path cannot afford.
-    attributes = getattr(span, "_attributes", None)
-    events = getattr(span, "_events", None)
-    if attributes is None or events is None:
+    if start_attrs is None:
         return
-    if len(attributes) == attr_count and not events:
+    attributes = getattr(span, "_attributes", None)
+    plain = getattr(attributes, "_dict", None)
+    if plain is None or getattr(span, "_events", True) or getattr(span, "_name", None) != spec.name:
+        return
+    status = getattr(span, "_status", None)
+    if status is None or status.status_code is not StatusCode.UNSET:
+        return
+    if plain == start_attrs:  # same keys, same (mostly identical) values
         mark_sanitized(span.get_span_context().span_id)
 
 
@@ -231,10 +261,11 @@ def _end(
     cancelled = exc is not None and not isinstance(exc, Exception)
     budget = rt.budgets.get(spec.name) if spec.is_stage and rt.budgets else None
     exceeded = budget is not None and ms > budget
+    message: str | None = None
     try:
         if span.is_recording():
             if rt.settings.redact:
-                _mark_if_clean(span, frame.attr_count)
+                _mark_if_clean(span, spec, frame.start_attrs)
             if breakdown:
                 span.set_attributes(_breakdown.as_attributes(breakdown))
             if items is not None:
@@ -245,7 +276,10 @@ def _end(
                 if cancelled:
                     span.set_attribute(attr.RAG_CANCELLED, True)
                 else:
-                    _record_exception(span, exc, rt)
+                    message = exception_message(
+                        exc, rt.sanitizer, rt.settings.capture_content, seen_contents(frame)
+                    )
+                    _record_exception(span, exc, rt, message)
             if exceeded:
                 span.set_attribute(attr.RAG_BUDGET_EXCEEDED, True)
                 span.set_attribute(attr.RAG_BUDGET_MS, budget)
@@ -270,9 +304,11 @@ def _end(
         else:
             event, level = spec.failed_event, "error"
             fields["error_type"] = type(exc).__name__
-            fields["error_message"] = exception_message(
-                exc, rt.sanitizer, rt.settings.capture_content
-            )
+            if message is None:
+                message = exception_message(
+                    exc, rt.sanitizer, rt.settings.capture_content, seen_contents(frame)
+                )
+            fields["error_message"] = message
         # Only a stage's own line reports its duration under context.pipeline_stage, so
         # per-stage aggregations of execution_time_ms (the README's jq one-liner, the
         # analyzer) count each run exactly once.
@@ -617,7 +653,12 @@ class Stage:
             # A name computed at run time went wrong: say so, but never fail the request.
             warn_once.warning(f"rag_instrument: not traced: {self._error}")
             return trace_api.INVALID_SPAN
-        frame = _safe_begin(self._get_spec(), rt, self)
+        try:
+            spec = self._get_spec()
+        except Exception as exc:  # an attribute value no sanitiser guard caught
+            internal_error(f"describing {self._name!r}", exc)
+            return trace_api.INVALID_SPAN
+        frame = _safe_begin(spec, rt, self)
         return frame.span if frame is not None else trace_api.INVALID_SPAN
 
     def __exit__(
@@ -665,7 +706,7 @@ def _make_spec(name: str, is_stage: bool, attributes: dict[str, Any]) -> _Spec:
 def _checked(name: object, what: str) -> tuple[str | None, Exception | None]:
     try:
         return _stage_name(name, what), None
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # TypeError / ValueError, or whatever a hostile str subclass raises
         return None, exc
 
 
@@ -736,4 +777,6 @@ class _Traced(Stage):
     def __call__(self, fn: F) -> F:
         target = getattr(fn, "__func__", fn)  # classmethod / staticmethod
         qualname = getattr(target, "__qualname__", None) or type(target).__qualname__
-        return _decorate(fn, _make_spec(str(qualname), False, self._attributes), "traced")
+        return _decorate(
+            fn, _make_spec(_clean_name(str(qualname)), False, self._attributes), "traced"
+        )
