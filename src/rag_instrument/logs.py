@@ -97,8 +97,29 @@ def _default(value: Any) -> Any:
     return safe_repr(value)
 
 
+# Characters that some line-splitting readers (Python's str.splitlines(), JavaScript,
+# editors) take as a line end although JSON does not: escaped, so every reader agrees that
+# one event is one line. JSON already escapes the C0 controls (\n, \r, \v, \f, \x1c-\x1e).
+_LINE_BREAKS: Final = (
+    (b"\xe2\x80\xa8", b"\\u2028"),  # LINE SEPARATOR
+    (b"\xe2\x80\xa9", b"\\u2029"),  # PARAGRAPH SEPARATOR
+    (b"\xc2\x85", b"\\u0085"),  # NEXT LINE (NEL)
+)
+
+
+def _escape_line_breaks(data: bytes) -> bytes:
+    for raw, escaped in _LINE_BREAKS:
+        if raw in data:
+            data = data.replace(raw, escaped)
+    return data
+
+
 def render_json(event: dict[str, Any]) -> bytes:
     """Render one event as a JSON line (newline included); never raises."""
+    return _escape_line_breaks(_render_json(event))
+
+
+def _render_json(event: dict[str, Any]) -> bytes:
     try:
         return orjson.dumps(event, default=_default, option=_DUMP_OPTIONS)
     except Exception:
@@ -145,7 +166,7 @@ def render_console(event: dict[str, Any]) -> bytes:
                 continue
             parts.append(f"{_console_value(key)}={_console_value(value)}")
         parts.extend(f"{_console_value(k)}={_console_value(v)}" for k, v in context.items())
-        return (" ".join(parts) + "\n").encode("utf-8", "backslashreplace")
+        return _escape_line_breaks((" ".join(parts) + "\n").encode("utf-8", "backslashreplace"))
     except Exception:
         return render_json(event)
 
@@ -168,6 +189,10 @@ class LogOutput:
         self.sink = sink
         self._fd: int | None = None
         self._closed = False
+        #: The unwritten end of a line cut short by a failed write (disk full).
+        self._rest = b""
+        #: Lines that could not be written whole (disk full).
+        self.dropped = 0
         self._lock = threading.Lock()
         if sink is None and settings.log_file is not None:
             # O_APPEND: each line is one write(2), so lines from threads and from forked
@@ -182,13 +207,13 @@ class LogOutput:
             self.sink(data)
             return
         if self._fd is not None:
-            # Under the lock only so that close() cannot free the descriptor (for the OS to
-            # reuse for another file) between reading it and writing; O_APPEND already
-            # keeps concurrent lines whole.
+            # Under the lock so that close() cannot free the descriptor (for the OS to
+            # reuse for another file) between reading it and writing, and so that a line
+            # finished after a short write is not interleaved with another thread's.
             with self._lock:
                 fd = self._fd
                 if fd is not None:
-                    os.write(fd, data)
+                    self._write_fd(fd, data)
                     return
         stream = sys.stderr
         if stream is None:
@@ -197,16 +222,51 @@ class LogOutput:
             stream.write(data.decode("utf-8", "replace"))
             stream.flush()
 
+    def _write_fd(self, fd: int, data: bytes) -> None:
+        # A full disk (or a signal) can make write(2) take only part of a line. The rest
+        # is kept and written before anything else once the disk takes it again; until
+        # then new lines are dropped rather than glued onto the partial one. So every
+        # line in the file ends up whole (only a disk that stays full until exit leaves
+        # one cut line, ended by close()).
+        if self._rest:
+            self._rest = _write_all(fd, self._rest)
+            if self._rest:
+                self.dropped += 1
+                return
+        rest = _write_all(fd, data)
+        if rest:
+            if len(rest) < len(data):
+                self._rest = rest  # part of the line is in the file: finish it later
+            self.dropped += 1
+
     def close(self) -> None:
         """Close the file, if any; lines written after this are dropped."""
         self._closed = True
         with self._lock:
             fd, self._fd = self._fd, None
+            if fd is not None and self._rest:
+                if _write_all(fd, self._rest):
+                    _write_all(fd, b"\n")  # cannot finish it: at least end the line
+                self._rest = b""
         if fd is not None:
             try:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def _write_all(fd: int, data: bytes) -> bytes:
+    """Write ``data`` to ``fd``; return what could not be written (``b""`` when all was)."""
+    view = memoryview(data)
+    try:
+        while view:
+            written = os.write(fd, view)
+            if written <= 0:
+                break
+            view = view[written:]
+    except OSError:
+        pass
+    return bytes(view)
 
 
 _local = threading.local()
