@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -23,7 +23,9 @@ __all__ = [
     "bound",
     "current_frame",
     "current_stage",
+    "on_frame_end",
     "request_context",
+    "run_end_hooks",
     "unbind_context",
     "wrap_context",
 ]
@@ -102,6 +104,32 @@ current_frame = _frame.get
 set_frame = _frame.set
 reset_frame = _frame.reset
 bound = _bound.get
+
+
+_END_HOOKS: Final = "rag_instrument.end_hooks"
+
+
+def on_frame_end(frame: Frame, hook: Callable[[], None]) -> None:
+    """Call ``hook`` when ``frame``'s stage ends, while it is still the current frame."""
+    scratch = frame.scratch
+    if scratch is None:
+        scratch = frame.scratch = {}
+    scratch.setdefault(_END_HOOKS, []).append(hook)
+
+
+def run_end_hooks(frame: Frame) -> None:
+    """Run (once) the hooks registered with :func:`on_frame_end`; never raises."""
+    scratch = frame.scratch
+    hooks = scratch.pop(_END_HOOKS, None) if scratch is not None else None
+    if not hooks:
+        return
+    for hook in hooks:
+        try:
+            hook()
+        except Exception as exc:
+            from rag_instrument._utils import internal_error
+
+            internal_error("ending a scope", exc)
 
 
 def current_stage() -> str | None:

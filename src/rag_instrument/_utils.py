@@ -45,6 +45,13 @@ class RateLimitedLogger:
 
     def warning(self, message: str, *, exc_info: BaseException | None = None) -> bool:
         """Log ``message`` unless it was logged within the window; return whether it was."""
+        return self._log(logging.WARNING, message, exc_info)
+
+    def info(self, message: str) -> bool:
+        """Like :meth:`warning`, at info level (an expected condition worth one line)."""
+        return self._log(logging.INFO, message, None)
+
+    def _log(self, level: int, message: str, exc_info: BaseException | None) -> bool:
         now = time.monotonic()
         with self._lock:
             last = self._last.get(message)
@@ -58,7 +65,7 @@ class RateLimitedLogger:
             suppressed = self._suppressed.pop(message, 0)
         text = message if not suppressed else f"{message} ({suppressed} similar suppressed)"
         try:
-            self._logger.warning(text, exc_info=exc_info)
+            self._logger.log(level, text, exc_info=exc_info)
         except Exception:
             pass
         return True

@@ -39,7 +39,14 @@ from opentelemetry.trace import Status, StatusCode
 
 from rag_instrument import _breakdown, _config
 from rag_instrument import attributes as attr
-from rag_instrument._context import Frame, bound, current_frame, reset_frame, set_frame
+from rag_instrument._context import (
+    Frame,
+    bound,
+    current_frame,
+    reset_frame,
+    run_end_hooks,
+    set_frame,
+)
 from rag_instrument._sanitize import (
     REDACTED,
     exception_message,
@@ -239,6 +246,8 @@ def _end(
 ) -> None:
     elapsed_ns = time.perf_counter_ns() - frame.start_ns
     rt = _config._RUNTIME
+    if frame.scratch is not None:
+        run_end_hooks(frame)  # scopes tied to this stage report (N+1 final counts)
     tokens = frame.tokens
     frame.tokens = None
     if tokens is not None:
