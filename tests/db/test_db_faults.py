@@ -69,6 +69,10 @@ def test_connection_killed_by_the_server_is_one_quiet_line(
     assert len(cap.find_logs("retrieval failed")) == 3
 
 
+def _raise(exc: BaseException) -> None:
+    raise exc
+
+
 # --- item 3 ----------------------------------------------------------------------------------
 
 
@@ -100,7 +104,7 @@ def test_unique_violation_detail_never_reaches_the_log(pg: tuple[Engine, str]) -
                 )
         except sa_exc.IntegrityError as exc:
             try:
-                raise ExceptionGroup("batch", [exc])
+                _raise(ExceptionGroup("batch", [exc]))
             except ExceptionGroup:
                 log.exception("batch failed")
     text_out = json.dumps(cap.logs)
