@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from db_helpers import require_postgres
+from db_helpers import require_role
 
 from rag_instrument.cli.__main__ import main
 from rag_instrument.cli.db_doctor import mask_url
@@ -79,7 +79,7 @@ def test_bad_urls(url: str, message: str, capsys: pytest.CaptureFixture[str]) ->
 
 @pytest.mark.postgres
 def test_json_report(capsys: pytest.CaptureFixture[str]) -> None:
-    require_postgres()
+    require_role("rag_reader")
     status = main(
         [
             "db-doctor",
@@ -101,7 +101,7 @@ def test_json_report(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.postgres
 def test_table_report(capsys: pytest.CaptureFixture[str]) -> None:
-    require_postgres()
+    require_role("rag_reader")
     assert main(["db-doctor", "postgresql://rag_reader@127.0.0.1:5432/test"]) == 0
     out = capsys.readouterr().out
     assert "Cache hit ratio (target above 90%" in out

@@ -51,22 +51,24 @@ def setup(request: pytest.FixtureRequest) -> Iterator[tuple[Engine, Any]]:
     else:
         engine = create_engine("sqlite://")
     base, collection_cls, document_cls = _models(unique("n1"))
-    base.metadata.create_all(engine)
-    with Session(engine) as session:
-        for i in range(8):
-            session.add(
-                collection_cls(
-                    id=i,
-                    name=f"c{i}",
-                    documents=[document_cls(id=i * 10 + j, title=f"d{j}") for j in range(2)],
+    handle = None
+    try:  # everything made is undone on every path, a failed setup included
+        base.metadata.create_all(engine)
+        with Session(engine) as session:
+            for i in range(8):
+                session.add(
+                    collection_cls(
+                        id=i,
+                        name=f"c{i}",
+                        documents=[document_cls(id=i * 10 + j, title=f"d{j}") for j in range(2)],
+                    )
                 )
-            )
-        session.commit()
-    handle = ri.instrument_sqlalchemy(engine)
-    try:
+            session.commit()
+        handle = ri.instrument_sqlalchemy(engine)
         yield engine, collection_cls
     finally:
-        handle.uninstrument()
+        if handle is not None:
+            handle.uninstrument()
         base.metadata.drop_all(engine)
         engine.dispose()
 
