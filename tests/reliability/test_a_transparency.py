@@ -238,3 +238,35 @@ def test_a08_a_handler_that_logs_back_never_deadlocks(rag_capture: Capture) -> N
         assert done.wait(10), "deadlock"
     finally:
         internal.removeHandler(handler)
+
+
+@pytest.mark.asyncio
+async def test_a06_llm_stream_proxy_behaves_like_the_sdk_stream() -> None:
+    openai = pytest.importorskip("openai")
+    from rag_instrument.integrations.openai import instrument_openai
+    from rag_instrument.testing import capture
+    from support.fake_llm import FakeLLMServer
+
+    messages = [{"role": "user", "content": "hi"}]
+    with FakeLLMServer() as server, capture() as cap:
+        kw: dict[str, Any] = {"api_key": "k" * 20, "base_url": server.openai_base_url}
+        client = instrument_openai(openai.OpenAI(max_retries=0, **kw))
+        stream = client.chat.completions.create(model="m", messages=messages, stream=True)
+        assert isinstance(stream, openai.Stream)
+        assert stream.response.status_code == 200
+        with stream as same:
+            assert same is stream
+            assert list(stream)
+        closed = client.chat.completions.create(model="m", messages=messages, stream=True)
+        closed.close()
+        raw = client.chat.completions.with_raw_response.create(model="m", messages=messages)
+        assert raw.parse().choices[0].message.content == server.reply_text
+        aclient = instrument_openai(openai.AsyncOpenAI(max_retries=0, **kw))
+        astream = await aclient.chat.completions.create(model="m", messages=messages, stream=True)
+        assert isinstance(astream, openai.AsyncStream)
+        async with astream as asame:
+            assert asame is astream
+            assert [chunk async for chunk in astream]
+        client.close()
+        await aclient.close()
+    assert len([s for s in cap.spans if s.name == "chat m"]) == 4
