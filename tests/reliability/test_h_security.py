@@ -93,6 +93,25 @@ def test_h44_exception_logs_carry_no_local_variables(rag_capture: Capture) -> No
     assert "A1b2C3d4" not in json.dumps(line)
 
 
+def _sdk_calls(server: FakeLLMServer, oa: Any, an: Any, messages: list[dict[str, str]]) -> None:
+    import openai
+
+    with ri.stage("generation"):
+        oa.chat.completions.create(model="m", messages=messages)
+        for _ in oa.chat.completions.create(model="m", messages=messages, stream=True):
+            pass
+        oa.embeddings.create(model="e", input=[PROMPT])
+        an.messages.create(model="c", max_tokens=10, messages=messages)
+        with an.messages.stream(model="c", max_tokens=10, messages=messages) as stream:
+            for _ in stream.text_stream:
+                pass
+    echo = {"error": {"message": f"Bad request for {PROMPT} with key {OPENAI_KEY}",
+                      "type": "invalid_request_error", "code": "bad"}}  # fmt: skip
+    server.enqueue(400, body=echo)
+    with pytest.raises(openai.BadRequestError), ri.stage("generation"):
+        oa.chat.completions.create(model="m", messages=messages)
+
+
 def _every_integration(server: FakeLLMServer) -> None:
     """Run each integration with its defaults, on success, stream, embedding and error paths."""
     import anthropic
@@ -110,20 +129,11 @@ def _every_integration(server: FakeLLMServer) -> None:
             api_key=ANTHROPIC_KEY, base_url=server.anthropic_base_url, max_retries=0
         )
     )
-    with ri.stage("generation"):
-        oa.chat.completions.create(model="m", messages=messages)
-        for _ in oa.chat.completions.create(model="m", messages=messages, stream=True):
-            pass
-        oa.embeddings.create(model="e", input=[PROMPT])
-        an.messages.create(model="c", max_tokens=10, messages=messages)
-        with an.messages.stream(model="c", max_tokens=10, messages=messages) as stream:
-            for _ in stream.text_stream:
-                pass
-    echo = {"error": {"message": f"Bad request for {PROMPT} with key {OPENAI_KEY}",
-                      "type": "invalid_request_error", "code": "bad"}}  # fmt: skip
-    server.enqueue(400, body=echo)
-    with pytest.raises(openai.BadRequestError), ri.stage("generation"):
-        oa.chat.completions.create(model="m", messages=messages)
+    try:
+        _sdk_calls(server, oa, an, messages)
+    finally:
+        oa.close()
+        an.close()
 
     class Provider(ri.CacheMixin, ri.RetryMixin, ri.LLMProvider):
         system, model = "acme", "m"
