@@ -26,6 +26,7 @@ from typing import Any, Final
 
 import orjson
 
+from rag_instrument._registry import format_error
 from rag_instrument._utils import http_status
 
 __all__ = [
@@ -384,14 +385,10 @@ def _sdk_message(exc: BaseException) -> str:
 def _statement_error_message(exc: BaseException) -> str:
     # SQLAlchemy's StatementError text carries the raw SQL and a "[parameters: ...]" block,
     # and the driver's message under it can quote values ("Key (email)=(...)").
-    try:
-        from rag_instrument.db._sql import sanitize_statement_error
-
-        rendered = sanitize_statement_error(exc)
-        if isinstance(rendered, str):
-            return rendered
-    except Exception:
-        pass
+    # The database integration registers its formatter (rag_instrument._registry).
+    rendered = format_error(exc)
+    if rendered is not None:
+        return rendered
     orig = getattr(exc, "orig", None)
     inner = f" ({type(orig).__module__}.{type(orig).__name__})" if orig is not None else ""
     return f"{type(exc).__name__}{inner}: statement and parameters hidden"

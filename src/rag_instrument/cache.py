@@ -37,7 +37,8 @@ from cachetools import TTLCache
 from opentelemetry import trace as trace_api
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from rag_instrument import _breakdown, _config
+from rag_instrument import _breakdown
+from rag_instrument._runtime import get_runtime
 from rag_instrument._sanitize import redact_text
 from rag_instrument._utils import FunctionKind, function_kind, internal_error, warn_once
 from rag_instrument.attributes import (
@@ -50,7 +51,7 @@ from rag_instrument.attributes import (
 from rag_instrument.llm import LLMResult
 
 if TYPE_CHECKING:
-    from rag_instrument._config import Runtime
+    from rag_instrument._runtime import Runtime
     from rag_instrument.llm import LLMRequest
 
 __all__ = [
@@ -590,7 +591,7 @@ class _Store:
             saved = 0
             if hit and type(value) is LLMResult:
                 saved = (value.input_tokens or 0) + (value.output_tokens or 0)
-            if _OBSERVED_KEY not in rt._instruments:
+            if rt.claim(_OBSERVED_KEY):
                 _observe(rt)  # first: the baseline must not include this call
             _TOTALS.add(outcome, saved)
         except Exception as exc:
@@ -636,12 +637,8 @@ _METRICS: Final = (
 
 
 def _observe(rt: Runtime) -> None:
-    """Register the cache counters on ``rt``'s meter, counting from now."""
-    with _STORES_LOCK:
-        if _OBSERVED_KEY in rt._instruments:
-            return
-        rt._instruments[_OBSERVED_KEY] = True
-        baseline = _TOTALS.snapshot()
+    """Register the cache counters on ``rt``'s meter, counting from now (once per runtime)."""
+    baseline = _TOTALS.snapshot()
     for field, name, unit, description in _METRICS:
 
         def callback(_options: CallbackOptions, field: str = field) -> Iterable[Observation]:
@@ -773,7 +770,7 @@ class CacheMixin:
         value, outcome = await store.acall(key, lambda: invoke(request))
         if request.call is not None:
             request.call.cache_hit = outcome != _MISS
-        store.count(outcome, value, _config._RUNTIME)
+        store.count(outcome, value, get_runtime())
         return value
 
 
@@ -793,7 +790,7 @@ def _wrap(
     kind = function_kind(fn)
 
     def record(value: Any, outcome: int) -> None:
-        rt = _config._RUNTIME
+        rt = get_runtime()
         store.count(outcome, value, rt)
         if rt.enabled:
             try:

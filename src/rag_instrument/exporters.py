@@ -69,7 +69,7 @@ from rag_instrument._utils import user_code_error
 if TYPE_CHECKING:
     from opentelemetry.metrics import CallbackOptions, Observation
 
-    from rag_instrument._config import Settings
+    from rag_instrument._settings import Settings
 
 __all__ = [
     "DispatchProcessor",
@@ -77,6 +77,7 @@ __all__ = [
     "Pipelines",
     "SafeSpanExporter",
     "build",
+    "mark_if_clean",
     "mark_sanitized",
     "redact_span",
     "start_leaf_span",
@@ -229,6 +230,22 @@ def redact_span(span: ReadableSpan) -> ReadableSpan:
         end_time=span.end_time,
         instrumentation_scope=span.instrumentation_scope,
     )
+
+
+def mark_if_clean(span: trace_api.Span, attr_count: int) -> None:
+    """Let export skip redacting ``span`` if nobody but rag_instrument touched it.
+
+    That is: it holds only the ``attr_count`` attributes it was started with (all
+    sanitised where they were made) and no events. Reads the SDK span's own containers:
+    its public properties copy them (a tuple of events per call), which a stage's hot path
+    cannot afford.
+    """
+    attributes = getattr(span, "_attributes", None)
+    events = getattr(span, "_events", None)
+    if attributes is None or events is None:
+        return
+    if len(attributes) == attr_count and not events:
+        mark_sanitized(span.get_span_context().span_id)
 
 
 def _redact_unless_sanitized(span: ReadableSpan) -> ReadableSpan:
@@ -482,6 +499,25 @@ class Pipelines:
             safe = getattr(processor, "span_exporter", None)
             if isinstance(safe, SafeSpanExporter) and safe.inner is exporter:
                 safe.keep_inner = True
+
+    # --- the SpanTools interface (see ``rag_instrument._runtime``) ---------------------------
+
+    @staticmethod
+    def start_leaf_span(
+        tracer: trace_api.Tracer,
+        name: str,
+        kind: trace_api.SpanKind,
+        attributes: dict[str, Any],
+        *,
+        sanitized: bool = False,
+    ) -> trace_api.Span:
+        """Start a span that will have no children (see :func:`start_leaf_span`)."""
+        return start_leaf_span(tracer, name, kind, attributes, sanitized=sanitized)
+
+    @staticmethod
+    def mark_if_clean(span: trace_api.Span, attr_count: int) -> None:
+        """Mark ``span`` as sanitised at the source (see :func:`mark_if_clean`)."""
+        mark_if_clean(span, attr_count)
 
     def activate(self) -> None:
         """Start feeding spans to this configuration's processors."""

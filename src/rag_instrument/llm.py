@@ -36,8 +36,8 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Final
 
-from rag_instrument import _config
 from rag_instrument._genai import GenAICall, start_call
+from rag_instrument._runtime import get_runtime
 from rag_instrument._utils import internal_error
 
 __all__ = ["LLMProvider", "LLMRequest", "LLMResult"]
@@ -226,7 +226,7 @@ class LLMProvider:
                 past ``timeout``.
         """
         request = LLMRequest(prompt, params, cache, cache_namespace)
-        rt = _config._RUNTIME
+        rt = get_runtime()
         if not rt.enabled:
             return await self._invoke(request)  # type: ignore[no-any-return]
         try:

@@ -31,16 +31,18 @@ import types
 import warnings
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace as trace_api
 from opentelemetry.trace import Status, StatusCode
 
-from rag_instrument import _breakdown, _config
+from rag_instrument import _breakdown
 from rag_instrument import attributes as attr
 from rag_instrument._context import Frame, bound, current_frame, reset_frame, set_frame
-from rag_instrument._sanitize import exception_message, mark_sanitized, to_attribute_value
+from rag_instrument._registry import register_span_kind, span_kind
+from rag_instrument._runtime import get_runtime
+from rag_instrument._sanitize import exception_message, to_attribute_value
 from rag_instrument._utils import (
     FunctionKind,
     function_kind,
@@ -53,7 +55,7 @@ from rag_instrument.logs import emit
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
-    from rag_instrument._config import Runtime
+    from rag_instrument._runtime import Runtime
 
 __all__ = ["PipelineStage", "Stage", "pipeline_stage_context", "stage", "traced"]
 
@@ -75,12 +77,13 @@ class PipelineStage(StrEnum):
     SEARCH = "search"
 
 
-_SPAN_KIND: Final = {
-    PipelineStage.RETRIEVAL.value: attr.SpanKind.RETRIEVER,
-    PipelineStage.RERANKING.value: attr.SpanKind.RERANKER,
-    PipelineStage.EMBEDDING.value: attr.SpanKind.EMBEDDING,
-    PipelineStage.GENERATION.value: attr.SpanKind.LLM,
-}
+for _stage, _kind in (
+    (PipelineStage.RETRIEVAL, attr.SpanKind.RETRIEVER),
+    (PipelineStage.RERANKING, attr.SpanKind.RERANKER),
+    (PipelineStage.EMBEDDING, attr.SpanKind.EMBEDDING),
+    (PipelineStage.GENERATION, attr.SpanKind.LLM),
+):
+    register_span_kind(_stage.value, _kind)
 
 
 class _Spec:
@@ -100,11 +103,11 @@ class _Spec:
     def __init__(self, name: str, is_stage: bool, attributes: dict[str, Any]) -> None:
         self.name = name
         self.is_stage = is_stage
-        sanitizer = _config.runtime().sanitizer
+        sanitizer = get_runtime().sanitizer
         attrs: dict[str, Any] = {}
         if is_stage:
             attrs[attr.RAG_STAGE] = name
-            attrs[attr.OPENINFERENCE_SPAN_KIND] = _SPAN_KIND.get(name, attr.SpanKind.CHAIN)
+            attrs[attr.OPENINFERENCE_SPAN_KIND] = span_kind(name)
         for key, value in attributes.items():
             converted = to_attribute_value(value, sanitizer)
             if converted is not None:
@@ -186,20 +189,6 @@ def _record_exception(span: Span, exc: BaseException, rt: Runtime) -> None:
     )
 
 
-def _mark_if_clean(span: Span, attr_count: int) -> None:
-    # Everything this library puts on a stage span is sanitised where it is made. If
-    # nothing else added attributes or events, the export-time redaction can skip the
-    # span: it costs the application's threads time through the interpreter lock.
-    # The SDK span's own containers: its public properties copy them (a tuple of events
-    # per call), which the hot path cannot afford.
-    attributes = getattr(span, "_attributes", None)
-    events = getattr(span, "_events", None)
-    if attributes is None or events is None:
-        return
-    if len(attributes) == attr_count and not events:
-        mark_sanitized(span.get_span_context().span_id)
-
-
 def _end(
     frame: Frame,
     spec: _Spec,
@@ -208,7 +197,7 @@ def _end(
     completed: bool = True,
 ) -> None:
     elapsed_ns = time.perf_counter_ns() - frame.start_ns
-    rt = _config._RUNTIME
+    rt = get_runtime()
     tokens = frame.tokens
     frame.tokens = None
     if tokens is not None:
@@ -233,8 +222,9 @@ def _end(
     exceeded = budget is not None and ms > budget
     try:
         if span.is_recording():
-            if rt.settings.redact:
-                _mark_if_clean(span, frame.attr_count)
+            # Everything this library puts on a stage span is sanitised where it is made.
+            # If nothing else added attributes or events, export can skip redacting it.
+            rt.mark_if_clean(span, frame.attr_count)
             if breakdown:
                 span.set_attributes(_breakdown.as_attributes(breakdown))
             if items is not None:
@@ -318,7 +308,7 @@ def _safe_end(
 
 def _wrap_sync(fn: Callable[P, R], spec: _Spec) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        rt = _config._RUNTIME
+        rt = get_runtime()
         if not rt.enabled:
             return fn(*args, **kwargs)
         frame = _safe_begin(spec, rt, wrapper)
@@ -337,7 +327,7 @@ def _wrap_sync(fn: Callable[P, R], spec: _Spec) -> Callable[P, R]:
 
 def _wrap_async(fn: Callable[P, Awaitable[R]], spec: _Spec) -> Callable[P, Awaitable[R]]:
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        rt = _config._RUNTIME
+        rt = get_runtime()
         if not rt.enabled:
             return await fn(*args, **kwargs)
         frame = _safe_begin(spec, rt, wrapper)
@@ -394,7 +384,7 @@ def _wrap_generator(
     fn: Callable[P, Generator[Any, Any, R]], spec: _Spec
 ) -> Callable[P, Generator[Any, Any, R]]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> Generator[Any, Any, R]:
-        rt = _config._RUNTIME
+        rt = get_runtime()
         if not rt.enabled:
             return (yield from fn(*args, **kwargs))
         ctx = contextvars.copy_context()
@@ -482,7 +472,7 @@ def _wrap_async_generator(
     fn: Callable[P, AsyncGenerator[Any, Any]], spec: _Spec
 ) -> Callable[P, AsyncGenerator[Any, Any]]:
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> AsyncGenerator[Any, Any]:
-        rt = _config._RUNTIME
+        rt = get_runtime()
         if not rt.enabled:
             driver = _drive_async_generator(fn(*args, **kwargs), None, None, spec)
         else:
@@ -610,7 +600,7 @@ class Stage:
         return _decorate(fn, self._get_spec(), self._what)
 
     def __enter__(self) -> Span:
-        rt = _config._RUNTIME
+        rt = get_runtime()
         if not rt.enabled:
             return trace_api.INVALID_SPAN
         if self._error is not None:

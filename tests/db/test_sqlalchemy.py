@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool, StaticPool
 
 import rag_instrument as ri
-from rag_instrument import _config
+from rag_instrument import _runtime
 from rag_instrument import db as ri_db
 from rag_instrument.db import _listeners
 from rag_instrument.testing import capture
@@ -189,13 +189,13 @@ def test_duration_histogram_is_looked_up_once_per_runtime(
 ) -> None:
     ri.instrument_sqlalchemy(engine)
     looked_up: list[str] = []
-    original = _config.Runtime.histogram
+    original = _runtime.Runtime.histogram
 
-    def counting(self: _config.Runtime, name: str, unit: str, description: str = "") -> object:
+    def counting(self: _runtime.Runtime, name: str, unit: str, description: str = "") -> object:
         looked_up.append(name)
         return original(self, name, unit, description)
 
-    monkeypatch.setattr(_config.Runtime, "histogram", counting)
+    monkeypatch.setattr(_runtime.Runtime, "histogram", counting)
     with capture() as cap, engine.connect() as conn:
         for _ in range(20):
             conn.execute(text("SELECT 1"))

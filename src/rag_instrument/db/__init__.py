@@ -48,8 +48,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace as trace_api
 from opentelemetry.trace import Status, StatusCode
 
-from rag_instrument import _config
 from rag_instrument import attributes as attr
+from rag_instrument._runtime import get_runtime
 from rag_instrument._utils import internal_error
 from rag_instrument.attributes import (
     DB_SESSION_SPAN as SESSION_SPAN,
@@ -230,7 +230,7 @@ class DbSession(Generic[S]):
     # --- telemetry (never raises) --------------------------------------------------------
 
     def _open(self) -> None:
-        rt = _config._RUNTIME
+        rt = get_runtime()
         if not rt.enabled:
             return
         try:

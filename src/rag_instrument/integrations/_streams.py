@@ -21,8 +21,8 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, Final
 
-from rag_instrument import _config
 from rag_instrument._genai import GenAICall, start_call
+from rag_instrument._runtime import get_runtime
 from rag_instrument._utils import internal_error
 
 __all__ = ["Describe", "StreamState", "instrument_methods", "instrumented", "uninstrument_methods"]
@@ -147,7 +147,7 @@ def _start(
     kwargs: Mapping[str, Any],
     secrets: Callable[[], tuple[str, ...]] | None,
 ) -> GenAICall | None:
-    rt = _config._RUNTIME
+    rt = get_runtime()
     if not rt.enabled:
         return None
     try:
