@@ -234,3 +234,4 @@ def test_importing_the_database_integration_does_not_load_the_sdk() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "False"
+

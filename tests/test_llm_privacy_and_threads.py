@@ -237,7 +237,7 @@ async def test_sync_call_cancelled_while_queued_never_runs(monkeypatch: pytest.M
     import concurrent.futures
 
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    monkeypatch.setattr(llm, "_executor", pool)
+    monkeypatch.setattr(llm, "llm_executor", lambda: pool)
     ran: list[str] = []
 
     class Blocking(ri.LLMProvider):

@@ -8,7 +8,6 @@ not kept for later callers); if it is cancelled, one waiter takes over instead.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import math
 import threading
 from collections.abc import Awaitable, Callable, Iterable
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from rag_instrument import _breakdown
+from rag_instrument._pools import CACHE_IO, worker_pool
 from rag_instrument._utils import internal_error, warn_once
 from rag_instrument.attributes import (
     METRIC_CACHE_COALESCED,
@@ -39,28 +39,7 @@ HIT: Final = 1
 COALESCED: Final = 2
 
 #: Name prefix of the worker threads that talk to an out-of-process backend (Redis).
-CACHE_THREAD_PREFIX: Final = "rag_instrument-cache"
-
-_io_executor: concurrent.futures.ThreadPoolExecutor | None = None
-_io_lock = threading.Lock()
-
-
-def _cache_executor() -> concurrent.futures.ThreadPoolExecutor:
-    """The small thread pool of out-of-process backends' I/O.
-
-    A pool of its own, so that a slow Redis cannot starve model calls (nor the
-    application's ``to_thread`` work).
-    """
-    global _io_executor
-    executor = _io_executor
-    if executor is None:
-        with _io_lock:
-            if _io_executor is None:
-                _io_executor = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=8, thread_name_prefix=CACHE_THREAD_PREFIX
-                )
-            executor = _io_executor
-    return executor
+CACHE_THREAD_PREFIX: Final = CACHE_IO.thread_name_prefix
 
 
 class CacheInfo(NamedTuple):
@@ -163,13 +142,13 @@ class Store:
         if self.local:
             return self.lookup(key)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(_cache_executor(), self.lookup, key)
+        return await loop.run_in_executor(worker_pool(CACHE_IO), self.lookup, key)
 
     async def asave(self, key: str, value: Any) -> bytes | None:
         if self.local:
             return self.save(key, value)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(_cache_executor(), self.save, key, value)
+        return await loop.run_in_executor(worker_pool(CACHE_IO), self.save, key, value)
 
     def call(self, key: str, fn: Callable[[], Any]) -> tuple[Any, int]:
         """Answer from the cache, from an identical call in flight, or by calling ``fn``.
