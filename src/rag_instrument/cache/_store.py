@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Generator, Iterable
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -37,6 +37,12 @@ __all__ = ["COALESCED", "HIT", "MISS", "CacheInfo", "Store", "check_cache_settin
 MISS: Final = 0
 HIT: Final = 1
 COALESCED: Final = 2
+
+# What the single-flight plan asks its loop to do.
+_LOOKUP: Final = 0
+_WAIT: Final = 1
+_CALL: Final = 2
+_SAVE: Final = 3
 
 #: Name prefix of the worker threads that talk to an out-of-process backend (Redis).
 CACHE_THREAD_PREFIX: Final = CACHE_IO.thread_name_prefix
@@ -70,6 +76,14 @@ class _Flight:
         self.data = data
         if data is not None and keepable(value):
             self.value = value
+
+    def finish(self) -> None:
+        """Wake the calls waiting on this flight (in the leader's thread or loop)."""
+        done = self.done
+        if isinstance(done, threading.Event):
+            done.set()
+        elif not done.done():
+            done.set_result(None)
 
     def outcome(self) -> tuple[bool, Any]:
         """What a waiter gets: ``(True, value)``, or the leader's exception raised.
@@ -150,87 +164,116 @@ class Store:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(worker_pool(CACHE_IO), self.save, key, value)
 
+    # --- single flight: one decision core, a sync and an async loop around it ---------------
+    #
+    # ``_plan`` decides; the loops only carry out what it yields (look up, wait for a
+    # flight, call, save) and send back the result or throw in the failure, the way
+    # tenacity's ``BaseRetrying.iter`` drives both ``Retrying`` and ``AsyncRetrying``. Each
+    # loop makes the first lookup itself: a hit, the common case, costs one lookup.
+
+    def _plan(
+        self, key: str, loop: asyncio.AbstractEventLoop | None
+    ) -> Generator[tuple[int, Any], Any, tuple[Any, int]]:
+        """After a missed lookup: wait for an identical call in flight, or lead one.
+
+        Yields ``(operation, argument)``; returns ``(value, outcome)``.
+        """
+        coalesced = False
+        while True:
+            with self.lock:
+                flight = self.flights.get(key)
+                if flight is None or flight.loop is not loop:
+                    mine = self.flights[key] = _Flight(loop)
+                    break
+            yield _WAIT, flight
+            coalesced = True
+            found, value = flight.outcome()  # raises the leader's exception
+            if found:
+                return value, COALESCED
+            # The leader was interrupted (or its result not stored): one waiter takes over.
+            found, value = yield _LOOKUP, None
+            if found:
+                return value, COALESCED if coalesced else HIT
+        try:
+            if self.local:  # a leader may have finished just before we led (cheap here only)
+                found, value = self.lookup(key)
+                if found:
+                    return value, COALESCED
+            value = yield _CALL, None
+            mine.settle(value, (yield _SAVE, value))
+            return value, MISS
+        except Exception as exc:
+            mine.error = exc
+            raise
+        finally:
+            with self.lock:
+                if self.flights.get(key) is mine:
+                    del self.flights[key]
+            mine.finish()
+
     def call(self, key: str, fn: Callable[[], Any]) -> tuple[Any, int]:
         """Answer from the cache, from an identical call in flight, or by calling ``fn``.
 
         Raises:
             Exception: what ``fn`` raised, in the leader and in the calls waiting on it.
         """
-        coalesced = False
+        found, value = self.lookup(key)
+        if found:
+            return value, HIT
+        plan = self._plan(key, None)
+        reply: Any = None
+        failure: BaseException | None = None
         while True:
-            found, value = self.lookup(key)
-            if found:
-                return value, COALESCED if coalesced else HIT
-            with self.lock:
-                flight = self.flights.get(key)
-                if flight is None or flight.loop is not None:
-                    mine = self.flights[key] = _Flight(None)
-                    break
-            done = flight.done
-            assert isinstance(done, threading.Event)
-            done.wait()
-            coalesced = True
-            found, value = flight.outcome()  # raises the leader's exception
-            if found:
-                return value, COALESCED
-            # The leader was interrupted (or its result not stored): go round, one takes over.
-        try:
-            if self.local:  # a leader may have finished just before we led (cheap here only)
-                found, value = self.lookup(key)
-                if found:
-                    return value, COALESCED
-            value = fn()
-            mine.settle(value, self.save(key, value))
-            return value, MISS
-        except Exception as exc:
-            mine.error = exc
-            raise
-        finally:
-            with self.lock:
-                if self.flights.get(key) is mine:
-                    del self.flights[key]
-            mine.done.set()  # type: ignore[union-attr]
+            try:
+                if failure is None:
+                    operation, argument = plan.send(reply)
+                else:
+                    thrown, failure = failure, None
+                    operation, argument = plan.throw(thrown)
+            except StopIteration as stop:
+                result: tuple[Any, int] = stop.value
+                return result
+            try:
+                if operation == _LOOKUP:
+                    reply = self.lookup(key)
+                elif operation == _WAIT:
+                    reply = argument.done.wait()
+                elif operation == _CALL:
+                    reply = fn()
+                else:
+                    reply = self.save(key, argument)
+            except BaseException as exc:  # the plan decides (it re-raises)
+                failure, reply = exc, None
 
     async def acall(self, key: str, fn: Callable[[], Awaitable[Any]]) -> tuple[Any, int]:
         """The asyncio version of :meth:`call` (waiters never cancel the leader)."""
-        loop = asyncio.get_running_loop()
-        coalesced = False
+        found, value = await self.alookup(key)
+        if found:
+            return value, HIT
+        plan = self._plan(key, asyncio.get_running_loop())
+        reply: Any = None
+        failure: BaseException | None = None
         while True:
-            found, value = await self.alookup(key)
-            if found:
-                return value, COALESCED if coalesced else HIT
-            with self.lock:
-                flight = self.flights.get(key)
-                if flight is None or flight.loop is not loop:
-                    mine = self.flights[key] = _Flight(loop)
-                    break
-            done = flight.done
-            assert isinstance(done, asyncio.Future)
-            await asyncio.shield(done)
-            coalesced = True
-            found, value = flight.outcome()  # raises the leader's exception
-            if found:
-                return value, COALESCED
-            # The leader was cancelled: go round, one waiter takes over.
-        try:
-            if self.local:
-                found, value = self.lookup(key)
-                if found:
-                    return value, COALESCED
-            value = await fn()
-            mine.settle(value, await self.asave(key, value))
-            return value, MISS
-        except Exception as exc:
-            mine.error = exc
-            raise
-        finally:
-            with self.lock:
-                if self.flights.get(key) is mine:
-                    del self.flights[key]
-            future = mine.done
-            assert isinstance(future, asyncio.Future)
-            if not future.done():
-                future.set_result(None)
+            try:
+                if failure is None:
+                    operation, argument = plan.send(reply)
+                else:
+                    thrown, failure = failure, None
+                    operation, argument = plan.throw(thrown)
+            except StopIteration as stop:
+                result: tuple[Any, int] = stop.value
+                return result
+            try:
+                if operation == _LOOKUP:
+                    reply = await self.alookup(key)
+                elif operation == _WAIT:
+                    reply = await asyncio.shield(argument.done)
+                elif operation == _CALL:
+                    reply = await fn()
+                else:
+                    reply = await self.asave(key, argument)
+            except BaseException as exc:  # the plan decides (it re-raises)
+                failure, reply = exc, None
 
     def count(self, outcome: int, value: Any, rt: Runtime) -> None:
         """Update statistics and telemetry for one answered call."""
