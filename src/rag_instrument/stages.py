@@ -344,40 +344,81 @@ def _wrap_async(fn: Callable[P, Awaitable[R]], spec: _Spec) -> Callable[P, Await
     return wrapper
 
 
+class _Relay:
+    """The decision core of the generator proxies (three thin loops use it).
+
+    A proxy stands between a consumer and an inner generator (or awaitable). After each
+    item it is told what the consumer did (:meth:`sent` a value, :meth:`threw` an
+    exception) and :meth:`step` says how to resume the inner one: ``send(value)`` or
+    ``throw(exc)``. It also keeps the stage's account (items, completed, failure) and
+    :meth:`end` ends the stage, inside the generator's own context.
+    """
+
+    __slots__ = ("completed", "ctx", "failure", "frame", "items", "pending", "spec", "value")
+
+    def __init__(
+        self, ctx: contextvars.Context | None, frame: Frame | None, spec: _Spec | None
+    ) -> None:
+        self.ctx = ctx
+        self.frame = frame
+        self.spec = spec
+        self.value: Any = None
+        self.pending: BaseException | None = None
+        self.items = 0
+        self.completed = False
+        self.failure: BaseException | None = None
+
+    def step(
+        self, send: Callable[[Any], R], throw: Callable[[BaseException], R]
+    ) -> tuple[Callable[[Any], R], Any]:
+        """How to resume the inner iterator: ``(send, value)`` or ``(throw, exception)``."""
+        pending = self.pending
+        if pending is None:
+            return send, self.value
+        self.pending = None
+        return throw, pending
+
+    def sent(self, value: Any) -> None:
+        """The consumer sent ``value`` (``None`` for ``next()``)."""
+        self.value = value
+
+    def threw(self, exc: BaseException) -> None:
+        """The consumer threw ``exc`` in (``.throw()``): pass it to the inner iterator."""
+        self.pending, self.value = exc, None
+
+    def end(self) -> None:
+        """End the stage (if one was begun) in the generator's context."""
+        if self.frame is not None and self.ctx is not None and self.spec is not None:
+            self.ctx.run(_safe_end, self.frame, self.spec, self.failure, self.items, self.completed)
+
+
 def _drive_generator(
     gen: Generator[Any, Any, Any], ctx: contextvars.Context, frame: Frame, spec: _Spec
 ) -> Generator[Any, Any, Any]:
-    items = 0
-    value: Any = None
-    pending: BaseException | None = None
-    failure: BaseException | None = None
-    completed = False
+    relay = _Relay(ctx, frame, spec)
     try:
         while True:
+            method, argument = relay.step(gen.send, gen.throw)
             try:
-                if pending is None:
-                    item = ctx.run(gen.send, value)
-                else:
-                    thrown, pending = pending, None
-                    item = ctx.run(gen.throw, thrown)
+                item = ctx.run(method, argument)
             except StopIteration as stop:
-                completed = True
+                relay.completed = True
                 return stop.value
-            items += 1
+            relay.items += 1
             try:
-                value = yield item
+                relay.sent((yield item))
             except GeneratorExit:
                 ctx.run(gen.close)
                 raise
             except BaseException as exc:  # .throw() from the consumer: pass it in
-                pending, value = exc, None
+                relay.threw(exc)
     except GeneratorExit:
         raise
     except BaseException as exc:
-        failure = exc
+        relay.failure = exc
         raise
     finally:
-        ctx.run(_safe_end, frame, spec, failure, items, completed)
+        relay.end()
 
 
 def _wrap_generator(
@@ -408,64 +449,18 @@ def _in_context(ctx: contextvars.Context, awaitable: Awaitable[R]) -> Generator[
     cancellation and timeouts reach the awaitable exactly as they would without us.
     """
     iterator = awaitable.__await__()
-    value: Any = None
-    pending: BaseException | None = None
+    relay = _Relay(None, None, None)
     while True:
+        method, argument = relay.step(iterator.send, iterator.throw)
         try:
-            if pending is None:
-                signal = ctx.run(iterator.send, value)
-            else:
-                thrown, pending = pending, None
-                signal = ctx.run(iterator.throw, thrown)
+            signal = ctx.run(method, argument)
         except StopIteration as stop:
             result: R = stop.value
             return result
         try:
-            value = yield signal
+            relay.sent((yield signal))
         except BaseException as exc:
-            pending, value = exc, None
-
-
-async def _drive_async_generator(
-    agen: AsyncGenerator[Any, Any],
-    ctx: contextvars.Context | None,
-    frame: Frame | None,
-    spec: _Spec,
-) -> AsyncGenerator[Any, Any]:
-    items = 0
-    value: Any = None
-    pending: BaseException | None = None
-    failure: BaseException | None = None
-    completed = False
-    try:
-        while True:
-            try:
-                if pending is None:
-                    step = agen.asend(value)
-                else:
-                    thrown, pending = pending, None
-                    step = agen.athrow(thrown)
-                item = await (step if ctx is None else _in_context(ctx, step))
-            except StopAsyncIteration:
-                completed = True
-                return
-            items += 1
-            try:
-                value = yield item
-            except GeneratorExit:
-                closing = agen.aclose()
-                await (closing if ctx is None else _in_context(ctx, closing))
-                raise
-            except BaseException as exc:
-                pending, value = exc, None
-    except GeneratorExit:
-        raise
-    except BaseException as exc:
-        failure = exc
-        raise
-    finally:
-        if frame is not None and ctx is not None:
-            ctx.run(_safe_end, frame, spec, failure, items, completed)
+            relay.threw(exc)
 
 
 def _wrap_async_generator(
@@ -473,34 +468,42 @@ def _wrap_async_generator(
 ) -> Callable[P, AsyncGenerator[Any, Any]]:
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> AsyncGenerator[Any, Any]:
         rt = get_runtime()
-        if not rt.enabled:
-            driver = _drive_async_generator(fn(*args, **kwargs), None, None, spec)
-        else:
+        ctx: contextvars.Context | None = None
+        frame: Frame | None = None
+        if rt.enabled:
             ctx = contextvars.copy_context()
             agen = ctx.run(fn, *args, **kwargs)
             frame = ctx.run(_safe_begin, spec, rt, wrapper)
-            driver = _drive_async_generator(agen, ctx if frame else None, frame, spec)
-        # Delegate to the driver (async generators have no ``yield from``).
-        value: Any = None
-        pending: BaseException | None = None
+        else:
+            agen = fn(*args, **kwargs)
+        # Without a stage (disabled, or it could not begin) the steps run as they are.
+        step_ctx = ctx if frame is not None else None
+        relay = _Relay(ctx, frame, spec)
         try:
             while True:
+                method, argument = relay.step(agen.asend, agen.athrow)
                 try:
-                    if pending is None:
-                        item = await driver.asend(value)
-                    else:
-                        thrown, pending = pending, None
-                        item = await driver.athrow(thrown)
+                    step = method(argument)
+                    item = await (step if step_ctx is None else _in_context(step_ctx, step))
                 except StopAsyncIteration:
+                    relay.completed = True
                     return
+                relay.items += 1
                 try:
-                    value = yield item
+                    relay.sent((yield item))
                 except GeneratorExit:
+                    closing = agen.aclose()
+                    await (closing if step_ctx is None else _in_context(step_ctx, closing))
                     raise
                 except BaseException as exc:
-                    pending, value = exc, None
+                    relay.threw(exc)
+        except GeneratorExit:
+            raise
+        except BaseException as exc:
+            relay.failure = exc
+            raise
         finally:
-            await driver.aclose()
+            relay.end()
 
     return wrapper
 
