@@ -34,6 +34,7 @@ from __future__ import annotations
 import inspect
 import threading
 import weakref
+from collections.abc import Generator
 from types import TracebackType
 from typing import Any, Final, Generic, TypeVar
 
@@ -279,6 +280,38 @@ class DbSession(Generic[S]):
             trusted=True,
         )
 
+    # --- ending: one decision core, a sync and an async loop around it --------------------
+
+    def _ending(self, exc: BaseException | None) -> Generator[str, BaseException | None, Any]:
+        """What ending the session takes, in order.
+
+        Yields the name of the session method to call next (``commit`` or ``rollback``,
+        then ``close``) and receives what it raised (``None`` when it returned). Returns
+        the exception the exit must raise, if any: a failed commit (after which the
+        session is rolled back by closing it), an interrupt during rollback, or a failed
+        close. A failed rollback after an error in the block is only logged: the
+        original error matters more.
+        """
+        outcome, error, escaping = "commit", exc, None
+        if exc is None:
+            failed = yield "commit"
+            if failed is not None:
+                outcome, error, escaping = "rollback", failed, failed
+        else:
+            outcome = "rollback"
+            failed = yield "rollback"
+            if isinstance(failed, Exception):
+                self._rollback_failed(failed)
+            elif failed is not None:
+                escaping = failed
+        failed = yield "close"
+        self._close(outcome, error)
+        if failed is not None:
+            if escaping is not None and failed.__context__ is None:
+                failed.__context__ = escaping  # as if close() had failed in a finally
+            return failed
+        return escaping
+
     # --- sync ----------------------------------------------------------------------------
 
     def __enter__(self) -> S:
@@ -296,25 +329,21 @@ class DbSession(Generic[S]):
         tb: TracebackType | None,
     ) -> None:
         session, self._session = self._session, None
-        outcome, error = "commit", exc
-        try:
-            if exc is None:
-                try:
-                    session.commit()
-                except BaseException as commit_exc:
-                    outcome, error = "rollback", commit_exc
-                    raise
-            else:
-                outcome = "rollback"
-                try:
-                    session.rollback()
-                except Exception as rollback_exc:
-                    self._rollback_failed(rollback_exc)  # the original error matters more
-        finally:
+        plan = self._ending(exc)
+        failed: BaseException | None = None
+        while True:
             try:
-                session.close()
-            finally:
-                self._close(outcome, error)
+                method = plan.send(failed)
+            except StopIteration as stop:
+                escaping: BaseException | None = stop.value
+                break
+            try:
+                getattr(session, method)()
+                failed = None
+            except BaseException as call_exc:
+                failed = call_exc
+        if escaping is not None:
+            raise escaping
 
     # --- async ---------------------------------------------------------------------------
 
@@ -331,25 +360,21 @@ class DbSession(Generic[S]):
         tb: TracebackType | None,
     ) -> None:
         session, self._session = self._session, None
-        outcome, error = "commit", exc
-        try:
-            if exc is None:
-                try:
-                    await session.commit()
-                except BaseException as commit_exc:
-                    outcome, error = "rollback", commit_exc
-                    raise
-            else:
-                outcome = "rollback"
-                try:
-                    await session.rollback()
-                except Exception as rollback_exc:
-                    self._rollback_failed(rollback_exc)
-        finally:
+        plan = self._ending(exc)
+        failed: BaseException | None = None
+        while True:
             try:
-                await session.close()
-            finally:
-                self._close(outcome, error)
+                method = plan.send(failed)
+            except StopIteration as stop:
+                escaping: BaseException | None = stop.value
+                break
+            try:
+                await getattr(session, method)()
+                failed = None
+            except BaseException as call_exc:
+                failed = call_exc
+        if escaping is not None:
+            raise escaping
 
 
 def db_session(session_factory: Any) -> DbSession[Any]:
