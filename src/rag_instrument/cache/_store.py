@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
-from collections.abc import Awaitable, Callable, Generator, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from rag_instrument import _breakdown
 from rag_instrument._pools import CACHE_IO, worker_pool
+from rag_instrument._steps import Plan, arun, run
 from rag_instrument._utils import internal_error, warn_once
 from rag_instrument.attributes import (
     METRIC_CACHE_COALESCED,
@@ -37,12 +38,6 @@ __all__ = ["COALESCED", "HIT", "MISS", "CacheInfo", "Store", "check_cache_settin
 MISS: Final = 0
 HIT: Final = 1
 COALESCED: Final = 2
-
-# What the single-flight plan asks its loop to do.
-_LOOKUP: Final = 0
-_WAIT: Final = 1
-_CALL: Final = 2
-_SAVE: Final = 3
 
 #: Name prefix of the worker threads that talk to an out-of-process backend (Redis).
 CACHE_THREAD_PREFIX: Final = CACHE_IO.thread_name_prefix
@@ -76,6 +71,18 @@ class _Flight:
         self.data = data
         if data is not None and keepable(value):
             self.value = value
+
+    def wait(self) -> None:
+        """Block until the leader finished (a thread's flight)."""
+        done = self.done
+        assert isinstance(done, threading.Event)
+        done.wait()
+
+    async def await_done(self) -> None:
+        """Wait until the leader finished (a task's flight); never cancels the leader."""
+        done = self.done
+        assert isinstance(done, asyncio.Future)
+        await asyncio.shield(done)
 
     def finish(self) -> None:
         """Wake the calls waiting on this flight (in the leader's thread or loop)."""
@@ -166,17 +173,22 @@ class Store:
 
     # --- single flight: one decision core, a sync and an async loop around it ---------------
     #
-    # ``_plan`` decides; the loops only carry out what it yields (look up, wait for a
-    # flight, call, save) and send back the result or throw in the failure, the way
-    # tenacity's ``BaseRetrying.iter`` drives both ``Retrying`` and ``AsyncRetrying``. Each
-    # loop makes the first lookup itself: a hit, the common case, costs one lookup.
+    # ``_plan`` decides; ``_steps.run`` / ``_steps.arun`` only carry out what it yields (look
+    # up, wait for a flight, call, save). Each entry point makes the first lookup itself: a
+    # hit, the common case, costs one lookup.
 
     def _plan(
-        self, key: str, loop: asyncio.AbstractEventLoop | None
-    ) -> Generator[tuple[int, Any], Any, tuple[Any, int]]:
+        self,
+        key: str,
+        loop: asyncio.AbstractEventLoop | None,
+        lookup: Callable[[str], Any],
+        wait: Callable[[_Flight], Any],
+        fn: Callable[[], Any],
+        save: Callable[[str, Any], Any],
+    ) -> Plan[tuple[Any, int]]:
         """After a missed lookup: wait for an identical call in flight, or lead one.
 
-        Yields ``(operation, argument)``; returns ``(value, outcome)``.
+        Returns ``(value, outcome)``; raises what ``fn`` raised (leader and waiters).
         """
         coalesced = False
         while True:
@@ -185,13 +197,13 @@ class Store:
                 if flight is None or flight.loop is not loop:
                     mine = self.flights[key] = _Flight(loop)
                     break
-            yield _WAIT, flight
+            yield wait, (flight,)
             coalesced = True
             found, value = flight.outcome()  # raises the leader's exception
             if found:
                 return value, COALESCED
             # The leader was interrupted (or its result not stored): one waiter takes over.
-            found, value = yield _LOOKUP, None
+            found, value = yield lookup, (key,)
             if found:
                 return value, COALESCED if coalesced else HIT
         try:
@@ -199,8 +211,8 @@ class Store:
                 found, value = self.lookup(key)
                 if found:
                     return value, COALESCED
-            value = yield _CALL, None
-            mine.settle(value, (yield _SAVE, value))
+            value = yield fn, ()
+            mine.settle(value, (yield save, (key, value)))
             return value, MISS
         except Exception as exc:
             mine.error = exc
@@ -220,60 +232,16 @@ class Store:
         found, value = self.lookup(key)
         if found:
             return value, HIT
-        plan = self._plan(key, None)
-        reply: Any = None
-        failure: BaseException | None = None
-        while True:
-            try:
-                if failure is None:
-                    operation, argument = plan.send(reply)
-                else:
-                    thrown, failure = failure, None
-                    operation, argument = plan.throw(thrown)
-            except StopIteration as stop:
-                result: tuple[Any, int] = stop.value
-                return result
-            try:
-                if operation == _LOOKUP:
-                    reply = self.lookup(key)
-                elif operation == _WAIT:
-                    reply = argument.done.wait()
-                elif operation == _CALL:
-                    reply = fn()
-                else:
-                    reply = self.save(key, argument)
-            except BaseException as exc:  # the plan decides (it re-raises)
-                failure, reply = exc, None
+        return run(self._plan(key, None, self.lookup, _Flight.wait, fn, self.save))
 
     async def acall(self, key: str, fn: Callable[[], Awaitable[Any]]) -> tuple[Any, int]:
         """The asyncio version of :meth:`call` (waiters never cancel the leader)."""
         found, value = await self.alookup(key)
         if found:
             return value, HIT
-        plan = self._plan(key, asyncio.get_running_loop())
-        reply: Any = None
-        failure: BaseException | None = None
-        while True:
-            try:
-                if failure is None:
-                    operation, argument = plan.send(reply)
-                else:
-                    thrown, failure = failure, None
-                    operation, argument = plan.throw(thrown)
-            except StopIteration as stop:
-                result: tuple[Any, int] = stop.value
-                return result
-            try:
-                if operation == _LOOKUP:
-                    reply = await self.alookup(key)
-                elif operation == _WAIT:
-                    reply = await asyncio.shield(argument.done)
-                elif operation == _CALL:
-                    reply = await fn()
-                else:
-                    reply = await self.asave(key, argument)
-            except BaseException as exc:  # the plan decides (it re-raises)
-                failure, reply = exc, None
+        loop = asyncio.get_running_loop()
+        plan = self._plan(key, loop, self.alookup, _Flight.await_done, fn, self.asave)
+        return await arun(plan)
 
     def count(self, outcome: int, value: Any, rt: Runtime) -> None:
         """Update statistics and telemetry for one answered call."""

@@ -34,7 +34,6 @@ from __future__ import annotations
 import inspect
 import threading
 import weakref
-from collections.abc import Generator
 from types import TracebackType
 from typing import Any, Final, Generic, TypeVar
 
@@ -51,6 +50,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from rag_instrument import attributes as attr
 from rag_instrument._runtime import get_runtime
+from rag_instrument._steps import Plan, arun, run
 from rag_instrument._utils import internal_error
 from rag_instrument.attributes import (
     DB_SESSION_SPAN as SESSION_SPAN,
@@ -282,34 +282,43 @@ class DbSession(Generic[S]):
 
     # --- ending: one decision core, a sync and an async loop around it --------------------
 
-    def _ending(self, exc: BaseException | None) -> Generator[str, BaseException | None, Any]:
-        """What ending the session takes, in order.
+    def _ending(self, session: Any, exc: BaseException | None) -> Plan[BaseException | None]:
+        """What ending the session takes, in order (carried out by ``_steps.run`` / ``arun``).
 
-        Yields the name of the session method to call next (``commit`` or ``rollback``,
-        then ``close``) and receives what it raised (``None`` when it returned). Returns
-        the exception the exit must raise, if any: a failed commit (after which the
-        session is rolled back by closing it), an interrupt during rollback, or a failed
-        close. A failed rollback after an error in the block is only logged: the
+        ``commit`` (or ``rollback`` after an error in the block), then ``close``, then the
+        span. Returns the exception the exit must raise, if any: a failed commit, an
+        interrupt during rollback, or a failed close (as if it had failed in a
+        ``finally``). A failed rollback after an error in the block is only logged: the
         original error matters more.
         """
         outcome, error, escaping = "commit", exc, None
         if exc is None:
-            failed = yield "commit"
-            if failed is not None:
-                outcome, error, escaping = "rollback", failed, failed
+            try:
+                yield session.commit, ()
+            except GeneratorExit:
+                raise
+            except BaseException as commit_exc:
+                outcome, error, escaping = "rollback", commit_exc, commit_exc
         else:
             outcome = "rollback"
-            failed = yield "rollback"
-            if isinstance(failed, Exception):
-                self._rollback_failed(failed)
-            elif failed is not None:
-                escaping = failed
-        failed = yield "close"
-        self._close(outcome, error)
-        if failed is not None:
-            if escaping is not None and failed.__context__ is None:
-                failed.__context__ = escaping  # as if close() had failed in a finally
-            return failed
+            try:
+                yield session.rollback, ()
+            except GeneratorExit:
+                raise
+            except Exception as rollback_exc:
+                self._rollback_failed(rollback_exc)
+            except BaseException as interrupt:
+                escaping = interrupt
+        try:
+            yield session.close, ()
+        except GeneratorExit:
+            raise
+        except BaseException as close_exc:
+            if escaping is not None and close_exc.__context__ is None:
+                close_exc.__context__ = escaping
+            escaping = close_exc
+        finally:
+            self._close(outcome, error)
         return escaping
 
     # --- sync ----------------------------------------------------------------------------
@@ -329,19 +338,7 @@ class DbSession(Generic[S]):
         tb: TracebackType | None,
     ) -> None:
         session, self._session = self._session, None
-        plan = self._ending(exc)
-        failed: BaseException | None = None
-        while True:
-            try:
-                method = plan.send(failed)
-            except StopIteration as stop:
-                escaping: BaseException | None = stop.value
-                break
-            try:
-                getattr(session, method)()
-                failed = None
-            except BaseException as call_exc:
-                failed = call_exc
+        escaping = run(self._ending(session, exc))
         if escaping is not None:
             raise escaping
 
@@ -360,19 +357,7 @@ class DbSession(Generic[S]):
         tb: TracebackType | None,
     ) -> None:
         session, self._session = self._session, None
-        plan = self._ending(exc)
-        failed: BaseException | None = None
-        while True:
-            try:
-                method = plan.send(failed)
-            except StopIteration as stop:
-                escaping: BaseException | None = stop.value
-                break
-            try:
-                await getattr(session, method)()
-                failed = None
-            except BaseException as call_exc:
-                failed = call_exc
+        escaping = await arun(self._ending(session, exc))
         if escaping is not None:
             raise escaping
 
