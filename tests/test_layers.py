@@ -238,3 +238,26 @@ def test_importing_the_database_integration_does_not_load_the_sdk() -> None:
     )
     assert result.stdout.strip() == "False"
 
+
+def _installs_a_runtime(node: ast.AST) -> bool:
+    if isinstance(node, ast.Attribute):
+        return (
+            node.attr == "install"
+            and isinstance(node.value, ast.Name)
+            and (node.value.id == "_runtime")
+        )
+    if isinstance(node, ast.ImportFrom):
+        return node.module == "rag_instrument._runtime" and any(
+            alias.name == "install" for alias in node.names
+        )
+    return False
+
+
+def test_only_the_configuration_module_installs_a_runtime() -> None:
+    # One owner writes the runtime; everybody else reads it through get_runtime().
+    writers = {
+        module
+        for module, path in MODULES.items()
+        if any(_installs_a_runtime(node) for node in ast.walk(ast.parse(path.read_text())))
+    }
+    assert writers == {"_config"}
