@@ -19,19 +19,37 @@ from rag_instrument._settings import (
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 #: configure() arguments that are objects, not settings (no environment variable).
 NOT_SETTINGS = ("metric_readers", "tracer_provider", "meter_provider")
+REWRITE = (
+    "python -c 'import pathlib, rag_instrument._settings as s; "
+    """s.write_table(pathlib.Path("docs/configuration.md"))'"""
+)
 
 
 def test_the_docs_table_is_the_settings_table() -> None:
     page = DOCS.read_text()
     expected = markdown_table()
     assert expected in page, (
-        "docs/configuration.md's table differs from the settings table; paste this:\n" + expected
+        "docs/configuration.md's table differs from the settings table; run\n" + REWRITE
     )
+
+
+def test_the_docs_table_can_be_rewritten(tmp_path: Path) -> None:
+    from rag_instrument._settings import write_table
+
+    page = tmp_path / "configuration.md"
+    page.write_text(
+        "# Configuration\n\n| argument | environment | default | meaning |\n| old |\n\nAfter.\n"
+    )
+    assert write_table(page) is True
+    assert page.read_text() == "# Configuration\n\n" + markdown_table() + "\nAfter.\n"
+    assert write_table(page) is False
 
 
 def test_configure_takes_every_setting_and_documents_it() -> None:
     names = [row.name for row in settings_table()]
     parameters = list(inspect.signature(ri.configure).parameters)
+    missing = [name for name in names if name not in parameters]
+    assert not missing, f"add `{missing[0]}: <type> | None = None,` to configure() in _config.py"
     assert parameters == [*names, *NOT_SETTINGS]
     for name in parameters:
         assert f"        {name}: " in (ri.configure.__doc__ or ""), name

@@ -40,6 +40,7 @@ __all__ = [
     "markdown_table",
     "setting",
     "settings_table",
+    "write_table",
 ]
 
 T = TypeVar("T")
@@ -514,3 +515,21 @@ def docstring_args(indent: str = "        ") -> str:
         f"environment {', '.join(row.env_names)}).\n"
         for row in _TABLE
     )
+
+
+def write_table(page: Path) -> bool:
+    """Replace the settings table in ``page`` (a Markdown file) by :func:`markdown_table`.
+
+    The table is found by its header row. Returns whether the file changed.
+    """
+    text = page.read_text()
+    header = "| argument | environment |"
+    start = text.index(header)
+    end = text.find("\n\n", start)
+    end = len(text) if end == -1 else end + 1
+    updated = text[:start] + markdown_table() + text[end:]
+    if updated == text:
+        return False
+    page.write_text(updated)
+    return True
+
