@@ -85,8 +85,9 @@ def test_each_setting_reads_its_environment_variable(row: object) -> None:
             "log_level": "debug",
             "budgets": "retrieval=10",
         }.get(row.name)
-    if raw is None:
-        pytest.skip(f"{row.name}: a path, checked in test_config")
+    if row.name == "log_file":
+        pytest.skip("a path: checked in test_config")
+    assert raw is not None, f"add an environment value for {row.name!r} to this test"
     from_env = getattr(build_settings(env={row.env_names[0]: raw}), row.name)
     assert from_env == row.parse(row.name, raw, "test")
     assert from_env != default
