@@ -1,4 +1,4 @@
-"""Leaf spans: spans that never have children, built once, when they end (SDK only).
+"""Leaf spans (built once, when they end) and the marks of spans sanitised at the source.
 
 Part of the exporters module (:mod:`rag_instrument.exporters` re-exports it, and only it
 and the configuration modules may import this one): the rest of the library reaches it
@@ -8,14 +8,36 @@ through the runtime's ``start_leaf_span`` / ``mark_if_clean``.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Final
 
 from opentelemetry import trace as trace_api
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 
-from rag_instrument._sanitize import mark_sanitized
+__all__ = ["LeafSpan", "mark_if_clean", "mark_sanitized", "start_leaf_span", "take_sanitized"]
 
-__all__ = ["LeafSpan", "mark_if_clean", "start_leaf_span"]
+
+# --- spans sanitised at the source -----------------------------------------------------------
+
+# Span ids of spans whose every attribute and event the library sanitised as it set them
+# (statement leaf spans, stage spans nobody else touched): export skips redacting them.
+# The rest of the library marks spans through the runtime (``Runtime.mark_if_clean``).
+_SANITIZED: set[int] = set()
+_SANITIZED_MAX: Final = 200_000
+
+
+def mark_sanitized(span_id: int) -> None:
+    """Tell the exporters that the span ``span_id`` needs no export-time redaction."""
+    if len(_SANITIZED) >= _SANITIZED_MAX:  # spans dropped before export leave ids behind
+        _SANITIZED.clear()
+    _SANITIZED.add(span_id)
+
+
+def take_sanitized(span_id: int) -> bool:
+    """Whether ``span_id`` was marked (forgetting the mark: each span is exported once)."""
+    if span_id in _SANITIZED:
+        _SANITIZED.discard(span_id)
+        return True
+    return False
 
 
 def mark_if_clean(span: trace_api.Span, attr_count: int) -> None:

@@ -33,11 +33,9 @@ __all__ = [
     "REDACTED",
     "Sanitizer",
     "is_secret_key",
-    "mark_sanitized",
     "redact_text",
     "safe_repr",
     "safe_str",
-    "take_sanitized",
     "to_attribute_value",
     "truncate",
 ]
@@ -407,27 +405,3 @@ def exception_message(exc: BaseException, sanitizer: Sanitizer, capture_content:
     if not capture_content and f"{module}.".startswith(_SDK_MODULES):
         return _sdk_message(exc)
     return sanitizer.text(safe_str(exc))
-
-
-# --- spans sanitised at the source -----------------------------------------------------------
-
-# Span ids of spans whose every attribute and event the library sanitised as it set them
-# (statement leaf spans, stage spans nobody else touched): export skips redacting them.
-# Here rather than in ``exporters`` so that stages can mark spans without importing the SDK.
-_SANITIZED: set[int] = set()
-_SANITIZED_MAX: Final = 200_000
-
-
-def mark_sanitized(span_id: int) -> None:
-    """Tell the exporters that the span ``span_id`` needs no export-time redaction."""
-    if len(_SANITIZED) >= _SANITIZED_MAX:  # spans dropped before export leave ids behind
-        _SANITIZED.clear()
-    _SANITIZED.add(span_id)
-
-
-def take_sanitized(span_id: int) -> bool:
-    """Whether ``span_id`` was marked (forgetting the mark: each span is exported once)."""
-    if span_id in _SANITIZED:
-        _SANITIZED.discard(span_id)
-        return True
-    return False

@@ -57,14 +57,14 @@ from opentelemetry.sdk.trace.sampling import (
 from opentelemetry.trace import Status
 
 from rag_instrument import attributes as attr
-from rag_instrument._leaf import LeafSpan, mark_if_clean, start_leaf_span
-from rag_instrument._sanitize import (
-    REDACTED,
-    is_secret_key,
+from rag_instrument._leaf import (
+    LeafSpan,
+    mark_if_clean,
     mark_sanitized,
-    redact_text,
+    start_leaf_span,
     take_sanitized,
 )
+from rag_instrument._sanitize import REDACTED, is_secret_key, redact_text
 from rag_instrument._utils import user_code_error
 
 if TYPE_CHECKING:
