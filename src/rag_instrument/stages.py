@@ -350,8 +350,9 @@ class _Relay:
     A proxy stands between a consumer and an inner generator (or awaitable). After each
     item it is told what the consumer did (:meth:`sent` a value, :meth:`threw` an
     exception) and :meth:`step` says how to resume the inner one: ``send(value)`` or
-    ``throw(exc)``. It also keeps the stage's account (items, completed, failure) and
-    :meth:`end` ends the stage, inside the generator's own context.
+    ``throw(exc)``. It also keeps the stage's account (items, completed, failure); as a
+    context manager around the proxy's loop it ends the stage, inside the generator's own
+    context, however the loop stops (exhausted, failed, closed).
     """
 
     __slots__ = ("completed", "ctx", "failure", "frame", "items", "pending", "spec", "value")
@@ -386,6 +387,20 @@ class _Relay:
         """The consumer threw ``exc`` in (``.throw()``): pass it to the inner iterator."""
         self.pending, self.value = exc, None
 
+    def __enter__(self) -> _Relay:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        """The proxy stopped: note a failure (closing is none) and end the stage."""
+        if exc is not None and not isinstance(exc, GeneratorExit):
+            self.failure = exc
+        self.end()
+
     def end(self) -> None:
         """End the stage (if one was begun) in the generator's context."""
         if self.frame is not None and self.ctx is not None and self.spec is not None:
@@ -395,8 +410,7 @@ class _Relay:
 def _drive_generator(
     gen: Generator[Any, Any, Any], ctx: contextvars.Context, frame: Frame, spec: _Spec
 ) -> Generator[Any, Any, Any]:
-    relay = _Relay(ctx, frame, spec)
-    try:
+    with _Relay(ctx, frame, spec) as relay:  # ends the stage however the proxy stops
         while True:
             method, argument = relay.step(gen.send, gen.throw)
             try:
@@ -412,13 +426,6 @@ def _drive_generator(
                 raise
             except BaseException as exc:  # .throw() from the consumer: pass it in
                 relay.threw(exc)
-    except GeneratorExit:
-        raise
-    except BaseException as exc:
-        relay.failure = exc
-        raise
-    finally:
-        relay.end()
 
 
 def _wrap_generator(
@@ -478,8 +485,7 @@ def _wrap_async_generator(
             agen = fn(*args, **kwargs)
         # Without a stage (disabled, or it could not begin) the steps run as they are.
         step_ctx = ctx if frame is not None else None
-        relay = _Relay(ctx, frame, spec)
-        try:
+        with _Relay(ctx, frame, spec) as relay:  # ends the stage however the proxy stops
             while True:
                 method, argument = relay.step(agen.asend, agen.athrow)
                 try:
@@ -497,13 +503,6 @@ def _wrap_async_generator(
                     raise
                 except BaseException as exc:
                     relay.threw(exc)
-        except GeneratorExit:
-            raise
-        except BaseException as exc:
-            relay.failure = exc
-            raise
-        finally:
-            relay.end()
 
     return wrapper
 
