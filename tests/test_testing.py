@@ -96,3 +96,8 @@ def test_captures_nest() -> None:
     assert [s.name for s in inner.spans] == ["inner"]
     assert [s.name for s in outer.spans] == ["before", "after"]
     assert [line["event"] for line in outer.logs] == ["before completed", "after completed"]
+
+
+def test_capture_rejects_an_unknown_setting() -> None:
+    with pytest.raises(TypeError, match=r"unknown setting.*budget"), capture(budget={"x": 1}):
+        pass
