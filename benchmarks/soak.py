@@ -34,7 +34,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.pool import StaticPool
 
 import rag_instrument as ri
-from rag_instrument import _sanitize
+from rag_instrument import _leaf
 
 GOAL_RSS_GROWTH_MB = 20.0
 
@@ -142,7 +142,7 @@ def _in_flight(model: Model) -> int:
 
 def _internal_sizes() -> int:
     # The bounded internal maps: they may fill up to their caps, never past them.
-    sizes = [len(_sanitize._SANITIZED) > _sanitize._SANITIZED_MAX]
+    sizes = [len(_leaf._SANITIZED) > _leaf._SANITIZED_MAX]
     return sum(sizes)
 
 

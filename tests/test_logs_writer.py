@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rag_instrument as ri
-from rag_instrument import _config
+from rag_instrument._runtime import get_runtime
 from rag_instrument.logs import render_console, render_json
 
 
@@ -38,7 +38,7 @@ class FullDisk:
 def test_short_write_never_glues_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "app.log"
     ri.configure(log_file=str(path))
-    out = _config.runtime().log
+    out = get_runtime().log
     assert out is not None
     disk = FullDisk(os.write)
     disk.fd = out._fd  # type: ignore[assignment]
@@ -62,7 +62,7 @@ def test_a_cut_line_is_finished_at_shutdown(
 ) -> None:
     path = tmp_path / "app.log"
     ri.configure(log_file=str(path))
-    out = _config.runtime().log
+    out = get_runtime().log
     assert out is not None
     disk = FullDisk(os.write)
     disk.fd = out._fd  # type: ignore[assignment]

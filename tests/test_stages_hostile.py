@@ -132,8 +132,9 @@ def test_with_capture_on_a_key_echoed_by_the_provider_is_masked_on_the_stage() -
 
     with capture(capture_content=True) as cap:
         from rag_instrument import _genai
+        from rag_instrument._runtime import get_runtime
 
-        rt = _genai.runtime()
+        rt = get_runtime()
 
         @ri.stage("generation")
         def call() -> None:

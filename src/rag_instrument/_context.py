@@ -13,6 +13,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
 
+from rag_instrument._runtime import get_runtime
+from rag_instrument._sanitize import to_attribute_value
+from rag_instrument._utils import internal_error, warn_once
+
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
@@ -23,9 +27,11 @@ __all__ = [
     "bound",
     "current_frame",
     "current_stage",
+    "note_content",
     "on_frame_end",
     "request_context",
     "run_end_hooks",
+    "seen_contents",
     "unbind_context",
     "wrap_context",
 ]
@@ -106,6 +112,45 @@ reset_frame = _frame.reset
 bound = _bound.get
 
 
+# --- content seen by a stage -----------------------------------------------------------------
+
+_CONTENTS_KEY: Final = "rag_instrument.contents"
+_MAX_CONTENTS: Final = 16
+_MIN_CONTENT_CHARS: Final = 8
+
+
+def note_content(text: object) -> None:
+    """Remember prompt or completion ``text`` in the enclosing stages (content capture off).
+
+    An exception raised later in those stages that quotes it has the quote hidden on the
+    stage's span and failed line. Only references are kept, until the stages end.
+    """
+    if not isinstance(text, str) or len(text) < _MIN_CONTENT_CHARS:
+        return
+    frame = _frame.get()
+    depth = 0
+    while frame is not None and depth < 32:
+        scratch = frame.scratch
+        if scratch is None:
+            scratch = frame.scratch = {}
+        seen: list[str] = scratch.setdefault(_CONTENTS_KEY, [])
+        if len(seen) >= _MAX_CONTENTS:
+            del seen[0]
+        seen.append(text)
+        frame = frame.parent
+        depth += 1
+
+
+def seen_contents(frame: Any = None) -> tuple[str, ...]:
+    """The content texts noted in ``frame`` (default: the current stage)."""
+    if frame is None:
+        frame = _frame.get()
+    scratch = getattr(frame, "scratch", None)
+    if not scratch:
+        return ()
+    return tuple(scratch.get(_CONTENTS_KEY, ()))
+
+
 _END_HOOKS: Final = "rag_instrument.end_hooks"
 
 
@@ -127,8 +172,6 @@ def run_end_hooks(frame: Frame) -> None:
         try:
             hook()
         except Exception as exc:
-            from rag_instrument._utils import internal_error
-
             internal_error("ending a scope", exc)
 
 
@@ -139,17 +182,12 @@ def current_stage() -> str | None:
 
 
 def _make_bound(base: Bound, kv: dict[str, Any]) -> Bound:
-    from rag_instrument import _config  # late: _config imports this module
-    from rag_instrument._sanitize import to_attribute_value
-
-    sanitizer = _config.runtime().sanitizer
+    sanitizer = get_runtime().sanitizer
     log = dict(base.log)
     attrs = dict(base.attrs)
     for key, value in kv.items():
         if key == "pipeline_stage":
             # Reserved: the stage comes from the stage being run, never from bound values.
-            from rag_instrument._utils import warn_once
-
             warn_once.warning("rag_instrument: 'pipeline_stage' cannot be bound; ignored")
             continue
         log[key] = sanitizer.value(value, key)
@@ -170,8 +208,6 @@ def bind_context(**kv: Any) -> None:
     try:
         _bound.set(_make_bound(_bound.get(), kv))
     except Exception as exc:
-        from rag_instrument._utils import internal_error
-
         internal_error("bind_context", exc)
 
 
@@ -197,8 +233,6 @@ def request_context(**kv: Any) -> Iterator[None]:
     try:
         token: contextvars.Token[Bound] | None = _bound.set(_make_bound(_bound.get(), kv))
     except Exception as exc:
-        from rag_instrument._utils import internal_error
-
         internal_error("request_context", exc)
         token = None
     try:

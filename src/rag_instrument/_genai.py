@@ -34,9 +34,10 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace as trace_api
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from rag_instrument import _breakdown, _config
+from rag_instrument import _breakdown
 from rag_instrument import attributes as attr
-from rag_instrument._sanitize import REDACTED, note_content, remember_exception, safe_str
+from rag_instrument._context import note_content
+from rag_instrument._sanitize import REDACTED, remember_exception, safe_str
 from rag_instrument._utils import http_status, internal_error, user_code_error
 from rag_instrument.attributes import (
     EVENT_LLM_CANCELLED,
@@ -66,7 +67,7 @@ from rag_instrument.logs import emit
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
-    from rag_instrument._config import Runtime
+    from rag_instrument._runtime import Runtime
 
 __all__ = ["GenAICall", "current_call", "error_summary", "numeric_params", "start_call"]
 
@@ -478,8 +479,3 @@ def start_call(
         GEN_AI_REQUEST_MODEL: model,
     }
     return call
-
-
-def runtime() -> Runtime:
-    """The runtime in force (read at call time, so a later ``configure()`` applies)."""
-    return _config._RUNTIME

@@ -28,6 +28,7 @@ from typing import Any, Final
 
 import orjson
 
+from rag_instrument._registry import format_error
 from rag_instrument._utils import http_status
 
 __all__ = [
@@ -37,15 +38,11 @@ __all__ = [
     "exception_message",
     "hide_content",
     "is_secret_key",
-    "mark_sanitized",
-    "note_content",
     "redact_text",
     "redact_then_truncate",
     "remember_exception",
     "safe_repr",
     "safe_str",
-    "seen_contents",
-    "take_sanitized",
     "to_attribute_value",
     "truncate",
 ]
@@ -642,14 +639,10 @@ def _sdk_message(exc: BaseException) -> str:
 def _statement_error_message(exc: BaseException) -> str:
     # SQLAlchemy's StatementError text carries the raw SQL and a "[parameters: ...]" block,
     # and the driver's message under it can quote values ("Key (email)=(...)").
-    try:
-        from rag_instrument.db._sql import sanitize_statement_error
-
-        rendered = sanitize_statement_error(exc)
-        if isinstance(rendered, str):
-            return rendered
-    except Exception:
-        pass
+    # The database integration registers its formatter (rag_instrument._registry).
+    rendered = format_error(exc)
+    if rendered is not None:
+        return rendered
     orig = getattr(exc, "orig", None)
     inner = f" ({type(orig).__module__}.{type(orig).__name__})" if orig is not None else ""
     return f"{type(exc).__name__}{inner}: statement and parameters hidden"
@@ -749,50 +742,8 @@ def _remembered(exc: BaseException) -> tuple[str | None, tuple[str, ...]] | None
     return (found.summary, found.secrets) if isinstance(found, _Shown) else None
 
 
-# --- content seen by a stage -----------------------------------------------------------------
-
-_CONTENTS_KEY: Final = "rag_instrument.contents"
-_MAX_CONTENTS: Final = 16
-_MIN_CONTENT_CHARS: Final = 8
-
-
-def note_content(text: object) -> None:
-    """Remember prompt or completion ``text`` in the enclosing stages (content capture off).
-
-    An exception raised later in those stages that quotes it has the quote hidden on the
-    stage's span and failed line. Only references are kept, until the stages end.
-    """
-    if not isinstance(text, str) or len(text) < _MIN_CONTENT_CHARS:
-        return
-    from rag_instrument._context import current_frame  # late: _context imports this module
-
-    frame = current_frame()
-    depth = 0
-    while frame is not None and depth < 32:
-        scratch = frame.scratch
-        if scratch is None:
-            scratch = frame.scratch = {}
-        seen: list[str] = scratch.setdefault(_CONTENTS_KEY, [])
-        if len(seen) >= _MAX_CONTENTS:
-            del seen[0]
-        seen.append(text)
-        frame = frame.parent
-        depth += 1
-
-
-def seen_contents(frame: Any = None) -> tuple[str, ...]:
-    """The content texts noted in ``frame`` (default: the current stage)."""
-    if frame is None:
-        from rag_instrument._context import current_frame
-
-        frame = current_frame()
-    scratch = getattr(frame, "scratch", None)
-    if not scratch:
-        return ()
-    return tuple(scratch.get(_CONTENTS_KEY, ()))
-
-
 _HIDDEN: Final = "[content hidden]"
+_MIN_CONTENT_CHARS: Final = 8
 _MIN_QUOTE: Final = 24
 
 
@@ -903,27 +854,3 @@ def exception_message(
         return sanitizer.text(message)
     except Exception:
         return f"{_type_name(exc)} (message unavailable)"
-
-
-# --- spans sanitised at the source -----------------------------------------------------------
-
-# Span ids of spans whose every attribute and event the library sanitised as it set them
-# (statement leaf spans, stage spans nobody else touched): export skips redacting them.
-# Here rather than in ``exporters`` so that stages can mark spans without importing the SDK.
-_SANITIZED: set[int] = set()
-_SANITIZED_MAX: Final = 200_000
-
-
-def mark_sanitized(span_id: int) -> None:
-    """Tell the exporters that the span ``span_id`` needs no export-time redaction."""
-    if len(_SANITIZED) >= _SANITIZED_MAX:  # spans dropped before export leave ids behind
-        _SANITIZED.clear()
-    _SANITIZED.add(span_id)
-
-
-def take_sanitized(span_id: int) -> bool:
-    """Whether ``span_id`` was marked (forgetting the mark: each span is exported once)."""
-    if span_id in _SANITIZED:
-        _SANITIZED.discard(span_id)
-        return True
-    return False
