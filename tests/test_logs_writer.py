@@ -88,7 +88,7 @@ def test_every_line_break_is_escaped(renderer: Any, brk: str) -> None:
     assert len(text.splitlines()) == 1  # Python's reader, the most liberal one
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.text(), st.dictionaries(st.text(max_size=8), st.text(max_size=30), max_size=4))
 def test_any_log_field_gives_one_parseable_line(event: str, fields: dict[str, str]) -> None:
     data = render_json({"event": event, **{f"f_{k}": v for k, v in fields.items()}})

@@ -177,7 +177,7 @@ FILLER = st.text(string.ascii_letters + string.digits + " .,;()\n", max_size=30)
 SEPARATORS = st.sampled_from([" ", "\n", " (", ", ", "\t"])
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(FILLER, SEPARATORS, st.sampled_from(RECALL), SEPARATORS, FILLER)
 def test_secrets_never_survive_in_any_surrounding(
     before: str, sep1: str, case: tuple[str, str], sep2: str, after: str
@@ -196,7 +196,7 @@ WORDS = st.sampled_from(
 )  # fmt: skip
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.lists(WORDS, max_size=12), st.sampled_from([" ", ", ", " - ", "\n"]))
 def test_prose_without_assignments_survives(words: list[str], joiner: str) -> None:
     text = joiner.join(words)

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from rag_instrument._runtime import Runtime
     from rag_instrument._settings import Settings
 
-__all__ = ["BoundLogger", "LogOutput", "emit", "get_logger"]
+__all__ = ["BoundLogger", "LogOutput", "bridge_while_flushing", "emit", "get_logger"]
 
 _LEVEL_NO: Final = {
     "debug": logging.DEBUG,
@@ -548,7 +548,54 @@ def install_stdlib_handler(rt: Runtime) -> None:
         return
     _HANDLER = _StdlibHandler(level=rt.log.level_no)
     root.addHandler(_HANDLER)
-    if not [h for h in root.handlers if h is not _HANDLER] and root.level > rt.log.level_no:
-        # Nobody else configured logging: let records at our level reach our handler.
-        _LOWERED_ROOT = root.level
-        root.setLevel(rt.log.level_no)
+    # The application's logger levels decide what reaches the handler: a root logger left
+    # at WARNING keeps every library's INFO chatter (an HTTP client's line per request)
+    # out of the log. Only the explicit capture_logging_level lowers the root logger.
+    wanted = rt.settings.capture_logging_level
+    if wanted is not None:
+        level = max(_LEVEL_NO[wanted], rt.log.level_no)
+        if root.level > level or root.level == logging.NOTSET:
+            _LOWERED_ROOT = root.level
+            root.setLevel(level)
+
+
+class _FlushBridge(logging.Handler):
+    """Routes the OpenTelemetry SDK's messages to a retiring configuration's output."""
+
+    def __init__(self, rt: Runtime) -> None:
+        super().__init__(level=logging.WARNING)
+        self.rt = rt
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(_local, "emitting", False):
+            return
+        try:
+            try:
+                message = record.getMessage()
+            except Exception:
+                message = f"{record.msg!s} (unformattable arguments)"
+            level = record.levelname.lower()
+            if level not in _LEVEL_NO:
+                level = "critical" if record.levelno >= logging.CRITICAL else "warning"
+            emit(level, message, None, logger=record.name, rt=self.rt)
+        except Exception as exc:
+            internal_error("logging bridge", exc)
+
+
+def bridge_while_flushing(rt: Runtime) -> Callable[[], None]:
+    """Send the SDK's warnings (export errors) to ``rt``'s log output while it flushes.
+
+    At a worker's exit the configuration is uninstalled before its last flush, so without
+    this the exporters' errors would reach Python's last-resort handler: raw text on
+    standard error, outside the log. Returns the function that detaches the bridge.
+    """
+    if rt.log is None or not rt.settings.capture_logging:
+        return lambda: None
+    handler = _FlushBridge(rt)
+    sdk = logging.getLogger("opentelemetry")
+    sdk.addHandler(handler)
+
+    def detach() -> None:
+        sdk.removeHandler(handler)
+
+    return detach

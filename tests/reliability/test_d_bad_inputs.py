@@ -140,14 +140,14 @@ json_like = st.recursive(
 )
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(json_like)
 def test_d_property_any_attribute_value_is_a_valid_attribute_or_omitted(value: Any) -> None:
     out = to_attribute_value(value, Sanitizer(100))
     assert out is None or _valid_attribute(out)
 
 
-@settings(max_examples=100, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.dictionaries(st.text(max_size=10), json_like, max_size=5), st.text(max_size=30))
 def test_d_property_any_log_fields_give_one_json_line(
     rag_capture: Capture, fields: dict[str, Any], event: str

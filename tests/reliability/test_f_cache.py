@@ -48,7 +48,7 @@ VARIANTS = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(VARIANTS, VARIANTS)
 def test_f32_every_variation_gives_a_distinct_sha256_key(
     a: dict[str, Any], b: dict[str, Any]

@@ -176,7 +176,7 @@ LITERAL_VALUES = st.one_of(
 )
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(SQL, LITERAL_VALUES)
 def test_g_property_literals_never_survive_sanitising(template: str, literal: str) -> None:
     out = sanitize(template.format(v=literal), "postgresql")

@@ -235,7 +235,7 @@ def test_h46_injected_lines_stay_one_line(value: str, rag_capture: Capture) -> N
     assert 'field="a=1 b=2"' in console
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(
     st.text(max_size=60), st.sampled_from([OPENAI_KEY, ANTHROPIC_KEY, f"DB_PASSWORD={PASSWORD}"])
 )
