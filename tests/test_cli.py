@@ -63,3 +63,16 @@ def test_demo_as_a_fresh_process(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     (log,) = tmp_path.glob("rag-demo-*.jsonl")
     assert str(log.resolve()) in result.stdout
+
+
+@pytest.mark.parametrize("command", ["demo", "db-doctor"])
+def test_help_text_has_no_restructuredtext_markup(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rag_instrument.cli.__main__ import main as cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main([command, "--help"])
+    out = capsys.readouterr().out
+    assert "``" not in out
+    assert ":func:`" not in out
