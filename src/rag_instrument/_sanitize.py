@@ -144,10 +144,10 @@ _URL_PASSWORD: Final = re.compile(
     # while an e-mail in the query string stays. Not when the colon starts a port
     # ("host:443/?to=a@b.c": no credentials at all).
     r"(://[^\s:/?#@]*:)(?!\d{1,5}(?:[/?#]|$|\s))(?!\[REDACTED)[^\s?]*"
-    r"(?=@[^\s@/?#]*(?:[/?#\s]|$))"
+    r"(?=@[^\s@/?#]+(?:[/?#\s]|$))"
 )
 _URL_PASSWORD_WIDE: Final = re.compile(
-    # The same for a password with a "?" in it: to the last "@" of the URL.
+    # First, to the last "@" of the URL (a password with "?" in it), see _wide_password.
     r"(://[^\s:/?#@]*:)(?!\d{1,5}(?:[/?#]|$|\s))(?!\[REDACTED)[^\s]*(?=@[^\s@]*(?:\s|$))"
 )
 _URL_USER_TOKEN: Final = re.compile(
@@ -220,6 +220,16 @@ _RANDOM_RUN: Final = re.compile(r"[A-Za-z0-9]{12,}")
 
 
 def _keep_prefix(match: re.Match[str]) -> str:
+    return match.group(1) + REDACTED
+
+
+def _wide_password(match: re.Match[str]) -> str:
+    # To the last "@" of the URL, unless that "@" is in a query parameter's value
+    # ("?email=a@b.c"): then the narrow pattern (to the "@" before the host) decides.
+    password = match.group(0)[len(match.group(1)) :]
+    cut = max(password.rfind("?"), password.rfind("&"))
+    if cut >= 0 and "=" in password[cut:]:
+        return match.group(0)
     return match.group(1) + REDACTED
 
 
@@ -314,8 +324,8 @@ def _redact(text: str) -> str:
     if "PRIVATE KEY" in text:
         text = _PEM.sub(REDACTED, text)
     if "://" in text:
+        text = _URL_PASSWORD_WIDE.sub(_wide_password, text)
         text = _URL_PASSWORD.sub(_keep_prefix, text)
-        text = _URL_PASSWORD_WIDE.sub(_keep_prefix, text)
         if "@" in text:
             text = _URL_USER_TOKEN.sub(_url_user, text)
     lower = text.lower()
