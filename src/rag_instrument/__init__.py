@@ -40,6 +40,8 @@ if _typing.TYPE_CHECKING:
     )
     from rag_instrument.integrations.anthropic import instrument_anthropic, uninstrument_anthropic
     from rag_instrument.integrations.openai import instrument_openai, uninstrument_openai
+    from rag_instrument.propagation import extract_context, inject_headers
+    from rag_instrument.web import RequestMiddleware
 
 try:
     __version__ = _metadata.version("rag_instrument")
@@ -52,6 +54,7 @@ __all__ = [
     "LLMResult",
     "PipelineStage",
     "RedisCache",
+    "RequestMiddleware",
     "RetryMixin",
     "Settings",
     "Stage",
@@ -61,8 +64,10 @@ __all__ = [
     "configure",
     "db_scope",
     "db_session",
+    "extract_context",
     "force_flush",
     "get_logger",
+    "inject_headers",
     "instrument_anthropic",
     "instrument_openai",
     "instrument_sqlalchemy",
@@ -90,6 +95,9 @@ _LAZY: dict[str, tuple[str, str | None, str | None]] = {
     "db_session": ("rag_instrument.db", "sqlalchemy", "sqlalchemy"),
     "db_scope": ("rag_instrument.db", "sqlalchemy", "sqlalchemy"),
     "uninstrument_sqlalchemy": ("rag_instrument.db", "sqlalchemy", "sqlalchemy"),
+    "RequestMiddleware": ("rag_instrument.web", None, None),
+    "inject_headers": ("rag_instrument.propagation", None, None),
+    "extract_context": ("rag_instrument.propagation", None, None),
 }
 
 
