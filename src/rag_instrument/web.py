@@ -39,6 +39,8 @@ from rag_instrument._utils import internal_error, user_code_error
 from rag_instrument.logs import emit
 
 if TYPE_CHECKING:
+    from opentelemetry.context import Context
+
     from rag_instrument._config import Runtime
 
 __all__ = ["ASGIApp", "RequestMiddleware"]
@@ -227,7 +229,15 @@ class _Request:
             replaced = raw_id is not None
             self.request_id = os.urandom(16).hex()
 
-        parent = propagate.extract(headers) if headers else None
+        kind = SpanKind.SERVER
+        parent: Context | None = None
+        if trace_api.get_current_span().get_span_context().is_valid:
+            # Another instrumentation in this process (FastAPI's native telemetry, the
+            # OpenTelemetry ASGI middleware) already opened the request's server span and
+            # continued the incoming trace: ours is its child, in the same trace.
+            kind = SpanKind.INTERNAL
+        elif headers:
+            parent = propagate.extract(headers)
         sanitizer = rt.sanitizer
         attributes: dict[str, Any] = {
             attr.HTTP_REQUEST_METHOD: self.method,
@@ -268,7 +278,7 @@ class _Request:
             span = rt.tracer.start_span(
                 self.method if self.method != "_OTHER" else "HTTP",
                 context=parent,
-                kind=SpanKind.SERVER,
+                kind=kind,
                 attributes=attributes,
             )
         except BaseException:
