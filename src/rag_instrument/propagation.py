@@ -61,9 +61,7 @@ def inject_headers(headers: H | None = None) -> H | dict[str, str]:
 
 def _normalise(headers: Any) -> dict[str, str]:
     items: Iterable[Any]
-    if isinstance(headers, Mapping):
-        items = headers.items()
-    elif hasattr(headers, "items") and callable(headers.items):
+    if isinstance(headers, Mapping) or (hasattr(headers, "items") and callable(headers.items)):
         items = headers.items()
     else:
         items = headers  # ASGI-style raw pairs: [(b"traceparent", b"00-..."), ...]

@@ -148,7 +148,7 @@ def server_timing(
         cache = breakdown.get(attr.BREAKDOWN_CACHE)
         if cache:
             hits, misses = int(cache.get("hits", 0)), int(cache.get("misses", 0))
-            parts.append(f'cache;desc="{hits} hits, {misses} misses"')
+            parts.append(f'cache;desc="hits={hits} misses={misses}"')
     parts.append(f"total;dur={total_ms:.1f}")
     return ", ".join(parts)
 
