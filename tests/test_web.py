@@ -89,9 +89,11 @@ class Driver:
                 chunks += 1
                 if not message.get("more_body", False):
                     gone.set()  # as servers do once the response is complete
-                elif self.disconnect_after_chunks is not None:
-                    if chunks >= self.disconnect_after_chunks:
-                        gone.set()
+                elif (
+                    self.disconnect_after_chunks is not None
+                    and chunks >= self.disconnect_after_chunks
+                ):
+                    gone.set()
 
         await app(scope, receive, send)
         return self.messages
