@@ -20,7 +20,7 @@ with :func:`rag_instrument.wrap_context`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, MutableMapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from opentelemetry import propagate
 from opentelemetry.context import Context
@@ -34,7 +34,15 @@ H = TypeVar("H", bound=MutableMapping[str, str])
 _MAX_HEADER_CHARS = 8192
 
 
-def inject_headers(headers: H | None = None) -> H | dict[str, str]:
+@overload
+def inject_headers(headers: None = None) -> dict[str, str]: ...
+
+
+@overload
+def inject_headers(headers: H) -> H: ...
+
+
+def inject_headers(headers: MutableMapping[str, str] | None = None) -> MutableMapping[str, str]:
     """Add the current trace context (``traceparent``, ``tracestate``, ``baggage``) to headers.
 
     Args:

@@ -6,6 +6,7 @@ If a decorator loses a signature or a return type, mypy fails here.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import rag_instrument as ri
 
@@ -59,3 +60,17 @@ async def use() -> None:
     ri.unbind_context("request_id")
     flushed: bool = ri.force_flush(timeout=1.0) and ri.shutdown(timeout=1.0)
     del flushed
+
+
+async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
+    return None
+
+
+def use_web() -> None:
+    app = ri.RequestMiddleware(asgi_app, server_timing=False, quiet_paths=["/health"])
+    headers: dict[str, str] = ri.inject_headers()
+    kept: dict[str, str] = ri.inject_headers({"accept": "*/*"})
+    ctx = ri.extract_context(headers)
+    work = ri.wrap_context(len)
+    size: int = work("abc")
+    del app, kept, ctx, size
