@@ -34,7 +34,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from rag_instrument import _breakdown, _config
 from rag_instrument import attributes as attr
-from rag_instrument._context import Frame, _bound, _make_bound, bound, reset_frame, set_frame
+from rag_instrument._context import Bound, Frame, _bound, _make_bound, bound, reset_frame, set_frame
 from rag_instrument._utils import internal_error, user_code_error
 from rag_instrument.logs import emit
 
@@ -236,7 +236,7 @@ class _Request:
             # OpenTelemetry ASGI middleware) already opened the request's server span and
             # continued the incoming trace: ours is its child, in the same trace.
             kind = SpanKind.INTERNAL
-        elif headers:
+        elif not middleware.propagation_keys.isdisjoint(headers):
             parent = propagate.extract(headers)
         sanitizer = rt.sanitizer
         attributes: dict[str, Any] = {
@@ -272,7 +272,16 @@ class _Request:
             attributes[attr.RAG_REQUEST_ID_REPLACED] = True
 
         # Bind the request id first: the span gets it (and whatever else is bound) too.
-        bound_token = _bound.set(_make_bound(bound(), {"request_id": self.request_id}))
+        base = bound()
+        if replaced or raw_id is None:
+            # Our own id (32 hex digits) needs no sanitising: bind it directly.
+            log = dict(base.log)
+            log["request_id"] = self.request_id
+            span_attrs = dict(base.attrs)
+            span_attrs["request_id"] = self.request_id
+            bound_token = _bound.set(Bound(log, span_attrs))
+        else:
+            bound_token = _bound.set(_make_bound(base, {"request_id": self.request_id}))
         try:
             attributes = {**bound().attrs, **attributes}
             span = rt.tracer.start_span(
@@ -506,6 +515,7 @@ class RequestMiddleware:
         "app",
         "exclude",
         "exclude_any",
+        "propagation_keys",
         "quiet",
         "quiet_any",
         "request_id_key",
@@ -548,9 +558,10 @@ class RequestMiddleware:
         self.request_id_key = request_id_header.lower()
         self.request_id_key_bytes = self.request_id_key.encode("ascii")
         self._budgets: tuple[Runtime | None, dict[str, float]] = (None, {})
+        self.propagation_keys = frozenset(name.lower() for name in _propagation_fields())
         self.wanted_headers = frozenset(
             {b"host", b"user-agent", self.request_id_key_bytes}
-            | {name.lower().encode("latin-1") for name in _propagation_fields()}
+            | {name.encode("latin-1") for name in self.propagation_keys}
         )
 
     def route_budget(self, rt: Runtime, key: str) -> float | None:
