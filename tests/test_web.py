@@ -85,6 +85,8 @@ class Driver:
             self.messages.append(message)
             if self.on_send is not None:
                 self.on_send(message)
+            if message["type"] == "http.response.pathsend":
+                gone.set()
             if message["type"] == "http.response.body":
                 chunks += 1
                 if not message.get("more_body", False):
@@ -828,3 +830,52 @@ async def test_the_right_pattern_keeps_the_stage_open_for_the_whole_stream() -> 
     assert all(g.parent.span_id == search_span.context.span_id for g in generations)  # type: ignore[union-attr]
     assert all(g.end_time <= search_span.end_time for g in generations)
     assert search_span.parent.span_id == server_span(cap).context.span_id  # type: ignore[union-attr]
+
+
+@pytest.mark.asyncio
+async def test_pathsend_completes_the_response() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.pathsend", "path": "/etc/hostname"})
+        assert (await receive())["type"] == "http.disconnect"  # the response is complete
+
+    with capture() as cap:
+        await Driver()(RequestMiddleware(app))
+    span = server_span(cap)
+    assert span.attributes["http.response.status_code"] == 200
+    assert "rag.cancelled" not in span.attributes
+    assert "cancelled" not in request_lines(cap)[0]
+
+
+@pytest.mark.asyncio
+async def test_a_custom_request_id_header_is_read_and_echoed() -> None:
+    app = ri.RequestMiddleware(
+        Starlette(routes=[Route("/", lambda r: PlainTextResponse("ok"))]),
+        request_id_header="X-Correlation-ID",
+    )
+    with capture() as cap:
+        response = await get(app, "/", headers={"x-correlation-id": "c-9"})
+    assert response.headers["x-correlation-id"] == "c-9"
+    assert "x-request-id" not in response.headers
+    assert request_lines(cap)[0]["context"]["request_id"] == "c-9"
+
+
+@pytest.mark.asyncio
+async def test_a_failure_inside_the_middleware_never_fails_the_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import rag_instrument.web as web
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("propagator bug")
+
+    monkeypatch.setenv("RAG_INSTRUMENT_RAISE_INTERNAL_ERRORS", "0")
+    monkeypatch.setattr(web.propagate, "extract", broken)
+    app = build_items_app()
+    with capture() as cap:
+        response = await get(app, "/api/items/3", headers={"traceparent": TRACEPARENT})
+    assert response.status_code == 200
+    assert response.json() == {"id": 3}
+    assert request_lines(cap) == []  # the request was served untraced
+    assert _bound_now() == {}

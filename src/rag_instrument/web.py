@@ -325,7 +325,9 @@ class _Request:
             kind = message.get("type")
             if kind == "http.response.start":
                 message = self._on_response_start(message)
-            elif kind == "http.response.body" and not message.get("more_body", False):
+            elif kind == "http.response.pathsend" or (  # pathsend: the whole body at once
+                kind == "http.response.body" and not message.get("more_body", False)
+            ):
                 self.body_done = True
         except Exception as exc:
             internal_error("RequestMiddleware.send", exc)
