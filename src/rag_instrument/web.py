@@ -398,6 +398,8 @@ class _Request:
             status = 499 if cancelled else 500
         failed = exc is not None and not cancelled
         route = route_template(self.scope, self.root_path)
+        if route:  # a mount's prefix comes from the raw path: treat it as untrusted
+            route = rt.sanitizer.text(route)
         name = f"{self.method if self.method != '_OTHER' else 'HTTP'} {route}" if route else None
         breakdown = _breakdown.detach(self.frame)
         key = f"{self.method} {route}" if route else None
