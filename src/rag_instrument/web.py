@@ -373,14 +373,19 @@ class _Request:
         if tokens is None:
             return
         bound_token, otel_token, frame_token, timings_token = tokens
-        try:
-            if timings_token is not None:
-                _breakdown.stage_timings.reset(timings_token)
-            reset_frame(frame_token)
-            otel_context.detach(otel_token)
-            _bound.reset(bound_token)
-        except Exception:
-            pass  # finished in another context than started: leave that context alone
+        # Each on its own: finished in another context than started (not the case under
+        # __call__), a failing reset must leave the others to be restored.
+        for reset, token in (
+            (_breakdown.stage_timings.reset, timings_token),
+            (reset_frame, frame_token),
+            (otel_context.detach, otel_token),
+            (_bound.reset, bound_token),
+        ):
+            if token is not None:
+                try:
+                    reset(token)
+                except Exception:
+                    pass
 
     def _finish(self, exc: BaseException | None) -> None:
         ms = (time.perf_counter_ns() - self.start_ns) / 1e6
