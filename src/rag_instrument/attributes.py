@@ -18,7 +18,6 @@ __all__ = [
     "BREAKDOWN_LLM",
     "BREAKDOWN_VECTOR",
     "CLIENT_ADDRESS",
-    "CLIENT_PORT",
     "DB_COLLECTION_NAME",
     "DB_CONNECTION_POOL_NAME",
     "DB_CONNECTION_STATE",
@@ -223,7 +222,6 @@ URL_PATH: Final = "url.path"
 URL_QUERY: Final = "url.query"
 URL_SCHEME: Final = "url.scheme"
 CLIENT_ADDRESS: Final = "client.address"
-CLIENT_PORT: Final = "client.port"
 USER_AGENT_ORIGINAL: Final = "user_agent.original"
 NETWORK_PROTOCOL_VERSION: Final = "network.protocol.version"
 RAG_REQUEST_ID_REPLACED: Final = "rag.request_id.replaced"

@@ -261,10 +261,8 @@ class _Request:
             else:
                 attributes[attr.SERVER_ADDRESS] = sanitizer.text(host)
         client = scope.get("client")
-        if client and len(client) == 2:
+        if client:  # client.port is opt-in in the semantic conventions: left out
             attributes[attr.CLIENT_ADDRESS] = str(client[0])
-            if isinstance(client[1], int):
-                attributes[attr.CLIENT_PORT] = client[1]
         agent = headers.get("user-agent")
         if agent:
             attributes[attr.USER_AGENT_ORIGINAL] = sanitizer.text(agent)
