@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import re
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -879,3 +881,75 @@ async def test_a_failure_inside_the_middleware_never_fails_the_request(
     assert response.json() == {"id": 3}
     assert request_lines(cap) == []  # the request was served untraced
     assert _bound_now() == {}
+
+
+# --- under a real server ---------------------------------------------------------------------
+
+
+class UvicornThread:
+    """uvicorn serving ``app`` on 127.0.0.1 and an ephemeral port, in a thread."""
+
+    def __init__(self, app: Any) -> None:
+        import socket
+
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+
+    def __enter__(self) -> UvicornThread:
+        self.thread.start()
+        assert wait_for(lambda: self.server.started)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 20.0) -> bool:
+    """Wait until ``condition()`` is true (a generous bound: CI machines are loaded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.asyncio
+async def test_under_uvicorn_a_client_leaving_mid_stream_cancels_the_request_span() -> None:
+    async def endless() -> AsyncIterator[bytes]:
+        while True:
+            with ri.stage("generation"):
+                await asyncio.sleep(0.005)  # a model producing tokens
+            yield b"token "
+
+    async def stream(request: Request) -> Response:
+        return StreamingResponse(endless())
+
+    app = ri.RequestMiddleware(Starlette(routes=[Route("/stream", stream)]))
+    with capture() as cap, UvicornThread(app) as server:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+            async with client.stream("GET", "/stream") as response:
+                assert response.status_code == 200
+                async for _chunk in response.aiter_bytes():
+                    break
+        # Leaving the block closed the connection mid-stream.
+        assert wait_for(lambda: request_lines(cap))
+    (line,) = request_lines(cap)
+    assert line["cancelled"] is True
+    assert line["status"] == 200
+    assert line["route"] == "/stream"
+    span = server_span(cap)
+    assert span.attributes["rag.cancelled"] is True
+    generations = [s for s in cap.spans if s.name == "generation"]
+    assert generations
+    assert all(g.context.trace_id == span.context.trace_id for g in generations)
