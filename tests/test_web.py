@@ -953,3 +953,37 @@ async def test_under_uvicorn_a_client_leaving_mid_stream_cancels_the_request_spa
     generations = [s for s in cap.spans if s.name == "generation"]
     assert generations
     assert all(g.context.trace_id == span.context.trace_id for g in generations)
+
+
+@pytest.mark.asyncio
+async def test_with_fastapis_own_tracing_on_there_is_still_one_trace() -> None:
+    app = FastAPI()  # newer FastAPI versions trace natively when a provider is installed
+
+    @app.get("/x/{n}")
+    async def endpoint(n: int) -> dict[str, int]:
+        with ri.stage("retrieval"):
+            pass
+        return {"n": n}
+
+    app.add_middleware(RequestMiddleware)
+    with capture() as cap:
+        await get(app, "/x/1", headers={"traceparent": TRACEPARENT})
+    assert {format(s.context.trace_id, "032x") for s in cap.spans} == {
+        "0af7651916cd43dd8448eb211c80319c"
+    }
+    ours = server_span_named(cap, "GET /x/{n}", our=True)
+    native = "telemetry" in inspect.signature(FastAPI).parameters
+    assert ours.kind is (SpanKind.INTERNAL if native else SpanKind.SERVER)
+    by_id = {s.context.span_id: s for s in cap.spans}
+    ancestors, current = [], cap.span("retrieval")
+    while current.parent is not None and current.parent.span_id in by_id:
+        current = by_id[current.parent.span_id]
+        ancestors.append(current)
+    assert ours in ancestors  # the stage is inside our request span (maybe via FastAPI's)
+
+
+def server_span_named(cap: Capture, name: str, *, our: bool) -> Any:
+    """Our request span: the one carrying the bound request id."""
+    found = [s for s in cap.spans if s.name == name and ("request_id" in s.attributes) is our]
+    assert len(found) == 1, [(s.name, dict(s.attributes)) for s in cap.spans]
+    return found[0]
