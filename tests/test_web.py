@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Mount, Route
 
 import rag_instrument as ri
-from rag_instrument import _breakdown, _config
+from rag_instrument import _breakdown, _settings
 from rag_instrument.testing import Capture, capture
 from rag_instrument.web import RequestMiddleware, route_template, server_timing
 
@@ -406,7 +406,7 @@ async def test_route_within_budget_logs_nothing() -> None:
 
 
 def test_route_budgets_are_accepted_by_configure_and_the_environment() -> None:
-    settings = _config.build_settings(
+    settings = _settings.build_settings(
         env={"RAG_INSTRUMENT_BUDGETS": "POST /api/search=2000,retrieval=1500"}
     )
     assert dict(settings.budgets) == {"POST /api/search": 2000.0, "retrieval": 1500.0}
@@ -678,7 +678,7 @@ async def test_under_another_server_span_ours_is_its_child_in_the_same_trace() -
     app = build_items_app()
 
     async def outer(scope: Any, receive: Any, send: Any) -> None:
-        with _config.runtime().tracer.start_as_current_span("outer", kind=SpanKind.SERVER):
+        with ri.get_runtime().tracer.start_as_current_span("outer", kind=SpanKind.SERVER):
             await app(scope, receive, send)
 
     del outer_tracer

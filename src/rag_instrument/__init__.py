@@ -18,8 +18,11 @@ import importlib.metadata as _metadata
 import importlib.util as _importlib_util
 import typing as _typing
 
-from rag_instrument._config import Settings, configure, force_flush, shutdown
+from rag_instrument import _registry
+from rag_instrument._config import configure, force_flush, shutdown
 from rag_instrument._context import bind_context, request_context, unbind_context, wrap_context
+from rag_instrument._runtime import Runtime, get_runtime, is_configured
+from rag_instrument._settings import Settings
 from rag_instrument.cache import CacheMixin, cached
 from rag_instrument.llm import LLMProvider, LLMResult
 from rag_instrument.logs import get_logger
@@ -43,6 +46,13 @@ if _typing.TYPE_CHECKING:
     from rag_instrument.propagation import extract_context, inject_headers
     from rag_instrument.web import RequestMiddleware
 
+# Statement errors raised where the database integration was never imported still render
+# through its formatter (imported on first use); importing the integration registers the
+# same function directly.
+_registry.register_error_formatter(
+    "sqlalchemy", _registry.lazy_formatter("rag_instrument.db._sql", "sanitize_statement_error")
+)
+
 try:
     __version__ = _metadata.version("rag_instrument")
 except _metadata.PackageNotFoundError:  # pragma: no cover - imported from a source tree
@@ -56,6 +66,7 @@ __all__ = [
     "RedisCache",
     "RequestMiddleware",
     "RetryMixin",
+    "Runtime",
     "Settings",
     "Stage",
     "__version__",
@@ -67,10 +78,12 @@ __all__ = [
     "extract_context",
     "force_flush",
     "get_logger",
+    "get_runtime",
     "inject_headers",
     "instrument_anthropic",
     "instrument_openai",
     "instrument_sqlalchemy",
+    "is_configured",
     "pipeline_stage_context",
     "request_context",
     "retry",

@@ -32,16 +32,17 @@ from opentelemetry import propagate
 from opentelemetry import trace as trace_api
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from rag_instrument import _breakdown, _config
+from rag_instrument import _breakdown
 from rag_instrument import attributes as attr
 from rag_instrument._context import Bound, Frame, _bound, _make_bound, bound, reset_frame, set_frame
+from rag_instrument._runtime import get_runtime
 from rag_instrument._utils import internal_error, user_code_error
 from rag_instrument.logs import emit
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
 
-    from rag_instrument._config import Runtime
+    from rag_instrument._runtime import Runtime
 
 __all__ = ["ASGIApp", "RequestMiddleware"]
 
@@ -410,10 +411,7 @@ class _Request:
         exceeded = budget is not None and ms > budget
         try:
             if span.is_recording():
-                if rt.settings.redact:
-                    from rag_instrument.stages import _mark_if_clean
-
-                    _mark_if_clean(span, self.attr_count)
+                rt.mark_if_clean(span, self.attr_count)
                 if name is not None:
                     span.update_name(name)
                     span.set_attribute(attr.HTTP_ROUTE, route)
@@ -588,7 +586,7 @@ class RequestMiddleware:
         if scope.get("type") != "http":
             await self.app(scope, receive, send)
             return
-        rt = _config._RUNTIME
+        rt = get_runtime()
         if not rt.enabled or (self.exclude_any and _matches(self.exclude, scope.get("path", ""))):
             await self.app(scope, receive, send)
             return

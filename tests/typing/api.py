@@ -62,6 +62,15 @@ async def use() -> None:
     del flushed
 
 
+def runtime_accessor() -> None:
+    runtime: ri.Runtime = ri.get_runtime()
+    configured: bool = ri.is_configured()
+    settings: ri.Settings = runtime.settings
+    ms: float = settings.slow_query_ms
+    assert configured is runtime.configured
+    assert ms >= 0
+
+
 async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
     return None
 
