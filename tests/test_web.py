@@ -327,8 +327,8 @@ async def test_server_timing_lists_stages_and_breakdown_totals() -> None:
     assert list(entries) == ["retrieval", "generation", "db", "llm", "vector", "cache", "total"]
     assert 'desc="2 runs"' in entries["retrieval"]
     assert entries["db"] == 'db;dur=5.0;desc="2 calls"'
-    assert entries["vector"] == 'vector;dur=6.5;desc="1 calls"'
-    assert entries["llm"] == 'llm;dur=20.2;desc="1 calls"' or "llm;dur=20.3" in entries["llm"]
+    assert entries["vector"] == 'vector;dur=6.5;desc="1 call"'
+    assert entries["llm"] == 'llm;dur=20.2;desc="1 call"' or "llm;dur=20.3" in entries["llm"]
     assert entries["cache"] == 'cache;desc="hits=1 misses=0"'
     # The stage durations are the ones logged for the stages.
     stage_ms = sum(line["execution_time_ms"] for line in cap.find_logs("retrieval completed"))

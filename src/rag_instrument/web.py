@@ -145,7 +145,9 @@ def server_timing(
         for kind in attr.BREAKDOWN_KINDS:
             values = breakdown.get(kind)
             if values:
-                parts.append(f'{kind};dur={values["ms"]:.1f};desc="{int(values["count"])} calls"')
+                count = int(values["count"])
+                calls = "call" if count == 1 else "calls"
+                parts.append(f'{kind};dur={values["ms"]:.1f};desc="{count} {calls}"')
         cache = breakdown.get(attr.BREAKDOWN_CACHE)
         if cache:
             hits, misses = int(cache.get("hits", 0)), int(cache.get("misses", 0))
