@@ -83,3 +83,13 @@ def use_web() -> None:
     work = ri.wrap_context(len)
     size: int = work("abc")
     del app, kept, ctx, size
+
+
+def use_web_frameworks() -> None:
+    from fastapi import FastAPI
+    from starlette.applications import Starlette
+
+    api = FastAPI()
+    api.add_middleware(ri.RequestMiddleware, quiet_paths=["/health"])
+    wrapped = ri.RequestMiddleware(Starlette(), exclude_paths=["/static/*"])
+    del wrapped
