@@ -190,8 +190,12 @@ def _safe_begin(spec: _Spec, rt: Runtime, owner: object) -> Frame | None:
         return None
 
 
-def _record_exception(span: Span, exc: BaseException, rt: Runtime, clean_message: str) -> None:
+def _record_exception(
+    span: Span, exc: BaseException, rt: Runtime, clean_message: str | None = None
+) -> None:
     sanitizer = rt.sanitizer
+    if clean_message is None:
+        clean_message = exception_message(exc, sanitizer, rt.settings.capture_content)
     exc_type = type(exc)
     module = exc_type.__module__
     qualname = (
@@ -281,6 +285,9 @@ def _end(
             user_code_error("ending a span", end_exc)
     if spec.is_stage:
         rt.stage_duration.record(ms / 1000.0, spec.metric_attributes)
+        timings = _breakdown.stage_timings.get()
+        if timings is not None:  # inside a web request: its Server-Timing header lists us
+            timings.add(spec.name, ms)
     if rt.log is not None:
         fields: dict[str, Any] = {"execution_time_ms": round(ms, 3)}
         if breakdown:
