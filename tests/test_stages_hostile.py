@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import time
 from typing import Any
 
@@ -275,3 +276,25 @@ def test_rendering_cost_is_bounded(rag_capture: Capture) -> None:
         log.info("slow", value=SlowRepr())
     assert SlowRepr.calls == 1  # over budget once: never asked again
     assert rag_capture.find_logs("slow")[-1]["value"] == "<SlowRepr: repr skipped>"
+
+
+def test_a_failing_exporters_message_is_redacted_before_it_is_cut(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from rag_instrument._utils import user_code_error, warn_once
+
+    secret = "Qv7Rt9Wx2Yz4Ab6Cd8Ef"
+    warn_once.reset()
+    with caplog.at_level(logging.WARNING, logger="rag_instrument.internal"):
+        # The cut at 200 characters lands inside the value.
+        user_code_error(
+            "span exporter X.export", RuntimeError("x" * 185 + f" DB_PASSWORD={secret}")
+        )
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "failed" in text
+    assert secret[:3] not in text
+
+
+def test_not_callable_with_a_hostile_repr_is_a_clear_type_error() -> None:
+    with pytest.raises(TypeError, match="not callable"):
+        ri.stage("retrieval")(RaisingRepr())  # type: ignore[arg-type]

@@ -37,7 +37,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from rag_instrument import _breakdown
 from rag_instrument import attributes as attr
 from rag_instrument._context import note_content
-from rag_instrument._sanitize import REDACTED, remember_exception, safe_str
+from rag_instrument._sanitize import REDACTED, redact_then_truncate, remember_exception, safe_str
 from rag_instrument._utils import http_status, internal_error, user_code_error
 from rag_instrument.attributes import (
     EVENT_LLM_CANCELLED,
@@ -370,7 +370,7 @@ class GenAICall:
             "model": self.metric_attrs.get(GEN_AI_REQUEST_MODEL),
         }
         if response_model:
-            fields["response_model"] = str(response_model)[:200]
+            fields["response_model"] = redact_then_truncate(str(response_model), 200)
         if input_tokens is not None:
             fields["input_tokens"] = input_tokens
         if output_tokens is not None:

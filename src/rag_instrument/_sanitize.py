@@ -29,7 +29,7 @@ from typing import Any, Final
 import orjson
 
 from rag_instrument._registry import format_error
-from rag_instrument._utils import http_status
+from rag_instrument._utils import http_status, install_text_cleaner
 
 __all__ = [
     "REDACTED",
@@ -864,3 +864,6 @@ def exception_message(
         return sanitizer.text(message)
     except Exception:
         return f"{_type_name(exc)} (message unavailable)"
+
+
+install_text_cleaner(redact_then_truncate)

@@ -569,7 +569,9 @@ def _decorate(fn: F, spec: _Spec, what: str) -> F:
     if isinstance(fn, classmethod | staticmethod):
         return type(fn)(_decorate(fn.__func__, spec, what))
     if not callable(fn):
-        raise TypeError(f"rag_instrument.{what}: cannot decorate {fn!r:.80}: it is not callable")
+        raise TypeError(
+            f"rag_instrument.{what}: cannot decorate {safe_repr(fn, 80)}: it is not callable"
+        )
     _warn_order(fn, what)
     kind = function_kind(fn)
     wrapper: Callable[..., Any]
