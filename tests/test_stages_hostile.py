@@ -288,7 +288,7 @@ def test_a_failing_exporters_message_is_redacted_before_it_is_cut(
     with caplog.at_level(logging.WARNING, logger="rag_instrument.internal"):
         # The cut at 200 characters lands inside the value.
         user_code_error(
-            "span exporter X.export", RuntimeError("x" * 185 + f" DB_PASSWORD={secret}")
+            "span exporter X.export", RuntimeError("x" * 180 + f" DB_PASSWORD={secret}")
         )
     text = " ".join(r.getMessage() for r in caplog.records)
     assert "failed" in text
