@@ -298,3 +298,33 @@ def test_a_failing_exporters_message_is_redacted_before_it_is_cut(
 def test_not_callable_with_a_hostile_repr_is_a_clear_type_error() -> None:
     with pytest.raises(TypeError, match="not callable"):
         ri.stage("retrieval")(RaisingRepr())  # type: ignore[arg-type]
+
+
+def test_a_key_echoed_by_the_openai_sdk_is_masked_on_the_stage_with_capture_on() -> None:
+    openai = pytest.importorskip("openai")
+    from rag_instrument.integrations.openai import instrument_openai
+    from support.fake_llm import FakeLLMServer
+
+    hex_key = "3f9a0c1e5b7d4a2f8e6c0b9d1a3e5f7c"
+    body = {
+        "error": {
+            "message": f"Incorrect API key provided: {hex_key}.",
+            "type": "invalid_request_error",
+            "code": "invalid_api_key",
+        }
+    }
+    with FakeLLMServer() as server, capture(capture_content=True) as cap:
+        server.enqueue(401, body=body)
+        client = instrument_openai(
+            openai.OpenAI(api_key=hex_key, base_url=server.openai_base_url, max_retries=0)
+        )
+        try:
+            with pytest.raises(openai.AuthenticationError), ri.stage("generation"):
+                client.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "hi"}]
+                )
+        finally:
+            client.close()
+    assert hex_key not in _everything(cap)
+    (line,) = cap.find_logs("generation failed")
+    assert "Incorrect API key provided: [REDACTED]" in line["error_message"]
