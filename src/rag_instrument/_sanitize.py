@@ -169,15 +169,19 @@ _AUTH_SCHEME: Final = re.compile(
     # research" and "token budget exhausted" survive.
     r"(?i)\b((?:bearer|basic|token)\s+)(?!\[REDACTED\])([A-Za-z0-9._~+/=-]{8,})"
 )
-_KEY_VALUE: Final = re.compile(
-    # name=value, name: value and "name": "value" in free text (environment dumps, query
-    # strings, reprs, JSON), where the name is judged by is_secret_key(): NAME_PASSWORD=,
-    # AWS_SECRET_ACCESS_KEY=, db_password='...', "api_key": "...".
-    # The value is only looked at (a lookahead): when the name is no secret, the search
-    # goes on inside the value ("config: DB_PASSWORD=...").
-    r"""(?<![\w.-])([A-Za-z_][\w.-]{0,80})(["']?\s*[=:]\s*)"""
-    r"""(?!\[REDACTED)(?=(["'])([^"'\r\n]*)\3|(?!//)([^\s"'&,;}\])]+))"""
+# name=value, name: value and "name": "value" in free text (environment dumps, query
+# strings, reprs, JSON), where the name is judged by is_secret_key(): NAME_PASSWORD=,
+# AWS_SECRET_ACCESS_KEY=, db_password='...', "api_key": "...". Found from each "=" or ":"
+# outwards (see _mask_key_values): a pattern that tries a name at every position of a
+# long text costs far more.
+_SEPARATOR: Final = re.compile(r"[=:]")
+_VALUE_AT: Final = re.compile(
+    r"""\s*(?!\[REDACTED)(?:(["'])([^"'\r\n]*)\1|(?!//)([^\s"'&,;}\])]+))"""
 )
+_NAME_CHARS: Final = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-"
+)
+_MAX_NAME: Final = 81
 _TOKEN_COUNT: Final = re.compile(r"[0-9][0-9_,.]{0,9}")
 _AUTH_SCHEME_WORDS: Final = frozenset(
     {"bearer", "basic", "token", "digest", "negotiate", "apikey", "dsn"}
@@ -185,32 +189,47 @@ _AUTH_SCHEME_WORDS: Final = frozenset(
 
 # The prefixed key formats of the major providers (after gitleaks' and detect-secrets'
 # rule sets). Each prefix is specific enough; the lengths follow the issuers' formats.
-_PROVIDER_TOKENS: Final = re.compile(
-    r"\b(?:sk|rk)_(?:live|test|prod)_[A-Za-z0-9]{10,}"  # Stripe secret / restricted keys
-    r"|\bwhsec_[A-Za-z0-9+/=]{20,}"  # Stripe webhook signing secrets
-    r"|\bAIza[0-9A-Za-z_-]{35}"  # Google API keys
-    r"|\bya29\.[0-9A-Za-z_-]{20,}"  # Google OAuth access tokens
-    r"|\bGOCSPX-[0-9A-Za-z_-]{20,}"  # Google OAuth client secrets
-    r"|\bgl(?:pat|ptt|dt|rt|cbt|soat|ffct|imt|oas|agent)-[0-9A-Za-z_-]{20,}"  # GitLab
-    r"|\bhf_[A-Za-z0-9]{30,}"  # Hugging Face user tokens
-    r"|\bapi_org_[A-Za-z0-9]{30,}"  # Hugging Face organisation tokens
-    r"|\bxox[abposer]-[A-Za-z0-9-]{10,}"  # Slack bot / user / app tokens
-    r"|\bxapp-\d-[A-Za-z0-9-]{10,}"  # Slack app-level tokens
-    r"|hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9/_+-]{20,}"  # webhooks
-    r"|\bgh[pousr]_[A-Za-z0-9]{30,}"  # GitHub tokens
-    r"|\bgithub_pat_[A-Za-z0-9_]{30,}"  # GitHub fine-grained tokens
-    r"|\b(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z2-7]{16}\b"  # AWS access key ids
-    r"|\bnpm_[A-Za-z0-9]{36}\b"  # npm tokens
-    r"|\bpypi-AgEIcHlwaS5vcmc[A-Za-z0-9_-]{50,}"  # PyPI upload tokens
-    r"|\bSG\.[A-Za-z0-9_-]{16,32}\.[A-Za-z0-9_-]{16,64}"  # SendGrid keys
-    r"|\bdapi[0-9a-f]{32}\b"  # Databricks tokens
-    r"|\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]+"  # JWTs
-)
-_PROVIDER_MARKS: Final = (
-    "_live_", "_test_", "_prod_", "whsec_", "AIza", "ya29.", "GOCSPX-", "gl", "hf_",
-    "api_org_", "xox", "xapp-", "hooks.slack.com", "gh", "github_pat_", "AKIA", "ASIA",
-    "ABIA", "ACCA", "A3T", "npm_", "pypi-", "SG.", "dapi", "eyJ",
+_PROVIDER_RULES: Final[tuple[tuple[tuple[str, ...], str], ...]] = (
+    # (literal marks, any of which must be in the text, pattern run only then). Running
+    # each pattern only when its own mark is there keeps prose cheap: one alternation of
+    # them all costs the regular-expression engine every alternative at every position.
+    (("sk_live_", "sk_test_", "sk_prod_", "rk_live_", "rk_test_", "rk_prod_"),
+     r"\b[sr]k_(?:live|test|prod)_[A-Za-z0-9]{10,}"),  # Stripe secret / restricted keys
+    (("whsec_",), r"\bwhsec_[A-Za-z0-9+/=]{20,}"),  # Stripe webhook signing secrets
+    (("AIza",), r"\bAIza[0-9A-Za-z_-]{35}"),  # Google API keys
+    (("ya29.",), r"\bya29\.[0-9A-Za-z_-]{20,}"),  # Google OAuth access tokens
+    (("GOCSPX-",), r"\bGOCSPX-[0-9A-Za-z_-]{20,}"),  # Google OAuth client secrets
+    (("glpat-", "glptt-", "gldt-", "glrt-", "glcbt-", "glsoat-", "glffct-", "glimt-",
+      "gloas-", "glagent-"),
+     r"\bgl(?:pat|ptt|dt|rt|cbt|soat|ffct|imt|oas|agent)-[0-9A-Za-z_-]{20,}"),  # GitLab
+    (("hf_",), r"\bhf_[A-Za-z0-9]{30,}"),  # Hugging Face user tokens
+    (("api_org_",), r"\bapi_org_[A-Za-z0-9]{30,}"),  # Hugging Face organisation tokens
+    (("xox",), r"\bxox[abposer]-[A-Za-z0-9-]{10,}"),  # Slack bot / user / app tokens
+    (("xapp-",), r"\bxapp-\d-[A-Za-z0-9-]{10,}"),  # Slack app-level tokens
+    (("hooks.slack.com",),
+     r"hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9/_+-]{20,}"),  # webhooks
+    (("ghp_", "gho_", "ghu_", "ghs_", "ghr_"), r"\bgh[pousr]_[A-Za-z0-9]{30,}"),  # GitHub
+    (("github_pat_",), r"\bgithub_pat_[A-Za-z0-9_]{30,}"),  # GitHub fine-grained tokens
+    (("AKIA", "ASIA", "ABIA", "ACCA", "A3T"),
+     r"\b(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z2-7]{16}\b"),  # AWS access key ids
+    (("npm_",), r"\bnpm_[A-Za-z0-9]{36}\b"),  # npm tokens
+    (("pypi-AgEIcHlwaS5vcmc",), r"\bpypi-AgEIcHlwaS5vcmc[A-Za-z0-9_-]{50,}"),  # PyPI
+    (("SG.",), r"\bSG\.[A-Za-z0-9_-]{16,32}\.[A-Za-z0-9_-]{16,64}"),  # SendGrid keys
+    (("dapi",), r"\bdapi[0-9a-f]{32}\b"),  # Databricks tokens
+    (("eyJ",), r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]+"),  # JWTs
 )  # fmt: skip
+_PROVIDERS: Final = tuple((marks, re.compile(pattern)) for marks, pattern in _PROVIDER_RULES)
+
+
+def _mask_provider_keys(text: str) -> str:
+    for marks, pattern in _PROVIDERS:
+        for mark in marks:
+            if mark in text:
+                text = pattern.sub(REDACTED, text)
+                break
+    return text
+
+
 # OpenAI / Anthropic keys: "sk-" then a random part (sk-proj-..., sk-ant-api03-...).
 # Identifiers that merely start with "sk-" ("sk-learn-compat", "sk-2024-plan") survive:
 # the key needs a provider's key prefix (sk-proj-, sk-ant-...), a run of 20+ letters and
@@ -256,37 +275,51 @@ def _credential_shaped(word: str) -> bool:
     return False
 
 
-def _key_value_mask(match: re.Match[str]) -> tuple[int, str] | None:
-    # Where the value ends and what replaces name, separator and value; None to keep.
-    key = match.group(1)
-    if not is_secret_key(key):
+def _key_value_at(text: str, sep: int) -> tuple[int, int] | None:
+    """For the separator at ``sep``: where a secret's value is, to be masked."""
+    # Back over blanks and a closing quote to the name: "api_key" : "v", NAME = v.
+    stop = sep
+    while stop > 0 and text[stop - 1] in " \t":
+        stop -= 1
+    if stop > 0 and text[stop - 1] in "\"'":
+        stop -= 1
+    start = stop
+    while start > 0 and stop - start <= _MAX_NAME and text[start - 1] in _NAME_CHARS:
+        start -= 1
+    if start == stop or stop - start > _MAX_NAME:
         return None
-    quoted = match.group(4)
-    value = quoted if quoted is not None else match.group(5)
-    if not value:
+    if start > 0 and (text[start - 1].isalnum() or text[start - 1] == "_"):
+        return None  # the name runs on in a non-ASCII word: not a name
+    key = text[start:stop]
+    if not (key[0].isalpha() or key[0] == "_") or not is_secret_key(key):
         return None
-    if value.lower() in _AUTH_SCHEME_WORDS:
+    value = _VALUE_AT.match(text, sep + 1)
+    if value is None:
+        return None
+    quoted = value.group(2)
+    raw = quoted if quoted is not None else value.group(3)
+    if not raw:
+        return None
+    if raw.lower() in _AUTH_SCHEME_WORDS:
         return None  # "Authorization: Bearer ..." - the scheme pass masks the rest
-    if _TOKEN_COUNT.fullmatch(value) and key.lower().rstrip("s").endswith("token"):
+    if _TOKEN_COUNT.fullmatch(raw) and key.lower().rstrip("s").endswith("token"):
         return None  # "token: 512" counts tokens
-    if quoted is not None:
-        quote = match.group(3)
-        return match.end() + len(value) + 2, f"{key}{match.group(2)}{quote}{REDACTED}{quote}"
-    return match.end() + len(value), f"{key}{match.group(2)}{REDACTED}"
+    value_start = value.start(2) if quoted is not None else value.start(3)
+    return value_start, value_start + len(raw)  # quotes, if any, stay
 
 
 def _mask_key_values(text: str) -> str:
     parts: list[str] = []
     done = 0
-    for match in _KEY_VALUE.finditer(text):
-        if match.start() < done:
+    for sep in _SEPARATOR.finditer(text):
+        if sep.start() < done:
             continue  # inside a value already masked
-        masked = _key_value_mask(match)
-        if masked is None:
+        found = _key_value_at(text, sep.start())
+        if found is None:
             continue
-        end, replacement = masked
-        parts.append(text[done : match.start()])
-        parts.append(replacement)
+        start, end = found
+        parts.append(text[done:start])
+        parts.append(REDACTED)
         done = end
     if not parts:
         return text
@@ -320,6 +353,10 @@ _KV_WORDS: Final = (
 )  # fmt: skip
 
 
+# One C-level scan instead of a Python loop of substring tests.
+_KV_HINT: Final = re.compile("|".join(map(re.escape, _KV_WORDS)))
+
+
 def _redact(text: str) -> str:
     if "PRIVATE KEY" in text:
         text = _PEM.sub(REDACTED, text)
@@ -335,12 +372,11 @@ def _redact(text: str) -> str:
         text = _AUTH_HEADER.sub(_keep_prefix, text)
     if "bearer" in lower or "basic" in lower or "token" in lower:
         text = _AUTH_SCHEME.sub(_auth_scheme, text)
-    if any(word in lower for word in _KV_WORDS):
+    if _KV_HINT.search(lower):
         text = _mask_key_values(text)
     if "sk-" in text:
         text = _SK_KEY.sub(_sk_key, text)
-    if any(mark in text for mark in _PROVIDER_MARKS):
-        text = _PROVIDER_TOKENS.sub(REDACTED, text)
+    text = _mask_provider_keys(text)
     return text
 
 
