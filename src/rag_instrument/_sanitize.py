@@ -376,8 +376,7 @@ def _redact(text: str) -> str:
         text = _mask_key_values(text)
     if "sk-" in text:
         text = _SK_KEY.sub(_sk_key, text)
-    text = _mask_provider_keys(text)
-    return text
+    return _mask_provider_keys(text)
 
 
 # Short strings repeat (stage names, span kinds, SQL shapes): remember the ones found clean.
