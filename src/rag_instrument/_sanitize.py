@@ -178,9 +178,7 @@ _SEPARATOR: Final = re.compile(r"[=:]")
 _VALUE_AT: Final = re.compile(
     r"""\s*(?!\[REDACTED)(?:(["'])([^"'\r\n]*)\1|(?!//)([^\s"'&,;}\])]+))"""
 )
-_NAME_CHARS: Final = frozenset(
-    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-"
-)
+_NAME_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 _MAX_NAME: Final = 81
 _TOKEN_COUNT: Final = re.compile(r"[0-9][0-9_,.]{0,9}")
 _AUTH_SCHEME_WORDS: Final = frozenset(
