@@ -147,7 +147,9 @@ def test_d_property_any_attribute_value_is_a_valid_attribute_or_omitted(value: A
     assert out is None or _valid_attribute(out)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(st.dictionaries(st.text(max_size=10), json_like, max_size=5), st.text(max_size=30))
 def test_d_property_any_log_fields_give_one_json_line(
     rag_capture: Capture, fields: dict[str, Any], event: str
