@@ -15,7 +15,13 @@ from rag_instrument import __version__
 
 __all__ = ["build_parser", "main"]
 
-_SUBCOMMANDS = ("rag_instrument.cli.demo", "rag_instrument.cli.db_doctor")
+_SUBCOMMANDS = (
+    "rag_instrument.cli.demo",
+    "rag_instrument.cli.db_doctor",
+    "rag_instrument.cli.analyze",
+    "rag_instrument.cli.compare",
+    "rag_instrument.cli.report",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

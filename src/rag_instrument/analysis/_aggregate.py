@@ -1,0 +1,613 @@
+"""The streaming aggregation behind ``analyze``, ``compare`` and ``report``.
+
+Each line is looked at as bytes first: a line that names none of the keys we use
+(``execution_time_ms``, the ``retrying`` and N+1 events, OTLP's ``resourceSpans``) is only
+checked to look like a JSON object, never parsed. The rest is parsed with orjson.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import Counter, OrderedDict
+from datetime import UTC, datetime
+from typing import Any, TypeGuard
+
+import orjson
+
+from rag_instrument.analysis import _otlp
+from rag_instrument.analysis._model import (
+    PIPELINE_ORDER,
+    TOTAL_STAGE,
+    Analysis,
+    Row,
+    Waterfall,
+)
+from rag_instrument.analysis._read import InputReport, Source, read_blocks
+from rag_instrument.analysis._stats import DEFAULT_MAX_VALUES, Sample, percentile
+
+__all__ = ["Aggregator", "parse_time"]
+
+_BY = ("stage", "event", "route")
+#: Traces sampled to find which stage runs inside which (from logs).
+_NEST_TRACES = 2000
+#: Traces kept open for the slowest-request waterfalls (report mode).
+_OPEN_TRACES = 4096
+_WATERFALLS = 8
+_SERIES_MAX = 200_000
+_NUMBER = (int, float)
+
+
+def parse_time(text: str) -> float:
+    """ISO 8601 (``Z`` or an offset; naive means UTC) to epoch seconds; ``ValueError`` if not."""
+    moment = datetime.fromisoformat(text.strip())
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+class _Group:
+    __slots__ = (
+        "budget_lines",
+        "cache_hits",
+        "cache_misses",
+        "cancelled",
+        "count",
+        "errors",
+        "kinds_ms",
+        "max_ms",
+        "over",
+        "sample",
+        "series",
+        "statuses",
+        "total_ms",
+    )
+
+    def __init__(self, max_values: int) -> None:
+        self.count = 0
+        self.errors = 0
+        self.cancelled = 0
+        self.total_ms = 0.0
+        self.max_ms = -math.inf
+        self.sample = Sample(max_values)
+        self.over = 0
+        self.budget_lines = 0
+        self.kinds_ms: dict[str, float] = {}
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.statuses: Counter[str] = Counter()
+        self.series: Sample | None = None
+
+
+def _check_shape(line: bytes, name: str, line_no: int, bad: Any) -> None:
+    stripped = line.strip()
+    if stripped and (stripped[:1] != b"{" or stripped[-1:] != b"}"):
+        bad(name, line_no, "not a JSON object")
+
+
+def _valid_ms(value: Any) -> TypeGuard[float]:
+    return type(value) in _NUMBER and 0 <= value < math.inf
+
+
+class Aggregator:
+    """Feed it inputs (or parsed lines), then call :meth:`result`.
+
+    Args:
+        by: ``stage``, ``event`` or ``route``.
+        budgets: milliseconds per group key (a stage, or a route as ``"POST /api/search"``).
+        since: keep only lines at or after this epoch time.
+        until: keep only lines before this epoch time.
+        max_values: values kept per group for exact percentiles (see ``_stats``).
+        details: also keep what the HTML report draws (series, waterfalls).
+    """
+
+    def __init__(
+        self,
+        by: str = "stage",
+        budgets: dict[str, float] | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        max_values: int = DEFAULT_MAX_VALUES,
+        details: bool = False,
+    ) -> None:
+        if by not in _BY:
+            raise ValueError(f"by must be one of {', '.join(_BY)}, got {by!r}")
+        self.by = by
+        self.budgets = dict(budgets or {})
+        self.learned_budgets: dict[str, float] = {}
+        self.since = since
+        self.until = until
+        self.max_values = max_values
+        self.details = details
+        self.report = InputReport()
+        self.groups: dict[str, _Group] = {}
+        self.used = 0
+        self.kinds: set[str] = set()
+        self.slow: dict[str, dict[str, Any]] = {}
+        self.n_plus_one: dict[str, dict[str, Any]] = {}
+        self.retries: Counter[tuple[str, str]] = Counter()
+        self.cache: dict[str, list[int]] = {}
+        self.exceeded: dict[str, Counter[str]] = {}
+        self.nest_traces: dict[str, list[tuple[str, float, float]]] = {}
+        #: OTLP span id -> (parent span id, stage or None), to nest stages.
+        self.otlp_spans: dict[str, tuple[str | None, str | None]] = {}
+        self.open_traces: OrderedDict[str, list[tuple[str, float, float]]] = OrderedDict()
+        self.slowest: list[tuple[float, str, list[tuple[str, float, float]]]] = []
+
+    # --- input -------------------------------------------------------------------------
+
+    def feed_source(self, source: Source) -> None:
+        """Read one input to the end."""
+        for first, lines, block in read_blocks(source, self.report):
+            self.feed_lines(source.name, first, lines, block)
+
+    def feed_lines(
+        self, name: str, first: int, lines: list[bytes], block: bytes | None = None
+    ) -> None:
+        """Aggregate a block of raw lines; ``first`` is the first one's line number.
+
+        Lines that name none of the keys used are not parsed, only checked to look like a
+        JSON object (``{...}``); the rest are parsed.
+        """
+        del block  # kept for callers: counting in C cost more than checking line by line
+        if self.by == "stage" and self.since is None and self.until is None and not self.details:
+            self._feed_stage_lines(name, first, lines)
+            return
+        loads = orjson.loads
+        decode_error = orjson.JSONDecodeError
+        bad = self.report.bad
+        line_no = first - 1
+        for line in lines:
+            line_no += 1
+            if b"execution_time_ms" not in line and b'"retrying"' not in line and (
+                b"n+1 query" not in line and b"resourceSpans" not in line
+            ):
+                if line[:1] != b"{" or line[-1:] != b"}":
+                    _check_shape(line, name, line_no, bad)
+                continue
+            try:
+                record = loads(line)
+            except decode_error:
+                bad(name, line_no, "not valid JSON (truncated or binary?)")
+                continue
+            if type(record) is not dict:
+                bad(name, line_no, "not a JSON object")
+                continue
+            problem = self.feed(record)
+            if problem:
+                bad(name, line_no, problem)
+
+    def _feed_stage_lines(self, name: str, first: int, lines: list[bytes]) -> None:
+        """The hot path of ``--by stage``: the stage lines handled inline."""
+        loads = orjson.loads
+        decode_error = orjson.JSONDecodeError
+        bad = self.report.bad
+        groups = self.groups
+        budgets = self.budgets
+        nest_traces = self.nest_traces
+        kinds = self.kinds
+        line_no = first - 1
+        for line in lines:
+            line_no += 1
+            if b"pipeline_stage" not in line:
+                if (
+                    b'"cache_hit"' in line
+                    or b'"retrying"' in line
+                    or b"budget exceeded" in line
+                    or b"resourceSpans" in line
+                ):
+                    try:
+                        record = loads(line)
+                    except decode_error:
+                        bad(name, line_no, "not valid JSON (truncated or binary?)")
+                        continue
+                    problem = (
+                        self.feed(record) if type(record) is dict else "not a JSON object"
+                    )
+                    if problem:
+                        bad(name, line_no, problem)
+                elif line[:1] != b"{" or line[-1:] != b"}":
+                    _check_shape(line, name, line_no, bad)
+                continue
+            try:
+                record = loads(line)
+            except decode_error:
+                bad(name, line_no, "not valid JSON (truncated or binary?)")
+                continue
+            if type(record) is not dict:
+                bad(name, line_no, "not a JSON object")
+                continue
+            context = record.get("context")
+            stage = context.get("pipeline_stage") if type(context) is dict else None
+            if type(stage) is not str or "execution_time_ms" not in record:
+                problem = self.feed(record)  # slow query / N+1 lines, app lines
+                if problem:
+                    bad(name, line_no, problem)
+                continue
+            ms = record["execution_time_ms"]
+            if type(ms) is not float and (type(ms) is not int or ms < 0):
+                bad(name, line_no, "execution_time_ms is not a non-negative number")
+                continue
+            if not 0.0 <= ms < math.inf:
+                bad(name, line_no, "execution_time_ms is not a non-negative number")
+                continue
+            kinds.add("log")
+            group = groups.get(stage)
+            if group is None:
+                group = groups[stage] = _Group(self.max_values)
+            self.used += 1
+            group.count += 1
+            group.total_ms += ms
+            group.max_ms = max(group.max_ms, ms)
+            group.sample.add(ms)
+            level = record.get("level")
+            if level != "info":
+                if level in {"error", "critical"}:
+                    group.errors += 1
+                elif "error_type" in record and level == "warning":
+                    group.cancelled += 1
+            budget = budgets.get(stage)
+            if budget is not None and ms > budget:
+                group.over += 1
+            breakdown = record.get("breakdown")
+            if breakdown:
+                self._breakdown(group, breakdown)
+            if len(nest_traces) < _NEST_TRACES or record.get("trace_id") in nest_traces:
+                self._place(stage, float(ms), record, None)
+            if "event" in record and record.get("logger") == "rag_instrument":
+                self._side(record["event"], record)
+
+    def feed(self, record: dict[str, Any]) -> str | None:
+        """Aggregate one parsed line; return what was wrong with it, if anything."""
+        if "resourceSpans" in record:
+            self.kinds.add("otlp")
+            return _otlp.feed(self, record)
+        self.kinds.add("log")
+        ts: float | None = None
+        if self.since is not None or self.until is not None:
+            ts = self._time(record)
+            if ts is None:
+                return "no usable timestamp"
+            if (self.since is not None and ts < self.since) or (
+                self.until is not None and ts >= self.until
+            ):
+                return None
+        event = record.get("event")
+        if "execution_time_ms" in record and (self.by != "route" or event == "request completed"):
+            ms = record["execution_time_ms"]
+            if not _valid_ms(ms):
+                return "execution_time_ms is not a non-negative number"
+            context = record.get("context")
+            stage = context.get("pipeline_stage") if type(context) is dict else None
+            key: Any
+            if self.by == "stage":
+                key = stage
+            elif self.by == "event":
+                key = event
+            else:
+                key = None
+                if event == "request completed":
+                    route = record.get("route") or "?"
+                    key = f"{record.get('method') or '?'} {route}"
+            if key is not None and type(key) is str:
+                self.run(key, float(ms), record, ts)
+                if self.by == "stage" and (self.details or len(self.nest_traces) < _NEST_TRACES):
+                    self._place(key, float(ms), record, ts)
+        if type(event) is str and record.get("logger") == "rag_instrument":
+            self._side(event, record)
+        return None
+
+    # --- groups ----------------------------------------------------------------------
+
+    def run(self, key: str, ms: float, record: dict[str, Any], ts: float | None) -> None:
+        """Count one run of ``key`` lasting ``ms`` (``record`` as a log line's fields)."""
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = _Group(self.max_values)
+        self.used += 1
+        group.count += 1
+        group.total_ms += ms
+        group.max_ms = max(group.max_ms, ms)
+        group.sample.add(ms)
+        level = record.get("level")
+        if level in {"error", "critical"}:
+            group.errors += 1
+        elif "error_type" in record and level == "warning":
+            group.cancelled += 1
+        status = record.get("status")
+        if type(status) is int:
+            group.statuses[f"{status // 100}xx"] += 1
+            if status >= 500 and level not in ("error", "critical"):
+                group.errors += 1
+        budget = self.budgets.get(key)
+        if budget is not None and ms > budget:
+            group.over += 1
+        breakdown = record.get("breakdown")
+        if type(breakdown) is dict:
+            self._breakdown(group, breakdown)
+        if self.details:
+            self._point(group, record, ts, ms)
+
+    def _breakdown(self, group: _Group, breakdown: dict[str, Any]) -> None:
+        kinds = group.kinds_ms
+        for kind, entry in breakdown.items():
+            if type(entry) is not dict:
+                continue
+            if kind == "cache":
+                hits, misses = entry.get("hits", 0), entry.get("misses", 0)
+                if type(hits) is int and type(misses) is int:
+                    group.cache_hits += hits
+                    group.cache_misses += misses
+                continue
+            ms = entry.get("ms")
+            if _valid_ms(ms):
+                kinds[kind] = kinds.get(kind, 0.0) + ms
+
+    def _point(self, group: _Group, record: dict[str, Any], ts: float | None, ms: float) -> None:
+        if ts is None:
+            ts = self._time(record)
+        if ts is None:
+            return
+        if group.series is None:
+            group.series = Sample(_SERIES_MAX)
+        # Two floats per point: time and value, interleaved in one array.
+        group.series.add(ts)
+        group.series.add(ms)
+
+    @staticmethod
+    def _time(record: dict[str, Any]) -> float | None:
+        text = record.get("timestamp")
+        if type(text) is not str:
+            return None
+        try:
+            return parse_time(text)
+        except ValueError:
+            return None
+
+    # --- nesting and waterfalls ---------------------------------------------------------
+
+    def _place(self, stage: str, ms: float, record: dict[str, Any], ts: float | None) -> None:
+        trace = record.get("trace_id")
+        if type(trace) is not str:
+            return
+        if ts is None:
+            ts = self._time(record)
+            if ts is None:
+                return
+        self.interval(trace, stage, ts * 1000.0 - ms, ts * 1000.0)
+
+    def interval(self, trace: str, stage: str, start_ms: float, end_ms: float) -> None:
+        """Note that ``stage`` ran from ``start_ms`` to ``end_ms`` (epoch ms) in ``trace``."""
+        entry = (stage, start_ms, end_ms)
+        runs = self.nest_traces.get(trace)
+        if runs is not None:
+            runs.append(entry)
+        elif len(self.nest_traces) < _NEST_TRACES:
+            self.nest_traces[trace] = [entry]
+        if not self.details:
+            return
+        open_runs = self.open_traces.get(trace)
+        if open_runs is None:
+            open_runs = self.open_traces[trace] = []
+            if len(self.open_traces) > _OPEN_TRACES:
+                self.open_traces.popitem(last=False)
+        open_runs.append(entry)
+        if stage == TOTAL_STAGE:
+            item = (end_ms - start_ms, trace, list(open_runs))
+            if len(self.slowest) < _WATERFALLS:
+                heapq.heappush(self.slowest, item)
+            elif item[0] > self.slowest[0][0]:
+                heapq.heapreplace(self.slowest, item)
+
+    def _parents(self) -> dict[str, str]:
+        if self.otlp_spans:
+            return _otlp.parents(self.otlp_spans)
+        votes: dict[str, Counter[str | None]] = {}
+        for runs in self.nest_traces.values():
+            for stage, start, end in runs:
+                best: tuple[float, str] | None = None
+                for other, o_start, o_end in runs:
+                    if other == stage:
+                        continue
+                    if o_start <= start + 0.01 and end <= o_end + 0.01:
+                        width = o_end - o_start
+                        if best is None or width < best[0]:
+                            best = (width, other)
+                votes.setdefault(stage, Counter())[best[1] if best else None] += 1
+        parents: dict[str, str] = {}
+        for stage, counter in votes.items():
+            parent, n = counter.most_common(1)[0]
+            if parent is not None and n * 2 > sum(counter.values()):
+                parents[stage] = parent
+        # A cycle (two stages each usually inside the other) is no nesting at all.
+        for stage in list(parents):
+            seen = {stage}
+            node = parents.get(stage)
+            while node is not None:
+                if node in seen:
+                    parents.pop(stage, None)
+                    break
+                seen.add(node)
+                node = parents.get(node)
+        return parents
+
+    # --- side tables -----------------------------------------------------------------
+
+    def _side(self, event: str, record: dict[str, Any]) -> None:
+        stage = record.get("stage") or record.get("pipeline_stage")
+        if event == "slow query":
+            shape = str(record.get("db.query.text") or record.get("statement") or "?")
+            ms = record.get("execution_time_ms")
+            entry = self.slow.setdefault(
+                shape, {"statement": shape, "count": 0, "total_ms": 0.0, "worst_ms": 0.0,
+                        "stages": set()}
+            )
+            entry["count"] += 1
+            if _valid_ms(ms):
+                entry["total_ms"] += ms
+                entry["worst_ms"] = max(entry["worst_ms"], ms)
+            if stage:
+                entry["stages"].add(str(stage))
+        elif event == "n+1 query detected":
+            what = str(record.get("relationship") or record.get("statement") or "?")
+            entry = self.n_plus_one.setdefault(
+                what, {"relationship": what, "warnings": 0, "max_count": 0, "stages": set()}
+            )
+            entry["warnings"] += 1
+            count = record.get("count")
+            if type(count) is int:
+                entry["max_count"] = max(entry["max_count"], count)
+            if stage:
+                entry["stages"].add(str(stage))
+        elif event == "retrying":
+            target = str(record.get("target") or "?")
+            self.retries[(target, str(record.get("error_type") or "?"))] += 1
+        elif event == "budget exceeded":
+            name = str(record.get("stage") or "?")
+            largest = record.get("largest")
+            if type(largest) is dict:
+                largest = largest.get("kind")
+            self.exceeded.setdefault(name, Counter())[str(largest or "-")] += 1
+            budget = record.get("budget_ms")
+            if _valid_ms(budget):
+                self.learned_budgets[name] = float(budget)
+        elif "cache_hit" in record:
+            namespace = str(
+                record.get("cache_namespace")
+                or "/".join(str(record.get(k) or "?") for k in ("provider", "model"))
+            )
+            counts = self.cache.setdefault(namespace, [0, 0])
+            counts[0] += record["cache_hit"] is True
+            counts[1] += 1
+
+    # --- result ----------------------------------------------------------------------
+
+    def result(self) -> Analysis:
+        """Rows in pipeline order with nesting, and the side tables."""
+        parents = self._parents() if self.by == "stage" else {}
+        order = _ordered(list(self.groups), parents)
+        rows: list[Row] = []
+        samples: dict[str, list[float]] = {}
+        series: dict[str, list[tuple[float, float]]] = {}
+        for key, depth in order:
+            group = self.groups[key]
+            values = group.sample.sorted()
+            samples[key] = values
+            rows.append(self._row(key, group, values, depth, parents.get(key)))
+            if group.series is not None:
+                flat = group.series.values
+                pairs = [(flat[i], flat[i + 1]) for i in range(0, len(flat) - 1, 2)]
+                series[key] = sorted(pairs)
+        return Analysis(
+            by=self.by,
+            rows=rows,
+            inputs=self.report,
+            slow_queries=sorted(
+                ({**e, "stages": sorted(e["stages"])} for e in self.slow.values()),
+                key=lambda e: -e["total_ms"],
+            ),
+            n_plus_one=sorted(
+                ({**e, "stages": sorted(e["stages"])} for e in self.n_plus_one.values()),
+                key=lambda e: -e["warnings"],
+            ),
+            retries=[
+                {"target": t, "error_type": e, "retries": n}
+                for (t, e), n in self.retries.most_common()
+            ],
+            cache=[
+                {"namespace": ns, "hits": h, "lookups": n, "hit_ratio": h / n if n else None}
+                for ns, (h, n) in sorted(self.cache.items())
+            ],
+            budget_exceeded=[
+                {"stage": s, "times": sum(c.values()), "largest": dict(c.most_common())}
+                for s, c in self.exceeded.items()
+            ],
+            samples=samples,
+            series=series,
+            waterfalls=self._waterfalls(parents),
+            used=self.used,
+            kinds=self.kinds,
+        )
+
+    def _row(
+        self, key: str, group: _Group, values: list[float], depth: int, parent: str | None
+    ) -> Row:
+        count = group.count
+        budget = self.budgets.get(key)
+        over: int | None = group.over
+        if budget is None:
+            # The budget the log itself reports ("budget exceeded" lines carry budget_ms).
+            budget = self.learned_budgets.get(key)
+            if budget is None:
+                over = None
+            elif group.sample.exact:
+                over = sum(1 for v in values if v > budget)
+            else:
+                over = self.exceeded.get(key, Counter()).total()
+        lookups = group.cache_hits + group.cache_misses
+        return Row(
+            key=key,
+            count=count,
+            errors=group.errors,
+            cancelled=group.cancelled,
+            avg_ms=group.total_ms / count,
+            p50_ms=percentile(values, 50),
+            p95_ms=percentile(values, 95),
+            p99_ms=percentile(values, 99),
+            max_ms=group.max_ms,
+            budget_ms=budget,
+            over_budget=over,
+            breakdown_ms={k: v / count for k, v in sorted(group.kinds_ms.items())},
+            breakdown_share={
+                k: (v / group.total_ms if group.total_ms else 0.0)
+                for k, v in sorted(group.kinds_ms.items())
+            },
+            cache_hit_ratio=group.cache_hits / lookups if lookups else None,
+            depth=depth,
+            parent=parent,
+            is_total=self.by == "stage" and key == TOTAL_STAGE,
+            exact=group.sample.exact,
+            statuses=dict(sorted(group.statuses.items())),
+        )
+
+    def _waterfalls(self, parents: dict[str, str]) -> list[Waterfall]:
+        out = []
+        for total, trace, runs in sorted(self.slowest, reverse=True):
+            total_run = max((r for r in runs if r[0] == TOTAL_STAGE), key=lambda r: r[2] - r[1])
+            origin, end = total_run[1], total_run[2]
+            stages = []
+            for stage, start, stop in sorted(runs, key=lambda r: r[1]):
+                if start < origin - 0.01 or stop > end + 0.01:
+                    continue  # another request's run under the same trace id
+                depth, node = 0, parents.get(stage)
+                while node is not None and depth < 16:
+                    depth, node = depth + 1, parents.get(node)
+                stages.append((stage, start - origin, stop - start, depth))
+            out.append(Waterfall(trace_id=trace, total_ms=total, stages=stages))
+        return out
+
+
+def _ordered(keys: list[str], parents: dict[str, str]) -> list[tuple[str, int]]:
+    """Keys as a tree: pipeline order first, then by first appearance; with depths."""
+    first = {key: i for i, key in enumerate(keys)}
+
+    def rank(key: str) -> tuple[int, int]:
+        if key == TOTAL_STAGE:
+            return (0, 0)
+        if key in PIPELINE_ORDER:
+            return (1, PIPELINE_ORDER.index(key))
+        return (2, first[key])
+
+    children: dict[str | None, list[str]] = {}
+    for key in keys:
+        parent = parents.get(key)
+        children.setdefault(parent if parent in first else None, []).append(key)
+    out: list[tuple[str, int]] = []
+
+    def walk(node: str | None, depth: int) -> None:
+        for child in sorted(children.get(node, []), key=rank):
+            out.append((child, depth))
+            walk(child, depth + 1)
+
+    walk(None, 0)
+    return out

@@ -1,0 +1,141 @@
+"""Reading logs: files, globs, ``-`` for stdin, gzip, in bounded chunks of lines.
+
+Nothing is read whole: a file is read in blocks of :data:`BLOCK` bytes and handed out as
+lists of complete lines, so memory stays at a few blocks whatever the file's size.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+__all__ = ["BLOCK", "InputReport", "Source", "expand", "read_blocks"]
+
+#: Bytes read at a time.
+BLOCK = 1 << 20
+#: A line longer than this is not a log line we can use: it is skipped, and counted.
+MAX_LINE = 16 << 20
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+@dataclass
+class Source:
+    """One input: a path, or ``-`` for standard input."""
+
+    name: str
+
+    def open(self) -> BinaryIO:
+        """Open for reading bytes, decompressing gzip (by content, whatever the name)."""
+        if self.name == "-":
+            raw: BinaryIO = sys.stdin.buffer
+        else:
+            raw = open(self.name, "rb")  # noqa: SIM115 - closed by the caller
+        peekable = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)  # type: ignore[type-var]
+        if peekable.peek(2)[:2] == _GZIP_MAGIC:
+            return gzip.GzipFile(fileobj=peekable, mode="rb")  # type: ignore[return-value]
+        return peekable
+
+
+@dataclass
+class InputReport:
+    """What reading went like: counted, never fatal."""
+
+    files: int = 0
+    lines: int = 0
+    bad_lines: int = 0
+    #: First offending line number per input, with what was wrong.
+    first_bad: dict[str, tuple[int, str]] = field(default_factory=dict)
+    #: Inputs that could not be opened or read, with the reason.
+    unreadable: dict[str, str] = field(default_factory=dict)
+
+    def bad(self, source: str, line_no: int, why: str) -> None:
+        """Count one unusable line."""
+        self.bad_lines += 1
+        if source not in self.first_bad:
+            self.first_bad[source] = (line_no, why)
+
+    def merge(self, other: InputReport) -> None:
+        """Add another report's counts to this one."""
+        self.files += other.files
+        self.lines += other.lines
+        self.bad_lines += other.bad_lines
+        for key, value in other.first_bad.items():
+            self.first_bad.setdefault(key, value)
+        self.unreadable.update(other.unreadable)
+
+
+def expand(patterns: list[str]) -> tuple[list[Source], list[str]]:
+    """Expand globs; return the inputs and the patterns that matched nothing."""
+    sources: list[Source] = []
+    missing: list[str] = []
+    seen: set[str] = set()
+    for pattern in patterns:
+        if pattern == "-":
+            sources.append(Source("-"))
+            continue
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+            matches = [m for m in matches if os.path.isfile(m)]
+        else:
+            matches = [pattern]
+        if not matches:
+            missing.append(pattern)
+        for match in matches:
+            if match not in seen:
+                seen.add(match)
+                sources.append(Source(match))
+    return sources, missing
+
+
+def read_blocks(
+    source: Source, report: InputReport
+) -> Iterator[tuple[int, list[bytes], bytes]]:
+    """Yield ``(number of the first line, lines, the lines as one block)`` for one input.
+
+    Lines come without their line endings; the block is the same bytes joined by newlines.
+
+    An input that cannot be opened or fails midway (a truncated gzip member, an I/O
+    error) is recorded in ``report.unreadable``; what was read before the failure counts.
+    """
+    try:
+        stream = source.open()
+    except OSError as exc:
+        report.unreadable[source.name] = exc.strerror or type(exc).__name__
+        return
+    report.files += 1
+    line_no = 1
+    tail = b""
+    try:
+        with stream:
+            while True:
+                try:
+                    block = stream.read(BLOCK)
+                except (OSError, EOFError, gzip.BadGzipFile) as exc:
+                    report.unreadable[source.name] = f"read failed after line {line_no - 1}: {exc}"
+                    break
+                if not block:
+                    break
+                data = tail + block if tail else block
+                cut = data.rfind(b"\n")
+                if cut < 0:
+                    tail = data
+                    if len(tail) > MAX_LINE:
+                        report.bad(source.name, line_no, "line too long")
+                        tail = b""
+                    continue
+                body, tail = data[:cut], data[cut + 1 :]
+                lines = body.split(b"\n")
+                report.lines += len(lines)
+                yield line_no, lines, body
+                line_no += len(lines)
+            if tail:
+                report.lines += 1
+                yield line_no, [tail], tail
+    except OSError as exc:
+        report.unreadable[source.name] = exc.strerror or type(exc).__name__
