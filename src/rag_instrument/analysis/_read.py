@@ -6,11 +6,13 @@ lists of complete lines, so memory stays at a few blocks whatever the file's siz
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import io
 import os
 import sys
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -30,16 +32,22 @@ class Source:
 
     name: str
 
-    def open(self) -> BinaryIO:
-        """Open for reading bytes, decompressing gzip (by content, whatever the name)."""
-        if self.name == "-":
-            raw: BinaryIO = sys.stdin.buffer
-        else:
-            raw = open(self.name, "rb")  # noqa: SIM115 - closed by the caller
-        peekable = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)  # type: ignore[type-var]
-        if peekable.peek(2)[:2] == _GZIP_MAGIC:
-            return gzip.GzipFile(fileobj=peekable, mode="rb")  # type: ignore[return-value]
-        return peekable
+    @contextlib.contextmanager
+    def open(self) -> Iterator[BinaryIO]:
+        """Open for reading bytes, decompressing gzip (by content, whatever the name).
+
+        Standard input is read but never closed.
+        """
+        raw: BinaryIO = sys.stdin.buffer if self.name == "-" else open(self.name, "rb")  # noqa: SIM115
+        try:
+            peekable = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)  # type: ignore[type-var]
+            if peekable.peek(2)[:2] == _GZIP_MAGIC:
+                yield gzip.GzipFile(fileobj=peekable, mode="rb")  # type: ignore[misc]
+            else:
+                yield peekable
+        finally:
+            if self.name != "-":
+                raw.close()
 
 
 @dataclass
@@ -103,20 +111,15 @@ def read_blocks(
     An input that cannot be opened or fails midway (a truncated gzip member, an I/O
     error) is recorded in ``report.unreadable``; what was read before the failure counts.
     """
-    try:
-        stream = source.open()
-    except OSError as exc:
-        report.unreadable[source.name] = exc.strerror or type(exc).__name__
-        return
-    report.files += 1
     line_no = 1
     tail = b""
     try:
-        with stream:
+        with source.open() as stream:
+            report.files += 1
             while True:
                 try:
                     block = stream.read(BLOCK)
-                except (OSError, EOFError, gzip.BadGzipFile) as exc:
+                except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
                     report.unreadable[source.name] = f"read failed after line {line_no - 1}: {exc}"
                     break
                 if not block:
