@@ -95,13 +95,13 @@ def test_table_json_and_csv_agree(tmp_path: Path, capsys: pytest.CaptureFixture[
 
     status, out, _ = run_cli([str(log)], capsys)
     assert status == 0
-    header, rule, first, second = out.splitlines()[:4]
+    header, _rule, first, second = out.splitlines()[:4]
     assert header.split()[:3] == ["stage", "runs", "errors"]
     assert "\x1b[" not in out  # not a terminal: no colour
     assert first.split()[:3] == ["retrieval", "100", "0"]
     assert second.split()[:3] == ["generation", "2", "1"]
-    # Aligned: every row's columns end where the header's do.
-    assert len(first.rstrip()) == len(header.rstrip()) or first.index("100") > 0
+    # Aligned: the numbers end where their column's header ends.
+    assert first.index("100") + 3 == header.index("runs") + 4
 
 
 def test_inputs_globs_gzip_stdin_and_several_files(
@@ -219,7 +219,7 @@ def test_pipeline_order_nesting_and_the_whole_request(
         ("custom_guardrail", 1),
     ]
     assert [r.key for r in result.rows if r.is_total] == ["search"]
-    status, out, _ = run_cli([str(log)], capsys)
+    _, out, _ = run_cli([str(log)], capsys)
     assert "search (whole request)" in out
     assert "\n    embedding " in out
 
