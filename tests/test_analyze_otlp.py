@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-from support.collector_file import write_collector_file
-from support.otlp_receiver import OTLPReceiver
 
 import rag_instrument as ri
 from rag_instrument import _breakdown
 from rag_instrument.analysis import analyze
 from rag_instrument.cli.__main__ import main
+from support.collector_file import write_collector_file
+from support.otlp_receiver import OTLPReceiver
 
 
 def _run_pipeline(requests: int) -> None:
@@ -27,7 +27,7 @@ def _run_pipeline(requests: int) -> None:
                 with ri.stage("generation"):
                     _breakdown.record("llm", 3.0)
                     if i % 4 == 0:
-                        raise TimeoutError("model timed out")
+                        raise TimeoutError("model timed out")  # noqa: TRY301
             except TimeoutError:
                 pass
 
@@ -50,7 +50,8 @@ def test_collector_file_gives_the_same_table_as_the_log(
 
     first = json.loads(spans_file.read_text().splitlines()[0])
     some_span = first["resourceSpans"][0]["scopeSpans"][0]["spans"][0]
-    assert len(some_span["traceId"]) == 32 and len(some_span["spanId"]) == 16
+    assert len(some_span["traceId"]) == 32
+    assert len(some_span["spanId"]) == 16
     assert isinstance(some_span["startTimeUnixNano"], str)
 
     from_log = {r.key: r for r in analyze([str(log)]).rows}
