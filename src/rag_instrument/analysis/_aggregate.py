@@ -178,32 +178,45 @@ class Aggregator:
                 bad(name, line_no, problem)
 
     def _feed_stage_lines(self, name: str, first: int, lines: list[bytes]) -> None:
-        """The hot path of ``--by stage``: the stage lines handled inline."""
+        """The hot path of ``--by stage``: stage lines and LLM lines handled inline."""
         loads = orjson.loads
         decode_error = orjson.JSONDecodeError
         bad = self.report.bad
         groups = self.groups
         budgets = self.budgets
         nest_traces = self.nest_traces
-        kinds = self.kinds
+        cache = self.cache
+        used = 0
         line_no = first - 1
         for line in lines:
             line_no += 1
             if b"pipeline_stage" not in line:
-                if (
-                    b'"cache_hit"' in line
-                    or b'"retrying"' in line
-                    or b"budget exceeded" in line
-                    or b"resourceSpans" in line
+                if b'"cache_hit"' in line:
+                    try:
+                        record = loads(line)
+                    except decode_error:
+                        bad(name, line_no, "not valid JSON (truncated or binary?)")
+                        continue
+                    if type(record) is dict and record.get("logger") == "rag_instrument":
+                        namespace = record.get("cache_namespace") or (
+                            f"{record.get('provider') or '?'}/{record.get('model') or '?'}"
+                        )
+                        counts = cache.get(namespace)
+                        if counts is None:
+                            counts = cache[namespace] = [0, 0]
+                        counts[0] += record["cache_hit"] is True
+                        counts[1] += 1
+                    elif type(record) is not dict:
+                        bad(name, line_no, "not a JSON object")
+                elif (
+                    b'"retrying"' in line or b"budget exceeded" in line or b"resourceSpans" in line
                 ):
                     try:
                         record = loads(line)
                     except decode_error:
                         bad(name, line_no, "not valid JSON (truncated or binary?)")
                         continue
-                    problem = (
-                        self.feed(record) if type(record) is dict else "not a JSON object"
-                    )
+                    problem = self.feed(record) if type(record) is dict else "not a JSON object"
                     if problem:
                         bad(name, line_no, problem)
                 elif line[:1] != b"{" or line[-1:] != b"}":
@@ -225,37 +238,50 @@ class Aggregator:
                     bad(name, line_no, problem)
                 continue
             ms = record["execution_time_ms"]
-            if type(ms) is not float and (type(ms) is not int or ms < 0):
+            if (type(ms) is not float and type(ms) is not int) or not 0.0 <= ms < math.inf:
                 bad(name, line_no, "execution_time_ms is not a non-negative number")
                 continue
-            if not 0.0 <= ms < math.inf:
-                bad(name, line_no, "execution_time_ms is not a non-negative number")
-                continue
-            kinds.add("log")
             group = groups.get(stage)
             if group is None:
                 group = groups[stage] = _Group(self.max_values)
-            self.used += 1
+            used += 1
             group.count += 1
             group.total_ms += ms
-            group.max_ms = max(group.max_ms, ms)
-            group.sample.add(ms)
+            if ms > group.max_ms:
+                group.max_ms = ms
+            sample = group.sample
+            if sample.seen < sample.max_values:
+                sample.seen += 1
+                sample.values.append(ms)
+            else:
+                sample.add(ms)
             level = record.get("level")
             if level != "info":
                 if level in {"error", "critical"}:
                     group.errors += 1
                 elif "error_type" in record and level == "warning":
                     group.cancelled += 1
-            budget = budgets.get(stage)
-            if budget is not None and ms > budget:
-                group.over += 1
+            if budgets:
+                budget = budgets.get(stage)
+                if budget is not None and ms > budget:
+                    group.over += 1
             breakdown = record.get("breakdown")
-            if breakdown:
-                self._breakdown(group, breakdown)
+            if breakdown and type(breakdown) is dict:
+                kinds_ms = group.kinds_ms
+                for kind, entry in breakdown.items():
+                    if type(entry) is not dict:
+                        continue
+                    if kind == "cache":
+                        self._cache_counts(group, entry)
+                        continue
+                    part = entry.get("ms")
+                    if (type(part) is float or type(part) is int) and 0 <= part < math.inf:
+                        kinds_ms[kind] = kinds_ms.get(kind, 0.0) + part
             if len(nest_traces) < _NEST_TRACES or record.get("trace_id") in nest_traces:
                 self._place(stage, float(ms), record, None)
-            if "event" in record and record.get("logger") == "rag_instrument":
-                self._side(record["event"], record)
+        if used:
+            self.used += used
+            self.kinds.add("log")
 
     def feed(self, record: dict[str, Any]) -> str | None:
         """Aggregate one parsed line; return what was wrong with it, if anything."""
@@ -334,14 +360,18 @@ class Aggregator:
             if type(entry) is not dict:
                 continue
             if kind == "cache":
-                hits, misses = entry.get("hits", 0), entry.get("misses", 0)
-                if type(hits) is int and type(misses) is int:
-                    group.cache_hits += hits
-                    group.cache_misses += misses
+                self._cache_counts(group, entry)
                 continue
             ms = entry.get("ms")
             if _valid_ms(ms):
                 kinds[kind] = kinds.get(kind, 0.0) + ms
+
+    @staticmethod
+    def _cache_counts(group: _Group, entry: dict[str, Any]) -> None:
+        hits, misses = entry.get("hits", 0), entry.get("misses", 0)
+        if type(hits) is int and type(misses) is int and hits >= 0 and misses >= 0:
+            group.cache_hits += hits
+            group.cache_misses += misses
 
     def _point(self, group: _Group, record: dict[str, Any], ts: float | None, ms: float) -> None:
         if ts is None:
@@ -406,10 +436,16 @@ class Aggregator:
         for runs in self.nest_traces.values():
             for stage, start, end in runs:
                 best: tuple[float, str] | None = None
+                # A line's start is its timestamp minus its duration: a few tens of
+                # microseconds late (the time to write the line). A stage holds another when
+                # it ended no earlier and started no later, within that slack (at most
+                # half the inner stage's duration, so that a short stage is never "inside"
+                # the sibling that starts right after it).
+                slack = max(0.05, min(0.5, (end - start) / 2))
                 for other, o_start, o_end in runs:
                     if other == stage:
                         continue
-                    if o_start <= start + 0.01 and end <= o_end + 0.01:
+                    if o_start <= start + slack and end <= o_end:
                         width = o_end - o_start
                         if best is None or width < best[0]:
                             best = (width, other)
@@ -474,7 +510,7 @@ class Aggregator:
         elif "cache_hit" in record:
             namespace = str(
                 record.get("cache_namespace")
-                or "/".join(str(record.get(k) or "?") for k in ("provider", "model"))
+                or f"{record.get('provider') or '?'}/{record.get('model') or '?'}"
             )
             counts = self.cache.setdefault(namespace, [0, 0])
             counts[0] += record["cache_hit"] is True

@@ -39,7 +39,7 @@ __all__ = [
 DIMENSIONS = 64
 #: The slow statement: a recursive count that takes tens of milliseconds on any engine.
 SLOW_SQL = (
-    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 100000) "
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 200000) "
     "SELECT count(*) FROM c"
 )
 _TOPICS = ("postgres", "milvus", "embeddings", "reranking", "caching", "budgets")
@@ -266,7 +266,7 @@ async def open_corpus(
             prefix = f"rag_demo_{seed}_{int(time.time() * 1000) % 10**8}_"
         corpus.engine = engine
         corpus.models = _orm(prefix)
-        ri.instrument_sqlalchemy(engine, slow_query_ms=15.0, n_plus_one_threshold=5)
+        ri.instrument_sqlalchemy(engine, slow_query_ms=25.0, n_plus_one_threshold=5)
         corpus.models["base"].metadata.create_all(engine)
     await _ingest(corpus, docs, rng)
     return corpus

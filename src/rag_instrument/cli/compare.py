@@ -16,7 +16,7 @@ __all__ = ["add_parser", "render_changes", "run"]
 
 TEST_HELP = (
     "Beyond noise means a two-sided Mann-Whitney U test (rank-sum; normal approximation with "
-    "tie and continuity corrections, computed with Python's statistics.NormalDist) gives "
+    "tie and continuity corrections, the normal tail from Python's math.erfc) gives "
     f"p < {ALPHA} (--alpha) between the baseline's and the candidate's durations of that group."
 )
 

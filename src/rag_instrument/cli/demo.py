@@ -102,7 +102,12 @@ def run_demo(
     index: VectorIndex | None = None,
     progress: TextIO | None = None,
 ) -> Analysis:
-    """Run the demo application, write its JSON log (and report); return the analysis."""
+    """Run the demo application, write its JSON log (and report); return the analysis.
+
+    An existing ``log_file`` is replaced.
+    """
+    if log_file.exists():
+        log_file.unlink()
     # Explicit settings: an environment set up for an application (RAG_INSTRUMENT_ENABLED,
     # _LOG_LEVEL, _LOG_FORMAT ...) must not empty the demo's table.
     ri.configure(
@@ -138,8 +143,6 @@ def run(args: argparse.Namespace) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log_file = Path(args.log_file or f"rag-demo-{stamp}.jsonl")
     report = Path(args.report)
-    if log_file.exists():
-        log_file.unlink()
     try:
         import sqlalchemy  # noqa: F401
     except ImportError:
