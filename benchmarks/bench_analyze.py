@@ -56,7 +56,9 @@ def generate(path: Path, lines: int, seed: int = 1) -> None:
                     out.write(orjson.dumps({**head, **record}) + b"\n")
                     written += 1
 
-            def base(event: str, level: str = "info", logger: str = "rag_instrument") -> dict:
+            def base(
+                event: str, level: str = "info", logger: str = "rag_instrument", trace: str = trace
+            ) -> dict:
                 return {"level": level, "event": event, "logger": logger, "trace_id": trace,
                         "span_id": f"{rng.getrandbits(64):016x}"}
 

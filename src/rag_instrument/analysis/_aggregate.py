@@ -247,7 +247,7 @@ class Aggregator:
             used += 1
             group.count += 1
             group.total_ms += ms
-            if ms > group.max_ms:
+            if ms > group.max_ms:  # noqa: PLR1730 - a comparison is cheaper than max() here
                 group.max_ms = ms
             sample = group.sample
             if sample.seen < sample.max_values:
