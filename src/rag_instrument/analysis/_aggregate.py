@@ -17,12 +17,11 @@ import orjson
 
 from rag_instrument.analysis import _otlp
 from rag_instrument.analysis._model import (
-    PIPELINE_ORDER,
     TOTAL_STAGE,
     Analysis,
     Row,
-    Waterfall,
 )
+from rag_instrument.analysis._nesting import ordered, parents_from_intervals, waterfalls
 from rag_instrument.analysis._read import InputReport, Source, read_blocks
 from rag_instrument.analysis._stats import DEFAULT_MAX_VALUES, Sample, percentile
 
@@ -432,42 +431,7 @@ class Aggregator:
     def _parents(self) -> dict[str, str]:
         if self.otlp_spans:
             return _otlp.parents(self.otlp_spans)
-        votes: dict[str, Counter[str | None]] = {}
-        for runs in self.nest_traces.values():
-            for stage, start, end in runs:
-                best: tuple[float, str] | None = None
-                # A line's start is its timestamp minus its duration: a few tens of
-                # microseconds late (the time to write the line). A stage holds another when
-                # it ended no earlier and started no later, within that slack (at most
-                # half the inner stage's duration, so that a short stage is never "inside"
-                # the sibling that starts right after it).
-                slack = max(0.05, min(0.5, (end - start) / 2))
-                for other, o_start, o_end in runs:
-                    if other == stage:
-                        continue
-                    if o_start <= start + slack and end <= o_end:
-                        width = o_end - o_start
-                        if best is None or width < best[0]:
-                            best = (width, other)
-                votes.setdefault(stage, Counter())[best[1] if best else None] += 1
-        parents: dict[str, str] = {}
-        for stage, counter in votes.items():
-            parent, n = counter.most_common(1)[0]
-            if parent is not None and n * 2 > sum(counter.values()):
-                parents[stage] = parent
-        # A cycle (two stages each usually inside the other) is no nesting at all.
-        for stage in list(parents):
-            seen = {stage}
-            node = parents.get(stage)
-            while node is not None:
-                if node in seen:
-                    parents.pop(stage, None)
-                    break
-                seen.add(node)
-                node = parents.get(node)
-        return parents
-
-    # --- side tables -----------------------------------------------------------------
+        return parents_from_intervals(self.nest_traces)
 
     def _side(self, event: str, record: dict[str, Any]) -> None:
         stage = record.get("stage") or record.get("pipeline_stage")
@@ -521,7 +485,7 @@ class Aggregator:
     def result(self) -> Analysis:
         """Rows in pipeline order with nesting, and the side tables."""
         parents = self._parents() if self.by == "stage" else {}
-        order = _ordered(list(self.groups), parents)
+        order = ordered(list(self.groups), parents)
         rows: list[Row] = []
         samples: dict[str, list[float]] = {}
         series: dict[str, list[tuple[float, float]]] = {}
@@ -560,7 +524,7 @@ class Aggregator:
             ],
             samples=samples,
             series=series,
-            waterfalls=self._waterfalls(parents),
+            waterfalls=waterfalls(self.slowest, parents),
             used=self.used,
             kinds=self.kinds,
         )
@@ -605,45 +569,3 @@ class Aggregator:
             exact=group.sample.exact,
             statuses=dict(sorted(group.statuses.items())),
         )
-
-    def _waterfalls(self, parents: dict[str, str]) -> list[Waterfall]:
-        out = []
-        for total, trace, runs in sorted(self.slowest, reverse=True):
-            total_run = max((r for r in runs if r[0] == TOTAL_STAGE), key=lambda r: r[2] - r[1])
-            origin, end = total_run[1], total_run[2]
-            stages = []
-            for stage, start, stop in sorted(runs, key=lambda r: r[1]):
-                if start < origin - 0.01 or stop > end + 0.01:
-                    continue  # another request's run under the same trace id
-                depth, node = 0, parents.get(stage)
-                while node is not None and depth < 16:
-                    depth, node = depth + 1, parents.get(node)
-                stages.append((stage, start - origin, stop - start, depth))
-            out.append(Waterfall(trace_id=trace, total_ms=total, stages=stages))
-        return out
-
-
-def _ordered(keys: list[str], parents: dict[str, str]) -> list[tuple[str, int]]:
-    """Keys as a tree: pipeline order first, then by first appearance; with depths."""
-    first = {key: i for i, key in enumerate(keys)}
-
-    def rank(key: str) -> tuple[int, int]:
-        if key == TOTAL_STAGE:
-            return (0, 0)
-        if key in PIPELINE_ORDER:
-            return (1, PIPELINE_ORDER.index(key))
-        return (2, first[key])
-
-    children: dict[str | None, list[str]] = {}
-    for key in keys:
-        parent = parents.get(key)
-        children.setdefault(parent if parent in first else None, []).append(key)
-    out: list[tuple[str, int]] = []
-
-    def walk(node: str | None, depth: int) -> None:
-        for child in sorted(children.get(node, []), key=rank):
-            out.append((child, depth))
-            walk(child, depth + 1)
-
-    walk(None, 0)
-    return out
