@@ -15,7 +15,7 @@ from typing import Any, TypeGuard
 
 import orjson
 
-from rag_instrument.analysis import _otlp
+from rag_instrument.analysis import _otlp, _parallel
 from rag_instrument.analysis._model import (
     TOTAL_STAGE,
     Analysis,
@@ -30,6 +30,10 @@ __all__ = ["Aggregator", "parse_time"]
 _BY = ("stage", "event", "route")
 #: Traces sampled to find which stage runs inside which (from logs).
 _NEST_TRACES = 2000
+#: ... within the first this many stage lines.
+_NEST_LINES = 20_000
+#: Where an "info" line of the library's own layout says so (after a 27-character timestamp).
+_INFO_HEAD = b'","level":"info","event":"'
 #: Traces kept open for the slowest-request waterfalls (report mode).
 _OPEN_TRACES = 4096
 _WATERFALLS = 8
@@ -81,7 +85,7 @@ class _Group:
 def _check_shape(line: bytes, name: str, line_no: int, bad: Any) -> None:
     stripped = line.strip()
     if stripped and (stripped[:1] != b"{" or stripped[-1:] != b"}"):
-        bad(name, line_no, "not a JSON object")
+        bad(name, line_no, "not a JSON object (truncated or binary?)")
 
 
 def _valid_ms(value: Any) -> TypeGuard[float]:
@@ -128,6 +132,8 @@ class Aggregator:
         self.cache: dict[str, list[int]] = {}
         self.exceeded: dict[str, Counter[str]] = {}
         self.nest_traces: dict[str, list[tuple[str, float, float]]] = {}
+        #: Stage lines still to parse whole, to sample which stage runs inside which.
+        self.nest_left = _NEST_LINES
         #: OTLP span id -> (parent span id, stage or None), to nest stages.
         self.otlp_spans: dict[str, tuple[str | None, str | None]] = {}
         self.open_traces: OrderedDict[str, list[tuple[str, float, float]]] = OrderedDict()
@@ -135,8 +141,25 @@ class Aggregator:
 
     # --- input -------------------------------------------------------------------------
 
-    def feed_source(self, source: Source) -> None:
-        """Read one input to the end."""
+    def options(self) -> dict[str, Any]:
+        """The constructor's arguments (a worker process builds its own aggregator)."""
+        return {
+            "by": self.by,
+            "budgets": self.budgets,
+            "since": self.since,
+            "until": self.until,
+            "max_values": self.max_values,
+            "details": self.details,
+        }
+
+    def feed_source(self, source: Source, jobs: int = 1) -> None:
+        """Read one input to the end; a large plain file with up to ``jobs`` processes.
+
+        The HTML report's details (series, waterfalls) are always read by one process.
+        """
+        if not self.details and _parallel.worth_it(source, jobs):
+            _parallel.feed_parallel(self, source, jobs)
+            return
         for first, lines, block in read_blocks(source, self.report):
             self.feed_lines(source.name, first, lines, block)
 
@@ -184,29 +207,35 @@ class Aggregator:
         groups = self.groups
         budgets = self.budgets
         nest_traces = self.nest_traces
-        cache = self.cache
+        nest_left = self.nest_left
         used = 0
         line_no = first - 1
         for line in lines:
             line_no += 1
-            if b"pipeline_stage" not in line:
+            record = None
+            info = False
+            if line.startswith(_INFO_HEAD, 41) and line.startswith(b'{"timestamp":"'):
+                # An "info" line in the library's own layout: what it is shows at fixed
+                # places, so it is classified without scanning it all, and only the part
+                # of it that is used gets parsed.
+                at = line.find(b',"context":{', 67)
+                if at > 0 and line.startswith(b'"pipeline_stage":"', at + 12):
+                    if nest_left <= 0:  # (while sampling nesting, the ids are needed too)
+                        try:
+                            record = loads(b"{" + line[at + 1 :])
+                            info = True
+                        except decode_error:
+                            record = None  # parsed whole below, and reported
+                elif line.startswith(b'llm call completed"', 67):
+                    self._llm_line(line, name, line_no)
+                    continue
+                else:
+                    if line[-1:] != b"}":
+                        _check_shape(line, name, line_no, bad)
+                    continue
+            elif b"pipeline_stage" not in line:
                 if b'"cache_hit"' in line:
-                    try:
-                        record = loads(line)
-                    except decode_error:
-                        bad(name, line_no, "not valid JSON (truncated or binary?)")
-                        continue
-                    if type(record) is dict and record.get("logger") == "rag_instrument":
-                        namespace = record.get("cache_namespace") or (
-                            f"{record.get('provider') or '?'}/{record.get('model') or '?'}"
-                        )
-                        counts = cache.get(namespace)
-                        if counts is None:
-                            counts = cache[namespace] = [0, 0]
-                        counts[0] += record["cache_hit"] is True
-                        counts[1] += 1
-                    elif type(record) is not dict:
-                        bad(name, line_no, "not a JSON object")
+                    self._llm_line(line, name, line_no)
                 elif (
                     b'"retrying"' in line or b"budget exceeded" in line or b"resourceSpans" in line
                 ):
@@ -221,14 +250,15 @@ class Aggregator:
                 elif line[:1] != b"{" or line[-1:] != b"}":
                     _check_shape(line, name, line_no, bad)
                 continue
-            try:
-                record = loads(line)
-            except decode_error:
-                bad(name, line_no, "not valid JSON (truncated or binary?)")
-                continue
-            if type(record) is not dict:
-                bad(name, line_no, "not a JSON object")
-                continue
+            if record is None:
+                try:
+                    record = loads(line)
+                except decode_error:
+                    bad(name, line_no, "not valid JSON (truncated or binary?)")
+                    continue
+                if type(record) is not dict:
+                    bad(name, line_no, "not a JSON object")
+                    continue
             context = record.get("context")
             stage = context.get("pipeline_stage") if type(context) is dict else None
             if type(stage) is not str or "execution_time_ms" not in record:
@@ -254,7 +284,7 @@ class Aggregator:
                 sample.values.append(ms)
             else:
                 sample.add(ms)
-            level = record.get("level")
+            level = "info" if info else record.get("level")
             if level != "info":
                 if level in {"error", "critical"}:
                     group.errors += 1
@@ -276,11 +306,44 @@ class Aggregator:
                     part = entry.get("ms")
                     if (type(part) is float or type(part) is int) and 0 <= part < math.inf:
                         kinds_ms[kind] = kinds_ms.get(kind, 0.0) + part
-            if len(nest_traces) < _NEST_TRACES or record.get("trace_id") in nest_traces:
-                self._place(stage, float(ms), record, None)
+            if nest_left > 0:
+                nest_left -= 1
+                if len(nest_traces) < _NEST_TRACES or record.get("trace_id") in nest_traces:
+                    self._place(stage, float(ms), record, None)
+        self.nest_left = nest_left
         if used:
             self.used += used
             self.kinds.add("log")
+
+    def _llm_line(self, line: bytes, name: str, line_no: int) -> None:
+        """An LLM call line, for the cache table: in our layout only its tail is parsed."""
+        loads = orjson.loads
+        at = line.find(b',"execution_time_ms":')
+        record: Any = None
+        if at > 0 and line.find(b'"logger":"rag_instrument"', 0, at) > 0:
+            try:
+                record = loads(b"{" + line[at + 1 :])
+            except orjson.JSONDecodeError:
+                record = None
+            if type(record) is dict:
+                record["logger"] = "rag_instrument"
+        if type(record) is not dict or "cache_hit" not in record:
+            try:
+                record = loads(line)
+            except orjson.JSONDecodeError:
+                self.report.bad(name, line_no, "not valid JSON (truncated or binary?)")
+                return
+        if type(record) is not dict:
+            self.report.bad(name, line_no, "not a JSON object")
+        elif record.get("logger") == "rag_instrument" and "cache_hit" in record:
+            namespace = record.get("cache_namespace") or (
+                f"{record.get('provider') or '?'}/{record.get('model') or '?'}"
+            )
+            counts = self.cache.get(namespace)
+            if counts is None:
+                counts = self.cache[namespace] = [0, 0]
+            counts[0] += record["cache_hit"] is True
+            counts[1] += 1
 
     def feed(self, record: dict[str, Any]) -> str | None:
         """Aggregate one parsed line; return what was wrong with it, if anything."""

@@ -28,9 +28,14 @@ _GZIP_MAGIC = b"\x1f\x8b"
 
 @dataclass
 class Source:
-    """One input: a path, or ``-`` for standard input."""
+    """One input: a path, or ``-`` for standard input; optionally a byte range of a file.
+
+    A range (``start``, ``end``) is only for plain files, and must begin at a line start.
+    """
 
     name: str
+    start: int = 0
+    end: int | None = None
 
     @contextlib.contextmanager
     def open(self) -> Iterator[BinaryIO]:
@@ -40,6 +45,10 @@ class Source:
         """
         raw: BinaryIO = sys.stdin.buffer if self.name == "-" else open(self.name, "rb")  # noqa: SIM115
         try:
+            if self.start:
+                raw.seek(self.start)
+                yield raw
+                return
             peekable = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)  # type: ignore[type-var]
             if peekable.peek(2)[:2] == _GZIP_MAGIC:
                 yield gzip.GzipFile(fileobj=peekable, mode="rb")  # type: ignore[misc]
@@ -48,6 +57,16 @@ class Source:
         finally:
             if self.name != "-":
                 raw.close()
+
+    def is_gzip(self) -> bool:
+        """Whether the input is gzip (``False`` for stdin and unreadable files)."""
+        if self.name == "-":
+            return False
+        try:
+            with open(self.name, "rb") as handle:
+                return handle.read(2) == _GZIP_MAGIC
+        except OSError:
+            return False
 
 
 @dataclass
@@ -113,12 +132,17 @@ def read_blocks(
     """
     line_no = 1
     tail = b""
+    remaining = None if source.end is None else source.end - source.start
     try:
         with source.open() as stream:
             report.files += 1
             while True:
                 try:
-                    block = stream.read(BLOCK)
+                    if remaining is None:
+                        block = stream.read(BLOCK)
+                    else:
+                        block = stream.read(min(BLOCK, remaining))
+                        remaining -= len(block)
                 except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
                     report.unreadable[source.name] = f"read failed after line {line_no - 1}: {exc}"
                     break

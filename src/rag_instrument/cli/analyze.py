@@ -12,6 +12,7 @@ import tomllib
 from typing import Any
 
 from rag_instrument.analysis import DEFAULT_MAX_VALUES, Aggregator, Analysis, expand, parse_time
+from rag_instrument.analysis._parallel import default_jobs
 from rag_instrument.analysis._render import render_csv, render_json, render_table, use_colour
 
 __all__ = ["add_input_options", "add_parser", "load", "parse_budgets", "run"]
@@ -45,6 +46,16 @@ def _budget(text: str) -> tuple[str, float]:
             f"--budget expects STAGE=MS with MS a positive number, got {text!r}"
         )
     return name.strip(), ms
+
+
+def _jobs(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--jobs expects a whole number >= 1, got {text!r}")
+    return value
 
 
 def _time(text: str) -> float:
@@ -103,6 +114,11 @@ def add_input_options(parser: argparse.ArgumentParser, *, files: bool = True) ->
         "--budgets", metavar="FILE", help="budgets from a TOML file (stage = ms, same keys as "
         "configure(budgets=...)); --budget wins",
     )
+    parser.add_argument(
+        "--jobs", type=_jobs, default=None, metavar="N",
+        help="processes that share a large (32 MB+) plain file (default: the CPUs, up to 2; "
+        "each adds about 30 MB)",
+    )
     parser.add_argument("--since", type=_time, metavar="TIME", help="only lines at or after (ISO)")
     parser.add_argument("--until", type=_time, metavar="TIME", help="only lines before (ISO)")
 
@@ -127,8 +143,9 @@ def load(
     sources, missing = expand(files)
     for pattern in missing:
         aggregator.report.unreadable[pattern] = "no such file"
+    jobs = args.jobs or default_jobs()
     for source in sources:
-        aggregator.feed_source(source)
+        aggregator.feed_source(source, jobs=jobs)
     report = aggregator.report
     for name, why in report.unreadable.items():
         print(f"rag-instrument: cannot read {name}: {why}", file=sys.stderr)
