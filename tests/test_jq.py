@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy
 
 import rag_instrument as ri
-from rag_instrument import _config
+from rag_instrument import _runtime
 
 JQ = (
     "jq 'select(.context.pipeline_stage) | {stage: .context.pipeline_stage, "
@@ -87,7 +87,7 @@ def _write_log(log: Path) -> list[Any]:
                 with ri.stage("generation"), ri.traced("tokenize"):
                     asyncio.run(model.generate(f"q{i % 2}"))  # q0, q1 retried; repeats cached
                     time.sleep(0.003)
-    pipelines = _config.runtime().pipelines
+    pipelines = _runtime.get_runtime().pipelines
     assert pipelines is not None
     assert pipelines.memory_exporter is not None
     spans = list(pipelines.memory_exporter.get_finished_spans())
