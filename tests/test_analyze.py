@@ -196,18 +196,25 @@ def test_pipeline_order_nesting_and_the_whole_request(
 ) -> None:
     import rag_instrument as ri
 
+    import time
+
+    def work() -> None:
+        time.sleep(0.003)  # stages that take time, as real ones do (not for ordering)
+
     log = tmp_path / "rag.jsonl"
     ri.configure(exporter="memory", log_file=str(log))
-    for _ in range(3):
+    for _ in range(5):
         with ri.stage("search"):
             with ri.stage("custom_guardrail"):
-                pass
+                work()
             with ri.stage("generation"):
-                pass
-            with ri.stage("retrieval"), ri.stage("embedding"):
-                pass
+                work()
+            with ri.stage("retrieval"):
+                with ri.stage("embedding"):
+                    work()
+                work()
             with ri.stage("query_rewriting"):
-                pass
+                work()
     ri.shutdown()
     result = analyze([str(log)])
     assert [(r.key, r.depth) for r in result.rows] == [

@@ -29,6 +29,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("setup", ("_config",)),
     ("integrations", ("db", "db.*", "integrations", "integrations.*", "testing", "pytest_plugin")),
     ("package", ("",)),  # rag_instrument/__init__.py: re-exports everything
+    ("analysis", ("analysis", "analysis.*")),  # reads logs offline; the CLI shows it
     ("cli", ("cli", "cli.*")),
 )
 

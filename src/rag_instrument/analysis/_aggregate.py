@@ -158,7 +158,7 @@ class Aggregator:
         The HTML report's details (series, waterfalls) are always read by one process.
         """
         if not self.details and _parallel.worth_it(source, jobs):
-            _parallel.feed_parallel(self, source, jobs)
+            _parallel.feed_parallel(self, source, jobs, _read_range)
             return
         for first, lines, block in read_blocks(source, self.report):
             self.feed_lines(source.name, first, lines, block)
@@ -632,3 +632,10 @@ class Aggregator:
             exact=group.sample.exact,
             statuses=dict(sorted(group.statuses.items())),
         )
+
+
+def _read_range(options: dict[str, Any], source: Source) -> Aggregator:
+    """One worker's share of a file: a new aggregator over ``source``'s byte range."""
+    aggregator = Aggregator(**options)
+    aggregator.feed_source(source, jobs=1)
+    return aggregator

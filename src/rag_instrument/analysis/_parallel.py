@@ -16,6 +16,7 @@ import random
 import threading
 from array import array
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -73,16 +74,17 @@ def ranges(path: str, jobs: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(cuts))
 
 
-def _work(options: dict[str, Any], source: Source) -> Aggregator:
-    from rag_instrument.analysis._aggregate import Aggregator
+def feed_parallel(
+    aggregator: Aggregator,
+    source: Source,
+    jobs: int,
+    work: Callable[[dict[str, Any], Source], Aggregator],
+) -> None:
+    """Aggregate ``source`` with up to ``jobs`` processes into ``aggregator``.
 
-    aggregator = Aggregator(**options)
-    aggregator.feed_source(source, jobs=1)
-    return aggregator
-
-
-def feed_parallel(aggregator: Aggregator, source: Source, jobs: int) -> None:
-    """Aggregate ``source`` with up to ``jobs`` processes into ``aggregator``."""
+    ``work(options, range)`` reads one range into a new aggregator (a module-level function,
+    so that a worker process can be handed it).
+    """
     parts = ranges(source.name, jobs)
     options = aggregator.options()
     # fork is instant and safe while this process runs a single thread; otherwise spawn.
@@ -94,10 +96,10 @@ def feed_parallel(aggregator: Aggregator, source: Source, jobs: int) -> None:
     context = multiprocessing.get_context(method)
     with ProcessPoolExecutor(max_workers=len(parts) - 1, mp_context=context) as pool:
         futures = [
-            pool.submit(_work, options, Source(source.name, start, end))
+            pool.submit(work, options, Source(source.name, start, end))
             for start, end in parts[1:]
         ]
-        first = _work(options, Source(source.name, parts[0][0], parts[0][1]))
+        first = work(options, Source(source.name, parts[0][0], parts[0][1]))
         results = [first, *(f.result() for f in futures)]
     lines_before = 0
     for part in results:
