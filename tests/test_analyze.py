@@ -194,9 +194,9 @@ def test_an_empty_input_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[st
 def test_pipeline_order_nesting_and_the_whole_request(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import rag_instrument as ri
-
     import time
+
+    import rag_instrument as ri
 
     def work() -> None:
         time.sleep(0.003)  # stages that take time, as real ones do (not for ordering)
