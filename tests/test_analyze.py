@@ -7,6 +7,7 @@ import gzip
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -375,3 +376,18 @@ def test_help_states_the_percentile_method_and_memory_bound() -> None:
     assert "nearest-rank" in flat
     assert "1,000,000 runs per group" in flat
     assert "NO_COLOR" in flat
+
+
+def test_a_reader_that_goes_away_is_not_an_error(tmp_path: Path) -> None:
+    log = write(tmp_path / "a.jsonl", [line("retrieval", 1.0)])
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `| head` having exited: every write gets EPIPE
+    try:
+        result = subprocess.run(
+            [str(Path(sys.executable).with_name("rag-instrument")), "analyze", str(log)],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141
+    assert "Traceback" not in result.stderr

@@ -95,6 +95,7 @@ def test_demo_without_sqlalchemy_leaves_the_database_out(
                  "--report", str(tmp_path / "r.html")]) == 0
     out = capsys.readouterr().out
     assert "pip install 'rag_instrument[sqlalchemy]'" in out
+    assert "(no database, in-process vector index, stand-in LLM)" in out
     assert "search (whole request)     4" in out
     assert "db %" not in out
     assert main(["demo", "--postgres", "postgresql://x/y", "--log-file", str(log)]) == 2

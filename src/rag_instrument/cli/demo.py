@@ -143,9 +143,11 @@ def run(args: argparse.Namespace) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log_file = Path(args.log_file or f"rag-demo-{stamp}.jsonl")
     report = Path(args.report)
+    engine = "PostgreSQL" if args.postgres else "SQLite"
     try:
         import sqlalchemy  # noqa: F401
     except ImportError:
+        engine = "no database"
         if args.postgres:
             print(
                 "rag-instrument: --postgres needs SQLAlchemy and psycopg: "
@@ -168,7 +170,6 @@ def run(args: argparse.Namespace) -> int:
         index=make_index(args),
     )
     elapsed = time.perf_counter() - started
-    engine = "PostgreSQL" if args.postgres else "SQLite"
     print(
         f"Ingested {_DOCUMENTS} documents, then ran {args.requests} requests "
         f"({args.concurrency} at a time) in {elapsed:.1f} s ({engine}, in-process vector index, "
