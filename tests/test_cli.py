@@ -132,3 +132,21 @@ def test_demo_as_a_fresh_process(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     (log,) = tmp_path.glob("rag-demo-*.jsonl")
     assert str(log.resolve()) in result.stdout
+
+
+def test_demo_on_milvus_lite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import pymilvus  # the milvus extra, part of dev
+    db = tmp_path / "milvus.db"
+    log = tmp_path / "demo.jsonl"
+    assert main(["demo", "--requests", "4", "--milvus", str(db), "--log-file", str(log),
+                 "--report", str(tmp_path / "r.html")]) == 0
+    assert "(SQLite, Milvus, stand-in LLM)" in capsys.readouterr().out
+    retrieval = [json.loads(x) for x in log.read_text().splitlines()
+                 if '"retrieval completed"' in x]
+    assert len(retrieval) == 4
+    assert all(line["breakdown"]["vector"]["count"] == 1 for line in retrieval)
+    client = pymilvus.MilvusClient(str(db))
+    try:
+        assert not [c for c in client.list_collections() if c.startswith("rag_demo_")]
+    finally:
+        client.close()

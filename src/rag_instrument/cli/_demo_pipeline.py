@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ __all__ = [
     "DIMENSIONS",
     "Corpus",
     "InProcessIndex",
+    "MilvusIndex",
     "StandInLLM",
     "TransientError",
     "VectorIndex",
@@ -111,6 +113,48 @@ class VectorIndex(Protocol):
     async def search(self, vector: list[float], k: int) -> list[int]:
         """The ids of the ``k`` nearest vectors."""
 
+    def close(self) -> None:
+        """Release what the index holds."""
+
+
+class MilvusIndex:
+    """A Milvus collection (Milvus Lite in a local file, or a server URI) via pymilvus.
+
+    The collection is created for the run and dropped at the end. Search time goes to the
+    stage's ``vector`` breakdown.
+    """
+
+    def __init__(self, uri: str) -> None:
+        try:
+            from pymilvus import MilvusClient
+        except ImportError:
+            raise ImportError(
+                "--milvus needs pymilvus (and milvus-lite for a local file): "
+                "pip install 'rag_instrument[milvus]'"
+            ) from None
+        self._client = MilvusClient(uri)
+        self.collection = f"rag_demo_{os.getpid()}_{int(time.time() * 1000) % 10**9}"
+        self._client.create_collection(self.collection, dimension=DIMENSIONS, metric_type="IP")
+
+    async def add(self, ids: list[int], vectors: list[list[float]]) -> None:
+        """Insert vectors under ids."""
+        rows = [{"id": i, "vector": v} for i, v in zip(ids, vectors, strict=True)]
+        self._client.insert(self.collection, rows)
+
+    async def search(self, vector: list[float], k: int) -> list[int]:
+        """The ids of the ``k`` nearest vectors (inner product)."""
+        started = time.perf_counter()
+        hits = self._client.search(self.collection, [vector], limit=k)
+        _breakdown.record("vector", (time.perf_counter() - started) * 1000.0)
+        return [int(hit["id"]) for hit in hits[0]]
+
+    def close(self) -> None:
+        """Drop the run's collection and close the client."""
+        try:
+            self._client.drop_collection(self.collection)
+        finally:
+            self._client.close()
+
 
 class InProcessIndex:
     """Exact inner-product search over vectors kept in memory, with index latency."""
@@ -134,6 +178,9 @@ class InProcessIndex:
         _breakdown.record("vector", (time.perf_counter() - started) * 1000.0)
         return [doc_id for doc_id, _ in scored[:k]]
 
+    def close(self) -> None:
+        """Nothing to release."""
+
 
 @dataclass
 class Corpus:
@@ -145,7 +192,8 @@ class Corpus:
     models: dict[str, Any] = field(default_factory=dict)
 
     def close(self) -> None:
-        """Drop the demo's tables on a shared database, dispose of the engine."""
+        """Close the index; drop the demo's tables on a shared database, dispose of it."""
+        self.index.close()
         if self.engine is None:
             return
         if self.engine.dialect.name != "sqlite":

@@ -21,7 +21,14 @@ import rag_instrument as ri
 from rag_instrument.analysis import Analysis, analyze
 from rag_instrument.analysis._render import render_table, use_colour
 from rag_instrument.analysis._report import render_report
-from rag_instrument.cli._demo_pipeline import Corpus, StandInLLM, VectorIndex, open_corpus, search
+from rag_instrument.cli._demo_pipeline import (
+    Corpus,
+    MilvusIndex,
+    StandInLLM,
+    VectorIndex,
+    open_corpus,
+    search,
+)
 
 __all__ = ["BUDGETS", "StandInLLM", "add_parser", "run", "run_demo"]
 
@@ -54,11 +61,9 @@ def _isatty(stream: TextIO) -> bool:
 
 
 def make_index(args: argparse.Namespace) -> VectorIndex | None:
-    """The vector index to use: ``None`` is the in-process one.
-
-    The hook for real engines: a ``--milvus`` option returns its index here.
-    """
-    del args
+    """The vector index to use: ``None`` is the in-process one (the hook for real engines)."""
+    if args.milvus:
+        return MilvusIndex(args.milvus)
     return None
 
 
@@ -159,6 +164,11 @@ def run(args: argparse.Namespace) -> int:
             "SQLAlchemy is not installed, so the database steps are left out "
             "(pip install 'rag_instrument[sqlalchemy]' to include them).\n"
         )
+    try:
+        index = make_index(args)
+    except ImportError as exc:
+        print(f"rag-instrument: {exc}", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     result = run_demo(
         log_file,
@@ -167,13 +177,13 @@ def run(args: argparse.Namespace) -> int:
         fault_rate=args.fault_rate,
         report=report,
         database_url=args.postgres,
-        index=make_index(args),
+        index=index,
     )
     elapsed = time.perf_counter() - started
     print(
         f"Ingested {_DOCUMENTS} documents, then ran {args.requests} requests "
-        f"({args.concurrency} at a time) in {elapsed:.1f} s ({engine}, in-process vector index, "
-        "stand-in LLM)."
+        f"({args.concurrency} at a time) in {elapsed:.1f} s ({engine}, "
+        f"{'Milvus' if args.milvus else 'in-process vector index'}, stand-in LLM)."
     )
     print(f"JSON log: {log_file.resolve()}")
     print(f"Report:   {report.resolve()}  <- open it in a browser")
@@ -215,5 +225,14 @@ def add_parser(subparsers: Any) -> None:
         metavar="URL",
         help="use this PostgreSQL database instead of SQLite in memory, e.g. "
         "postgresql+psycopg://user@host/db (tables are created and dropped)",
+    )
+    parser.add_argument(
+        "--milvus",
+        metavar="URI",
+        nargs="?",
+        const="milvus-demo.db",
+        help="use Milvus for the vector index: Milvus Lite in a local file (default "
+        "milvus-demo.db) or a server URI such as http://localhost:19530 (extra milvus; a "
+        "collection is created and dropped)",
     )
     parser.set_defaults(func=run)
