@@ -179,7 +179,10 @@ def test_nothing_readable_exits_2_with_one_line(
     status, out, err = run_cli([str(tmp_path / "nope.jsonl"), str(tmp_path / "*.none")], capsys)
     assert status == 2
     assert out == ""
-    assert "nothing could be read" in err
+    (only,) = err.splitlines()
+    assert only.startswith("rag-instrument: nothing could be read (")
+    assert "nope.jsonl: No such file or directory" in only
+    assert "*.none: no such file" in only
 
 
 def test_an_empty_input_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

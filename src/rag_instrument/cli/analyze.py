@@ -147,11 +147,12 @@ def load(
     for source in sources:
         aggregator.feed_source(source, jobs=jobs)
     report = aggregator.report
+    if report.files == 0:
+        reasons = "; ".join(f"{name}: {why}" for name, why in report.unreadable.items())
+        print(f"rag-instrument: nothing could be read ({reasons or 'no input'})", file=sys.stderr)
+        return None
     for name, why in report.unreadable.items():
         print(f"rag-instrument: cannot read {name}: {why}", file=sys.stderr)
-    if report.files == 0:
-        print(f"rag-instrument: nothing could be read from {' '.join(files)}", file=sys.stderr)
-        return None
     if report.bad_lines:
         print(f"rag-instrument: {report.bad_lines} unusable line(s) skipped", file=sys.stderr)
         for name, (line_no, why) in report.first_bad.items():
