@@ -209,6 +209,7 @@ class Aggregator:
         nest_traces = self.nest_traces
         nest_left = self.nest_left
         used = 0
+        block: dict[str, list[float]] = {}
         line_no = first - 1
         for line in lines:
             line_no += 1
@@ -270,32 +271,22 @@ class Aggregator:
             if (type(ms) is not float and type(ms) is not int) or not 0.0 <= ms < math.inf:
                 bad(name, line_no, "execution_time_ms is not a non-negative number")
                 continue
-            group = groups.get(stage)
-            if group is None:
-                group = groups[stage] = _Group(self.max_values)
-            used += 1
-            group.count += 1
-            group.total_ms += ms
-            if ms > group.max_ms:  # noqa: PLR1730 - a comparison is cheaper than max() here
-                group.max_ms = ms
-            sample = group.sample
-            if sample.seen < sample.max_values:
-                sample.seen += 1
-                sample.values.append(ms)
-            else:
-                sample.add(ms)
-            level = "info" if info else record.get("level")
-            if level != "info":
+            # Durations are gathered per block and added to the groups once per block.
+            durations = block.get(stage)
+            if durations is None:
+                durations = block[stage] = []
+                if stage not in groups:
+                    groups[stage] = _Group(self.max_values)
+            durations.append(ms)
+            if not info:
+                level = record.get("level")
                 if level in {"error", "critical"}:
-                    group.errors += 1
+                    groups[stage].errors += 1
                 elif "error_type" in record and level == "warning":
-                    group.cancelled += 1
-            if budgets:
-                budget = budgets.get(stage)
-                if budget is not None and ms > budget:
-                    group.over += 1
+                    groups[stage].cancelled += 1
             breakdown = record.get("breakdown")
             if breakdown and type(breakdown) is dict:
+                group = groups[stage]
                 kinds_ms = group.kinds_ms
                 for kind, entry in breakdown.items():
                     if type(entry) is not dict:
@@ -311,6 +302,23 @@ class Aggregator:
                 if len(nest_traces) < _NEST_TRACES or record.get("trace_id") in nest_traces:
                     self._place(stage, float(ms), record, None)
         self.nest_left = nest_left
+        for stage, durations in block.items():
+            group = groups[stage]
+            used += len(durations)
+            group.count += len(durations)
+            group.total_ms += sum(durations)
+            group.max_ms = max(group.max_ms, max(durations))  # noqa: PLW3301 - no unpacking
+            budget = budgets.get(stage)
+            if budget is not None:
+                group.over += sum(1 for ms in durations if ms > budget)
+            sample = group.sample
+            room = sample.max_values - sample.seen
+            if room >= len(durations):
+                sample.values.extend(durations)
+                sample.seen += len(durations)
+            else:
+                for ms in durations:
+                    sample.add(ms)
         if used:
             self.used += used
             self.kinds.add("log")
