@@ -99,14 +99,20 @@ def test_the_report_has_every_chart_with_titles_axes_and_units(
     (share,) = by_section["share"]
     assert "% of the whole request's time" in " ".join(share["texts"])  # type: ignore[arg-type]
     (over_time,) = by_section["over-time"]
-    assert {"time (UTC)", "p95 (ms)", "retrieval", "generation"} <= set(over_time["texts"])  # type: ignore[arg-type]
+    over_texts = set(over_time["texts"])  # type: ignore[call-overload]
+    assert {"p95 (ms)", "retrieval", "generation", "0 s"} <= over_texts
+    assert any(t.startswith("time since ") and t.endswith(" UTC") for t in over_texts)
     waterfalls = by_section["slowest"]
     assert 1 <= len(waterfalls) <= 8
     assert all(str(w["title"]).startswith("trace ") for w in waterfalls)
     first = " ".join(waterfalls[0]["texts"])  # type: ignore[arg-type]
     assert "time since the request started (ms)" in first
-    for stage in ("search", "retrieval", "generation"):
-        assert stage in first
+    texts = waterfalls[0]["texts"][1:]  # type: ignore[index]  # after the title
+    names = [t for t in texts if not t[0].isdigit() and not t.startswith("time since")]
+    # In tree order: the request, then its stages, embedding right under retrieval.
+    assert names[0] == "search"
+    assert names.index("└ embedding") == names.index("└ retrieval") + 1
+    assert {"└ query_rewriting", "└ reranking", "└ generation"} <= set(names)
     (breakdown,) = by_section["breakdown"]
     assert {"db", "llm", "vector", "embedding"} <= set(breakdown["texts"])  # type: ignore[arg-type]
     html = out.read_text()

@@ -53,19 +53,37 @@ def parents_from_intervals(traces: dict[str, list[Interval]]) -> dict[str, str]:
 def waterfalls(
     slowest: list[tuple[float, str, list[Interval]]], parents: dict[str, str]
 ) -> list[Waterfall]:
-    """The slowest requests, slowest first, each stage as an offset from the request's start."""
+    """The slowest requests, slowest first, each stage as an offset from the request's start.
+
+    Stages come in tree order: a stage right after the one it runs in, siblings by start.
+    """
     out = []
     for total, trace, runs in sorted(slowest, reverse=True):
         total_run = max((r for r in runs if r[0] == TOTAL_STAGE), key=lambda r: r[2] - r[1])
         origin, end = total_run[1], total_run[2]
-        stages = []
-        for stage, start, stop in sorted(runs, key=lambda r: r[1]):
-            if start < origin - 0.01 or stop > end + 0.01:
-                continue  # another request's run under the same trace id
-            depth, node = 0, parents.get(stage)
-            while node is not None and depth < 16:
-                depth, node = depth + 1, parents.get(node)
-            stages.append((stage, start - origin, stop - start, depth))
+        # Another request's runs under the same trace id are left out.
+        mine = [r for r in runs if r[1] >= origin - 0.01 and r[2] <= end + 0.01]
+        children: dict[Interval, list[Interval]] = {}
+        for run in mine:
+            if run is total_run:
+                continue
+            holders = [
+                other
+                for other in mine
+                if other is not run
+                and other[0] == parents.get(run[0])
+                and other[1] <= run[1] + 0.5
+                and run[2] <= other[2] + 0.5
+            ]
+            holder = min(holders, key=lambda o: o[2] - o[1]) if holders else total_run
+            children.setdefault(holder, []).append(run)
+        stages: list[tuple[str, float, float, int]] = []
+        pending: list[tuple[Interval, int]] = [(total_run, 0)]
+        while pending:  # depth first, children in start order
+            run, depth = pending.pop()
+            stages.append((run[0], run[1] - origin, run[2] - run[1], depth))
+            kids = sorted(children.get(run, []), key=lambda r: r[1], reverse=True)
+            pending.extend((kid, depth + 1) for kid in kids)
         out.append(Waterfall(trace_id=trace, total_ms=total, stages=stages))
     return out
 

@@ -139,14 +139,21 @@ def _over_time(analysis: Analysis) -> str:
         series.append(
             (row.key, [(i, percentile(sorted(s), 95)) for i, s in enumerate(slots) if s])
         )
-    labels = [
-        time.strftime("%H:%M:%S", time.gmtime(start + span * i / (_TIME_SLOTS - 1)))
-        for i in range(_TIME_SLOTS)
-    ]
+    origin = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start))
+    if span < 120:  # seconds since the first line
+        labels = [f"{span * i / (_TIME_SLOTS - 1):.3g} s" for i in range(_TIME_SLOTS)]
+        x_label = f"time since {origin} UTC"
+    else:
+        fmt = "%H:%M" if span < 2 * 86400 else "%m-%d %H:%M"
+        labels = [
+            time.strftime(fmt, time.gmtime(start + span * i / (_TIME_SLOTS - 1)))
+            for i in range(_TIME_SLOTS)
+        ]
+        x_label = "time (UTC)"
     return _svg.lines(
         f"p95 per stage over time ({_TIME_SLOTS} slots of {span / _TIME_SLOTS:.3g} s)",
         series,
-        "time (UTC)",
+        x_label,
         "p95 (ms)",
         labels,
         _TIME_SLOTS,

@@ -235,6 +235,7 @@ def lines(
         if len(x_ticks) > 1
         else [x_text[0], x_text[-1]],
     )
+    ends: list[tuple[float, float, str, str]] = []
     for i, (name, points) in enumerate(series):
         colour = PALETTE[i % len(PALETTE)]
         xy = [
@@ -251,10 +252,14 @@ def lines(
         parts.extend(
             f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{colour}"/>' for x, y in xy
         )
-        last_x, last_y = xy[-1]
+        ends.append((xy[-1][1], xy[-1][0], name, colour))
+    # Each line is named at its end; names are moved apart so that none overlaps.
+    placed: list[float] = []
+    for y, x, name, colour in sorted(ends):
+        label_y = max(y + 4, placed[-1] + 13) if placed else y + 4
+        placed.append(label_y)
         parts.append(
-            f'<text x="{last_x + 6:.1f}" y="{last_y + 4 + 12 * (i % 2):.1f}" fill="{colour}">'
-            f"{escape(name)}</text>"
+            f'<text x="{x + 6:.1f}" y="{label_y:.1f}" fill="{colour}">{escape(name)}</text>'
         )
     return _frame(width, height, title, parts)
 
@@ -266,7 +271,7 @@ def waterfall(
     row_h = 22
     height = _TOP + _BOTTOM + row_h * max(1, len(stages))
     x_ticks = nice_ticks(total_ms or 1.0)
-    _LEFT = _left(["  " * s[3] + s[0] for s in stages])
+    _LEFT = _left(["   " * s[3] + s[0] for s in stages])
     parts, plot_w, _ = _axes(
         width, height, x_ticks, None, "time since the request started (ms)", "", left=_LEFT
     )
@@ -277,8 +282,7 @@ def waterfall(
         x = _LEFT + plot_w * start / x_ticks[-1]
         w = max(1.0, plot_w * duration / x_ticks[-1])
         parts.append(
-            f'<text x="{_LEFT - 7}" y="{y + 12}" text-anchor="end">'
-            f"{escape(chr(160) * 2 * depth + name)}</text>"
+            f'<text x="{8 + 14 * depth}" y="{y + 12}">{"└ " if depth else ""}{escape(name)}</text>'
             f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{row_h - 6}" '
             f'fill="{colours[name]}"><title>{escape(name)}: {duration:.1f} ms from '
             f"{start:.1f} ms</title></rect>"
