@@ -394,3 +394,41 @@ def test_a_reader_that_goes_away_is_not_an_error(tmp_path: Path) -> None:
         os.close(write_end)
     assert result.returncode == 141
     assert "Traceback" not in result.stderr
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.binary(max_size=300), max_size=40), st.booleans())
+def test_any_bytes_are_read_without_an_error(chunks: list[bytes], gzipped: bool) -> None:
+    import tempfile
+
+    good = line("retrieval", 5.0).encode()
+    data = b"\n".join([good, *chunks, good]) + b"\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fuzz.log"
+        path.write_bytes(gzip.compress(data) if gzipped else data)
+        result = analyze([str(path)])
+    assert result.inputs.files == 1
+    assert result.inputs.lines == data.count(b"\n")
+    rows = {r.key: r for r in result.rows}
+    # The two good lines always count; a random line may be another (valid) run.
+    assert rows["retrieval"].count >= 2
+    assert result.inputs.bad_lines <= len(chunks) + data.count(b"\n")
+
+
+def test_since_and_until_on_spans(tmp_path: Path) -> None:
+    def span(end_s: int) -> dict[str, Any]:
+        return {
+            "traceId": "0" * 32, "spanId": f"{end_s:016x}", "name": "retrieval",
+            "startTimeUnixNano": str(end_s * 10**9 - 5 * 10**6),
+            "endTimeUnixNano": str(end_s * 10**9),
+            "attributes": [{"key": "rag.stage", "value": {"stringValue": "retrieval"}}],
+        }
+
+    t0 = 1_764_000_000
+    path = tmp_path / "traces.json"
+    path.write_text(json.dumps(
+        {"resourceSpans": [{"scopeSpans": [{"spans": [span(t0), span(t0 + 60), span(t0 + 120)]}]}]}
+    ) + "\n")
+    (row,) = analyze([str(path)], since=t0 + 30, until=t0 + 90).rows
+    assert row.count == 1
+    assert row.max_ms == pytest.approx(5.0)
