@@ -51,7 +51,6 @@ def parse_time(text: str) -> float:
 
 class _Group:
     __slots__ = (
-        "budget_lines",
         "cache_hits",
         "cache_misses",
         "cancelled",
@@ -74,7 +73,6 @@ class _Group:
         self.max_ms = -math.inf
         self.sample = Sample(max_values)
         self.over = 0
-        self.budget_lines = 0
         self.kinds_ms: dict[str, float] = {}
         self.cache_hits = 0
         self.cache_misses = 0
@@ -160,18 +158,15 @@ class Aggregator:
         if not self.details and _parallel.worth_it(source, jobs):
             _parallel.feed_parallel(self, source, jobs, _read_range)
             return
-        for first, lines, block in read_blocks(source, self.report):
-            self.feed_lines(source.name, first, lines, block)
+        for first, lines in read_blocks(source, self.report):
+            self.feed_lines(source.name, first, lines)
 
-    def feed_lines(
-        self, name: str, first: int, lines: list[bytes], block: bytes | None = None
-    ) -> None:
+    def feed_lines(self, name: str, first: int, lines: list[bytes]) -> None:
         """Aggregate a block of raw lines; ``first`` is the first one's line number.
 
         Lines that name none of the keys used are not parsed, only checked to look like a
         JSON object (``{...}``); the rest are parsed.
         """
-        del block  # kept for callers: counting in C cost more than checking line by line
         if self.by == "stage" and self.since is None and self.until is None and not self.details:
             self._feed_stage_lines(name, first, lines)
             return

@@ -120,12 +120,8 @@ def expand(patterns: list[str]) -> tuple[list[Source], list[str]]:
     return sources, missing
 
 
-def read_blocks(
-    source: Source, report: InputReport
-) -> Iterator[tuple[int, list[bytes], bytes]]:
-    """Yield ``(number of the first line, lines, the lines as one block)`` for one input.
-
-    Lines come without their line endings; the block is the same bytes joined by newlines.
+def read_blocks(source: Source, report: InputReport) -> Iterator[tuple[int, list[bytes]]]:
+    """Yield ``(number of the first line, lines)`` for one input, without line endings.
 
     An input that cannot be opened or fails midway (a truncated gzip member, an I/O
     error) is recorded in ``report.unreadable``; what was read before the failure counts.
@@ -148,21 +144,18 @@ def read_blocks(
                     break
                 if not block:
                     break
-                data = tail + block if tail else block
-                cut = data.rfind(b"\n")
-                if cut < 0:
-                    tail = data
+                lines = (tail + block).split(b"\n") if tail else block.split(b"\n")
+                tail = lines.pop()  # the unfinished last line waits for the next block
+                if not lines:
                     if len(tail) > MAX_LINE:
                         report.bad(source.name, line_no, "line too long")
                         tail = b""
                     continue
-                body, tail = data[:cut], data[cut + 1 :]
-                lines = body.split(b"\n")
                 report.lines += len(lines)
-                yield line_no, lines, body
+                yield line_no, lines
                 line_no += len(lines)
             if tail:
                 report.lines += 1
-                yield line_no, [tail], tail
+                yield line_no, [tail]
     except OSError as exc:
         report.unreadable[source.name] = exc.strerror or type(exc).__name__
