@@ -98,3 +98,27 @@ def test_malformed_spans_are_counted(tmp_path: Path, capsys: pytest.CaptureFixtu
     (row,) = json.loads(out)
     assert (row["stage"], row["count"], row["max_ms"]) == ("retrieval", 1, 12.5)
     assert "line 1: a span without start/end times" in err
+
+
+def test_routes_from_server_spans(tmp_path: Path) -> None:
+    from rag_instrument.analysis import analyze
+
+    def span(i: int, status: int) -> dict[str, object]:
+        return {
+            "traceId": f"{i:032x}", "spanId": f"{i:016x}", "name": "POST /api/search",
+            "kind": 2, "startTimeUnixNano": "1000000000",
+            "endTimeUnixNano": str(1_000_000_000 + (i + 1) * 10_000_000),
+            "attributes": [
+                {"key": "http.route", "value": {"stringValue": "/api/search"}},
+                {"key": "http.request.method", "value": {"stringValue": "POST"}},
+                {"key": "http.response.status_code", "value": {"intValue": str(status)}},
+            ],
+        }
+
+    path = tmp_path / "traces.json"
+    spans = [span(i, 503 if i == 0 else 200) for i in range(4)]
+    path.write_text(json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": spans}]}]}) + "\n")
+    (row,) = analyze([str(path)], by="route", budgets={"POST /api/search": 25.0}).rows
+    assert (row.key, row.count, row.errors, row.max_ms) == ("POST /api/search", 4, 1, 40.0)
+    assert row.statuses == {"2xx": 3, "5xx": 1}
+    assert row.over_budget == 2
