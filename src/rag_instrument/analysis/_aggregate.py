@@ -378,7 +378,7 @@ class Aggregator:
             else:
                 key = None
                 if event == "request completed":
-                    route = record.get("route") or "?"
+                    route = record.get("route") or "(no route)"
                     key = f"{record.get('method') or '?'} {route}"
             if key is not None and type(key) is str:
                 self.run(key, float(ms), record, ts)
@@ -529,7 +529,8 @@ class Aggregator:
             target = str(record.get("target") or "?")
             self.retries[(target, str(record.get("error_type") or "?"))] += 1
         elif event == "budget exceeded":
-            name = str(record.get("stage") or "?")
+            # A stage's budget names the stage; a route's (the web middleware's) the route.
+            name = str(record.get("stage") or record.get("route") or "?")
             largest = record.get("largest")
             if type(largest) is dict:
                 largest = largest.get("kind")
