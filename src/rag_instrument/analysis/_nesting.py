@@ -10,6 +10,8 @@ __all__ = ["Interval", "ordered", "parents_from_intervals", "waterfalls"]
 
 #: ``(stage, start ms, end ms)``, epoch milliseconds.
 Interval = tuple[str, float, float]
+#: How far a run's start or end from a log line may seem outside the request's.
+_SLACK_MS = 5.0
 
 
 def parents_from_intervals(traces: dict[str, list[Interval]]) -> dict[str, str]:
@@ -61,8 +63,10 @@ def waterfalls(
     for total, trace, runs in sorted(slowest, reverse=True):
         total_run = max((r for r in runs if r[0] == TOTAL_STAGE), key=lambda r: r[2] - r[1])
         origin, end = total_run[1], total_run[2]
-        # Another request's runs under the same trace id are left out.
-        mine = [r for r in runs if r[1] >= origin - 0.01 and r[2] <= end + 0.01]
+        # Another request's runs under the same trace id are left out. Times from log lines
+        # are a little late (the time to write the line; more on a busy machine): a run may
+        # seem to start up to a few ms before the request does.
+        mine = [r for r in runs if r[1] >= origin - _SLACK_MS and r[2] <= end + _SLACK_MS]
         children: dict[Interval, list[Interval]] = {}
         for run in mine:
             if run is total_run:
@@ -72,8 +76,8 @@ def waterfalls(
                 for other in mine
                 if other is not run
                 and other[0] == parents.get(run[0])
-                and other[1] <= run[1] + 0.5
-                and run[2] <= other[2] + 0.5
+                and other[1] <= run[1] + _SLACK_MS
+                and run[2] <= other[2] + _SLACK_MS
             ]
             holder = min(holders, key=lambda o: o[2] - o[1]) if holders else total_run
             children.setdefault(holder, []).append(run)
@@ -81,7 +85,7 @@ def waterfalls(
         pending: list[tuple[Interval, int]] = [(total_run, 0)]
         while pending:  # depth first, children in start order
             run, depth = pending.pop()
-            stages.append((run[0], run[1] - origin, run[2] - run[1], depth))
+            stages.append((run[0], max(0.0, run[1] - origin), run[2] - run[1], depth))
             kids = sorted(children.get(run, []), key=lambda r: r[1], reverse=True)
             pending.extend((kid, depth + 1) for kid in kids)
         out.append(Waterfall(trace_id=trace, total_ms=total, stages=stages))
