@@ -23,6 +23,7 @@ from rag_instrument.analysis._model import (
 )
 from rag_instrument.analysis._nesting import ordered, parents_from_intervals, waterfalls
 from rag_instrument.analysis._read import InputReport, Source, read_blocks
+from rag_instrument.analysis._side import llm_line, record_side, side_tables
 from rag_instrument.analysis._stats import DEFAULT_MAX_VALUES, Sample, percentile
 
 __all__ = ["Aggregator", "parse_time"]
@@ -223,7 +224,7 @@ class Aggregator:
                         except decode_error:
                             record = None  # parsed whole below, and reported
                 elif line.startswith(b'llm call completed"', 67):
-                    self._llm_line(line, name, line_no)
+                    llm_line(self, line, name, line_no)
                     continue
                 else:
                     if line[-1:] != b"}":
@@ -231,7 +232,7 @@ class Aggregator:
                     continue
             elif b"pipeline_stage" not in line:
                 if b'"cache_hit"' in line:
-                    self._llm_line(line, name, line_no)
+                    llm_line(self, line, name, line_no)
                 elif (
                     b'"retrying"' in line or b"budget exceeded" in line or b"resourceSpans" in line
                 ):
@@ -318,36 +319,6 @@ class Aggregator:
             self.used += used
             self.kinds.add("log")
 
-    def _llm_line(self, line: bytes, name: str, line_no: int) -> None:
-        """An LLM call line, for the cache table: in our layout only its tail is parsed."""
-        loads = orjson.loads
-        at = line.find(b',"execution_time_ms":')
-        record: Any = None
-        if at > 0 and line.find(b'"logger":"rag_instrument"', 0, at) > 0:
-            try:
-                record = loads(b"{" + line[at + 1 :])
-            except orjson.JSONDecodeError:
-                record = None
-            if type(record) is dict:
-                record["logger"] = "rag_instrument"
-        if type(record) is not dict or "cache_hit" not in record:
-            try:
-                record = loads(line)
-            except orjson.JSONDecodeError:
-                self.report.bad(name, line_no, "not valid JSON (truncated or binary?)")
-                return
-        if type(record) is not dict:
-            self.report.bad(name, line_no, "not a JSON object")
-        elif record.get("logger") == "rag_instrument" and "cache_hit" in record:
-            namespace = record.get("cache_namespace") or (
-                f"{record.get('provider') or '?'}/{record.get('model') or '?'}"
-            )
-            counts = self.cache.get(namespace)
-            if counts is None:
-                counts = self.cache[namespace] = [0, 0]
-            counts[0] += record["cache_hit"] is True
-            counts[1] += 1
-
     def feed(self, record: dict[str, Any]) -> str | None:
         """Aggregate one parsed line; return what was wrong with it, if anything."""
         if "resourceSpans" in record:
@@ -385,7 +356,7 @@ class Aggregator:
                 if self.by == "stage" and (self.details or len(self.nest_traces) < _NEST_TRACES):
                     self._place(key, float(ms), record, ts)
         if type(event) is str and record.get("logger") == "rag_instrument":
-            self._side(event, record)
+            record_side(self, event, record)
         return None
 
     # --- groups ----------------------------------------------------------------------
@@ -499,54 +470,6 @@ class Aggregator:
             return _otlp.parents(self.otlp_spans)
         return parents_from_intervals(self.nest_traces)
 
-    def _side(self, event: str, record: dict[str, Any]) -> None:
-        stage = record.get("stage") or record.get("pipeline_stage")
-        if event == "slow query":
-            shape = str(record.get("db.query.text") or record.get("statement") or "?")
-            ms = record.get("execution_time_ms")
-            entry = self.slow.setdefault(
-                shape, {"statement": shape, "count": 0, "total_ms": 0.0, "worst_ms": 0.0,
-                        "stages": set()}
-            )
-            entry["count"] += 1
-            if _valid_ms(ms):
-                entry["total_ms"] += ms
-                entry["worst_ms"] = max(entry["worst_ms"], ms)
-            if stage:
-                entry["stages"].add(str(stage))
-        elif event == "n+1 query detected":
-            what = str(record.get("relationship") or record.get("statement") or "?")
-            entry = self.n_plus_one.setdefault(
-                what, {"relationship": what, "warnings": 0, "max_count": 0, "stages": set()}
-            )
-            entry["warnings"] += 1
-            count = record.get("count")
-            if type(count) is int:
-                entry["max_count"] = max(entry["max_count"], count)
-            if stage:
-                entry["stages"].add(str(stage))
-        elif event == "retrying":
-            target = str(record.get("target") or "?")
-            self.retries[(target, str(record.get("error_type") or "?"))] += 1
-        elif event == "budget exceeded":
-            # A stage's budget names the stage; a route's (the web middleware's) the route.
-            name = str(record.get("stage") or record.get("route") or "?")
-            largest = record.get("largest")
-            if type(largest) is dict:
-                largest = largest.get("kind")
-            self.exceeded.setdefault(name, Counter())[str(largest or "-")] += 1
-            budget = record.get("budget_ms")
-            if _valid_ms(budget):
-                self.learned_budgets[name] = float(budget)
-        elif "cache_hit" in record:
-            namespace = str(
-                record.get("cache_namespace")
-                or f"{record.get('provider') or '?'}/{record.get('model') or '?'}"
-            )
-            counts = self.cache.setdefault(namespace, [0, 0])
-            counts[0] += record["cache_hit"] is True
-            counts[1] += 1
-
     # --- result ----------------------------------------------------------------------
 
     def result(self) -> Analysis:
@@ -569,26 +492,7 @@ class Aggregator:
             by=self.by,
             rows=rows,
             inputs=self.report,
-            slow_queries=sorted(
-                ({**e, "stages": sorted(e["stages"])} for e in self.slow.values()),
-                key=lambda e: -e["total_ms"],
-            ),
-            n_plus_one=sorted(
-                ({**e, "stages": sorted(e["stages"])} for e in self.n_plus_one.values()),
-                key=lambda e: -e["warnings"],
-            ),
-            retries=[
-                {"target": t, "error_type": e, "retries": n}
-                for (t, e), n in self.retries.most_common()
-            ],
-            cache=[
-                {"namespace": ns, "hits": h, "lookups": n, "hit_ratio": h / n if n else None}
-                for ns, (h, n) in sorted(self.cache.items())
-            ],
-            budget_exceeded=[
-                {"stage": s, "times": sum(c.values()), "largest": dict(c.most_common())}
-                for s, c in self.exceeded.items()
-            ],
+            **side_tables(self),
             samples=samples,
             series=series,
             waterfalls=waterfalls(self.slowest, parents),
