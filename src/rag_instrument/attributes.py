@@ -43,6 +43,7 @@ __all__ = [
     "GEN_AI_TOKEN_TYPE",
     "GEN_AI_USAGE_INPUT_TOKENS",
     "GEN_AI_USAGE_OUTPUT_TOKENS",
+    "HTTP_RESPONSE_STATUS_CODE",
     "LOGGER_NAME",
     "LOG_RETRYING",
     "METRIC_BUDGET_EXCEEDED",
@@ -56,6 +57,7 @@ __all__ = [
     "METRIC_DB_CONNECTION_TIMEOUTS",
     "METRIC_DB_CONNECTION_WAIT_TIME",
     "METRIC_DB_OPERATION_DURATION",
+    "METRIC_LLM_RETRIES",
     "METRIC_OPERATION_DURATION",
     "METRIC_RETRY_COUNT",
     "METRIC_SPANS_DROPPED",
@@ -166,6 +168,9 @@ EVENT_LLM_COMPLETED: Final = "llm call completed"
 EVENT_LLM_FAILED: Final = "llm call failed"
 EVENT_LLM_CANCELLED: Final = "llm call cancelled"
 METRIC_RETRY_COUNT: Final = "rag.retry.count"
+METRIC_LLM_RETRIES: Final = "rag.llm.retries"
+"""Counter: retried model requests (GenAI attributes, ``error.type``, HTTP status if any)."""
+HTTP_RESPONSE_STATUS_CODE: Final = "http.response.status_code"
 EVENT_RETRY: Final = "retry"
 LOG_RETRYING: Final = "retrying"
 METRIC_CACHE_HITS: Final = "rag.cache.hits"

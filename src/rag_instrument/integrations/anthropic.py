@@ -24,7 +24,8 @@ Supported: ``anthropic>=0.34``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 try:
@@ -36,6 +37,13 @@ except ImportError as _exc:  # pragma: no cover - exercised without the extra
     ) from _exc
 
 from rag_instrument._genai import GenAICall
+from rag_instrument._utils import internal_error
+from rag_instrument.integrations._sdk import (
+    raw_body,
+    status_error_names,
+    tracked,
+    watch_http_client,
+)
 from rag_instrument.integrations._streams import (
     StreamState,
     client_secrets,
@@ -66,6 +74,7 @@ def _describe(kwargs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _finish(call: GenAICall, result: Any) -> None:
+    result = raw_body(result) or result
     usage = getattr(result, "usage", None)
     reason = getattr(result, "stop_reason", None)
     text = None
@@ -108,6 +117,80 @@ class _MessageStream(StreamState):
                 self.text.append(text)
 
 
+@functools.cache
+def _error_names() -> Callable[[int], str]:
+    return status_error_names(anthropic)
+
+
+@functools.cache
+def _traced_manager(base: Any) -> type:
+    """A subclass of the SDK's (async) ``MessageStreamManager`` whose entry is a traced call.
+
+    ``messages.stream()`` returns a manager that sends the request only on ``with`` /
+    ``async with``; the instance's class is swapped for this subclass, so it stays an
+    instance of the SDK's class with all of its behaviour, and entering it goes through
+    the function set by :func:`_instrument_stream_helper`.
+    """
+
+    def __enter__(self: Any) -> Any:
+        enter = self.__dict__.pop("_rag_instrument_enter", None)
+        if enter is None:
+            return base.__enter__(self)
+        return enter()
+
+    async def __aenter__(self: Any) -> Any:
+        enter = self.__dict__.pop("_rag_instrument_enter", None)
+        if enter is None:
+            return await base.__aenter__(self)
+        return await enter()
+
+    namespace: dict[str, Any] = {"__module__": __name__, "__qualname__": base.__qualname__}
+    if hasattr(base, "__aenter__"):
+        namespace["__aenter__"] = __aenter__
+    else:
+        namespace["__enter__"] = __enter__
+    return type(base.__name__, (base,), namespace)
+
+
+def _stream_helper(
+    original: Callable[..., Any],
+    *,
+    is_async: bool,
+    secrets: Callable[[], tuple[str, ...]],
+    names: Callable[[int], str],
+) -> Callable[..., Any]:
+    from anthropic.lib.streaming import AsyncMessageStream, MessageStream
+
+    @functools.wraps(original)
+    def stream(*args: Any, **kwargs: Any) -> Any:
+        manager = original(*args, **kwargs)
+        try:
+            base: Any = type(manager)
+            enter = base.__aenter__ if is_async else base.__enter__
+            request = tracked(
+                functools.partial(enter, manager),
+                is_async=is_async,
+                target="anthropic.chat",
+                names=names,
+            )
+            manager._rag_instrument_enter = instrumented(
+                request,
+                system=SYSTEM,
+                describe=lambda _: _describe(kwargs),
+                on_result=_finish,
+                stream_types=(MessageStream, AsyncMessageStream),
+                make_state=_MessageStream,
+                is_async=is_async,
+                secrets=secrets,
+            )
+            manager.__class__ = _traced_manager(base)
+        except Exception as exc:
+            internal_error("instrumenting a messages.stream() manager", exc)
+        return manager
+
+    return stream
+
+
 def instrument_anthropic(client: C) -> C:
     """Instrument an ``anthropic.Anthropic`` or ``anthropic.AsyncAnthropic`` client in place.
 
@@ -130,10 +213,12 @@ def instrument_anthropic(client: C) -> C:
     is_async = isinstance(client, anthropic.AsyncAnthropic)
     streams = (anthropic.Stream, anthropic.AsyncStream)
     secrets = client_secrets(client, ("api_key", "auth_token"))
+    names = _error_names()
+    watch_http_client(client, is_async)
 
     def messages(original: Any) -> Any:
         return instrumented(
-            original,
+            tracked(original, is_async=is_async, target="anthropic.chat", names=names),
             system=SYSTEM,
             describe=_describe,
             on_result=_finish,
@@ -143,8 +228,16 @@ def instrument_anthropic(client: C) -> C:
             secrets=secrets,
         )
 
+    def stream_helper(original: Any) -> Any:
+        return _stream_helper(original, is_async=is_async, secrets=secrets, names=names)
+
     instrument_methods(
-        client, [(client.messages, "create", messages)], instrument=instrument_anthropic
+        client,
+        [
+            (client.messages, "create", messages),
+            (client.messages, "stream", stream_helper),
+        ],
+        instrument=instrument_anthropic,
     )
     return client
 

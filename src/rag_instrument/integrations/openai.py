@@ -30,7 +30,7 @@ Azure variants).
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 try:
@@ -42,6 +42,12 @@ except ImportError as _exc:  # pragma: no cover - exercised without the extra
 
 from rag_instrument import attributes as attr
 from rag_instrument._genai import GenAICall
+from rag_instrument.integrations._sdk import (
+    raw_body,
+    status_error_names,
+    tracked,
+    watch_http_client,
+)
 from rag_instrument.integrations._streams import (
     StreamState,
     client_secrets,
@@ -85,6 +91,7 @@ def _usage(result: Any) -> tuple[int | None, int | None]:
 
 
 def _finish_chat(call: GenAICall, result: Any) -> None:
+    result = raw_body(result) or result
     choices = getattr(result, "choices", None) or []
     input_tokens, output_tokens = _usage(result)
     reasons = [str(c.finish_reason) for c in choices if getattr(c, "finish_reason", None)]
@@ -102,6 +109,7 @@ def _finish_chat(call: GenAICall, result: Any) -> None:
 
 
 def _finish_embeddings(call: GenAICall, result: Any) -> None:
+    result = raw_body(result) or result
     input_tokens, _ = _usage(result)
     call.finish(None, response_model=getattr(result, "model", None), input_tokens=input_tokens)
 
@@ -129,6 +137,11 @@ class _ChatStream(StreamState):
                     self.text.append(content)
 
 
+@functools.cache
+def _error_names() -> Callable[[int], str]:
+    return status_error_names(openai)
+
+
 def instrument_openai(client: C) -> C:
     """Instrument an ``openai.OpenAI`` or ``openai.AsyncOpenAI`` client in place.
 
@@ -148,10 +161,12 @@ def instrument_openai(client: C) -> C:
     is_async = isinstance(client, openai.AsyncOpenAI)
     streams = (openai.Stream, openai.AsyncStream)
     secrets = client_secrets(client)
+    names = _error_names()
+    watch_http_client(client, is_async)
 
     def chat(original: Any) -> Any:
         return instrumented(
-            original,
+            tracked(original, is_async=is_async, target="openai.chat", names=names),
             system=SYSTEM,
             describe=_describe_chat,
             on_result=_finish_chat,
@@ -163,7 +178,7 @@ def instrument_openai(client: C) -> C:
 
     def embeddings(original: Any) -> Any:
         return instrumented(
-            original,
+            tracked(original, is_async=is_async, target="openai.embeddings", names=names),
             system=SYSTEM,
             describe=_describe_embeddings,
             on_result=_finish_embeddings,
