@@ -9,7 +9,8 @@ Two front ends share one policy: :class:`RetryMixin` for an
 A first-attempt success never touches tenacity: the function is called directly and the
 ``Retrying`` machinery is built only after a retryable failure, so the happy path costs a
 ``try`` block. Each retry adds a ``"retry"`` span event (``attempt``, ``error_type``,
-``wait_s``), one to the ``rag.retry.count`` counter and one warning log line; the call's span
+``wait_s``), one to the ``rag.retry.count`` counter (and, for a model call, to
+``rag.llm.retries``) and one warning log line; the call's span
 gets ``rag.retry.attempts`` and ``rag.retry.backoff_ms`` (time slept, so backoff is not
 mistaken for model latency).
 
@@ -44,6 +45,7 @@ from rag_instrument._utils import (
 from rag_instrument.attributes import (
     EVENT_RETRY,
     LOG_RETRYING,
+    METRIC_LLM_RETRIES,
     METRIC_RETRY_COUNT,
     RAG_RETRY_ATTEMPTS,
     RAG_RETRY_BACKOFF_MS,
@@ -219,6 +221,10 @@ class _Recorder:
             rt.counter(METRIC_RETRY_COUNT, "{retry}", "Retried calls (one per retry).").add(
                 1, {"error.type": error_type}
             )
+            if self.call is not None:  # a model call: also counted as such, with its model
+                rt.counter(
+                    METRIC_LLM_RETRIES, "{retry}", "Retried model requests (one per retry)."
+                ).add(1, {**self.call.metric_attrs, "error.type": error_type})
             if rt.log is not None:
                 fields = {
                     "target": self.name,
