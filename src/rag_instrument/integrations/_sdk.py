@@ -332,9 +332,10 @@ def raw_body(result: Any) -> Any:
     ``None`` for anything else (a parsed model, a stream, a ``with_streaming_response``
     result whose body is still unread: reading it here would consume the user's stream).
     """
-    http = getattr(result, "http_response", None)
-    if http is None or not callable(getattr(result, "parse", None)):
-        return None
+    kind = type(result)
+    if not hasattr(kind, "http_response") or not callable(getattr(kind, "parse", None)):
+        return None  # a parsed model: looked up on the class (a model's __getattr__ is slow)
+    http = result.http_response
     if not getattr(http, "is_closed", False):
         return None
     content = getattr(http, "content", None)
