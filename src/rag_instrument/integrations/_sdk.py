@@ -333,8 +333,10 @@ def raw_body(result: Any) -> Any:
     result whose body is still unread: reading it here would consume the user's stream).
     """
     kind = type(result)
-    if not hasattr(kind, "http_response") or not callable(getattr(kind, "parse", None)):
-        return None  # a parsed model: looked up on the class (a model's __getattr__ is slow)
+    if not callable(getattr(kind, "parse", None)):
+        return None  # looked up on the class: a pydantic model's __getattr__ is slow
+    if not hasattr(kind, "http_response") and "http_response" not in getattr(result, "__dict__", ()):
+        return None
     http = result.http_response
     if not getattr(http, "is_closed", False):
         return None
