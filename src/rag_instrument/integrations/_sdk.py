@@ -335,7 +335,8 @@ def raw_body(result: Any) -> Any:
     kind = type(result)
     if not callable(getattr(kind, "parse", None)):
         return None  # looked up on the class: a pydantic model's __getattr__ is slow
-    if not hasattr(kind, "http_response") and "http_response" not in getattr(result, "__dict__", ()):
+    own = getattr(result, "__dict__", ())
+    if not hasattr(kind, "http_response") and "http_response" not in own:
         return None
     http = result.http_response
     if not getattr(http, "is_closed", False):
