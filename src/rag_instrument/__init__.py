@@ -20,7 +20,7 @@ import typing as _typing
 
 from rag_instrument._config import Settings, configure, force_flush, shutdown
 from rag_instrument._context import bind_context, request_context, unbind_context, wrap_context
-from rag_instrument.cache import CacheMixin, cached
+from rag_instrument.cache import CacheMixin, CacheSpec, cached
 from rag_instrument.llm import LLMProvider, LLMResult
 from rag_instrument.logs import get_logger
 
@@ -48,6 +48,7 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - imported from a sou
 
 __all__ = [
     "CacheMixin",
+    "CacheSpec",
     "LLMProvider",
     "LLMResult",
     "PipelineStage",

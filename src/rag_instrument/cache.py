@@ -39,7 +39,14 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from rag_instrument import _breakdown, _config
 from rag_instrument._sanitize import redact_text
-from rag_instrument._utils import FunctionKind, function_kind, internal_error, warn_once
+from rag_instrument._utils import (
+    FunctionKind,
+    function_kind,
+    internal_error,
+    user_code_error,
+    warn_once,
+)
+from rag_instrument._values import RefusedValue, ValueTypes, is_object, type_name
 from rag_instrument.attributes import (
     METRIC_CACHE_COALESCED,
     METRIC_CACHE_HITS,
@@ -57,11 +64,13 @@ __all__ = [
     "CacheBackend",
     "CacheInfo",
     "CacheMixin",
+    "CacheSpec",
     "MemoryCache",
     "RedisCache",
     "UncacheableError",
     "cached",
     "make_key",
+    "sdk_store",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -159,20 +168,33 @@ def _has_non_finite(value: Any) -> bool:
     return False
 
 
-def encode_value(value: Any) -> bytes:
-    """The JSON stored for ``value`` (an ``LLMResult`` or a plain JSON value).
+def encode_value(value: Any, types: ValueTypes | None = None) -> bytes:
+    """The JSON stored for ``value``.
+
+    An ``LLMResult``, a plain JSON value, or (with ``types``) a pydantic model or a
+    dataclass, stored with its class's name.
 
     Raises:
-        UncacheableError: the value is not JSON.
+        UncacheableError: the value is none of these (the message names its type).
     """
     if type(value) is LLMResult:
         envelope: dict[str, Any] = {"t": "llm", "v": value.to_dict()}
+    elif types is not None and is_object(value):
+        try:
+            envelope = types.envelope(value)
+        except RefusedValue as exc:
+            raise UncacheableError(str(exc)) from None
     else:
         envelope = {"t": "json", "v": value}
     try:
         return orjson.dumps(envelope, default=_reject, option=orjson.OPT_PASSTHROUGH_DATACLASS)
-    except orjson.JSONEncodeError as exc:
-        raise UncacheableError(str(exc)) from None
+    except orjson.JSONEncodeError:
+        kind = type_name(type(value))
+        raise UncacheableError(
+            f"{kind} is neither JSON, a dataclass nor a pydantic model"
+            if types is not None and envelope["t"] == "json"
+            else f"{kind} holds a value that is not JSON"
+        ) from None
 
 
 #: Values a cache hit may hand out as the very object stored: immutable, and equal to what
@@ -188,7 +210,7 @@ def _keepable(value: Any) -> bool:
 _NOT_KEPT: Final = object()
 
 
-def decode_value(data: bytes | str) -> Any:
+def decode_value(data: bytes | str, types: ValueTypes | None = None) -> Any:
     """Inverse of :func:`encode_value`.
 
     Raises:
@@ -200,6 +222,8 @@ def decode_value(data: bytes | str) -> Any:
     kind = envelope.get("t")
     if kind == "json":
         return envelope.get("v")
+    if kind == "obj" and types is not None:
+        return types.rebuild(envelope)
     if kind == "llm" and isinstance(envelope.get("v"), dict):
         try:
             return LLMResult.from_dict(envelope["v"])
@@ -413,7 +437,7 @@ class _Flight:
         if data is not None and _keepable(value):
             self.value = value
 
-    def outcome(self) -> tuple[bool, Any]:
+    def outcome(self, types: ValueTypes) -> tuple[bool, Any]:
         """What a waiter gets: ``(True, value)``, or the leader's exception raised.
 
         ``(False, None)`` when the leader was cancelled or its result could not be stored:
@@ -424,16 +448,24 @@ class _Flight:
         if self.value is not _NOT_KEPT:
             return True, self.value
         if self.data is not None:
-            return True, decode_value(self.data)
+            return True, decode_value(self.data, types)
         return False, None
 
 
 class _Store:
     """One cache: a backend plus the in-flight calls and counts (shared by all callers)."""
 
-    def __init__(self, backend: CacheBackend, ttl: float | None) -> None:
+    def __init__(
+        self,
+        backend: CacheBackend,
+        ttl: float | None,
+        types: ValueTypes | None = None,
+        tokens: Callable[[Any], int] | None = None,
+    ) -> None:
         self.backend = backend
         self.ttl = ttl
+        self.types = types if types is not None else ValueTypes()
+        self.tokens = tokens  # the tokens a stored response cost (saved on a hit)
         self.memory: MemoryCache | None = backend if type(backend) is MemoryCache else None
         self.local = self.memory is not None
         self.lock = threading.Lock()
@@ -463,16 +495,22 @@ class _Store:
             if data is None:
                 return False, None
         try:
-            return True, decode_value(data)  # type: ignore[arg-type]
-        except ValueError:
-            warn_once.warning("rag_instrument: ignored a cache entry that is not ours (not JSON)")
+            return True, decode_value(data, self.types)  # type: ignore[arg-type]
+        except ValueError as exc:
+            warn_once.warning(f"rag_instrument: ignored a cache entry that is not ours ({exc})")
             return False, None
 
     def save(self, key: str, value: Any) -> bytes | None:
+        kind = type(value)
+        if kind in self.types.refused:
+            return None  # said once already
         try:
-            data = encode_value(value)
+            data = encode_value(value, self.types)
         except UncacheableError as exc:
-            warn_once.warning(f"rag_instrument: result not cached: {exc}")
+            self.types.refused.add(kind)
+            warn_once.warning(
+                f"rag_instrument: results of type {kind.__qualname__} not cached: {exc}"
+            )
             return None
         if self.memory is not None:
             self.memory.set_value(key, data, value)
@@ -512,7 +550,7 @@ class _Store:
             assert isinstance(done, threading.Event)
             done.wait()
             coalesced = True
-            found, value = flight.outcome()  # raises the leader's exception
+            found, value = flight.outcome(self.types)  # raises the leader's exception
             if found:
                 return value, _COALESCED
             # The leader was interrupted (or its result not stored): go round, one takes over.
@@ -550,7 +588,7 @@ class _Store:
             assert isinstance(done, asyncio.Future)
             await asyncio.shield(done)
             coalesced = True
-            found, value = flight.outcome()  # raises the leader's exception
+            found, value = flight.outcome(self.types)  # raises the leader's exception
             if found:
                 return value, _COALESCED
             # The leader was cancelled: go round, one waiter takes over.
@@ -574,6 +612,20 @@ class _Store:
             if not future.done():
                 future.set_result(None)
 
+    @staticmethod
+    def key(payload: Mapping[str, Any]) -> str:
+        """The key of an SDK request (``payload["params"]`` holds the request's parameters).
+
+        Raises:
+            UncacheableError: a parameter has no canonical JSON form.
+        """
+        return _make_key(payload, payload.get("params"))
+
+    @staticmethod
+    def is_hit(outcome: int) -> bool:
+        """Whether ``outcome`` (from :meth:`call` / :meth:`acall`) answered without a call."""
+        return outcome != _MISS
+
     def count(self, outcome: int, value: Any, rt: Runtime) -> None:
         """Update statistics and telemetry for one answered call."""
         if outcome == _MISS:
@@ -590,6 +642,8 @@ class _Store:
             saved = 0
             if hit and type(value) is LLMResult:
                 saved = (value.input_tokens or 0) + (value.output_tokens or 0)
+            elif hit and self.tokens is not None:
+                saved = self.tokens(value)
             if _OBSERVED_KEY not in rt._instruments:
                 _observe(rt)  # first: the baseline must not include this call
             _TOTALS.add(outcome, saved)
@@ -775,6 +829,113 @@ class CacheMixin:
             request.call.cache_hit = outcome != _MISS
         store.count(outcome, value, _config._RUNTIME)
         return value
+
+
+# --- CacheSpec: the cache of instrumented SDK clients ---------------------------------------------
+
+
+class CacheSpec:
+    """The response cache of an instrumented SDK client (``instrument_openai(client, cache=...)``).
+
+    The same settings as :class:`CacheMixin`'s class attributes. Every client instrumented
+    with one spec shares its entries (keys hold the client's base URL, so two deployments
+    never share an answer), and so do the copies ``client.with_options(...)`` makes.
+
+    Args:
+        ttl: seconds an entry lives (``None``: until evicted).
+        maxsize: entries kept by the in-process cache.
+        backend: ``None`` (in-process) or a :class:`RedisCache`.
+        namespace: keeps entries apart, e.g. per tenant: a string, or a function called at
+            each call (returning a string or ``None``), e.g. one reading the current tenant
+            from a context variable.
+        nondeterministic: also cache calls with ``temperature > 0``.
+
+    Raises:
+        ValueError: a TTL or size that would cache nothing, or a namespace that is neither
+            a string nor a function.
+    """
+
+    __slots__ = ("_lock", "_store", "backend", "maxsize", "namespace", "nondeterministic", "ttl")
+
+    def __init__(
+        self,
+        ttl: float | None = 3600.0,
+        maxsize: int = 1024,
+        backend: CacheBackend | None = None,
+        namespace: str | Callable[[], str | None] | None = None,
+        nondeterministic: bool = False,
+    ) -> None:
+        _check_cache_settings("CacheSpec", ttl, maxsize, "")
+        if namespace is not None and not isinstance(namespace, str) and not callable(namespace):
+            raise ValueError(
+                f"CacheSpec: namespace must be a string, a function or None, got {namespace!r}"
+            )
+        if not isinstance(nondeterministic, bool):
+            raise ValueError(  # noqa: TRY004 - configuration errors are ValueErrors here
+                f"CacheSpec: nondeterministic must be a bool, got {nondeterministic!r}"
+            )
+        self.ttl = ttl
+        self.maxsize = maxsize
+        self.backend = backend
+        self.namespace = namespace
+        self.nondeterministic = nondeterministic
+        self._store: _Store | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return (
+            f"CacheSpec(ttl={self.ttl!r}, maxsize={self.maxsize!r}, backend={self.backend!r}, "
+            f"namespace={self.namespace!r}, nondeterministic={self.nondeterministic!r})"
+        )
+
+    def current_namespace(self) -> str | None:
+        """The namespace of a call made now (a function namespace is called)."""
+        namespace = self.namespace
+        if namespace is None or isinstance(namespace, str):
+            return namespace
+        try:
+            value = namespace()
+        except Exception as exc:
+            user_code_error("the CacheSpec namespace function", exc)
+            raise UncacheableError("the namespace function failed") from None
+        if value is not None and not isinstance(value, str):
+            raise UncacheableError(f"the namespace function returned {type(value).__name__}")
+        return value
+
+    def store(self) -> _Store:
+        """The store of this spec's entries (made on first use)."""
+        store = self._store
+        if store is None:
+            with self._lock:
+                if self._store is None:
+                    backend = _make_backend(self.backend, self.maxsize, self.ttl)
+                    self._store = _Store(backend, self.ttl, tokens=self._tokens)
+                store = self._store
+        return store
+
+    def _tokens(self, value: Any) -> int:
+        counter = _TOKEN_COUNTERS.get(type(value))
+        return counter(value) if counter is not None else 0
+
+    def cache_info(self) -> CacheInfo:
+        """Hits, misses, coalesced calls and size of this spec's cache."""
+        return self.store().info()
+
+    def cache_clear(self) -> None:
+        """Empty this spec's cache and reset its statistics."""
+        self.store().clear()
+
+
+#: How many tokens a response of each SDK type cost (registered by the integrations).
+_TOKEN_COUNTERS: dict[type, Callable[[Any], int]] = {}
+
+
+def sdk_store(spec: CacheSpec, result_type: type, tokens: Callable[[Any], int]) -> _Store:
+    """The store of ``spec``, allowed to rebuild ``result_type`` (an SDK response model)."""
+    store = spec.store()
+    store.types.allow(result_type)
+    _TOKEN_COUNTERS.setdefault(result_type, tokens)
+    return store
 
 
 # --- cached() ---------------------------------------------------------------------------------

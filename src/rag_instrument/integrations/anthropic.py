@@ -38,6 +38,8 @@ except ImportError as _exc:  # pragma: no cover - exercised without the extra
 
 from rag_instrument._genai import GenAICall
 from rag_instrument._utils import internal_error
+from rag_instrument.cache import CacheSpec
+from rag_instrument.integrations._cache import cache_spec, cached_method
 from rag_instrument.integrations._sdk import (
     raw_body,
     status_error_names,
@@ -191,7 +193,16 @@ def _stream_helper(
     return stream
 
 
-def instrument_anthropic(client: C) -> C:
+def _message_tokens(result: Any) -> int:
+    usage = getattr(result, "usage", None)
+    total = 0
+    for name in ("input_tokens", "output_tokens"):
+        value = getattr(usage, name, None)
+        total += value if isinstance(value, int) else 0
+    return total
+
+
+def instrument_anthropic(client: C, *, cache: CacheSpec | bool | None = None) -> C:
     """Instrument an ``anthropic.Anthropic`` or ``anthropic.AsyncAnthropic`` client in place.
 
     Instrumenting twice does nothing the second time; undo with
@@ -199,17 +210,22 @@ def instrument_anthropic(client: C) -> C:
 
     Args:
         client: the client.
+        cache: a :class:`~rag_instrument.cache.CacheSpec` (or ``True`` for the defaults)
+            answers ``messages.create`` from a response cache; ``None`` (the default)
+            caches nothing.
 
     Returns:
         The same client, for chaining.
 
     Raises:
         TypeError: ``client`` is not an Anthropic client.
+        ValueError: ``cache`` is neither a ``CacheSpec`` nor a bool.
     """
     if not isinstance(client, anthropic.Anthropic | anthropic.AsyncAnthropic):
         raise TypeError(
             f"instrument_anthropic expects an Anthropic client, got {type(client).__name__}"
         )
+    spec = cache_spec(cache)
     is_async = isinstance(client, anthropic.AsyncAnthropic)
     streams = (anthropic.Stream, anthropic.AsyncStream)
     secrets = client_secrets(client, ("api_key", "auth_token"))
@@ -217,8 +233,19 @@ def instrument_anthropic(client: C) -> C:
     watch_http_client(client, is_async)
 
     def messages(original: Any) -> Any:
+        inner = original
+        if spec is not None:
+            scope = {"sdk": SYSTEM, "operation": "chat", "base_url": str(client.base_url)}
+            inner = cached_method(
+                original,
+                spec=spec,
+                is_async=is_async,
+                scope=scope,
+                result_type=anthropic.types.Message,
+                tokens=_message_tokens,
+            )
         return instrumented(
-            tracked(original, is_async=is_async, target="anthropic.chat", names=names),
+            tracked(inner, is_async=is_async, target="anthropic.chat", names=names),
             system=SYSTEM,
             describe=_describe,
             on_result=_finish,
@@ -237,7 +264,7 @@ def instrument_anthropic(client: C) -> C:
             (client.messages, "create", messages),
             (client.messages, "stream", stream_helper),
         ],
-        instrument=instrument_anthropic,
+        instrument=functools.partial(instrument_anthropic, cache=spec),
     )
     return client
 

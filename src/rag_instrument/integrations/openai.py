@@ -42,6 +42,8 @@ except ImportError as _exc:  # pragma: no cover - exercised without the extra
 
 from rag_instrument import attributes as attr
 from rag_instrument._genai import GenAICall
+from rag_instrument.cache import CacheSpec
+from rag_instrument.integrations._cache import cache_spec, cached_method
 from rag_instrument.integrations._sdk import (
     raw_body,
     status_error_names,
@@ -142,31 +144,55 @@ def _error_names() -> Callable[[int], str]:
     return status_error_names(openai)
 
 
-def instrument_openai(client: C) -> C:
+def _chat_tokens(result: Any) -> int:
+    usage = getattr(result, "usage", None)
+    return int(getattr(usage, "total_tokens", 0) or 0)
+
+
+def instrument_openai(client: C, *, cache: CacheSpec | bool | None = None) -> C:
     """Instrument an ``openai.OpenAI`` or ``openai.AsyncOpenAI`` client in place.
 
     Instrumenting twice does nothing the second time; undo with :func:`uninstrument_openai`.
 
     Args:
         client: the client.
+        cache: a :class:`~rag_instrument.cache.CacheSpec` (or ``True`` for the defaults)
+            answers ``chat.completions.create`` and ``embeddings.create`` from a response
+            cache; ``None`` (the default) caches nothing.
 
     Returns:
         The same client, for chaining.
 
     Raises:
         TypeError: ``client`` is not an OpenAI client.
+        ValueError: ``cache`` is neither a ``CacheSpec`` nor a bool.
     """
     if not isinstance(client, openai.OpenAI | openai.AsyncOpenAI):
         raise TypeError(f"instrument_openai expects an OpenAI client, got {type(client).__name__}")
+    spec = cache_spec(cache)
     is_async = isinstance(client, openai.AsyncOpenAI)
     streams = (openai.Stream, openai.AsyncStream)
     secrets = client_secrets(client)
     names = _error_names()
     watch_http_client(client, is_async)
 
+    def cached(original: Any, operation: str, result_type: type) -> Any:
+        if spec is None:
+            return original
+        scope = {"sdk": SYSTEM, "operation": operation, "base_url": str(client.base_url)}
+        return cached_method(
+            original,
+            spec=spec,
+            is_async=is_async,
+            scope=scope,
+            result_type=result_type,
+            tokens=_chat_tokens,
+        )
+
     def chat(original: Any) -> Any:
+        inner = cached(original, "chat", openai.types.chat.ChatCompletion)
         return instrumented(
-            tracked(original, is_async=is_async, target="openai.chat", names=names),
+            tracked(inner, is_async=is_async, target="openai.chat", names=names),
             system=SYSTEM,
             describe=_describe_chat,
             on_result=_finish_chat,
@@ -177,8 +203,9 @@ def instrument_openai(client: C) -> C:
         )
 
     def embeddings(original: Any) -> Any:
+        inner = cached(original, "embeddings", openai.types.CreateEmbeddingResponse)
         return instrumented(
-            tracked(original, is_async=is_async, target="openai.embeddings", names=names),
+            tracked(inner, is_async=is_async, target="openai.embeddings", names=names),
             system=SYSTEM,
             describe=_describe_embeddings,
             on_result=_finish_embeddings,
@@ -192,7 +219,7 @@ def instrument_openai(client: C) -> C:
             (client.chat.completions, "create", chat),
             (client.embeddings, "create", embeddings),
         ],
-        instrument=instrument_openai,
+        instrument=functools.partial(instrument_openai, cache=spec),
     )
     return client
 
