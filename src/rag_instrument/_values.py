@@ -165,7 +165,5 @@ class ValueTypes:
             if _is_model_class(cls):
                 return cls.model_validate(data)  # type: ignore[attr-defined]
             return _dataclass(cls, data)
-        except ValueError:
-            raise
-        except Exception as exc:  # a pydantic ValidationError is a ValueError already
+        except Exception as exc:  # the type only: a validation message quotes the entry
             raise ValueError(f"a cache entry does not fit {name}: {type(exc).__name__}") from None

@@ -26,6 +26,16 @@ MESSAGES = [{"role": "user", "content": "Where is the spare key?"}]
 FAST = {"retry-after-ms": "10"}  # the SDKs honour it: retries without the default 0.5 s+
 
 
+_OPEN: list[Any] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _OPEN:
+        _OPEN.pop().close()  # sync clients: no socket left for the garbage collector
+
+
 @pytest.fixture
 def server() -> Iterator[FakeLLMServer]:
     with FakeLLMServer() as fake:
@@ -33,7 +43,9 @@ def server() -> Iterator[FakeLLMServer]:
 
 
 def _openai(server: FakeLLMServer, **kw: Any) -> openai.OpenAI:
-    return instrument_openai(openai.OpenAI(api_key=OPENAI_KEY, base_url=server.openai_base_url, **kw))
+    client = openai.OpenAI(api_key=OPENAI_KEY, base_url=server.openai_base_url, **kw)
+    _OPEN.append(client)
+    return instrument_openai(client)
 
 
 def _aopenai(server: FakeLLMServer, **kw: Any) -> openai.AsyncOpenAI:
@@ -43,6 +55,7 @@ def _aopenai(server: FakeLLMServer, **kw: Any) -> openai.AsyncOpenAI:
 
 def _anthropic(server: FakeLLMServer, **kw: Any) -> anthropic.Anthropic:
     client = anthropic.Anthropic(api_key=ANTHROPIC_KEY, base_url=server.anthropic_base_url, **kw)
+    _OPEN.append(client)
     return instrument_anthropic(client)
 
 
@@ -193,6 +206,7 @@ def test_other_requests_through_a_shared_http_client_are_not_counted(
     http = httpx2.Client()
     _openai(server, http_client=http)  # wraps the shared httpx client's send
     plain = openai.OpenAI(api_key=OPENAI_KEY, base_url=server.openai_base_url, http_client=http)
+    _OPEN.append(plain)
     server.enqueue(503, headers=FAST)
     with capture() as cap:
         plain.chat.completions.create(model="m", messages=MESSAGES)
