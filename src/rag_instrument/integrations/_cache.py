@@ -19,10 +19,11 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from rag_instrument import _config
 from rag_instrument._genai import current_call
+from rag_instrument._runtime import get_runtime
 from rag_instrument._utils import internal_error, warn_once
-from rag_instrument.cache import CacheSpec, UncacheableError, sdk_store
+from rag_instrument.cache import CacheSpec, UncacheableError
+from rag_instrument.cache._spec import sdk_store
 
 __all__ = ["cache_spec", "cached_method"]
 
@@ -109,7 +110,7 @@ def cached_method(
             call = current_call()
             if call is not None:
                 call.cache_hit = store.is_hit(outcome)
-            store.count(outcome, value, _config._RUNTIME)
+            store.count(outcome, value, get_runtime())
         except Exception as exc:
             internal_error("recording an SDK cache outcome", exc)
 

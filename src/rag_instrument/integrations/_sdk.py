@@ -33,8 +33,8 @@ from typing import Any, Final
 
 import orjson
 
-from rag_instrument import _config
 from rag_instrument._genai import GenAICall, current_call
+from rag_instrument._runtime import get_runtime
 from rag_instrument._utils import internal_error
 from rag_instrument.attributes import (
     ERROR_TYPE,
@@ -246,7 +246,7 @@ def _async_send(original: Callable[..., Any]) -> Callable[..., Any]:
 def begin(target: str, names: Callable[[int], str]) -> tuple[Attempts, Any] | None:
     """Start counting the attempts of the call current in this context, if any."""
     call = current_call()
-    if call is None or not _config._RUNTIME.enabled:
+    if call is None or not get_runtime().enabled:
         return None
     attempts = Attempts(call, target, names)
     return attempts, _active.set(attempts)

@@ -17,7 +17,7 @@ from openai.types.chat import ChatCompletion
 
 import rag_instrument as ri
 from rag_instrument import cache as cache_module
-from rag_instrument._values import ValueTypes, type_name
+from rag_instrument.cache._values import ValueTypes, type_name
 from rag_instrument.integrations.openai import instrument_openai
 from support.fake_llm import FakeLLMServer
 
