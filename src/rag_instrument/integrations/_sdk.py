@@ -1,4 +1,6 @@
-"""Every HTTP attempt of an instrumented SDK call: the SDK's own retries, made visible.
+"""What the SDK integrations share besides streams: every HTTP attempt, and raw responses.
+
+Every HTTP attempt of an instrumented SDK call: the SDK's own retries, made visible.
 
 The openai and anthropic SDKs retry by themselves (``max_retries``, 2 by default, honouring
 ``Retry-After``) inside one ``create`` call, so a call that took three attempts looks like

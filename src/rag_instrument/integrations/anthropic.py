@@ -16,10 +16,18 @@ Copies made with ``client.with_options(...)`` / ``client.copy(...)`` are instrum
 and the client's own ``api_key`` / ``auth_token`` are scrubbed, as literals, from everything
 recorded for its calls.
 
-Not instrumented: the ``messages.stream()`` helper (its manager builds the request itself);
-use ``messages.create(stream=True)`` to trace streams. ``with_raw_response`` calls get a
-span without token usage (the body is parsed only when you call ``.parse()``).
-Supported: ``anthropic>=0.34``.
+The ``messages.stream()`` helper is traced too: the manager it returns stays the SDK's
+``MessageStreamManager`` (its class is swapped for a subclass whose ``__enter__`` /
+``__aenter__`` is the traced request), and the span lasts from ``with`` to the end of the
+stream, with time to first token and usage. ``with_raw_response`` calls get token usage.
+
+The SDK's own retries are recorded attempt by attempt (see
+:mod:`rag_instrument.integrations._sdk`; the ``httpx`` client is the SDK's private
+``_client`` attribute). With ``cache=ri.CacheSpec(...)`` (or ``cache=True``),
+``messages.create`` is answered from a response cache; streams never are.
+
+Supported: ``anthropic>=0.34``; per-attempt retries, the stream helper and the cache are
+tested with ``anthropic`` 2.15.
 """
 
 from __future__ import annotations

@@ -17,14 +17,23 @@ Copies made with ``client.with_options(...)`` / ``client.copy(...)`` are instrum
 instrumented). The client's own ``api_key`` is scrubbed, as a literal, from everything
 recorded for its calls, whatever its shape (Azure keys are plain hex).
 
-Limitation: ``client.chat.completions.with_raw_response.create(...)`` (and
-``with_streaming_response``) calls get their span, duration, log line and errors, but no
-token usage, response model or finish reason: the SDK hands back the raw HTTP response,
-and its body is parsed only if and when you call ``.parse()``, after the span has ended.
-Read usage from the parsed object yourself if you need it there.
+The SDK's own retries (``max_retries``) are recorded attempt by attempt on the call's span
+(``"retry"`` events, ``rag.retry.attempts``, ``"retrying"`` lines: see
+:mod:`rag_instrument.integrations._sdk`), through the ``send`` method of the client's
+``httpx`` client, which the SDK keeps in its private attribute ``_client``; a client
+without it is instrumented all the same, without per-attempt records.
+
+``client.chat.completions.with_raw_response.create(...)`` calls get token usage (read from
+the body the SDK has already read); ``with_streaming_response`` calls get their span,
+duration, log line and errors but no usage (their body is the caller's to read, after the
+span has ended).
+
+With ``cache=ri.CacheSpec(...)`` (or ``cache=True``), ``chat.completions.create`` and
+``embeddings.create`` are answered from a response cache (see
+:mod:`rag_instrument.integrations._cache`); streams never are.
 
 Supported: ``openai>=1.40`` (sync ``OpenAI`` and async ``AsyncOpenAI`` clients, and their
-Azure variants).
+Azure variants); per-attempt retries and the cache are tested with ``openai`` 3.57.
 """
 
 from __future__ import annotations
