@@ -15,7 +15,13 @@ from typing import Any, Final
 
 import orjson
 
-from rag_instrument.cache._values import RefusedValue, ValueTypes, is_object, type_name
+from rag_instrument.cache._values import (
+    OBJ_PREFIX,
+    RefusedValue,
+    ValueTypes,
+    is_object,
+    type_name,
+)
 from rag_instrument.llm import LLMResult
 
 __all__ = [
@@ -140,6 +146,8 @@ def decode_value(data: bytes | str, types: ValueTypes | None = None) -> Any:
     Raises:
         ValueError: ``data`` is not an entry this module wrote.
     """
+    if types is not None and type(data) is bytes and data.startswith(OBJ_PREFIX):
+        return types.rebuild_entry(data)
     envelope = orjson.loads(data)  # never pickle: a foreign blob is a JSON error here
     if type(envelope) is not dict:
         raise ValueError("not a rag_instrument cache entry")
