@@ -261,3 +261,81 @@ def test_disabled_records_nothing_and_still_retries(server: FakeLLMServer) -> No
     assert reply.choices[0].message.content == server.reply_text
     assert len(server.requests) == 2
     assert not cap.find_logs("retrying")
+
+
+def test_ri_retry_around_a_client_logs_retried_attempts_as_warnings(
+    server: FakeLLMServer,
+) -> None:
+    server.enqueue(503, times=2)
+    client = _openai(server, max_retries=0)
+
+    @ri.retry(attempts=3, wait_min=0, wait_max=0.01)
+    def ask() -> Any:
+        return client.chat.completions.create(model="m", messages=MESSAGES)
+
+    with capture() as cap:
+        ask()
+    assert len(server.requests) == 3
+    assert not [line for line in cap.logs if line["level"] in ("error", "critical")]
+    failed = cap.find_logs("llm call failed")
+    assert [(f["level"], f["will_retry"]) for f in failed] == [("warning", True)] * 2
+    assert len(cap.find_logs("retrying")) == 2
+
+
+def test_ri_retry_out_of_attempts_logs_the_last_failure_as_an_error(
+    server: FakeLLMServer,
+) -> None:
+    server.enqueue(503, times=2)
+    client = _openai(server, max_retries=0)
+
+    @ri.retry(attempts=2, wait_min=0, wait_max=0.01)
+    def ask() -> Any:
+        return client.chat.completions.create(model="m", messages=MESSAGES)
+
+    with capture() as cap:
+        with pytest.raises(openai.InternalServerError):
+            ask()
+    levels = [f["level"] for f in cap.find_logs("llm call failed")]
+    assert levels == ["warning", "error"]
+
+
+def test_a_non_retryable_failure_inside_ri_retry_is_an_error(server: FakeLLMServer) -> None:
+    server.enqueue(400)
+    client = _openai(server, max_retries=0)
+
+    @ri.retry(attempts=3, wait_min=0, wait_max=0.01)
+    def ask() -> Any:
+        return client.chat.completions.create(model="m", messages=MESSAGES)
+
+    with capture() as cap:
+        with pytest.raises(openai.BadRequestError):
+            ask()
+    (line,) = cap.find_logs("llm call failed")
+    assert line["level"] == "error"
+    assert "will_retry" not in line
+
+
+@pytest.mark.asyncio
+async def test_retry_mixin_around_a_client_logs_retried_attempts_as_warnings(
+    server: FakeLLMServer,
+) -> None:
+    server.enqueue(429, headers=FAST)
+    client = _aopenai(server, max_retries=0)
+
+    class Chat(ri.RetryMixin, ri.LLMProvider):
+        system, model = "openai", "gpt-4o-mini"
+        retry_wait_min, retry_wait_max = 0.0, 0.05
+
+        async def _generate(self, prompt: str, **params: Any) -> str:
+            reply = await client.chat.completions.create(
+                model=self.model, messages=[{"role": "user", "content": prompt}]
+            )
+            return reply.choices[0].message.content or ""
+
+    with capture() as cap:
+        assert await Chat().generate("hello") == server.reply_text
+    assert not [line for line in cap.logs if line["level"] == "error"]
+    (failed,) = cap.find_logs("llm call failed")
+    assert failed["level"] == "warning"
+    assert len(cap.find_logs("retrying")) == 1
+    await client.close()
