@@ -339,3 +339,35 @@ async def test_retry_mixin_around_a_client_logs_retried_attempts_as_warnings(
     assert failed["level"] == "warning"
     assert len(cap.find_logs("retrying")) == 1
     await client.close()
+
+
+@pytest.mark.parametrize(
+    ("module", "status", "name"),
+    [
+        (openai, 429, "RateLimitError"),
+        (openai, 503, "InternalServerError"),
+        (openai, 418, "APIStatusError"),
+        (anthropic, 529, "OverloadedError"),
+        (anthropic, 599, "InternalServerError"),
+    ],
+)
+def test_status_error_names_follow_the_sdks_classes(module: Any, status: int, name: str) -> None:
+    from rag_instrument.integrations._sdk import status_error_names
+
+    assert status_error_names(module)(status) == name
+
+
+def test_a_client_without_an_http_client_attribute_is_still_instrumented(
+    server: FakeLLMServer,
+) -> None:
+    from rag_instrument.integrations._sdk import watch_http_client
+
+    class Bare:
+        pass
+
+    watch_http_client(Bare(), is_async=False)  # nothing to wrap: no error, nothing done
+    server.enqueue(503, headers=FAST)
+    client = _openai(server)
+    with capture() as cap:
+        client.chat.completions.create(model="m", messages=MESSAGES)
+    assert cap.span("chat m").attributes["rag.retry.attempts"] == 2
