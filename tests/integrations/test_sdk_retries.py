@@ -357,7 +357,7 @@ def test_status_error_names_follow_the_sdks_classes(module: Any, status: int, na
     assert status_error_names(module)(status) == name
 
 
-def test_a_client_without_an_http_client_attribute_is_still_instrumented(
+def test_watching_ignores_an_object_without_an_http_client(
     server: FakeLLMServer,
 ) -> None:
     from rag_instrument.integrations._sdk import watch_http_client
