@@ -576,7 +576,7 @@ class EngineInstrumentation:
         # The relationship is named only when the statement was that lazy load.
         if relationship is not None:
             fields["relationship"] = relationship
-        emit("warning", "n+1 query detected", fields, rt=rt)
+        emit("warning", "n+1 query detected", fields, rt=rt, stage=stage or "")
 
     def _report_slow(
         self,
