@@ -37,7 +37,8 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from rag_instrument import _breakdown
 from rag_instrument import attributes as attr
 from rag_instrument._context import note_content
-from rag_instrument._sanitize import REDACTED, redact_then_truncate, remember_exception, safe_str
+from rag_instrument._errors import remember_exception
+from rag_instrument._sanitize import REDACTED, redact_then_truncate, safe_str
 from rag_instrument._utils import http_status, internal_error, user_code_error
 from rag_instrument.attributes import (
     EVENT_LLM_CANCELLED,

@@ -23,7 +23,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any, Final
 
@@ -35,7 +35,6 @@ from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
     InMemoryMetricReader,
     MetricExporter,
-    MetricExportResult,
     MetricReader,
     PeriodicExportingMetricReader,
 )
@@ -67,7 +66,15 @@ from rag_instrument._leaf import (
     take_sanitized,
 )
 from rag_instrument._sanitize import REDACTED, is_secret_key, redact_text, truncate
-from rag_instrument._utils import user_code_error, warn_once
+from rag_instrument._sending import (
+    MAX_EXPORT_BYTES,
+    REFUSING_STATUSES,
+    RefusableMetricExporter,
+    by_size,
+    estimated_bytes,
+    install_refusal_filter,
+)
+from rag_instrument._utils import user_code_error
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import CallbackOptions, Observation
@@ -141,7 +148,7 @@ def _install_sdk_log_filter() -> None:
         "opentelemetry.sdk.metrics._internal.export",
     ):
         logging.getLogger(name).addFilter(flt)
-    logging.getLogger("opentelemetry.exporter.otlp.proto.http.metric_exporter").addFilter(_REFUSALS)
+    install_refusal_filter()
     _FILTER_INSTALLED = True
 
 
@@ -251,50 +258,6 @@ def redact_span(span: ReadableSpan) -> ReadableSpan:
     )
 
 
-#: The largest export request rag_instrument sends, estimated before encoding: well under
-#: the 4 MiB that gRPC collectors accept by default (and the 4.6 MB one batch of spans with
-#: captured content reached), leaving room for the encoding's own overhead.
-MAX_EXPORT_BYTES: Final = 3 * 1024 * 1024
-_SPAN_OVERHEAD: Final = 160  # ids, times, kind, status, scope: bytes per span, generously
-
-
-def _value_bytes(value: Any) -> int:
-    if isinstance(value, str):
-        return len(value) * 2 if not value.isascii() else len(value)
-    if isinstance(value, tuple | list):
-        return sum(_value_bytes(v) + 4 for v in value)
-    return 10
-
-
-def _attributes_bytes(attributes: Any) -> int:
-    plain = getattr(attributes, "_dict", attributes) or {}
-    return sum(len(key) + _value_bytes(value) + 8 for key, value in plain.items())
-
-
-def estimated_bytes(span: ReadableSpan) -> int:
-    """About how many bytes ``span`` takes in an OTLP request (an upper estimate)."""
-    size = _SPAN_OVERHEAD + len(span.name) + _attributes_bytes(span._attributes)
-    for event in span._events:
-        size += 32 + len(event.name) + _attributes_bytes(event.attributes)
-    for link in span._links:
-        size += 48 + _attributes_bytes(link.attributes)
-    description = span._status.description
-    return size + (len(description) if description else 0)
-
-
-def _by_size(spans: Sequence[ReadableSpan], limit: int) -> Iterator[Sequence[ReadableSpan]]:
-    """``spans`` in consecutive chunks of at most ``limit`` estimated bytes (one at least)."""
-    start, total = 0, 0
-    for index, span in enumerate(spans):
-        size = estimated_bytes(span)
-        if total + size > limit and index > start:
-            yield spans[start:index]
-            start, total = index, 0
-        total += size
-    if start < len(spans):
-        yield spans[start:] if start else spans
-
-
 def _redact_unless_sanitized(span: ReadableSpan) -> ReadableSpan:
     span_id = span.context.span_id if span.context is not None else 0
     if take_sanitized(span_id):
@@ -327,7 +290,7 @@ class SafeSpanExporter(SpanExporter):
                 user_code_error("redacting spans for export", exc)
                 return SpanExportResult.FAILURE
         outcome = SpanExportResult.SUCCESS
-        for chunk in _by_size(spans, MAX_EXPORT_BYTES):
+        for chunk in by_size(spans, MAX_EXPORT_BYTES):
             if self._export(chunk) is not SpanExportResult.SUCCESS:
                 outcome = SpanExportResult.FAILURE
         return outcome
@@ -525,106 +488,10 @@ def _otlp(signal: str) -> Callable[..., Any]:
         ) from exc
 
 
-#: HTTP statuses that mean "this collector does not take metrics at all" (a traces-only
-#: backend): retrying every 30 s only repeats the error.
-REFUSING_STATUSES: Final = frozenset({404, 405, 415, 501})
-
-
-class _Refusals(logging.Filter):
-    """Drops the SDK's metric export error for a collector that refuses metrics for good.
-
-    Our own warning says it once instead ("Failed to export metrics batch code: 405").
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.statuses: set[int] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """Keep the record unless it is the export error for a refusing collector."""
-        if not self.statuses:
-            return True
-        try:
-            message = record.getMessage()
-        except Exception:
-            return True
-        return not any(f"code: {status}" in message for status in self.statuses)
-
-
-_REFUSALS = _Refusals()
-
-
-class RefusableMetricExporter(MetricExporter):
-    """An OTLP metric exporter that stops when the collector refuses metrics for good.
-
-    A traces-only backend answers ``405 Method Not Allowed`` (or 404) on ``/v1/metrics``:
-    say so once, as a warning naming the setting to change, and send no more metrics
-    there, instead of an export error every 30 seconds. Statuses are read from a
-    ``requests`` session hook, the exporter's documented ``session`` argument.
-    """
-
-    def __init__(self, make: Callable[..., Any], url: str) -> None:
-        self.url = url
-        self.stopped = False
-        self._status: int | None = None
-        session: Any = None
-        try:
-            import requests
-
-            session = requests.Session()
-            session.hooks["response"].append(self._record)
-        except ImportError:  # pragma: no cover - requests comes with the OTLP exporter
-            session = None
-        kwargs: dict[str, Any] = {"endpoint": url, "timeout": OTLP_TIMEOUT_S}
-        if session is not None:
-            kwargs["session"] = session
-        self.inner = make(**kwargs)
-        super().__init__(
-            preferred_temporality=getattr(self.inner, "_preferred_temporality", None),
-            preferred_aggregation=getattr(self.inner, "_preferred_aggregation", None),
-        )
-
-    def _record(self, response: Any, *args: Any, **kwargs: Any) -> None:
-        status = getattr(response, "status_code", None)
-        self._status = status if isinstance(status, int) else None
-        if self._status in REFUSING_STATUSES:
-            _REFUSALS.statuses.add(self._status)  # the SDK's error line for it is dropped
-
-    def export(
-        self, metrics_data: Any, timeout_millis: float = 10_000, **kwargs: Any
-    ) -> MetricExportResult:
-        """Export, unless the collector refused metrics before (then drop them)."""
-        if self.stopped:
-            return MetricExportResult.SUCCESS
-        self._status = None
-        result: MetricExportResult = self.inner.export(metrics_data, timeout_millis=timeout_millis)
-        status = self.last_status()
-        if result is not MetricExportResult.SUCCESS and status in REFUSING_STATUSES:
-            self.stopped = True
-            warn_once.warning(
-                f"rag_instrument: the collector at {redact_text(self.url)} does not accept "
-                f"metrics (HTTP {status}); no more metrics are sent there. Set "
-                "metrics_exporter='none' (RAG_INSTRUMENT_METRICS_EXPORTER=none) for a "
-                "traces-only backend, or point metrics elsewhere."
-            )
-            return MetricExportResult.SUCCESS
-        return result
-
-    def last_status(self) -> int | None:
-        """The HTTP status of the last response (``None`` when there was none)."""
-        return self._status
-
-    def force_flush(self, timeout_millis: float = 10_000) -> bool:
-        """Flush the wrapped exporter."""
-        return bool(self.inner.force_flush(timeout_millis))
-
-    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
-        """Shut the wrapped exporter down."""
-        self.inner.shutdown(timeout_millis=timeout_millis)
-
-
 def _otlp_metrics(settings: Settings) -> MetricExporter:
-    return RefusableMetricExporter(_otlp("metric"), _otlp_url(settings, "metrics"))
+    return RefusableMetricExporter(
+        _otlp("metric"), _otlp_url(settings, "metrics"), timeout_s=OTLP_TIMEOUT_S
+    )
 
 
 def _otlp_url(settings: Settings, signal: str) -> str:

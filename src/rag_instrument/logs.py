@@ -33,13 +33,9 @@ from opentelemetry import trace as trace_api
 from structlog.tracebacks import ExceptionDictTransformer
 
 from rag_instrument._context import bound, current_frame, seen_contents
+from rag_instrument._errors import exception_chain, exception_message, hide_content
 from rag_instrument._runtime import get_runtime
-from rag_instrument._sanitize import (
-    exception_chain,
-    exception_message,
-    hide_content,
-    safe_repr,
-)
+from rag_instrument._sanitize import safe_repr
 from rag_instrument._utils import internal_error
 from rag_instrument.attributes import LOGGER_NAME
 

@@ -48,11 +48,11 @@ from rag_instrument._context import (
     seen_contents,
     set_frame,
 )
+from rag_instrument._errors import exception_message
 from rag_instrument._registry import register_span_kind, span_kind
 from rag_instrument._runtime import get_runtime
 from rag_instrument._sanitize import (
     REDACTED,
-    exception_message,
     is_secret_key,
     redact_text,
     safe_repr,
