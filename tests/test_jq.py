@@ -22,7 +22,7 @@ JQ = (
 )
 
 
-def test_jq_pipeline_matches_span_durations(tmp_path: Path) -> None:
+def test_jq_pipeline_matches_span_durations(tmp_path: Path, sqlite_engine) -> None:
     if shutil.which("jq") is None:
         pytest.fail("jq is not installed (.ci/services.sh installs it)")
     log = tmp_path / "rag.jsonl"
@@ -41,7 +41,7 @@ def test_jq_pipeline_matches_span_durations(tmp_path: Path) -> None:
 
     # Lines that time something inside a stage (an LLM call, a slow statement) are in the
     # file too, and must not be counted as stage runs either.
-    engine = sqlalchemy.create_engine("sqlite://")
+    engine = sqlite_engine()
     ri.instrument_sqlalchemy(engine, slow_query_ms=0.0)
     for i in range(4):
         with ri.request_context(request_id=f"r-{i}"):

@@ -154,6 +154,24 @@ def test_stdlib_exception_is_structured_without_locals(rag_capture: Capture) -> 
     assert stack["frames"][-1]["name"] == "fail"
 
 
+def test_logged_tracebacks_hold_no_source_text(rag_capture: Capture) -> None:
+    """Frames are file, line and function; a SyntaxError's failing text is not logged."""
+    expression = "total = 'opal-harbour-7' +"  # runtime data, e.g. a user's formula
+
+    try:
+        compile(expression, "<formula>", "exec")
+    except SyntaxError:
+        ri.get_logger().exception("formula rejected")
+    (line,) = rag_capture.find_logs("formula rejected")
+    assert "opal-harbour-7" not in json.dumps(line)
+    (stack,) = line["exception"]
+    assert stack["exc_type"] == "SyntaxError"
+    assert stack["syntax_error"]["lineno"] == 1  # where it failed is kept
+    assert "line" not in stack["syntax_error"]
+    for frame in stack["frames"]:
+        assert set(frame) == {"filename", "lineno", "name"}
+
+
 def test_structlog_exception_method(rag_capture: Capture) -> None:
     log = ri.get_logger()
     try:
@@ -359,9 +377,9 @@ def test_more_secret_shapes_are_masked(rag_capture: Capture) -> None:
     assert rag_capture.find_logs("h4")[0]["headers"][1] == ["Accept", "json"]
 
 
-def test_logged_statement_errors_hide_parameters(rag_capture: Capture) -> None:
+def test_logged_statement_errors_hide_parameters(rag_capture: Capture, sqlite_engine) -> None:
     sqlalchemy = pytest.importorskip("sqlalchemy")
-    engine = sqlalchemy.create_engine("sqlite://")
+    engine = sqlite_engine()
     try:
         with engine.connect() as conn:
             conn.execute(sqlalchemy.text("SELECT * FROM missing WHERE ssn = :s"), {"s": "123-45-6789"})

@@ -8,6 +8,7 @@ import gc
 import inspect
 import logging
 import threading
+import traceback
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -829,9 +830,9 @@ def test_raising_exporter_and_processor_do_not_change_results(
         )
 
 
-def test_sql_statement_errors_never_show_parameters(rag_capture: Capture) -> None:
+def test_sql_statement_errors_never_show_parameters(rag_capture: Capture, sqlite_engine) -> None:
     sqlalchemy = pytest.importorskip("sqlalchemy")
-    engine = sqlalchemy.create_engine("sqlite://")
+    engine = sqlite_engine()
     with engine.begin() as conn:
         conn.exec_driver_sql("CREATE TABLE users (email TEXT UNIQUE)")
         conn.exec_driver_sql("INSERT INTO users VALUES ('alice@x.com')")
@@ -852,6 +853,35 @@ def test_sql_statement_errors_never_show_parameters(rag_capture: Capture) -> Non
     assert "alice@x.com" not in recorded
     assert "alice@x.com" not in line["error_message"]
     assert "IntegrityError" in line["error_message"]
+
+
+def _lookup(shelf: dict[str, str], key: str) -> str:
+    return shelf[key]
+
+
+def test_stack_traces_name_frames_but_hold_no_source_text(rag_capture: Capture) -> None:
+    """The same on every Python version: file, line and function, never the code's text."""
+
+    @ri.stage("retrieval")
+    def body() -> str:
+        return _lookup(
+            {"vault": "opal-harbour-7"},  # a literal in the source of the failing call
+            "drawer",
+        )
+
+    with pytest.raises(KeyError) as info:
+        body()
+    event = rag_capture.span("retrieval").events[0].attributes or {}
+    recorded = str(event["exception.stacktrace"])
+    assert "opal-harbour-7" not in recorded
+    assert not [line for line in recorded.splitlines() if line.startswith("    ")]
+    innermost = traceback.extract_tb(info.value.__traceback__)[-2:]  # body, then _lookup
+    expected = "".join(
+        f'  File "{frame.filename}", line {frame.lineno}, in {frame.name}\n'
+        for frame in innermost
+    )
+    assert recorded.endswith(f"{expected}KeyError: 'drawer'\n")
+    assert recorded.startswith("Traceback (most recent call last):\n")
 
 
 def test_llm_sdk_error_messages_are_hidden_without_content_capture() -> None:

@@ -379,6 +379,7 @@ def test_pool_is_followed_across_dispose(tmp_path: Path) -> None:
     assert cap.metrics()["db.client.connection.wait_time"][0].count == 1
     handle.uninstrument()
     assert "connect" not in eng.pool.__dict__
+    eng.dispose()
 
 
 def test_many_engines_do_not_accumulate() -> None:
