@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import sqlite3
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import QueuePool, StaticPool
+from sqlalchemy.pool import StaticPool
 
 import rag_instrument as ri
 from rag_instrument import _runtime
@@ -302,84 +301,6 @@ def test_async_engine_with_aiosqlite() -> None:
         assert cap.find_logs("retrieval completed")[0]["breakdown"]["db"]["count"] == 1
 
     asyncio.run(main())
-
-
-def test_pool_metrics_slow_checkout_and_timeout(tmp_path: Path) -> None:
-    eng = create_engine(
-        f"sqlite:///{tmp_path / 'pool.sqlite'}",
-        poolclass=QueuePool,
-        pool_size=1,
-        max_overflow=0,
-        pool_timeout=0.05,
-    )
-    handle = ri.instrument_sqlalchemy(eng, pool_slow_ms=0)
-    with capture() as cap:
-        with ri.stage("retrieval"):
-            held = eng.connect()
-            with pytest.raises(sa_exc.TimeoutError) as info:
-                eng.connect()
-            assert info.value.__class__ is sa_exc.TimeoutError
-            metrics = cap.metrics()
-            held.close()
-    counts = {
-        p.attributes["db.client.connection.state"]: p.value
-        for p in metrics["db.client.connection.count"]
-    }
-    assert counts == {"idle": 0, "used": 1}
-    assert [p.value for p in metrics["db.client.connection.max"]] == [1]
-    assert [p.value for p in metrics["db.client.connection.pending_requests"]] == [0]
-    wait = metrics["db.client.connection.wait_time"][0]
-    assert wait.count == 2
-    assert wait.sum >= 0.05
-    assert cap.find_logs("pool checkout slow")
-    (timeout,) = cap.find_logs("pool checkout timeout")
-    assert timeout["pipeline_stage"] == "retrieval"
-    stage_events = [e.name for e in cap.span("retrieval").events]
-    assert "db.client.connection.timeout" in stage_events
-    handle.uninstrument()
-    eng.dispose()
-
-
-def test_pool_pending_requests_while_waiting(tmp_path: Path) -> None:
-    eng = create_engine(
-        f"sqlite:///{tmp_path / 'pending.sqlite'}", poolclass=QueuePool, pool_size=1, max_overflow=0
-    )
-    handle = ri.instrument_sqlalchemy(eng)
-    with capture() as cap:
-        held = eng.connect()
-        started = threading.Event()
-
-        def waiter() -> None:
-            started.set()
-            with eng.connect():
-                pass
-
-        thread = threading.Thread(target=waiter)
-        thread.start()
-        started.wait()
-        for _ in range(200):
-            points = cap.metrics().get("db.client.connection.pending_requests", [])
-            if points and points[0].value == 1:
-                break
-            threading.Event().wait(0.01)
-        assert points[0].value == 1
-        held.close()
-        thread.join()
-    handle.uninstrument()
-    eng.dispose()
-
-
-def test_pool_is_followed_across_dispose(tmp_path: Path) -> None:
-    eng = create_engine(f"sqlite:///{tmp_path / 'd.sqlite'}", poolclass=QueuePool)
-    handle = ri.instrument_sqlalchemy(eng)
-    eng.dispose()
-    assert "connect" in eng.pool.__dict__
-    with capture() as cap, eng.connect():
-        pass
-    assert cap.metrics()["db.client.connection.wait_time"][0].count == 1
-    handle.uninstrument()
-    assert "connect" not in eng.pool.__dict__
-    eng.dispose()
 
 
 def test_many_engines_do_not_accumulate() -> None:
