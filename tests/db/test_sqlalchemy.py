@@ -270,20 +270,6 @@ def test_slow_query_warning(engine: Engine) -> None:
     assert line["span_id"] == format(cap.span("SELECT users").context.span_id, "016x")
 
 
-def test_explain_slow_adds_the_sqlite_plan_once_per_shape_per_minute(engine: Engine) -> None:
-    ri.instrument_sqlalchemy(engine, slow_query_ms=0, explain_slow=True)
-    with capture() as cap, engine.connect() as conn:
-        for email in ("a@x", "b@x"):
-            rows = conn.execute(text("SELECT id FROM users WHERE email = :e"), {"e": email})
-            assert rows.all() == []
-        conn.execute(text("INSERT INTO users (email) VALUES ('c@x')"))
-    first, second, insert = cap.find_logs("slow query")
-    assert first["plan"] == ["SEARCH users USING COVERING INDEX sqlite_autoindex_users_1 (email=?)"]
-    assert "plan" not in second  # same shape within the minute
-    assert "plan" not in insert  # never for anything but SELECT
-    assert len(cap.spans) == 3  # no span for the EXPLAIN
-
-
 def test_async_engine_with_aiosqlite() -> None:
     import asyncio
 
