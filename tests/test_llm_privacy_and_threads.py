@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -165,7 +164,7 @@ async def test_sync_timeout_starts_when_the_work_runs_not_while_queued() -> None
             return prompt
 
     class Fast(ri.LLMProvider):
-        system, model, timeout = "vendor", "fast", 0.3
+        system, model, timeout = "vendor", "fast", 1.0
 
         def _generate(self, prompt: str, **params: Any) -> str:  # type: ignore[override]
             ran_after_release.append(gate.is_set())
@@ -178,9 +177,9 @@ async def test_sync_timeout_starts_when_the_work_runs_not_while_queued() -> None
             *(Hung().generate(str(i)) for i in range(workers)), return_exceptions=True
         )
         assert all(isinstance(r, TimeoutError) for r in hung)
-        # ... so this call waits for a thread until the gate opens, well past its own 0.3 s
+        # ... so this call waits for a thread until the gate opens, well past its own 1 s
         # timeout, and still succeeds: its clock starts when it runs, not while queued.
-        asyncio.get_running_loop().call_later(0.8, gate.set)
+        asyncio.get_running_loop().call_later(2.0, gate.set)
         assert await Fast().generate("y") == "y"
     assert ran_after_release == [True]
 
@@ -189,26 +188,38 @@ async def test_sync_timeout_starts_when_the_work_runs_not_while_queued() -> None
 async def test_sync_call_cancelled_while_queued_never_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     import concurrent.futures
 
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    submitted = asyncio.Event()
+    submissions = 0
+
+    class Pool(concurrent.futures.ThreadPoolExecutor):
+        def submit(self, *args: Any, **kwargs: Any) -> Any:
+            nonlocal submissions
+            submissions += 1
+            if submissions == 2:
+                submitted.set()  # the second call is queued behind the first
+            return super().submit(*args, **kwargs)
+
+    pool = Pool(max_workers=1)
     monkeypatch.setattr(llm, "llm_executor", lambda: pool)
     ran: list[str] = []
+    release = threading.Event()
 
     class Blocking(ri.LLMProvider):
-        system, model, timeout = "vendor", "b", 1.0
+        system, model, timeout = "vendor", "b", 30.0
 
         def _generate(self, prompt: str, **params: Any) -> str:  # type: ignore[override]
             ran.append(prompt)
-            time.sleep(0.2)
+            release.wait(30)  # holds the only worker until the second call is cancelled
             return prompt
 
     with capture(enabled=False):
         first = asyncio.create_task(Blocking().generate("first"))
-        await asyncio.sleep(0.05)
         second = asyncio.create_task(Blocking().generate("second"))
-        await asyncio.sleep(0.05)
+        await submitted.wait()
         second.cancel()
         with pytest.raises(asyncio.CancelledError):
             await second
+        release.set()
         assert await first == "first"
     pool.shutdown(wait=True)
     assert ran == ["first"]
