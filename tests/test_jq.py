@@ -49,10 +49,10 @@ def test_jq_pipeline_matches_span_durations(tmp_path: Path, sqlite_engine) -> No
             with ri.stage("search"):
                 with ri.stage("retrieval"), engine.connect() as conn:
                     conn.execute(sqlalchemy.text("SELECT 1"))
-                    time.sleep(0.004 * (i + 1))
+                    time.sleep(0.01 * (i + 1))  # stages that take measurable, distinct time
                 with ri.stage("generation"), ri.traced("tokenize"):
                     asyncio.run(Model().generate("q"))
-                    time.sleep(0.003)
+                    time.sleep(0.02)
     pipelines = _runtime.get_runtime().pipelines
     assert pipelines is not None
     assert pipelines.memory_exporter is not None
@@ -75,5 +75,7 @@ def test_jq_pipeline_matches_span_durations(tmp_path: Path, sqlite_engine) -> No
             if s.name == stage_name
         ]
         assert len(durations) == 4
-        assert row["avg_time"] == pytest.approx(sum(durations) / 4, abs=0.5)
-        assert row["max_time"] == pytest.approx(max(durations), abs=0.5)
+        # The log and the span time the same run; 2 ms covers a loaded machine, and one
+        # wrongly counted line (a ~0 ms measurement) would move an average by 4 ms or more.
+        assert row["avg_time"] == pytest.approx(sum(durations) / 4, abs=2.0)
+        assert row["max_time"] == pytest.approx(max(durations), abs=2.0)

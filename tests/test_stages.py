@@ -306,7 +306,7 @@ async def test_asyncio_timeout_and_taskgroup(rag_capture: Capture) -> None:
             await slow()
 
     async def boom() -> None:
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # tasks start in creation order: slow() is inside its stage
         raise ValueError("sibling failed")
 
     with pytest.raises(ExceptionGroup):
@@ -588,7 +588,8 @@ async def test_async_with_and_shared_object_across_tasks(rag_capture: Capture) -
 
     async def one(i: int) -> None:
         async with shared:
-            await asyncio.sleep(0.001 * (5 - i))
+            for _ in range(5 - i):  # the tasks overlap and leave in the reverse order
+                await asyncio.sleep(0)
 
     await asyncio.gather(*(one(i) for i in range(5)))
     assert len([s for s in rag_capture.spans if s.name == "retrieval"]) == 5
