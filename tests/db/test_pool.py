@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
 from sqlalchemy.pool import NullPool, QueuePool, StaticPool
 
 import rag_instrument as ri
@@ -34,8 +34,8 @@ def _counts(cap: Capture) -> dict[str, int]:
     }
 
 
-def test_pool_metrics_slow_checkout_and_timeout(tmp_path: Path) -> None:
-    eng = create_engine(
+def test_pool_metrics_slow_checkout_and_timeout(tmp_path: Path, sqlite_engine: Any) -> None:
+    eng = sqlite_engine(
         f"sqlite:///{tmp_path / 'pool.sqlite'}",
         poolclass=QueuePool,
         pool_size=1,
@@ -70,8 +70,8 @@ def test_pool_metrics_slow_checkout_and_timeout(tmp_path: Path) -> None:
     eng.dispose()
 
 
-def test_pool_pending_requests_while_waiting(tmp_path: Path) -> None:
-    eng = create_engine(
+def test_pool_pending_requests_while_waiting(tmp_path: Path, sqlite_engine: Any) -> None:
+    eng = sqlite_engine(
         f"sqlite:///{tmp_path / 'pending.sqlite'}", poolclass=QueuePool, pool_size=1, max_overflow=0
     )
     handle = ri.instrument_sqlalchemy(eng)
@@ -95,8 +95,8 @@ def test_pool_pending_requests_while_waiting(tmp_path: Path) -> None:
     eng.dispose()
 
 
-def test_pool_is_followed_across_dispose(tmp_path: Path) -> None:
-    eng = create_engine(f"sqlite:///{tmp_path / 'd.sqlite'}", poolclass=QueuePool)
+def test_pool_is_followed_across_dispose(tmp_path: Path, sqlite_engine: Any) -> None:
+    eng = sqlite_engine(f"sqlite:///{tmp_path / 'd.sqlite'}", poolclass=QueuePool)
     handle = ri.instrument_sqlalchemy(eng)
     eng.dispose()
     assert "connect" in eng.pool.__dict__
@@ -108,8 +108,10 @@ def test_pool_is_followed_across_dispose(tmp_path: Path) -> None:
     eng.dispose()
 
 
-def test_a_fast_checkout_is_measured_but_not_reported_as_slow(tmp_path: Path) -> None:
-    eng = create_engine(f"sqlite:///{tmp_path / 'fast.sqlite'}", poolclass=QueuePool)
+def test_a_fast_checkout_is_measured_but_not_reported_as_slow(
+    tmp_path: Path, sqlite_engine: Any
+) -> None:
+    eng = sqlite_engine(f"sqlite:///{tmp_path / 'fast.sqlite'}", poolclass=QueuePool)
     handle = ri.instrument_sqlalchemy(eng, pool_slow_ms=60_000)
     with capture() as cap:
         for _ in range(3):
@@ -125,9 +127,9 @@ def test_a_fast_checkout_is_measured_but_not_reported_as_slow(tmp_path: Path) ->
 
 @pytest.mark.parametrize("poolclass", [StaticPool, NullPool])
 def test_pools_without_counts_report_used_connections_from_checkouts(
-    tmp_path: Path, poolclass: type
+    tmp_path: Path, poolclass: type, sqlite_engine: Any
 ) -> None:
-    eng = create_engine(f"sqlite:///{tmp_path / 'p.sqlite'}", poolclass=poolclass)
+    eng = sqlite_engine(f"sqlite:///{tmp_path / 'p.sqlite'}", poolclass=poolclass)
     handle = ri.instrument_sqlalchemy(eng)
     with capture() as cap:
         with eng.connect():
@@ -138,8 +140,8 @@ def test_pools_without_counts_report_used_connections_from_checkouts(
     eng.dispose()
 
 
-def test_uninstrument_stops_the_gauges_and_the_timing(tmp_path: Path) -> None:
-    eng = create_engine(f"sqlite:///{tmp_path / 'u.sqlite'}", poolclass=QueuePool)
+def test_uninstrument_stops_the_gauges_and_the_timing(tmp_path: Path, sqlite_engine: Any) -> None:
+    eng = sqlite_engine(f"sqlite:///{tmp_path / 'u.sqlite'}", poolclass=QueuePool)
     handle = ri.instrument_sqlalchemy(eng)
     handle.uninstrument()
     with capture() as cap, eng.connect():
@@ -150,9 +152,9 @@ def test_uninstrument_stops_the_gauges_and_the_timing(tmp_path: Path) -> None:
 
 
 def test_without_configuration_the_pool_behaves_as_without_instrumentation(
-    tmp_path: Path,
+    tmp_path: Path, sqlite_engine: Any
 ) -> None:
-    eng = create_engine(
+    eng = sqlite_engine(
         f"sqlite:///{tmp_path / 'off.sqlite'}",
         poolclass=QueuePool, pool_size=1, max_overflow=0, pool_timeout=0.05,
     )
