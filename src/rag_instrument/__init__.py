@@ -23,7 +23,7 @@ from rag_instrument._config import configure, force_flush, shutdown
 from rag_instrument._context import bind_context, request_context, unbind_context, wrap_context
 from rag_instrument._runtime import Runtime, get_runtime, is_configured
 from rag_instrument._settings import Settings
-from rag_instrument.cache import CacheMixin, cached
+from rag_instrument.cache import CacheMixin, CacheSpec, cached
 from rag_instrument.llm import LLMProvider, LLMResult
 from rag_instrument.logs import get_logger
 
@@ -43,6 +43,8 @@ if _typing.TYPE_CHECKING:
     )
     from rag_instrument.integrations.anthropic import instrument_anthropic, uninstrument_anthropic
     from rag_instrument.integrations.openai import instrument_openai, uninstrument_openai
+    from rag_instrument.propagation import extract_context, inject_headers
+    from rag_instrument.web import RequestMiddleware
 
 # Statement errors raised where the database integration was never imported still render
 # through its formatter (imported on first use); importing the integration registers the
@@ -58,10 +60,12 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - imported from a sou
 
 __all__ = [
     "CacheMixin",
+    "CacheSpec",
     "LLMProvider",
     "LLMResult",
     "PipelineStage",
     "RedisCache",
+    "RequestMiddleware",
     "RetryMixin",
     "Runtime",
     "Settings",
@@ -72,9 +76,11 @@ __all__ = [
     "configure",
     "db_scope",
     "db_session",
+    "extract_context",
     "force_flush",
     "get_logger",
     "get_runtime",
+    "inject_headers",
     "instrument_anthropic",
     "instrument_openai",
     "instrument_sqlalchemy",
@@ -103,6 +109,9 @@ _LAZY: dict[str, tuple[str, str | None, str | None]] = {
     "db_session": ("rag_instrument.db", "sqlalchemy", "sqlalchemy"),
     "db_scope": ("rag_instrument.db", "sqlalchemy", "sqlalchemy"),
     "uninstrument_sqlalchemy": ("rag_instrument.db", "sqlalchemy", "sqlalchemy"),
+    "RequestMiddleware": ("rag_instrument.web", None, None),
+    "inject_headers": ("rag_instrument.propagation", None, None),
+    "extract_context": ("rag_instrument.propagation", None, None),
 }
 
 

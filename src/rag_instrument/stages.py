@@ -241,6 +241,9 @@ def _end(
             user_code_error("ending a span", end_exc)
     if spec.is_stage:
         rt.stage_duration.record(ms / 1000.0, spec.metric_attributes)
+        timings = _breakdown.stage_timings.get()
+        if timings is not None:  # inside a web request: its Server-Timing header lists us
+            timings.add(spec.name, ms)
     if rt.log is not None:
         fields: dict[str, Any] = {"execution_time_ms": round(ms, 3)}
         if breakdown:
@@ -261,10 +264,20 @@ def _end(
         # Only a stage's own line reports its duration under context.pipeline_stage, so
         # per-stage aggregations of execution_time_ms (the README's jq one-liner, the
         # analyzer) count each run exactly once.
-        line_stage = spec.name if spec.is_stage else ""
+        # A traced operation's line names the stage it ran in (top-level ``stage``).
+        line_stage = spec.name if spec.is_stage else (frame.stage or "")
         if not spec.is_stage:
             fields["operation"] = spec.name
-        emit(level, event, fields, span=span, stage=line_stage, trusted=True, rt=rt)
+        emit(
+            level,
+            event,
+            fields,
+            span=span,
+            stage=line_stage,
+            trusted=True,
+            rt=rt,
+            own_stage=spec.is_stage,
+        )
     if exceeded:
         assert budget is not None
         rt.budget_counter.add(1, spec.metric_attributes)
