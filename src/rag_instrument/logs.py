@@ -379,6 +379,7 @@ def _exception_dict(exc_info: Any, rt: Runtime) -> Any:
     except Exception:
         stacks = [{"exc_type": type(exc).__name__, "exc_value": ""}]
     _safe_messages(stacks, exc, rt, seen_contents(), 0)
+    _drop_source_text(stacks)
     return rt.sanitizer.value(stacks)
 
 
@@ -419,6 +420,21 @@ def _exception_note(note: str, rt: Runtime, hide: tuple[str, ...]) -> str:
     if not rt.settings.capture_content and hide:
         note = hide_content(note, hide)
     return rt.sanitizer.text(note)
+
+
+def _drop_source_text(stacks: Any) -> None:
+    # Frames are file, line and function already; a SyntaxError also carries the text it
+    # failed on, which can be runtime data (a compiled template, a user's expression).
+    if not isinstance(stacks, list):
+        return
+    for stack in stacks:
+        if isinstance(stack, list):  # an exception group's members
+            _drop_source_text(stack)
+        elif isinstance(stack, dict):
+            syntax = stack.get("syntax_error")
+            if isinstance(syntax, dict):
+                syntax.pop("line", None)
+            _drop_source_text(stack.get("exceptions"))
 
 
 # --- structlog front end ------------------------------------------------------------------

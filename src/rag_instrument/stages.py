@@ -26,7 +26,6 @@ import contextvars
 import functools
 import inspect
 import time
-import traceback
 import types
 import warnings
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
@@ -56,6 +55,7 @@ from rag_instrument._sanitize import (
     is_secret_key,
     redact_text,
     safe_repr,
+    stack_trace,
     to_attribute_value,
     truncate,
 )
@@ -203,12 +203,8 @@ def _record_exception(
         if module in ("builtins", None)
         else f"{module}.{exc_type.__qualname__}"
     )
-    try:
-        # The frames, then the safe message: format_exception() would repeat the raw one.
-        frames = "".join(traceback.format_tb(exc.__traceback__))
-    except Exception:
-        frames = ""
-    stack = f"Traceback (most recent call last):\n{frames}{qualname}: {clean_message}"
+    # The frames (no source text), then the safe message, not the raw one.
+    stack = stack_trace(exc, lambda _exc: f"{qualname}: {clean_message}")
     span.set_status(Status(StatusCode.ERROR, f"{exc_type.__name__}: {clean_message}"))
     span.add_event(
         "exception",
