@@ -40,6 +40,7 @@ if _typing.TYPE_CHECKING:
     )
     from rag_instrument.integrations.anthropic import instrument_anthropic, uninstrument_anthropic
     from rag_instrument.integrations.openai import instrument_openai, uninstrument_openai
+    from rag_instrument.profiling import Profile, profile
 
 try:
     __version__ = _metadata.version("rag_instrument")
@@ -51,6 +52,7 @@ __all__ = [
     "LLMProvider",
     "LLMResult",
     "PipelineStage",
+    "Profile",
     "RedisCache",
     "RetryMixin",
     "Settings",
@@ -67,6 +69,7 @@ __all__ = [
     "instrument_openai",
     "instrument_sqlalchemy",
     "pipeline_stage_context",
+    "profile",
     "request_context",
     "retry",
     "shutdown",
@@ -90,6 +93,9 @@ _LAZY: dict[str, tuple[str, str | None, str | None]] = {
     "db_session": ("rag_instrument.db", "sqlalchemy", "sqlalchemy"),
     "db_scope": ("rag_instrument.db", "sqlalchemy", "sqlalchemy"),
     "uninstrument_sqlalchemy": ("rag_instrument.db", "sqlalchemy", "sqlalchemy"),
+    # Standard library only, but cProfile/pstats/tracemalloc stay off the import path.
+    "profile": ("rag_instrument.profiling", None, None),
+    "Profile": ("rag_instrument.profiling", None, None),
 }
 
 
