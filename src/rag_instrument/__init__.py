@@ -39,6 +39,7 @@ if _typing.TYPE_CHECKING:
         uninstrument_sqlalchemy,
     )
     from rag_instrument.integrations.anthropic import instrument_anthropic, uninstrument_anthropic
+    from rag_instrument.eventloop import EventLoopWatch, watch_event_loop
     from rag_instrument.integrations.openai import instrument_openai, uninstrument_openai
     from rag_instrument.profiling import Profile, profile
 
@@ -49,6 +50,7 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - imported from a sou
 
 __all__ = [
     "CacheMixin",
+    "EventLoopWatch",
     "LLMProvider",
     "LLMResult",
     "PipelineStage",
@@ -79,6 +81,7 @@ __all__ = [
     "uninstrument_anthropic",
     "uninstrument_openai",
     "uninstrument_sqlalchemy",
+    "watch_event_loop",
     "wrap_context",
 ]
 
@@ -96,6 +99,8 @@ _LAZY: dict[str, tuple[str, str | None, str | None]] = {
     # Standard library only, but cProfile/pstats/tracemalloc stay off the import path.
     "profile": ("rag_instrument.profiling", None, None),
     "Profile": ("rag_instrument.profiling", None, None),
+    "watch_event_loop": ("rag_instrument.eventloop", None, None),
+    "EventLoopWatch": ("rag_instrument.eventloop", None, None),
 }
 
 

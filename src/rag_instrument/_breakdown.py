@@ -19,7 +19,16 @@ from typing import Any
 
 from rag_instrument._context import Frame, current_frame
 
-__all__ = ["as_attributes", "detach", "largest", "record", "record_cache", "render", "roll_up"]
+__all__ = [
+    "as_attributes",
+    "detach",
+    "largest",
+    "record",
+    "record_cache",
+    "record_in",
+    "render",
+    "roll_up",
+]
 
 # Frames are per task, but a frame's children may finish on other threads (work submitted
 # through ``wrap_context``). One process-wide lock keeps their roll-ups from losing counts;
@@ -38,6 +47,20 @@ def record(kind: str, ms: float, count: int = 1) -> None:
     frame = current_frame()
     if frame is None:
         return
+    with _lock:
+        bd = frame.breakdown
+        if bd is None:
+            bd = frame.breakdown = {}
+        entry = bd.get(kind)
+        if entry is None:
+            bd[kind] = {"count": count, "ms": ms}
+        else:
+            entry["count"] += count
+            entry["ms"] += ms
+
+
+def record_in(frame: Frame, kind: str, ms: float, count: int = 1) -> None:
+    """Like :func:`record`, into a given ``frame`` (from another thread: the loop watchdog)."""
     with _lock:
         bd = frame.breakdown
         if bd is None:
