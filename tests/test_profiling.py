@@ -169,7 +169,8 @@ def test_save_to_writes_a_file_pstats_opens(tmp_path: Path) -> None:
     stats = pstats.Stats(str(target))
     names = {key[2] for key in stats.stats}  # type: ignore[attr-defined]
     assert "busy_sum" in names
-    assert "_stepped" not in names and "resume" not in names  # none of our machinery
+    assert "_stepped" not in names
+    assert "resume" not in names
 
 
 def test_save_to_an_unwritable_place_is_reported_not_raised(tmp_path: Path) -> None:
@@ -283,7 +284,8 @@ async def awaited_work(steps: int, neighbour: BusyNeighbour) -> int:
     for _ in range(steps):
         total += busy_sum(2000)
         before = neighbour.runs
-        while neighbour.runs == before:  # the neighbour really ran while we were suspended
+        # The neighbour really ran while we were suspended.
+        while neighbour.runs == before:  # noqa: ASYNC110
             await asyncio.sleep(0)
     return total
 
@@ -350,10 +352,13 @@ def test_two_tasks_profile_at_once_each_their_own_work() -> None:
     with capture() as cap:
         asyncio.run(main())
     by_name = {line["profile"]: line for line in cap.find_logs("profile")}
-    assert by_name["left"]["profiled"] and by_name["right"]["profiled"]
+    assert by_name["left"]["profiled"]
+    assert by_name["right"]["profiled"]
     left_rows, right_rows = functions(by_name["left"]), functions(by_name["right"])
-    assert label(left_work) in left_rows and label(right_work) not in left_rows
-    assert label(right_work) in right_rows and label(left_work) not in right_rows
+    assert label(left_work) in left_rows
+    assert label(right_work) not in left_rows
+    assert label(right_work) in right_rows
+    assert label(left_work) not in right_rows
 
 
 def test_async_generator_profile_excludes_the_consumer() -> None:

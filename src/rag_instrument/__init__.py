@@ -38,8 +38,8 @@ if _typing.TYPE_CHECKING:
         instrument_sqlalchemy,
         uninstrument_sqlalchemy,
     )
-    from rag_instrument.integrations.anthropic import instrument_anthropic, uninstrument_anthropic
     from rag_instrument.eventloop import EventLoopWatch, watch_event_loop
+    from rag_instrument.integrations.anthropic import instrument_anthropic, uninstrument_anthropic
     from rag_instrument.integrations.openai import instrument_openai, uninstrument_openai
     from rag_instrument.profiling import Profile, profile
 
