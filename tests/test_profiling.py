@@ -194,7 +194,7 @@ def test_nested_profile_degrades_to_timing_with_one_warning() -> None:
     assert inner["profile"] == "inner"
     assert inner["level"] == "warning"
     assert inner["profiled"] is False
-    assert "another profiler" in inner["reason"]
+    assert "enclosing ri.profile" in inner["reason"]
     assert inner["wall_ms"] > 0
     assert "functions" not in inner
     assert outer["profiled"] is True
@@ -213,6 +213,7 @@ def test_a_running_cprofile_is_left_alone() -> None:
     line = only_profile_line(cap)
     assert line["profiled"] is False
     assert line["level"] == "warning"
+    assert "another profiler is active" in line["reason"]
     names = {key[2] for key in pstats.Stats(theirs).stats}  # type: ignore[attr-defined]
     assert "busy_sum" in names  # their profile still saw everything
 

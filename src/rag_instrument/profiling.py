@@ -73,13 +73,22 @@ _MONITORING: Final = _monitoring is not None
 _THIS_FILE: Final = __file__
 
 
+#: Our profilers that are switched on right now (to tell a nested profile from a foreign one).
+_enabled: set[cProfile.Profile] = set()
+
+
 def _profiler_in_use() -> str | None:
     """Why a new profiler cannot run now, or ``None`` when it can."""
-    if sys.getprofile() is not None:
+    current = sys.getprofile()
+    if current is not None:
+        if current in _enabled:
+            return "an enclosing ri.profile is profiling this code already"
         return "another profiler is active in this thread (sys.setprofile)"
     if _MONITORING:
         holder = _monitoring.get_tool(_monitoring.PROFILER_ID)
         if holder is not None:
+            if _enabled:
+                return "an enclosing ri.profile (or one in another thread) is profiling already"
             return f"another profiler is active ({holder} holds the sys.monitoring profiler slot)"
     return None
 
@@ -209,11 +218,14 @@ class _Run:
             profiler.enable()
         except ValueError as exc:  # 3.12+: the profiler slot was taken meanwhile
             self.reasons.append(f"{exc} (part of the run was not profiled)")
+        else:
+            _enabled.add(profiler)
 
     def pause(self) -> None:
         profiler = self.profiler
         if profiler is not None:
             profiler.disable()
+            _enabled.discard(profiler)
 
     def finish(self) -> None:
         elapsed_ms = (time.perf_counter_ns() - self.start_ns) / 1e6
