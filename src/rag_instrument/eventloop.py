@@ -313,9 +313,12 @@ def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
 def _update_tracking() -> None:
     # Under _lock. Stages tell 3.11 watches which task is in which stage, only while one runs.
     global track_tasks
+    from rag_instrument import _stagehooks  # late: it imports this module
+
     track_tasks = not _TASK_CONTEXT and any(w.running for w in list(_watches.values()))
     if not track_tasks:
         _task_frames.clear()
+    _stagehooks.refresh()
 
 
 def _validate_threshold(threshold_ms: object) -> float:
@@ -382,16 +385,27 @@ def watch_event_loop(
     return _install(loop, threshold, automatic=False)
 
 
+#: id(loop) -> (weak reference to the loop, its watch): the stage hot path's lookup, without
+#: the weak reference a WeakKeyDictionary lookup creates.
+_by_id: dict[int, tuple[weakref.ref[asyncio.AbstractEventLoop], EventLoopWatch]] = {}
+
+
 def ensure_watched(threshold_ms: float) -> None:
     """Watch the running loop unless it is watched already (``event_loop_threshold_ms``)."""
     loop = asyncio._get_running_loop()
     if loop is None:
         return
-    existing = _watches.get(loop)
-    if existing is not None and existing.running:
+    entry = _by_id.get(id(loop))
+    if entry is not None and entry[0]() is loop and not entry[1]._stopped.is_set():
         return
     try:
-        _install(loop, threshold_ms, automatic=True)
+        with _lock:
+            existing = _watches.get(loop)
+        if existing is None or not existing.running:
+            existing = _install(loop, threshold_ms, automatic=True)
+        if len(_by_id) > 64:  # loops come and go (asyncio.run per test, per thread)
+            _by_id.clear()
+        _by_id[id(loop)] = (weakref.ref(loop), existing)
     except Exception as exc:
         internal_error("watching the event loop", exc)
 
@@ -402,3 +416,4 @@ def stop_automatic() -> None:
         automatic = [w for w in _watches.values() if w.automatic]
     for watch in automatic:
         watch.stop()
+    _by_id.clear()
