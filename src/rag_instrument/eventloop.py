@@ -155,6 +155,8 @@ class EventLoopWatch:
         return f"<EventLoopWatch threshold_ms={self.threshold_ms:g} {state}>"
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if asyncio._get_running_loop() is loop:  # started from the loop's own thread
+            self._loop_thread = threading.get_ident()
         loop.call_soon_threadsafe(self._beat, context=self._empty)
         self._thread.start()
 
