@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import rag_instrument as ri
+from rag_instrument import eventloop
 from rag_instrument.eventloop import EventLoopWatch
 from rag_instrument.testing import Capture, capture
 
@@ -272,3 +273,81 @@ def test_without_a_running_loop_or_with_a_closed_one() -> None:
         ri.watch_event_loop(loop=loop)
     with pytest.raises(ValueError, match="loop must be"):
         ri.watch_event_loop(loop="loop")  # type: ignore[arg-type]
+
+
+# --- configure(event_loop_threshold_ms=...) ------------------------------------------------------
+
+
+def watch_of(loop: asyncio.AbstractEventLoop) -> EventLoopWatch | None:
+    return eventloop._watches.get(loop)
+
+
+def test_the_setting_watches_each_loop_a_stage_runs_in() -> None:
+    async def main() -> EventLoopWatch:
+        loop = asyncio.get_running_loop()
+        assert watch_of(loop) is None
+        with ri.stage("query_rewriting"):
+            pass
+        watch = watch_of(loop)
+        assert watch is not None
+        assert watch.automatic
+        assert watch.threshold_ms == THRESHOLD_MS
+        with ri.stage("retrieval"):
+            blocking_retrieve()
+        await until(lambda: watch.blocks == 1)
+        with ri.stage("retrieval"):  # the same watch, not a second one
+            pass
+        assert watch_of(loop) is watch
+        return watch
+
+    with capture(event_loop_threshold_ms=THRESHOLD_MS) as cap:
+        watch = asyncio.run(main())
+        watch._thread.join(15)  # ends with its loop
+    (line,) = blocked_lines(cap)
+    assert line["stage"] == "retrieval"
+    assert line["stack"][-1].endswith("in blocking_retrieve: time.sleep(BLOCK_S)")
+    assert not watch.running
+
+
+def test_without_the_setting_stages_start_no_watch() -> None:
+    async def main() -> None:
+        with ri.stage("retrieval"):
+            pass
+        assert watch_of(asyncio.get_running_loop()) is None
+
+    with capture():
+        asyncio.run(main())
+
+
+def test_reconfiguring_stops_the_automatic_watches_but_not_explicit_ones() -> None:
+    async def main() -> tuple[EventLoopWatch, EventLoopWatch]:
+        with ri.stage("retrieval"):
+            pass
+        automatic = watch_of(asyncio.get_running_loop())
+        assert automatic is not None
+        other_loop = asyncio.new_event_loop()
+        explicit = ri.watch_event_loop(THRESHOLD_MS, loop=other_loop)
+        ri.configure(event_loop_threshold_ms=None)
+        assert not automatic.running
+        assert explicit.running
+        explicit.stop()
+        other_loop.close()
+        return automatic, explicit
+
+    with capture(event_loop_threshold_ms=THRESHOLD_MS):
+        asyncio.run(main())
+
+
+def test_the_setting_is_validated_and_read_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert ri.configure().event_loop_threshold_ms is None
+    monkeypatch.setenv("RAG_INSTRUMENT_EVENT_LOOP_THRESHOLD_MS", "250")
+    assert ri.configure().event_loop_threshold_ms == 250.0
+    for bad in ("0", "-1", "soon"):
+        monkeypatch.setenv("RAG_INSTRUMENT_EVENT_LOOP_THRESHOLD_MS", bad)
+        with pytest.raises(ValueError, match="event_loop_threshold_ms"):
+            ri.configure()
+    monkeypatch.delenv("RAG_INSTRUMENT_EVENT_LOOP_THRESHOLD_MS")
+    with pytest.raises(ValueError, match="event_loop_threshold_ms"):
+        ri.configure(event_loop_threshold_ms=0)
