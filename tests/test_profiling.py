@@ -218,6 +218,18 @@ def test_a_running_cprofile_is_left_alone() -> None:
     assert "busy_sum" in names  # their profile still saw everything
 
 
+def test_disabled_library_profiles_and_logs_nothing() -> None:
+    @ri.profile()
+    def compute() -> int:
+        return busy_sum(100)
+
+    with capture(enabled=False) as cap:
+        with ri.profile():
+            assert compute() == busy_sum(100)
+            assert sys.getprofile() is None  # no profiler was switched on
+    assert cap.logs == []
+
+
 # --- arguments --------------------------------------------------------------------------------
 
 

@@ -49,6 +49,7 @@ import types
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Generator
 from typing import Any, Final, TypeVar
 
+from rag_instrument import _config
 from rag_instrument._context import current_frame
 from rag_instrument._utils import FunctionKind, function_kind, internal_error
 from rag_instrument.logs import emit
@@ -170,6 +171,7 @@ class _Run:
         "clock",
         "label",
         "memory_owned",
+        "off",
         "profiler",
         "reasons",
         "spec",
@@ -185,8 +187,12 @@ class _Run:
         self.memory_owned = False
         self.start_ns = 0
         self.block_frame: types.FrameType | None = None
+        #: ``configure(enabled=False)``: run the code, profile and log nothing.
+        self.off = not _config.runtime().enabled
 
     def start(self, task_clock: bool = False) -> None:
+        if self.off:
+            return
         try:
             reason = _profiler_in_use()
             if reason is not None:
@@ -228,6 +234,8 @@ class _Run:
             _enabled.discard(profiler)
 
     def finish(self) -> None:
+        if self.off:
+            return
         elapsed_ms = (time.perf_counter_ns() - self.start_ns) / 1e6
         try:
             self._report(elapsed_ms)
