@@ -40,17 +40,18 @@ import weakref
 from collections.abc import Coroutine, Generator, Iterable
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from rag_instrument import _config
+from rag_instrument._runtime import get_runtime
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import CallbackOptions, Observation
 
-    from rag_instrument._config import Runtime
     from rag_instrument._context import Frame
+    from rag_instrument._runtime import Runtime
 
 __all__ = [
     "cpu_begin",
     "cpu_end",
+    "cpu_forget",
     "install",
     "uninstall",
     "unless_suspended",
@@ -65,17 +66,16 @@ _PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 40
 # --- CPU time per stage ---------------------------------------------------------------------
 
 
-def cpu_begin(frame: Frame, trustworthy: bool) -> None:
+def cpu_begin(frame: Frame, cpu: bool | None) -> None:
     """Note the thread's CPU clock as ``frame`` starts.
 
     Args:
         frame: the stage's frame.
-        trustworthy: the stage cannot give its thread away (a sync function), so its
-            thread's CPU time is its own. Otherwise only a ``with`` block outside any event
-            loop qualifies; a coroutine qualifies until :func:`unless_suspended` sees it
-            suspend.
+        cpu: ``True``: the stage cannot give its thread away (a ``def``; an ``async def``
+            until :func:`unless_suspended` sees it suspend). ``None`` (a ``with`` block):
+            only outside a running event loop. ``False`` (a generator): never.
     """
-    if not trustworthy and asyncio._get_running_loop() is not None:
+    if cpu is False or (cpu is None and asyncio._get_running_loop() is not None):
         return
     scratch = frame.scratch
     if scratch is None:
@@ -92,6 +92,12 @@ def cpu_end(frame: Frame) -> float | None:
     if started is None or started[1] != threading.get_ident():
         return None
     return round((time.thread_time_ns() - started[0]) / 1e6, 3)
+
+
+def cpu_forget(frame: Frame) -> None:
+    """``frame``'s CPU time will not mean anything (it gave its thread away)."""
+    if frame.scratch:
+        frame.scratch.pop(_CPU_KEY, None)
 
 
 @types.coroutine
@@ -113,8 +119,7 @@ def unless_suspended(frame: Frame, coro: Coroutine[Any, Any, R]) -> Generator[An
         except StopIteration as stop:
             result: R = stop.value
             return result
-        if frame.scratch:
-            frame.scratch.pop(_CPU_KEY, None)
+        cpu_forget(frame)
         try:
             value = yield signal
         except BaseException as exc:
@@ -179,7 +184,7 @@ def _observe(rt_ref: weakref.ref[Runtime], read: Any) -> Any:
 
     def callback(options: CallbackOptions) -> Iterable[Observation]:
         rt = rt_ref()
-        if rt is None or rt is not _config.runtime():
+        if rt is None or rt is not get_runtime():
             return []  # a retired configuration: its meter may live on in the application's
         try:
             return [Observation(value, attributes) for value, attributes in read()]
@@ -219,8 +224,15 @@ def _gc_pause() -> list[tuple[float, dict[str, str]]]:
     return [(_gc_pauses.total_s, {})]
 
 
+_installed: weakref.WeakSet[Runtime] = weakref.WeakSet()
+
+
 def install(rt: Runtime) -> None:
-    """Register the process metrics on ``rt``'s meter and start timing GC pauses."""
+    """Register the process metrics on ``rt``'s meter (once) and time GC pauses."""
+    _gc_pauses.install()
+    if rt in _installed:  # a runtime put back by testing.capture(): already registered
+        return
+    _installed.add(rt)
     ref = weakref.ref(rt)
     meter = rt.meter
     meter.create_observable_counter(
@@ -250,7 +262,6 @@ def install(rt: Runtime) -> None:
         "s",
         "Time spent in garbage collections since metrics were enabled.",
     )
-    _gc_pauses.install()
 
 
 def uninstall() -> None:

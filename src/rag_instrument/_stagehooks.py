@@ -9,7 +9,8 @@ stage pays one module-attribute check.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from rag_instrument import _resources, eventloop
 
@@ -17,7 +18,9 @@ if TYPE_CHECKING:
     from rag_instrument._context import Frame
     from rag_instrument._runtime import Runtime
 
-__all__ = ["active", "begin", "end", "refresh"]
+__all__ = ["active", "awaiting", "begin", "end", "refresh", "switched"]
+
+R = TypeVar("R")
 
 #: Whether stages must call :func:`begin` and :func:`end`.
 active = False
@@ -35,16 +38,47 @@ def refresh(rt: Runtime | None = None) -> None:
     active = _wanted_by_settings or eventloop.track_tasks
 
 
-def begin(frame: Frame, rt: Runtime, sync_function: bool) -> None:
-    """``frame`` was just entered (its context variables are set)."""
+eventloop.tracking_listeners.append(refresh)
+
+
+def switched(old: Runtime, new: Runtime) -> None:
+    """``configure()``, ``shutdown()`` or a capture replaced ``old`` by ``new``."""
+    refresh(new)
+    if new.enabled and new.settings.resource_metrics:
+        _resources.install(new)
+    else:
+        _resources.uninstall()
+    if old.settings.event_loop_threshold_ms != new.settings.event_loop_threshold_ms or not (
+        new.enabled
+    ):
+        eventloop.stop_automatic()
+
+
+def begin(frame: Frame, rt: Runtime, cpu: bool | None) -> None:
+    """``frame`` was just entered (its context variables are set).
+
+    ``cpu``: whether the thread's CPU time during the stage is the stage's own (see
+    :func:`rag_instrument._resources.cpu_begin`).
+    """
     settings = rt.settings
     if settings.resource_metrics:
-        _resources.cpu_begin(frame, sync_function)
+        _resources.cpu_begin(frame, cpu)
     threshold = settings.event_loop_threshold_ms
     if threshold is not None:
         eventloop.ensure_watched(threshold)
     if eventloop.track_tasks:
         eventloop.note_frame()
+
+
+def awaiting(frame: Frame, rt: Runtime, awaitable: Awaitable[R]) -> Awaitable[R]:
+    """What a coroutine stage awaits: with ``resource_metrics``, watched for suspending."""
+    if not rt.settings.resource_metrics:
+        return awaitable
+    if isinstance(awaitable, Coroutine):
+        coro: Coroutine[Any, Any, R] = awaitable
+        return _resources.unless_suspended(frame, coro)
+    _resources.cpu_forget(frame)  # an awaitable we cannot follow: no claim about its CPU
+    return awaitable
 
 
 def end(frame: Frame, rt: Runtime) -> float | None:

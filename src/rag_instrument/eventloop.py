@@ -40,11 +40,13 @@ import threading
 import time
 import traceback
 import weakref
+from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Final
 
-from rag_instrument import _breakdown, _config, _context
+from rag_instrument import _breakdown, _context
 from rag_instrument import attributes as attr
+from rag_instrument._runtime import get_runtime
 from rag_instrument._utils import internal_error
 from rag_instrument.logs import emit
 
@@ -68,6 +70,9 @@ _lock = threading.Lock()
 _task_frames: weakref.WeakKeyDictionary[asyncio.Task[Any], Frame] = weakref.WeakKeyDictionary()
 #: True while a watch runs on Python 3.11: stages then call :func:`note_frame`.
 track_tasks = False
+#: Called when :data:`track_tasks` may have changed (the stage hooks register here, since
+#: this module cannot import them: they import it).
+tracking_listeners: list[Callable[[], None]] = []
 
 
 def note_frame() -> None:
@@ -266,7 +271,7 @@ class EventLoopWatch:
         ctx: contextvars.Context | None,
         ongoing: bool,
     ) -> None:
-        rt = _config.runtime()
+        rt = get_runtime()
         stage = stage_frame.stage if stage_frame is not None else None
         metric_attributes = {attr.RAG_STAGE: stage} if stage else {}
         rt.counter(
@@ -315,12 +320,11 @@ def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
 def _update_tracking() -> None:
     # Under _lock. Stages tell 3.11 watches which task is in which stage, only while one runs.
     global track_tasks
-    from rag_instrument import _stagehooks  # late: it imports this module
-
     track_tasks = not _TASK_CONTEXT and any(w.running for w in list(_watches.values()))
     if not track_tasks:
         _task_frames.clear()
-    _stagehooks.refresh()
+    for listener in tracking_listeners:
+        listener()
 
 
 def _validate_threshold(threshold_ms: object) -> float:

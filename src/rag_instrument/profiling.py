@@ -49,8 +49,8 @@ import types
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Generator
 from typing import Any, Final, TypeVar
 
-from rag_instrument import _config
 from rag_instrument._context import current_frame
+from rag_instrument._runtime import get_runtime
 from rag_instrument._utils import FunctionKind, function_kind, internal_error
 from rag_instrument.logs import emit
 
@@ -80,7 +80,7 @@ _enabled: set[cProfile.Profile] = set()
 
 def _profiler_in_use() -> str | None:
     """Why a new profiler cannot run now, or ``None`` when it can."""
-    current = sys.getprofile()
+    current: object = sys.getprofile()
     if current is not None:
         if current in _enabled:
             return "an enclosing ri.profile is profiling this code already"
@@ -188,7 +188,7 @@ class _Run:
         self.start_ns = 0
         self.block_frame: types.FrameType | None = None
         #: ``configure(enabled=False)``: run the code, profile and log nothing.
-        self.off = not _config.runtime().enabled
+        self.off = not get_runtime().enabled
 
     def start(self, task_clock: bool = False) -> None:
         if self.off:

@@ -71,3 +71,12 @@ async def use() -> None:
 @ri.profile(top=5)
 def profiled(x: int) -> int:
     return x
+
+
+def runtime_accessor() -> None:
+    runtime: ri.Runtime = ri.get_runtime()
+    configured: bool = ri.is_configured()
+    settings: ri.Settings = runtime.settings
+    ms: float = settings.slow_query_ms
+    assert configured is runtime.configured
+    assert ms >= 0
