@@ -67,7 +67,10 @@ _watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EventLoopWatch] =
     weakref.WeakKeyDictionary()
 )
 _lock = threading.Lock()
-_task_frames: weakref.WeakKeyDictionary[asyncio.Task[Any], Frame] = weakref.WeakKeyDictionary()
+#: Task -> its innermost stage frame (3.11). A plain dict, cheap on the stage path; the
+#: watchdogs drop finished tasks from it (:func:`_prune_tasks`).
+_task_frames: dict[asyncio.Task[Any], Frame] = {}
+_pruned_at = [0.0]
 #: True while a watch runs on Python 3.11: stages then call :func:`note_frame`.
 track_tasks = False
 #: Called when :data:`track_tasks` may have changed (the stage hooks register here, since
@@ -84,13 +87,20 @@ def note_frame() -> None:
     if task is None:
         return
     frame = _context.current_frame()
-    try:
-        if frame is None:
-            _task_frames.pop(task, None)
-        else:
-            _task_frames[task] = frame
-    except TypeError:  # a task implementation that cannot be weakly referenced
-        pass
+    if frame is None:
+        _task_frames.pop(task, None)
+    else:
+        _task_frames[task] = frame
+
+
+def _prune_tasks() -> None:
+    """Forget finished tasks (called from the watchdog threads, at most once a second)."""
+    now = time.monotonic()
+    if now - _pruned_at[0] < 1.0 or not _task_frames:
+        return
+    _pruned_at[0] = now
+    for task in [t for t in list(_task_frames) if t.done()]:
+        _task_frames.pop(task, None)
 
 
 def _running_frame(loop: asyncio.AbstractEventLoop) -> tuple[Frame | None, Any]:
@@ -139,6 +149,8 @@ class EventLoopWatch:
         self._handle: asyncio.TimerHandle | None = None
         self._stopped = threading.Event()
         self._finished = False
+        #: False once stopped or ended (a plain attribute: read on the stage path).
+        self.alive = True
         self._ongoing_after_s = max(10 * self._threshold_s, 5.0)
         self._empty = contextvars.Context()  # the heartbeat holds on to no request's state
         self._thread = threading.Thread(
@@ -185,10 +197,14 @@ class EventLoopWatch:
             internal_error("event loop watch", exc)
         finally:
             self._finished = True
+            self.alive = False
             with _lock:
                 loop = self._loop_ref()
-                if loop is not None and _watches.get(loop) is self:
-                    del _watches[loop]
+                if loop is not None:
+                    if _watches.get(loop) is self:
+                        del _watches[loop]
+                    if _automatic.get(loop) is self:
+                        del _automatic[loop]
                 _update_tracking()
 
     def _watch_loop(self) -> None:
@@ -212,6 +228,8 @@ class EventLoopWatch:
             elif beat != seen_beat:
                 due, seen_beat = beat + self.interval_s, beat
             if now - due <= self._threshold_s:
+                if track_tasks:
+                    _prune_tasks()
                 stopped.wait(due + self._threshold_s - now + 0.001)
                 continue
             self._on_block(due, seen_beat)
@@ -297,6 +315,7 @@ class EventLoopWatch:
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop watching (idempotent); waits up to ``timeout`` s for the watchdog to end."""
+        self.alive = False
         self._stopped.set()
         handle = self._handle
         loop = self._loop_ref()
@@ -308,8 +327,11 @@ class EventLoopWatch:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
         with _lock:
-            if loop is not None and _watches.get(loop) is self:
-                del _watches[loop]
+            if loop is not None:
+                if _watches.get(loop) is self:
+                    del _watches[loop]
+                if _automatic.get(loop) is self:
+                    del _automatic[loop]
             _update_tracking()
 
 
@@ -391,9 +413,9 @@ def watch_event_loop(
     return _install(loop, threshold, automatic=False)
 
 
-#: id(loop) -> (weak reference to the loop, its watch): the stage hot path's lookup, without
-#: the weak reference a WeakKeyDictionary lookup creates.
-_by_id: dict[int, tuple[weakref.ref[asyncio.AbstractEventLoop], EventLoopWatch]] = {}
+#: loop -> its automatic watch: the stage path's lookup (a WeakKeyDictionary lookup makes a
+#: weak reference each time). A watch removes its loop when it ends, with the loop's close.
+_automatic: dict[asyncio.AbstractEventLoop, EventLoopWatch] = {}
 
 
 def ensure_watched(threshold_ms: float) -> None:
@@ -401,17 +423,15 @@ def ensure_watched(threshold_ms: float) -> None:
     loop = asyncio._get_running_loop()
     if loop is None:
         return
-    entry = _by_id.get(id(loop))
-    if entry is not None and entry[0]() is loop and not entry[1]._stopped.is_set():
+    known = _automatic.get(loop)
+    if known is not None and known.alive:
         return
     try:
         with _lock:
             existing = _watches.get(loop)
         if existing is None or not existing.running:
             existing = _install(loop, threshold_ms, automatic=True)
-        if len(_by_id) > 64:  # loops come and go (asyncio.run per test, per thread)
-            _by_id.clear()
-        _by_id[id(loop)] = (weakref.ref(loop), existing)
+        _automatic[loop] = existing
     except Exception as exc:
         internal_error("watching the event loop", exc)
 
@@ -422,4 +442,4 @@ def stop_automatic() -> None:
         automatic = [w for w in _watches.values() if w.automatic]
     for watch in automatic:
         watch.stop()
-    _by_id.clear()
+    _automatic.clear()
