@@ -340,6 +340,20 @@ def test_async_with_covers_only_its_task() -> None:
     assert label(other_tasks_work) not in rows
 
 
+def test_plain_with_in_a_coroutine_covers_only_its_task() -> None:
+    async def body(neighbour: BusyNeighbour) -> int:
+        with ri.profile("plain-with"):
+            return await awaited_work(5, neighbour)
+
+    with capture() as cap:
+        asyncio.run(with_neighbour(body))
+    line = only_profile_line(cap)
+    assert line["profiled"] is True, line
+    rows = functions(line)
+    assert rows[label(busy_sum)]["calls"] == 5
+    assert label(other_tasks_work) not in rows
+
+
 def test_two_tasks_profile_at_once_each_their_own_work() -> None:
     def left_work() -> int:
         return sum(range(3000))

@@ -21,7 +21,8 @@ while that code runs:
 - a decorated ``async def``, generator or async generator: around each step of it (each
   ``send``/``throw`` into the coroutine or generator), and off while it is suspended, so
   what the event loop (or the generator's consumer) runs in between is not recorded;
-- an ``async with`` block: on Python 3.12+, ``sys.monitoring`` reports the block's own
+- an ``async with`` block (or a plain ``with`` inside a coroutine, which may ``await``
+  too): on Python 3.12+, ``sys.monitoring`` reports the block's own
   frame suspending and resuming (``PY_YIELD`` / ``PY_RESUME`` set on that one code
   object, so nothing else in the process pays for it) and the profiler is paused in
   between. Python 3.11 has no such events: there the profiler runs on a clock that only
@@ -40,6 +41,7 @@ import asyncio
 import contextvars
 import cProfile
 import functools
+import inspect
 import os
 import pstats
 import sys
@@ -493,6 +495,12 @@ class Profile:
     # --- context manager ---------------------------------------------------------------------
 
     def __enter__(self) -> Profile:
+        caller = sys._getframe(1)
+        if caller.f_code.co_flags & inspect.CO_COROUTINE and asyncio._get_running_loop():
+            # A plain ``with`` in a coroutine may still ``await`` inside: scope it like
+            # ``async with``.
+            self._enter_block(caller)
+            return self
         run = _Run(self, self.name or "profile")
         _push_run(self, run)
         run.start()
@@ -500,17 +508,21 @@ class Profile:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        run = _pop_run(self)
-        if run is not None:
-            run.pause()
-            run.finish()
+        self._exit_block()
 
     async def __aenter__(self) -> Profile:
+        self._enter_block(sys._getframe(1))  # the coroutine that runs ``async with``
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._exit_block()
+
+    def _enter_block(self, caller: types.FrameType) -> None:
+        """Start a run for a block in a coroutine: paused while ``caller`` is suspended."""
         run = _Run(self, self.name or "profile")
         _push_run(self, run)
         if _MONITORING:
             run.start()
-            caller = sys._getframe(1)  # the coroutine that runs ``async with``
             if run.profiler is not None:
                 if _pauser.add(caller, run):
                     run.block_frame = caller
@@ -519,9 +531,8 @@ class Profile:
         else:
             run.start(task_clock=True)
         run.resume()
-        return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    def _exit_block(self) -> None:
         run = _pop_run(self)
         if run is None:
             return
