@@ -29,6 +29,9 @@ while that code runs:
   advances while the block's task is the one running, and functions that took none of
   that task's time are dropped from the result.
 
+On 3.12+ cProfile's hooks are process-wide: calls other threads make while a profile is
+switched on are recorded too (3.11's hook is per thread).
+
 Only one profiler can run at a time (on 3.12+ per process, on 3.11 per thread). A
 profile that finds one already running (a nested ``profile``, ``cProfile``, a debugger's
 profiler) still times its code and logs its line, at warning level with
