@@ -363,7 +363,7 @@ class _FramePauser:
 
     def _claim(self) -> int | None:
         monitoring = _monitoring
-        for tool in (4, 3, 0):  # unnamed ids first; 0 (debugger) only as a last resort
+        for tool in (4, 3):  # the ids PEP 669 leaves unnamed; never a debugger's or coverage's
             if monitoring.get_tool(tool) is None:
                 monitoring.use_tool_id(tool, "rag_instrument.profile")
                 events = monitoring.events
@@ -499,7 +499,10 @@ class Profile:
 
     def __enter__(self) -> Profile:
         caller = sys._getframe(1)
-        if caller.f_code.co_flags & inspect.CO_COROUTINE and asyncio._get_running_loop():
+        flags = caller.f_code.co_flags
+        if flags & (inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR) and (
+            asyncio._get_running_loop() is not None
+        ):
             # A plain ``with`` in a coroutine may still ``await`` inside: scope it like
             # ``async with``.
             self._enter_block(caller)
@@ -530,7 +533,9 @@ class Profile:
                 if _pauser.add(caller, run):
                     run.block_frame = caller
                 else:
-                    run.reasons.append("no free sys.monitoring tool id: profiled for the thread")
+                    run.reasons.append(
+                        "no free sys.monitoring tool id: other tasks' work may be included"
+                    )
         else:
             run.start(task_clock=True)
         run.resume()
