@@ -162,7 +162,11 @@ class _TaskClock:
 
     def __call__(self) -> float:
         now = time.perf_counter()
-        if asyncio.current_task() is self.task:
+        try:
+            ours = asyncio.current_task() is self.task
+        except RuntimeError:  # no running loop in this thread (the loop stopped meanwhile)
+            ours = False
+        if ours:
             self.total += now - self.last
         self.last = now
         return self.total
