@@ -88,6 +88,7 @@ def test_each_setting_reads_its_environment_variable(row: object) -> None:
             "metrics_exporter": "none",
             "logs_exporter": "none",
             "capture_logging_level": "debug",
+            "event_loop_threshold_ms": "250",
         }.get(row.name)
     if row.name == "log_file":
         pytest.skip("a path: checked in test_config")
