@@ -39,7 +39,17 @@ if _typing.TYPE_CHECKING:
         uninstrument_sqlalchemy,
     )
     from rag_instrument.integrations.anthropic import instrument_anthropic, uninstrument_anthropic
+    from rag_instrument.integrations.milvus import instrument_milvus, uninstrument_milvus
     from rag_instrument.integrations.openai import instrument_openai, uninstrument_openai
+    from rag_instrument.vector import (
+        EmbeddingBatchError,
+        SweepRow,
+        aembed_in_batches,
+        embed_in_batches,
+        format_table,
+        sweep,
+        vector_search,
+    )
 
 try:
     __version__ = _metadata.version("rag_instrument")
@@ -48,6 +58,7 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - imported from a sou
 
 __all__ = [
     "CacheMixin",
+    "EmbeddingBatchError",
     "LLMProvider",
     "LLMResult",
     "PipelineStage",
@@ -55,15 +66,20 @@ __all__ = [
     "RetryMixin",
     "Settings",
     "Stage",
+    "SweepRow",
     "__version__",
+    "aembed_in_batches",
     "bind_context",
     "cached",
     "configure",
     "db_scope",
     "db_session",
+    "embed_in_batches",
     "force_flush",
+    "format_table",
     "get_logger",
     "instrument_anthropic",
+    "instrument_milvus",
     "instrument_openai",
     "instrument_sqlalchemy",
     "pipeline_stage_context",
@@ -71,11 +87,14 @@ __all__ = [
     "retry",
     "shutdown",
     "stage",
+    "sweep",
     "traced",
     "unbind_context",
     "uninstrument_anthropic",
+    "uninstrument_milvus",
     "uninstrument_openai",
     "uninstrument_sqlalchemy",
+    "vector_search",
     "wrap_context",
 ]
 
@@ -90,6 +109,15 @@ _LAZY: dict[str, tuple[str, str | None, str | None]] = {
     "db_session": ("rag_instrument.db", "sqlalchemy", "sqlalchemy"),
     "db_scope": ("rag_instrument.db", "sqlalchemy", "sqlalchemy"),
     "uninstrument_sqlalchemy": ("rag_instrument.db", "sqlalchemy", "sqlalchemy"),
+    "instrument_milvus": ("rag_instrument.integrations.milvus", "pymilvus", "milvus"),
+    "uninstrument_milvus": ("rag_instrument.integrations.milvus", "pymilvus", "milvus"),
+    "EmbeddingBatchError": ("rag_instrument.vector", None, None),
+    "SweepRow": ("rag_instrument.vector", None, None),
+    "aembed_in_batches": ("rag_instrument.vector", None, None),
+    "embed_in_batches": ("rag_instrument.vector", None, None),
+    "format_table": ("rag_instrument.vector", None, None),
+    "sweep": ("rag_instrument.vector", None, None),
+    "vector_search": ("rag_instrument.vector", None, None),
 }
 
 
