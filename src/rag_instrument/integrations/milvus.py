@@ -160,7 +160,14 @@ def filter_shape(expr: str) -> tuple[str, tuple[str, ...]]:
 
 
 def _is_ref(text: str) -> bool:
-    return text == "]" or bool(re.fullmatch(r"[A-Za-z_$][\w$]*", text))
+    if text == "]":
+        return True
+    lowered = text.lower()
+    return (
+        bool(re.fullmatch(r"[A-Za-z_$][\w$]*", text))
+        and lowered not in _KEYWORDS
+        and lowered not in _BOOLEANS
+    )
 
 
 # --- what we remember of a collection -----------------------------------------------------
@@ -586,7 +593,7 @@ def _needs_info(operation: str, arguments: Mapping[str, Any]) -> str | None:
 def _wrap_sync(
     state: _State, client: Any, operation: str, original: Callable[..., Any]
 ) -> Callable[..., Any]:
-    names = _parameter_names(original)
+    names = _parameter_names(original, operation)
 
     @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -612,7 +619,7 @@ def _wrap_sync(
 def _wrap_async(
     state: _State, client: Any, operation: str, original: Callable[..., Any]
 ) -> Callable[..., Any]:
-    names = _parameter_names(original)
+    names = _parameter_names(original, operation)
 
     @functools.wraps(original)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -636,7 +643,7 @@ def _wrap_async(
 
 
 def _wrap_invalidating(state: _State, name: str, original: Callable[..., Any]) -> Any:
-    names = _parameter_names(original)
+    names = _parameter_names(original, name)
 
     def forget(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if name in ("using_database", "use_database"):
@@ -667,14 +674,33 @@ def _wrap_invalidating(state: _State, name: str, original: Callable[..., Any]) -
     return wrapper
 
 
-def _parameter_names(original: Callable[..., Any]) -> tuple[str, ...]:
+#: pymilvus' positional parameters (2.4 to 3.0), for wrapped methods whose signature is hidden.
+_POSITIONAL: Final = {
+    "search": (
+        "collection_name", "data", "filter", "limit", "output_fields", "search_params",
+        "timeout", "partition_names", "anns_field",
+    ),
+    "hybrid_search": ("collection_name", "reqs", "ranker", "limit", "output_fields"),
+    "query": ("collection_name", "filter", "output_fields", "timeout", "ids"),
+    "get": ("collection_name", "ids", "output_fields"),
+    "insert": ("collection_name", "data"),
+    "upsert": ("collection_name", "data"),
+    "delete": ("collection_name", "ids", "timeout", "filter"),
+    "rename_collection": ("old_name", "new_name"),
+}  # fmt: skip
+
+
+def _parameter_names(original: Callable[..., Any], name: str = "") -> tuple[str, ...]:
     try:
         parameters = inspect.signature(original).parameters.values()
+        names = tuple(
+            p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        )
     except (TypeError, ValueError):
-        return ()
-    return tuple(
-        p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    )
+        names = ()
+    if names[:1] in (("collection_name",), ("old_name",)):
+        return names
+    return _POSITIONAL.get(name, ("collection_name",))
 
 
 def instrument_milvus(client: C) -> C:
