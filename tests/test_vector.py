@@ -50,7 +50,8 @@ def test_sync_search_span_attributes_from_decorator_and_call() -> None:
     (line,) = cap.find_logs("retrieval completed")
     assert line["breakdown"] == {"vector": {"count": 1, "ms": line["breakdown"]["vector"]["ms"]}}
     dumped = cap.span(search.__qualname__).to_json()
-    assert "0.4" not in dumped and "0.5" not in dumped
+    assert "0.4" not in dumped
+    assert "0.5" not in dumped
 
 
 def test_positional_limit_and_default_limit() -> None:
@@ -215,7 +216,8 @@ def test_failing_batch_names_itself_and_what_was_embedded() -> None:
     error = info.value
     assert error.__cause__ is original
     assert (error.batch_index, error.embedded, error.total, error.batch_count) == (2, 4, 9, 5)
-    assert "batch 2" in str(error) and "4 of 9" in str(error)
+    assert "batch 2" in str(error)
+    assert "4 of 9" in str(error)
     failed = [s for s in cap.spans if s.name == "embedding batch"][-1]
     assert failed.status.status_code is StatusCode.ERROR
 

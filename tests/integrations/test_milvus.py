@@ -185,9 +185,7 @@ def test_collection_is_read_once_and_again_after_reindexing(
         client.search(name, data=query, limit=3, search_params={"params": {"ef": 32}})
     assert reads == [name, name]
     spans = [s for s in cap.spans if s.name == f"search {name}"]
-    assert [s.attributes["rag.vector.index_type"] for s in spans] == ["IVF_FLAT"] * 5 + [
-        "HNSW"
-    ] * 2
+    assert [s.attributes["rag.vector.index_type"] for s in spans] == ["IVF_FLAT"] * 5 + ["HNSW"] * 2
     assert spans[-1].attributes["rag.vector.metric"] == "COSINE"
     assert spans[-1].attributes["rag.vector.params.ef"] == 32
 
@@ -233,16 +231,19 @@ def test_every_other_method_sync(client: MilvusClient) -> None:
             AnnSearchRequest(data=[_vec(rng)], anns_field="sparse", param={}, limit=4),
         ]
         hybrid = client.hybrid_search(name, reqs, RRFRanker(), limit=3)
-    assert len(got) == 3 and len(queried) == 3
+    assert len(got) == 3
+    assert len(queried) == 3
     insert = _attrs(cap, f"insert {name}")
     assert insert["rag.vector.row_count"] == 2
     assert insert["db.operation.name"] == "insert"
     assert "openinference.span.kind" not in insert
     assert _attrs(cap, f"upsert {name}")["rag.vector.row_count"] == 1
     get = _attrs(cap, f"get {name}")
-    assert get["rag.vector.row_count"] == 3 and get["rag.vector.result_count"] == 3
+    assert get["rag.vector.row_count"] == 3
+    assert get["rag.vector.result_count"] == 3
     query = _attrs(cap, f"query {name}")
-    assert query["rag.vector.filter"] == "id in [?]" and query["rag.vector.result_count"] == 3
+    assert query["rag.vector.filter"] == "id in [?]"
+    assert query["rag.vector.result_count"] == 3
     deletes = [dict(s.attributes or {}) for s in cap.spans if s.name == f"delete {name}"]
     assert deletes[0]["rag.vector.row_count"] == 1
     assert deletes[1]["rag.vector.filter"] == "tag == ?"
@@ -347,7 +348,8 @@ def test_vector_search_around_an_instrumented_client_counts_once(client: MilvusC
             hits = retrieve([[0.3] * DIM], limit=4)
     outer = cap.span(retrieve.__qualname__)
     inner = cap.span(f"search {name}")
-    assert inner.parent is not None and inner.parent.span_id == outer.context.span_id
+    assert inner.parent is not None
+    assert inner.parent.span_id == outer.context.span_id
     assert outer.attributes["rag.vector.result_count"] == len(hits[0]) == 4
     assert outer.attributes["rag.vector.top_k"] == 4
     (line,) = cap.find_logs("retrieval completed")
@@ -383,7 +385,8 @@ def test_sweep_ivf_nprobe_recall_rises_against_flat(client: MilvusClient) -> Non
         rows = ri.sweep(search, "nprobe", [1, 4, 16, 64], queries, ground_truth=exact, k=10)
     recalls = [row.recall for row in rows]
     assert recalls == sorted(recalls)
-    assert recalls[0] < 0.5 and recalls[-1] > 0.95
+    assert recalls[0] < 0.5
+    assert recalls[-1] > 0.95
     assert [row.value for row in rows] == [1, 4, 16, 64]
     assert all(row.p95_ms >= row.p50_ms > 0 and row.qps > 0 for row in rows)
     table = ri.format_table(rows)
@@ -479,7 +482,7 @@ def test_filter_shape(expr: str, shape: str, fields: tuple[str, ...]) -> None:
 
 
 @given(
-    st.text(alphabet=st.characters(blacklist_characters="\"\\", codec="utf-8"), min_size=3),
+    st.text(alphabet=st.characters(blacklist_characters='"\\', codec="utf-8"), min_size=3),
     st.integers(min_value=10_000, max_value=10**12),
 )
 def test_filter_shape_never_shows_literal_values(text: str, number: int) -> None:
