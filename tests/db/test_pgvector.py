@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -350,6 +351,6 @@ def test_sweep_hnsw_ef_search_recall_rises(sweep_table: tuple[Engine, str, list[
         with engine.begin() as conn:
             conn.execute(text(f"DROP INDEX {index}"))
     recalls = [row.recall for row in rows]
-    assert all(later >= earlier - 0.02 for earlier, later in zip(recalls, recalls[1:]))
+    assert all(later >= earlier - 0.02 for earlier, later in itertools.pairwise(recalls))
     assert recalls[0] < recalls[-1]
     assert recalls[-1] > 0.9
