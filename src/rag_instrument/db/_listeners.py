@@ -422,9 +422,7 @@ class EngineInstrumentation:
             if count and rt.log is not None:
                 self._report_n_plus_one(rt, info, count, stage, context)
         if slow:
-            self._report_slow(
-                rt, info, ms, conn, pending, statement, parameters, executemany, plan
-            )
+            self._report_slow(rt, info, ms, conn, pending, statement, parameters, executemany, plan)
 
     def _error(self, ctx: ExceptionContext) -> None:
         try:
