@@ -10,15 +10,16 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("pymilvus")
-from pymilvus import DataType, MilvusClient  # noqa: E402
+from pymilvus import DataType, MilvusClient
 
-import rag_instrument as ri  # noqa: E402
-from rag_instrument.cli.__main__ import main  # noqa: E402
-from rag_instrument.cli._demo_milvus import MilvusIndex  # noqa: E402
-from rag_instrument.cli.sweep import exact_search  # noqa: E402
-from rag_instrument.testing import capture  # noqa: E402
+import rag_instrument as ri
+from rag_instrument.cli.__main__ import main
+from rag_instrument.cli._demo_milvus import MilvusIndex
+from rag_instrument.cli.sweep import exact_search
+from rag_instrument.testing import capture
 
 DIM = 16
+IVF = ["--collection", "ivf", "--param", "nprobe"]
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +44,7 @@ def lite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def test_sweep_command_prints_the_table(lite: str, capsys: pytest.CaptureFixture[str]) -> None:
-    status = main(
-        ["sweep", lite, "--collection", "ivf", "--param", "nprobe", "--values", "1,16,64"]
-        + ["--queries", "30", "-k", "10"]
-    )
+    status = main(["sweep", lite, *IVF, "--values", "1,16,64", "--queries", "30"])
     out = capsys.readouterr().out
     assert status == 0, out
     lines = out.splitlines()
@@ -65,8 +63,8 @@ def test_sweep_command_json_with_a_flat_copy_as_truth(
     queries = tmp_path / "queries.json"
     queries.write_text(json.dumps([[rng.gauss(0, 1) for _ in range(DIM)] for _ in range(20)]))
     status = main(
-        ["sweep", lite, "--collection", "ivf", "--param", "nprobe", "--values", "2,64"]
-        + ["--queries-file", str(queries), "--exact-collection", "flat", "--format", "json"]
+        ["sweep", lite, *IVF, "--values", "2,64", "--queries-file", str(queries)]  # noqa: RUF005
+        + ["--exact-collection", "flat", "--format", "json"]
     )
     rows = json.loads(capsys.readouterr().out)
     assert status == 0
@@ -79,10 +77,7 @@ def test_sweep_command_reports_bad_input(lite: str, capsys: pytest.CaptureFixtur
     status = main(["sweep", lite, "--collection", "nope", "--param", "nprobe", "--values", "1"])
     assert status == 2
     assert "no collection 'nope'" in capsys.readouterr().err
-    status = main(
-        ["sweep", lite, "--collection", "ivf", "--param", "nprobe", "--values", "1"]
-        + ["--field", "missing"]
-    )
+    status = main(["sweep", lite, *IVF, "--values", "1", "--field", "missing"])
     assert status == 2
     assert "'missing' is not a vector field" in capsys.readouterr().err
     with pytest.raises(SystemExit):
