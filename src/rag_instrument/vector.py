@@ -84,6 +84,14 @@ def query_shape(value: Any) -> tuple[int | None, int | None, bool]:
     A 2-D array or a list of vectors is a batch; one vector, or one query text, is a single
     query; a list of texts is a batch of text queries (no dimensions).
     """
+    if type(value) is list:  # the common case first: no attribute look-ups
+        if not value:
+            return 0, None, True
+        first = value[0]
+        if type(first) is float or type(first) is int:
+            return 1, len(value), False
+        if type(first) is list and first and type(first[0]) is float:
+            return len(value), len(first), True
     ndim = getattr(value, "ndim", None)
     shape = getattr(value, "shape", None)
     if isinstance(ndim, int) and isinstance(shape, tuple):

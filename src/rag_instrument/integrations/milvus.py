@@ -347,18 +347,21 @@ class _State:
 
 def _params_of(search_params: Any, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
-    if not isinstance(search_params, Mapping):
+    if type(search_params) is not dict and not isinstance(search_params, Mapping):
         return out
     nested = search_params.get("params")
     items = list(search_params.items())
-    if isinstance(nested, Mapping):
+    if type(nested) is dict or isinstance(nested, Mapping):
         items += list(nested.items())
     for key, value in items:
-        if key in ("params", "metric_type") or not isinstance(key, str):
+        if key == "params" or key == "metric_type" or type(key) is not str:  # noqa: PLR1714
             continue
-        if isinstance(value, bool | int | float | str):
+        if type(value) in _SCALARS:
             out[f"{attr.RAG_VECTOR_PARAMS_PREFIX}{prefix}{key}"] = value
     return out
+
+
+_SCALARS: Final = frozenset({bool, int, float, str})
 
 
 class _Call:
