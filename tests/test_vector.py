@@ -408,3 +408,40 @@ def test_recall_at_k_bounds(found: list[int], exact: list[int]) -> None:
     value = recall_at_k(found, exact, 10)
     assert 0.0 <= value <= 1.0
     assert recall_at_k(exact, exact, 10) == 1.0
+
+
+def test_not_recording_spans_still_pass_results_through() -> None:
+    with capture(sample_ratio=0.0) as cap:
+        with ri.stage("retrieval"):
+            assert search([[1.0, 2.0]], limit=2) == [[0, 1]]
+            assert ri.embed_in_batches(["a", "b"], _embed, batch_size=1) == _embed(["a", "b"])
+    assert cap.spans == []
+    breakdown = cap.find_logs("retrieval completed")[0]["breakdown"]
+    assert breakdown["vector"]["count"] == 1
+    assert breakdown["embedding"]["count"] == 2
+
+
+def test_openai_embeddings_inside_a_batch_count_once_as_embedding() -> None:
+    openai = pytest.importorskip("openai")
+    from support.fake_llm import FakeLLMServer
+
+    with FakeLLMServer() as server:
+        client = ri.instrument_openai(
+            openai.OpenAI(api_key="sk-test", base_url=server.openai_base_url, max_retries=0)
+        )
+
+        def embed(texts: list[str]) -> list[list[float]]:
+            reply = client.embeddings.create(model="text-embedding-3-small", input=texts)
+            return [item.embedding for item in reply.data]
+
+        with capture() as cap:
+            with ri.stage("embedding"):
+                vectors = ri.embed_in_batches(["a", "b", "c"], embed, batch_size=2)
+    assert len(vectors) == 3
+    batches = [s for s in cap.spans if s.name == "embedding batch"]
+    sdk = [s for s in cap.spans if s.name == "embeddings text-embedding-3-small"]
+    assert len(batches) == len(sdk) == 2
+    assert {s.parent.span_id for s in sdk} == {s.context.span_id for s in batches}
+    breakdown = cap.find_logs("embedding completed")[0]["breakdown"]
+    assert breakdown["embedding"]["count"] == 2
+    assert "llm" not in breakdown

@@ -335,6 +335,17 @@ def test_disabled_passes_through(client: MilvusClient) -> None:
     assert cap.spans == []
 
 
+def test_not_recording_still_counts_and_passes_through(client: MilvusClient) -> None:
+    name = _make_collection(client, rows=20)
+    instrument_milvus(client)
+    with capture(sample_ratio=0.0) as cap:
+        with ri.stage("retrieval"):
+            hits = client.search(name, data=[[0.1] * DIM], limit=3)
+    assert len(hits[0]) == 3
+    assert cap.spans == []
+    assert cap.find_logs("retrieval completed")[0]["breakdown"]["vector"]["count"] == 1
+
+
 def test_vector_search_around_an_instrumented_client_counts_once(client: MilvusClient) -> None:
     name = _make_collection(client, rows=50)
     instrument_milvus(client)
