@@ -27,13 +27,15 @@ used, before that call's span starts (never an extra round trip per search). The
 remembered until the collection is dropped, renamed or re-indexed (``create_index``,
 ``drop_index``, ``alter_index_properties``) or the database is switched *through the same
 client*; changes made elsewhere are picked up by :func:`uninstrument_milvus` followed by
-:func:`instrument_milvus`.
+:func:`instrument_milvus`. A collection found missing is looked for again 30 s later (or at
+once after ``create_collection`` through the client).
 
 Filter advice, after the guide's "filter on indexed fields": when a search's or query's
 filter names a scalar field that has no scalar index, one warning ``"unindexed filter
 field"`` is logged per collection and field (the primary key counts as indexed). This needs a
-Milvus that lists scalar indexes through ``list_indexes`` / ``describe_index`` (Milvus 2.4+,
-Milvus Lite 2.5+); where reading the indexes fails, no such warning is ever logged.
+Milvus that lists scalar indexes through ``list_indexes`` / ``describe_index`` (Milvus 2.4+;
+Milvus Lite 3.x, which the tests run on); where reading the indexes fails, no such warning
+is ever logged.
 
 Stored documents and vectors never go into spans or logs: counts, ids' count and
 dimensions only. Server errors (``MilvusException``) are recorded on the span with their
@@ -587,7 +589,7 @@ def _end(
 
 
 def _needs_info(operation: str, arguments: Mapping[str, Any]) -> str | None:
-    if operation in ("search", "hybrid_search", "query", "delete"):
+    if operation in ("search", "hybrid_search", "query"):
         name = arguments.get("collection_name")
         return name if isinstance(name, str) else None
     return None
