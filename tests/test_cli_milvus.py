@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from collections.abc import Iterator
@@ -95,20 +96,41 @@ def test_brute_force_exact_search(metric: str) -> None:
         exact_search(rows, "HAMMING", 2)
 
 
-@pytest.mark.asyncio
-async def test_demo_milvus_index_searches_and_reports_vector_work() -> None:
-    index = await MilvusIndex.open(dimensions=4)
-    try:
-        with capture() as cap:
+def test_demo_milvus_index_is_built_outside_the_loop_and_reports_vector_work() -> None:
+    index = MilvusIndex(dimensions=4)  # as the demo does, before asyncio.run()
+    directory = index._directory
+    assert directory is not None
+    assert directory.exists()
+
+    async def use() -> list[int]:
+        try:
             await index.add([1, 2, 3], [[1, 0, 0, 0], [0, 1, 0, 0], [0.9, 0.1, 0, 0]])
             async with ri.stage("retrieval"):
-                ids = await index.search([1.0, 0.0, 0.0, 0.0], k=2)
-        assert ids == [1, 3]
-        span = cap.span("search demo_documents")
-        assert span.attributes["rag.vector.index_type"] == "FLAT"
-        assert span.attributes["rag.vector.metric"] == "IP"
-        assert cap.find_logs("retrieval completed")[0]["breakdown"]["vector"]["count"] == 1
-    finally:
-        await index.close()
-    assert index._directory is not None
-    assert not index._directory.exists()
+                return await index.search([1.0, 0.0, 0.0, 0.0], k=2)
+        finally:
+            await index.close()
+
+    with capture() as cap:
+        ids = asyncio.run(use())
+    assert ids == [1, 3]
+    span = cap.span("search demo_documents")
+    assert span.attributes["rag.vector.index_type"] == "FLAT"
+    assert span.attributes["rag.vector.metric"] == "IP"
+    assert cap.span("insert demo_documents").attributes["rag.vector.row_count"] == 3
+    assert cap.find_logs("retrieval completed")[0]["breakdown"]["vector"]["count"] == 1
+    assert not directory.exists()
+
+
+def test_demo_milvus_index_on_a_given_file(tmp_path: Path) -> None:
+    path = str(tmp_path / "mine.db")
+    index = MilvusIndex(path, dimensions=2, collection="mine")
+
+    async def use() -> list[int]:
+        try:
+            await index.add([7], [[1.0, 0.0]])
+            return await index.search([1.0, 0.0], k=1)
+        finally:
+            await index.close()
+
+    assert asyncio.run(use()) == [7]
+    assert Path(path).exists()  # the caller's file is left alone
