@@ -322,6 +322,23 @@ def test_instrumenting_is_idempotent_and_reversible(client: MilvusClient) -> Non
     assert cap.spans == []
 
 
+def test_uninstrument_restores_an_override_the_application_had(db_path: str) -> None:
+    client = MilvusClient(db_path)
+    canned = [[{"id": 1, "distance": 0.0}]]
+
+    def override(*args: Any, **kwargs: Any) -> Any:
+        return canned
+
+    client.search = override  # type: ignore[method-assign]
+    instrument_milvus(client)
+    with capture() as cap:
+        assert client.search("anything", data=[[0.0] * DIM], limit=1) is canned
+    assert cap.span("search anything").attributes["rag.vector.result_count"] == 1
+    uninstrument_milvus(client)
+    assert client.search is override
+    client.close()
+
+
 def test_rejects_what_is_not_a_milvus_client() -> None:
     with pytest.raises(TypeError, match="MilvusClient"):
         instrument_milvus(object())

@@ -234,7 +234,8 @@ class _State:
 
     def __init__(self, is_async: bool) -> None:
         self.is_async = is_async
-        self.patched: list[str] = []
+        #: name -> what the instance itself held under that name before (``None``: nothing).
+        self.patched: dict[str, Any] = {}
         self.collections: dict[str, _Collection] = {}
         self.missing: dict[str, float] = {}
         self.warned: set[tuple[str, str]] = set()
@@ -732,16 +733,17 @@ def instrument_milvus(client: C) -> C:
         return client
     state = _State(is_async)
     wrap = _wrap_async if is_async else _wrap_sync
+    own = vars(client)
     for operation in _OPERATIONS:
         original = getattr(client, operation, None)
         if callable(original):
+            state.patched[operation] = own.get(operation)
             setattr(client, operation, wrap(state, client, operation, original))
-            state.patched.append(operation)
     for name in _INVALIDATING:
         original = getattr(client, name, None)
         if callable(original):
+            state.patched[name] = own.get(name)
             setattr(client, name, _wrap_invalidating(state, name, original))
-            state.patched.append(name)
     setattr(client, MARKER, state)
     return client
 
@@ -751,6 +753,10 @@ def uninstrument_milvus(client: Any) -> None:
     state: _State | None = getattr(client, MARKER, None)
     if state is None:
         return
-    for name in state.patched:
-        client.__dict__.pop(name, None)
+    own = vars(client)
+    for name, before in state.patched.items():
+        if before is None:
+            own.pop(name, None)
+        else:
+            own[name] = before  # the application's own override comes back
     delattr(client, MARKER)
