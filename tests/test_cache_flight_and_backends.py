@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 import rag_instrument as ri
-from rag_instrument import cache as cache_module
 from rag_instrument.cache import MemoryCache, RedisCache, UncacheableError, cached, make_key
+from rag_instrument.cache import _keys as cache_module
 from rag_instrument.testing import capture
 
 # --- single flight: a failing leader fails its waiters --------------------------------------

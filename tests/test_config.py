@@ -21,8 +21,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import rag_instrument as ri
-from rag_instrument import _config
-from rag_instrument._config import build_settings
+from rag_instrument import _runtime
+from rag_instrument._settings import build_settings
 from support.otlp_receiver import OTLPReceiver
 
 
@@ -31,7 +31,7 @@ def _lines(path: Path) -> list[dict[str, Any]]:
 
 
 def _memory_spans() -> list[Any]:
-    pipelines = _config.runtime().pipelines
+    pipelines = _runtime.get_runtime().pipelines
     assert pipelines is not None
     assert pipelines.memory_exporter is not None
     return list(pipelines.memory_exporter.get_finished_spans())
@@ -274,7 +274,7 @@ def test_application_sdk_provider_is_kept_in_a_fresh_process() -> None:
         from opentelemetry.sdk.trace.export import SimpleSpanProcessor
         from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
         import rag_instrument as ri
-        from rag_instrument import _config
+        from rag_instrument import _runtime
 
         app = InMemorySpanExporter()
         provider = TracerProvider()
@@ -284,7 +284,7 @@ def test_application_sdk_provider_is_kept_in_a_fresh_process() -> None:
         ri.configure(exporter="memory")
         with ri.stage("retrieval"):
             pass
-        ours = _config.runtime().pipelines.memory_exporter.get_finished_spans()
+        ours = _runtime.get_runtime().pipelines.memory_exporter.get_finished_spans()
         assert trace.get_tracer_provider() is provider
         assert [s.name for s in app.get_finished_spans()] == ["retrieval"]
         assert [s.name for s in ours] == ["retrieval"]

@@ -9,13 +9,13 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 import rag_instrument as ri
-from rag_instrument import _config
+from rag_instrument import _runtime
 from rag_instrument.exporters import LeafSpan, start_leaf_span
 from rag_instrument.testing import Capture, capture
 
 
 def test_leaf_span_under_a_stage_is_a_full_child(rag_capture: Capture) -> None:
-    tracer = _config.runtime().tracer
+    tracer = _runtime.get_runtime().tracer
     with ri.stage("retrieval") as parent:
         span = start_leaf_span(tracer, "SELECT docs", SpanKind.CLIENT, {"db.system.name": "sqlite"})
         assert isinstance(span, LeafSpan)
@@ -41,7 +41,7 @@ def test_leaf_span_under_a_stage_is_a_full_child(rag_capture: Capture) -> None:
 def test_leaf_span_shared_attributes_are_not_mutated() -> None:
     shared = {"db.system.name": "sqlite"}
     with capture(), ri.stage("retrieval"):
-        span = start_leaf_span(_config.runtime().tracer, "q", SpanKind.CLIENT, shared)
+        span = start_leaf_span(_runtime.get_runtime().tracer, "q", SpanKind.CLIENT, shared)
         span.set_attribute("extra", 1)
         span.end()
     assert shared == {"db.system.name": "sqlite"}
@@ -49,14 +49,14 @@ def test_leaf_span_shared_attributes_are_not_mutated() -> None:
 
 def test_unsampled_parent_gives_a_non_recording_span() -> None:
     with capture(sample_ratio=0.0) as cap, ri.stage("retrieval"):
-        span = start_leaf_span(_config.runtime().tracer, "q", SpanKind.CLIENT, {})
+        span = start_leaf_span(_runtime.get_runtime().tracer, "q", SpanKind.CLIENT, {})
         assert not span.is_recording()
         span.end()
     assert cap.spans == []
 
 
 def test_without_a_parent_it_is_an_ordinary_span(rag_capture: Capture) -> None:
-    span = start_leaf_span(_config.runtime().tracer, "root q", SpanKind.CLIENT, {})
+    span = start_leaf_span(_runtime.get_runtime().tracer, "root q", SpanKind.CLIENT, {})
     assert not isinstance(span, LeafSpan)
     span.end()
     assert rag_capture.span("root q").parent is None
@@ -67,7 +67,7 @@ def test_the_applications_processors_receive_leaf_spans() -> None:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(app))
     ri.configure(exporter="memory", tracer_provider=provider)
-    tracer = _config.runtime().tracer
+    tracer = _runtime.get_runtime().tracer
     with ri.stage("retrieval"):
         start_leaf_span(tracer, "q", SpanKind.CLIENT, {}).end()
     assert [s.name for s in app.get_finished_spans()] == ["q", "retrieval"]

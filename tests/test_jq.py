@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy
 
 import rag_instrument as ri
-from rag_instrument import _config
+from rag_instrument import _runtime
 
 JQ = (
     "jq 'select(.context.pipeline_stage) | {stage: .context.pipeline_stage, "
@@ -53,7 +53,7 @@ def test_jq_pipeline_matches_span_durations(tmp_path: Path) -> None:
                 with ri.stage("generation"), ri.traced("tokenize"):
                     asyncio.run(Model().generate("q"))
                     time.sleep(0.003)
-    pipelines = _config.runtime().pipelines
+    pipelines = _runtime.get_runtime().pipelines
     assert pipelines is not None
     assert pipelines.memory_exporter is not None
     spans = pipelines.memory_exporter.get_finished_spans()

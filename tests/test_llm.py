@@ -136,10 +136,10 @@ async def test_capture_content_from_the_otel_environment(monkeypatch: pytest.Mon
     monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "SPAN_ONLY")
     settings = ri.configure(exporter="memory")
     assert settings.capture_content
-    from rag_instrument import _config
+    from rag_instrument import _runtime
 
     await Echo().generate("visible prompt")
-    spans = _config.runtime().pipelines.memory_exporter.get_finished_spans()  # type: ignore[union-attr]
+    spans = _runtime.get_runtime().pipelines.memory_exporter.get_finished_spans()  # type: ignore[union-attr]
     assert "visible prompt" in spans[0].attributes["gen_ai.input.messages"]
 
 

@@ -12,7 +12,7 @@ import pytest
 from opentelemetry.trace import StatusCode
 
 import rag_instrument as ri
-from rag_instrument import _config, llm
+from rag_instrument import _runtime, llm
 from rag_instrument._genai import start_call
 from rag_instrument.testing import Capture, capture
 
@@ -156,7 +156,7 @@ def test_prompt_is_built_only_when_content_is_captured() -> None:
     for capture_content, expected in ((False, 0), (True, 1)):
         with capture(capture_content=capture_content) as cap:
             call = start_call(
-                _config._RUNTIME, operation="embeddings", system="s", model="m", prompt=prompt
+                _runtime.get_runtime(), operation="embeddings", system="s", model="m", prompt=prompt
             )
             call.finish(None)
         assert built == expected
@@ -168,7 +168,7 @@ def test_secrets_are_scrubbed_literally_from_every_recorded_text() -> None:
     key = "3f9a0c1e5b7d4a2f8e6c0b9d1a3e5f7c"  # an Azure-style hex key: no sk- shape
     with capture(capture_content=True) as cap:
         call = start_call(
-            _config._RUNTIME, operation="chat", system="azure", model="m",
+            _runtime.get_runtime(), operation="chat", system="azure", model="m",
             prompt=f"my key is {key}", secrets=(key, "short"),
         )
         call.finish(ValueError(f"Incorrect API key provided: {key}"))
@@ -237,7 +237,7 @@ async def test_sync_call_cancelled_while_queued_never_runs(monkeypatch: pytest.M
     import concurrent.futures
 
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    monkeypatch.setattr(llm, "_executor", pool)
+    monkeypatch.setattr(llm, "llm_executor", lambda: pool)
     ran: list[str] = []
 
     class Blocking(ri.LLMProvider):

@@ -284,7 +284,7 @@ def test_logging_never_raises_into_the_caller(monkeypatch: pytest.MonkeyPatch) -
         def broken(_event: dict[str, Any]) -> bytes:
             raise RuntimeError("renderer broke")
 
-        runtime_log = ri._config.runtime().log
+        runtime_log = ri.get_runtime().log
         assert runtime_log is not None
         monkeypatch.setattr(runtime_log, "render", broken)
         ri.get_logger().info("dropped")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import rag_instrument as ri
-from rag_instrument import _config
+from rag_instrument import _runtime
 from rag_instrument.testing import Capture, capture
 
 pytest_plugins = ["pytester"]
@@ -20,7 +20,7 @@ def test_capture_restores_the_previous_configuration(tmp_path: Path) -> None:
         with ri.stage("retrieval"):
             pass
         assert [s.name for s in cap.spans] == ["retrieval"]
-    assert _config.runtime().settings.service_name == "app"
+    assert _runtime.get_runtime().settings.service_name == "app"
     with ri.stage("generation"):
         pass
     assert "generation completed" in log.read_text()
@@ -30,7 +30,7 @@ def test_capture_restores_the_previous_configuration(tmp_path: Path) -> None:
 def test_capture_when_unconfigured_leaves_it_unconfigured() -> None:
     with capture():
         pass
-    assert _config.runtime().configured is False
+    assert _runtime.get_runtime().configured is False
 
 
 def test_capture_ignores_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -96,3 +96,8 @@ def test_captures_nest() -> None:
     assert [s.name for s in inner.spans] == ["inner"]
     assert [s.name for s in outer.spans] == ["before", "after"]
     assert [line["event"] for line in outer.logs] == ["before completed", "after completed"]
+
+
+def test_capture_rejects_an_unknown_setting() -> None:
+    with pytest.raises(TypeError, match=r"unknown setting.*budget"), capture(budget={"x": 1}):
+        pass

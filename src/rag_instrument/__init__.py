@@ -18,8 +18,11 @@ import importlib.metadata as _metadata
 import importlib.util as _importlib_util
 import typing as _typing
 
-from rag_instrument._config import Settings, configure, force_flush, shutdown
+from rag_instrument import _registry
+from rag_instrument._config import configure, force_flush, shutdown
 from rag_instrument._context import bind_context, request_context, unbind_context, wrap_context
+from rag_instrument._runtime import Runtime, get_runtime, is_configured
+from rag_instrument._settings import Settings
 from rag_instrument.cache import CacheMixin, cached
 from rag_instrument.llm import LLMProvider, LLMResult
 from rag_instrument.logs import get_logger
@@ -51,6 +54,13 @@ if _typing.TYPE_CHECKING:
         vector_search,
     )
 
+# Statement errors raised where the database integration was never imported still render
+# through its formatter (imported on first use); importing the integration registers the
+# same function directly.
+_registry.register_error_formatter(
+    "sqlalchemy", _registry.lazy_formatter("rag_instrument.db._sql", "sanitize_statement_error")
+)
+
 try:
     __version__ = _metadata.version("rag_instrument")
 except _metadata.PackageNotFoundError:  # pragma: no cover - imported from a source tree
@@ -64,6 +74,7 @@ __all__ = [
     "PipelineStage",
     "RedisCache",
     "RetryMixin",
+    "Runtime",
     "Settings",
     "Stage",
     "SweepRow",
@@ -78,10 +89,12 @@ __all__ = [
     "force_flush",
     "format_table",
     "get_logger",
+    "get_runtime",
     "instrument_anthropic",
     "instrument_milvus",
     "instrument_openai",
     "instrument_sqlalchemy",
+    "is_configured",
     "pipeline_stage_context",
     "request_context",
     "retry",

@@ -13,6 +13,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
+from rag_instrument._runtime import get_runtime
+from rag_instrument._sanitize import to_attribute_value
+from rag_instrument._utils import internal_error, warn_once
+
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
@@ -111,17 +115,12 @@ def current_stage() -> str | None:
 
 
 def _make_bound(base: Bound, kv: dict[str, Any]) -> Bound:
-    from rag_instrument import _config  # late: _config imports this module
-    from rag_instrument._sanitize import to_attribute_value
-
-    sanitizer = _config.runtime().sanitizer
+    sanitizer = get_runtime().sanitizer
     log = dict(base.log)
     attrs = dict(base.attrs)
     for key, value in kv.items():
         if key == "pipeline_stage":
             # Reserved: the stage comes from the stage being run, never from bound values.
-            from rag_instrument._utils import warn_once
-
             warn_once.warning("rag_instrument: 'pipeline_stage' cannot be bound; ignored")
             continue
         log[key] = sanitizer.value(value, key)
@@ -142,8 +141,6 @@ def bind_context(**kv: Any) -> None:
     try:
         _bound.set(_make_bound(_bound.get(), kv))
     except Exception as exc:
-        from rag_instrument._utils import internal_error
-
         internal_error("bind_context", exc)
 
 
@@ -169,8 +166,6 @@ def request_context(**kv: Any) -> Iterator[None]:
     try:
         token: contextvars.Token[Bound] | None = _bound.set(_make_bound(_bound.get(), kv))
     except Exception as exc:
-        from rag_instrument._utils import internal_error
-
         internal_error("request_context", exc)
         token = None
     try:

@@ -34,7 +34,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace as trace_api
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from rag_instrument import _breakdown, _config
+from rag_instrument import _breakdown
 from rag_instrument import attributes as attr
 from rag_instrument._sanitize import REDACTED, safe_str
 from rag_instrument._utils import http_status, internal_error, user_code_error
@@ -66,7 +66,7 @@ from rag_instrument.logs import emit
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
-    from rag_instrument._config import Runtime
+    from rag_instrument._runtime import Runtime
 
 __all__ = ["GenAICall", "current_call", "error_summary", "numeric_params", "start_call"]
 
@@ -468,8 +468,3 @@ def start_call(
         GEN_AI_REQUEST_MODEL: model,
     }
     return call
-
-
-def runtime() -> Runtime:
-    """The runtime in force (read at call time, so a later ``configure()`` applies)."""
-    return _config._RUNTIME

@@ -27,7 +27,7 @@ from rag_instrument._utils import internal_error, user_code_error
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
-    from rag_instrument._config import Runtime
+    from rag_instrument._runtime import Runtime
 
 __all__ = ["Operation", "finish", "record_error", "start"]
 

@@ -26,17 +26,16 @@ from typing import Any, Final
 
 import orjson
 
+from rag_instrument._registry import format_error
 from rag_instrument._utils import http_status
 
 __all__ = [
     "REDACTED",
     "Sanitizer",
     "is_secret_key",
-    "mark_sanitized",
     "redact_text",
     "safe_repr",
     "safe_str",
-    "take_sanitized",
     "to_attribute_value",
     "truncate",
 ]
@@ -384,14 +383,10 @@ def _sdk_message(exc: BaseException) -> str:
 def _statement_error_message(exc: BaseException) -> str:
     # SQLAlchemy's StatementError text carries the raw SQL and a "[parameters: ...]" block,
     # and the driver's message under it can quote values ("Key (email)=(...)").
-    try:
-        from rag_instrument.db._sql import sanitize_statement_error
-
-        rendered = sanitize_statement_error(exc)
-        if isinstance(rendered, str):
-            return rendered
-    except Exception:
-        pass
+    # The database integration registers its formatter (rag_instrument._registry).
+    rendered = format_error(exc)
+    if rendered is not None:
+        return rendered
     orig = getattr(exc, "orig", None)
     inner = f" ({type(orig).__module__}.{type(orig).__name__})" if orig is not None else ""
     return f"{type(exc).__name__}{inner}: statement and parameters hidden"
@@ -410,27 +405,3 @@ def exception_message(exc: BaseException, sanitizer: Sanitizer, capture_content:
     if not capture_content and f"{module}.".startswith(_SDK_MODULES):
         return _sdk_message(exc)
     return sanitizer.text(safe_str(exc))
-
-
-# --- spans sanitised at the source -----------------------------------------------------------
-
-# Span ids of spans whose every attribute and event the library sanitised as it set them
-# (statement leaf spans, stage spans nobody else touched): export skips redacting them.
-# Here rather than in ``exporters`` so that stages can mark spans without importing the SDK.
-_SANITIZED: set[int] = set()
-_SANITIZED_MAX: Final = 200_000
-
-
-def mark_sanitized(span_id: int) -> None:
-    """Tell the exporters that the span ``span_id`` needs no export-time redaction."""
-    if len(_SANITIZED) >= _SANITIZED_MAX:  # spans dropped before export leave ids behind
-        _SANITIZED.clear()
-    _SANITIZED.add(span_id)
-
-
-def take_sanitized(span_id: int) -> bool:
-    """Whether ``span_id`` was marked (forgetting the mark: each span is exported once)."""
-    if span_id in _SANITIZED:
-        _SANITIZED.discard(span_id)
-        return True
-    return False

@@ -31,52 +31,23 @@ import concurrent.futures
 import contextvars
 import dataclasses
 import inspect
-import os
-import threading
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Final
 
-from rag_instrument import _config
 from rag_instrument._genai import GenAICall, start_call
+from rag_instrument._pools import LLM_CALLS, worker_pool
+from rag_instrument._runtime import get_runtime
 from rag_instrument._utils import internal_error
 
 __all__ = ["LLMProvider", "LLMRequest", "LLMResult"]
 
 #: Name prefix of the worker threads that run synchronous ``_generate`` methods.
-LLM_THREAD_PREFIX: Final = "rag_instrument-llm"
-
-_executor: concurrent.futures.ThreadPoolExecutor | None = None
-_executor_lock = threading.Lock()
+LLM_THREAD_PREFIX: Final = LLM_CALLS.thread_name_prefix
 
 
 def llm_executor() -> concurrent.futures.ThreadPoolExecutor:
-    """The library's own pool for synchronous ``_generate`` calls (created on first use).
-
-    Not asyncio's default executor: an attempt abandoned at its ``timeout`` keeps its
-    thread until the vendor call returns (a thread cannot be interrupted), and a shared
-    pool full of those would starve the application's ``to_thread`` work, and vice versa.
-    ``max(32, 4 x CPUs)`` workers.
-    """
-    global _executor
-    executor = _executor
-    if executor is None:
-        with _executor_lock:
-            if _executor is None:
-                _executor = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=max(32, (os.cpu_count() or 1) * 4),
-                    thread_name_prefix=LLM_THREAD_PREFIX,
-                )
-            executor = _executor
-    return executor
-
-
-def _forget_executor() -> None:  # in a forked child the parent's threads do not exist
-    global _executor
-    _executor = None
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_executor)
+    """The library's own pool for synchronous ``_generate`` calls (see ``_pools``)."""
+    return worker_pool(LLM_CALLS)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -226,7 +197,7 @@ class LLMProvider:
                 past ``timeout``.
         """
         request = LLMRequest(prompt, params, cache, cache_namespace)
-        rt = _config._RUNTIME
+        rt = get_runtime()
         if not rt.enabled:
             return await self._invoke(request)  # type: ignore[no-any-return]
         try:

@@ -32,8 +32,8 @@ import structlog
 from opentelemetry import trace as trace_api
 from structlog.tracebacks import ExceptionDictTransformer
 
-from rag_instrument import _config
 from rag_instrument._context import bound, current_frame
+from rag_instrument._runtime import get_runtime
 from rag_instrument._sanitize import exception_message, safe_repr
 from rag_instrument._utils import internal_error
 from rag_instrument.attributes import LOGGER_NAME
@@ -41,7 +41,8 @@ from rag_instrument.attributes import LOGGER_NAME
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
-    from rag_instrument._config import Runtime, Settings
+    from rag_instrument._runtime import Runtime
+    from rag_instrument._settings import Settings
 
 __all__ = ["BoundLogger", "LogOutput", "emit", "get_logger"]
 
@@ -97,7 +98,7 @@ def render_json(event: dict[str, Any]) -> bytes:
         return orjson.dumps(event, default=_default, option=_DUMP_OPTIONS)
     except Exception:
         # Lone surrogates, integers over 64 bits, cycles smuggled past sanitising ...
-        clean = _config.runtime().sanitizer.mapping(event)
+        clean = get_runtime().sanitizer.mapping(event)
         try:
             return orjson.dumps(clean, default=_default, option=_DUMP_OPTIONS)
         except Exception:
@@ -248,7 +249,7 @@ def emit(
             aggregations of ``execution_time_ms`` count only the stages' own lines.
     """
     if rt is None:
-        rt = _config._RUNTIME
+        rt = get_runtime()
     out = rt.log
     if out is None or _LEVEL_NO.get(level, logging.INFO) < out.level_no:
         return
@@ -327,7 +328,7 @@ def _exception_dict(exc_info: Any, rt: Runtime) -> Any:
 
 
 def _process(_logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> bytes:
-    rt = _config._RUNTIME
+    rt = get_runtime()
     level = _METHOD_LEVEL.get(method_name, "info")
     out = rt.log
     if out is None or _LEVEL_NO[level] < out.level_no:

@@ -33,7 +33,7 @@ from opentelemetry import trace as trace_api
 from tenacity import AsyncRetrying, RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_base, wait_random_exponential
 
-from rag_instrument import _config
+from rag_instrument._runtime import get_runtime
 from rag_instrument._utils import (
     FunctionKind,
     function_kind,
@@ -201,7 +201,7 @@ class _Recorder:
         self.backoff_ms = 0.0
 
     def before_sleep(self, state: RetryCallState) -> None:
-        rt = _config._RUNTIME
+        rt = get_runtime()
         if not rt.enabled:
             return
         try:

@@ -31,16 +31,18 @@ import types
 import warnings
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace as trace_api
 from opentelemetry.trace import Status, StatusCode
 
-from rag_instrument import _breakdown, _config
+from rag_instrument import _breakdown
 from rag_instrument import attributes as attr
 from rag_instrument._context import Frame, bound, current_frame, reset_frame, set_frame
-from rag_instrument._sanitize import exception_message, mark_sanitized, to_attribute_value
+from rag_instrument._registry import register_span_kind, span_kind
+from rag_instrument._runtime import get_runtime
+from rag_instrument._sanitize import exception_message, to_attribute_value
 from rag_instrument._utils import (
     FunctionKind,
     function_kind,
@@ -53,7 +55,7 @@ from rag_instrument.logs import emit
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
-    from rag_instrument._config import Runtime
+    from rag_instrument._runtime import Runtime
 
 __all__ = ["PipelineStage", "Stage", "pipeline_stage_context", "stage", "traced"]
 
@@ -75,12 +77,13 @@ class PipelineStage(StrEnum):
     SEARCH = "search"
 
 
-_SPAN_KIND: Final = {
-    PipelineStage.RETRIEVAL.value: attr.SpanKind.RETRIEVER,
-    PipelineStage.RERANKING.value: attr.SpanKind.RERANKER,
-    PipelineStage.EMBEDDING.value: attr.SpanKind.EMBEDDING,
-    PipelineStage.GENERATION.value: attr.SpanKind.LLM,
-}
+for _stage, _kind in (
+    (PipelineStage.RETRIEVAL, attr.SpanKind.RETRIEVER),
+    (PipelineStage.RERANKING, attr.SpanKind.RERANKER),
+    (PipelineStage.EMBEDDING, attr.SpanKind.EMBEDDING),
+    (PipelineStage.GENERATION, attr.SpanKind.LLM),
+):
+    register_span_kind(_stage.value, _kind)
 
 
 class _Spec:
@@ -100,11 +103,11 @@ class _Spec:
     def __init__(self, name: str, is_stage: bool, attributes: dict[str, Any]) -> None:
         self.name = name
         self.is_stage = is_stage
-        sanitizer = _config.runtime().sanitizer
+        sanitizer = get_runtime().sanitizer
         attrs: dict[str, Any] = {}
         if is_stage:
             attrs[attr.RAG_STAGE] = name
-            attrs[attr.OPENINFERENCE_SPAN_KIND] = _SPAN_KIND.get(name, attr.SpanKind.CHAIN)
+            attrs[attr.OPENINFERENCE_SPAN_KIND] = span_kind(name)
         for key, value in attributes.items():
             converted = to_attribute_value(value, sanitizer)
             if converted is not None:
@@ -186,20 +189,6 @@ def _record_exception(span: Span, exc: BaseException, rt: Runtime) -> None:
     )
 
 
-def _mark_if_clean(span: Span, attr_count: int) -> None:
-    # Everything this library puts on a stage span is sanitised where it is made. If
-    # nothing else added attributes or events, the export-time redaction can skip the
-    # span: it costs the application's threads time through the interpreter lock.
-    # The SDK span's own containers: its public properties copy them (a tuple of events
-    # per call), which the hot path cannot afford.
-    attributes = getattr(span, "_attributes", None)
-    events = getattr(span, "_events", None)
-    if attributes is None or events is None:
-        return
-    if len(attributes) == attr_count and not events:
-        mark_sanitized(span.get_span_context().span_id)
-
-
 def _end(
     frame: Frame,
     spec: _Spec,
@@ -208,7 +197,7 @@ def _end(
     completed: bool = True,
 ) -> None:
     elapsed_ns = time.perf_counter_ns() - frame.start_ns
-    rt = _config._RUNTIME
+    rt = get_runtime()
     tokens = frame.tokens
     frame.tokens = None
     if tokens is not None:
@@ -233,8 +222,9 @@ def _end(
     exceeded = budget is not None and ms > budget
     try:
         if span.is_recording():
-            if rt.settings.redact:
-                _mark_if_clean(span, frame.attr_count)
+            # Everything this library puts on a stage span is sanitised where it is made.
+            # If nothing else added attributes or events, export can skip redacting it.
+            rt.mark_if_clean(span, frame.attr_count)
             if breakdown:
                 span.set_attributes(_breakdown.as_attributes(breakdown))
             if items is not None:
@@ -318,7 +308,7 @@ def _safe_end(
 
 def _wrap_sync(fn: Callable[P, R], spec: _Spec) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        rt = _config._RUNTIME
+        rt = get_runtime()
         if not rt.enabled:
             return fn(*args, **kwargs)
         frame = _safe_begin(spec, rt, wrapper)
@@ -337,7 +327,7 @@ def _wrap_sync(fn: Callable[P, R], spec: _Spec) -> Callable[P, R]:
 
 def _wrap_async(fn: Callable[P, Awaitable[R]], spec: _Spec) -> Callable[P, Awaitable[R]]:
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        rt = _config._RUNTIME
+        rt = get_runtime()
         if not rt.enabled:
             return await fn(*args, **kwargs)
         frame = _safe_begin(spec, rt, wrapper)
@@ -354,47 +344,95 @@ def _wrap_async(fn: Callable[P, Awaitable[R]], spec: _Spec) -> Callable[P, Await
     return wrapper
 
 
+class _Relay:
+    """The decision core of the generator proxies (three thin loops use it).
+
+    A proxy stands between a consumer and an inner generator (or awaitable). After each
+    item it is told what the consumer did (:meth:`sent` a value, :meth:`threw` an
+    exception) and :meth:`step` says how to resume the inner one: ``send(value)`` or
+    ``throw(exc)``. It also keeps the stage's account (items, completed, failure); as a
+    context manager around the proxy's loop it ends the stage, inside the generator's own
+    context, however the loop stops (exhausted, failed, closed).
+    """
+
+    __slots__ = ("completed", "ctx", "failure", "frame", "items", "pending", "spec", "value")
+
+    def __init__(
+        self, ctx: contextvars.Context | None, frame: Frame | None, spec: _Spec | None
+    ) -> None:
+        self.ctx = ctx
+        self.frame = frame
+        self.spec = spec
+        self.value: Any = None
+        self.pending: BaseException | None = None
+        self.items = 0
+        self.completed = False
+        self.failure: BaseException | None = None
+
+    def step(
+        self, send: Callable[[Any], R], throw: Callable[[BaseException], R]
+    ) -> tuple[Callable[[Any], R], Any]:
+        """How to resume the inner iterator: ``(send, value)`` or ``(throw, exception)``."""
+        pending = self.pending
+        if pending is None:
+            return send, self.value
+        self.pending = None
+        return throw, pending
+
+    def sent(self, value: Any) -> None:
+        """The consumer sent ``value`` (``None`` for ``next()``)."""
+        self.value = value
+
+    def threw(self, exc: BaseException) -> None:
+        """The consumer threw ``exc`` in (``.throw()``): pass it to the inner iterator."""
+        self.pending, self.value = exc, None
+
+    def __enter__(self) -> _Relay:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        """The proxy stopped: note a failure (closing is none) and end the stage."""
+        if exc is not None and not isinstance(exc, GeneratorExit):
+            self.failure = exc
+        self.end()
+
+    def end(self) -> None:
+        """End the stage (if one was begun) in the generator's context."""
+        if self.frame is not None and self.ctx is not None and self.spec is not None:
+            self.ctx.run(_safe_end, self.frame, self.spec, self.failure, self.items, self.completed)
+
+
 def _drive_generator(
     gen: Generator[Any, Any, Any], ctx: contextvars.Context, frame: Frame, spec: _Spec
 ) -> Generator[Any, Any, Any]:
-    items = 0
-    value: Any = None
-    pending: BaseException | None = None
-    failure: BaseException | None = None
-    completed = False
-    try:
+    with _Relay(ctx, frame, spec) as relay:  # ends the stage however the proxy stops
         while True:
+            method, argument = relay.step(gen.send, gen.throw)
             try:
-                if pending is None:
-                    item = ctx.run(gen.send, value)
-                else:
-                    thrown, pending = pending, None
-                    item = ctx.run(gen.throw, thrown)
+                item = ctx.run(method, argument)
             except StopIteration as stop:
-                completed = True
+                relay.completed = True
                 return stop.value
-            items += 1
+            relay.items += 1
             try:
-                value = yield item
+                relay.sent((yield item))
             except GeneratorExit:
                 ctx.run(gen.close)
                 raise
             except BaseException as exc:  # .throw() from the consumer: pass it in
-                pending, value = exc, None
-    except GeneratorExit:
-        raise
-    except BaseException as exc:
-        failure = exc
-        raise
-    finally:
-        ctx.run(_safe_end, frame, spec, failure, items, completed)
+                relay.threw(exc)
 
 
 def _wrap_generator(
     fn: Callable[P, Generator[Any, Any, R]], spec: _Spec
 ) -> Callable[P, Generator[Any, Any, R]]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> Generator[Any, Any, R]:
-        rt = _config._RUNTIME
+        rt = get_runtime()
         if not rt.enabled:
             return (yield from fn(*args, **kwargs))
         ctx = contextvars.copy_context()
@@ -418,99 +456,53 @@ def _in_context(ctx: contextvars.Context, awaitable: Awaitable[R]) -> Generator[
     cancellation and timeouts reach the awaitable exactly as they would without us.
     """
     iterator = awaitable.__await__()
-    value: Any = None
-    pending: BaseException | None = None
+    relay = _Relay(None, None, None)
     while True:
+        method, argument = relay.step(iterator.send, iterator.throw)
         try:
-            if pending is None:
-                signal = ctx.run(iterator.send, value)
-            else:
-                thrown, pending = pending, None
-                signal = ctx.run(iterator.throw, thrown)
+            signal = ctx.run(method, argument)
         except StopIteration as stop:
             result: R = stop.value
             return result
         try:
-            value = yield signal
+            relay.sent((yield signal))
         except BaseException as exc:
-            pending, value = exc, None
-
-
-async def _drive_async_generator(
-    agen: AsyncGenerator[Any, Any],
-    ctx: contextvars.Context | None,
-    frame: Frame | None,
-    spec: _Spec,
-) -> AsyncGenerator[Any, Any]:
-    items = 0
-    value: Any = None
-    pending: BaseException | None = None
-    failure: BaseException | None = None
-    completed = False
-    try:
-        while True:
-            try:
-                if pending is None:
-                    step = agen.asend(value)
-                else:
-                    thrown, pending = pending, None
-                    step = agen.athrow(thrown)
-                item = await (step if ctx is None else _in_context(ctx, step))
-            except StopAsyncIteration:
-                completed = True
-                return
-            items += 1
-            try:
-                value = yield item
-            except GeneratorExit:
-                closing = agen.aclose()
-                await (closing if ctx is None else _in_context(ctx, closing))
-                raise
-            except BaseException as exc:
-                pending, value = exc, None
-    except GeneratorExit:
-        raise
-    except BaseException as exc:
-        failure = exc
-        raise
-    finally:
-        if frame is not None and ctx is not None:
-            ctx.run(_safe_end, frame, spec, failure, items, completed)
+            relay.threw(exc)
 
 
 def _wrap_async_generator(
     fn: Callable[P, AsyncGenerator[Any, Any]], spec: _Spec
 ) -> Callable[P, AsyncGenerator[Any, Any]]:
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> AsyncGenerator[Any, Any]:
-        rt = _config._RUNTIME
-        if not rt.enabled:
-            driver = _drive_async_generator(fn(*args, **kwargs), None, None, spec)
-        else:
+        rt = get_runtime()
+        ctx: contextvars.Context | None = None
+        frame: Frame | None = None
+        if rt.enabled:
             ctx = contextvars.copy_context()
             agen = ctx.run(fn, *args, **kwargs)
             frame = ctx.run(_safe_begin, spec, rt, wrapper)
-            driver = _drive_async_generator(agen, ctx if frame else None, frame, spec)
-        # Delegate to the driver (async generators have no ``yield from``).
-        value: Any = None
-        pending: BaseException | None = None
-        try:
+        else:
+            agen = fn(*args, **kwargs)
+        # Without a stage (disabled, or it could not begin) the steps run as they are.
+        step_ctx = ctx if frame is not None else None
+        with _Relay(ctx, frame, spec) as relay:  # ends the stage however the proxy stops
             while True:
+                method, argument = relay.step(agen.asend, agen.athrow)
                 try:
-                    if pending is None:
-                        item = await driver.asend(value)
-                    else:
-                        thrown, pending = pending, None
-                        item = await driver.athrow(thrown)
+                    step = method(argument)
+                    item = await (step if step_ctx is None else _in_context(step_ctx, step))
                 except StopAsyncIteration:
+                    relay.completed = True
                     return
+                relay.items += 1
                 try:
-                    value = yield item
+                    relay.sent((yield item))
                 except GeneratorExit:
+                    closing = agen.aclose()
+                    await (closing if step_ctx is None else _in_context(step_ctx, closing))
                     raise
                 except BaseException as exc:
-                    pending, value = exc, None
-        finally:
-            await driver.aclose()
+                    relay.threw(exc)
 
     return wrapper
 
@@ -610,7 +602,7 @@ class Stage:
         return _decorate(fn, self._get_spec(), self._what)
 
     def __enter__(self) -> Span:
-        rt = _config._RUNTIME
+        rt = get_runtime()
         if not rt.enabled:
             return trace_api.INVALID_SPAN
         if self._error is not None:

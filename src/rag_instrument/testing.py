@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from rag_instrument import _config
+from rag_instrument._runtime import Runtime, get_runtime
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan
@@ -38,7 +39,7 @@ class Capture:
     def __init__(self) -> None:
         self._lines: list[dict[str, Any]] = []
         self._lock = threading.Lock()
-        self._runtime: _config.Runtime | None = None
+        self._runtime: Runtime | None = None
 
     def _write(self, data: bytes) -> None:
         line = orjson.loads(data)
@@ -113,7 +114,7 @@ def capture(**settings: Any) -> Iterator[Capture]:
     ``configure()`` arguments to change a setting (``budgets=...``, ``log_level="debug"``).
     The configuration in force before is restored afterwards.
     """
-    previous = _config.runtime()
+    previous = get_runtime()
     cap = Capture()
     values = {"exporter": "memory", **settings}
     built = _config.build_settings(env={}, **values)

@@ -29,8 +29,9 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, ParamSpec, TypeVar
 
-from rag_instrument import _config, _operation
+from rag_instrument import _operation
 from rag_instrument import attributes as attr
+from rag_instrument._runtime import get_runtime
 from rag_instrument._utils import internal_error
 
 __all__ = [
@@ -206,7 +207,7 @@ def _argument(where: _Located | None, args: tuple[Any, ...], kwargs: Mapping[str
 def _search_span(
     spec: _SearchSpec, args: tuple[Any, ...], kwargs: Mapping[str, Any]
 ) -> tuple[_operation.Operation | None, bool | None]:
-    rt = _config.runtime()
+    rt = get_runtime()
     try:
         attrs, batched = spec.call_attributes(args, kwargs)
     except Exception as exc:
@@ -301,7 +302,7 @@ def vector_search(
 
 def _wrap_sync(fn: Callable[P, R], spec: _SearchSpec) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        if not _config.runtime().enabled:
+        if not get_runtime().enabled:
             return fn(*args, **kwargs)
         op, batched = _search_span(spec, args, kwargs)
         if op is None:
@@ -319,7 +320,7 @@ def _wrap_sync(fn: Callable[P, R], spec: _SearchSpec) -> Callable[P, R]:
 
 def _wrap_async(fn: Callable[P, Any], spec: _SearchSpec) -> Callable[P, Any]:
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-        if not _config.runtime().enabled:
+        if not get_runtime().enabled:
             return await fn(*args, **kwargs)
         op, batched = _search_span(spec, args, kwargs)
         if op is None:
@@ -393,7 +394,7 @@ class _Batches:
         self.results: list[Sequence[Any] | None] = [None] * len(self.batches)
 
     def start(self, index: int) -> _operation.Operation | None:
-        rt = _config.runtime()
+        rt = get_runtime()
         if not rt.enabled:
             return None
         attrs = {

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool, StaticPool
 
 import rag_instrument as ri
-from rag_instrument import _config
+from rag_instrument import _runtime
 from rag_instrument import db as ri_db
 from rag_instrument.db import _listeners
 from rag_instrument.testing import capture
@@ -189,13 +189,13 @@ def test_duration_histogram_is_looked_up_once_per_runtime(
 ) -> None:
     ri.instrument_sqlalchemy(engine)
     looked_up: list[str] = []
-    original = _config.Runtime.histogram
+    original = _runtime.Runtime.histogram
 
-    def counting(self: _config.Runtime, name: str, unit: str, description: str = "") -> object:
+    def counting(self: _runtime.Runtime, name: str, unit: str, description: str = "") -> object:
         looked_up.append(name)
         return original(self, name, unit, description)
 
-    monkeypatch.setattr(_config.Runtime, "histogram", counting)
+    monkeypatch.setattr(_runtime.Runtime, "histogram", counting)
     with capture() as cap, engine.connect() as conn:
         for _ in range(20):
             conn.execute(text("SELECT 1"))
@@ -536,3 +536,112 @@ def test_db_session_refuses_with_for_async_sessions() -> None:
     eng = create_async_engine("sqlite+aiosqlite://")
     with pytest.raises(TypeError, match="async with"), ri.db_session(async_sessionmaker(eng)):
         pass
+
+
+# --- db_session: every way ending a session can fail, sync and async ----------------------------
+
+
+class _FakeSession:
+    """Records the calls ending it; raises what it was told to raise at each."""
+
+    def __init__(self, fail: dict[str, BaseException], calls: list[str]) -> None:
+        self.fail = fail
+        self.calls = calls
+
+    def _do(self, name: str) -> None:
+        self.calls.append(name)
+        if name in self.fail:
+            raise self.fail[name]
+
+    def commit(self) -> None:
+        self._do("commit")
+
+    def rollback(self) -> None:
+        self._do("rollback")
+
+    def close(self) -> None:
+        self._do("close")
+
+
+class _AsyncFakeSession(_FakeSession):
+    async def commit(self) -> None:  # type: ignore[override]
+        self._do("commit")
+
+    async def rollback(self) -> None:  # type: ignore[override]
+        self._do("rollback")
+
+    async def close(self) -> None:  # type: ignore[override]
+        self._do("close")
+
+
+def _run_session(
+    is_async: bool, fail: dict[str, BaseException], body_error: BaseException | None
+) -> tuple[list[str], BaseException | None]:
+    import asyncio
+
+    calls: list[str] = []
+    kind = _AsyncFakeSession if is_async else _FakeSession
+
+    def factory() -> _FakeSession:
+        return kind(fail, calls)
+
+    async def run_async() -> None:
+        async with ri.db_session(factory):
+            if body_error is not None:
+                raise body_error
+
+    def run_sync() -> None:
+        with ri.db_session(factory):
+            if body_error is not None:
+                raise body_error
+
+    try:
+        asyncio.run(run_async()) if is_async else run_sync()
+    except BaseException as exc:
+        return calls, exc
+    return calls, None
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize(
+    ("fail", "body", "calls", "raised", "outcome"),
+    [
+        ({}, None, ["commit", "close"], None, "commit"),
+        ({"commit": ValueError("c")}, None, ["commit", "close"], "commit", "rollback"),
+        ({}, KeyError("b"), ["rollback", "close"], "body", "rollback"),
+        ({"rollback": OSError("r")}, KeyError("b"), ["rollback", "close"], "body", "rollback"),
+        ({"close": OSError("x")}, None, ["commit", "close"], "close", "commit"),
+        (
+            {"commit": ValueError("c"), "close": OSError("x")},
+            None,
+            ["commit", "close"],
+            "close",
+            "rollback",
+        ),
+    ],
+    ids=["ok", "commit-fails", "body-fails", "rollback-fails", "close-fails", "both-fail"],
+)
+def test_db_session_endings(
+    is_async: bool,
+    fail: dict[str, BaseException],
+    body: BaseException | None,
+    calls: list[str],
+    raised: str | None,
+    outcome: str,
+) -> None:
+    with capture() as cap:
+        made, error = _run_session(is_async, fail, body)
+    assert made == calls
+    expected = {
+        None: None,
+        "body": body,
+        "commit": fail.get("commit"),
+        "close": fail.get("close"),
+    }[raised]
+    assert error is expected  # the same object, never a wrapper
+    if raised == "close" and "commit" in fail:
+        assert error is not None
+        assert error.__context__ is fail["commit"]
+    (span,) = [s for s in cap.spans if s.name == "db.session"]
+    assert span.attributes["rag.db.session.outcome"] == outcome
+    assert bool(cap.find_logs("db session rollback failed")) == ("rollback" in fail)

@@ -59,3 +59,12 @@ async def use() -> None:
     ri.unbind_context("request_id")
     flushed: bool = ri.force_flush(timeout=1.0) and ri.shutdown(timeout=1.0)
     del flushed
+
+
+def runtime_accessor() -> None:
+    runtime: ri.Runtime = ri.get_runtime()
+    configured: bool = ri.is_configured()
+    settings: ri.Settings = runtime.settings
+    ms: float = settings.slow_query_ms
+    assert configured is runtime.configured
+    assert ms >= 0

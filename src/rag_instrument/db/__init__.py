@@ -48,8 +48,9 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace as trace_api
 from opentelemetry.trace import Status, StatusCode
 
-from rag_instrument import _config
 from rag_instrument import attributes as attr
+from rag_instrument._runtime import get_runtime
+from rag_instrument._steps import Plan, arun, run
 from rag_instrument._utils import internal_error
 from rag_instrument.attributes import (
     DB_SESSION_SPAN as SESSION_SPAN,
@@ -230,7 +231,7 @@ class DbSession(Generic[S]):
     # --- telemetry (never raises) --------------------------------------------------------
 
     def _open(self) -> None:
-        rt = _config._RUNTIME
+        rt = get_runtime()
         if not rt.enabled:
             return
         try:
@@ -279,6 +280,47 @@ class DbSession(Generic[S]):
             trusted=True,
         )
 
+    # --- ending: one decision core, a sync and an async loop around it --------------------
+
+    def _ending(self, session: Any, exc: BaseException | None) -> Plan[BaseException | None]:
+        """What ending the session takes, in order (carried out by ``_steps.run`` / ``arun``).
+
+        ``commit`` (or ``rollback`` after an error in the block), then ``close``, then the
+        span. Returns the exception the exit must raise, if any: a failed commit, an
+        interrupt during rollback, or a failed close (as if it had failed in a
+        ``finally``). A failed rollback after an error in the block is only logged: the
+        original error matters more.
+        """
+        outcome, error, escaping = "commit", exc, None
+        if exc is None:
+            try:
+                yield session.commit, ()
+            except GeneratorExit:
+                raise
+            except BaseException as commit_exc:
+                outcome, error, escaping = "rollback", commit_exc, commit_exc
+        else:
+            outcome = "rollback"
+            try:
+                yield session.rollback, ()
+            except GeneratorExit:
+                raise
+            except Exception as rollback_exc:
+                self._rollback_failed(rollback_exc)
+            except BaseException as interrupt:
+                escaping = interrupt
+        try:
+            yield session.close, ()
+        except GeneratorExit:
+            raise
+        except BaseException as close_exc:
+            if escaping is not None and close_exc.__context__ is None:
+                close_exc.__context__ = escaping
+            escaping = close_exc
+        finally:
+            self._close(outcome, error)
+        return escaping
+
     # --- sync ----------------------------------------------------------------------------
 
     def __enter__(self) -> S:
@@ -296,25 +338,9 @@ class DbSession(Generic[S]):
         tb: TracebackType | None,
     ) -> None:
         session, self._session = self._session, None
-        outcome, error = "commit", exc
-        try:
-            if exc is None:
-                try:
-                    session.commit()
-                except BaseException as commit_exc:
-                    outcome, error = "rollback", commit_exc
-                    raise
-            else:
-                outcome = "rollback"
-                try:
-                    session.rollback()
-                except Exception as rollback_exc:
-                    self._rollback_failed(rollback_exc)  # the original error matters more
-        finally:
-            try:
-                session.close()
-            finally:
-                self._close(outcome, error)
+        escaping = run(self._ending(session, exc))
+        if escaping is not None:
+            raise escaping
 
     # --- async ---------------------------------------------------------------------------
 
@@ -331,25 +357,9 @@ class DbSession(Generic[S]):
         tb: TracebackType | None,
     ) -> None:
         session, self._session = self._session, None
-        outcome, error = "commit", exc
-        try:
-            if exc is None:
-                try:
-                    await session.commit()
-                except BaseException as commit_exc:
-                    outcome, error = "rollback", commit_exc
-                    raise
-            else:
-                outcome = "rollback"
-                try:
-                    await session.rollback()
-                except Exception as rollback_exc:
-                    self._rollback_failed(rollback_exc)
-        finally:
-            try:
-                await session.close()
-            finally:
-                self._close(outcome, error)
+        escaping = await arun(self._ending(session, exc))
+        if escaping is not None:
+            raise escaping
 
 
 def db_session(session_factory: Any) -> DbSession[Any]:

@@ -19,9 +19,10 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from sqlalchemy import event
 from sqlalchemy.orm import ORMExecuteState, Session
 
-from rag_instrument import _breakdown, _config
+from rag_instrument import _breakdown
 from rag_instrument import attributes as attr
 from rag_instrument._context import current_stage
+from rag_instrument._runtime import Runtime, get_runtime
 from rag_instrument._sanitize import to_attribute_value
 from rag_instrument._utils import internal_error, warn_once
 from rag_instrument.attributes import (
@@ -71,7 +72,6 @@ from rag_instrument.db._explain import Explainer
 from rag_instrument.db._pool import PoolInstrumentation
 from rag_instrument.db._scope import scope_counts, session_counter
 from rag_instrument.db._sql import StatementInfo, analyze, limit_value
-from rag_instrument.exporters import start_leaf_span
 from rag_instrument.logs import emit
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ class _Pending:
         span: Span,
         start_ns: int,
         info: StatementInfo,
-        rt: _config.Runtime,
+        rt: Runtime,
         metric_attributes: dict[str, Any],
     ) -> None:
         self.span = span
@@ -193,7 +193,7 @@ class EngineInstrumentation:
         # StatementInfo -> (span attributes, metric attributes), built once per statement.
         self._info_attrs: dict[StatementInfo, tuple[dict[str, Any], dict[str, Any]]] = {}
         # The duration histogram of the runtime it was created for.
-        self._histogram: tuple[_config.Runtime | None, Any] = (None, None)
+        self._histogram: tuple[Runtime | None, Any] = (None, None)
         self._orm_finalizer: weakref.finalize[Any, Any] | None = None
         self._by_cursor: dict[int, _Pending] = {}
         self.explainer = Explainer(dialect)
@@ -256,7 +256,7 @@ class EngineInstrumentation:
         if found is not None:
             return found
         attrs = dict(self.base_attributes)
-        attrs[DB_QUERY_TEXT] = _config.runtime().sanitizer.text(info.text)
+        attrs[DB_QUERY_TEXT] = get_runtime().sanitizer.text(info.text)
         if info.operation:
             attrs[DB_OPERATION] = info.operation
         if info.collection:
@@ -274,7 +274,7 @@ class EngineInstrumentation:
         found = self._info_attrs[info] = (attrs, metric_attrs)
         return found
 
-    def _duration_histogram(self, rt: _config.Runtime) -> Any:
+    def _duration_histogram(self, rt: Runtime) -> Any:
         """``db.client.operation.duration`` of ``rt``, looked up once per runtime."""
         cached_rt, histogram = self._histogram
         if cached_rt is not rt:
@@ -284,7 +284,7 @@ class EngineInstrumentation:
             self._histogram = (rt, histogram)
         return histogram
 
-    def _parameters(self, rt: _config.Runtime, parameters: Any, context: Any) -> dict[str, Any]:
+    def _parameters(self, rt: Runtime, parameters: Any, context: Any) -> dict[str, Any]:
         if isinstance(parameters, list) and parameters:  # executemany: the first set
             parameters = parameters[0]
         out: dict[str, Any] = {}
@@ -317,7 +317,7 @@ class EngineInstrumentation:
         context: Any,
         executemany: bool,
     ) -> tuple[str, Any]:
-        rt = _config._RUNTIME
+        rt = get_runtime()
         if not rt.enabled:
             return statement, parameters
         try:
@@ -332,9 +332,7 @@ class EngineInstrumentation:
                         pass
                 if self.capture_parameters:
                     attrs.update(self._parameters(rt, parameters, context))
-            span = start_leaf_span(
-                rt.tracer, info.span_name, SpanKind.CLIENT, attrs, sanitized=True
-            )
+            span = rt.start_leaf_span(info.span_name, SpanKind.CLIENT, attrs, sanitized=True)
             pending = _Pending(span, time.perf_counter_ns(), info, rt, metric_attrs)
             if context is not None:
                 setattr(context, _PENDING, pending)
@@ -510,7 +508,7 @@ class EngineInstrumentation:
 
     def _report_n_plus_one(
         self,
-        rt: _config.Runtime,
+        rt: Runtime,
         info: StatementInfo,
         count: int,
         stage: str | None,
@@ -556,7 +554,7 @@ class EngineInstrumentation:
 
     def _report_slow(
         self,
-        rt: _config.Runtime,
+        rt: Runtime,
         info: StatementInfo,
         ms: float,
         conn: Connection,

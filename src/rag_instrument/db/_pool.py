@@ -26,8 +26,8 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 
-from rag_instrument import _config
 from rag_instrument._context import current_stage
+from rag_instrument._runtime import Runtime, get_runtime
 from rag_instrument._utils import internal_error
 from rag_instrument.attributes import (
     DB_CONNECTION_POOL_NAME as POOL_NAME,
@@ -79,7 +79,7 @@ def _callback(kind: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
     return callback
 
 
-def ensure_observers(rt: _config.Runtime) -> None:
+def ensure_observers(rt: Runtime) -> None:
     """Register the pool gauges on the configuration's meter (once per configuration)."""
     meter = rt.meter
     if _observed_meter[0] is meter:
@@ -135,7 +135,7 @@ class PoolInstrumentation:
         event.listen(engine, "checkout", self._on_checkout)
         event.listen(engine, "checkin", self._on_checkin)
         _live.add(self)
-        ensure_observers(_config.runtime())
+        ensure_observers(get_runtime())
 
     def remove(self, engine: Engine) -> None:
         """Undo :meth:`install` (every pool this engine had)."""
@@ -179,7 +179,7 @@ class PoolInstrumentation:
 
     def _make_wrapper(self, original: Callable[[], Any]) -> Callable[[], Any]:
         def connect() -> Any:
-            rt = _config._RUNTIME
+            rt = get_runtime()
             if not rt.enabled:
                 return original()
             with self._lock:
@@ -199,7 +199,7 @@ class PoolInstrumentation:
         connect.__wrapped__ = original  # type: ignore[attr-defined]
         return connect
 
-    def _checked_out(self, rt: _config.Runtime, wait_s: float) -> None:
+    def _checked_out(self, rt: Runtime, wait_s: float) -> None:
         try:
             ensure_observers(rt)
             rt.histogram(METRIC_WAIT, "s", "Time to obtain a connection from the pool.").record(
@@ -222,7 +222,7 @@ class PoolInstrumentation:
         except Exception as exc:
             internal_error("pool checkout", exc)
 
-    def _timed_out(self, rt: _config.Runtime, exc: BaseException, wait_s: float) -> None:
+    def _timed_out(self, rt: Runtime, exc: BaseException, wait_s: float) -> None:
         try:
             error_type = f"{type(exc).__module__}.{type(exc).__qualname__}"
             rt.histogram(METRIC_WAIT, "s", "Time to obtain a connection from the pool.").record(

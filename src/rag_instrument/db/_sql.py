@@ -33,6 +33,8 @@ import re
 import threading
 from typing import Any, Final
 
+from rag_instrument._registry import register_error_formatter
+
 __all__ = [
     "StatementInfo",
     "analyze",
@@ -539,3 +541,7 @@ def limit_value(info: StatementInfo, parameters: Any) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     return None
+
+
+# The core renders statement errors through the registry, never by importing this module.
+register_error_formatter("sqlalchemy", sanitize_statement_error)

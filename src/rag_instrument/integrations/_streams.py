@@ -21,8 +21,8 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, Final
 
-from rag_instrument import _config
 from rag_instrument._genai import GenAICall, start_call
+from rag_instrument._runtime import get_runtime
 from rag_instrument._utils import internal_error
 
 __all__ = ["Describe", "StreamState", "instrument_methods", "instrumented", "uninstrument_methods"]
@@ -69,6 +69,15 @@ class StreamState:
         except Exception as exc:
             internal_error("reading a stream chunk", exc)
 
+    def stopped(self, exc: BaseException | None) -> None:
+        """The stream stopped: exhausted (``None``), closed early (``GeneratorExit``) or failed."""
+        if exc is None:
+            self.end(completed=True)
+        elif isinstance(exc, GeneratorExit):
+            self.end(completed=False)
+        else:
+            self.end(exc)
+
     def end(self, exc: BaseException | None = None, *, completed: bool = False) -> None:
         self.call.finish(
             exc,
@@ -81,62 +90,53 @@ class StreamState:
         )
 
 
-def _wrap_sync_stream(stream: Any, state: StreamState) -> None:
-    inner: Iterator[Any] = stream._iterator
+def _iterate(inner: Iterator[Any], state: StreamState) -> Iterator[Any]:
+    try:
+        for item in inner:
+            state.item(item)
+            yield item
+    except BaseException as exc:  # GeneratorExit included: closed early
+        state.stopped(exc)
+        raise
+    state.stopped(None)
 
-    def iterate() -> Iterator[Any]:
-        try:
-            for item in inner:
-                state.item(item)
-                yield item
-        except GeneratorExit:
-            state.end(completed=False)
-            raise
-        except BaseException as exc:
-            state.end(exc)
-            raise
-        state.end(completed=True)
 
+async def _aiterate(inner: AsyncIterator[Any], state: StreamState) -> AsyncIterator[Any]:
+    try:
+        async for item in inner:
+            state.item(item)
+            yield item
+    except BaseException as exc:  # GeneratorExit included: closed early
+        state.stopped(exc)
+        raise
+    state.stopped(None)
+
+
+def _wrap_stream(stream: Any, state: StreamState) -> None:
+    """Wrap the SDK stream's ``_iterator`` and shadow its ``close`` (sync or async)."""
     ref = weakref.ref(stream)
     original_close = type(stream).close
+    close: Callable[[], Any]
+    if inspect.iscoroutinefunction(original_close):
+        stream._iterator = _aiterate(stream._iterator, state)
 
-    def close() -> None:
-        state.end(completed=False)
-        target = ref()
-        if target is not None:
-            original_close(target)
-
-    stream._iterator = iterate()
-    stream.close = close
-    weakref.finalize(stream, state.end, completed=False)
-
-
-def _wrap_async_stream(stream: Any, state: StreamState) -> None:
-    inner: AsyncIterator[Any] = stream._iterator
-
-    async def iterate() -> AsyncIterator[Any]:
-        try:
-            async for item in inner:
-                state.item(item)
-                yield item
-        except GeneratorExit:
+        async def aclose() -> None:
             state.end(completed=False)
-            raise
-        except BaseException as exc:
-            state.end(exc)
-            raise
-        state.end(completed=True)
+            target = ref()
+            if target is not None:
+                await original_close(target)
 
-    ref = weakref.ref(stream)
-    original_close = type(stream).close
+        close = aclose
+    else:
+        stream._iterator = _iterate(stream._iterator, state)
 
-    async def close() -> None:
-        state.end(completed=False)
-        target = ref()
-        if target is not None:
-            await original_close(target)
+        def sync_close() -> None:
+            state.end(completed=False)
+            target = ref()
+            if target is not None:
+                original_close(target)
 
-    stream._iterator = iterate()
+        close = sync_close
     stream.close = close
     weakref.finalize(stream, state.end, completed=False)
 
@@ -147,7 +147,7 @@ def _start(
     kwargs: Mapping[str, Any],
     secrets: Callable[[], tuple[str, ...]] | None,
 ) -> GenAICall | None:
-    rt = _config._RUNTIME
+    rt = get_runtime()
     if not rt.enabled:
         return None
     try:
@@ -186,14 +186,16 @@ def instrumented(
             literally from everything recorded for it (see :func:`client_secrets`).
     """
 
+    # The decisions, shared by the sync and the async method below.
+    def failed(call: GenAICall, exc: BaseException) -> None:
+        call.detach()
+        call.finish(exc)
+
     def finish(call: GenAICall, result: Any) -> None:
+        call.detach()
         if stream_types and make_state is not None and isinstance(result, stream_types):
             try:
-                state = make_state(call)
-                if inspect.iscoroutinefunction(getattr(type(result), "close", None)):
-                    _wrap_async_stream(result, state)
-                else:
-                    _wrap_sync_stream(result, state)
+                _wrap_stream(result, make_state(call))
             except Exception as exc:
                 internal_error("wrapping a stream", exc)
                 call.finish(None)
@@ -216,10 +218,8 @@ def instrumented(
             try:
                 result = await original(*args, **kwargs)
             except BaseException as exc:
-                call.detach()
-                call.finish(exc)
+                failed(call, exc)
                 raise
-            call.detach()
             finish(call, result)
             return result
 
@@ -233,10 +233,8 @@ def instrumented(
         try:
             result = original(*args, **kwargs)
         except BaseException as exc:
-            call.detach()
-            call.finish(exc)
+            failed(call, exc)
             raise
-        call.detach()
         finish(call, result)
         return result
 

@@ -64,8 +64,9 @@ except ImportError as _exc:  # pragma: no cover - exercised without the extra
 
 from opentelemetry.trace import SpanKind
 
-from rag_instrument import _config, _operation
+from rag_instrument import _operation
 from rag_instrument import attributes as attr
+from rag_instrument._runtime import get_runtime
 from rag_instrument._utils import internal_error
 from rag_instrument.logs import emit
 from rag_instrument.vector import query_shape, result_count
@@ -542,7 +543,7 @@ def _warn_unindexed(state: _State, call: _Call, info: _Collection | None, span: 
 def _begin(
     state: _State, operation: str, arguments: Mapping[str, Any], info: _Collection | None
 ) -> tuple[_operation.Operation | None, _Call | None]:
-    rt = _config.runtime()
+    rt = get_runtime()
     try:
         call = _describe_call(operation, arguments, info)
     except Exception as exc:
@@ -603,7 +604,7 @@ def _wrap_sync(
 
     @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if not _config.runtime().enabled:
+        if not get_runtime().enabled:
             return original(*args, **kwargs)
         arguments = _arguments(names, args, kwargs)
         collection = _needs_info(operation, arguments)
@@ -629,7 +630,7 @@ def _wrap_async(
 
     @functools.wraps(original)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if not _config.runtime().enabled:
+        if not get_runtime().enabled:
             return await original(*args, **kwargs)
         arguments = _arguments(names, args, kwargs)
         collection = _needs_info(operation, arguments)

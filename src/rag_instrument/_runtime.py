@@ -1,0 +1,227 @@
+"""The runtime: everything the hot paths need, resolved once per ``configure()``.
+
+One module owns it; everybody else reads it through :func:`get_runtime` (and
+:func:`is_configured`), the way structlog keeps its configuration behind
+``get_config()``. Only the configuration module (:mod:`rag_instrument._config`) installs a
+new one, with :func:`install`. The runtime is immutable in what it exposes; replacing it
+is one assignment, so a reader holding the old one finishes with a consistent view.
+
+This module sits at the bottom of the house: it imports the OpenTelemetry *API* and
+rag_instrument's base modules (settings, sanitiser, attribute names), nothing above.
+What needs the SDK (leaf spans, marking a span as sanitised at the source) is reached
+through the :class:`SpanTools` the exporters module hands in at ``configure()`` time.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any, Protocol
+
+from opentelemetry import metrics as metrics_api
+from opentelemetry import trace as trace_api
+
+from rag_instrument import attributes as attr
+from rag_instrument._sanitize import Sanitizer
+from rag_instrument._settings import Settings
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import Counter, Histogram, Meter
+    from opentelemetry.trace import Span, SpanKind, Tracer
+
+    from rag_instrument.exporters import Pipelines
+    from rag_instrument.logs import LogOutput
+
+__all__ = ["Runtime", "SpanTools", "get_runtime", "install", "is_configured"]
+
+LIBRARY: str = "rag_instrument"
+
+
+class SpanTools(Protocol):
+    """What the exporters module offers the rest of the library about SDK spans.
+
+    Everything outside ``exporters`` uses the OpenTelemetry API only; these two operations
+    need the SDK's span internals, so they are reached through the runtime.
+    """
+
+    def start_leaf_span(
+        self,
+        tracer: Tracer,
+        name: str,
+        kind: SpanKind,
+        attributes: dict[str, Any],
+        *,
+        sanitized: bool = False,
+    ) -> Span:
+        """Start a span that will have no children, as cheaply as the tracer allows."""
+        ...
+
+    def mark_if_clean(self, span: Span, attr_count: int) -> None:
+        """Skip export-time redaction of ``span`` if nobody but us set attributes or events."""
+        ...
+
+
+class Runtime:
+    """The configuration in force, as the library's code uses it (see :func:`get_runtime`).
+
+    Attributes:
+        settings: the validated :class:`~rag_instrument.Settings`.
+        configured: ``False`` until ``configure()`` ran (and again after ``shutdown()``).
+        enabled: ``settings.enabled``: ``False`` makes every decorator a pass-through.
+        tracer: the tracer stages and integrations start spans with.
+        meter: the meter for rag_instrument's metrics.
+        sanitizer: redacts and truncates values for logs and span attributes.
+        budgets: milliseconds per stage name.
+        log: where log lines go (``None``: not written).
+        pipelines: what the exporters module built (``None`` when not configured).
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_claims",
+        "_instruments",
+        "_lock",
+        "_tools",
+        "budget_counter",
+        "budgets",
+        "configured",
+        "enabled",
+        "log",
+        "meter",
+        "pipelines",
+        "sanitizer",
+        "settings",
+        "stage_duration",
+        "tracer",
+    )
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        configured: bool,
+        tracer: Tracer,
+        meter: Meter,
+        log: LogOutput | None = None,
+        pipelines: Pipelines | None = None,
+        tools: SpanTools | None = None,
+    ) -> None:
+        self.settings = settings
+        self.configured = configured
+        self.enabled = settings.enabled
+        self.tracer = tracer
+        self.meter = meter
+        self.log = log
+        self.pipelines = pipelines
+        self._tools = tools
+        self.sanitizer = Sanitizer(settings.max_content_chars, redact=settings.redact)
+        self.budgets = dict(settings.budgets)
+        self._instruments: dict[tuple[str, str], Any] = {}
+        self._claims: set[object] = set()
+        self._lock = threading.Lock()
+        self.stage_duration: Histogram = self.histogram(
+            attr.METRIC_STAGE_DURATION, "s", "Duration of rag_instrument pipeline stages."
+        )
+        self.budget_counter: Counter = self.counter(
+            attr.METRIC_BUDGET_EXCEEDED, "{stage}", "Stages that ran over their budget."
+        )
+
+    # --- metric instruments, created once per configuration ----------------------------------
+
+    def _instrument(self, kind: str, name: str, unit: str, description: str) -> Any:
+        key = (kind, name)
+        found = self._instruments.get(key)
+        if found is None:
+            factory = getattr(self.meter, f"create_{kind}")
+            found = self._instruments[key] = factory(name, unit=unit, description=description)
+        return found
+
+    def histogram(self, name: str, unit: str, description: str = "") -> Histogram:
+        """A histogram on the current meter, created once per configuration."""
+        result: Histogram = self._instrument("histogram", name, unit, description)
+        return result
+
+    def counter(self, name: str, unit: str, description: str = "") -> Counter:
+        """A counter on the current meter, created once per configuration."""
+        result: Counter = self._instrument("counter", name, unit, description)
+        return result
+
+    def claim(self, key: object) -> bool:
+        """``True`` exactly once per runtime and ``key`` (e.g. to register observable metrics).
+
+        Cheap when already claimed (one set lookup, no lock).
+        """
+        if key in self._claims:
+            return False
+        with self._lock:
+            if key in self._claims:
+                return False
+            self._claims.add(key)
+            return True
+
+    # --- spans through the exporters' tools ---------------------------------------------------
+
+    def start_leaf_span(
+        self,
+        name: str,
+        kind: SpanKind,
+        attributes: dict[str, Any],
+        *,
+        sanitized: bool = False,
+    ) -> Span:
+        """A span that will have no children (a database statement), as cheaply as possible.
+
+        ``sanitized=True`` promises that every attribute came from the library's sanitiser,
+        so that export can skip redacting it. Without an SDK configuration by
+        rag_instrument, this is the tracer's own ``start_span``.
+        """
+        tools = self._tools
+        if tools is None:
+            return self.tracer.start_span(name, kind=kind, attributes=attributes)
+        return tools.start_leaf_span(self.tracer, name, kind, attributes, sanitized=sanitized)
+
+    def mark_if_clean(self, span: Span, attr_count: int) -> None:
+        """Let export skip redacting ``span`` if it holds only our ``attr_count`` attributes."""
+        tools = self._tools
+        if tools is not None and self.settings.redact:
+            tools.mark_if_clean(span, attr_count)
+
+
+def _unconfigured() -> Runtime:
+    # Before configure(): spans go to whatever the global OpenTelemetry API provides (a no-op
+    # unless the application installed an SDK), no log lines are written, metrics are no-ops
+    # unless a global meter provider exists.
+    return Runtime(
+        Settings(),
+        configured=False,
+        tracer=trace_api.get_tracer(LIBRARY),
+        meter=metrics_api.get_meter(LIBRARY),
+    )
+
+
+_current: Runtime = _unconfigured()
+
+
+def get_runtime() -> Runtime:
+    """The runtime in force: read it at call time, so that a later ``configure()`` applies.
+
+    Example:
+        >>> import rag_instrument as ri
+        >>> service = ri.get_runtime().settings.service_name
+    """
+    return _current
+
+
+def is_configured() -> bool:
+    """Whether ``configure()`` has run (and ``shutdown()`` has not run since)."""
+    return _current.configured
+
+
+def install(runtime: Runtime | None) -> Runtime:
+    """Make ``runtime`` the one in force (``None``: a fresh unconfigured one); return it.
+
+    Only the configuration module calls this (``configure()``, ``shutdown()``,
+    ``rag_instrument.testing.capture``).
+    """
+    global _current
+    _current = runtime if runtime is not None else _unconfigured()
+    return _current

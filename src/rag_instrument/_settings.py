@@ -1,0 +1,535 @@
+"""The settings table: every ``configure()`` option declared once.
+
+Each field of :class:`Settings` is one row, made by :func:`setting`: its name and type
+(the annotation), default, environment variables, parser (which validates and writes the
+error message) and a one-line description. Everything else derives from the rows:
+:func:`build_settings` (arguments > environment > default), the ``Args`` section of
+``configure()``'s docstring, and the environment table in ``docs/configuration.md``
+(``tests/test_settings.py`` checks that the page matches :func:`markdown_table`).
+
+Adding a setting is one row here plus its keyword argument in ``configure()`` (a test
+fails until both exist); see ``docs/design.md``.
+
+This module is at the bottom of the house: it imports nothing from rag_instrument but
+:mod:`rag_instrument._utils`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+__all__ = [
+    "EXPORTERS",
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "Setting",
+    "Settings",
+    "bad",
+    "build_settings",
+    "docstring_args",
+    "markdown_table",
+    "setting",
+    "settings_table",
+    "write_table",
+]
+
+T = TypeVar("T")
+#: ``parse(value, origin)`` returns the validated value or raises ``ValueError``.
+Parser = Callable[[Any, str], Any]
+#: Reads a value from standard (non-``RAG_INSTRUMENT_``) variables: ``(value, origin)``.
+EnvReader = Callable[[Mapping[str, str]], "tuple[Any, str] | None"]
+
+EXPORTERS: Final = ("none", "console", "otlp", "memory")
+LOG_FORMATS: Final = ("json", "console")
+LOG_LEVELS: Final = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off", ""})
+_META: Final = "rag_instrument.setting"
+
+
+def bad(name: str, origin: str, value: Any, accepted: str) -> ValueError:
+    """The error for an invalid setting: its name, value, origin and what is accepted."""
+    return ValueError(
+        f"rag_instrument: invalid {name} {value!r} (from {origin}); expected {accepted}"
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Setting:
+    """One row of the settings table (made by :func:`setting`)."""
+
+    name: str
+    default: Any
+    parse: Callable[[str, Any, str], Any]
+    doc: str
+    env: tuple[str, ...]
+    env_reader: EnvReader | None
+    env_doc: str
+    default_doc: str
+
+    @property
+    def env_names(self) -> tuple[str, ...]:
+        """``RAG_INSTRUMENT_<NAME>`` followed by the standard variables, in precedence order."""
+        return (f"RAG_INSTRUMENT_{self.name.upper()}", *self.env)
+
+
+def setting(
+    default: T,
+    parse: Callable[[str, Any, str], Any],
+    doc: str,
+    *,
+    env: tuple[str, ...] = (),
+    env_reader: EnvReader | None = None,
+    env_doc: str = "",
+    default_doc: str | None = None,
+) -> T:
+    """Declare one setting as a :class:`Settings` field.
+
+    Args:
+        default: the value when neither an argument nor the environment gives one.
+        parse: ``parse(name, value, origin)`` returns the validated value or raises the
+            ``ValueError`` made by :func:`bad`.
+        doc: one line, for ``configure()``'s docstring and the documentation table.
+        env: standard variables read after ``RAG_INSTRUMENT_<NAME>`` (e.g.
+            ``OTEL_SERVICE_NAME``).
+        env_reader: reads a standard variable that needs translating (e.g.
+            ``OTEL_TRACES_SAMPLER``); consulted last.
+        env_doc: how the documentation table lists the variables (default: their names).
+        default_doc: how the documentation table shows the default.
+    """
+    spec = {
+        "parse": parse,
+        "doc": doc,
+        "env": env,
+        "env_reader": env_reader,
+        "env_doc": env_doc,
+        "default_doc": default_doc,
+    }
+    if isinstance(default, dict):
+        factory: Callable[[], Any] = dict
+        made: T = dataclasses.field(default_factory=factory, metadata={_META: spec})
+        return made
+    return dataclasses.field(default=default, metadata={_META: spec})
+
+
+# --- parsers ----------------------------------------------------------------------------------
+
+
+def parse_bool(name: str, value: Any, origin: str) -> bool:
+    """``True``/``False``, or the strings true/false, 1/0, yes/no, on/off."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise bad(name, origin, value, "a boolean (true/false, 1/0, yes/no, on/off)")
+
+
+def number(
+    *, integer: bool = False, minimum: float, strict: bool = False, maximum: float | None = None
+) -> Callable[[str, Any, str], Any]:
+    """A parser for a finite number (or integer) of at least ``minimum`` (``strict``: above)."""
+
+    def parse(name: str, value: Any, origin: str) -> Any:
+        result = parse_number(name, origin, value, integer=integer, minimum=minimum, strict=strict)
+        if maximum is not None and result > maximum:
+            raise bad(name, origin, value, f"a number between {minimum:g} and {maximum:g}")
+        return int(result) if integer else result
+
+    return parse
+
+
+def parse_number(
+    name: str, origin: str, value: Any, *, integer: bool, minimum: float, strict: bool = False
+) -> float:
+    """Validate a number; the message says integer or number, and the bound."""
+    accepted = (
+        f"{'an integer' if integer else 'a number'} "
+        f"{'greater than' if strict else 'at least'} {minimum:g}"
+    )
+    if isinstance(value, bool):
+        raise bad(name, origin, value, accepted)
+    try:
+        number = float(value) if not isinstance(value, int | float) else value
+        if isinstance(number, float) and not math.isfinite(number):
+            raise bad(name, origin, value, accepted)
+        if integer and float(number) != int(number):
+            raise bad(name, origin, value, accepted)
+    except (TypeError, ValueError, OverflowError):
+        raise bad(name, origin, value, accepted) from None
+    if number < minimum or (strict and number == minimum):
+        raise bad(name, origin, value, accepted)
+    return float(number)
+
+
+def choice(
+    values: tuple[str, ...], *, aliases: Mapping[str, str] | None = None
+) -> Callable[[str, Any, str], str]:
+    """A parser for one of ``values`` (case-insensitive; ``aliases`` map to a value)."""
+
+    def parse(name: str, value: Any, origin: str) -> str:
+        if not isinstance(value, str) or value.strip().lower() not in values:
+            raise bad(name, origin, value, "one of " + ", ".join(repr(v) for v in values))
+        chosen = value.strip().lower()
+        return (aliases or {}).get(chosen, chosen)
+
+    return parse
+
+
+def _parse_log_level(name: str, value: Any, origin: str) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = logging.getLevelName(value)
+    return choice(tuple(LOG_LEVELS), aliases={"warn": "warning"})(name, value, origin)
+
+
+def _parse_service_name(name: str, value: Any, origin: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise bad(name, origin, value, "a non-empty string")
+    return value.strip()
+
+
+_EXPORTER_ACCEPTED: Final = "one of 'none', 'console', 'otlp', 'memory' or a SpanExporter instance"
+
+
+def _parse_exporter(name: str, value: Any, origin: str) -> Any:
+    if isinstance(value, str):
+        if value.strip().lower() not in EXPORTERS:
+            raise bad(name, origin, value, _EXPORTER_ACCEPTED)
+        return value.strip().lower()
+    # An instance: checked against the SDK's class only now, so that importing the library
+    # does not load the SDK.
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+    if not isinstance(value, SpanExporter):
+        raise bad(name, origin, value, _EXPORTER_ACCEPTED)
+    return value
+
+
+def _parse_endpoint(name: str, value: Any, origin: str) -> str:
+    if not isinstance(value, str) or not value.startswith(("http://", "https://")):
+        raise bad(name, origin, value, "an http:// or https:// URL")
+    return value
+
+
+def _parse_log_file(name: str, value: Any, origin: str) -> str:
+    if not isinstance(value, str | os.PathLike):
+        raise bad(name, origin, value, "a file path")
+    path = Path(os.fspath(value)).expanduser()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.close(fd)
+    except OSError as exc:
+        raise ValueError(
+            f"rag_instrument: invalid {name} {os.fspath(value)!r} (from {origin}): "
+            f"cannot write there ({exc.strerror or exc})"
+        ) from None
+    return str(path)
+
+
+def _parse_budgets(name: str, value: Any, origin: str) -> dict[str, float]:
+    accepted = "a mapping of stage name to a positive number of milliseconds"
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if text.startswith("{"):
+                value = json.loads(text)
+            else:
+                value = dict(part.split("=", 1) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise bad(
+                name, origin, text, accepted + " (e.g. 'retrieval=1500,search=2000')"
+            ) from None
+    if not isinstance(value, Mapping):
+        raise bad(name, origin, value, accepted)
+    budgets: dict[str, float] = {}
+    for stage_name, ms in value.items():
+        key = str(getattr(stage_name, "value", stage_name)).strip()
+        if not key:
+            raise bad(name, origin, value, accepted + "; a stage name is empty")
+        budgets[key] = parse_number(
+            f"{name}[{key!r}]", origin, ms, integer=False, minimum=0.0, strict=True
+        )
+    return budgets
+
+
+# --- standard variables that need translating ---------------------------------------------------
+
+
+def _sampler_from_otel(env: Mapping[str, str]) -> tuple[Any, str] | None:
+    sampler = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if not sampler:
+        return None
+    origin = "environment variable OTEL_TRACES_SAMPLER"
+    if sampler in ("always_on", "parentbased_always_on"):
+        return 1.0, origin
+    if sampler in ("always_off", "parentbased_always_off"):
+        return 0.0, origin
+    if sampler in ("traceidratio", "parentbased_traceidratio"):
+        arg = env.get("OTEL_TRACES_SAMPLER_ARG", "1.0").strip() or "1.0"
+        return arg, "environment variable OTEL_TRACES_SAMPLER_ARG"
+    raise bad(
+        "sampler",
+        origin,
+        sampler,
+        "one of always_on, always_off, traceidratio, parentbased_always_on, "
+        "parentbased_always_off, parentbased_traceidratio",
+    )
+
+
+def _capture_from_otel(env: Mapping[str, str]) -> tuple[Any, str] | None:
+    name = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    value = raw.lower()
+    if value in ("span_only", "span_and_event", "event_only"):
+        return True, f"environment variable {name}"
+    if value == "no_content":
+        return False, f"environment variable {name}"
+    return raw, f"environment variable {name}"
+
+
+def _disabled_from_otel(env: Mapping[str, str]) -> tuple[Any, str] | None:
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False, "environment variable OTEL_SDK_DISABLED"
+    return None
+
+
+# --- the table --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    """The validated configuration in force (returned by ``configure()``).
+
+    Attributes mirror the arguments of ``configure()``; ``budgets`` maps stage names to
+    milliseconds. Each field is one row of the settings table (see :func:`setting`).
+    """
+
+    service_name: str = setting(
+        "rag-service",
+        _parse_service_name,
+        "`service.name` of the spans",
+        env=("OTEL_SERVICE_NAME",),
+    )
+    exporter: str = setting(
+        "none",
+        _parse_exporter,
+        "where spans and metrics go: `none`, `console`, `otlp` (OTLP/HTTP, extra `otlp`), "
+        "`memory` or a `SpanExporter` instance",
+    )
+    otlp_endpoint: str | None = setting(
+        None,
+        _parse_endpoint,
+        "OTLP/HTTP receiver (base URL)",
+        env=("OTEL_EXPORTER_OTLP_ENDPOINT",),
+        default_doc="`http://localhost:4318`",
+    )
+    log_format: str = setting(
+        "json", choice(LOG_FORMATS), "`json` (one object per line) or `console`"
+    )
+    log_file: str | None = setting(
+        None,
+        _parse_log_file,
+        "append log lines to this file (a missing folder is created)",
+        default_doc="standard error",
+    )
+    log_level: str = setting(
+        "info",
+        _parse_log_level,
+        "`debug`, `info`, `warning`, `error` or `critical`",
+    )
+    enabled: bool = setting(
+        True,
+        parse_bool,
+        "`false`: every decorator and context manager is a pass-through",
+        env_reader=_disabled_from_otel,
+        env_doc="`RAG_INSTRUMENT_ENABLED`, `OTEL_SDK_DISABLED`",
+    )
+    capture_content: bool = setting(
+        False,
+        parse_bool,
+        "record prompt and response text",
+        env_reader=_capture_from_otel,
+        env_doc="`RAG_INSTRUMENT_CAPTURE_CONTENT`, "
+        "`OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`",
+    )
+    max_content_chars: int = setting(
+        2000, number(integer=True, minimum=1), "longer strings are cut, with a marker"
+    )
+    slow_query_ms: float = setting(
+        1000.0, number(minimum=0), "statements slower than this log `slow query`"
+    )
+    n_plus_one_threshold: int = setting(
+        5, number(integer=True, minimum=2), "repeated statement shapes that count as N+1"
+    )
+    budgets: Mapping[str, float] = setting(
+        {},
+        _parse_budgets,
+        'milliseconds per stage, e.g. `{"retrieval": 1500, "search": 2000}`',
+        env_doc="`RAG_INSTRUMENT_BUDGETS` (`retrieval=1500,search=2000` or JSON)",
+        default_doc="none",
+    )
+    sample_ratio: float = setting(
+        1.0,
+        number(minimum=0, maximum=1),
+        "parent-based ratio sampling of new traces",
+        env_reader=_sampler_from_otel,
+        env_doc="`RAG_INSTRUMENT_SAMPLE_RATIO`, `OTEL_TRACES_SAMPLER` / `_ARG`",
+    )
+    redact: bool = setting(True, parse_bool, "mask secrets in logs and span attributes")
+    capture_logging: bool = setting(
+        True,
+        parse_bool,
+        "route standard-library `logging` through the same pipeline",
+    )
+    #: Set (with ``exporter="custom"``) when ``exporter`` was a ``SpanExporter`` instance.
+    span_exporter: SpanExporter | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def log_level_no(self) -> int:
+        """The standard-library level number of :attr:`log_level`."""
+        return LOG_LEVELS[self.log_level]
+
+
+def _rows() -> tuple[Setting, ...]:
+    rows = []
+    for field in dataclasses.fields(Settings):
+        spec = field.metadata.get(_META)
+        if spec is None:
+            continue
+        default: Any = field.default
+        if field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        rows.append(
+            Setting(
+                name=field.name,
+                default=default,
+                parse=spec["parse"],
+                doc=spec["doc"],
+                env=spec["env"],
+                env_reader=spec["env_reader"],
+                env_doc=spec["env_doc"],
+                default_doc=spec["default_doc"] or _show_default(default),
+            )
+        )
+    return tuple(rows)
+
+
+def _show_default(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if value is None or value == {}:
+        return "none"
+    return f"`{value}`"
+
+
+_TABLE: Final = _rows()
+
+
+def settings_table() -> tuple[Setting, ...]:
+    """The rows, in the order they are validated."""
+    return _TABLE
+
+
+def build_settings(env: Mapping[str, str] | None = None, **given: Any) -> Settings:
+    """Merge explicit arguments, environment and defaults into validated :class:`Settings`.
+
+    Precedence: explicit argument > ``RAG_INSTRUMENT_<NAME>`` > the standard ``OTEL_*``
+    variable > default. An argument given as ``None`` counts as not given.
+
+    Raises:
+        ValueError: naming the first invalid setting, its origin and the accepted values.
+        TypeError: an argument that is not a setting.
+    """
+    source = os.environ if env is None else env
+    unknown = set(given) - {row.name for row in _TABLE}
+    if unknown:
+        raise TypeError(f"rag_instrument: unknown setting(s): {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = {}
+    for row in _TABLE:
+        picked = _pick(row, given.get(row.name), source)
+        if picked is not None:
+            values[row.name] = row.parse(row.name, picked[0], picked[1])
+    exporter = values.get("exporter")
+    if exporter is not None and not isinstance(exporter, str):
+        values["exporter"] = "custom"
+        values["span_exporter"] = exporter
+    if values.get("exporter") == "otlp" and "otlp_endpoint" not in values:
+        values["otlp_endpoint"] = "http://localhost:4318"
+    return Settings(**values)
+
+
+def _pick(row: Setting, explicit: Any, env: Mapping[str, str]) -> tuple[Any, str] | None:
+    if explicit is not None:
+        return explicit, f"configure({row.name}=...)"
+    for env_name in row.env_names:
+        value = env.get(env_name)
+        if value is not None and value.strip() != "":
+            return value.strip(), f"environment variable {env_name}"
+    if row.env_reader is not None:
+        return row.env_reader(env)
+    return None
+
+
+# --- derived documentation ----------------------------------------------------------------------
+
+
+def markdown_table() -> str:
+    """The environment table of ``docs/configuration.md``, rendered from the rows."""
+    lines = [
+        "| argument | environment | default | meaning |",
+        "| --- | --- | --- | --- |",
+    ]
+    for row in _TABLE:
+        env_doc = row.env_doc or ", ".join(f"`{name}`" for name in row.env_names)
+        lines.append(f"| `{row.name}` | {env_doc} | {row.default_doc} | {row.doc} |")
+    return "\n".join(lines) + "\n"
+
+
+def docstring_args(indent: str = "        ") -> str:
+    """The settings as Google-style ``Args`` entries (for ``configure()``'s docstring)."""
+
+    def rst(text: str) -> str:
+        return text.replace("`", "``")
+
+    return "".join(
+        f"{indent}{row.name}: {rst(row.doc)} (default {rst(row.default_doc)}; "
+        f"environment {', '.join(row.env_names)}).\n"
+        for row in _TABLE
+    )
+
+
+def write_table(page: Path) -> bool:
+    """Replace the settings table in ``page`` (a Markdown file) by :func:`markdown_table`.
+
+    The table is found by its header row. Returns whether the file changed.
+    """
+    text = page.read_text()
+    header = "| argument | environment |"
+    start = text.index(header)
+    end = text.find("\n\n", start)
+    end = len(text) if end == -1 else end + 1
+    updated = text[:start] + markdown_table() + text[end:]
+    if updated == text:
+        return False
+    page.write_text(updated)
+    return True
+

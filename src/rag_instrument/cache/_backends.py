@@ -1,0 +1,185 @@
+"""Where cache entries live: the in-process :class:`MemoryCache` and :class:`RedisCache`."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Protocol
+
+from cachetools import TTLCache
+
+from rag_instrument._sanitize import redact_text
+from rag_instrument._utils import warn_once
+from rag_instrument.cache._keys import NOT_KEPT, keepable
+
+__all__ = ["CacheBackend", "MemoryCache", "RedisCache"]
+
+
+class CacheBackend(Protocol):
+    """Where entries live: JSON bytes under string keys, with a time to live."""
+
+    def get(self, key: str) -> bytes | None:
+        """The stored bytes, or ``None`` (also when the backend is unreachable)."""
+
+    def set(self, key: str, value: bytes, ttl: float | None) -> None:
+        """Store ``value`` for ``ttl`` seconds (``None``: the backend's default)."""
+
+    def clear(self) -> None:
+        """Drop every entry this backend holds."""
+
+
+class MemoryCache:
+    """The in-process backend: a cachetools ``TTLCache`` behind a lock (thread-safe).
+
+    Args:
+        maxsize: the most entries kept (least recently used evicted first).
+        ttl: seconds an entry lives.
+    """
+
+    def __init__(self, maxsize: int = 1024, ttl: float = 3600.0) -> None:
+        # Each entry is (bytes, the decoded value or NOT_KEPT): see lookup().
+        self._cache: TTLCache[str, tuple[bytes, Any]] = TTLCache(maxsize=maxsize, ttl=ttl)
+        self._lock = threading.Lock()
+        self.maxsize = maxsize
+
+    def get(self, key: str) -> bytes | None:
+        """The stored bytes, or ``None``."""
+        with self._lock:
+            try:
+                return self._cache[key][0]  # one expiry check, where .get() makes two
+            except KeyError:
+                return None
+
+    def entry(self, key: str) -> tuple[bytes, Any] | None:
+        """The stored bytes and, for an immutable value, the value itself (or ``NOT_KEPT``)."""
+        with self._lock:
+            try:
+                return self._cache[key]
+            except KeyError:
+                return None
+
+    def set(self, key: str, value: bytes, ttl: float | None) -> None:
+        """Store ``value`` (entries share the cache's TTL)."""
+        with self._lock:
+            self._cache[key] = (value, NOT_KEPT)
+
+    def set_value(self, key: str, data: bytes, value: Any) -> None:
+        """Store ``data``, the JSON of ``value``, keeping ``value`` if it is immutable."""
+        kept = value if keepable(value) else NOT_KEPT
+        with self._lock:
+            self._cache[key] = (data, kept)
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        with self._lock:
+            self._cache.clear()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._cache)
+
+
+class RedisCache:
+    """A Redis backend shared by processes and hosts (extra ``redis``).
+
+    Entries expire on the server (``SET ... PX``). An unreachable or failing Redis turns
+    into cache misses and a warning at most once per 20 s: never a failed call. After an
+    error or a timeout the backend is skipped for ``cooldown_s`` (every lookup a miss,
+    every store dropped), so that a stalled server does not cost each call its timeout;
+    then it is tried again.
+
+    Args:
+        url: ``redis://host:port/db``.
+        prefix: prepended to every key, to share a database safely.
+        timeout_s: connect and command timeout, seconds.
+        cooldown_s: seconds the backend is skipped after a failure.
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        prefix: str = "rag:",
+        *,
+        timeout_s: float = 0.5,
+        cooldown_s: float = 5.0,
+    ) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.timeout_s = timeout_s
+        self.cooldown_s = cooldown_s
+        self._client: Any = None
+        self._lock = threading.Lock()
+        self._down_until = 0.0
+
+    def __repr__(self) -> str:
+        return f"RedisCache({redact_text(self.url)!r}, prefix={self.prefix!r})"
+
+    def _redis(self) -> Any:
+        client = self._client
+        if client is None:
+            with self._lock:
+                if self._client is None:
+                    try:
+                        import redis
+                    except ImportError:
+                        raise ImportError(
+                            "RedisCache needs 'redis': pip install 'rag_instrument[redis]'"
+                        ) from None
+                    self._client = redis.Redis.from_url(
+                        self.url,
+                        socket_timeout=self.timeout_s,
+                        socket_connect_timeout=self.timeout_s,
+                    )
+                client = self._client
+        return client
+
+    def _cooling_down(self) -> bool:
+        return self._down_until > 0.0 and time.monotonic() < self._down_until
+
+    def _unavailable(self, exc: Exception) -> None:
+        self._down_until = time.monotonic() + self.cooldown_s
+        warn_once.warning(
+            f"rag_instrument: Redis cache at {redact_text(self.url)} unavailable "
+            f"({type(exc).__name__}); serving without the cache"
+        )
+
+    def get(self, key: str) -> bytes | None:
+        """The stored bytes, or ``None`` (missing, or Redis unavailable)."""
+        if self._cooling_down():
+            return None
+        client = self._redis()
+        try:
+            value = client.get(self.prefix + key)
+        except Exception as exc:
+            self._unavailable(exc)
+            return None
+        return value if isinstance(value, bytes) else None
+
+    def set(self, key: str, value: bytes, ttl: float | None) -> None:
+        """Store ``value`` with a server-side expiry of ``ttl`` seconds."""
+        if self._cooling_down():
+            return
+        client = self._redis()
+        try:
+            if ttl is not None and ttl > 0:
+                client.set(self.prefix + key, value, px=max(int(ttl * 1000), 1))
+            else:
+                client.set(self.prefix + key, value)
+        except Exception as exc:
+            self._unavailable(exc)
+
+    def clear(self) -> None:
+        """Delete every key under ``prefix``."""
+        client = self._redis()
+        try:
+            keys = list(client.scan_iter(match=self.prefix + "*", count=500))
+            if keys:
+                client.delete(*keys)
+        except Exception as exc:
+            self._unavailable(exc)
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()

@@ -1,0 +1,141 @@
+""":func:`cached`: the response cache as a decorator for any ``def`` or ``async def``."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
+
+from opentelemetry import trace as trace_api
+
+from rag_instrument._runtime import get_runtime
+from rag_instrument._utils import FunctionKind, function_kind, internal_error, warn_once
+from rag_instrument.attributes import RAG_CACHE_HIT
+from rag_instrument.cache._backends import CacheBackend
+from rag_instrument.cache._keys import UncacheableError, key_with_variable
+from rag_instrument.cache._store import MISS, Store, check_cache_settings, make_backend
+
+__all__ = ["cached"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _default_key(*args: Any, **kwargs: Any) -> Any:
+    return (args, kwargs)
+
+
+def _wrap(
+    fn: Callable[..., Any],
+    store: Store,
+    key: Callable[..., Any],
+    prefix: str,
+) -> Callable[..., Any]:
+    kind = function_kind(fn)
+
+    def record(value: Any, outcome: int) -> None:
+        rt = get_runtime()
+        store.count(outcome, value, rt)
+        if rt.enabled:
+            try:
+                span = trace_api.get_current_span()
+                if span.is_recording():
+                    span.set_attribute(RAG_CACHE_HIT, outcome != MISS)
+            except Exception as exc:
+                internal_error("recording a cache outcome on the span", exc)
+
+    def key_of(args: Any, kwargs: Any) -> str | None:
+        try:
+            part = key(*args, **kwargs)
+            return key_with_variable([prefix, part], part)
+        except UncacheableError as exc:
+            warn_once.warning(f"rag_instrument: {prefix} call not cached: {exc}")
+            return None
+
+    if kind is FunctionKind.ASYNC:
+
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            k = key_of(args, kwargs)
+            if k is None:
+                return await fn(*args, **kwargs)
+            value, outcome = await store.acall(k, lambda: fn(*args, **kwargs))
+            record(value, outcome)
+            return value
+
+        return async_wrapper
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        k = key_of(args, kwargs)
+        if k is None:
+            return fn(*args, **kwargs)
+        value, outcome = store.call(k, lambda: fn(*args, **kwargs))
+        record(value, outcome)
+        return value
+
+    return wrapper
+
+
+@overload
+def cached(fn: F, /) -> F: ...
+
+
+@overload
+def cached(
+    fn: None = None,
+    /,
+    *,
+    ttl: float | None = 3600.0,
+    maxsize: int = 1024,
+    backend: CacheBackend | None = None,
+    key: Callable[..., Any] | None = None,
+    namespace: str | None = None,
+) -> Callable[[F], F]: ...
+
+
+def cached(
+    fn: Any = None,
+    /,
+    *,
+    ttl: float | None = 3600.0,
+    maxsize: int = 1024,
+    backend: CacheBackend | None = None,
+    key: Callable[..., Any] | None = None,
+    namespace: str | None = None,
+) -> Any:
+    """Cache a function's JSON results, with single flight, for ``def`` and ``async def``.
+
+    Use as ``@ri.cached`` or ``@ri.cached(ttl=600, backend=ri.RedisCache(url))``. The
+    wrapper has ``cache_info()`` and ``cache_clear()``. Each call sets ``rag.cache.hit``
+    on the span current at the call (a stage's, for instance).
+
+    Args:
+        fn: the function, when used as ``@ri.cached`` without arguments.
+        ttl: seconds an entry lives (``None``: until evicted).
+        maxsize: entries kept by the in-process cache.
+        backend: where entries live (default: in-process).
+        key: builds the key part from the call's arguments (default: all of them); its
+            result is hashed as canonical JSON together with the function's name.
+        namespace: keeps this function's entries apart from others with the same name.
+
+    Returns:
+        The decorated function, or a decorator.
+
+    Raises:
+        TypeError: the function is a generator (streams are not cached).
+    """
+    check_cache_settings("rag_instrument.cached", ttl, maxsize, "")
+
+    def decorate(func: F) -> F:
+        if function_kind(func) in (FunctionKind.GENERATOR, FunctionKind.ASYNC_GENERATOR):
+            raise TypeError("rag_instrument.cached: generators (streams) are not cached")
+        name = f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', repr(func))}"
+        prefix = name if namespace is None else f"{namespace}:{name}"
+        store = Store(make_backend(backend, maxsize, ttl), ttl)
+        wrapper = _wrap(func, store, key or _default_key, prefix)
+        functools.update_wrapper(wrapper, func)
+        wrapper.cache_info = store.info  # type: ignore[attr-defined]
+        wrapper.cache_clear = store.clear  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    if fn is not None:
+        return decorate(fn)
+    return decorate

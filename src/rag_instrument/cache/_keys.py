@@ -1,0 +1,140 @@
+"""Cache keys and stored values: canonical JSON, SHA-256, never pickle.
+
+A key is the SHA-256 of the canonical JSON (sorted keys, no whitespace) of everything that
+can change an answer; a part with no canonical JSON form (an object, bytes, a NaN) makes
+the call uncached (:class:`UncacheableError`) rather than risk two requests sharing a key.
+A value is stored as a small JSON envelope (an ``LLMResult`` round-trips).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable
+from typing import Any, Final
+
+import orjson
+
+from rag_instrument.llm import LLMResult
+
+__all__ = [
+    "NOT_KEPT",
+    "UncacheableError",
+    "decode_value",
+    "encode_value",
+    "keepable",
+    "key_with_variable",
+    "make_key",
+]
+
+
+class UncacheableError(TypeError):
+    """A key part or a value has no canonical JSON form, so the call is not cached."""
+
+
+def _reject(value: Any) -> Any:
+    raise UncacheableError(f"{type(value).__qualname__} has no canonical JSON form")
+
+
+_KEY_OPTIONS: Final = (
+    orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+)
+
+
+def make_key(payload: Any) -> str:
+    """SHA-256 (hex) of the canonical JSON of ``payload``.
+
+    Raises:
+        UncacheableError: ``payload`` holds a value JSON cannot represent exactly
+            (an object, a class, bytes, a non-str dict key, a NaN, ...).
+    """
+    return key_with_variable(payload, payload)
+
+
+def key_with_variable(payload: Any, variable: Any) -> str:
+    """:func:`make_key`, checking only ``variable`` (a part of ``payload``) for NaN."""
+    try:
+        data = orjson.dumps(payload, default=_reject, option=_KEY_OPTIONS)
+    except orjson.JSONEncodeError as exc:
+        raise UncacheableError(str(exc)) from None
+    if _has_non_finite(variable):  # orjson writes NaN and inf as null: two keys in one
+        raise UncacheableError("a NaN or infinite float has no canonical JSON form")
+    return hashlib.sha256(data).hexdigest()
+
+
+_LEAVES: Final = frozenset({str, int, bool, type(None)})
+_SEQUENCES: Final = (list, tuple)
+
+
+def _has_non_finite(value: Any) -> bool:
+    """Whether ``value`` holds a NaN or infinite float (one call: no recursion)."""
+    leaves = _LEAVES
+    if type(value) in leaves:
+        return False
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        kind = type(node)
+        if kind is tuple or kind is list:
+            items: Iterable[Any] = node
+        elif kind is dict or isinstance(node, dict):
+            items = node.values()
+        elif isinstance(node, _SEQUENCES):
+            items = node
+        else:
+            if isinstance(node, float) and not math.isfinite(node):
+                return True
+            continue
+        for item in items:
+            if type(item) not in leaves:
+                stack.append(item)  # noqa: PERF401 - a loop is faster for 1-3 items
+    return False
+
+
+def encode_value(value: Any) -> bytes:
+    """The JSON stored for ``value`` (an ``LLMResult`` or a plain JSON value).
+
+    Raises:
+        UncacheableError: the value is not JSON.
+    """
+    if type(value) is LLMResult:
+        envelope: dict[str, Any] = {"t": "llm", "v": value.to_dict()}
+    else:
+        envelope = {"t": "json", "v": value}
+    try:
+        return orjson.dumps(envelope, default=_reject, option=orjson.OPT_PASSTHROUGH_DATACLASS)
+    except orjson.JSONEncodeError as exc:
+        raise UncacheableError(str(exc)) from None
+
+
+#: Values a cache hit may hand out as the very object stored: immutable, and equal to what
+#: decoding their JSON would give. Mutable JSON (dict, list) is decoded afresh every time.
+_IMMUTABLE: Final = frozenset({LLMResult, str, int, bool, type(None)})
+
+
+def keepable(value: Any) -> bool:
+    kind = type(value)
+    return kind in _IMMUTABLE or (kind is float and math.isfinite(value))
+
+
+NOT_KEPT: Final = object()
+
+
+def decode_value(data: bytes | str) -> Any:
+    """Inverse of :func:`encode_value`.
+
+    Raises:
+        ValueError: ``data`` is not an entry this module wrote.
+    """
+    envelope = orjson.loads(data)  # never pickle: a foreign blob is a JSON error here
+    if type(envelope) is not dict:
+        raise ValueError("not a rag_instrument cache entry")
+    kind = envelope.get("t")
+    if kind == "json":
+        return envelope.get("v")
+    if kind == "llm" and isinstance(envelope.get("v"), dict):
+        try:
+            return LLMResult.from_dict(envelope["v"])
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+    raise ValueError("not a rag_instrument cache entry")

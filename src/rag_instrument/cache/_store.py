@@ -1,0 +1,338 @@
+"""One cache's machinery: lookup, single flight, statistics and metrics.
+
+Concurrent identical calls make one underlying call (for threads and for asyncio tasks);
+if the leading call fails, the calls waiting on it get its exception too (the failure is
+not kept for later callers); if it is cancelled, one waiter takes over instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
+
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from rag_instrument import _breakdown
+from rag_instrument._pools import CACHE_IO, worker_pool
+from rag_instrument._steps import Plan, arun, run
+from rag_instrument._utils import internal_error, warn_once
+from rag_instrument.attributes import (
+    METRIC_CACHE_COALESCED,
+    METRIC_CACHE_HITS,
+    METRIC_CACHE_MISSES,
+    METRIC_CACHE_TOKENS_SAVED,
+)
+from rag_instrument.cache import _keys
+from rag_instrument.cache._backends import CacheBackend, MemoryCache
+from rag_instrument.cache._keys import NOT_KEPT, UncacheableError, encode_value, keepable
+from rag_instrument.llm import LLMResult
+
+if TYPE_CHECKING:
+    from rag_instrument._runtime import Runtime
+
+__all__ = ["COALESCED", "HIT", "MISS", "CacheInfo", "Store", "check_cache_settings", "make_backend"]
+
+MISS: Final = 0
+HIT: Final = 1
+COALESCED: Final = 2
+
+#: Name prefix of the worker threads that talk to an out-of-process backend (Redis).
+CACHE_THREAD_PREFIX: Final = CACHE_IO.thread_name_prefix
+
+
+class CacheInfo(NamedTuple):
+    """Statistics of a cache, as ``functools.lru_cache``'s ``cache_info()`` gives them."""
+
+    hits: int
+    misses: int
+    coalesced: int
+    maxsize: int | None
+    currsize: int | None
+
+
+class _Flight:
+    """One underlying call in progress, and how it ended (for the calls waiting on it)."""
+
+    __slots__ = ("data", "done", "error", "loop", "value")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.loop = loop
+        self.done: threading.Event | asyncio.Future[None] = (
+            threading.Event() if loop is None else loop.create_future()
+        )
+        self.data: bytes | None = None  # the result's JSON, if it was stored
+        self.value: Any = NOT_KEPT  # the result itself, if immutable
+        self.error: Exception | None = None  # the leader's failure (not a cancellation)
+
+    def settle(self, value: Any, data: bytes | None) -> None:
+        self.data = data
+        if data is not None and keepable(value):
+            self.value = value
+
+    def wait(self) -> None:
+        """Block until the leader finished (a thread's flight)."""
+        done = self.done
+        assert isinstance(done, threading.Event)
+        done.wait()
+
+    async def await_done(self) -> None:
+        """Wait until the leader finished (a task's flight); never cancels the leader."""
+        done = self.done
+        assert isinstance(done, asyncio.Future)
+        await asyncio.shield(done)
+
+    def finish(self) -> None:
+        """Wake the calls waiting on this flight (in the leader's thread or loop)."""
+        done = self.done
+        if isinstance(done, threading.Event):
+            done.set()
+        elif not done.done():
+            done.set_result(None)
+
+    def outcome(self) -> tuple[bool, Any]:
+        """What a waiter gets: ``(True, value)``, or the leader's exception raised.
+
+        ``(False, None)`` when the leader was cancelled or its result could not be stored:
+        the waiter takes over.
+        """
+        if self.error is not None:
+            raise self.error
+        if self.value is not NOT_KEPT:
+            return True, self.value
+        if self.data is not None:
+            return True, _keys.decode_value(self.data)
+        return False, None
+
+
+class Store:
+    """One cache: a backend plus the in-flight calls and counts (shared by all callers)."""
+
+    def __init__(self, backend: CacheBackend, ttl: float | None) -> None:
+        self.backend = backend
+        self.ttl = ttl
+        self.memory: MemoryCache | None = backend if type(backend) is MemoryCache else None
+        self.local = self.memory is not None
+        self.lock = threading.Lock()
+        self.flights: dict[str, _Flight] = {}
+        self.hits = self.misses = self.coalesced = 0
+
+    def info(self) -> CacheInfo:
+        currsize = len(self.backend) if isinstance(self.backend, MemoryCache) else None
+        maxsize = self.backend.maxsize if isinstance(self.backend, MemoryCache) else None
+        return CacheInfo(self.hits, self.misses, self.coalesced, maxsize, currsize)
+
+    def clear(self) -> None:
+        self.backend.clear()
+        self.hits = self.misses = self.coalesced = 0
+
+    def lookup(self, key: str) -> tuple[bool, Any]:
+        memory = self.memory
+        if memory is not None:
+            entry = memory.entry(key)
+            if entry is None:
+                return False, None
+            if entry[1] is not NOT_KEPT:
+                return True, entry[1]  # immutable: no need to decode it again
+            data: bytes | None = entry[0]
+        else:
+            data = self.backend.get(key)
+            if data is None:
+                return False, None
+        try:
+            return True, _keys.decode_value(data)  # type: ignore[arg-type]
+        except ValueError:
+            warn_once.warning("rag_instrument: ignored a cache entry that is not ours (not JSON)")
+            return False, None
+
+    def save(self, key: str, value: Any) -> bytes | None:
+        try:
+            data = encode_value(value)
+        except UncacheableError as exc:
+            warn_once.warning(f"rag_instrument: result not cached: {exc}")
+            return None
+        if self.memory is not None:
+            self.memory.set_value(key, data, value)
+        else:
+            self.backend.set(key, data, self.ttl)
+        return data
+
+    async def alookup(self, key: str) -> tuple[bool, Any]:
+        if self.local:
+            return self.lookup(key)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(worker_pool(CACHE_IO), self.lookup, key)
+
+    async def asave(self, key: str, value: Any) -> bytes | None:
+        if self.local:
+            return self.save(key, value)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(worker_pool(CACHE_IO), self.save, key, value)
+
+    # --- single flight: one decision core, a sync and an async loop around it ---------------
+    #
+    # ``_plan`` decides; ``_steps.run`` / ``_steps.arun`` only carry out what it yields (look
+    # up, wait for a flight, call, save). Each entry point makes the first lookup itself: a
+    # hit, the common case, costs one lookup.
+
+    def _plan(
+        self,
+        key: str,
+        loop: asyncio.AbstractEventLoop | None,
+        lookup: Callable[[str], Any],
+        wait: Callable[[_Flight], Any],
+        fn: Callable[[], Any],
+        save: Callable[[str, Any], Any],
+    ) -> Plan[tuple[Any, int]]:
+        """After a missed lookup: wait for an identical call in flight, or lead one.
+
+        Returns ``(value, outcome)``; raises what ``fn`` raised (leader and waiters).
+        """
+        coalesced = False
+        while True:
+            with self.lock:
+                flight = self.flights.get(key)
+                if flight is None or flight.loop is not loop:
+                    mine = self.flights[key] = _Flight(loop)
+                    break
+            yield wait, (flight,)
+            coalesced = True
+            found, value = flight.outcome()  # raises the leader's exception
+            if found:
+                return value, COALESCED
+            # The leader was interrupted (or its result not stored): one waiter takes over.
+            found, value = yield lookup, (key,)
+            if found:
+                return value, COALESCED if coalesced else HIT
+        try:
+            if self.local:  # a leader may have finished just before we led (cheap here only)
+                found, value = self.lookup(key)
+                if found:
+                    return value, COALESCED
+            value = yield fn, ()
+            mine.settle(value, (yield save, (key, value)))
+            return value, MISS
+        except Exception as exc:
+            mine.error = exc
+            raise
+        finally:
+            with self.lock:
+                if self.flights.get(key) is mine:
+                    del self.flights[key]
+            mine.finish()
+
+    def call(self, key: str, fn: Callable[[], Any]) -> tuple[Any, int]:
+        """Answer from the cache, from an identical call in flight, or by calling ``fn``.
+
+        Raises:
+            Exception: what ``fn`` raised, in the leader and in the calls waiting on it.
+        """
+        found, value = self.lookup(key)
+        if found:
+            return value, HIT
+        return run(self._plan(key, None, self.lookup, _Flight.wait, fn, self.save))
+
+    async def acall(self, key: str, fn: Callable[[], Awaitable[Any]]) -> tuple[Any, int]:
+        """The asyncio version of :meth:`call` (waiters never cancel the leader)."""
+        found, value = await self.alookup(key)
+        if found:
+            return value, HIT
+        loop = asyncio.get_running_loop()
+        plan = self._plan(key, loop, self.alookup, _Flight.await_done, fn, self.asave)
+        return await arun(plan)
+
+    def count(self, outcome: int, value: Any, rt: Runtime) -> None:
+        """Update statistics and telemetry for one answered call."""
+        if outcome == MISS:
+            self.misses += 1
+        else:
+            self.hits += 1
+            if outcome == COALESCED:
+                self.coalesced += 1
+        if not rt.enabled:
+            return
+        try:
+            hit = outcome != MISS
+            _breakdown.record_cache(hit)
+            saved = 0
+            if hit and type(value) is LLMResult:
+                saved = (value.input_tokens or 0) + (value.output_tokens or 0)
+            if rt.claim(_OBSERVED_KEY):
+                _observe(rt)  # first: the baseline must not include this call
+            _TOTALS.add(outcome, saved)
+        except Exception as exc:
+            internal_error("counting a cache outcome", exc)
+
+
+class _Totals:
+    """Process-wide cache outcome counts, observed by the metric callbacks.
+
+    A cache hit must cost next to nothing, and an OpenTelemetry ``Counter.add`` costs
+    microseconds; so the hot path bumps integers and the counters are observable ones,
+    read when metrics are collected.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.values = {"hits": 0, "misses": 0, "coalesced": 0, "tokens_saved": 0}
+
+    def add(self, outcome: int, saved: int) -> None:
+        with self._lock:
+            values = self.values
+            if outcome == MISS:
+                values["misses"] += 1
+                return
+            values["hits"] += 1
+            if outcome == COALESCED:
+                values["coalesced"] += 1
+            values["tokens_saved"] += saved
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.values)
+
+
+_TOTALS = _Totals()
+_OBSERVED_KEY: Final = ("observable", "rag.cache")
+_METRICS: Final = (
+    ("hits", METRIC_CACHE_HITS, "{call}", "Calls answered without an underlying call."),
+    ("misses", METRIC_CACHE_MISSES, "{call}", "Calls the cache could not answer."),
+    ("coalesced", METRIC_CACHE_COALESCED, "{call}", "Calls served by an identical call in flight."),
+    ("tokens_saved", METRIC_CACHE_TOKENS_SAVED, "{token}", "Tokens not spent thanks to the cache."),
+)
+
+
+def _observe(rt: Runtime) -> None:
+    """Register the cache counters on ``rt``'s meter, counting from now (once per runtime)."""
+    baseline = _TOTALS.snapshot()
+    for field, name, unit, description in _METRICS:
+
+        def callback(_options: CallbackOptions, field: str = field) -> Iterable[Observation]:
+            return [Observation(_TOTALS.snapshot()[field] - baseline[field])]
+
+        rt.meter.create_observable_counter(
+            name, callbacks=[callback], unit=unit, description=description
+        )
+
+
+def check_cache_settings(owner: str, ttl: Any, maxsize: Any, prefix: str) -> None:
+    """Reject a TTL or size that would silently cache nothing (configuration time)."""
+    if ttl is not None and (
+        isinstance(ttl, bool)
+        or not isinstance(ttl, int | float)
+        or not math.isfinite(ttl)
+        or ttl <= 0
+    ):
+        raise ValueError(
+            f"{owner}: {prefix}ttl must be a positive number of seconds or None, got {ttl!r}"
+        )
+    if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+        raise ValueError(f"{owner}: {prefix}maxsize must be an int >= 1, got {maxsize!r}")
+
+
+def make_backend(backend: CacheBackend | None, maxsize: int, ttl: float | None) -> CacheBackend:
+    if backend is not None:
+        return backend
+    return MemoryCache(maxsize=maxsize, ttl=ttl if ttl is not None else float("inf"))
