@@ -60,6 +60,10 @@ if _typing.TYPE_CHECKING:
 _registry.register_error_formatter(
     "sqlalchemy", _registry.lazy_formatter("rag_instrument.db._sql", "sanitize_statement_error")
 )
+# Milvus errors quote the filter expression, literal values included.
+_registry.register_error_formatter(
+    "pymilvus", _registry.lazy_formatter("rag_instrument.integrations.milvus", "sanitize_error")
+)
 
 try:
     __version__ = _metadata.version("rag_instrument")

@@ -283,8 +283,25 @@ def test_server_error_is_recorded_and_reraised_unchanged(
     assert span.attributes["error.type"] == "MilvusException"
     assert span.attributes["db.response.status_code"] == str(info.value.code)
     assert "does not exist" in span.events[0].attributes["exception.message"]
+    assert span.events[0].attributes["exception.message"].startswith("MilvusException(code=")
     (line,) = cap.find_logs("retrieval failed")
     assert line["breakdown"]["vector"]["count"] == 1
+
+
+def test_filter_values_quoted_in_a_server_error_are_hidden(client: MilvusClient) -> None:
+    name = _make_collection(client, rows=10)
+    instrument_milvus(client)
+    secret = "a-secret-" + "literal-77"  # a value, as in an application: not in the source
+    expr = f'year > "{secret}"'
+    with capture() as cap:
+        with pytest.raises(MilvusException) as info, ri.stage("retrieval"):
+            client.query(name, filter=expr, limit=1)
+    assert secret in str(info.value)  # the application still sees it all
+    dumped = " ".join(s.to_json() for s in cap.spans) + " ".join(map(str, cap.logs))
+    assert secret not in dumped
+    message = cap.span(f"query {name}").events[0].attributes["exception.message"]
+    assert "year > ?" in message
+    assert cap.find_logs("retrieval failed")[0]["error_message"] == message
 
 
 def test_unindexed_filter_field_warns_once_per_collection_and_field(

@@ -64,14 +64,14 @@ except ImportError as _exc:  # pragma: no cover - exercised without the extra
 
 from opentelemetry.trace import SpanKind
 
-from rag_instrument import _operation
+from rag_instrument import _operation, _registry
 from rag_instrument import attributes as attr
 from rag_instrument._runtime import get_runtime
 from rag_instrument._utils import internal_error
 from rag_instrument.logs import emit
 from rag_instrument.vector import query_shape, result_count
 
-__all__ = ["filter_shape", "instrument_milvus", "uninstrument_milvus"]
+__all__ = ["filter_shape", "instrument_milvus", "sanitize_error", "uninstrument_milvus"]
 
 C = TypeVar("C")
 
@@ -171,6 +171,28 @@ def _is_ref(text: str) -> bool:
         and lowered not in _KEYWORDS
         and lowered not in _BOOLEANS
     )
+
+
+_LITERAL: Final = re.compile(
+    r""""(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|(?<![\w.])\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w.])"""
+)
+
+
+def sanitize_error(exc: BaseException) -> str | None:
+    """A pymilvus error's text with its literal values replaced by ``?``.
+
+    Milvus echoes a bad filter expression in its error message (``year > "..."``), values
+    included; the code and the message's shape are kept.
+    """
+    message = getattr(exc, "message", None)
+    if not isinstance(message, str):
+        message = str(exc)
+    code = getattr(exc, "code", None)
+    prefix = f"{type(exc).__name__}(code={code})" if isinstance(code, int) else type(exc).__name__
+    return f"{prefix}: {_LITERAL.sub('?', message)}"
+
+
+_registry.register_error_formatter("pymilvus", sanitize_error)
 
 
 # --- what we remember of a collection -----------------------------------------------------
