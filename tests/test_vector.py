@@ -434,9 +434,12 @@ def test_openai_embeddings_inside_a_batch_count_once_as_embedding() -> None:
             reply = client.embeddings.create(model="text-embedding-3-small", input=texts)
             return [item.embedding for item in reply.data]
 
-        with capture() as cap:
-            with ri.stage("embedding"):
-                vectors = ri.embed_in_batches(["a", "b", "c"], embed, batch_size=2)
+        try:
+            with capture() as cap:
+                with ri.stage("embedding"):
+                    vectors = ri.embed_in_batches(["a", "b", "c"], embed, batch_size=2)
+        finally:
+            client.close()
     assert len(vectors) == 3
     batches = [s for s in cap.spans if s.name == "embedding batch"]
     sdk = [s for s in cap.spans if s.name == "embeddings text-embedding-3-small"]
