@@ -54,9 +54,18 @@ def start(
     kind: str,
     *,
     span_kind: trace_api.SpanKind = trace_api.SpanKind.INTERNAL,
+    leaf: bool = False,
 ) -> Operation | None:
-    """Open ``name``'s span and make it current; ``None`` if that failed (a bug of ours)."""
+    """Open ``name``'s span and make it current; ``None`` if that failed (a bug of ours).
+
+    ``leaf=True``: the operation opens nothing inside (a client call such as a Milvus
+    search): its span is the runtime's cheap leaf span and does not become current.
+    """
     try:
+        if leaf:
+            op = Operation(rt, rt.start_leaf_span(name, span_kind, attributes), kind)
+            op.start_ns = time.perf_counter_ns()
+            return op
         span = rt.tracer.start_span(name, kind=span_kind, attributes=attributes)
         op = Operation(rt, span, kind)
         parent = current_frame()

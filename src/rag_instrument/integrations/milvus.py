@@ -573,7 +573,7 @@ def _begin(
         call = _Call(operation, arguments.get("collection_name"))
     name = f"{operation} {call.collection}" if call.collection else operation
     op = _operation.start(
-        rt, name, call.attributes, attr.BREAKDOWN_VECTOR, span_kind=SpanKind.CLIENT
+        rt, name, call.attributes, attr.BREAKDOWN_VECTOR, span_kind=SpanKind.CLIENT, leaf=True
     )
     if op is not None:
         try:
