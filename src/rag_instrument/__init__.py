@@ -44,6 +44,7 @@ if _typing.TYPE_CHECKING:
     from rag_instrument.integrations.anthropic import instrument_anthropic, uninstrument_anthropic
     from rag_instrument.integrations.milvus import instrument_milvus, uninstrument_milvus
     from rag_instrument.integrations.openai import instrument_openai, uninstrument_openai
+    from rag_instrument.propagation import extract_context, inject_headers
     from rag_instrument.vector import (
         EmbeddingBatchError,
         SweepRow,
@@ -53,6 +54,7 @@ if _typing.TYPE_CHECKING:
         sweep,
         vector_search,
     )
+    from rag_instrument.web import RequestMiddleware
 
 # Statement errors raised where the database integration was never imported still render
 # through its formatter (imported on first use); importing the integration registers the
@@ -77,6 +79,7 @@ __all__ = [
     "LLMResult",
     "PipelineStage",
     "RedisCache",
+    "RequestMiddleware",
     "RetryMixin",
     "Runtime",
     "Settings",
@@ -90,10 +93,12 @@ __all__ = [
     "db_scope",
     "db_session",
     "embed_in_batches",
+    "extract_context",
     "force_flush",
     "format_table",
     "get_logger",
     "get_runtime",
+    "inject_headers",
     "instrument_anthropic",
     "instrument_milvus",
     "instrument_openai",
@@ -135,6 +140,9 @@ _LAZY: dict[str, tuple[str, str | None, str | None]] = {
     "format_table": ("rag_instrument.vector", None, None),
     "sweep": ("rag_instrument.vector", None, None),
     "vector_search": ("rag_instrument.vector", None, None),
+    "RequestMiddleware": ("rag_instrument.web", None, None),
+    "inject_headers": ("rag_instrument.propagation", None, None),
+    "extract_context": ("rag_instrument.propagation", None, None),
 }
 
 
