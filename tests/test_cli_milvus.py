@@ -108,29 +108,37 @@ def test_demo_milvus_index_is_built_outside_the_loop_and_reports_vector_work() -
             async with ri.stage("retrieval"):
                 return await index.search([1.0, 0.0, 0.0, 0.0], k=2)
         finally:
-            await index.close()
+            index.close()
 
     with capture() as cap:
         ids = asyncio.run(use())
     assert ids == [1, 3]
-    span = cap.span("search demo_documents")
+    span = cap.span(f"search {index.collection}")
     assert span.attributes["rag.vector.index_type"] == "FLAT"
     assert span.attributes["rag.vector.metric"] == "IP"
-    assert cap.span("insert demo_documents").attributes["rag.vector.row_count"] == 3
+    retrieval = cap.span("retrieval")
+    assert span.parent is not None
+    assert span.parent.span_id == retrieval.context.span_id  # across the worker thread
+    assert cap.span(f"insert {index.collection}").attributes["rag.vector.row_count"] == 3
     assert cap.find_logs("retrieval completed")[0]["breakdown"]["vector"]["count"] == 1
     assert not directory.exists()
 
 
-def test_demo_milvus_index_on_a_given_file(tmp_path: Path) -> None:
+def test_demo_milvus_index_on_a_given_file_drops_its_collection(tmp_path: Path) -> None:
     path = str(tmp_path / "mine.db")
-    index = MilvusIndex(path, dimensions=2, collection="mine")
+    index = MilvusIndex(path, dimensions=2)
 
     async def use() -> list[int]:
         try:
             await index.add([7], [[1.0, 0.0]])
             return await index.search([1.0, 0.0], k=1)
         finally:
-            await index.close()
+            index.close()
 
     assert asyncio.run(use()) == [7]
     assert Path(path).exists()  # the caller's file is left alone
+    client = MilvusClient(path)
+    try:
+        assert index.collection not in client.list_collections()
+    finally:
+        client.close()
