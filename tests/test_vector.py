@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from opentelemetry.trace import StatusCode
 
 import rag_instrument as ri
+from rag_instrument._sweep import percentile, recall_at_k
 from rag_instrument.testing import capture
-from rag_instrument.vector import percentile, query_shape, recall_at_k, result_count
+from rag_instrument.vector import query_shape, result_count
 
 # --- vector_search --------------------------------------------------------------------------
 

@@ -64,7 +64,8 @@ _registry.register_error_formatter(
 )
 # Milvus errors quote the filter expression, literal values included.
 _registry.register_error_formatter(
-    "pymilvus", _registry.lazy_formatter("rag_instrument.integrations.milvus", "sanitize_error")
+    "pymilvus",
+    _registry.lazy_formatter("rag_instrument.integrations._milvus_expr", "sanitize_error"),
 )
 
 try:
