@@ -37,7 +37,13 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     ("runtime", ("_runtime", "_context", "_breakdown")),
     ("logs and tracing", ("logs", "exporters", "_leaf")),
-    ("stages", ("stages", "_genai", "retry", "llm", "cache", "cache.*", "vector", "_operation")),
+    (
+        "stages",
+        (
+            "stages", "_genai", "retry", "llm", "cache", "cache.*", "vector", "_operation",
+            "_stagehooks", "_resources", "eventloop", "_profiler", "profiling",
+        ),
+    ),
     ("setup", ("_config",)),
     (
         "integrations",

@@ -41,9 +41,11 @@ if _typing.TYPE_CHECKING:
         instrument_sqlalchemy,
         uninstrument_sqlalchemy,
     )
+    from rag_instrument.eventloop import EventLoopWatch, watch_event_loop
     from rag_instrument.integrations.anthropic import instrument_anthropic, uninstrument_anthropic
     from rag_instrument.integrations.milvus import instrument_milvus, uninstrument_milvus
     from rag_instrument.integrations.openai import instrument_openai, uninstrument_openai
+    from rag_instrument.profiling import Profile, profile
     from rag_instrument.propagation import extract_context, inject_headers
     from rag_instrument.vector import (
         EmbeddingBatchError,
@@ -77,9 +79,11 @@ __all__ = [
     "CacheMixin",
     "CacheSpec",
     "EmbeddingBatchError",
+    "EventLoopWatch",
     "LLMProvider",
     "LLMResult",
     "PipelineStage",
+    "Profile",
     "RedisCache",
     "RequestMiddleware",
     "RetryMixin",
@@ -107,6 +111,7 @@ __all__ = [
     "instrument_sqlalchemy",
     "is_configured",
     "pipeline_stage_context",
+    "profile",
     "request_context",
     "retry",
     "shutdown",
@@ -119,6 +124,7 @@ __all__ = [
     "uninstrument_openai",
     "uninstrument_sqlalchemy",
     "vector_search",
+    "watch_event_loop",
     "wrap_context",
 ]
 
@@ -142,6 +148,11 @@ _LAZY: dict[str, tuple[str, str | None, str | None]] = {
     "format_table": ("rag_instrument.vector", None, None),
     "sweep": ("rag_instrument.vector", None, None),
     "vector_search": ("rag_instrument.vector", None, None),
+    # Standard library only, but cProfile/pstats/tracemalloc stay off the import path.
+    "profile": ("rag_instrument.profiling", None, None),
+    "Profile": ("rag_instrument.profiling", None, None),
+    "watch_event_loop": ("rag_instrument.eventloop", None, None),
+    "EventLoopWatch": ("rag_instrument.eventloop", None, None),
     "RequestMiddleware": ("rag_instrument.web", None, None),
     "inject_headers": ("rag_instrument.propagation", None, None),
     "extract_context": ("rag_instrument.propagation", None, None),
