@@ -217,6 +217,9 @@ def _own_message(exc: BaseException, capture_content: bool) -> str:
         return _driver_message(exc)
     if not capture_content and f"{module}.".startswith(_SDK_MODULES):
         return _sdk_message(exc)
+    rendered = format_error(exc)  # an integration's safe rendering (e.g. pymilvus errors)
+    if rendered is not None:
+        return rendered
     return safe_str(exc)
 
 
