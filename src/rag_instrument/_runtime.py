@@ -26,7 +26,7 @@ from rag_instrument._settings import Settings
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import Counter, Histogram, Meter
-    from opentelemetry.trace import Span, SpanKind, Tracer
+    from opentelemetry.trace import Span, SpanKind, Status, Tracer
 
     from rag_instrument.exporters import Pipelines
     from rag_instrument.logs import LogOutput
@@ -57,6 +57,28 @@ class SpanTools(Protocol):
 
     def mark_if_clean(self, span: Span, attr_count: int) -> None:
         """Skip export-time redaction of ``span`` if nobody but us set attributes or events."""
+        ...
+
+    def start_stage_span(
+        self,
+        tracer: Tracer,
+        name: str,
+        attributes: dict[str, Any],
+        *,
+        sanitized: bool = False,
+    ) -> Span:
+        """Start a stage's span (the current span while it runs), as cheaply as allowed."""
+        ...
+
+    def end_stage_span(
+        self,
+        span: Span,
+        attributes: dict[str, Any] | None,
+        status: Status | None,
+        event: tuple[str, dict[str, Any]] | None,
+        clean_count: int | None,
+    ) -> None:
+        """End a stage's span with the library's own (sanitised) additions."""
         ...
 
 
@@ -178,6 +200,45 @@ class Runtime:
         if tools is None:
             return self.tracer.start_span(name, kind=kind, attributes=attributes)
         return tools.start_leaf_span(self.tracer, name, kind, attributes, sanitized=sanitized)
+
+    def start_span(self, name: str, attributes: dict[str, Any]) -> Span:
+        """Start a stage's span; ``attributes`` were all made by the library's sanitiser.
+
+        With an SDK configured by rag_instrument, a recording span without the SDK span's
+        per-span machinery (see ``exporters.StageSpan``), else the tracer's ``start_span``.
+        ``attributes`` may be kept as they are: do not change them afterwards.
+        """
+        tools = self._tools
+        if tools is None:
+            return self.tracer.start_span(name, attributes=attributes)
+        return tools.start_stage_span(self.tracer, name, attributes, sanitized=self.settings.redact)
+
+    def end_span(
+        self,
+        span: Span,
+        attr_count: int,
+        attributes: dict[str, Any] | None = None,
+        status: Status | None = None,
+        event: tuple[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """End a span :meth:`start_span` started, adding the library's own (sanitised) parts.
+
+        ``attr_count``: how many attributes it was started with. Export skips redacting
+        the span when nobody else added attributes, events or a status.
+        """
+        tools = self._tools
+        if tools is not None:
+            clean_count = attr_count if self.settings.redact else None
+            tools.end_stage_span(span, attributes, status, event, clean_count)
+            return
+        if span.is_recording():
+            if attributes:
+                span.set_attributes(attributes)
+            if status is not None:
+                span.set_status(status)
+            if event is not None:
+                span.add_event(event[0], event[1])
+        span.end()
 
     def mark_if_clean(self, span: Span, attr_count: int) -> None:
         """Let export skip redacting ``span`` if it holds only our ``attr_count`` attributes."""

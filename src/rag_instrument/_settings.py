@@ -532,4 +532,3 @@ def write_table(page: Path) -> bool:
         return False
     page.write_text(updated)
     return True
-

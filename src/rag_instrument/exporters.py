@@ -59,9 +59,12 @@ from opentelemetry.trace import Status
 from rag_instrument import attributes as attr
 from rag_instrument._leaf import (
     LeafSpan,
+    StageSpan,
+    end_stage_span,
     mark_if_clean,
     mark_sanitized,
     start_leaf_span,
+    start_stage_span,
     take_sanitized,
 )
 from rag_instrument._sanitize import REDACTED, is_secret_key, redact_text
@@ -77,11 +80,14 @@ __all__ = [
     "LeafSpan",
     "Pipelines",
     "SafeSpanExporter",
+    "StageSpan",
     "build",
+    "end_stage_span",
     "mark_if_clean",
     "mark_sanitized",
     "redact_span",
     "start_leaf_span",
+    "start_stage_span",
 ]
 
 #: Large enough that a tight loop of stages does not outrun the export thread; the SDK's
@@ -337,6 +343,11 @@ class DispatchProcessor(SpanProcessor):
         self._starters = tuple(p for p in processors if type(p).on_start not in _NO_OP_ON_START)
         self._processors = processors
 
+    @property
+    def acts_on_start(self) -> bool:
+        """Whether a processor fed now does something on start (stage spans ask per span)."""
+        return bool(self._starters)
+
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         """Call every current processor that acts on start, isolating their failures."""
         for processor in self._starters:
@@ -498,6 +509,28 @@ class Pipelines:
     ) -> trace_api.Span:
         """Start a span that will have no children (see :func:`start_leaf_span`)."""
         return start_leaf_span(tracer, name, kind, attributes, sanitized=sanitized)
+
+    @staticmethod
+    def start_stage_span(
+        tracer: trace_api.Tracer,
+        name: str,
+        attributes: dict[str, Any],
+        *,
+        sanitized: bool = False,
+    ) -> trace_api.Span:
+        """Start a stage's span (see :func:`start_stage_span`)."""
+        return start_stage_span(tracer, name, attributes, sanitized=sanitized)
+
+    @staticmethod
+    def end_stage_span(
+        span: trace_api.Span,
+        attributes: dict[str, Any] | None,
+        status: Status | None,
+        event: tuple[str, dict[str, Any]] | None,
+        clean_count: int | None,
+    ) -> None:
+        """End a stage's span with the library's own additions (see :func:`end_stage_span`)."""
+        end_stage_span(span, attributes, status, event, clean_count)
 
     @staticmethod
     def mark_if_clean(span: trace_api.Span, attr_count: int) -> None:

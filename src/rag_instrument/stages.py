@@ -33,13 +33,20 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace as trace_api
 from opentelemetry.trace import Status, StatusCode
 
 from rag_instrument import _breakdown
 from rag_instrument import attributes as attr
-from rag_instrument._context import Frame, bound, current_frame, reset_frame, set_frame
+from rag_instrument._context import (
+    Frame,
+    attach_span,
+    bound,
+    current_frame,
+    detach_span,
+    reset_frame,
+    set_frame,
+)
 from rag_instrument._registry import register_span_kind, span_kind
 from rag_instrument._runtime import get_runtime
 from rag_instrument._sanitize import exception_message, to_attribute_value
@@ -144,11 +151,11 @@ def _begin(spec: _Spec, rt: Runtime, owner: object) -> Frame:
     context_attrs = bound().attrs
     if context_attrs:
         attributes = {**context_attrs, **attributes}
-    span = rt.tracer.start_span(spec.name, attributes=attributes)
+    span = rt.start_span(spec.name, attributes)
     stage_name = spec.name if spec.is_stage else (parent.stage if parent is not None else None)
     frame = Frame(spec.name, stage_name, spec.is_stage, parent, span, owner)
     frame.attr_count = len(attributes)
-    frame.tokens = (otel_context.attach(trace_api.set_span_in_context(span)), set_frame(frame))
+    frame.tokens = (attach_span(span), set_frame(frame))
     frame.start_ns = time.perf_counter_ns()
     return frame
 
@@ -161,7 +168,8 @@ def _safe_begin(spec: _Spec, rt: Runtime, owner: object) -> Frame | None:
         return None
 
 
-def _record_exception(span: Span, exc: BaseException, rt: Runtime) -> None:
+def _exception_record(exc: BaseException, rt: Runtime) -> tuple[Status, tuple[str, dict[str, Any]]]:
+    """The span status and ``exception`` event for ``exc``, sanitised."""
     sanitizer = rt.sanitizer
     clean_message = exception_message(exc, sanitizer, rt.settings.capture_content)
     exc_type = type(exc)
@@ -177,8 +185,8 @@ def _record_exception(span: Span, exc: BaseException, rt: Runtime) -> None:
     except Exception:
         frames = ""
     stack = f"Traceback (most recent call last):\n{frames}{qualname}: {clean_message}"
-    span.set_status(Status(StatusCode.ERROR, f"{exc_type.__name__}: {clean_message}"))
-    span.add_event(
+    status = Status(StatusCode.ERROR, f"{exc_type.__name__}: {clean_message}")
+    return status, (
         "exception",
         {
             "exception.type": qualname,
@@ -203,7 +211,7 @@ def _end(
     if tokens is not None:
         try:
             reset_frame(tokens[1])
-            otel_context.detach(tokens[0])
+            detach_span(tokens[0])
         except Exception:
             # Exited in a different context than entered (a misused context manager):
             # restore nothing rather than someone else's state.
@@ -220,28 +228,31 @@ def _end(
     cancelled = exc is not None and not isinstance(exc, Exception)
     budget = rt.budgets.get(spec.name) if spec.is_stage and rt.budgets else None
     exceeded = budget is not None and ms > budget
+    # The library's own additions at the end (all sanitised where they are made: export
+    # skips redacting the span if nothing else added attributes, events or a status).
+    own: dict[str, Any] | None = None
+    status: Status | None = None
+    exc_event: tuple[str, dict[str, Any]] | None = None
     try:
-        if span.is_recording():
-            # Everything this library puts on a stage span is sanitised where it is made.
-            # If nothing else added attributes or events, export can skip redacting it.
-            rt.mark_if_clean(span, frame.attr_count)
+        if span.is_recording() and (breakdown or items is not None or exc is not None or exceeded):
+            own = {}
             if breakdown:
-                span.set_attributes(_breakdown.as_attributes(breakdown))
+                own.update(_breakdown.as_attributes(breakdown))
             if items is not None:
-                span.set_attribute(attr.RAG_STREAM_ITEMS, items)
-                span.set_attribute(attr.RAG_STREAM_COMPLETED, completed)
+                own[attr.RAG_STREAM_ITEMS] = items
+                own[attr.RAG_STREAM_COMPLETED] = completed
             if exc is not None:
-                span.set_attribute(attr.ERROR_TYPE, type(exc).__qualname__)
+                own[attr.ERROR_TYPE] = type(exc).__qualname__
                 if cancelled:
-                    span.set_attribute(attr.RAG_CANCELLED, True)
+                    own[attr.RAG_CANCELLED] = True
                 else:
-                    _record_exception(span, exc, rt)
+                    status, exc_event = _exception_record(exc, rt)
             if exceeded:
-                span.set_attribute(attr.RAG_BUDGET_EXCEEDED, True)
-                span.set_attribute(attr.RAG_BUDGET_MS, budget)
+                own[attr.RAG_BUDGET_EXCEEDED] = True
+                own[attr.RAG_BUDGET_MS] = budget
     finally:
         try:
-            span.end()
+            rt.end_span(span, frame.attr_count, own, status, exc_event)
         except Exception as end_exc:  # a span processor we do not own raised
             user_code_error("ending a span", end_exc)
     if spec.is_stage:
