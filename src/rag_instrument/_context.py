@@ -31,6 +31,7 @@ __all__ = [
     "bind_context",
     "bound",
     "current_frame",
+    "current_span",
     "current_stage",
     "detach_span",
     "request_context",
@@ -154,6 +155,15 @@ def attach_span(span: Span) -> Any:
         return otel_context.attach(trace_api.set_span_in_context(span))
     values: dict[str, object] = {**var.get(), _SPAN_KEY: span}  # type: ignore[dict-item]
     return var.set(Context(values))
+
+
+def current_span() -> Span:
+    """``trace.get_current_span()``, read from the API's context variable directly."""
+    var = _CURRENT
+    if var is None:
+        return trace_api.get_current_span()
+    span: Span = var.get().get(_SPAN_KEY, trace_api.INVALID_SPAN)  # type: ignore[arg-type,assignment]
+    return span
 
 
 def detach_span(token: Any) -> None:

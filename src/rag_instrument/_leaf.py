@@ -33,6 +33,8 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 from opentelemetry.sdk.util import BoundedList
 from opentelemetry.trace import Status, StatusCode
 
+from rag_instrument._context import current_span
+
 __all__ = [
     "LeafSpan",
     "StageSpan",
@@ -551,6 +553,31 @@ _NO_OP_ENDING: Final = frozenset(
     getattr(cls, "_on_ending", None)
     for cls in (SpanProcessor, BatchSpanProcessor, SimpleSpanProcessor)
 )
+
+
+def _tuple_layout() -> bool:
+    # SpanContext is a tuple (trace id, span id, remote, flags, state, valid) whose
+    # constructor re-validates the ids; ours are valid by construction. Build it directly
+    # only if this API's SpanContext is still laid out that way.
+    flags, state = trace_api.TraceFlags(1), trace_api.TraceState()
+    made = trace_api.SpanContext(3, 5, is_remote=False, trace_flags=flags, trace_state=state)
+    raw = tuple.__new__(trace_api.SpanContext, (3, 5, False, flags, state, True))
+    return (
+        made == raw
+        and raw.trace_id == 3
+        and raw.span_id == 5
+        and raw.is_valid
+        and raw.trace_flags is flags
+        and raw.trace_state is state
+        and not raw.is_remote
+    )
+
+
+_RAW_CONTEXT: Final = _tuple_layout()
+_DEFAULT_STATE: Final = trace_api.DEFAULT_TRACE_STATE
+_MAX_TRACE_ID: Final = 2**128 - 1
+_MAX_SPAN_ID: Final = 2**64 - 1
+
 # Whether this SDK sets the "random trace id" flag (W3C Trace Context level 2).
 _RANDOM_FLAG: Final = int(getattr(trace_api.TraceFlags, "RANDOM_TRACE_ID", 0))
 _FLAGS: Final = tuple(trace_api.TraceFlags(bits) for bits in range(4))
@@ -580,7 +607,10 @@ class _Processor:
     def acts_on_start(self) -> bool:
         if self.starting:
             return True
-        return any(processor.acts_on_start for processor in self.dynamic)
+        for processor in self.dynamic:  # noqa: SIM110 - no generator on the hot path
+            if processor.acts_on_start:
+                return True
+        return False
 
 
 class _Facts:
@@ -665,7 +695,7 @@ def start_stage_span(
     if not facts.ok or (facts.enabled is not None and not facts.enabled()):
         return tracer.start_span(name, attributes=attributes)
     sdk: Any = tracer
-    parent: trace_api.SpanContext | None = trace_api.get_current_span().get_span_context()
+    parent: trace_api.SpanContext | None = current_span().get_span_context()
     sampler = sdk.sampler
     sampling = facts.sampling_of(sampler)
     sampled = recording = True
@@ -707,13 +737,16 @@ def start_stage_span(
             span_id = random.getrandbits(64)
     else:
         span_id = sdk.id_generator.generate_span_id()
-    context = trace_api.SpanContext(
-        trace_id,
-        span_id,
-        is_remote=False,
-        trace_flags=_FLAGS[(1 if sampled else 0) | random_flag],
-        trace_state=trace_state,
-    )
+    flags = _FLAGS[(1 if sampled else 0) | random_flag]
+    if _RAW_CONTEXT and 0 < trace_id <= _MAX_TRACE_ID and 0 < span_id <= _MAX_SPAN_ID:
+        context = tuple.__new__(
+            trace_api.SpanContext,
+            (trace_id, span_id, False, flags, trace_state or _DEFAULT_STATE, True),
+        )
+    else:
+        context = trace_api.SpanContext(
+            trace_id, span_id, is_remote=False, trace_flags=flags, trace_state=trace_state
+        )
     if not recording:
         return trace_api.NonRecordingSpan(context)
     processor = facts.processors()

@@ -510,27 +510,10 @@ class Pipelines:
         """Start a span that will have no children (see :func:`start_leaf_span`)."""
         return start_leaf_span(tracer, name, kind, attributes, sanitized=sanitized)
 
-    @staticmethod
-    def start_stage_span(
-        tracer: trace_api.Tracer,
-        name: str,
-        attributes: dict[str, Any],
-        *,
-        sanitized: bool = False,
-    ) -> trace_api.Span:
-        """Start a stage's span (see :func:`start_stage_span`)."""
-        return start_stage_span(tracer, name, attributes, sanitized=sanitized)
-
-    @staticmethod
-    def end_stage_span(
-        span: trace_api.Span,
-        attributes: dict[str, Any] | None,
-        status: Status | None,
-        event: tuple[str, dict[str, Any]] | None,
-        clean_count: int | None,
-    ) -> None:
-        """End a stage's span with the library's own additions (see :func:`end_stage_span`)."""
-        end_stage_span(span, attributes, status, event, clean_count)
+    #: Start a stage's span (see :func:`start_stage_span`).
+    start_stage_span = staticmethod(start_stage_span)
+    #: End a stage's span with the library's own additions (see :func:`end_stage_span`).
+    end_stage_span = staticmethod(end_stage_span)
 
     @staticmethod
     def mark_if_clean(span: trace_api.Span, attr_count: int) -> None:
