@@ -305,13 +305,20 @@ class _CountingBatchProcessor(BatchSpanProcessor):
         self._drops = drops
         inner = getattr(self, "_batch_processor", None)
         self._queue = getattr(inner, "_queue", None)
+        # The SDK's on_end is "queue it if sampled": done here directly when its batch
+        # processor has the expected shape (a stage's hot path), else through it.
+        self._emit = getattr(inner, "emit", None)
 
     def on_end(self, span: ReadableSpan) -> None:
-        """Call every current processor (or queue the span), isolating failures."""
+        """Queue the span (if sampled), counting it when the queue is full."""
         queue = self._queue
         if queue is not None and queue.maxlen is not None and len(queue) >= queue.maxlen:
             self._drops.add(1)
-        super().on_end(span)
+        emit = self._emit
+        if emit is None:
+            super().on_end(span)
+        elif span.context is not None and span.context.trace_flags.sampled:
+            emit(span)
 
 
 _NO_OP_ON_START: Final = frozenset(
