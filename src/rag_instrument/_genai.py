@@ -30,12 +30,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
-from opentelemetry import context as otel_context
-from opentelemetry import trace as trace_api
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from rag_instrument import _breakdown
 from rag_instrument import attributes as attr
+from rag_instrument._context import attach_span, detach_span
 from rag_instrument._sanitize import REDACTED, safe_str
 from rag_instrument._utils import http_status, internal_error, user_code_error
 from rag_instrument.attributes import (
@@ -210,8 +209,7 @@ class GenAICall:
     # --- context ------------------------------------------------------------------------
     def attach(self) -> None:
         """Make the span current (children nest under it) until :meth:`detach`."""
-        ctx = otel_context.attach(trace_api.set_span_in_context(self.span))
-        self._token = (ctx, _current.set(self))
+        self._token = (attach_span(self.span), _current.set(self))
 
     def detach(self) -> None:
         """Undo :meth:`attach`; safe to call twice or from another context."""
@@ -220,7 +218,7 @@ class GenAICall:
             return
         try:
             _current.reset(token[1])
-            otel_context.detach(token[0])  # type: ignore[arg-type]
+            detach_span(token[0])
         except Exception:
             pass  # detached in another context (a dropped stream): restore nothing
 
@@ -316,7 +314,7 @@ class GenAICall:
             if output_tokens is not None:
                 values[GEN_AI_USAGE_OUTPUT_TOKENS] = output_tokens
             if finish_reasons:
-                values[GEN_AI_RESPONSE_FINISH_REASONS] = [str(r) for r in finish_reasons]
+                values[GEN_AI_RESPONSE_FINISH_REASONS] = tuple(str(r) for r in finish_reasons)
             if self.attempts:
                 values[RAG_RETRY_ATTEMPTS] = self.attempts
                 values[RAG_RETRY_BACKOFF_MS] = round(self.backoff_ms, 3)
@@ -337,9 +335,10 @@ class GenAICall:
                     values[attr.RAG_CANCELLED] = True
                 else:
                     self._record_exception(exc)
-            span.set_attributes(values)
+        else:
+            values = {}
         try:
-            span.end()
+            rt.end_span(span, 0, values)
         except Exception as end_exc:
             user_code_error("ending a span", end_exc)
         metric_attrs: dict[str, str] = self.metric_attrs
@@ -460,7 +459,9 @@ def start_call(
     if prompt is not None and rt.settings.capture_content:
         text = prompt if isinstance(prompt, str) else prompt()
         attributes[GEN_AI_INPUT_MESSAGES] = _messages_json("user", text, rt, secrets)
-    span = rt.tracer.start_span(f"{operation} {model}", kind=SpanKind.CLIENT, attributes=attributes)
+    # Not sanitised as a whole (the provider and model names are the application's): export
+    # redacts the span as it does any other instrumentation's.
+    span = rt.start_span(f"{operation} {model}", attributes, kind=SpanKind.CLIENT, sanitized=False)
     call = GenAICall(rt, span, operation, breakdown_kind, secrets)
     call.metric_attrs = {
         GEN_AI_OPERATION_NAME: operation,

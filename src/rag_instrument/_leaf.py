@@ -676,6 +676,7 @@ def start_stage_span(
     name: str,
     attributes: dict[str, Any],
     *,
+    kind: trace_api.SpanKind = trace_api.SpanKind.INTERNAL,
     sanitized: bool = False,
 ) -> trace_api.Span:
     """Start a stage span: a :class:`StageSpan` on an SDK tracer, else the tracer's own.
@@ -693,7 +694,7 @@ def start_stage_span(
     if facts is None or facts.tracer is not tracer:
         facts = _FACTS[0] = _Facts(tracer)
     if not facts.ok or (facts.enabled is not None and not facts.enabled()):
-        return tracer.start_span(name, attributes=attributes)
+        return tracer.start_span(name, kind=kind, attributes=attributes)
     sdk: Any = tracer
     parent: trace_api.SpanContext | None = current_span().get_span_context()
     sampler = sdk.sampler
@@ -721,9 +722,7 @@ def start_stage_span(
         if sampling == "parent-root":
             sampling = ""  # a root under a ratio (or other) root sampler: asked below
     if not sampling:
-        result = sampler.should_sample(
-            None, trace_id, name, trace_api.SpanKind.INTERNAL, attributes, ()
-        )
+        result = sampler.should_sample(None, trace_id, name, kind, attributes, ())
         decision = result.decision
         sampled, recording = decision.is_sampled(), decision.is_recording()
         trace_state = result.trace_state
@@ -751,6 +750,8 @@ def start_stage_span(
         return trace_api.NonRecordingSpan(context)
     processor = facts.processors()
     span = StageSpan(sdk, name, context, parent, attributes, sanitized, processor)
+    if kind is not trace_api.SpanKind.INTERNAL:
+        span._kind = kind
     if processor.acts_on_start():
         processor.multi.on_start(span, parent_context=None)
     return span

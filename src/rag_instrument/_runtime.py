@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["Runtime", "SpanTools", "get_runtime", "install", "is_configured"]
 
 LIBRARY: str = "rag_instrument"
+_INTERNAL = trace_api.SpanKind.INTERNAL
 
 
 class SpanTools(Protocol):
@@ -65,6 +66,7 @@ class SpanTools(Protocol):
         name: str,
         attributes: dict[str, Any],
         *,
+        kind: SpanKind = ...,
         sanitized: bool = False,
     ) -> Span:
         """Start a stage's span (the current span while it runs), as cheaply as allowed."""
@@ -201,17 +203,28 @@ class Runtime:
             return self.tracer.start_span(name, kind=kind, attributes=attributes)
         return tools.start_leaf_span(self.tracer, name, kind, attributes, sanitized=sanitized)
 
-    def start_span(self, name: str, attributes: dict[str, Any]) -> Span:
-        """Start a stage's span; ``attributes`` were all made by the library's sanitiser.
+    def start_span(
+        self,
+        name: str,
+        attributes: dict[str, Any],
+        *,
+        kind: SpanKind = _INTERNAL,
+        sanitized: bool = True,
+    ) -> Span:
+        """Start a span of the library's own (a stage, a model call), ended by :meth:`end_span`.
 
         With an SDK configured by rag_instrument, a recording span without the SDK span's
         per-span machinery (see ``exporters.StageSpan``), else the tracer's ``start_span``.
         ``attributes`` may be kept as they are: do not change them afterwards.
+        ``sanitized``: every attribute was made by the library's sanitiser (export may
+        skip redacting the span as long as nobody else adds to it).
         """
         tools = self._tools
         if tools is None:
-            return self.tracer.start_span(name, attributes=attributes)
-        return tools.start_stage_span(self.tracer, name, attributes, sanitized=self.settings.redact)
+            return self.tracer.start_span(name, kind=kind, attributes=attributes)
+        return tools.start_stage_span(
+            self.tracer, name, attributes, kind=kind, sanitized=sanitized and self.settings.redact
+        )
 
     def end_span(
         self,
