@@ -209,17 +209,47 @@ class BenchLLM(ri.LLMProvider):
         return ri.LLMResult("ok", 1, 1, "stop", "m")
 
 
-def per_call_us_async(make: Callable[[], Awaitable[object]], calls: int, repeats: int) -> float:
-    """Median per-call time of awaiting ``make()`` in a loop (one event loop per repeat)."""
+def generate_rounds(
+    staged: Callable[[], object],
+    bare: Callable[[], Awaitable[object]],
+    generate: Callable[[], Awaitable[object]],
+    calls: int,
+    rounds: int,
+) -> dict[str, tuple[float, float]]:
+    """Per call (wall, CPU of this thread): the stage, the bare model call and generate.
 
-    async def loop(count: int) -> float:
-        start = time.perf_counter_ns()
+    The three take turns for ``rounds`` rounds; each reports its best round.
+    """
+
+    async def timed(make: Callable[[], Awaitable[object]], count: int) -> tuple[float, float]:
+        cpu, start = time.thread_time_ns(), time.perf_counter_ns()
         for _ in range(count):
             await make()
-        return (time.perf_counter_ns() - start) / count / 1000
+        return (time.perf_counter_ns() - start) / count / 1000, (
+            time.thread_time_ns() - cpu
+        ) / count / 1000
 
-    asyncio.run(loop(min(calls, 2000)))
-    return statistics.median(asyncio.run(loop(calls)) for _ in range(repeats))
+    def timed_sync(count: int) -> tuple[float, float]:
+        cpu, start = time.thread_time_ns(), time.perf_counter_ns()
+        for _ in range(count):
+            staged()
+        return (time.perf_counter_ns() - start) / count / 1000, (
+            time.thread_time_ns() - cpu
+        ) / count / 1000
+
+    warm = min(calls, 2000)
+    timed_sync(warm)
+    asyncio.run(timed(bare, warm))
+    asyncio.run(timed(generate, warm))
+    best = {name: (float("inf"), float("inf")) for name in ("stage", "bare", "generate")}
+    for _ in range(rounds):
+        for name, result in (
+            ("stage", timed_sync(calls)),
+            ("bare", asyncio.run(timed(bare, calls))),
+            ("generate", asyncio.run(timed(generate, calls))),
+        ):
+            best[name] = (min(best[name][0], result[0]), min(best[name][1], result[1]))
+    return best
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -314,16 +344,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             capture_logging=False,
         )
         bare, provider = BareLLM(), BenchLLM()
-        base = per_call_us_async(lambda: bare._generate("q"), args.calls, args.repeats)
-        generate = per_call_us_async(lambda: provider.generate("q"), args.calls, args.repeats)
+        timed_llm = generate_rounds(
+            staged,
+            lambda: bare._generate("q"),
+            lambda: provider.generate("q"),
+            args.calls,
+            args.repeats * 2,
+        )
         ri.shutdown()
-        overhead = generate - base
+        stage_wall, stage_cpu = timed_llm["stage"]
+        wall = timed_llm["generate"][0] - timed_llm["bare"][0]
+        cpu = timed_llm["generate"][1] - timed_llm["bare"][1]
         rows.append(
             (
                 "LLMProvider.generate, configured: overhead",
-                overhead,
-                f"goal: <= 1.5x the configured stage ({1.5 * configured:.2f}); "
-                f"is {overhead / configured:.2f}x",
+                wall,
+                f"goal: <= 1.5x the configured stage ({1.5 * stage_wall:.2f} in these rounds); "
+                f"is {wall / stage_wall:.2f}x",
+            )
+        )
+        rows.append(
+            (
+                "  CPU of the calling thread",
+                cpu,
+                f"the stage's: {stage_cpu:.2f}; is {cpu / stage_cpu:.2f}x",
             )
         )
 

@@ -314,7 +314,7 @@ class GenAICall:
             if output_tokens is not None:
                 values[GEN_AI_USAGE_OUTPUT_TOKENS] = output_tokens
             if finish_reasons:
-                values[GEN_AI_RESPONSE_FINISH_REASONS] = tuple(str(r) for r in finish_reasons)
+                values[GEN_AI_RESPONSE_FINISH_REASONS] = tuple(map(str, finish_reasons))
             if self.attempts:
                 values[RAG_RETRY_ATTEMPTS] = self.attempts
                 values[RAG_RETRY_BACKOFF_MS] = round(self.backoff_ms, 3)
@@ -447,7 +447,8 @@ def start_call(
         secrets: literal strings (a client's API key) to replace in every text recorded
             for this call; those shorter than 8 characters are ignored.
     """
-    secrets = tuple(s for s in secrets if isinstance(s, str) and len(s) >= _MIN_SECRET_CHARS)
+    if secrets:
+        secrets = tuple(s for s in secrets if isinstance(s, str) and len(s) >= _MIN_SECRET_CHARS)
     attributes: dict[str, Any] = {
         GEN_AI_OPERATION_NAME: operation,
         GEN_AI_PROVIDER_NAME: system,
