@@ -27,7 +27,19 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("logs and tracing", ("logs", "exporters", "_leaf")),
     ("stages", ("stages", "_genai", "retry", "llm", "cache", "cache.*")),
     ("setup", ("_config",)),
-    ("integrations", ("db", "db.*", "integrations", "integrations.*", "testing", "pytest_plugin")),
+    (
+        "integrations",
+        (
+            "db",
+            "db.*",
+            "integrations",
+            "integrations.*",
+            "web",
+            "propagation",
+            "testing",
+            "pytest_plugin",
+        ),
+    ),
     ("package", ("",)),  # rag_instrument/__init__.py: re-exports everything
     ("cli", ("cli", "cli.*")),
 )

@@ -43,6 +43,8 @@ if _typing.TYPE_CHECKING:
     )
     from rag_instrument.integrations.anthropic import instrument_anthropic, uninstrument_anthropic
     from rag_instrument.integrations.openai import instrument_openai, uninstrument_openai
+    from rag_instrument.propagation import extract_context, inject_headers
+    from rag_instrument.web import RequestMiddleware
 
 # Statement errors raised where the database integration was never imported still render
 # through its formatter (imported on first use); importing the integration registers the
@@ -62,6 +64,7 @@ __all__ = [
     "LLMResult",
     "PipelineStage",
     "RedisCache",
+    "RequestMiddleware",
     "RetryMixin",
     "Runtime",
     "Settings",
@@ -72,9 +75,11 @@ __all__ = [
     "configure",
     "db_scope",
     "db_session",
+    "extract_context",
     "force_flush",
     "get_logger",
     "get_runtime",
+    "inject_headers",
     "instrument_anthropic",
     "instrument_openai",
     "instrument_sqlalchemy",
@@ -103,6 +108,9 @@ _LAZY: dict[str, tuple[str, str | None, str | None]] = {
     "db_session": ("rag_instrument.db", "sqlalchemy", "sqlalchemy"),
     "db_scope": ("rag_instrument.db", "sqlalchemy", "sqlalchemy"),
     "uninstrument_sqlalchemy": ("rag_instrument.db", "sqlalchemy", "sqlalchemy"),
+    "RequestMiddleware": ("rag_instrument.web", None, None),
+    "inject_headers": ("rag_instrument.propagation", None, None),
+    "extract_context": ("rag_instrument.propagation", None, None),
 }
 
 

@@ -14,12 +14,23 @@ Shape, as it appears on the stage's completion line::
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from typing import Any
 
 from rag_instrument._context import Frame, current_frame
 
-__all__ = ["as_attributes", "detach", "largest", "record", "record_cache", "render", "roll_up"]
+__all__ = [
+    "StageTimings",
+    "as_attributes",
+    "detach",
+    "largest",
+    "record",
+    "record_cache",
+    "render",
+    "roll_up",
+    "stage_timings",
+]
 
 # Frames are per task, but a frame's children may finish on other threads (work submitted
 # through ``wrap_context``). One process-wide lock keeps their roll-ups from losing counts;
@@ -127,3 +138,35 @@ def as_attributes(breakdown: dict[str, dict[str, float]]) -> dict[str, float | i
         for key, amount in values.items():
             out[f"rag.breakdown.{kind}.{key}"] = round(amount, 3) if key == "ms" else int(amount)
     return out
+
+
+# --- stage timings of a web request ---------------------------------------------------------
+
+
+class StageTimings:
+    """Stage durations of one web request, by stage name, for its ``Server-Timing`` header.
+
+    The request middleware puts one in :data:`stage_timings` for the request's context;
+    every stage that ends inside (nested ones, work in ``wrap_context`` threads and body
+    iterators included) adds its duration. Bounded: names past the 32nd are not kept.
+    """
+
+    __slots__ = ("by_name",)
+
+    def __init__(self) -> None:
+        #: stage name -> [runs, total milliseconds], in the order stages first finished.
+        self.by_name: dict[str, list[float]] = {}
+
+    def add(self, name: str, ms: float) -> None:
+        """Count one run of stage ``name`` that took ``ms`` milliseconds."""
+        entry = self.by_name.get(name)
+        if entry is not None:
+            entry[0] += 1
+            entry[1] += ms
+        elif len(self.by_name) < 32:
+            self.by_name[name] = [1, ms]
+
+
+stage_timings: contextvars.ContextVar[StageTimings | None] = contextvars.ContextVar(
+    "rag_instrument.stage_timings", default=None
+)

@@ -244,7 +244,7 @@ def _parse_log_file(name: str, value: Any, origin: str) -> str:
 
 
 def _parse_budgets(name: str, value: Any, origin: str) -> dict[str, float]:
-    accepted = "a mapping of stage name to a positive number of milliseconds"
+    accepted = "a mapping of stage name (or 'METHOD /route') to a positive number of milliseconds"
     if isinstance(value, str):
         text = value.strip()
         try:
@@ -383,8 +383,8 @@ class Settings:
     budgets: Mapping[str, float] = setting(
         {},
         _parse_budgets,
-        'milliseconds per stage, e.g. `{"retrieval": 1500, "search": 2000}`',
-        env_doc="`RAG_INSTRUMENT_BUDGETS` (`retrieval=1500,search=2000` or JSON)",
+        'milliseconds per stage or route, e.g. `{"retrieval": 1500, "POST /api/search": 2000}`',
+        env_doc="`RAG_INSTRUMENT_BUDGETS` (`retrieval=1500,POST /api/search=2000` or JSON)",
         default_doc="none",
     )
     sample_ratio: float = setting(

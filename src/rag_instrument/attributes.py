@@ -17,6 +17,7 @@ __all__ = [
     "BREAKDOWN_KINDS",
     "BREAKDOWN_LLM",
     "BREAKDOWN_VECTOR",
+    "CLIENT_ADDRESS",
     "DB_COLLECTION_NAME",
     "DB_CONNECTION_POOL_NAME",
     "DB_CONNECTION_STATE",
@@ -32,6 +33,7 @@ __all__ = [
     "EVENT_LLM_CANCELLED",
     "EVENT_LLM_COMPLETED",
     "EVENT_LLM_FAILED",
+    "EVENT_REQUEST_COMPLETED",
     "EVENT_RETRY",
     "GEN_AI_INPUT_MESSAGES",
     "GEN_AI_OPERATION_NAME",
@@ -43,6 +45,10 @@ __all__ = [
     "GEN_AI_TOKEN_TYPE",
     "GEN_AI_USAGE_INPUT_TOKENS",
     "GEN_AI_USAGE_OUTPUT_TOKENS",
+    "HTTP_REQUEST_METHOD",
+    "HTTP_REQUEST_METHOD_ORIGINAL",
+    "HTTP_RESPONSE_STATUS_CODE",
+    "HTTP_ROUTE",
     "LOGGER_NAME",
     "LOG_RETRYING",
     "METRIC_BUDGET_EXCEEDED",
@@ -62,6 +68,7 @@ __all__ = [
     "METRIC_STAGE_DURATION",
     "METRIC_TIME_TO_FIRST_CHUNK",
     "METRIC_TOKEN_USAGE",
+    "NETWORK_PROTOCOL_VERSION",
     "OPENINFERENCE_SPAN_KIND",
     "RAG_BREAKDOWN_PREFIX",
     "RAG_BUDGET_EXCEEDED",
@@ -71,6 +78,7 @@ __all__ = [
     "RAG_DB_SESSION_OUTCOME",
     "RAG_DB_STATEMENT_COUNT",
     "RAG_LLM_TTFT_MS",
+    "RAG_REQUEST_ID_REPLACED",
     "RAG_RETRY_ATTEMPTS",
     "RAG_RETRY_BACKOFF_MS",
     "RAG_STAGE",
@@ -84,6 +92,10 @@ __all__ = [
     "RAG_VECTOR_TOP_K",
     "SERVER_ADDRESS",
     "SERVER_PORT",
+    "URL_PATH",
+    "URL_QUERY",
+    "URL_SCHEME",
+    "USER_AGENT_ORIGINAL",
     "SpanKind",
 ]
 
@@ -200,3 +212,19 @@ RAG_VECTOR_RESULT_COUNT: Final = "rag.vector.result_count"
 RAG_VECTOR_TOP_K: Final = "rag.vector.top_k"
 SERVER_ADDRESS: Final = "server.address"
 SERVER_PORT: Final = "server.port"
+
+# --- web requests (OpenTelemetry HTTP semantic conventions) ---------------------------------
+HTTP_REQUEST_METHOD: Final = "http.request.method"
+HTTP_REQUEST_METHOD_ORIGINAL: Final = "http.request.method_original"
+HTTP_RESPONSE_STATUS_CODE: Final = "http.response.status_code"
+HTTP_ROUTE: Final = "http.route"
+URL_PATH: Final = "url.path"
+URL_QUERY: Final = "url.query"
+URL_SCHEME: Final = "url.scheme"
+CLIENT_ADDRESS: Final = "client.address"
+USER_AGENT_ORIGINAL: Final = "user_agent.original"
+NETWORK_PROTOCOL_VERSION: Final = "network.protocol.version"
+RAG_REQUEST_ID_REPLACED: Final = "rag.request_id.replaced"
+"""``True`` when the incoming ``X-Request-ID`` was invalid and a new id was generated."""
+EVENT_REQUEST_COMPLETED: Final = "request completed"
+"""The one line per request: ``method``, ``route``, ``status``, ``execution_time_ms``."""

@@ -257,6 +257,9 @@ def _end(
             user_code_error("ending a span", end_exc)
     if spec.is_stage:
         rt.stage_duration.record(ms / 1000.0, spec.metric_attributes)
+        timings = _breakdown.stage_timings.get()
+        if timings is not None:  # inside a web request: its Server-Timing header lists us
+            timings.add(spec.name, ms)
     if rt.log is not None:
         fields: dict[str, Any] = {"execution_time_ms": round(ms, 3)}
         if breakdown:

@@ -6,6 +6,7 @@ If a decorator loses a signature or a return type, mypy fails here.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import rag_instrument as ri
 
@@ -68,3 +69,27 @@ def runtime_accessor() -> None:
     ms: float = settings.slow_query_ms
     assert configured is runtime.configured
     assert ms >= 0
+
+
+async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
+    return None
+
+
+def use_web() -> None:
+    app = ri.RequestMiddleware(asgi_app, server_timing=False, quiet_paths=["/health"])
+    headers: dict[str, str] = ri.inject_headers()
+    kept: dict[str, str] = ri.inject_headers({"accept": "*/*"})
+    ctx = ri.extract_context(headers)
+    work = ri.wrap_context(len)
+    size: int = work("abc")
+    del app, kept, ctx, size
+
+
+def use_web_frameworks() -> None:
+    from fastapi import FastAPI
+    from starlette.applications import Starlette
+
+    api = FastAPI()
+    api.add_middleware(ri.RequestMiddleware, quiet_paths=["/health"])
+    wrapped = ri.RequestMiddleware(Starlette(), exclude_paths=["/static/*"])
+    del wrapped

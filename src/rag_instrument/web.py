@@ -1,0 +1,613 @@
+"""Requests end to end: :class:`RequestMiddleware`, a pure ASGI middleware.
+
+Wrap any ASGI application (FastAPI, Starlette, Quart, a bare ASGI callable)::
+
+    app = FastAPI()
+    app.add_middleware(ri.RequestMiddleware)            # or: app = ri.RequestMiddleware(app)
+
+Per HTTP request it opens a root span ``"{method} {route template}"`` (a SERVER span with
+the HTTP semantic-convention attributes, continuing an incoming W3C ``traceparent``),
+binds a ``request_id`` (the incoming ``X-Request-ID`` if it is a sane one, else a new one)
+so every log line of the request carries it, echoes it in the response, adds a
+``Server-Timing`` header listing the stages that finished before the response started, and
+writes one ``"request completed"`` line with ``method``, ``route``, ``status`` and
+``execution_time_ms``. Route budgets (``configure(budgets={"POST /api/search": 2000})``)
+log the same ``"budget exceeded"`` warning as stage budgets.
+
+WebSocket and lifespan scopes pass through untouched. The middleware imports no web
+framework: the route template is read from the ASGI scope after the application routed
+the request (``scope["route"]``, set by Starlette and FastAPI; ``scope["path_template"]``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import TYPE_CHECKING, Any, Final
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate
+from opentelemetry import trace as trace_api
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from rag_instrument import _breakdown
+from rag_instrument import attributes as attr
+from rag_instrument._context import Bound, Frame, _bound, _make_bound, bound, reset_frame, set_frame
+from rag_instrument._runtime import get_runtime
+from rag_instrument._utils import internal_error, user_code_error
+from rag_instrument.logs import emit
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+
+    from rag_instrument._runtime import Runtime
+
+__all__ = ["ASGIApp", "RequestMiddleware"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+"""An ASGI 3 application: ``async def app(scope, receive, send)``."""
+
+_KNOWN_METHODS: Final = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY"}
+)
+# Incoming request ids are echoed in headers and written to every log line: only ids made
+# of these characters, at most 128 of them, are trusted (UUIDs, ULIDs, hex, base64, "r-1").
+_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._:@+=/~-]{1,128}")
+_TOKEN_BAD: Final = re.compile(r"[^A-Za-z0-9!#$%&'*+.^_`|~-]")
+_REQUEST_DURATION: Final = "http.server.request.duration"
+_MAX_EXCLUDED: Final = 1000
+
+
+def _path_matcher(paths: Iterable[str], what: str) -> tuple[frozenset[str], tuple[str, ...]]:
+    if isinstance(paths, str):
+        raise TypeError(f"rag_instrument.RequestMiddleware: {what} must be a list of paths")
+    exact: set[str] = set()
+    prefixes: list[str] = []
+    for path in paths:
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ValueError(
+                f"rag_instrument.RequestMiddleware: {what} entry {path!r} must be a path "
+                "starting with '/' (a trailing '*' matches a prefix)"
+            )
+        if path.endswith("*"):
+            prefixes.append(path[:-1])
+        else:
+            exact.add(path)
+    return frozenset(exact), tuple(prefixes)
+
+
+def _matches(matcher: tuple[frozenset[str], tuple[str, ...]], path: str) -> bool:
+    exact, prefixes = matcher
+    return path in exact or (bool(prefixes) and path.startswith(prefixes))
+
+
+def route_template(scope: Scope, root_path: str = "") -> str | None:
+    """The route template the application matched for this request, or ``None``.
+
+    Read after the application routed the request: Starlette and FastAPI put the matched
+    route object in ``scope["route"]`` (its ``path`` is the template, relative to the mount
+    point when the route lives in a mounted application); other frameworks may set
+    ``scope["path_template"]``. The raw path is never used: it carries ids.
+
+    Args:
+        scope: the request's ASGI scope.
+        root_path: ``scope["root_path"]`` as it was before the application ran (the part of
+            the URL that belongs to the server, not to a mount).
+    """
+    route = scope.get("route")
+    found: Any = route if isinstance(route, str) else getattr(route, "path", None)
+    if not isinstance(found, str) or not found:
+        template = scope.get("path_template")
+        return template if isinstance(template, str) and template else None
+    path: str = found
+    mounted = scope.get("root_path", "")
+    if not isinstance(mounted, str) or not mounted.startswith(root_path):
+        return path
+    prefix = mounted[len(root_path) :]
+    path_format = getattr(route, "path_format", None)
+    if hasattr(route, "routes") and isinstance(path_format, str):
+        # A Mount matched itself (static files, a non-router sub-application): its own
+        # prefix is already in root_path; the template is the mount's format.
+        if prefix.endswith(path):
+            prefix = prefix[: len(prefix) - len(path)]
+        path = path_format
+    return prefix + path if prefix else path
+
+
+def _token(name: str) -> str:
+    """A ``Server-Timing`` metric name: an HTTP token."""
+    return _TOKEN_BAD.sub("_", name)[:64] or "stage"
+
+
+def server_timing(
+    timings: _breakdown.StageTimings | None,
+    breakdown: dict[str, dict[str, float]] | None,
+    total_ms: float,
+) -> str:
+    """Render a ``Server-Timing`` header value.
+
+    Each stage once (runs of the same stage summed, ``desc`` says how many), then the
+    ``db``, ``llm``, ``vector`` and ``embedding`` totals of the breakdown, the ``cache``
+    hits and misses, and ``total``: the time from the request to its response headers.
+    """
+    parts: list[str] = []
+    if timings is not None:
+        for name, (runs, ms) in list(timings.by_name.items()):
+            desc = f';desc="{int(runs)} runs"' if runs > 1 else ""
+            parts.append(f"{_token(name)};dur={ms:.1f}{desc}")
+    if breakdown:
+        for kind in attr.BREAKDOWN_KINDS:
+            values = breakdown.get(kind)
+            if values:
+                count = int(values["count"])
+                calls = "call" if count == 1 else "calls"
+                parts.append(f'{kind};dur={values["ms"]:.1f};desc="{count} {calls}"')
+        cache = breakdown.get(attr.BREAKDOWN_CACHE)
+        if cache:
+            hits, misses = int(cache.get("hits", 0)), int(cache.get("misses", 0))
+            parts.append(f'cache;desc="hits={hits} misses={misses}"')
+    parts.append(f"total;dur={total_ms:.1f}")
+    return ", ".join(parts)
+
+
+def _header_values(scope: Scope, wanted: frozenset[bytes]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for item in scope.get("headers") or ():
+        try:
+            key = bytes(item[0]).lower()
+            if key in wanted:
+                found[key.decode("latin-1")] = bytes(item[1]).decode("latin-1")
+        except Exception:  # noqa: S112 - a malformed header never fails the request
+            continue
+    return found
+
+
+class _Request:
+    """The state of one HTTP request under the middleware (one per request)."""
+
+    __slots__ = (
+        "attr_count",
+        "body_done",
+        "disconnected",
+        "frame",
+        "headers_ms",
+        "method",
+        "middleware",
+        "quiet",
+        "receive_inner",
+        "request_id",
+        "root_path",
+        "rt",
+        "scope",
+        "send_failed",
+        "send_inner",
+        "span",
+        "start_ns",
+        "status",
+        "timings",
+        "tokens",
+    )
+
+    def __init__(
+        self,
+        middleware: RequestMiddleware,
+        scope: Scope,
+        rt: Runtime,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        self.receive_inner = receive
+        self.send_inner = send
+        self.middleware = middleware
+        self.scope = scope
+        self.rt = rt
+        self.start_ns = time.perf_counter_ns()
+        self.status: int | None = None
+        self.body_done = False
+        self.disconnected = False
+        self.send_failed = False
+        self.headers_ms: float | None = None
+        self.tokens: tuple[Any, ...] | None = None
+        root_path = scope.get("root_path", "")
+        self.root_path = root_path if isinstance(root_path, str) else ""
+        path = scope.get("path", "")
+        self.quiet = _matches(middleware.quiet, path) if middleware.quiet_any else False
+
+        method = scope.get("method", "")
+        method = method.upper() if isinstance(method, str) else ""
+        self.method = method if method in _KNOWN_METHODS else "_OTHER"
+
+        headers = _header_values(scope, middleware.wanted_headers)
+        raw_id = headers.get(middleware.request_id_key)
+        replaced = False
+        if raw_id is not None and _REQUEST_ID.fullmatch(raw_id.encode("latin-1")):
+            self.request_id = raw_id
+        else:
+            replaced = raw_id is not None
+            self.request_id = os.urandom(16).hex()
+
+        kind = SpanKind.SERVER
+        parent: Context | None = None
+        if trace_api.get_current_span().get_span_context().is_valid:
+            # Another instrumentation in this process (FastAPI's native telemetry, the
+            # OpenTelemetry ASGI middleware) already opened the request's server span and
+            # continued the incoming trace: ours is its child, in the same trace.
+            kind = SpanKind.INTERNAL
+        elif not middleware.propagation_keys.isdisjoint(headers):
+            parent = propagate.extract(headers)
+        sanitizer = rt.sanitizer
+        attributes: dict[str, Any] = {
+            attr.HTTP_REQUEST_METHOD: self.method,
+            attr.URL_SCHEME: str(scope.get("scheme", "http")),
+            attr.URL_PATH: sanitizer.text(path) if isinstance(path, str) else "",
+        }
+        if self.method == "_OTHER" and method:
+            attributes[attr.HTTP_REQUEST_METHOD_ORIGINAL] = sanitizer.text(method)
+        query = scope.get("query_string")
+        if query:
+            attributes[attr.URL_QUERY] = sanitizer.text(bytes(query).decode("latin-1"))
+        version = scope.get("http_version")
+        if isinstance(version, str):
+            attributes[attr.NETWORK_PROTOCOL_VERSION] = version
+        host = headers.get("host")
+        if host:
+            name, _, port = host.rpartition(":") if "]" not in host[-1:] else (host, "", "")
+            if name and port.isdigit():
+                attributes[attr.SERVER_ADDRESS] = sanitizer.text(name)
+                attributes[attr.SERVER_PORT] = int(port)
+            else:
+                attributes[attr.SERVER_ADDRESS] = sanitizer.text(host)
+        client = scope.get("client")
+        if client:  # client.port is opt-in in the semantic conventions: left out
+            attributes[attr.CLIENT_ADDRESS] = str(client[0])
+        agent = headers.get("user-agent")
+        if agent:
+            attributes[attr.USER_AGENT_ORIGINAL] = sanitizer.text(agent)
+        if replaced:
+            attributes[attr.RAG_REQUEST_ID_REPLACED] = True
+
+        # Bind the request id first: the span gets it (and whatever else is bound) too.
+        base = bound()
+        if replaced or raw_id is None:
+            # Our own id (32 hex digits) needs no sanitising: bind it directly.
+            log = dict(base.log)
+            log["request_id"] = self.request_id
+            span_attrs = dict(base.attrs)
+            span_attrs["request_id"] = self.request_id
+            bound_token = _bound.set(Bound(log, span_attrs))
+        else:
+            bound_token = _bound.set(_make_bound(base, {"request_id": self.request_id}))
+        try:
+            attributes = {**bound().attrs, **attributes}
+            span = rt.tracer.start_span(
+                self.method if self.method != "_OTHER" else "HTTP",
+                context=parent,
+                kind=kind,
+                attributes=attributes,
+            )
+        except BaseException:
+            _bound.reset(bound_token)
+            raise
+        self.span = span
+        self.attr_count = len(attributes)
+        self.frame = frame = Frame("request", None, False, None, span, self)
+        frame.start_ns = self.start_ns
+        self.timings: _breakdown.StageTimings | None = None
+        timings_token = None
+        if middleware.server_timing:
+            self.timings = _breakdown.StageTimings()
+            timings_token = _breakdown.stage_timings.set(self.timings)
+        self.tokens = (
+            bound_token,
+            otel_context.attach(trace_api.set_span_in_context(span, parent)),
+            set_frame(frame),
+            timings_token,
+        )
+
+    # --- the wrapped receive and send ---------------------------------------------------------
+
+    async def receive(self) -> Message:
+        message: Message = await self.receive_inner()
+        try:
+            if message.get("type") == "http.disconnect" and not self.body_done:
+                self.disconnected = True
+        except Exception:
+            pass
+        return message
+
+    async def send(self, message: Message) -> None:
+        try:
+            kind = message.get("type")
+            if kind == "http.response.start":
+                message = self._on_response_start(message)
+            elif kind == "http.response.pathsend" or (  # pathsend: the whole body at once
+                kind == "http.response.body" and not message.get("more_body", False)
+            ):
+                self.body_done = True
+        except Exception as exc:
+            internal_error("RequestMiddleware.send", exc)
+        try:
+            await self.send_inner(message)
+        except BaseException:
+            # The client went away (uvicorn raises OSError subclasses for ASGI spec 2.4+):
+            # the failure belongs to the server and the application, not to us.
+            self.send_failed = True
+            raise
+
+    def _on_response_start(self, message: Message) -> Message:
+        status = message.get("status")
+        self.status = status if isinstance(status, int) else None
+        elapsed_ms = (time.perf_counter_ns() - self.start_ns) / 1e6
+        self.headers_ms = elapsed_ms
+        headers = list(message.get("headers") or ())
+        key = self.middleware.request_id_key_bytes
+        if not any(bytes(k).lower() == key for k, _ in headers):
+            headers.append((key, self.request_id.encode("ascii")))
+        if self.timings is not None:
+            with _breakdown._lock:
+                current = self.frame.breakdown
+                snapshot = {k: dict(v) for k, v in current.items()} if current else None
+            value = server_timing(self.timings, snapshot, elapsed_ms)
+            headers.append((b"server-timing", value.encode("latin-1", "replace")))
+        new = dict(message)
+        new["headers"] = headers
+        return new
+
+    # --- the end of the request ---------------------------------------------------------------
+
+    def finish(self, exc: BaseException | None) -> None:
+        try:
+            self._finish(exc)
+        except Exception as end_exc:
+            internal_error("RequestMiddleware", end_exc)
+        finally:
+            self._restore()
+
+    def _restore(self) -> None:
+        tokens, self.tokens = self.tokens, None
+        if tokens is None:
+            return
+        bound_token, otel_token, frame_token, timings_token = tokens
+        # Each on its own: finished in another context than started (not the case under
+        # __call__), a failing reset must leave the others to be restored.
+        for reset, token in (
+            (_breakdown.stage_timings.reset, timings_token),
+            (reset_frame, frame_token),
+            (otel_context.detach, otel_token),
+            (_bound.reset, bound_token),
+        ):
+            if token is not None:
+                try:
+                    reset(token)
+                except Exception:
+                    pass
+
+    def _finish(self, exc: BaseException | None) -> None:
+        ms = (time.perf_counter_ns() - self.start_ns) / 1e6
+        rt = self.rt
+        span = self.span
+        cancelled = exc is not None and (
+            not isinstance(exc, Exception) or self.disconnected or self.send_failed
+        )
+        if exc is None and self.disconnected and not self.body_done:
+            cancelled = True
+        status = self.status
+        if status is None:
+            # No response started: the server answers 500 for an exception (or for an
+            # application that returned without responding); 499 says the client left.
+            status = 499 if cancelled else 500
+        failed = exc is not None and not cancelled
+        route = route_template(self.scope, self.root_path)
+        if route:  # a mount's prefix comes from the raw path: treat it as untrusted
+            route = rt.sanitizer.text(route)
+        name = f"{self.method if self.method != '_OTHER' else 'HTTP'} {route}" if route else None
+        breakdown = _breakdown.detach(self.frame)
+        key = f"{self.method} {route}" if route else None
+        budget = self.middleware.route_budget(rt, key) if key is not None else None
+        exceeded = budget is not None and ms > budget
+        try:
+            if span.is_recording():
+                rt.mark_if_clean(span, self.attr_count)
+                if name is not None:
+                    span.update_name(name)
+                    span.set_attribute(attr.HTTP_ROUTE, route)
+                span.set_attribute(attr.HTTP_RESPONSE_STATUS_CODE, status)
+                if breakdown:
+                    span.set_attributes(_breakdown.as_attributes(breakdown))
+                if cancelled:
+                    span.set_attribute(attr.RAG_CANCELLED, True)
+                elif failed:
+                    from rag_instrument.stages import _record_exception
+
+                    assert exc is not None
+                    span.set_attribute(attr.ERROR_TYPE, type(exc).__qualname__)
+                    _record_exception(span, exc, rt)
+                elif status >= 500:
+                    span.set_attribute(attr.ERROR_TYPE, str(status))
+                    span.set_status(Status(StatusCode.ERROR))
+                if exceeded:
+                    span.set_attribute(attr.RAG_BUDGET_EXCEEDED, True)
+                    span.set_attribute(attr.RAG_BUDGET_MS, budget)
+        finally:
+            try:
+                span.end()
+            except Exception as end_exc:
+                user_code_error("ending a span", end_exc)
+        metric_attrs: dict[str, Any] = {
+            attr.HTTP_REQUEST_METHOD: self.method,
+            attr.HTTP_RESPONSE_STATUS_CODE: status,
+        }
+        if route:
+            metric_attrs[attr.HTTP_ROUTE] = route
+        rt.histogram(_REQUEST_DURATION, "s", "Duration of HTTP server requests.").record(
+            ms / 1000.0, metric_attrs
+        )
+        if rt.log is not None and not (self.quiet and status < 500 and not failed):
+            fields: dict[str, Any] = {
+                "method": self.method,
+                "route": route,
+                "status": status,
+                "execution_time_ms": round(ms, 3),
+            }
+            if breakdown:
+                fields["breakdown"] = _breakdown.render(breakdown)
+            level = "error" if failed or status >= 500 else "info"
+            if cancelled:
+                fields["cancelled"] = True
+                level = "warning"
+            if exc is not None:
+                fields["error_type"] = type(exc).__name__
+            emit(
+                level,
+                attr.EVENT_REQUEST_COMPLETED,
+                fields,
+                span=span,
+                stage="",
+                trusted=True,
+                rt=rt,
+            )
+        if exceeded:
+            assert budget is not None
+            rt.budget_counter.add(1, {attr.HTTP_ROUTE: route or ""})
+            if rt.log is not None:
+                emit(
+                    "warning",
+                    "budget exceeded",
+                    {
+                        "route": key,
+                        "budget_ms": budget,
+                        "execution_time_ms": round(ms, 3),
+                        "largest": _breakdown.largest(breakdown),
+                    },
+                    span=span,
+                    stage="",
+                    trusted=True,
+                    rt=rt,
+                )
+
+
+class RequestMiddleware:
+    """Trace, log and time every HTTP request of an ASGI application.
+
+    Args:
+        app: the ASGI application to wrap.
+        server_timing: add a ``Server-Timing`` response header listing the stages that
+            finished before the response started, the ``db`` / ``llm`` / ``vector`` /
+            ``embedding`` totals and cache hits of the request so far, and ``total``.
+            It tells clients how long the server's stages took: turn it off for public
+            endpoints where that is more than you want to share.
+        exclude_paths: paths that are neither traced nor logged (the application still
+            serves them). An entry ending in ``*`` matches a prefix (``"/static/*"``).
+        quiet_paths: paths that are traced but write no ``"request completed"`` line
+            unless they fail with a 5xx status (health checks, metrics scrapes).
+        request_id_header: the header the request id is read from and echoed in.
+
+    Raises:
+        ValueError: a path does not start with ``/``, or the header name is not a token.
+
+    Example:
+        >>> import rag_instrument as ri
+        >>> async def app(scope, receive, send): ...
+        >>> app = ri.RequestMiddleware(app, quiet_paths=["/health"])
+    """
+
+    __slots__ = (
+        "_budgets",
+        "app",
+        "exclude",
+        "exclude_any",
+        "propagation_keys",
+        "quiet",
+        "quiet_any",
+        "request_id_key",
+        "request_id_key_bytes",
+        "server_timing",
+        "wanted_headers",
+    )
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        server_timing: bool = True,
+        exclude_paths: Iterable[str] = (),
+        quiet_paths: Iterable[str] = (),
+        request_id_header: str = "x-request-id",
+    ) -> None:
+        if not callable(app):
+            raise TypeError(f"rag_instrument.RequestMiddleware: app {app!r:.80} is not callable")
+        if not isinstance(server_timing, bool):
+            raise TypeError(
+                f"rag_instrument.RequestMiddleware: server_timing must be True or False, "
+                f"got {server_timing!r:.80}"
+            )
+        if (
+            not isinstance(request_id_header, str)
+            or not request_id_header
+            or _TOKEN_BAD.search(request_id_header)
+        ):
+            raise ValueError(
+                "rag_instrument.RequestMiddleware: request_id_header must be a header name, "
+                f"got {request_id_header!r:.80}"
+            )
+        self.app = app
+        self.server_timing = server_timing
+        self.exclude = _path_matcher(exclude_paths, "exclude_paths")
+        self.exclude_any = bool(self.exclude[0] or self.exclude[1])
+        self.quiet = _path_matcher(quiet_paths, "quiet_paths")
+        self.quiet_any = bool(self.quiet[0] or self.quiet[1])
+        self.request_id_key = request_id_header.lower()
+        self.request_id_key_bytes = self.request_id_key.encode("ascii")
+        self._budgets: tuple[Runtime | None, dict[str, float]] = (None, {})
+        self.propagation_keys = frozenset(name.lower() for name in _propagation_fields())
+        self.wanted_headers = frozenset(
+            {b"host", b"user-agent", self.request_id_key_bytes}
+            | {name.encode("latin-1") for name in self.propagation_keys}
+        )
+
+    def route_budget(self, rt: Runtime, key: str) -> float | None:
+        """The budget of route ``key`` (``"POST /api/search"``) in ``rt``'s settings."""
+        cached_rt, budgets = self._budgets
+        if cached_rt is not rt:
+            budgets = {}
+            for name, ms in rt.budgets.items():
+                method, sep, path = name.partition(" ")
+                if sep and path.startswith("/") and method.upper() in _KNOWN_METHODS:
+                    budgets[f"{method.upper()} {path.strip()}"] = ms
+            self._budgets = (rt, budgets)
+        return budgets.get(key) if budgets else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one ASGI connection (HTTP requests are instrumented, others pass)."""
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        rt = get_runtime()
+        if not rt.enabled or (self.exclude_any and _matches(self.exclude, scope.get("path", ""))):
+            await self.app(scope, receive, send)
+            return
+        try:
+            request = _Request(self, scope, rt, receive, send)
+        except Exception as exc:
+            internal_error("RequestMiddleware", exc)
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self.app(scope, request.receive, request.send)
+        except BaseException as exc:
+            request.finish(exc)
+            raise
+        request.finish(None)
+
+
+def _propagation_fields() -> set[str]:
+    try:
+        return set(propagate.get_global_textmap().fields)
+    except Exception:
+        return {"traceparent", "tracestate", "baggage"}

@@ -1,0 +1,989 @@
+"""RequestMiddleware: root span, request id, the request line, Server-Timing, budgets, streams."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, StatusCode
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+
+import rag_instrument as ri
+from rag_instrument import _breakdown, _settings
+from rag_instrument.testing import Capture, capture
+from rag_instrument.web import RequestMiddleware, route_template, server_timing
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+HEX32 = re.compile(r"[0-9a-f]{32}")
+LINE_KEYS = {"timestamp", "level", "event", "logger", "trace_id", "span_id", "context"}
+
+
+def make_fastapi() -> FastAPI:
+    """A FastAPI app without FastAPI's own (newer versions') native tracing."""
+    if "telemetry" in inspect.signature(FastAPI).parameters:
+        return FastAPI(telemetry={"tracing": False, "metrics": False})  # type: ignore[call-arg]
+    return FastAPI()
+
+
+async def get(app: Any, path: str, **kwargs: Any) -> httpx.Response:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        return await client.request(kwargs.pop("method", "GET"), path, **kwargs)
+
+
+class Driver:
+    """Drive an ASGI app by hand: see every message, disconnect on cue."""
+
+    def __init__(self, disconnect_after_chunks: int | None = None) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self.disconnect_after_chunks = disconnect_after_chunks
+        self.on_send: Callable[[dict[str, Any]], None] | None = None
+
+    async def __call__(
+        self, app: Any, path: str = "/", method: str = "GET", headers: Any = (), spec="2.3"
+    ) -> list[dict[str, Any]]:
+        gone = asyncio.Event()
+        delivered = False
+        chunks = 0
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": spec},
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(bytes(k), bytes(v)) for k, v in headers],
+            "client": ("127.0.0.1", 5000),
+            "server": ("testserver", 80),
+        }
+
+        async def receive() -> dict[str, Any]:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal chunks
+            self.messages.append(message)
+            if self.on_send is not None:
+                self.on_send(message)
+            if message["type"] == "http.response.pathsend":
+                gone.set()
+            if message["type"] == "http.response.body":
+                chunks += 1
+                if not message.get("more_body", False):
+                    gone.set()  # as servers do once the response is complete
+                elif (
+                    self.disconnect_after_chunks is not None
+                    and chunks >= self.disconnect_after_chunks
+                ):
+                    gone.set()
+
+        await app(scope, receive, send)
+        return self.messages
+
+    def header(self, name: bytes) -> bytes | None:
+        start = next(m for m in self.messages if m["type"] == "http.response.start")
+        for key, value in start["headers"]:
+            if key.lower() == name:
+                return bytes(value)
+        return None
+
+
+def request_lines(cap: Capture) -> list[dict[str, Any]]:
+    return cap.find_logs("request completed")
+
+
+def server_span(cap: Capture) -> Any:
+    found = [s for s in cap.spans if s.attributes and "http.request.method" in s.attributes]
+    assert len(found) == 1, [s.name for s in cap.spans]
+    return found[0]
+
+
+# --- the root span and the request line -------------------------------------------------------
+
+
+def build_items_app() -> FastAPI:
+    app = make_fastapi()
+    log = ri.get_logger("app")
+
+    @app.get("/api/items/{item_id}")
+    async def item(item_id: int) -> dict[str, int]:
+        with ri.stage("retrieval"):
+            log.info("looking up", item=item_id)
+        return {"id": item_id}
+
+    app.add_middleware(RequestMiddleware)
+    return app
+
+
+@pytest.mark.asyncio
+async def test_root_span_is_named_after_the_route_template_not_the_path() -> None:
+    app = build_items_app()
+    with capture() as cap:
+        response = await get(app, "/api/items/12345?x=1", headers={"user-agent": "ua/1"})
+    assert response.status_code == 200
+    span = server_span(cap)
+    assert span.name == "GET /api/items/{item_id}"
+    assert span.kind is SpanKind.SERVER
+    assert span.parent is None
+    attrs = dict(span.attributes or {})
+    assert attrs["http.route"] == "/api/items/{item_id}"
+    assert attrs["http.request.method"] == "GET"
+    assert attrs["http.response.status_code"] == 200
+    assert attrs["url.path"] == "/api/items/12345"
+    assert attrs["url.query"] == "x=1"
+    assert attrs["url.scheme"] == "http"
+    assert attrs["server.address"] == "testserver"
+    assert attrs["user_agent.original"] == "ua/1"
+    assert attrs["client.address"] == "127.0.0.1"
+    assert span.status.status_code is StatusCode.UNSET
+    assert "12345" not in span.name
+    # The stage inside is a child of the request span.
+    stage = cap.span("retrieval")
+    assert stage.parent is not None
+    assert stage.parent.span_id == span.context.span_id
+
+
+@pytest.mark.asyncio
+async def test_request_completed_line_has_exactly_the_analyze_shape() -> None:
+    app = build_items_app()
+    with capture() as cap:
+        response = await get(app, "/api/items/7")
+    (line,) = request_lines(cap)
+    assert set(line) == LINE_KEYS | {"method", "route", "status", "execution_time_ms"}
+    assert line["method"] == "GET"
+    assert line["route"] == "/api/items/{item_id}"
+    assert line["status"] == 200
+    assert isinstance(line["execution_time_ms"], float)
+    assert line["execution_time_ms"] > 0
+    assert line["level"] == "info"
+    request_id = response.headers["x-request-id"]
+    assert HEX32.fullmatch(request_id)
+    assert line["context"] == {"request_id": request_id}
+    span = server_span(cap)
+    assert line["trace_id"] == format(span.context.trace_id, "032x")
+    assert line["span_id"] == format(span.context.span_id, "016x")
+
+
+@pytest.mark.asyncio
+async def test_every_line_of_the_request_carries_the_request_id() -> None:
+    app = build_items_app()
+    with capture() as cap:
+        response = await get(app, "/api/items/7", headers={"X-Request-ID": "req-42"})
+    assert response.headers["x-request-id"] == "req-42"
+    lines = [line for line in cap.logs if line["logger"] != "httpx"]
+    assert {line["event"] for line in lines} == {
+        "looking up",
+        "retrieval completed",
+        "request completed",
+    }
+    assert all(line["context"]["request_id"] == "req-42" for line in lines)
+    assert cap.span("retrieval").attributes["request_id"] == "req-42"
+    # ... and nothing stays bound once the request is over.
+    assert _bound_now() == {}
+
+
+def _bound_now() -> dict[str, Any]:
+    from rag_instrument._context import bound
+
+    return bound().log
+
+
+@pytest.mark.asyncio
+async def test_incoming_traceparent_is_continued() -> None:
+    app = build_items_app()
+    with capture() as cap:
+        await get(app, "/api/items/1", headers={"traceparent": TRACEPARENT})
+    span = server_span(cap)
+    assert format(span.context.trace_id, "032x") == "0af7651916cd43dd8448eb211c80319c"
+    assert span.parent is not None
+    assert span.parent.is_remote
+    assert format(span.parent.span_id, "016x") == "b7ad6b7169203331"
+    assert cap.span("retrieval").context.trace_id == span.context.trace_id
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"traceparent": "00-zzzz-b7ad6b7169203331-01"},
+        {"traceparent": "ff-" + "0" * 32 + "-" + "0" * 16 + "-01"},
+        {"traceparent": "x" * 100_000},
+        {"x-request-id": "r" * 10_000},
+        {"x-request-id": "id with spaces"},
+        {"x-request-id": '"><script>'},
+        {"x-request-id": '\n{"level":"info"}'},
+    ],
+    ids=["bad-hex", "bad-version", "huge-traceparent", "huge-id", "spaces", "markup", "newline"],
+)
+@pytest.mark.asyncio
+async def test_malformed_headers_never_fail_the_request(headers: dict[str, str]) -> None:
+    app = build_items_app()
+    with capture() as cap:
+        response = await get(app, "/api/items/1", headers=headers)
+    assert response.status_code == 200
+    assert response.json() == {"id": 1}
+    (line,) = request_lines(cap)
+    request_id = response.headers["x-request-id"]
+    assert HEX32.fullmatch(request_id)
+    assert line["context"]["request_id"] == request_id
+    span = server_span(cap)
+    assert span.parent is None  # an invalid traceparent starts a new trace
+    if "x-request-id" in headers:
+        assert span.attributes["rag.request_id.replaced"] is True
+
+
+@pytest.mark.asyncio
+async def test_non_ascii_request_id_bytes_are_replaced() -> None:
+    app = ri.RequestMiddleware(Starlette(routes=[Route("/", lambda r: PlainTextResponse("ok"))]))
+    driver = Driver()
+    with capture() as cap:
+        await driver(app, headers=[(b"x-request-id", "caf\u00e9-\u2603".encode())])
+    assert driver.messages[0]["status"] == 200
+    echoed = driver.header(b"x-request-id")
+    assert echoed is not None
+    assert HEX32.fullmatch(echoed.decode())
+    assert request_lines(cap)[0]["context"]["request_id"] == echoed.decode()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    request_id=st.binary(max_size=300),
+    traceparent=st.binary(max_size=120),
+    method=st.sampled_from([b"GET", b"get", b"BREW", b"P\xc3\xb6ST"]),
+)
+def test_any_header_bytes_are_served_and_any_echoed_id_is_safe(
+    request_id: bytes, traceparent: bytes, method: bytes
+) -> None:
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    app = ri.RequestMiddleware(
+        Starlette(routes=[Route("/", endpoint, methods=["GET", "BREW", "POST"])])
+    )
+    driver = Driver()
+    with capture() as cap:
+        asyncio.run(
+            driver(
+                app,
+                method=method.decode("latin-1"),
+                headers=[(b"x-request-id", request_id), (b"traceparent", traceparent)],
+            )
+        )
+    assert driver.messages[0]["type"] == "http.response.start"
+    echoed = driver.header(b"x-request-id")
+    assert echoed is not None
+    assert re.fullmatch(rb"[A-Za-z0-9._:@+=/~-]{1,128}", echoed)
+    assert echoed == request_id or HEX32.fullmatch(echoed.decode())
+    (line,) = request_lines(cap)
+    assert line["context"]["request_id"] == echoed.decode()
+    assert line["method"] in ("GET", "_OTHER")
+
+
+# --- Server-Timing ---------------------------------------------------------------------------
+
+
+def build_timed_app(**options: Any) -> Any:
+    async def endpoint(request: Request) -> Response:
+        with ri.stage("retrieval"):
+            _breakdown.record("db", 4.0)
+            _breakdown.record("vector", 6.5)
+        with ri.stage("retrieval"):
+            _breakdown.record("db", 1.0)
+            _breakdown.record_cache(hit=True)
+        with ri.stage("generation"):
+            _breakdown.record("llm", 20.25)
+        return PlainTextResponse("ok")
+
+    return ri.RequestMiddleware(Starlette(routes=[Route("/s", endpoint)]), **options)
+
+
+@pytest.mark.asyncio
+async def test_server_timing_lists_stages_and_breakdown_totals() -> None:
+    with capture() as cap:
+        response = await get(build_timed_app(), "/s")
+    header = response.headers["server-timing"]
+    entries = {part.split(";")[0]: part for part in (p.strip() for p in header.split(","))}
+    assert list(entries) == ["retrieval", "generation", "db", "llm", "vector", "cache", "total"]
+    assert 'desc="2 runs"' in entries["retrieval"]
+    assert entries["db"] == 'db;dur=5.0;desc="2 calls"'
+    assert entries["vector"] == 'vector;dur=6.5;desc="1 call"'
+    assert entries["llm"] == 'llm;dur=20.2;desc="1 call"' or "llm;dur=20.3" in entries["llm"]
+    assert entries["cache"] == 'cache;desc="hits=1 misses=0"'
+    # The stage durations are the ones logged for the stages.
+    stage_ms = sum(line["execution_time_ms"] for line in cap.find_logs("retrieval completed"))
+    logged = float(re.search(r"dur=([0-9.]+)", entries["retrieval"]).group(1))  # type: ignore[union-attr]
+    assert logged == pytest.approx(stage_ms, abs=0.1)
+    # The request line carries the whole request's breakdown.
+    (line,) = request_lines(cap)
+    assert line["breakdown"]["db"] == {"count": 2, "ms": 5.0}
+    assert line["breakdown"]["cache"] == {"hits": 1, "misses": 0}
+
+
+@pytest.mark.asyncio
+async def test_server_timing_can_be_turned_off() -> None:
+    with capture():
+        response = await get(build_timed_app(server_timing=False), "/s")
+    assert "server-timing" not in response.headers
+    assert "x-request-id" in response.headers
+
+
+def test_server_timing_names_are_http_tokens() -> None:
+    timings = _breakdown.StageTimings()
+    timings.add('my stage,"x"', 1.0)
+    value = server_timing(timings, None, 2.0)
+    assert value == "my_stage__x_;dur=1.0, total;dur=2.0"
+
+
+def test_stage_timings_are_bounded() -> None:
+    timings = _breakdown.StageTimings()
+    for n in range(100):
+        timings.add(f"stage{n}", 1.0)
+    assert len(timings.by_name) == 32
+
+
+# --- budgets ---------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_route_budget_logs_the_budget_exceeded_line() -> None:
+    async def search(request: Request) -> Response:
+        with ri.stage("retrieval"):
+            _breakdown.record("vector", 3.0)
+        return JSONResponse({})
+
+    app = ri.RequestMiddleware(Starlette(routes=[Route("/api/search", search, methods=["POST"])]))
+    with capture(budgets={"POST /api/search": 0.0001, "retrieval": 10_000}) as cap:
+        await get(app, "/api/search", method="POST")
+        await get(app, "/api/search", method="GET")  # 405: another route key, no budget
+    (warning,) = cap.find_logs("budget exceeded")
+    assert warning["level"] == "warning"
+    assert warning["route"] == "POST /api/search"
+    assert warning["budget_ms"] == 0.0001
+    assert warning["execution_time_ms"] > 0.0001
+    assert warning["largest"] == {"kind": "vector", "count": 1, "ms": 3.0}
+    assert "pipeline_stage" not in warning["context"]
+    spans = [s for s in cap.spans if s.name == "POST /api/search"]
+    assert spans[0].attributes["rag.budget.exceeded"] is True
+    assert spans[0].attributes["rag.budget.ms"] == 0.0001
+
+
+@pytest.mark.asyncio
+async def test_route_budget_key_method_is_case_insensitive() -> None:
+    app = ri.RequestMiddleware(Starlette(routes=[Route("/a", lambda r: PlainTextResponse(""))]))
+    with capture(budgets={"get /a": 0.0001}) as cap:
+        await get(app, "/a")
+    assert cap.find_logs("budget exceeded", route="GET /a")
+
+
+@pytest.mark.asyncio
+async def test_route_within_budget_logs_nothing() -> None:
+    app = ri.RequestMiddleware(Starlette(routes=[Route("/a", lambda r: PlainTextResponse(""))]))
+    with capture(budgets={"GET /a": 60_000}) as cap:
+        await get(app, "/a")
+    assert not cap.find_logs("budget exceeded")
+    assert "rag.budget.exceeded" not in server_span(cap).attributes
+
+
+def test_route_budgets_are_accepted_by_configure_and_the_environment() -> None:
+    settings = _settings.build_settings(
+        env={"RAG_INSTRUMENT_BUDGETS": "POST /api/search=2000,retrieval=1500"}
+    )
+    assert dict(settings.budgets) == {"POST /api/search": 2000.0, "retrieval": 1500.0}
+    with pytest.raises(ValueError, match="budgets"):
+        ri.configure(budgets={"POST /api/search": -1})
+
+
+# --- paths left out --------------------------------------------------------------------------
+
+
+def build_paths_app(**options: Any) -> Any:
+    async def ok(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    async def boom(request: Request) -> Response:
+        return PlainTextResponse("down", status_code=503)
+
+    routes = [Route("/health", ok), Route("/health/deep", boom), Route("/api", ok)]
+    routes.append(Route("/static/app.js", ok))
+    return ri.RequestMiddleware(Starlette(routes=routes), **options)
+
+
+@pytest.mark.asyncio
+async def test_quiet_paths_are_traced_but_not_logged_unless_they_fail() -> None:
+    app = build_paths_app(quiet_paths=["/health*"])
+    with capture() as cap:
+        await get(app, "/health")
+        await get(app, "/health/deep")
+        await get(app, "/api")
+    assert sorted(s.name for s in cap.spans) == ["GET /api", "GET /health", "GET /health/deep"]
+    assert [(line["route"], line["status"]) for line in request_lines(cap)] == [
+        ("/health/deep", 503),
+        ("/api", 200),
+    ]
+
+
+@pytest.mark.asyncio
+async def test_excluded_paths_are_neither_traced_nor_logged() -> None:
+    app = build_paths_app(exclude_paths=["/health", "/static/*"])
+    with capture() as cap:
+        health = await get(app, "/health")
+        await get(app, "/static/app.js")
+        await get(app, "/api")
+    assert health.status_code == 200
+    assert "x-request-id" not in health.headers
+    assert [s.name for s in cap.spans] == ["GET /api"]
+    assert [line["route"] for line in request_lines(cap)] == ["/api"]
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"exclude_paths": ["health"]}, ValueError),
+        ({"quiet_paths": [None]}, ValueError),
+        ({"exclude_paths": "/health"}, TypeError),
+        ({"server_timing": "yes"}, TypeError),
+        ({"request_id_header": "x request id"}, ValueError),
+    ],
+)
+def test_bad_options_raise_at_construction(options: dict[str, Any], error: type) -> None:
+    with pytest.raises(error, match="RequestMiddleware"):
+        RequestMiddleware(lambda s, r, se: None, **options)  # type: ignore[arg-type,return-value]
+
+
+# --- routes ----------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_unmatched_path_names_only_the_method() -> None:
+    app = build_items_app()
+    with capture() as cap:
+        response = await get(app, "/no/such/thing/123")
+    assert response.status_code == 404
+    span = server_span(cap)
+    assert span.name == "GET"
+    assert "http.route" not in span.attributes
+    (line,) = request_lines(cap)
+    assert line["route"] is None
+    assert line["status"] == 404
+    assert line["level"] == "info"
+
+
+@pytest.mark.asyncio
+async def test_mounted_routes_include_the_mount_prefix() -> None:
+    inner = make_fastapi()
+
+    @inner.get("/docs/{doc_id}")
+    async def doc(doc_id: str) -> dict[str, str]:
+        return {"id": doc_id}
+
+    async def files(scope: Any, receive: Any, send: Any) -> None:
+        await PlainTextResponse("file")(scope, receive, send)
+
+    outer = Starlette(routes=[Mount("/v1", app=inner), Mount("/static", app=files)])
+    app = ri.RequestMiddleware(outer)
+    with capture() as cap:
+        assert (await get(app, "/v1/docs/abc")).json() == {"id": "abc"}
+        assert (await get(app, "/static/css/x.css")).text == "file"
+    assert [line["route"] for line in request_lines(cap)] == [
+        "/v1/docs/{doc_id}",
+        "/static/{path}",
+    ]
+
+
+def test_route_template_reads_other_frameworks_scope_keys() -> None:
+    assert route_template({"path_template": "/u/{id}"}) == "/u/{id}"
+    assert route_template({"route": "/x/{y}"}) == "/x/{y}"
+    assert route_template({"path": "/u/1"}) is None
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_an_exception_is_a_500_on_span_and_line_and_reaches_the_framework_unchanged() -> None:
+    original = ValueError("index missing")
+
+    async def broken(request: Request) -> Response:
+        with ri.stage("retrieval"):
+            pass
+        raise original
+
+    app = ri.RequestMiddleware(Starlette(routes=[Route("/b", broken)]))
+    with capture() as cap:
+        with pytest.raises(ValueError) as raised:
+            await get(app, "/b")
+        assert raised.value is original
+        # ... and a framework that handles it answers 500 as it would without us.
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            response = await client.get("/b")
+        assert response.status_code == 500
+    spans = [s for s in cap.spans if s.name == "GET /b"]
+    assert len(spans) == 2
+    for span in spans:
+        assert span.status.status_code is StatusCode.ERROR
+        assert span.attributes["http.response.status_code"] == 500
+        assert span.attributes["error.type"] == "ValueError"
+        assert [event.name for event in span.events] == ["exception"]
+    lines = request_lines(cap)
+    assert [(line["status"], line["level"], line["error_type"]) for line in lines] == [
+        (500, "error", "ValueError")
+    ] * 2
+
+
+@pytest.mark.asyncio
+async def test_a_5xx_response_without_exception_is_an_error_span() -> None:
+    app = build_paths_app()
+    with capture() as cap:
+        await get(app, "/health/deep")
+    span = server_span(cap)
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.attributes["error.type"] == "503"
+    assert request_lines(cap)[0]["level"] == "error"
+
+
+@pytest.mark.asyncio
+async def test_cancellation_passes_through_and_marks_the_span() -> None:
+    started = asyncio.Event()
+
+    async def slow(request: Request) -> Response:
+        started.set()
+        await asyncio.sleep(3600)
+        return PlainTextResponse("never")
+
+    app = ri.RequestMiddleware(Starlette(routes=[Route("/slow", slow)]))
+    with capture() as cap:
+        task = asyncio.ensure_future(Driver()(app, "/slow"))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    span = server_span(cap)
+    assert span.attributes["rag.cancelled"] is True
+    assert span.status.status_code is StatusCode.UNSET
+    (line,) = request_lines(cap)
+    assert (line["status"], line["cancelled"], line["level"]) == (499, True, "warning")
+
+
+# --- pass-through ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["websocket", "lifespan"])
+@pytest.mark.asyncio
+async def test_websocket_and_lifespan_scopes_pass_through_untouched(kind: str) -> None:
+    seen: list[tuple[Any, Any, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append((scope, receive, send))
+
+    async def receive() -> dict[str, Any]:
+        return {}
+
+    async def send(message: Any) -> None:
+        return None
+
+    scope = {"type": kind, "path": "/ws"}
+    with capture() as cap:
+        await RequestMiddleware(app)(scope, receive, send)
+    assert seen == [(scope, receive, send)]
+    assert seen[0][0] == {"type": kind, "path": "/ws"}
+    assert cap.spans == []
+    assert cap.logs == []
+
+
+@pytest.mark.asyncio
+async def test_disabled_library_passes_requests_through() -> None:
+    app = build_items_app()
+    with capture(enabled=False) as cap:
+        response = await get(app, "/api/items/1")
+    assert response.status_code == 200
+    assert "x-request-id" not in response.headers
+    assert cap.spans == []
+
+
+@pytest.mark.asyncio
+async def test_concurrent_requests_keep_their_own_ids_and_traces() -> None:
+    log = ri.get_logger("app")
+
+    async def endpoint(request: Request) -> Response:
+        with ri.stage("retrieval"):
+            await asyncio.sleep(0)
+            log.info("inside", marker=request.headers["x-request-id"])
+        return PlainTextResponse("ok")
+
+    app = ri.RequestMiddleware(Starlette(routes=[Route("/", endpoint)]))
+    transport = httpx.ASGITransport(app=app)
+    with capture() as cap:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            await asyncio.gather(
+                *(client.get("/", headers={"x-request-id": f"r-{n}"}) for n in range(50))
+            )
+    inside = cap.find_logs("inside")
+    assert len(inside) == 50
+    traces: dict[str, str] = {}
+    for line in request_lines(cap):
+        traces[line["context"]["request_id"]] = line["trace_id"]
+    assert len(set(traces.values())) == 50
+    for line in inside:
+        assert line["context"]["request_id"] == line["marker"]
+        assert line["trace_id"] == traces[line["marker"]]
+
+
+@pytest.mark.asyncio
+async def test_sync_endpoints_in_the_thread_pool_share_the_request() -> None:
+    app = make_fastapi()
+
+    @app.get("/sync")
+    def sync_endpoint() -> dict[str, bool]:
+        with ri.stage("retrieval"):
+            _breakdown.record("db", 2.0)
+        return {"ok": True}
+
+    app.add_middleware(RequestMiddleware)
+    with capture() as cap:
+        response = await get(app, "/sync")
+    stage = cap.span("retrieval")
+    assert stage.context.trace_id == server_span(cap).context.trace_id
+    assert (
+        cap.find_logs("retrieval completed")[0]["context"]["request_id"]
+        == response.headers["x-request-id"]
+    )
+    assert "db;dur=2.0" in response.headers["server-timing"]
+
+
+@pytest.mark.asyncio
+async def test_under_another_server_span_ours_is_its_child_in_the_same_trace() -> None:
+    outer_tracer = trace.get_tracer("outer")
+    app = build_items_app()
+
+    async def outer(scope: Any, receive: Any, send: Any) -> None:
+        with ri.get_runtime().tracer.start_as_current_span("outer", kind=SpanKind.SERVER):
+            await app(scope, receive, send)
+
+    del outer_tracer
+    with capture() as cap:
+        await get(outer, "/api/items/1", headers={"traceparent": TRACEPARENT})
+    ours = server_span(cap)
+    outer_span = cap.span("outer")
+    assert ours.kind is SpanKind.INTERNAL
+    assert ours.parent is not None
+    assert ours.parent.span_id == outer_span.context.span_id
+    assert ours.context.trace_id == outer_span.context.trace_id
+
+
+# --- streaming -------------------------------------------------------------------------------
+
+
+async def tokens(n: int) -> AsyncIterator[bytes]:
+    for i in range(n):
+        with ri.stage("generation"):
+            await asyncio.sleep(0)
+        yield f"t{i} ".encode()
+
+
+@pytest.mark.asyncio
+async def test_streaming_span_lasts_until_the_last_chunk_and_stages_share_its_trace() -> None:
+    async def stream(request: Request) -> Response:
+        with ri.stage("retrieval"):
+            pass
+        return StreamingResponse(tokens(3))
+
+    app = ri.RequestMiddleware(Starlette(routes=[Route("/stream", stream)]))
+    driver = Driver()
+    open_at_last_chunk: list[bool] = []
+    with capture() as cap:
+
+        def watch(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                open_at_last_chunk.append(not [s for s in cap.spans if s.name == "GET /stream"])
+
+        driver.on_send = watch
+        await driver(app, "/stream")
+    assert open_at_last_chunk == [True]
+    body = b"".join(m.get("body", b"") for m in driver.messages[1:])
+    assert body == b"t0 t1 t2 "
+    request_span = server_span(cap)
+    generations = [s for s in cap.spans if s.name == "generation"]
+    assert len(generations) == 3
+    for span in generations:
+        assert span.context.trace_id == request_span.context.trace_id
+        assert span.parent is not None
+        assert span.parent.span_id == request_span.context.span_id
+        assert span.end_time <= request_span.end_time
+    # Server-Timing can only list what finished before the headers: retrieval, not generation.
+    header = driver.header(b"server-timing")
+    assert header is not None
+    assert b"retrieval;dur=" in header
+    assert b"generation" not in header
+    (line,) = request_lines(cap)
+    assert line["status"] == 200
+    assert "cancelled" not in line
+
+
+@pytest.mark.parametrize("spec", ["2.3", "2.4"])
+@pytest.mark.asyncio
+async def test_client_disconnect_mid_stream_ends_the_span_cancelled(spec: str) -> None:
+    async def forever() -> AsyncIterator[bytes]:
+        n = 0
+        while True:
+            with ri.stage("generation"):
+                await asyncio.sleep(0)
+            yield b"x"
+            n += 1
+
+    async def stream(request: Request) -> Response:
+        return StreamingResponse(forever())
+
+    app = ri.RequestMiddleware(Starlette(routes=[Route("/stream", stream)]))
+    driver = Driver(disconnect_after_chunks=2)
+    if spec == "2.4":
+        # ASGI 2.4 servers raise OSError from send() once the client is gone.
+        sent = 0
+
+        def fail_after_two(message: dict[str, Any]) -> None:
+            nonlocal sent
+            if message["type"] == "http.response.body":
+                sent += 1
+                if sent > 2:
+                    raise OSError("client disconnected")
+
+        driver.on_send = fail_after_two
+    with capture() as cap:
+        if spec == "2.4":
+            from starlette.requests import ClientDisconnect
+
+            with pytest.raises(ClientDisconnect):  # what Starlette makes of the OSError
+                await driver(app, "/stream", spec=spec)
+        else:
+            await driver(app, "/stream", spec=spec)
+    span = server_span(cap)
+    assert span.attributes["rag.cancelled"] is True
+    assert span.status.status_code is StatusCode.UNSET
+    (line,) = request_lines(cap)
+    assert line["cancelled"] is True
+    assert line["status"] == 200
+    assert all(s.context.trace_id == span.context.trace_id for s in cap.spans)
+
+
+@pytest.mark.asyncio
+async def test_stage_decorating_an_endpoint_that_returns_a_stream_ends_too_early() -> None:
+    """The pitfall: the stage ends when the response object is returned, not when it is sent.
+
+    The stages opened by the body iterator still belong to the request's trace (children of
+    the request span, not of the finished stage); docs/web.md shows the right pattern.
+    """
+
+    @ri.stage("search")
+    async def search(request: Request) -> Response:
+        return StreamingResponse(tokens(2))
+
+    app = ri.RequestMiddleware(Starlette(routes=[Route("/search", search)]))
+    with capture() as cap:
+        await Driver()(app, "/search")
+    request_span = server_span(cap)
+    search_span = cap.span("search")
+    generations = [s for s in cap.spans if s.name == "generation"]
+    assert len(generations) == 2
+    assert all(search_span.end_time <= g.start_time for g in generations)
+    for g in generations:
+        assert g.context.trace_id == request_span.context.trace_id
+        assert g.parent is not None
+        assert g.parent.span_id == request_span.context.span_id
+
+
+@pytest.mark.asyncio
+async def test_the_right_pattern_keeps_the_stage_open_for_the_whole_stream() -> None:
+    @ri.stage("search")
+    async def answer(question: str) -> AsyncIterator[bytes]:
+        with ri.stage("retrieval"):
+            pass
+        async for token in tokens(2):
+            yield token
+
+    async def search(request: Request) -> Response:
+        return StreamingResponse(answer("q"))
+
+    app = ri.RequestMiddleware(Starlette(routes=[Route("/search", search)]))
+    with capture() as cap:
+        await Driver()(app, "/search")
+    search_span = cap.span("search")
+    generations = [s for s in cap.spans if s.name == "generation"]
+    assert all(g.parent.span_id == search_span.context.span_id for g in generations)  # type: ignore[union-attr]
+    assert all(g.end_time <= search_span.end_time for g in generations)
+    assert search_span.parent.span_id == server_span(cap).context.span_id  # type: ignore[union-attr]
+
+
+@pytest.mark.asyncio
+async def test_pathsend_completes_the_response() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.pathsend", "path": "/etc/hostname"})
+        assert (await receive())["type"] == "http.disconnect"  # the response is complete
+
+    with capture() as cap:
+        await Driver()(RequestMiddleware(app))
+    span = server_span(cap)
+    assert span.attributes["http.response.status_code"] == 200
+    assert "rag.cancelled" not in span.attributes
+    assert "cancelled" not in request_lines(cap)[0]
+
+
+@pytest.mark.asyncio
+async def test_a_custom_request_id_header_is_read_and_echoed() -> None:
+    app = ri.RequestMiddleware(
+        Starlette(routes=[Route("/", lambda r: PlainTextResponse("ok"))]),
+        request_id_header="X-Correlation-ID",
+    )
+    with capture() as cap:
+        response = await get(app, "/", headers={"x-correlation-id": "c-9"})
+    assert response.headers["x-correlation-id"] == "c-9"
+    assert "x-request-id" not in response.headers
+    assert request_lines(cap)[0]["context"]["request_id"] == "c-9"
+
+
+@pytest.mark.asyncio
+async def test_a_failure_inside_the_middleware_never_fails_the_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import rag_instrument.web as web
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("propagator bug")
+
+    monkeypatch.setenv("RAG_INSTRUMENT_RAISE_INTERNAL_ERRORS", "0")
+    monkeypatch.setattr(web.propagate, "extract", broken)
+    app = build_items_app()
+    with capture() as cap:
+        response = await get(app, "/api/items/3", headers={"traceparent": TRACEPARENT})
+    assert response.status_code == 200
+    assert response.json() == {"id": 3}
+    assert request_lines(cap) == []  # the request was served untraced
+    assert _bound_now() == {}
+
+
+# --- under a real server ---------------------------------------------------------------------
+
+
+class UvicornThread:
+    """uvicorn serving ``app`` on 127.0.0.1 and an ephemeral port, in a thread."""
+
+    def __init__(self, app: Any) -> None:
+        import socket
+
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+
+    def __enter__(self) -> UvicornThread:
+        self.thread.start()
+        assert wait_for(lambda: self.server.started)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 20.0) -> bool:
+    """Wait until ``condition()`` is true (a generous bound: CI machines are loaded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.asyncio
+async def test_under_uvicorn_a_client_leaving_mid_stream_cancels_the_request_span() -> None:
+    async def endless() -> AsyncIterator[bytes]:
+        while True:
+            with ri.stage("generation"):
+                await asyncio.sleep(0.005)  # a model producing tokens
+            yield b"token "
+
+    async def stream(request: Request) -> Response:
+        return StreamingResponse(endless())
+
+    app = ri.RequestMiddleware(Starlette(routes=[Route("/stream", stream)]))
+    with capture() as cap, UvicornThread(app) as server:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+            async with client.stream("GET", "/stream") as response:
+                assert response.status_code == 200
+                async for _chunk in response.aiter_bytes():
+                    break
+        # Leaving the block closed the connection mid-stream.
+        assert wait_for(lambda: request_lines(cap))
+    (line,) = request_lines(cap)
+    assert line["cancelled"] is True
+    assert line["status"] == 200
+    assert line["route"] == "/stream"
+    span = server_span(cap)
+    assert span.attributes["rag.cancelled"] is True
+    generations = [s for s in cap.spans if s.name == "generation"]
+    assert generations
+    assert all(g.context.trace_id == span.context.trace_id for g in generations)
+
+
+@pytest.mark.asyncio
+async def test_with_fastapis_own_tracing_on_there_is_still_one_trace() -> None:
+    app = FastAPI()  # newer FastAPI versions trace natively when a provider is installed
+
+    @app.get("/x/{n}")
+    async def endpoint(n: int) -> dict[str, int]:
+        with ri.stage("retrieval"):
+            pass
+        return {"n": n}
+
+    app.add_middleware(RequestMiddleware)
+    with capture() as cap:
+        await get(app, "/x/1", headers={"traceparent": TRACEPARENT})
+    assert {format(s.context.trace_id, "032x") for s in cap.spans} == {
+        "0af7651916cd43dd8448eb211c80319c"
+    }
+    ours = server_span_named(cap, "GET /x/{n}", our=True)
+    native = "telemetry" in inspect.signature(FastAPI).parameters
+    assert ours.kind is (SpanKind.INTERNAL if native else SpanKind.SERVER)
+    by_id = {s.context.span_id: s for s in cap.spans}
+    ancestors, current = [], cap.span("retrieval")
+    while current.parent is not None and current.parent.span_id in by_id:
+        current = by_id[current.parent.span_id]
+        ancestors.append(current)
+    assert ours in ancestors  # the stage is inside our request span (maybe via FastAPI's)
+
+
+def server_span_named(cap: Capture, name: str, *, our: bool) -> Any:
+    """Our request span: the one carrying the bound request id."""
+    found = [s for s in cap.spans if s.name == name and ("request_id" in s.attributes) is our]
+    assert len(found) == 1, [(s.name, dict(s.attributes)) for s in cap.spans]
+    return found[0]
