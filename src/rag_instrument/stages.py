@@ -197,6 +197,13 @@ def _exception_record(exc: BaseException, rt: Runtime) -> tuple[Status, tuple[st
     )
 
 
+def _record_exception(span: Span, exc: BaseException, rt: Runtime) -> None:
+    """Set ``span``'s status and add its ``exception`` event for ``exc`` (sanitised)."""
+    status, (name, attributes) = _exception_record(exc, rt)
+    span.set_status(status)
+    span.add_event(name, attributes)
+
+
 def _end(
     frame: Frame,
     spec: _Spec,
