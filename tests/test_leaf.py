@@ -454,3 +454,19 @@ def test_set_attributes_match_the_sdk_span(values: dict[str, Any], limit: int) -
         _leaf._FACTS[0] = None
     assert results[0][0] == results[1][0]
     assert list(results[0][0]) == list(results[1][0])
+
+
+def test_a_stages_shared_description_is_never_changed_through_its_spans() -> None:
+    staged = ri.stage("retrieval", top_k=5)
+    with ri.testing.capture() as cap:
+        with staged as first:
+            first.set_attribute("only.first", 1)
+        with staged:
+            pass
+        with staged as third:
+            third.set_attribute("top_k", 6)
+        with staged:
+            pass
+    attributes = [dict(s.attributes or {}) for s in cap.spans]
+    assert [a.get("only.first") for a in attributes] == [1, None, None, None]
+    assert [a["top_k"] for a in attributes] == [5, 5, 6, 5]

@@ -181,6 +181,7 @@ class GenAICall:
         "span",
         "start_ns",
         "ttft_ms",
+        "usage_attrs",
     )
 
     def __init__(
@@ -197,6 +198,8 @@ class GenAICall:
         self.breakdown_kind = breakdown_kind
         self.secrets = secrets
         self.metric_attrs: dict[str, str] = {}
+        #: Token usage's metric attributes (input, output); ``None``: from ``metric_attrs``.
+        self.usage_attrs: tuple[dict[str, str], dict[str, str]] | None = None
         self.attempts = 0
         self.backoff_ms = 0.0
         self.cache_hit: bool | None = None
@@ -351,10 +354,14 @@ class GenAICall:
             usage = rt.histogram(
                 METRIC_TOKEN_USAGE, "{token}", "Number of input and output tokens."
             )
+            usage_in, usage_out = self.usage_attrs or (
+                {**self.metric_attrs, GEN_AI_TOKEN_TYPE: "input"},
+                {**self.metric_attrs, GEN_AI_TOKEN_TYPE: "output"},
+            )
             if input_tokens:
-                usage.record(input_tokens, {**self.metric_attrs, GEN_AI_TOKEN_TYPE: "input"})
+                usage.record(input_tokens, usage_in)
             if output_tokens:
-                usage.record(output_tokens, {**self.metric_attrs, GEN_AI_TOKEN_TYPE: "output"})
+                usage.record(output_tokens, usage_out)
         if not hit:
             _breakdown.record(self.breakdown_kind, ms)
         if rt.log is None:
@@ -449,24 +456,57 @@ def start_call(
     """
     if secrets:
         secrets = tuple(s for s in secrets if isinstance(s, str) and len(s) >= _MIN_SECRET_CHARS)
-    attributes: dict[str, Any] = {
-        GEN_AI_OPERATION_NAME: operation,
-        GEN_AI_PROVIDER_NAME: system,
-        GEN_AI_REQUEST_MODEL: model,
-        attr.OPENINFERENCE_SPAN_KIND: span_kind,
-    }
-    if params:
-        attributes.update(numeric_params(params))
-    if prompt is not None and rt.settings.capture_content:
-        text = prompt if isinstance(prompt, str) else prompt()
-        attributes[GEN_AI_INPUT_MESSAGES] = _messages_json("user", text, rt, secrets)
+    key = (operation, system, model, span_kind)
+    described = _DESCRIBED.get(key)
+    if described is None:
+        described = _describe(key)
+    attributes = described.attributes  # shared: spans copy before they change it
+    numeric = numeric_params(params) if params else None
+    capture = prompt is not None and rt.settings.capture_content
+    if numeric or capture:
+        attributes = {**attributes, **(numeric or {})}
+        if capture:
+            text = prompt if isinstance(prompt, str) else prompt()  # type: ignore[misc]
+            attributes[GEN_AI_INPUT_MESSAGES] = _messages_json("user", text, rt, secrets)
     # Not sanitised as a whole (the provider and model names are the application's): export
     # redacts the span as it does any other instrumentation's.
     span = rt.start_span(f"{operation} {model}", attributes, kind=SpanKind.CLIENT, sanitized=False)
     call = GenAICall(rt, span, operation, breakdown_kind, secrets)
-    call.metric_attrs = {
-        GEN_AI_OPERATION_NAME: operation,
-        GEN_AI_PROVIDER_NAME: system,
-        GEN_AI_REQUEST_MODEL: model,
-    }
+    call.metric_attrs = described.metric_attrs
+    call.usage_attrs = described.usage_attrs
     return call
+
+
+class _Described:
+    """What is the same for every call of one operation, provider, model and kind."""
+
+    __slots__ = ("attributes", "metric_attrs", "usage_attrs")
+
+    def __init__(self, operation: str, system: str, model: str, span_kind: str) -> None:
+        self.attributes: dict[str, Any] = {
+            GEN_AI_OPERATION_NAME: operation,
+            GEN_AI_PROVIDER_NAME: system,
+            GEN_AI_REQUEST_MODEL: model,
+            attr.OPENINFERENCE_SPAN_KIND: span_kind,
+        }
+        self.metric_attrs: dict[str, str] = {
+            GEN_AI_OPERATION_NAME: operation,
+            GEN_AI_PROVIDER_NAME: system,
+            GEN_AI_REQUEST_MODEL: model,
+        }
+        self.usage_attrs = (
+            {**self.metric_attrs, GEN_AI_TOKEN_TYPE: "input"},
+            {**self.metric_attrs, GEN_AI_TOKEN_TYPE: "output"},
+        )
+
+
+# Read-only descriptions, shared by the calls they describe; model names computed at run
+# time must not grow it forever.
+_DESCRIBED: dict[tuple[str, str, str, str], _Described] = {}
+
+
+def _describe(key: tuple[str, str, str, str]) -> _Described:
+    if len(_DESCRIBED) >= 1024:
+        _DESCRIBED.clear()
+    described = _DESCRIBED[key] = _Described(*key)
+    return described
