@@ -158,10 +158,14 @@ class LLMProvider:
     timeout: float | None = None
 
     _rag_sync_generate: ClassVar[bool] = False
+    #: ``_invoke`` is this class's own and ``_generate`` is ``async def``: ``generate`` may
+    #: await ``_generate`` directly when no ``timeout`` is set (read per call).
+    _rag_plain_invoke: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls._rag_sync_generate = not inspect.iscoroutinefunction(cls._generate)
+        cls._rag_plain_invoke = cls._invoke is LLMProvider._invoke and not cls._rag_sync_generate
 
     async def _generate(self, prompt: str, **params: Any) -> str | LLMResult:
         """Call the model; implemented by subclasses.
@@ -215,7 +219,11 @@ class LLMProvider:
             return await self._invoke(request)  # type: ignore[no-any-return]
         request.call = call
         try:
-            result = await self._invoke(request)
+            result: Any
+            if self._rag_plain_invoke and self.timeout is None:  # nothing between: no chain
+                result = await self._generate(prompt, **params)
+            else:
+                result = await self._invoke(request)
         except BaseException as exc:
             call.detach()
             call.finish(exc)
