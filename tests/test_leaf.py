@@ -470,3 +470,29 @@ def test_a_stages_shared_description_is_never_changed_through_its_spans() -> Non
     attributes = [dict(s.attributes or {}) for s in cap.spans]
     assert [a.get("only.first") for a in attributes] == [1, None, None, None]
     assert [a["top_k"] for a in attributes] == [5, 5, 6, 5]
+
+
+def test_a_tracer_that_starts_spans_its_own_way_keeps_its_way() -> None:
+    from opentelemetry.sdk.trace import Tracer
+
+    started: list[str] = []
+
+    class VendorTracer(Tracer):
+        def start_span(self, name: str, *args: Any, **kwargs: Any) -> trace.Span:
+            started.append(name)
+            return super().start_span(name, *args, **kwargs)
+
+    class VendorProvider(TracerProvider):
+        def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
+            tracer = super().get_tracer(*args, **kwargs)
+            tracer.__class__ = VendorTracer
+            return tracer
+
+    provider = VendorProvider()
+    app = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(app))
+    ri.configure(exporter="memory", tracer_provider=provider)
+    with ri.stage("retrieval") as span:
+        assert not isinstance(span, StageSpan)
+    assert started == ["retrieval"]
+    assert [s.name for s in app.get_finished_spans()] == ["retrieval"]

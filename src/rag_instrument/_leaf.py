@@ -622,6 +622,8 @@ class _Facts:
         self.tracer = tracer
         self.ok = (
             isinstance(tracer, SDKTracer)
+            # A subclass that changes how spans start (a vendor's tracer) keeps its own.
+            and getattr(type(tracer), "start_span", None) is SDKTracer.start_span
             and hasattr(getattr(tracer, "span_processor", None), "_span_processors")
             and hasattr(tracer, "_span_limits")
             and hasattr(tracer, "_instrumentation_scope")
