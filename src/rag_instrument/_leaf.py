@@ -750,12 +750,19 @@ def start_stage_span(
         )
     if not recording:
         return trace_api.NonRecordingSpan(context)
-    processor = facts.processors()
+    processor = facts.processor
+    multi = sdk.span_processor
+    if (
+        processor is None
+        or processor.multi is not multi
+        or (processor.processors is not multi._span_processors)
+    ):
+        processor = facts.processors()  # a processor was added (or first use)
     span = StageSpan(sdk, name, context, parent, attributes, sanitized, processor)
     if kind is not trace_api.SpanKind.INTERNAL:
         span._kind = kind
-    if processor.acts_on_start():
-        processor.multi.on_start(span, parent_context=None)
+    if processor.starting or (processor.dynamic and processor.acts_on_start()):
+        multi.on_start(span, parent_context=None)
     return span
 
 
@@ -774,7 +781,10 @@ def end_stage_span(
     through the API.
     """
     if isinstance(span, StageSpan):
-        span.finish(attributes, status, event)
+        if attributes or status is not None or event is not None:
+            span.finish(attributes, status, event)
+        elif span._end_time is None:
+            span.end()
         return
     if span.is_recording():
         if clean_count is not None:

@@ -229,7 +229,17 @@ class LLMProvider:
             call.finish(exc)
             raise
         call.detach()
-        call.finish(None, **_result_fields(result))
+        if type(result) is LLMResult:
+            call.finish(
+                None,
+                response_model=result.model,
+                input_tokens=result.input_tokens,
+                output_tokens=result.output_tokens,
+                finish_reasons=(result.finish_reason,) if result.finish_reason else None,
+                output_text=result.text,
+            )
+        else:
+            call.finish(None, **_result_fields(result))
         return result  # type: ignore[no-any-return]
 
     async def _invoke(self, request: LLMRequest) -> Any:
