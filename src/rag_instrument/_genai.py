@@ -63,6 +63,7 @@ from rag_instrument.attributes import (
 from rag_instrument.logs import emit
 
 if TYPE_CHECKING:
+    from opentelemetry.metrics import Histogram
     from opentelemetry.trace import Span
 
     from rag_instrument._runtime import Runtime
@@ -347,13 +348,9 @@ class GenAICall:
         metric_attrs: dict[str, str] = self.metric_attrs
         if exc is not None:
             metric_attrs = {**metric_attrs, attr.ERROR_TYPE: type(exc).__qualname__}
-        rt.histogram(METRIC_OPERATION_DURATION, "s", "GenAI operation duration.").record(
-            elapsed_s, metric_attrs
-        )
+        duration, usage = _instruments(rt)
+        duration.record(elapsed_s, metric_attrs)
         if not hit and (input_tokens or output_tokens):
-            usage = rt.histogram(
-                METRIC_TOKEN_USAGE, "{token}", "Number of input and output tokens."
-            )
             usage_in, usage_out = self.usage_attrs or (
                 {**self.metric_attrs, GEN_AI_TOKEN_TYPE: "input"},
                 {**self.metric_attrs, GEN_AI_TOKEN_TYPE: "output"},
@@ -475,6 +472,24 @@ def start_call(
     call.metric_attrs = described.metric_attrs
     call.usage_attrs = described.usage_attrs
     return call
+
+
+# The runtime the model-call histograms were last looked up on, with the two histograms
+# (one tuple, replaced whole: a reader never mixes two runtimes' instruments).
+_INSTRUMENTS: list[tuple[Any, Any, Any]] = [(None, None, None)]
+
+
+def _instruments(rt: Runtime) -> tuple[Histogram, Histogram]:
+    """``gen_ai.client.operation.duration`` and ``gen_ai.client.token.usage`` on ``rt``."""
+    entry = _INSTRUMENTS[0]
+    if entry[0] is not rt:
+        entry = (
+            rt,
+            rt.histogram(METRIC_OPERATION_DURATION, "s", "GenAI operation duration."),
+            rt.histogram(METRIC_TOKEN_USAGE, "{token}", "Number of input and output tokens."),
+        )
+        _INSTRUMENTS[0] = entry
+    return entry[1], entry[2]
 
 
 class _Described:

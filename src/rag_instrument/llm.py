@@ -200,9 +200,9 @@ class LLMProvider:
             Exception: whatever ``_generate`` raised, as itself; :class:`TimeoutError`
                 past ``timeout``.
         """
-        request = LLMRequest(prompt, params, cache, cache_namespace)
         rt = get_runtime()
         if not rt.enabled:
+            request = LLMRequest(prompt, params, cache, cache_namespace)
             return await self._invoke(request)  # type: ignore[no-any-return]
         try:
             call = start_call(
@@ -216,13 +216,14 @@ class LLMProvider:
             call.attach()
         except Exception as exc:
             internal_error("starting an llm call", exc)
+            request = LLMRequest(prompt, params, cache, cache_namespace)
             return await self._invoke(request)  # type: ignore[no-any-return]
-        request.call = call
         try:
             result: Any
             if self._rag_plain_invoke and self.timeout is None:  # nothing between: no chain
                 result = await self._generate(prompt, **params)
             else:
+                request = LLMRequest(prompt, params, cache, cache_namespace, call)
                 result = await self._invoke(request)
         except BaseException as exc:
             call.detach()
