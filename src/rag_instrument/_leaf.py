@@ -25,7 +25,12 @@ from typing import Any, Final
 
 from opentelemetry import trace as trace_api
 from opentelemetry.attributes import BoundedAttributes
-from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
+from opentelemetry.sdk.trace import (
+    Event,
+    ReadableSpan,
+    SpanProcessor,
+    SynchronousMultiSpanProcessor,
+)
 from opentelemetry.sdk.trace import Tracer as SDKTracer
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
@@ -524,7 +529,11 @@ class StageSpan(trace_api.Span, ReadableSpan):
         processor = self._processor
         if processor.ending:
             processor.multi._on_ending(self)
-        processor.multi.on_end(self)
+        if processor.sequential:  # the SDK's synchronous multi-processor's loop, inline
+            for each in processor.multi._span_processors:
+                each.on_end(self)
+        else:
+            processor.multi.on_end(self)
 
 
 def _within(attributes: dict[str, Any], max_count: int | None, max_length: int | None) -> bool:
@@ -586,11 +595,13 @@ _FLAGS: Final = tuple(trace_api.TraceFlags(bits) for bits in range(4))
 class _Processor:
     """What a tracer's multi-processor needs called, worked out once per processor tuple."""
 
-    __slots__ = ("dynamic", "ending", "multi", "processors", "starting")
+    __slots__ = ("dynamic", "ending", "multi", "processors", "sequential", "starting")
 
     def __init__(self, multi: Any) -> None:
         self.multi = multi
         self.processors = multi._span_processors
+        #: The SDK's synchronous multi-processor, whose on_end is a plain loop.
+        self.sequential = type(multi) is SynchronousMultiSpanProcessor
         self.starting = False
         self.ending = False
         dynamic = []

@@ -332,15 +332,20 @@ def _wrap_sync(fn: Callable[P, R], spec: _Spec) -> Callable[P, R]:
         rt = get_runtime()
         if not rt.enabled:
             return fn(*args, **kwargs)
-        frame = _safe_begin(spec, rt, wrapper)
-        if frame is None:
+        try:  # _safe_begin, inline: every stage pays for this frame
+            frame = _begin(spec, rt, wrapper)
+        except Exception as begin_exc:
+            internal_error(f"starting {spec.name!r}", begin_exc)
             return fn(*args, **kwargs)
         try:
             result = fn(*args, **kwargs)
         except BaseException as exc:
             _safe_end(frame, spec, exc)
             raise
-        _safe_end(frame, spec, None)
+        try:  # _safe_end, inline
+            _end(frame, spec, None)
+        except Exception as end_exc:
+            internal_error(f"ending {spec.name!r}", end_exc)
         return result
 
     return wrapper
