@@ -168,8 +168,12 @@ def test_secrets_are_scrubbed_literally_from_every_recorded_text() -> None:
     key = "3f9a0c1e5b7d4a2f8e6c0b9d1a3e5f7c"  # an Azure-style hex key: no sk- shape
     with capture(capture_content=True) as cap:
         call = start_call(
-            _runtime.get_runtime(), operation="chat", system="azure", model="m",
-            prompt=f"my key is {key}", secrets=(key, "short"),
+            _runtime.get_runtime(),
+            operation="chat",
+            system="azure",
+            model="m",
+            prompt=f"my key is {key}",
+            secrets=(key, "short"),
         )
         call.finish(ValueError(f"Incorrect API key provided: {key}"))
     assert key not in _everything(cap)

@@ -11,6 +11,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry import trace
 
 import rag_instrument as ri
@@ -352,8 +354,13 @@ def test_more_secret_shapes_are_masked(rag_capture: Capture) -> None:
     log.info("h4", headers=[("Authorization", "abc123opaque"), ("Accept", "json")])
     log.info("h5", jwt="opaque-session-token-value")
     text = json.dumps(rag_capture.logs)
-    for secret in ("9f8e7d6c5b4a3210opaque", "p@ss/w#rd", "abc123verysecret", "abc123opaque",
-                   "opaque-session-token-value"):
+    for secret in (
+        "9f8e7d6c5b4a3210opaque",
+        "p@ss/w#rd",
+        "abc123verysecret",
+        "abc123opaque",
+        "opaque-session-token-value",
+    ):
         assert secret not in text
     assert rag_capture.find_logs("h2")[0]["url"] == "postgresql://app:[REDACTED]@db.internal/rag"
     assert rag_capture.find_logs("h4")[0]["headers"][1] == ["Accept", "json"]
@@ -364,7 +371,9 @@ def test_logged_statement_errors_hide_parameters(rag_capture: Capture) -> None:
     engine = sqlalchemy.create_engine("sqlite://")
     try:
         with engine.connect() as conn:
-            conn.execute(sqlalchemy.text("SELECT * FROM missing WHERE ssn = :s"), {"s": "123-45-6789"})
+            conn.execute(
+                sqlalchemy.text("SELECT * FROM missing WHERE ssn = :s"), {"s": "123-45-6789"}
+            )
     except sqlalchemy.exc.OperationalError:
         logging.getLogger("app.db").exception("query failed")
     (line,) = rag_capture.find_logs("query failed")
@@ -380,3 +389,69 @@ def test_measurement_lines_name_the_stage_outside_context(rag_capture: Capture) 
     (line,) = rag_capture.find_logs("llm call completed")
     assert line["pipeline_stage"] == "generation"
     assert line["context"] == {"request_id": "r-1"}
+
+
+# --- lines assembled from a rendered head (a stage's completion line) ----------------------
+
+_BOUND_VALUES = st.one_of(
+    st.text(max_size=30),
+    st.integers(-(2**53), 2**53),
+    st.booleans(),
+    st.none(),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    bound_values=st.dictionaries(
+        st.text(min_size=1, max_size=12).filter(lambda k: k != "pipeline_stage"),
+        _BOUND_VALUES,
+        max_size=4,
+    ),
+    stage=st.sampled_from(["retrieval", "", 'stage "quoted" \u00e9']),
+    operation=st.one_of(st.none(), st.text(max_size=20)),
+    ms=st.floats(min_value=0, max_value=1e6, allow_nan=False),
+)
+def test_emit_head_writes_the_bytes_emit_writes(
+    tmp_path_factory: pytest.TempPathFactory,
+    bound_values: dict[str, Any],
+    stage: str,
+    operation: str | None,
+    ms: float,
+) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from rag_instrument import _runtime
+    from rag_instrument.logs import LineHead, emit, emit_head
+
+    path = tmp_path_factory.mktemp("head") / "lines.jsonl"
+    ri.configure(exporter=None, log_file=str(path), capture_logging=False)
+    rt = _runtime.get_runtime()
+    tail = {"operation": operation} if operation is not None else None
+    head = LineHead("info", f"{stage or 'x'} completed", tail)
+    span = TracerProvider().get_tracer("t").start_span("s")
+    with ri.request_context(**bound_values):
+        emit_head(rt, head, span, stage, ms)
+        emit("info", head.event, head.fields(ms), span=span, stage=stage, trusted=True, rt=rt)
+    ri.shutdown()
+    fast, general = path.read_bytes().splitlines()
+    # The timestamps differ (two calls); everything else is the same, byte for byte.
+    assert fast[:14] == general[:14] == b'{"timestamp":"'
+    assert fast[41:] == general[41:]
+    assert json.loads(fast)["timestamp"].endswith("Z")
+
+
+def test_emit_head_goes_through_emit_for_console_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    from rag_instrument import _runtime
+    from rag_instrument.logs import LineHead, emit_head
+
+    ri.configure(exporter=None, log_format="console", capture_logging=False)
+    span = trace.INVALID_SPAN
+    emit_head(
+        _runtime.get_runtime(), LineHead("info", "retrieval completed"), span, "retrieval", 1.5
+    )
+    err = capsys.readouterr().err
+    assert "[info    ] retrieval completed" in err
+    assert "execution_time_ms=1.5" in err
+    assert "pipeline_stage=retrieval" in err

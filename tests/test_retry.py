@@ -179,8 +179,9 @@ def test_control_flow_is_never_retried_even_with_a_catch_all_predicate(
 async def test_cancellation_during_attempt_and_backoff_is_not_retried() -> None:
     attempts = 0
 
-    @retry(attempts=5, wait_min=0.5, wait_max=0.5,
-              is_retryable=lambda e: not isinstance(e, ValueError))  # a negated predicate
+    @retry(
+        attempts=5, wait_min=0.5, wait_max=0.5, is_retryable=lambda e: not isinstance(e, ValueError)
+    )  # a negated predicate
     async def slow() -> None:
         nonlocal attempts
         attempts += 1

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from rag_instrument._runtime import Runtime
     from rag_instrument._settings import Settings
 
-__all__ = ["BoundLogger", "LogOutput", "emit", "get_logger"]
+__all__ = ["BoundLogger", "LineHead", "LogOutput", "emit", "emit_head", "get_logger"]
 
 _LEVEL_NO: Final = {
     "debug": logging.DEBUG,
@@ -293,6 +293,83 @@ def emit(
         internal_error("emit", exc)
     finally:
         _local.emitting = False
+
+
+class LineHead:
+    """The fixed part of a line the library writes often (a stage's completion line).
+
+    ``level``, ``event`` and ``logger`` rendered once, so that :func:`emit_head` only
+    renders what changes per line.
+    """
+
+    __slots__ = ("event", "head", "level", "level_no", "tail", "tail_fields")
+
+    def __init__(self, level: str, event: str, tail: dict[str, Any] | None = None) -> None:
+        self.level = level
+        self.level_no = _LEVEL_NO[level]
+        self.event = event
+        fixed = orjson.dumps({"level": level, "event": event, "logger": LOGGER_NAME})
+        self.head = b'","' + fixed[2:-1]  # ...","level":"info","event":"x","logger":"y"
+        #: Fields after ``execution_time_ms`` that never change (``operation``).
+        self.tail_fields = dict(tail or {})
+        self.tail = orjson.dumps(tail)[1:-1] if tail else b""
+
+    def fields(self, ms: float) -> dict[str, Any]:
+        """The line's fields, for :func:`emit`."""
+        return {"execution_time_ms": ms, **self.tail_fields}
+
+
+def emit_head(rt: Runtime, head: LineHead, span: Span, stage: str, ms: float) -> None:
+    """Write the line ``emit()`` would write for ``head``, assembled from its rendered part.
+
+    That is ``emit(level, event, {"execution_time_ms": ms, **tail}, span=span,
+    stage=stage, trusted=True, rt=rt)``, byte for byte; never raises. For JSON lines to a
+    file or standard error; anything else (console format, a capture sink, a value orjson
+    refuses) goes through :func:`emit`.
+    """
+    out = rt.log
+    if out is None or head.level_no < out.level_no:
+        return
+    if out.render is not render_json or out.sink is not None or getattr(_local, "emitting", False):
+        emit(head.level, head.event, head.fields(ms), span=span, stage=stage, trusted=True, rt=rt)
+        return
+    try:
+        context = bound().log
+        rendered = orjson.dumps(
+            {"pipeline_stage": stage, **context} if stage else context, option=_CONTEXT_OPTIONS
+        )
+        ctx = span.get_span_context()
+        ids = (
+            b',"trace_id":"'
+            + ctx.trace_id.to_bytes(16, "big").hex().encode()
+            + b'","span_id":"'
+            + ctx.span_id.to_bytes(8, "big").hex().encode()
+            + b'"'
+            if ctx.is_valid
+            else b""
+        )
+        line = (
+            b'{"timestamp":"'
+            + _timestamp().encode()
+            + head.head
+            + ids
+            + b',"context":'
+            + rendered
+            + b',"execution_time_ms":'
+            + orjson.dumps(ms)
+            + (b"," + head.tail if head.tail else b"")
+            + b"}\n"
+        )
+    except Exception:  # a bound value orjson refuses: the general path copes
+        emit(head.level, head.event, head.fields(ms), span=span, stage=stage, trusted=True, rt=rt)
+        return
+    try:
+        out.write(line)
+    except Exception as exc:
+        internal_error("emit", exc)
+
+
+_CONTEXT_OPTIONS: Final = orjson.OPT_NON_STR_KEYS
 
 
 _transform = ExceptionDictTransformer(show_locals=False, max_frames=20, use_rich=False)

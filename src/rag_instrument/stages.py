@@ -57,7 +57,7 @@ from rag_instrument._utils import (
     user_code_error,
     warn_once,
 )
-from rag_instrument.logs import emit
+from rag_instrument.logs import LineHead, emit, emit_head
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -100,6 +100,7 @@ class _Spec:
         "attributes",
         "cancelled_event",
         "completed_event",
+        "completed_head",
         "failed_event",
         "is_stage",
         "level",
@@ -126,6 +127,9 @@ class _Spec:
         self.cancelled_event = f"{name} cancelled"
         # A traced operation's line is a detail of its stage: debug level.
         self.level = "info" if is_stage else "debug"
+        self.completed_head = LineHead(
+            self.level, self.completed_event, None if is_stage else {"operation": name}
+        )
 
 
 def _stage_name(value: object, what: str) -> str:
@@ -267,7 +271,10 @@ def _end(
         timings = _breakdown.stage_timings.get()
         if timings is not None:  # inside a web request: its Server-Timing header lists us
             timings.add(spec.name, ms)
-    if rt.log is not None:
+    if rt.log is not None and exc is None and not breakdown and items is None:
+        # The common line, assembled from its rendered fixed part.
+        emit_head(rt, spec.completed_head, span, spec.name if spec.is_stage else "", round(ms, 3))
+    elif rt.log is not None:
         fields: dict[str, Any] = {"execution_time_ms": round(ms, 3)}
         if breakdown:
             fields["breakdown"] = _breakdown.render(breakdown)
