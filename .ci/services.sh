@@ -6,6 +6,7 @@
 # Must run as root (apt-get, pg_ctlcluster, make install).
 #
 #   - jq
+#   - chromium (headless, for the HTML report's browser test)
 #   - pgvector for the installed PostgreSQL major version
 #     (Debian package postgresql-<major>-pgvector when apt knows it; Debian 12
 #     "bookworm" ships no pgvector package at all, so otherwise it is built from
@@ -81,6 +82,11 @@ apt_has_candidate() {
 # ------------------------------------------------------------------------ jq
 if ! command -v jq >/dev/null 2>&1; then
     apt_install jq
+fi
+
+# ------------------------------------------------------------------ chromium
+if ! command -v chromium >/dev/null 2>&1; then
+    apt_install chromium
 fi
 
 # ---------------------------------------------------------- PostgreSQL major

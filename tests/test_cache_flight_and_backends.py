@@ -233,10 +233,10 @@ async def test_hits_on_immutable_values_are_not_decoded_again(
     decoded = 0
     real = cache_module.decode_value
 
-    def counting(data: bytes | str) -> Any:
+    def counting(data: bytes | str, *rest: Any) -> Any:
         nonlocal decoded
         decoded += 1
-        return real(data)
+        return real(data, *rest)
 
     monkeypatch.setattr(cache_module, "decode_value", counting)
     first = await P().generate("q")

@@ -1,4 +1,5 @@
-"""The jq one-liner people already run over these logs gives the spans' numbers."""
+"""The jq one-liner people already run over these logs gives the spans' numbers, and
+``rag-instrument analyze --format json`` gives the jq one-liner's."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import asyncio
 import json
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy
@@ -20,53 +23,101 @@ JQ = (
     "time: .execution_time_ms}' | jq -s 'group_by(.stage) | map({stage: .[0].stage, "
     "avg_time: (map(.time) | add / length), max_time: (map(.time) | max)})'"
 )
+#: The robust form from docs/logs.md: also right when the application logs inside stages.
+JQ_ROBUST = JQ.replace(
+    "select(.context.pipeline_stage)", "select(.context.pipeline_stage and .execution_time_ms)"
+)
 
 
-def test_jq_pipeline_matches_span_durations(tmp_path: Path) -> None:
+class Flaky(ri.CacheMixin, ri.RetryMixin, ri.LLMProvider):
+    """Fails each new prompt once (a retry), answers repeats from the cache."""
+
+    system, model = "stand-in", "m"
+    retry_attempts, retry_wait_min, retry_wait_max = 3, 0.0, 0.001
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    async def _generate(self, prompt: str, **params: object) -> str:
+        if prompt not in self.seen:
+            self.seen.add(prompt)
+            raise ConnectionError("503 overloaded")
+        return "answer"
+
+
+def _jq(command: str, log: Path) -> dict[str, dict[str, Any]]:
     if shutil.which("jq") is None:
         pytest.fail("jq is not installed (.ci/services.sh installs it)")
-    log = tmp_path / "rag.jsonl"
+    result = subprocess.run(
+        f"cat {log} | {command}", shell=True, capture_output=True, text=True, check=True
+    )
+    return {row["stage"]: row for row in json.loads(result.stdout)}
+
+
+def _analyze(log: Path) -> dict[str, dict[str, Any]]:
+    script = str(Path(sys.executable).with_name("rag-instrument"))
+    result = subprocess.run(
+        [script, "analyze", str(log), "--format", "json"],
+        capture_output=True, text=True, check=True,
+    )
+    return {row["stage"]: row for row in json.loads(result.stdout)}
+
+
+def _write_log(log: Path) -> list[Any]:
     # Debug level: traced operations' lines and budget warnings are in the file too, and
     # must not be counted as stage runs.
     ri.configure(
         exporter="memory", log_file=str(log), budgets={"retrieval": 1.0}, log_level="debug"
     )
     logger = ri.get_logger("app")
-
-    class Model(ri.LLMProvider):
-        system, model = "stand-in", "m"
-
-        async def _generate(self, prompt: str, **params: object) -> str:
-            return "answer"
-
-    # Lines that time something inside a stage (an LLM call, a slow statement) are in the
-    # file too, and must not be counted as stage runs either.
+    Flaky.cache_clear()
+    model = Flaky()
+    # Lines that time something inside a stage (an LLM call, a slow statement), retries,
+    # cache hits and N+1 warnings are in the file too, and must not be counted as runs.
     engine = sqlalchemy.create_engine("sqlite://")
-    ri.instrument_sqlalchemy(engine, slow_query_ms=0.0)
+    ri.instrument_sqlalchemy(engine, slow_query_ms=0.0, n_plus_one_threshold=3)
     for i in range(4):
         with ri.request_context(request_id=f"r-{i}"):
             logger.info("request received", i=i)
             with ri.stage("search"):
                 with ri.stage("retrieval"), engine.connect() as conn:
-                    conn.execute(sqlalchemy.text("SELECT 1"))
+                    for k in range(3):  # the same statement shape three times: N+1
+                        conn.execute(sqlalchemy.text("SELECT :k"), {"k": k})
                     time.sleep(0.004 * (i + 1))
                 with ri.stage("generation"), ri.traced("tokenize"):
-                    asyncio.run(Model().generate("q"))
+                    asyncio.run(model.generate(f"q{i % 2}"))  # q0, q1 retried; repeats cached
                     time.sleep(0.003)
     pipelines = _runtime.get_runtime().pipelines
     assert pipelines is not None
     assert pipelines.memory_exporter is not None
-    spans = pipelines.memory_exporter.get_finished_spans()
+    spans = list(pipelines.memory_exporter.get_finished_spans())
     ri.shutdown()
-    events = log.read_text()
-    assert '"llm call completed"' in events
-    assert '"slow query"' in events
+    return spans
+
+
+def test_jq_pipeline_matches_span_durations_and_analyze(tmp_path: Path) -> None:
+    log = tmp_path / "rag.jsonl"
+    spans = _write_log(log)
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    events = {x["event"] for x in lines}
+    assert {"llm call completed", "slow query", "n+1 query detected", "retrying",
+            "budget exceeded", "tokenize completed"} <= events
+    assert any(x.get("cache_hit") is True for x in lines)
+
+    # One stage run, one line: only a stage's own line has context.pipeline_stage with a
+    # duration; the library's other lines inside a stage name it in top-level "stage".
+    for x in lines:
+        if x.get("context", {}).get("pipeline_stage") and "execution_time_ms" in x:
+            assert x["event"] == f"{x['context']['pipeline_stage']} completed", x
+        if x["logger"] == "rag_instrument" and x["event"] in (
+            "llm call completed", "slow query", "n+1 query detected", "retrying",
+            "tokenize completed",
+        ):
+            assert "pipeline_stage" not in x["context"], x
+            assert x["stage"] in ("retrieval", "generation"), x
 
     # `cat FILE | jq ...`, exactly as in the README and the performance guide.
-    result = subprocess.run(
-        f"cat {log} | {JQ}", shell=True, capture_output=True, text=True, check=True
-    )
-    rows = {row["stage"]: row for row in json.loads(result.stdout)}
+    rows = _jq(JQ, log)
     assert set(rows) == {"search", "retrieval", "generation"}
     for stage_name, row in rows.items():
         durations = [
@@ -77,3 +128,26 @@ def test_jq_pipeline_matches_span_durations(tmp_path: Path) -> None:
         assert len(durations) == 4
         assert row["avg_time"] == pytest.approx(sum(durations) / 4, abs=0.5)
         assert row["max_time"] == pytest.approx(max(durations), abs=0.5)
+
+    ours = _analyze(log)
+    assert set(ours) == set(rows)
+    for stage_name, row in rows.items():
+        assert ours[stage_name]["avg_time"] == pytest.approx(row["avg_time"], rel=1e-12)
+        assert ours[stage_name]["max_time"] == row["max_time"]
+    assert _jq(JQ_ROBUST, log) == rows
+
+
+def test_the_robust_one_liner_survives_application_lines_inside_stages(tmp_path: Path) -> None:
+    log = tmp_path / "rag.jsonl"
+    ri.configure(exporter="memory", log_file=str(log))
+    app = ri.get_logger("app")
+    for _ in range(3):
+        with ri.stage("retrieval"):
+            app.info("fetched candidates", candidates=12)  # context.pipeline_stage, no time
+    ri.shutdown()
+    plain, robust, ours = _jq(JQ, log), _jq(JQ_ROBUST, log), _analyze(log)
+    # The plain one-liner counts the application's lines as runs of zero; the robust one
+    # and analyze do not.
+    assert plain["retrieval"]["avg_time"] == pytest.approx(robust["retrieval"]["avg_time"] / 2)
+    assert ours["retrieval"]["avg_time"] == pytest.approx(robust["retrieval"]["avg_time"])
+    assert ours["retrieval"]["count"] == 3

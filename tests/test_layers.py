@@ -41,6 +41,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
     ("package", ("",)),  # rag_instrument/__init__.py: re-exports everything
+    ("analysis", ("analysis", "analysis.*")),  # reads logs offline; the CLI shows it
     ("cli", ("cli", "cli.*")),
 )
 

@@ -381,14 +381,24 @@ def test_logged_statement_errors_hide_parameters(rag_capture: Capture) -> None:
     assert line["exception"][0]["exc_type"] == "OperationalError"
 
 
-def test_measurement_lines_name_the_stage_outside_context(rag_capture: Capture) -> None:
+def test_library_lines_name_the_stage_outside_context(rag_capture: Capture) -> None:
     from rag_instrument.logs import emit
 
     with ri.request_context(request_id="r-1"), ri.stage("generation"):
         emit("info", "llm call completed", {"execution_time_ms": 5.0}, measures=True)
+        emit("warning", "retrying", {"attempt": 1})
+        ri.get_logger("app").info("app line")
     (line,) = rag_capture.find_logs("llm call completed")
-    assert line["pipeline_stage"] == "generation"
+    assert line["stage"] == "generation"
+    assert "pipeline_stage" not in line
     assert line["context"] == {"request_id": "r-1"}
+    (retry,) = rag_capture.find_logs("retrying")
+    assert retry["stage"] == "generation"
+    assert retry["context"] == {"request_id": "r-1"}
+    # The application's own lines keep the contract's context.pipeline_stage.
+    (app,) = rag_capture.find_logs("app line")
+    assert app["context"] == {"pipeline_stage": "generation", "request_id": "r-1"}
+    assert "stage" not in app
 
 
 # --- lines assembled from a rendered head (a stage's completion line) ----------------------

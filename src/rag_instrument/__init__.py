@@ -23,7 +23,7 @@ from rag_instrument._config import configure, force_flush, shutdown
 from rag_instrument._context import bind_context, request_context, unbind_context, wrap_context
 from rag_instrument._runtime import Runtime, get_runtime, is_configured
 from rag_instrument._settings import Settings
-from rag_instrument.cache import CacheMixin, cached
+from rag_instrument.cache import CacheMixin, CacheSpec, cached
 from rag_instrument.llm import LLMProvider, LLMResult
 from rag_instrument.logs import get_logger
 
@@ -60,6 +60,7 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - imported from a sou
 
 __all__ = [
     "CacheMixin",
+    "CacheSpec",
     "LLMProvider",
     "LLMResult",
     "PipelineStage",

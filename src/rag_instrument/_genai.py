@@ -68,7 +68,15 @@ if TYPE_CHECKING:
 
     from rag_instrument._runtime import Runtime
 
-__all__ = ["GenAICall", "current_call", "error_summary", "numeric_params", "start_call"]
+__all__ = [
+    "GenAICall",
+    "RetryScope",
+    "current_call",
+    "error_summary",
+    "numeric_params",
+    "retry_scope",
+    "start_call",
+]
 
 # --- names (to move to attributes.py) -----------------------------------------------------
 
@@ -96,6 +104,25 @@ _current: contextvars.ContextVar[GenAICall | None] = contextvars.ContextVar(
     "rag_instrument.genai_call", default=None
 )
 current_call = _current.get
+
+#: The retry layer (``ri.retry``, ``RetryMixin``) around the code running now, as
+#: ``(attempts allowed, is_retryable, this attempt)``: a model call failing inside it with a
+#: retryable error, attempts left, is logged as a warning (it will be retried), not an error.
+RetryScope = tuple[int, Callable[[BaseException], bool], int]
+retry_scope: contextvars.ContextVar[RetryScope | None] = contextvars.ContextVar(
+    "rag_instrument.retry_scope", default=None
+)
+
+
+def _will_be_retried(exc: BaseException) -> bool:
+    scope = retry_scope.get()
+    if scope is None:
+        return False
+    attempts, is_retryable, attempt = scope
+    try:
+        return attempt < attempts and bool(is_retryable(exc))
+    except Exception:
+        return False
 
 
 def numeric_params(params: Mapping[str, Any]) -> dict[str, int | float]:
@@ -389,6 +416,9 @@ class GenAICall:
             fields["error_type"] = type(exc).__name__
         else:
             event, level = EVENT_LLM_FAILED, "error"
+            if _will_be_retried(exc):  # an attempt, not the call's outcome
+                level = "warning"
+                fields["will_retry"] = True
             fields["error_type"] = type(exc).__name__
             fields["error_message"] = self._error_text(exc)
         emit(level, event, fields, span=span, trusted=True, rt=rt, measures=True)

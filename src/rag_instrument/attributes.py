@@ -62,6 +62,7 @@ __all__ = [
     "METRIC_DB_CONNECTION_TIMEOUTS",
     "METRIC_DB_CONNECTION_WAIT_TIME",
     "METRIC_DB_OPERATION_DURATION",
+    "METRIC_LLM_RETRIES",
     "METRIC_OPERATION_DURATION",
     "METRIC_RETRY_COUNT",
     "METRIC_SPANS_DROPPED",
@@ -178,6 +179,8 @@ EVENT_LLM_COMPLETED: Final = "llm call completed"
 EVENT_LLM_FAILED: Final = "llm call failed"
 EVENT_LLM_CANCELLED: Final = "llm call cancelled"
 METRIC_RETRY_COUNT: Final = "rag.retry.count"
+METRIC_LLM_RETRIES: Final = "rag.llm.retries"
+"""Counter: retried model requests (GenAI attributes, ``error.type``, HTTP status if any)."""
 EVENT_RETRY: Final = "retry"
 LOG_RETRYING: Final = "retrying"
 METRIC_CACHE_HITS: Final = "rag.cache.hits"

@@ -229,6 +229,8 @@ def emit(
     exc_info: Any = None,
     rt: Runtime | None = None,
     measures: bool = False,
+    own_stage: bool = False,
+    app: bool = False,
 ) -> None:
     """Write one event through the pipeline; never raises.
 
@@ -244,10 +246,16 @@ def emit(
         exc_info: an exception (or ``True`` for the one being handled) to render as a
             structured ``exception`` field, without local variables.
         rt: the runtime (looked up when omitted).
-        measures: the line reports the duration of something inside a stage (an LLM call,
-            a slow statement) under ``execution_time_ms``: the stage is then a top-level
-            ``pipeline_stage`` field, not ``context.pipeline_stage``, so that per-stage
-            aggregations of ``execution_time_ms`` count only the stages' own lines.
+        measures: kept for callers; library lines are placed as described below anyway.
+        own_stage: the line is the stage's own completion, failure or cancellation line:
+            the stage goes in ``context.pipeline_stage`` (the jq one-liner's key).
+        app: the line is the application's (structlog or standard ``logging``): inside a
+            stage it keeps ``context.pipeline_stage``, as the contract says.
+
+    One stage run, one line: every other line, i.e. every line the library writes inside a
+    stage (LLM calls, retries, slow queries, N+1 and budget warnings ...), names the stage
+    in a top-level ``stage`` field and leaves ``context.pipeline_stage`` out, so per-stage
+    aggregations of ``execution_time_ms`` count each run exactly once.
     """
     if rt is None:
         rt = get_runtime()
@@ -269,12 +277,12 @@ def emit(
             frame = current_frame()
             stage = frame.stage if frame is not None else None
         context = bound().log
-        if measures:
+        if own_stage or app:
+            line["context"] = {"pipeline_stage": stage, **context} if stage else context
+        else:
             line["context"] = context
             if stage:
-                line["pipeline_stage"] = stage
-        else:
-            line["context"] = {"pipeline_stage": stage, **context} if stage else context
+                line["stage"] = stage
         if fields:
             if trusted:
                 line.update(fields)
@@ -417,7 +425,7 @@ def _process(_logger: Any, method_name: str, event_dict: MutableMapping[str, Any
     if method_name == "exception" and exc_info is None:
         exc_info = True
     name = fields.pop("_logger_name", LOGGER_NAME)
-    emit(level, event, fields, logger=name, exc_info=exc_info, rt=rt)
+    emit(level, event, fields, logger=name, exc_info=exc_info, rt=rt, app=True)
     raise structlog.DropEvent  # emit() wrote it: nothing left for structlog to do
 
 
@@ -510,6 +518,7 @@ class _StdlibHandler(logging.Handler):
                 extra,
                 logger=record.name,
                 exc_info=record.exc_info if record.exc_info else None,
+                app=True,
             )
         except Exception as exc:
             internal_error("logging handler", exc)

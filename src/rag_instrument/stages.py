@@ -294,10 +294,20 @@ def _end(
         # Only a stage's own line reports its duration under context.pipeline_stage, so
         # per-stage aggregations of execution_time_ms (the README's jq one-liner, the
         # analyzer) count each run exactly once.
-        line_stage = spec.name if spec.is_stage else ""
+        # A traced operation's line names the stage it ran in (top-level ``stage``).
+        line_stage = spec.name if spec.is_stage else (frame.stage or "")
         if not spec.is_stage:
             fields["operation"] = spec.name
-        emit(level, event, fields, span=span, stage=line_stage, trusted=True, rt=rt)
+        emit(
+            level,
+            event,
+            fields,
+            span=span,
+            stage=line_stage,
+            trusted=True,
+            rt=rt,
+            own_stage=spec.is_stage,
+        )
     if exceeded:
         assert budget is not None
         rt.budget_counter.add(1, spec.metric_attributes)

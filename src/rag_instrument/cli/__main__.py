@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -15,7 +16,13 @@ from rag_instrument import __version__
 
 __all__ = ["build_parser", "main"]
 
-_SUBCOMMANDS = ("rag_instrument.cli.demo", "rag_instrument.cli.db_doctor")
+_SUBCOMMANDS = (
+    "rag_instrument.cli.demo",
+    "rag_instrument.cli.db_doctor",
+    "rag_instrument.cli.analyze",
+    "rag_instrument.cli.compare",
+    "rag_instrument.cli.report",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +54,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         status: int = func(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`rag-instrument analyze big.jsonl | head`): not an error.
+        # Point stdout at nothing so that the interpreter's final flush stays quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     return status
 
 

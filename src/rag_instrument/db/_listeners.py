@@ -500,7 +500,7 @@ class EngineInstrumentation:
         # The relationship is named only when this very statement is that lazy load.
         if loaded is not None and getattr(context, "invoked_statement", None) is loaded[0]:
             fields["relationship"] = loaded[1]
-        emit("warning", "n+1 query detected", fields, rt=rt)
+        emit("warning", "n+1 query detected", fields, rt=rt, stage=stage or "")
 
     def _report_slow(
         self,

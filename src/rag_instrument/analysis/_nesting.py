@@ -1,0 +1,118 @@
+"""Which stage runs inside which, the order of the rows, and the slowest requests."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from rag_instrument.analysis._model import PIPELINE_ORDER, TOTAL_STAGE, Waterfall
+
+__all__ = ["Interval", "ordered", "parents_from_intervals", "waterfalls"]
+
+#: ``(stage, start ms, end ms)``, epoch milliseconds.
+Interval = tuple[str, float, float]
+#: How far a run's start or end from a log line may seem outside the request's.
+_SLACK_MS = 5.0
+
+
+def parents_from_intervals(traces: dict[str, list[Interval]]) -> dict[str, str]:
+    """Stage -> the stage it usually runs in, from the runs' times within each trace."""
+    votes: dict[str, Counter[str | None]] = {}
+    for runs in traces.values():
+        for stage, start, end in runs:
+            best: tuple[float, str] | None = None
+            # A line's start is its timestamp minus its duration: a few tens of microseconds
+            # late (the time to write the line). A stage holds another when it ended no
+            # earlier and started no later, within that slack (at most half the inner
+            # stage's duration, so that a short stage is never "inside" the sibling that
+            # starts right after it).
+            slack = max(0.05, min(0.5, (end - start) / 2))
+            for other, o_start, o_end in runs:
+                if other == stage:
+                    continue
+                if o_start <= start + slack and end <= o_end:
+                    width = o_end - o_start
+                    if best is None or width < best[0]:
+                        best = (width, other)
+            votes.setdefault(stage, Counter())[best[1] if best else None] += 1
+    parents: dict[str, str] = {}
+    for stage, counter in votes.items():
+        parent, n = counter.most_common(1)[0]
+        if parent is not None and n * 2 > sum(counter.values()):
+            parents[stage] = parent
+    # A cycle (two stages each usually inside the other) is no nesting at all.
+    for stage in list(parents):
+        seen = {stage}
+        node = parents.get(stage)
+        while node is not None:
+            if node in seen:
+                parents.pop(stage, None)
+                break
+            seen.add(node)
+            node = parents.get(node)
+    return parents
+
+
+def waterfalls(
+    slowest: list[tuple[float, str, list[Interval]]], parents: dict[str, str]
+) -> list[Waterfall]:
+    """The slowest requests, slowest first, each stage as an offset from the request's start.
+
+    Stages come in tree order: a stage right after the one it runs in, siblings by start.
+    """
+    out = []
+    for total, trace, runs in sorted(slowest, reverse=True):
+        total_run = max((r for r in runs if r[0] == TOTAL_STAGE), key=lambda r: r[2] - r[1])
+        origin, end = total_run[1], total_run[2]
+        # Another request's runs under the same trace id are left out. Times from log lines
+        # are a little late (the time to write the line; more on a busy machine): a run may
+        # seem to start up to a few ms before the request does.
+        mine = [r for r in runs if r[1] >= origin - _SLACK_MS and r[2] <= end + _SLACK_MS]
+        children: dict[Interval, list[Interval]] = {}
+        for run in mine:
+            if run is total_run:
+                continue
+            holders = [
+                other
+                for other in mine
+                if other is not run
+                and other[0] == parents.get(run[0])
+                and other[1] <= run[1] + _SLACK_MS
+                and run[2] <= other[2] + _SLACK_MS
+            ]
+            holder = min(holders, key=lambda o: o[2] - o[1]) if holders else total_run
+            children.setdefault(holder, []).append(run)
+        stages: list[tuple[str, float, float, int]] = []
+        pending: list[tuple[Interval, int]] = [(total_run, 0)]
+        while pending:  # depth first, children in start order
+            run, depth = pending.pop()
+            stages.append((run[0], max(0.0, run[1] - origin), run[2] - run[1], depth))
+            kids = sorted(children.get(run, []), key=lambda r: r[1], reverse=True)
+            pending.extend((kid, depth + 1) for kid in kids)
+        out.append(Waterfall(trace_id=trace, total_ms=total, stages=stages))
+    return out
+
+
+def ordered(keys: list[str], parents: dict[str, str]) -> list[tuple[str, int]]:
+    """Keys as a tree: pipeline order first, then by first appearance; with depths."""
+    first = {key: i for i, key in enumerate(keys)}
+
+    def rank(key: str) -> tuple[int, int]:
+        if key == TOTAL_STAGE:
+            return (0, 0)
+        if key in PIPELINE_ORDER:
+            return (1, PIPELINE_ORDER.index(key))
+        return (2, first[key])
+
+    children: dict[str | None, list[str]] = {}
+    for key in keys:
+        parent = parents.get(key)
+        children.setdefault(parent if parent in first else None, []).append(key)
+    out: list[tuple[str, int]] = []
+
+    def walk(node: str | None, depth: int) -> None:
+        for child in sorted(children.get(node, []), key=rank):
+            out.append((child, depth))
+            walk(child, depth + 1)
+
+    walk(None, 0)
+    return out

@@ -1,0 +1,167 @@
+"""Stage runs from OTLP JSON: the OpenTelemetry Collector ``file`` exporter's lines.
+
+Each line is one ``ExportTraceServiceRequest`` in the protobuf JSON mapping: ids in hex,
+64-bit integers (the ``...UnixNano`` times) as strings, attribute values as
+``{"stringValue": ...}`` / ``{"intValue": "..."}`` / ``{"doubleValue": ...}``. A stage span is
+one with a ``rag.stage`` attribute; its breakdown is in ``rag.breakdown.<kind>.<ms|count>``
+(and ``rag.breakdown.cache.hits``/``misses``), a blown budget in ``rag.budget.ms``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rag_instrument.analysis._aggregate import Aggregator
+
+__all__ = ["feed", "parents"]
+
+#: Spans remembered (id -> parent, stage) to nest stages; beyond it, new ones are not.
+_MAX_SPANS = 500_000
+_ERROR_CODES = (2, "STATUS_CODE_ERROR")
+_BREAKDOWN = "rag.breakdown."
+
+
+def _value(value: Any) -> Any:
+    if type(value) is not dict:
+        return None
+    for kind in ("stringValue", "doubleValue", "boolValue"):
+        if kind in value:
+            return value[kind]
+    if "intValue" in value:
+        try:
+            return int(value["intValue"])
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def _attributes(items: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if type(items) is list:
+        for item in items:
+            if type(item) is dict and type(item.get("key")) is str:
+                out[item["key"]] = _value(item.get("value"))
+    return out
+
+
+def _spans(record: dict[str, Any]) -> Any:
+    for resource_spans in record.get("resourceSpans") or ():
+        if type(resource_spans) is not dict:
+            continue
+        scopes = resource_spans.get("scopeSpans") or resource_spans.get(
+            "instrumentationLibrarySpans"
+        )
+        for scope in scopes or ():
+            if type(scope) is dict:
+                yield from (s for s in scope.get("spans") or () if type(s) is dict)
+
+
+def feed(agg: Aggregator, record: dict[str, Any]) -> str | None:
+    """Aggregate the spans of one request line; return what was wrong, if anything."""
+    problem: str | None = None
+    for span in _spans(record):
+        try:
+            start = int(span["startTimeUnixNano"])
+            end = int(span["endTimeUnixNano"])
+        except (KeyError, TypeError, ValueError):
+            problem = "a span without start/end times"
+            continue
+        if end < start:
+            problem = "a span that ends before it starts"
+            continue
+        end_s = end / 1e9
+        if (agg.since is not None and end_s < agg.since) or (
+            agg.until is not None and end_s >= agg.until
+        ):
+            continue
+        attributes = _attributes(span.get("attributes"))
+        stage = attributes.get("rag.stage")
+        span_id, trace_id = span.get("spanId"), span.get("traceId")
+        if type(span_id) is str and len(agg.otlp_spans) < _MAX_SPANS:
+            parent = span.get("parentSpanId") or None
+            agg.otlp_spans[span_id] = (
+                parent if type(parent) is str else None,
+                stage if type(stage) is str else None,
+            )
+        key = _key(agg.by, span, attributes, stage)
+        if key is None:
+            continue
+        ms = (end - start) / 1e6
+        line = _as_line(span, attributes, ms)
+        agg.run(key, ms, line, end_s)
+        if agg.by == "stage" and type(trace_id) is str:
+            agg.interval(trace_id, key, start / 1e6, end / 1e6)
+        budget = attributes.get("rag.budget.ms")
+        if attributes.get("rag.budget.exceeded") is True and isinstance(budget, int | float):
+            agg.learned_budgets[key] = float(budget)
+            agg.exceeded.setdefault(key, Counter())[_largest(line.get("breakdown"))] += 1
+    return problem
+
+
+def _key(by: str, span: dict[str, Any], attributes: dict[str, Any], stage: Any) -> str | None:
+    if by == "stage":
+        return stage if type(stage) is str and stage else None
+    if by == "event":
+        name = span.get("name")
+        return name if type(name) is str else None
+    route = attributes.get("http.route")
+    if type(route) is not str:
+        return None
+    return f"{attributes.get('http.request.method') or '?'} {route}"
+
+
+def _as_line(span: dict[str, Any], attributes: dict[str, Any], ms: float) -> dict[str, Any]:
+    """The span as the fields of a stage's log line (what the aggregation reads)."""
+    status = span.get("status")
+    code = status.get("code") if type(status) is dict else None
+    line: dict[str, Any] = {"execution_time_ms": ms}
+    if code in _ERROR_CODES:
+        line["level"] = "error"
+    elif attributes.get("rag.cancelled") is True:
+        line["level"], line["error_type"] = "warning", "cancelled"
+    http_status = attributes.get("http.response.status_code")
+    if type(http_status) is int:
+        line["status"] = http_status
+    breakdown: dict[str, dict[str, Any]] = {}
+    for name, value in attributes.items():
+        if name.startswith(_BREAKDOWN):
+            kind, _, field = name[len(_BREAKDOWN) :].rpartition(".")
+            if kind:
+                breakdown.setdefault(kind, {})[field] = value
+    if breakdown:
+        line["breakdown"] = breakdown
+    return line
+
+
+def _largest(breakdown: Any) -> str:
+    if type(breakdown) is not dict:
+        return "-"
+    timed = [(v.get("ms", 0), k) for k, v in breakdown.items() if k != "cache"]
+    return max(timed)[1] if timed else "-"
+
+
+def parents(spans: dict[str, tuple[str | None, str | None]]) -> dict[str, str]:
+    """Stage -> the stage it usually runs in, walking up through non-stage spans."""
+    votes: dict[str, Counter[str | None]] = {}
+    for parent_id, stage in spans.values():
+        if stage is None:
+            continue
+        found: str | None = None
+        node, hops = parent_id, 0
+        while node is not None and hops < 64:
+            entry = spans.get(node)
+            if entry is None:
+                break
+            if entry[1] is not None:
+                found = entry[1]
+                break
+            node, hops = entry[0], hops + 1
+        votes.setdefault(stage, Counter())[found] += 1
+    out: dict[str, str] = {}
+    for stage, counter in votes.items():
+        parent, n = counter.most_common(1)[0]
+        if parent is not None and parent != stage and n * 2 > sum(counter.values()):
+            out[stage] = parent
+    return out

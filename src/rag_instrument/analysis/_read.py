@@ -1,0 +1,161 @@
+"""Reading logs: files, globs, ``-`` for stdin, gzip, in bounded chunks of lines.
+
+Nothing is read whole: a file is read in blocks of :data:`BLOCK` bytes and handed out as
+lists of complete lines, so memory stays at a few blocks whatever the file's size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import gzip
+import io
+import os
+import sys
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+__all__ = ["BLOCK", "InputReport", "Source", "expand", "read_blocks"]
+
+#: Bytes read at a time.
+BLOCK = 1 << 20
+#: A line longer than this is not a log line we can use: it is skipped, and counted.
+MAX_LINE = 16 << 20
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+@dataclass
+class Source:
+    """One input: a path, or ``-`` for standard input; optionally a byte range of a file.
+
+    A range (``start``, ``end``) is only for plain files, and must begin at a line start.
+    """
+
+    name: str
+    start: int = 0
+    end: int | None = None
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[BinaryIO]:
+        """Open for reading bytes, decompressing gzip (by content, whatever the name).
+
+        Standard input is read but never closed.
+        """
+        raw: BinaryIO = sys.stdin.buffer if self.name == "-" else open(self.name, "rb")  # noqa: SIM115
+        try:
+            if self.start:
+                raw.seek(self.start)
+                yield raw
+                return
+            peekable = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)  # type: ignore[type-var]
+            if peekable.peek(2)[:2] == _GZIP_MAGIC:
+                yield gzip.GzipFile(fileobj=peekable, mode="rb")  # type: ignore[misc]
+            else:
+                yield peekable
+        finally:
+            if self.name != "-":
+                raw.close()
+
+    def is_gzip(self) -> bool:
+        """Whether the input is gzip (``False`` for stdin and unreadable files)."""
+        if self.name == "-":
+            return False
+        try:
+            with open(self.name, "rb") as handle:
+                return handle.read(2) == _GZIP_MAGIC
+        except OSError:
+            return False
+
+
+@dataclass
+class InputReport:
+    """What reading went like: counted, never fatal."""
+
+    files: int = 0
+    lines: int = 0
+    bad_lines: int = 0
+    #: First offending line number per input, with what was wrong.
+    first_bad: dict[str, tuple[int, str]] = field(default_factory=dict)
+    #: Inputs that could not be opened or read, with the reason.
+    unreadable: dict[str, str] = field(default_factory=dict)
+
+    def bad(self, source: str, line_no: int, why: str) -> None:
+        """Count one unusable line."""
+        self.bad_lines += 1
+        if source not in self.first_bad:
+            self.first_bad[source] = (line_no, why)
+
+    def merge(self, other: InputReport) -> None:
+        """Add another report's counts to this one."""
+        self.files += other.files
+        self.lines += other.lines
+        self.bad_lines += other.bad_lines
+        for key, value in other.first_bad.items():
+            self.first_bad.setdefault(key, value)
+        self.unreadable.update(other.unreadable)
+
+
+def expand(patterns: list[str]) -> tuple[list[Source], list[str]]:
+    """Expand globs; return the inputs and the patterns that matched nothing."""
+    sources: list[Source] = []
+    missing: list[str] = []
+    seen: set[str] = set()
+    for pattern in patterns:
+        if pattern == "-":
+            sources.append(Source("-"))
+            continue
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+            matches = [m for m in matches if os.path.isfile(m)]
+        else:
+            matches = [pattern]
+        if not matches:
+            missing.append(pattern)
+        for match in matches:
+            if match not in seen:
+                seen.add(match)
+                sources.append(Source(match))
+    return sources, missing
+
+
+def read_blocks(source: Source, report: InputReport) -> Iterator[tuple[int, list[bytes]]]:
+    """Yield ``(number of the first line, lines)`` for one input, without line endings.
+
+    An input that cannot be opened or fails midway (a truncated gzip member, an I/O
+    error) is recorded in ``report.unreadable``; what was read before the failure counts.
+    """
+    line_no = 1
+    tail = b""
+    remaining = None if source.end is None else source.end - source.start
+    try:
+        with source.open() as stream:
+            report.files += 1
+            while True:
+                try:
+                    if remaining is None:
+                        block = stream.read(BLOCK)
+                    else:
+                        block = stream.read(min(BLOCK, remaining))
+                        remaining -= len(block)
+                except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+                    report.unreadable[source.name] = f"read failed after line {line_no - 1}: {exc}"
+                    break
+                if not block:
+                    break
+                lines = (tail + block).split(b"\n") if tail else block.split(b"\n")
+                tail = lines.pop()  # the unfinished last line waits for the next block
+                if not lines:
+                    if len(tail) > MAX_LINE:
+                        report.bad(source.name, line_no, "line too long")
+                        tail = b""
+                    continue
+                report.lines += len(lines)
+                yield line_no, lines
+                line_no += len(lines)
+            if tail:
+                report.lines += 1
+                yield line_no, [tail]
+    except OSError as exc:
+        report.unreadable[source.name] = exc.strerror or type(exc).__name__

@@ -1,0 +1,434 @@
+"""``rag-instrument analyze``: inputs, figures, grouping, budgets, formats and bad input."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rag_instrument.analysis import analyze, percentile
+from rag_instrument.analysis._render import use_colour
+from rag_instrument.analysis._stats import Sample
+from rag_instrument.cli.__main__ import main
+
+
+def line(stage: str, ms: Any, ts: str = "2026-11-25T15:33:19.000000Z", **extra: Any) -> str:
+    record: dict[str, Any] = {
+        "timestamp": ts,
+        "level": extra.pop("level", "info"),
+        "event": f"{stage} completed",
+        "logger": "rag_instrument",
+        "context": {"pipeline_stage": stage, "request_id": "r-1"},
+        "execution_time_ms": ms,
+    }
+    record.update(extra)
+    return json.dumps(record)
+
+
+def write(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(f"{x}\n" for x in lines))
+    return path
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    status = main(["analyze", *args])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def as_json(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, dict[str, Any]]:
+    status, out, _ = run_cli([*args, "--format", "json"], capsys)
+    assert status == 0
+    return {row.get("stage") or row.get("event") or row.get("route"): row for row in json.loads(out)}
+
+
+def nearest_rank(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    k = max(1, math.ceil(pct / 100 * len(ordered)))
+    return ordered[k - 1]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(min_value=0, max_value=1e6, allow_nan=False), min_size=1, max_size=60))
+def test_figures_are_exact_nearest_rank(values: list[float]) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        log = write(Path(tmp) / "a.jsonl", [line("retrieval", v) for v in values])
+        (row,) = analyze([str(log)]).rows
+    assert row.count == len(values)
+    assert row.avg_ms == pytest.approx(sum(values) / len(values))
+    assert row.max_ms == max(values)
+    for pct, got in ((50, row.p50_ms), (95, row.p95_ms), (99, row.p99_ms)):
+        assert got == nearest_rank(values, pct)
+
+
+def test_table_json_and_csv_agree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    log = write(
+        tmp_path / "a.jsonl",
+        [line("retrieval", float(v)) for v in range(1, 101)]
+        + [line("generation", 10.0), line("generation", 30.0, level="error", error_type="E")],
+    )
+    rows = as_json([str(log)], capsys)
+    assert rows["retrieval"]["count"] == 100
+    assert rows["retrieval"]["p95_ms"] == 95.0
+    assert rows["retrieval"]["p99_ms"] == 99.0
+    assert rows["generation"]["errors"] == 1
+    assert rows["generation"]["avg_time"] == 20.0
+    assert rows["generation"]["max_time"] == 30.0
+
+    status, out, _ = run_cli([str(log), "--format", "csv"], capsys)
+    assert status == 0
+    table = list(csv.DictReader(io.StringIO(out)))
+    assert [r["stage"] for r in table] == ["retrieval", "generation"]
+    assert float(table[0]["p95_ms"]) == 95.0
+
+    status, out, _ = run_cli([str(log)], capsys)
+    assert status == 0
+    header, _rule, first, second = out.splitlines()[:4]
+    assert header.split()[:3] == ["stage", "runs", "errors"]
+    assert "\x1b[" not in out  # not a terminal: no colour
+    assert first.split()[:3] == ["retrieval", "100", "0"]
+    assert second.split()[:3] == ["generation", "2", "1"]
+    # Aligned: the numbers end where their column's header ends.
+    assert first.index("100") + 3 == header.index("runs") + 4
+
+
+def test_inputs_globs_gzip_stdin_and_several_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(tmp_path / "host-a.jsonl", [line("retrieval", 10.0)] * 3)
+    with gzip.open(tmp_path / "host-b.jsonl.gz", "wt") as handle:
+        handle.write(line("retrieval", 20.0) + "\n")
+    rows = as_json([str(tmp_path / "host-*")], capsys)
+    assert rows["retrieval"]["count"] == 4
+    assert rows["retrieval"]["max_ms"] == 20.0
+
+    # A gzip file is recognised by its content, whatever its name.
+    plain_name = tmp_path / "rotated.log"
+    plain_name.write_bytes(gzip.compress((line("rerank", 5.0) + "\n").encode()))
+    assert as_json([str(plain_name)], capsys)["rerank"]["count"] == 1
+
+    stdin = io.TextIOWrapper(io.BytesIO((line("generation", 7.0) + "\n").encode()))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    rows = as_json(["-", str(tmp_path / "host-a.jsonl")], capsys)
+    assert rows["generation"]["count"] == 1
+    assert rows["retrieval"]["count"] == 3
+
+
+def test_streams_without_reading_the_file_whole(tmp_path: Path) -> None:
+    # Lines cross the 1 MiB block boundaries; every one must be counted once.
+    values = [float(i % 97) for i in range(30_000)]
+    log = write(tmp_path / "big.jsonl", [line("retrieval", v, pad="x" * (i % 113)) for i, v in
+                                         enumerate(values)])
+    assert log.stat().st_size > 3 << 20
+    (row,) = analyze([str(log)]).rows
+    assert row.count == len(values)
+    assert row.avg_ms == pytest.approx(sum(values) / len(values))
+
+
+def test_bad_input_is_counted_and_named_never_fatal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = line("retrieval", 10.0)
+    log = tmp_path / "messy.jsonl"
+    log.write_bytes(
+        "\n".join(
+            [
+                good,
+                good[:40],  # truncated
+                "not json at all",
+                line("retrieval", "12"),  # wrong type
+                good.replace("10.0", "NaN"),  # not JSON
+                line("retrieval", -5.0),  # negative
+                line("retrieval", True),  # a bool is not a duration
+                good,
+            ]
+        ).encode()
+        + b"\n\x00\xff\xfe binary \x89PNG\n"
+        + good.encode()
+        + b"\n"
+    )
+    status, out, err = run_cli(
+        [str(log), str(tmp_path / "missing.jsonl"), "--format", "json"], capsys
+    )
+    assert status == 0
+    (row,) = json.loads(out)
+    assert row["count"] == 3
+    assert row["avg_time"] == 10.0
+    assert "7 unusable line(s)" in err
+    assert f"first in {log}, line 2:" in err
+    assert "cannot read" in err
+    assert "missing.jsonl" in err
+
+
+def test_nothing_readable_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = run_cli([str(tmp_path / "nope.jsonl"), str(tmp_path / "*.none")], capsys)
+    assert status == 2
+    assert out == ""
+    (only,) = err.splitlines()
+    assert only.startswith("rag-instrument: nothing could be read (")
+    assert "nope.jsonl: No such file or directory" in only
+    assert "*.none: no such file" in only
+
+
+def test_an_empty_input_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    status, out, _ = run_cli([str(empty)], capsys)
+    assert status == 0
+    assert "the input is empty" in out
+    status, out, _ = run_cli([str(empty), "--format", "json"], capsys)
+    assert (status, json.loads(out)) == (0, [])
+
+
+def test_pipeline_order_nesting_and_the_whole_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import time
+
+    import rag_instrument as ri
+
+    def work() -> None:
+        time.sleep(0.003)  # stages that take time, as real ones do (not for ordering)
+
+    log = tmp_path / "rag.jsonl"
+    ri.configure(exporter="memory", log_file=str(log))
+    for _ in range(5):
+        with ri.stage("search"):
+            with ri.stage("custom_guardrail"):
+                work()
+            with ri.stage("generation"):
+                work()
+            with ri.stage("retrieval"):
+                with ri.stage("embedding"):
+                    work()
+                work()
+            with ri.stage("query_rewriting"):
+                work()
+    ri.shutdown()
+    result = analyze([str(log)])
+    assert [(r.key, r.depth) for r in result.rows] == [
+        ("search", 0),
+        ("query_rewriting", 1),
+        ("retrieval", 1),
+        ("embedding", 2),
+        ("generation", 1),
+        ("custom_guardrail", 1),
+    ]
+    assert [r.key for r in result.rows if r.is_total] == ["search"]
+    _, out, _ = run_cli([str(log)], capsys)
+    assert "search (whole request)" in out
+    assert "\n    embedding " in out
+
+
+def test_by_event_and_by_route(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def request(method: str, route: str, status: int, ms: float) -> str:
+        return json.dumps({
+            "timestamp": "2026-11-25T15:33:19.000000Z", "level": "info",
+            "event": "request completed", "logger": "rag_instrument",
+            "context": {"request_id": "r"}, "method": method, "route": route,
+            "status": status, "execution_time_ms": ms,
+        })
+
+    log = write(
+        tmp_path / "web.jsonl",
+        [
+            request("POST", "/api/search", 200, 100.0),
+            request("POST", "/api/search", 200, 300.0),
+            request("POST", "/api/search", 503, 50.0),
+            request("GET", "/health", 200, 1.0),
+            line("retrieval", 40.0),
+        ],
+    )
+    routes = as_json([str(log), "--by", "route", "--budget", "POST /api/search=200"], capsys)
+    assert set(routes) == {"POST /api/search", "GET /health"}
+    search = routes["POST /api/search"]
+    assert (search["count"], search["errors"], search["over_budget"]) == (3, 1, 1)
+    assert search["statuses"] == {"2xx": 2, "5xx": 1}
+    events = as_json([str(log), "--by", "event"], capsys)
+    assert events["request completed"]["count"] == 4
+    assert events["retrieval completed"]["count"] == 1
+
+
+def test_budgets_from_flags_toml_and_the_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    values = [float(v) for v in range(1, 21)]  # p95 = 19
+    log = write(
+        tmp_path / "a.jsonl",
+        [line("retrieval", v) for v in values]
+        + [line("generation", v) for v in values]
+        + [json.dumps({"event": "budget exceeded", "logger": "rag_instrument",
+                       "stage": "generation", "budget_ms": 15.0,
+                       "execution_time_ms": 16.0, "largest": {"kind": "llm", "ms": 12.0}})],
+    )
+    toml = tmp_path / "budgets.toml"
+    toml.write_text("[budgets]\nretrieval = 18\n")
+    rows = as_json([str(log), "--budgets", str(toml)], capsys)
+    assert (rows["retrieval"]["budget_ms"], rows["retrieval"]["over_budget"]) == (18.0, 2)
+    # Without a flag, the log's own "budget exceeded" lines tell the budget.
+    assert (rows["generation"]["budget_ms"], rows["generation"]["over_budget"]) == (15.0, 5)
+    status, out, _ = run_cli([str(log), "--budgets", str(toml)], capsys)
+    assert "2 of 20 over 18 ms" in out
+    assert "5 of 20 over 15 ms" in out
+    # --budget wins over the file; --fail-on-budget is the CI gate on p95.
+    status, _, err = run_cli([str(log), "--budgets", str(toml), "--budget", "retrieval=19",
+                              "--budget", "generation=19", "--fail-on-budget"], capsys)
+    assert status == 0, err
+    status, _, err = run_cli([str(log), "--budget", "retrieval=18.5", "--fail-on-budget"], capsys)
+    assert status == 1
+    assert "retrieval p95 19.0 ms is over its budget of 18.5 ms" in err
+
+
+def test_bad_budgets_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    log = write(tmp_path / "a.jsonl", [line("retrieval", 1.0)])
+    bad = tmp_path / "b.toml"
+    bad.write_text('retrieval = "fast"\n')
+    status, _, err = run_cli([str(log), "--budgets", str(bad)], capsys)
+    assert status == 2
+    assert "budget for 'retrieval' must be a positive number" in err
+    bad.write_text("retrieval = [\n")
+    status, _, err = run_cli([str(log), "--budgets", str(bad)], capsys)
+    assert (status, "not valid TOML" in err) == (2, True)
+    with pytest.raises(SystemExit):
+        main(["analyze", str(log), "--budget", "retrieval"])
+    assert "STAGE=MS" in capsys.readouterr().err
+
+
+def test_since_and_until(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    log = write(
+        tmp_path / "a.jsonl",
+        [
+            line("retrieval", 1.0, ts="2026-11-25T10:00:00.000000Z"),
+            line("retrieval", 2.0, ts="2026-11-25T11:00:00.000000Z"),
+            line("retrieval", 3.0, ts="2026-11-25T12:00:00+00:00"),
+            line("retrieval", 4.0, ts="2026-11-25T13:00:00.000000Z"),
+        ],
+    )
+    rows = as_json([str(log), "--since", "2026-11-25T11:00Z", "--until", "2026-11-25T13:00Z"],
+                   capsys)
+    assert (rows["retrieval"]["count"], rows["retrieval"]["avg_ms"]) == (2, 2.5)
+    with pytest.raises(SystemExit):
+        main(["analyze", str(log), "--since", "yesterday"])
+    assert "ISO 8601" in capsys.readouterr().err
+
+
+def test_colour_only_on_a_terminal_and_never_with_no_color(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert use_colour(Tty())
+    assert not use_colour(io.StringIO())
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not use_colour(Tty())
+
+
+def test_table_is_red_over_budget_on_a_terminal(tmp_path: Path) -> None:
+    from rag_instrument.analysis._render import render_table
+
+    log = write(tmp_path / "a.jsonl", [line("retrieval", 100.0), line("rerank", 1.0)])
+    out = render_table(analyze([str(log)], budgets={"retrieval": 50.0}), colour=True)
+    (red,) = [x for x in out.splitlines() if x.startswith("\x1b[31m")]
+    assert "retrieval" in red
+
+
+def test_percentiles_beyond_the_memory_bound_come_from_a_uniform_sample() -> None:
+    sample = Sample(max_values=1000)
+    for i in range(100_000):
+        sample.add(float(i))
+    assert not sample.exact
+    assert len(sample.values) == 1000
+    # A uniform sample of 1000: p95's rank error is about sqrt(.95*.05/1000) = 0.7 points.
+    assert percentile(sample.sorted(), 95) == pytest.approx(95_000, abs=3_000)
+    assert percentile(sample.sorted(), 50) == pytest.approx(50_000, abs=5_000)
+
+
+def test_beyond_the_bound_counts_and_means_stay_exact(tmp_path: Path) -> None:
+    values = [float(i) for i in range(500)]
+    log = write(tmp_path / "a.jsonl", [line("retrieval", v) for v in values])
+    (row,) = analyze([str(log)], max_values=50, budgets={"retrieval": 449.5}).rows
+    assert not row.exact
+    assert (row.count, row.max_ms, row.over_budget) == (500, 499.0, 50)
+    assert row.avg_ms == pytest.approx(249.5)
+
+
+def test_help_states_the_percentile_method_and_memory_bound() -> None:
+    out = subprocess.run(
+        [str(Path(sys.executable).with_name("rag-instrument")), "analyze", "--help"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    flat = " ".join(out.split())
+    assert "nearest-rank" in flat
+    assert "1,000,000 runs per group" in flat
+    assert "NO_COLOR" in flat
+
+
+def test_a_reader_that_goes_away_is_not_an_error(tmp_path: Path) -> None:
+    log = write(tmp_path / "a.jsonl", [line("retrieval", 1.0)])
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `| head` having exited: every write gets EPIPE
+    try:
+        result = subprocess.run(
+            [str(Path(sys.executable).with_name("rag-instrument")), "analyze", str(log)],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141
+    assert "Traceback" not in result.stderr
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.binary(max_size=300), max_size=40), st.booleans())
+def test_any_bytes_are_read_without_an_error(chunks: list[bytes], gzipped: bool) -> None:
+    import tempfile
+
+    good = line("retrieval", 5.0).encode()
+    data = b"\n".join([good, *chunks, good]) + b"\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fuzz.log"
+        path.write_bytes(gzip.compress(data) if gzipped else data)
+        result = analyze([str(path)])
+    assert result.inputs.files == 1
+    assert result.inputs.lines == data.count(b"\n")
+    rows = {r.key: r for r in result.rows}
+    # The two good lines always count; a random line may be another (valid) run.
+    assert rows["retrieval"].count >= 2
+    assert result.inputs.bad_lines <= len(chunks) + data.count(b"\n")
+
+
+def test_since_and_until_on_spans(tmp_path: Path) -> None:
+    def span(end_s: int) -> dict[str, Any]:
+        return {
+            "traceId": "0" * 32, "spanId": f"{end_s:016x}", "name": "retrieval",
+            "startTimeUnixNano": str(end_s * 10**9 - 5 * 10**6),
+            "endTimeUnixNano": str(end_s * 10**9),
+            "attributes": [{"key": "rag.stage", "value": {"stringValue": "retrieval"}}],
+        }
+
+    t0 = 1_764_000_000
+    path = tmp_path / "traces.json"
+    path.write_text(json.dumps(
+        {"resourceSpans": [{"scopeSpans": [{"spans": [span(t0), span(t0 + 60), span(t0 + 120)]}]}]}
+    ) + "\n")
+    (row,) = analyze([str(path)], since=t0 + 30, until=t0 + 90).rows
+    assert row.count == 1
+    assert row.max_ms == pytest.approx(5.0)

@@ -1,0 +1,124 @@
+"""``analyze`` on OTLP JSON written by a collector's file exporter gives the logs' table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import rag_instrument as ri
+from rag_instrument import _breakdown
+from rag_instrument.analysis import analyze
+from rag_instrument.cli.__main__ import main
+from support.collector_file import write_collector_file
+from support.otlp_receiver import OTLPReceiver
+
+
+def _run_pipeline(requests: int) -> None:
+    for i in range(requests):
+        with ri.request_context(request_id=f"r-{i}"), ri.stage("search"):
+            with ri.stage("retrieval"):
+                with ri.stage("embedding"):
+                    _breakdown.record("embedding", 2.0)
+                _breakdown.record("vector", 5.0)
+                _breakdown.record("db", 1.0)
+            try:
+                with ri.stage("generation"):
+                    _breakdown.record("llm", 3.0)
+                    if i % 4 == 0:
+                        raise TimeoutError("model timed out")  # noqa: TRY301
+            except TimeoutError:
+                pass
+
+
+def test_collector_file_gives_the_same_table_as_the_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "rag.jsonl"
+    with OTLPReceiver() as receiver:
+        ri.configure(
+            exporter="otlp",
+            otlp_endpoint=receiver.endpoint,
+            log_file=str(log),
+            budgets={"retrieval": 0.001},
+        )
+        _run_pipeline(8)
+        ri.shutdown()
+        assert receiver.wait_for_spans(32)
+        spans_file = write_collector_file(list(receiver.trace_requests), tmp_path / "traces.json")
+
+    first = json.loads(spans_file.read_text().splitlines()[0])
+    some_span = first["resourceSpans"][0]["scopeSpans"][0]["spans"][0]
+    assert len(some_span["traceId"]) == 32
+    assert len(some_span["spanId"]) == 16
+    assert isinstance(some_span["startTimeUnixNano"], str)
+
+    from_log = {r.key: r for r in analyze([str(log)]).rows}
+    from_spans = analyze([str(spans_file)])
+    assert from_spans.kinds == {"otlp"}
+    rows = {r.key: r for r in from_spans.rows}
+    assert [(r.key, r.depth) for r in from_spans.rows] == [
+        ("search", 0),
+        ("retrieval", 1),
+        ("embedding", 2),
+        ("generation", 1),
+    ]
+    for name, row in rows.items():
+        assert row.count == from_log[name].count == 8
+        assert row.errors == from_log[name].errors
+        # Span times and logged durations are read a few microseconds apart (and a run can
+        # be preempted between the two readings on a busy machine): the medians agree.
+        assert row.p50_ms == pytest.approx(from_log[name].p50_ms, abs=1.0)
+        assert row.breakdown_ms == pytest.approx(from_log[name].breakdown_ms)
+    assert rows["generation"].errors == 2
+    assert rows["retrieval"].budget_ms == 0.001
+    assert rows["retrieval"].over_budget == 8
+    assert rows["search"].is_total
+
+    # The command line reads it the same way, mixed with a log from another host.
+    assert main(["analyze", str(spans_file), str(log), "--format", "json"]) == 0
+    merged = {r["stage"]: r for r in json.loads(capsys.readouterr().out)}
+    assert merged["retrieval"]["count"] == 16
+
+
+def test_malformed_spans_are_counted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = {
+        "traceId": "0" * 31 + "1", "spanId": "0" * 15 + "1", "name": "retrieval",
+        "startTimeUnixNano": "1000000000", "endTimeUnixNano": "1012500000",
+        "attributes": [{"key": "rag.stage", "value": {"stringValue": "retrieval"}}],
+        "status": {},
+    }
+    broken = {**good, "endTimeUnixNano": "soon"}
+    line = {"resourceSpans": [{"scopeSpans": [{"spans": [good, broken]}]}]}
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(line) + "\n")
+    assert main(["analyze", str(path), "--format", "json"]) == 0
+    out, err = capsys.readouterr()
+    (row,) = json.loads(out)
+    assert (row["stage"], row["count"], row["max_ms"]) == ("retrieval", 1, 12.5)
+    assert "line 1: a span without start/end times" in err
+
+
+def test_routes_from_server_spans(tmp_path: Path) -> None:
+    from rag_instrument.analysis import analyze
+
+    def span(i: int, status: int) -> dict[str, object]:
+        return {
+            "traceId": f"{i:032x}", "spanId": f"{i:016x}", "name": "POST /api/search",
+            "kind": 2, "startTimeUnixNano": "1000000000",
+            "endTimeUnixNano": str(1_000_000_000 + (i + 1) * 10_000_000),
+            "attributes": [
+                {"key": "http.route", "value": {"stringValue": "/api/search"}},
+                {"key": "http.request.method", "value": {"stringValue": "POST"}},
+                {"key": "http.response.status_code", "value": {"intValue": str(status)}},
+            ],
+        }
+
+    path = tmp_path / "traces.json"
+    spans = [span(i, 503 if i == 0 else 200) for i in range(4)]
+    path.write_text(json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": spans}]}]}) + "\n")
+    (row,) = analyze([str(path)], by="route", budgets={"POST /api/search": 25.0}).rows
+    assert (row.key, row.count, row.errors, row.max_ms) == ("POST /api/search", 4, 1, 40.0)
+    assert row.statuses == {"2xx": 3, "5xx": 1}
+    assert row.over_budget == 2

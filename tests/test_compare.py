@@ -1,0 +1,116 @@
+"""``rag-instrument compare``: percentiles before and after, and whether it is beyond noise."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rag_instrument.analysis import mann_whitney_u
+from rag_instrument.cli.__main__ import main
+
+
+def _log(path: Path, stages: dict[str, list[float]]) -> Path:
+    lines = []
+    for stage, values in stages.items():
+        for ms in values:
+            lines.append(json.dumps({
+                "timestamp": "2026-11-25T15:33:19.000000Z", "level": "info",
+                "event": f"{stage} completed", "logger": "rag_instrument",
+                "context": {"pipeline_stage": stage}, "execution_time_ms": ms,
+            }))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_mann_whitney_matches_the_textbook_value() -> None:
+    # Completely separated samples of 10: U = 0; with the continuity correction the
+    # asymptotic two-sided p-value is 2 * (1 - Phi(49.5 / sqrt(175))) = 0.000183.
+    p = mann_whitney_u([float(i) for i in range(1, 11)], [float(i) for i in range(11, 21)])
+    assert p == pytest.approx(0.000183, abs=2e-6)
+    # Ties: all equal values are no evidence of a difference.
+    assert mann_whitney_u([5.0] * 10, [5.0] * 10) == 1.0
+    assert mann_whitney_u([], [1.0]) == 1.0
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(st.integers(0, 50), min_size=1, max_size=30),
+    st.lists(st.integers(0, 50), min_size=1, max_size=30),
+)
+def test_mann_whitney_is_symmetric_and_a_probability(a: list[int], b: list[int]) -> None:
+    x, y = [float(v) for v in a], [float(v) for v in b]
+    p = mann_whitney_u(x, y)
+    assert 0.0 <= p <= 1.0
+    assert p == pytest.approx(mann_whitney_u(y, x))
+
+
+def test_a_real_regression_fails_the_gate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = random.Random(3)
+    before = _log(tmp_path / "before.jsonl", {
+        "retrieval": [rng.gauss(50, 5) for _ in range(60)],
+        "generation": [rng.gauss(200, 20) for _ in range(60)],
+    })
+    after = _log(tmp_path / "after.jsonl", {
+        "retrieval": [rng.gauss(80, 5) for _ in range(60)],  # 60% slower
+        "generation": [rng.gauss(200, 20) for _ in range(60)],  # noise only
+    })
+    assert main(["compare", str(before), str(after), "--format", "json"]) == 0
+    changes = {c["key"]: c for c in json.loads(capsys.readouterr().out)}
+    assert changes["retrieval"]["verdict"] == "slower"
+    assert changes["retrieval"]["p_value"] < 0.001
+    assert changes["retrieval"]["p95_change_pct"] > 40
+    assert changes["generation"]["verdict"] == "no significant change"
+    assert changes["retrieval"]["count_before"] == 60
+
+    assert main(["compare", str(before), str(after), "--fail-on-regression", "20"]) == 1
+    out, err = capsys.readouterr()
+    assert "retrieval p95 grew" in err
+    assert "slower" in out
+    assert "no significant change" in out
+    # Above the threshold only: a 60% regression passes a 100% gate.
+    assert main(["compare", str(before), str(after), "--fail-on-regression", "100"]) == 0
+    capsys.readouterr()
+    # The other way round it is faster, never a regression.
+    assert main(["compare", str(after), str(before), "--fail-on-regression", "5"]) == 0
+    assert "faster" in capsys.readouterr().out
+
+
+def test_a_big_change_on_too_few_runs_is_not_significant(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = _log(tmp_path / "b.jsonl", {"retrieval": [10.0, 50.0, 30.0]})
+    after = _log(tmp_path / "a.jsonl", {"retrieval": [12.0, 90.0, 28.0], "rerank": [1.0]})
+    assert main(["compare", str(before), str(after), "--fail-on-regression", "10",
+                 "--format", "json"]) == 0
+    changes = {c["key"]: c for c in json.loads(capsys.readouterr().out)}
+    assert changes["retrieval"]["p95_change_pct"] == pytest.approx(80.0)
+    assert not changes["retrieval"]["significant"]
+    assert changes["rerank"]["verdict"] == "new"
+
+
+def test_sets_of_files_by_glob(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for host in "ab":
+        _log(tmp_path / f"before-{host}.jsonl", {"retrieval": [10.0] * 20})
+        _log(tmp_path / f"after-{host}.jsonl", {"retrieval": [10.0] * 20})
+    assert main(["compare", str(tmp_path / "before-*"), str(tmp_path / "after-*"),
+                 "--format", "json"]) == 0
+    (change,) = json.loads(capsys.readouterr().out)
+    assert (change["count_before"], change["count_after"]) == (40, 40)
+    assert change["verdict"] == "no significant change"
+
+
+def test_help_names_the_test() -> None:
+    out = subprocess.run(
+        [str(Path(sys.executable).with_name("rag-instrument")), "compare", "--help"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert "Mann-Whitney U" in " ".join(out.split())
