@@ -420,6 +420,7 @@ _BOUND_VALUES = st.one_of(
         max_size=4,
     ),
     stage=st.sampled_from(["retrieval", "", 'stage "quoted" \u00e9']),
+    own_stage=st.booleans(),
     operation=st.one_of(st.none(), st.text(max_size=20)),
     ms=st.floats(min_value=0, max_value=1e6, allow_nan=False),
 )
@@ -427,6 +428,7 @@ def test_emit_head_writes_the_bytes_emit_writes(
     tmp_path_factory: pytest.TempPathFactory,
     bound_values: dict[str, Any],
     stage: str,
+    own_stage: bool,
     operation: str | None,
     ms: float,
 ) -> None:
@@ -442,8 +444,17 @@ def test_emit_head_writes_the_bytes_emit_writes(
     head = LineHead("info", f"{stage or 'x'} completed", tail)
     span = TracerProvider().get_tracer("t").start_span("s")
     with ri.request_context(**bound_values):
-        emit_head(rt, head, span, stage, ms)
-        emit("info", head.event, head.fields(ms), span=span, stage=stage, trusted=True, rt=rt)
+        emit_head(rt, head, span, stage, ms, own_stage=own_stage)
+        emit(
+            "info",
+            head.event,
+            head.fields(ms),
+            span=span,
+            stage=stage,
+            trusted=True,
+            rt=rt,
+            own_stage=own_stage,
+        )
     ri.shutdown()
     fast, general = path.read_bytes().splitlines()
     # The timestamps differ (two calls); everything else is the same, byte for byte.
@@ -459,7 +470,12 @@ def test_emit_head_goes_through_emit_for_console_lines(capsys: pytest.CaptureFix
     ri.configure(exporter=None, log_format="console", capture_logging=False)
     span = trace.INVALID_SPAN
     emit_head(
-        _runtime.get_runtime(), LineHead("info", "retrieval completed"), span, "retrieval", 1.5
+        _runtime.get_runtime(),
+        LineHead("info", "retrieval completed"),
+        span,
+        "retrieval",
+        1.5,
+        own_stage=True,
     )
     err = capsys.readouterr().err
     assert "[info    ] retrieval completed" in err

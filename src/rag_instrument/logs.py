@@ -327,25 +327,33 @@ class LineHead:
         return {"execution_time_ms": ms, **self.tail_fields}
 
 
-def emit_head(rt: Runtime, head: LineHead, span: Span, stage: str, ms: float) -> None:
+def emit_head(
+    rt: Runtime, head: LineHead, span: Span, stage: str, ms: float, *, own_stage: bool
+) -> None:
     """Write the line ``emit()`` would write for ``head``, assembled from its rendered part.
 
     That is ``emit(level, event, {"execution_time_ms": ms, **tail}, span=span,
-    stage=stage, trusted=True, rt=rt)``, byte for byte; never raises. For JSON lines to a
-    file or standard error; anything else (console format, a capture sink, a value orjson
-    refuses) goes through :func:`emit`.
+    stage=stage, trusted=True, rt=rt, own_stage=own_stage)``, byte for byte; never raises.
+    For JSON lines to a file or standard error; anything else (console format, a capture
+    sink, a value orjson refuses) goes through :func:`emit`.
     """
     out = rt.log
     if out is None or head.level_no < out.level_no:
         return
     if out.render is not render_json or out.sink is not None or getattr(_local, "emitting", False):
-        emit(head.level, head.event, head.fields(ms), span=span, stage=stage, trusted=True, rt=rt)
+        _emit_fields(rt, head, span, stage, ms, own_stage)
         return
     try:
         context = bound().log
-        rendered = orjson.dumps(
-            {"pipeline_stage": stage, **context} if stage else context, option=_CONTEXT_OPTIONS
-        )
+        if own_stage:  # the stage's own line: context.pipeline_stage
+            rendered = orjson.dumps(
+                {"pipeline_stage": stage, **context} if stage else context,
+                option=_CONTEXT_OPTIONS,
+            )
+        else:  # another line inside a stage: a top-level "stage" after the context
+            rendered = orjson.dumps(context, option=_CONTEXT_OPTIONS)
+            if stage:
+                rendered += b',"stage":' + orjson.dumps(stage)
         ctx = span.get_span_context()
         ids = (
             b',"trace_id":"'
@@ -369,12 +377,27 @@ def emit_head(rt: Runtime, head: LineHead, span: Span, stage: str, ms: float) ->
             + b"}\n"
         )
     except Exception:  # a bound value orjson refuses: the general path copes
-        emit(head.level, head.event, head.fields(ms), span=span, stage=stage, trusted=True, rt=rt)
+        _emit_fields(rt, head, span, stage, ms, own_stage)
         return
     try:
         out.write(line)
     except Exception as exc:
         internal_error("emit", exc)
+
+
+def _emit_fields(
+    rt: Runtime, head: LineHead, span: Span, stage: str, ms: float, own_stage: bool
+) -> None:
+    emit(
+        head.level,
+        head.event,
+        head.fields(ms),
+        span=span,
+        stage=stage,
+        trusted=True,
+        rt=rt,
+        own_stage=own_stage,
+    )
 
 
 _CONTEXT_OPTIONS: Final = orjson.OPT_NON_STR_KEYS

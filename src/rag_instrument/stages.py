@@ -273,7 +273,8 @@ def _end(
             timings.add(spec.name, ms)
     if rt.log is not None and exc is None and not breakdown and items is None:
         # The common line, assembled from its rendered fixed part.
-        emit_head(rt, spec.completed_head, span, spec.name if spec.is_stage else "", round(ms, 3))
+        line_stage = spec.name if spec.is_stage else (frame.stage or "")
+        emit_head(rt, spec.completed_head, span, line_stage, round(ms, 3), own_stage=spec.is_stage)
     elif rt.log is not None:
         fields: dict[str, Any] = {"execution_time_ms": round(ms, 3)}
         if breakdown:

@@ -210,8 +210,7 @@ async def test_429_then_success_through_retry_mixin(server: FakeLLMServer) -> No
         result = await Chat().generate("hello")
     assert isinstance(result, ri.LLMResult)
     assert result.text == server.reply_text
-    provider_span = next(s for s in cap.spans if s.name == "chat gpt-4o-mini" and
-                         s.parent is None)
+    provider_span = next(s for s in cap.spans if s.name == "chat gpt-4o-mini" and s.parent is None)
     assert provider_span.attributes["rag.retry.attempts"] == 2
     sdk_spans = [
         s for s in cap.spans if s.parent and s.parent.span_id == provider_span.context.span_id

@@ -138,8 +138,12 @@ def _side_tables(analysis: Analysis) -> list[tuple[str, list[str]]]:
                 _grid(
                     ["relationship", "warnings", "max statements", "stages"],
                     [
-                        [_short(e["relationship"]), str(e["warnings"]), str(e["max_count"]),
-                         ",".join(e["stages"]) or "-"]
+                        [
+                            _short(e["relationship"]),
+                            str(e["warnings"]),
+                            str(e["max_count"]),
+                            ",".join(e["stages"]) or "-",
+                        ]
                         for e in analysis.n_plus_one
                     ],
                 ),
@@ -205,18 +209,40 @@ def render_csv(analysis: Analysis) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     columns = [
-        analysis.by, "count", "errors", "cancelled", "avg_ms", "p50_ms", "p95_ms", "p99_ms",
-        "max_ms", "budget_ms", "over_budget", *(f"{k}_share" for k in kinds),
-        "cache_hit_ratio", "parent", "depth",
+        analysis.by,
+        "count",
+        "errors",
+        "cancelled",
+        "avg_ms",
+        "p50_ms",
+        "p95_ms",
+        "p99_ms",
+        "max_ms",
+        "budget_ms",
+        "over_budget",
+        *(f"{k}_share" for k in kinds),
+        "cache_hit_ratio",
+        "parent",
+        "depth",
     ]
     writer.writerow(columns)
     for row in analysis.rows:
         values: list[Any] = [
-            row.key, row.count, row.errors, row.cancelled, _num(row.avg_ms), _num(row.p50_ms),
-            _num(row.p95_ms), _num(row.p99_ms), _num(row.max_ms), _num(row.budget_ms),
+            row.key,
+            row.count,
+            row.errors,
+            row.cancelled,
+            _num(row.avg_ms),
+            _num(row.p50_ms),
+            _num(row.p95_ms),
+            _num(row.p99_ms),
+            _num(row.max_ms),
+            _num(row.budget_ms),
             "" if row.over_budget is None else row.over_budget,
             *(_num(row.breakdown_share.get(k)) for k in kinds),
-            _num(row.cache_hit_ratio), row.parent or "", row.depth,
+            _num(row.cache_hit_ratio),
+            row.parent or "",
+            row.depth,
         ]
         writer.writerow(values)
     return buffer.getvalue()
