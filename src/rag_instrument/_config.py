@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -249,5 +250,12 @@ def _at_exit() -> None:
 
 
 # The settings' Args are generated from the settings table (one declaration per setting).
+# The placeholder's own indentation is kept: Python 3.13 strips docstrings' common indent.
 if configure.__doc__:
-    configure.__doc__ = configure.__doc__.replace("        {settings}\n", docstring_args(), 1)
+    configure.__doc__ = re.sub(
+        r"^([ \t]*)\{settings\}\n",
+        lambda match: docstring_args(match.group(1)),
+        configure.__doc__,
+        count=1,
+        flags=re.MULTILINE,
+    )

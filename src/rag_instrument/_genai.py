@@ -35,7 +35,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from rag_instrument import _breakdown
 from rag_instrument import attributes as attr
 from rag_instrument._context import attach_span, detach_span
-from rag_instrument._sanitize import REDACTED, safe_str
+from rag_instrument._sanitize import REDACTED, safe_str, stack_trace
 from rag_instrument._utils import http_status, internal_error, user_code_error
 from rag_instrument.attributes import (
     EVENT_LLM_CANCELLED,
@@ -159,6 +159,11 @@ def _code_of(exc: BaseException) -> str | None:
         if isinstance(value, str) and value != "error" and _ERROR_CODE.fullmatch(value):
             return value
     return None
+
+
+def _exception_line(exc: BaseException) -> str:
+    """The exception's own last traceback line (type and message), as Python prints it."""
+    return "".join(traceback.format_exception_only(type(exc), exc)).rstrip("\n")
 
 
 def error_summary(exc: BaseException, secrets: Sequence[str] = ()) -> str:
@@ -430,14 +435,11 @@ class GenAICall:
             exc_type.__qualname__ if module == "builtins" else f"{module}.{exc_type.__qualname__}"
         )
         message = self._error_text(exc)
-        try:
-            if self.rt.settings.capture_content:
-                stack = "".join(traceback.format_exception(exc_type, exc, exc.__traceback__))
-            else:  # the frames, but no message text (nor the chained exceptions' texts)
-                frames = "".join(traceback.format_tb(exc.__traceback__))
-                stack = f"Traceback (most recent call last):\n{frames}{qualname}: {message}\n"
-        except Exception:
-            stack = ""
+        # Frames without source text; the chained exceptions' messages only with content capture.
+        if self.rt.settings.capture_content:
+            stack = stack_trace(exc, _exception_line, chain=True)
+        else:
+            stack = stack_trace(exc, lambda _exc: f"{qualname}: {message}")
         if self.rt.settings.capture_content:
             description = f"{exc_type.__name__}: {message}"
         else:

@@ -26,7 +26,6 @@ import contextvars
 import functools
 import inspect
 import time
-import traceback
 import types
 import warnings
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
@@ -49,7 +48,7 @@ from rag_instrument._context import (
 )
 from rag_instrument._registry import register_span_kind, span_kind
 from rag_instrument._runtime import get_runtime
-from rag_instrument._sanitize import exception_message, to_attribute_value
+from rag_instrument._sanitize import exception_message, stack_trace, to_attribute_value
 from rag_instrument._utils import (
     FunctionKind,
     function_kind,
@@ -183,12 +182,8 @@ def _exception_record(exc: BaseException, rt: Runtime) -> tuple[Status, tuple[st
         if module in ("builtins", None)
         else f"{module}.{exc_type.__qualname__}"
     )
-    try:
-        # The frames, then the safe message: format_exception() would repeat the raw one.
-        frames = "".join(traceback.format_tb(exc.__traceback__))
-    except Exception:
-        frames = ""
-    stack = f"Traceback (most recent call last):\n{frames}{qualname}: {clean_message}"
+    # The frames (no source text), then the safe message, not the raw one.
+    stack = stack_trace(exc, lambda _exc: f"{qualname}: {clean_message}")
     status = Status(StatusCode.ERROR, f"{exc_type.__name__}: {clean_message}")
     return status, (
         "exception",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -92,11 +91,11 @@ def test_dropped_stream_ends_its_span(server: FakeLLMServer) -> None:
         stream = client.messages.create(model="c", max_tokens=10, messages=MESSAGES, stream=True)
         next(iter(stream))
         del stream
-        for _ in range(5):  # the SDK's response objects may need more than one pass
+        for _ in range(20):  # the SDK's response objects may need more than one pass
             gc.collect()
             if any(s.name == "chat c" for s in cap.spans):
                 break
-            time.sleep(0.02)
+        gc.collect()  # the dropped connection too, while its warning is expected
         span = cap.span("chat c")
     assert span.attributes["rag.stream.completed"] is False
 
