@@ -85,6 +85,7 @@ def test_each_setting_reads_its_environment_variable(row: object) -> None:
             "log_file": None,
             "log_level": "debug",
             "budgets": "retrieval=10",
+            "event_loop_threshold_ms": "250",
         }.get(row.name)
     if row.name == "log_file":
         pytest.skip("a path: checked in test_config")

@@ -41,8 +41,10 @@ if _typing.TYPE_CHECKING:
         instrument_sqlalchemy,
         uninstrument_sqlalchemy,
     )
+    from rag_instrument.eventloop import EventLoopWatch, watch_event_loop
     from rag_instrument.integrations.anthropic import instrument_anthropic, uninstrument_anthropic
     from rag_instrument.integrations.openai import instrument_openai, uninstrument_openai
+    from rag_instrument.profiling import Profile, profile
     from rag_instrument.propagation import extract_context, inject_headers
     from rag_instrument.web import RequestMiddleware
 
@@ -61,9 +63,11 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - imported from a sou
 __all__ = [
     "CacheMixin",
     "CacheSpec",
+    "EventLoopWatch",
     "LLMProvider",
     "LLMResult",
     "PipelineStage",
+    "Profile",
     "RedisCache",
     "RequestMiddleware",
     "RetryMixin",
@@ -86,6 +90,7 @@ __all__ = [
     "instrument_sqlalchemy",
     "is_configured",
     "pipeline_stage_context",
+    "profile",
     "request_context",
     "retry",
     "shutdown",
@@ -95,6 +100,7 @@ __all__ = [
     "uninstrument_anthropic",
     "uninstrument_openai",
     "uninstrument_sqlalchemy",
+    "watch_event_loop",
     "wrap_context",
 ]
 
@@ -109,6 +115,11 @@ _LAZY: dict[str, tuple[str, str | None, str | None]] = {
     "db_session": ("rag_instrument.db", "sqlalchemy", "sqlalchemy"),
     "db_scope": ("rag_instrument.db", "sqlalchemy", "sqlalchemy"),
     "uninstrument_sqlalchemy": ("rag_instrument.db", "sqlalchemy", "sqlalchemy"),
+    # Standard library only, but cProfile/pstats/tracemalloc stay off the import path.
+    "profile": ("rag_instrument.profiling", None, None),
+    "Profile": ("rag_instrument.profiling", None, None),
+    "watch_event_loop": ("rag_instrument.eventloop", None, None),
+    "EventLoopWatch": ("rag_instrument.eventloop", None, None),
     "RequestMiddleware": ("rag_instrument.web", None, None),
     "inject_headers": ("rag_instrument.propagation", None, None),
     "extract_context": ("rag_instrument.propagation", None, None),

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 from opentelemetry import trace as trace_api
 from opentelemetry.trace import Status, StatusCode
 
-from rag_instrument import _breakdown
+from rag_instrument import _breakdown, _stagehooks
 from rag_instrument import attributes as attr
 from rag_instrument._context import (
     Frame,
@@ -148,7 +148,7 @@ def _stage_name(value: object, what: str) -> str:
 # --- begin / end ----------------------------------------------------------------------------
 
 
-def _begin(spec: _Spec, rt: Runtime, owner: object) -> Frame:
+def _begin(spec: _Spec, rt: Runtime, owner: object, cpu: bool | None = None) -> Frame:
     parent = current_frame()
     attributes = spec.attributes
     context_attrs = bound().attrs
@@ -159,13 +159,23 @@ def _begin(spec: _Spec, rt: Runtime, owner: object) -> Frame:
     frame = Frame(spec.name, stage_name, spec.is_stage, parent, span, owner)
     frame.attr_count = len(attributes)
     frame.tokens = (attach_span(span), set_frame(frame))
+    if _stagehooks.active:  # resource_metrics, event_loop_threshold_ms, a 3.11 loop watch
+        _stagehooks.begin(frame, rt, cpu)
     frame.start_ns = time.perf_counter_ns()
     return frame
 
 
-def _safe_begin(spec: _Spec, rt: Runtime, owner: object) -> Frame | None:
+def _safe_begin(
+    spec: _Spec, rt: Runtime, owner: object, cpu: bool | None = None
+) -> Frame | None:
+    """Start a stage; ``cpu`` says whether its thread's CPU time would be its own.
+
+    ``True`` for a ``def`` (and an ``async def``, until it suspends), ``False`` for a
+    generator (its consumer runs between its steps), ``None`` for a ``with`` block: only
+    outside a running event loop, since the block may contain ``await``.
+    """
     try:
-        return _begin(spec, rt, owner)
+        return _begin(spec, rt, owner, cpu)
     except Exception as exc:
         internal_error(f"starting {spec.name!r}", exc)
         return None
@@ -222,6 +232,7 @@ def _end(
             # Exited in a different context than entered (a misused context manager):
             # restore nothing rather than someone else's state.
             pass
+    cpu_ms = _stagehooks.end(frame, rt) if _stagehooks.active else None
     ms = elapsed_ns / 1e6
     # Detached under the lock: work still running elsewhere (an executor job) can no longer
     # change it while it is rendered below.
@@ -240,10 +251,14 @@ def _end(
     status: Status | None = None
     exc_event: tuple[str, dict[str, Any]] | None = None
     try:
-        if span.is_recording() and (breakdown or items is not None or exc is not None or exceeded):
+        if span.is_recording() and (
+            breakdown or items is not None or exc is not None or exceeded or cpu_ms is not None
+        ):
             own = {}
             if breakdown:
                 own.update(_breakdown.as_attributes(breakdown))
+            if cpu_ms is not None:
+                own[attr.RAG_CPU_MS] = cpu_ms
             if items is not None:
                 own[attr.RAG_STREAM_ITEMS] = items
                 own[attr.RAG_STREAM_COMPLETED] = completed
@@ -266,12 +281,14 @@ def _end(
         timings = _breakdown.stage_timings.get()
         if timings is not None:  # inside a web request: its Server-Timing header lists us
             timings.add(spec.name, ms)
-    if rt.log is not None and exc is None and not breakdown and items is None:
+    if rt.log is not None and exc is None and not breakdown and items is None and cpu_ms is None:
         # The common line, assembled from its rendered fixed part.
         line_stage = spec.name if spec.is_stage else (frame.stage or "")
         emit_head(rt, spec.completed_head, span, line_stage, round(ms, 3), own_stage=spec.is_stage)
     elif rt.log is not None:
         fields: dict[str, Any] = {"execution_time_ms": round(ms, 3)}
+        if cpu_ms is not None:
+            fields["cpu_ms"] = cpu_ms
         if breakdown:
             fields["breakdown"] = _breakdown.render(breakdown)
         if items is not None:
@@ -346,7 +363,7 @@ def _wrap_sync(fn: Callable[P, R], spec: _Spec) -> Callable[P, R]:
         if not rt.enabled:
             return fn(*args, **kwargs)
         try:  # _safe_begin, inline: every stage pays for this frame
-            frame = _begin(spec, rt, wrapper)
+            frame = _begin(spec, rt, wrapper, True)
         except Exception as begin_exc:
             internal_error(f"starting {spec.name!r}", begin_exc)
             return fn(*args, **kwargs)
@@ -369,11 +386,15 @@ def _wrap_async(fn: Callable[P, Awaitable[R]], spec: _Spec) -> Callable[P, Await
         rt = get_runtime()
         if not rt.enabled:
             return await fn(*args, **kwargs)
-        frame = _safe_begin(spec, rt, wrapper)
+        frame = _safe_begin(spec, rt, wrapper, True)
         if frame is None:
             return await fn(*args, **kwargs)
         try:
-            result = await fn(*args, **kwargs)
+            if _stagehooks.active:
+                # Its CPU time counts only if it never suspends (resource_metrics).
+                result = await _stagehooks.awaiting(frame, rt, fn(*args, **kwargs))
+            else:
+                result = await fn(*args, **kwargs)
         except BaseException as exc:
             _safe_end(frame, spec, exc)
             raise
@@ -476,7 +497,7 @@ def _wrap_generator(
             return (yield from fn(*args, **kwargs))
         ctx = contextvars.copy_context()
         gen = ctx.run(fn, *args, **kwargs)
-        frame = ctx.run(_safe_begin, spec, rt, wrapper)
+        frame = ctx.run(_safe_begin, spec, rt, wrapper, False)
         if frame is None:
             result: R = yield from gen
             return result
@@ -519,7 +540,7 @@ def _wrap_async_generator(
         if rt.enabled:
             ctx = contextvars.copy_context()
             agen = ctx.run(fn, *args, **kwargs)
-            frame = ctx.run(_safe_begin, spec, rt, wrapper)
+            frame = ctx.run(_safe_begin, spec, rt, wrapper, False)
         else:
             agen = fn(*args, **kwargs)
         # Without a stage (disabled, or it could not begin) the steps run as they are.

@@ -56,6 +56,8 @@ class _Group:
         "cache_misses",
         "cancelled",
         "count",
+        "cpu_ms",
+        "cpu_runs",
         "errors",
         "kinds_ms",
         "max_ms",
@@ -77,6 +79,10 @@ class _Group:
         self.kinds_ms: dict[str, float] = {}
         self.cache_hits = 0
         self.cache_misses = 0
+        #: CPU milliseconds of the runs whose line had ``cpu_ms`` (resource_metrics), and
+        #: how many those were (not every run reports it: see docs/profiling.md).
+        self.cpu_ms = 0.0
+        self.cpu_runs = 0
         self.statuses: Counter[str] = Counter()
         self.series: Sample | None = None
 
@@ -276,6 +282,11 @@ class Aggregator:
                 if stage not in groups:
                     groups[stage] = _Group(self.max_values)
             durations.append(ms)
+            cpu = record.get("cpu_ms")
+            if cpu is not None and (type(cpu) is float or type(cpu) is int) and 0 <= cpu < math.inf:
+                cpu_group = groups[stage]
+                cpu_group.cpu_ms += cpu
+                cpu_group.cpu_runs += 1
             if not info:
                 level = record.get("level")
                 if level in {"error", "critical"}:
@@ -386,6 +397,10 @@ class Aggregator:
         budget = self.budgets.get(key)
         if budget is not None and ms > budget:
             group.over += 1
+        cpu = record.get("cpu_ms")
+        if _valid_ms(cpu):
+            group.cpu_ms += cpu
+            group.cpu_runs += 1
         breakdown = record.get("breakdown")
         if type(breakdown) is dict:
             self._breakdown(group, breakdown)
@@ -536,6 +551,8 @@ class Aggregator:
                 for k, v in sorted(group.kinds_ms.items())
             },
             cache_hit_ratio=group.cache_hits / lookups if lookups else None,
+            avg_cpu_ms=group.cpu_ms / group.cpu_runs if group.cpu_runs else None,
+            cpu_runs=group.cpu_runs,
             depth=depth,
             parent=parent,
             is_total=self.by == "stage" and key == TOTAL_STAGE,

@@ -132,6 +132,8 @@ def merge(into: Aggregator, part: Aggregator, name: str, lines_before: int) -> N
         mine.over += group.over
         mine.cache_hits += group.cache_hits
         mine.cache_misses += group.cache_misses
+        mine.cpu_ms += group.cpu_ms
+        mine.cpu_runs += group.cpu_runs
         mine.statuses.update(group.statuses)
         for kind, ms in group.kinds_ms.items():
             mine.kinds_ms[kind] = mine.kinds_ms.get(kind, 0.0) + ms
