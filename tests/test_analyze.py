@@ -50,9 +50,7 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 def as_json(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, dict[str, Any]]:
     status, out, _ = run_cli([*args, "--format", "json"], capsys)
     assert status == 0
-    return {
-        row.get("stage") or row.get("event") or row.get("route"): row for row in json.loads(out)
-    }
+    return {row.get("stage") or row.get("event") or row.get("route"): row for row in json.loads(out)}
 
 
 def nearest_rank(values: list[float], pct: float) -> float:
@@ -132,10 +130,8 @@ def test_inputs_globs_gzip_stdin_and_several_files(
 def test_streams_without_reading_the_file_whole(tmp_path: Path) -> None:
     # Lines cross the 1 MiB block boundaries; every one must be counted once.
     values = [float(i % 97) for i in range(30_000)]
-    log = write(
-        tmp_path / "big.jsonl",
-        [line("retrieval", v, pad="x" * (i % 113)) for i, v in enumerate(values)],
-    )
+    log = write(tmp_path / "big.jsonl", [line("retrieval", v, pad="x" * (i % 113)) for i, v in
+                                         enumerate(values)])
     assert log.stat().st_size > 3 << 20
     (row,) = analyze([str(log)]).rows
     assert row.count == len(values)
@@ -241,19 +237,12 @@ def test_pipeline_order_nesting_and_the_whole_request(
 
 def test_by_event_and_by_route(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     def request(method: str, route: str, status: int, ms: float) -> str:
-        return json.dumps(
-            {
-                "timestamp": "2026-11-25T15:33:19.000000Z",
-                "level": "info",
-                "event": "request completed",
-                "logger": "rag_instrument",
-                "context": {"request_id": "r"},
-                "method": method,
-                "route": route,
-                "status": status,
-                "execution_time_ms": ms,
-            }
-        )
+        return json.dumps({
+            "timestamp": "2026-11-25T15:33:19.000000Z", "level": "info",
+            "event": "request completed", "logger": "rag_instrument",
+            "context": {"request_id": "r"}, "method": method, "route": route,
+            "status": status, "execution_time_ms": ms,
+        })
 
     log = write(
         tmp_path / "web.jsonl",
@@ -283,18 +272,9 @@ def test_budgets_from_flags_toml_and_the_log(
         tmp_path / "a.jsonl",
         [line("retrieval", v) for v in values]
         + [line("generation", v) for v in values]
-        + [
-            json.dumps(
-                {
-                    "event": "budget exceeded",
-                    "logger": "rag_instrument",
-                    "stage": "generation",
-                    "budget_ms": 15.0,
-                    "execution_time_ms": 16.0,
-                    "largest": {"kind": "llm", "ms": 12.0},
-                }
-            )
-        ],
+        + [json.dumps({"event": "budget exceeded", "logger": "rag_instrument",
+                       "stage": "generation", "budget_ms": 15.0,
+                       "execution_time_ms": 16.0, "largest": {"kind": "llm", "ms": 12.0}})],
     )
     toml = tmp_path / "budgets.toml"
     toml.write_text("[budgets]\nretrieval = 18\n")
@@ -306,19 +286,8 @@ def test_budgets_from_flags_toml_and_the_log(
     assert "2 of 20 over 18 ms" in out
     assert "5 of 20 over 15 ms" in out
     # --budget wins over the file; --fail-on-budget is the CI gate on p95.
-    status, _, err = run_cli(
-        [
-            str(log),
-            "--budgets",
-            str(toml),
-            "--budget",
-            "retrieval=19",
-            "--budget",
-            "generation=19",
-            "--fail-on-budget",
-        ],
-        capsys,
-    )
+    status, _, err = run_cli([str(log), "--budgets", str(toml), "--budget", "retrieval=19",
+                              "--budget", "generation=19", "--fail-on-budget"], capsys)
     assert status == 0, err
     status, _, err = run_cli([str(log), "--budget", "retrieval=18.5", "--fail-on-budget"], capsys)
     assert status == 1
@@ -350,9 +319,8 @@ def test_since_and_until(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
             line("retrieval", 4.0, ts="2026-11-25T13:00:00.000000Z"),
         ],
     )
-    rows = as_json(
-        [str(log), "--since", "2026-11-25T11:00Z", "--until", "2026-11-25T13:00Z"], capsys
-    )
+    rows = as_json([str(log), "--since", "2026-11-25T11:00Z", "--until", "2026-11-25T13:00Z"],
+                   capsys)
     assert (rows["retrieval"]["count"], rows["retrieval"]["avg_ms"]) == (2, 2.5)
     with pytest.raises(SystemExit):
         main(["analyze", str(log), "--since", "yesterday"])
@@ -405,9 +373,7 @@ def test_beyond_the_bound_counts_and_means_stay_exact(tmp_path: Path) -> None:
 def test_help_states_the_percentile_method_and_memory_bound() -> None:
     out = subprocess.run(
         [str(Path(sys.executable).with_name("rag-instrument")), "analyze", "--help"],
-        capture_output=True,
-        text=True,
-        check=True,
+        capture_output=True, text=True, check=True,
     ).stdout
     flat = " ".join(out.split())
     assert "nearest-rank" in flat
@@ -422,10 +388,7 @@ def test_a_reader_that_goes_away_is_not_an_error(tmp_path: Path) -> None:
     try:
         result = subprocess.run(
             [str(Path(sys.executable).with_name("rag-instrument")), "analyze", str(log)],
-            stdout=write_end,
-            stderr=subprocess.PIPE,
-            text=True,
-            check=False,
+            stdout=write_end, stderr=subprocess.PIPE, text=True, check=False,
         )
     finally:
         os.close(write_end)
@@ -455,9 +418,7 @@ def test_any_bytes_are_read_without_an_error(chunks: list[bytes], gzipped: bool)
 def test_since_and_until_on_spans(tmp_path: Path) -> None:
     def span(end_s: int) -> dict[str, Any]:
         return {
-            "traceId": "0" * 32,
-            "spanId": f"{end_s:016x}",
-            "name": "retrieval",
+            "traceId": "0" * 32, "spanId": f"{end_s:016x}", "name": "retrieval",
             "startTimeUnixNano": str(end_s * 10**9 - 5 * 10**6),
             "endTimeUnixNano": str(end_s * 10**9),
             "attributes": [{"key": "rag.stage", "value": {"stringValue": "retrieval"}}],
@@ -465,16 +426,9 @@ def test_since_and_until_on_spans(tmp_path: Path) -> None:
 
     t0 = 1_764_000_000
     path = tmp_path / "traces.json"
-    path.write_text(
-        json.dumps(
-            {
-                "resourceSpans": [
-                    {"scopeSpans": [{"spans": [span(t0), span(t0 + 60), span(t0 + 120)]}]}
-                ]
-            }
-        )
-        + "\n"
-    )
+    path.write_text(json.dumps(
+        {"resourceSpans": [{"scopeSpans": [{"spans": [span(t0), span(t0 + 60), span(t0 + 120)]}]}]}
+    ) + "\n")
     (row,) = analyze([str(path)], since=t0 + 30, until=t0 + 90).rows
     assert row.count == 1
     assert row.max_ms == pytest.approx(5.0)

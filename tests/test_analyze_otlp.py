@@ -84,11 +84,8 @@ def test_collector_file_gives_the_same_table_as_the_log(
 
 def test_malformed_spans_are_counted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = {
-        "traceId": "0" * 31 + "1",
-        "spanId": "0" * 15 + "1",
-        "name": "retrieval",
-        "startTimeUnixNano": "1000000000",
-        "endTimeUnixNano": "1012500000",
+        "traceId": "0" * 31 + "1", "spanId": "0" * 15 + "1", "name": "retrieval",
+        "startTimeUnixNano": "1000000000", "endTimeUnixNano": "1012500000",
         "attributes": [{"key": "rag.stage", "value": {"stringValue": "retrieval"}}],
         "status": {},
     }
@@ -108,11 +105,8 @@ def test_routes_from_server_spans(tmp_path: Path) -> None:
 
     def span(i: int, status: int) -> dict[str, object]:
         return {
-            "traceId": f"{i:032x}",
-            "spanId": f"{i:016x}",
-            "name": "POST /api/search",
-            "kind": 2,
-            "startTimeUnixNano": "1000000000",
+            "traceId": f"{i:032x}", "spanId": f"{i:016x}", "name": "POST /api/search",
+            "kind": 2, "startTimeUnixNano": "1000000000",
             "endTimeUnixNano": str(1_000_000_000 + (i + 1) * 10_000_000),
             "attributes": [
                 {"key": "http.route", "value": {"stringValue": "/api/search"}},

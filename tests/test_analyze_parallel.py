@@ -22,22 +22,14 @@ def _write(path: Path, lines: int, bad_at: int) -> None:
                 continue
             stage = ("retrieval", "generation", "rerank")[i % 3]
             record = {
-                "timestamp": "2026-11-25T15:33:19.000000Z",
-                "level": "info",
-                "event": f"{stage} completed",
-                "logger": "rag_instrument",
-                "context": {"pipeline_stage": stage},
-                "execution_time_ms": rng.random() * 100,
+                "timestamp": "2026-11-25T15:33:19.000000Z", "level": "info",
+                "event": f"{stage} completed", "logger": "rag_instrument",
+                "context": {"pipeline_stage": stage}, "execution_time_ms": rng.random() * 100,
                 "breakdown": {"db": {"count": 1, "ms": 1.5}, "cache": {"hits": 1, "misses": 1}},
             }
             if i % 50 == 0:
-                record = {
-                    "event": "retrying",
-                    "logger": "rag_instrument",
-                    "target": "m",
-                    "error_type": "E",
-                    "stage": stage,
-                }
+                record = {"event": "retrying", "logger": "rag_instrument", "target": "m",
+                          "error_type": "E", "stage": stage}
             out.write(json.dumps(record) + "\n")
 
 
@@ -56,19 +48,13 @@ def test_split_reading_equals_one_process(tmp_path: Path, monkeypatch: pytest.Mo
     one, three = _run(log, 1).result(), _run(log, 3).result()
     assert three.inputs.files == one.inputs.files == 1
     assert three.inputs.lines == one.inputs.lines == 6000
-    assert (
-        three.inputs.first_bad
-        == one.inputs.first_bad
-        == {str(log): (5000, "not a JSON object (truncated or binary?)")}
-    )
+    assert three.inputs.first_bad == one.inputs.first_bad == {
+        str(log): (5000, "not a JSON object (truncated or binary?)")
+    }
     assert [r.key for r in three.rows] == [r.key for r in one.rows]
     for a, b in zip(one.rows, three.rows, strict=True):
         assert (a.count, a.max_ms, a.p50_ms, a.p95_ms, a.p99_ms) == (
-            b.count,
-            b.max_ms,
-            b.p50_ms,
-            b.p95_ms,
-            b.p99_ms,
+            b.count, b.max_ms, b.p50_ms, b.p95_ms, b.p99_ms
         )
         assert a.avg_ms == pytest.approx(b.avg_ms, rel=1e-12)
         assert a.breakdown_share == pytest.approx(b.breakdown_share)

@@ -32,7 +32,9 @@ def test_routes_from_the_middleware_lines(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     log = tmp_path / "web.jsonl"
-    ri.configure(exporter="memory", log_file=str(log), budgets={"GET /api/search": 0.001})
+    ri.configure(
+        exporter="memory", log_file=str(log), budgets={"GET /api/search": 0.001}
+    )
     app = RequestMiddleware(
         Starlette(routes=[Route("/api/search", _search), Route("/api/broken", _broken)])
     )
@@ -54,8 +56,7 @@ def test_routes_from_the_middleware_lines(
     # The route's budget comes from the middleware's own "budget exceeded" lines.
     assert (search["budget_ms"], search["over_budget"]) == (0.001, 5)
     assert (rows["GET /api/broken"]["errors"], rows["GET /api/broken"]["statuses"]) == (
-        1,
-        {"5xx": 1},
+        1, {"5xx": 1}
     )
     assert sum(r["count"] for r in rows.values()) == 7
     # The same log by stage: the retrieval runs inside the requests.

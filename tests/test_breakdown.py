@@ -83,10 +83,7 @@ def test_threads_via_wrap_context_roll_up_without_losing_counts(rag_capture: Cap
     finally:
         sys.setswitchinterval(previous)
     ingestion = rag_capture.find_logs("ingestion completed")[0]["breakdown"]
-    assert ingestion == {
-        "db": {"count": 4000, "ms": 2000.0},
-        "vector": {"count": 4000, "ms": 4000.0},
-    }
+    assert ingestion == {"db": {"count": 4000, "ms": 2000.0}, "vector": {"count": 4000, "ms": 4000.0}}
 
 
 def test_largest_entry() -> None:

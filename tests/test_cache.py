@@ -70,9 +70,7 @@ _KEYED = Counting()
 
 def _key(v: dict[str, Any]) -> str:
     # Through the provider's own cache_key, as a call computes it.
-    params = {
-        k: v[k] for k in ("temperature", "top_p", "tools", "system", "response_format", "user")
-    }
+    params = {k: v[k] for k in ("temperature", "top_p", "tools", "system", "response_format", "user")}
     _KEYED.model = v["model"]  # type: ignore[misc]
     return _KEYED.cache_key("p", params, v["tenant"])
 
@@ -281,7 +279,6 @@ async def test_cached_async_returns_value_twice_and_keeps_coroutine_function() -
 
 def test_cached_rejects_generators_and_skips_unkeyable_arguments() -> None:
     with pytest.raises(TypeError):
-
         @cached
         def gen() -> Any:
             yield 1
@@ -331,9 +328,7 @@ def test_memory_cache_is_thread_safe_under_mixed_load() -> None:
     for cache in (MemoryCache(maxsize=64, ttl=0.01), MemoryCache(maxsize=64, ttl=60)):
         errors: list[BaseException] = []
 
-        def work(
-            seed: int, cache: MemoryCache = cache, errors: list[BaseException] = errors
-        ) -> None:
+        def work(seed: int, cache: MemoryCache = cache, errors: list[BaseException] = errors) -> None:
             try:
                 for i in range(10_000 // 32):
                     key = f"k{(seed * 31 + i) % 200}"

@@ -69,7 +69,9 @@ def test_nested_dataclasses_and_models_are_rebuilt() -> None:
         nonlocal calls
         calls += 1
         passages = (Passage("d1", 1), Passage("d2", 2))
-        return Retrieved(query, passages, Answer(text="x", sources=["d1"]), {"d1": passages[0]})
+        return Retrieved(
+            query, passages, Answer(text="x", sources=["d1"]), {"d1": passages[0]}
+        )
 
     first = retrieve("q")
     second = retrieve("q")

@@ -91,20 +91,8 @@ def test_demo_without_sqlalchemy_leaves_the_database_out(
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "sqlalchemy", None)  # import sqlalchemy -> ImportError
     log = tmp_path / "demo.jsonl"
-    assert (
-        main(
-            [
-                "demo",
-                "--requests",
-                "4",
-                "--log-file",
-                str(log),
-                "--report",
-                str(tmp_path / "r.html"),
-            ]
-        )
-        == 0
-    )
+    assert main(["demo", "--requests", "4", "--log-file", str(log),
+                 "--report", str(tmp_path / "r.html")]) == 0
     out = capsys.readouterr().out
     assert "pip install 'rag_instrument[sqlalchemy]'" in out
     assert "(no database, in-process vector index, stand-in LLM)" in out
@@ -120,22 +108,8 @@ def test_demo_on_postgres(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
     require_postgres()
     log = tmp_path / "demo.jsonl"
-    assert (
-        main(
-            [
-                "demo",
-                "--requests",
-                "10",
-                "--postgres",
-                PG_URL,
-                "--log-file",
-                str(log),
-                "--report",
-                str(tmp_path / "r.html"),
-            ]
-        )
-        == 0
-    )
+    assert main(["demo", "--requests", "10", "--postgres", PG_URL, "--log-file", str(log),
+                 "--report", str(tmp_path / "r.html")]) == 0
     out = capsys.readouterr().out
     assert "(PostgreSQL, in-process vector index, stand-in LLM)" in out
     assert re.search(r"Document\.chunks\s+10\s+5\s+reranking", out)
@@ -162,29 +136,13 @@ def test_demo_as_a_fresh_process(tmp_path: Path) -> None:
 
 def test_demo_on_milvus_lite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import pymilvus  # the milvus extra, part of dev
-
     db = tmp_path / "milvus.db"
     log = tmp_path / "demo.jsonl"
-    assert (
-        main(
-            [
-                "demo",
-                "--requests",
-                "4",
-                "--milvus",
-                str(db),
-                "--log-file",
-                str(log),
-                "--report",
-                str(tmp_path / "r.html"),
-            ]
-        )
-        == 0
-    )
+    assert main(["demo", "--requests", "4", "--milvus", str(db), "--log-file", str(log),
+                 "--report", str(tmp_path / "r.html")]) == 0
     assert "(SQLite, Milvus, stand-in LLM)" in capsys.readouterr().out
-    retrieval = [
-        json.loads(x) for x in log.read_text().splitlines() if '"retrieval completed"' in x
-    ]
+    retrieval = [json.loads(x) for x in log.read_text().splitlines()
+                 if '"retrieval completed"' in x]
     assert len(retrieval) == 4
     assert all(line["breakdown"]["vector"]["count"] == 1 for line in retrieval)
     client = pymilvus.MilvusClient(str(db))

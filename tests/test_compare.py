@@ -20,18 +20,11 @@ def _log(path: Path, stages: dict[str, list[float]]) -> Path:
     lines = []
     for stage, values in stages.items():
         for ms in values:
-            lines.append(
-                json.dumps(
-                    {
-                        "timestamp": "2026-11-25T15:33:19.000000Z",
-                        "level": "info",
-                        "event": f"{stage} completed",
-                        "logger": "rag_instrument",
-                        "context": {"pipeline_stage": stage},
-                        "execution_time_ms": ms,
-                    }
-                )
-            )
+            lines.append(json.dumps({
+                "timestamp": "2026-11-25T15:33:19.000000Z", "level": "info",
+                "event": f"{stage} completed", "logger": "rag_instrument",
+                "context": {"pipeline_stage": stage}, "execution_time_ms": ms,
+            }))
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -62,20 +55,14 @@ def test_a_real_regression_fails_the_gate(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     rng = random.Random(3)
-    before = _log(
-        tmp_path / "before.jsonl",
-        {
-            "retrieval": [rng.gauss(50, 5) for _ in range(60)],
-            "generation": [rng.gauss(200, 20) for _ in range(60)],
-        },
-    )
-    after = _log(
-        tmp_path / "after.jsonl",
-        {
-            "retrieval": [rng.gauss(80, 5) for _ in range(60)],  # 60% slower
-            "generation": [rng.gauss(200, 20) for _ in range(60)],  # noise only
-        },
-    )
+    before = _log(tmp_path / "before.jsonl", {
+        "retrieval": [rng.gauss(50, 5) for _ in range(60)],
+        "generation": [rng.gauss(200, 20) for _ in range(60)],
+    })
+    after = _log(tmp_path / "after.jsonl", {
+        "retrieval": [rng.gauss(80, 5) for _ in range(60)],  # 60% slower
+        "generation": [rng.gauss(200, 20) for _ in range(60)],  # noise only
+    })
     assert main(["compare", str(before), str(after), "--format", "json"]) == 0
     changes = {c["key"]: c for c in json.loads(capsys.readouterr().out)}
     assert changes["retrieval"]["verdict"] == "slower"
@@ -102,10 +89,8 @@ def test_a_big_change_on_too_few_runs_is_not_significant(
 ) -> None:
     before = _log(tmp_path / "b.jsonl", {"retrieval": [10.0, 50.0, 30.0]})
     after = _log(tmp_path / "a.jsonl", {"retrieval": [12.0, 90.0, 28.0], "rerank": [1.0]})
-    assert (
-        main(["compare", str(before), str(after), "--fail-on-regression", "10", "--format", "json"])
-        == 0
-    )
+    assert main(["compare", str(before), str(after), "--fail-on-regression", "10",
+                 "--format", "json"]) == 0
     changes = {c["key"]: c for c in json.loads(capsys.readouterr().out)}
     assert changes["retrieval"]["p95_change_pct"] == pytest.approx(80.0)
     assert not changes["retrieval"]["significant"]
@@ -116,10 +101,8 @@ def test_sets_of_files_by_glob(tmp_path: Path, capsys: pytest.CaptureFixture[str
     for host in "ab":
         _log(tmp_path / f"before-{host}.jsonl", {"retrieval": [10.0] * 20})
         _log(tmp_path / f"after-{host}.jsonl", {"retrieval": [10.0] * 20})
-    assert (
-        main(["compare", str(tmp_path / "before-*"), str(tmp_path / "after-*"), "--format", "json"])
-        == 0
-    )
+    assert main(["compare", str(tmp_path / "before-*"), str(tmp_path / "after-*"),
+                 "--format", "json"]) == 0
     (change,) = json.loads(capsys.readouterr().out)
     assert (change["count_before"], change["count_after"]) == (40, 40)
     assert change["verdict"] == "no significant change"
@@ -128,8 +111,6 @@ def test_sets_of_files_by_glob(tmp_path: Path, capsys: pytest.CaptureFixture[str
 def test_help_names_the_test() -> None:
     out = subprocess.run(
         [str(Path(sys.executable).with_name("rag-instrument")), "compare", "--help"],
-        capture_output=True,
-        text=True,
-        check=True,
+        capture_output=True, text=True, check=True,
     ).stdout
     assert "Mann-Whitney U" in " ".join(out.split())

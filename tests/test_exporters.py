@@ -28,10 +28,7 @@ def test_leaf_span_under_a_stage_is_a_full_child(rag_capture: Capture) -> None:
     assert leaf.parent.span_id == parent.get_span_context().span_id
     assert leaf.context.trace_id == parent.get_span_context().trace_id
     assert leaf.kind is SpanKind.CLIENT
-    assert dict(leaf.attributes or {}) == {
-        "db.system.name": "sqlite",
-        "db.operation.name": "SELECT",
-    }
+    assert dict(leaf.attributes or {}) == {"db.system.name": "sqlite", "db.operation.name": "SELECT"}
     assert leaf.status.status_code is StatusCode.ERROR
     assert leaf.resource.attributes["service.name"] == "rag-service"
     assert leaf.instrumentation_scope is not None
@@ -80,9 +77,7 @@ def test_the_applications_processors_receive_leaf_spans() -> None:
 def test_secrets_in_any_span_are_masked_before_export(rag_capture: Capture) -> None:
     tracer = trace.get_tracer("some.other.instrumentation")
     with tracer.start_as_current_span("GET") as span:
-        span.set_attribute(
-            "url.full", "https://user:hunter2@api.example.com/v1?api_key=abc123secret"
-        )
+        span.set_attribute("url.full", "https://user:hunter2@api.example.com/v1?api_key=abc123secret")
         span.set_attribute("http.request.header.authorization", ("Bearer abcdef123456",))
         span.set_attribute("api_key", "k-123")
         span.set_attribute("gen_ai.usage.input_tokens", 12)

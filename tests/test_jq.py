@@ -58,9 +58,7 @@ def _analyze(log: Path) -> dict[str, dict[str, Any]]:
     script = str(Path(sys.executable).with_name("rag-instrument"))
     result = subprocess.run(
         [script, "analyze", str(log), "--format", "json"],
-        capture_output=True,
-        text=True,
-        check=True,
+        capture_output=True, text=True, check=True,
     )
     return {row["stage"]: row for row in json.loads(result.stdout)}
 
@@ -101,14 +99,8 @@ def test_jq_pipeline_matches_span_durations_and_analyze(tmp_path: Path, sqlite_e
     spans = _write_log(log, sqlite_engine())
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     events = {x["event"] for x in lines}
-    assert {
-        "llm call completed",
-        "slow query",
-        "n+1 query detected",
-        "retrying",
-        "budget exceeded",
-        "tokenize completed",
-    } <= events
+    assert {"llm call completed", "slow query", "n+1 query detected", "retrying",
+            "budget exceeded", "tokenize completed"} <= events
     assert any(x.get("cache_hit") is True for x in lines)
 
     # One stage run, one line: only a stage's own line has context.pipeline_stage with a
@@ -117,10 +109,7 @@ def test_jq_pipeline_matches_span_durations_and_analyze(tmp_path: Path, sqlite_e
         if x.get("context", {}).get("pipeline_stage") and "execution_time_ms" in x:
             assert x["event"] == f"{x['context']['pipeline_stage']} completed", x
         if x["logger"] == "rag_instrument" and x["event"] in (
-            "llm call completed",
-            "slow query",
-            "n+1 query detected",
-            "retrying",
+            "llm call completed", "slow query", "n+1 query detected", "retrying",
             "tokenize completed",
         ):
             assert "pipeline_stage" not in x["context"], x

@@ -23,10 +23,7 @@ class Echo(ri.LLMProvider):
 
     async def _generate(self, prompt: str, **params: Any) -> ri.LLMResult:
         return ri.LLMResult(
-            f"answer to {prompt}",
-            input_tokens=11,
-            output_tokens=7,
-            finish_reason="stop",
+            f"answer to {prompt}", input_tokens=11, output_tokens=7, finish_reason="stop",
             model="acme-1-2026",
         )
 
@@ -115,9 +112,8 @@ async def test_content_is_absent_by_default_everywhere() -> None:
         await Echo().generate(SECRET_PROMPT)
         with pytest.raises(ValueError):
             await Failing().generate(SECRET_PROMPT)
-    dumped = repr(
-        [(s.attributes, [(e.name, e.attributes) for e in s.events], s.status) for s in cap.spans]
-    ) + repr(cap.logs)
+    dumped = repr([(s.attributes, [(e.name, e.attributes) for e in s.events], s.status)
+                   for s in cap.spans]) + repr(cap.logs)
     assert "launch code" not in dumped
     assert "answer to" not in dumped
 
@@ -255,16 +251,7 @@ async def test_generate_batch_order_exceptions_and_concurrency() -> None:
     with capture() as cap:
         results = await Counting().generate_batch([str(i) for i in range(10)], concurrency=3)
     assert [r if isinstance(r, str) else "E" for r in results] == [
-        "r0",
-        "r1",
-        "r2",
-        "r3",
-        "E",
-        "r5",
-        "r6",
-        "r7",
-        "r8",
-        "r9",
+        "r0", "r1", "r2", "r3", "E", "r5", "r6", "r7", "r8", "r9"
     ]
     assert isinstance(results[4], ValueError)
     assert peak == 3

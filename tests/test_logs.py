@@ -340,13 +340,8 @@ def test_more_secret_shapes_are_masked(rag_capture: Capture) -> None:
     log.info("h4", headers=[("Authorization", "abc123opaque"), ("Accept", "json")])
     log.info("h5", jwt="opaque-session-token-value")
     text = json.dumps(rag_capture.logs)
-    for secret in (
-        "9f8e7d6c5b4a3210opaque",
-        "p@ss/w#rd",
-        "abc123verysecret",
-        "abc123opaque",
-        "opaque-session-token-value",
-    ):
+    for secret in ("9f8e7d6c5b4a3210opaque", "p@ss/w#rd", "abc123verysecret", "abc123opaque",
+                   "opaque-session-token-value"):
         assert secret not in text
     assert rag_capture.find_logs("h2")[0]["url"] == "postgresql://app:[REDACTED]@db.internal/rag"
     assert rag_capture.find_logs("h4")[0]["headers"][1] == ["Accept", "json"]
@@ -357,9 +352,7 @@ def test_logged_statement_errors_hide_parameters(rag_capture: Capture, sqlite_en
     engine = sqlite_engine()
     try:
         with engine.connect() as conn:
-            conn.execute(
-                sqlalchemy.text("SELECT * FROM missing WHERE ssn = :s"), {"s": "123-45-6789"}
-            )
+            conn.execute(sqlalchemy.text("SELECT * FROM missing WHERE ssn = :s"), {"s": "123-45-6789"})
     except sqlalchemy.exc.OperationalError:
         logging.getLogger("app.db").exception("query failed")
     (line,) = rag_capture.find_logs("query failed")

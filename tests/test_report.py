@@ -30,9 +30,8 @@ class Page(HTMLParser):
         if tag == "section":
             self.sections.append(values.get("id") or "")
         if tag == "svg":
-            self.svgs.append(
-                {"title": "", "texts": [], "section": self.sections[-1], "rects": 0, "lines": 0}
-            )
+            self.svgs.append({"title": "", "texts": [], "section": self.sections[-1],
+                              "rects": 0, "lines": 0})
         if self.svgs and tag == "rect":
             self.svgs[-1]["rects"] += 1  # type: ignore[operator]
         if self.svgs and tag == "line":
@@ -80,18 +79,8 @@ def test_the_report_has_every_chart_with_titles_axes_and_units(
     assert str(out.resolve()) in capsys.readouterr().out
     page = _parse(out)
     assert page.sections == [
-        "summary",
-        "comparison",
-        "distributions",
-        "share",
-        "over-time",
-        "slowest",
-        "breakdown",
-        "slow-queries",
-        "n-plus-one",
-        "retries",
-        "cache",
-        "budgets",
+        "summary", "comparison", "distributions", "share", "over-time", "slowest",
+        "breakdown", "slow-queries", "n-plus-one", "retries", "cache", "budgets",
     ]
     # Self-contained: no script, no external stylesheet, image or link; nothing to fetch.
     assert "script" not in page.tags
@@ -101,9 +90,7 @@ def test_the_report_has_every_chart_with_titles_axes_and_units(
         assert svg["title"], svg
         by_section.setdefault(str(svg["section"]), []).append(svg)
     distributions = by_section["distributions"]
-    assert (
-        len(distributions) == 7
-    )  # search, rewrite, retrieval, embedding, rerank, generation, ingestion
+    assert len(distributions) == 7  # search, rewrite, retrieval, embedding, rerank, generation, ingestion
     retrieval = next(s for s in distributions if str(s["title"]).startswith("retrieval:"))
     texts = " ".join(retrieval["texts"])  # type: ignore[arg-type]
     assert "duration (ms)" in texts
@@ -137,19 +124,10 @@ def test_the_report_has_every_chart_with_titles_axes_and_units(
 
 def test_a_log_without_side_data_leaves_those_sections_out(tmp_path: Path) -> None:
     log = tmp_path / "a.jsonl"
-    log.write_text(
-        json.dumps(
-            {
-                "timestamp": "2026-11-25T15:33:19.000000Z",
-                "level": "info",
-                "event": "x completed",
-                "logger": "rag_instrument",
-                "context": {"pipeline_stage": "x"},
-                "execution_time_ms": 3.0,
-            }
-        )
-        + "\n"
-    )
+    log.write_text(json.dumps({
+        "timestamp": "2026-11-25T15:33:19.000000Z", "level": "info", "event": "x completed",
+        "logger": "rag_instrument", "context": {"pipeline_stage": "x"}, "execution_time_ms": 3.0,
+    }) + "\n")
     out = tmp_path / "r.html"
     assert main(["report", str(log), "-o", str(out)]) == 0
     assert _parse(out).sections == ["summary", "distributions", "over-time"]

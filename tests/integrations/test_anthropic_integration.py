@@ -114,9 +114,7 @@ async def test_async_client_and_stream(server: FakeLLMServer) -> None:
         async with stream:
             events = [e async for e in stream]
     assert message.usage.output_tokens > 0
-    assert (
-        cap.span("chat a").attributes["gen_ai.usage.output_tokens"] == message.usage.output_tokens
-    )
+    assert cap.span("chat a").attributes["gen_ai.usage.output_tokens"] == message.usage.output_tokens
     assert cap.span("chat s").attributes["rag.llm.stream.chunks"] == len(events)
     await client.close()
 
@@ -141,13 +139,8 @@ def test_429_then_success_500_hang_and_malformed(server: FakeLLMServer) -> None:
         with pytest.raises(Exception):  # the SDK's own decoding error
             client.messages.create(model="m", max_tokens=10, messages=MESSAGES)
     statuses = [s.status.status_code for s in cap.spans if s.name == "chat m"]
-    assert statuses == [
-        StatusCode.ERROR,
-        StatusCode.UNSET,
-        StatusCode.ERROR,
-        StatusCode.ERROR,
-        StatusCode.ERROR,
-    ]
+    assert statuses == [StatusCode.ERROR, StatusCode.UNSET, StatusCode.ERROR, StatusCode.ERROR,
+                        StatusCode.ERROR]
     assert len(cap.find_logs("retrying")) == 1
     assert len(cap.find_logs("llm call failed")) == 4
     _no_secret(cap, "blue van")
@@ -175,13 +168,8 @@ HEX_KEY = "9c2e4a6b8d0f1e3a5c7b9d2f4a6c8e0b"  # no sk- shape: only literal scrub
 
 
 def _echo_key(server: FakeLLMServer, key: str) -> None:
-    server.enqueue(
-        401,
-        body={
-            "type": "error",
-            "error": {"type": "authentication_error", "message": f"invalid x-api-key: {key}"},
-        },
-    )
+    server.enqueue(401, body={"type": "error", "error": {
+        "type": "authentication_error", "message": f"invalid x-api-key: {key}"}})
 
 
 def test_key_echoed_by_the_server_is_never_recorded(server: FakeLLMServer) -> None:
@@ -208,9 +196,7 @@ def test_non_sk_client_key_is_scrubbed_with_and_without_capture(
         with pytest.raises(anthropic.AuthenticationError) as info:
             client.messages.create(model="m", max_tokens=10, messages=MESSAGES)
         client.messages.create(
-            model="ok",
-            max_tokens=10,
-            system=f"key {HEX_KEY}",
+            model="ok", max_tokens=10, system=f"key {HEX_KEY}",
             messages=[{"role": "user", "content": f"my key: {HEX_KEY}"}],
         )
     assert HEX_KEY in str(info.value)

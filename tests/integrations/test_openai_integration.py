@@ -89,9 +89,7 @@ def test_stream_is_the_sdks_own_object_and_span_lasts_until_exhausted(
     client = instrument_openai(_client(server))
     with capture() as cap:
         stream = client.chat.completions.create(
-            model="gpt-4o-mini",
-            messages=MESSAGES,
-            stream=True,
+            model="gpt-4o-mini", messages=MESSAGES, stream=True,
             stream_options={"include_usage": True},
         )
         assert isinstance(stream, openai.Stream)
@@ -210,11 +208,11 @@ async def test_429_then_success_through_retry_mixin(server: FakeLLMServer) -> No
         result = await Chat().generate("hello")
     assert isinstance(result, ri.LLMResult)
     assert result.text == server.reply_text
-    provider_span = next(s for s in cap.spans if s.name == "chat gpt-4o-mini" and s.parent is None)
+    provider_span = next(s for s in cap.spans if s.name == "chat gpt-4o-mini" and
+                         s.parent is None)
     assert provider_span.attributes["rag.retry.attempts"] == 2
-    sdk_spans = [
-        s for s in cap.spans if s.parent and s.parent.span_id == provider_span.context.span_id
-    ]
+    sdk_spans = [s for s in cap.spans if s.parent and s.parent.span_id ==
+                 provider_span.context.span_id]
     assert len(sdk_spans) == 2  # each attempt's SDK span nests under the provider span
     await client.close()
 
@@ -301,17 +299,9 @@ AZURE_KEY = "3f9a0c1e5b7d4a2f8e6c0b9d1a3e5f7c"  # hex, no sk- shape: only litera
 
 
 def _echo_key(server: FakeLLMServer, key: str) -> None:
-    server.enqueue(
-        401,
-        body={
-            "error": {
-                "message": f"Incorrect API key provided: {key}. You can find your key at ...",
-                "type": "invalid_request_error",
-                "param": None,
-                "code": "invalid_api_key",
-            }
-        },
-    )
+    server.enqueue(401, body={"error": {
+        "message": f"Incorrect API key provided: {key}. You can find your key at ...",
+        "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}})
 
 
 def test_key_echoed_by_the_server_is_never_recorded(server: FakeLLMServer) -> None:
@@ -352,17 +342,9 @@ def test_non_sk_client_key_is_scrubbed_with_and_without_capture(
 def test_one_message_of_several_echoed_in_an_error_is_not_recorded(
     server: FakeLLMServer,
 ) -> None:
-    server.enqueue(
-        400,
-        body={
-            "error": {
-                "message": "Content rejected: 'Which drawer holds the passports?'",
-                "type": "invalid_request_error",
-                "param": None,
-                "code": None,
-            }
-        },
-    )
+    server.enqueue(400, body={"error": {
+        "message": "Content rejected: 'Which drawer holds the passports?'",
+        "type": "invalid_request_error", "param": None, "code": None}})
     client = instrument_openai(_client(server))
     with capture() as cap:
         with pytest.raises(openai.BadRequestError):

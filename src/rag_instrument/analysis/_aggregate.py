@@ -183,10 +183,8 @@ class Aggregator:
         line_no = first - 1
         for line in lines:
             line_no += 1
-            if (
-                b"execution_time_ms" not in line
-                and b'"retrying"' not in line
-                and (b"n+1 query" not in line and b"resourceSpans" not in line)
+            if b"execution_time_ms" not in line and b'"retrying"' not in line and (
+                b"n+1 query" not in line and b"resourceSpans" not in line
             ):
                 if line[:1] != b"{" or line[-1:] != b"}":
                     _check_shape(line, name, line_no, bad)

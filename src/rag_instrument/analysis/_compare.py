@@ -70,7 +70,9 @@ def compare(before: Analysis, after: Analysis, alpha: float = ALPHA) -> list[Cha
         a50, a95, a99 = _pcts(new)
         p_value = mann_whitney_u(old, new) if old and new else None
         change_ms = a95 - b95 if a95 is not None and b95 is not None else None
-        change_pct = 100.0 * change_ms / b95 if change_ms is not None and b95 else None
+        change_pct = (
+            100.0 * change_ms / b95 if change_ms is not None and b95 else None
+        )
         changes.append(
             Change(
                 key=key,

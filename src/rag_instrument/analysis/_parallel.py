@@ -96,7 +96,8 @@ def feed_parallel(
     context = multiprocessing.get_context(method)
     with ProcessPoolExecutor(max_workers=len(parts) - 1, mp_context=context) as pool:
         futures = [
-            pool.submit(work, options, Source(source.name, start, end)) for start, end in parts[1:]
+            pool.submit(work, options, Source(source.name, start, end))
+            for start, end in parts[1:]
         ]
         first = work(options, Source(source.name, parts[0][0], parts[0][1]))
         results = [first, *(f.result() for f in futures)]

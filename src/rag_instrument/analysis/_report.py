@@ -62,44 +62,21 @@ def _ms(value: float | None) -> str:
 
 def _summary(analysis: Analysis) -> str:
     kinds = [k for k in BREAKDOWN_KINDS if any(k in r.breakdown_share for r in analysis.rows)]
-    headers = [
-        analysis.by,
-        "runs",
-        "errors",
-        "avg ms",
-        "p50 ms",
-        "p95 ms",
-        "p99 ms",
-        "max ms",
-        "budget",
-        *(f"{k} %" for k in kinds),
-        "cache hits",
-    ]
+    headers = [analysis.by, "runs", "errors", "avg ms", "p50 ms", "p95 ms", "p99 ms", "max ms",
+               "budget", *(f"{k} %" for k in kinds), "cache hits"]
     rows, classes = [], []
     for r in analysis.rows:
         name = "\u00a0\u00a0" * r.depth + r.key + (" (whole request)" if r.is_total else "")
         rows.append(
-            [
-                name,
-                str(r.count),
-                str(r.errors),
-                _ms(r.avg_ms),
-                _ms(r.p50_ms),
-                _ms(r.p95_ms),
-                _ms(r.p99_ms),
-                _ms(r.max_ms),
-                budget_text(r),
-                *(
-                    f"{100 * r.breakdown_share[k]:.0f}%" if k in r.breakdown_share else "-"
-                    for k in kinds
-                ),
-                "-" if r.cache_hit_ratio is None else f"{100 * r.cache_hit_ratio:.0f}%",
-            ]
+            [name, str(r.count), str(r.errors), _ms(r.avg_ms), _ms(r.p50_ms), _ms(r.p95_ms),
+             _ms(r.p99_ms), _ms(r.max_ms), budget_text(r),
+             *(f"{100 * r.breakdown_share[k]:.0f}%" if k in r.breakdown_share else "-"
+               for k in kinds),
+             "-" if r.cache_hit_ratio is None else f"{100 * r.cache_hit_ratio:.0f}%"]
         )
         over = r.budget_ms is not None and r.p95_ms > r.budget_ms
-        classes.append(
-            " ".join(c for c in ("over" if over else "", "total" if r.is_total else "") if c)
-        )
+        classes.append(" ".join(c for c in ("over" if over else "", "total" if r.is_total else "")
+                                if c))
     return _table(headers, rows, classes) + (
         '<p class="note">Percentiles: nearest rank over every run (or a uniform sample of '
         "1,000,000 per stage beyond that). Rows over their budget at p95 are red.</p>"
@@ -113,7 +90,8 @@ def _distributions(analysis: Analysis) -> str:
         if values:
             charts.append(
                 _svg.histogram(
-                    f"{row.key}: latency distribution ({row.count} runs, p95 {row.p95_ms:.1f} ms)",
+                    f"{row.key}: latency distribution ({row.count} runs, p95 "
+                    f"{row.p95_ms:.1f} ms)",
                     values,
                     row.budget_ms,
                 )
@@ -158,7 +136,9 @@ def _over_time(analysis: Analysis) -> str:
         slots: list[list[float]] = [[] for _ in range(_TIME_SLOTS)]
         for t, ms in pts:
             slots[min(_TIME_SLOTS - 1, int((t - start) / span * _TIME_SLOTS))].append(ms)
-        series.append((row.key, [(i, percentile(sorted(s), 95)) for i, s in enumerate(slots) if s]))
+        series.append(
+            (row.key, [(i, percentile(sorted(s), 95)) for i, s in enumerate(slots) if s])
+        )
     origin = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start))
     if span < 120:  # seconds since the first line
         labels = [f"{span * i / (_TIME_SLOTS - 1):.3g} s" for i in range(_TIME_SLOTS)]
@@ -182,7 +162,9 @@ def _over_time(analysis: Analysis) -> str:
 
 def _slowest(analysis: Analysis) -> str:
     return "".join(
-        _svg.waterfall(f"trace {w.trace_id}: {w.total_ms:.1f} ms", w.stages, w.total_ms)
+        _svg.waterfall(
+            f"trace {w.trace_id}: {w.total_ms:.1f} ms", w.stages, w.total_ms
+        )
         for w in analysis.waterfalls
     )
 
@@ -209,24 +191,14 @@ def _side(analysis: Analysis) -> dict[str, str]:
     if analysis.slow_queries:
         out["slow-queries"] = _table(
             ["statement", "count", "total ms", "worst ms", "stages"],
-            [
-                [
-                    e["statement"],
-                    str(e["count"]),
-                    _ms(e["total_ms"]),
-                    _ms(e["worst_ms"]),
-                    ", ".join(e["stages"]),
-                ]
-                for e in analysis.slow_queries
-            ],
+            [[e["statement"], str(e["count"]), _ms(e["total_ms"]), _ms(e["worst_ms"]),
+              ", ".join(e["stages"])] for e in analysis.slow_queries],
         )
     if analysis.n_plus_one:
         out["n-plus-one"] = _table(
             ["relationship", "warnings", "max statements", "stages"],
-            [
-                [e["relationship"], str(e["warnings"]), str(e["max_count"]), ", ".join(e["stages"])]
-                for e in analysis.n_plus_one
-            ],
+            [[e["relationship"], str(e["warnings"]), str(e["max_count"]), ", ".join(e["stages"])]
+             for e in analysis.n_plus_one],
         )
     if analysis.retries:
         out["retries"] = _table(
@@ -236,27 +208,15 @@ def _side(analysis: Analysis) -> dict[str, str]:
     if analysis.cache:
         out["cache"] = _table(
             ["namespace", "hits", "lookups", "hit ratio"],
-            [
-                [
-                    e["namespace"],
-                    str(e["hits"]),
-                    str(e["lookups"]),
-                    "-" if e["hit_ratio"] is None else f"{100 * e['hit_ratio']:.0f}%",
-                ]
-                for e in analysis.cache
-            ],
+            [[e["namespace"], str(e["hits"]), str(e["lookups"]),
+              "-" if e["hit_ratio"] is None else f"{100 * e['hit_ratio']:.0f}%"]
+             for e in analysis.cache],
         )
     if analysis.budget_exceeded:
         out["budgets"] = _table(
             ["stage", "times", "largest part each time"],
-            [
-                [
-                    e["stage"],
-                    str(e["times"]),
-                    ", ".join(f"{k} {n}" for k, n in e["largest"].items()),
-                ]
-                for e in analysis.budget_exceeded
-            ],
+            [[e["stage"], str(e["times"]), ", ".join(f"{k} {n}" for k, n in e["largest"].items())]
+             for e in analysis.budget_exceeded],
         )
     return out
 
@@ -267,28 +227,18 @@ def _comparison(changes: list[Change]) -> str:
         change = "-" if c.p95_change_ms is None else f"{c.p95_change_ms:+.1f} ms"
         if c.p95_change_pct is not None:
             change += f" ({c.p95_change_pct:+.0f}%)"
-        rows.append(
-            [
-                c.key,
-                f"{c.count_before} → {c.count_after}",
-                f"{_ms(c.p95_before)} → {_ms(c.p95_after)}",
-                change,
-                "-" if c.p_value is None else f"{c.p_value:.3g}",
-                c.verdict,
-            ]
-        )
+        rows.append([c.key, f"{c.count_before} → {c.count_after}",
+                     f"{_ms(c.p95_before)} → {_ms(c.p95_after)}", change,
+                     "-" if c.p_value is None else f"{c.p_value:.3g}", c.verdict])
     items: list[tuple[str, float, str]] = []
     for c in changes:
         if c.p95_before is not None and c.p95_after is not None:
-            items += [
-                (f"{c.key} before", c.p95_before, f"{c.p95_before:.1f} ms"),
-                (f"{c.key} after", c.p95_after, f"{c.p95_after:.1f} ms"),
-            ]
+            items += [(f"{c.key} before", c.p95_before, f"{c.p95_before:.1f} ms"),
+                      (f"{c.key} after", c.p95_after, f"{c.p95_after:.1f} ms")]
     colours = [_svg.PALETTE[7], _svg.PALETTE[0]] * (len(items) // 2)
     chart = (
-        _svg.bars(
-            "p95 per stage: baseline (grey), candidate (blue)", items, "p95 (ms)", colours=colours
-        )
+        _svg.bars("p95 per stage: baseline (grey), candidate (blue)", items, "p95 (ms)",
+                  colours=colours)
         if items
         else ""
     )
@@ -341,7 +291,7 @@ def render_report(
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>rag_instrument report: {escape(meta['inputs'])}</title>"
         f"<style>{_CSS}</style></head><body>"
-        f'<h1>Where the time went</h1><p class="note">{escape(str(meta["inputs"]))}: '
+        f"<h1>Where the time went</h1><p class=\"note\">{escape(str(meta['inputs']))}: "
         f"{meta['lines']} lines ({meta['unusable']} unusable); generated by rag-instrument "
         f"{escape(__version__)}.</p>" + "".join(sections) + "</body></html>\n"
     )

@@ -56,8 +56,8 @@ def record_side(agg: Aggregator, event: str, record: dict[str, Any]) -> None:
         shape = str(record.get("db.query.text") or record.get("statement") or "?")
         ms = record.get("execution_time_ms")
         entry = agg.slow.setdefault(
-            shape,
-            {"statement": shape, "count": 0, "total_ms": 0.0, "worst_ms": 0.0, "stages": set()},
+            shape, {"statement": shape, "count": 0, "total_ms": 0.0, "worst_ms": 0.0,
+                    "stages": set()}
         )
         entry["count"] += 1
         if _valid_ms(ms):
@@ -111,7 +111,8 @@ def side_tables(agg: Aggregator) -> dict[str, list[dict[str, Any]]]:
             key=lambda e: -e["warnings"],
         ),
         "retries": [
-            {"target": t, "error_type": e, "retries": n} for (t, e), n in agg.retries.most_common()
+            {"target": t, "error_type": e, "retries": n}
+            for (t, e), n in agg.retries.most_common()
         ],
         "cache": [
             {"namespace": ns, "hits": h, "lookups": n, "hit_ratio": h / n if n else None}

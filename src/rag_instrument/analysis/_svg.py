@@ -110,7 +110,9 @@ def histogram(
     for value in values:
         counts[min(bins - 1, int(value / x_max * bins))] += 1
     y_ticks = nice_ticks(max(counts) or 1)
-    parts, plot_w, plot_h = _axes(width, height, x_ticks, y_ticks, "duration (ms)", "runs")
+    parts, plot_w, plot_h = _axes(
+        width, height, x_ticks, y_ticks, "duration (ms)", "runs"
+    )
     bar_w = plot_w / bins
     for i, count in enumerate(counts):
         if count:
@@ -201,7 +203,9 @@ def stacked_bars(
                     f'<text x="{x + 3:.1f}" y="{y + 14}" fill="#fff">{escape(kind)}</text>'
                 )
             x += w
-        parts.append(f'<text x="{x + 5:.1f}" y="{y + 15}">{sum(v for _, v in segments):.1f}</text>')
+        parts.append(
+            f'<text x="{x + 5:.1f}" y="{y + 15}">{sum(v for _, v in segments):.1f}</text>'
+        )
     return _frame(width, height, title, parts)
 
 
@@ -245,7 +249,9 @@ def lines(
             f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2">'
             f"<title>{escape(name)}</title></polyline>"
         )
-        parts.extend(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{colour}"/>' for x, y in xy)
+        parts.extend(
+            f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{colour}"/>' for x, y in xy
+        )
         ends.append((xy[-1][1], xy[-1][0], name, colour))
     # Each line is named at its end; names are moved apart so that none overlaps.
     placed: list[float] = []

@@ -41,10 +41,8 @@ def type_name(cls: type) -> str:
 
 
 def _is_model_class(cls: Any) -> bool:
-    return (
-        isinstance(cls, type)
-        and callable(getattr(cls, "model_validate", None))
-        and callable(getattr(cls, "model_dump", None))
+    return isinstance(cls, type) and callable(getattr(cls, "model_validate", None)) and callable(
+        getattr(cls, "model_dump", None)
     )
 
 

@@ -371,7 +371,9 @@ async def _generate(query: str, ids: list[int], corpus: Corpus, llm: StandInLLM)
 
 
 @ri.stage(ri.PipelineStage.SEARCH)
-async def search(question: str, request_id: str, seed: int, corpus: Corpus, llm: StandInLLM) -> str:
+async def search(
+    question: str, request_id: str, seed: int, corpus: Corpus, llm: StandInLLM
+) -> str:
     """One request through the whole pipeline."""
     rng = random.Random(seed)  # noqa: S311 - simulated latency, not security
     ri.bind_context(request_id=request_id)

@@ -101,32 +101,21 @@ def add_input_options(parser: argparse.ArgumentParser, *, files: bool = True) ->
             "files", nargs="+", metavar="FILE", help="log or OTLP JSON files, globs, '-' for stdin"
         )
     parser.add_argument(
-        "--by",
-        choices=("stage", "event", "route"),
-        default="stage",
+        "--by", choices=("stage", "event", "route"), default="stage",
         help="group stage runs (default), lines with execution_time_ms by event, or "
         "'request completed' lines by method and route",
     )
     parser.add_argument(
-        "--budget",
-        type=_budget,
-        action="append",
-        default=[],
-        metavar="STAGE=MS",
+        "--budget", type=_budget, action="append", default=[], metavar="STAGE=MS",
         help="a budget in milliseconds (repeatable; a route is 'POST /api/search'); "
         "without one, a stage's budget is taken from the log's 'budget exceeded' lines",
     )
     parser.add_argument(
-        "--budgets",
-        metavar="FILE",
-        help="budgets from a TOML file (stage = ms, same keys as "
+        "--budgets", metavar="FILE", help="budgets from a TOML file (stage = ms, same keys as "
         "configure(budgets=...)); --budget wins",
     )
     parser.add_argument(
-        "--jobs",
-        type=_jobs,
-        default=None,
-        metavar="N",
+        "--jobs", type=_jobs, default=None, metavar="N",
         help="processes that share a large (32 MB+) plain file (default: the CPUs, up to 2; "
         "each adds about 30 MB)",
     )
@@ -233,15 +222,12 @@ def add_parser(subparsers: Any) -> None:
     )
     add_input_options(parser)
     parser.add_argument(
-        "--format",
-        choices=("table", "json", "csv"),
-        default="table",
+        "--format", choices=("table", "json", "csv"), default="table",
         help="table (aligned; colour only on a terminal, NO_COLOR respected), json (a list; "
         "stage, avg_time and max_time as the README's jq pipeline computes them), csv",
     )
     parser.add_argument(
-        "--fail-on-budget",
-        action="store_true",
+        "--fail-on-budget", action="store_true",
         help="exit 1 when a group's p95 is over its budget (a CI gate)",
     )
     parser.set_defaults(func=run)

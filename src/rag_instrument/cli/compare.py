@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.format == "json":
         sys.stdout.write(
-            orjson.dumps([c.as_json() for c in changes], option=orjson.OPT_INDENT_2).decode() + "\n"
+            orjson.dumps([c.as_json() for c in changes], option=orjson.OPT_INDENT_2).decode()
+            + "\n"
         )
     else:
         sys.stdout.write(render_changes(changes, colour=use_colour(sys.stdout)))
@@ -143,9 +144,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--format", choices=("table", "json"), default="table")
     parser.add_argument("--alpha", type=_alpha, default=ALPHA, help=f"default {ALPHA}")
     parser.add_argument(
-        "--fail-on-regression",
-        type=_pct,
-        metavar="PCT",
+        "--fail-on-regression", type=_pct, metavar="PCT",
         help="exit 1 when a stage's p95 grew by more than PCT percent and the change is "
         "significant (a CI gate for performance regressions)",
     )

@@ -211,9 +211,8 @@ def add_parser(subparsers: Any) -> None:
         "is replaced)",
     )
     parser.add_argument(
-        "--report",
-        default="report.html",
-        help="where to write the HTML report (default report.html)",
+        "--report", default="report.html", help="where to write the HTML report (default "
+        "report.html)",
     )
     parser.add_argument(
         "--fault-rate",

@@ -85,7 +85,11 @@ def cached_method(
         if args or kwargs.get("stream") or _is_raw(kwargs):
             return None
         temperature = kwargs.get("temperature")
-        if isinstance(temperature, int | float) and temperature > 0 and not spec.nondeterministic:
+        if (
+            isinstance(temperature, int | float)
+            and temperature > 0
+            and not spec.nondeterministic
+        ):
             return None
         params = {
             name: value

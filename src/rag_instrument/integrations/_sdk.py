@@ -178,9 +178,9 @@ class Attempts:
         metric: dict[str, Any] = {**call.metric_attrs, ERROR_TYPE: error_type}
         if self.status is not None:
             metric[HTTP_RESPONSE_STATUS_CODE] = self.status
-        rt.counter(METRIC_LLM_RETRIES, "{retry}", "Retried model requests (one per retry).").add(
-            1, metric
-        )
+        rt.counter(
+            METRIC_LLM_RETRIES, "{retry}", "Retried model requests (one per retry)."
+        ).add(1, metric)
         if rt.log is not None:
             fields: dict[str, Any] = {"target": self.target, **event}
             if self.status is not None:
@@ -302,6 +302,7 @@ def tracked(
 def describe_target(system: str, operation: str) -> str:
     """The ``target`` field of a ``"retrying"`` line (``"openai.chat"``)."""
     return f"{system}.{operation}"
+
 
 
 # --- raw responses ----------------------------------------------------------------------------
