@@ -36,7 +36,7 @@ _BY = ("stage", "event", "route")
 #: Traces sampled to find which stage runs inside which (from logs).
 _NEST_TRACES = 2000
 #: ... within the first this many stage lines.
-_NEST_LINES = 20_000
+_NEST_LINES = 5_000
 #: A line holding none of these (and no escape) cannot change the result.
 _SIDE_MARKERS = (
     b"cache_hit", b"resourceSpans", b"slow query", b"n+1 query detected", b"retrying",

@@ -229,17 +229,30 @@ def _add_breakdowns(agg: Aggregator, group: Any, breakdowns: list[dict[str, Any]
 
 def _add_cache(agg: Aggregator, parts: list[Any]) -> None:
     """The LLM lines' cache lookups, as ``record_side`` counts them (our logger's only)."""
-    lookups = Counter(
-        zip(
-            parts[1 :: _GROUPS + 1],
-            parts[5 :: _GROUPS + 1],
-            parts[6 :: _GROUPS + 1],
-            parts[7 :: _GROUPS + 1],
-            strict=True,
+    hits = parts[7 :: _GROUPS + 1]
+    answers = Counter(hits)
+    lookups = answers[b"true"] + answers[b"false"]
+    if not lookups:
+        return
+    owners = set(compress(parts[1 :: _GROUPS + 1], hits))
+    providers = set(compress(parts[5 :: _GROUPS + 1], hits))
+    models = set(compress(parts[6 :: _GROUPS + 1], hits))
+    if owners == {b"rag_instrument"} and len(providers) == 1 and len(models) == 1:
+        # The usual chunk: one provider and model.
+        every = Counter({(b"rag_instrument", *providers, *models, b"true"): answers[b"true"]})
+        every[(b"rag_instrument", *providers, *models, b"false")] = answers[b"false"]
+    else:
+        every = Counter(
+            zip(
+                parts[1 :: _GROUPS + 1],
+                parts[5 :: _GROUPS + 1],
+                parts[6 :: _GROUPS + 1],
+                hits,
+                strict=True,
+            )
         )
-    )
-    for (ours, provider, model, hit), n in lookups.items():
-        if ours is None or hit is None:
+    for (ours, provider, model, hit), n in every.items():
+        if ours is None or hit is None or not n:
             continue
         namespace = f"{provider.decode('ascii') or '?'}/{model.decode('ascii') or '?'}"
         counts = agg.cache.get(namespace)

@@ -195,7 +195,7 @@ def read_chunks(source: Source, report: InputReport) -> Iterator[bytes | None]:
                         yield None
                         tail = b""
                     continue
-                yield b"".join((b"\n", tail, block[: end + 1]))
+                yield b"".join((b"\n", tail, memoryview(block)[: end + 1]))  # one copy
                 tail = block[end + 1 :]
             if tail:
                 yield b"".join((b"\n", tail, b"\n"))
