@@ -34,8 +34,8 @@ import math
 import re
 from collections import Counter
 from functools import partial
-from itertools import chain, compress, repeat
-from operator import eq, is_not, methodcaller
+from itertools import chain, compress
+from operator import is_not, methodcaller
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -146,17 +146,19 @@ def _stage_runs(agg: Aggregator, parts: list[Any]) -> list[_Runs] | None:
     Grouping and conversion run in C (``compress``, ``map``, one orjson call per group),
     not in a Python loop per line.
     """
-    stages = parts[2 :: _GROUPS + 1]
-    every_ms = parts[3 :: _GROUPS + 1]
-    every_breakdown = parts[4 :: _GROUPS + 1]
+    every_stage = parts[2 :: _GROUPS + 1]
+    # The stage lines only (a stage line always has a duration, other lines neither).
+    stages = list(filter(None, every_stage))
+    every_ms = list(filter(None, parts[3 :: _GROUPS + 1]))
+    every_breakdown = list(compress(parts[4 :: _GROUPS + 1], every_stage))
+    if len(every_ms) != len(stages):  # pragma: no cover - the expression makes it so
+        return None
     out: list[_Runs] = []
     for stage in set(stages):
-        if stage is None:
-            continue  # an LLM line
         key = stage.decode("ascii")
         if key not in agg.groups:  # a new group: created in file order by the exact path
             return None
-        mine = list(map(eq, stages, repeat(stage)))
+        mine = list(map(stage.__eq__, stages))
         try:
             values = orjson.loads(b"[" + b",".join(compress(every_ms, mine)) + b"]")
         except orjson.JSONDecodeError:  # a number orjson will not read: the exact path says
