@@ -75,7 +75,7 @@ def _request(rng: random.Random) -> list[bytes]:
                ts=at(embed_end)),
         _stage("retrieval", ms["retrieval"], {"db": {"count": 3, "ms": round(ms["retrieval"] / 9, 3)},
                                               "vector": {"count": 1, "ms": 2}}, ts=at(retrieval_end)),
-        _stage("reranking", ms["reranking"], ts=at(rerank_end)),
+        _stage("reranking", ms["reranking"], ts=at(rerank_end), cpu_ms=round(ms["reranking"] / 3, 3)),
         _llm("generation", rng.random() < 0.3, provider=rng.choice(["openai", "anthropic"])),
         _stage("generation", ms["generation"], {"llm": {"count": 1, "ms": ms["generation"] / 2}},
                ts=at(generation_end)),
@@ -124,6 +124,12 @@ ODD_LINES: list[bytes] = [
     _stage("retrieval", 54.0).replace(b'"request_id":"r1"',
                                       b'"request_id":"r1","pipeline_stage":"rerank"'),
     _stage("retrieval", 55.0).replace(b'"context":', b'"context":{"x":1},"context":'),
+    _stage("reranking", 20.0, cpu_ms=-1.0),  # CPU times the exact path ignores
+    _stage("reranking", 21.0, cpu_ms="2"),
+    _stage("reranking", 22.0, cpu_ms=2.5).replace(b'"cpu_ms":2.5', b'"cpu_ms":2.5,"cpu_ms":3'),
+    _stage("reranking", 23.0, {"db": {"count": 1, "ms": 4}}, items=3, cpu_ms=1.25),
+    _line("reranking completed", context={"pipeline_stage": "reranking"}, cpu_ms=4.0,
+          execution_time_ms=24.0),  # before the duration
     _stage("", 56.0),  # an empty stage name
     _stage("late_stage", 57.0),  # a stage first seen late
     _stage("retrieval", 58.0, logger="app"),
@@ -220,6 +226,7 @@ def test_the_fast_path_prints_what_parsing_every_line_prints(tmp_path: Path, gz:
     assert rows["retrieval"].cancelled == 1
     assert rows["retrieval"].statuses == {"5xx": 2}
     assert rows["retrieval"].cache_hit_ratio == pytest.approx(2 / 3)
+    assert rows["reranking"].cpu_runs == 120 + 3
     assert "late_stage" in rows
     assert "" in rows
     assert rows["embedding"].parent == "retrieval"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import pickle
 import threading
@@ -11,11 +12,12 @@ import uuid
 from typing import Any
 
 import pytest
+from cachetools import TTLCache
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rag_instrument as ri
-from rag_instrument.cache import MemoryCache, RedisCache, cached, make_key
+from rag_instrument.cache import MemoryCache, RedisCache, _backends, _store, cached, make_key
 from rag_instrument.testing import capture
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -27,11 +29,15 @@ class Counting(ri.CacheMixin, ri.LLMProvider):
 
     def __init__(self) -> None:
         self.calls = 0
+        self.in_flight = self.peak = 0
 
     async def _generate(self, prompt: str, **params: Any) -> ri.LLMResult:
         self.calls += 1
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
         if self.delay:
             await asyncio.sleep(self.delay)
+        self.in_flight -= 1
         return ri.LLMResult(f"re: {prompt}", input_tokens=5, output_tokens=3, model="cached-1")
 
 
@@ -180,19 +186,38 @@ async def test_single_flight_for_100_tasks_and_overlap_for_distinct_keys(provide
     assert provider.calls == 1
     assert all(r == results[0] for r in results)
     assert sum(p.value for p in metrics["rag.cache.coalesced"]) == 99
-    start = time.perf_counter()
+    provider.peak = 0
     await asyncio.gather(*(provider.generate(f"k{i}") for i in range(100)))
     assert provider.calls == 101
-    assert time.perf_counter() - start < 3.0  # overlapped, not 100 x 50 ms = 5 s in a row
+    assert provider.peak == 100  # distinct keys overlap: all 100 calls were in flight at once
 
 
 @pytest.mark.asyncio
-async def test_cancelled_leader_hands_over_to_a_waiter(provider: Any) -> None:
-    type(provider).delay = 0.1
+async def test_cancelled_leader_hands_over_to_a_waiter(
+    provider: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    leading, waiting = asyncio.Event(), asyncio.Event()
+
+    class Hanging(type(provider)):  # type: ignore[misc]
+        async def _generate(self, prompt: str, **params: Any) -> ri.LLMResult:
+            if self.calls == 0:
+                self.calls += 1
+                leading.set()
+                await asyncio.Event().wait()  # the first leader hangs until cancelled
+            return await super()._generate(prompt, **params)
+
+    original = _store._Flight.await_done
+
+    async def await_done(flight: Any) -> None:
+        waiting.set()
+        await original(flight)
+
+    monkeypatch.setattr(_store._Flight, "await_done", await_done)
+    provider = Hanging()
     leader = asyncio.create_task(provider.generate("q"))
-    await asyncio.sleep(0.01)
+    await leading.wait()
     waiter = asyncio.create_task(provider.generate("q"))
-    await asyncio.sleep(0.01)
+    await waiting.wait()  # the second call waits on the leader's flight
     leader.cancel()
     result = await waiter
     assert result.text == "re: q"
@@ -281,7 +306,9 @@ def test_values_are_json_not_shared_objects() -> None:
     assert make() == {"a": [1]}
 
 
-def test_ttl_expires_entries() -> None:
+def test_ttl_expires_entries(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr(_backends, "TTLCache", functools.partial(TTLCache, timer=lambda: now[0]))
     calls = 0
 
     @cached(ttl=0.05)
@@ -291,8 +318,9 @@ def test_ttl_expires_entries() -> None:
         return calls
 
     assert f() == 1
+    now[0] += 0.049
     assert f() == 1
-    time.sleep(0.08)
+    now[0] += 0.002
     assert f() == 2
 
 

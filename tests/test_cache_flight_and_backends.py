@@ -7,47 +7,103 @@ import dataclasses
 import socket
 import threading
 import time
+import types
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 import rag_instrument as ri
-from rag_instrument.cache import MemoryCache, RedisCache, UncacheableError, cached, make_key
+from rag_instrument.cache import (
+    MemoryCache,
+    RedisCache,
+    UncacheableError,
+    _backends,
+    _store,
+    cached,
+    make_key,
+)
 from rag_instrument.cache import _keys as cache_module
 from rag_instrument.testing import capture
 
 # --- single flight: a failing leader fails its waiters --------------------------------------
 
 
+class Waiters:
+    """Counts the calls waiting on another call's flight (threads and tasks)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._changed = threading.Condition()
+        self._tasks_waiting: list[tuple[int, asyncio.Event]] = []
+
+    def arrived(self) -> None:
+        with self._changed:
+            self.count += 1
+            self._changed.notify_all()
+            for n, reached in self._tasks_waiting:  # tasks arrive in the loop's own thread
+                if self.count >= n:
+                    reached.set()
+
+    def wait_for(self, n: int) -> bool:
+        """Block this thread until ``n`` calls wait (30 s at most)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.count >= n, timeout=30)
+
+    async def until(self, n: int) -> None:
+        """Wait in this task until ``n`` calls wait."""
+        reached = asyncio.Event()
+        self._tasks_waiting.append((n, reached))
+        if self.count >= n:
+            reached.set()
+        await reached.wait()
+
+
+@pytest.fixture
+def waiters(monkeypatch: pytest.MonkeyPatch) -> Waiters:
+    counted = Waiters()
+    wait, await_done = _store._Flight.wait, _store._Flight.await_done
+
+    def counting_wait(flight: Any) -> None:
+        counted.arrived()
+        wait(flight)
+
+    async def counting_await_done(flight: Any) -> None:
+        counted.arrived()
+        await await_done(flight)
+
+    monkeypatch.setattr(_store._Flight, "wait", counting_wait)
+    monkeypatch.setattr(_store._Flight, "await_done", counting_await_done)
+    return counted
+
+
+
 @pytest.mark.asyncio
-async def test_waiters_share_the_leaders_failure_async() -> None:
+async def test_waiters_share_the_leaders_failure_async(waiters: Waiters) -> None:
     class Down(ri.CacheMixin, ri.LLMProvider):
         system, model = "acme", "down"
         calls = 0
 
         async def _generate(self, prompt: str, **params: Any) -> str:
             Down.calls += 1
-            await asyncio.sleep(0.1)  # a 100 ms 503
+            if Down.calls == 1:
+                await waiters.until(19)  # fails once the other 19 callers wait on it
             raise ConnectionError("503")
 
     provider = Down()
     with capture() as cap:
-        start = time.perf_counter()
         results = await asyncio.gather(
             *(provider.generate("q") for _ in range(20)), return_exceptions=True
         )
-        elapsed = time.perf_counter() - start
-    assert Down.calls == 1
+    assert Down.calls == 1  # one call for twenty callers, not twenty one after another
     assert all(isinstance(r, ConnectionError) for r in results)
-    assert elapsed < 1.5  # ~0.1 s, not 20 x 0.1 s = 2 s one after another (the count proves it)
     assert len(cap.find_logs("llm call failed")) == 20
     with pytest.raises(ConnectionError):  # the failure is not kept for later callers
         await provider.generate("q")
     assert Down.calls == 2
 
 
-def test_waiters_share_the_leaders_failure_threads() -> None:
+def test_waiters_share_the_leaders_failure_threads(waiters: Waiters) -> None:
     calls = 0
     lock = threading.Lock()
 
@@ -56,7 +112,7 @@ def test_waiters_share_the_leaders_failure_threads() -> None:
         nonlocal calls
         with lock:
             calls += 1
-        time.sleep(0.1)
+        assert waiters.wait_for(19)  # fails once the other 19 callers wait on it
         raise ConnectionError("503")
 
     barrier = threading.Barrier(20)
@@ -70,38 +126,38 @@ def test_waiters_share_the_leaders_failure_threads() -> None:
             outcomes.append(exc)
 
     threads = [threading.Thread(target=worker) for _ in range(20)]
-    start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    elapsed = time.perf_counter() - start
-    assert calls == 1
+    assert calls == 1  # one call for twenty callers, not twenty one after another
     assert len(outcomes) == 20
     assert all(isinstance(o, ConnectionError) for o in outcomes)
-    assert elapsed < 1.5  # not 20 x 0.1 s one after another (the count proves it)
     with pytest.raises(ConnectionError):
         down(1)
     assert calls == 2
 
 
 @pytest.mark.asyncio
-async def test_a_cancelled_leader_still_hands_over_to_one_waiter() -> None:
+async def test_a_cancelled_leader_still_hands_over_to_one_waiter(waiters: Waiters) -> None:
     class Slow(ri.CacheMixin, ri.LLMProvider):
         system, model = "acme", "slow"
         calls = 0
 
         async def _generate(self, prompt: str, **params: Any) -> str:
             Slow.calls += 1
-            await asyncio.sleep(0.1)
+            if Slow.calls == 1:
+                leading.set()
+                await asyncio.Event().wait()  # the first leader hangs until cancelled
             return "ok"
 
+    leading = asyncio.Event()
     leader = asyncio.create_task(Slow().generate("q"))
-    await asyncio.sleep(0.01)
-    waiters = [asyncio.create_task(Slow().generate("q")) for _ in range(5)]
-    await asyncio.sleep(0.01)
+    await leading.wait()
+    tasks = [asyncio.create_task(Slow().generate("q")) for _ in range(5)]
+    await waiters.until(5)
     leader.cancel()
-    assert await asyncio.gather(*waiters) == ["ok"] * 5
+    assert await asyncio.gather(*tasks) == ["ok"] * 5
     assert Slow.calls == 2
 
 
@@ -180,9 +236,13 @@ def black_hole() -> Iterator[int]:
 
 @pytest.mark.asyncio
 async def test_stalled_redis_is_skipped_for_a_cool_down(
-    black_hole: int, caplog: pytest.LogCaptureFixture
+    black_hole: int, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    backend = RedisCache(f"redis://127.0.0.1:{black_hole}/0", timeout_s=0.5, cooldown_s=1.5)
+    offset = [0.0]  # the cool-down's clock, moved forward by the test
+    monkeypatch.setattr(
+        _backends, "time", types.SimpleNamespace(monotonic=lambda: time.monotonic() + offset[0])
+    )
+    backend = RedisCache(f"redis://127.0.0.1:{black_hole}/0", timeout_s=1.0, cooldown_s=30.0)
 
     class P(ri.CacheMixin, ri.LLMProvider):
         system, model = "acme", "m"
@@ -198,17 +258,18 @@ async def test_stalled_redis_is_skipped_for_a_cool_down(
             start = time.perf_counter()
             assert await provider.generate(f"q{i}") == "ok"
             durations.append(time.perf_counter() - start)
-        await asyncio.sleep(1.6)  # the cool-down is over: Redis is tried again
+        offset[0] += 31.0  # the cool-down is over: Redis is tried again
         start = time.perf_counter()
         assert await provider.generate("again") == "ok"
         retried = time.perf_counter() - start
     backend.close()
-    # Margins are wide on purpose (shared CI machines): one 0.5 s timeout, not one per
-    # lookup and store (1.5 s); then no Redis at all during the cool-down; then Redis again.
-    assert 0.4 < durations[0] < 1.2
-    assert durations[1] < 0.4
-    assert durations[2] < 0.4
-    assert retried > 0.4
+    # Margins are wide on purpose (shared CI machines): one 1 s timeout, not one per lookup
+    # and store (2 s or more); then no Redis at all during the cool-down (each call under
+    # the 1 s a single try costs); then Redis again.
+    assert 0.9 < durations[0] < 1.9
+    assert durations[1] < 0.9
+    assert durations[2] < 0.9
+    assert retried > 0.9
 
 
 # --- decoded values kept for immutable results ----------------------------------------------
@@ -233,10 +294,10 @@ async def test_hits_on_immutable_values_are_not_decoded_again(
     decoded = 0
     real = cache_module.decode_value
 
-    def counting(data: bytes | str) -> Any:
+    def counting(data: bytes | str, *rest: Any) -> Any:
         nonlocal decoded
         decoded += 1
-        return real(data)
+        return real(data, *rest)
 
     monkeypatch.setattr(cache_module, "decode_value", counting)
     first = await P().generate("q")

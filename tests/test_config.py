@@ -341,7 +341,8 @@ def test_shutdown_is_bounded_when_the_collector_black_holes(black_hole: str) -> 
     started = time.monotonic()
     assert ri.force_flush(timeout=0.5) is False
     assert ri.shutdown(timeout=1.0) is False
-    assert time.monotonic() - started < 2.0
+    # 1.5 s of timeouts; one unbounded export alone would wait the exporter's 5 s.
+    assert time.monotonic() - started < 4.5
     assert ri.shutdown() is True  # a second call is a no-op
 
 
@@ -359,7 +360,9 @@ def test_process_exits_promptly_with_a_black_holed_collector(black_hole: str) ->
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "done"
-    assert time.monotonic() - started < 8.0  # interpreter start + at most 5 s of flushing
+    # Interpreter start and at most 3 s of flushing; the exporter's own retries would run
+    # past the 30 s the child is given.
+    assert time.monotonic() - started < 20.0
 
 
 def test_spans_after_shutdown_are_dropped_and_reinit_works(tmp_path: Path) -> None:

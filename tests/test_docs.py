@@ -26,6 +26,24 @@ def test_page_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.Monke
     blocks = BLOCK.findall(page.read_text())
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {"__name__": f"docs_{page.stem}"}
-    for number, source in enumerate(blocks, start=1):
-        code = compile(source, f"{page.name} (example {number})", "exec")
-        exec(code, namespace)
+    try:
+        for number, source in enumerate(blocks, start=1):
+            code = compile(source, f"{page.name} (example {number})", "exec")
+            exec(code, namespace)
+    finally:
+        _dispose_engines(namespace)
+
+
+def _dispose_engines(namespace: dict[str, object]) -> None:
+    """Close the connections of the engines a page made, as its application would at exit.
+
+    Left to the garbage collector, SQLite connections warn (Python 3.13), and here a
+    warning is an error in whichever test happens to collect them.
+    """
+    try:
+        from sqlalchemy import Engine
+    except ImportError:
+        return
+    for value in namespace.values():
+        if isinstance(value, Engine):
+            value.dispose()

@@ -25,7 +25,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("base", ("attributes", "_utils", "_registry", "_settings", "_sanitize", "_pools", "_steps")),
     ("runtime", ("_runtime", "_context", "_breakdown")),
     ("logs and tracing", ("logs", "exporters", "_leaf")),
-    ("stages", ("stages", "_genai", "retry", "llm", "cache", "cache.*")),
+    ("stages", ("stages", "_genai", "retry", "llm", "cache", "cache.*", "_stagehooks", "_resources", "eventloop", "_profiler", "profiling")),
     ("setup", ("_config",)),
     (
         "integrations",

@@ -92,28 +92,6 @@ def test_level_filtering(tmp_path: Path) -> None:
     assert [line["event"] for line in _lines(log)] == ["w", "e"]
 
 
-def test_bound_context_is_isolated_and_unbound(rag_capture: Capture) -> None:
-    log = ri.get_logger()
-    ri.bind_context(user="u1", tenant="t1")
-    ri.unbind_context("user", "missing")
-
-    def other_thread() -> None:
-        log.info("thread line")
-
-    thread = threading.Thread(target=other_thread)
-    thread.start()
-    thread.join()
-    log.info("main line")
-    with ri.request_context(request_id="r-9"):
-        log.info("inside request")
-    log.info("after request")
-    lines = {line["event"]: line["context"] for line in rag_capture.logs}
-    assert lines["thread line"] == {}
-    assert lines["main line"] == {"tenant": "t1"}
-    assert lines["inside request"] == {"tenant": "t1", "request_id": "r-9"}
-    assert lines["after request"] == {"tenant": "t1"}
-
-
 def test_stdlib_logging_comes_through_with_ids_and_extras(rag_capture: Capture) -> None:
     app_logger = logging.getLogger("app.service")
     with ri.stage("generation") as span:
@@ -152,6 +130,24 @@ def test_stdlib_exception_is_structured_without_locals(rag_capture: Capture) -> 
     assert stack["exc_type"] == "RuntimeError"
     assert "[REDACTED]" in stack["exc_value"]
     assert stack["frames"][-1]["name"] == "fail"
+
+
+def test_logged_tracebacks_hold_no_source_text(rag_capture: Capture) -> None:
+    """Frames are file, line and function; a SyntaxError's failing text is not logged."""
+    expression = "total = 'opal-harbour-7' +"  # runtime data, e.g. a user's formula
+
+    try:
+        compile(expression, "<formula>", "exec")
+    except SyntaxError:
+        ri.get_logger().exception("formula rejected")
+    (line,) = rag_capture.find_logs("formula rejected")
+    assert "opal-harbour-7" not in json.dumps(line)
+    (stack,) = line["exception"]
+    assert stack["exc_type"] == "SyntaxError"
+    assert stack["syntax_error"]["lineno"] == 1  # where it failed is kept
+    assert "line" not in stack["syntax_error"]
+    for frame in stack["frames"]:
+        assert set(frame) == {"filename", "lineno", "name"}
 
 
 def test_structlog_exception_method(rag_capture: Capture) -> None:
@@ -334,16 +330,6 @@ def test_rendered_bytes_parse_with_the_standard_json_module(tmp_path: Path) -> N
     assert line["nested"] == {"k": [1, 2.5, None]}
 
 
-def test_pipeline_stage_cannot_be_forged_by_binding(rag_capture: Capture) -> None:
-    ri.bind_context(pipeline_stage="generation", user="u")
-    with ri.stage("retrieval"):
-        ri.get_logger().info("inside")
-    assert rag_capture.find_logs("inside")[0]["context"] == {
-        "pipeline_stage": "retrieval",
-        "user": "u",
-    }
-
-
 def test_more_secret_shapes_are_masked(rag_capture: Capture) -> None:
     log = ri.get_logger()
     log.info("h1", text="Authorization: bearer 9f8e7d6c5b4a3210opaque")
@@ -359,9 +345,9 @@ def test_more_secret_shapes_are_masked(rag_capture: Capture) -> None:
     assert rag_capture.find_logs("h4")[0]["headers"][1] == ["Accept", "json"]
 
 
-def test_logged_statement_errors_hide_parameters(rag_capture: Capture) -> None:
+def test_logged_statement_errors_hide_parameters(rag_capture: Capture, sqlite_engine) -> None:
     sqlalchemy = pytest.importorskip("sqlalchemy")
-    engine = sqlalchemy.create_engine("sqlite://")
+    engine = sqlite_engine()
     try:
         with engine.connect() as conn:
             conn.execute(sqlalchemy.text("SELECT * FROM missing WHERE ssn = :s"), {"s": "123-45-6789"})

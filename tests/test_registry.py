@@ -62,9 +62,9 @@ def test_a_registered_span_kind_reaches_the_stage_span(rag_capture: Capture) -> 
     assert rag_capture.span("acme_scoring").attributes["openinference.span.kind"] == "RERANKER"
 
 
-def test_statement_errors_are_hidden_by_the_database_formatter() -> None:
+def test_statement_errors_are_hidden_by_the_database_formatter(sqlite_engine) -> None:
     sqlalchemy = pytest.importorskip("sqlalchemy")
-    engine = sqlalchemy.create_engine("sqlite://")
+    engine = sqlite_engine()
     with pytest.raises(sqlalchemy.exc.OperationalError) as info, engine.connect() as conn:
         conn.execute(sqlalchemy.text("SELECT * FROM missing WHERE ssn = :s"), {"s": "123-45"})
     message = exception_message(info.value, Sanitizer(), capture_content=False)

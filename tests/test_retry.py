@@ -176,10 +176,21 @@ def test_control_flow_is_never_retried_even_with_a_catch_all_predicate(
 
 
 @pytest.mark.asyncio
-async def test_cancellation_during_attempt_and_backoff_is_not_retried() -> None:
+async def test_cancellation_during_attempt_and_backoff_is_not_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     attempts = 0
+    real_sleep = asyncio.sleep
+    in_backoff = asyncio.Event()
 
-    @retry(attempts=5, wait_min=0.5, wait_max=0.5,
+    async def signalling_sleep(seconds: float, *args: Any) -> Any:
+        if seconds == 5:
+            in_backoff.set()
+        return await real_sleep(seconds, *args)
+
+    monkeypatch.setattr(asyncio, "sleep", signalling_sleep)
+
+    @retry(attempts=5, wait_min=5, wait_max=5,
               is_retryable=lambda e: not isinstance(e, ValueError))  # a negated predicate
     async def slow() -> None:
         nonlocal attempts
@@ -194,7 +205,7 @@ async def test_cancellation_during_attempt_and_backoff_is_not_retried() -> None:
 
     with capture() as cap:
         task = asyncio.create_task(in_a_stage())
-        await asyncio.sleep(0.05)  # in backoff after attempt 1
+        await in_backoff.wait()  # attempt 1 failed and its 5 s backoff began
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -217,23 +228,29 @@ async def test_async_backoff_does_not_block_the_loop() -> None:
     async def heartbeat() -> None:
         nonlocal ticks
         while True:
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.005)
             ticks += 1
 
     fn_calls = 0
+    ticks_at_failure = 0
+    ticks_during_backoff = 0
 
     @retry(attempts=2, wait_min=0.2, wait_max=0.2)
     async def once_flaky() -> str:
-        nonlocal fn_calls
+        nonlocal fn_calls, ticks_at_failure, ticks_during_backoff
         fn_calls += 1
         if fn_calls == 1:
+            ticks_at_failure = ticks
             raise HTTPError(503)
+        ticks_during_backoff = ticks - ticks_at_failure
         return "ok"
 
     beat = asyncio.create_task(heartbeat())
     assert await once_flaky() == "ok"
     beat.cancel()
-    assert ticks >= 10
+    # The heartbeat's 5 ms timers fall due before the 200 ms backoff's: a blocking sleep
+    # would have let none of them run in between.
+    assert ticks_during_backoff >= 1
 
 
 def test_retry_after_is_honoured_and_capped() -> None:
@@ -382,14 +399,14 @@ async def test_mixin_first_attempt_success_records_one_attempt() -> None:
 @pytest.mark.asyncio
 async def test_mixin_timeout_is_per_attempt_and_retried() -> None:
     class SlowOnce(ri.RetryMixin, ri.LLMProvider):
-        system, model, timeout = "acme", "slow", 0.05
+        system, model, timeout = "acme", "slow", 0.5
         retry_wait_min = retry_wait_max = 0.0
         calls = 0
 
         async def _generate(self, prompt: str, **params: Any) -> str:
             SlowOnce.calls += 1
             if SlowOnce.calls == 1:
-                await asyncio.sleep(1)
+                await asyncio.sleep(60)  # cut off by the 0.5 s per-attempt timeout
             return "second"
 
     assert await SlowOnce().generate("x") == "second"

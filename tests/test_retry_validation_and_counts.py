@@ -137,19 +137,22 @@ def test_retry_arguments_are_validated_where_the_decorator_is_applied() -> None:
 
 
 @pytest.mark.asyncio
-async def test_cancelled_backoff_does_not_count_the_next_attempt() -> None:
+async def test_cancelled_backoff_does_not_count_the_next_attempt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     class P(ri.RetryMixin, ri.LLMProvider):
         system, model = "acme", "m"
-        retry_wait_min = retry_wait_max = 1.0
+        retry_wait_min = retry_wait_max = 5.0
         calls = 0
 
         async def _generate(self, prompt: str, **params: Any) -> str:
             P.calls += 1
             raise ConnectionError("reset")
 
+    in_backoff = _signal_backoff(monkeypatch)
     with capture() as cap:
         task = asyncio.create_task(P().generate("q"))
-        await asyncio.sleep(0.1)  # attempt 1 failed; now in its backoff
+        await in_backoff.wait()  # attempt 1 failed; the task sleeps its 5 s backoff
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -174,3 +177,17 @@ def test_sync_decorator_counts_attempts_made() -> None:
         with ri.stage("s"):
             assert twice() == "ok"
     assert cap.span("s").attributes["rag.retry.attempts"] == calls == 3
+
+
+def _signal_backoff(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """An event set when a backoff sleep (1 s or more) begins."""
+    started = asyncio.Event()
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds: float, *args: Any) -> Any:
+        if seconds >= 1:
+            started.set()
+        return await real_sleep(seconds, *args)
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    return started

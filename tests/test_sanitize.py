@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import string
+import traceback
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +17,7 @@ from rag_instrument._sanitize import (
     is_secret_key,
     redact_text,
     safe_repr,
+    stack_trace,
     to_attribute_value,
     truncate,
 )
@@ -172,3 +175,107 @@ def test_url_user_named_like_a_secret_key_keeps_the_host() -> None:
         "postgresql://pwd:[REDACTED]@host:5432/db"
     )
     assert redact_text("redis://token:abc@cache:6379/0") == "redis://token:[REDACTED]@cache:6379/0"
+
+
+# --- stack traces: frames by file, line and function, never source text --------------------
+
+
+def _python_without_source(text: str) -> str:
+    """Python's own rendering minus what it reads from source files (code lines, carets)."""
+    return "".join(line for line in text.splitlines(keepends=True) if not line.startswith("    "))
+
+
+def _python_last_line(exc: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(exc), exc)).rstrip("\n")
+
+
+def _recurse(depth: int) -> None:
+    if depth:
+        _recurse(depth - 1)
+    raise LookupError("no such drawer")
+
+
+def _call_with_a_literal_in_its_source() -> None:
+    # The literal sits on lines of the failing call; Python 3.13 prints them all.
+    _recurse(
+        0,
+    ) if "opal-harbour-7" else None
+
+
+@given(st.integers(min_value=0, max_value=12))
+def test_stack_trace_is_pythons_layout_without_source_lines(depth: int) -> None:
+    with pytest.raises(LookupError) as info:
+        _recurse(depth)
+    exc = info.value
+    ours = stack_trace(exc, _python_last_line)
+    assert ours == _python_without_source("".join(traceback.format_exception(exc)))
+    assert ("Previous line repeated" in ours) is (depth > 3)  # recursion is folded
+    for frame in traceback.extract_tb(exc.__traceback__):
+        assert f'  File "{frame.filename}", line {frame.lineno}, in {frame.name}\n' in ours
+
+
+def test_stack_trace_never_holds_source_text_on_any_version() -> None:
+    with pytest.raises(LookupError) as info:
+        _call_with_a_literal_in_its_source()
+    ours = stack_trace(info.value, lambda exc: f"{type(exc).__name__}: hidden")
+    assert "opal-harbour-7" not in ours
+    assert "_recurse(" not in ours
+    assert not [line for line in ours.splitlines() if line.startswith("    ")]
+    assert "in _call_with_a_literal_in_its_source\n" in ours
+    assert ours.startswith("Traceback (most recent call last):\n")
+    assert ours.endswith("LookupError: hidden\n")
+
+
+def _chained(kind: str) -> BaseException:
+    try:
+        try:
+            _recurse(1)
+        except LookupError as first:
+            if kind == "cause":
+                raise ValueError("second") from first
+            if kind == "suppressed":
+                raise ValueError("second") from None
+            raise ValueError("second")  # noqa: B904 - the implicit context is the point
+    except ValueError as exc:
+        return exc
+    raise AssertionError
+
+
+@pytest.mark.parametrize("kind", ["cause", "context", "suppressed"])
+def test_stack_trace_chain_follows_python(kind: str) -> None:
+    exc = _chained(kind)
+    ours = stack_trace(exc, _python_last_line, chain=True)
+    assert ours == _python_without_source("".join(traceback.format_exception(exc)))
+    assert ("no such drawer" in ours) is (kind != "suppressed")
+    alone = stack_trace(exc, _python_last_line)
+    assert "no such drawer" not in alone  # without chain: only the exception's own frames
+    assert alone.endswith("ValueError: second\n")
+
+
+def test_stack_trace_survives_cycles_missing_frames_and_a_failing_describe() -> None:
+    exc = _chained("cause")
+    assert exc.__cause__ is not None
+    exc.__cause__.__cause__ = exc  # a cycle: each exception is shown once
+    ours = stack_trace(exc, _python_last_line, chain=True)
+    assert ours.count("ValueError: second") == 1
+    assert ours.count("LookupError: no such drawer") == 1
+
+    def failing(_exc: BaseException) -> str:
+        raise RuntimeError
+
+    assert stack_trace(ValueError("x"), failing) == "ValueError\n"  # no frames, no header
+
+
+def test_stack_trace_reads_no_source_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    import linecache
+
+    def refuse(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("a source file was read")
+
+    with pytest.raises(LookupError) as info:
+        _recurse(2)
+    linecache.clearcache()
+    monkeypatch.setattr(linecache, "getline", refuse)
+    monkeypatch.setattr(linecache, "getlines", refuse)
+    monkeypatch.setattr(linecache, "updatecache", refuse)
+    assert "in _recurse" in stack_trace(info.value, _python_last_line)

@@ -213,17 +213,17 @@ def test_retries_consume_the_queue(server: FakeLLMServer) -> None:
 
 def test_hang_trips_client_timeout_and_stop_is_prompt() -> None:
     with FakeLLMServer() as server:
-        server.enqueue(hang_s=2.0)
+        server.enqueue(hang_s=60.0)
         with oai(server, timeout=0.5) as client:
             started = time.monotonic()
             with pytest.raises(openai.APITimeoutError):
                 client.chat.completions.create(model="m", messages=MESSAGES)
-            assert time.monotonic() - started < 1.5
-        server.enqueue(hang_s=30.0)
+            assert time.monotonic() - started < 20.0  # the client's timeout, not the 60 s hang
+        server.enqueue(hang_s=60.0)
         with oai(server, timeout=0.3) as client, pytest.raises(openai.APITimeoutError):
             client.chat.completions.create(model="m", messages=MESSAGES)
         stop_started = time.monotonic()
-    assert time.monotonic() - stop_started < 1.0  # hanging handlers wake on stop
+    assert time.monotonic() - stop_started < 20.0  # hanging handlers wake on stop, not in 60 s
     assert server.errors == []
 
 
@@ -274,7 +274,8 @@ def test_client_disconnect_mid_stream_is_quiet(
         stream = client.chat.completions.create(model="m", messages=MESSAGES, stream=True)
         next(iter(stream))
         stream.close()
-    time.sleep(0.3)  # the handler writes its next chunks into the closed connection
+    # The handler writes its next chunks into the closed connection, then gives up quietly.
+    assert server.wait_idle()
     assert capfd.readouterr().err == ""
     assert server.errors == []
 

@@ -23,7 +23,7 @@ from rag_instrument._config import configure, force_flush, shutdown
 from rag_instrument._context import bind_context, request_context, unbind_context, wrap_context
 from rag_instrument._runtime import Runtime, get_runtime, is_configured
 from rag_instrument._settings import Settings
-from rag_instrument.cache import CacheMixin, cached
+from rag_instrument.cache import CacheMixin, CacheSpec, cached
 from rag_instrument.llm import LLMProvider, LLMResult
 from rag_instrument.logs import get_logger
 
@@ -41,8 +41,10 @@ if _typing.TYPE_CHECKING:
         instrument_sqlalchemy,
         uninstrument_sqlalchemy,
     )
+    from rag_instrument.eventloop import EventLoopWatch, watch_event_loop
     from rag_instrument.integrations.anthropic import instrument_anthropic, uninstrument_anthropic
     from rag_instrument.integrations.openai import instrument_openai, uninstrument_openai
+    from rag_instrument.profiling import Profile, profile
     from rag_instrument.propagation import extract_context, inject_headers
     from rag_instrument.web import RequestMiddleware
 
@@ -60,9 +62,12 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - imported from a sou
 
 __all__ = [
     "CacheMixin",
+    "CacheSpec",
+    "EventLoopWatch",
     "LLMProvider",
     "LLMResult",
     "PipelineStage",
+    "Profile",
     "RedisCache",
     "RequestMiddleware",
     "RetryMixin",
@@ -85,6 +90,7 @@ __all__ = [
     "instrument_sqlalchemy",
     "is_configured",
     "pipeline_stage_context",
+    "profile",
     "request_context",
     "retry",
     "shutdown",
@@ -94,6 +100,7 @@ __all__ = [
     "uninstrument_anthropic",
     "uninstrument_openai",
     "uninstrument_sqlalchemy",
+    "watch_event_loop",
     "wrap_context",
 ]
 
@@ -108,6 +115,11 @@ _LAZY: dict[str, tuple[str, str | None, str | None]] = {
     "db_session": ("rag_instrument.db", "sqlalchemy", "sqlalchemy"),
     "db_scope": ("rag_instrument.db", "sqlalchemy", "sqlalchemy"),
     "uninstrument_sqlalchemy": ("rag_instrument.db", "sqlalchemy", "sqlalchemy"),
+    # Standard library only, but cProfile/pstats/tracemalloc stay off the import path.
+    "profile": ("rag_instrument.profiling", None, None),
+    "Profile": ("rag_instrument.profiling", None, None),
+    "watch_event_loop": ("rag_instrument.eventloop", None, None),
+    "EventLoopWatch": ("rag_instrument.eventloop", None, None),
     "RequestMiddleware": ("rag_instrument.web", None, None),
     "inject_headers": ("rag_instrument.propagation", None, None),
     "extract_context": ("rag_instrument.propagation", None, None),

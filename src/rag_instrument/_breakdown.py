@@ -27,6 +27,7 @@ __all__ = [
     "largest",
     "record",
     "record_cache",
+    "record_in",
     "render",
     "roll_up",
     "stage_timings",
@@ -49,6 +50,20 @@ def record(kind: str, ms: float, count: int = 1) -> None:
     frame = current_frame()
     if frame is None:
         return
+    with _lock:
+        bd = frame.breakdown
+        if bd is None:
+            bd = frame.breakdown = {}
+        entry = bd.get(kind)
+        if entry is None:
+            bd[kind] = {"count": count, "ms": ms}
+        else:
+            entry["count"] += count
+            entry["ms"] += ms
+
+
+def record_in(frame: Frame, kind: str, ms: float, count: int = 1) -> None:
+    """Like :func:`record`, into a given ``frame`` (from another thread: the loop watchdog)."""
     with _lock:
         bd = frame.breakdown
         if bd is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import metrics as metrics_api
 from opentelemetry import trace as trace_api
 
-from rag_instrument import _runtime, logs
+from rag_instrument import _runtime, _stagehooks, logs
 from rag_instrument._runtime import Runtime, get_runtime
 from rag_instrument._settings import Settings, build_settings, docstring_args, settings_table
 from rag_instrument._utils import internal_error, warn_once
@@ -64,6 +65,8 @@ def configure(  # noqa: D417 (the settings' Args are generated from the table)
     sample_ratio: float | None = None,
     redact: bool | None = None,
     capture_logging: bool | None = None,
+    event_loop_threshold_ms: float | None = None,
+    resource_metrics: bool | None = None,
     metric_readers: Sequence[MetricReader] = (),
     tracer_provider: trace_api.TracerProvider | None = None,
     meter_provider: metrics_api.MeterProvider | None = None,
@@ -160,8 +163,10 @@ def apply(
 
 
 def _switch(new: Runtime) -> None:
+    old = get_runtime()
     _runtime.install(new)
     logs.install_stdlib_handler(new)
+    _stagehooks.switched(old, new)
     if new.pipelines is not None:
         new.pipelines.activate()
 
@@ -217,7 +222,9 @@ def shutdown(timeout: float = 5.0) -> bool:
         old = get_runtime()
         if not old.configured:
             return True
-        logs.install_stdlib_handler(_runtime.install(None))
+        new = _runtime.install(None)
+        logs.install_stdlib_handler(new)
+        _stagehooks.switched(old, new)
     return _retire(old, timeout)
 
 
@@ -249,5 +256,12 @@ def _at_exit() -> None:
 
 
 # The settings' Args are generated from the settings table (one declaration per setting).
+# The placeholder's own indentation is kept: Python 3.13 strips docstrings' common indent.
 if configure.__doc__:
-    configure.__doc__ = configure.__doc__.replace("        {settings}\n", docstring_args(), 1)
+    configure.__doc__ = re.sub(
+        r"^([ \t]*)\{settings\}\n",
+        lambda match: docstring_args(match.group(1)),
+        configure.__doc__,
+        count=1,
+        flags=re.MULTILINE,
+    )

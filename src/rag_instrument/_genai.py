@@ -36,7 +36,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from rag_instrument import _breakdown
 from rag_instrument import attributes as attr
-from rag_instrument._sanitize import REDACTED, safe_str
+from rag_instrument._sanitize import REDACTED, safe_str, stack_trace
 from rag_instrument._utils import http_status, internal_error, user_code_error
 from rag_instrument.attributes import (
     EVENT_LLM_CANCELLED,
@@ -68,7 +68,15 @@ if TYPE_CHECKING:
 
     from rag_instrument._runtime import Runtime
 
-__all__ = ["GenAICall", "current_call", "error_summary", "numeric_params", "start_call"]
+__all__ = [
+    "GenAICall",
+    "RetryScope",
+    "current_call",
+    "error_summary",
+    "numeric_params",
+    "retry_scope",
+    "start_call",
+]
 
 # --- names (to move to attributes.py) -----------------------------------------------------
 
@@ -96,6 +104,25 @@ _current: contextvars.ContextVar[GenAICall | None] = contextvars.ContextVar(
     "rag_instrument.genai_call", default=None
 )
 current_call = _current.get
+
+#: The retry layer (``ri.retry``, ``RetryMixin``) around the code running now, as
+#: ``(attempts allowed, is_retryable, this attempt)``: a model call failing inside it with a
+#: retryable error, attempts left, is logged as a warning (it will be retried), not an error.
+RetryScope = tuple[int, Callable[[BaseException], bool], int]
+retry_scope: contextvars.ContextVar[RetryScope | None] = contextvars.ContextVar(
+    "rag_instrument.retry_scope", default=None
+)
+
+
+def _will_be_retried(exc: BaseException) -> bool:
+    scope = retry_scope.get()
+    if scope is None:
+        return False
+    attempts, is_retryable, attempt = scope
+    try:
+        return attempt < attempts and bool(is_retryable(exc))
+    except Exception:
+        return False
 
 
 def numeric_params(params: Mapping[str, Any]) -> dict[str, int | float]:
@@ -132,6 +159,11 @@ def _code_of(exc: BaseException) -> str | None:
         if isinstance(value, str) and value != "error" and _ERROR_CODE.fullmatch(value):
             return value
     return None
+
+
+def _exception_line(exc: BaseException) -> str:
+    """The exception's own last traceback line (type and message), as Python prints it."""
+    return "".join(traceback.format_exception_only(type(exc), exc)).rstrip("\n")
 
 
 def error_summary(exc: BaseException, secrets: Sequence[str] = ()) -> str:
@@ -386,6 +418,9 @@ class GenAICall:
             fields["error_type"] = type(exc).__name__
         else:
             event, level = EVENT_LLM_FAILED, "error"
+            if _will_be_retried(exc):  # an attempt, not the call's outcome
+                level = "warning"
+                fields["will_retry"] = True
             fields["error_type"] = type(exc).__name__
             fields["error_message"] = self._error_text(exc)
         emit(level, event, fields, span=span, trusted=True, rt=rt, measures=True)
@@ -397,14 +432,11 @@ class GenAICall:
             exc_type.__qualname__ if module == "builtins" else f"{module}.{exc_type.__qualname__}"
         )
         message = self._error_text(exc)
-        try:
-            if self.rt.settings.capture_content:
-                stack = "".join(traceback.format_exception(exc_type, exc, exc.__traceback__))
-            else:  # the frames, but no message text (nor the chained exceptions' texts)
-                frames = "".join(traceback.format_tb(exc.__traceback__))
-                stack = f"Traceback (most recent call last):\n{frames}{qualname}: {message}\n"
-        except Exception:
-            stack = ""
+        # Frames without source text; the chained exceptions' messages only with content capture.
+        if self.rt.settings.capture_content:
+            stack = stack_trace(exc, _exception_line, chain=True)
+        else:
+            stack = stack_trace(exc, lambda _exc: f"{qualname}: {message}")
         if self.rt.settings.capture_content:
             description = f"{exc_type.__name__}: {message}"
         else:

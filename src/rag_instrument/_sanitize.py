@@ -19,8 +19,9 @@ import enum
 import functools
 import math
 import re
+import traceback
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import PurePath
 from typing import Any, Final
 
@@ -36,6 +37,7 @@ __all__ = [
     "redact_text",
     "safe_repr",
     "safe_str",
+    "stack_trace",
     "to_attribute_value",
     "truncate",
 ]
@@ -405,3 +407,78 @@ def exception_message(exc: BaseException, sanitizer: Sanitizer, capture_content:
     if not capture_content and f"{module}.".startswith(_SDK_MODULES):
         return _sdk_message(exc)
     return sanitizer.text(safe_str(exc))
+
+
+# --- stack traces ----------------------------------------------------------------------------
+
+_REPEAT_SHOWN: Final = 3  # as Python's traceback: identical frames after 3 are counted, not shown
+_CAUSE: Final = "\nThe above exception was the direct cause of the following exception:\n\n"
+_CONTEXT: Final = "\nDuring handling of the above exception, another exception occurred:\n\n"
+
+
+def _frames(exc: BaseException) -> str:
+    lines: list[str] = []
+    last: tuple[str, int | None, str] | None = None
+    repeats = 0  # how many times ``last`` came again right after itself
+
+    def flush() -> None:
+        if repeats >= _REPEAT_SHOWN:
+            hidden = repeats - _REPEAT_SHOWN + 1
+            plural = "s" if hidden > 1 else ""
+            lines.append(f"  [Previous line repeated {hidden} more time{plural}]\n")
+
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        code = frame.f_code
+        key = (code.co_filename, lineno, code.co_name)
+        if key == last:
+            repeats += 1
+            if repeats >= _REPEAT_SHOWN:
+                continue
+        else:
+            flush()
+            last, repeats = key, 0
+        where = f", line {lineno}" if lineno is not None and lineno >= 0 else ""
+        lines.append(f'  File "{code.co_filename}"{where}, in {code.co_name}\n')
+    flush()
+    return "".join(lines)
+
+
+def stack_trace(
+    exc: BaseException, describe: Callable[[BaseException], str], *, chain: bool = False
+) -> str:
+    """``exc``'s traceback in Python's layout, each frame named by file, line and function only.
+
+    No source line is read or recorded, on any Python version (3.13 would print a whole
+    multi-line call, literals included): an application's source can hold data too, and
+    the file and line number find the code. ``describe`` renders each exception's last line
+    (its safe type and message). With ``chain``, the causes and contexts come first, as
+    Python prints them; without it, only ``exc``'s own frames. Never raises.
+    """
+    links: list[tuple[BaseException, str]] = [(exc, "")]
+    if chain:
+        seen = {id(exc)}
+        current: BaseException | None = exc
+        while current is not None:
+            if current.__cause__ is not None:
+                current, joint = current.__cause__, _CAUSE
+            elif current.__context__ is not None and not current.__suppress_context__:
+                current, joint = current.__context__, _CONTEXT
+            else:
+                break
+            if id(current) in seen:
+                break
+            seen.add(id(current))
+            links.append((current, joint))
+    parts: list[str] = []
+    for link, joint in reversed(links):
+        try:
+            frames = _frames(link)
+        except Exception:
+            frames = ""
+        try:
+            last = describe(link)
+        except Exception:
+            last = type(link).__name__
+        head = "Traceback (most recent call last):\n" if frames else ""
+        parts.append(f"{head}{frames}{last}\n{joint}")
+    return "".join(parts)

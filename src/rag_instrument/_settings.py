@@ -400,6 +400,18 @@ class Settings:
         parse_bool,
         "route standard-library `logging` through the same pipeline",
     )
+    event_loop_threshold_ms: float | None = setting(
+        None,
+        number(minimum=0, strict=True),
+        "watch every asyncio loop a stage runs in and log `event loop blocked` when one is "
+        "blocked longer than this (see `profiling.md`)",
+        default_doc="off",
+    )
+    resource_metrics: bool = setting(
+        False,
+        parse_bool,
+        "`cpu_ms` on stage lines and spans, and process metrics (CPU, memory, GC, files)",
+    )
     #: Set (with ``exporter="custom"``) when ``exporter`` was a ``SpanExporter`` instance.
     span_exporter: SpanExporter | None = dataclasses.field(default=None, repr=False)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
+    "BREAKDOWN_BLOCKED",
     "BREAKDOWN_CACHE",
     "BREAKDOWN_DB",
     "BREAKDOWN_EMBEDDING",
@@ -62,6 +63,8 @@ __all__ = [
     "METRIC_DB_CONNECTION_TIMEOUTS",
     "METRIC_DB_CONNECTION_WAIT_TIME",
     "METRIC_DB_OPERATION_DURATION",
+    "METRIC_EVENT_LOOP_BLOCKED",
+    "METRIC_LLM_RETRIES",
     "METRIC_OPERATION_DURATION",
     "METRIC_RETRY_COUNT",
     "METRIC_SPANS_DROPPED",
@@ -75,6 +78,7 @@ __all__ = [
     "RAG_BUDGET_MS",
     "RAG_CACHE_HIT",
     "RAG_CANCELLED",
+    "RAG_CPU_MS",
     "RAG_DB_SESSION_OUTCOME",
     "RAG_DB_STATEMENT_COUNT",
     "RAG_LLM_TTFT_MS",
@@ -117,6 +121,8 @@ RAG_BUDGET_MS: Final = "rag.budget.ms"
 """The budget (milliseconds) that applied to a stage span."""
 RAG_BREAKDOWN_PREFIX: Final = "rag.breakdown."
 """Prefix of the breakdown attributes on stage spans, e.g. ``rag.breakdown.db.ms``."""
+RAG_CPU_MS: Final = "rag.cpu_ms"
+"""CPU milliseconds the stage's thread used during it (``resource_metrics=True``)."""
 ERROR_TYPE: Final = "error.type"
 """OpenTelemetry's general attribute for the class of an error."""
 OPENINFERENCE_SPAN_KIND: Final = "openinference.span.kind"
@@ -139,6 +145,8 @@ BREAKDOWN_LLM: Final = "llm"
 BREAKDOWN_VECTOR: Final = "vector"
 BREAKDOWN_EMBEDDING: Final = "embedding"
 BREAKDOWN_CACHE: Final = "cache"
+BREAKDOWN_BLOCKED: Final = "blocked"
+"""Time the stage held its event loop past ``event_loop_threshold_ms`` (``count``, ``ms``)."""
 BREAKDOWN_KINDS: Final = (BREAKDOWN_DB, BREAKDOWN_LLM, BREAKDOWN_VECTOR, BREAKDOWN_EMBEDDING)
 """The timed kinds of work a stage's ``breakdown`` reports (``cache`` counts hits and misses)."""
 
@@ -147,6 +155,8 @@ METRIC_STAGE_DURATION: Final = "rag.stage.duration"
 """Histogram, seconds, attribute ``rag.stage``: the duration of every stage."""
 METRIC_BUDGET_EXCEEDED: Final = "rag.budget.exceeded"
 """Counter, attribute ``rag.stage``: stages that ran over their budget."""
+METRIC_EVENT_LOOP_BLOCKED: Final = "rag.event_loop.blocked"
+"""Counter, attribute ``rag.stage`` when known: event-loop blocks past the watch's threshold."""
 METRIC_SPANS_DROPPED: Final = "rag.spans.dropped"
 """Counter: finished spans that could not be queued for export (queue full) or failed export."""
 
@@ -178,6 +188,8 @@ EVENT_LLM_COMPLETED: Final = "llm call completed"
 EVENT_LLM_FAILED: Final = "llm call failed"
 EVENT_LLM_CANCELLED: Final = "llm call cancelled"
 METRIC_RETRY_COUNT: Final = "rag.retry.count"
+METRIC_LLM_RETRIES: Final = "rag.llm.retries"
+"""Counter: retried model requests (GenAI attributes, ``error.type``, HTTP status if any)."""
 EVENT_RETRY: Final = "retry"
 LOG_RETRYING: Final = "retrying"
 METRIC_CACHE_HITS: Final = "rag.cache.hits"

@@ -329,7 +329,23 @@ def _exception_dict(exc_info: Any, rt: Runtime) -> Any:
     for stack, link in zip(stacks, chain, strict=False):
         if isinstance(stack, dict):
             stack["exc_value"] = exception_message(link, rt.sanitizer, rt.settings.capture_content)
+    _drop_source_text(stacks)
     return rt.sanitizer.value(stacks)
+
+
+def _drop_source_text(stacks: Any) -> None:
+    # Frames are file, line and function already; a SyntaxError also carries the text it
+    # failed on, which can be runtime data (a compiled template, a user's expression).
+    if not isinstance(stacks, list):
+        return
+    for stack in stacks:
+        if isinstance(stack, list):  # an exception group's members
+            _drop_source_text(stack)
+        elif isinstance(stack, dict):
+            syntax = stack.get("syntax_error")
+            if isinstance(syntax, dict):
+                syntax.pop("line", None)
+            _drop_source_text(stack.get("exceptions"))
 
 
 # --- structlog front end ------------------------------------------------------------------

@@ -9,7 +9,8 @@ Two front ends share one policy: :class:`RetryMixin` for an
 A first-attempt success never touches tenacity: the function is called directly and the
 ``Retrying`` machinery is built only after a retryable failure, so the happy path costs a
 ``try`` block. Each retry adds a ``"retry"`` span event (``attempt``, ``error_type``,
-``wait_s``), one to the ``rag.retry.count`` counter and one warning log line; the call's span
+``wait_s``), one to the ``rag.retry.count`` counter (and, for a model call, to
+``rag.llm.retries``) and one warning log line; the call's span
 gets ``rag.retry.attempts`` and ``rag.retry.backoff_ms`` (time slept, so backoff is not
 mistaken for model latency).
 
@@ -33,6 +34,7 @@ from opentelemetry import trace as trace_api
 from tenacity import AsyncRetrying, RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_base, wait_random_exponential
 
+from rag_instrument._genai import retry_scope
 from rag_instrument._runtime import get_runtime
 from rag_instrument._utils import (
     FunctionKind,
@@ -44,6 +46,7 @@ from rag_instrument._utils import (
 from rag_instrument.attributes import (
     EVENT_RETRY,
     LOG_RETRYING,
+    METRIC_LLM_RETRIES,
     METRIC_RETRY_COUNT,
     RAG_RETRY_ATTEMPTS,
     RAG_RETRY_BACKOFF_MS,
@@ -219,6 +222,10 @@ class _Recorder:
             rt.counter(METRIC_RETRY_COUNT, "{retry}", "Retried calls (one per retry).").add(
                 1, {"error.type": error_type}
             )
+            if self.call is not None:  # a model call: also counted as such, with its model
+                rt.counter(
+                    METRIC_LLM_RETRIES, "{retry}", "Retried model requests (one per retry)."
+                ).add(1, {**self.call.metric_attrs, "error.type": error_type})
             if rt.log is not None:
                 fields = {
                     "target": self.name,
@@ -285,8 +292,12 @@ def _again_sync(
                 if pending:
                     raise pending.pop()  # attempt 1 already happened: let tenacity see it
                 # Counted when made (not before the backoff: a cancelled wait makes none).
-                recorder.attempts = attempt.retry_state.attempt_number
-                result = fn(*args, **kwargs)
+                recorder.attempts = number = attempt.retry_state.attempt_number
+                token = retry_scope.set((policy.attempts, policy.should_retry, number))
+                try:
+                    result = fn(*args, **kwargs)
+                finally:
+                    retry_scope.reset(token)
     finally:
         recorder.done()
     return result  # type: ignore[no-any-return]
@@ -309,8 +320,12 @@ async def _again_async(
             with attempt:
                 if pending:
                     raise pending.pop()
-                recorder.attempts = attempt.retry_state.attempt_number
-                result = await fn(*args, **kwargs)
+                recorder.attempts = number = attempt.retry_state.attempt_number
+                token = retry_scope.set((policy.attempts, policy.should_retry, number))
+                try:
+                    result = await fn(*args, **kwargs)
+                finally:
+                    retry_scope.reset(token)
     finally:
         recorder.done()
     return result  # type: ignore[no-any-return]
@@ -324,14 +339,18 @@ _DONE: Final = object()
 def _wrap_sync(fn: Callable[..., Any], policy: RetryPolicy) -> Callable[..., Any]:
     should_retry = policy.should_retry
     single = policy.attempts <= 1
+    first_attempt = (policy.attempts, should_retry, 1)
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        token = retry_scope.set(first_attempt)
         try:
             return fn(*args, **kwargs)
         except BaseException as exc:
             if single or not should_retry(exc):
                 raise
             first = exc
+        finally:
+            retry_scope.reset(token)
         return _again_sync(policy, first, fn, args, kwargs)
 
     return wrapper
@@ -340,14 +359,18 @@ def _wrap_sync(fn: Callable[..., Any], policy: RetryPolicy) -> Callable[..., Any
 def _wrap_async(fn: Callable[..., Awaitable[Any]], policy: RetryPolicy) -> Callable[..., Any]:
     should_retry = policy.should_retry
     single = policy.attempts <= 1
+    first_attempt = (policy.attempts, should_retry, 1)
 
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        token = retry_scope.set(first_attempt)
         try:
             return await fn(*args, **kwargs)
         except BaseException as exc:
             if single or not should_retry(exc):
                 raise
             first = exc
+        finally:
+            retry_scope.reset(token)
         return await _again_async(policy, first, fn, args, kwargs)
 
     return wrapper
@@ -511,6 +534,15 @@ class RetryMixin:
         """Whether ``exc`` is worth another attempt (default: :func:`is_transient`)."""
         return is_transient(exc)
 
+    def _rag_is_retryable(self, exc: BaseException) -> bool:
+        """``is_retryable``, never for control flow, and never raising (for the logs)."""
+        if isinstance(exc, _NEVER) or not isinstance(exc, Exception):
+            return False
+        try:
+            return bool(self.is_retryable(exc))
+        except Exception:
+            return False
+
     def _rag_policy(self) -> RetryPolicy | None:
         """This call's policy; ``None`` for a single attempt or invalid settings."""
         try:
@@ -530,6 +562,7 @@ class RetryMixin:
     async def _invoke(self, request: LLMRequest) -> Any:
         invoke = super()._invoke  # type: ignore[misc]
         call = request.call
+        token = retry_scope.set((self.retry_attempts, self._rag_is_retryable, 1))
         try:
             result = await invoke(request)
         except BaseException as exc:
@@ -549,4 +582,6 @@ class RetryMixin:
             if call is not None:
                 call.attempts = 1
             return result
+        finally:
+            retry_scope.reset(token)
         return await _again_async(policy, first, invoke, (request,), {}, call)

@@ -26,7 +26,6 @@ import contextvars
 import functools
 import inspect
 import time
-import traceback
 import types
 import warnings
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
@@ -37,12 +36,12 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace as trace_api
 from opentelemetry.trace import Status, StatusCode
 
-from rag_instrument import _breakdown
+from rag_instrument import _breakdown, _stagehooks
 from rag_instrument import attributes as attr
 from rag_instrument._context import Frame, bound, current_frame, reset_frame, set_frame
 from rag_instrument._registry import register_span_kind, span_kind
 from rag_instrument._runtime import get_runtime
-from rag_instrument._sanitize import exception_message, to_attribute_value
+from rag_instrument._sanitize import exception_message, stack_trace, to_attribute_value
 from rag_instrument._utils import (
     FunctionKind,
     function_kind,
@@ -138,7 +137,7 @@ def _stage_name(value: object, what: str) -> str:
 # --- begin / end ----------------------------------------------------------------------------
 
 
-def _begin(spec: _Spec, rt: Runtime, owner: object) -> Frame:
+def _begin(spec: _Spec, rt: Runtime, owner: object, cpu: bool | None = None) -> Frame:
     parent = current_frame()
     attributes = spec.attributes
     context_attrs = bound().attrs
@@ -149,13 +148,23 @@ def _begin(spec: _Spec, rt: Runtime, owner: object) -> Frame:
     frame = Frame(spec.name, stage_name, spec.is_stage, parent, span, owner)
     frame.attr_count = len(attributes)
     frame.tokens = (otel_context.attach(trace_api.set_span_in_context(span)), set_frame(frame))
+    if _stagehooks.active:  # resource_metrics, event_loop_threshold_ms, a 3.11 loop watch
+        _stagehooks.begin(frame, rt, cpu)
     frame.start_ns = time.perf_counter_ns()
     return frame
 
 
-def _safe_begin(spec: _Spec, rt: Runtime, owner: object) -> Frame | None:
+def _safe_begin(
+    spec: _Spec, rt: Runtime, owner: object, cpu: bool | None = None
+) -> Frame | None:
+    """Start a stage; ``cpu`` says whether its thread's CPU time would be its own.
+
+    ``True`` for a ``def`` (and an ``async def``, until it suspends), ``False`` for a
+    generator (its consumer runs between its steps), ``None`` for a ``with`` block: only
+    outside a running event loop, since the block may contain ``await``.
+    """
     try:
-        return _begin(spec, rt, owner)
+        return _begin(spec, rt, owner, cpu)
     except Exception as exc:
         internal_error(f"starting {spec.name!r}", exc)
         return None
@@ -171,12 +180,8 @@ def _record_exception(span: Span, exc: BaseException, rt: Runtime) -> None:
         if module in ("builtins", None)
         else f"{module}.{exc_type.__qualname__}"
     )
-    try:
-        # The frames, then the safe message: format_exception() would repeat the raw one.
-        frames = "".join(traceback.format_tb(exc.__traceback__))
-    except Exception:
-        frames = ""
-    stack = f"Traceback (most recent call last):\n{frames}{qualname}: {clean_message}"
+    # The frames (no source text), then the safe message, not the raw one.
+    stack = stack_trace(exc, lambda _exc: f"{qualname}: {clean_message}")
     span.set_status(Status(StatusCode.ERROR, f"{exc_type.__name__}: {clean_message}"))
     span.add_event(
         "exception",
@@ -208,6 +213,7 @@ def _end(
             # Exited in a different context than entered (a misused context manager):
             # restore nothing rather than someone else's state.
             pass
+    cpu_ms = _stagehooks.end(frame, rt) if _stagehooks.active else None
     ms = elapsed_ns / 1e6
     # Detached under the lock: work still running elsewhere (an executor job) can no longer
     # change it while it is rendered below.
@@ -227,6 +233,8 @@ def _end(
             rt.mark_if_clean(span, frame.attr_count)
             if breakdown:
                 span.set_attributes(_breakdown.as_attributes(breakdown))
+            if cpu_ms is not None:
+                span.set_attribute(attr.RAG_CPU_MS, cpu_ms)
             if items is not None:
                 span.set_attribute(attr.RAG_STREAM_ITEMS, items)
                 span.set_attribute(attr.RAG_STREAM_COMPLETED, completed)
@@ -251,6 +259,8 @@ def _end(
             timings.add(spec.name, ms)
     if rt.log is not None:
         fields: dict[str, Any] = {"execution_time_ms": round(ms, 3)}
+        if cpu_ms is not None:
+            fields["cpu_ms"] = cpu_ms
         if breakdown:
             fields["breakdown"] = _breakdown.render(breakdown)
         if items is not None:
@@ -324,7 +334,7 @@ def _wrap_sync(fn: Callable[P, R], spec: _Spec) -> Callable[P, R]:
         rt = get_runtime()
         if not rt.enabled:
             return fn(*args, **kwargs)
-        frame = _safe_begin(spec, rt, wrapper)
+        frame = _safe_begin(spec, rt, wrapper, True)
         if frame is None:
             return fn(*args, **kwargs)
         try:
@@ -343,11 +353,15 @@ def _wrap_async(fn: Callable[P, Awaitable[R]], spec: _Spec) -> Callable[P, Await
         rt = get_runtime()
         if not rt.enabled:
             return await fn(*args, **kwargs)
-        frame = _safe_begin(spec, rt, wrapper)
+        frame = _safe_begin(spec, rt, wrapper, True)
         if frame is None:
             return await fn(*args, **kwargs)
         try:
-            result = await fn(*args, **kwargs)
+            if _stagehooks.active:
+                # Its CPU time counts only if it never suspends (resource_metrics).
+                result = await _stagehooks.awaiting(frame, rt, fn(*args, **kwargs))
+            else:
+                result = await fn(*args, **kwargs)
         except BaseException as exc:
             _safe_end(frame, spec, exc)
             raise
@@ -450,7 +464,7 @@ def _wrap_generator(
             return (yield from fn(*args, **kwargs))
         ctx = contextvars.copy_context()
         gen = ctx.run(fn, *args, **kwargs)
-        frame = ctx.run(_safe_begin, spec, rt, wrapper)
+        frame = ctx.run(_safe_begin, spec, rt, wrapper, False)
         if frame is None:
             result: R = yield from gen
             return result
@@ -493,7 +507,7 @@ def _wrap_async_generator(
         if rt.enabled:
             ctx = contextvars.copy_context()
             agen = ctx.run(fn, *args, **kwargs)
-            frame = ctx.run(_safe_begin, spec, rt, wrapper)
+            frame = ctx.run(_safe_begin, spec, rt, wrapper, False)
         else:
             agen = fn(*args, **kwargs)
         # Without a stage (disabled, or it could not begin) the steps run as they are.

@@ -123,8 +123,8 @@ def test_each_stage_counts_on_its_own(setup: tuple[Engine, Any]) -> None:
     assert len(cap.find_logs("n+1 query detected")) == 2
 
 
-def test_outside_any_scope_nothing_is_counted() -> None:
-    engine = create_engine("sqlite://")
+def test_outside_any_scope_nothing_is_counted(sqlite_engine) -> None:
+    engine = sqlite_engine()
     handle = ri.instrument_sqlalchemy(engine)
     with capture(n_plus_one_threshold=2) as cap, engine.connect() as conn:
         for i in range(5):
@@ -133,8 +133,8 @@ def test_outside_any_scope_nothing_is_counted() -> None:
     handle.uninstrument()
 
 
-def test_db_scope_counts_without_a_stage() -> None:
-    engine = create_engine("sqlite://")
+def test_db_scope_counts_without_a_stage(sqlite_engine) -> None:
+    engine = sqlite_engine()
     handle = ri.instrument_sqlalchemy(engine)
     with capture(n_plus_one_threshold=3) as cap:
         with ri.db_scope() as scope, engine.connect() as conn:
@@ -149,8 +149,8 @@ def test_db_scope_counts_without_a_stage() -> None:
 
 
 @pytest.mark.asyncio
-async def test_db_scope_async_and_nested_stage_counts_separately() -> None:
-    engine = create_engine("sqlite://")
+async def test_db_scope_async_and_nested_stage_counts_separately(sqlite_engine) -> None:
+    engine = sqlite_engine()
     handle = ri.instrument_sqlalchemy(engine)
     with capture(n_plus_one_threshold=3) as cap:
         async with ri.db_scope() as scope:
@@ -164,9 +164,9 @@ async def test_db_scope_async_and_nested_stage_counts_separately() -> None:
     handle.uninstrument()
 
 
-def test_db_scope_inside_a_stage_wins_under_a_traced_operation() -> None:
+def test_db_scope_inside_a_stage_wins_under_a_traced_operation(sqlite_engine) -> None:
     """The scope opened inside the stage counts, also under a traced op opened inside it."""
-    engine = create_engine("sqlite://")
+    engine = sqlite_engine()
     handle = ri.instrument_sqlalchemy(engine)
     with capture(n_plus_one_threshold=3) as cap, ri.stage("retrieval"):
         with ri.db_scope() as scope, ri.traced("load"), engine.connect() as conn:
@@ -183,8 +183,8 @@ def test_db_scope_inside_a_stage_wins_under_a_traced_operation() -> None:
     handle.uninstrument()
 
 
-def test_scope_resolution_is_cached_per_frame(monkeypatch: pytest.MonkeyPatch) -> None:
-    engine = create_engine("sqlite://")
+def test_scope_resolution_is_cached_per_frame(monkeypatch: pytest.MonkeyPatch, sqlite_engine) -> None:
+    engine = sqlite_engine()
     handle = ri.instrument_sqlalchemy(engine)
     walks: list[int] = []
     original = _scope._resolve

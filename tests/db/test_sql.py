@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 from sqlalchemy import exc as sa_exc
 
 from rag_instrument._sanitize import Sanitizer
-from rag_instrument.db._explain import sanitize_plan
 from rag_instrument.db._sql import analyze, limit_value, sanitize, sanitize_statement_error
 
 TEMPLATE = "SELECT * FROM t WHERE a = {lit} AND b = :b"
@@ -301,10 +300,3 @@ def test_vector_setting_statements_are_recognised() -> None:
     assert analyze("RESET ALL").touches_vector_settings
     assert not analyze("SET search_path = public").touches_vector_settings
     assert not analyze("SELECT 'ef_search'").touches_vector_settings
-
-
-def test_plans_are_sanitised_too() -> None:
-    plan = [{"Plan": {"Node Type": "Seq Scan", "Filter": "(email = 'a@b.c'::text)", "Rows": 3}}]
-    assert sanitize_plan(plan) == [
-        {"Plan": {"Node Type": "Seq Scan", "Filter": "(email = ?::text)", "Rows": 3}}
-    ]

@@ -109,7 +109,7 @@ class _HTTPServer(ThreadingHTTPServer):
     def __init__(self, fake: FakeLLMServer) -> None:
         self.fake = fake
         self.connections: dict[socket.socket, threading.Thread] = {}
-        self.conn_lock = threading.Lock()
+        self.conn_lock = threading.Condition()  # notified when a connection is forgotten
         super().__init__(("127.0.0.1", 0), _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -122,9 +122,10 @@ class _HTTPServer(ThreadingHTTPServer):
 
     def shutdown_request(self, request: Any) -> None:
         """Forgets the connection, then closes it."""
+        super().shutdown_request(request)
         with self.conn_lock:
             self.connections.pop(request, None)
-        super().shutdown_request(request)
+            self.conn_lock.notify_all()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Ignores disconnects (OSError); records other exceptions in ``fake.errors``."""
@@ -425,6 +426,12 @@ class FakeLLMServer:
         )
         self._thread.start()
         return self
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Waits until every connection has been served and closed; ``False`` on timeout."""
+        httpd = self._httpd
+        with httpd.conn_lock:
+            return httpd.conn_lock.wait_for(lambda: not httpd.connections, timeout)
 
     def stop(self) -> None:
         """Stops serving, cuts open connections, joins every thread, closes the port."""

@@ -60,6 +60,18 @@ async def use() -> None:
     ri.unbind_context("request_id")
     flushed: bool = ri.force_flush(timeout=1.0) and ri.shutdown(timeout=1.0)
     del flushed
+    watch: ri.EventLoopWatch = ri.watch_event_loop(100)
+    with ri.profile("block", top=5, sort="tottime", memory=True, save_to="x.prof"):
+        watch.stop()
+    async with ri.profile():
+        pass
+    profiled_total: int = profiled(3)
+    del profiled_total
+
+
+@ri.profile(top=5)
+def profiled(x: int) -> int:
+    return x
 
 
 def runtime_accessor() -> None:

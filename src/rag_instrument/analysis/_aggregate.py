@@ -68,6 +68,8 @@ class _Group:
         "cache_misses",
         "cancelled",
         "count",
+        "cpu_ms",
+        "cpu_runs",
         "errors",
         "kinds_ms",
         "max_ms",
@@ -89,6 +91,10 @@ class _Group:
         self.kinds_ms: dict[str, ExactSum] = {}
         self.cache_hits = 0
         self.cache_misses = 0
+        #: CPU milliseconds of the runs whose line had ``cpu_ms`` (resource_metrics), and
+        #: how many those were (not every run reports it: see docs/profiling.md).
+        self.cpu_ms = ExactSum()
+        self.cpu_runs = 0
         self.statuses: Counter[str] = Counter()
         self.series: Sample | None = None
 
@@ -323,6 +329,10 @@ class Aggregator:
         budget = self.budgets.get(key)
         if budget is not None and ms > budget:
             group.over += 1
+        cpu = record.get("cpu_ms")
+        if _valid_ms(cpu):
+            group.cpu_ms.add(cpu)
+            group.cpu_runs += 1
         breakdown = record.get("breakdown")
         if type(breakdown) is dict:
             self.breakdown(group, breakdown)
@@ -476,6 +486,8 @@ class Aggregator:
             breakdown_ms={k: v / count for k, v in kinds_ms.items()},
             breakdown_share={k: (v / total_ms if total_ms else 0.0) for k, v in kinds_ms.items()},
             cache_hit_ratio=group.cache_hits / lookups if lookups else None,
+            avg_cpu_ms=group.cpu_ms.value() / group.cpu_runs if group.cpu_runs else None,
+            cpu_runs=group.cpu_runs,
             depth=depth,
             parent=parent,
             is_total=self.by == "stage" and key == TOTAL_STAGE,

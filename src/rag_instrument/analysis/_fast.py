@@ -55,7 +55,7 @@ _SPECIAL_EVENTS = rb"(?:slow query|n\+1 query detected|retrying|budget exceeded)
 #: Other fields of a stage line: any key the aggregation does not read.
 _STAGE_OTHER = (
     rb'"(?!(?:context|logger|event|level|resourceSpans|cache_hit|execution_time_ms|breakdown'
-    rb'|status)")[^"]*+":' + _VALUE
+    rb'|status|cpu_ms)")[^"]*+":' + _VALUE
 )
 #: Other fields of any other line: any key the aggregation does not read.
 _OTHER = (
@@ -68,20 +68,23 @@ _LINE = re.compile(
     # group 1: the library's own logger (its LLM lines count in the cache table)
     rb'"logger":"(?:(rag_instrument)|[^"]*+)","trace_id":"[^"]*+","span_id":"[^"]*+",'
     rb'"context":\{'
-    # a stage's line: groups 2 (stage), 3 (duration), 4 (breakdown)
+    # a stage's line: groups 2 (stage), 3 (duration), 4 (CPU time), 5 (breakdown)
     rb'(?:"pipeline_stage":"([^"]++)"(?:,' + _CONTEXT_OTHER + rb")*+\},"
-    rb'"execution_time_ms":(' + _NUM + rb")(?:," + _STAGE_OTHER + rb")*+"
+    rb'"execution_time_ms":(' + _NUM + rb')(?:,"cpu_ms":(' + _NUM + rb"))?"
+    rb"(?:," + _STAGE_OTHER + rb")*+"
     rb'(?:,"breakdown":(\{[^\n]*\}))?'
-    # any other line: only an LLM call's cache lookup counts, groups 5 (provider),
-    # 6 (model), 7 (cache hit)
+    # any other line: only an LLM call's cache lookup counts, groups 6 (provider),
+    # 7 (model), 8 (cache hit)
     rb"|(?:" + _CONTEXT_OTHER + rb"(?:," + _CONTEXT_OTHER + rb")*+)?\}"
     rb"(?:," + _OTHER + rb')*+(?:,"provider":"([^"]*+)","model":"([^"]*+)"'
     rb"(?:," + _OTHER + rb')*+,"cache_hit":(true|false))?)'
     rb"\}(?=\n)"
 )
-_GROUPS = 7
-#: One group's runs in a chunk: its key, durations and breakdowns.
-_Runs = tuple[str, list[float], list[dict[str, Any]]]
+# The groups, by number.
+_OURS, _STAGE, _MS, _CPU, _BREAKDOWN, _PROVIDER, _MODEL, _HIT = range(1, 9)
+_GROUPS = 8
+#: One group's runs in a chunk: its key, durations, CPU times and breakdowns.
+_Runs = tuple[str, list[float], list[float], list[dict[str, Any]]]
 _not_none = partial(is_not, None)
 _get_ms = methodcaller("get", "ms")
 #: Control characters (a JSON string cannot hold them raw) and the backslash (escapes),
@@ -117,6 +120,11 @@ def feed_chunk(agg: Aggregator, name: str, first: int, chunk: bytes) -> int:
     return len(lines)
 
 
+def _column(parts: list[Any], group: int) -> list[Any]:
+    """One group's captures, one per matched line (``None`` where it took no part)."""
+    return parts[group :: _GROUPS + 1]
+
+
 def _join(lines: list[bytes]) -> bytes:
     return b"".join((b"\n", b"\n".join(lines), b"\n"))
 
@@ -130,8 +138,8 @@ def _feed_clean(agg: Aggregator, name: str, first: int, chunk: bytes) -> int:
         lines = chunk[1:-1].split(b"\n")
         agg.feed_lines(name, first, lines)
         return len(lines)
-    for key, values, breakdowns in runs:
-        _add_runs(agg, key, values, breakdowns)
+    for key, values, cpu, breakdowns in runs:
+        _add_runs(agg, key, values, cpu, breakdowns)
     _add_cache(agg, parts)
     residue = b"".join(pieces)
     if residue == b"\n":
@@ -146,11 +154,12 @@ def _stage_runs(agg: Aggregator, parts: list[Any]) -> list[_Runs] | None:
     Grouping and conversion run in C (``compress``, ``map``, one orjson call per group),
     not in a Python loop per line.
     """
-    every_stage = parts[2 :: _GROUPS + 1]
+    every_stage = _column(parts, _STAGE)
     # The stage lines only (a stage line always has a duration, other lines neither).
     stages = list(filter(None, every_stage))
-    every_ms = list(filter(None, parts[3 :: _GROUPS + 1]))
-    every_breakdown = list(compress(parts[4 :: _GROUPS + 1], every_stage))
+    every_ms = list(filter(None, _column(parts, _MS)))
+    every_cpu = list(compress(_column(parts, _CPU), every_stage))
+    every_breakdown = list(compress(_column(parts, _BREAKDOWN), every_stage))
     if len(every_ms) != len(stages):  # pragma: no cover - the expression makes it so
         return None
     out: list[_Runs] = []
@@ -163,6 +172,13 @@ def _stage_runs(agg: Aggregator, parts: list[Any]) -> list[_Runs] | None:
             values = orjson.loads(b"[" + b",".join(compress(every_ms, mine)) + b"]")
         except orjson.JSONDecodeError:  # a number orjson will not read: the exact path says
             return None
+        cpu_texts = list(filter(None, compress(every_cpu, mine)))
+        cpu: list[float] = []
+        if cpu_texts:
+            try:
+                cpu = orjson.loads(b"[" + b",".join(cpu_texts) + b"]")
+            except orjson.JSONDecodeError:
+                return None
         objects = list(filter(None, compress(every_breakdown, mine)))
         breakdowns: list[dict[str, Any]] = []
         if objects:
@@ -173,12 +189,16 @@ def _stage_runs(agg: Aggregator, parts: list[Any]) -> list[_Runs] | None:
             # Each must be one object: ``{...},"k":v`` would have made several, or failed.
             if len(breakdowns) != len(objects) or not set(map(type, breakdowns)) <= {dict}:
                 return None
-        out.append((key, values, breakdowns))
+        out.append((key, values, cpu, breakdowns))
     return out
 
 
 def _add_runs(
-    agg: Aggregator, key: str, values: list[float], breakdowns: list[dict[str, Any]]
+    agg: Aggregator,
+    key: str,
+    values: list[float],
+    cpu: list[float],
+    breakdowns: list[dict[str, Any]],
 ) -> None:
     """Count runs as :meth:`Aggregator.run` would, one group and a chunk at a time."""
     group = agg.groups[key]
@@ -198,6 +218,9 @@ def _add_runs(
     else:
         for ms in values:
             sample.add(float(ms))
+    if cpu:
+        group.cpu_ms.extend(cpu)
+        group.cpu_runs += len(cpu)
     if breakdowns:
         _add_breakdowns(agg, group, breakdowns)
 
@@ -231,14 +254,14 @@ def _add_breakdowns(agg: Aggregator, group: Any, breakdowns: list[dict[str, Any]
 
 def _add_cache(agg: Aggregator, parts: list[Any]) -> None:
     """The LLM lines' cache lookups, as ``record_side`` counts them (our logger's only)."""
-    hits = parts[7 :: _GROUPS + 1]
+    hits = _column(parts, _HIT)
     answers = Counter(hits)
     lookups = answers[b"true"] + answers[b"false"]
     if not lookups:
         return
-    owners = set(compress(parts[1 :: _GROUPS + 1], hits))
-    providers = set(compress(parts[5 :: _GROUPS + 1], hits))
-    models = set(compress(parts[6 :: _GROUPS + 1], hits))
+    owners = set(compress(_column(parts, _OURS), hits))
+    providers = set(compress(_column(parts, _PROVIDER), hits))
+    models = set(compress(_column(parts, _MODEL), hits))
     if owners == {b"rag_instrument"} and len(providers) == 1 and len(models) == 1:
         # The usual chunk: one provider and model.
         every = Counter({(b"rag_instrument", *providers, *models, b"true"): answers[b"true"]})
@@ -246,9 +269,9 @@ def _add_cache(agg: Aggregator, parts: list[Any]) -> None:
     else:
         every = Counter(
             zip(
-                parts[1 :: _GROUPS + 1],
-                parts[5 :: _GROUPS + 1],
-                parts[6 :: _GROUPS + 1],
+                _column(parts, _OURS),
+                _column(parts, _PROVIDER),
+                _column(parts, _MODEL),
                 hits,
                 strict=True,
             )

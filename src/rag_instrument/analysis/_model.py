@@ -45,6 +45,11 @@ class Row:
     #: Each kind's share of the group's time (0..1).
     breakdown_share: dict[str, float]
     cache_hit_ratio: float | None
+    #: Mean ``cpu_ms`` of the runs that reported it (``configure(resource_metrics=True)``),
+    #: beside ``avg_ms``: close to it, the stage computed; far below, it waited.
+    avg_cpu_ms: float | None = None
+    #: How many runs reported ``cpu_ms``.
+    cpu_runs: int = 0
     depth: int = 0
     parent: str | None = None
     is_total: bool = False
@@ -72,6 +77,8 @@ class Row:
             breakdown_ms=self.breakdown_ms,
             breakdown_share=self.breakdown_share,
             cache_hit_ratio=self.cache_hit_ratio,
+            avg_cpu_ms=self.avg_cpu_ms,
+            cpu_runs=self.cpu_runs,
             parent=self.parent,
             depth=self.depth,
             whole_request=self.is_total,

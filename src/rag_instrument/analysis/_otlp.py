@@ -121,6 +121,9 @@ def _as_line(span: dict[str, Any], attributes: dict[str, Any], ms: float) -> dic
         line["level"] = "error"
     elif attributes.get("rag.cancelled") is True:
         line["level"], line["error_type"] = "warning", "cancelled"
+    cpu = attributes.get("rag.cpu_ms")
+    if cpu is not None:
+        line["cpu_ms"] = cpu
     http_status = attributes.get("http.response.status_code")
     if type(http_status) is int:
         line["status"] = http_status

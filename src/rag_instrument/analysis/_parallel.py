@@ -133,6 +133,8 @@ def merge(into: Aggregator, part: Aggregator, name: str, lines_before: int) -> N
         mine.over += group.over
         mine.cache_hits += group.cache_hits
         mine.cache_misses += group.cache_misses
+        mine.cpu_ms.merge(group.cpu_ms)
+        mine.cpu_runs += group.cpu_runs
         mine.statuses.update(group.statuses)
         for kind, total in group.kinds_ms.items():
             if kind in mine.kinds_ms:

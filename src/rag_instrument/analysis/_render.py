@@ -75,7 +75,10 @@ def render_table(analysis: Analysis, colour: bool = False) -> str:
     by = analysis.by
     kinds = [k for k in BREAKDOWN_KINDS if any(k in r.breakdown_share for r in analysis.rows)]
     has_cache = any(r.cache_hit_ratio is not None for r in analysis.rows)
-    headers = [by, "runs", "errors", "avg ms", "p50 ms", "p95 ms", "p99 ms", "max ms", "budget"]
+    # CPU beside the average (resource_metrics): "computing or waiting?" in one glance.
+    has_cpu = any(r.avg_cpu_ms is not None for r in analysis.rows)
+    headers = [by, "runs", "errors", "avg ms", *(["cpu ms"] if has_cpu else [])]
+    headers += ["p50 ms", "p95 ms", "p99 ms", "max ms", "budget"]
     headers += [f"{k} %" for k in kinds] + (["cache hits"] if has_cache else [])
     cells: list[list[str]] = []
     over_p95: list[bool] = []
@@ -86,6 +89,7 @@ def render_table(analysis: Analysis, colour: bool = False) -> str:
                 str(row.count),
                 str(row.errors),
                 _ms(row.avg_ms),
+                *([_ms(row.avg_cpu_ms)] if has_cpu else []),
                 _ms(row.p50_ms),
                 _ms(row.p95_ms),
                 _ms(row.p99_ms),
@@ -202,17 +206,20 @@ def render_json(analysis: Analysis) -> str:
 def render_csv(analysis: Analysis) -> str:
     """One CSV row per group; breakdown shares as ``<kind>_share`` columns."""
     kinds = sorted({k for r in analysis.rows for k in r.breakdown_share})
+    has_cpu = any(r.avg_cpu_ms is not None for r in analysis.rows)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     columns = [
-        analysis.by, "count", "errors", "cancelled", "avg_ms", "p50_ms", "p95_ms", "p99_ms",
+        analysis.by, "count", "errors", "cancelled", "avg_ms",
+        *(["avg_cpu_ms"] if has_cpu else []), "p50_ms", "p95_ms", "p99_ms",
         "max_ms", "budget_ms", "over_budget", *(f"{k}_share" for k in kinds),
         "cache_hit_ratio", "parent", "depth",
     ]
     writer.writerow(columns)
     for row in analysis.rows:
         values: list[Any] = [
-            row.key, row.count, row.errors, row.cancelled, _num(row.avg_ms), _num(row.p50_ms),
+            row.key, row.count, row.errors, row.cancelled, _num(row.avg_ms),
+            *([_num(row.avg_cpu_ms)] if has_cpu else []), _num(row.p50_ms),
             _num(row.p95_ms), _num(row.p99_ms), _num(row.max_ms), _num(row.budget_ms),
             "" if row.over_budget is None else row.over_budget,
             *(_num(row.breakdown_share.get(k)) for k in kinds),

@@ -13,6 +13,10 @@ threads and for asyncio tasks); if the leading call fails, the calls waiting on 
 exception too (the failure is not kept for later callers); if it is cancelled, one waiter
 takes over instead of failing with it.
 
+:class:`CacheSpec` configures the same cache for instrumented SDK clients
+(``ri.instrument_openai(client, cache=ri.CacheSpec(...))``); :func:`cached` and the SDK
+cache also store pydantic models and dataclasses (see ``_values``).
+
 Telemetry: ``rag.cache.hit`` on the provider span (for :func:`cached`, on the span current
 at the call); counters ``rag.cache.hits`` (calls
 answered without an underlying call, coalesced ones included), ``rag.cache.misses``,
@@ -28,12 +32,14 @@ from rag_instrument.cache._keys import UncacheableError, make_key
 from rag_instrument.cache._keys import decode_value as decode_value  # the stored-value codec
 from rag_instrument.cache._keys import encode_value as encode_value
 from rag_instrument.cache._mixin import CacheMixin
+from rag_instrument.cache._spec import CacheSpec
 from rag_instrument.cache._store import CacheInfo
 
 __all__ = [
     "CacheBackend",
     "CacheInfo",
     "CacheMixin",
+    "CacheSpec",
     "MemoryCache",
     "RedisCache",
     "UncacheableError",

@@ -15,6 +15,13 @@ from typing import Any, Final
 
 import orjson
 
+from rag_instrument.cache._values import (
+    OBJ_PREFIX,
+    RefusedValue,
+    ValueTypes,
+    is_object,
+    type_name,
+)
 from rag_instrument.llm import LLMResult
 
 __all__ = [
@@ -91,20 +98,33 @@ def _has_non_finite(value: Any) -> bool:
     return False
 
 
-def encode_value(value: Any) -> bytes:
-    """The JSON stored for ``value`` (an ``LLMResult`` or a plain JSON value).
+def encode_value(value: Any, types: ValueTypes | None = None) -> bytes:
+    """The JSON stored for ``value``.
+
+    An ``LLMResult``, a plain JSON value, or (with ``types``) a pydantic model or a
+    dataclass, stored with its class's name (see :mod:`rag_instrument.cache._values`).
 
     Raises:
-        UncacheableError: the value is not JSON.
+        UncacheableError: the value is none of these (the message names its type).
     """
     if type(value) is LLMResult:
         envelope: dict[str, Any] = {"t": "llm", "v": value.to_dict()}
+    elif types is not None and is_object(value):
+        try:
+            envelope = types.envelope(value)
+        except RefusedValue as exc:
+            raise UncacheableError(str(exc)) from None
     else:
         envelope = {"t": "json", "v": value}
     try:
         return orjson.dumps(envelope, default=_reject, option=orjson.OPT_PASSTHROUGH_DATACLASS)
-    except orjson.JSONEncodeError as exc:
-        raise UncacheableError(str(exc)) from None
+    except orjson.JSONEncodeError:
+        kind = type_name(type(value))
+        raise UncacheableError(
+            f"{kind} is neither JSON, a dataclass nor a pydantic model"
+            if types is not None and envelope["t"] == "json"
+            else f"{kind} holds a value that is not JSON"
+        ) from None
 
 
 #: Values a cache hit may hand out as the very object stored: immutable, and equal to what
@@ -120,18 +140,22 @@ def keepable(value: Any) -> bool:
 NOT_KEPT: Final = object()
 
 
-def decode_value(data: bytes | str) -> Any:
+def decode_value(data: bytes | str, types: ValueTypes | None = None) -> Any:
     """Inverse of :func:`encode_value`.
 
     Raises:
         ValueError: ``data`` is not an entry this module wrote.
     """
+    if types is not None and type(data) is bytes and data.startswith(OBJ_PREFIX):
+        return types.rebuild_entry(data)
     envelope = orjson.loads(data)  # never pickle: a foreign blob is a JSON error here
     if type(envelope) is not dict:
         raise ValueError("not a rag_instrument cache entry")
     kind = envelope.get("t")
     if kind == "json":
         return envelope.get("v")
+    if kind == "obj" and types is not None:
+        return types.rebuild(envelope)
     if kind == "llm" and isinstance(envelope.get("v"), dict):
         try:
             return LLMResult.from_dict(envelope["v"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -28,6 +28,7 @@ from rag_instrument.attributes import (
 from rag_instrument.cache import _keys
 from rag_instrument.cache._backends import CacheBackend, MemoryCache
 from rag_instrument.cache._keys import NOT_KEPT, UncacheableError, encode_value, keepable
+from rag_instrument.cache._values import ValueTypes
 from rag_instrument.llm import LLMResult
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ class _Flight:
         elif not done.done():
             done.set_result(None)
 
-    def outcome(self) -> tuple[bool, Any]:
+    def outcome(self, types: ValueTypes) -> tuple[bool, Any]:
         """What a waiter gets: ``(True, value)``, or the leader's exception raised.
 
         ``(False, None)`` when the leader was cancelled or its result could not be stored:
@@ -103,16 +104,24 @@ class _Flight:
         if self.value is not NOT_KEPT:
             return True, self.value
         if self.data is not None:
-            return True, _keys.decode_value(self.data)
+            return True, _keys.decode_value(self.data, types)
         return False, None
 
 
 class Store:
     """One cache: a backend plus the in-flight calls and counts (shared by all callers)."""
 
-    def __init__(self, backend: CacheBackend, ttl: float | None) -> None:
+    def __init__(
+        self,
+        backend: CacheBackend,
+        ttl: float | None,
+        types: ValueTypes | None = None,
+        tokens: Callable[[Any], int] | None = None,
+    ) -> None:
         self.backend = backend
         self.ttl = ttl
+        self.types = types if types is not None else ValueTypes()
+        self.tokens = tokens  # the tokens a stored response cost (saved on a hit)
         self.memory: MemoryCache | None = backend if type(backend) is MemoryCache else None
         self.local = self.memory is not None
         self.lock = threading.Lock()
@@ -142,16 +151,22 @@ class Store:
             if data is None:
                 return False, None
         try:
-            return True, _keys.decode_value(data)  # type: ignore[arg-type]
-        except ValueError:
-            warn_once.warning("rag_instrument: ignored a cache entry that is not ours (not JSON)")
+            return True, _keys.decode_value(data, self.types)  # type: ignore[arg-type]
+        except ValueError as exc:
+            warn_once.warning(f"rag_instrument: ignored a cache entry that is not ours ({exc})")
             return False, None
 
     def save(self, key: str, value: Any) -> bytes | None:
+        kind = type(value)
+        if kind in self.types.refused:
+            return None  # said once already
         try:
-            data = encode_value(value)
+            data = encode_value(value, self.types)
         except UncacheableError as exc:
-            warn_once.warning(f"rag_instrument: result not cached: {exc}")
+            self.types.refused.add(kind)
+            warn_once.warning(
+                f"rag_instrument: results of type {kind.__qualname__} not cached: {exc}"
+            )
             return None
         if self.memory is not None:
             self.memory.set_value(key, data, value)
@@ -199,7 +214,7 @@ class Store:
                     break
             yield wait, (flight,)
             coalesced = True
-            found, value = flight.outcome()  # raises the leader's exception
+            found, value = flight.outcome(self.types)  # raises the leader's exception
             if found:
                 return value, COALESCED
             # The leader was interrupted (or its result not stored): one waiter takes over.
@@ -243,6 +258,20 @@ class Store:
         plan = self._plan(key, loop, self.alookup, _Flight.await_done, fn, self.asave)
         return await arun(plan)
 
+    @staticmethod
+    def key(payload: Mapping[str, Any]) -> str:
+        """The key of an SDK request (``payload["params"]`` holds the request's parameters).
+
+        Raises:
+            UncacheableError: a parameter has no canonical JSON form.
+        """
+        return _keys.key_with_variable(payload, payload.get("params"))
+
+    @staticmethod
+    def is_hit(outcome: int) -> bool:
+        """Whether ``outcome`` (from :meth:`call` / :meth:`acall`) answered without a call."""
+        return outcome != MISS
+
     def count(self, outcome: int, value: Any, rt: Runtime) -> None:
         """Update statistics and telemetry for one answered call."""
         if outcome == MISS:
@@ -259,6 +288,8 @@ class Store:
             saved = 0
             if hit and type(value) is LLMResult:
                 saved = (value.input_tokens or 0) + (value.output_tokens or 0)
+            elif hit and self.tokens is not None:
+                saved = self.tokens(value)
             if rt.claim(_OBSERVED_KEY):
                 _observe(rt)  # first: the baseline must not include this call
             _TOTALS.add(outcome, saved)

@@ -113,5 +113,11 @@ class Explainer:
     def plan(self, dbapi_conn: Any, statement: str, parameters: Any) -> Any:
         """The sanitised plan of ``statement``; raises whatever the driver raises."""
         if self.dialect_name == "sqlite":
-            return sanitize_plan(_sqlite_plan(dbapi_conn, statement, parameters), "sqlite")
+            # Line by line, keeping the indentation that shows the plan's tree.
+            lines = _sqlite_plan(dbapi_conn, statement, parameters)
+            stripped = [line.lstrip(" ") for line in lines]
+            return [
+                " " * (len(line) - len(detail)) + sanitize_plan(detail, "sqlite")
+                for line, detail in zip(lines, stripped, strict=True)
+            ]
         return sanitize_plan(_postgres_plan(dbapi_conn, statement, parameters), "postgresql")

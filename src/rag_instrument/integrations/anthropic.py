@@ -16,15 +16,24 @@ Copies made with ``client.with_options(...)`` / ``client.copy(...)`` are instrum
 and the client's own ``api_key`` / ``auth_token`` are scrubbed, as literals, from everything
 recorded for its calls.
 
-Not instrumented: the ``messages.stream()`` helper (its manager builds the request itself);
-use ``messages.create(stream=True)`` to trace streams. ``with_raw_response`` calls get a
-span without token usage (the body is parsed only when you call ``.parse()``).
-Supported: ``anthropic>=0.34``.
+The ``messages.stream()`` helper is traced too: the manager it returns stays the SDK's
+``MessageStreamManager`` (its class is swapped for a subclass whose ``__enter__`` /
+``__aenter__`` is the traced request), and the span lasts from ``with`` to the end of the
+stream, with time to first token and usage. ``with_raw_response`` calls get token usage.
+
+The SDK's own retries are recorded attempt by attempt (see
+:mod:`rag_instrument.integrations._sdk`; the ``httpx`` client is the SDK's private
+``_client`` attribute). With ``cache=ri.CacheSpec(...)`` (or ``cache=True``),
+``messages.create`` is answered from a response cache; streams never are.
+
+Supported: ``anthropic>=0.34``; per-attempt retries, the stream helper and the cache are
+tested with ``anthropic`` 2.15.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 try:
@@ -36,6 +45,15 @@ except ImportError as _exc:  # pragma: no cover - exercised without the extra
     ) from _exc
 
 from rag_instrument._genai import GenAICall
+from rag_instrument._utils import internal_error
+from rag_instrument.cache import CacheSpec
+from rag_instrument.integrations._cache import cache_spec, cached_method
+from rag_instrument.integrations._sdk import (
+    raw_body,
+    status_error_names,
+    tracked,
+    watch_http_client,
+)
 from rag_instrument.integrations._streams import (
     StreamState,
     client_secrets,
@@ -66,6 +84,7 @@ def _describe(kwargs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _finish(call: GenAICall, result: Any) -> None:
+    result = raw_body(result) or result
     usage = getattr(result, "usage", None)
     reason = getattr(result, "stop_reason", None)
     text = None
@@ -108,7 +127,90 @@ class _MessageStream(StreamState):
                 self.text.append(text)
 
 
-def instrument_anthropic(client: C) -> C:
+@functools.cache
+def _error_names() -> Callable[[int], str]:
+    return status_error_names(anthropic)
+
+
+@functools.cache
+def _traced_manager(base: Any) -> type:
+    """A subclass of the SDK's (async) ``MessageStreamManager`` whose entry is a traced call.
+
+    ``messages.stream()`` returns a manager that sends the request only on ``with`` /
+    ``async with``; the instance's class is swapped for this subclass, so it stays an
+    instance of the SDK's class with all of its behaviour, and entering it goes through
+    the function set by :func:`_instrument_stream_helper`.
+    """
+
+    def __enter__(self: Any) -> Any:
+        enter = self.__dict__.pop("_rag_instrument_enter", None)
+        if enter is None:
+            return base.__enter__(self)
+        return enter()
+
+    async def __aenter__(self: Any) -> Any:
+        enter = self.__dict__.pop("_rag_instrument_enter", None)
+        if enter is None:
+            return await base.__aenter__(self)
+        return await enter()
+
+    namespace: dict[str, Any] = {"__module__": __name__, "__qualname__": base.__qualname__}
+    if hasattr(base, "__aenter__"):
+        namespace["__aenter__"] = __aenter__
+    else:
+        namespace["__enter__"] = __enter__
+    return type(base.__name__, (base,), namespace)
+
+
+def _stream_helper(
+    original: Callable[..., Any],
+    *,
+    is_async: bool,
+    secrets: Callable[[], tuple[str, ...]],
+    names: Callable[[int], str],
+) -> Callable[..., Any]:
+    from anthropic.lib.streaming import AsyncMessageStream, MessageStream
+
+    @functools.wraps(original)
+    def stream(*args: Any, **kwargs: Any) -> Any:
+        manager = original(*args, **kwargs)
+        try:
+            base: Any = type(manager)
+            enter = base.__aenter__ if is_async else base.__enter__
+            request = tracked(
+                functools.partial(enter, manager),
+                is_async=is_async,
+                target="anthropic.chat",
+                names=names,
+            )
+            manager._rag_instrument_enter = instrumented(
+                request,
+                system=SYSTEM,
+                describe=lambda _: _describe(kwargs),
+                on_result=_finish,
+                stream_types=(MessageStream, AsyncMessageStream),
+                make_state=_MessageStream,
+                is_async=is_async,
+                secrets=secrets,
+            )
+            manager.__class__ = _traced_manager(base)
+        except Exception as exc:
+            internal_error("instrumenting a messages.stream() manager", exc)
+        return manager
+
+    return stream
+
+
+def _message_tokens(result: Any) -> int:
+    usage = getattr(result, "usage", None)
+    total = 0
+    for name in ("input_tokens", "output_tokens"):
+        value = getattr(usage, name, None)
+        total += value if isinstance(value, int) else 0
+    return total
+
+
+def instrument_anthropic(client: C, *, cache: CacheSpec | bool | None = None) -> C:
     """Instrument an ``anthropic.Anthropic`` or ``anthropic.AsyncAnthropic`` client in place.
 
     Instrumenting twice does nothing the second time; undo with
@@ -116,24 +218,42 @@ def instrument_anthropic(client: C) -> C:
 
     Args:
         client: the client.
+        cache: a :class:`~rag_instrument.cache.CacheSpec` (or ``True`` for the defaults)
+            answers ``messages.create`` from a response cache; ``None`` (the default)
+            caches nothing.
 
     Returns:
         The same client, for chaining.
 
     Raises:
         TypeError: ``client`` is not an Anthropic client.
+        ValueError: ``cache`` is neither a ``CacheSpec`` nor a bool.
     """
     if not isinstance(client, anthropic.Anthropic | anthropic.AsyncAnthropic):
         raise TypeError(
             f"instrument_anthropic expects an Anthropic client, got {type(client).__name__}"
         )
+    spec = cache_spec(cache)
     is_async = isinstance(client, anthropic.AsyncAnthropic)
     streams = (anthropic.Stream, anthropic.AsyncStream)
     secrets = client_secrets(client, ("api_key", "auth_token"))
+    names = _error_names()
+    watch_http_client(client, is_async)
 
     def messages(original: Any) -> Any:
+        inner = original
+        if spec is not None:
+            scope = {"sdk": SYSTEM, "operation": "chat", "base_url": str(client.base_url)}
+            inner = cached_method(
+                original,
+                spec=spec,
+                is_async=is_async,
+                scope=scope,
+                result_type=anthropic.types.Message,
+                tokens=_message_tokens,
+            )
         return instrumented(
-            original,
+            tracked(inner, is_async=is_async, target="anthropic.chat", names=names),
             system=SYSTEM,
             describe=_describe,
             on_result=_finish,
@@ -143,8 +263,16 @@ def instrument_anthropic(client: C) -> C:
             secrets=secrets,
         )
 
+    def stream_helper(original: Any) -> Any:
+        return _stream_helper(original, is_async=is_async, secrets=secrets, names=names)
+
     instrument_methods(
-        client, [(client.messages, "create", messages)], instrument=instrument_anthropic
+        client,
+        [
+            (client.messages, "create", messages),
+            (client.messages, "stream", stream_helper),
+        ],
+        instrument=functools.partial(instrument_anthropic, cache=spec),
     )
     return client
 

@@ -17,20 +17,29 @@ Copies made with ``client.with_options(...)`` / ``client.copy(...)`` are instrum
 instrumented). The client's own ``api_key`` is scrubbed, as a literal, from everything
 recorded for its calls, whatever its shape (Azure keys are plain hex).
 
-Limitation: ``client.chat.completions.with_raw_response.create(...)`` (and
-``with_streaming_response``) calls get their span, duration, log line and errors, but no
-token usage, response model or finish reason: the SDK hands back the raw HTTP response,
-and its body is parsed only if and when you call ``.parse()``, after the span has ended.
-Read usage from the parsed object yourself if you need it there.
+The SDK's own retries (``max_retries``) are recorded attempt by attempt on the call's span
+(``"retry"`` events, ``rag.retry.attempts``, ``"retrying"`` lines: see
+:mod:`rag_instrument.integrations._sdk`), through the ``send`` method of the client's
+``httpx`` client, which the SDK keeps in its private attribute ``_client``; a client
+without it is instrumented all the same, without per-attempt records.
+
+``client.chat.completions.with_raw_response.create(...)`` calls get token usage (read from
+the body the SDK has already read); ``with_streaming_response`` calls get their span,
+duration, log line and errors but no usage (their body is the caller's to read, after the
+span has ended).
+
+With ``cache=ri.CacheSpec(...)`` (or ``cache=True``), ``chat.completions.create`` and
+``embeddings.create`` are answered from a response cache (see
+:mod:`rag_instrument.integrations._cache`); streams never are.
 
 Supported: ``openai>=1.40`` (sync ``OpenAI`` and async ``AsyncOpenAI`` clients, and their
-Azure variants).
+Azure variants); per-attempt retries and the cache are tested with ``openai`` 3.57.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 try:
@@ -42,6 +51,14 @@ except ImportError as _exc:  # pragma: no cover - exercised without the extra
 
 from rag_instrument import attributes as attr
 from rag_instrument._genai import GenAICall
+from rag_instrument.cache import CacheSpec
+from rag_instrument.integrations._cache import cache_spec, cached_method
+from rag_instrument.integrations._sdk import (
+    raw_body,
+    status_error_names,
+    tracked,
+    watch_http_client,
+)
 from rag_instrument.integrations._streams import (
     StreamState,
     client_secrets,
@@ -85,6 +102,7 @@ def _usage(result: Any) -> tuple[int | None, int | None]:
 
 
 def _finish_chat(call: GenAICall, result: Any) -> None:
+    result = raw_body(result) or result
     choices = getattr(result, "choices", None) or []
     input_tokens, output_tokens = _usage(result)
     reasons = [str(c.finish_reason) for c in choices if getattr(c, "finish_reason", None)]
@@ -102,6 +120,7 @@ def _finish_chat(call: GenAICall, result: Any) -> None:
 
 
 def _finish_embeddings(call: GenAICall, result: Any) -> None:
+    result = raw_body(result) or result
     input_tokens, _ = _usage(result)
     call.finish(None, response_model=getattr(result, "model", None), input_tokens=input_tokens)
 
@@ -129,29 +148,60 @@ class _ChatStream(StreamState):
                     self.text.append(content)
 
 
-def instrument_openai(client: C) -> C:
+@functools.cache
+def _error_names() -> Callable[[int], str]:
+    return status_error_names(openai)
+
+
+def _chat_tokens(result: Any) -> int:
+    usage = getattr(result, "usage", None)
+    return int(getattr(usage, "total_tokens", 0) or 0)
+
+
+def instrument_openai(client: C, *, cache: CacheSpec | bool | None = None) -> C:
     """Instrument an ``openai.OpenAI`` or ``openai.AsyncOpenAI`` client in place.
 
     Instrumenting twice does nothing the second time; undo with :func:`uninstrument_openai`.
 
     Args:
         client: the client.
+        cache: a :class:`~rag_instrument.cache.CacheSpec` (or ``True`` for the defaults)
+            answers ``chat.completions.create`` and ``embeddings.create`` from a response
+            cache; ``None`` (the default) caches nothing.
 
     Returns:
         The same client, for chaining.
 
     Raises:
         TypeError: ``client`` is not an OpenAI client.
+        ValueError: ``cache`` is neither a ``CacheSpec`` nor a bool.
     """
     if not isinstance(client, openai.OpenAI | openai.AsyncOpenAI):
         raise TypeError(f"instrument_openai expects an OpenAI client, got {type(client).__name__}")
+    spec = cache_spec(cache)
     is_async = isinstance(client, openai.AsyncOpenAI)
     streams = (openai.Stream, openai.AsyncStream)
     secrets = client_secrets(client)
+    names = _error_names()
+    watch_http_client(client, is_async)
+
+    def cached(original: Any, operation: str, result_type: type) -> Any:
+        if spec is None:
+            return original
+        scope = {"sdk": SYSTEM, "operation": operation, "base_url": str(client.base_url)}
+        return cached_method(
+            original,
+            spec=spec,
+            is_async=is_async,
+            scope=scope,
+            result_type=result_type,
+            tokens=_chat_tokens,
+        )
 
     def chat(original: Any) -> Any:
+        inner = cached(original, "chat", openai.types.chat.ChatCompletion)
         return instrumented(
-            original,
+            tracked(inner, is_async=is_async, target="openai.chat", names=names),
             system=SYSTEM,
             describe=_describe_chat,
             on_result=_finish_chat,
@@ -162,8 +212,9 @@ def instrument_openai(client: C) -> C:
         )
 
     def embeddings(original: Any) -> Any:
+        inner = cached(original, "embeddings", openai.types.CreateEmbeddingResponse)
         return instrumented(
-            original,
+            tracked(inner, is_async=is_async, target="openai.embeddings", names=names),
             system=SYSTEM,
             describe=_describe_embeddings,
             on_result=_finish_embeddings,
@@ -177,7 +228,7 @@ def instrument_openai(client: C) -> C:
             (client.chat.completions, "create", chat),
             (client.embeddings, "create", embeddings),
         ],
-        instrument=instrument_openai,
+        instrument=functools.partial(instrument_openai, cache=spec),
     )
     return client
 

@@ -1,0 +1,139 @@
+"""The response cache of instrumented SDK clients (``instrument_openai(client, cache=...)``).
+
+A cached SDK method answers from the same machinery as
+:class:`~rag_instrument.cache.CacheMixin`: a SHA-256 key of the canonical JSON of the
+request, tenant namespaces, single flight, in-process or Redis backends. The response
+model is stored as JSON (``model_dump(mode="json")``) and rebuilt on a hit with the SDK
+class's ``model_validate``: the caller gets the type the SDK returns, never an unpickled
+object, and a fresh copy on every hit (an SDK model is mutable).
+
+Never answered from the cache: streams, ``with_raw_response`` / ``with_streaming_response``
+calls (the caller expects the HTTP response), calls with ``temperature > 0`` unless the
+spec says ``nondeterministic=True``, and calls with a parameter that has no canonical JSON
+form (a warning says which, once).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+from rag_instrument._genai import current_call
+from rag_instrument._runtime import get_runtime
+from rag_instrument._utils import internal_error, warn_once
+from rag_instrument.cache import CacheSpec, UncacheableError
+from rag_instrument.cache._spec import sdk_store
+
+__all__ = ["cache_spec", "cached_method"]
+
+#: Request options that change how a request is sent, never what it answers.
+_TRANSPORT_OPTIONS: Final = frozenset({"timeout"})
+_RAW_HEADER: Final = "x-stainless-raw-response"
+
+
+def cache_spec(cache: CacheSpec | bool | None) -> CacheSpec | None:
+    """The spec for ``instrument_*(client, cache=...)``.
+
+    Raises:
+        ValueError: ``cache`` is neither a ``CacheSpec`` nor a bool.
+    """
+    if cache is None or cache is False:
+        return None
+    if cache is True:
+        return CacheSpec()
+    if isinstance(cache, CacheSpec):
+        return cache
+    raise ValueError(f"cache must be a rag_instrument.CacheSpec or a bool, got {cache!r}")
+
+
+def _is_omitted(value: Any) -> bool:
+    return type(value).__name__ in ("NotGiven", "Omit")
+
+
+def _is_raw(kwargs: Mapping[str, Any]) -> bool:
+    headers = kwargs.get("extra_headers")
+    if not isinstance(headers, Mapping):
+        return False
+    return any(str(name).lower() == _RAW_HEADER for name in headers)
+
+
+def cached_method(
+    original: Callable[..., Any],
+    *,
+    spec: CacheSpec,
+    is_async: bool,
+    scope: Mapping[str, Any],
+    result_type: type,
+    tokens: Callable[[Any], int],
+) -> Callable[..., Any]:
+    """Wrap one SDK method with the response cache.
+
+    Args:
+        original: the SDK's bound method.
+        spec: the cache's settings (and its store).
+        is_async: whether ``original`` returns an awaitable.
+        scope: what, besides the request, tells answers apart: the SDK, the operation and
+            the client's base URL (two deployments may answer the same model name
+            differently).
+        result_type: the SDK's response model class (the only type rebuilt from entries).
+        tokens: the tokens a response cost (counted as saved on a hit).
+    """
+    store = sdk_store(spec, result_type, tokens)
+
+    def key_of(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str | None:
+        if args or kwargs.get("stream") or _is_raw(kwargs):
+            return None
+        temperature = kwargs.get("temperature")
+        if (
+            isinstance(temperature, int | float)
+            and temperature > 0
+            and not spec.nondeterministic
+        ):
+            return None
+        params = {
+            name: value
+            for name, value in kwargs.items()
+            if name not in _TRANSPORT_OPTIONS and not _is_omitted(value)
+        }
+        try:
+            return store.key({**scope, "params": params, "namespace": spec.current_namespace()})
+        except UncacheableError as exc:
+            warn_once.warning(f"rag_instrument: {scope.get('operation')} call not cached: {exc}")
+            return None
+        except Exception as exc:
+            internal_error("building an SDK cache key", exc)
+            return None
+
+    def record(outcome: int, value: Any) -> None:
+        try:
+            call = current_call()
+            if call is not None:
+                call.cache_hit = store.is_hit(outcome)
+            store.count(outcome, value, get_runtime())
+        except Exception as exc:
+            internal_error("recording an SDK cache outcome", exc)
+
+    if is_async:
+
+        @functools.wraps(original)
+        async def async_method(*args: Any, **kwargs: Any) -> Any:
+            key = key_of(args, kwargs)
+            if key is None:
+                return await original(*args, **kwargs)
+            value, outcome = await store.acall(key, lambda: original(*args, **kwargs))
+            record(outcome, value)
+            return value
+
+        return async_method
+
+    @functools.wraps(original)
+    def method(*args: Any, **kwargs: Any) -> Any:
+        key = key_of(args, kwargs)
+        if key is None:
+            return original(*args, **kwargs)
+        value, outcome = store.call(key, lambda: original(*args, **kwargs))
+        record(outcome, value)
+        return value
+
+    return method

@@ -1,0 +1,350 @@
+"""What the SDK integrations share besides streams: every HTTP attempt, and raw responses.
+
+Every HTTP attempt of an instrumented SDK call: the SDK's own retries, made visible.
+
+The openai and anthropic SDKs retry by themselves (``max_retries``, 2 by default, honouring
+``Retry-After``) inside one ``create`` call, so a call that took three attempts looks like
+one slow call. To see each attempt, the ``send`` method of the SDK client's HTTP client (the
+``httpx`` client the SDK keeps as ``client._client``; ``send`` is the public ``httpx`` method
+the SDK calls exactly once per attempt) is wrapped on that one client object. The wrapper
+does nothing unless an instrumented call is in progress in the same context (thread or
+task): requests made by other code through a shared ``httpx`` client are not touched.
+
+``send`` is used rather than ``httpx``'s ``event_hooks`` because a hook never sees an
+attempt that failed without a response (a timeout, a refused connection): ``send`` raises
+the exact error at the exact moment, so a timeout is told from a refused connection and the
+wait before the next attempt is measured from the failure.
+
+For each retry the call records what :class:`~rag_instrument.retry.RetryMixin` records: a
+``"retry"`` span event (``attempt``, ``error_type``, ``wait_s``, plus
+``http.response.status_code`` when the server answered), one ``"retrying"`` warning line,
+one count on ``rag.retry.count`` and on ``rag.llm.retries``; the span gets
+``rag.retry.attempts`` (HTTP attempts made) and ``rag.retry.backoff_ms`` (time between a
+failure and the next attempt). A retry is recorded when the next attempt starts (the SDK
+decides whether to retry, and it does not say so beforehand); the span event carries the
+time of the failure.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+import orjson
+
+from rag_instrument._genai import GenAICall, current_call
+from rag_instrument._runtime import get_runtime
+from rag_instrument._utils import internal_error
+from rag_instrument.attributes import (
+    ERROR_TYPE,
+    EVENT_RETRY,
+    HTTP_RESPONSE_STATUS_CODE,
+    LOG_RETRYING,
+    METRIC_LLM_RETRIES,
+    METRIC_RETRY_COUNT,
+)
+from rag_instrument.logs import emit
+
+__all__ = [
+    "Attempts",
+    "begin",
+    "describe_target",
+    "end",
+    "raw_body",
+    "status_error_names",
+    "tracked",
+    "watch_http_client",
+]
+
+#: Set on an ``httpx`` client whose ``send`` is wrapped.
+SEND_MARKER: Final = "_rag_instrument_send"
+
+_active: contextvars.ContextVar[Attempts | None] = contextvars.ContextVar(
+    "rag_instrument.sdk_attempts", default=None
+)
+
+
+def status_error_names(module: Any) -> Callable[[int], str]:
+    """The SDK error class name a status becomes (``429 -> "RateLimitError"``).
+
+    Read from the SDK's public exception classes, whose ``status_code`` is a class
+    attribute (``RateLimitError.status_code == 429``).
+    """
+    base = getattr(module, "APIStatusError", None)
+    names: dict[int, str] = {}
+    for value in list(vars(module).values()):
+        if isinstance(value, type) and base is not None and issubclass(value, base):
+            status = value.__dict__.get("status_code")
+            if isinstance(status, int) and status not in names:
+                names[status] = value.__name__
+
+    def name(status: int) -> str:
+        found = names.get(status)
+        if found is not None:
+            return found
+        return "InternalServerError" if status >= 500 else "APIStatusError"
+
+    return name
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    if isinstance(exc, TimeoutError):
+        return True
+    return any(cls.__name__ == "TimeoutException" for cls in type(exc).__mro__)
+
+
+class Attempts:
+    """The HTTP attempts of one instrumented call."""
+
+    __slots__ = (
+        "backoff_ms",
+        "call",
+        "count",
+        "error_type",
+        "failed_ns",
+        "failed_wall_ns",
+        "names",
+        "status",
+        "target",
+    )
+
+    def __init__(self, call: GenAICall, target: str, names: Callable[[int], str]) -> None:
+        self.call = call
+        self.target = target
+        self.names = names
+        self.count = 0
+        self.backoff_ms = 0.0
+        self.failed_ns = 0
+        self.failed_wall_ns = 0
+        self.status: int | None = None
+        self.error_type: str | None = None
+
+    def before(self) -> None:
+        """An attempt starts: if the previous one failed, this is a retry."""
+        try:
+            now = time.perf_counter_ns()
+            if self.count and self.failed_ns:
+                self._retried(now)
+            self.count += 1
+            self.failed_ns = 0
+            self.status = None
+            self.error_type = None
+        except Exception as exc:
+            internal_error("recording an http attempt", exc)
+
+    def after(self, response: Any) -> None:
+        """The attempt got a response (a status >= 400 is a failure)."""
+        try:
+            status = response.status_code
+            if isinstance(status, int) and status >= 400:
+                self._failed(status, self.names(status))
+        except Exception as exc:
+            internal_error("recording an http response", exc)
+
+    def raised(self, exc: BaseException) -> None:
+        """The attempt failed without a response."""
+        if isinstance(exc, Exception):
+            self._failed(None, "APITimeoutError" if _is_timeout(exc) else "APIConnectionError")
+
+    def _failed(self, status: int | None, error_type: str) -> None:
+        self.failed_ns = time.perf_counter_ns()
+        self.failed_wall_ns = time.time_ns()
+        self.status = status
+        self.error_type = error_type
+
+    def _retried(self, now: int) -> None:
+        wait_s = (now - self.failed_ns) / 1e9
+        self.backoff_ms += wait_s * 1000.0
+        rt = self.call.rt
+        if not rt.enabled:
+            return
+        call = self.call
+        error_type = self.error_type or "unknown"
+        event: dict[str, Any] = {
+            "attempt": self.count,
+            "error_type": error_type,
+            "wait_s": round(wait_s, 6),
+        }
+        if self.status is not None:
+            event[HTTP_RESPONSE_STATUS_CODE] = self.status
+        if call.span.is_recording():
+            call.span.add_event(EVENT_RETRY, event, timestamp=self.failed_wall_ns)
+        rt.counter(METRIC_RETRY_COUNT, "{retry}", "Retried calls (one per retry).").add(
+            1, {ERROR_TYPE: error_type}
+        )
+        metric: dict[str, Any] = {**call.metric_attrs, ERROR_TYPE: error_type}
+        if self.status is not None:
+            metric[HTTP_RESPONSE_STATUS_CODE] = self.status
+        rt.counter(
+            METRIC_LLM_RETRIES, "{retry}", "Retried model requests (one per retry)."
+        ).add(1, metric)
+        if rt.log is not None:
+            fields: dict[str, Any] = {"target": self.target, **event}
+            if self.status is not None:
+                del fields[HTTP_RESPONSE_STATUS_CODE]
+                fields["http_status"] = self.status
+            emit("warning", LOG_RETRYING, fields, span=call.span, trusted=True, rt=rt)
+
+    def done(self) -> None:
+        """Put the totals on the call."""
+        if self.count:
+            self.call.attempts = self.count
+            self.call.backoff_ms = self.backoff_ms
+
+
+def watch_http_client(client: Any, is_async: bool) -> None:
+    """Wrap ``send`` on the SDK client's ``httpx`` client (once per ``httpx`` client)."""
+    try:
+        http = getattr(client, "_client", None)
+        send = getattr(http, "send", None)
+        if http is None or not callable(send) or getattr(http, SEND_MARKER, False):
+            return
+        wrapped = _async_send(send) if is_async else _sync_send(send)
+        http.send = wrapped
+        setattr(http, SEND_MARKER, True)
+    except Exception as exc:
+        internal_error("watching an SDK's http client", exc)
+
+
+def _sync_send(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def send(*args: Any, **kwargs: Any) -> Any:
+        attempts = _active.get()
+        if attempts is None:
+            return original(*args, **kwargs)
+        attempts.before()
+        try:
+            response = original(*args, **kwargs)
+        except BaseException as exc:
+            attempts.raised(exc)
+            raise
+        attempts.after(response)
+        return response
+
+    return send
+
+
+def _async_send(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    async def send(*args: Any, **kwargs: Any) -> Any:
+        attempts = _active.get()
+        if attempts is None:
+            return await original(*args, **kwargs)
+        attempts.before()
+        try:
+            response = await original(*args, **kwargs)
+        except BaseException as exc:
+            attempts.raised(exc)
+            raise
+        attempts.after(response)
+        return response
+
+    return send
+
+
+def begin(target: str, names: Callable[[int], str]) -> tuple[Attempts, Any] | None:
+    """Start counting the attempts of the call current in this context, if any."""
+    call = current_call()
+    if call is None or not get_runtime().enabled:
+        return None
+    attempts = Attempts(call, target, names)
+    return attempts, _active.set(attempts)
+
+
+def end(started: tuple[Attempts, Any]) -> None:
+    """Stop counting; the totals go on the call."""
+    attempts, token = started
+    try:
+        _active.reset(token)
+    except ValueError:
+        _active.set(None)  # ended in another context (a stream helper's exit)
+    attempts.done()
+
+
+def tracked(
+    original: Callable[..., Any],
+    *,
+    is_async: bool,
+    target: str,
+    names: Callable[[int], str],
+) -> Callable[..., Any]:
+    """``original`` with its HTTP attempts counted onto the current call."""
+    if is_async:
+
+        @functools.wraps(original)
+        async def async_method(*args: Any, **kwargs: Any) -> Any:
+            started = begin(target, names)
+            if started is None:
+                return await original(*args, **kwargs)
+            try:
+                return await original(*args, **kwargs)
+            finally:
+                end(started)
+
+        return async_method
+
+    @functools.wraps(original)
+    def method(*args: Any, **kwargs: Any) -> Any:
+        started = begin(target, names)
+        if started is None:
+            return original(*args, **kwargs)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            end(started)
+
+    return method
+
+
+def describe_target(system: str, operation: str) -> str:
+    """The ``target`` field of a ``"retrying"`` line (``"openai.chat"``)."""
+    return f"{system}.{operation}"
+
+
+
+# --- raw responses ----------------------------------------------------------------------------
+
+
+class _View:
+    """Attribute access over parsed JSON, so a raw body reads like the SDK's model."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self._data = data
+
+    def __getattr__(self, name: str) -> Any:
+        return _view(self._data.get(name))
+
+
+def _view(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return _View(value)
+    if isinstance(value, list):
+        return [_view(v) for v in value]
+    return value
+
+
+def raw_body(result: Any) -> Any:
+    """For a ``with_raw_response`` result whose body was read: that body, attribute-style.
+
+    ``None`` for anything else (a parsed model, a stream, a ``with_streaming_response``
+    result whose body is still unread: reading it here would consume the user's stream).
+    """
+    kind = type(result)
+    if not callable(getattr(kind, "parse", None)):
+        return None  # looked up on the class: a pydantic model's __getattr__ is slow
+    own = getattr(result, "__dict__", ())
+    if not hasattr(kind, "http_response") and "http_response" not in own:
+        return None
+    http = result.http_response
+    if not getattr(http, "is_closed", False):
+        return None
+    content = getattr(http, "content", None)
+    if not isinstance(content, bytes | bytearray) or not content:
+        return None
+    data = orjson.loads(content)
+    return _View(data) if isinstance(data, Mapping) else None

@@ -1,0 +1,220 @@
+"""ri.cached on what functions really return: pydantic models, dataclasses, SDK responses."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+from typing import Any
+
+import openai
+import orjson
+import pydantic
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from openai.types.chat import ChatCompletion
+
+import rag_instrument as ri
+from rag_instrument import cache as cache_module
+from rag_instrument.cache._values import ValueTypes, type_name
+from rag_instrument.integrations.openai import instrument_openai
+from support.fake_llm import FakeLLMServer
+
+
+class Answer(pydantic.BaseModel):
+    text: str
+    sources: list[str]
+    score: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Passage:
+    doc_id: str
+    rank: int
+
+
+@dataclasses.dataclass
+class Retrieved:
+    query: str
+    passages: tuple[Passage, ...]
+    answer: Answer | None = None
+    by_doc: dict[str, Passage] = dataclasses.field(default_factory=dict)
+
+
+def test_pydantic_model_is_rebuilt_as_its_type() -> None:
+    calls = 0
+
+    @ri.cached
+    def answer(question: str) -> Answer:
+        nonlocal calls
+        calls += 1
+        return Answer(text=f"re {question}", sources=["a", "b"], score=0.5)
+
+    first = answer("q")
+    second = answer("q")
+    assert calls == 1
+    assert type(second) is Answer
+    assert second == first
+    assert second is not first
+    second.sources.append("mutated")
+    assert answer("q").sources == ["a", "b"]  # each hit is a fresh object
+
+
+def test_nested_dataclasses_and_models_are_rebuilt() -> None:
+    calls = 0
+
+    @ri.cached
+    def retrieve(query: str) -> Retrieved:
+        nonlocal calls
+        calls += 1
+        passages = (Passage("d1", 1), Passage("d2", 2))
+        return Retrieved(
+            query, passages, Answer(text="x", sources=["d1"]), {"d1": passages[0]}
+        )
+
+    first = retrieve("q")
+    second = retrieve("q")
+    assert calls == 1
+    assert second == first
+    assert type(second.passages) is tuple
+    assert type(second.passages[0]) is Passage
+    assert type(second.answer) is Answer
+    assert type(second.by_doc["d1"]) is Passage
+
+
+@pytest.mark.asyncio
+async def test_sdk_response_from_a_real_client_is_cached() -> None:
+    with FakeLLMServer() as server:
+        client = openai.AsyncOpenAI(api_key="sk-x-0123456789", base_url=server.openai_base_url)
+
+        @ri.cached(ttl=60)
+        async def ask(question: str) -> ChatCompletion:
+            return await client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": question}]
+            )
+
+        first = await ask("hello")
+        second = await ask("hello")
+        assert len(server.requests) == 1
+        assert type(second) is ChatCompletion
+        assert second == first
+        await client.close()
+
+
+def test_anything_else_is_refused_once_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    class Handle:
+        pass
+
+    calls = 0
+
+    @ri.cached
+    def make() -> Handle:
+        nonlocal calls
+        calls += 1
+        return Handle()
+
+    with caplog.at_level("WARNING", logger="rag_instrument.internal"):
+        results = [make() for _ in range(3)]
+    assert calls == 3  # not cached, and never an exception into the application
+    assert all(type(r) is Handle for r in results)
+    warnings = [r.getMessage() for r in caplog.records if "not cached" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "Handle" in warnings[0]
+    assert "neither JSON, a dataclass nor a pydantic model" in warnings[0]
+
+
+def test_dataclass_that_does_not_round_trip_is_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    @dataclasses.dataclass
+    class Stamped:
+        at: datetime.date  # JSON turns it into a string: a hit would not be equal
+
+    calls = 0
+
+    @ri.cached
+    def stamp() -> Stamped:
+        nonlocal calls
+        calls += 1
+        return Stamped(datetime.date(2026, 1, 2))
+
+    with caplog.at_level("WARNING", logger="rag_instrument.internal"):
+        assert stamp() == stamp()
+    assert calls == 2
+    (message,) = [r.getMessage() for r in caplog.records if "not cached" in r.getMessage()]
+    assert "Stamped" in message
+
+
+def test_entries_naming_a_class_not_allowed_are_misses() -> None:
+    types = ValueTypes()
+    forged = orjson.dumps({"t": "obj", "c": "os:system", "v": "echo pwned"})
+    with pytest.raises(ValueError, match="not allowed"):
+        cache_module.decode_value(forged, types)
+    types.allow(Answer)
+    entry = {"t": "obj", "c": type_name(Answer), "v": {"text": 1}}
+    with pytest.raises(ValueError, match="does not fit"):
+        cache_module.decode_value(orjson.dumps(entry), types)
+
+
+def test_entries_are_plain_json_with_the_type_name() -> None:
+    types = ValueTypes()
+    data = cache_module.encode_value(Answer(text="t", sources=[]), types)
+    envelope = json.loads(data)
+    assert envelope == {
+        "t": "obj",
+        "c": f"{__name__}:Answer",
+        "v": {"text": "t", "sources": [], "score": None},
+    }
+
+
+def test_an_object_stored_by_another_process_is_rebuilt_once_the_type_is_known() -> None:
+    writer, reader = ValueTypes(), ValueTypes()
+    data = cache_module.encode_value(Passage("d", 1), writer)
+    with pytest.raises(ValueError, match="not allowed"):
+        cache_module.decode_value(data, reader)  # never stored nor declared here: a miss
+    reader.allow(Passage)
+    assert cache_module.decode_value(data, reader) == Passage("d", 1)
+
+
+json_leaves = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=20)
+
+
+@dataclasses.dataclass
+class Record:
+    name: str
+    values: list[Any]
+    mapping: dict[str, Any]
+    inner: Passage | None
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    name=st.text(max_size=30),
+    values=st.lists(json_leaves, max_size=5),
+    mapping=st.dictionaries(st.text(max_size=8), json_leaves, max_size=4),
+    inner=st.none() | st.builds(Passage, st.text(max_size=8), st.integers(0, 100)),
+)
+def test_dataclasses_round_trip_equal(
+    name: str, values: list[Any], mapping: dict[str, Any], inner: Passage | None
+) -> None:
+    types = ValueTypes()
+    record = Record(name, values, mapping, inner)
+    assert cache_module.decode_value(cache_module.encode_value(record, types), types) == record
+
+
+def test_instrumented_client_results_are_cacheable_too() -> None:
+    with FakeLLMServer() as server:
+        client = instrument_openai(
+            openai.OpenAI(api_key="sk-x-0123456789", base_url=server.openai_base_url)
+        )
+
+        @ri.cached
+        def ask() -> ChatCompletion:
+            return client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "x"}]
+            )
+
+        assert ask() == ask()
+        assert len(server.requests) == 1
+        client.close()

@@ -1,0 +1,186 @@
+"""One model call's telemetry (``_genai``): span, log line, metrics, secrets and errors."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from opentelemetry import trace
+from opentelemetry.trace import StatusCode
+
+import rag_instrument as ri
+from rag_instrument import _runtime
+from rag_instrument._genai import current_call, error_summary, numeric_params, start_call
+from rag_instrument.testing import Capture, capture
+
+
+def _everything(cap: Capture) -> str:
+    text = repr(cap.logs)
+    for span in cap.spans:
+        text += repr(dict(span.attributes or {})) + repr(span.status.description)
+        text += repr([(e.name, dict(e.attributes or {})) for e in span.events])
+    return text
+
+
+class ProviderError(Exception):
+    def __init__(self, message: str, status_code: int, code: Any = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.code = code
+
+
+def _call(**kwargs: Any) -> Any:
+    return start_call(
+        _runtime.get_runtime(),
+        **{"operation": "chat", "system": "acme", "model": "m", **kwargs},
+    )
+
+
+def test_error_summary_skips_codes_that_are_not_short_identifiers() -> None:
+    class Anthropicish(Exception):
+        status_code = 529
+        body = {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}
+
+    assert error_summary(Anthropicish("busy")) == "Anthropicish (HTTP 529, code overloaded_error)"
+    assert error_summary(ProviderError("x", 400, "a" * 80)) == "ProviderError (HTTP 400)"
+    assert error_summary(ProviderError("x", 400, 17)) == "ProviderError (HTTP 400)"
+    key = "0123456789abcdef0123456789abcdef"
+    assert error_summary(ProviderError("x", 401, key), (key,)) == "ProviderError (HTTP 401)"
+    assert error_summary(TimeoutError("slow")) == "TimeoutError"
+
+
+def test_prompt_is_built_only_when_content_is_captured() -> None:
+    built = 0
+
+    def prompt() -> str:
+        nonlocal built
+        built += 1
+        return "the prompt"
+
+    for capture_content, expected in ((False, 0), (True, 1)):
+        with capture(capture_content=capture_content) as cap:
+            call = start_call(
+                _runtime.get_runtime(), operation="embeddings", system="s", model="m", prompt=prompt
+            )
+            call.finish(None)
+        assert built == expected
+        attrs = dict(cap.span("embeddings m").attributes or {})
+        assert ("gen_ai.input.messages" in attrs) is capture_content
+
+
+def test_secrets_are_scrubbed_literally_from_every_recorded_text() -> None:
+    key = "3f9a0c1e5b7d4a2f8e6c0b9d1a3e5f7c"  # an Azure-style hex key: no sk- shape
+    with capture(capture_content=True) as cap:
+        call = start_call(
+            _runtime.get_runtime(), operation="chat", system="azure", model="m",
+            prompt=f"my key is {key}", secrets=(key, "short"),
+        )
+        call.finish(ValueError(f"Incorrect API key provided: {key}"))
+    assert key not in _everything(cap)
+    assert "my key is" in cap.span("chat m").attributes["gen_ai.input.messages"]
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["temperature", "top_p", "max_tokens", "seed", "n", "stop", "user"]),
+        st.one_of(st.integers(-5, 5), st.floats(0, 2), st.booleans(), st.text(max_size=5)),
+    )
+)
+def test_only_known_numeric_parameters_are_recorded(params: dict[str, Any]) -> None:
+    recorded = numeric_params(params)
+    for key, value in recorded.items():
+        assert key.startswith("gen_ai.request.")
+        assert type(value) in (int, float)  # never text, never a bool
+    kept = {k for k, v in params.items() if k not in ("stop", "user") and type(v) in (int, float)}
+    assert len(recorded) == len(kept)
+    if "n" in kept:
+        assert recorded["gen_ai.request.choice.count"] == params["n"]
+
+
+def test_a_call_is_finished_once() -> None:
+    with capture() as cap:
+        call = _call(params={"temperature": 0.2, "stop": ["secret"]})
+        call.finish(None, input_tokens=12, output_tokens=3, response_model="m-2024")
+        call.finish(ValueError("late"))  # a second end (a stream closed after exhaustion)
+    (span,) = cap.spans
+    assert span.name == "chat m"
+    assert span.kind is trace.SpanKind.CLIENT
+    assert span.status.status_code is not StatusCode.ERROR
+    attrs = dict(span.attributes or {})
+    assert attrs["gen_ai.request.temperature"] == 0.2
+    assert "gen_ai.request.stop" not in attrs
+    assert attrs["gen_ai.usage.input_tokens"] == 12
+    assert attrs["gen_ai.response.model"] == "m-2024"
+    (line,) = cap.logs
+    assert line["event"] == "llm call completed"
+    assert (line["input_tokens"], line["output_tokens"]) == (12, 3)
+    assert cap.find_logs("llm call failed") == []
+
+
+def test_cancellation_is_a_warning_not_an_error() -> None:
+    with capture() as cap:
+        _call().finish(asyncio.CancelledError())
+    span = cap.span("chat m")
+    assert span.attributes["rag.cancelled"] is True
+    assert span.status.status_code is not StatusCode.ERROR
+    assert not [e for e in span.events if e.name == "exception"]
+    (line,) = cap.find_logs("llm call cancelled")
+    assert line["level"] == "warning"
+    assert line["error_type"] == "CancelledError"
+
+
+def test_a_cache_hit_reports_no_tokens_and_no_provider_time() -> None:
+    with capture() as cap, ri.stage("generation"):
+        call = _call()
+        call.cache_hit = True
+        call.finish(None, input_tokens=500, output_tokens=80)
+    attrs = dict(cap.span("chat m").attributes or {})
+    assert attrs["rag.cache.hit"] is True
+    assert attrs["gen_ai.usage.input_tokens"] == 0
+    assert "gen_ai.client.token.usage" not in cap.metrics()
+    (stage_line,) = cap.find_logs("generation completed")
+    assert "llm" not in stage_line.get("breakdown", {})
+
+
+def test_attach_makes_the_call_current_and_detach_is_idempotent() -> None:
+    with capture() as cap:
+        call = _call()
+        call.attach()
+        assert current_call() is call
+        with ri.traced("tool"):
+            pass
+        call.detach()
+        call.detach()
+        assert current_call() is None
+        call.finish(None)
+    assert cap.span("tool").parent.span_id == cap.span("chat m").context.span_id
+
+
+def _failing_vendor_call(shelf: dict[str, str]) -> str:
+    return shelf["missing"]
+
+
+@pytest.mark.parametrize("capture_content", [False, True])
+def test_stack_traces_hold_frames_but_no_source_text(capture_content: bool) -> None:
+    with capture(capture_content=capture_content) as cap:
+        call = _call()
+        try:
+            try:
+                _failing_vendor_call(
+                    {"passport": "opal-harbour-7"},  # a literal on the failing call's lines
+                )
+            except KeyError as exc:
+                raise ProviderError("upstream said no", 400) from exc
+        except ProviderError as exc:
+            call.finish(exc)
+    (event,) = [e for e in cap.span("chat m").events if e.name == "exception"]
+    stack = str((event.attributes or {})["exception.stacktrace"])
+    assert "opal-harbour-7" not in stack
+    assert not [line for line in stack.splitlines() if line.startswith("    ")]
+    assert "in test_stack_traces_hold_frames_but_no_source_text\n" in stack
+    # The chained cause (and the SDK's message) only with content capture.
+    assert ("in _failing_vendor_call\n" in stack) is capture_content
+    assert ("upstream said no" in stack) is capture_content
