@@ -1,11 +1,13 @@
 """The fast path of ``analyze --by stage``: whole chunks of lines matched at once.
 
-Most lines of a rag_instrument log have one of two shapes: a stage's own line
-(``"context":{"pipeline_stage":...},"execution_time_ms":...``, maybe a ``breakdown``) and
-an LLM call line (``provider``, ``model``, ``cache_hit``). One compiled regular expression
-recognises those lines in a chunk of about a megabyte and hands out only the fields that
-count; everything else in the chunk (the *residue*) goes through the exact path, which
-parses a line in full whenever it could matter.
+Most lines of a rag_instrument log are in the library's layout (``timestamp``, ``level``,
+``event``, ``logger``, ``trace_id``, ``span_id``, ``context``, then the fields): a stage's
+own line (``"context":{"pipeline_stage":...},"execution_time_ms":...``, maybe ``cpu_ms``
+and a ``breakdown``), an LLM call's line (``provider``, ``model``, ``cache_hit``) or a line
+that names nothing the aggregation reads. One compiled regular expression recognises
+those lines in a chunk of about a megabyte and hands out only the fields that count;
+everything else in the chunk (the *residue*) goes through the exact path, which parses a
+line in full whenever it could matter.
 
 The expression only accepts lines whose every key and value is spelled out, so a line it
 accepts means exactly what the exact path would make of it:
