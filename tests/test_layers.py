@@ -22,10 +22,28 @@ PACKAGE = "rag_instrument"
 
 #: Bottom to top. A new module must be placed here (the test says so when it is not).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("base", ("attributes", "_utils", "_registry", "_settings", "_sanitize", "_pools", "_steps")),
+    (
+        "base",
+        (
+            "attributes",
+            "_utils",
+            "_registry",
+            "_settings",
+            "_sanitize",
+            "_pools",
+            "_steps",
+            "_sweep",
+        ),
+    ),
     ("runtime", ("_runtime", "_context", "_breakdown")),
     ("logs and tracing", ("logs", "exporters", "_leaf")),
-    ("stages", ("stages", "_genai", "retry", "llm", "cache", "cache.*", "_stagehooks", "_resources", "eventloop", "_profiler", "profiling")),
+    (
+        "stages",
+        (
+            "stages", "_genai", "retry", "llm", "cache", "cache.*", "vector", "_operation",
+            "_stagehooks", "_resources", "eventloop", "_profiler", "profiling",
+        ),
+    ),
     ("setup", ("_config",)),
     (
         "integrations",

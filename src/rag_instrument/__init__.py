@@ -43,9 +43,19 @@ if _typing.TYPE_CHECKING:
     )
     from rag_instrument.eventloop import EventLoopWatch, watch_event_loop
     from rag_instrument.integrations.anthropic import instrument_anthropic, uninstrument_anthropic
+    from rag_instrument.integrations.milvus import instrument_milvus, uninstrument_milvus
     from rag_instrument.integrations.openai import instrument_openai, uninstrument_openai
     from rag_instrument.profiling import Profile, profile
     from rag_instrument.propagation import extract_context, inject_headers
+    from rag_instrument.vector import (
+        EmbeddingBatchError,
+        SweepRow,
+        aembed_in_batches,
+        embed_in_batches,
+        format_table,
+        sweep,
+        vector_search,
+    )
     from rag_instrument.web import RequestMiddleware
 
 # Statement errors raised where the database integration was never imported still render
@@ -53,6 +63,11 @@ if _typing.TYPE_CHECKING:
 # same function directly.
 _registry.register_error_formatter(
     "sqlalchemy", _registry.lazy_formatter("rag_instrument.db._sql", "sanitize_statement_error")
+)
+# Milvus errors quote the filter expression, literal values included.
+_registry.register_error_formatter(
+    "pymilvus",
+    _registry.lazy_formatter("rag_instrument.integrations._milvus_expr", "sanitize_error"),
 )
 
 try:
@@ -63,6 +78,7 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - imported from a sou
 __all__ = [
     "CacheMixin",
     "CacheSpec",
+    "EmbeddingBatchError",
     "EventLoopWatch",
     "LLMProvider",
     "LLMResult",
@@ -74,18 +90,23 @@ __all__ = [
     "Runtime",
     "Settings",
     "Stage",
+    "SweepRow",
     "__version__",
+    "aembed_in_batches",
     "bind_context",
     "cached",
     "configure",
     "db_scope",
     "db_session",
+    "embed_in_batches",
     "extract_context",
     "force_flush",
+    "format_table",
     "get_logger",
     "get_runtime",
     "inject_headers",
     "instrument_anthropic",
+    "instrument_milvus",
     "instrument_openai",
     "instrument_sqlalchemy",
     "is_configured",
@@ -95,11 +116,14 @@ __all__ = [
     "retry",
     "shutdown",
     "stage",
+    "sweep",
     "traced",
     "unbind_context",
     "uninstrument_anthropic",
+    "uninstrument_milvus",
     "uninstrument_openai",
     "uninstrument_sqlalchemy",
+    "vector_search",
     "watch_event_loop",
     "wrap_context",
 ]
@@ -115,6 +139,15 @@ _LAZY: dict[str, tuple[str, str | None, str | None]] = {
     "db_session": ("rag_instrument.db", "sqlalchemy", "sqlalchemy"),
     "db_scope": ("rag_instrument.db", "sqlalchemy", "sqlalchemy"),
     "uninstrument_sqlalchemy": ("rag_instrument.db", "sqlalchemy", "sqlalchemy"),
+    "instrument_milvus": ("rag_instrument.integrations.milvus", "pymilvus", "milvus"),
+    "uninstrument_milvus": ("rag_instrument.integrations.milvus", "pymilvus", "milvus"),
+    "EmbeddingBatchError": ("rag_instrument.vector", None, None),
+    "SweepRow": ("rag_instrument.vector", None, None),
+    "aembed_in_batches": ("rag_instrument.vector", None, None),
+    "embed_in_batches": ("rag_instrument.vector", None, None),
+    "format_table": ("rag_instrument.vector", None, None),
+    "sweep": ("rag_instrument.vector", None, None),
+    "vector_search": ("rag_instrument.vector", None, None),
     # Standard library only, but cProfile/pstats/tracemalloc stay off the import path.
     "profile": ("rag_instrument.profiling", None, None),
     "Profile": ("rag_instrument.profiling", None, None),

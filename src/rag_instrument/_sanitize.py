@@ -406,6 +406,9 @@ def exception_message(exc: BaseException, sanitizer: Sanitizer, capture_content:
         return sanitizer.text(_statement_error_message(exc))
     if not capture_content and f"{module}.".startswith(_SDK_MODULES):
         return _sdk_message(exc)
+    rendered = format_error(exc)  # an integration's safe rendering (e.g. pymilvus errors)
+    if rendered is not None:
+        return sanitizer.text(rendered)
     return sanitizer.text(safe_str(exc))
 
 

@@ -81,6 +81,10 @@ __all__ = [
     "RAG_CPU_MS",
     "RAG_DB_SESSION_OUTCOME",
     "RAG_DB_STATEMENT_COUNT",
+    "RAG_EMBEDDING_BATCH_COUNT",
+    "RAG_EMBEDDING_BATCH_INDEX",
+    "RAG_EMBEDDING_BATCH_SIZE",
+    "RAG_EMBEDDING_DIMENSIONS",
     "RAG_LLM_TTFT_MS",
     "RAG_REQUEST_ID_REPLACED",
     "RAG_RETRY_ATTEMPTS",
@@ -89,10 +93,16 @@ __all__ = [
     "RAG_STREAM_CHUNKS",
     "RAG_STREAM_COMPLETED",
     "RAG_STREAM_ITEMS",
+    "RAG_VECTOR_DIMENSIONS",
+    "RAG_VECTOR_FIELD",
+    "RAG_VECTOR_FILTER",
+    "RAG_VECTOR_INDEX_NAME",
     "RAG_VECTOR_INDEX_TYPE",
     "RAG_VECTOR_METRIC",
     "RAG_VECTOR_PARAMS_PREFIX",
+    "RAG_VECTOR_QUERY_COUNT",
     "RAG_VECTOR_RESULT_COUNT",
+    "RAG_VECTOR_ROW_COUNT",
     "RAG_VECTOR_TOP_K",
     "SERVER_ADDRESS",
     "SERVER_PORT",
@@ -222,6 +232,26 @@ RAG_VECTOR_METRIC: Final = "rag.vector.metric"
 RAG_VECTOR_PARAMS_PREFIX: Final = "rag.vector.params."
 RAG_VECTOR_RESULT_COUNT: Final = "rag.vector.result_count"
 RAG_VECTOR_TOP_K: Final = "rag.vector.top_k"
+RAG_VECTOR_QUERY_COUNT: Final = "rag.vector.query_count"
+"""How many query vectors one search call carried (a batch search has more than one)."""
+RAG_VECTOR_DIMENSIONS: Final = "rag.vector.dimensions"
+"""The dimension of the query vectors (never the vectors themselves)."""
+RAG_VECTOR_FIELD: Final = "rag.vector.field"
+"""The vector field searched (Milvus ``anns_field``)."""
+RAG_VECTOR_FILTER: Final = "rag.vector.filter"
+"""The shape of a search's filter expression, literal values replaced by ``?``."""
+RAG_VECTOR_INDEX_NAME: Final = "rag.vector.index_name"
+"""The index that served a search, when the plan names it (pgvector ``EXPLAIN``)."""
+RAG_VECTOR_ROW_COUNT: Final = "rag.vector.row_count"
+"""Rows written or deleted by an insert, upsert or delete."""
+RAG_EMBEDDING_BATCH_INDEX: Final = "rag.embedding.batch.index"
+"""The 0-based position of a batch among the batches of one ``embed_in_batches`` call."""
+RAG_EMBEDDING_BATCH_SIZE: Final = "rag.embedding.batch.size"
+"""How many inputs one embedding batch carried."""
+RAG_EMBEDDING_BATCH_COUNT: Final = "rag.embedding.batch.count"
+"""How many batches the ``embed_in_batches`` call was split into."""
+RAG_EMBEDDING_DIMENSIONS: Final = "rag.embedding.dimensions"
+"""The length of the embeddings a batch returned, when visible."""
 SERVER_ADDRESS: Final = "server.address"
 SERVER_PORT: Final = "server.port"
 

@@ -32,7 +32,7 @@ def require_postgres() -> None:
         return
     if os.environ.get("CI") == "true":
         pytest.fail("PostgreSQL at 127.0.0.1:5432 is unreachable (CI=true: not skipping)")
-    pytest.skip("PostgreSQL at 127.0.0.1:5432 is unreachable")
+    pytest.skip("PostgreSQL at 127.0.0.1:5432 is unreachable (start it: bash .ci/services.sh)")
 
 
 def unique(prefix: str) -> str:

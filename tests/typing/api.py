@@ -83,6 +83,32 @@ def runtime_accessor() -> None:
     assert ms >= 0
 
 
+@ri.vector_search(db_system="milvus", index_type="HNSW", metric="COSINE", params={"ef": 64})
+def vector_lookup(data: list[list[float]], limit: int = 10) -> list[list[int]]:
+    return [[0] * limit for _ in data]
+
+
+@ri.vector_search(db_system="pgvector")
+async def avector_lookup(query: str, top_k: int = 5) -> list[str]:
+    return [query] * top_k
+
+
+async def retrieval() -> None:
+    hits: list[list[int]] = vector_lookup([[0.1, 0.2]], limit=3)
+    texts: list[str] = await avector_lookup("q", top_k=2)
+    vectors: list[list[float]] = ri.embed_in_batches(["a", "b"], lambda b: [[1.0]] * len(b))
+
+    async def embed(batch: list[str]) -> list[list[float]]:
+        return [[float(len(t))] for t in batch]
+
+    more: list[list[float]] = await ri.aembed_in_batches(["c"], embed, concurrency=2)
+    rows: list[ri.SweepRow] = ri.sweep(
+        lambda q, nprobe: [1], "nprobe", [1, 2], [[0.0]], ground_truth=[[1]], k=1
+    )
+    table: str = ri.format_table(rows)
+    del hits, texts, vectors, more, table
+
+
 async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
     return None
 

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"rag-instrument {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in _SUBCOMMANDS:
+    for module_name in (*_SUBCOMMANDS, "rag_instrument.cli.sweep"):
         try:
             module = importlib.import_module(module_name)
         except ImportError:

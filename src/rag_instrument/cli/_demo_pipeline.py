@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -29,7 +28,6 @@ __all__ = [
     "DIMENSIONS",
     "Corpus",
     "InProcessIndex",
-    "MilvusIndex",
     "StandInLLM",
     "TransientError",
     "VectorIndex",
@@ -115,45 +113,6 @@ class VectorIndex(Protocol):
 
     def close(self) -> None:
         """Release what the index holds."""
-
-
-class MilvusIndex:
-    """A Milvus collection (Milvus Lite in a local file, or a server URI) via pymilvus.
-
-    The collection is created for the run and dropped at the end. Search time goes to the
-    stage's ``vector`` breakdown.
-    """
-
-    def __init__(self, uri: str) -> None:
-        try:
-            from pymilvus import MilvusClient
-        except ImportError:
-            raise ImportError(
-                "--milvus needs pymilvus (and milvus-lite for a local file): "
-                "pip install 'rag_instrument[milvus]'"
-            ) from None
-        self._client = MilvusClient(uri)
-        self.collection = f"rag_demo_{os.getpid()}_{int(time.time() * 1000) % 10**9}"
-        self._client.create_collection(self.collection, dimension=DIMENSIONS, metric_type="IP")
-
-    async def add(self, ids: list[int], vectors: list[list[float]]) -> None:
-        """Insert vectors under ids."""
-        rows = [{"id": i, "vector": v} for i, v in zip(ids, vectors, strict=True)]
-        self._client.insert(self.collection, rows)
-
-    async def search(self, vector: list[float], k: int) -> list[int]:
-        """The ids of the ``k`` nearest vectors (inner product)."""
-        started = time.perf_counter()
-        hits = self._client.search(self.collection, [vector], limit=k)
-        _breakdown.record("vector", (time.perf_counter() - started) * 1000.0)
-        return [int(hit["id"]) for hit in hits[0]]
-
-    def close(self) -> None:
-        """Drop the run's collection and close the client."""
-        try:
-            self._client.drop_collection(self.collection)
-        finally:
-            self._client.close()
 
 
 class InProcessIndex:

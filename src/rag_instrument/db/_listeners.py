@@ -86,6 +86,11 @@ _SYSTEMS: Final = {"mssql": "microsoft.sql_server", "oracle": "oracle.db"}
 _DEFAULT_PORTS: Final = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433}
 _PENDING: Final = "_rag_instrument_pending"
 
+#: ``plan`` not looked for yet (``None`` means looked for, and there is none).
+_NOT_EXPLAINED: Final = object()
+#: Statements after which a table's indexes may differ.
+_DDL: Final = frozenset({"CREATE", "DROP", "ALTER", "REINDEX", "TRUNCATE"})
+
 
 class _Pending:
     """One statement between ``before_cursor_execute`` and its end."""
@@ -384,14 +389,24 @@ class EngineInstrumentation:
         ms = (end_ns - pending.start_ns) / 1e6
         end_wall: int | None = None  # None: the span reads its own clock, right now
         vector = False
+        slow_ms = self.slow_query_ms
+        if slow_ms is None:
+            slow_ms = rt.settings.slow_query_ms
+        slow = rt.log is not None and ms >= slow_ms
+        plan: Any = _NOT_EXPLAINED
         if self.is_postgres:
             if info.touches_vector_settings:
                 _pgvector.invalidate_settings(conn.info)
+            if info.operation in _DDL:
+                self.index_types.clear()  # an index may have come or gone
             vector = info.vector_metric is not None
             if vector and span.is_recording():
                 # Reading pgvector settings can take a query: end the span before it.
                 end_wall = time.time_ns()
-                self._vector_attributes(span, info, conn, cursor, parameters)
+                if slow:
+                    # The plan says which index served the search (or that none did).
+                    plan = self._explain(info, conn, statement, parameters, executemany)
+                self._vector_attributes(span, info, conn, cursor, parameters, plan)
         span.end(end_time=end_wall)
         self._duration_histogram(rt).record(ms / 1000.0, pending.metric_attributes)
         _breakdown.record(attr.BREAKDOWN_VECTOR if vector else attr.BREAKDOWN_DB, ms)
@@ -404,13 +419,8 @@ class EngineInstrumentation:
             count = shapes.add(info.shape, threshold)
             if count and rt.log is not None:
                 self._report_n_plus_one(rt, info, count, stage, context)
-        if rt.log is None:
-            return
-        slow_ms = self.slow_query_ms
-        if slow_ms is None:
-            slow_ms = rt.settings.slow_query_ms
-        if ms >= slow_ms:
-            self._report_slow(rt, info, ms, conn, pending, statement, parameters, executemany)
+        if slow:
+            self._report_slow(rt, info, ms, conn, pending, statement, parameters, executemany, plan)
 
     def _error(self, ctx: ExceptionContext) -> None:
         try:
@@ -458,7 +468,13 @@ class EngineInstrumentation:
     # --- reports -------------------------------------------------------------------------
 
     def _vector_attributes(
-        self, span: Span, info: StatementInfo, conn: Connection, cursor: Any, parameters: Any
+        self,
+        span: Span,
+        info: StatementInfo,
+        conn: Connection,
+        cursor: Any,
+        parameters: Any,
+        plan: Any = _NOT_EXPLAINED,
     ) -> None:
         assert info.vector_metric is not None
         top_k = limit_value(info, parameters)
@@ -469,17 +485,25 @@ class EngineInstrumentation:
             span.set_attribute(VECTOR_RESULT_COUNT, rowcount)
         try:
             dbapi_conn = conn.connection.dbapi_connection
-            index_type = self.index_types.lookup(dbapi_conn, info.collection, info.vector_metric)
+            if plan is not _NOT_EXPLAINED and plan is not None:
+                used = self.index_types.from_plan(dbapi_conn, info.collection, plan)
+            else:
+                used = self.index_types.lookup(dbapi_conn, info.collection, info.vector_metric)
+            if used is None:
+                # No vector index served it (an exact, sequential scan): no index type,
+                # and hnsw.ef_search / ivfflat.probes did not apply.
+                return
             settings = _pgvector.read_settings(conn.info, dbapi_conn)
         except Exception as exc:
             warn_once.warning(
                 f"rag_instrument: reading pgvector settings failed: {type(exc).__name__}"
             )
             return
-        if index_type is not None:
-            span.set_attribute(VECTOR_INDEX_TYPE, index_type)
+        index_type, index_name = used
+        span.set_attribute(VECTOR_INDEX_TYPE, index_type)
+        span.set_attribute(attr.RAG_VECTOR_INDEX_NAME, index_name)
         for name, value in settings.items():
-            if index_type is None or name.startswith(index_type + "."):
+            if name.startswith(index_type + "."):
                 span.set_attribute(VECTOR_PARAMS + name, value)
 
     def _report_n_plus_one(
@@ -502,6 +526,32 @@ class EngineInstrumentation:
             fields["relationship"] = loaded[1]
         emit("warning", "n+1 query detected", fields, rt=rt, stage=stage or "")
 
+    def _explain(
+        self,
+        info: StatementInfo,
+        conn: Connection,
+        statement: str,
+        parameters: Any,
+        executemany: bool,
+    ) -> Any:
+        """The sanitised plan of a slow statement, or ``None`` (not wanted, due or possible)."""
+        if not (
+            self.explain_slow
+            and info.explainable
+            and not executemany
+            and self.explainer.supported
+            and self.explainer.due(info.shape)
+        ):
+            return None
+        try:
+            dbapi_conn = conn.connection.dbapi_connection
+            return self.explainer.plan(dbapi_conn, statement, parameters)
+        except Exception as exc:
+            warn_once.warning(
+                f"rag_instrument: EXPLAIN of a slow query failed: {type(exc).__name__}"
+            )
+            return None
+
     def _report_slow(
         self,
         rt: Runtime,
@@ -512,6 +562,7 @@ class EngineInstrumentation:
         statement: str,
         parameters: Any,
         executemany: bool,
+        plan: Any = _NOT_EXPLAINED,
     ) -> None:
         fields: dict[str, Any] = {
             DB_QUERY_TEXT: info.text,
@@ -520,18 +571,8 @@ class EngineInstrumentation:
             DB_SYSTEM: self.system,
             DB_OPERATION: info.operation,
         }
-        if (
-            self.explain_slow
-            and info.explainable
-            and not executemany
-            and self.explainer.supported
-            and self.explainer.due(info.shape)
-        ):
-            try:
-                dbapi_conn = conn.connection.dbapi_connection
-                fields["plan"] = self.explainer.plan(dbapi_conn, statement, parameters)
-            except Exception as exc:
-                warn_once.warning(
-                    f"rag_instrument: EXPLAIN of a slow query failed: {type(exc).__name__}"
-                )
+        if plan is _NOT_EXPLAINED:
+            plan = self._explain(info, conn, statement, parameters, executemany)
+        if plan is not None:
+            fields["plan"] = plan
         emit("warning", "slow query", fields, span=pending.span, rt=rt, measures=True)

@@ -8,8 +8,15 @@ search. Its span gets the ``rag.vector.*`` attributes:
   connection, cached per DBAPI connection until the connection is checked in, a
   transaction ends (``SET LOCAL`` ends with it) or a ``SET`` / ``RESET`` / ``set_config()``
   touching them is seen.
-* the index type (``hnsw``, ``ivfflat``): the table's pgvector index whose operator class
-  matches the operator, looked up once per table per five minutes.
+* the index that served the search (``rag.vector.index_type`` ``hnsw`` / ``ivfflat`` and
+  ``rag.vector.index_name``): from the query plan when a slow search was explained
+  (``explain_slow=True``), which also tells a sequential scan from an index scan; otherwise
+  the table's pgvector index whose operator class matches the operator, from the catalogue.
+  The catalogue is read once per table (again after DDL through the engine, or five
+  minutes later for DDL run elsewhere).
+* Only the setting of the index type used is reported: a search served by no vector index
+  (an exact, sequential scan) has neither ``hnsw.ef_search`` nor ``ivfflat.probes``, and
+  the settings are not even read for it.
 
 These look-ups use a fresh DBAPI cursor, so they are invisible to SQLAlchemy's events and do
 not disturb the application's cursor.
@@ -90,7 +97,7 @@ def _index_sql(table: str) -> str:
     # ``table`` matched _PLAIN_NAME, so it holds no quote; to_regclass folds case and
     # follows search_path exactly as the statement's own reference did.
     query = (
-        "SELECT am.amname, opc.opcname FROM pg_index i "
+        "SELECT c.relname, am.amname, opc.opcname FROM pg_index i "
         "JOIN pg_class c ON c.oid = i.indexrelid "
         "JOIN pg_am am ON am.oid = c.relam "
         "JOIN pg_opclass opc ON opc.oid = ANY(i.indclass::oid[]) "
@@ -99,30 +106,84 @@ def _index_sql(table: str) -> str:
     return query.format(table=table)
 
 
+def _metric_of(opclass: str) -> str | None:
+    for suffix, metric in _OPCLASS_METRIC:
+        if opclass.endswith(suffix):
+            return metric
+    return None
+
+
+#: A vector index of a table: (index name, access method, metric of its operator class).
+VectorIndex = tuple[str, str, str | None]
+
+
+def _plan_nodes(plan: Any) -> list[dict[str, Any]]:
+    """Every node of a PostgreSQL ``EXPLAIN (FORMAT JSON)`` plan, depth first."""
+    out: list[dict[str, Any]] = []
+    stack: list[Any] = [plan]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        elif isinstance(item, dict):
+            if "Node Type" in item:
+                out.append(item)
+            stack.extend(item[key] for key in ("Plans", "Plan") if key in item)
+    return out
+
+
 class IndexTypes:
-    """The pgvector index type serving ``(table, metric)``, cached for five minutes."""
+    """The pgvector indexes of each table, read from the catalogue once per table."""
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[str, str], tuple[float, str | None]] = {}
+        self._cache: dict[str, tuple[float, list[VectorIndex]]] = {}
         self._lock = threading.Lock()
 
-    def lookup(self, dbapi_conn: Any, table: str | None, metric: str) -> str | None:
-        """``"hnsw"``, ``"ivfflat"`` or ``None`` (no matching index, or not derivable)."""
+    def clear(self) -> None:
+        """Forget every table's indexes (DDL ran: an index may have come or gone)."""
+        with self._lock:
+            self._cache.clear()
+
+    def indexes(self, dbapi_conn: Any, table: str | None) -> list[VectorIndex] | None:
+        """The pgvector indexes of ``table``; ``None`` when the table is not derivable."""
         if table is None or not _PLAIN_NAME.fullmatch(table):
             return None
-        key = (table, metric)
         now = time.monotonic()
         with self._lock:
-            found = self._cache.get(key)
+            found = self._cache.get(table)
         if found is not None and now - found[0] < _INDEX_TTL_S:
             return found[1]
-        index_type: str | None = None
-        for amname, opcname in _query(dbapi_conn, _index_sql(table)):
-            if any(str(opcname).endswith(s) and m == metric for s, m in _OPCLASS_METRIC):
-                index_type = str(amname)
-                break
+        rows = [
+            (str(name), str(amname), _metric_of(str(opcname)))
+            for name, amname, opcname in _query(dbapi_conn, _index_sql(table))
+        ]
         with self._lock:
             if len(self._cache) > 1024:
                 self._cache.clear()
-            self._cache[key] = (now, index_type)
-        return index_type
+            self._cache[table] = (now, rows)
+        return rows
+
+    def lookup(self, dbapi_conn: Any, table: str | None, metric: str) -> tuple[str, str] | None:
+        """``(index type, index name)`` of the index able to serve ``metric`` on ``table``.
+
+        ``None`` when the table has no such index (the search is a sequential scan) or the
+        table is not derivable from the statement.
+        """
+        for name, amname, index_metric in self.indexes(dbapi_conn, table) or ():
+            if index_metric == metric:
+                return amname, name
+        return None
+
+    def from_plan(self, dbapi_conn: Any, table: str | None, plan: Any) -> tuple[str, str] | None:
+        """``(index type, index name)`` of the pgvector index the plan scans, or ``None``."""
+        used = {
+            str(node["Index Name"])
+            for node in _plan_nodes(plan)
+            if isinstance(node.get("Index Name"), str)
+        }
+        if not used:
+            return None
+        for name, amname, _ in self.indexes(dbapi_conn, table) or ():
+            if name in used:
+                return amname, name
+        return None
