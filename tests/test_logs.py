@@ -11,6 +11,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry import trace
 
 import rag_instrument as ri
@@ -376,3 +378,85 @@ def test_library_lines_name_the_stage_outside_context(rag_capture: Capture) -> N
     (app,) = rag_capture.find_logs("app line")
     assert app["context"] == {"pipeline_stage": "generation", "request_id": "r-1"}
     assert "stage" not in app
+
+
+# --- lines assembled from a rendered head (a stage's completion line) ----------------------
+
+_BOUND_VALUES = st.one_of(
+    st.text(max_size=30),
+    st.integers(-(2**53), 2**53),
+    st.booleans(),
+    st.none(),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    bound_values=st.dictionaries(
+        st.text(min_size=1, max_size=12).filter(lambda k: k != "pipeline_stage"),
+        _BOUND_VALUES,
+        max_size=4,
+    ),
+    stage=st.sampled_from(["retrieval", "", 'stage "quoted" \u00e9']),
+    own_stage=st.booleans(),
+    operation=st.one_of(st.none(), st.text(max_size=20)),
+    ms=st.floats(min_value=0, max_value=1e6, allow_nan=False),
+)
+def test_emit_head_writes_the_bytes_emit_writes(
+    tmp_path_factory: pytest.TempPathFactory,
+    bound_values: dict[str, Any],
+    stage: str,
+    own_stage: bool,
+    operation: str | None,
+    ms: float,
+) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from rag_instrument import _runtime
+    from rag_instrument.logs import LineHead, emit, emit_head
+
+    path = tmp_path_factory.mktemp("head") / "lines.jsonl"
+    ri.configure(exporter=None, log_file=str(path), capture_logging=False)
+    rt = _runtime.get_runtime()
+    tail = {"operation": operation} if operation is not None else None
+    head = LineHead("info", f"{stage or 'x'} completed", tail)
+    span = TracerProvider().get_tracer("t").start_span("s")
+    with ri.request_context(**bound_values):
+        emit_head(rt, head, span, stage, ms, own_stage=own_stage)
+        emit(
+            "info",
+            head.event,
+            head.fields(ms),
+            span=span,
+            stage=stage,
+            trusted=True,
+            rt=rt,
+            own_stage=own_stage,
+        )
+    ri.shutdown()
+    fast, general = path.read_bytes().splitlines()
+    # The timestamps differ (two calls); everything else is the same, byte for byte.
+    assert fast[:14] == general[:14] == b'{"timestamp":"'
+    assert fast[41:] == general[41:]
+    assert json.loads(fast)["timestamp"].endswith("Z")
+
+
+def test_emit_head_goes_through_emit_for_console_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    from rag_instrument import _runtime
+    from rag_instrument.logs import LineHead, emit_head
+
+    ri.configure(exporter=None, log_format="console", capture_logging=False)
+    span = trace.INVALID_SPAN
+    emit_head(
+        _runtime.get_runtime(),
+        LineHead("info", "retrieval completed"),
+        span,
+        "retrieval",
+        1.5,
+        own_stage=True,
+    )
+    err = capsys.readouterr().err
+    assert "[info    ] retrieval completed" in err
+    assert "execution_time_ms=1.5" in err
+    assert "pipeline_stage=retrieval" in err

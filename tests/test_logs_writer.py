@@ -95,3 +95,14 @@ def test_any_log_field_gives_one_parseable_line(event: str, fields: dict[str, st
     text = data.decode("utf-8")
     assert len(text.splitlines()) == 1
     assert json.loads(text)["event"] == event
+
+
+def test_stage_lines_escape_line_breaks_in_bound_values(tmp_path: Path) -> None:
+    path = tmp_path / "rag.jsonl"
+    ri.configure(log_file=str(path))
+    with ri.request_context(note="a\u2028b\u0085c"), ri.stage("retrieval"):
+        pass
+    ri.shutdown()
+    text = path.read_text(encoding="utf-8")
+    assert len(text.splitlines()) == 1
+    assert json.loads(text)["context"]["note"] == "a\u2028b\u0085c"

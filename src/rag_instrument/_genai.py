@@ -30,13 +30,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
-from opentelemetry import context as otel_context
-from opentelemetry import trace as trace_api
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from rag_instrument import _breakdown
 from rag_instrument import attributes as attr
-from rag_instrument._context import note_content
+from rag_instrument._context import attach_span, detach_span, note_content
 from rag_instrument._errors import remember_exception
 from rag_instrument._sanitize import REDACTED, redact_then_truncate, safe_str, stack_trace
 from rag_instrument._utils import http_status, internal_error, user_code_error
@@ -66,6 +64,7 @@ from rag_instrument.attributes import (
 from rag_instrument.logs import emit
 
 if TYPE_CHECKING:
+    from opentelemetry.metrics import Histogram
     from opentelemetry.trace import Span
 
     from rag_instrument._runtime import Runtime
@@ -216,6 +215,7 @@ class GenAICall:
         "span",
         "start_ns",
         "ttft_ms",
+        "usage_attrs",
     )
 
     def __init__(
@@ -232,6 +232,8 @@ class GenAICall:
         self.breakdown_kind = breakdown_kind
         self.secrets = secrets
         self.metric_attrs: dict[str, str] = {}
+        #: Token usage's metric attributes (input, output); ``None``: from ``metric_attrs``.
+        self.usage_attrs: tuple[dict[str, str], dict[str, str]] | None = None
         self.attempts = 0
         self.backoff_ms = 0.0
         self.cache_hit: bool | None = None
@@ -244,8 +246,7 @@ class GenAICall:
     # --- context ------------------------------------------------------------------------
     def attach(self) -> None:
         """Make the span current (children nest under it) until :meth:`detach`."""
-        ctx = otel_context.attach(trace_api.set_span_in_context(self.span))
-        self._token = (ctx, _current.set(self))
+        self._token = (attach_span(self.span), _current.set(self))
 
     def detach(self) -> None:
         """Undo :meth:`attach`; safe to call twice or from another context."""
@@ -254,7 +255,7 @@ class GenAICall:
             return
         try:
             _current.reset(token[1])
-            otel_context.detach(token[0])  # type: ignore[arg-type]
+            detach_span(token[0])
         except Exception:
             pass  # detached in another context (a dropped stream): restore nothing
 
@@ -350,7 +351,7 @@ class GenAICall:
             if output_tokens is not None:
                 values[GEN_AI_USAGE_OUTPUT_TOKENS] = output_tokens
             if finish_reasons:
-                values[GEN_AI_RESPONSE_FINISH_REASONS] = [str(r) for r in finish_reasons]
+                values[GEN_AI_RESPONSE_FINISH_REASONS] = tuple(map(str, finish_reasons))
             if self.attempts:
                 values[RAG_RETRY_ATTEMPTS] = self.attempts
                 values[RAG_RETRY_BACKOFF_MS] = round(self.backoff_ms, 3)
@@ -373,25 +374,26 @@ class GenAICall:
                     values[attr.RAG_CANCELLED] = True
                 else:
                     self._record_exception(exc)
-            span.set_attributes(values)
+        else:
+            values = {}
         try:
-            span.end()
+            rt.end_span(span, None, values)
         except Exception as end_exc:
             user_code_error("ending a span", end_exc)
         metric_attrs: dict[str, str] = self.metric_attrs
         if exc is not None:
             metric_attrs = {**metric_attrs, attr.ERROR_TYPE: type(exc).__qualname__}
-        rt.histogram(METRIC_OPERATION_DURATION, "s", "GenAI operation duration.").record(
-            elapsed_s, metric_attrs
-        )
+        duration, usage = _instruments(rt)
+        duration.record(elapsed_s, metric_attrs)
         if not hit and (input_tokens or output_tokens):
-            usage = rt.histogram(
-                METRIC_TOKEN_USAGE, "{token}", "Number of input and output tokens."
+            usage_in, usage_out = self.usage_attrs or (
+                {**self.metric_attrs, GEN_AI_TOKEN_TYPE: "input"},
+                {**self.metric_attrs, GEN_AI_TOKEN_TYPE: "output"},
             )
             if input_tokens:
-                usage.record(input_tokens, {**self.metric_attrs, GEN_AI_TOKEN_TYPE: "input"})
+                usage.record(input_tokens, usage_in)
             if output_tokens:
-                usage.record(output_tokens, {**self.metric_attrs, GEN_AI_TOKEN_TYPE: "output"})
+                usage.record(output_tokens, usage_out)
         if not hit:
             _breakdown.record(self.breakdown_kind, ms)
         if rt.log is None:
@@ -490,25 +492,79 @@ def start_call(
         secrets: literal strings (a client's API key) to replace in every text recorded
             for this call; those shorter than 8 characters are ignored.
     """
-    secrets = tuple(s for s in secrets if isinstance(s, str) and len(s) >= _MIN_SECRET_CHARS)
-    attributes: dict[str, Any] = {
-        GEN_AI_OPERATION_NAME: operation,
-        GEN_AI_PROVIDER_NAME: system,
-        GEN_AI_REQUEST_MODEL: model,
-        attr.OPENINFERENCE_SPAN_KIND: span_kind,
-    }
-    if params:
-        attributes.update(numeric_params(params))
-    if prompt is not None and rt.settings.capture_content:
-        text = prompt if isinstance(prompt, str) else prompt()
-        attributes[GEN_AI_INPUT_MESSAGES] = _messages_json("user", text, rt, secrets)
-    elif isinstance(prompt, str):
+    if secrets:
+        secrets = tuple(s for s in secrets if isinstance(s, str) and len(s) >= _MIN_SECRET_CHARS)
+    key = (operation, system, model, span_kind)
+    described = _DESCRIBED.get(key)
+    if described is None:
+        described = _describe(key)
+    attributes = described.attributes  # shared: spans copy before they change it
+    numeric = numeric_params(params) if params else None
+    capture = prompt is not None and rt.settings.capture_content
+    if numeric or capture:
+        attributes = {**attributes, **(numeric or {})}
+        if capture:
+            text = prompt if isinstance(prompt, str) else prompt()  # type: ignore[misc]
+            attributes[GEN_AI_INPUT_MESSAGES] = _messages_json("user", text, rt, secrets)
+    if prompt is not None and not capture and isinstance(prompt, str):
         note_content(prompt)  # hidden where an exception of the enclosing stage quotes it
-    span = rt.tracer.start_span(f"{operation} {model}", kind=SpanKind.CLIENT, attributes=attributes)
+    # Not sanitised as a whole (the provider and model names are the application's): export
+    # redacts the span as it does any other instrumentation's.
+    span = rt.start_span(f"{operation} {model}", attributes, kind=SpanKind.CLIENT, sanitized=False)
     call = GenAICall(rt, span, operation, breakdown_kind, secrets)
-    call.metric_attrs = {
-        GEN_AI_OPERATION_NAME: operation,
-        GEN_AI_PROVIDER_NAME: system,
-        GEN_AI_REQUEST_MODEL: model,
-    }
+    call.metric_attrs = described.metric_attrs
+    call.usage_attrs = described.usage_attrs
     return call
+
+
+# The runtime the model-call histograms were last looked up on, with the two histograms
+# (one tuple, replaced whole: a reader never mixes two runtimes' instruments).
+_INSTRUMENTS: list[tuple[Any, Any, Any]] = [(None, None, None)]
+
+
+def _instruments(rt: Runtime) -> tuple[Histogram, Histogram]:
+    """``gen_ai.client.operation.duration`` and ``gen_ai.client.token.usage`` on ``rt``."""
+    entry = _INSTRUMENTS[0]
+    if entry[0] is not rt:
+        entry = (
+            rt,
+            rt.histogram(METRIC_OPERATION_DURATION, "s", "GenAI operation duration."),
+            rt.histogram(METRIC_TOKEN_USAGE, "{token}", "Number of input and output tokens."),
+        )
+        _INSTRUMENTS[0] = entry
+    return entry[1], entry[2]
+
+
+class _Described:
+    """What is the same for every call of one operation, provider, model and kind."""
+
+    __slots__ = ("attributes", "metric_attrs", "usage_attrs")
+
+    def __init__(self, operation: str, system: str, model: str, span_kind: str) -> None:
+        self.attributes: dict[str, Any] = {
+            GEN_AI_OPERATION_NAME: operation,
+            GEN_AI_PROVIDER_NAME: system,
+            GEN_AI_REQUEST_MODEL: model,
+            attr.OPENINFERENCE_SPAN_KIND: span_kind,
+        }
+        self.metric_attrs: dict[str, str] = {
+            GEN_AI_OPERATION_NAME: operation,
+            GEN_AI_PROVIDER_NAME: system,
+            GEN_AI_REQUEST_MODEL: model,
+        }
+        self.usage_attrs = (
+            {**self.metric_attrs, GEN_AI_TOKEN_TYPE: "input"},
+            {**self.metric_attrs, GEN_AI_TOKEN_TYPE: "output"},
+        )
+
+
+# Read-only descriptions, shared by the calls they describe; model names computed at run
+# time must not grow it forever.
+_DESCRIBED: dict[tuple[str, str, str, str], _Described] = {}
+
+
+def _describe(key: tuple[str, str, str, str]) -> _Described:
+    if len(_DESCRIBED) >= 1024:
+        _DESCRIBED.clear()
+    described = _DESCRIBED[key] = _Described(*key)
+    return described

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from opentelemetry.metrics import Counter, Histogram, Meter
-    from opentelemetry.trace import Span, SpanKind, Tracer
+    from opentelemetry.trace import Span, SpanKind, Status, Tracer
 
     from rag_instrument.exporters import Pipelines
     from rag_instrument.logs import LogOutput
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["Runtime", "SpanTools", "get_runtime", "install", "is_configured"]
 
 LIBRARY: str = "rag_instrument"
+_INTERNAL = trace_api.SpanKind.INTERNAL
 
 
 class SpanTools(Protocol):
@@ -59,6 +60,29 @@ class SpanTools(Protocol):
 
     def mark_if_clean(self, span: Span, start_attrs: Mapping[str, Any], name: str) -> None:
         """Skip export-time redaction of ``span`` if nobody but us touched it."""
+        ...
+
+    def start_stage_span(
+        self,
+        tracer: Tracer,
+        name: str,
+        attributes: dict[str, Any],
+        *,
+        kind: SpanKind = ...,
+        sanitized: bool = False,
+    ) -> Span:
+        """Start a stage's span (the current span while it runs), as cheaply as allowed."""
+        ...
+
+    def end_stage_span(
+        self,
+        span: Span,
+        attributes: dict[str, Any] | None,
+        status: Status | None,
+        event: tuple[str, dict[str, Any]] | None,
+        clean: tuple[Mapping[str, Any] | None, str] | None,
+    ) -> None:
+        """End a stage's span with the library's own (sanitised) additions."""
         ...
 
 
@@ -180,6 +204,58 @@ class Runtime:
         if tools is None:
             return self.tracer.start_span(name, kind=kind, attributes=attributes)
         return tools.start_leaf_span(self.tracer, name, kind, attributes, sanitized=sanitized)
+
+    def start_span(
+        self,
+        name: str,
+        attributes: dict[str, Any],
+        *,
+        kind: SpanKind = _INTERNAL,
+        sanitized: bool = True,
+    ) -> Span:
+        """Start a span of the library's own (a stage, a model call), ended by :meth:`end_span`.
+
+        With an SDK configured by rag_instrument, a recording span without the SDK span's
+        per-span machinery (see ``exporters.StageSpan``), else the tracer's ``start_span``.
+        ``attributes`` may be kept as they are: do not change them afterwards.
+        ``sanitized``: every attribute was made by the library's sanitiser (export may
+        skip redacting the span as long as nobody else adds to it).
+        """
+        tools = self._tools
+        if tools is None:
+            return self.tracer.start_span(name, kind=kind, attributes=attributes)
+        return tools.start_stage_span(
+            self.tracer, name, attributes, kind=kind, sanitized=sanitized and self.settings.redact
+        )
+
+    def end_span(
+        self,
+        span: Span,
+        clean: tuple[Mapping[str, Any] | None, str] | None,
+        attributes: dict[str, Any] | None = None,
+        status: Status | None = None,
+        event: tuple[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """End a span :meth:`start_span` started, adding the library's own (sanitised) parts.
+
+        ``clean``: the attributes and name it was started with (``None``: not all made by
+        the library's sanitiser). Export skips redacting the span when nobody else added
+        or changed attributes, events, the status or the name.
+        """
+        tools = self._tools
+        if tools is not None:
+            tools.end_stage_span(
+                span, attributes, status, event, clean if self.settings.redact else None
+            )
+            return
+        if span.is_recording():
+            if attributes:
+                span.set_attributes(attributes)
+            if status is not None:
+                span.set_status(status)
+            if event is not None:
+                span.add_event(event[0], event[1])
+        span.end()
 
     def mark_if_clean(self, span: Span, start_attrs: Mapping[str, Any], name: str) -> None:
         """Let export skip redacting ``span`` if it is as we started it (``start_attrs``)."""

@@ -60,9 +60,12 @@ from opentelemetry.trace import Status
 from rag_instrument import attributes as attr
 from rag_instrument._leaf import (
     LeafSpan,
+    StageSpan,
+    end_stage_span,
     mark_if_clean,
     mark_sanitized,
     start_leaf_span,
+    start_stage_span,
     take_sanitized,
 )
 from rag_instrument._sanitize import REDACTED, is_secret_key, redact_text, truncate
@@ -89,12 +92,15 @@ __all__ = [
     "Pipelines",
     "RefusableMetricExporter",
     "SafeSpanExporter",
+    "StageSpan",
     "build",
+    "end_stage_span",
     "estimated_bytes",
     "mark_if_clean",
     "mark_sanitized",
     "redact_span",
     "start_leaf_span",
+    "start_stage_span",
 ]
 
 #: Large enough that a tight loop of stages does not outrun the export thread; the SDK's
@@ -341,13 +347,20 @@ class _CountingBatchProcessor(BatchSpanProcessor):
         self._drops = drops
         inner = getattr(self, "_batch_processor", None)
         self._queue = getattr(inner, "_queue", None)
+        # The SDK's on_end is "queue it if sampled": done here directly when its batch
+        # processor has the expected shape (a stage's hot path), else through it.
+        self._emit = getattr(inner, "emit", None)
 
     def on_end(self, span: ReadableSpan) -> None:
-        """Call every current processor (or queue the span), isolating failures."""
+        """Queue the span (if sampled), counting it when the queue is full."""
         queue = self._queue
         if queue is not None and queue.maxlen is not None and len(queue) >= queue.maxlen:
             self._drops.add(1)
-        super().on_end(span)
+        emit = self._emit
+        if emit is None:
+            super().on_end(span)
+        elif span.context is not None and span.context.trace_flags.sampled:
+            emit(span)
 
 
 _NO_OP_ON_START: Final = frozenset(
@@ -378,6 +391,11 @@ class DispatchProcessor(SpanProcessor):
         # Batch and simple processors do nothing on start: skip them there (hot path).
         self._starters = tuple(p for p in processors if type(p).on_start not in _NO_OP_ON_START)
         self._processors = processors
+
+    @property
+    def acts_on_start(self) -> bool:
+        """Whether a processor fed now does something on start (stage spans ask per span)."""
+        return bool(self._starters)
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         """Call every current processor that acts on start, isolating their failures."""
@@ -546,6 +564,11 @@ class Pipelines:
     ) -> trace_api.Span:
         """Start a span that will have no children (see :func:`start_leaf_span`)."""
         return start_leaf_span(tracer, name, kind, attributes, sanitized=sanitized)
+
+    #: Start a stage's span (see :func:`start_stage_span`).
+    start_stage_span = staticmethod(start_stage_span)
+    #: End a stage's span with the library's own additions (see :func:`end_stage_span`).
+    end_stage_span = staticmethod(end_stage_span)
 
     @staticmethod
     def mark_if_clean(span: trace_api.Span, start_attrs: Mapping[str, Any], name: str) -> None:

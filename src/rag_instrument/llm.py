@@ -158,10 +158,14 @@ class LLMProvider:
     timeout: float | None = None
 
     _rag_sync_generate: ClassVar[bool] = False
+    #: ``_invoke`` is this class's own and ``_generate`` is ``async def``: ``generate`` may
+    #: await ``_generate`` directly when no ``timeout`` is set (read per call).
+    _rag_plain_invoke: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls._rag_sync_generate = not inspect.iscoroutinefunction(cls._generate)
+        cls._rag_plain_invoke = cls._invoke is LLMProvider._invoke and not cls._rag_sync_generate
 
     async def _generate(self, prompt: str, **params: Any) -> str | LLMResult:
         """Call the model; implemented by subclasses.
@@ -196,9 +200,9 @@ class LLMProvider:
             Exception: whatever ``_generate`` raised, as itself; :class:`TimeoutError`
                 past ``timeout``.
         """
-        request = LLMRequest(prompt, params, cache, cache_namespace)
         rt = get_runtime()
         if not rt.enabled:
+            request = LLMRequest(prompt, params, cache, cache_namespace)
             return await self._invoke(request)  # type: ignore[no-any-return]
         try:
             call = start_call(
@@ -212,16 +216,31 @@ class LLMProvider:
             call.attach()
         except Exception as exc:
             internal_error("starting an llm call", exc)
+            request = LLMRequest(prompt, params, cache, cache_namespace)
             return await self._invoke(request)  # type: ignore[no-any-return]
-        request.call = call
         try:
-            result = await self._invoke(request)
+            result: Any
+            if self._rag_plain_invoke and self.timeout is None:  # nothing between: no chain
+                result = await self._generate(prompt, **params)
+            else:
+                request = LLMRequest(prompt, params, cache, cache_namespace, call)
+                result = await self._invoke(request)
         except BaseException as exc:
             call.detach()
             call.finish(exc)
             raise
         call.detach()
-        call.finish(None, **_result_fields(result))
+        if type(result) is LLMResult:
+            call.finish(
+                None,
+                response_model=result.model,
+                input_tokens=result.input_tokens,
+                output_tokens=result.output_tokens,
+                finish_reasons=(result.finish_reason,) if result.finish_reason else None,
+                output_text=result.text,
+            )
+        else:
+            call.finish(None, **_result_fields(result))
         return result  # type: ignore[no-any-return]
 
     async def _invoke(self, request: LLMRequest) -> Any:

@@ -32,7 +32,6 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, overload
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace as trace_api
 from opentelemetry.trace import Status, StatusCode
 
@@ -40,8 +39,10 @@ from rag_instrument import _breakdown, _stagehooks
 from rag_instrument import attributes as attr
 from rag_instrument._context import (
     Frame,
+    attach_span,
     bound,
     current_frame,
+    detach_span,
     reset_frame,
     run_end_hooks,
     seen_contents,
@@ -66,7 +67,7 @@ from rag_instrument._utils import (
     user_code_error,
     warn_once,
 )
-from rag_instrument.logs import emit
+from rag_instrument.logs import LineHead, emit, emit_head
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -109,6 +110,7 @@ class _Spec:
         "attributes",
         "cancelled_event",
         "completed_event",
+        "completed_head",
         "failed_event",
         "is_stage",
         "level",
@@ -138,6 +140,9 @@ class _Spec:
         self.cancelled_event = f"{name} cancelled"
         # A traced operation's line is a detail of its stage: debug level.
         self.level = "info" if is_stage else "debug"
+        self.completed_head = LineHead(
+            self.level, self.completed_event, None if is_stage else {"operation": name}
+        )
 
 
 #: Longest stage or span name kept (a name is a label, not a payload).
@@ -173,11 +178,12 @@ def _begin(spec: _Spec, rt: Runtime, owner: object, cpu: bool | None = None) -> 
     context_attrs = bound().attrs
     if context_attrs:
         attributes = {**context_attrs, **attributes}
-    span = rt.tracer.start_span(spec.name, attributes=attributes)
+    span = rt.start_span(spec.name, attributes)
     stage_name = spec.name if spec.is_stage else (parent.stage if parent is not None else None)
     frame = Frame(spec.name, stage_name, spec.is_stage, parent, span, owner)
+    frame.attr_count = len(attributes)
     frame.start_attrs = attributes
-    frame.tokens = (otel_context.attach(trace_api.set_span_in_context(span)), set_frame(frame))
+    frame.tokens = (attach_span(span), set_frame(frame))
     if _stagehooks.active:  # resource_metrics, event_loop_threshold_ms, a 3.11 loop watch
         _stagehooks.begin(frame, rt, cpu)
     frame.start_ns = time.perf_counter_ns()
@@ -200,9 +206,10 @@ def _safe_begin(
         return None
 
 
-def _record_exception(
-    span: Span, exc: BaseException, rt: Runtime, clean_message: str | None = None
-) -> None:
+def _exception_record(
+    exc: BaseException, rt: Runtime, clean_message: str | None = None
+) -> tuple[Status, tuple[str, dict[str, Any]]]:
+    """The span status and ``exception`` event for ``exc``, sanitised."""
     sanitizer = rt.sanitizer
     if clean_message is None:
         clean_message = exception_message(exc, sanitizer, rt.settings.capture_content)
@@ -215,8 +222,8 @@ def _record_exception(
     )
     # The frames (no source text), then the safe message, not the raw one.
     stack = stack_trace(exc, lambda _exc: f"{qualname}: {clean_message}")
-    span.set_status(Status(StatusCode.ERROR, f"{exc_type.__name__}: {clean_message}"))
-    span.add_event(
+    status = Status(StatusCode.ERROR, f"{exc_type.__name__}: {clean_message}")
+    return status, (
         "exception",
         {
             "exception.type": qualname,
@@ -225,6 +232,15 @@ def _record_exception(
             "exception.escaped": True,
         },
     )
+
+
+def _record_exception(
+    span: Span, exc: BaseException, rt: Runtime, clean_message: str | None = None
+) -> None:
+    """Set ``span``'s status and add its ``exception`` event for ``exc`` (sanitised)."""
+    status, (name, attributes) = _exception_record(exc, rt, clean_message)
+    span.set_status(status)
+    span.add_event(name, attributes)
 
 
 def _end(
@@ -243,7 +259,7 @@ def _end(
     if tokens is not None:
         try:
             reset_frame(tokens[1])
-            otel_context.detach(tokens[0])
+            detach_span(tokens[0])
         except Exception:
             # Exited in a different context than entered (a misused context manager):
             # restore nothing rather than someone else's state.
@@ -262,34 +278,38 @@ def _end(
     budget = rt.budgets.get(spec.name) if spec.is_stage and rt.budgets else None
     exceeded = budget is not None and ms > budget
     message: str | None = None
+    # The library's own additions at the end (all sanitised where they are made: export
+    # skips redacting the span if nothing else added attributes, events or a status).
+    own: dict[str, Any] | None = None
+    status: Status | None = None
+    exc_event: tuple[str, dict[str, Any]] | None = None
     try:
-        if span.is_recording():
-            # Everything this library puts on a stage span is sanitised where it is made.
-            # If nothing else touched it, export can skip redacting it.
-            if frame.start_attrs is not None:
-                rt.mark_if_clean(span, frame.start_attrs, spec.name)
+        if span.is_recording() and (
+            breakdown or items is not None or exc is not None or exceeded or cpu_ms is not None
+        ):
+            own = {}
             if breakdown:
-                span.set_attributes(_breakdown.as_attributes(breakdown))
+                own.update(_breakdown.as_attributes(breakdown))
             if cpu_ms is not None:
-                span.set_attribute(attr.RAG_CPU_MS, cpu_ms)
+                own[attr.RAG_CPU_MS] = cpu_ms
             if items is not None:
-                span.set_attribute(attr.RAG_STREAM_ITEMS, items)
-                span.set_attribute(attr.RAG_STREAM_COMPLETED, completed)
+                own[attr.RAG_STREAM_ITEMS] = items
+                own[attr.RAG_STREAM_COMPLETED] = completed
             if exc is not None:
-                span.set_attribute(attr.ERROR_TYPE, type(exc).__qualname__)
+                own[attr.ERROR_TYPE] = type(exc).__qualname__
                 if cancelled:
-                    span.set_attribute(attr.RAG_CANCELLED, True)
+                    own[attr.RAG_CANCELLED] = True
                 else:
                     message = exception_message(
                         exc, rt.sanitizer, rt.settings.capture_content, seen_contents(frame)
                     )
-                    _record_exception(span, exc, rt, message)
+                    status, exc_event = _exception_record(exc, rt, message)
             if exceeded:
-                span.set_attribute(attr.RAG_BUDGET_EXCEEDED, True)
-                span.set_attribute(attr.RAG_BUDGET_MS, budget)
+                own[attr.RAG_BUDGET_EXCEEDED] = True
+                own[attr.RAG_BUDGET_MS] = budget
     finally:
         try:
-            span.end()
+            rt.end_span(span, (frame.start_attrs, spec.name), own, status, exc_event)
         except Exception as end_exc:  # a span processor we do not own raised
             user_code_error("ending a span", end_exc)
     if spec.is_stage:
@@ -297,7 +317,11 @@ def _end(
         timings = _breakdown.stage_timings.get()
         if timings is not None:  # inside a web request: its Server-Timing header lists us
             timings.add(spec.name, ms)
-    if rt.log is not None:
+    if rt.log is not None and exc is None and not breakdown and items is None and cpu_ms is None:
+        # The common line, assembled from its rendered fixed part.
+        line_stage = spec.name if spec.is_stage else (frame.stage or "")
+        emit_head(rt, spec.completed_head, span, line_stage, round(ms, 3), own_stage=spec.is_stage)
+    elif rt.log is not None:
         fields: dict[str, Any] = {"execution_time_ms": round(ms, 3)}
         if cpu_ms is not None:
             fields["cpu_ms"] = cpu_ms
@@ -376,15 +400,20 @@ def _wrap_sync(fn: Callable[P, R], spec: _Spec) -> Callable[P, R]:
         rt = get_runtime()
         if not rt.enabled:
             return fn(*args, **kwargs)
-        frame = _safe_begin(spec, rt, wrapper, True)
-        if frame is None:
+        try:  # _safe_begin, inline: every stage pays for this frame
+            frame = _begin(spec, rt, wrapper, True)
+        except Exception as begin_exc:
+            internal_error(f"starting {spec.name!r}", begin_exc)
             return fn(*args, **kwargs)
         try:
             result = fn(*args, **kwargs)
         except BaseException as exc:
             _safe_end(frame, spec, exc)
             raise
-        _safe_end(frame, spec, None)
+        try:  # _safe_end, inline
+            _end(frame, spec, None)
+        except Exception as end_exc:
+            internal_error(f"ending {spec.name!r}", end_exc)
         return result
 
     return wrapper

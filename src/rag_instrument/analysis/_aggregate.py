@@ -1,8 +1,11 @@
 """The streaming aggregation behind ``analyze``, ``compare`` and ``report``.
 
-Each line is looked at as bytes first: a line that names none of the keys we use
-(``execution_time_ms``, the ``retrying`` and N+1 events, OTLP's ``resourceSpans``) is only
-checked to look like a JSON object, never parsed. The rest is parsed with orjson.
+Each line is looked at as bytes first: a line that names none of the keys and events used
+(``pipeline_stage`` or ``execution_time_ms``, ``cache_hit``, the side tables' events,
+OTLP's ``resourceSpans``) and holds no escape is only checked to look like a JSON object,
+never parsed; the rest is parsed whole with orjson (the *exact path*). ``--by stage``
+without filters reads chunks through the fast path of :mod:`._fast`, which gives the same
+figures.
 """
 
 from __future__ import annotations
@@ -10,21 +13,22 @@ from __future__ import annotations
 import heapq
 import math
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeGuard
 
 import orjson
 
-from rag_instrument.analysis import _otlp, _parallel
+from rag_instrument.analysis import _fast, _otlp, _parallel
 from rag_instrument.analysis._model import (
     TOTAL_STAGE,
     Analysis,
     Row,
 )
 from rag_instrument.analysis._nesting import ordered, parents_from_intervals, waterfalls
-from rag_instrument.analysis._read import InputReport, Source, read_blocks
-from rag_instrument.analysis._side import llm_line, record_side, side_tables
-from rag_instrument.analysis._stats import DEFAULT_MAX_VALUES, Sample, percentile
+from rag_instrument.analysis._read import InputReport, Source, read_blocks, read_chunks
+from rag_instrument.analysis._side import record_side, side_tables
+from rag_instrument.analysis._stats import DEFAULT_MAX_VALUES, ExactSum, Sample, percentile
 
 __all__ = ["Aggregator", "parse_time"]
 
@@ -32,9 +36,17 @@ _BY = ("stage", "event", "route")
 #: Traces sampled to find which stage runs inside which (from logs).
 _NEST_TRACES = 2000
 #: ... within the first this many stage lines.
-_NEST_LINES = 20_000
-#: Where an "info" line of the library's own layout says so (after a 27-character timestamp).
-_INFO_HEAD = b'","level":"info","event":"'
+_NEST_LINES = 5_000
+#: A line holding none of these (and no escape) cannot change the result.
+_SIDE_MARKERS = (
+    b"cache_hit", b"resourceSpans", b"slow query", b"n+1 query detected", b"retrying",
+    b"budget exceeded", b"\\",
+)
+_MARKERS = {
+    "stage": (b"pipeline_stage", *_SIDE_MARKERS),
+    "event": (b"execution_time_ms", *_SIDE_MARKERS),
+    "route": (b"execution_time_ms", *_SIDE_MARKERS),
+}
 #: Traces kept open for the slowest-request waterfalls (report mode).
 _OPEN_TRACES = 4096
 _WATERFALLS = 8
@@ -72,25 +84,19 @@ class _Group:
         self.count = 0
         self.errors = 0
         self.cancelled = 0
-        self.total_ms = 0.0
+        self.total_ms = ExactSum()
         self.max_ms = -math.inf
         self.sample = Sample(max_values)
         self.over = 0
-        self.kinds_ms: dict[str, float] = {}
+        self.kinds_ms: dict[str, ExactSum] = {}
         self.cache_hits = 0
         self.cache_misses = 0
         #: CPU milliseconds of the runs whose line had ``cpu_ms`` (resource_metrics), and
         #: how many those were (not every run reports it: see docs/profiling.md).
-        self.cpu_ms = 0.0
+        self.cpu_ms = ExactSum()
         self.cpu_runs = 0
         self.statuses: Counter[str] = Counter()
         self.series: Sample | None = None
-
-
-def _check_shape(line: bytes, name: str, line_no: int, bad: Any) -> None:
-    stripped = line.strip()
-    if stripped and (stripped[:1] != b"{" or stripped[-1:] != b"}"):
-        bad(name, line_no, "not a JSON object (truncated or binary?)")
 
 
 def _valid_ms(value: Any) -> TypeGuard[float]:
@@ -165,170 +171,94 @@ class Aggregator:
         if not self.details and _parallel.worth_it(source, jobs):
             _parallel.feed_parallel(self, source, jobs, _read_range)
             return
+        if self.by == "stage" and self.since is None and self.until is None and not self.details:
+            line_no = 1
+            for chunk in read_chunks(source, self.report):
+                if chunk is None:
+                    self.report.bad(source.name, line_no, "line too long")
+                    count = 1
+                else:
+                    count = _fast.feed_chunk(self, source.name, line_no, chunk)
+                self.report.lines += count
+                line_no += count
+            return
         for first, lines in read_blocks(source, self.report):
             self.feed_lines(source.name, first, lines)
 
-    def feed_lines(self, name: str, first: int, lines: list[bytes]) -> None:
+    def feed_lines(
+        self,
+        name: str,
+        first: int,
+        lines: list[bytes],
+        numbering: Callable[[int], int] | None = None,
+    ) -> None:
         """Aggregate a block of raw lines; ``first`` is the first one's line number.
 
         Lines that name none of the keys used are not parsed, only checked to look like a
-        JSON object (``{...}``); the rest are parsed.
+        JSON object (``{...}``); the rest are parsed whole. ``numbering`` maps a line's
+        index in ``lines`` to its line number when they are not consecutive.
         """
-        if self.by == "stage" and self.since is None and self.until is None and not self.details:
-            self._feed_stage_lines(name, first, lines)
-            return
-        loads = orjson.loads
-        decode_error = orjson.JSONDecodeError
-        bad = self.report.bad
-        line_no = first - 1
-        for line in lines:
-            line_no += 1
-            if b"execution_time_ms" not in line and b'"retrying"' not in line and (
-                b"n+1 query" not in line and b"resourceSpans" not in line
-            ):
-                if line[:1] != b"{" or line[-1:] != b"}":
-                    _check_shape(line, name, line_no, bad)
-                continue
-            try:
-                record = loads(line)
-            except decode_error:
-                bad(name, line_no, "not valid JSON (truncated or binary?)")
-                continue
-            if type(record) is not dict:
-                bad(name, line_no, "not a JSON object")
-                continue
-            problem = self.feed(record)
-            if problem:
-                bad(name, line_no, problem)
+        self.feed_text(name, first, b"\n".join(lines), numbering)
 
-    def _feed_stage_lines(self, name: str, first: int, lines: list[bytes]) -> None:
-        """The hot path of ``--by stage``: stage lines and LLM lines handled inline."""
-        loads = orjson.loads
-        decode_error = orjson.JSONDecodeError
-        bad = self.report.bad
-        groups = self.groups
-        budgets = self.budgets
-        nest_traces = self.nest_traces
-        nest_left = self.nest_left
-        used = 0
-        block: dict[str, list[float]] = {}
-        line_no = first - 1
-        for line in lines:
-            line_no += 1
-            record = None
-            info = False
-            if line.startswith(_INFO_HEAD, 41) and line.startswith(b'{"timestamp":"'):
-                # An "info" line in the library's own layout: what it is shows at fixed
-                # places, so it is classified without scanning it all, and only the part
-                # of it that is used gets parsed.
-                at = line.find(b',"context":{', 67)
-                if at > 0 and line.startswith(b'"pipeline_stage":"', at + 12):
-                    if nest_left <= 0:  # (while sampling nesting, the ids are needed too)
-                        try:
-                            record = loads(b"{" + line[at + 1 :])
-                            info = True
-                        except decode_error:
-                            record = None  # parsed whole below, and reported
-                elif line.startswith(b'llm call completed"', 67):
-                    llm_line(self, line, name, line_no)
-                    continue
-                else:
-                    if line[-1:] != b"}":
-                        _check_shape(line, name, line_no, bad)
-                    continue
-            elif b"pipeline_stage" not in line:
-                if b'"cache_hit"' in line:
-                    llm_line(self, line, name, line_no)
-                elif (
-                    b'"retrying"' in line or b"budget exceeded" in line or b"resourceSpans" in line
-                ):
-                    try:
-                        record = loads(line)
-                    except decode_error:
-                        bad(name, line_no, "not valid JSON (truncated or binary?)")
-                        continue
-                    problem = self.feed(record) if type(record) is dict else "not a JSON object"
-                    if problem:
-                        bad(name, line_no, problem)
-                elif line[:1] != b"{" or line[-1:] != b"}":
-                    _check_shape(line, name, line_no, bad)
-                continue
-            if record is None:
-                try:
-                    record = loads(line)
-                except decode_error:
-                    bad(name, line_no, "not valid JSON (truncated or binary?)")
-                    continue
-                if type(record) is not dict:
-                    bad(name, line_no, "not a JSON object")
-                    continue
-            context = record.get("context")
-            stage = context.get("pipeline_stage") if type(context) is dict else None
-            if type(stage) is not str or "execution_time_ms" not in record:
-                problem = self.feed(record)  # slow query / N+1 lines, app lines
-                if problem:
-                    bad(name, line_no, problem)
-                continue
-            ms = record["execution_time_ms"]
-            if (type(ms) is not float and type(ms) is not int) or not 0.0 <= ms < math.inf:
-                bad(name, line_no, "execution_time_ms is not a non-negative number")
-                continue
-            # Durations are gathered per block and added to the groups once per block.
-            durations = block.get(stage)
-            if durations is None:
-                durations = block[stage] = []
-                if stage not in groups:
-                    groups[stage] = _Group(self.max_values)
-            durations.append(ms)
-            cpu = record.get("cpu_ms")
-            if cpu is not None and (type(cpu) is float or type(cpu) is int) and 0 <= cpu < math.inf:
-                cpu_group = groups[stage]
-                cpu_group.cpu_ms += cpu
-                cpu_group.cpu_runs += 1
-            if not info:
-                level = record.get("level")
-                if level in {"error", "critical"}:
-                    groups[stage].errors += 1
-                elif "error_type" in record and level == "warning":
-                    groups[stage].cancelled += 1
-            breakdown = record.get("breakdown")
-            if breakdown and type(breakdown) is dict:
-                group = groups[stage]
-                kinds_ms = group.kinds_ms
-                for kind, entry in breakdown.items():
-                    if type(entry) is not dict:
-                        continue
-                    if kind == "cache":
-                        self._cache_counts(group, entry)
-                        continue
-                    part = entry.get("ms")
-                    if (type(part) is float or type(part) is int) and 0 <= part < math.inf:
-                        kinds_ms[kind] = kinds_ms.get(kind, 0.0) + part
-            if nest_left > 0:
-                nest_left -= 1
-                if len(nest_traces) < _NEST_TRACES or record.get("trace_id") in nest_traces:
-                    self._place(stage, float(ms), record, None)
-        self.nest_left = nest_left
-        for stage, durations in block.items():
-            group = groups[stage]
-            used += len(durations)
-            group.count += len(durations)
-            group.total_ms += sum(durations)
-            group.max_ms = max(group.max_ms, max(durations))  # noqa: PLW3301 - no unpacking
-            budget = budgets.get(stage)
-            if budget is not None:
-                group.over += sum(1 for ms in durations if ms > budget)
-            sample = group.sample
-            room = sample.max_values - sample.seen
-            if room >= len(durations):
-                sample.values.extend(durations)
-                sample.seen += len(durations)
-            else:
-                for ms in durations:
-                    sample.add(ms)
-        if used:
-            self.used += used
-            self.kinds.add("log")
+    def feed_text(
+        self,
+        name: str,
+        first: int,
+        text: bytes,
+        numbering: Callable[[int], int] | None = None,
+    ) -> None:
+        """:meth:`feed_lines` for lines joined by newlines (no newline at the end)."""
+
+        def line_no(start: int) -> int:
+            index = text.count(b"\n", 0, start)
+            return numbering(index) if numbering else first + index
+
+        # The start of each line that names a marker, found with bytes.find (fast).
+        wanted: set[int] = set()
+        for marker in _MARKERS[self.by]:
+            at = text.find(marker)
+            while at >= 0:
+                wanted.add(text.rfind(b"\n", 0, at) + 1)
+                at = text.find(b"\n", at)
+                if at < 0:
+                    break
+                at = text.find(marker, at)
+        lines = text.count(b"\n") + 1
+        if (
+            text.count(b"\n{") + text.startswith(b"{") == lines
+            and text.count(b"}\n") + text.endswith(b"}") == lines
+        ):  # every line looks like an object: only the wanted ones need a look
+            for start in sorted(wanted):
+                end = text.find(b"\n", start)
+                self._parse(name, text[start : end if end >= 0 else len(text)], start, line_no)
+            return
+        start = 0
+        for line in text.split(b"\n"):
+            if start in wanted:
+                self._parse(name, line, start, line_no)
+            elif line[:1] != b"{" or line[-1:] != b"}":
+                stripped = line.strip()
+                if stripped and (stripped[:1] != b"{" or stripped[-1:] != b"}"):
+                    self.report.bad(
+                        name, line_no(start), "not a JSON object (truncated or binary?)"
+                    )
+            start += len(line) + 1
+
+    def feed_every_line(self, name: str, first: int, lines: list[bytes]) -> None:
+        """Parse and aggregate every line, skipping none: the reference the others match."""
+        for index, line in enumerate(lines):
+            if line.strip():
+                self._parse(name, line, index, lambda index: first + index)
+
+    def _parse(self, name: str, line: bytes, where: int, line_no: Callable[[int], int]) -> None:
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            problem: str | None = "not valid JSON (truncated or binary?)"
+        else:
+            problem = self.feed(record) if type(record) is dict else "not a JSON object"
+        if problem:
+            self.report.bad(name, line_no(where), problem)
 
     def feed(self, record: dict[str, Any]) -> str | None:
         """Aggregate one parsed line; return what was wrong with it, if anything."""
@@ -364,7 +294,11 @@ class Aggregator:
                     key = f"{record.get('method') or '?'} {route}"
             if key is not None and type(key) is str:
                 self.run(key, float(ms), record, ts)
-                if self.by == "stage" and (self.details or len(self.nest_traces) < _NEST_TRACES):
+                if self.by == "stage" and self.details:
+                    self._place(key, float(ms), record, ts)
+                elif self.by == "stage" and self.nest_left > 0:
+                    # Nesting is sampled from the first stage lines (of each range read).
+                    self.nest_left -= 1
                     self._place(key, float(ms), record, ts)
         if type(event) is str and record.get("logger") == "rag_instrument":
             record_side(self, event, record)
@@ -379,7 +313,7 @@ class Aggregator:
             group = self.groups[key] = _Group(self.max_values)
         self.used += 1
         group.count += 1
-        group.total_ms += ms
+        group.total_ms.add(ms)
         group.max_ms = max(group.max_ms, ms)
         group.sample.add(ms)
         level = record.get("level")
@@ -397,15 +331,16 @@ class Aggregator:
             group.over += 1
         cpu = record.get("cpu_ms")
         if _valid_ms(cpu):
-            group.cpu_ms += cpu
+            group.cpu_ms.add(cpu)
             group.cpu_runs += 1
         breakdown = record.get("breakdown")
         if type(breakdown) is dict:
-            self._breakdown(group, breakdown)
+            self.breakdown(group, breakdown)
         if self.details:
             self._point(group, record, ts, ms)
 
-    def _breakdown(self, group: _Group, breakdown: dict[str, Any]) -> None:
+    def breakdown(self, group: _Group, breakdown: dict[str, Any]) -> None:
+        """Add one run's ``breakdown`` (time per kind, cache hits) to ``group``."""
         kinds = group.kinds_ms
         for kind, entry in breakdown.items():
             if type(entry) is not dict:
@@ -415,7 +350,10 @@ class Aggregator:
                 continue
             ms = entry.get("ms")
             if _valid_ms(ms):
-                kinds[kind] = kinds.get(kind, 0.0) + ms
+                total = kinds.get(kind)
+                if total is None:
+                    total = kinds[kind] = ExactSum()
+                total.add(ms)
 
     @staticmethod
     def _cache_counts(group: _Group, entry: dict[str, Any]) -> None:
@@ -531,25 +469,24 @@ class Aggregator:
             else:
                 over = self.exceeded.get(key, Counter()).total()
         lookups = group.cache_hits + group.cache_misses
+        total_ms = group.total_ms.value()
+        kinds_ms = {kind: total.value() for kind, total in sorted(group.kinds_ms.items())}
         return Row(
             key=key,
             count=count,
             errors=group.errors,
             cancelled=group.cancelled,
-            avg_ms=group.total_ms / count,
+            avg_ms=total_ms / count,
             p50_ms=percentile(values, 50),
             p95_ms=percentile(values, 95),
             p99_ms=percentile(values, 99),
             max_ms=group.max_ms,
             budget_ms=budget,
             over_budget=over,
-            breakdown_ms={k: v / count for k, v in sorted(group.kinds_ms.items())},
-            breakdown_share={
-                k: (v / group.total_ms if group.total_ms else 0.0)
-                for k, v in sorted(group.kinds_ms.items())
-            },
+            breakdown_ms={k: v / count for k, v in kinds_ms.items()},
+            breakdown_share={k: (v / total_ms if total_ms else 0.0) for k, v in kinds_ms.items()},
             cache_hit_ratio=group.cache_hits / lookups if lookups else None,
-            avg_cpu_ms=group.cpu_ms / group.cpu_runs if group.cpu_runs else None,
+            avg_cpu_ms=group.cpu_ms.value() / group.cpu_runs if group.cpu_runs else None,
             cpu_runs=group.cpu_runs,
             depth=depth,
             parent=parent,

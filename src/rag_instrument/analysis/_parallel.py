@@ -128,16 +128,19 @@ def merge(into: Aggregator, part: Aggregator, name: str, lines_before: int) -> N
         mine.count += group.count
         mine.errors += group.errors
         mine.cancelled += group.cancelled
-        mine.total_ms += group.total_ms
+        mine.total_ms.merge(group.total_ms)
         mine.max_ms = max(mine.max_ms, group.max_ms)
         mine.over += group.over
         mine.cache_hits += group.cache_hits
         mine.cache_misses += group.cache_misses
-        mine.cpu_ms += group.cpu_ms
+        mine.cpu_ms.merge(group.cpu_ms)
         mine.cpu_runs += group.cpu_runs
         mine.statuses.update(group.statuses)
-        for kind, ms in group.kinds_ms.items():
-            mine.kinds_ms[kind] = mine.kinds_ms.get(kind, 0.0) + ms
+        for kind, total in group.kinds_ms.items():
+            if kind in mine.kinds_ms:
+                mine.kinds_ms[kind].merge(total)
+            else:
+                mine.kinds_ms[kind] = total
         mine.sample = merge_samples(mine.sample, group.sample)
     into.learned_budgets.update(part.learned_budgets)
     for shape, entry in part.slow.items():

@@ -6,47 +6,14 @@ import math
 from collections import Counter
 from typing import TYPE_CHECKING, Any, TypeGuard
 
-import orjson
-
 if TYPE_CHECKING:
     from rag_instrument.analysis._aggregate import Aggregator
 
-__all__ = ["llm_line", "record_side", "side_tables"]
+__all__ = ["record_side", "side_tables"]
 
 
 def _valid_ms(value: Any) -> TypeGuard[float]:
     return type(value) in (int, float) and 0 <= value < math.inf
-
-
-def llm_line(agg: Aggregator, line: bytes, name: str, line_no: int) -> None:
-    """An LLM call line, for the cache table: in our layout only its tail is parsed."""
-    loads = orjson.loads
-    at = line.find(b',"execution_time_ms":')
-    record: Any = None
-    if at > 0 and line.find(b'"logger":"rag_instrument"', 0, at) > 0:
-        try:
-            record = loads(b"{" + line[at + 1 :])
-        except orjson.JSONDecodeError:
-            record = None
-        if type(record) is dict:
-            record["logger"] = "rag_instrument"
-    if type(record) is not dict or "cache_hit" not in record:
-        try:
-            record = loads(line)
-        except orjson.JSONDecodeError:
-            agg.report.bad(name, line_no, "not valid JSON (truncated or binary?)")
-            return
-    if type(record) is not dict:
-        agg.report.bad(name, line_no, "not a JSON object")
-    elif record.get("logger") == "rag_instrument" and "cache_hit" in record:
-        namespace = record.get("cache_namespace") or (
-            f"{record.get('provider') or '?'}/{record.get('model') or '?'}"
-        )
-        counts = agg.cache.get(namespace)
-        if counts is None:
-            counts = agg.cache[namespace] = [0, 0]
-        counts[0] += record["cache_hit"] is True
-        counts[1] += 1
 
 
 def record_side(agg: Aggregator, event: str, record: dict[str, Any]) -> None:

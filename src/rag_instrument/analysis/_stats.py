@@ -17,7 +17,7 @@ import random
 from array import array
 from collections.abc import Sequence
 
-__all__ = ["DEFAULT_MAX_VALUES", "Sample", "mann_whitney_u", "percentile"]
+__all__ = ["DEFAULT_MAX_VALUES", "ExactSum", "Sample", "mann_whitney_u", "percentile"]
 
 #: Values kept per group before sampling starts (8 MB per group at the bound).
 DEFAULT_MAX_VALUES = 1_000_000
@@ -72,6 +72,61 @@ class Sample:
     def sorted(self) -> list[float]:
         """The kept values, ascending."""
         return sorted(self.values)
+
+
+class ExactSum:
+    """A sum of floats that does not depend on the order they come in.
+
+    :meth:`value` is the exact sum of every value added, rounded once (``math.fsum``), so
+    one process or several, blocks in any order, give the same figure to the last bit.
+    The values are kept as a short exact expansion: a few floats whose sum is exactly the
+    sum so far (refreshed every :data:`_PENDING` values).
+    """
+
+    __slots__ = ("_parts", "_pending")
+
+    #: Values held before they are folded into the expansion.
+    _PENDING = 4096
+
+    def __init__(self) -> None:
+        self._parts: list[float] = []
+        self._pending: list[float] = []
+
+    def add(self, value: float) -> None:
+        """Add one value."""
+        self._pending.append(value)
+        if len(self._pending) >= self._PENDING:
+            self._fold()
+
+    def extend(self, values: Sequence[float]) -> None:
+        """Add several values."""
+        self._pending.extend(values)
+        if len(self._pending) >= self._PENDING:
+            self._fold()
+
+    def merge(self, other: ExactSum) -> None:
+        """Add everything ``other`` holds."""
+        self.extend(other._parts + other._pending)
+
+    def value(self) -> float:
+        """The sum, correctly rounded."""
+        return math.fsum(self._parts + self._pending)
+
+    def _fold(self) -> None:
+        values = self._parts + self._pending
+        parts: list[float] = []
+        # Each round takes out the rounded sum of what is left; what is left is exact in
+        # floats (the inputs and the negated partial sums), so the parts add up exactly.
+        while len(parts) < 64:
+            total = math.fsum(values)
+            if total == 0.0 or not math.isfinite(total):
+                if total != 0.0:
+                    parts = [total]
+                break
+            parts.append(total)
+            values.append(-total)
+        self._parts = parts
+        self._pending = []
 
 
 def mann_whitney_u(before: Sequence[float], after: Sequence[float]) -> float:
