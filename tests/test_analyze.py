@@ -53,6 +53,19 @@ def as_json(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, di
     return {row.get("stage") or row.get("event") or row.get("route"): row for row in json.loads(out)}
 
 
+@pytest.mark.parametrize("command", ["analyze", "report"])
+def test_help_prints_single_percent_signs(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # argparse does not %-format descriptions and epilogs, so "%%" would print as is.
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "%%" not in out
+    assert "at least p% of runs at or below it" in out
+
+
 def nearest_rank(values: list[float], pct: float) -> float:
     ordered = sorted(values)
     k = max(1, math.ceil(pct / 100 * len(ordered)))

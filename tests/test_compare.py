@@ -114,3 +114,7 @@ def test_help_names_the_test() -> None:
         capture_output=True, text=True, check=True,
     ).stdout
     assert "Mann-Whitney U" in " ".join(out.split())
+    # argparse does not %-format descriptions and epilogs: one percent sign, not two.
+    assert "%%" not in out
+    assert "in ms and %," in " ".join(out.split())
+    assert "least p% of runs" in " ".join(out.split())

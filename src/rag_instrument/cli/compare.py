@@ -135,7 +135,7 @@ def add_parser(subparsers: Any) -> None:
         "compare",
         help="p50/p95/p99 per stage before and after, and whether the change is beyond noise",
         description="Per stage: p50/p95/p99 of the baseline and the candidate, the p95 change "
-        "in ms and %%, and whether the difference is beyond noise.",
+        "in ms and %, and whether the difference is beyond noise.",
         epilog=TEST_HELP + " " + PERCENTILES_HELP,
     )
     parser.add_argument("baseline", metavar="BASELINE", help="log(s) before: a file or a glob")
