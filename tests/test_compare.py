@@ -116,7 +116,8 @@ def test_a_stage_missing_from_the_candidate_fails_the_gate(
     empty.write_text("")
     assert main(["compare", str(before), str(empty), "--fail-on-regression", "10"]) == 1
     err = capsys.readouterr().err
-    assert "retrieval ran 20 times" in err and "rerank ran 20 times" in err
+    assert "retrieval ran 20 times" in err
+    assert "rerank ran 20 times" in err
     # Without the gate, compare only reports.
     assert main(["compare", str(before), str(after)]) == 0
 
