@@ -307,6 +307,32 @@ def test_budgets_from_flags_toml_and_the_log(
     assert "retrieval p95 19.0 ms is over its budget of 18.5 ms" in err
 
 
+def test_budget_table_without_a_largest_part_is_readable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "budget exceeded" lines without a breakdown (nothing measured inside the stage) and
+    # with one: the table reads "10 with no breakdown", never a bare "- 10".
+    exceeded = [
+        json.dumps({"event": "budget exceeded", "logger": "rag_instrument", "stage": stage,
+                    "budget_ms": 1.0, "execution_time_ms": 2.0, **extra})
+        for stage, extra, times in [
+            ("retrieval", {}, 10),
+            ("generation", {"largest": {"kind": "llm", "ms": 1.5}}, 2),
+            ("generation", {}, 1),
+        ]
+        for _ in range(times)
+    ]
+    log = write(tmp_path / "a.jsonl", [line("retrieval", 2.0), line("generation", 2.0), *exceeded])
+    status, out, _ = run_cli([str(log)], capsys)
+    assert status == 0
+    table = out[out.index("Budget exceeded"):]
+    rows = {r.split()[0]: " ".join(r.split()[1:]) for r in table.splitlines()[3:] if r.strip()}
+    assert rows["retrieval"] == "10 10 with no breakdown"
+    assert rows["generation"] == "3 llm 2, 1 with no breakdown"
+    assert "- 10" not in out
+    assert "- 1" not in table
+
+
 def test_bad_budgets_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     log = write(tmp_path / "a.jsonl", [line("retrieval", 1.0)])
     bad = tmp_path / "b.toml"
