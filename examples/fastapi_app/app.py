@@ -113,8 +113,11 @@ def _fastapi(**kwargs: Any) -> FastAPI:
 
 
 def default_database_url() -> str:
-    """``rag_example.db`` in ``rag_instrument_example/`` under the system's temporary
-    directory (``$TMPDIR``, usually ``/tmp``), created if needed: never in the checkout."""
+    """The default database: a SQLite file outside the checkout.
+
+    ``rag_example.db`` in ``rag_instrument_example/`` under the system's temporary
+    directory (``$TMPDIR``, usually ``/tmp``), created if needed.
+    """
     directory = os.path.join(tempfile.gettempdir(), "rag_instrument_example")
     os.makedirs(directory, exist_ok=True)
     return "sqlite+aiosqlite:///" + os.path.join(directory, "rag_example.db")
