@@ -150,3 +150,16 @@ def test_demo_on_milvus_lite(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         assert not [c for c in client.list_collections() if c.startswith("rag_demo_")]
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("command", ["demo", "db-doctor"])
+def test_help_text_has_no_restructuredtext_markup(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rag_instrument.cli.__main__ import main as cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main([command, "--help"])
+    out = capsys.readouterr().out
+    assert "``" not in out
+    assert ":func:`" not in out

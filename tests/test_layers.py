@@ -30,13 +30,14 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "_registry",
             "_settings",
             "_sanitize",
+            "_errors",
             "_pools",
             "_steps",
             "_sweep",
         ),
     ),
     ("runtime", ("_runtime", "_context", "_breakdown")),
-    ("logs and tracing", ("logs", "exporters", "_leaf")),
+    ("logs and tracing", ("logs", "exporters", "_leaf", "_sending")),
     (
         "stages",
         (
@@ -65,8 +66,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 #: The only modules that may import the OpenTelemetry SDK, or ``exporters`` and its private
 #: part ``_leaf`` (which load it).
-SDK_MODULES = frozenset({"exporters", "_leaf", "_config", "_settings"})
-SDK_LOADERS = frozenset({"exporters", "_leaf"})
+SDK_MODULES = frozenset({"exporters", "_leaf", "_sending", "_config", "_settings"})
+SDK_LOADERS = frozenset({"exporters", "_leaf", "_sending"})
 
 
 def _module_name(path: Path) -> str:

@@ -10,7 +10,8 @@ import pytest
 
 import rag_instrument as ri
 from rag_instrument import _registry
-from rag_instrument._sanitize import Sanitizer, exception_message
+from rag_instrument._errors import exception_message
+from rag_instrument._sanitize import Sanitizer
 from rag_instrument.testing import Capture
 
 
@@ -76,7 +77,8 @@ def test_the_database_formatter_applies_without_importing_the_integration() -> N
     pytest.importorskip("sqlalchemy")
     code = (
         "import sys, sqlalchemy, rag_instrument\n"
-        "from rag_instrument._sanitize import Sanitizer, exception_message\n"
+        "from rag_instrument._errors import exception_message\n"
+        "from rag_instrument._sanitize import Sanitizer\n"
         "assert 'rag_instrument.db' not in sys.modules\n"
         "engine = sqlalchemy.create_engine('sqlite://')\n"
         "try:\n"

@@ -101,7 +101,7 @@ def test_leaf_spans_without_configuration_use_the_tracer() -> None:
     # Not configured by rag_instrument: whatever the global API gives (a no-op span, or an
     # SDK span when an SDK provider is installed), never the exporters' leaf span.
     assert not isinstance(span, LeafSpan)
-    runtime.mark_if_clean(span, 0)  # nothing to mark, and no error either
+    runtime.mark_if_clean(span, {}, "x")  # nothing to mark, and no error either
     span.end()
 
 

@@ -85,6 +85,9 @@ def test_each_setting_reads_its_environment_variable(row: object) -> None:
             "log_file": None,
             "log_level": "debug",
             "budgets": "retrieval=10",
+            "metrics_exporter": "none",
+            "logs_exporter": "none",
+            "capture_logging_level": "debug",
             "event_loop_threshold_ms": "250",
         }.get(row.name)
     if row.name == "log_file":

@@ -52,10 +52,12 @@ def configure(  # noqa: D417 (the settings' Args are generated from the table)
     service_name: str | None = None,
     *,
     exporter: str | SpanExporter | None = None,
+    metrics_exporter: str | None = None,
     otlp_endpoint: str | None = None,
     log_format: str | None = None,
     log_file: str | os.PathLike[str] | None = None,
     log_level: str | int | None = None,
+    logs_exporter: str | None = None,
     enabled: bool | None = None,
     capture_content: bool | None = None,
     max_content_chars: int | None = None,
@@ -65,6 +67,8 @@ def configure(  # noqa: D417 (the settings' Args are generated from the table)
     sample_ratio: float | None = None,
     redact: bool | None = None,
     capture_logging: bool | None = None,
+    capture_logging_level: str | int | None = None,
+    shutdown_timeout: float | None = None,
     event_loop_threshold_ms: float | None = None,
     resource_metrics: bool | None = None,
     metric_readers: Sequence[MetricReader] = (),
@@ -135,7 +139,8 @@ def apply(
             if settings.enabled
             else None
         )
-        output = logs.LogOutput(settings, sink=log_sink) if settings.enabled else None
+        writes = settings.enabled and (log_sink is not None or settings.logs_exporter != "none")
+        output = logs.LogOutput(settings, sink=log_sink) if writes else None
         old = get_runtime()
         if pipelines is not None:
             tracer = pipelines.tracer
@@ -184,37 +189,56 @@ def restore(previous: Runtime) -> None:
 def _retire(old: Runtime, timeout: float, successor: Runtime | None = None) -> bool:
     """Flush and close what ``old`` created, within ``timeout`` seconds.
 
+    Returns ``True`` only if everything ``old`` was given was exported: the flush finished
+    in time and no span was dropped (a full queue, a failed export) during its life.
     A span exporter the application passed in and the ``successor`` uses as well is
     flushed, not shut down: reconfiguring must not kill the application's exporter.
+    Its log output stays open until the flush is over, and the OpenTelemetry SDK's own
+    messages during the flush (export errors at a worker's exit) go to it, not to raw
+    standard error.
     """
-    if old.log is not None:
-        old.log.close()
     if old.pipelines is None:
+        if old.log is not None:
+            old.log.close()
         return True
     pipelines = old.pipelines
     if successor is not None and successor.settings.span_exporter is not None:
         pipelines.keep_exporter(successor.settings.span_exporter)
+    # At shutdown (no successor whose own handler would take them), the SDK's messages
+    # during the flush go to this configuration's log.
+    detach = logs.bridge_while_flushing(old) if successor is None else _nothing
     done = threading.Event()
+    result: list[bool] = []
 
     def work() -> None:
         try:
-            pipelines.shutdown(timeout_millis=int(timeout * 900))
+            result.append(pipelines.shutdown(timeout_millis=int(timeout * 900)))
         except Exception as exc:
             internal_error("shutdown", exc)
         finally:
+            detach()
+            if old.log is not None:
+                old.log.close()
             done.set()
 
     # Exporters may block (a black-holed collector): never let that hold the caller past
     # the deadline. The thread is a daemon, so it cannot keep the process alive either.
     thread = threading.Thread(target=work, name="rag_instrument-shutdown", daemon=True)
     thread.start()
-    return done.wait(max(timeout, 0.0))
+    finished = done.wait(max(timeout, 0.0))
+    return finished and bool(result and result[0])
+
+
+def _nothing() -> None:
+    pass
 
 
 def shutdown(timeout: float = 5.0) -> bool:
-    """Flush and close what :func:`configure` created; return ``True`` if all was flushed.
+    """Flush and close what :func:`configure` created; ``True`` only if all was exported.
 
-    Returns within ``timeout`` seconds even when the collector is down or black-holed.
+    ``False`` when the flush did not finish within ``timeout`` seconds, or when any span of
+    this configuration was lost (a full export queue, a failed export). Returns within
+    ``timeout`` seconds even when the collector is down or black-holed.
     Afterwards the library is unconfigured: stages still run, nothing is exported or
     logged. A second call does nothing. Also registered to run at interpreter exit.
     """
@@ -250,7 +274,9 @@ def force_flush(timeout: float = 5.0) -> bool:
 
 def _at_exit() -> None:
     try:
-        shutdown(timeout=float(os.environ.get("RAG_INSTRUMENT_SHUTDOWN_TIMEOUT", "3") or 3))
+        # Validated by configure() (a bad RAG_INSTRUMENT_SHUTDOWN_TIMEOUT fails there, not
+        # silently here).
+        shutdown(timeout=get_runtime().settings.shutdown_timeout)
     except Exception:
         pass
 

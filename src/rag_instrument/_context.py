@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace as trace_api
@@ -34,7 +34,11 @@ __all__ = [
     "current_span",
     "current_stage",
     "detach_span",
+    "note_content",
+    "on_frame_end",
     "request_context",
+    "run_end_hooks",
+    "seen_contents",
     "unbind_context",
     "wrap_context",
 ]
@@ -77,6 +81,7 @@ class Frame:
         "scratch",
         "span",
         "stage",
+        "start_attrs",
         "start_ns",
         "tokens",
     )
@@ -99,7 +104,9 @@ class Frame:
         self.breakdown: dict[str, dict[str, float]] | None = None
         self.start_ns = 0
         self.tokens: tuple[Any, Any] | None = None
-        #: How many attributes the span was started with (all sanitised by us).
+        #: The attributes the span was started with (all sanitised by us).
+        self.start_attrs: dict[str, Any] | None = None
+        #: How many attributes the span was started with.
         self.attr_count = 0
         #: Per-frame state for integrations (e.g. N+1 statement counts), created on demand.
         self.scratch: dict[str, Any] | None = None
@@ -113,6 +120,69 @@ current_frame = _frame.get
 set_frame = _frame.set
 reset_frame = _frame.reset
 bound = _bound.get
+
+
+# --- content seen by a stage -----------------------------------------------------------------
+
+_CONTENTS_KEY: Final = "rag_instrument.contents"
+_MAX_CONTENTS: Final = 16
+_MIN_CONTENT_CHARS: Final = 8
+
+
+def note_content(text: object) -> None:
+    """Remember prompt or completion ``text`` in the enclosing stages (content capture off).
+
+    An exception raised later in those stages that quotes it has the quote hidden on the
+    stage's span and failed line. Only references are kept, until the stages end.
+    """
+    if not isinstance(text, str) or len(text) < _MIN_CONTENT_CHARS:
+        return
+    frame = _frame.get()
+    depth = 0
+    while frame is not None and depth < 32:
+        scratch = frame.scratch
+        if scratch is None:
+            scratch = frame.scratch = {}
+        seen: list[str] = scratch.setdefault(_CONTENTS_KEY, [])
+        if len(seen) >= _MAX_CONTENTS:
+            del seen[0]
+        seen.append(text)
+        frame = frame.parent
+        depth += 1
+
+
+def seen_contents(frame: Any = None) -> tuple[str, ...]:
+    """The content texts noted in ``frame`` (default: the current stage)."""
+    if frame is None:
+        frame = _frame.get()
+    scratch = getattr(frame, "scratch", None)
+    if not scratch:
+        return ()
+    return tuple(scratch.get(_CONTENTS_KEY, ()))
+
+
+_END_HOOKS: Final = "rag_instrument.end_hooks"
+
+
+def on_frame_end(frame: Frame, hook: Callable[[], None]) -> None:
+    """Call ``hook`` when ``frame``'s stage ends, while it is still the current frame."""
+    scratch = frame.scratch
+    if scratch is None:
+        scratch = frame.scratch = {}
+    scratch.setdefault(_END_HOOKS, []).append(hook)
+
+
+def run_end_hooks(frame: Frame) -> None:
+    """Run (once) the hooks registered with :func:`on_frame_end`; never raises."""
+    scratch = frame.scratch
+    hooks = scratch.pop(_END_HOOKS, None) if scratch is not None else None
+    if not hooks:
+        return
+    for hook in hooks:
+        try:
+            hook()
+        except Exception as exc:
+            internal_error("ending a scope", exc)
 
 
 def _span_key() -> str | None:

@@ -34,8 +34,9 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from rag_instrument import _breakdown
 from rag_instrument import attributes as attr
-from rag_instrument._context import attach_span, detach_span
-from rag_instrument._sanitize import REDACTED, safe_str, stack_trace
+from rag_instrument._context import attach_span, detach_span, note_content
+from rag_instrument._errors import remember_exception
+from rag_instrument._sanitize import REDACTED, redact_then_truncate, safe_str, stack_trace
 from rag_instrument._utils import http_status, internal_error, user_code_error
 from rag_instrument.attributes import (
     EVENT_LLM_CANCELLED,
@@ -361,6 +362,8 @@ class GenAICall:
             if self.chunks is not None:
                 values[RAG_STREAM_CHUNKS] = self.chunks
                 values[attr.RAG_STREAM_COMPLETED] = completed
+            if output_text is not None and not rt.settings.capture_content:
+                note_content(output_text)
             if output_text is not None and rt.settings.capture_content:
                 values[GEN_AI_OUTPUT_MESSAGES] = _messages_json(
                     "assistant", output_text, rt, self.secrets
@@ -374,7 +377,7 @@ class GenAICall:
         else:
             values = {}
         try:
-            rt.end_span(span, 0, values)
+            rt.end_span(span, None, values)
         except Exception as end_exc:
             user_code_error("ending a span", end_exc)
         metric_attrs: dict[str, str] = self.metric_attrs
@@ -402,7 +405,7 @@ class GenAICall:
             "model": self.metric_attrs.get(GEN_AI_REQUEST_MODEL),
         }
         if response_model:
-            fields["response_model"] = str(response_model)[:200]
+            fields["response_model"] = redact_then_truncate(str(response_model), 200)
         if input_tokens is not None:
             fields["input_tokens"] = input_tokens
         if output_tokens is not None:
@@ -435,6 +438,12 @@ class GenAICall:
             exc_type.__qualname__ if module == "builtins" else f"{module}.{exc_type.__qualname__}"
         )
         message = self._error_text(exc)
+        # The stages this exception propagates through say no more than this span does.
+        remember_exception(
+            exc,
+            summary=None if self.rt.settings.capture_content else message,
+            secrets=tuple(self.secrets),
+        )
         # Frames without source text; the chained exceptions' messages only with content capture.
         if self.rt.settings.capture_content:
             stack = stack_trace(exc, _exception_line, chain=True)
@@ -497,6 +506,8 @@ def start_call(
         if capture:
             text = prompt if isinstance(prompt, str) else prompt()  # type: ignore[misc]
             attributes[GEN_AI_INPUT_MESSAGES] = _messages_json("user", text, rt, secrets)
+    if prompt is not None and not capture and isinstance(prompt, str):
+        note_content(prompt)  # hidden where an exception of the enclosing stage quotes it
     # Not sanitised as a whole (the provider and model names are the application's): export
     # redacts the span as it does any other instrumentation's.
     span = rt.start_span(f"{operation} {model}", attributes, kind=SpanKind.CLIENT, sanitized=False)

@@ -78,23 +78,29 @@ def take_sanitized(span_id: int) -> bool:
     return False
 
 
-def mark_if_clean(span: trace_api.Span, attr_count: int) -> None:
+def mark_if_clean(span: trace_api.Span, start_attrs: Mapping[str, Any], name: str) -> None:
     """Let export skip redacting ``span`` if nobody but rag_instrument touched it.
 
     A :class:`StageSpan` keeps its own mark (see :meth:`StageSpan.finish`): nothing here.
 
-    That is: it holds only the ``attr_count`` attributes it was started with (all
-    sanitised where they were made) and no events. Reads the SDK span's own containers:
-    its public properties copy them (a tuple of events per call), which a stage's hot path
-    cannot afford.
+    That is: it holds exactly the attributes it was started with (``start_attrs``, all
+    sanitised where they were made; none added *or overwritten*), no events, its name
+    ``name`` and no status. Anything else (an attribute the application set through the
+    span it got from ``with`` or from ``trace.get_current_span()``, also over one of ours)
+    leaves the span to the export-time pass: the fast path never trades redaction. Reads
+    the SDK span's own containers: its public properties copy them (a tuple of events per
+    call), which a stage's hot path cannot afford.
     """
     if isinstance(span, StageSpan):
         return
     attributes = getattr(span, "_attributes", None)
-    events = getattr(span, "_events", None)
-    if attributes is None or events is None:
+    plain = getattr(attributes, "_dict", None)
+    if plain is None or getattr(span, "_events", True) or getattr(span, "_name", None) != name:
         return
-    if len(attributes) == attr_count and not events:
+    status = getattr(span, "_status", None)
+    if status is None or status.status_code is not trace_api.StatusCode.UNSET:
+        return
+    if plain == start_attrs:  # same keys, same (mostly identical) values
         mark_sanitized(span.get_span_context().span_id)
 
 
@@ -420,6 +426,7 @@ class StageSpan(trace_api.Span, ReadableSpan):
             _logger.warning("Tried calling %s on an ended span.", "update_name")
             return
         self._name = name
+        self._clean = False  # a name from outside may hold anything: export redacts it
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
         """Set the status, as the SDK does (``OK`` is final, ``UNSET`` is ignored)."""
@@ -782,14 +789,14 @@ def end_stage_span(
     attributes: Mapping[str, Any] | None,
     status: Status | None,
     event: tuple[str, dict[str, Any]] | None,
-    clean_count: int | None,
+    clean: tuple[Mapping[str, Any] | None, str] | None,
 ) -> None:
     """End a stage span with rag_instrument's own attributes, status and event.
 
     A :class:`StageSpan` takes them without losing its clean mark. Another span (the
-    fallback's SDK span) is marked clean when it still holds only the ``clean_count``
-    attributes it started with and no event (``None``: do not mark), then gets them
-    through the API.
+    fallback's SDK span) is marked clean when it still is as it started (``clean``: the
+    attributes and name it started with; ``None``: do not mark), then gets them through
+    the API.
     """
     if isinstance(span, StageSpan):
         if attributes or status is not None or event is not None:
@@ -798,8 +805,8 @@ def end_stage_span(
             span.end()
         return
     if span.is_recording():
-        if clean_count is not None:
-            mark_if_clean(span, clean_count)
+        if clean is not None and clean[0] is not None:
+            mark_if_clean(span, clean[0], clean[1])
         if attributes:
             span.set_attributes(attributes)
         if status is not None:

@@ -21,7 +21,7 @@ from opentelemetry.trace import Status, StatusCode
 from rag_instrument import _breakdown
 from rag_instrument import attributes as attr
 from rag_instrument._context import Frame, current_frame, reset_frame, set_frame
-from rag_instrument._sanitize import exception_message
+from rag_instrument._errors import exception_message
 from rag_instrument._utils import internal_error, user_code_error
 
 if TYPE_CHECKING:

@@ -25,6 +25,8 @@ from rag_instrument._sanitize import Sanitizer
 from rag_instrument._settings import Settings
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from opentelemetry.metrics import Counter, Histogram, Meter
     from opentelemetry.trace import Span, SpanKind, Status, Tracer
 
@@ -56,8 +58,8 @@ class SpanTools(Protocol):
         """Start a span that will have no children, as cheaply as the tracer allows."""
         ...
 
-    def mark_if_clean(self, span: Span, attr_count: int) -> None:
-        """Skip export-time redaction of ``span`` if nobody but us set attributes or events."""
+    def mark_if_clean(self, span: Span, start_attrs: Mapping[str, Any], name: str) -> None:
+        """Skip export-time redaction of ``span`` if nobody but us touched it."""
         ...
 
     def start_stage_span(
@@ -78,7 +80,7 @@ class SpanTools(Protocol):
         attributes: dict[str, Any] | None,
         status: Status | None,
         event: tuple[str, dict[str, Any]] | None,
-        clean_count: int | None,
+        clean: tuple[Mapping[str, Any] | None, str] | None,
     ) -> None:
         """End a stage's span with the library's own (sanitised) additions."""
         ...
@@ -229,20 +231,22 @@ class Runtime:
     def end_span(
         self,
         span: Span,
-        attr_count: int,
+        clean: tuple[Mapping[str, Any] | None, str] | None,
         attributes: dict[str, Any] | None = None,
         status: Status | None = None,
         event: tuple[str, dict[str, Any]] | None = None,
     ) -> None:
         """End a span :meth:`start_span` started, adding the library's own (sanitised) parts.
 
-        ``attr_count``: how many attributes it was started with. Export skips redacting
-        the span when nobody else added attributes, events or a status.
+        ``clean``: the attributes and name it was started with (``None``: not all made by
+        the library's sanitiser). Export skips redacting the span when nobody else added
+        or changed attributes, events, the status or the name.
         """
         tools = self._tools
         if tools is not None:
-            clean_count = attr_count if self.settings.redact else None
-            tools.end_stage_span(span, attributes, status, event, clean_count)
+            tools.end_stage_span(
+                span, attributes, status, event, clean if self.settings.redact else None
+            )
             return
         if span.is_recording():
             if attributes:
@@ -253,11 +257,11 @@ class Runtime:
                 span.add_event(event[0], event[1])
         span.end()
 
-    def mark_if_clean(self, span: Span, attr_count: int) -> None:
-        """Let export skip redacting ``span`` if it holds only our ``attr_count`` attributes."""
+    def mark_if_clean(self, span: Span, start_attrs: Mapping[str, Any], name: str) -> None:
+        """Let export skip redacting ``span`` if it is as we started it (``start_attrs``)."""
         tools = self._tools
         if tools is not None and self.settings.redact:
-            tools.mark_if_clean(span, attr_count)
+            tools.mark_if_clean(span, start_attrs, name)
 
 
 def _unconfigured() -> Runtime:

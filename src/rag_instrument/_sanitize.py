@@ -17,8 +17,10 @@ import dataclasses
 import datetime as dt
 import enum
 import functools
+import itertools
 import math
 import re
+import time
 import traceback
 import uuid
 from collections.abc import Callable, Mapping
@@ -27,14 +29,14 @@ from typing import Any, Final
 
 import orjson
 
-from rag_instrument._registry import format_error
-from rag_instrument._utils import http_status
+from rag_instrument._utils import install_text_cleaner
 
 __all__ = [
     "REDACTED",
     "Sanitizer",
     "is_secret_key",
     "redact_text",
+    "redact_then_truncate",
     "safe_repr",
     "safe_str",
     "stack_trace",
@@ -50,6 +52,7 @@ _SECRET_WORDS: Final = frozenset(
         "passwd",
         "pwd",
         "passphrase",
+        "pass",
         "secret",
         "token",
         "apikey",
@@ -59,6 +62,7 @@ _SECRET_WORDS: Final = frozenset(
         "credentials",
         "cookie",
         "signature",
+        "sig",
         "dsn",
         "jwt",
         "bearer",
@@ -72,13 +76,28 @@ _SECRET_PAIRS: Final = frozenset(
         "privatekey",
         "secretkey",
         "sessionid",
+        "sessionkey",
         "clientsecret",
         "setcookie",
         "openaikey",
         "anthropickey",
         "signingkey",
         "encryptionkey",
+        "masterkey",
+        "accountkey",
     }
+)
+# A last word that merely ends with one of these is a secret too (``dbpassword``,
+# ``AWSSECRETKEY``, ``csrftoken``) - but not ``tokens`` or ``keyword``.
+_SECRET_SUFFIXES: Final = (
+    "password",
+    "passwd",
+    "secret",
+    "apikey",
+    "accesskey",
+    "privatekey",
+    "secretkey",
+    "token",
 )
 _WORD_SPLIT: Final = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])")
 
@@ -88,68 +107,271 @@ def is_secret_key(key: str) -> bool:
     """Return whether a mapping key names a secret (``api_key``, ``X-Api-Key``, ``password``).
 
     The key's last word (or last two, for ``api_key`` / ``private_key``) decides, compared
-    whole: ``access_token``, ``db_password`` and ``http.request.header.authorization`` are
-    secrets, while ``max_tokens``, ``gen_ai.usage.input_tokens`` and
-    ``rag.llm.time_to_first_token_ms`` (a duration about a token) are not.
+    whole: ``access_token``, ``db_password``, ``AWS_SECRET_ACCESS_KEY`` and
+    ``http.request.header.authorization`` are secrets, while ``max_tokens``,
+    ``gen_ai.usage.input_tokens`` and ``rag.llm.time_to_first_token_ms`` (a duration about
+    a token) are not. A last word that ends with ``password``, ``secret``, ``token`` or
+    ``apikey`` (``dbpassword``, ``csrftoken``) counts too.
     """
     words = [w.lower() for w in _WORD_SPLIT.split(key) if w]
     if not words:
         return False
-    if words[-1] in _SECRET_WORDS:
+    last = words[-1]
+    if last in _SECRET_WORDS:
         return True
-    return len(words) >= 2 and words[-2] + words[-1] in _SECRET_PAIRS
+    if len(words) >= 2 and words[-2] + last in _SECRET_PAIRS:
+        return True
+    return len(last) > 5 and last.endswith(_SECRET_SUFFIXES)
 
 
 # One pattern per kind of secret, each run only when a cheap substring test says it may
 # match: a single alternation of them all costs microseconds per string, because the
 # regular-expression engine tries every alternative at every position.
+
+_PEM: Final = re.compile(
+    # A private key block, whole (or to the end of the text when its END line was cut off).
+    r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+    r"(?:.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|.*\Z)",
+    re.DOTALL,
+)
 _URL_PASSWORD: Final = re.compile(
-    # scheme://user:PASSWORD@host - the password runs to the last "@" of the URL, so
-    # passwords containing "@", "/" or "#" (unencoded, as hand-written DSNs have them) are
-    # masked whole; an "@" later in a path or query only widens the mask.
-    r"(://[^\s:/?#@]*:)[^\s]*(?=@[^\s@]*(?:\s|$))"
+    # scheme://user:PASSWORD@host - the password runs to the last "@" before the host (an
+    # "@" followed by a host name and then "/", "?", "#" or the end), so passwords with
+    # "@", "/" or "#" in them (unencoded, as hand-written DSNs have them) are masked whole
+    # while an e-mail in the query string stays. Not when the colon starts a port
+    # ("host:443/?to=a@b.c": no credentials at all).
+    r"(://[^\s:/?#@]*:)(?!\d{1,5}(?:[/?#]|$|\s))(?!\[REDACTED)[^\s?]*"
+    r"(?=@[^\s@/?#]+(?:[/?#\s]|$))"
 )
-_AUTH_SCHEME: Final = re.compile(r"(?i)\b((?:bearer|basic|token)\s+)[A-Za-z0-9._~+/=-]{6,}")
-_KEY_VALUE: Final = re.compile(
-    # key=value and "key": "value" in free text (query strings, exception messages, JSON).
-    r"""(?i)\b((?:api[_-]?key|x-api-key|access[_-]?token|refresh[_-]?token|auth[_-]?token"""
-    r"""|id[_-]?token|client[_-]?secret|secret|password|passwd|pwd|token)"""
-    r"""["']?\s*[=:]\s*["']?)(?!\[REDACTED\])[^\s"'&,;}]+"""  # not twice (URL user "pwd")
+_URL_PASSWORD_WIDE: Final = re.compile(
+    # First, to the last "@" of the URL (a password with "?" in it), see _wide_password.
+    r"(://[^\s:/?#@]*:)(?!\d{1,5}(?:[/?#]|$|\s))(?!\[REDACTED)[^\s]*(?=@[^\s@]*(?:\s|$))"
 )
-_TOKENS: Final = re.compile(
-    r"\bsk-[A-Za-z0-9_-]{12,}"  # OpenAI / Anthropic style keys
-    r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"  # AWS access key ids
-    r"|\bgh[pousr]_[A-Za-z0-9]{30,}"  # GitHub tokens
-    r"|\bxox[abposr]-[A-Za-z0-9-]{10,}"  # Slack tokens
-    r"|\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]+"  # JWTs
+_URL_USER_TOKEN: Final = re.compile(
+    # scheme://TOKEN@host: a user part long or digit-bearing enough to be a credential
+    # (https://ghp_...@github.com, https://<key>@sentry.io) - not "postgres@localhost".
+    r"(://)(?=[^\s:/?#@]*\d)[^\s:/?#@\[\]]{12,}(?=@)|(://)[^\s:/?#@\[\]]{24,}(?=@)"
 )
-_KEY_WORDS: Final = ("key", "token", "secret", "pass", "pwd")
-_SCHEME_WORDS: Final = ("bearer", "basic", "token")
-_TOKEN_MARKS: Final = ("sk-", "AKIA", "ASIA", "xox", "eyJ")
+_COOKIE: Final = re.compile(
+    # The whole header value: every cookie in it may be a session.
+    r"""(?im)(\b(?:set-)?cookie["']?\s*[:=]\s*["']?)(?!\s*\[REDACTED\])[^\r\n"']+"""
+)
+_AUTH_HEADER: Final = re.compile(
+    # Authorization: <scheme> <credentials> - whatever the credentials look like.
+    r"""(?i)(\b(?:proxy-)?authorization["']?\s*[:=]\s*["']?"""
+    r"""(?:bearer|basic|token|digest|negotiate|apikey|dsn)\s+)(?!\[REDACTED\])[^\s"',;]+"""
+)
+_AUTH_SCHEME: Final = re.compile(
+    # "Bearer <credential>" in free text: only credential-shaped words, so that "Basic
+    # research" and "token budget exhausted" survive.
+    r"(?i)\b((?:bearer|basic|token)\s+)(?!\[REDACTED\])([A-Za-z0-9._~+/=-]{8,})"
+)
+# name=value, name: value and "name": "value" in free text (environment dumps, query
+# strings, reprs, JSON), where the name is judged by is_secret_key(): NAME_PASSWORD=,
+# AWS_SECRET_ACCESS_KEY=, db_password='...', "api_key": "...". Found from each "=" or ":"
+# outwards (see _mask_key_values): a pattern that tries a name at every position of a
+# long text costs far more.
+_SEPARATOR: Final = re.compile(r"[=:]")
+_VALUE_AT: Final = re.compile(
+    r"""\s*(?!\[REDACTED)(?:(["'])([^"'\r\n]*)\1|(?!//)([^\s"'&,;}\])]+))"""
+)
+_NAME_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+_MAX_NAME: Final = 81
+_TOKEN_COUNT: Final = re.compile(r"[0-9][0-9_,.]{0,9}")
+_AUTH_SCHEME_WORDS: Final = frozenset(
+    {"bearer", "basic", "token", "digest", "negotiate", "apikey", "dsn"}
+)
+
+# The prefixed key formats of the major providers (after gitleaks' and detect-secrets'
+# rule sets). Each prefix is specific enough; the lengths follow the issuers' formats.
+_PROVIDER_RULES: Final[tuple[tuple[tuple[str, ...], str], ...]] = (
+    # (literal marks, any of which must be in the text, pattern run only then). Running
+    # each pattern only when its own mark is there keeps prose cheap: one alternation of
+    # them all costs the regular-expression engine every alternative at every position.
+    (("sk_live_", "sk_test_", "sk_prod_", "rk_live_", "rk_test_", "rk_prod_"),
+     r"\b[sr]k_(?:live|test|prod)_[A-Za-z0-9]{10,}"),  # Stripe secret / restricted keys
+    (("whsec_",), r"\bwhsec_[A-Za-z0-9+/=]{20,}"),  # Stripe webhook signing secrets
+    (("AIza",), r"\bAIza[0-9A-Za-z_-]{35}"),  # Google API keys
+    (("ya29.",), r"\bya29\.[0-9A-Za-z_-]{20,}"),  # Google OAuth access tokens
+    (("GOCSPX-",), r"\bGOCSPX-[0-9A-Za-z_-]{20,}"),  # Google OAuth client secrets
+    (("glpat-", "glptt-", "gldt-", "glrt-", "glcbt-", "glsoat-", "glffct-", "glimt-",
+      "gloas-", "glagent-"),
+     r"\bgl(?:pat|ptt|dt|rt|cbt|soat|ffct|imt|oas|agent)-[0-9A-Za-z_-]{20,}"),  # GitLab
+    (("hf_",), r"\bhf_[A-Za-z0-9]{30,}"),  # Hugging Face user tokens
+    (("api_org_",), r"\bapi_org_[A-Za-z0-9]{30,}"),  # Hugging Face organisation tokens
+    (("xox",), r"\bxox[abposer]-[A-Za-z0-9-]{10,}"),  # Slack bot / user / app tokens
+    (("xapp-",), r"\bxapp-\d-[A-Za-z0-9-]{10,}"),  # Slack app-level tokens
+    (("hooks.slack.com",),
+     r"hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9/_+-]{20,}"),  # webhooks
+    (("ghp_", "gho_", "ghu_", "ghs_", "ghr_"), r"\bgh[pousr]_[A-Za-z0-9]{30,}"),  # GitHub
+    (("github_pat_",), r"\bgithub_pat_[A-Za-z0-9_]{30,}"),  # GitHub fine-grained tokens
+    (("AKIA", "ASIA", "ABIA", "ACCA", "A3T"),
+     r"\b(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z2-7]{16}\b"),  # AWS access key ids
+    (("npm_",), r"\bnpm_[A-Za-z0-9]{36}\b"),  # npm tokens
+    (("pypi-AgEIcHlwaS5vcmc",), r"\bpypi-AgEIcHlwaS5vcmc[A-Za-z0-9_-]{50,}"),  # PyPI
+    (("SG.",), r"\bSG\.[A-Za-z0-9_-]{16,32}\.[A-Za-z0-9_-]{16,64}"),  # SendGrid keys
+    (("dapi",), r"\bdapi[0-9a-f]{32}\b"),  # Databricks tokens
+    (("eyJ",), r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]+"),  # JWTs
+)  # fmt: skip
+_PROVIDERS: Final = tuple((marks, re.compile(pattern)) for marks, pattern in _PROVIDER_RULES)
+
+
+def _mask_provider_keys(text: str) -> str:
+    for marks, pattern in _PROVIDERS:
+        for mark in marks:
+            if mark in text:
+                text = pattern.sub(REDACTED, text)
+                break
+    return text
+
+
+# OpenAI / Anthropic keys: "sk-" then a random part (sk-proj-..., sk-ant-api03-...).
+# Identifiers that merely start with "sk-" ("sk-learn-compat", "sk-2024-plan") survive:
+# the key needs a provider's key prefix (sk-proj-, sk-ant-...), a run of 20+ letters and
+# digits (longer than words are), or of 12+ mixing letter cases or digits.
+_SK_KEY: Final = re.compile(r"\bsk-[A-Za-z0-9_-]{16,}")
+_RANDOM_RUN: Final = re.compile(r"[A-Za-z0-9]{12,}")
 
 
 def _keep_prefix(match: re.Match[str]) -> str:
     return match.group(1) + REDACTED
 
 
-def _redact(text: str) -> str:
-    if "://" in text:
-        text = _URL_PASSWORD.sub(_keep_prefix, text)
-    lower = text.lower()
-    if "bearer" in lower or "basic" in lower or "token" in lower:
-        text = _AUTH_SCHEME.sub(_keep_prefix, text)
-    if "key" in lower or "token" in lower or "secret" in lower or "pass" in lower or "pwd" in lower:
-        text = _KEY_VALUE.sub(_keep_prefix, text)
-    if (
-        "sk-" in text
-        or "AKIA" in text
-        or "ASIA" in text
-        or "xox" in text
-        or "eyJ" in text
-        or ("gh" in text and "_" in text)
-    ):
-        text = _TOKENS.sub(REDACTED, text)
+def _wide_password(match: re.Match[str]) -> str:
+    # To the last "@" of the URL, unless that "@" is in a query parameter's value
+    # ("?email=a@b.c"): then the narrow pattern (to the "@" before the host) decides.
+    password = match.group(0)[len(match.group(1)) :]
+    cut = max(password.rfind("?"), password.rfind("&"))
+    if cut >= 0 and "=" in password[cut:]:
+        return match.group(0)
+    return match.group(1) + REDACTED
+
+
+def _url_user(match: re.Match[str]) -> str:
+    return (match.group(1) or match.group(2)) + REDACTED
+
+
+def _auth_scheme(match: re.Match[str]) -> str:
+    credential = match.group(2)
+    if len(credential) >= 20 or _credential_shaped(credential):
+        return match.group(1) + REDACTED
+    return match.group(0)
+
+
+def _credential_shaped(word: str) -> bool:
+    # Prose ("research", "budget", "sk-learn") is lowercase or capitalised words, maybe
+    # hyphenated; credentials are base64/base62 soup with digits, symbols or mixed case.
+    for part in re.split(r"[-_.~]", word):
+        if any(not ch.isalpha() for ch in part):
+            return True
+        rest = part[1:]
+        if rest and not (rest.islower() or rest.isupper()):
+            return True
+    return False
+
+
+def _key_value_at(text: str, sep: int) -> tuple[int, int] | None:
+    """For the separator at ``sep``: where a secret's value is, to be masked."""
+    # Back over blanks and a closing quote to the name: "api_key" : "v", NAME = v.
+    stop = sep
+    while stop > 0 and text[stop - 1] in " \t":
+        stop -= 1
+    if stop > 0 and text[stop - 1] in "\"'":
+        stop -= 1
+    start = stop
+    while start > 0 and stop - start <= _MAX_NAME and text[start - 1] in _NAME_CHARS:
+        start -= 1
+    if start == stop or stop - start > _MAX_NAME:
+        return None
+    if start > 0 and (text[start - 1].isalnum() or text[start - 1] == "_"):
+        return None  # the name runs on in a non-ASCII word: not a name
+    key = text[start:stop]
+    if not (key[0].isalpha() or key[0] == "_") or not is_secret_key(key):
+        return None
+    value = _VALUE_AT.match(text, sep + 1)
+    if value is None:
+        return None
+    quoted = value.group(2)
+    raw = quoted if quoted is not None else value.group(3)
+    if not raw:
+        return None
+    if raw.lower() in _AUTH_SCHEME_WORDS:
+        return None  # "Authorization: Bearer ..." - the scheme pass masks the rest
+    if _TOKEN_COUNT.fullmatch(raw) and key.lower().rstrip("s").endswith("token"):
+        return None  # "token: 512" counts tokens
+    value_start = value.start(2) if quoted is not None else value.start(3)
+    return value_start, value_start + len(raw)  # quotes, if any, stay
+
+
+def _mask_key_values(text: str) -> str:
+    parts: list[str] = []
+    done = 0
+    for sep in _SEPARATOR.finditer(text):
+        if sep.start() < done:
+            continue  # inside a value already masked
+        found = _key_value_at(text, sep.start())
+        if found is None:
+            continue
+        start, end = found
+        parts.append(text[done:start])
+        parts.append(REDACTED)
+        done = end
+    if not parts:
+        return text
+    parts.append(text[done:])
+    return "".join(parts)
+
+
+_SK_PREFIXES: Final = ("sk-proj-", "sk-ant-", "sk-svcacct-", "sk-admin-", "sk-None-")
+
+
+def _sk_key(match: re.Match[str]) -> str:
+    text = match.group(0)
+    if text.startswith(_SK_PREFIXES):
+        return REDACTED  # a provider's own key prefix: whatever follows
+    for run in _RANDOM_RUN.findall(text):
+        if len(run) >= 20:
+            return REDACTED  # longer than any word
+        classes = (
+            any(c.isdigit() for c in run)
+            + any(c.islower() for c in run)
+            + any(c.isupper() for c in run)
+        )
+        if classes >= 2:
+            return REDACTED
     return text
+
+
+_KV_WORDS: Final = (
+    "key", "token", "secret", "pass", "pwd", "auth", "cookie", "sig", "credential",
+    "dsn", "jwt", "bearer", "session",
+)  # fmt: skip
+
+
+# One C-level scan instead of a Python loop of substring tests.
+_KV_HINT: Final = re.compile("|".join(map(re.escape, _KV_WORDS)))
+
+
+def _redact(text: str) -> str:
+    if "PRIVATE KEY" in text:
+        text = _PEM.sub(REDACTED, text)
+    if "://" in text:
+        text = _URL_PASSWORD_WIDE.sub(_wide_password, text)
+        text = _URL_PASSWORD.sub(_keep_prefix, text)
+        if "@" in text:
+            text = _URL_USER_TOKEN.sub(_url_user, text)
+    lower = text.lower()
+    if "cookie" in lower:
+        text = _COOKIE.sub(_keep_prefix, text)
+    if "authorization" in lower:
+        text = _AUTH_HEADER.sub(_keep_prefix, text)
+    if "bearer" in lower or "basic" in lower or "token" in lower:
+        text = _AUTH_SCHEME.sub(_auth_scheme, text)
+    if _KV_HINT.search(lower):
+        text = _mask_key_values(text)
+    if "sk-" in text:
+        text = _SK_KEY.sub(_sk_key, text)
+    return _mask_provider_keys(text)
 
 
 # Short strings repeat (stage names, span kinds, SQL shapes): remember the ones found clean.
@@ -176,13 +398,70 @@ def truncate(text: str, limit: int) -> str:
     return f"{text[:limit]}...[truncated, {len(text)} chars]"
 
 
-def safe_repr(value: object, limit: int = 200) -> str:
-    """``repr(value)`` cut to ``limit``, or a placeholder naming the type when ``repr`` fails."""
+#: Redaction looks this far past a cut, so a secret straddling the cut is still recognised
+#: whole (the longest token format is well under it), while a 10 MB value costs no more to
+#: redact than a few kilobytes.
+_LOOKAHEAD: Final = 4096
+
+
+def redact_then_truncate(text: str, limit: int) -> str:
+    """Mask secrets in ``text``, then cut it to ``limit`` (never the other way round).
+
+    A cut first could split a secret from the pattern that recognises it (``DB_PASS`` |
+    ``WORD=hunter2``) and leave part of it behind.
+    """
+    if limit < 0 or len(text) <= limit:
+        return redact_text(text)
+    window = redact_text(text[: limit + _LOOKAHEAD])
+    return f"{window[:limit]}...[truncated, {len(text)} chars]"
+
+
+# Rendering budget: a repr that took longer than this once is not called again for its
+# type (a repr that sleeps, walks a remote object or formats millions of items).
+_REPR_BUDGET_S: Final = 0.005
+_SLOW_REPR_TYPES: dict[type, None] = {}
+#: Sized objects with more items than this are described, not repr'd (a 10-million-item
+#: deque takes seconds to render).
+_MAX_REPR_ITEMS: Final = 1000
+
+
+def _sized(value: object) -> int | None:
+    if isinstance(value, str | bytes | bytearray):
+        return None
+    try:
+        size = len(value)  # type: ignore[arg-type]
+    except Exception:  # no __len__, or one that raises
+        return None
+    return size if isinstance(size, int) else None
+
+
+def safe_repr(value: object, limit: int = 200, *, redact: bool = True) -> str:
+    """``repr(value)`` redacted, then cut to ``limit``; a placeholder when it cannot be had.
+
+    Never raises, and bounds the cost: objects with more than 1,000 items are described by
+    type and length instead, and a type whose ``repr`` once took more than 5 ms is not
+    rendered again (placeholder ``<Type: repr skipped>``).
+    """
+    kind = type(value)
+    if kind in _SLOW_REPR_TYPES:
+        return f"<{_type_name(value)}: repr skipped>"
+    size = _sized(value)
+    if size is not None and size > _MAX_REPR_ITEMS:
+        return f"<{_type_name(value)} len={size}>"
+    start = time.perf_counter()
     try:
         text = repr(value)  # repr() itself rejects a __repr__ that returns a non-str
     except Exception:  # a hostile __repr__ may raise anything
         return f"<unrepresentable {_type_name(value)}>"
-    return truncate(_fix_surrogates(text), limit)
+    finally:
+        if time.perf_counter() - start > _REPR_BUDGET_S:
+            if len(_SLOW_REPR_TYPES) >= 1024:
+                _SLOW_REPR_TYPES.clear()
+            _SLOW_REPR_TYPES[kind] = None
+    text = _fix_surrogates(text)
+    if not redact:
+        return truncate(text, limit)
+    return redact_then_truncate(text, limit)
 
 
 def _type_name(value: object) -> str:
@@ -222,9 +501,9 @@ class Sanitizer:
         self.redact = redact
 
     def text(self, value: str) -> str:
-        """Redact, fix encoding and truncate one string."""
+        """Redact, fix encoding and truncate one string (in that order)."""
         if self.redact:
-            value = redact_text(value)
+            return redact_then_truncate(_fix_surrogates(value), self.max_chars)
         return truncate(_fix_surrogates(value), self.max_chars)
 
     def mapping(self, items: Mapping[Any, Any]) -> dict[str, Any]:
@@ -292,7 +571,11 @@ class Sanitizer:
             try:
                 if isinstance(value, Mapping):
                     return self._mapping(value, depth, seen)
-                seq = list(value) if isinstance(value, set | frozenset) else value
+                seq = (
+                    list(itertools.islice(value, _MAX_ITEMS + 1))
+                    if isinstance(value, set | frozenset)
+                    else value
+                )
                 items = [
                     self._pair(v, depth + 1, seen)
                     if type(v) is tuple and len(v) == 2 and isinstance(v[0], str)
@@ -300,7 +583,7 @@ class Sanitizer:
                     for v in seq[:_MAX_ITEMS]
                 ]
                 if len(seq) > _MAX_ITEMS:
-                    items.append(f"[{len(seq) - _MAX_ITEMS} more items]")
+                    items.append(f"[{len(value) - _MAX_ITEMS} more items]")
                 return items
             finally:
                 seen.discard(ident)
@@ -315,9 +598,8 @@ class Sanitizer:
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             return f"<{_type_name(value)}>"
         # Anything else (a client object, a module, a lock, a socket, a model instance):
-        # its repr may be huge or hold credentials, so only a bounded, redacted repr.
-        text = safe_repr(value, min(self.max_chars, 200))
-        return redact_text(text) if self.redact else text
+        # its repr may be huge, slow or hold credentials: only a bounded, redacted repr.
+        return safe_repr(value, min(self.max_chars, 200), redact=self.redact)
 
 
 def safe_str(exc: BaseException) -> str:
@@ -335,8 +617,19 @@ def to_attribute_value(
 
     Strings, booleans, integers and floats pass (strings redacted and truncated);
     homogeneous lists of those pass as lists; anything else is sanitised and rendered as a
-    compact JSON string, identically on every supported OpenTelemetry version.
+    compact JSON string, identically on every supported OpenTelemetry version. Never
+    raises: a value whose ``__len__``, ``__iter__`` or ``__repr__`` raises becomes a
+    placeholder.
     """
+    try:
+        return _to_attribute_value(value, sanitizer)
+    except Exception:
+        return f"<unrepresentable {_type_name(value)}>"
+
+
+def _to_attribute_value(
+    value: Any, sanitizer: Sanitizer
+) -> str | bool | int | float | list[Any] | None:
     if value is None:
         return None
     if isinstance(value, str):
@@ -344,72 +637,19 @@ def to_attribute_value(
     if isinstance(value, bool | int | float):
         return value
     if isinstance(value, enum.Enum):
-        return to_attribute_value(value.value, sanitizer)
+        return _to_attribute_value(value.value, sanitizer)
     if isinstance(value, list | tuple) and value:
         first = type(value[0])
-        if first in (str, bool, int, float) and all(type(v) is first for v in value):
+        head = value[:_MAX_ITEMS]
+        if first in (str, bool, int, float) and all(type(v) is first for v in head):
             if first is str:
-                return [sanitizer.text(v) for v in value[:_MAX_ITEMS]]
-            return list(value[:_MAX_ITEMS])
+                return [sanitizer.text(v) for v in head]
+            return list(head)
     clean = sanitizer.value(value)
     try:
         return sanitizer.text(orjson.dumps(clean, option=orjson.OPT_NON_STR_KEYS).decode())
     except Exception:
         return f"<unrepresentable {_type_name(value)}>"
-
-
-# --- exception messages --------------------------------------------------------------------
-
-_SDK_MODULES: Final = (
-    "openai.",
-    "anthropic.",
-    "ibm_watsonx_ai.",
-    "cohere.",
-    "mistralai.",
-    "google.genai.",
-)
-
-
-def _sdk_message(exc: BaseException) -> str:
-    # LLM SDK errors echo request content (the prompt, a rejected message) in their text.
-    status = http_status(exc)
-    code = getattr(exc, "code", None)
-    parts = [type(exc).__name__]
-    if isinstance(status, int):
-        parts.append(f"HTTP {status}")
-    if isinstance(code, str) and code.isidentifier() and len(code) <= 64:
-        parts.append(code)
-    return " ".join(parts) + " (message hidden: content capture is off)"
-
-
-def _statement_error_message(exc: BaseException) -> str:
-    # SQLAlchemy's StatementError text carries the raw SQL and a "[parameters: ...]" block,
-    # and the driver's message under it can quote values ("Key (email)=(...)").
-    # The database integration registers its formatter (rag_instrument._registry).
-    rendered = format_error(exc)
-    if rendered is not None:
-        return rendered
-    orig = getattr(exc, "orig", None)
-    inner = f" ({type(orig).__module__}.{type(orig).__name__})" if orig is not None else ""
-    return f"{type(exc).__name__}{inner}: statement and parameters hidden"
-
-
-def exception_message(exc: BaseException, sanitizer: Sanitizer, capture_content: bool) -> str:
-    """The text of ``exc`` that is safe to put on a span or a log line.
-
-    Database statement errors never show their SQL literals or parameters; LLM SDK errors
-    show only their type, HTTP status and error code unless content capture is on; any
-    other message is redacted and truncated.
-    """
-    module = type(exc).__module__ or ""
-    if module.startswith("sqlalchemy") and hasattr(exc, "statement"):
-        return sanitizer.text(_statement_error_message(exc))
-    if not capture_content and f"{module}.".startswith(_SDK_MODULES):
-        return _sdk_message(exc)
-    rendered = format_error(exc)  # an integration's safe rendering (e.g. pymilvus errors)
-    if rendered is not None:
-        return sanitizer.text(rendered)
-    return sanitizer.text(safe_str(exc))
 
 
 # --- stack traces ----------------------------------------------------------------------------
@@ -485,3 +725,6 @@ def stack_trace(
         head = "Traceback (most recent call last):\n" if frames else ""
         parts.append(f"{head}{frames}{last}\n{joint}")
     return "".join(parts)
+
+
+install_text_cleaner(redact_then_truncate)

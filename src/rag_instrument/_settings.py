@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -222,9 +223,18 @@ def _parse_exporter(name: str, value: Any, origin: str) -> Any:
 
 
 def _parse_endpoint(name: str, value: Any, origin: str) -> str:
-    if not isinstance(value, str) or not value.startswith(("http://", "https://")):
-        raise bad(name, origin, value, "an http:// or https:// URL")
-    return value
+    accepted = "an http:// or https:// URL with a host (and a port from 1 to 65535)"
+    if not isinstance(value, str) or not value.strip().startswith(("http://", "https://")):
+        raise bad(name, origin, value, accepted)
+    text = value.strip()
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port  # ValueError for a port that is not a number or out of range
+    except ValueError:
+        raise bad(name, origin, value, accepted) from None
+    if not parts.hostname or port == 0:
+        raise bad(name, origin, value, accepted)
+    return text
 
 
 def _parse_log_file(name: str, value: Any, origin: str) -> str:
@@ -260,7 +270,10 @@ def _parse_budgets(name: str, value: Any, origin: str) -> dict[str, float]:
         raise bad(name, origin, value, accepted)
     budgets: dict[str, float] = {}
     for stage_name, ms in value.items():
-        key = str(getattr(stage_name, "value", stage_name)).strip()
+        raw = getattr(stage_name, "value", stage_name)  # a PipelineStage member
+        if not isinstance(raw, str):
+            raise bad(name, origin, value, accepted + f"; the stage name {raw!r} is not a string")
+        key = raw.strip()
         if not key:
             raise bad(name, origin, value, accepted + "; a stage name is empty")
         budgets[key] = parse_number(
@@ -306,6 +319,27 @@ def _capture_from_otel(env: Mapping[str, str]) -> tuple[Any, str] | None:
     return raw, f"environment variable {name}"
 
 
+def _otel_exporter(variable: str, known: Mapping[str, str]) -> EnvReader:
+    """A reader of ``OTEL_<SIGNAL>_EXPORTER``: its (first) value, translated by ``known``.
+
+    The standard allows a comma-separated list; rag_instrument sends each signal to one
+    place, so a list of more than one, or a value it cannot honour (``zipkin``,
+    ``prometheus``), is an error naming the variable rather than silently ignored.
+    """
+
+    def read(env: Mapping[str, str]) -> tuple[Any, str] | None:
+        raw = env.get(variable, "").strip()
+        if not raw:
+            return None
+        origin = f"environment variable {variable}"
+        values = [v.strip().lower() for v in raw.split(",") if v.strip()]
+        if len(values) != 1 or values[0] not in known:
+            raise bad(variable, origin, raw, "one of " + ", ".join(repr(k) for k in known))
+        return known[values[0]], origin
+
+    return read
+
+
 def _disabled_from_otel(env: Mapping[str, str]) -> tuple[Any, str] | None:
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return False, "environment variable OTEL_SDK_DISABLED"
@@ -334,6 +368,21 @@ class Settings:
         _parse_exporter,
         "where spans and metrics go: `none`, `console`, `otlp` (OTLP/HTTP, extra `otlp`), "
         "`memory` or a `SpanExporter` instance",
+        env_reader=_otel_exporter(
+            "OTEL_TRACES_EXPORTER", {"otlp": "otlp", "console": "console", "none": "none"}
+        ),
+        env_doc="`RAG_INSTRUMENT_EXPORTER`, `OTEL_TRACES_EXPORTER`",
+    )
+    metrics_exporter: str | None = setting(
+        None,
+        choice(EXPORTERS),
+        "where metrics go, if not where spans go (`exporter`): `none`, `console`, `otlp` or "
+        "`memory`",
+        env_reader=_otel_exporter(
+            "OTEL_METRICS_EXPORTER", {"otlp": "otlp", "console": "console", "none": "none"}
+        ),
+        env_doc="`RAG_INSTRUMENT_METRICS_EXPORTER`, `OTEL_METRICS_EXPORTER`",
+        default_doc="as `exporter`",
     )
     otlp_endpoint: str | None = setting(
         None,
@@ -355,6 +404,13 @@ class Settings:
         "info",
         _parse_log_level,
         "`debug`, `info`, `warning`, `error` or `critical`",
+    )
+    logs_exporter: str = setting(
+        "console",
+        choice(("console", "none")),
+        "`console`: log lines go to `log_file` or standard error; `none`: no lines",
+        env_reader=_otel_exporter("OTEL_LOGS_EXPORTER", {"console": "console", "none": "none"}),
+        env_doc="`RAG_INSTRUMENT_LOGS_EXPORTER`, `OTEL_LOGS_EXPORTER`",
     )
     enabled: bool = setting(
         True,
@@ -398,7 +454,18 @@ class Settings:
     capture_logging: bool = setting(
         True,
         parse_bool,
-        "route standard-library `logging` through the same pipeline",
+        "route standard-library `logging` through the same pipeline (what the application's "
+        "own logger levels let through)",
+    )
+    capture_logging_level: str | None = setting(
+        None,
+        _parse_log_level,
+        "also bridge standard-library records down to this level, lowering the root "
+        "logger's level to it (never done without this setting)",
+        default_doc="the application's levels",
+    )
+    shutdown_timeout: float = setting(
+        3.0, number(minimum=0), "seconds the flush at interpreter exit may take"
     )
     event_loop_threshold_ms: float | None = setting(
         None,

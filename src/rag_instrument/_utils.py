@@ -16,6 +16,7 @@ __all__ = [
     "RateLimitedLogger",
     "function_kind",
     "http_status",
+    "install_text_cleaner",
     "internal_error",
     "internal_logger",
     "user_code_error",
@@ -45,6 +46,13 @@ class RateLimitedLogger:
 
     def warning(self, message: str, *, exc_info: BaseException | None = None) -> bool:
         """Log ``message`` unless it was logged within the window; return whether it was."""
+        return self._log(logging.WARNING, message, exc_info)
+
+    def info(self, message: str) -> bool:
+        """Like :meth:`warning`, at info level (an expected condition worth one line)."""
+        return self._log(logging.INFO, message, None)
+
+    def _log(self, level: int, message: str, exc_info: BaseException | None) -> bool:
         now = time.monotonic()
         with self._lock:
             last = self._last.get(message)
@@ -58,7 +66,7 @@ class RateLimitedLogger:
             suppressed = self._suppressed.pop(message, 0)
         text = message if not suppressed else f"{message} ({suppressed} similar suppressed)"
         try:
-            self._logger.warning(text, exc_info=exc_info)
+            self._logger.log(level, text, exc_info=exc_info)
         except Exception:
             pass
         return True
@@ -92,12 +100,34 @@ def internal_error(where: str, exc: BaseException) -> None:
         raise exc
 
 
+def _cut(text: str, limit: int) -> str:
+    return text[:limit]
+
+
+#: Masks secrets in ``text``, then cuts it to ``limit``: ``_sanitize`` installs its
+#: ``redact_then_truncate`` here when it is imported (always, with the package), so that
+#: this bottom module does not import it (that would be an import circle).
+_clean_text: Callable[[str, int], str] = _cut
+
+
+def install_text_cleaner(clean: Callable[[str, int], str]) -> None:
+    """Set the function that redacts and cuts exception texts in internal warnings."""
+    global _clean_text
+    _clean_text = clean
+
+
 def user_code_error(where: str, exc: BaseException) -> None:
     """Report a failure of code we call but do not own (an exporter, a processor, a hook).
 
     Never re-raised: losing telemetry is acceptable, changing the application is not.
     """
-    warn_once.warning(f"rag_instrument: {where} failed: {type(exc).__name__}: {exc!s:.200}")
+    try:
+        text = str(exc)
+    except Exception:
+        text = "<unprintable>"
+    # Redacted before it is cut: a cut first could leave half a secret unrecognisable.
+    text = _clean_text(text, 200)
+    warn_once.warning(f"rag_instrument: {where} failed: {type(exc).__name__}: {text}")
 
 
 class FunctionKind(Enum):

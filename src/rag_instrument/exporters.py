@@ -23,7 +23,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any, Final
 
@@ -34,6 +34,7 @@ from opentelemetry.sdk.metrics import MeterProvider as SDKMeterProvider
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
     InMemoryMetricReader,
+    MetricExporter,
     MetricReader,
     PeriodicExportingMetricReader,
 )
@@ -67,7 +68,15 @@ from rag_instrument._leaf import (
     start_stage_span,
     take_sanitized,
 )
-from rag_instrument._sanitize import REDACTED, is_secret_key, redact_text
+from rag_instrument._sanitize import REDACTED, is_secret_key, redact_text, truncate
+from rag_instrument._sending import (
+    MAX_EXPORT_BYTES,
+    REFUSING_STATUSES,
+    RefusableMetricExporter,
+    by_size,
+    estimated_bytes,
+    install_refusal_filter,
+)
 from rag_instrument._utils import user_code_error
 
 if TYPE_CHECKING:
@@ -76,13 +85,17 @@ if TYPE_CHECKING:
     from rag_instrument._settings import Settings
 
 __all__ = [
+    "MAX_EXPORT_BYTES",
+    "REFUSING_STATUSES",
     "DispatchProcessor",
     "LeafSpan",
     "Pipelines",
+    "RefusableMetricExporter",
     "SafeSpanExporter",
     "StageSpan",
     "build",
     "end_stage_span",
+    "estimated_bytes",
     "mark_if_clean",
     "mark_sanitized",
     "redact_span",
@@ -141,6 +154,7 @@ def _install_sdk_log_filter() -> None:
         "opentelemetry.sdk.metrics._internal.export",
     ):
         logging.getLogger(name).addFilter(flt)
+    install_refusal_filter()
     _FILTER_INSTALLED = True
 
 
@@ -202,6 +216,10 @@ def _redact_mapping(attributes: Any) -> dict[str, Any] | None:
     return changed
 
 
+#: Longest span name exported (names from other instrumentations too: a URL, a query).
+MAX_SPAN_NAME_CHARS: Final = 200
+
+
 def redact_span(span: ReadableSpan) -> ReadableSpan:
     """``span`` itself when nothing in it looks secret, else a copy with secrets masked.
 
@@ -221,10 +239,17 @@ def redact_span(span: ReadableSpan) -> ReadableSpan:
     status = span._status
     description = status.description
     clean_description = redact_text(description) if description else description
-    if attributes is None and new_events is None and clean_description == description:
+    name = span.name
+    clean_name = truncate(redact_text(name), MAX_SPAN_NAME_CHARS) if name else name
+    if (
+        attributes is None
+        and new_events is None
+        and clean_description == description
+        and clean_name == name
+    ):
         return span
     return ReadableSpan(
-        name=span.name,
+        name=clean_name,
         context=span.context,
         parent=span.parent,
         resource=span.resource,
@@ -257,10 +282,27 @@ class SafeSpanExporter(SpanExporter):
         self.keep_inner = False
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        """Export (secrets masked), turning exceptions into a counted failure."""
-        try:
-            if self._redact:
+        """Export (secrets masked) in requests of at most :data:`MAX_EXPORT_BYTES`.
+
+        Exceptions become a counted failure. A batch whose spans carry captured content
+        (2,000 characters of prompt each, say) is split by size, not only by count: one
+        OTLP request over a collector's limit (gRPC's 4 MiB) is rejected whole.
+        """
+        if self._redact:
+            try:
                 spans = [_redact_unless_sanitized(span) for span in spans]
+            except Exception as exc:
+                self._drops.add(len(spans))
+                user_code_error("redacting spans for export", exc)
+                return SpanExportResult.FAILURE
+        outcome = SpanExportResult.SUCCESS
+        for chunk in by_size(spans, MAX_EXPORT_BYTES):
+            if self._export(chunk) is not SpanExportResult.SUCCESS:
+                outcome = SpanExportResult.FAILURE
+        return outcome
+
+    def _export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
             result = self.inner.export(spans)
         except Exception as exc:
             self._drops.add(len(spans))
@@ -464,6 +506,12 @@ def _otlp(signal: str) -> Callable[..., Any]:
         ) from exc
 
 
+def _otlp_metrics(settings: Settings) -> MetricExporter:
+    return RefusableMetricExporter(
+        _otlp("metric"), _otlp_url(settings, "metrics"), timeout_s=OTLP_TIMEOUT_S
+    )
+
+
 def _otlp_url(settings: Settings, signal: str) -> str:
     base = (settings.otlp_endpoint or "http://localhost:4318").rstrip("/")
     suffix = f"/v1/{signal}"
@@ -523,9 +571,9 @@ class Pipelines:
     end_stage_span = staticmethod(end_stage_span)
 
     @staticmethod
-    def mark_if_clean(span: trace_api.Span, attr_count: int) -> None:
+    def mark_if_clean(span: trace_api.Span, start_attrs: Mapping[str, Any], name: str) -> None:
         """Mark ``span`` as sanitised at the source (see :func:`mark_if_clean`)."""
-        mark_if_clean(span, attr_count)
+        mark_if_clean(span, start_attrs, name)
 
     def activate(self) -> None:
         """Start feeding spans to this configuration's processors."""
@@ -542,8 +590,12 @@ class Pipelines:
             ok = bool(self.meter_provider.force_flush(timeout_millis)) and ok
         return ok and self.drops.count == dropped_before
 
-    def shutdown(self, timeout_millis: int) -> None:
-        """Detach from the dispatcher, then flush and close everything this built."""
+    def shutdown(self, timeout_millis: int) -> bool:
+        """Detach from the dispatcher, then flush and close everything this built.
+
+        Returns whether every span this configuration was given was exported (none lost to
+        a full queue or a failed export, the final flush included).
+        """
         if self.dispatcher is not None and self.dispatcher.processors == tuple(self.processors):
             self.dispatcher.processors = ()
         for processor in self.processors:
@@ -556,6 +608,7 @@ class Pipelines:
                 self.meter_provider.shutdown(timeout_millis=timeout_millis)
             except Exception as exc:
                 user_code_error("meter provider shutdown", exc)
+        return self.drops.count == 0
 
 
 def _meter(
@@ -573,18 +626,22 @@ def _meter(
         return current.get_meter(name, lib_version), None, None
     all_readers = list(readers)
     memory: InMemoryMetricReader | None = None
-    if settings.exporter == "memory":
+    # Metrics go where spans go unless metrics_exporter says otherwise (a traces-only
+    # backend such as Arize Phoenix: metrics_exporter="none").
+    target = settings.metrics_exporter or settings.exporter
+    if target == "memory":
         memory = InMemoryMetricReader()
         all_readers.append(memory)
-    elif settings.exporter == "console":
+    elif target == "console":
         all_readers.append(
             PeriodicExportingMetricReader(
                 ConsoleMetricExporter(out=sys.stdout), export_interval_millis=60_000
             )
         )
-    elif settings.exporter == "otlp":
-        exporter = _otlp("metric")(endpoint=_otlp_url(settings, "metrics"), timeout=OTLP_TIMEOUT_S)
-        all_readers.append(PeriodicExportingMetricReader(exporter, export_interval_millis=30_000))
+    elif target == "otlp":
+        all_readers.append(
+            PeriodicExportingMetricReader(_otlp_metrics(settings), export_interval_millis=30_000)
+        )
     if not all_readers:
         return metrics_api.NoOpMeter(name), None, None
     provider = SDKMeterProvider(

@@ -32,9 +32,10 @@ import structlog
 from opentelemetry import trace as trace_api
 from structlog.tracebacks import ExceptionDictTransformer
 
-from rag_instrument._context import bound, current_frame
+from rag_instrument._context import bound, current_frame, seen_contents
+from rag_instrument._errors import exception_chain, exception_message, hide_content
 from rag_instrument._runtime import get_runtime
-from rag_instrument._sanitize import exception_message, safe_repr
+from rag_instrument._sanitize import safe_repr
 from rag_instrument._utils import internal_error
 from rag_instrument.attributes import LOGGER_NAME
 
@@ -44,7 +45,15 @@ if TYPE_CHECKING:
     from rag_instrument._runtime import Runtime
     from rag_instrument._settings import Settings
 
-__all__ = ["BoundLogger", "LineHead", "LogOutput", "emit", "emit_head", "get_logger"]
+__all__ = [
+    "BoundLogger",
+    "LineHead",
+    "LogOutput",
+    "bridge_while_flushing",
+    "emit",
+    "emit_head",
+    "get_logger",
+]
 
 _LEVEL_NO: Final = {
     "debug": logging.DEBUG,
@@ -92,8 +101,29 @@ def _default(value: Any) -> Any:
     return safe_repr(value)
 
 
+# Characters that some line-splitting readers (Python's str.splitlines(), JavaScript,
+# editors) take as a line end although JSON does not: escaped, so every reader agrees that
+# one event is one line. JSON already escapes the C0 controls (\n, \r, \v, \f, \x1c-\x1e).
+_LINE_BREAKS: Final = (
+    (b"\xe2\x80\xa8", b"\\u2028"),  # LINE SEPARATOR
+    (b"\xe2\x80\xa9", b"\\u2029"),  # PARAGRAPH SEPARATOR
+    (b"\xc2\x85", b"\\u0085"),  # NEXT LINE (NEL)
+)
+
+
+def _escape_line_breaks(data: bytes) -> bytes:
+    for raw, escaped in _LINE_BREAKS:
+        if raw in data:
+            data = data.replace(raw, escaped)
+    return data
+
+
 def render_json(event: dict[str, Any]) -> bytes:
     """Render one event as a JSON line (newline included); never raises."""
+    return _escape_line_breaks(_render_json(event))
+
+
+def _render_json(event: dict[str, Any]) -> bytes:
     try:
         return orjson.dumps(event, default=_default, option=_DUMP_OPTIONS)
     except Exception:
@@ -140,7 +170,7 @@ def render_console(event: dict[str, Any]) -> bytes:
                 continue
             parts.append(f"{_console_value(key)}={_console_value(value)}")
         parts.extend(f"{_console_value(k)}={_console_value(v)}" for k, v in context.items())
-        return (" ".join(parts) + "\n").encode("utf-8", "backslashreplace")
+        return _escape_line_breaks((" ".join(parts) + "\n").encode("utf-8", "backslashreplace"))
     except Exception:
         return render_json(event)
 
@@ -163,6 +193,10 @@ class LogOutput:
         self.sink = sink
         self._fd: int | None = None
         self._closed = False
+        #: The unwritten end of a line cut short by a failed write (disk full).
+        self._rest = b""
+        #: Lines that could not be written whole (disk full).
+        self.dropped = 0
         self._lock = threading.Lock()
         if sink is None and settings.log_file is not None:
             # O_APPEND: each line is one write(2), so lines from threads and from forked
@@ -177,13 +211,13 @@ class LogOutput:
             self.sink(data)
             return
         if self._fd is not None:
-            # Under the lock only so that close() cannot free the descriptor (for the OS to
-            # reuse for another file) between reading it and writing; O_APPEND already
-            # keeps concurrent lines whole.
+            # Under the lock so that close() cannot free the descriptor (for the OS to
+            # reuse for another file) between reading it and writing, and so that a line
+            # finished after a short write is not interleaved with another thread's.
             with self._lock:
                 fd = self._fd
                 if fd is not None:
-                    os.write(fd, data)
+                    self._write_fd(fd, data)
                     return
         stream = sys.stderr
         if stream is None:
@@ -192,16 +226,51 @@ class LogOutput:
             stream.write(data.decode("utf-8", "replace"))
             stream.flush()
 
+    def _write_fd(self, fd: int, data: bytes) -> None:
+        # A full disk (or a signal) can make write(2) take only part of a line. The rest
+        # is kept and written before anything else once the disk takes it again; until
+        # then new lines are dropped rather than glued onto the partial one. So every
+        # line in the file ends up whole (only a disk that stays full until exit leaves
+        # one cut line, ended by close()).
+        if self._rest:
+            self._rest = _write_all(fd, self._rest)
+            if self._rest:
+                self.dropped += 1
+                return
+        rest = _write_all(fd, data)
+        if rest:
+            if len(rest) < len(data):
+                self._rest = rest  # part of the line is in the file: finish it later
+            self.dropped += 1
+
     def close(self) -> None:
         """Close the file, if any; lines written after this are dropped."""
         self._closed = True
         with self._lock:
             fd, self._fd = self._fd, None
+            if fd is not None and self._rest:
+                if _write_all(fd, self._rest):
+                    _write_all(fd, b"\n")  # cannot finish it: at least end the line
+                self._rest = b""
         if fd is not None:
             try:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def _write_all(fd: int, data: bytes) -> bytes:
+    """Write ``data`` to ``fd``; return what could not be written (``b""`` when all was)."""
+    view = memoryview(data)
+    try:
+        while view:
+            written = os.write(fd, view)
+            if written <= 0:
+                break
+            view = view[written:]
+    except OSError:
+        pass
+    return bytes(view)
 
 
 _local = threading.local()
@@ -376,6 +445,7 @@ def emit_head(
             + (b"," + head.tail if head.tail else b"")
             + b"}\n"
         )
+        line = _escape_line_breaks(line)  # as render_json: one event, one line, any reader
     except Exception:  # a bound value orjson refuses: the general path copes
         _emit_fields(rt, head, span, stage, ms, own_stage)
         return
@@ -418,20 +488,48 @@ def _exception_dict(exc_info: Any, rt: Runtime) -> Any:
         stacks = _transform(exc_info)
     except Exception:
         stacks = [{"exc_type": type(exc).__name__, "exc_value": ""}]
-    # Exception messages can carry secrets, prompt text and SQL parameters: each message is
-    # replaced by its safe form (the stacks follow the same cause/context chain).
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and len(chain) < len(stacks) and current not in chain:
-        chain.append(current)
-        current = current.__cause__ or (
-            None if current.__suppress_context__ else current.__context__
-        )
-    for stack, link in zip(stacks, chain, strict=False):
-        if isinstance(stack, dict):
-            stack["exc_value"] = exception_message(link, rt.sanitizer, rt.settings.capture_content)
+    _safe_messages(stacks, exc, rt, seen_contents(), 0)
     _drop_source_text(stacks)
     return rt.sanitizer.value(stacks)
+
+
+def _safe_messages(
+    stacks: Any, exc: BaseException, rt: Runtime, hide: tuple[str, ...], depth: int
+) -> None:
+    # Exception messages can carry secrets, prompt text, SQL parameters and a driver's
+    # DETAIL line: each message is replaced by its safe form. The stacks follow the same
+    # cause/context chain as exception_chain(), and a group's members nest under "exceptions".
+    if not isinstance(stacks, list):
+        return
+    chain = exception_chain(exc, len(stacks))
+    capture = rt.settings.capture_content
+    for index, stack in enumerate(stacks):
+        if not isinstance(stack, dict):
+            continue
+        link = chain[index] if index < len(chain) else None
+        if link is None:  # cannot tell whose message it is: say nothing of it
+            stack["exc_value"] = ""
+            stack.pop("exceptions", None)
+            continue
+        stack["exc_value"] = exception_message(link, rt.sanitizer, capture, hide)
+        notes = stack.get("exc_notes")
+        if notes:
+            stack["exc_notes"] = [_exception_note(str(n), rt, hide) for n in notes]
+        members = stack.get("exceptions")
+        if members:
+            group = getattr(link, "exceptions", None)
+            if depth < 8 and isinstance(group, tuple) and len(group) == len(members):
+                for sub, member in zip(members, group, strict=True):
+                    _safe_messages(sub, member, rt, hide, depth + 1)
+            else:
+                stack["exceptions"] = []
+
+
+def _exception_note(note: str, rt: Runtime, hide: tuple[str, ...]) -> str:
+    """An exception note (``add_note``) as it may be logged: content hidden, redacted."""
+    if not rt.settings.capture_content and hide:
+        note = hide_content(note, hide)
+    return rt.sanitizer.text(note)
 
 
 def _drop_source_text(stacks: Any) -> None:
@@ -581,7 +679,54 @@ def install_stdlib_handler(rt: Runtime) -> None:
         return
     _HANDLER = _StdlibHandler(level=rt.log.level_no)
     root.addHandler(_HANDLER)
-    if not [h for h in root.handlers if h is not _HANDLER] and root.level > rt.log.level_no:
-        # Nobody else configured logging: let records at our level reach our handler.
-        _LOWERED_ROOT = root.level
-        root.setLevel(rt.log.level_no)
+    # The application's logger levels decide what reaches the handler: a root logger left
+    # at WARNING keeps every library's INFO chatter (an HTTP client's line per request)
+    # out of the log. Only the explicit capture_logging_level lowers the root logger.
+    wanted = rt.settings.capture_logging_level
+    if wanted is not None:
+        level = max(_LEVEL_NO[wanted], rt.log.level_no)
+        if root.level > level or root.level == logging.NOTSET:
+            _LOWERED_ROOT = root.level
+            root.setLevel(level)
+
+
+class _FlushBridge(logging.Handler):
+    """Routes the OpenTelemetry SDK's messages to a retiring configuration's output."""
+
+    def __init__(self, rt: Runtime) -> None:
+        super().__init__(level=logging.WARNING)
+        self.rt = rt
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(_local, "emitting", False):
+            return
+        try:
+            try:
+                message = record.getMessage()
+            except Exception:
+                message = f"{record.msg!s} (unformattable arguments)"
+            level = record.levelname.lower()
+            if level not in _LEVEL_NO:
+                level = "critical" if record.levelno >= logging.CRITICAL else "warning"
+            emit(level, message, None, logger=record.name, rt=self.rt)
+        except Exception as exc:
+            internal_error("logging bridge", exc)
+
+
+def bridge_while_flushing(rt: Runtime) -> Callable[[], None]:
+    """Send the SDK's warnings (export errors) to ``rt``'s log output while it flushes.
+
+    At a worker's exit the configuration is uninstalled before its last flush, so without
+    this the exporters' errors would reach Python's last-resort handler: raw text on
+    standard error, outside the log. Returns the function that detaches the bridge.
+    """
+    if rt.log is None or not rt.settings.capture_logging:
+        return lambda: None
+    handler = _FlushBridge(rt)
+    sdk = logging.getLogger("opentelemetry")
+    sdk.addHandler(handler)
+
+    def detach() -> None:
+        sdk.removeHandler(handler)
+
+    return detach

@@ -30,7 +30,7 @@ import types
 import warnings
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, overload
 
 from opentelemetry import trace as trace_api
 from opentelemetry.trace import Status, StatusCode
@@ -44,11 +44,22 @@ from rag_instrument._context import (
     current_frame,
     detach_span,
     reset_frame,
+    run_end_hooks,
+    seen_contents,
     set_frame,
 )
+from rag_instrument._errors import exception_message
 from rag_instrument._registry import register_span_kind, span_kind
 from rag_instrument._runtime import get_runtime
-from rag_instrument._sanitize import exception_message, stack_trace, to_attribute_value
+from rag_instrument._sanitize import (
+    REDACTED,
+    is_secret_key,
+    redact_text,
+    safe_repr,
+    stack_trace,
+    to_attribute_value,
+    truncate,
+)
 from rag_instrument._utils import (
     FunctionKind,
     function_kind,
@@ -116,6 +127,9 @@ class _Spec:
             attrs[attr.RAG_STAGE] = name
             attrs[attr.OPENINFERENCE_SPAN_KIND] = span_kind(name)
         for key, value in attributes.items():
+            if sanitizer.redact and is_secret_key(key):
+                attrs[key] = REDACTED  # api_key=..., password=...: by name, whatever the value
+                continue
             converted = to_attribute_value(value, sanitizer)
             if converted is not None:
                 attrs[key] = converted
@@ -131,18 +145,28 @@ class _Spec:
         )
 
 
+#: Longest stage or span name kept (a name is a label, not a payload).
+MAX_NAME_CHARS: Final = 120
+
+
 def _stage_name(value: object, what: str) -> str:
     if isinstance(value, PipelineStage):
         return value.value
     if not isinstance(value, str):
         raise TypeError(
             f"rag_instrument.{what}: the name must be a str or PipelineStage, "
-            f"got {type(value).__name__} {value!r:.80}"
+            f"got {safe_repr(value, 80)}"
         )
-    name = value.strip()
+    # str's own methods: a str subclass may override strip() or __repr__.
+    name = str.strip(value)
     if not name:
         raise ValueError(f"rag_instrument.{what}: the name must not be empty")
-    return name
+    return _clean_name(name)
+
+
+def _clean_name(name: str) -> str:
+    """A span or stage name made safe: secrets masked, then cut to ``MAX_NAME_CHARS``."""
+    return truncate(redact_text(name), MAX_NAME_CHARS)
 
 
 # --- begin / end ----------------------------------------------------------------------------
@@ -158,6 +182,7 @@ def _begin(spec: _Spec, rt: Runtime, owner: object, cpu: bool | None = None) -> 
     stage_name = spec.name if spec.is_stage else (parent.stage if parent is not None else None)
     frame = Frame(spec.name, stage_name, spec.is_stage, parent, span, owner)
     frame.attr_count = len(attributes)
+    frame.start_attrs = attributes
     frame.tokens = (attach_span(span), set_frame(frame))
     if _stagehooks.active:  # resource_metrics, event_loop_threshold_ms, a 3.11 loop watch
         _stagehooks.begin(frame, rt, cpu)
@@ -181,10 +206,13 @@ def _safe_begin(
         return None
 
 
-def _exception_record(exc: BaseException, rt: Runtime) -> tuple[Status, tuple[str, dict[str, Any]]]:
+def _exception_record(
+    exc: BaseException, rt: Runtime, clean_message: str | None = None
+) -> tuple[Status, tuple[str, dict[str, Any]]]:
     """The span status and ``exception`` event for ``exc``, sanitised."""
     sanitizer = rt.sanitizer
-    clean_message = exception_message(exc, sanitizer, rt.settings.capture_content)
+    if clean_message is None:
+        clean_message = exception_message(exc, sanitizer, rt.settings.capture_content)
     exc_type = type(exc)
     module = exc_type.__module__
     qualname = (
@@ -206,9 +234,11 @@ def _exception_record(exc: BaseException, rt: Runtime) -> tuple[Status, tuple[st
     )
 
 
-def _record_exception(span: Span, exc: BaseException, rt: Runtime) -> None:
+def _record_exception(
+    span: Span, exc: BaseException, rt: Runtime, clean_message: str | None = None
+) -> None:
     """Set ``span``'s status and add its ``exception`` event for ``exc`` (sanitised)."""
-    status, (name, attributes) = _exception_record(exc, rt)
+    status, (name, attributes) = _exception_record(exc, rt, clean_message)
     span.set_status(status)
     span.add_event(name, attributes)
 
@@ -222,6 +252,8 @@ def _end(
 ) -> None:
     elapsed_ns = time.perf_counter_ns() - frame.start_ns
     rt = get_runtime()
+    if frame.scratch is not None:
+        run_end_hooks(frame)  # scopes tied to this stage report (N+1 final counts)
     tokens = frame.tokens
     frame.tokens = None
     if tokens is not None:
@@ -245,6 +277,7 @@ def _end(
     cancelled = exc is not None and not isinstance(exc, Exception)
     budget = rt.budgets.get(spec.name) if spec.is_stage and rt.budgets else None
     exceeded = budget is not None and ms > budget
+    message: str | None = None
     # The library's own additions at the end (all sanitised where they are made: export
     # skips redacting the span if nothing else added attributes, events or a status).
     own: dict[str, Any] | None = None
@@ -267,13 +300,16 @@ def _end(
                 if cancelled:
                     own[attr.RAG_CANCELLED] = True
                 else:
-                    status, exc_event = _exception_record(exc, rt)
+                    message = exception_message(
+                        exc, rt.sanitizer, rt.settings.capture_content, seen_contents(frame)
+                    )
+                    status, exc_event = _exception_record(exc, rt, message)
             if exceeded:
                 own[attr.RAG_BUDGET_EXCEEDED] = True
                 own[attr.RAG_BUDGET_MS] = budget
     finally:
         try:
-            rt.end_span(span, frame.attr_count, own, status, exc_event)
+            rt.end_span(span, (frame.start_attrs, spec.name), own, status, exc_event)
         except Exception as end_exc:  # a span processor we do not own raised
             user_code_error("ending a span", end_exc)
     if spec.is_stage:
@@ -301,9 +337,11 @@ def _end(
         else:
             event, level = spec.failed_event, "error"
             fields["error_type"] = type(exc).__name__
-            fields["error_message"] = exception_message(
-                exc, rt.sanitizer, rt.settings.capture_content
-            )
+            if message is None:
+                message = exception_message(
+                    exc, rt.sanitizer, rt.settings.capture_content, seen_contents(frame)
+                )
+            fields["error_message"] = message
         # Only a stage's own line reports its duration under context.pipeline_stage, so
         # per-stage aggregations of execution_time_ms (the README's jq one-liner, the
         # analyzer) count each run exactly once.
@@ -585,7 +623,9 @@ def _decorate(fn: F, spec: _Spec, what: str) -> F:
     if isinstance(fn, classmethod | staticmethod):
         return type(fn)(_decorate(fn.__func__, spec, what))
     if not callable(fn):
-        raise TypeError(f"rag_instrument.{what}: cannot decorate {fn!r:.80}: it is not callable")
+        raise TypeError(
+            f"rag_instrument.{what}: cannot decorate {safe_repr(fn, 80)}: it is not callable"
+        )
     _warn_order(fn, what)
     kind = function_kind(fn)
     wrapper: Callable[..., Any]
@@ -669,7 +709,12 @@ class Stage:
             # A name computed at run time went wrong: say so, but never fail the request.
             warn_once.warning(f"rag_instrument: not traced: {self._error}")
             return trace_api.INVALID_SPAN
-        frame = _safe_begin(self._get_spec(), rt, self)
+        try:
+            spec = self._get_spec()
+        except Exception as exc:  # an attribute value no sanitiser guard caught
+            internal_error(f"describing {self._name!r}", exc)
+            return trace_api.INVALID_SPAN
+        frame = _safe_begin(spec, rt, self)
         return frame.span if frame is not None else trace_api.INVALID_SPAN
 
     def __exit__(
@@ -717,7 +762,7 @@ def _make_spec(name: str, is_stage: bool, attributes: dict[str, Any]) -> _Spec:
 def _checked(name: object, what: str) -> tuple[str | None, Exception | None]:
     try:
         return _stage_name(name, what), None
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # TypeError / ValueError, or whatever a hostile str subclass raises
         return None, exc
 
 
@@ -840,4 +885,6 @@ class _Traced(Stage):
     def __call__(self, fn: F) -> F:
         target = getattr(fn, "__func__", fn)  # classmethod / staticmethod
         qualname = getattr(target, "__qualname__", None) or type(target).__qualname__
-        return _decorate(fn, _make_spec(str(qualname), False, self._attributes), "traced")
+        return _decorate(
+            fn, _make_spec(_clean_name(str(qualname)), False, self._attributes), "traced"
+        )

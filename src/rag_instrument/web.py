@@ -188,6 +188,7 @@ class _Request:
         "send_failed",
         "send_inner",
         "span",
+        "start_attrs",
         "start_ns",
         "status",
         "timings",
@@ -296,6 +297,7 @@ class _Request:
             raise
         self.span = span
         self.attr_count = len(attributes)
+        self.start_attrs = attributes
         self.frame = frame = Frame("request", None, False, None, span, self)
         frame.start_ns = self.start_ns
         self.timings: _breakdown.StageTimings | None = None
@@ -413,7 +415,9 @@ class _Request:
         exceeded = budget is not None and ms > budget
         try:
             if span.is_recording():
-                rt.mark_if_clean(span, self.attr_count)
+                rt.mark_if_clean(
+                    span, self.start_attrs, self.method if self.method != "_OTHER" else "HTTP"
+                )
                 if name is not None:
                     span.update_name(name)
                     span.set_attribute(attr.HTTP_ROUTE, route)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
-from db_helpers import require_postgres
+from db_helpers import require_role
 
 from rag_instrument.cli.__main__ import main
 from rag_instrument.cli.db_doctor import mask_url
@@ -78,7 +79,7 @@ def test_bad_urls(url: str, message: str, capsys: pytest.CaptureFixture[str]) ->
 
 @pytest.mark.postgres
 def test_json_report(capsys: pytest.CaptureFixture[str]) -> None:
-    require_postgres()
+    require_role("rag_reader")
     status = main(
         [
             "db-doctor",
@@ -100,9 +101,126 @@ def test_json_report(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.postgres
 def test_table_report(capsys: pytest.CaptureFixture[str]) -> None:
-    require_postgres()
+    require_role("rag_reader")
     assert main(["db-doctor", "postgresql://rag_reader@127.0.0.1:5432/test"]) == 0
     out = capsys.readouterr().out
-    assert "Cache hit ratio (target above 90%)" in out
+    assert "Cache hit ratio (target above 90%" in out
     assert "Slowest statements by mean time" in out
     assert "Findings" in out
+
+
+# --- issue 11: query-string passwords, --top, repeated reasons, the cache-hit minimum ---------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u@h/db?password=hunter22",
+        "postgresql://u@h/db?sslmode=require&password=hunter22&x=1",
+        "postgresql://u@h/db?sslpassword=hunter22",
+        "postgresql://u:hunter22@h/db?password=hunter22",
+        "postgresql://u@h/db?PASSWORD=hun%74er22",
+    ],
+)
+def test_query_string_passwords_are_masked(url: str) -> None:
+    masked = mask_url(url)
+    assert "hunter22" not in masked
+    assert "hun%74er22" not in masked
+    assert "***" in masked
+
+
+def test_query_string_password_never_printed_on_the_error_paths(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for url in (
+        "postgresql://u@127.0.0.1:1/db?password=hunter22&connect_timeout=1",
+        "postgresql://u@127.0.0.1:notaport/db?password=hunter22",
+        "postgresql://u@127.0.0.1:1/db?password=hunter22&sslmode=nonsense",
+    ):
+        status = main(["db-doctor", url, "--connect-timeout", "1"])
+        out, err = capsys.readouterr()
+        assert status == 2
+        assert "hunter22" not in out + err
+        assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("top", ["-1", "0", "x"])
+def test_top_must_be_positive(top: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["db-doctor", "postgresql://u@127.0.0.1:1/db", "--top", top])
+    assert info.value.code == 2
+    assert "--top" in capsys.readouterr().err
+
+
+def test_diagnose_rejects_top_below_one() -> None:
+    from sqlalchemy import create_engine
+
+    from rag_instrument.db.postgres import diagnose
+
+    engine = create_engine("postgresql+psycopg://u@127.0.0.1:1/db")
+    try:
+        with pytest.raises(ValueError, match="top"):
+            diagnose(engine, top=0)
+    finally:
+        engine.dispose()
+
+
+def _report(cache_hit: Any, statements_reason: str | None) -> Any:
+    from rag_instrument.db import postgres as pg
+
+    empty: Any = pg.Section()
+    stmts: Any = pg.Section(unavailable=statements_reason)
+    report = pg.Report(
+        database=empty,
+        connections=empty,
+        largest_tables=empty,
+        cache_hit=pg.Section(rows=[cache_hit]),
+        index_usage=empty,
+        unused_indexes=empty,
+        seq_scan_tables=empty,
+        slowest_by_mean=stmts,
+        slowest_by_total=stmts,
+        findings=[],
+    )
+    report.findings.extend(pg._findings(report))
+    return report
+
+
+def test_a_missing_extension_is_said_once() -> None:
+    from rag_instrument.cli.db_doctor import render_table
+    from rag_instrument.db import postgres as pg
+
+    reason = "extension pg_stat_statements is not installed in this database"
+    report = _report(pg.CacheHit(1, 0, 1.0, 1, 0, 1.0), reason)
+    assert render_table(report.to_dict()).count("pg_stat_statements is not installed") == 1
+    unavailable = [f for f in report.findings if "not available" in f.message]
+    assert len(unavailable) == 1
+    assert unavailable[0].section == "slowest_by_mean, slowest_by_total"
+
+
+def test_a_low_hit_ratio_from_few_reads_says_why_it_is_no_warning() -> None:
+    from rag_instrument.cli.db_doctor import render_table
+    from rag_instrument.db import postgres as pg
+
+    few = _report(pg.CacheHit(40, 60, 0.4, 0, 0, None), None)
+    (finding,) = few.findings
+    assert finding.level == "info"
+    assert "1,000" in finding.message
+    assert "too few to judge" in render_table(few.to_dict())
+    many = _report(pg.CacheHit(4000, 6000, 0.4, 0, 0, None), None)
+    assert [f.level for f in many.findings] == ["warning"]
+
+
+def test_the_postgres_module_hint_names_the_postgres_extra() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['sqlalchemy'] = None\n"
+        "try:\n    import rag_instrument.db.postgres\n"
+        "except ImportError as exc:\n    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert "pip install 'rag_instrument[postgres]'" in out

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from db_helpers import PG_ASYNC_URL, PG_URL, require_postgres, unique
+from db_helpers import PG_ASYNC_URL, PG_URL, require_extension, unique
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -22,24 +22,26 @@ VECTORS = [f"[{i},{i % 3},{(i * 7) % 5}]" for i in range(1, 41)]
 
 @pytest.fixture
 def tables() -> Iterator[tuple[Engine, str, str]]:
-    require_postgres()
+    require_extension("vector")
     engine = create_engine(PG_URL)
     hnsw, ivf = unique("vec_hnsw"), unique("vec_ivf")
-    with engine.begin() as conn:
-        for table in (hnsw, ivf):
-            conn.execute(text(f"CREATE TABLE {table} (id serial PRIMARY KEY, embedding vector(3))"))
+    try:  # everything made is undone on every path, a failed setup included
+        with engine.begin() as conn:
+            for table in (hnsw, ivf):
+                conn.execute(
+                    text(f"CREATE TABLE {table} (id serial PRIMARY KEY, embedding vector(3))")
+                )
+                conn.execute(
+                    text(f"INSERT INTO {table} (embedding) VALUES (CAST(:v AS vector))"),
+                    [{"v": v} for v in VECTORS],
+                )
+            conn.execute(text(f"CREATE INDEX ON {hnsw} USING hnsw (embedding vector_l2_ops)"))
             conn.execute(
-                text(f"INSERT INTO {table} (embedding) VALUES (CAST(:v AS vector))"),
-                [{"v": v} for v in VECTORS],
+                text(
+                    f"CREATE INDEX ON {ivf} USING ivfflat (embedding vector_cosine_ops) "
+                    "WITH (lists = 2)"
+                )
             )
-        conn.execute(text(f"CREATE INDEX ON {hnsw} USING hnsw (embedding vector_l2_ops)"))
-        conn.execute(
-            text(
-                f"CREATE INDEX ON {ivf} USING ivfflat (embedding vector_cosine_ops) "
-                "WITH (lists = 2)"
-            )
-        )
-    try:
         yield engine, hnsw, ivf
     finally:
         with engine.begin() as conn:
@@ -256,8 +258,7 @@ SWEEP_DIM = 16
 
 @pytest.fixture(scope="module")
 def sweep_table() -> Iterator[tuple[Engine, str, list[str]]]:
-    require_postgres()
-    engine = create_engine(PG_URL)
+    require_extension("vector")
     table = unique("vec_sweep")
     rng = random.Random(2024)
     rows = [
@@ -267,12 +268,13 @@ def sweep_table() -> Iterator[tuple[Engine, str, list[str]]]:
     queries = [
         "[" + ",".join(f"{rng.gauss(0, 1):.5f}" for _ in range(SWEEP_DIM)) + "]" for _ in range(30)
     ]
-    with engine.begin() as conn:
-        conn.execute(
-            text(f"CREATE TABLE {table} (id int PRIMARY KEY, embedding vector({SWEEP_DIM}))")
-        )
-        conn.execute(text(f"INSERT INTO {table} VALUES (:id, CAST(:v AS vector))"), rows)
-    try:
+    engine = create_engine(PG_URL)
+    try:  # everything made is undone on every path, a failed setup included
+        with engine.begin() as conn:
+            conn.execute(
+                text(f"CREATE TABLE {table} (id int PRIMARY KEY, embedding vector({SWEEP_DIM}))")
+            )
+            conn.execute(text(f"INSERT INTO {table} VALUES (:id, CAST(:v AS vector))"), rows)
         yield engine, table, queries
     finally:
         with engine.begin() as conn:

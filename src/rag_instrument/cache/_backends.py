@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
-from typing import Any, Protocol
+import urllib.parse
+from typing import Any, Final, Protocol
 
 from cachetools import TTLCache
 
@@ -79,6 +81,35 @@ class MemoryCache:
             return len(self._cache)
 
 
+_REDIS_SCHEMES: Final = ("redis", "rediss", "unix")
+
+
+def _check_redis_url(url: object) -> None:
+    """Reject what ``redis.Redis.from_url`` would only reject at the first call."""
+    accepted = "a URL such as redis://host:6379/0, rediss://... or unix:///path"
+    if not isinstance(url, str):
+        raise TypeError(f"RedisCache: url must be a string ({accepted}), got {type(url).__name__}")
+    shown = redact_text(url)
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in _REDIS_SCHEMES or "://" not in url:
+        raise ValueError(f"RedisCache: {shown!r} is not a Redis URL; expected {accepted}")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError(f"RedisCache: {shown!r} names no socket path; expected {accepted}")
+        return
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(
+            f"RedisCache: {shown!r} has a port that is not a number from 1 to 65535"
+        ) from None
+    if port == 0 or not parts.hostname:
+        raise ValueError(f"RedisCache: {shown!r} needs a host and a port from 1 to 65535")
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        raise ValueError(f"RedisCache: {shown!r}: the database {database!r} is not a number")
+
+
 class RedisCache:
     """A Redis backend shared by processes and hosts (extra ``redis``).
 
@@ -93,6 +124,13 @@ class RedisCache:
         prefix: prepended to every key, to share a database safely.
         timeout_s: connect and command timeout, seconds.
         cooldown_s: seconds the backend is skipped after a failure.
+
+    Raises:
+        ValueError: ``url`` is not a Redis URL (``redis://``, ``rediss://`` or
+            ``unix://``; ``"localhost:6379"`` lacks the scheme), its port is not a number
+            from 1 to 65535, its database is not a whole number, a timeout is not
+            positive. At construction, not at the first call.
+        TypeError: ``url`` or ``prefix`` is not a string.
     """
 
     def __init__(
@@ -103,6 +141,18 @@ class RedisCache:
         timeout_s: float = 0.5,
         cooldown_s: float = 5.0,
     ) -> None:
+        _check_redis_url(url)
+        if not isinstance(prefix, str):
+            raise TypeError(f"RedisCache: prefix must be a string, got {type(prefix).__name__}")
+        for name, value in (("timeout_s", timeout_s), ("cooldown_s", cooldown_s)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value < 0
+                or (name == "timeout_s" and value == 0)
+            ):
+                raise ValueError(f"RedisCache: {name} must be a positive number, got {value!r}")
         self.url = url
         self.prefix = prefix
         self.timeout_s = timeout_s

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -39,7 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
         except ImportError:
             continue  # a subcommand whose module is not there (yet) is simply not offered
         module.add_parser(subparsers)
+    for sub in subparsers.choices.values():
+        sub.description = _plain(sub.description)
+        sub.epilog = _plain(sub.epilog)
     return parser
+
+
+_REST_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
+
+
+def _plain(text: str | None) -> str | None:
+    """Help text taken from a docstring, without its reStructuredText markup."""
+    if not text:
+        return text
+    return _REST_ROLE.sub(r"\1", text).replace("``", "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,9 @@
 """``rag-instrument db-doctor URL``: the PostgreSQL health report for people and scripts.
 
 The URL's password is never printed: every echoed URL is masked (everything between
-``://user:`` and the last ``@``, so an unencoded ``@`` in the password is masked too), and
-the driver's own error text is scrubbed of it. A bad URL (a port that is not a number, say)
+``://user:`` and the last ``@``, so an unencoded ``@`` in the password is masked too, and
+query parameters such as ``?password=`` or ``&sslpassword=``), and the driver's own error
+text is scrubbed of every form of them. A bad URL (a port that is not a number, say)
 or an unreachable server is one line on standard error and exit status 2, no traceback.
 """
 
@@ -10,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import urllib.parse
 from typing import Any
+
+from rag_instrument._sanitize import is_secret_key
 
 __all__ = ["add_parser", "mask_url", "render_table", "run"]
 
@@ -29,9 +33,38 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("url", metavar="URL", help="postgresql://user:password@host:port/db")
     parser.add_argument("--format", choices=("table", "json"), default="table")
-    parser.add_argument("--top", type=int, default=10, help="rows per ranked section")
+    parser.add_argument(
+        "--top", type=_positive_int, default=10, help="rows per ranked section (default 10)"
+    )
     parser.add_argument("--connect-timeout", type=float, default=5.0, help="seconds (default 5)")
     parser.set_defaults(func=run)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+# name=value pairs of the query string (also after "#", which no driver reads but a user
+# may have typed); the names are judged like log keys (password, sslpassword, token ...).
+_QUERY_PAIR = re.compile(r"([?&;#]([^=&;#?]*)=)([^&;#]*)")
+
+
+def _query_secrets(url: str) -> list[tuple[int, int]]:
+    """Where secret-named query parameter values are in ``url``."""
+    start = url.find("?")
+    if start < 0:
+        return []
+    return [
+        (m.start(3), m.end(3))
+        for m in _QUERY_PAIR.finditer(url, start)
+        if m.group(3) and is_secret_key(urllib.parse.unquote(m.group(2)))
+    ]
 
 
 def _password_span(url: str) -> tuple[int, int] | None:
@@ -52,20 +85,28 @@ def _password_span(url: str) -> tuple[int, int] | None:
 
 
 def mask_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (also for unparsable input)."""
+    """``url`` with its password replaced by ``***`` (also for unparsable input).
+
+    Both the user-info password and secret-named query parameters (``?password=``,
+    ``&sslpassword=``) are masked.
+    """
+    spans = _query_secrets(url)
     where = _password_span(url)
-    if where is None:
-        return url
-    return f"{url[: where[0]]}***{url[where[1] :]}"
+    if where is not None:
+        spans = [s for s in spans if s[0] >= where[1]] + [where]
+    for start, end in sorted(spans, reverse=True):
+        url = f"{url[:start]}***{url[end:]}"
+    return url
 
 
 def _secrets(raw: str, parsed_password: object) -> list[str]:
     """Every form of the password that could appear in a driver's message, longest first."""
     found: set[str] = set()
     where = _password_span(raw)
-    if where is not None:
-        secret = raw[where[0] : where[1]]
-        found.update({secret, urllib.parse.unquote(secret)})
+    spans = _query_secrets(raw) + ([where] if where is not None else [])
+    for start, end in spans:
+        secret = raw[start:end]
+        found.update({secret, urllib.parse.unquote(secret), urllib.parse.unquote_plus(secret)})
     if parsed_password:
         found.add(str(parsed_password))
     return sorted((s for s in found if s), key=len, reverse=True)
@@ -165,7 +206,7 @@ _SECTIONS = (
     ("database", "Database"),
     ("connections", "Connections (pg_stat_activity)"),
     ("largest_tables", "Largest tables"),
-    ("cache_hit", "Cache hit ratio (target above 90%)"),
+    ("cache_hit", "Cache hit ratio (target above 90%, judged once 1,000 blocks were read)"),
     ("index_usage", "Index usage"),
     ("unused_indexes", "Unused indexes (never scanned, not unique)"),
     ("seq_scan_tables", "Tables read by sequential scans"),
@@ -175,21 +216,31 @@ _SECTIONS = (
 
 
 def render_table(report: dict[str, Any]) -> str:
-    """The report (as from ``Report.to_dict()``) as plain-text tables."""
+    """The report (as from ``Report.to_dict()``) as plain-text tables.
+
+    A reason shared by several sections (pg_stat_statements missing) is printed once; the
+    findings do not repeat what the sections already say.
+    """
     lines: list[str] = []
+    said: set[str] = set()
     for key, title in _SECTIONS:
         section = report[key]
         lines.append("")
         lines.append(title)
-        if section["unavailable"] is not None:
-            lines.append(f"  unavailable: {section['unavailable']}")
+        reason = section["unavailable"]
+        if reason is not None:
+            lines.append(
+                "  unavailable: (see above)" if reason in said else f"  unavailable: {reason}"
+            )
+            said.add(reason)
         elif not section["rows"]:
             lines.append("  (none)")
         else:
             lines.extend(_table(section["rows"], list(section["rows"][0])))
     lines.append("")
     lines.append("Findings")
-    if not report["findings"]:
+    findings = [f for f in report["findings"] if not f["message"].startswith("not available:")]
+    if not findings:
         lines.append("  nothing stands out against the usual targets")
-    lines.extend(f"  [{f['level']}] {f['section']}: {f['message']}" for f in report["findings"])
+    lines.extend(f"  [{f['level']}] {f['section']}: {f['message']}" for f in findings)
     return "\n".join(lines)

@@ -41,7 +41,9 @@ try:
     from sqlalchemy.engine import Engine
 except ImportError as _exc:  # pragma: no cover - exercised in the no-extras CI environment
     raise ImportError(
-        "rag_instrument.db needs SQLAlchemy: pip install 'rag_instrument[sqlalchemy]'"
+        "rag_instrument.db needs SQLAlchemy: pip install 'rag_instrument[sqlalchemy]' "
+        "(for PostgreSQL, rag_instrument.db.postgres and db-doctor: "
+        "pip install 'rag_instrument[postgres]', which adds the drivers)"
     ) from _exc
 
 from opentelemetry import context as otel_context

@@ -10,6 +10,7 @@ what it would be without rag_instrument.
 from __future__ import annotations
 
 import contextvars
+import functools
 import threading
 import time
 import weakref
@@ -78,7 +79,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span
     from sqlalchemy.engine import Connection, Engine, ExceptionContext
 
-__all__ = ["EngineInstrumentation"]
+__all__ = ["EngineInstrumentation", "batch_rows", "connection_lost", "db_failure"]
 
 # --- attribute names (OpenTelemetry database semantic conventions, and ours) ---------------
 
@@ -90,6 +91,61 @@ _PENDING: Final = "_rag_instrument_pending"
 _NOT_EXPLAINED: Final = object()
 #: Statements after which a table's indexes may differ.
 _DDL: Final = frozenset({"CREATE", "DROP", "ALTER", "REINDEX", "TRUNCATE"})
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database connection is gone.
+
+    Killed by the server, a network cut, a failover: an expected condition, not a bug of
+    ours.
+    """
+    from sqlalchemy import exc as sa_exc
+
+    if isinstance(exc, sa_exc.DBAPIError):
+        return True  # the driver's own error, wrapped: whatever it says, it is the database's
+    if isinstance(exc, sa_exc.PendingRollbackError | sa_exc.ResourceClosedError):
+        return True
+    module = type(exc).__module__ or ""
+    return module.split(".", 1)[0] in ("psycopg", "psycopg2", "asyncpg", "sqlite3", "pymysql")
+
+
+def db_failure(where: str, exc: BaseException) -> None:
+    """Report a failure inside our database listeners.
+
+    One quiet line when the connection went away under us, an internal error otherwise.
+    """
+    if connection_lost(exc):
+        warn_once.info(
+            f"rag_instrument: database connection lost during {where} "
+            f"({type(exc).__name__}); telemetry for it skipped"
+        )
+        return
+    internal_error(where, exc)
+
+
+def batch_rows(parameters: Any, context: Any) -> int | None:
+    """The rows an executemany call sends (``db.operation.batch.size``).
+
+    A list of parameter sets is one set per row. SQLAlchemy's "insertmanyvalues" instead
+    sends each batch as one multi-row ``INSERT ... VALUES (...), (...)`` with one flat
+    parameter set holding every row's values (a tuple, or a dict for named paramstyles):
+    its rows are the values divided by the values of one row, which the statement's
+    compiled parameters give.
+    """
+    try:
+        count = len(parameters)
+    except TypeError:
+        return None
+    if count == 0:
+        return 0
+    first = next(iter(parameters.values() if isinstance(parameters, dict) else parameters))
+    if not isinstance(parameters, dict) and isinstance(first, tuple | list | dict):
+        return count  # one parameter set per row
+    compiled = getattr(context, "compiled_parameters", None)
+    per_row = len(compiled[0]) if isinstance(compiled, list) and compiled else 0
+    if per_row <= 0 or count % per_row:
+        return None  # cannot tell: say nothing rather than something wrong
+    return count // per_row
 
 
 class _Pending:
@@ -326,10 +382,9 @@ class EngineInstrumentation:
             if executemany or self.capture_parameters:
                 attrs = dict(attrs)
                 if executemany:
-                    try:
-                        attrs[DB_BATCH_SIZE] = len(parameters)
-                    except TypeError:
-                        pass
+                    rows = batch_rows(parameters, context)
+                    if rows is not None:
+                        attrs[DB_BATCH_SIZE] = rows
                 if self.capture_parameters:
                     attrs.update(self._parameters(rt, parameters, context))
             span = rt.start_leaf_span(info.span_name, SpanKind.CLIENT, attrs, sanitized=True)
@@ -372,7 +427,7 @@ class EngineInstrumentation:
         try:
             self._finish(pending, end_ns, conn, cursor, statement, parameters, context, executemany)
         except Exception as exc:
-            internal_error("after_cursor_execute", exc)
+            db_failure("after_cursor_execute", exc)
 
     def _finish(
         self,
@@ -418,7 +473,19 @@ class EngineInstrumentation:
             threshold = self.n_plus_one_threshold or rt.settings.n_plus_one_threshold
             count = shapes.add(info.shape, threshold)
             if count and rt.log is not None:
-                self._report_n_plus_one(rt, info, count, stage, context)
+                # Reported when the scope ends, with the final count rather than the
+                # threshold; the lazy-loaded relationship is known only now.
+                loaded = _orm_load.get()
+                relationship = (
+                    loaded[1]
+                    if loaded is not None
+                    and getattr(context, "invoked_statement", None) is loaded[0]
+                    else None
+                )
+                shapes.defer(
+                    info.shape,
+                    functools.partial(self._report_n_plus_one, rt, info, stage, relationship),
+                )
         if slow:
             self._report_slow(rt, info, ms, conn, pending, statement, parameters, executemany, plan)
 
@@ -454,13 +521,23 @@ class EngineInstrumentation:
             if counter is not None:
                 counter.count += 1
         except Exception as exc:
-            internal_error("handle_error", exc)
+            db_failure("handle_error", exc)
 
     def _transaction_end(self, conn: Connection) -> None:
         try:
+            if conn.invalidated:
+                # Killed by the server or cut by the network: its pooled record is
+                # discarded anyway. Expected in production: one quiet line.
+                warn_once.info(
+                    "rag_instrument: a database connection was invalidated "
+                    "(closed by the server or the network)"
+                )
+                return
+            if conn.closed:
+                return
             _pgvector.invalidate_settings(conn.info)
         except Exception as exc:
-            internal_error("transaction end", exc)
+            db_failure("transaction end", exc)
 
     def _pool_checkin(self, dbapi_conn: Any, record: Any) -> None:
         _pgvector.invalidate_settings(getattr(record, "info", None))
@@ -510,18 +587,17 @@ class EngineInstrumentation:
         self,
         rt: Runtime,
         info: StatementInfo,
-        count: int,
         stage: str | None,
-        context: Any,
+        relationship: str | None,
+        count: int,
     ) -> None:
         fields: dict[str, Any] = {"statement": info.text, "count": count}
         if stage:  # outside a stage (a bare ``db_scope()``) the key is absent, not null
             fields["pipeline_stage"] = stage
         fields[DB_SYSTEM] = self.system
-        loaded = _orm_load.get()
-        # The relationship is named only when this very statement is that lazy load.
-        if loaded is not None and getattr(context, "invoked_statement", None) is loaded[0]:
-            fields["relationship"] = loaded[1]
+        # The relationship is named only when the statement was that lazy load.
+        if relationship is not None:
+            fields["relationship"] = relationship
         emit("warning", "n+1 query detected", fields, rt=rt, stage=stage or "")
 
     def _explain(

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import contextvars
 import threading
+from collections.abc import Callable
 from types import TracebackType
 from typing import Final
 
-from rag_instrument._context import Frame, current_frame
+from rag_instrument._context import Frame, current_frame, on_frame_end
+from rag_instrument._utils import internal_error
 
 __all__ = ["DbScope", "ShapeCounts", "StatementCounter", "db_scope", "scope_counts"]
 
@@ -30,12 +32,26 @@ _MAX_SHAPES: Final = 1000
 class ShapeCounts:
     """Statement-shape counts of one scope, and the shapes already reported."""
 
-    __slots__ = ("counts", "lock", "warned")
+    __slots__ = ("counts", "lock", "reports", "warned")
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
         self.warned: set[str] = set()
         self.lock = threading.Lock()
+        self.reports: list[tuple[str, Callable[[int], None]]] = []
+
+    def defer(self, shape: str, report: Callable[[int], None]) -> None:
+        """Call ``report(final count)`` for ``shape`` when the scope ends (:meth:`flush`)."""
+        with self.lock:
+            self.reports.append((shape, report))
+
+    def flush(self) -> None:
+        """Make the deferred reports, each with its shape's final count in this scope."""
+        with self.lock:
+            reports, self.reports = self.reports, []
+            counts = dict(self.counts)
+        for shape, report in reports:
+            report(counts.get(shape, 0))
 
     def add(self, shape: str, threshold: int) -> int:
         """Count one statement; return its count if it just reached ``threshold``, else 0.
@@ -95,6 +111,10 @@ class DbScope:
         tb: TracebackType | None,
     ) -> None:
         token, self._token = self._token, None
+        try:
+            self._shapes.flush()  # N+1 warnings, with their final counts
+        except Exception as err:
+            internal_error("db_scope end", err)
         if token is not None:
             try:
                 _scope.reset(token)
@@ -122,7 +142,8 @@ def db_scope() -> DbScope:
     """Open an N+1 counting scope without a pipeline stage (``with`` or ``async with``).
 
     Statements run inside are counted by shape; a shape that reaches the N+1 threshold
-    logs one ``"n+1 query detected"`` warning for this scope. Stages opened inside the
+    logs one ``"n+1 query detected"`` warning for this scope when it ends, with the
+    shape's final ``count``. Stages opened inside the
     scope count on their own.
 
     Example:
@@ -179,7 +200,11 @@ def _resolve(frame: Frame, scope: DbScope | None) -> tuple[ShapeCounts | None, s
         scratch = stage_frame.scratch = {}
     shapes: ShapeCounts | None = scratch.get(_SCRATCH_KEY)
     if shapes is None:
-        shapes = scratch.setdefault(_SCRATCH_KEY, ShapeCounts())
+        shapes = ShapeCounts()
+        found = scratch.setdefault(_SCRATCH_KEY, shapes)
+        if found is shapes:
+            on_frame_end(stage_frame, shapes.flush)
+        shapes = found
     return shapes, stage_frame.stage
 
 

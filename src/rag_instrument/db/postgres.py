@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = [
+    "CACHE_HIT_MIN_READS",
     "CACHE_HIT_TARGET",
     "CacheHit",
     "ConnectionState",
@@ -54,6 +55,8 @@ __all__ = [
 T = TypeVar("T")
 
 CACHE_HIT_TARGET = 0.90
+#: Block reads below which a low hit ratio is noise (a freshly started or idle database).
+CACHE_HIT_MIN_READS = 1000
 """The usual target for the buffer cache hit ratio of tables and indexes."""
 _SEQ_SCAN_MIN_ROWS = 10_000
 _SLOW_MEAN_MS = 1000.0
@@ -358,7 +361,17 @@ def _findings(report: Report) -> list[Finding]:
             ("table", hit.table_ratio, hit.table_reads),
             ("index", hit.index_ratio, hit.index_reads),
         ):
-            if ratio is not None and ratio < CACHE_HIT_TARGET and reads >= 1000:
+            if ratio is not None and ratio < CACHE_HIT_TARGET and reads < CACHE_HIT_MIN_READS:
+                out.append(
+                    Finding(
+                        "info",
+                        "cache_hit",
+                        f"{kind} cache hit ratio {ratio:.1%} is below the {CACHE_HIT_TARGET:.0%}"
+                        f" target, but from only {reads} block reads (fewer than "
+                        f"{CACHE_HIT_MIN_READS:,}): too few to judge, so not a warning",
+                    )
+                )
+            if ratio is not None and ratio < CACHE_HIT_TARGET and reads >= CACHE_HIT_MIN_READS:
                 out.append(
                     Finding(
                         "warning",
@@ -420,11 +433,22 @@ def _findings(report: Report) -> list[Finding]:
         for stmt in report.slowest_by_mean.rows
         if stmt.mean_ms >= _SLOW_MEAN_MS
     )
+    # One finding per reason: pg_stat_statements missing makes two sections unavailable.
+    unavailable: dict[str, list[str]] = {}
     for field in dataclasses.fields(report):
         section = getattr(report, field.name)
         if isinstance(section, Section) and not section.available:
-            out.append(Finding("info", field.name, f"not available: {section.unavailable}"))
+            unavailable.setdefault(str(section.unavailable), []).append(field.name)
+    out.extend(
+        Finding("info", ", ".join(names), f"not available: {reason}")
+        for reason, names in unavailable.items()
+    )
     return out
+
+
+def _check_top(top: object) -> None:
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ValueError(f"top must be a whole number of at least 1, got {top!r}")
 
 
 def diagnose(engine: Engine, *, top: int = 10) -> Report:
@@ -439,10 +463,11 @@ def diagnose(engine: Engine, *, top: int = 10) -> Report:
 
     Raises:
         sqlalchemy.exc.OperationalError: the server cannot be reached at all.
-        ValueError: ``engine`` is not a PostgreSQL engine.
+        ValueError: ``engine`` is not a PostgreSQL engine, or ``top`` is below 1.
     """
     if engine.dialect.name != "postgresql":
         raise ValueError(f"diagnose() needs a PostgreSQL engine, not {engine.dialect.name}")
+    _check_top(top)
     with engine.connect() as conn:
         return _collect(conn, top)
 
@@ -451,5 +476,6 @@ async def adiagnose(engine: AsyncEngine, *, top: int = 10) -> Report:
     """:func:`diagnose` for an ``AsyncEngine`` (asyncpg or psycopg async)."""
     if engine.dialect.name != "postgresql":
         raise ValueError(f"adiagnose() needs a PostgreSQL engine, not {engine.dialect.name}")
+    _check_top(top)
     async with engine.connect() as conn:
         return await conn.run_sync(_collect, top)

@@ -1,0 +1,213 @@
+"""C. Exporters, shutdown, fork (RELIABILITY.md C17-C22)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+import rag_instrument as ri
+from conftest import metric_points, run_python
+from support.otlp_receiver import OTLPReceiver
+
+
+class Failing(SpanExporter):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def export(self, spans: Any) -> SpanExportResult:
+        self.calls += 1
+        raise ConnectionError("collector down")
+
+
+class Recording(SpanExporter):
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.threads: set[int] = set()
+        self.release = threading.Event()
+        self.block = False
+
+    def export(self, spans: Any) -> SpanExportResult:
+        self.threads.add(threading.get_ident())
+        if self.block:
+            self.release.wait(30)
+        self.names.extend(s.name for s in spans)
+        return SpanExportResult.SUCCESS
+
+
+@pytest.fixture
+def black_hole() -> Iterator[str]:
+    """A TCP port that accepts connections and never answers."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        sock.close()
+
+
+def test_c17_exporter_raising_on_every_call(
+    caplog: pytest.LogCaptureFixture, no_internal_raise: None
+) -> None:
+    reader = InMemoryMetricReader()
+    exporter = Failing()
+    ri.configure(exporter=exporter, metric_readers=[reader])
+    with caplog.at_level(logging.WARNING):
+        for i in range(30):
+            with ri.stage("retrieval"):
+                pass
+            if i % 10 == 9:
+                assert ri.force_flush(timeout=5.0) is False
+    assert exporter.calls >= 3
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == len(set(messages))  # each message at most once in the window
+    assert sum(p.value for p in metric_points(reader, "rag.spans.dropped")) == 30
+
+
+def test_c18_blocked_exporter_never_blocks_the_caller(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "64")
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "8")
+    exporter = Recording()
+    exporter.block = True
+    ri.configure(exporter=exporter)
+    try:
+        with caplog.at_level(logging.WARNING):
+            for _ in range(2_000):  # would hang on the first span if exported inline
+                with ri.stage("retrieval"):
+                    pass
+        assert threading.get_ident() not in exporter.threads
+        full = [r for r in caplog.records if "queue" in r.getMessage().lower()]
+        assert len(full) <= 1
+    finally:
+        exporter.release.set()
+
+
+def test_c19_unreachable_collector_at_exit_is_bounded(black_hole: str) -> None:
+    ri.configure(exporter="otlp", otlp_endpoint=black_hole)
+    for _ in range(20):
+        with ri.stage("retrieval"):
+            pass
+    started = time.monotonic()
+    assert ri.shutdown(timeout=1.0) is False
+    assert time.monotonic() - started < 3.3
+    started = time.monotonic()
+    result = run_python(
+        f"""
+        import rag_instrument as ri
+        ri.configure(exporter="otlp", otlp_endpoint="{black_hole}")
+        for _ in range(100):
+            with ri.stage("retrieval"):
+                pass
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 15  # interpreter start-up + at most the exit bound
+
+
+def test_c19_sigint_during_the_exit_flush_exits(black_hole: str) -> None:
+    code = textwrap.dedent(
+        f"""
+        import sys
+        import rag_instrument as ri
+        ri.configure(exporter="otlp", otlp_endpoint="{black_hole}")
+        for _ in range(100):
+            with ri.stage("retrieval"):
+                pass
+        print("ready", flush=True)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAG_INSTRUMENT_", "OTEL_"))}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == b"ready"
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+    assert proc.returncode is not None
+
+
+def test_c20_shutdown_twice_late_spans_and_reinit() -> None:
+    first = Recording()
+    ri.configure(exporter=first)
+    with ri.stage("before"):
+        pass
+    assert ri.force_flush(timeout=5.0) is True
+    assert first.names == ["before"]
+    assert ri.shutdown() is True
+    assert ri.shutdown() is True  # no-op
+    with ri.stage("late"):
+        pass  # dropped, no error
+    second = Recording()
+    ri.configure(exporter=second)
+    with ri.stage("after"):
+        pass
+    assert ri.shutdown() is True
+    assert first.names == ["before"]
+    assert second.names == ["after"]
+
+
+def test_c21_short_lived_worker_flushes_its_last_spans() -> None:
+    with OTLPReceiver() as receiver:
+        result = run_python(
+            f"""
+            import rag_instrument as ri
+            ri.configure(exporter="otlp", otlp_endpoint="{receiver.endpoint}")
+            with ri.stage("last-task"):
+                pass
+            # no shutdown(): the process simply ends, as a Celery child does
+            """
+        )
+        assert result.returncode == 0, result.stderr
+        assert receiver.wait_for_spans(1)
+        assert receiver.span_names() == ["last-task"]
+
+
+def test_c22_fork_child_exports_its_own_spans_once() -> None:
+    if not hasattr(os, "fork"):
+        pytest.skip("needs os.fork")
+    with OTLPReceiver() as receiver:
+        result = run_python(
+            f"""
+            import os
+            import rag_instrument as ri
+            ri.configure(exporter="otlp", otlp_endpoint="{receiver.endpoint}")
+            with ri.stage("parent-before-fork"):
+                pass
+            pid = os.fork()
+            if pid == 0:
+                with ri.stage("child"):
+                    pass
+                os._exit(0 if ri.shutdown(timeout=5) else 3)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0, status
+            assert ri.shutdown(timeout=5)
+            """
+        )
+        assert result.returncode == 0, result.stderr
+        assert "TypeError" not in result.stderr
+        assert receiver.wait_for_spans(2)  # both processes have exited: all exports are in
+        assert sorted(receiver.span_names()) == ["child", "parent-before-fork"]

@@ -1,0 +1,108 @@
+"""The log writer: short writes (disk full) and line separators (issue 11, items 11 and 18)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import rag_instrument as ri
+from rag_instrument._runtime import get_runtime
+from rag_instrument.logs import render_console, render_json
+
+
+class FullDisk:
+    """os.write for one descriptor: takes ``budget`` bytes, then fails with ENOSPC."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.fd = -1
+        self.budget: int | None = None  # None: no limit
+
+    def __call__(self, fd: int, data: Any) -> int:
+        if fd != self.fd or self.budget is None:
+            return int(self.real(fd, data))
+        if self.budget <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        chunk = bytes(data)[: self.budget]
+        self.budget -= len(chunk)
+        return int(self.real(fd, chunk))
+
+
+def test_short_write_never_glues_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "app.log"
+    ri.configure(log_file=str(path))
+    out = get_runtime().log
+    assert out is not None
+    disk = FullDisk(os.write)
+    disk.fd = out._fd  # type: ignore[assignment]
+    monkeypatch.setattr(os, "write", disk)
+    log = ri.get_logger()
+    log.info("first")
+    disk.budget = 20  # the next line is cut after 20 bytes, then the disk is full
+    log.info("second", payload="x" * 200)
+    log.info("third (disk still full: dropped)")
+    disk.budget = None  # space again
+    log.info("fourth")
+    ri.shutdown()
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b""
+    events = [json.loads(line)["event"] for line in lines[:-1]]  # every line is whole JSON
+    assert events == ["first", "second", "fourth"]
+
+
+def test_a_cut_line_is_finished_at_shutdown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "app.log"
+    ri.configure(log_file=str(path))
+    out = get_runtime().log
+    assert out is not None
+    disk = FullDisk(os.write)
+    disk.fd = out._fd  # type: ignore[assignment]
+    monkeypatch.setattr(os, "write", disk)
+    log = ri.get_logger()
+    disk.budget = 15
+    log.info("cut", payload="y" * 100)
+    disk.budget = None  # space again, but nothing else is logged before exit
+    ri.shutdown()
+    (line,) = path.read_bytes().splitlines()
+    assert json.loads(line)["payload"] == "y" * 100
+
+
+LINE_BREAKS = ["\u2028", "\u2029", "\u0085", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\r", "\n"]
+
+
+@pytest.mark.parametrize("renderer", [render_json, render_console])
+@pytest.mark.parametrize("brk", LINE_BREAKS)
+def test_every_line_break_is_escaped(renderer: Any, brk: str) -> None:
+    data = renderer({"event": f"a{brk}b", "field": f"c{brk}d", "context": {"k": f"e{brk}f"}})
+    text = data.decode("utf-8")
+    assert text.endswith("\n")
+    assert len(text.splitlines()) == 1  # Python's reader, the most liberal one
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(), st.dictionaries(st.text(max_size=8), st.text(max_size=30), max_size=4))
+def test_any_log_field_gives_one_parseable_line(event: str, fields: dict[str, str]) -> None:
+    data = render_json({"event": event, **{f"f_{k}": v for k, v in fields.items()}})
+    text = data.decode("utf-8")
+    assert len(text.splitlines()) == 1
+    assert json.loads(text)["event"] == event
+
+
+def test_stage_lines_escape_line_breaks_in_bound_values(tmp_path: Path) -> None:
+    path = tmp_path / "rag.jsonl"
+    ri.configure(log_file=str(path))
+    with ri.request_context(note="a\u2028b\u0085c"), ri.stage("retrieval"):
+        pass
+    ri.shutdown()
+    text = path.read_text(encoding="utf-8")
+    assert len(text.splitlines()) == 1
+    assert json.loads(text)["context"]["note"] == "a\u2028b\u0085c"

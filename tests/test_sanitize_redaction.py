@@ -1,0 +1,227 @@
+"""Redaction recall and precision: a table of true and false cases, plus properties.
+
+The token formats follow the rule sets secret scanners maintain (gitleaks, detect-secrets):
+each provider's documented prefix and length. Fake keys are built from pieces so that this
+file itself does not look like a leak to those scanners.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rag_instrument._sanitize import REDACTED, Sanitizer, is_secret_key, redact_text
+
+R62 = "A1b2C3d4E5f6G7h8J9k0L1m2N3p4Q5r6S7t8U9v0W1x2Y3z4"  # base62 soup
+
+
+def _k(prefix: str, n: int, alphabet: str = R62) -> str:
+    return prefix + (alphabet * 4)[:n]
+
+
+# (text, the secret part that must not survive)
+RECALL = [
+    # 1. names joined by underscores or prefixes
+    ("DB_PASSWORD=hunter2-x other=1", "hunter2-x"),
+    ("NAME_PASSWORD=opensesame", "opensesame"),
+    ("export AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCY", "wJalrXUtnFEMI"),
+    ("Settings(db_password='p@ss word', host='db')", "p@ss word"),
+    ('{"api_key": "abc123xyz", "n": 1}', "abc123xyz"),
+    ("smtp_pass=letmein99", "letmein99"),
+    ("GITHUB_TOKEN=notashapedtoken", "notashapedtoken"),
+    ("STRIPE_API_KEY: plainvalue", "plainvalue"),
+    ("app.client_secret = s3cr3tvalue", "s3cr3tvalue"),
+    # headers
+    ("Cookie: sessionid=abc123; csrftoken=def456", "abc123"),
+    ("Cookie: sessionid=abc123; csrftoken=def456", "def456"),
+    ("set-cookie: sid=zz9plural; Path=/", "zz9plural"),
+    ("Authorization: Bearer abc", "abc"),
+    ("authorization: Basic dXNlcjpwYXNz", "dXNlcjpwYXNz"),
+    ("Proxy-Authorization: Digest someopaque", "someopaque"),
+    ("curl -H 'X-Api-Key: kkk111' https://api", "kkk111"),
+    # signed URLs
+    ("https://b.s3.amazonaws.com/o?X-Amz-Signature=abcdef0123&X-Amz-Expires=60", "abcdef0123"),
+    ("https://b.s3.amazonaws.com/o?X-Amz-Security-Token=IQoJb3JpZ2luX2Vj&x=1", "IQoJb3JpZ2luX2Vj"),
+    ("https://s.blob.core.windows.net/c/b?sv=2020&sig=abcDEF%2B123&se=2024", "abcDEF%2B123"),
+    ("https://storage.googleapis.com/b/o?X-Goog-Signature=0a1b2c3d4e5f", "0a1b2c3d4e5f"),
+    ("https://cdn.example.com/v.mp4?Expires=1&Signature=Zm9vYmFy~x&Key-Pair-Id=K", "Zm9vYmFy~x"),
+    # URL credentials
+    ("postgresql://app:p@ss/w#rd@db:5432/prod", "p@ss/w#rd"),
+    ("redis://:only-a-password@cache:6379/0", "only-a-password"),
+    (_k("https://ghp_", 36) + "@github.com/o/r.git", _k("ghp_", 36)),
+    ("https://a1b2c3d4e5f6a7b8@o123.ingest.sentry.io/42", "a1b2c3d4e5f6a7b8"),
+    ("https://x-access-token:tok3n-v4lue@github.com/o/r", "tok3n-v4lue"),
+    # PEM
+    (
+        "key:\n-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA\n-----END RSA PRIVATE KEY-----",
+        "MIIEowIBAAKCAQEA",
+    ),
+    ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAA", "b3BlbnNzaC1rZXktdjEAAAA"),
+    (
+        "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkq\n-----END PRIVATE KEY-----",
+        "MIIEvQIBADANBgkq",
+    ),
+    ("-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIO\n-----END EC PRIVATE KEY-----", "MHcCAQEEIO"),
+    # provider formats
+    (_k("sk-", 48), _k("sk-", 48)),  # OpenAI (legacy)
+    (_k("sk-proj-", 64), _k("sk-proj-", 64)),  # OpenAI project key
+    (_k("sk-ant-api03-", 93) + "AA", _k("sk-ant-api03-", 93)),  # Anthropic
+    (_k("sk_live_", 24), _k("sk_live_", 24)),  # Stripe secret key
+    (_k("rk_test_", 24), _k("rk_test_", 24)),  # Stripe restricted key
+    (_k("whsec_", 32), _k("whsec_", 32)),  # Stripe webhook secret
+    (_k("AIza", 35), _k("AIza", 35)),  # Google API key
+    (_k("ya29.", 40), _k("ya29.", 40)),  # Google OAuth token
+    (_k("GOCSPX-", 28), _k("GOCSPX-", 28)),  # Google OAuth client secret
+    (_k("glpat-", 20), _k("glpat-", 20)),  # GitLab PAT
+    (_k("glptt-", 40), _k("glptt-", 40)),  # GitLab pipeline trigger token
+    (_k("gldt-", 20), _k("gldt-", 20)),  # GitLab deploy token
+    (_k("hf_", 34, string.ascii_letters), _k("hf_", 34, string.ascii_letters)),  # HF
+    (_k("api_org_", 34, string.ascii_letters), _k("api_org_", 34, string.ascii_letters)),
+    ("xoxb-123456789012-1234567890123-" + _k("", 24), _k("", 24)),  # Slack bot
+    ("xoxp-123456789012-" + _k("", 20), _k("", 20)),  # Slack user
+    ("xapp-1-A0123456789-" + _k("", 20), _k("", 20)),  # Slack app
+    ("https://hooks.slack.com/services/T00000000/B00000000/" + _k("", 24), _k("", 24)),
+    (_k("ghp_", 36), _k("ghp_", 36)),  # GitHub classic PAT
+    (_k("gho_", 36), _k("gho_", 36)),
+    (_k("ghs_", 36), _k("ghs_", 36)),
+    (_k("github_pat_", 82), _k("github_pat_", 82)),  # GitHub fine-grained
+    ("AKIA" + "IOSFODNN7EXAMPL2", "IOSFODNN7EXAMPL2"),  # AWS access key id
+    ("ASIA" + "QWERTYUIOPASDFG2", "QWERTYUIOPASDFG2"),  # AWS temporary key id
+    (_k("npm_", 36), _k("npm_", 36)),
+    ("pypi-AgEIcHlwaS5vcmc" + _k("", 60), _k("", 60)),
+    ("SG." + _k("", 22) + "." + _k("", 43), _k("", 43)),  # SendGrid
+    ("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NSJ9.c2lnbmF0dXJl", "c2lnbmF0dXJl"),  # JWT
+]
+
+# Text that must come out exactly as it went in.
+PRECISION = [
+    "Basic research shows that chunking matters",
+    "token budget exhausted after 3 calls",
+    "token: 512",
+    "tokens: 1,024",
+    "max_tokens=512 temperature=0.2",
+    "https://example.com/unsubscribe?email=alice@example.com",
+    "https://example.com:8443/verify?email=alice@example.com&step=2",
+    "https://example.com/users/alice@example.com",
+    "postgres@localhost is the default role",
+    "postgresql://postgres@db:5432/app",
+    "use sk-learn-compat for the legacy path",
+    "the sk-2024-roadmap-final document",
+    "task-scheduler-v2 and disk-usage",
+    "Bearer tokens expire",
+    "the Basic plan",
+    "keyword: retrieval",
+    "passage: The quick brown fox",
+    "author: Jane Doe",
+    "monkey=banana",
+    "time: 12:30",
+    "http.request.header.accept: application/json",
+    "cache_key: 3f2a",
+    "key: value",
+    "primary_key=id",
+    "ghost_story about gh_pages",
+    "the AKIA prefix names AWS keys",
+    "retrieval completed in 12.5 ms",
+]
+
+
+@pytest.mark.parametrize(("text", "secret"), RECALL)
+def test_secret_is_masked(text: str, secret: str) -> None:
+    out = redact_text(text)
+    assert secret not in out, out
+    assert REDACTED in out
+    assert redact_text(out) == out  # idempotent
+
+
+@pytest.mark.parametrize("text", PRECISION)
+def test_ordinary_text_survives(text: str) -> None:
+    assert redact_text(text) == text
+
+
+def test_masks_keep_the_surrounding_text() -> None:
+    assert redact_text("DB_PASSWORD=x1 DB_HOST=db") == f"DB_PASSWORD={REDACTED} DB_HOST=db"
+    assert redact_text("Settings(db_password='a b', port=5)") == (
+        f"Settings(db_password='{REDACTED}', port=5)"
+    )
+    assert redact_text("Cookie: a=1; b=2\nnext line") == f"Cookie: {REDACTED}\nnext line"
+    assert redact_text("https://app:pw@db:5432/x?email=a@b.co") == (
+        f"https://app:{REDACTED}@db:5432/x?email=a@b.co"
+    )
+    pem = "-----BEGIN RSA PRIVATE KEY-----\nMIIE\n-----END RSA PRIVATE KEY-----"
+    assert redact_text(f"before {pem} after") == f"before {REDACTED} after"
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["NAME_PASSWORD", "AWS_SECRET_ACCESS_KEY", "dbpassword", "csrftoken", "X-Amz-Signature",
+     "sig", "MASTER_KEY", "storage_account_key", "X-Amz-Security-Token"],
+)  # fmt: skip
+def test_joined_secret_names(key: str) -> None:
+    assert is_secret_key(key)
+
+
+@pytest.mark.parametrize(
+    "key", ["max_tokens", "keyword", "primary_key", "cache_key", "signal", "tokens_saved"]
+)
+def test_ordinary_names(key: str) -> None:
+    assert not is_secret_key(key)
+
+
+# --- properties -------------------------------------------------------------------------------
+
+FILLER = st.text(string.ascii_letters + string.digits + " .,;()\n", max_size=30)
+SEPARATORS = st.sampled_from([" ", "\n", " (", ", ", "\t"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(FILLER, SEPARATORS, st.sampled_from(RECALL), SEPARATORS, FILLER)
+def test_secrets_never_survive_in_any_surrounding(
+    before: str, sep1: str, case: tuple[str, str], sep2: str, after: str
+) -> None:
+    text, secret = case
+    out = redact_text(f"{before}{sep1}{text}{sep2}{after}")
+    assert secret not in out
+
+
+WORDS = st.sampled_from(
+    [
+        "the", "Basic", "Bearer", "token", "tokens", "research", "budget", "key", "secret",
+        "password", "retrieval", "sk-learn", "512", "https://example.com/a?email=x@y.org",
+        "Stage", "ghost", "AKIA", "hf", "cookie", "session", "authorization", "signature",
+    ]
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(WORDS, max_size=12), st.sampled_from([" ", ", ", " - ", "\n"]))
+def test_prose_without_assignments_survives(words: list[str], joiner: str) -> None:
+    text = joiner.join(words)
+    assert redact_text(text) == text
+
+
+@given(
+    st.text("qjvwQJVW", min_size=3, max_size=40),
+    st.integers(min_value=1, max_value=60),
+)
+def test_redaction_runs_before_truncation(value: str, limit: int) -> None:
+    # A cut never separates a secret from the name that gives it away: cutting
+    # "DB_PASSWORD=qjv|wQ" after "DB_PASSWO" would have left "qjv..." unmasked otherwise.
+    text = f"config DB_PASSWORD={value} more"
+    out = Sanitizer(limit).text(text)
+    assert value[:3] not in out
+
+
+@given(st.text(max_size=200))
+def test_redaction_is_total_and_idempotent(text: str) -> None:
+    once = redact_text(text)
+    assert redact_text(once) == once
+
+
+def test_marker_never_echoes_the_match() -> None:
+    key = _k("sk-proj-", 64)
+    out = redact_text(f"key {key}")
+    assert not re.search(r"[A-Za-z0-9]{6,}", out.replace("key", "").replace("REDACTED", ""))
