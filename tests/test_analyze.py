@@ -53,6 +53,19 @@ def as_json(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, di
     return {row.get("stage") or row.get("event") or row.get("route"): row for row in json.loads(out)}
 
 
+@pytest.mark.parametrize("command", ["analyze", "report"])
+def test_help_prints_single_percent_signs(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # argparse does not %-format descriptions and epilogs, so "%%" would print as is.
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "%%" not in out
+    assert "at least p% of runs at or below it" in out
+
+
 def nearest_rank(values: list[float], pct: float) -> float:
     ordered = sorted(values)
     k = max(1, math.ceil(pct / 100 * len(ordered)))
@@ -292,6 +305,32 @@ def test_budgets_from_flags_toml_and_the_log(
     status, _, err = run_cli([str(log), "--budget", "retrieval=18.5", "--fail-on-budget"], capsys)
     assert status == 1
     assert "retrieval p95 19.0 ms is over its budget of 18.5 ms" in err
+
+
+def test_budget_table_without_a_largest_part_is_readable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "budget exceeded" lines without a breakdown (nothing measured inside the stage) and
+    # with one: the table reads "10 with no breakdown", never a bare "- 10".
+    exceeded = [
+        json.dumps({"event": "budget exceeded", "logger": "rag_instrument", "stage": stage,
+                    "budget_ms": 1.0, "execution_time_ms": 2.0, **extra})
+        for stage, extra, times in [
+            ("retrieval", {}, 10),
+            ("generation", {"largest": {"kind": "llm", "ms": 1.5}}, 2),
+            ("generation", {}, 1),
+        ]
+        for _ in range(times)
+    ]
+    log = write(tmp_path / "a.jsonl", [line("retrieval", 2.0), line("generation", 2.0), *exceeded])
+    status, out, _ = run_cli([str(log)], capsys)
+    assert status == 0
+    table = out[out.index("Budget exceeded"):]
+    rows = {r.split()[0]: " ".join(r.split()[1:]) for r in table.splitlines()[3:] if r.strip()}
+    assert rows["retrieval"] == "10 10 with no breakdown"
+    assert rows["generation"] == "3 llm 2, 1 with no breakdown"
+    assert "- 10" not in out
+    assert "- 1" not in table
 
 
 def test_bad_budgets_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

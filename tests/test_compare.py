@@ -97,6 +97,31 @@ def test_a_big_change_on_too_few_runs_is_not_significant(
     assert changes["rerank"]["verdict"] == "new"
 
 
+def test_a_stage_missing_from_the_candidate_fails_the_gate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = _log(tmp_path / "b.jsonl", {"retrieval": [10.0] * 20, "rerank": [5.0] * 20})
+    after = _log(tmp_path / "a.jsonl", {"retrieval": [10.0] * 20})  # rerank never ran
+    assert main(["compare", str(before), str(after), "--fail-on-regression", "10"]) == 1
+    out, err = capsys.readouterr()
+    assert "gone" in out
+    assert "rerank ran 20 times in the baseline and not in the candidate" in err
+    assert "--allow-missing" in err
+    # Opted out: a stage that was removed on purpose passes.
+    assert main(["compare", str(before), str(after), "--fail-on-regression", "10",
+                 "--allow-missing"]) == 0
+    assert capsys.readouterr().err == ""
+    # An empty candidate (a broken build that logged nothing) fails too.
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["compare", str(before), str(empty), "--fail-on-regression", "10"]) == 1
+    err = capsys.readouterr().err
+    assert "retrieval ran 20 times" in err
+    assert "rerank ran 20 times" in err
+    # Without the gate, compare only reports.
+    assert main(["compare", str(before), str(after)]) == 0
+
+
 def test_sets_of_files_by_glob(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for host in "ab":
         _log(tmp_path / f"before-{host}.jsonl", {"retrieval": [10.0] * 20})
@@ -114,3 +139,7 @@ def test_help_names_the_test() -> None:
         capture_output=True, text=True, check=True,
     ).stdout
     assert "Mann-Whitney U" in " ".join(out.split())
+    # argparse does not %-format descriptions and epilogs: one percent sign, not two.
+    assert "%%" not in out
+    assert "in ms and %," in " ".join(out.split())
+    assert "least p% of runs" in " ".join(out.split())

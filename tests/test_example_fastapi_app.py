@@ -154,6 +154,27 @@ async def test_uninstrumented_app_serves_the_same_answers(tmp_path: Path) -> Non
         assert "server-timing" not in response.headers
 
 
+@pytest.mark.asyncio
+async def test_default_database_is_under_the_temporary_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    work, temp = tmp_path / "checkout", tmp_path / "tmp"
+    work.mkdir()
+    temp.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    monkeypatch.delenv("RAG_EXAMPLE_DATABASE_URL", raising=False)
+    app = create_app(llm_latency_ms=1, configure=False, instrument=False)
+    async for client in _client(app):
+        assert (await client.post("/api/ingest", json={"documents": DOCS})).json() == {
+            "ingested": 3
+        }
+    assert (temp / "rag_instrument_example" / "rag_example.db").is_file()
+    assert list(work.iterdir()) == []  # nothing written into the working directory
+
+
 @pytest.mark.postgres
 @pytest.mark.asyncio
 async def test_postgresql_by_url() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -152,3 +153,32 @@ def test_the_robust_one_liner_survives_application_lines_inside_stages(tmp_path:
     assert plain["retrieval"]["avg_time"] == pytest.approx(robust["retrieval"]["avg_time"] / 2)
     assert ours["retrieval"]["avg_time"] == pytest.approx(robust["retrieval"]["avg_time"])
     assert ours["retrieval"]["count"] == 3
+
+
+def _readme_one_liner() -> str:
+    """The jq pipeline exactly as README.md shows it, without its ``cat FILE |``."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (line,) = [x for x in readme.splitlines() if x.startswith("cat logs/rag.jsonl | jq ")]
+    return line.removeprefix("cat logs/rag.jsonl | ")
+
+
+def test_the_readme_one_liner_agrees_with_analyze_with_application_lines(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "rag.jsonl"
+    ri.configure(exporter="memory", log_file=str(log))
+    app = ri.get_logger("app")
+    for i in range(3):
+        with ri.stage("retrieval"):
+            app.info("fetched candidates", candidates=12)  # context.pipeline_stage, no time
+            logging.getLogger("httpx").warning("HTTP Request: POST http://x/v1 %s", i)
+            time.sleep(0.002)
+    ri.shutdown()
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    in_stage = [x["logger"] for x in lines if x.get("context", {}).get("pipeline_stage")]
+    assert in_stage.count("app") == in_stage.count("httpx") == 3  # not runs, but in a stage
+    rows, ours = _jq(_readme_one_liner(), log), _analyze(log)
+    assert set(rows) == set(ours) == {"retrieval"}
+    assert ours["retrieval"]["count"] == 3
+    assert rows["retrieval"]["avg_time"] == pytest.approx(ours["retrieval"]["avg_time"], rel=1e-12)
+    assert rows["retrieval"]["max_time"] == ours["retrieval"]["max_time"]

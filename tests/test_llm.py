@@ -65,6 +65,21 @@ async def test_generate_returns_result_and_records_genai_span() -> None:
 
 
 @pytest.mark.asyncio
+async def test_prompt_and_prompts_by_keyword() -> None:
+    # API: ``generate(prompt, **params)`` - the documented names work as keywords too.
+    with capture() as cap:
+        result = await Echo().generate(prompt="hi", temperature=0.5)
+        batch = await Echo().generate_batch(prompts=["a", "b"], concurrency=1)
+    assert isinstance(result, ri.LLMResult)
+    assert result.text == "answer to hi"
+    assert [r.text for r in batch if isinstance(r, ri.LLMResult)] == ["answer to a", "answer to b"]
+    spans = [s for s in cap.spans if s.name == "chat acme-1"]
+    assert len(spans) == 3
+    assert spans[0].attributes is not None
+    assert spans[0].attributes["gen_ai.request.temperature"] == 0.5
+
+
+@pytest.mark.asyncio
 async def test_str_result_passes_through_unchanged() -> None:
     marker = "exactly this object"
 

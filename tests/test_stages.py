@@ -144,6 +144,80 @@ def test_bad_stage_names_fail_at_decoration() -> None:
         ri.stage("x")(3)  # type: ignore[type-var]
 
 
+def test_name_keyword_is_an_attribute_not_the_stage(rag_capture: Capture) -> None:
+    # The stage is positional-only: ``name=`` (or any keyword) is a span attribute.
+    with ri.stage("retrieval", name="my-index", stage="x"):
+        pass
+    with ri.pipeline_stage_context("reranking", name="cross-encoder"):
+        pass
+
+    @ri.stage("generation", name="granite")
+    def generate() -> str:
+        return "ok"
+
+    assert generate() == "ok"
+    for stage_name, attribute in [
+        ("retrieval", "my-index"),
+        ("reranking", "cross-encoder"),
+        ("generation", "granite"),
+    ]:
+        span = rag_capture.span(stage_name)
+        assert span.attributes is not None
+        assert span.attributes["rag.stage"] == stage_name
+        assert span.attributes["name"] == attribute
+    assert rag_capture.span("retrieval").attributes["stage"] == "x"  # type: ignore[index]
+
+
+def test_stage_keyword_alone_names_the_stage(rag_capture: Capture) -> None:
+    with ri.stage(stage="retrieval", top_k=3):
+        pass
+    with ri.pipeline_stage_context(stage=ri.PipelineStage.RERANKING):
+        pass
+
+    @ri.stage(stage="generation")
+    def generate() -> str:
+        return "ok"
+
+    assert generate() == "ok"
+    assert [s.name for s in rag_capture.spans] == ["retrieval", "reranking", "generation"]
+    attributes = rag_capture.span("retrieval").attributes
+    assert attributes is not None
+    assert attributes["top_k"] == 3
+    assert "stage" not in attributes
+    assert [line["context"]["pipeline_stage"] for line in rag_capture.logs] == [
+        "retrieval",
+        "reranking",
+        "generation",
+    ]
+
+
+def test_stage_without_a_stage_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="missing 1 required argument: 'stage'"):
+        ri.stage(top_k=3)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="pipeline_stage_context"):
+        ri.pipeline_stage_context()  # type: ignore[call-overload]
+
+
+def test_traced_name_keyword(rag_capture: Capture) -> None:
+    # ``name=`` alone is the span name; next to a positional name it is an attribute.
+    with ri.traced(name="lookup", top_k=2):
+        pass
+    with ri.traced("fetch", name="my-index"):
+        pass
+
+    @ri.traced(name="parse")
+    def parse() -> int:
+        return 1
+
+    assert parse() == 1
+    assert [s.name for s in rag_capture.spans] == ["lookup", "fetch", "parse"]
+    lookup = rag_capture.span("lookup").attributes
+    assert lookup is not None
+    assert "name" not in lookup
+    assert lookup["top_k"] == 2
+    assert rag_capture.span("fetch").attributes["name"] == "my-index"  # type: ignore[index]
+
+
 def test_bad_stage_name_at_run_time_never_fails_the_request(
     rag_capture: Capture, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -23,6 +23,7 @@ import inspect
 import math
 import os
 import re
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -37,7 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 import rag_instrument as ri
 from rag_instrument import PipelineStage as S
 
-__all__ = ["FakeModel", "create_app", "documents_table", "embed"]
+__all__ = ["FakeModel", "create_app", "default_database_url", "documents_table", "embed"]
 
 DIMENSIONS = 64
 _WORD = re.compile(r"[a-z0-9]+")
@@ -111,6 +112,17 @@ def _fastapi(**kwargs: Any) -> FastAPI:
     return FastAPI(**kwargs)
 
 
+def default_database_url() -> str:
+    """The default database: a SQLite file outside the checkout.
+
+    ``rag_example.db`` in ``rag_instrument_example/`` under the system's temporary
+    directory (``$TMPDIR``, usually ``/tmp``), created if needed.
+    """
+    directory = os.path.join(tempfile.gettempdir(), "rag_instrument_example")
+    os.makedirs(directory, exist_ok=True)
+    return "sqlite+aiosqlite:///" + os.path.join(directory, "rag_example.db")
+
+
 def create_app(
     database_url: str | None = None,
     *,
@@ -123,7 +135,7 @@ def create_app(
 
     Args:
         database_url: a SQLAlchemy async URL (default ``RAG_EXAMPLE_DATABASE_URL``, else a
-            SQLite file ``rag_example.db`` in the working directory).
+            SQLite file, :func:`default_database_url`).
         llm_latency_ms: the stand-in model's latency (default ``RAG_EXAMPLE_LLM_MS`` or 20).
         configure: call ``ri.configure()`` (settings from ``RAG_INSTRUMENT_*``) at start-up.
         instrument: add the middleware and instrument the engine (default: on unless
@@ -131,9 +143,7 @@ def create_app(
         table_name: the documents table.
     """
     documents = documents_table(table_name)
-    url = database_url or os.environ.get(
-        "RAG_EXAMPLE_DATABASE_URL", "sqlite+aiosqlite:///rag_example.db"
-    )
+    url = database_url or os.environ.get("RAG_EXAMPLE_DATABASE_URL") or default_database_url()
     latency = (
         llm_latency_ms
         if llm_latency_ms is not None

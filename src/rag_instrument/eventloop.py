@@ -18,7 +18,7 @@ stage the loop's current task is in. When the heartbeat runs again it logs one w
 
     {"event": "event loop blocked", "level": "warning", "blocked_ms": 412.3,
      "threshold_ms": 100.0, "stage": "retrieval", "trace_id": "...", "span_id": "...",
-     "stack": ["app/search.py:42 in retrieve: time.sleep(0.4)", ...]}
+     "stack": [..., "app/search.py:42 in retrieve"]}
 
 ``blocked_ms`` is how long the overdue heartbeat waited (the loop's lag), so it may miss
 at most one interval at the start of the block; ``trace_id``/``span_id`` are the stage's.
@@ -118,17 +118,12 @@ def _running_frame(loop: asyncio.AbstractEventLoop) -> tuple[Frame | None, Any]:
 
 
 def _format_stack(frame: FrameType) -> list[str]:
+    """``file:line in function`` per frame, innermost last; never source text (SECURITY.md)."""
     summary = traceback.StackSummary.extract(
-        traceback.walk_stack(frame), limit=_STACK_FRAMES, lookup_lines=True
+        traceback.walk_stack(frame), limit=_STACK_FRAMES, lookup_lines=False
     )
     summary.reverse()  # outermost first, the blocking line last, as in a traceback
-    out = []
-    for entry in summary:
-        text = f"{entry.filename}:{entry.lineno} in {entry.name}"
-        if entry.line:
-            text += f": {entry.line}"
-        out.append(text)
-    return out
+    return [f"{entry.filename}:{entry.lineno} in {entry.name}" for entry in summary]
 
 
 class EventLoopWatch:

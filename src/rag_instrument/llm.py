@@ -178,7 +178,6 @@ class LLMProvider:
     async def generate(
         self,
         prompt: str,
-        /,
         *,
         cache: bool = True,
         cache_namespace: str | None = None,
@@ -187,7 +186,7 @@ class LLMProvider:
         """Generate a completion for ``prompt``, instrumented.
 
         Args:
-            prompt: the prompt.
+            prompt: the prompt (positional or ``prompt=``).
             cache: ``False`` bypasses :class:`~rag_instrument.cache.CacheMixin`'s cache.
             cache_namespace: keeps cache entries apart (e.g. per tenant); overrides the
                 class attribute of the same name.

@@ -112,6 +112,8 @@ _LINE_BREAKS: Final = (
 
 
 def _escape_line_breaks(data: bytes) -> bytes:
+    if data.isascii():  # one C pass; the characters above are all non-ASCII
+        return data
     for raw, escaped in _LINE_BREAKS:
         if raw in data:
             data = data.replace(raw, escaped)
@@ -261,13 +263,17 @@ class LogOutput:
 
 def _write_all(fd: int, data: bytes) -> bytes:
     """Write ``data`` to ``fd``; return what could not be written (``b""`` when all was)."""
-    view = memoryview(data)
     try:
-        while view:
+        written = os.write(fd, data)
+    except OSError:
+        return data
+    if written == len(data):  # the usual case: the whole line in one write(2)
+        return b""
+    view = memoryview(data)[max(written, 0) :]
+    try:
+        while view and written > 0:
             written = os.write(fd, view)
-            if written <= 0:
-                break
-            view = view[written:]
+            view = view[max(written, 0) :]
     except OSError:
         pass
     return bytes(view)

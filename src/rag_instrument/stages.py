@@ -766,7 +766,40 @@ def _checked(name: object, what: str) -> tuple[str | None, Exception | None]:
         return None, exc
 
 
-def stage(name: str | PipelineStage, **attributes: Any) -> Stage:
+class _Missing:
+    """The sentinel for "no positional argument given" (``None`` is a value callers pass)."""
+
+    __slots__ = ()
+
+
+_MISSING: Any = _Missing()
+
+
+def _positional_or_keyword(
+    value: Any, attributes: dict[str, Any], keyword: str, what: str
+) -> Any:
+    """The stage/span name given positionally, else by its documented keyword.
+
+    The name is positional-only so that every keyword (``name=...`` included) is an
+    attribute; ``stage(stage="retrieval")`` still means the stage, because that is what
+    someone reading ``stage(stage, **attributes)`` writes.
+    """
+    if value is not _MISSING:
+        return value
+    if keyword in attributes:
+        return attributes.pop(keyword)
+    raise TypeError(f"{what}() missing 1 required argument: {keyword!r}")
+
+
+@overload
+def stage(stage: str | PipelineStage, /, **attributes: Any) -> Stage: ...
+
+
+@overload
+def stage(*, stage: str | PipelineStage, **attributes: Any) -> Stage: ...
+
+
+def stage(stage: Any = _MISSING, /, **attributes: Any) -> Stage:
     """A pipeline stage: decorator for any function kind, and context manager.
 
     On exit: one span named after the stage (with ``rag.stage``, the OpenInference span
@@ -777,32 +810,47 @@ def stage(name: str | PipelineStage, **attributes: Any) -> Stage:
     Cancellation, timeouts and interrupts end the span with ``rag.cancelled = true``.
 
     Args:
-        name: a :class:`PipelineStage` or any non-empty string.
+        stage: a :class:`PipelineStage` or any non-empty string. Positional; every
+            keyword is an attribute (``ri.stage("retrieval", name="my-index")``), except
+            that ``ri.stage(stage="retrieval")`` without a positional argument names the stage.
         **attributes: span attributes (redacted and truncated once, on first use).
 
-    An invalid ``name`` (not a string, or empty) raises ``TypeError`` / ``ValueError``
+    An invalid ``stage`` (not a string, or empty) raises ``TypeError`` / ``ValueError``
     when the object decorates a function (configuration time); used as a context
     manager at run time it logs a rate-limited warning and traces nothing.
     """
-    checked, error = _checked(name, "stage")
+    value = _positional_or_keyword(stage, attributes, "stage", "stage")
+    checked, error = _checked(value, "stage")
     return Stage(checked, attributes, "stage", error=error)
 
 
-def pipeline_stage_context(name: str | PipelineStage, **attributes: Any) -> Stage:
-    """A pipeline stage as a context manager (the same object :func:`stage` returns)."""
-    checked, error = _checked(name, "pipeline_stage_context")
+@overload
+def pipeline_stage_context(stage: str | PipelineStage, /, **attributes: Any) -> Stage: ...
+
+
+@overload
+def pipeline_stage_context(*, stage: str | PipelineStage, **attributes: Any) -> Stage: ...
+
+
+def pipeline_stage_context(stage: Any = _MISSING, /, **attributes: Any) -> Stage:
+    """A pipeline stage as a context manager (the same object :func:`stage` returns).
+
+    The stage is positional (or ``stage=`` alone); every other keyword is an attribute.
+    """
+    value = _positional_or_keyword(stage, attributes, "stage", "pipeline_stage_context")
+    checked, error = _checked(value, "pipeline_stage_context")
     return Stage(checked, attributes, "pipeline_stage_context", error=error)
 
 
 @overload
-def traced(name: F, **attributes: Any) -> F: ...
+def traced(name: F, /, **attributes: Any) -> F: ...
 
 
 @overload
-def traced(name: str | None = None, **attributes: Any) -> Stage: ...
+def traced(name: str | None = None, /, **attributes: Any) -> Stage: ...
 
 
-def traced(name: Any = None, **attributes: Any) -> Any:
+def traced(name: Any = _MISSING, /, **attributes: Any) -> Any:
     """Trace any operation that is not a pipeline stage (``@ri.traced`` or ``@ri.traced("x")``).
 
     Like :func:`stage` but the span has no ``rag.stage``, no budget or histogram applies,
@@ -811,9 +859,13 @@ def traced(name: Any = None, **attributes: Any) -> Any:
 
     Args:
         name: the span name (default: the decorated function's qualified name; ``"traced"``
-            for a context manager).
+            for a context manager). Positional, or ``name=`` when no positional argument
+            is given; with a positional name, ``name=`` is an attribute like any other
+            keyword (``ri.traced("lookup", name="my-index")``).
         **attributes: span attributes.
     """
+    if name is _MISSING:
+        name = attributes.pop("name", None)
     if callable(name) and not isinstance(name, str):
         return _Traced(None, attributes)(name)
     if name is None:

@@ -145,6 +145,8 @@ def test_db_scope_counts_without_a_stage(sqlite_engine) -> None:
     (warning,) = cap.find_logs("n+1 query detected")
     assert warning["statement"] == "SELECT ? + ?"
     assert warning["count"] == 4
+    assert "pipeline_stage" not in warning  # no stage: no null field
+    assert "stage" not in warning
     assert "relationship" not in warning
     assert scope.counts == {"SELECT ? + ?": 4}
     handle.uninstrument()
@@ -163,6 +165,7 @@ async def test_db_scope_async_and_nested_stage_counts_separately(sqlite_engine) 
                         conn.execute(text("SELECT 2"))
     assert scope.counts == {"SELECT ?": 1}
     assert [w["pipeline_stage"] for w in cap.find_logs("n+1 query detected")] == ["retrieval"]
+    assert [w["stage"] for w in cap.find_logs("n+1 query detected")] == ["retrieval"]
     handle.uninstrument()
 
 

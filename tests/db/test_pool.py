@@ -34,6 +34,30 @@ def _counts(cap: Capture) -> dict[str, int]:
     }
 
 
+def test_pool_lines_outside_a_stage_have_no_stage_field(
+    tmp_path: Path, sqlite_engine: Any
+) -> None:
+    eng = sqlite_engine(
+        f"sqlite:///{tmp_path / 'nostage.sqlite'}",
+        poolclass=QueuePool,
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=0.05,
+    )
+    handle = ri.instrument_sqlalchemy(eng, pool_slow_ms=0)
+    with capture() as cap:
+        held = eng.connect()
+        with pytest.raises(sa_exc.TimeoutError):
+            eng.connect()
+        held.close()
+    lines = cap.find_logs("pool checkout slow") + cap.find_logs("pool checkout timeout")
+    assert len(lines) >= 2
+    for line in lines:
+        assert "pipeline_stage" not in line  # absent, not null
+    handle.uninstrument()
+    eng.dispose()
+
+
 def test_pool_metrics_slow_checkout_and_timeout(tmp_path: Path, sqlite_engine: Any) -> None:
     eng = sqlite_engine(
         f"sqlite:///{tmp_path / 'pool.sqlite'}",
@@ -64,6 +88,7 @@ def test_pool_metrics_slow_checkout_and_timeout(tmp_path: Path, sqlite_engine: A
     assert cap.find_logs("pool checkout slow")
     (timeout,) = cap.find_logs("pool checkout timeout")
     assert timeout["pipeline_stage"] == "retrieval"
+    assert all(line["pipeline_stage"] == "retrieval" for line in cap.find_logs("pool checkout slow"))
     stage_events = [e.name for e in cap.span("retrieval").events]
     assert "db.client.connection.timeout" in stage_events
     handle.uninstrument()

@@ -265,9 +265,20 @@ def test_slow_query_warning(engine: Engine) -> None:
     assert line["level"] == "warning"
     assert line["db.query.text"] == "SELECT id FROM users WHERE email = ?"
     assert line["pipeline_stage"] == "retrieval"
+    assert line["stage"] == "retrieval"
     assert line["execution_time_ms"] >= 0
     assert "plan" not in line
     assert line["span_id"] == format(cap.span("SELECT users").context.span_id, "016x")
+
+
+def test_slow_query_outside_a_stage_has_no_stage_fields(engine: Engine) -> None:
+    ri.instrument_sqlalchemy(engine, slow_query_ms=0)
+    with capture() as cap, engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+    (line,) = cap.find_logs("slow query")
+    assert line["db.query.text"] == "SELECT ?"
+    assert "pipeline_stage" not in line  # absent, not null
+    assert "stage" not in line
 
 
 def test_async_engine_with_aiosqlite() -> None:

@@ -42,16 +42,32 @@ def named(x: int) -> int:
     return x
 
 
+@ri.stage(stage="retrieval", name="my-index")
+def keyword_stage(x: int) -> int:
+    return x
+
+
+@ri.traced(name="keyword")
+def keyword_traced(x: int) -> int:
+    return x
+
+
 async def use() -> None:
     docs: list[str] = retrieve("q", k=2)
     text: str = await generate("p")
     numbers: list[int] = list(stream(3))
     async for value in astream(2):
         numbers.append(value)
-    total: int = helper(1) + named(2)
+    total: int = helper(1) + named(2) + keyword_stage(3) + keyword_traced(4)
     with ri.pipeline_stage_context("reranking") as span:
         span.set_attribute("docs", len(docs))
     async with ri.stage("search"):
+        pass
+    with ri.stage("retrieval", name="my-index"), ri.stage(stage="reranking", top_k=3):
+        pass
+    with ri.pipeline_stage_context(stage=ri.PipelineStage.GENERATION, name="granite"):
+        pass
+    with ri.traced(name="lookup"), ri.traced("fetch", name="my-index"):
         pass
     settings: ri.Settings = ri.configure(service_name="svc", budgets={"search": 2000})
     ri.bind_context(request_id="r-1")

@@ -12,7 +12,7 @@ import orjson
 
 from rag_instrument.analysis._model import BREAKDOWN_KINDS, Analysis, Row
 
-__all__ = ["budget_text", "render_csv", "render_json", "render_table", "use_colour"]
+__all__ = ["budget_text", "largest_text", "render_csv", "render_json", "render_table", "use_colour"]
 
 _RED, _BOLD, _DIM, _RESET = "\x1b[31m", "\x1b[1m", "\x1b[2m", "\x1b[0m"
 
@@ -182,7 +182,7 @@ def _side_tables(analysis: Analysis) -> list[tuple[str, list[str]]]:
                         [
                             e["stage"],
                             str(e["times"]),
-                            ", ".join(f"{k} {n}" for k, n in e["largest"].items()),
+                            largest_text(e["largest"]),
                         ]
                         for e in analysis.budget_exceeded
                     ],
@@ -190,6 +190,13 @@ def _side_tables(analysis: Analysis) -> list[tuple[str, list[str]]]:
             )
         )
     return tables
+
+
+def largest_text(largest: dict[str, int]) -> str:
+    """``"llm 2, db 1"``: how often each part was the largest; ``"-"`` (no breakdown) in words."""
+    return ", ".join(
+        f"{n} with no breakdown" if kind == "-" else f"{kind} {n}" for kind, n in largest.items()
+    )
 
 
 def _short(text: str, limit: int = 70) -> str:

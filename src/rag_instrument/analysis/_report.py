@@ -10,7 +10,7 @@ from rag_instrument import __version__
 from rag_instrument.analysis import _svg
 from rag_instrument.analysis._compare import Change
 from rag_instrument.analysis._model import BREAKDOWN_KINDS, TOTAL_STAGE, Analysis
-from rag_instrument.analysis._render import budget_text
+from rag_instrument.analysis._render import budget_text, largest_text
 from rag_instrument.analysis._stats import percentile
 
 __all__ = ["SECTIONS", "render_report"]
@@ -215,7 +215,7 @@ def _side(analysis: Analysis) -> dict[str, str]:
     if analysis.budget_exceeded:
         out["budgets"] = _table(
             ["stage", "times", "largest part each time"],
-            [[e["stage"], str(e["times"]), ", ".join(f"{k} {n}" for k, n in e["largest"].items())]
+            [[e["stage"], str(e["times"]), largest_text(e["largest"])]
              for e in analysis.budget_exceeded],
         )
     return out

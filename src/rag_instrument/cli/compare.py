@@ -104,7 +104,14 @@ def run(args: argparse.Namespace) -> int:
                 f"({_f(c.p95_before)} -> {_f(c.p95_after)} ms, p={c.p_value:.3g})",
                 file=sys.stderr,
             )
-        if regressed:
+        gone = [] if args.allow_missing else [c for c in changes if c.verdict == "gone"]
+        for c in gone:
+            print(
+                f"rag-instrument: {c.key} ran {c.count_before} times in the baseline and not "
+                "in the candidate (pass --allow-missing if it was removed on purpose)",
+                file=sys.stderr,
+            )
+        if regressed or gone:
             return 1
     return 0
 
@@ -135,7 +142,7 @@ def add_parser(subparsers: Any) -> None:
         "compare",
         help="p50/p95/p99 per stage before and after, and whether the change is beyond noise",
         description="Per stage: p50/p95/p99 of the baseline and the candidate, the p95 change "
-        "in ms and %%, and whether the difference is beyond noise.",
+        "in ms and %, and whether the difference is beyond noise.",
         epilog=TEST_HELP + " " + PERCENTILES_HELP,
     )
     parser.add_argument("baseline", metavar="BASELINE", help="log(s) before: a file or a glob")
@@ -146,6 +153,12 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--fail-on-regression", type=_pct, metavar="PCT",
         help="exit 1 when a stage's p95 grew by more than PCT percent and the change is "
-        "significant (a CI gate for performance regressions)",
+        "significant, or when a stage of the baseline has no runs in the candidate "
+        "(a CI gate for performance regressions)",
+    )
+    parser.add_argument(
+        "--allow-missing", action="store_true",
+        help="with --fail-on-regression: let stages of the baseline that have no runs in "
+        "the candidate pass (removed on purpose)",
     )
     parser.set_defaults(func=run)

@@ -591,12 +591,10 @@ class EngineInstrumentation:
         relationship: str | None,
         count: int,
     ) -> None:
-        fields: dict[str, Any] = {
-            "statement": info.text,
-            "count": count,
-            "pipeline_stage": stage,
-            DB_SYSTEM: self.system,
-        }
+        fields: dict[str, Any] = {"statement": info.text, "count": count}
+        if stage:  # outside a stage (a bare ``db_scope()``) the key is absent, not null
+            fields["pipeline_stage"] = stage
+        fields[DB_SYSTEM] = self.system
         # The relationship is named only when the statement was that lazy load.
         if relationship is not None:
             fields["relationship"] = relationship
@@ -643,10 +641,12 @@ class EngineInstrumentation:
         fields: dict[str, Any] = {
             DB_QUERY_TEXT: info.text,
             "execution_time_ms": round(ms, 3),
-            "pipeline_stage": current_stage(),
-            DB_SYSTEM: self.system,
-            DB_OPERATION: info.operation,
         }
+        stage = current_stage()
+        if stage:  # outside a stage the key is absent, not null
+            fields["pipeline_stage"] = stage
+        fields[DB_SYSTEM] = self.system
+        fields[DB_OPERATION] = info.operation
         if plan is _NOT_EXPLAINED:
             plan = self._explain(info, conn, statement, parameters, executemany)
         if plan is not None:

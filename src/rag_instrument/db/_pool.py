@@ -108,6 +108,13 @@ def ensure_observers(rt: Runtime) -> None:
         _observed_meter[0] = meter
 
 
+
+def _add_stage(fields: dict[str, Any]) -> None:
+    """``pipeline_stage`` when a stage is running; outside one the key is absent, not null."""
+    stage = current_stage()
+    if stage:
+        fields["pipeline_stage"] = stage
+
 class PoolInstrumentation:
     """Wait-time and gauge telemetry for one engine's pool."""
 
@@ -207,18 +214,13 @@ class PoolInstrumentation:
             )
             wait_ms = wait_s * 1000.0
             if wait_ms > self.slow_ms and rt.log is not None:
-                emit(
-                    "warning",
-                    "pool checkout slow",
-                    {
-                        POOL_NAME: self.pool_name,
-                        "wait_ms": round(wait_ms, 3),
-                        "threshold_ms": self.slow_ms,
-                        "pipeline_stage": current_stage(),
-                    },
-                    trusted=True,
-                    rt=rt,
-                )
+                fields: dict[str, Any] = {
+                    POOL_NAME: self.pool_name,
+                    "wait_ms": round(wait_ms, 3),
+                    "threshold_ms": self.slow_ms,
+                }
+                _add_stage(fields)
+                emit("warning", "pool checkout slow", fields, trusted=True, rt=rt)
         except Exception as exc:
             internal_error("pool checkout", exc)
 
@@ -242,18 +244,13 @@ class PoolInstrumentation:
                     },
                 )
             if rt.log is not None:
-                emit(
-                    "warning",
-                    "pool checkout timeout",
-                    {
-                        POOL_NAME: self.pool_name,
-                        "wait_ms": round(wait_s * 1000.0, 3),
-                        "error_type": error_type,
-                        "pipeline_stage": current_stage(),
-                    },
-                    trusted=True,
-                    rt=rt,
-                )
+                fields: dict[str, Any] = {
+                    POOL_NAME: self.pool_name,
+                    "wait_ms": round(wait_s * 1000.0, 3),
+                    "error_type": error_type,
+                }
+                _add_stage(fields)
+                emit("warning", "pool checkout timeout", fields, trusted=True, rt=rt)
         except Exception as internal:
             internal_error("pool timeout", internal)
 
