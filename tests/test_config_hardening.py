@@ -232,7 +232,9 @@ def test_export_errors_at_exit_go_to_the_log_not_raw_stderr(tmp_path: Path) -> N
             with ri.stage("last-task"):
                 pass
             # the worker simply exits: the flush runs at exit
-            """
+            """,
+            # A wide bound for the exit flush (a cold first export on a loaded machine).
+            RAG_INSTRUMENT_SHUTDOWN_TIMEOUT="20",
         )
     assert result.returncode == 0, result.stderr
     assert "Failed to export" not in result.stderr
