@@ -16,14 +16,13 @@ import atexit
 import os
 import re
 import threading
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics as metrics_api
 from opentelemetry import trace as trace_api
 
-from rag_instrument import _runtime, _stagehooks, logs
+from rag_instrument import _pools, _runtime, _stagehooks, logs
 from rag_instrument._runtime import Runtime, get_runtime
 from rag_instrument._settings import Settings, build_settings, docstring_args, settings_table
 from rag_instrument._utils import internal_error, warn_once
@@ -161,6 +160,8 @@ def apply(
         warn_once.reset()
         if retire:
             _retire(old, timeout=5.0, successor=new)
+        if pipelines is not None:
+            _pools.EXIT_WORKER.start()  # the exit flush's thread, while threads can start
         if not _ATEXIT_REGISTERED:
             atexit.register(_at_exit)
             _ATEXIT_REGISTERED = True
@@ -186,7 +187,9 @@ def restore(previous: Runtime) -> None:
         _retire(current, timeout=5.0, successor=previous)
 
 
-def _retire(old: Runtime, timeout: float, successor: Runtime | None = None) -> bool:
+def _retire(
+    old: Runtime, timeout: float, successor: Runtime | None = None, *, at_exit: bool = False
+) -> bool:
     """Flush and close what ``old`` created, within ``timeout`` seconds.
 
     Returns ``True`` only if everything ``old`` was given was exported: the flush finished
@@ -207,7 +210,6 @@ def _retire(old: Runtime, timeout: float, successor: Runtime | None = None) -> b
     # At shutdown (no successor whose own handler would take them), the SDK's messages
     # during the flush go to this configuration's log.
     detach = logs.bridge_while_flushing(old) if successor is None else _nothing
-    done = threading.Event()
     result: list[bool] = []
 
     def work() -> None:
@@ -219,14 +221,36 @@ def _retire(old: Runtime, timeout: float, successor: Runtime | None = None) -> b
             detach()
             if old.log is not None:
                 old.log.close()
+
+    finished = _bounded(work, timeout, "rag_instrument-shutdown", at_exit=at_exit)
+    return finished and bool(result and result[0])
+
+
+def _bounded(work: Callable[[], None], timeout: float, name: str, *, at_exit: bool = False) -> bool:
+    """Run ``work`` on a daemon thread and wait for it at most ``timeout`` seconds.
+
+    Exporters may block (a black-holed collector): that never holds the caller past the
+    deadline, and the thread, a daemon, cannot keep the process alive either. At
+    interpreter exit the work goes to the thread ``configure()`` started ahead
+    (:data:`~rag_instrument._pools.EXIT_WORKER`), since Python 3.12.0 and 3.12.1 refuse
+    to start one then. Returns ``True`` when ``work`` finished in time.
+    """
+    done = threading.Event()
+
+    def job() -> None:
+        try:
+            work()
+        finally:
             done.set()
 
-    # Exporters may block (a black-holed collector): never let that hold the caller past
-    # the deadline. The thread is a daemon, so it cannot keep the process alive either.
-    thread = threading.Thread(target=work, name="rag_instrument-shutdown", daemon=True)
-    thread.start()
-    finished = done.wait(max(timeout, 0.0))
-    return finished and bool(result and result[0])
+    if not (at_exit and _pools.EXIT_WORKER.submit(job)):
+        try:
+            threading.Thread(target=job, name=name, daemon=True).start()
+        except RuntimeError:
+            # No thread waits and the exiting interpreter refuses a new one: flushing here,
+            # bounded only by the exporters' own timeouts, beats losing the spans.
+            job()
+    return done.wait(max(timeout, 0.0))
 
 
 def _nothing() -> None:
@@ -242,6 +266,10 @@ def shutdown(timeout: float = 5.0) -> bool:
     Afterwards the library is unconfigured: stages still run, nothing is exported or
     logged. A second call does nothing. Also registered to run at interpreter exit.
     """
+    return _shutdown(timeout)
+
+
+def _shutdown(timeout: float, *, at_exit: bool = False) -> bool:
     with _LOCK:
         old = get_runtime()
         if not old.configured:
@@ -249,7 +277,7 @@ def shutdown(timeout: float = 5.0) -> bool:
         new = _runtime.install(None)
         logs.install_stdlib_handler(new)
         _stagehooks.switched(old, new)
-    return _retire(old, timeout)
+    return _retire(old, timeout, at_exit=at_exit)
 
 
 def force_flush(timeout: float = 5.0) -> bool:
@@ -257,7 +285,6 @@ def force_flush(timeout: float = 5.0) -> bool:
     pipelines = get_runtime().pipelines
     if pipelines is None:
         return True
-    deadline = time.monotonic() + timeout
     result: list[bool] = []
 
     def work() -> None:
@@ -266,17 +293,14 @@ def force_flush(timeout: float = 5.0) -> bool:
         except Exception as exc:
             internal_error("force_flush", exc)
 
-    thread = threading.Thread(target=work, name="rag_instrument-flush", daemon=True)
-    thread.start()
-    thread.join(max(deadline - time.monotonic(), 0.0))
-    return bool(result and result[0])
+    return _bounded(work, timeout, "rag_instrument-flush") and bool(result and result[0])
 
 
 def _at_exit() -> None:
     try:
         # Validated by configure() (a bad RAG_INSTRUMENT_SHUTDOWN_TIMEOUT fails there, not
         # silently here).
-        shutdown(timeout=get_runtime().settings.shutdown_timeout)
+        _shutdown(get_runtime().settings.shutdown_timeout, at_exit=True)
     except Exception:
         pass
 
