@@ -186,6 +186,22 @@ def test_bad_input_is_counted_and_named_never_fatal(
     assert "missing.jsonl" in err
 
 
+@pytest.mark.parametrize("by", ["stage", "event"])  # chunked and line by line
+def test_a_truncated_gzip_counts_what_came_before_and_names_the_break(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], by: str
+) -> None:
+    # Incompressible padding makes the file span several read blocks.
+    rows = [line("retrieval", 10.0, pad=os.urandom(700).hex()) for _ in range(3000)]
+    data = gzip.compress("".join(f"{row}\n" for row in rows).encode())
+    log = tmp_path / "cut.jsonl.gz"
+    log.write_bytes(data[: len(data) // 2])
+    status, out, err = run_cli([str(log), "--by", by, "--format", "json"], capsys)
+    assert status == 0
+    (row,) = json.loads(out)
+    assert 0 < row["count"] < 3000
+    assert f"{log}: read failed after {'byte' if by == 'stage' else 'line'} " in err
+
+
 def test_nothing_readable_exits_2_with_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
