@@ -293,6 +293,23 @@ def test_by_event_and_by_route(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert events["retrieval completed"]["count"] == 1
 
 
+def test_by_event_does_not_count_budget_warnings_as_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import rag_instrument as ri
+
+    log = tmp_path / "rag.jsonl"
+    ri.configure(exporter="memory", log_file=str(log), budgets={"retrieval": 0.001})
+    for _ in range(3):
+        with ri.stage("retrieval"):
+            sum(range(10_000))  # well over a microsecond
+    ri.shutdown()
+    assert log.read_text().count('"budget exceeded"') == 3  # the warnings are there
+    events = as_json([str(log), "--by", "event"], capsys)
+    assert set(events) == {"retrieval completed"}  # ... but they are not runs of an event
+    assert events["retrieval completed"]["count"] == 3
+
+
 def test_budgets_from_flags_toml_and_the_log(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
