@@ -468,7 +468,8 @@ def test_generator_send_throw_and_return_value_pass_through() -> None:
     assert only_profile_line(cap)["profiled"] is True
 
 
-def test_closed_generator_profiles_its_cleanup_and_logs_once() -> None:
+@pytest.mark.parametrize("how", ["close", "abandon"])
+def test_closed_or_abandoned_generator_profiles_its_cleanup_and_logs_once(how: str) -> None:
     cleaned: list[bool] = []
 
     @ri.profile("gen")
@@ -477,35 +478,19 @@ def test_closed_generator_profiles_its_cleanup_and_logs_once() -> None:
             yield 1
             yield 2
         finally:
-            busy_sum(2000)  # the generator's own work, though the consumer closed it
+            busy_sum(2000)  # the generator's own work, though the consumer stopped early
             cleaned.append(True)
 
     with capture() as cap:
         gen = produce()
         assert next(gen) == 1
-        gen.close()
+        if how == "close":
+            gen.close()
+        else:
+            del gen  # reference counting finalises it here (close(), as the collector would)
     assert cleaned == [True]
     rows = functions(only_profile_line(cap))
     assert rows[label(busy_sum)]["calls"] == 1
-
-
-def test_abandoned_generator_is_finalised_and_logs_once() -> None:
-    cleaned: list[bool] = []
-
-    @ri.profile("gen")
-    def produce() -> Iterator[int]:
-        try:
-            yield 1
-            yield 2
-        finally:
-            cleaned.append(True)
-
-    with capture() as cap:
-        gen = produce()
-        assert next(gen) == 1
-        del gen  # reference counting finalises it here (close(), as the collector would)
-    assert cleaned == [True]
-    assert only_profile_line(cap)["profiled"] is True
 
 
 def test_generator_exception_passes_through_unchanged_and_logs() -> None:
