@@ -186,6 +186,22 @@ def test_bad_input_is_counted_and_named_never_fatal(
     assert "missing.jsonl" in err
 
 
+@pytest.mark.parametrize("by", ["stage", "event"])  # chunked and line by line
+def test_a_truncated_gzip_counts_what_came_before_and_names_the_break(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], by: str
+) -> None:
+    # Incompressible padding makes the file span several read blocks.
+    rows = [line("retrieval", 10.0, pad=os.urandom(700).hex()) for _ in range(3000)]
+    data = gzip.compress("".join(f"{row}\n" for row in rows).encode())
+    log = tmp_path / "cut.jsonl.gz"
+    log.write_bytes(data[: len(data) // 2])
+    status, out, err = run_cli([str(log), "--by", by, "--format", "json"], capsys)
+    assert status == 0
+    (row,) = json.loads(out)
+    assert 0 < row["count"] < 3000
+    assert f"{log}: read failed after {'byte' if by == 'stage' else 'line'} " in err
+
+
 def test_nothing_readable_exits_2_with_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -275,6 +291,23 @@ def test_by_event_and_by_route(tmp_path: Path, capsys: pytest.CaptureFixture[str
     events = as_json([str(log), "--by", "event"], capsys)
     assert events["request completed"]["count"] == 4
     assert events["retrieval completed"]["count"] == 1
+
+
+def test_by_event_does_not_count_budget_warnings_as_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import rag_instrument as ri
+
+    log = tmp_path / "rag.jsonl"
+    ri.configure(exporter="memory", log_file=str(log), budgets={"retrieval": 0.001})
+    for _ in range(3):
+        with ri.stage("retrieval"):
+            sum(range(10_000))  # well over a microsecond
+    ri.shutdown()
+    assert log.read_text().count('"budget exceeded"') == 3  # the warnings are there
+    events = as_json([str(log), "--by", "event"], capsys)
+    assert set(events) == {"retrieval completed"}  # ... but they are not runs of an event
+    assert events["retrieval completed"]["count"] == 3
 
 
 def test_budgets_from_flags_toml_and_the_log(

@@ -100,6 +100,37 @@ def test_standard_otel_variables() -> None:
     )
 
 
+@pytest.mark.parametrize("value", ["jaeger_remote", "parentbased_jaeger_remote", "XRay"])
+def test_a_known_but_unsupported_sampler_falls_back_with_one_warning(
+    value: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The OTel SDK environment spec: warn about a value the SDK does not implement and use
+    # the default sampler (parentbased_always_on) instead of failing the application.
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", value)
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "endpoint=http://jaeger:14250")
+    with caplog.at_level(logging.WARNING, logger="rag_instrument"):
+        settings = ri.configure(exporter="memory")
+    assert settings.sample_ratio == 1.0
+    with ri.stage("retrieval"):
+        pass
+    assert [span.name for span in _memory_spans()] == ["retrieval"]  # sampled
+    warnings = [r.getMessage() for r in caplog.records if "OTEL_TRACES_SAMPLER" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert f"OTEL_TRACES_SAMPLER={value!r}" in warnings[0]
+    assert "parentbased_always_on" in warnings[0]
+
+
+def test_an_explicit_ratio_wins_over_an_unsupported_sampler_without_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="rag_instrument"):
+        settings = build_settings(
+            env={"OTEL_TRACES_SAMPLER": "xray", "RAG_INSTRUMENT_SAMPLE_RATIO": "0.5"}
+        )
+    assert settings.sample_ratio == 0.5
+    assert not [r for r in caplog.records if "OTEL_TRACES_SAMPLER" in r.getMessage()]
+
+
 def test_budgets_accept_json_and_enum_keys() -> None:
     assert dict(build_settings(env={"RAG_INSTRUMENT_BUDGETS": '{"search": 2000}'}).budgets) == {
         "search": 2000.0
@@ -146,6 +177,7 @@ def test_budgets_accept_json_and_enum_keys() -> None:
         ({"sample_ratio": -0.1}, {}, r"sample_ratio"),
         ({"sample_ratio": float("nan")}, {}, r"sample_ratio nan"),
         ({}, {"OTEL_TRACES_SAMPLER": "sometimes"}, r"sampler 'sometimes' .*OTEL_TRACES_SAMPLER"),
+        ({}, {"OTEL_TRACES_SAMPLER": "jaeger"}, r"sampler 'jaeger' .*OTEL_TRACES_SAMPLER"),
         (
             {},
             {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "2"},

@@ -438,3 +438,102 @@ def test_async_with_releases_its_monitoring_tool() -> None:
         asyncio.run(main())
     monitoring: Any = getattr(sys, "monitoring")  # noqa: B009 - not in 3.11's stubs
     assert all(monitoring.get_tool(tool) != "rag_instrument.profile" for tool in range(6))
+
+
+# --- generators: what the consumer sends, throws and closes reaches the profiled code ----------
+
+
+def test_generator_send_throw_and_return_value_pass_through() -> None:
+    @ri.profile("echo")
+    def echo() -> Any:
+        received = []
+        while True:
+            try:
+                value = yield len(received)
+            except KeyError as exc:
+                received.append(f"caught {exc.args[0]}")
+                continue
+            if value is None:
+                return received
+            received.append(value)
+
+    with capture() as cap:
+        gen = echo()
+        assert next(gen) == 0
+        assert gen.send("a") == 1
+        assert gen.throw(KeyError("k")) == 2
+        with pytest.raises(StopIteration) as stop:
+            gen.send(None)
+    assert stop.value.value == ["a", "caught k"]
+    assert only_profile_line(cap)["profiled"] is True
+
+
+@pytest.mark.parametrize("how", ["close", "abandon"])
+def test_closed_or_abandoned_generator_profiles_its_cleanup_and_logs_once(how: str) -> None:
+    cleaned: list[bool] = []
+
+    @ri.profile("gen")
+    def produce() -> Iterator[int]:
+        try:
+            yield 1
+            yield 2
+        finally:
+            busy_sum(2000)  # the generator's own work, though the consumer stopped early
+            cleaned.append(True)
+
+    with capture() as cap:
+        gen = produce()
+        assert next(gen) == 1
+        if how == "close":
+            gen.close()
+        else:
+            del gen  # reference counting finalises it here (close(), as the collector would)
+    assert cleaned == [True]
+    rows = functions(only_profile_line(cap))
+    assert rows[label(busy_sum)]["calls"] == 1
+
+
+def test_generator_exception_passes_through_unchanged_and_logs() -> None:
+    error = ValueError("bad item")
+
+    @ri.profile("gen")
+    def produce() -> Iterator[int]:
+        yield 1
+        raise error
+
+    with capture() as cap, pytest.raises(ValueError) as info:
+        list(produce())
+    assert info.value is error
+    assert only_profile_line(cap)["profiled"] is True
+
+
+def test_async_generator_asend_athrow_and_aclose_pass_through() -> None:
+    cleaned: list[str] = []
+
+    @ri.profile("agen")
+    async def echo() -> AsyncIterator[Any]:
+        received: list[Any] = []
+        try:
+            while True:
+                try:
+                    value = yield len(received)
+                except KeyError as exc:
+                    received.append(f"caught {exc.args[0]}")
+                    continue
+                received.append(value)
+        finally:
+            busy_sum(2000)
+            cleaned.append(",".join(map(str, received)))
+
+    async def main() -> None:
+        agen: Any = echo()
+        assert await agen.asend(None) == 0
+        assert await agen.asend("a") == 1
+        assert await agen.athrow(KeyError("k")) == 2
+        await agen.aclose()
+
+    with capture() as cap:
+        asyncio.run(main())
+    assert cleaned == ["a,caught k"]
+    rows = functions(only_profile_line(cap))
+    assert rows[label(busy_sum)]["calls"] == 1

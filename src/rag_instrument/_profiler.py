@@ -1,7 +1,8 @@
 """The machinery behind :func:`rag_instrument.profile`: one run, its scoping, its report.
 
 A :class:`Run` owns one profiler (cProfile), the optional memory tracing and the timing of
-one execution; :func:`stepped` switches it on around each step of a coroutine; the
+one execution; :meth:`Run.during` switches it on around each step of a coroutine or a
+generator (the stepping loops are :mod:`rag_instrument._steps`' relays); the
 :class:`_FramePauser` pauses it while an ``async with`` block's frame is suspended
 (Python 3.12+, ``sys.monitoring``); :class:`_TaskClock` is the 3.11 fallback. The public
 object and its wrappers are in :mod:`rag_instrument.profiling`.
@@ -17,18 +18,19 @@ import sys
 import time
 import tracemalloc
 import types
-from collections.abc import Coroutine, Generator
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from rag_instrument._context import current_frame
 from rag_instrument._runtime import get_runtime
+from rag_instrument._steps import Relay, relay_await
 from rag_instrument._utils import internal_error
 from rag_instrument.logs import emit
 
 if TYPE_CHECKING:
     from rag_instrument.profiling import Profile
 
-__all__ = ["MONITORING", "SORT_KEYS", "Run", "pauser", "stepped"]
+__all__ = ["MONITORING", "SORT_KEYS", "Run", "RunRelay", "pauser"]
 
 R = TypeVar("R")
 
@@ -210,6 +212,14 @@ class Run:
         if profiler is not None:
             profiler.disable()
             _enabled.discard(profiler)
+
+    def during(self, fn: Callable[..., R], /, *args: Any) -> R:
+        """``fn(*args)`` with the profiler on: one step of a coroutine or generator."""
+        self.resume()
+        try:
+            return fn(*args)
+        finally:
+            self.pause()
 
     def finish(self) -> None:
         if self.off:
@@ -395,28 +405,21 @@ class _FramePauser:
 pauser = _FramePauser()
 
 
-# --- stepping drivers -----------------------------------------------------------------------
+# --- stepping ----------------------------------------------------------------------------
 
 
-@types.coroutine
-def stepped(run: Run, coro: Coroutine[Any, Any, R]) -> Generator[Any, Any, R]:
-    """Await ``coro`` with the profiler on only while ``coro`` itself runs."""
-    value: Any = None
-    pending: BaseException | None = None
-    while True:
-        run.resume()
-        try:
-            if pending is None:
-                signal = coro.send(value)
-            else:
-                thrown, pending = pending, None
-                signal = coro.throw(thrown)
-        except StopIteration as stop:
-            result: R = stop.value
-            return result
-        finally:
-            run.pause()
-        try:
-            value = yield signal
-        except BaseException as exc:  # cancellation, or a throw() from the awaiting side
-            pending, value = exc, None
+class RunRelay(Relay):
+    """The relay of a profiled generator or async generator: ends its run when it stops."""
+
+    __slots__ = ("run",)
+
+    def __init__(self, run: Run) -> None:
+        super().__init__()
+        self.run = run
+
+    def end(self) -> None:
+        self.run.finish()
+
+    def stepped(self, awaitable: Awaitable[R]) -> Awaitable[R]:
+        """Await ``awaitable`` with the profiler on only while its own steps run."""
+        return relay_await(self.run.during, awaitable)

@@ -26,6 +26,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+from rag_instrument._utils import internal_logger
+
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
@@ -285,8 +287,15 @@ def _parse_budgets(name: str, value: Any, origin: str) -> dict[str, float]:
 # --- standard variables that need translating ---------------------------------------------------
 
 
+#: ``OTEL_TRACES_SAMPLER`` values the OpenTelemetry specification lists that rag_instrument
+#: does not implement: the SDK environment specification has an implementation warn about
+#: such a value and ignore it, so the default sampler (parentbased_always_on) is used.
+_UNSUPPORTED_SAMPLERS: Final = ("jaeger_remote", "parentbased_jaeger_remote", "xray")
+
+
 def _sampler_from_otel(env: Mapping[str, str]) -> tuple[Any, str] | None:
-    sampler = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    raw = env.get("OTEL_TRACES_SAMPLER", "").strip()
+    sampler = raw.lower()
     if not sampler:
         return None
     origin = "environment variable OTEL_TRACES_SAMPLER"
@@ -297,12 +306,20 @@ def _sampler_from_otel(env: Mapping[str, str]) -> tuple[Any, str] | None:
     if sampler in ("traceidratio", "parentbased_traceidratio"):
         arg = env.get("OTEL_TRACES_SAMPLER_ARG", "1.0").strip() or "1.0"
         return arg, "environment variable OTEL_TRACES_SAMPLER_ARG"
+    if sampler in _UNSUPPORTED_SAMPLERS:
+        internal_logger.warning(
+            "rag_instrument: OTEL_TRACES_SAMPLER=%r is not supported; using the default "
+            "sampler, parentbased_always_on (sample_ratio 1.0)",
+            raw,
+        )
+        return None
     raise bad(
         "sampler",
         origin,
         sampler,
         "one of always_on, always_off, traceidratio, parentbased_always_on, "
-        "parentbased_always_off, parentbased_traceidratio",
+        "parentbased_always_off, parentbased_traceidratio (jaeger_remote, "
+        "parentbased_jaeger_remote and xray fall back to parentbased_always_on)",
     )
 
 

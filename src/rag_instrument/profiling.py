@@ -50,7 +50,8 @@ import types
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Generator
 from typing import Any, TypeVar
 
-from rag_instrument._profiler import MONITORING, SORT_KEYS, Run, pauser, stepped
+from rag_instrument._profiler import MONITORING, SORT_KEYS, Run, RunRelay, pauser
+from rag_instrument._steps import Relay, relay, relay_async_generator
 from rag_instrument._utils import FunctionKind, function_kind
 
 __all__ = ["Profile", "profile"]
@@ -198,15 +199,11 @@ class Profile:
         self, fn: Callable[..., Awaitable[R]], label: str
     ) -> Callable[..., Awaitable[R]]:
         async def wrapper(*args: Any, **kwargs: Any) -> R:
-            run = Run(self, label)
-            run.start()
-            try:
+            with RunRelay(self._started(label)) as core:
                 awaitable = fn(*args, **kwargs)
                 if not isinstance(awaitable, Coroutine):
                     return await awaitable  # an object whose __call__ returns an awaitable
-                return await stepped(run, awaitable)
-            finally:
-                run.finish()
+                return await core.stepped(awaitable)
 
         return wrapper
 
@@ -214,68 +211,32 @@ class Profile:
         self, fn: Callable[..., Generator[Any, Any, R]], label: str
     ) -> Callable[..., Generator[Any, Any, R]]:
         def wrapper(*args: Any, **kwargs: Any) -> Generator[Any, Any, R]:
-            run = Run(self, label)
-            run.start()
-            try:
-                gen = fn(*args, **kwargs)
-                value: Any = None
-                pending: BaseException | None = None
-                while True:
-                    run.resume()
-                    try:
-                        if pending is None:
-                            item = gen.send(value)
-                        else:
-                            thrown, pending = pending, None
-                            item = gen.throw(thrown)
-                    except StopIteration as stop:
-                        result: R = stop.value
-                        return result
-                    finally:
-                        run.pause()
-                    try:
-                        value = yield item
-                    except GeneratorExit:
-                        gen.close()
-                        raise
-                    except BaseException as exc:
-                        pending, value = exc, None
-            finally:
-                run.finish()
+            with RunRelay(self._started(label)) as core:
+                result: R = yield from relay(core, fn(*args, **kwargs), core.run.during)
+            return result
 
         return wrapper
 
     def _wrap_async_generator(
         self, fn: Callable[..., AsyncGenerator[Any, Any]], label: str
     ) -> Callable[..., AsyncGenerator[Any, Any]]:
-        async def wrapper(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, Any]:
-            run = Run(self, label)
-            run.start()
+        def open_run(
+            proxy: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+        ) -> tuple[Relay, AsyncGenerator[Any, Any], Callable[[Awaitable[Any]], Awaitable[Any]]]:
+            core = RunRelay(self._started(label))
             try:
                 agen = fn(*args, **kwargs)
-                value: Any = None
-                pending: BaseException | None = None
-                while True:
-                    try:
-                        if pending is None:
-                            step = agen.asend(value)
-                        else:
-                            thrown, pending = pending, None
-                            step = agen.athrow(thrown)
-                        item = await stepped(run, step)
-                    except StopAsyncIteration:
-                        return
-                    try:
-                        value = yield item
-                    except GeneratorExit:
-                        await stepped(run, agen.aclose())
-                        raise
-                    except BaseException as exc:
-                        pending, value = exc, None
-            finally:
-                run.finish()
+            except BaseException:
+                core.end()  # the run is timed and logged even so
+                raise
+            return core, agen, core.stepped
 
-        return wrapper
+        return relay_async_generator(open_run)
+
+    def _started(self, label: str) -> Run:
+        run = Run(self, label)
+        run.start()
+        return run
 
 
 #: Runs opened by ``with`` / ``async with`` in this task or thread, innermost last: each

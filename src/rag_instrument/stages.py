@@ -60,6 +60,7 @@ from rag_instrument._sanitize import (
     to_attribute_value,
     truncate,
 )
+from rag_instrument._steps import Relay, relay, relay_async_generator, relay_await
 from rag_instrument._utils import (
     FunctionKind,
     function_kind,
@@ -442,88 +443,23 @@ def _wrap_async(fn: Callable[P, Awaitable[R]], spec: _Spec) -> Callable[P, Await
     return wrapper
 
 
-class _Relay:
-    """The decision core of the generator proxies (three thin loops use it).
+class _Relay(Relay):
+    """A stage's relay: ends the stage, inside the generator's own context, when it stops."""
 
-    A proxy stands between a consumer and an inner generator (or awaitable). After each
-    item it is told what the consumer did (:meth:`sent` a value, :meth:`threw` an
-    exception) and :meth:`step` says how to resume the inner one: ``send(value)`` or
-    ``throw(exc)``. It also keeps the stage's account (items, completed, failure); as a
-    context manager around the proxy's loop it ends the stage, inside the generator's own
-    context, however the loop stops (exhausted, failed, closed).
-    """
-
-    __slots__ = ("completed", "ctx", "failure", "frame", "items", "pending", "spec", "value")
+    __slots__ = ("ctx", "frame", "spec")
 
     def __init__(
         self, ctx: contextvars.Context | None, frame: Frame | None, spec: _Spec | None
     ) -> None:
+        super().__init__()
         self.ctx = ctx
         self.frame = frame
         self.spec = spec
-        self.value: Any = None
-        self.pending: BaseException | None = None
-        self.items = 0
-        self.completed = False
-        self.failure: BaseException | None = None
-
-    def step(
-        self, send: Callable[[Any], R], throw: Callable[[BaseException], R]
-    ) -> tuple[Callable[[Any], R], Any]:
-        """How to resume the inner iterator: ``(send, value)`` or ``(throw, exception)``."""
-        pending = self.pending
-        if pending is None:
-            return send, self.value
-        self.pending = None
-        return throw, pending
-
-    def sent(self, value: Any) -> None:
-        """The consumer sent ``value`` (``None`` for ``next()``)."""
-        self.value = value
-
-    def threw(self, exc: BaseException) -> None:
-        """The consumer threw ``exc`` in (``.throw()``): pass it to the inner iterator."""
-        self.pending, self.value = exc, None
-
-    def __enter__(self) -> _Relay:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: types.TracebackType | None,
-    ) -> None:
-        """The proxy stopped: note a failure (closing is none) and end the stage."""
-        if exc is not None and not isinstance(exc, GeneratorExit):
-            self.failure = exc
-        self.end()
 
     def end(self) -> None:
         """End the stage (if one was begun) in the generator's context."""
         if self.frame is not None and self.ctx is not None and self.spec is not None:
             self.ctx.run(_safe_end, self.frame, self.spec, self.failure, self.items, self.completed)
-
-
-def _drive_generator(
-    gen: Generator[Any, Any, Any], ctx: contextvars.Context, frame: Frame, spec: _Spec
-) -> Generator[Any, Any, Any]:
-    with _Relay(ctx, frame, spec) as relay:  # ends the stage however the proxy stops
-        while True:
-            method, argument = relay.step(gen.send, gen.throw)
-            try:
-                item = ctx.run(method, argument)
-            except StopIteration as stop:
-                relay.completed = True
-                return stop.value
-            relay.items += 1
-            try:
-                relay.sent((yield item))
-            except GeneratorExit:
-                ctx.run(gen.close)
-                raise
-            except BaseException as exc:  # .throw() from the consumer: pass it in
-                relay.threw(exc)
 
 
 def _wrap_generator(
@@ -539,70 +475,31 @@ def _wrap_generator(
         if frame is None:
             result: R = yield from gen
             return result
-        driven: R = yield from _drive_generator(gen, ctx, frame, spec)
+        with _Relay(ctx, frame, spec) as core:  # ends the stage however the proxy stops
+            driven: R = yield from relay(core, gen, ctx.run)
         return driven
 
     return wrapper
 
 
-@types.coroutine
-def _in_context(ctx: contextvars.Context, awaitable: Awaitable[R]) -> Generator[Any, Any, R]:
-    """Await ``awaitable`` with each of its steps running inside ``ctx``.
-
-    This is ``yield from awaitable.__await__()`` except that every ``send``/``throw`` into
-    it happens in ``ctx``: the event loop's futures pass through untouched, so
-    cancellation and timeouts reach the awaitable exactly as they would without us.
-    """
-    iterator = awaitable.__await__()
-    relay = _Relay(None, None, None)
-    while True:
-        method, argument = relay.step(iterator.send, iterator.throw)
-        try:
-            signal = ctx.run(method, argument)
-        except StopIteration as stop:
-            result: R = stop.value
-            return result
-        try:
-            relay.sent((yield signal))
-        except BaseException as exc:
-            relay.threw(exc)
-
-
 def _wrap_async_generator(
-    fn: Callable[P, AsyncGenerator[Any, Any]], spec: _Spec
-) -> Callable[P, AsyncGenerator[Any, Any]]:
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> AsyncGenerator[Any, Any]:
+    fn: Callable[..., AsyncGenerator[Any, Any]], spec: _Spec
+) -> Callable[..., AsyncGenerator[Any, Any]]:
+    def open_stage(
+        proxy: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Relay, AsyncGenerator[Any, Any], Callable[[Awaitable[Any]], Awaitable[Any]] | None]:
         rt = get_runtime()
-        ctx: contextvars.Context | None = None
-        frame: Frame | None = None
-        if rt.enabled:
-            ctx = contextvars.copy_context()
-            agen = ctx.run(fn, *args, **kwargs)
-            frame = ctx.run(_safe_begin, spec, rt, wrapper, False)
-        else:
-            agen = fn(*args, **kwargs)
-        # Without a stage (disabled, or it could not begin) the steps run as they are.
-        step_ctx = ctx if frame is not None else None
-        with _Relay(ctx, frame, spec) as relay:  # ends the stage however the proxy stops
-            while True:
-                method, argument = relay.step(agen.asend, agen.athrow)
-                try:
-                    step = method(argument)
-                    item = await (step if step_ctx is None else _in_context(step_ctx, step))
-                except StopAsyncIteration:
-                    relay.completed = True
-                    return
-                relay.items += 1
-                try:
-                    relay.sent((yield item))
-                except GeneratorExit:
-                    closing = agen.aclose()
-                    await (closing if step_ctx is None else _in_context(step_ctx, closing))
-                    raise
-                except BaseException as exc:
-                    relay.threw(exc)
+        if not rt.enabled:
+            return _Relay(None, None, None), fn(*args, **kwargs), None
+        ctx = contextvars.copy_context()
+        agen = ctx.run(fn, *args, **kwargs)
+        frame = ctx.run(_safe_begin, spec, rt, proxy, False)
+        if frame is None:  # without a stage the steps run as they are
+            return _Relay(None, None, None), agen, None
+        # Each step of the inner generator runs in its own context.
+        return _Relay(ctx, frame, spec), agen, functools.partial(relay_await, ctx.run)
 
-    return wrapper
+    return relay_async_generator(open_stage)
 
 
 def _warn_order(fn: Callable[..., Any], what: str) -> None:

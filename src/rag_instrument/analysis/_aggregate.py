@@ -286,7 +286,10 @@ class Aggregator:
             if self.by == "stage":
                 key = stage
             elif self.by == "event":
-                key = event
+                # A budget warning repeats the time of a run its stage (or request) line
+                # already counts: it is no run of an event of its own.
+                is_warning = event == "budget exceeded" and record.get("logger") == "rag_instrument"
+                key = None if is_warning else event
             else:
                 key = None
                 if event == "request completed":

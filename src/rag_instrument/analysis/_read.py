@@ -13,7 +13,7 @@ import io
 import os
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -120,14 +120,15 @@ def expand(patterns: list[str]) -> tuple[list[Source], list[str]]:
     return sources, missing
 
 
-def read_blocks(source: Source, report: InputReport) -> Iterator[tuple[int, list[bytes]]]:
-    """Yield ``(number of the first line, lines)`` for one input, without line endings.
+def _raw_blocks(
+    source: Source, report: InputReport, where: Callable[[], str]
+) -> Iterator[bytes]:
+    """Yield one input's bytes in blocks of up to :data:`BLOCK` (its range only, if any).
 
     An input that cannot be opened or fails midway (a truncated gzip member, an I/O
-    error) is recorded in ``report.unreadable``; what was read before the failure counts.
+    error) is recorded in ``report.unreadable``, a failure midway as "read failed after"
+    ``where()`` (how far the reader got); what was read before the failure counts.
     """
-    line_no = 1
-    tail = b""
     remaining = None if source.end is None else source.end - source.start
     try:
         with source.open() as stream:
@@ -140,25 +141,37 @@ def read_blocks(source: Source, report: InputReport) -> Iterator[tuple[int, list
                         block = stream.read(min(BLOCK, remaining))
                         remaining -= len(block)
                 except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-                    report.unreadable[source.name] = f"read failed after line {line_no - 1}: {exc}"
-                    break
+                    report.unreadable[source.name] = f"read failed after {where()}: {exc}"
+                    return
                 if not block:
-                    break
-                lines = (tail + block).split(b"\n") if tail else block.split(b"\n")
-                tail = lines.pop()  # the unfinished last line waits for the next block
-                if not lines:
-                    if len(tail) > MAX_LINE:
-                        report.bad(source.name, line_no, "line too long")
-                        tail = b""
-                    continue
-                report.lines += len(lines)
-                yield line_no, lines
-                line_no += len(lines)
-            if tail:
-                report.lines += 1
-                yield line_no, [tail]
+                    return
+                yield block
     except OSError as exc:
         report.unreadable[source.name] = exc.strerror or type(exc).__name__
+
+
+def read_blocks(source: Source, report: InputReport) -> Iterator[tuple[int, list[bytes]]]:
+    """Yield ``(number of the first line, lines)`` for one input, without line endings.
+
+    Failures are recorded in ``report.unreadable`` (see :func:`_raw_blocks`).
+    """
+    line_no = 1
+    tail = b""
+    # The lambda reads line_no when a read fails: how far this reader got by then.
+    for block in _raw_blocks(source, report, lambda: f"line {line_no - 1}"):  # noqa: B023
+        lines = (tail + block).split(b"\n") if tail else block.split(b"\n")
+        tail = lines.pop()  # the unfinished last line waits for the next block
+        if not lines:
+            if len(tail) > MAX_LINE:
+                report.bad(source.name, line_no, "line too long")
+                tail = b""
+            continue
+        report.lines += len(lines)
+        yield line_no, lines
+        line_no += len(lines)
+    if tail:
+        report.lines += 1
+        yield line_no, [tail]
 
 
 def read_chunks(source: Source, report: InputReport) -> Iterator[bytes | None]:
@@ -171,33 +184,16 @@ def read_chunks(source: Source, report: InputReport) -> Iterator[bytes | None]:
     """
     tail = b""
     done = 0
-    remaining = None if source.end is None else source.end - source.start
-    try:
-        with source.open() as stream:
-            report.files += 1
-            while True:
-                try:
-                    if remaining is None:
-                        block = stream.read(BLOCK)
-                    else:
-                        block = stream.read(min(BLOCK, remaining))
-                        remaining -= len(block)
-                except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-                    report.unreadable[source.name] = f"read failed after byte {done}: {exc}"
-                    break
-                if not block:
-                    break
-                done += len(block)
-                end = block.rfind(b"\n")
-                if end < 0:
-                    tail += block
-                    if len(tail) > MAX_LINE:
-                        yield None
-                        tail = b""
-                    continue
-                yield b"".join((b"\n", tail, memoryview(block)[: end + 1]))  # one copy
-                tail = block[end + 1 :]
-            if tail:
-                yield b"".join((b"\n", tail, b"\n"))
-    except OSError as exc:
-        report.unreadable[source.name] = exc.strerror or type(exc).__name__
+    for block in _raw_blocks(source, report, lambda: f"byte {done}"):  # noqa: B023 (as above)
+        done += len(block)
+        end = block.rfind(b"\n")
+        if end < 0:
+            tail += block
+            if len(tail) > MAX_LINE:
+                yield None
+                tail = b""
+            continue
+        yield b"".join((b"\n", tail, memoryview(block)[: end + 1]))  # one copy
+        tail = block[end + 1 :]
+    if tail:
+        yield b"".join((b"\n", tail, b"\n"))
