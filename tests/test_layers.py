@@ -37,7 +37,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
     ("runtime", ("_runtime", "_context", "_breakdown")),
-    ("logs and tracing", ("logs", "exporters", "_leaf", "_sending")),
+    ("logs and tracing", ("logs", "exporters", "_leaf", "_sending", "_otlp")),
     (
         "stages",
         (
@@ -66,8 +66,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 #: The only modules that may import the OpenTelemetry SDK, or ``exporters`` and its private
 #: part ``_leaf`` (which load it).
-SDK_MODULES = frozenset({"exporters", "_leaf", "_sending", "_config", "_settings"})
-SDK_LOADERS = frozenset({"exporters", "_leaf", "_sending"})
+SDK_MODULES = frozenset({"exporters", "_leaf", "_sending", "_otlp", "_config", "_settings"})
+SDK_LOADERS = frozenset({"exporters", "_leaf", "_sending", "_otlp"})
 
 
 def _module_name(path: Path) -> str:

@@ -21,7 +21,7 @@ import time
 import traceback
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from opentelemetry import trace as trace_api
 from opentelemetry.attributes import BoundedAttributes
@@ -39,6 +39,9 @@ from opentelemetry.sdk.util import BoundedList
 from opentelemetry.trace import Status, StatusCode
 
 from rag_instrument._context import current_span
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
 
 __all__ = [
     "LeafSpan",
@@ -492,13 +495,16 @@ class StageSpan(trace_api.Span, ReadableSpan):
         attributes: Mapping[str, Any] | None = None,
         status: Status | None = None,
         event: tuple[str, dict[str, Any]] | None = None,
+        name: str | None = None,
     ) -> None:
-        """Add rag_instrument's own (sanitised) attributes, status and event, and end.
+        """Add rag_instrument's own (sanitised) attributes, status, event and name, and end.
 
         They do not clear the clean mark, which the API's methods do.
         """
         if self._end_time is not None:
             return
+        if name is not None:
+            self._name = name
         if attributes:
             current = self._attributes
             if type(current) is dict:
@@ -698,6 +704,7 @@ def start_stage_span(
     *,
     kind: trace_api.SpanKind = trace_api.SpanKind.INTERNAL,
     sanitized: bool = False,
+    context: Context | None = None,
 ) -> trace_api.Span:
     """Start a stage span: a :class:`StageSpan` on an SDK tracer, else the tracer's own.
 
@@ -708,15 +715,18 @@ def start_stage_span(
     Falls back to ``tracer.start_span`` for tracers that are not the SDK's, disabled
     tracers and tracers counting their own span metrics. ``sanitized=True`` promises
     that every attribute was made by the library's sanitiser (see :class:`StageSpan`).
-    ``attributes`` is not copied: the caller must not change it afterwards.
+    ``attributes`` is not copied: the caller must not change it afterwards. ``context``:
+    the parent's context (an extracted remote parent), instead of the current one.
     """
     facts = _FACTS[0]
     if facts is None or facts.tracer is not tracer:
         facts = _FACTS[0] = _Facts(tracer)
     if not facts.ok or (facts.enabled is not None and not facts.enabled()):
-        return tracer.start_span(name, kind=kind, attributes=attributes)
+        return tracer.start_span(name, context=context, kind=kind, attributes=attributes)
     sdk: Any = tracer
-    parent: trace_api.SpanContext | None = current_span().get_span_context()
+    parent: trace_api.SpanContext | None = (
+        current_span() if context is None else trace_api.get_current_span(context)
+    ).get_span_context()
     sampler = sdk.sampler
     sampling = facts.sampling_of(sampler)
     sampled = recording = True
@@ -742,7 +752,7 @@ def start_stage_span(
         if sampling == "parent-root":
             sampling = ""  # a root under a ratio (or other) root sampler: asked below
     if not sampling:
-        result = sampler.should_sample(None, trace_id, name, kind, attributes, ())
+        result = sampler.should_sample(context, trace_id, name, kind, attributes, ())
         decision = result.decision
         sampled, recording = decision.is_sampled(), decision.is_recording()
         trace_state = result.trace_state
@@ -758,16 +768,16 @@ def start_stage_span(
         span_id = sdk.id_generator.generate_span_id()
     flags = _FLAGS[(1 if sampled else 0) | random_flag]
     if _RAW_CONTEXT and 0 < trace_id <= _MAX_TRACE_ID and 0 < span_id <= _MAX_SPAN_ID:
-        context = tuple.__new__(
+        span_context = tuple.__new__(
             trace_api.SpanContext,
             (trace_id, span_id, False, flags, trace_state or _DEFAULT_STATE, True),
         )
     else:
-        context = trace_api.SpanContext(
+        span_context = trace_api.SpanContext(
             trace_id, span_id, is_remote=False, trace_flags=flags, trace_state=trace_state
         )
     if not recording:
-        return trace_api.NonRecordingSpan(context)
+        return trace_api.NonRecordingSpan(span_context)
     processor = facts.processor
     multi = sdk.span_processor
     if (
@@ -776,11 +786,11 @@ def start_stage_span(
         or (processor.processors is not multi._span_processors)
     ):
         processor = facts.processors()  # a processor was added (or first use)
-    span = StageSpan(sdk, name, context, parent, attributes, sanitized, processor)
+    span = StageSpan(sdk, name, span_context, parent, attributes, sanitized, processor)
     if kind is not trace_api.SpanKind.INTERNAL:
         span._kind = kind
     if processor.starting or (processor.dynamic and processor.acts_on_start()):
-        multi.on_start(span, parent_context=None)
+        multi.on_start(span, parent_context=context)
     return span
 
 
@@ -790,23 +800,26 @@ def end_stage_span(
     status: Status | None,
     event: tuple[str, dict[str, Any]] | None,
     clean: tuple[Mapping[str, Any] | None, str] | None,
+    name: str | None = None,
 ) -> None:
-    """End a stage span with rag_instrument's own attributes, status and event.
+    """End a stage span with rag_instrument's own attributes, status, event and name.
 
     A :class:`StageSpan` takes them without losing its clean mark. Another span (the
     fallback's SDK span) is marked clean when it still is as it started (``clean``: the
     attributes and name it started with; ``None``: do not mark), then gets them through
-    the API.
+    the API. ``name``: the span's final name (made by the library's sanitiser).
     """
     if isinstance(span, StageSpan):
-        if attributes or status is not None or event is not None:
-            span.finish(attributes, status, event)
+        if attributes or status is not None or event is not None or name is not None:
+            span.finish(attributes, status, event, name)
         elif span._end_time is None:
             span.end()
         return
     if span.is_recording():
         if clean is not None and clean[0] is not None:
             mark_if_clean(span, clean[0], clean[1])
+        if name is not None:
+            span.update_name(name)
         if attributes:
             span.set_attributes(attributes)
         if status is not None:

@@ -27,6 +27,7 @@ from rag_instrument._settings import Settings
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from opentelemetry.context import Context
     from opentelemetry.metrics import Counter, Histogram, Meter
     from opentelemetry.trace import Span, SpanKind, Status, Tracer
 
@@ -70,6 +71,7 @@ class SpanTools(Protocol):
         *,
         kind: SpanKind = ...,
         sanitized: bool = False,
+        context: Context | None = None,
     ) -> Span:
         """Start a stage's span (the current span while it runs), as cheaply as allowed."""
         ...
@@ -81,6 +83,7 @@ class SpanTools(Protocol):
         status: Status | None,
         event: tuple[str, dict[str, Any]] | None,
         clean: tuple[Mapping[str, Any] | None, str] | None,
+        name: str | None = None,
     ) -> None:
         """End a stage's span with the library's own (sanitised) additions."""
         ...
@@ -212,6 +215,7 @@ class Runtime:
         *,
         kind: SpanKind = _INTERNAL,
         sanitized: bool = True,
+        context: Context | None = None,
     ) -> Span:
         """Start a span of the library's own (a stage, a model call), ended by :meth:`end_span`.
 
@@ -219,13 +223,19 @@ class Runtime:
         per-span machinery (see ``exporters.StageSpan``), else the tracer's ``start_span``.
         ``attributes`` may be kept as they are: do not change them afterwards.
         ``sanitized``: every attribute was made by the library's sanitiser (export may
-        skip redacting the span as long as nobody else adds to it).
+        skip redacting the span as long as nobody else adds to it). ``context``: the
+        parent's context (e.g. extracted from a request's headers) instead of the current.
         """
         tools = self._tools
         if tools is None:
-            return self.tracer.start_span(name, kind=kind, attributes=attributes)
+            return self.tracer.start_span(name, context=context, kind=kind, attributes=attributes)
         return tools.start_stage_span(
-            self.tracer, name, attributes, kind=kind, sanitized=sanitized and self.settings.redact
+            self.tracer,
+            name,
+            attributes,
+            kind=kind,
+            sanitized=sanitized and self.settings.redact,
+            context=context,
         )
 
     def end_span(
@@ -235,20 +245,24 @@ class Runtime:
         attributes: dict[str, Any] | None = None,
         status: Status | None = None,
         event: tuple[str, dict[str, Any]] | None = None,
+        name: str | None = None,
     ) -> None:
         """End a span :meth:`start_span` started, adding the library's own (sanitised) parts.
 
         ``clean``: the attributes and name it was started with (``None``: not all made by
         the library's sanitiser). Export skips redacting the span when nobody else added
-        or changed attributes, events, the status or the name.
+        or changed attributes, events, the status or the name. ``name``: its final name,
+        made by the library's sanitiser (a request span named after its route).
         """
         tools = self._tools
         if tools is not None:
             tools.end_stage_span(
-                span, attributes, status, event, clean if self.settings.redact else None
+                span, attributes, status, event, clean if self.settings.redact else None, name
             )
             return
         if span.is_recording():
+            if name is not None:
+                span.update_name(name)
             if attributes:
                 span.set_attributes(attributes)
             if status is not None:

@@ -68,6 +68,7 @@ from rag_instrument._leaf import (
     start_stage_span,
     take_sanitized,
 )
+from rag_instrument._otlp import fast_exporter
 from rag_instrument._sanitize import REDACTED, is_secret_key, redact_text, truncate
 from rag_instrument._sending import (
     MAX_EXPORT_BYTES,
@@ -479,7 +480,10 @@ def _span_processors(settings: Settings, drops: _Drops) -> tuple[list[SpanProces
     if settings.exporter == "console":
         exporter = ConsoleSpanExporter(out=sys.stdout)  # the stdout of now, not of import time
     elif settings.exporter == "otlp":
-        exporter = _otlp("trace")(endpoint=_otlp_url(settings, "traces"), timeout=OTLP_TIMEOUT_S)
+        # The SDK's exporter, sending what rag_instrument's encoder wrote (the same bytes).
+        exporter = fast_exporter(
+            _otlp("trace"), endpoint=_otlp_url(settings, "traces"), timeout=OTLP_TIMEOUT_S
+        )
     elif settings.exporter == "custom":
         exporter = settings.span_exporter
     else:

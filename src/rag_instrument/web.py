@@ -34,7 +34,18 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from rag_instrument import _breakdown
 from rag_instrument import attributes as attr
-from rag_instrument._context import Bound, Frame, _bound, _make_bound, bound, reset_frame, set_frame
+from rag_instrument._context import (
+    Bound,
+    Frame,
+    _bound,
+    _make_bound,
+    attach_span,
+    bound,
+    current_span,
+    detach_span,
+    reset_frame,
+    set_frame,
+)
 from rag_instrument._runtime import get_runtime
 from rag_instrument._utils import internal_error, user_code_error
 from rag_instrument.logs import emit
@@ -62,6 +73,7 @@ _REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._:@+=/~-]{1,128}")
 _TOKEN_BAD: Final = re.compile(r"[^A-Za-z0-9!#$%&'*+.^_`|~-]")
 _REQUEST_DURATION: Final = "http.server.request.duration"
 _MAX_EXCLUDED: Final = 1000
+_ERROR: Final = Status(StatusCode.ERROR)
 
 
 def _path_matcher(paths: Iterable[str], what: str) -> tuple[frozenset[str], tuple[str, ...]]:
@@ -172,7 +184,6 @@ class _Request:
     """The state of one HTTP request under the middleware (one per request)."""
 
     __slots__ = (
-        "attr_count",
         "body_done",
         "disconnected",
         "frame",
@@ -189,6 +200,7 @@ class _Request:
         "send_inner",
         "span",
         "start_attrs",
+        "start_name",
         "start_ns",
         "status",
         "timings",
@@ -235,7 +247,7 @@ class _Request:
 
         kind = SpanKind.SERVER
         parent: Context | None = None
-        if trace_api.get_current_span().get_span_context().is_valid:
+        if current_span().get_span_context().is_valid:
             # Another instrumentation in this process (FastAPI's native telemetry, the
             # OpenTelemetry ASGI middleware) already opened the request's server span and
             # continued the incoming trace: ours is its child, in the same trace.
@@ -284,19 +296,18 @@ class _Request:
             bound_token = _bound.set(Bound(log, span_attrs))
         else:
             bound_token = _bound.set(_make_bound(base, {"request_id": self.request_id}))
+        self.start_name = self.method if self.method != "_OTHER" else "HTTP"
         try:
-            attributes = {**bound().attrs, **attributes}
-            span = rt.tracer.start_span(
-                self.method if self.method != "_OTHER" else "HTTP",
-                context=parent,
-                kind=kind,
-                attributes=attributes,
-            )
+            extra = bound().attrs
+            attributes = {**extra, **attributes} if extra else attributes
+            # Every attribute is the sanitiser's or the server's (the scope's scheme,
+            # protocol version and client address): the library's light span, whose
+            # export skips redaction as long as nobody else adds to it.
+            span = rt.start_span(self.start_name, attributes, kind=kind, context=parent)
         except BaseException:
             _bound.reset(bound_token)
             raise
         self.span = span
-        self.attr_count = len(attributes)
         self.start_attrs = attributes
         self.frame = frame = Frame("request", None, False, None, span, self)
         frame.start_ns = self.start_ns
@@ -307,9 +318,13 @@ class _Request:
             timings_token = _breakdown.stage_timings.set(self.timings)
         self.tokens = (
             bound_token,
-            otel_context.attach(trace_api.set_span_in_context(span, parent)),
+            # An extracted context carries the incoming baggage: the span is set in it.
+            attach_span(span)
+            if parent is None
+            else otel_context.attach(trace_api.set_span_in_context(span, parent)),
             set_frame(frame),
             timings_token,
+            parent is None,
         )
 
     # --- the wrapped receive and send ---------------------------------------------------------
@@ -375,13 +390,13 @@ class _Request:
         tokens, self.tokens = self.tokens, None
         if tokens is None:
             return
-        bound_token, otel_token, frame_token, timings_token = tokens
+        bound_token, otel_token, frame_token, timings_token, light = tokens
         # Each on its own: finished in another context than started (not the case under
         # __call__), a failing reset must leave the others to be restored.
         for reset, token in (
             (_breakdown.stage_timings.reset, timings_token),
             (reset_frame, frame_token),
-            (otel_context.detach, otel_token),
+            (detach_span if light else otel_context.detach, otel_token),
             (_bound.reset, bound_token),
         ):
             if token is not None:
@@ -413,34 +428,39 @@ class _Request:
         key = f"{self.method} {route}" if route else None
         budget = self.middleware.route_budget(rt, key) if key is not None else None
         exceeded = budget is not None and ms > budget
+        end_attrs: dict[str, Any] = {}
+        span_status: Status | None = None
+        event: tuple[str, dict[str, Any]] | None = None
         try:
-            if span.is_recording():
-                rt.mark_if_clean(
-                    span, self.start_attrs, self.method if self.method != "_OTHER" else "HTTP"
-                )
-                if name is not None:
-                    span.update_name(name)
-                    span.set_attribute(attr.HTTP_ROUTE, route)
-                span.set_attribute(attr.HTTP_RESPONSE_STATUS_CODE, status)
-                if breakdown:
-                    span.set_attributes(_breakdown.as_attributes(breakdown))
-                if cancelled:
-                    span.set_attribute(attr.RAG_CANCELLED, True)
-                elif failed:
-                    from rag_instrument.stages import _record_exception
+            if route:
+                end_attrs[attr.HTTP_ROUTE] = route
+            end_attrs[attr.HTTP_RESPONSE_STATUS_CODE] = status
+            if breakdown:
+                end_attrs.update(_breakdown.as_attributes(breakdown))
+            if cancelled:
+                end_attrs[attr.RAG_CANCELLED] = True
+            elif failed:
+                from rag_instrument.stages import _exception_record
 
-                    assert exc is not None
-                    span.set_attribute(attr.ERROR_TYPE, type(exc).__qualname__)
-                    _record_exception(span, exc, rt)
-                elif status >= 500:
-                    span.set_attribute(attr.ERROR_TYPE, str(status))
-                    span.set_status(Status(StatusCode.ERROR))
-                if exceeded:
-                    span.set_attribute(attr.RAG_BUDGET_EXCEEDED, True)
-                    span.set_attribute(attr.RAG_BUDGET_MS, budget)
+                assert exc is not None
+                end_attrs[attr.ERROR_TYPE] = type(exc).__qualname__
+                span_status, event = _exception_record(exc, rt)
+            elif status >= 500:
+                end_attrs[attr.ERROR_TYPE] = str(status)
+                span_status = _ERROR
+            if exceeded:
+                end_attrs[attr.RAG_BUDGET_EXCEEDED] = True
+                end_attrs[attr.RAG_BUDGET_MS] = budget
         finally:
             try:
-                span.end()
+                rt.end_span(
+                    span,
+                    (self.start_attrs, self.start_name),
+                    end_attrs,
+                    span_status,
+                    event,
+                    name=name,
+                )
             except Exception as end_exc:
                 user_code_error("ending a span", end_exc)
         metric_attrs: dict[str, Any] = {
