@@ -184,3 +184,63 @@ def test_stack_traces_hold_frames_but_no_source_text(capture_content: bool) -> N
     # The chained cause (and the SDK's message) only with content capture.
     assert ("in _failing_vendor_call\n" in stack) is capture_content
     assert ("upstream said no" in stack) is capture_content
+
+
+def _finished_line(**finish: Any) -> None:
+    with ri.request_context(request_id="r-1"), ri.stage("generation"):
+        call = _call(params={"temperature": 0.0})
+        call.cache_hit = False
+        call.attempts, call.backoff_ms, call.ttft_ms = 2, 1.5, 3.25
+        call.finish(None, **finish)
+
+
+def test_a_completed_line_in_a_file_has_the_keys_and_values_of_the_general_path(
+    tmp_path: Any,
+) -> None:
+    # Completed lines to a file are assembled from a part rendered once per model; a
+    # capture sink builds them field by field. Same keys, same order, same values.
+    import json
+
+    finish: dict[str, Any] = {
+        "response_model": "m-2024",
+        "input_tokens": 12,
+        "output_tokens": 3,
+        "finish_reasons": ["stop"],
+    }
+    path = tmp_path / "lines.jsonl"
+    ri.configure(exporter=None, log_file=str(path), capture_logging=False)
+    try:
+        _finished_line(**finish)
+    finally:
+        ri.shutdown()
+    written = [json.loads(line) for line in path.read_text().splitlines()]
+    written = [line for line in written if line["event"] == "llm call completed"]
+    with capture() as cap:
+        _finished_line(**finish)
+    (captured,) = cap.find_logs("llm call completed")
+    (line,) = written
+    varying = ("timestamp", "trace_id", "span_id", "execution_time_ms")
+    assert [k for k in line if k not in varying] == [k for k in captured if k not in varying]
+    assert {k: v for k, v in line.items() if k not in varying} == {
+        k: v for k, v in captured.items() if k not in varying
+    }
+    assert list(line) == [  # the order emit() has always written them in
+        "timestamp", "level", "event", "logger", "trace_id", "span_id", "context", "stage",
+        "execution_time_ms", "operation", "provider", "model", "response_model",
+        "input_tokens", "output_tokens", "retry_attempts", "retry_backoff_ms", "cache_hit",
+        "time_to_first_token_ms",
+    ]  # fmt: skip
+    assert line["stage"] == "generation"
+    assert line["context"] == {"request_id": "r-1"}
+    assert (line["retry_attempts"], line["cache_hit"], line["response_model"]) == (2, False, "m-2024")
+
+
+def test_a_secret_in_the_response_model_is_redacted_every_time() -> None:
+    with capture() as cap:
+        for _ in range(2):
+            call = _call()
+            call.finish(None, response_model="m sk-proj-abcdefghijklmnopqrstuvwxyz012345")
+    lines = cap.find_logs("llm call completed")
+    assert len(lines) == 2
+    for line in lines:
+        assert "abcdefghijklmnopqrstuvwxyz" not in line["response_model"]

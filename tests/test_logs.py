@@ -402,6 +402,11 @@ _BOUND_VALUES = st.one_of(
     own_stage=st.booleans(),
     operation=st.one_of(st.none(), st.text(max_size=20)),
     ms=st.floats(min_value=0, max_value=1e6, allow_nan=False),
+    extra=st.dictionaries(
+        st.sampled_from(["response_model", "input_tokens", "cache_hit", "ttft_ms"]),
+        _BOUND_VALUES,
+        max_size=3,
+    ),
 )
 def test_emit_head_writes_the_bytes_emit_writes(
     tmp_path_factory: pytest.TempPathFactory,
@@ -410,6 +415,7 @@ def test_emit_head_writes_the_bytes_emit_writes(
     own_stage: bool,
     operation: str | None,
     ms: float,
+    extra: dict[str, Any],
 ) -> None:
     from opentelemetry.sdk.trace import TracerProvider
 
@@ -423,11 +429,11 @@ def test_emit_head_writes_the_bytes_emit_writes(
     head = LineHead("info", f"{stage or 'x'} completed", tail)
     span = TracerProvider().get_tracer("t").start_span("s")
     with ri.request_context(**bound_values):
-        emit_head(rt, head, span, stage, ms, own_stage=own_stage)
+        emit_head(rt, head, span, stage, ms, own_stage=own_stage, extra=extra)
         emit(
             "info",
             head.event,
-            head.fields(ms),
+            {**head.fields(ms), **extra},
             span=span,
             stage=stage,
             trusted=True,

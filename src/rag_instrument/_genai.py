@@ -30,11 +30,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
+from opentelemetry.metrics import NoOpHistogram
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from rag_instrument import _breakdown
 from rag_instrument import attributes as attr
-from rag_instrument._context import attach_span, detach_span, note_content
+from rag_instrument._context import attach_span, current_frame, detach_span, note_content
 from rag_instrument._errors import remember_exception
 from rag_instrument._sanitize import REDACTED, redact_then_truncate, safe_str, stack_trace
 from rag_instrument._utils import http_status, internal_error, user_code_error
@@ -61,7 +62,7 @@ from rag_instrument.attributes import (
     RAG_RETRY_BACKOFF_MS,
     RAG_STREAM_CHUNKS,
 )
-from rag_instrument.logs import emit
+from rag_instrument.logs import LineHead, emit, emit_head
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import Histogram
@@ -136,6 +137,33 @@ def numeric_params(params: Mapping[str, Any]) -> dict[str, int | float]:
     return out
 
 
+# The last response model name found clean (nothing to redact or cut): a model name
+# repeats call after call. Only a clean one, so that no secret is kept alive here.
+_LAST_CLEAN_MODEL: list[str] = [""]
+
+
+def _clean_model(response_model: object) -> str:
+    """``response_model`` as the log line records it: redacted, cut to 200 characters."""
+    text = str(response_model)
+    if text == _LAST_CLEAN_MODEL[0]:
+        return text
+    clean = redact_then_truncate(text, 200)
+    if clean == text:
+        _LAST_CLEAN_MODEL[0] = text
+    return clean
+
+
+def _usable_secrets(secrets: Sequence[str]) -> tuple[str, ...]:
+    """The secrets long enough to scrub literally (the same tuple when all are)."""
+    if type(secrets) is tuple:
+        for secret in secrets:
+            if not isinstance(secret, str) or len(secret) < _MIN_SECRET_CHARS:
+                break
+        else:
+            return secrets
+    return tuple(s for s in secrets if isinstance(s, str) and len(s) >= _MIN_SECRET_CHARS)
+
+
 def _without_secrets(text: str, secrets: Sequence[str]) -> str:
     # Before the sanitizer: truncating first could leave half a key behind.
     for secret in secrets:
@@ -208,6 +236,7 @@ class GenAICall:
         "cache_hit",
         "chunks",
         "finished",
+        "line",
         "metric_attrs",
         "operation",
         "rt",
@@ -234,6 +263,8 @@ class GenAICall:
         self.metric_attrs: dict[str, str] = {}
         #: Token usage's metric attributes (input, output); ``None``: from ``metric_attrs``.
         self.usage_attrs: tuple[dict[str, str], dict[str, str]] | None = None
+        #: The completed line's rendered fixed part (``None``: built field by field).
+        self.line: LineHead | None = None
         self.attempts = 0
         self.backoff_ms = 0.0
         self.cache_hit: bool | None = None
@@ -280,9 +311,9 @@ class GenAICall:
         ms = (time.perf_counter_ns() - self.start_ns) / 1e6
         self.ttft_ms = ms
         try:
-            self.rt.histogram(
-                METRIC_TIME_TO_FIRST_CHUNK, "s", "Time to the first chunk of a streamed response."
-            ).record(ms / 1000.0, self.metric_attrs)
+            instruments = _instruments(self.rt)
+            if instruments is not None:  # None: the API's no-op meter
+                instruments[2].record(ms / 1000.0, self.metric_attrs)
         except Exception as exc:
             internal_error("recording time to first chunk", exc)
 
@@ -381,31 +412,30 @@ class GenAICall:
         except Exception as end_exc:
             user_code_error("ending a span", end_exc)
         metric_attrs: dict[str, str] = self.metric_attrs
-        if exc is not None:
-            metric_attrs = {**metric_attrs, attr.ERROR_TYPE: type(exc).__qualname__}
-        duration, usage = _instruments(rt)
-        duration.record(elapsed_s, metric_attrs)
-        if not hit and (input_tokens or output_tokens):
-            usage_in, usage_out = self.usage_attrs or (
-                {**self.metric_attrs, GEN_AI_TOKEN_TYPE: "input"},
-                {**self.metric_attrs, GEN_AI_TOKEN_TYPE: "output"},
-            )
-            if input_tokens:
-                usage.record(input_tokens, usage_in)
-            if output_tokens:
-                usage.record(output_tokens, usage_out)
-        if not hit:
-            _breakdown.record(self.breakdown_kind, ms)
+        instruments = _instruments(rt)
+        if instruments is not None:  # None: the meter is the API's no-op one
+            duration, usage, _ = instruments
+            if exc is not None:
+                metric_attrs = {**metric_attrs, attr.ERROR_TYPE: type(exc).__qualname__}
+            duration.record(elapsed_s, metric_attrs)
+            if not hit and (input_tokens or output_tokens):
+                usage_in, usage_out = self.usage_attrs or (
+                    {**self.metric_attrs, GEN_AI_TOKEN_TYPE: "input"},
+                    {**self.metric_attrs, GEN_AI_TOKEN_TYPE: "output"},
+                )
+                if input_tokens:
+                    usage.record(input_tokens, usage_in)
+                if output_tokens:
+                    usage.record(output_tokens, usage_out)
+        frame = current_frame()
+        if not hit and frame is not None:
+            _breakdown.record_in(frame, self.breakdown_kind, ms)
         if rt.log is None:
             return
-        fields: dict[str, Any] = {
-            "execution_time_ms": round(ms, 3),
-            "operation": self.operation,
-            "provider": self.metric_attrs.get(GEN_AI_PROVIDER_NAME),
-            "model": self.metric_attrs.get(GEN_AI_REQUEST_MODEL),
-        }
+        # What changes per call; the fixed fields (operation, provider, model) come first.
+        fields: dict[str, Any] = {}
         if response_model:
-            fields["response_model"] = redact_then_truncate(str(response_model), 200)
+            fields["response_model"] = _clean_model(response_model)
         if input_tokens is not None:
             fields["input_tokens"] = input_tokens
         if output_tokens is not None:
@@ -417,6 +447,19 @@ class GenAICall:
             fields["cache_hit"] = hit
         if self.ttft_ms is not None:
             fields["time_to_first_token_ms"] = round(self.ttft_ms, 3)
+        line = self.line
+        if exc is None and line is not None:
+            # The usual line, from its pre-rendered fixed part: the bytes emit() writes.
+            stage = frame.stage if frame is not None else None
+            emit_head(rt, line, span, stage or "", round(ms, 3), own_stage=False, extra=fields)
+            return
+        fields = {
+            "execution_time_ms": round(ms, 3),
+            "operation": self.operation,
+            "provider": self.metric_attrs.get(GEN_AI_PROVIDER_NAME),
+            "model": self.metric_attrs.get(GEN_AI_REQUEST_MODEL),
+            **fields,
+        }
         if exc is None:
             event, level = EVENT_LLM_COMPLETED, "info"
         elif cancelled:
@@ -493,7 +536,7 @@ def start_call(
             for this call; those shorter than 8 characters are ignored.
     """
     if secrets:
-        secrets = tuple(s for s in secrets if isinstance(s, str) and len(s) >= _MIN_SECRET_CHARS)
+        secrets = _usable_secrets(secrets)
     key = (operation, system, model, span_kind)
     described = _DESCRIBED.get(key)
     if described is None:
@@ -514,31 +557,37 @@ def start_call(
     call = GenAICall(rt, span, operation, breakdown_kind, secrets)
     call.metric_attrs = described.metric_attrs
     call.usage_attrs = described.usage_attrs
+    call.line = described.line
     return call
 
 
-# The runtime the model-call histograms were last looked up on, with the two histograms
-# (one tuple, replaced whole: a reader never mixes two runtimes' instruments).
-_INSTRUMENTS: list[tuple[Any, Any, Any]] = [(None, None, None)]
+# The runtime the model-call histograms were last looked up on, with the histograms (one
+# tuple, replaced whole: a reader never mixes two runtimes' instruments); ``None`` for the
+# histograms of the API's no-op meter, which record nothing: not called at all.
+_INSTRUMENTS: list[tuple[Any, tuple[Histogram, Histogram, Histogram] | None]] = [(None, None)]
 
 
-def _instruments(rt: Runtime) -> tuple[Histogram, Histogram]:
-    """``gen_ai.client.operation.duration`` and ``gen_ai.client.token.usage`` on ``rt``."""
+def _instruments(rt: Runtime) -> tuple[Histogram, Histogram, Histogram] | None:
+    """The model-call histograms on ``rt``: duration, token usage, time to first chunk."""
     entry = _INSTRUMENTS[0]
     if entry[0] is not rt:
-        entry = (
-            rt,
+        found = (
             rt.histogram(METRIC_OPERATION_DURATION, "s", "GenAI operation duration."),
             rt.histogram(METRIC_TOKEN_USAGE, "{token}", "Number of input and output tokens."),
+            rt.histogram(
+                METRIC_TIME_TO_FIRST_CHUNK, "s", "Time to the first chunk of a streamed response."
+            ),
         )
+        noop = all(type(histogram) is NoOpHistogram for histogram in found)
+        entry = (rt, None if noop else found)
         _INSTRUMENTS[0] = entry
-    return entry[1], entry[2]
+    return entry[1]
 
 
 class _Described:
     """What is the same for every call of one operation, provider, model and kind."""
 
-    __slots__ = ("attributes", "metric_attrs", "usage_attrs")
+    __slots__ = ("attributes", "line", "metric_attrs", "usage_attrs")
 
     def __init__(self, operation: str, system: str, model: str, span_kind: str) -> None:
         self.attributes: dict[str, Any] = {
@@ -556,6 +605,13 @@ class _Described:
             {**self.metric_attrs, GEN_AI_TOKEN_TYPE: "input"},
             {**self.metric_attrs, GEN_AI_TOKEN_TYPE: "output"},
         )
+        #: The completed line's fixed part, rendered once (the fields emit() would get).
+        self.line: LineHead | None
+        try:
+            tail = {"operation": operation, "provider": system, "model": model}
+            self.line = LineHead("info", EVENT_LLM_COMPLETED, tail)
+        except Exception:  # a name orjson refuses (a lone surrogate): built per line
+            self.line = None
 
 
 # Read-only descriptions, shared by the calls they describe; model names computed at run

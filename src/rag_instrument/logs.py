@@ -80,17 +80,20 @@ _DUMP_OPTIONS: Final = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
 
 # --- timestamps ---------------------------------------------------------------------------
 
-_ts_cache: list[Any] = [-1, ""]
+# The second last rendered and its text, one tuple replaced whole (threads never pair one
+# second with another's text).
+_ts_cache: list[tuple[int, str]] = [(-1, "")]
 
 
 def _timestamp() -> str:
     """UTC ISO 8601 with microseconds and ``Z``; the seconds part is cached (hot path)."""
-    now = time.time()
-    whole = int(now)
-    if whole != _ts_cache[0]:
-        _ts_cache[0] = whole
-        _ts_cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-    return f"{_ts_cache[1]}.{int((now - whole) * 1_000_000):06d}Z"
+    ns = time.time_ns()  # integers: a float's int() and a format spec cost a microsecond
+    whole = ns // 1_000_000_000
+    cached = _ts_cache[0]
+    if whole != cached[0]:
+        cached = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+        _ts_cache[0] = cached
+    return cached[1] + "." + str(ns // 1000 % 1_000_000).zfill(6) + "Z"
 
 
 # --- rendering ----------------------------------------------------------------------------
@@ -219,6 +222,15 @@ class LogOutput:
             with self._lock:
                 fd = self._fd
                 if fd is not None:
+                    if not self._rest:  # the usual case, inline: the whole line, one write
+                        try:
+                            written = os.write(fd, data)
+                        except OSError:
+                            self.dropped += 1
+                            return
+                        if written != len(data):  # cut short (disk full): as _write_fd does
+                            self._kept(data, _write_rest(fd, data, written))
+                        return
                     self._write_fd(fd, data)
                     return
         stream = sys.stderr
@@ -239,7 +251,10 @@ class LogOutput:
             if self._rest:
                 self.dropped += 1
                 return
-        rest = _write_all(fd, data)
+        self._kept(data, _write_all(fd, data))
+
+    def _kept(self, data: bytes, rest: bytes) -> None:
+        # ``rest``: what could not be written of ``data``.
         if rest:
             if len(rest) < len(data):
                 self._rest = rest  # part of the line is in the file: finish it later
@@ -269,6 +284,11 @@ def _write_all(fd: int, data: bytes) -> bytes:
         return data
     if written == len(data):  # the usual case: the whole line in one write(2)
         return b""
+    return _write_rest(fd, data, written)
+
+
+def _write_rest(fd: int, data: bytes, written: int) -> bytes:
+    """Go on writing ``data`` after a first ``write`` took ``written`` bytes; return the rest."""
     view = memoryview(data)[max(written, 0) :]
     try:
         while view and written > 0:
@@ -279,7 +299,14 @@ def _write_all(fd: int, data: bytes) -> bytes:
     return bytes(view)
 
 
-_local = threading.local()
+class _Local(threading.local):
+    # A class-level default: reading the flag in a thread that never logged through
+    # emit() (only pre-rendered lines) finds it here instead of raising AttributeError
+    # inside getattr(), which costs a microsecond per line.
+    emitting = False
+
+
+_local = _Local()
 
 
 def _trace_ids(out: dict[str, Any], span: Span | None) -> None:
@@ -403,20 +430,29 @@ class LineHead:
 
 
 def emit_head(
-    rt: Runtime, head: LineHead, span: Span, stage: str, ms: float, *, own_stage: bool
+    rt: Runtime,
+    head: LineHead,
+    span: Span,
+    stage: str,
+    ms: float,
+    *,
+    own_stage: bool,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Write the line ``emit()`` would write for ``head``, assembled from its rendered part.
 
-    That is ``emit(level, event, {"execution_time_ms": ms, **tail}, span=span,
+    That is ``emit(level, event, {"execution_time_ms": ms, **tail, **extra}, span=span,
     stage=stage, trusted=True, rt=rt, own_stage=own_stage)``, byte for byte; never raises.
-    For JSON lines to a file or standard error; anything else (console format, a capture
-    sink, a value orjson refuses) goes through :func:`emit`.
+    ``extra``: fields that change per line (a model call's tokens), written after the
+    tail; trusted as ``emit`` trusts them: the caller made them safe (redacted what needs
+    it). For JSON lines to a file or standard error; anything else (console format, a
+    capture sink, a value orjson refuses) goes through :func:`emit`.
     """
     out = rt.log
     if out is None or head.level_no < out.level_no:
         return
     if out.render is not render_json or out.sink is not None or getattr(_local, "emitting", False):
-        _emit_fields(rt, head, span, stage, ms, own_stage)
+        _emit_fields(rt, head, span, stage, ms, own_stage, extra)
         return
     try:
         context = bound().log
@@ -430,30 +466,24 @@ def emit_head(
             if stage:
                 rendered += b',"stage":' + orjson.dumps(stage)
         ctx = span.get_span_context()
+        # bytes formatting: half the cost of to_bytes().hex().encode(), the same digits.
         ids = (
-            b',"trace_id":"'
-            + ctx.trace_id.to_bytes(16, "big").hex().encode()
-            + b'","span_id":"'
-            + ctx.span_id.to_bytes(8, "big").hex().encode()
-            + b'"'
+            b',"trace_id":"%032x","span_id":"%016x"' % (ctx.trace_id, ctx.span_id)
             if ctx.is_valid
             else b""
         )
-        line = (
-            b'{"timestamp":"'
-            + _timestamp().encode()
-            + head.head
-            + ids
-            + b',"context":'
-            + rendered
-            + b',"execution_time_ms":'
-            + orjson.dumps(ms)
-            + (b"," + head.tail if head.tail else b"")
-            + b"}\n"
+        line = b'{"timestamp":"%s%s%s,"context":%s,"execution_time_ms":%s%s%s}\n' % (
+            _timestamp().encode(),
+            head.head,
+            ids,
+            rendered,
+            orjson.dumps(ms),
+            b"," + head.tail if head.tail else b"",
+            b"," + orjson.dumps(extra)[1:-1] if extra else b"",
         )
         line = _escape_line_breaks(line)  # as render_json: one event, one line, any reader
-    except Exception:  # a bound value orjson refuses: the general path copes
-        _emit_fields(rt, head, span, stage, ms, own_stage)
+    except Exception:  # a value orjson refuses: the general path copes
+        _emit_fields(rt, head, span, stage, ms, own_stage, extra)
         return
     try:
         out.write(line)
@@ -462,12 +492,21 @@ def emit_head(
 
 
 def _emit_fields(
-    rt: Runtime, head: LineHead, span: Span, stage: str, ms: float, own_stage: bool
+    rt: Runtime,
+    head: LineHead,
+    span: Span,
+    stage: str,
+    ms: float,
+    own_stage: bool,
+    extra: dict[str, Any] | None = None,
 ) -> None:
+    fields = head.fields(ms)
+    if extra:
+        fields.update(extra)
     emit(
         head.level,
         head.event,
-        head.fields(ms),
+        fields,
         span=span,
         stage=stage,
         trusted=True,

@@ -13,7 +13,13 @@ from rag_instrument._utils import FunctionKind, function_kind, internal_error, w
 from rag_instrument.attributes import RAG_CACHE_HIT
 from rag_instrument.cache._backends import CacheBackend
 from rag_instrument.cache._keys import UncacheableError, key_with_variable
-from rag_instrument.cache._store import MISS, Store, check_cache_settings, make_backend
+from rag_instrument.cache._store import (
+    MISS,
+    Store,
+    check_cache_settings,
+    make_backend,
+    single_flight,
+)
 
 __all__ = ["cached"]
 
@@ -51,27 +57,7 @@ def _wrap(
             warn_once.warning(f"rag_instrument: {prefix} call not cached: {exc}")
             return None
 
-    if kind is FunctionKind.ASYNC:
-
-        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-            k = key_of(args, kwargs)
-            if k is None:
-                return await fn(*args, **kwargs)
-            value, outcome = await store.acall(k, lambda: fn(*args, **kwargs))
-            record(value, outcome)
-            return value
-
-        return async_wrapper
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        k = key_of(args, kwargs)
-        if k is None:
-            return fn(*args, **kwargs)
-        value, outcome = store.call(k, lambda: fn(*args, **kwargs))
-        record(value, outcome)
-        return value
-
-    return wrapper
+    return single_flight(fn, store, key_of, record, is_async=kind is FunctionKind.ASYNC)
 
 
 @overload

@@ -34,7 +34,16 @@ from rag_instrument.llm import LLMResult
 if TYPE_CHECKING:
     from rag_instrument._runtime import Runtime
 
-__all__ = ["COALESCED", "HIT", "MISS", "CacheInfo", "Store", "check_cache_settings", "make_backend"]
+__all__ = [
+    "COALESCED",
+    "HIT",
+    "MISS",
+    "CacheInfo",
+    "Store",
+    "check_cache_settings",
+    "make_backend",
+    "single_flight",
+]
 
 MISS: Final = 0
 HIT: Final = 1
@@ -295,6 +304,45 @@ class Store:
             _TOTALS.add(outcome, saved)
         except Exception as exc:
             internal_error("counting a cache outcome", exc)
+
+
+def single_flight(
+    fn: Callable[..., Any],
+    store: Store,
+    key_of: Callable[[tuple[Any, ...], dict[str, Any]], str | None],
+    record: Callable[[Any, int], None],
+    *,
+    is_async: bool,
+) -> Callable[..., Any]:
+    """``fn`` answered through ``store``: the call shape of every cached function.
+
+    ``key_of(args, kwargs)`` gives the call's key, or ``None`` for a call that is not
+    cached (``fn`` is called as it is); a cached call is answered by :meth:`Store.call`
+    (or :meth:`Store.acall` when ``is_async``), then ``record(value, outcome)`` is called
+    with what answered it. ``fn``'s result and exceptions pass unchanged. Shared by
+    :func:`~rag_instrument.cache.cached` and the instrumented SDK clients' cache.
+    """
+    if is_async:
+
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            key = key_of(args, kwargs)
+            if key is None:
+                return await fn(*args, **kwargs)
+            value, outcome = await store.acall(key, lambda: fn(*args, **kwargs))
+            record(value, outcome)
+            return value
+
+        return async_wrapper
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        key = key_of(args, kwargs)
+        if key is None:
+            return fn(*args, **kwargs)
+        value, outcome = store.call(key, lambda: fn(*args, **kwargs))
+        record(value, outcome)
+        return value
+
+    return wrapper
 
 
 class _Totals:

@@ -22,8 +22,7 @@ from typing import Any, Final
 from rag_instrument._genai import current_call
 from rag_instrument._runtime import get_runtime
 from rag_instrument._utils import internal_error, warn_once
-from rag_instrument.cache import CacheSpec, UncacheableError
-from rag_instrument.cache._spec import sdk_store
+from rag_instrument.cache import CacheSpec, UncacheableError, sdk_store, single_flight
 
 __all__ = ["cache_spec", "cached_method"]
 
@@ -105,7 +104,7 @@ def cached_method(
             internal_error("building an SDK cache key", exc)
             return None
 
-    def record(outcome: int, value: Any) -> None:
+    def record(value: Any, outcome: int) -> None:
         try:
             call = current_call()
             if call is not None:
@@ -114,26 +113,5 @@ def cached_method(
         except Exception as exc:
             internal_error("recording an SDK cache outcome", exc)
 
-    if is_async:
-
-        @functools.wraps(original)
-        async def async_method(*args: Any, **kwargs: Any) -> Any:
-            key = key_of(args, kwargs)
-            if key is None:
-                return await original(*args, **kwargs)
-            value, outcome = await store.acall(key, lambda: original(*args, **kwargs))
-            record(outcome, value)
-            return value
-
-        return async_method
-
-    @functools.wraps(original)
-    def method(*args: Any, **kwargs: Any) -> Any:
-        key = key_of(args, kwargs)
-        if key is None:
-            return original(*args, **kwargs)
-        value, outcome = store.call(key, lambda: original(*args, **kwargs))
-        record(outcome, value)
-        return value
-
-    return method
+    method = single_flight(original, store, key_of, record, is_async=is_async)
+    return functools.wraps(original)(method)

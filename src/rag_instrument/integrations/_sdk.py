@@ -328,6 +328,25 @@ def _view(value: Any) -> Any:
     return value
 
 
+#: Per response class: 0, never a raw response; 1, a raw response class; 2, a class whose
+#: instances may carry ``http_response`` themselves. Worked out once per class: a pydantic
+#: model's class-level lookup of a missing name raises inside its metaclass (slow).
+_RAW_KINDS: dict[type, int] = {}
+
+
+def _raw_kind(kind: type) -> int:
+    if not callable(getattr(kind, "parse", None)):
+        found = 0
+    elif hasattr(kind, "http_response"):
+        found = 1
+    else:
+        found = 2
+    if len(_RAW_KINDS) >= 256:  # classes made at run time must not grow it forever
+        _RAW_KINDS.clear()
+    _RAW_KINDS[kind] = found
+    return found
+
+
 def raw_body(result: Any) -> Any:
     """For a ``with_raw_response`` result whose body was read: that body, attribute-style.
 
@@ -335,10 +354,12 @@ def raw_body(result: Any) -> Any:
     result whose body is still unread: reading it here would consume the user's stream).
     """
     kind = type(result)
-    if not callable(getattr(kind, "parse", None)):
-        return None  # looked up on the class: a pydantic model's __getattr__ is slow
-    own = getattr(result, "__dict__", ())
-    if not hasattr(kind, "http_response") and "http_response" not in own:
+    found = _RAW_KINDS.get(kind)
+    if found is None:
+        found = _raw_kind(kind)
+    if found == 0:
+        return None  # no ``parse`` (looked up on the class: a model's __getattr__ is slow)
+    if found == 2 and "http_response" not in getattr(result, "__dict__", ()):
         return None
     http = result.http_response
     if not getattr(http, "is_closed", False):

@@ -246,13 +246,21 @@ def client_secrets(
 ) -> Callable[[], tuple[str, ...]]:
     """A function returning the client's credentials (read at call time, weakly held)."""
     ref = weakref.ref(client)
+    # The values last read and what they gave, replaced whole: the same keys (the usual
+    # case) give the same tuple back, without building one per call.
+    memo: list[tuple[list[object], tuple[str, ...]]] = [([], ())]
 
     def read() -> tuple[str, ...]:
         target = ref()
         if target is None:
             return ()
-        found = (getattr(target, name, None) for name in names)
-        return tuple(value for value in found if isinstance(value, str) and value)
+        values = [getattr(target, name, None) for name in names]
+        last_values, last_found = memo[0]
+        if values == last_values:  # str values: equal is the same key
+            return last_found
+        found = tuple(value for value in values if isinstance(value, str) and value)
+        memo[0] = (values, found)
+        return found
 
     return read
 
