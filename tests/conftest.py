@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 import rag_instrument as ri
 from rag_instrument import _context, _utils
@@ -15,6 +16,13 @@ from rag_instrument import _context, _utils
 os.environ["RAG_INSTRUMENT_RAISE_INTERNAL_ERRORS"] = "1"
 
 _ENV_PREFIXES = ("RAG_INSTRUMENT_", "OTEL_")
+
+# CI machines are loaded 2-core boxes: no per-example time limit (hypothesis's default
+# 200 ms deadline fails correct code there), and a slow data generation is not an error.
+settings.register_profile(
+    "rag_instrument", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("rag_instrument")
 
 
 @pytest.fixture(autouse=True)
