@@ -490,7 +490,10 @@ def test_with_block_ends_even_if_something_inside_is_left_open(rag_capture: Capt
     with ri.stage("next request") as nxt:
         pass
     assert nxt.get_span_context().trace_id != outer.get_span_context().trace_id
-    del it
+    del it  # closing the generator ends its block, and restores nothing in a moved-on context
+    assert rag_capture.span("fetch rows").end_time is not None
+    assert trace.get_current_span() is trace.INVALID_SPAN
+    assert current_frame() is None
 
 
 def test_closing_a_generator_is_not_a_cancellation_of_blocks_inside(
@@ -585,6 +588,62 @@ async def test_async_generator_finalised_from_another_task(
     assert seen_in_finally == [{"request_id": "owner"}]
     assert "Failed to detach context" not in caplog.text
     assert rag_capture.span("generation").end_time is not None
+
+
+def test_with_block_in_async_generator_closed_by_the_loop_at_shutdown() -> None:
+    # The generator is left half-consumed; asyncio.run's shutdown_asyncgens closes it in
+    # a task of its own, another context than the one that entered the block.
+    async def stream() -> AsyncIterator[int]:
+        with ri.stage("generation"):
+            for i in range(10):
+                yield i
+
+    kept: list[AsyncIterator[int]] = []
+
+    async def main() -> None:
+        g = stream()
+        await g.__anext__()
+        kept.append(g)
+
+    with capture() as cap:
+        asyncio.run(main())
+    assert [s.name for s in cap.spans] == ["generation"]
+    assert [line["event"] for line in cap.logs] == ["generation completed"]
+
+
+@pytest.mark.asyncio
+async def test_with_block_in_dropped_async_generator_ends_when_collected(
+    rag_capture: Capture,
+) -> None:
+    # A server that drops a streaming response's body iterator (a client gone) leaves it
+    # to the collector: the loop's finalizer closes it in a new task.
+    closed = asyncio.Event()
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            with ri.stage("generation"):
+                for i in range(10):
+                    yield f"data: {i}"
+        finally:
+            closed.set()
+
+    dropped: list[AsyncIterator[str]] = []
+
+    async def respond() -> None:
+        g = body()
+        await g.__anext__()  # one chunk sent, then the client is gone
+        dropped.append(g)  # held by the server until it lets go, elsewhere
+
+    with ri.stage("request"):
+        await asyncio.create_task(respond())
+    dropped.clear()  # the last reference goes in another context than the stage's
+    gc.collect()
+    await asyncio.wait_for(closed.wait(), timeout=30)
+    span = rag_capture.span("generation")
+    assert span.end_time is not None
+    assert span.parent is not None
+    assert span.parent.span_id == rag_capture.span("request").context.span_id  # type: ignore[union-attr]
+    assert [line["event"] for line in rag_capture.logs].count("generation completed") == 1
 
 
 @pytest.mark.asyncio

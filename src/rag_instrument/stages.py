@@ -554,7 +554,16 @@ class Stage:
     ``with ri.pipeline_stage_context("retrieval"):`` inline costs next to nothing.
     """
 
-    __slots__ = ("_attributes", "_error", "_is_stage", "_name", "_spec", "_what")
+    __slots__ = (
+        "_attributes",
+        "_error",
+        "_is_stage",
+        "_last",
+        "_name",
+        "_open",
+        "_spec",
+        "_what",
+    )
 
     def __init__(
         self,
@@ -571,6 +580,10 @@ class Stage:
         self._is_stage = is_stage
         self._error = error
         self._spec: _Spec | None = None
+        # The frame entered last and how many entries are open: for an exit in another
+        # context than the entry's (see __exit__).
+        self._last: Frame | None = None
+        self._open = 0
 
     @property
     def name(self) -> str | None:
@@ -612,7 +625,11 @@ class Stage:
             internal_error(f"describing {self._name!r}", exc)
             return trace_api.INVALID_SPAN
         frame = _safe_begin(spec, rt, self)
-        return frame.span if frame is not None else trace_api.INVALID_SPAN
+        if frame is None:
+            return trace_api.INVALID_SPAN
+        self._last = frame
+        self._open += 1
+        return frame.span
 
     def __exit__(
         self,
@@ -626,7 +643,21 @@ class Stage:
         # end ours anyway, which restores the context from before this block.
         while frame is not None and frame.owner is not self:
             frame = frame.parent
+        if frame is None:
+            # Not in this context: the block is in an async generator that is being closed
+            # from another one (the event loop's shutdown_asyncgens, the collector's
+            # finalizer after a server dropped a response's body iterator). End the frame
+            # this object opened, when that is unambiguous (one entry open) and not ended.
+            # Or the block was left open by a plain generator and the stage around it has
+            # ended since. Either way the context has moved on: restore nothing in it.
+            last = self._last
+            if self._open == 1 and last is not None and last.tokens is not None:
+                last.tokens = None
+                frame = last
         if frame is not None and self._spec is not None:
+            self._open -= 1
+            if frame is self._last:
+                self._last = None
             _safe_end(frame, self._spec, exc)
 
     async def __aenter__(self) -> Span:
