@@ -324,3 +324,11 @@ def test_redis_cache_accepts_good_urls_and_never_echoes_the_password() -> None:
     assert "hunter22" not in str(info.value)
     with pytest.raises(ValueError, match="timeout_s"):
         ri.RedisCache("redis://127.0.0.1:6379/0", timeout_s=0)
+
+
+def test_printed_settings_do_not_show_the_collector_password() -> None:
+    settings = ri.configure(exporter="memory", otlp_endpoint="http://user:s3cretPW99@collector:4318")
+    shown = repr(settings)
+    assert "s3cretPW99" not in shown
+    assert "collector:4318" in shown
+    assert settings.otlp_endpoint == "http://user:s3cretPW99@collector:4318"  # the value is kept

@@ -504,6 +504,21 @@ class Settings:
         """The standard-library level number of :attr:`log_level`."""
         return LOG_LEVELS[self.log_level]
 
+    def __repr__(self) -> str:
+        """The fields as the dataclass shows them, with secrets masked.
+
+        An ``otlp_endpoint`` may carry credentials (``http://user:password@host``): a
+        printed or logged configuration must not show them.
+        """
+        from rag_instrument._sanitize import redact_text
+
+        shown = ", ".join(
+            f"{field.name}={getattr(self, field.name)!r}"
+            for field in dataclasses.fields(self)
+            if field.repr
+        )
+        return redact_text(f"{type(self).__name__}({shown})")
+
 
 def _rows() -> tuple[Setting, ...]:
     rows = []

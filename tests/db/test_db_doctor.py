@@ -224,3 +224,39 @@ def test_the_postgres_module_hint_names_the_postgres_extra() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert "pip install 'rag_instrument[postgres]'" in out
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    "target",
+    [
+        "postgres://rag_reader:pw-unused@127.0.0.1:5432/test",  # Heroku / Render DATABASE_URL
+        "host=127.0.0.1 port=5432 dbname=test user=rag_reader password=pw-unused",  # libpq
+    ],
+)
+def test_postgres_scheme_and_libpq_strings_are_accepted(
+    target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    require_role("rag_reader")
+    status = main(["db-doctor", target, "--format", "json", "--top", "1"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert json.loads(out)["database"]["rows"][0]["database"] == "test"
+    assert "pw-unused" not in out + err
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "host=127.0.0.1 port=notaport password=KVsecret8",
+        "password=KVsecret8 garbage",
+        "not a url password=KVsecret8 x://",
+    ],
+)
+def test_unusable_connection_text_never_echoes_its_password(
+    target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["db-doctor", target]) == 2
+    out, err = capsys.readouterr()
+    assert "KVsecret8" not in out + err
+    assert err.count("\n") == 1  # one line, no traceback

@@ -16,7 +16,7 @@ import sys
 import urllib.parse
 from typing import Any
 
-from rag_instrument._sanitize import is_secret_key
+from rag_instrument._sanitize import is_secret_key, redact_text
 
 __all__ = ["add_parser", "mask_url", "render_table", "run"]
 
@@ -132,21 +132,66 @@ def _first_line(exc: BaseException) -> str:
 def run(args: argparse.Namespace) -> int:
     """Run the report; return the exit status (0 ok, 2 bad URL or unreachable server)."""
     try:
-        from sqlalchemy import create_engine
         from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import SQLAlchemyError
 
-        from rag_instrument.db.postgres import diagnose
+        from rag_instrument.db.postgres import diagnose  # noqa: F401 (checks the extra)
     except ImportError:
         return _error("needs SQLAlchemy and psycopg: pip install 'rag_instrument[postgres]'")
 
     raw: str = args.url
+    if "://" not in raw and "=" in raw:  # a libpq connection string: host=... dbname=...
+        return _run_conninfo(raw, args)
     shown = mask_url(raw)
     try:
         url = make_url(raw)
     except Exception as exc:  # ArgumentError; ValueError for a port that is not a number
-        # Only the type: the parser's message can quote parts of the URL.
-        return _error(f"not a database URL: {shown} ({type(exc).__name__})")
+        # Only the type: the parser's message can quote parts of the URL. Not a URL, the
+        # text may still carry a secret in another shape (password=..., a token).
+        return _error(f"not a database URL: {redact_text(shown)} ({type(exc).__name__})")
+    if url.drivername == "postgres" or url.drivername.startswith("postgres+"):
+        # postgres:// (Heroku, Render, libpq): SQLAlchemy knows only postgresql://.
+        url = url.set(drivername="postgresql" + url.drivername[len("postgres") :])
+    return _run_url(raw, url, shown, args)
+
+
+def _run_conninfo(raw: str, args: argparse.Namespace) -> int:
+    """``db-doctor "host=... dbname=... user=..."``: the same report for a libpq string."""
+    from sqlalchemy.engine import URL
+
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+
+        params = {k: str(v) for k, v in conninfo_to_dict(raw).items() if v is not None}
+    except ImportError:
+        return _error(
+            "needs psycopg for a connection string: pip install 'rag_instrument[postgres]'"
+        )
+    except Exception as exc:
+        return _error(f"not a connection string: {redact_text(raw)} ({type(exc).__name__})")
+    password = params.pop("password", None)
+    port = params.pop("port", None)
+    try:
+        url = URL.create(
+            "postgresql+psycopg",
+            username=params.pop("user", None),
+            password=password,
+            host=params.pop("host", None) or params.pop("hostaddr", None),
+            port=int(port) if port else None,
+            database=params.pop("dbname", None),
+            query=params,
+        )
+    except Exception as exc:
+        return _error(f"not a connection string: {redact_text(raw)} ({type(exc).__name__})")
+    shown = url.render_as_string(hide_password=True)
+    return _run_url(url.render_as_string(hide_password=False), url, shown, args)
+
+
+def _run_url(raw: str, url: Any, shown: str, args: argparse.Namespace) -> int:
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from rag_instrument.db.postgres import diagnose
+
     where = _password_span(raw)
     if where is not None and url.password != urllib.parse.unquote(raw[where[0] : where[1]]):
         # "u:p@ss@host": the parser took "ss@host" for the host, and the driver's error
