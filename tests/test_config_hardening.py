@@ -309,6 +309,9 @@ def test_capture_logging_level_bridges_more_and_is_undone(
         "redis://cache:6379/zero",
         "http://cache:6379/0",
         "unix://",
+        "redis://local host:6379",
+        "rediss://cache:6380?ssl_cert_reqs=bogus",
+        "redis://cache:6379?socket_timeout=abc",
     ],
 )
 def test_redis_cache_rejects_bad_urls_at_construction(url: str) -> None:
@@ -317,7 +320,13 @@ def test_redis_cache_rejects_bad_urls_at_construction(url: str) -> None:
 
 
 def test_redis_cache_accepts_good_urls_and_never_echoes_the_password() -> None:
-    for url in ("redis://127.0.0.1:6379/0", "rediss://u:pw@cache:6380/2", "unix:///tmp/r.sock"):
+    for url in (
+        "redis://127.0.0.1:6379/0",
+        "rediss://u:pw@cache:6380/2",
+        "unix:///tmp/r.sock",
+        "redis://[::1]:6379",
+        "rediss://cache.svc.cluster.local:6380?ssl_cert_reqs=required",
+    ):
         ri.RedisCache(url)
     with pytest.raises(ValueError) as info:
         ri.RedisCache("redis://user:hunter22@cache:notaport/0")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 import urllib.parse
@@ -105,9 +106,29 @@ def _check_redis_url(url: object) -> None:
         ) from None
     if port == 0 or not parts.hostname:
         raise ValueError(f"RedisCache: {shown!r} needs a host and a port from 1 to 65535")
+    if not _HOSTNAME.fullmatch(parts.hostname):
+        raise ValueError(f"RedisCache: {shown!r}: {parts.hostname!r} is not a host name")
     database = parts.path.strip("/")
     if database and not database.isdigit():
         raise ValueError(f"RedisCache: {shown!r}: the database {database!r} is not a number")
+    query = urllib.parse.parse_qs(parts.query)
+    for reqs in query.get("ssl_cert_reqs", ()):
+        if reqs.lower() not in ("none", "optional", "required"):
+            raise ValueError(
+                f"RedisCache: {shown!r}: ssl_cert_reqs must be none, optional or required"
+            )
+    try:
+        from redis.connection import parse_url
+    except ImportError:  # the constructor names the extra
+        return
+    try:
+        parse_url(url)  # type: ignore[no-untyped-call]  # redis-py reads the query, no connection
+    except ValueError as exc:
+        raise ValueError(f"RedisCache: {shown!r}: {redact_text(str(exc))}") from None
+
+
+#: A DNS name, an IPv4 address or an IPv6 one (urlsplit drops its brackets).
+_HOSTNAME: Final = re.compile(r"[A-Za-z0-9_.-]+|[0-9A-Fa-f:.]+(?:%[\w.-]+)?")
 
 
 class RedisCache:
