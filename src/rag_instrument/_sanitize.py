@@ -34,6 +34,7 @@ from rag_instrument._utils import install_text_cleaner
 __all__ = [
     "REDACTED",
     "Sanitizer",
+    "int_text",
     "is_secret_key",
     "redact_text",
     "redact_then_truncate",
@@ -659,7 +660,8 @@ class Sanitizer:
             if isinstance(value, float) and not math.isfinite(value):
                 return str(value)  # NaN and infinities are not JSON
             if isinstance(value, int) and not _INT_MIN <= value <= _INT_MAX:
-                return str(value)  # beyond 64 bits: JSON parsers would lose precision
+                # beyond 64 bits: JSON parsers would lose precision; a string, cut as one
+                return int_text(value, self.max_chars)
             return value
         if isinstance(value, enum.Enum):
             return self._value(value.value, depth, seen)
@@ -704,6 +706,30 @@ class Sanitizer:
         return safe_repr(value, min(self.max_chars, 200), redact=self.redact)
 
 
+#: log10(2): digits per bit, to size an integer's decimal form without making it.
+_DIGITS_PER_BIT: Final = 0.30103
+_MAX_INT_DIGITS: Final = 4300
+_OTLP_INT_MIN: Final = -(2**63)
+_OTLP_INT_MAX: Final = 2**63 - 1
+
+
+def int_text(value: int, limit: int) -> str:
+    """An integer's decimal digits, cut like a string at ``limit`` characters.
+
+    ``str()`` of a huge integer costs time quadratic in its length (and raises past
+    ``sys.get_int_max_str_digits()``), so one of more than 4,300 digits (Python's own
+    default limit) is sized from its bit length and described, never rendered:
+    ``<int of about 50,001 digits>``.
+    """
+    digits = int(abs(value).bit_length() * _DIGITS_PER_BIT) + 1
+    if digits > _MAX_INT_DIGITS:
+        return f"<int of about {digits:,} digits>"
+    try:
+        return truncate(str(value), limit)
+    except ValueError:  # past sys.get_int_max_str_digits()
+        return f"<int of about {digits:,} digits>"
+
+
 def safe_str(exc: BaseException) -> str:
     """``str(exc)``, or ``"<unprintable>"`` when its ``__str__`` raises."""
     try:
@@ -736,8 +762,14 @@ def _to_attribute_value(
         return None
     if isinstance(value, str):
         return sanitizer.text(value)
-    if isinstance(value, bool | int | float):
+    if isinstance(value, bool | float):
         return value
+    if isinstance(value, int):
+        # OTLP carries 64-bit signed integers: a larger one would fail to encode and be
+        # lost (with a warning from the encoder), so it is recorded as text.
+        if _OTLP_INT_MIN <= value <= _OTLP_INT_MAX:
+            return value
+        return int_text(value, sanitizer.max_chars)
     if isinstance(value, enum.Enum):
         return _to_attribute_value(value.value, sanitizer)
     if isinstance(value, list | tuple) and value:
@@ -746,6 +778,8 @@ def _to_attribute_value(
         if first in (str, bool, int, float) and all(type(v) is first for v in head):
             if first is str:
                 return [sanitizer.text(v) for v in head]
+            if first is int and not all(_OTLP_INT_MIN <= v <= _OTLP_INT_MAX for v in head):
+                return [int_text(v, sanitizer.max_chars) for v in head]
             return list(head)
     clean = sanitizer.value(value)
     try:
