@@ -90,3 +90,46 @@ def test_invalid_input_value_is_replaced(rag_capture: Capture) -> None:
     assert "4111" not in _text(rag_capture)
     (line,) = rag_capture.find_logs("ingestion failed")
     assert line["error_message"] == ("UniqueViolation: invalid input syntax for type integer: ?")
+
+
+def _member_values(stacks: list[dict[str, object]]) -> list[str]:
+    out: list[str] = []
+    for stack in stacks:
+        out.append(str(stack["exc_value"]))
+        members = stack.get("exceptions")
+        if isinstance(members, list):
+            for member in members:
+                out.extend(_member_values(member))
+    return out
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_group_member_quoting_the_error_the_group_was_raised_from(
+    rag_capture: Capture, nested: bool
+) -> None:
+    # The member is made, not raised, inside the except block: it has no chain of its own;
+    # its group's context is the driver error.
+    try:
+        try:
+            raise _violation()
+        except UniqueViolation as exc:
+            group = ExceptionGroup("g", [SignupError(f"signup failed: {exc}")])
+            _raise(ExceptionGroup("outer", [group]) if nested else group)
+    except ExceptionGroup:
+        logging.getLogger("app").exception("x")
+    assert "alice@example.com" not in _text(rag_capture)
+    (line,) = rag_capture.find_logs("x")
+    member = [v for v in _member_values(line["exception"]) if v.startswith("signup failed")]
+    assert member == ["signup failed: [content hidden]"]
+
+
+def test_driver_detail_quoted_in_messages_and_fields_keeps_columns_only(
+    rag_capture: Capture,
+) -> None:
+    exc = _violation()
+    logging.getLogger("app").error("signup failed: %s", exc)
+    ri.get_logger().error("signup failed (structlog)", err=str(exc))
+    ri.get_logger().error("detail only", detail=DETAIL.removesuffix(" already exists."))
+    text = _text(rag_capture)
+    assert "alice@example.com" not in text
+    assert text.count("Key (email)=([REDACTED])") == 3

@@ -95,7 +95,40 @@ RECALL = [
     ("pypi-AgEIcHlwaS5vcmc" + _k("", 60), _k("", 60)),
     ("SG." + _k("", 22) + "." + _k("", 43), _k("", 43)),  # SendGrid
     ("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NSJ9.c2lnbmF0dXJl", "c2lnbmF0dXJl"),  # JWT
-]
+    # provider keys glued to other text
+    ("OPENAI_KEY_" + _k("sk-proj-", 36), _k("sk-proj-", 36)),
+    ("id" + "AKIA" + "IOSFODNN7EXAMPL2.", "IOSFODNN7EXAMPL2"),
+    ("prefix" + _k("ghp_", 36) + "suffix", _k("ghp_", 36)),
+    ("token=" + _k("github_pat_", 82), _k("github_pat_", 82)),
+    ("x" + _k("hf_", 34, string.ascii_letters), _k("hf_", 34, string.ascii_letters)),
+    # PostgreSQL's DETAIL lines quote the row (issue 11, item 3)
+    ("DETAIL:  Key (email)=(alice@example.com) already exists.", "alice@example.com"),
+    ("signup failed: Key (email)=(alice@example.com)", "alice@example.com"),
+    ('Key (tenant, email)=(7, bob@example.org) is not present in table "users".', "bob@example"),
+    ("Key (lower(email))=(eve@example.org) is still referenced from table t", "eve@example"),
+    ("Key (during)=([2024-01-01,2024-02-01)) conflicts with existing key (during)=([x,y))",
+     "2024-01-01"),
+    ("DETAIL:  Failing row contains (1, carol@example.com, null).", "carol@example.com"),
+    ("[SQL: insert into u values (%(e)s)]\n[parameters: {'e': 'dave@example.com'}]",
+     "dave@example.com"),
+    # command lines and markup (issue 11, item 1)
+    ("Command '['pg_dump', '--password=hunter2abc']' returned 1", "hunter2abc"),
+    ("login with --password hunter2abcd", "hunter2abcd"),
+    ("app --api-key Zk9sQ2xvVwXy --verbose", "Zk9sQ2xvVwXy"),
+    ("<password>hunter2abc</password>", "hunter2abc"),
+    ("<ns:ApiKey>k3yv4lue99</ns:ApiKey>", "k3yv4lue99"),
+    ("https://x.test/cb?next=%2Flogin%3Fpassword%3Dhunter2abc", "hunter2abc"),
+    ("mysql -u root -phunter2abc shop", "hunter2abc"),
+    ("mysqldump -h db -phunter2abc shop > dump.sql", "hunter2abc"),
+    ("curl -u admin:hunter2abc https://api.test", "hunter2abc"),
+    ("curl --user=admin:hunter2abc https://api.test", "hunter2abc"),
+    # a real secret after the names whose placeholder values are kept
+    ("token: s3cr3tT0k3nv4lue", "s3cr3tT0k3nv4lue"),
+    ("password: nonesuch42", "nonesuch42"),
+    ("api_key: truelyrandom", "truelyrandom"),
+    ("pass: 1234", "1234"),
+    ("jwt: " + "eyJhbGciOiJIUzI1NiJ9", "eyJhbGciOiJIUzI1NiJ9"),
+]  # fmt: skip
 
 # Text that must come out exactly as it went in.
 PRECISION = [
@@ -126,6 +159,31 @@ PRECISION = [
     "ghost_story about gh_pages",
     "the AKIA prefix names AWS keys",
     "retrieval completed in 12.5 ms",
+    # placeholder and status values under secret names (issue 11, item 8)
+    "token: None",
+    "password: null",
+    "api_key: missing",
+    "secret: true",
+    "jwt: expired",
+    "auth: ok",
+    "signature: verified",
+    "dsn: configured",
+    "credentials: none provided",
+    "pass: 3 of 5",
+    "passphrase: (empty)",
+    "API_KEY=unset",
+    '{"password": null, "token": "redacted"}',
+    "<password></password> and <token>none</token>",
+    # near misses of the command-line, markup and DETAIL rules
+    "mysql -p shop",
+    "--password is required; set --token when the server asks",
+    "--token None and --passphrase (empty)",
+    "ls -p /tmp and grep -phrase",
+    "curl -u admin https://api.test",
+    "Key (email) is indexed; key=(a)",
+    "<title>password reset</title>",
+    "the task-skeleton and disk-sk-tool",
+    "idAKIA is not a key",
 ]
 
 
@@ -225,3 +283,30 @@ def test_marker_never_echoes_the_match() -> None:
     key = _k("sk-proj-", 64)
     out = redact_text(f"key {key}")
     assert not re.search(r"[A-Za-z0-9]{6,}", out.replace("key", "").replace("REDACTED", ""))
+
+
+PLACEHOLDER_VALUES = ["None", "null", "nil", "missing", "empty", "(empty)", "true", "False",
+                      "ok", "expired", "verified", "configured", "set", "unset", "required",
+                      "invalid", "provided", "redacted", "3", "42", "512"]  # fmt: skip
+SECRET_NAMES = ["token", "password", "api_key", "secret", "jwt", "auth", "signature", "dsn",
+                "credentials", "pass", "passphrase", "DB_PASSWORD", "client_secret"]  # fmt: skip
+
+
+@given(st.sampled_from(SECRET_NAMES), st.sampled_from([": ", "=", " = ", '": "']),
+       st.sampled_from(PLACEHOLDER_VALUES))  # fmt: skip
+def test_status_words_under_secret_names_survive(name: str, sep: str, value: str) -> None:
+    text = f"{name}{sep}{value}" if '"' not in sep else f'"{name}{sep}{value}"'
+    assert redact_text(text) == text
+
+
+@given(
+    st.sampled_from(SECRET_NAMES),
+    st.sampled_from([": ", "=", "%3D"]),
+    # A secret's shape: letters and digits (status words are letters only, counts digits).
+    st.text(string.ascii_letters + string.digits, min_size=6, max_size=30).filter(
+        lambda v: any(c.isdigit() for c in v) and any(c.isalpha() for c in v)
+    ),
+)
+def test_real_values_under_the_same_names_are_masked(name: str, sep: str, value: str) -> None:
+    out = redact_text(f"{name}{sep}{value}")
+    assert value not in out

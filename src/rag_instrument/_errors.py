@@ -241,6 +241,7 @@ def exception_message(
     sanitizer: Sanitizer,
     capture_content: bool,
     hide: Sequence[str] = (),
+    related: Sequence[BaseException] = (),
 ) -> str:
     """The text of ``exc`` that is safe to put on a span or a log line.
 
@@ -251,13 +252,19 @@ def exception_message(
     from is looked at too: an application error that quotes a database or SDK error's
     text (``f"insert failed: {e}"``) has the quote hidden, and the literal secrets an LLM
     call was made with are masked. Without content capture, ``hide`` (the prompts and
-    completions the enclosing stage saw) are hidden where quoted. Never raises.
+    completions the enclosing stage saw) are hidden where quoted. ``related`` are the
+    exception groups ``exc`` is a member of: a member made inside an ``except`` block
+    (``ExceptionGroup("g", [SignupError(f"failed: {e}")])``) has no chain of its own, the
+    group holds it, so what the groups were raised from is looked at too. Never raises.
     """
     try:
         message = _own_message(exc, capture_content)
         hidden: list[str] = [] if capture_content else list(hide)
         secrets: list[str] = []
-        for link in exception_chain(exc):
+        links = exception_chain(exc)
+        for group in related:
+            links.extend(link for link in exception_chain(group) if link is not exc)
+        for link in links:
             remembered = _remembered(link)
             if remembered is not None:
                 secrets.extend(remembered[1])

@@ -34,6 +34,7 @@ from rag_instrument._utils import install_text_cleaner
 __all__ = [
     "REDACTED",
     "Sanitizer",
+    "int_text",
     "is_secret_key",
     "redact_text",
     "redact_then_truncate",
@@ -172,6 +173,7 @@ _AUTH_SCHEME: Final = re.compile(
 # outwards (see _mask_key_values): a pattern that tries a name at every position of a
 # long text costs far more.
 _SEPARATOR: Final = re.compile(r"[=:]")
+_SEPARATOR_ENCODED: Final = re.compile(r"[=:]|%3[dDaA]")  # also URL-encoded: password%3Dv
 _VALUE_AT: Final = re.compile(
     r"""\s*(?!\[REDACTED)(?:(["'])([^"'\r\n]*)\1|(?!//)([^\s"'&,;}\])]+))"""
 )
@@ -181,6 +183,19 @@ _TOKEN_COUNT: Final = re.compile(r"[0-9][0-9_,.]{0,9}")
 _AUTH_SCHEME_WORDS: Final = frozenset(
     {"bearer", "basic", "token", "digest", "negotiate", "apikey", "dsn"}
 )
+# Values that say something about a secret rather than being one ("token: None",
+# "password: (empty)", "signature: verified"): kept, as is a small plain number ("pass:
+# 3 of 5"). A real secret is neither a status word nor a number of up to three digits.
+_PLACEHOLDERS: Final = frozenset(
+    {
+        "none", "null", "nil", "missing", "empty", "true", "false", "yes", "no", "ok",
+        "expired", "verified", "unverified", "configured", "unconfigured", "set", "unset",
+        "required", "optional", "invalid", "valid", "provided", "redacted", "masked",
+        "hidden", "absent", "present", "enabled", "disabled", "undefined", "unknown",
+        "n/a", "na", "default", "***", "...",
+    }
+)  # fmt: skip
+_SMALL_NUMBER: Final = re.compile(r"[0-9]{1,3}")
 
 # The prefixed key formats of the major providers (after gitleaks' and detect-secrets'
 # rule sets). Each prefix is specific enough; the lengths follow the issuers' formats.
@@ -189,24 +204,30 @@ _PROVIDER_RULES: Final[tuple[tuple[tuple[str, ...], str], ...]] = (
     # each pattern only when its own mark is there keeps prose cheap: one alternation of
     # them all costs the regular-expression engine every alternative at every position.
     (("sk_live_", "sk_test_", "sk_prod_", "rk_live_", "rk_test_", "rk_prod_"),
-     r"\b[sr]k_(?:live|test|prod)_[A-Za-z0-9]{10,}"),  # Stripe secret / restricted keys
+     # Stripe secret / restricted keys. Provider prefixes may follow a name they are glued
+     # to ("OPENAI_KEY_sk-...", "idAKIA..."), so no word boundary before the specific ones.
+     r"(?<![A-Za-z0-9])[sr]k_(?:live|test|prod)_[A-Za-z0-9]{10,}"),
     (("whsec_",), r"\bwhsec_[A-Za-z0-9+/=]{20,}"),  # Stripe webhook signing secrets
     (("AIza",), r"\bAIza[0-9A-Za-z_-]{35}"),  # Google API keys
     (("ya29.",), r"\bya29\.[0-9A-Za-z_-]{20,}"),  # Google OAuth access tokens
     (("GOCSPX-",), r"\bGOCSPX-[0-9A-Za-z_-]{20,}"),  # Google OAuth client secrets
     (("glpat-", "glptt-", "gldt-", "glrt-", "glcbt-", "glsoat-", "glffct-", "glimt-",
       "gloas-", "glagent-"),
-     r"\bgl(?:pat|ptt|dt|rt|cbt|soat|ffct|imt|oas|agent)-[0-9A-Za-z_-]{20,}"),  # GitLab
-    (("hf_",), r"\bhf_[A-Za-z0-9]{30,}"),  # Hugging Face user tokens
+     # GitLab
+     r"(?<![A-Za-z0-9])gl(?:pat|ptt|dt|rt|cbt|soat|ffct|imt|oas|agent)-[0-9A-Za-z_-]{20,}"),
+    (("hf_",),  # Hugging Face user tokens (34 letters when glued to a word: "xhf_...")
+     r"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{30,}|(?<=[a-z])hf_[A-Za-z]{34}\b"),
     (("api_org_",), r"\bapi_org_[A-Za-z0-9]{30,}"),  # Hugging Face organisation tokens
     (("xox",), r"\bxox[abposer]-[A-Za-z0-9-]{10,}"),  # Slack bot / user / app tokens
     (("xapp-",), r"\bxapp-\d-[A-Za-z0-9-]{10,}"),  # Slack app-level tokens
     (("hooks.slack.com",),
      r"hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9/_+-]{20,}"),  # webhooks
-    (("ghp_", "gho_", "ghu_", "ghs_", "ghr_"), r"\bgh[pousr]_[A-Za-z0-9]{30,}"),  # GitHub
-    (("github_pat_",), r"\bgithub_pat_[A-Za-z0-9_]{30,}"),  # GitHub fine-grained tokens
+    (("ghp_", "gho_", "ghu_", "ghs_", "ghr_"),  # GitHub (36 characters when glued)
+     r"gh[pousr]_[A-Za-z0-9]{36,}|\bgh[pousr]_[A-Za-z0-9]{30,}"),
+    (("github_pat_",), r"github_pat_[A-Za-z0-9_]{30,}"),  # GitHub fine-grained tokens
     (("AKIA", "ASIA", "ABIA", "ACCA", "A3T"),
-     r"\b(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z2-7]{16}\b"),  # AWS access key ids
+     # AWS access key ids
+     r"(?<![A-Z0-9])(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z2-7]{16}(?![A-Za-z0-9])"),
     (("npm_",), r"\bnpm_[A-Za-z0-9]{36}\b"),  # npm tokens
     (("pypi-AgEIcHlwaS5vcmc",), r"\bpypi-AgEIcHlwaS5vcmc[A-Za-z0-9_-]{50,}"),  # PyPI
     (("SG.",), r"\bSG\.[A-Za-z0-9_-]{16,32}\.[A-Za-z0-9_-]{16,64}"),  # SendGrid keys
@@ -229,7 +250,7 @@ def _mask_provider_keys(text: str) -> str:
 # Identifiers that merely start with "sk-" ("sk-learn-compat", "sk-2024-plan") survive:
 # the key needs a provider's key prefix (sk-proj-, sk-ant-...), a run of 20+ letters and
 # digits (longer than words are), or of 12+ mixing letter cases or digits.
-_SK_KEY: Final = re.compile(r"\bsk-[A-Za-z0-9_-]{16,}")
+_SK_KEY: Final = re.compile(r"(?<![A-Za-z0-9])sk-[A-Za-z0-9_-]{16,}")
 _RANDOM_RUN: Final = re.compile(r"[A-Za-z0-9]{12,}")
 
 
@@ -270,7 +291,7 @@ def _credential_shaped(word: str) -> bool:
     return False
 
 
-def _key_value_at(text: str, sep: int) -> tuple[int, int] | None:
+def _key_value_at(text: str, sep: int, sep_end: int) -> tuple[int, int] | None:
     """For the separator at ``sep``: where a secret's value is, to be masked."""
     # Back over blanks and a closing quote to the name: "api_key" : "v", NAME = v.
     stop = sep
@@ -285,10 +306,12 @@ def _key_value_at(text: str, sep: int) -> tuple[int, int] | None:
         return None
     if start > 0 and (text[start - 1].isalnum() or text[start - 1] == "_"):
         return None  # the name runs on in a non-ASCII word: not a name
-    key = text[start:stop]
-    if not (key[0].isalpha() or key[0] == "_") or not is_secret_key(key):
+    if start > 0 and text[start - 1] == "%" and stop - start > 2:
+        start += 2  # URL-encoded: "%3Fpassword%3D..." is "?password=..."
+    key = text[start:stop].lstrip("-")  # a command-line option: --password=v
+    if not key or not (key[0].isalpha() or key[0] == "_") or not is_secret_key(key):
         return None
-    value = _VALUE_AT.match(text, sep + 1)
+    value = _VALUE_AT.match(text, sep_end)
     if value is None:
         return None
     quoted = value.group(2)
@@ -297,6 +320,8 @@ def _key_value_at(text: str, sep: int) -> tuple[int, int] | None:
         return None
     if raw.lower() in _AUTH_SCHEME_WORDS:
         return None  # "Authorization: Bearer ..." - the scheme pass masks the rest
+    if raw.strip("()<>[]").lower() in _PLACEHOLDERS or _SMALL_NUMBER.fullmatch(raw):
+        return None  # "token: None", "passphrase: (empty)", "pass: 3 of 5"
     if _TOKEN_COUNT.fullmatch(raw) and key.lower().rstrip("s").endswith("token"):
         return None  # "token: 512" counts tokens
     value_start = value.start(2) if quoted is not None else value.start(3)
@@ -306,10 +331,11 @@ def _key_value_at(text: str, sep: int) -> tuple[int, int] | None:
 def _mask_key_values(text: str) -> str:
     parts: list[str] = []
     done = 0
-    for sep in _SEPARATOR.finditer(text):
+    separators = _SEPARATOR_ENCODED if "%3" in text else _SEPARATOR
+    for sep in separators.finditer(text):
         if sep.start() < done:
             continue  # inside a value already masked
-        found = _key_value_at(text, sep.start())
+        found = _key_value_at(text, sep.start(), sep.end())
         if found is None:
             continue
         start, end = found
@@ -352,6 +378,67 @@ _KV_WORDS: Final = (
 _KV_HINT: Final = re.compile("|".join(map(re.escape, _KV_WORDS)))
 
 
+# <password>v</password>, <ApiKey>v</ApiKey>: an XML element named like a secret.
+_XML_ELEMENT: Final = re.compile(r"<([A-Za-z_][\w.:-]{0,80})>(?!\[REDACTED\])([^<>]+)</\1>")
+
+
+def _xml_element(match: re.Match[str]) -> str:
+    name = match.group(1)
+    if not is_secret_key(name.rsplit(":", 1)[-1]):
+        return match.group(0)
+    value = match.group(2).strip()
+    if value.lower() in _PLACEHOLDERS or _SMALL_NUMBER.fullmatch(value):
+        return match.group(0)
+    return f"<{name}>{REDACTED}</{name}>"
+
+
+# --password VALUE, --api-key VALUE: a long option named like a secret, its value after a
+# blank. Only a credential-shaped value (digits, symbols, mixed case, 20+ characters), so
+# that help text ("--password is required", "set --token when ...") survives.
+_LONG_OPTION: Final = re.compile(
+    r"(?<![\w-])--([A-Za-z][\w-]{1,60})([ \t]+)(?!-)(?!\[REDACTED)([^\s\"',;]+)"
+)
+
+
+def _long_option(match: re.Match[str]) -> str:
+    value = match.group(3)
+    if not is_secret_key(match.group(1)) or value.strip("()<>[]").lower() in _PLACEHOLDERS:
+        return match.group(0)
+    if len(value) >= 20 or _credential_shaped(value):
+        return f"--{match.group(1)}{match.group(2)}{REDACTED}"
+    return match.group(0)
+
+
+# curl -u user:password / --user user:password (the password part only).
+_CURL_USER: Final = re.compile(
+    r"""(\bcurl\b[^\n]*?\s(?:-u|--user)(?:\s+|=)["']?[^\s:"']*:)(?!\[REDACTED)[^\s"']+"""
+)
+# mysql -pPASSWORD (also mysqldump, mysqladmin): the option glued to its value. Only after
+# the client's own name: "-p" alone is too common an option to mask elsewhere.
+_MYSQL_PASSWORD: Final = re.compile(
+    r"(\bmysql(?:dump|admin|import|check|sh)?\b[^\n]*?\s-p)(?!\[REDACTED)[^\s\-][^\s]*"
+)
+# PostgreSQL's DETAIL lines quote the row: "Key (email)=(alice@x.com) already exists",
+# "... is not present in table", "conflicts with existing key (during)=([1,2))",
+# "Failing row contains (1, alice@x.com, null)". The column names stay, the values go.
+_PG_KEY_VALUES: Final = re.compile(
+    r"(?i)(\bkey \((?:[^()\n]|\([^()\n]*\))*\)=\()"
+    r"(?:[^\n]*?(?=\)(?: already exists| is not present| is still referenced| conflicts with))"
+    r"|(?:[^()\n]|\([^()\n]*\))*(?=\)))"
+)
+_PG_FAILING_ROW: Final = re.compile(
+    r"(Failing row contains \()[^\n]*?(?=\)\.?(?:\n|$))|(Failing row contains \()[^\n]*"
+)
+# SQLAlchemy's error text appends the statement's parameters: "[parameters: {...}]".
+_SQL_PARAMETERS: Final = re.compile(
+    r"(\[parameters: )[^\n]*?(?=\]\s*(?:\n|$|\())|(\[parameters: )[^\n]*"
+)
+
+
+def _first_group(match: re.Match[str]) -> str:
+    return (match.group(1) or match.group(2)) + REDACTED
+
+
 def _redact(text: str) -> str:
     if "PRIVATE KEY" in text:
         text = _PEM.sub(REDACTED, text)
@@ -369,6 +456,22 @@ def _redact(text: str) -> str:
         text = _AUTH_SCHEME.sub(_auth_scheme, text)
     if _KV_HINT.search(lower):
         text = _mask_key_values(text)
+        if "</" in text:
+            text = _XML_ELEMENT.sub(_xml_element, text)
+        if "--" in text:
+            text = _LONG_OPTION.sub(_long_option, text)
+    if " -" in text:  # a command line's options
+        if "curl" in lower:
+            text = _CURL_USER.sub(_keep_prefix, text)
+        if "mysql" in lower:
+            text = _MYSQL_PASSWORD.sub(_keep_prefix, text)
+    if "(" in text:
+        if ")=(" in text:
+            text = _PG_KEY_VALUES.sub(_keep_prefix, text)
+        if "Failing row contains (" in text:
+            text = _PG_FAILING_ROW.sub(_first_group, text)
+    if "[parameters: " in text:
+        text = _SQL_PARAMETERS.sub(_first_group, text)
     if "sk-" in text:
         text = _SK_KEY.sub(_sk_key, text)
     return _mask_provider_keys(text)
@@ -557,7 +660,8 @@ class Sanitizer:
             if isinstance(value, float) and not math.isfinite(value):
                 return str(value)  # NaN and infinities are not JSON
             if isinstance(value, int) and not _INT_MIN <= value <= _INT_MAX:
-                return str(value)  # beyond 64 bits: JSON parsers would lose precision
+                # beyond 64 bits: JSON parsers would lose precision; a string, cut as one
+                return int_text(value, self.max_chars)
             return value
         if isinstance(value, enum.Enum):
             return self._value(value.value, depth, seen)
@@ -602,6 +706,30 @@ class Sanitizer:
         return safe_repr(value, min(self.max_chars, 200), redact=self.redact)
 
 
+#: log10(2): digits per bit, to size an integer's decimal form without making it.
+_DIGITS_PER_BIT: Final = 0.30103
+_MAX_INT_DIGITS: Final = 4300
+_OTLP_INT_MIN: Final = -(2**63)
+_OTLP_INT_MAX: Final = 2**63 - 1
+
+
+def int_text(value: int, limit: int) -> str:
+    """An integer's decimal digits, cut like a string at ``limit`` characters.
+
+    ``str()`` of a huge integer costs time quadratic in its length (and raises past
+    ``sys.get_int_max_str_digits()``), so one of more than 4,300 digits (Python's own
+    default limit) is sized from its bit length and described, never rendered:
+    ``<int of about 50,001 digits>``.
+    """
+    digits = int(abs(value).bit_length() * _DIGITS_PER_BIT) + 1
+    if digits > _MAX_INT_DIGITS:
+        return f"<int of about {digits:,} digits>"
+    try:
+        return truncate(str(value), limit)
+    except ValueError:  # past sys.get_int_max_str_digits()
+        return f"<int of about {digits:,} digits>"
+
+
 def safe_str(exc: BaseException) -> str:
     """``str(exc)``, or ``"<unprintable>"`` when its ``__str__`` raises."""
     try:
@@ -634,8 +762,14 @@ def _to_attribute_value(
         return None
     if isinstance(value, str):
         return sanitizer.text(value)
-    if isinstance(value, bool | int | float):
+    if isinstance(value, bool | float):
         return value
+    if isinstance(value, int):
+        # OTLP carries 64-bit signed integers: a larger one would fail to encode and be
+        # lost (with a warning from the encoder), so it is recorded as text.
+        if _OTLP_INT_MIN <= value <= _OTLP_INT_MAX:
+            return value
+        return int_text(value, sanitizer.max_chars)
     if isinstance(value, enum.Enum):
         return _to_attribute_value(value.value, sanitizer)
     if isinstance(value, list | tuple) and value:
@@ -644,6 +778,8 @@ def _to_attribute_value(
         if first in (str, bool, int, float) and all(type(v) is first for v in head):
             if first is str:
                 return [sanitizer.text(v) for v in head]
+            if first is int and not all(_OTLP_INT_MIN <= v <= _OTLP_INT_MAX for v in head):
+                return [int_text(v, sanitizer.max_chars) for v in head]
             return list(head)
     clean = sanitizer.value(value)
     try:

@@ -533,17 +533,23 @@ def _exception_dict(exc_info: Any, rt: Runtime) -> Any:
         stacks = _transform(exc_info)
     except Exception:
         stacks = [{"exc_type": type(exc).__name__, "exc_value": ""}]
-    _safe_messages(stacks, exc, rt, seen_contents(), 0)
+    _safe_messages(stacks, exc, rt, seen_contents(), ())
     _drop_source_text(stacks)
     return rt.sanitizer.value(stacks)
 
 
 def _safe_messages(
-    stacks: Any, exc: BaseException, rt: Runtime, hide: tuple[str, ...], depth: int
+    stacks: Any,
+    exc: BaseException,
+    rt: Runtime,
+    hide: tuple[str, ...],
+    groups: tuple[BaseException, ...],
 ) -> None:
     # Exception messages can carry secrets, prompt text, SQL parameters and a driver's
     # DETAIL line: each message is replaced by its safe form. The stacks follow the same
-    # cause/context chain as exception_chain(), and a group's members nest under "exceptions".
+    # cause/context chain as exception_chain(), and a group's members nest under
+    # "exceptions"; ``groups`` are the groups the chain is a member of, outermost last.
+    # A member quoting the error its group was raised from has the quote hidden too.
     if not isinstance(stacks, list):
         return
     chain = exception_chain(exc, len(stacks))
@@ -556,16 +562,18 @@ def _safe_messages(
             stack["exc_value"] = ""
             stack.pop("exceptions", None)
             continue
-        stack["exc_value"] = exception_message(link, rt.sanitizer, capture, hide)
+        stack["exc_value"] = exception_message(
+            link, rt.sanitizer, capture, hide, related=groups
+        )
         notes = stack.get("exc_notes")
         if notes:
             stack["exc_notes"] = [_exception_note(str(n), rt, hide) for n in notes]
         members = stack.get("exceptions")
         if members:
             group = getattr(link, "exceptions", None)
-            if depth < 8 and isinstance(group, tuple) and len(group) == len(members):
+            if len(groups) < 8 and isinstance(group, tuple) and len(group) == len(members):
                 for sub, member in zip(members, group, strict=True):
-                    _safe_messages(sub, member, rt, hide, depth + 1)
+                    _safe_messages(sub, member, rt, hide, (link, *groups))
             else:
                 stack["exceptions"] = []
 

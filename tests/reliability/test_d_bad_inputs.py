@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -14,6 +15,7 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
 import rag_instrument as ri
 from rag_instrument._sanitize import Sanitizer, to_attribute_value
@@ -22,10 +24,19 @@ from rag_instrument.testing import Capture
 ATTRIBUTE_TYPES = (str, bool, int, float)
 
 
+INT64 = range(-(2**63), 2**63)  # what OTLP's int_value carries
+
+
 def _valid_attribute(value: Any) -> bool:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value in INT64
     if isinstance(value, ATTRIBUTE_TYPES):
         return True
-    return isinstance(value, list | tuple) and len({type(v) for v in value}) <= 1
+    return (
+        isinstance(value, list | tuple)
+        and len({type(v) for v in value}) <= 1
+        and all(_valid_attribute(v) for v in value)
+    )
 
 
 def test_d23_none_dict_and_mixed_list_attributes(
@@ -129,7 +140,8 @@ def test_d26_odd_names_keys_characters_and_exceptions(
 
 
 json_like = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text() | st.binary(),
+    st.none() | st.booleans() | st.integers() | st.integers(min_value=2**63 - 2, max_value=2**70)
+    | st.integers(min_value=-(2**70), max_value=-(2**63) + 1) | st.floats() | st.text() | st.binary(),
     lambda children: (
         st.lists(children, max_size=4)
         | st.dictionaries(st.text(max_size=5) | st.integers(), children, max_size=4)
@@ -159,3 +171,43 @@ def test_d_property_any_log_fields_give_one_json_line(
     (line,) = rag_capture.logs  # exactly one line, parsed back from JSON by the capture
     assert isinstance(line["event"], str)
     assert set(line) >= {"timestamp", "level", "event", "logger", "context"}
+
+
+def test_d_integers_beyond_64_bits_are_text_on_spans_and_encode(rag_capture: Capture) -> None:
+    # OTLP carries int64: 2**70 used to fail the encoder ("Value out of range") and the
+    # attribute was lost.
+    with ri.stage("a", small=2**70, neg=-(2**63) - 1, edge=2**63 - 1, many=[1, 2**64]):
+        pass
+    span = rag_capture.span("a")
+    attrs = dict(span.attributes or {})
+    assert attrs["small"] == str(2**70)
+    assert attrs["neg"] == str(-(2**63) - 1)
+    assert attrs["edge"] == 2**63 - 1
+    assert list(attrs["many"]) == ["1", str(2**64)]
+    decoded = {
+        kv.key: kv.value
+        for resource in encode_spans([span]).resource_spans
+        for scope in resource.scope_spans
+        for encoded in scope.spans
+        for kv in encoded.attributes
+    }
+    assert decoded["small"].string_value == str(2**70)
+    assert decoded["edge"].int_value == 2**63 - 1
+
+
+def test_d_huge_integers_are_cut_like_strings(rag_capture: Capture) -> None:
+    old = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)
+    try:
+        huge = 10**50000
+        ri.get_logger().info("m", f=huge)
+        with ri.stage("s", v=huge):
+            pass
+    finally:
+        sys.set_int_max_str_digits(old)
+    (line,) = rag_capture.find_logs("m")
+    assert line["f"] == "<int of about 50,001 digits>"
+    assert rag_capture.span("s").attributes["v"] == "<int of about 50,001 digits>"  # type: ignore[index]
+    assert len(orjson.dumps(line)) < 2000
+    # one just past the limit is cut as a string would be, with the original length
+    assert Sanitizer(10).value(2**70) == "1180591620...[truncated, 22 chars]"
