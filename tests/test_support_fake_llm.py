@@ -276,8 +276,15 @@ def test_client_disconnect_mid_stream_is_quiet(
         stream.close()
     # The handler writes its next chunks into the closed connection, then gives up quietly.
     assert server.wait_idle()
-    assert capfd.readouterr().err == ""
+    # Standard error of the whole process: gRPC's C core (a Milvus client of an earlier
+    # test) may log there from its own threads at any time; none of that is the server's.
+    err = capfd.readouterr().err.splitlines()
+    assert [line for line in err if not _from_grpc(line)] == []
     assert server.errors == []
+
+
+def _from_grpc(line: str) -> bool:
+    return any(mark in line for mark in ("grpc", "chttp2", "GOAWAY", "too_many_pings"))
 
 
 def test_unknown_route_is_404(server: FakeLLMServer) -> None:
