@@ -37,12 +37,23 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
     ("runtime", ("_runtime", "_context", "_breakdown")),
-    ("logs and tracing", ("logs", "exporters", "_leaf", "_sending", "_otlp")),
+    ("logs and tracing", ("logs", "exporters", "_leaf", "_sending", "_otlp", "_metrics")),
     (
         "stages",
         (
-            "stages", "_genai", "retry", "llm", "cache", "cache.*", "vector", "_operation",
-            "_stagehooks", "_resources", "eventloop", "_profiler", "profiling",
+            "stages",
+            "_genai",
+            "retry",
+            "llm",
+            "cache",
+            "cache.*",
+            "vector",
+            "_operation",
+            "_stagehooks",
+            "_resources",
+            "eventloop",
+            "_profiler",
+            "profiling",
         ),
     ),
     ("setup", ("_config",)),
@@ -66,8 +77,10 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 #: The only modules that may import the OpenTelemetry SDK, or ``exporters`` and its private
 #: part ``_leaf`` (which load it).
-SDK_MODULES = frozenset({"exporters", "_leaf", "_sending", "_otlp", "_config", "_settings"})
-SDK_LOADERS = frozenset({"exporters", "_leaf", "_sending", "_otlp"})
+SDK_MODULES = frozenset(
+    {"exporters", "_leaf", "_sending", "_otlp", "_metrics", "_config", "_settings"}
+)
+SDK_LOADERS = frozenset({"exporters", "_leaf", "_sending", "_otlp", "_metrics"})
 
 
 def _module_name(path: Path) -> str:

@@ -155,6 +155,7 @@ def apply(
             log=output,
             pipelines=pipelines,
             tools=pipelines,
+            instruments=pipelines.instruments if pipelines is not None else None,
         )
         _switch(new)
         warn_once.reset()

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from rag_instrument.exporters import Pipelines
     from rag_instrument.logs import LogOutput
 
-__all__ = ["Runtime", "SpanTools", "get_runtime", "install", "is_configured"]
+__all__ = ["InstrumentFactory", "Runtime", "SpanTools", "get_runtime", "install", "is_configured"]
 
 LIBRARY: str = "rag_instrument"
 _INTERNAL = trace_api.SpanKind.INTERNAL
@@ -89,6 +89,21 @@ class SpanTools(Protocol):
         ...
 
 
+class InstrumentFactory(Protocol):
+    """Where the library's own histograms and counters come from, when not the meter's.
+
+    The exporters module offers one that aggregates in place (``_metrics.MetricsHub``).
+    """
+
+    def create_histogram(self, name: str, unit: str = ..., description: str = ...) -> Histogram:
+        """A histogram (created once per configuration by :meth:`Runtime.histogram`)."""
+        ...
+
+    def create_counter(self, name: str, unit: str = ..., description: str = ...) -> Counter:
+        """A counter (created once per configuration by :meth:`Runtime.counter`)."""
+        ...
+
+
 class Runtime:
     """The configuration in force, as the library's code uses it (see :func:`get_runtime`).
 
@@ -107,6 +122,7 @@ class Runtime:
     __slots__ = (
         "__weakref__",
         "_claims",
+        "_factory",
         "_instruments",
         "_lock",
         "_tools",
@@ -133,6 +149,7 @@ class Runtime:
         log: LogOutput | None = None,
         pipelines: Pipelines | None = None,
         tools: SpanTools | None = None,
+        instruments: InstrumentFactory | None = None,
     ) -> None:
         self.settings = settings
         self.configured = configured
@@ -142,6 +159,7 @@ class Runtime:
         self.log = log
         self.pipelines = pipelines
         self._tools = tools
+        self._factory: InstrumentFactory | Meter = instruments if instruments is not None else meter
         self.sanitizer = Sanitizer(settings.max_content_chars, redact=settings.redact)
         self.budgets = dict(settings.budgets)
         self._instruments: dict[tuple[str, str], Any] = {}
@@ -160,7 +178,7 @@ class Runtime:
         key = (kind, name)
         found = self._instruments.get(key)
         if found is None:
-            factory = getattr(self.meter, f"create_{kind}")
+            factory = getattr(self._factory, f"create_{kind}")
             found = self._instruments[key] = factory(name, unit=unit, description=description)
         return found
 

@@ -68,6 +68,7 @@ from rag_instrument._leaf import (
     start_stage_span,
     take_sanitized,
 )
+from rag_instrument._metrics import MetricsHub, build_hub
 from rag_instrument._otlp import fast_exporter
 from rag_instrument._sanitize import REDACTED, is_secret_key, redact_text, truncate
 from rag_instrument._sending import (
@@ -538,6 +539,7 @@ class Pipelines:
         meter_provider: SDKMeterProvider | None,
         memory_reader: InMemoryMetricReader | None,
         drops: _Drops,
+        instruments: MetricsHub | None = None,
     ) -> None:
         self.tracer = tracer
         self.meter = meter
@@ -547,6 +549,8 @@ class Pipelines:
         self.meter_provider = meter_provider
         self.memory_reader = memory_reader
         self.drops = drops
+        #: Where the library's own histograms and counters come from (``None``: the meter).
+        self.instruments = instruments
 
     def keep_exporter(self, exporter: SpanExporter) -> None:
         """Flush, but do not shut down, ``exporter`` when this configuration is retired."""
@@ -620,14 +624,16 @@ def _meter(
     readers: Iterable[MetricReader],
     explicit: metrics_api.MeterProvider | None,
     drops: _Drops,
-) -> tuple[metrics_api.Meter, SDKMeterProvider | None, InMemoryMetricReader | None]:
+) -> tuple[
+    metrics_api.Meter, SDKMeterProvider | None, InMemoryMetricReader | None, MetricsHub | None
+]:
     name, lib_version = "rag_instrument", _library_version()
     if explicit is not None:
-        return explicit.get_meter(name, lib_version), None, None
+        return explicit.get_meter(name, lib_version), None, None, None
     current = metrics_api.get_meter_provider()
     if isinstance(current, SDKMeterProvider):
         # The application's own: its readers and exporters decide where metrics go.
-        return current.get_meter(name, lib_version), None, None
+        return current.get_meter(name, lib_version), None, None, None
     all_readers = list(readers)
     memory: InMemoryMetricReader | None = None
     # Metrics go where spans go unless metrics_exporter says otherwise (a traces-only
@@ -647,11 +653,15 @@ def _meter(
             PeriodicExportingMetricReader(_otlp_metrics(settings), export_interval_millis=30_000)
         )
     if not all_readers:
-        return metrics_api.NoOpMeter(name), None, None
+        return metrics_api.NoOpMeter(name), None, None, None
+    resource = _resource(settings)
     provider = SDKMeterProvider(
-        metric_readers=all_readers, resource=_resource(settings), shutdown_on_exit=False
+        metric_readers=all_readers, resource=resource, shutdown_on_exit=False
     )
     meter = provider.get_meter(name, lib_version)
+    # The library's own histograms and counters skip the SDK's per-measurement work when
+    # every reader takes the default aggregations (see rag_instrument._metrics).
+    hub = build_hub(provider, all_readers, resource, name, lib_version)
 
     def observe_drops(_options: CallbackOptions) -> Iterable[Observation]:
         from opentelemetry.metrics import Observation
@@ -664,7 +674,7 @@ def _meter(
         unit="{span}",
         description="Finished spans lost to a full export queue or a failed export.",
     )
-    return meter, provider, memory
+    return meter, provider, memory, hub
 
 
 def build(
@@ -678,7 +688,7 @@ def build(
     _install_sdk_log_filter()
     drops = _Drops()
     processors, memory = _span_processors(settings, drops)
-    meter, owned_meter_provider, memory_reader = _meter(
+    meter, owned_meter_provider, memory_reader, hub = _meter(
         settings, metric_readers, meter_provider, drops
     )
     provider, owned = _tracer_provider(settings, tracer_provider)
@@ -713,4 +723,5 @@ def build(
         meter_provider=owned_meter_provider,
         memory_reader=memory_reader,
         drops=drops,
+        instruments=hub,
     )

@@ -1,0 +1,394 @@
+"""The library's own histograms and counters (``rag_instrument._metrics``).
+
+They aggregate in place instead of through the SDK's per-measurement path; what a reader
+collects must be what the SDK itself would have produced for the same measurements.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry.sdk.metrics import (
+    AlwaysOffExemplarFilter,
+    AlwaysOnExemplarFilter,
+    Counter,
+    Histogram,
+    MeterProvider,
+    TraceBasedExemplarFilter,
+)
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    InMemoryMetricReader,
+    MetricsData,
+)
+from opentelemetry.sdk.metrics.view import ExponentialBucketHistogramAggregation
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+
+import rag_instrument as ri
+from rag_instrument import _metrics, testing
+
+DELTA = {Histogram: AggregationTemporality.DELTA, Counter: AggregationTemporality.DELTA}
+
+
+def _readers(limit: int | None = None) -> list[InMemoryMetricReader]:
+    limits = {Histogram: limit, Counter: limit} if limit else None
+    return [
+        InMemoryMetricReader(cardinality_limits=limits),
+        InMemoryMetricReader(preferred_temporality=DELTA, cardinality_limits=limits),
+    ]
+
+
+class Pair:
+    """The same measurements through the hub and through the SDK's own instruments."""
+
+    def __init__(self, *, limit: int | None = None, exemplar_filter: Any = None) -> None:
+        flt = exemplar_filter or AlwaysOffExemplarFilter()
+        self.ours_readers = _readers(limit)
+        self.sdk_readers = _readers(limit)
+        resource = Resource.create({"service.name": "t"})
+        ours = MeterProvider(
+            metric_readers=self.ours_readers,
+            resource=resource,
+            exemplar_filter=flt,
+            shutdown_on_exit=False,
+        )
+        hub = _metrics.build_hub(ours, self.ours_readers, resource, "rag_instrument", "1")
+        assert hub is not None
+        self.hub = hub
+        sdk = MeterProvider(
+            metric_readers=self.sdk_readers,
+            resource=resource,
+            exemplar_filter=flt,
+            shutdown_on_exit=False,
+        )
+        self.meter = sdk.get_meter("rag_instrument", "1")
+        self.ours: dict[tuple[str, str], Any] = {}
+        self.sdk: dict[tuple[str, str], Any] = {}
+
+    def instrument(self, kind: str, name: str) -> tuple[Any, Any]:
+        key = (kind, name)
+        if key not in self.ours:
+            self.ours[key] = getattr(self.hub, f"create_{kind}")(name, "s", "d")
+            self.sdk[key] = getattr(self.meter, f"create_{kind}")(name, unit="s", description="d")
+        return self.ours[key], self.sdk[key]
+
+    def measure(self, kind: str, name: str, value: float, attributes: dict[str, Any]) -> None:
+        ours, sdk = self.instrument(kind, name)
+        method = "record" if kind == "histogram" else "add"
+        getattr(ours, method)(value, attributes)
+        getattr(sdk, method)(value, attributes)
+
+    def collect(self, index: int) -> tuple[Any, Any]:
+        return (
+            _summary(self.ours_readers[index].get_metrics_data()),
+            _summary(self.sdk_readers[index].get_metrics_data()),
+        )
+
+
+def _summary(data: MetricsData | None) -> dict[str, Any]:
+    """What a collection says, without timestamps, in an order-free form."""
+    out: dict[str, Any] = {}
+    if data is None:
+        return out
+    for resource_metrics in data.resource_metrics:
+        for scope_metrics in resource_metrics.scope_metrics:
+            assert scope_metrics.scope.name == "rag_instrument"
+            for metric in scope_metrics.metrics:
+                points = {}
+                for p in metric.data.data_points:
+                    key = frozenset(p.attributes.items())
+                    if hasattr(p, "bucket_counts"):
+                        points[key] = (p.count, p.sum, tuple(p.bucket_counts), p.min, p.max)
+                    else:
+                        points[key] = p.value
+                out[metric.name] = (
+                    metric.unit,
+                    metric.description,
+                    metric.data.aggregation_temporality,
+                    getattr(metric.data, "is_monotonic", None),
+                    points,
+                )
+    return out
+
+
+ATTRIBUTE_SETS = [
+    {},
+    {"rag.stage": "retrieval"},
+    {"rag.stage": "generation", "gen_ai.request.model": "m"},
+    {"gen_ai.request.model": "m", "rag.stage": "generation"},  # the same set, other order
+    {"db.operation.name": "SELECT", "n": 3, "ok": True},
+]
+
+operations = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("measure"),
+            st.sampled_from(["histogram", "counter"]),
+            st.sampled_from(["a", "b"]),
+            st.one_of(
+                st.integers(min_value=0, max_value=20_000),
+                st.floats(min_value=0, max_value=20_000, allow_nan=False),
+                st.sampled_from([0.0, 5.0, 10.0, 7500.0, 10000.0, 10000.5]),
+            ),
+            st.integers(min_value=0, max_value=len(ATTRIBUTE_SETS) - 1),
+        ),
+        st.tuples(st.just("collect"), st.integers(min_value=0, max_value=1)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=150)
+@given(operations)
+def test_readers_collect_what_the_sdk_would_both_temporalities(ops: list[tuple[Any, ...]]) -> None:
+    pair = Pair()
+    for op in ops:
+        if op[0] == "measure":
+            _, kind, name, value, which = op
+            if kind == "counter":
+                value = int(value)  # the SDK sums ints as ints: keep sums exact
+            pair.measure(kind, f"{kind}.{name}", value, dict(ATTRIBUTE_SETS[which]))
+        else:
+            ours, sdk = pair.collect(op[1])
+            assert ours == sdk
+    for index in (0, 1):
+        ours, sdk = pair.collect(index)
+        assert ours == sdk
+
+
+def test_cardinality_limit_sends_further_attribute_sets_to_the_overflow_point() -> None:
+    pair = Pair(limit=3)
+    for i in range(6):
+        for _ in range(i + 1):
+            pair.measure("histogram", "h", 1.0, {"k": i})
+            pair.measure("counter", "c", 2, {"k": i})
+    ours, sdk = pair.collect(0)
+    assert ours == sdk
+    points = ours["h"][4]
+    assert points[frozenset({("otel.metric.overflow", True)})][0] == 4 + 5 + 6
+    assert len(points) == 4
+    ours_delta, sdk_delta = pair.collect(1)
+    assert ours_delta == sdk_delta
+
+
+def test_negative_values_are_dropped_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    pair = Pair()
+    with caplog.at_level(logging.WARNING, logger="rag_instrument"):
+        for _ in range(3):
+            pair.measure("histogram", "h", -1.0, {})
+            pair.measure("counter", "c", -2, {})
+        pair.measure("histogram", "h", 1.0, {})
+    ours, sdk = pair.collect(0)
+    assert ours == sdk
+    assert ours["h"][4][frozenset()][0] == 1
+    mine = [r for r in caplog.records if r.name == "rag_instrument"]
+    assert len(mine) == 2  # one per instrument, not one per measurement
+
+
+def test_bad_attributes_or_values_never_raise_and_lists_are_attribute_values() -> None:
+    pair = Pair()
+    h = pair.hub.create_histogram("h")
+    h.record(1.0, {"tags": ["a", "b"]})
+    h.record(2.0, {"tags": ["a", "b"]})
+    h.record("not a number", {})  # type: ignore[arg-type]
+    h.record(None, {"x": object()})  # type: ignore[arg-type]
+    c = pair.hub.create_counter("c")
+    c.add("many", {})  # type: ignore[arg-type]
+    data = pair.ours_readers[0].get_metrics_data()
+    assert data is not None
+    (metric,) = [m for m in data.resource_metrics[0].scope_metrics[0].metrics if m.name == "h"]
+    (point,) = metric.data.data_points
+    assert point.count == 2
+    assert point.attributes == {"tags": ["a", "b"]}
+
+
+def test_timestamps_cumulative_from_the_first_measurement_delta_from_the_last_collection() -> None:
+    pair = Pair()
+    h = pair.hub.create_histogram("h")
+    h.record(1.0, {})
+    first_cumulative = pair.ours_readers[0].get_metrics_data()
+    first_delta = pair.ours_readers[1].get_metrics_data()
+    h.record(2.0, {})
+    second_cumulative = pair.ours_readers[0].get_metrics_data()
+    second_delta = pair.ours_readers[1].get_metrics_data()
+
+    def point(data: MetricsData | None) -> Any:
+        assert data is not None
+        return data.resource_metrics[0].scope_metrics[0].metrics[0].data.data_points[0]
+
+    c1, c2 = point(first_cumulative), point(second_cumulative)
+    d1, d2 = point(first_delta), point(second_delta)
+    assert c1.start_time_unix_nano == c2.start_time_unix_nano <= c1.time_unix_nano
+    assert (c1.count, c2.count) == (1, 2)
+    assert d1.start_time_unix_nano == c1.start_time_unix_nano
+    assert d2.start_time_unix_nano == d1.time_unix_nano < d2.time_unix_nano
+    assert (d1.count, d2.count) == (1, 1)
+    # Nothing new: the delta reader has no point, the cumulative one repeats its total.
+    assert pair.ours_readers[1].get_metrics_data() is None
+    assert point(pair.ours_readers[0].get_metrics_data()).count == 2
+
+
+def _exemplars(data: MetricsData | None, name: str) -> list[Any]:
+    assert data is not None
+    found = []
+    for scope_metrics in data.resource_metrics[0].scope_metrics:
+        for metric in scope_metrics.metrics:
+            if metric.name == name:
+                for p in metric.data.data_points:
+                    found.extend(p.exemplars)
+    return found
+
+
+@pytest.mark.parametrize("kind", ["histogram", "counter"])
+def test_trace_based_exemplars_match_the_sdk(kind: str) -> None:
+    pair = Pair(exemplar_filter=TraceBasedExemplarFilter())
+    tracer = TracerProvider().get_tracer("t")
+    pair.measure(kind, "x", 3, {"a": 1})  # no span: no exemplar
+    with tracer.start_as_current_span("sampled") as span:
+        pair.measure(kind, "x", 4, {"a": 1})
+        pair.measure(kind, "x", 3, {"a": 1})  # the same bucket: the later one is kept
+        pair.measure(kind, "x", 30, {"a": 1})
+    ctx = span.get_span_context()
+    for index in (0, 1):
+        ours = _exemplars(pair.ours_readers[index].get_metrics_data(), "x")
+        sdk = _exemplars(pair.sdk_readers[index].get_metrics_data(), "x")
+        if kind == "histogram":
+            assert sorted(e.value for e in ours) == sorted(e.value for e in sdk) == [3, 30]
+        else:
+            assert len(ours) == len(sdk) == 1
+            assert ours[0].value in (4, 3, 30)
+        for e in ours:
+            assert (e.span_id, e.trace_id) == (ctx.span_id, ctx.trace_id)
+            assert e.filtered_attributes == {}
+    # Exemplars belong to one collection.
+    pair.measure(kind, "x", 1, {"a": 1})
+    assert _exemplars(pair.ours_readers[0].get_metrics_data(), "x") == []
+
+
+def test_always_on_exemplars_without_a_span_and_always_off() -> None:
+    on = Pair(exemplar_filter=AlwaysOnExemplarFilter())
+    on.measure("histogram", "x", 3, {})
+    (exemplar,) = _exemplars(on.ours_readers[0].get_metrics_data(), "x")
+    assert (exemplar.value, exemplar.span_id, exemplar.filtered_attributes) == (3, None, None)
+    off = Pair(exemplar_filter=AlwaysOffExemplarFilter())
+    with TracerProvider().get_tracer("t").start_as_current_span("s"):
+        off.measure("histogram", "x", 3, {})
+    assert _exemplars(off.ours_readers[0].get_metrics_data(), "x") == []
+
+
+def test_concurrent_recording_and_collection_lose_nothing() -> None:
+    pair = Pair()
+    h = pair.hub.create_histogram("h")
+    c = pair.hub.create_counter("c")
+    start = threading.Barrier(5)
+
+    def work(n: int) -> None:
+        start.wait()
+        for i in range(2000):
+            h.record(float(i % 7), {"t": n % 2})
+            c.add(1, {"t": n % 2})
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    start.wait()
+    deltas = []
+    while any(t.is_alive() for t in threads):
+        deltas.append(_summary(pair.ours_readers[1].get_metrics_data()))
+    for t in threads:
+        t.join()
+    deltas.append(_summary(pair.ours_readers[1].get_metrics_data()))
+    total = pair.collect(0)[0]
+    assert sum(p[0] for p in total["h"][4].values()) == 8000
+    assert sum(total["c"][4].values()) == 8000
+    delta_count = sum(p[0] for d in deltas if "h" in d for p in d["h"][4].values())
+    assert delta_count == 8000
+
+
+def test_configure_uses_the_hub_and_metrics_reach_the_memory_reader() -> None:
+    with testing.capture() as cap:
+        assert isinstance(ri.get_runtime().stage_duration, _metrics.FastHistogram)
+
+        @ri.stage("retrieval")
+        def retrieve() -> int:
+            return 1
+
+        retrieve()
+        retrieve()
+        points = cap.metrics()
+    (point,) = points["rag.stage.duration"]
+    assert point.count == 2
+    assert point.attributes == {"rag.stage": "retrieval"}
+    assert "rag.spans.dropped" in points  # the SDK's observable, in the same collection
+
+
+def test_a_reader_preferring_exponential_histograms_gets_the_sdks_instruments() -> None:
+    reader = InMemoryMetricReader(
+        preferred_aggregation={Histogram: ExponentialBucketHistogramAggregation()}
+    )
+    try:
+        ri.configure(exporter="memory", metric_readers=[reader], logs_exporter="none")
+        assert not isinstance(ri.get_runtime().stage_duration, _metrics.FastHistogram)
+
+        @ri.stage("retrieval")
+        def retrieve() -> int:
+            return 1
+
+        retrieve()
+        data = reader.get_metrics_data()
+        assert data is not None
+        names = {
+            type(m.data).__name__: m.name
+            for sm in data.resource_metrics[0].scope_metrics
+            for m in sm.metrics
+        }
+        assert names.get("ExponentialHistogram") == "rag.stage.duration"
+    finally:
+        ri.shutdown()
+
+
+def test_a_users_meter_provider_gets_the_sdks_instruments() -> None:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
+    try:
+        ri.configure(exporter="memory", meter_provider=provider, logs_exporter="none")
+        assert not isinstance(ri.get_runtime().stage_duration, _metrics.FastHistogram)
+    finally:
+        ri.shutdown()
+        provider.shutdown()
+
+
+def test_a_delta_reader_beside_the_default_one_gets_delta_points() -> None:
+    reader = InMemoryMetricReader(preferred_temporality=DELTA)
+    try:
+        ri.configure(exporter="memory", metric_readers=[reader], logs_exporter="none")
+        assert isinstance(ri.get_runtime().stage_duration, _metrics.FastHistogram)
+
+        @ri.stage("retrieval")
+        def retrieve() -> int:
+            return 1
+
+        retrieve()
+        first = _summary(reader.get_metrics_data())
+        retrieve()
+        retrieve()
+        second = _summary(reader.get_metrics_data())
+        assert first["rag.stage.duration"][2] is AggregationTemporality.DELTA
+        ((count, *_),) = first["rag.stage.duration"][4].values()
+        ((count2, *_),) = second["rag.stage.duration"][4].values()
+        assert (count, count2) == (1, 2)
+    finally:
+        ri.shutdown()
+
+
+def test_a_reader_without_the_private_preferences_is_left_to_the_sdk() -> None:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
+    del reader._instrument_class_aggregation
+    assert _metrics.build_hub(provider, [reader], Resource.create({}), "x", "1") is None
