@@ -427,3 +427,28 @@ def test_with_streaming_response_body_is_left_to_the_caller(server: FakeLLMServe
             reply = response.parse()
     assert reply.choices[0].message.content == server.reply_text
     assert "gen_ai.usage.input_tokens" not in cap.span("chat m").attributes
+
+
+@pytest.mark.parametrize("sdk", ["openai", "anthropic"])
+def test_instrumenting_a_client_does_not_load_the_sdks_lazy_modules(sdk: str) -> None:
+    # The SDKs keep whole API families (openai.beta, openai.types.beta: about two thousand
+    # pydantic models) behind lazy proxies; reading the error classes once touched them,
+    # and instrumenting a client took seconds. A fresh interpreter tells.
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+import {sdk}
+import rag_instrument as ri
+ri.configure(exporter="memory", logs_exporter="none")
+before = set(sys.modules)
+client = {sdk}.{"OpenAI" if sdk == "openai" else "Anthropic"}(api_key="sk-x")
+ri.instrument_{sdk}(client)
+loaded = sorted(m for m in set(sys.modules) - before if m.startswith("{sdk}.types.beta"))
+print(len(loaded), loaded[:3])
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.startswith("0 "), done.stdout + done.stderr

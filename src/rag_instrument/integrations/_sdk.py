@@ -76,7 +76,9 @@ def status_error_names(module: Any) -> Callable[[int], str]:
     base = getattr(module, "APIStatusError", None)
     names: dict[int, str] = {}
     for value in list(vars(module).values()):
-        if isinstance(value, type) and base is not None and issubclass(value, base):
+        # type(value), not isinstance(): the SDKs' lazy module proxies (``openai.beta``)
+        # answer ``__class__`` by importing what they stand for (seconds of imports).
+        if issubclass(type(value), type) and base is not None and issubclass(value, base):
             status = value.__dict__.get("status_code")
             if isinstance(status, int) and status not in names:
                 names[status] = value.__name__
