@@ -7,7 +7,12 @@ collects must be what the SDK itself would have produced for the same measuremen
 from __future__ import annotations
 
 import logging
+import math
+import os
+import signal
 import threading
+import time
+import warnings
 from typing import Any
 
 import pytest
@@ -91,6 +96,15 @@ class Pair:
         )
 
 
+class Close(float):
+    """A sum: equal to one within rounding (intervals may be added in another grouping)."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, float | int) and math.isclose(self, other, rel_tol=1e-12)
+
+    __hash__ = float.__hash__
+
+
 def _summary(data: MetricsData | None) -> dict[str, Any]:
     """What a collection says, without timestamps, in an order-free form."""
     out: dict[str, Any] = {}
@@ -104,7 +118,7 @@ def _summary(data: MetricsData | None) -> dict[str, Any]:
                 for p in metric.data.data_points:
                     key = frozenset(p.attributes.items())
                     if hasattr(p, "bucket_counts"):
-                        points[key] = (p.count, p.sum, tuple(p.bucket_counts), p.min, p.max)
+                        points[key] = (p.count, Close(p.sum), tuple(p.bucket_counts), p.min, p.max)
                     else:
                         points[key] = p.value
                 out[metric.name] = (
@@ -392,3 +406,35 @@ def test_a_reader_without_the_private_preferences_is_left_to_the_sdk() -> None:
     provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
     del reader._instrument_class_aggregation
     assert _metrics.build_hub(provider, [reader], Resource.create({}), "x", "1") is None
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_records_although_a_lock_was_held_at_the_fork() -> None:
+    pair = Pair()
+    h = pair.hub.create_histogram("h")
+    h.record(1.0, {})
+    h._lock.acquire()  # another thread is recording at the moment of the fork
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+            pid = os.fork()
+        if pid == 0:  # the child: record, collect, report through the exit status
+            try:
+                h.record(2.0, {})
+                data = pair.ours_readers[1].get_metrics_data()
+                (point,) = data.resource_metrics[0].scope_metrics[0].metrics[0].data.data_points
+                os._exit(0 if point.count == 2 else 1)
+            except BaseException:
+                os._exit(2)
+    finally:
+        h._lock.release()
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail("the child hung on the lock held at the fork")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import threading
 import time
+import weakref
 from bisect import bisect_left
 from typing import TYPE_CHECKING, Any
 
@@ -106,6 +108,20 @@ def _frozen(attributes: Mapping[str, Any] | None) -> frozenset[tuple[str, Any]]:
     return frozenset(
         (k, tuple(v) if isinstance(v, list | tuple) else v) for k, v in attributes.items()
     )
+
+
+#: Every instrument and hub alive, for new locks in a forked child (a lock another thread
+#: held at the fork would stay locked there for good).
+_LOCKED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _new_locks_after_fork() -> None:
+    for owner in list(_LOCKED):
+        owner._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_locks_after_fork)
 
 
 class _Series:
@@ -178,6 +194,7 @@ class _Instrument:
         self._unit = unit
         self._description = description
         self._lock = threading.Lock()
+        _LOCKED.add(self)
         # The interval since the last collection: by the caller's attribute order (the hot
         # path's key) and by attribute set (what the points are made of).
         self._live: dict[Any, _Series] = {}
@@ -369,6 +386,7 @@ class MetricsHub:
             self.exemplar_mode = _EXEMPLARS_CUSTOM
             self.exemplar_filter = exemplar_filter
         self._lock = threading.Lock()
+        _LOCKED.add(self)
         self._instruments: dict[tuple[str, str], _Instrument] = {}
         self._readers: list[_ReaderState] = []
 
