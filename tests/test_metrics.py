@@ -438,3 +438,26 @@ def test_a_forked_child_records_although_a_lock_was_held_at_the_fork() -> None:
             pytest.fail("the child hung on the lock held at the fork")
         time.sleep(0.05)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "fast"),
+    [
+        (
+            "OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION",
+            "base2_exponential_bucket_histogram",
+            False,
+        ),
+        ("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "delta", True),
+    ],
+)
+def test_the_otlp_exporters_environment_decides_like_the_sdk(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, fast: bool
+) -> None:
+    monkeypatch.setenv(variable, value)
+    try:
+        ri.configure(exporter="otlp", otlp_endpoint="http://127.0.0.1:9", logs_exporter="none")
+        histogram = ri.get_runtime().stage_duration
+        assert isinstance(histogram, _metrics.FastHistogram) is fast
+    finally:
+        ri.shutdown(timeout=1.0)
