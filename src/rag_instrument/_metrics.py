@@ -263,6 +263,34 @@ class _Instrument:
         ids = span_context.span_id, span_context.trace_id
         return (amount, time.time_ns(), *ids, bool(attributes))
 
+    @staticmethod
+    def _add(series: _Series, amount: float, sample: _Sample | None) -> None:
+        """Add one measurement to ``series`` (called with the lock held)."""
+        raise NotImplementedError
+
+    def _measure(
+        self, amount: float, attributes: Mapping[str, Any] | None, context: Context | None
+    ) -> None:
+        """One measurement: the decision core of ``record`` and ``add``."""
+        try:
+            if amount < 0:
+                self._refuse(amount)
+                return
+            key = tuple(attributes.items()) if attributes else ()
+            sample = None
+            if self._hub.exemplar_mode:
+                sample = self._exemplar(amount, attributes, context)
+            with self._lock:
+                try:
+                    series = self._live[key]
+                except KeyError:
+                    series = self._series(key, attributes)
+                except TypeError:  # an unhashable attribute value (a list)
+                    series = self._series(None, attributes)
+                self._add(series, amount, sample)
+        except Exception:  # telemetry never fails the caller
+            return
+
     def swap(self) -> dict[frozenset[tuple[str, Any]], _Series]:
         """The interval so far, by attribute set; a new interval starts."""
         with self._lock:
@@ -285,31 +313,18 @@ class FastHistogram(_Instrument, metrics_api.Histogram):
         attributes: Mapping[str, Any] | None = None,
         context: Context | None = None,
     ) -> None:
-        try:
-            if amount < 0:
-                self._refuse(amount)
-                return
-            key = tuple(attributes.items()) if attributes else ()
-            index = bisect_left(BOUNDARIES, amount)
-            sample = None
-            if self._hub.exemplar_mode:
-                sample = self._exemplar(amount, attributes, context)
-            with self._lock:
-                try:
-                    series = self._live[key]
-                except KeyError:
-                    series = self._series(key, attributes)
-                except TypeError:  # an unhashable attribute value (a list)
-                    series = self._series(None, attributes)
-                series.count += 1
-                series.total += amount
-                series.low = min(series.low, amount)
-                series.high = max(series.high, amount)
-                series.buckets[index] += 1
-                if sample is not None:
-                    series.exemplars[index] = sample
-        except Exception:  # telemetry never fails the caller
-            return
+        self._measure(amount, attributes, context)
+
+    @staticmethod
+    def _add(series: _Series, amount: float, sample: _Sample | None) -> None:
+        index = bisect_left(BOUNDARIES, amount)
+        series.count += 1
+        series.total += amount
+        series.low = min(series.low, amount)
+        series.high = max(series.high, amount)
+        series.buckets[index] += 1
+        if sample is not None:  # the last exemplar of each bucket
+            series.exemplars[index] = sample
 
 
 class FastCounter(_Instrument, metrics_api.Counter):
@@ -323,29 +338,16 @@ class FastCounter(_Instrument, metrics_api.Counter):
         attributes: Mapping[str, Any] | None = None,
         context: Context | None = None,
     ) -> None:
-        try:
-            if amount < 0:
-                self._refuse(amount)
-                return
-            key = tuple(attributes.items()) if attributes else ()
-            sample = None
-            if self._hub.exemplar_mode:
-                sample = self._exemplar(amount, attributes, context)
-            with self._lock:
-                try:
-                    series = self._live[key]
-                except KeyError:
-                    series = self._series(key, attributes)
-                except TypeError:
-                    series = self._series(None, attributes)
-                series.count += 1
-                series.total += amount
-                if sample is not None:
-                    series.seen += 1
-                    if series.seen == 1 or random.random() * series.seen < 1:  # noqa: S311
-                        series.exemplars[0] = sample
-        except Exception:  # telemetry never fails the caller
-            return
+        self._measure(amount, attributes, context)
+
+    @staticmethod
+    def _add(series: _Series, amount: float, sample: _Sample | None) -> None:
+        series.count += 1
+        series.total += amount
+        if sample is not None:  # one exemplar, chosen uniformly (reservoir sampling)
+            series.seen += 1
+            if series.seen == 1 or random.random() * series.seen < 1:  # noqa: S311
+                series.exemplars[0] = sample
 
 
 class _ReaderState:
