@@ -10,8 +10,9 @@ percent run to run, whatever else the machine does. Each configuration of
 the setup, ingestion and warm-up are the same in both), and the difference divided by
 the difference in requests is its instructions per request, the export thread included.
 The OTLP receiver runs in a child process, as in ``profile_request.py``, so its decoding
-is not counted. Slow (callgrind runs Python about 50 times slower): about 2 minutes a
-run on our machines, two runs at a time. ``PYTHONHASHSEED`` is fixed for repeatability.
+is not counted. Slow (callgrind runs Python about 50 times slower; the app's setup,
+ingestion and warm-up run in every run): 2 to 5 minutes a run on our machines, two runs
+at a time. ``PYTHONHASHSEED`` is fixed for repeatability.
 
 Instructions are not time: a piece that misses the caches costs more per instruction.
 They show which version of a piece does less work, reliably, on any machine.
