@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -309,14 +310,19 @@ def test_concurrent_recording_and_collection_lose_nothing() -> None:
             c.add(1, {"t": n % 2})
 
     threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    start.wait()
-    deltas = []
-    while any(t.is_alive() for t in threads):
-        deltas.append(_summary(pair.ours_readers[1].get_metrics_data()))
-    for t in threads:
-        t.join()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter allows
+    try:
+        for t in threads:
+            t.start()
+        start.wait()
+        deltas = []
+        while any(t.is_alive() for t in threads):
+            deltas.append(_summary(pair.ours_readers[1].get_metrics_data()))
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
     deltas.append(_summary(pair.ours_readers[1].get_metrics_data()))
     total = pair.collect(0)[0]
     assert sum(p[0] for p in total["h"][4].values()) == 8000
@@ -461,3 +467,17 @@ def test_the_otlp_exporters_environment_decides_like_the_sdk(
         assert isinstance(histogram, _metrics.FastHistogram) is fast
     finally:
         ri.shutdown(timeout=1.0)
+
+
+def test_a_collection_with_nothing_recorded_takes_nothing_recorded_after_it() -> None:
+    # The collector swaps the interval out, then reads it without the lock: an empty
+    # interval must not be the live mapping, or measurements recorded meanwhile would be
+    # handed to the readers while still live, and counted again at the next collection.
+    pair = Pair()
+    h = pair.hub.create_histogram("h")
+    interval = h.swap()
+    h.record(1.0, {})
+    assert interval == {}
+    first = _summary(pair.ours_readers[1].get_metrics_data())  # delta
+    assert first["h"][4][frozenset()][0] == 1
+    assert pair.ours_readers[1].get_metrics_data() is None  # counted once

@@ -295,9 +295,10 @@ class _Instrument:
         """The interval so far, by attribute set; a new interval starts."""
         with self._lock:
             sets = self._sets
-            if sets:
-                self._sets = {}
-                self._live = {}
+            if not sets:
+                return {}  # never the live mapping: it fills again once the lock is free
+            self._sets = {}
+            self._live = {}
             return sets
 
 
