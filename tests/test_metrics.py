@@ -481,3 +481,10 @@ def test_a_collection_with_nothing_recorded_takes_nothing_recorded_after_it() ->
     first = _summary(pair.ours_readers[1].get_metrics_data())  # delta
     assert first["h"][4][frozenset()][0] == 1
     assert pair.ours_readers[1].get_metrics_data() is None  # counted once
+
+
+def test_a_reader_with_preferences_laid_out_otherwise_is_left_to_the_sdk() -> None:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
+    reader._instrument_class_cardinality_limit = ["not", "a", "mapping"]  # type: ignore[assignment]
+    assert _metrics.build_hub(provider, [reader], Resource.create({}), "x", "1") is None

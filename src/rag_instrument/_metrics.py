@@ -562,7 +562,10 @@ class MetricsHub:
 
 def _reader_state(reader: MetricReader) -> tuple[_ReaderState, int] | None:
     """What the hub needs of ``reader``, or ``None`` when it must be left to the SDK."""
-    from opentelemetry.sdk.metrics._internal.instrument import _Counter, _Histogram
+    try:  # the SDK's own instrument classes key a reader's preferences
+        from opentelemetry.sdk.metrics._internal.instrument import _Counter, _Histogram
+    except ImportError:
+        return None
 
     temporality = getattr(reader, "_instrument_class_temporality", None)
     aggregation = getattr(reader, "_instrument_class_aggregation", None)
@@ -602,7 +605,10 @@ def build_hub(
     states: list[tuple[MetricReader, _ReaderState]] = []
     limit = _DEFAULT_LIMIT
     for reader in readers:
-        found = _reader_state(reader)
+        try:
+            found = _reader_state(reader)
+        except Exception:  # laid out otherwise than we know: the SDK's instruments
+            found = None
         if found is None:
             _logger.debug("rag_instrument metrics: %r needs the SDK's instruments", reader)
             return None
