@@ -22,6 +22,11 @@ the SDK itself, both temporalities, several readers):
   says otherwise) go to the ``otel.metric.overflow`` point;
 * a negative value is dropped with a warning, as the SDK does.
 
+Two small differences remain: an exemplar on the overflow point carries no filtered
+attributes (the SDK's carries the measurement's own), and the attribute sets counted
+against the cardinality limit are those ever seen, also for a delta reader (the SDK
+starts a delta reader's count again at each collection).
+
 It is used only on a meter provider ``configure()`` built itself, and only when every
 reader uses the default aggregations (what a reader or the OTLP exporter's environment
 variables prefer otherwise, e.g. exponential histograms, goes to the SDK's instruments
