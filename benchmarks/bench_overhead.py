@@ -337,7 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
 
-        # LLMProvider.generate: span, log line and metrics around an instant model call.
+        # LLMProvider.generate: span and log line around an instant model call (a custom
+        # exporter builds no metrics reader: no metric points).
         ri.configure(
             exporter=DropExporter(),
             log_file=os.path.join(tmpdir, "ri-llm.jsonl"),
