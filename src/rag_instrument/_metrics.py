@@ -356,6 +356,19 @@ class FastCounter(_Instrument, metrics_api.Counter):
                 series.exemplars[0] = sample
 
 
+def _add_up(
+    into: dict[frozenset[tuple[str, Any]], _Series],
+    later: dict[frozenset[tuple[str, Any]], _Series],
+) -> None:
+    """Add the series of ``later`` (a later interval) to those of ``into``, by attribute set."""
+    for frozen, series in later.items():
+        mine = into.get(frozen)
+        if mine is None:
+            into[frozen] = series.copy()
+        else:
+            mine.merge(series)
+
+
 class _ReaderState:
     """One reader's view: its temporality, what it has not collected yet, its totals."""
 
@@ -442,13 +455,7 @@ class MetricsHub:
                 if not interval:
                     continue
                 for reader in self._readers:
-                    pending = reader.pending.setdefault(instrument, {})
-                    for frozen, series in interval.items():
-                        mine = pending.get(frozen)
-                        if mine is None:
-                            pending[frozen] = series.copy()
-                        else:
-                            mine.merge(series)
+                    _add_up(reader.pending.setdefault(instrument, {}), interval)
             previous, state.last = state.last, now
             metrics: list[Metric] = []
             for instrument in instruments:
@@ -461,12 +468,7 @@ class MetricsHub:
                     ]
                 else:
                     totals = state.totals.setdefault(instrument, {})
-                    for frozen, series in pending.items():
-                        total = totals.get(frozen)
-                        if total is None:
-                            totals[frozen] = series.copy()
-                        else:
-                            total.merge(series)
+                    _add_up(totals, pending)
                     points = [
                         self._point(
                             instrument,
