@@ -28,7 +28,6 @@ import asyncio
 import cProfile
 import io
 import pstats
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +45,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from examples.fastapi_app.app import create_app  # noqa: E402
 from run import QUESTIONS, WORDS  # noqa: E402
+from sink import ChildSink  # noqa: E402
 
 import rag_instrument as ri  # noqa: E402
 
@@ -53,32 +53,6 @@ import rag_instrument as ri  # noqa: E402
 class DropExporter(SpanExporter):
     def export(self, spans: Sequence[object]) -> SpanExportResult:  # type: ignore[override]
         return SpanExportResult.SUCCESS
-
-
-class ChildReceiver:
-    """The tests' OTLP receiver in a child process: its decoding is not this process's CPU."""
-
-    def __enter__(self) -> ChildReceiver:
-        code = (
-            "import sys; sys.path.insert(0, sys.argv[1]);"
-            "from support.otlp_receiver import OTLPReceiver;"
-            "r = OTLPReceiver().start(); print(r.endpoint, flush=True); sys.stdin.read()"
-        )
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", code, str(ROOT / "tests")],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.process.stdout is not None
-        self.endpoint = self.process.stdout.readline().strip()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.close()
-        self.process.terminate()
-        self.process.wait(timeout=15)
 
 
 async def run(
@@ -121,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="rag-profile-"))
     rows: list[tuple[str, float]] = []
-    with ChildReceiver() as receiver:
+    with ChildSink() as receiver:
         configs: list[tuple[str, dict[str, Any] | None]] = [
             ("plain", None),
             ("spans only", {"exporter": DropExporter(), "log_level": "critical"}),

@@ -6,7 +6,8 @@
 Two uvicorn servers (``serve.py``, 127.0.0.1, ephemeral ports) serve the example RAG app:
 ``plain`` (``configure(enabled=False)``, no middleware, engine not instrumented) and
 ``instrumented`` (``RequestMiddleware``, SQLAlchemy instrumentation, every stage; spans go
-over OTLP/HTTP to a local receiver in this process, JSON log lines to a file). Each round
+over OTLP/HTTP to a local receiver in a child process (``sink.py``), JSON log lines to a
+file). Each round
 drives ``POST /api/search`` on both, taking turns (ABBA), with a fixed number of requests
 at a fixed concurrency; the load stops by itself. Printed per mode: requests per second,
 p50 / p95 / p99 latency (medians over the rounds), the servers' CPU time per request
@@ -35,12 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from sink import ChildSink
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from support.otlp_receiver import OTLPReceiver  # noqa: E402
 
 _VOCABULARY = (
     "pool connection index hnsw recall latency cache token prompt rerank embedding vector "
@@ -168,7 +167,7 @@ async def drive(server: Server, requests: int, concurrency: int) -> dict[str, fl
 async def main_async(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="rag-load-"))
     log_file = tmp / "instrumented.jsonl"
-    with OTLPReceiver() as receiver:
+    with ChildSink() as receiver:
         common = {"RAG_EXAMPLE_LLM_MS": str(args.llm_ms), "PYTHONDONTWRITEBYTECODE": "1"}
         plain = Server(
             "plain",
@@ -198,7 +197,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 await server.wait_ready()
                 await seed(server, args.docs)
                 await drive(server, max(args.requests // 5, 50), args.concurrency)  # warm-up
-            spans_before = len(receiver.spans())
+            spans_before = receiver.span_count()
             lines_before = _count_lines(log_file)
             for round_no in range(args.rounds):
                 order = servers if round_no % 2 == 0 else servers[::-1]
@@ -208,7 +207,7 @@ async def main_async(args: argparse.Namespace) -> int:
             for server in servers:
                 server.stop()
         measured = args.requests * args.rounds
-        spans = (len(receiver.spans()) - spans_before) / measured
+        spans = (receiver.span_count() - spans_before) / measured
         lines = (_count_lines(log_file) - lines_before) / measured
 
     print(
