@@ -345,6 +345,21 @@ def test_otlp_exporter_reaches_a_real_receiver() -> None:
         assert receiver.wait_for_metrics({"rag.stage.duration"})
 
 
+def test_otel_metric_export_interval_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The library's own interval is 30 s; the standard variable overrides it, as the
+    # OTEL_BSP_* variables override the span batch settings.
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "200")
+    with OTLPReceiver() as receiver:
+        ri.configure(exporter="otlp", otlp_endpoint=receiver.endpoint)
+        try:
+            with ri.stage("retrieval"):
+                pass
+            # No flush, no shutdown: only the periodic export can deliver it in time.
+            assert receiver.wait_for_metrics({"rag.stage.duration"}, timeout=20.0)
+        finally:
+            ri.shutdown(timeout=5.0)
+
+
 def test_console_exporter_writes_spans(capsys: pytest.CaptureFixture[str]) -> None:
     ri.configure(exporter="console")
     with ri.stage("retrieval"):

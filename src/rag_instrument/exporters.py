@@ -511,6 +511,11 @@ def _otlp(signal: str) -> Callable[..., Any]:
         ) from exc
 
 
+def _metric_interval(default_ms: float) -> float | None:
+    """Our export interval, unless ``OTEL_METRIC_EXPORT_INTERVAL`` is set (the SDK reads it)."""
+    return None if "OTEL_METRIC_EXPORT_INTERVAL" in os.environ else default_ms
+
+
 def _otlp_metrics(settings: Settings) -> MetricExporter:
     return RefusableMetricExporter(
         _otlp("metric"), _otlp_url(settings, "metrics"), timeout_s=OTLP_TIMEOUT_S
@@ -645,12 +650,15 @@ def _meter(
     elif target == "console":
         all_readers.append(
             PeriodicExportingMetricReader(
-                ConsoleMetricExporter(out=sys.stdout), export_interval_millis=60_000
+                ConsoleMetricExporter(out=sys.stdout),
+                export_interval_millis=_metric_interval(60_000),
             )
         )
     elif target == "otlp":
         all_readers.append(
-            PeriodicExportingMetricReader(_otlp_metrics(settings), export_interval_millis=30_000)
+            PeriodicExportingMetricReader(
+                _otlp_metrics(settings), export_interval_millis=_metric_interval(30_000)
+            )
         )
     if not all_readers:
         return metrics_api.NoOpMeter(name), None, None, None
