@@ -10,7 +10,9 @@ percent run to run, whatever else the machine does. Each configuration of
 the setup, ingestion and warm-up are the same in both), and the difference divided by
 the difference in requests is its instructions per request, the export thread included.
 The OTLP receiver runs in a child process, as in ``profile_request.py``, so its decoding
-is not counted. Slow (callgrind runs Python about 50 times slower; the app's setup,
+is not counted. Spans are exported in batches of 1,024 and at the run's flushes, and metrics
+at shutdown, not on a timer (a timed export would make the count follow the machine's
+speed). Slow (callgrind runs Python about 50 times slower; the app's setup,
 ingestion and warm-up run in every run): 2 to 5 minutes a run on our machines, two runs
 at a time. ``PYTHONHASHSEED`` is fixed for repeatability.
 
@@ -78,7 +80,17 @@ def child(name: str, requests: int, endpoint: str) -> None:
 
 
 def _count(name: str, requests: int, endpoint: str, out: Path) -> int:
-    env = dict(os.environ, PYTHONHASHSEED="0")
+    # Exports at the run's flushes only, not on a timer: under callgrind a second of wall
+    # time holds a few requests, and a timed export's HTTP request would be shared by few
+    # spans (under load, one a second carries hundreds), so the count would follow the
+    # machine's speed. Batches of 1,024 spans and one metrics export at shutdown (the
+    # same in both runs) keep the figures repeatable.
+    env = dict(
+        os.environ,
+        PYTHONHASHSEED="0",
+        OTEL_BSP_SCHEDULE_DELAY="3600000",
+        OTEL_METRIC_EXPORT_INTERVAL="3600000",
+    )
     done = subprocess.run(
         [
             "valgrind",
@@ -114,12 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed (Debian: apt-get install valgrind)")
     sys.path.insert(0, str(HERE))
-    from profile_request import ChildReceiver
+    from sink import ChildSink
 
     few, many = args.requests
     names = args.only or list(CONFIGS)
     tmp = Path(tempfile.mkdtemp(prefix="rag-callgrind-"))
-    with ChildReceiver() as receiver, ThreadPoolExecutor(2) as pool:
+    with ChildSink() as receiver, ThreadPoolExecutor(2) as pool:
         jobs = {
             (name, n): pool.submit(_count, name, n, receiver.endpoint, tmp / f"{i}-{n}.out")
             for i, name in enumerate(names)
