@@ -7,13 +7,12 @@ Two uvicorn servers (``serve.py``, 127.0.0.1, ephemeral ports) serve the example
 ``plain`` (``configure(enabled=False)``, no middleware, engine not instrumented) and
 ``instrumented`` (``RequestMiddleware``, SQLAlchemy instrumentation, every stage; spans go
 over OTLP/HTTP to a local receiver in a child process (``sink.py``), JSON log lines to a
-file). Each round
-drives ``POST /api/search`` on both, taking turns (ABBA), with a fixed number of requests
-at a fixed concurrency; the load stops by itself. Printed per mode: requests per second,
-p50 / p95 / p99 latency (medians over the rounds), the servers' CPU time per request
-(user + system of the whole process, the export thread included), and how many spans and
-log lines each request produced. The goal of issue #9: instrumentation costs under 3% of
-throughput and of p95.
+file). Each round drives ``POST /api/search`` on both, taking turns (ABBA), with a fixed
+number of requests at a fixed concurrency; the load stops by itself. Printed per mode:
+requests per second, p50 / p95 / p99 latency (medians over the rounds), the servers' CPU
+time per request (user + system of the whole process, the export thread included), and
+how many spans and log lines each request produced. The goal of issue #9: instrumentation
+costs under 3% of throughput and of p95.
 
 The stand-in model waits ``--llm-ms`` per call (two calls per search, like a rewrite and
 an answer); SQL and scoring are real work on SQLite. The client runs on the same machine:
