@@ -286,6 +286,38 @@ def test_trace_based_exemplars_match_the_sdk(kind: str) -> None:
     assert _exemplars(pair.ours_readers[0].get_metrics_data(), "x") == []
 
 
+def test_trace_based_exemplars_unsampled_spans_odd_contexts_and_explicit_contexts() -> None:
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace as trace_api
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    pair = Pair(exemplar_filter=TraceBasedExemplarFilter())
+    with TracerProvider(sampler=ALWAYS_OFF).get_tracer("t").start_as_current_span("dropped"):
+        pair.measure("histogram", "unsampled", 3, {})
+    # Something that is not a span under the API's key: the API reads it as no span; the
+    # measurement is recorded all the same.
+    token = otel_context.attach(otel_context.set_value(trace_api._SPAN_KEY, object()))
+    try:
+        pair.measure("histogram", "odd", 3, {})
+    finally:
+        otel_context.detach(token)
+    # An explicit context decides, not the current one.
+    with TracerProvider().get_tracer("t").start_as_current_span("given") as given:
+        explicit = otel_context.get_current()
+    ours, sdk = pair.instrument("histogram", "explicit")
+    ours.record(5, {}, context=explicit)
+    sdk.record(5, {}, context=explicit)
+    for index in (0, 1):
+        ours_data = pair.ours_readers[index].get_metrics_data()
+        sdk_data = pair.sdk_readers[index].get_metrics_data()
+        assert _summary(ours_data) == _summary(sdk_data)
+        for name in ("unsampled", "odd"):
+            assert _exemplars(ours_data, name) == _exemplars(sdk_data, name) == []
+        (exemplar,) = _exemplars(ours_data, "explicit")
+        ctx = given.get_span_context()
+        assert (exemplar.span_id, exemplar.trace_id) == (ctx.span_id, ctx.trace_id)
+
+
 def test_always_on_exemplars_without_a_span_and_always_off() -> None:
     on = Pair(exemplar_filter=AlwaysOnExemplarFilter())
     on.measure("histogram", "x", 3, {})

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from opentelemetry.context import Context
 
 __all__ = [
+    "CONTEXT_IS_TUPLE",
     "LeafSpan",
     "StageSpan",
     "end_stage_span",
@@ -596,6 +597,9 @@ def _tuple_layout() -> bool:
 
 
 _RAW_CONTEXT: Final = _tuple_layout()
+#: Whether a ``SpanContext`` is the tuple (trace id, span id, remote, flags, state, valid),
+#: so that it can be built with ``tuple.__new__`` and read by unpacking (hot paths).
+CONTEXT_IS_TUPLE: Final = _RAW_CONTEXT
 _DEFAULT_STATE: Final = trace_api.DEFAULT_TRACE_STATE
 _MAX_TRACE_ID: Final = 2**128 - 1
 _MAX_SPAN_ID: Final = 2**64 - 1

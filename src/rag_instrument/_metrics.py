@@ -75,6 +75,9 @@ from opentelemetry.sdk.metrics.view import (
 )
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
+from rag_instrument._context import current_span
+from rag_instrument._leaf import CONTEXT_IS_TUPLE
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
@@ -104,6 +107,7 @@ _Sample = tuple[float, int, int | None, int | None, bool]
 
 _get_current_span = trace_api.get_current_span
 _INVALID_SPAN = trace_api.INVALID_SPAN
+_SAMPLED = int(trace_api.TraceFlags.SAMPLED)
 
 
 def _frozen(attributes: Mapping[str, Any] | None) -> frozenset[tuple[str, Any]]:
@@ -250,23 +254,28 @@ class _Instrument:
     ) -> _Sample | None:
         """An exemplar for this measurement, if the provider's filter samples it."""
         hub = self._hub
-        span = _get_current_span(context)
-        if hub.exemplar_mode == _EXEMPLARS_TRACE:
-            if span is _INVALID_SPAN:
-                return None
+        # The current span as the API's get_current_span() finds it, read from its context
+        # variable directly (no abstract-class check: the library's own hot path).
+        span = current_span() if context is None else _get_current_span(context)
+        try:
             span_context = span.get_span_context()
-            if not span_context.trace_flags.sampled:
-                return None
+        except AttributeError:  # not a span: the API would have returned the invalid one
+            span, span_context = _INVALID_SPAN, _INVALID_SPAN.get_span_context()
+        if CONTEXT_IS_TUPLE:  # the API's SpanContext is a tuple of these (checked at import)
+            trace_id, span_id, _, flags, _, valid = span_context
         else:
-            span_context = span.get_span_context()
-            if hub.exemplar_mode == _EXEMPLARS_CUSTOM and not hub.exemplar_filter.should_sample(
-                amount, time.time_ns(), attributes, context
-            ):
+            trace_id, span_id = span_context.trace_id, span_context.span_id
+            flags, valid = span_context.trace_flags, span_context.is_valid
+        if hub.exemplar_mode == _EXEMPLARS_TRACE:
+            if span is _INVALID_SPAN or not flags & _SAMPLED:
                 return None
-        if span is _INVALID_SPAN or not span_context.is_valid:
+        elif hub.exemplar_mode == _EXEMPLARS_CUSTOM and not hub.exemplar_filter.should_sample(
+            amount, time.time_ns(), attributes, context
+        ):
+            return None
+        if span is _INVALID_SPAN or not valid:
             return (amount, time.time_ns(), None, None, bool(attributes))
-        ids = span_context.span_id, span_context.trace_id
-        return (amount, time.time_ns(), *ids, bool(attributes))
+        return (amount, time.time_ns(), span_id, trace_id, bool(attributes))
 
     @staticmethod
     def _add(series: _Series, amount: float, sample: _Sample | None) -> None:
@@ -274,9 +283,12 @@ class _Instrument:
         raise NotImplementedError
 
     def _measure(
-        self, amount: float, attributes: Mapping[str, Any] | None, context: Context | None
+        self,
+        amount: float,
+        attributes: Mapping[str, Any] | None = None,
+        context: Context | None = None,
     ) -> None:
-        """One measurement: the decision core of ``record`` and ``add``."""
+        """One measurement: ``record`` and ``add`` themselves (one call a point fewer)."""
         try:
             if amount < 0:
                 self._refuse(amount)
@@ -313,21 +325,19 @@ class FastHistogram(_Instrument, metrics_api.Histogram):
     kind = "histogram"
     _buckets = len(BOUNDARIES) + 1
 
-    def record(
-        self,
-        amount: float,
-        attributes: Mapping[str, Any] | None = None,
-        context: Context | None = None,
-    ) -> None:
-        self._measure(amount, attributes, context)
+    record = _Instrument._measure
 
     @staticmethod
     def _add(series: _Series, amount: float, sample: _Sample | None) -> None:
         index = bisect_left(BOUNDARIES, amount)
         series.count += 1
         series.total += amount
-        series.low = min(series.low, amount)
-        series.high = max(series.high, amount)
+        # Comparisons, not min()/max(): a builtin call with its argument parsing costs
+        # more than the rest of this method (measured: 2,500 instructions a point).
+        if amount < series.low:  # noqa: PLR1730
+            series.low = amount
+        if amount > series.high:  # noqa: PLR1730
+            series.high = amount
         series.buckets[index] += 1
         if sample is not None:  # the last exemplar of each bucket
             series.exemplars[index] = sample
@@ -338,13 +348,7 @@ class FastCounter(_Instrument, metrics_api.Counter):
 
     kind = "counter"
 
-    def add(
-        self,
-        amount: float,
-        attributes: Mapping[str, Any] | None = None,
-        context: Context | None = None,
-    ) -> None:
-        self._measure(amount, attributes, context)
+    add = _Instrument._measure
 
     @staticmethod
     def _add(series: _Series, amount: float, sample: _Sample | None) -> None:
