@@ -169,10 +169,10 @@ def sdk_rows() -> list[tuple[str, float, str]]:
         ("chat.completions.create, stream=True, consumed", stream(bare), stream(ours), False),
         ("chat.completions.create (async)", achat(abare), achat(aours), True),
     ):
-        b, o, diff = paired(b_fn, o_fn, 300, is_async)
+        b, o, diff, spread = paired(b_fn, o_fn, 300, is_async)
         rows.append((f"openai SDK, bare: {label}", b, ""))
         rows.append((f"openai SDK, instrumented: {label}", o, ""))
-        rows.append(("  overhead per call", diff, f"goal < 60 us ({_spread()})"))
+        rows.append(("  overhead per call", diff, f"goal < 60 us ({_spread(spread)})"))
 
     # What the same telemetry costs in place: LLMProvider.generate's span + log line (no
     # metrics reader here), run right after each bare SDK call (no SDK wrapper involved).
@@ -185,12 +185,14 @@ def sdk_rows() -> list[tuple[str, float, str]]:
         await plain_call()
         return await provider.generate("q")
 
-    _, _, diff = paired(plain_call, call_then_generate, 300, True)
-    rows.append(("  for scale: LLMProvider.generate after each bare async call", diff, _spread()))
+    _, _, diff, spread = paired(plain_call, call_then_generate, 300, True)
+    rows.append(
+        ("  for scale: LLMProvider.generate after each bare async call", diff, _spread(spread))
+    )
 
     cached_client = ri.instrument_openai(client(), cache=ri.CacheSpec(ttl=3600))
     chat(cached_client)()  # the one miss
-    b, hit, _ = paired(chat(bare), chat(cached_client), 300, False)
+    b, hit, _, _ = paired(chat(bare), chat(cached_client), 300, False)
     rows.append(("openai SDK, instrumented, cache=CacheSpec(): a hit", hit, ""))
     rows.append(("  hit / bare call", hit / b * 100.0, "% (goal < 10%)"))
     return rows
@@ -198,8 +200,12 @@ def sdk_rows() -> list[tuple[str, float, str]]:
 
 def paired(
     bare: Callable[[], Any], ours: Callable[[], Any], n: int, is_async: bool
-) -> tuple[float, float, float]:
+) -> tuple[float, float, float, tuple[float, float]]:
     """Bare and instrumented in alternating batches, timed in this thread's CPU time.
+
+    Returns the medians of the bare and the instrumented batches, the median of their
+    paired differences, and the middle half of those differences (how far one batch's
+    difference strays on this machine).
 
     A loaded machine (other processes on the same cores) moves wall-clock figures by more
     than the overhead measured; CPU time of the calling thread, in interleaved batches,
@@ -227,18 +233,17 @@ def paired(
         b_runs.append(batch(bare))
         o_runs.append(batch(ours))
     diffs = [o - b for b, o in zip(b_runs, o_runs, strict=True)]
-    quartiles = statistics.quantiles(diffs, n=4)
-    SPREAD.append((quartiles[0], quartiles[2]))
-    return statistics.median(b_runs), statistics.median(o_runs), statistics.median(diffs)
+    low, _, high = statistics.quantiles(diffs, n=4)
+    return (
+        statistics.median(b_runs),
+        statistics.median(o_runs),
+        statistics.median(diffs),
+        (low, high),
+    )
 
 
-#: The middle half of the paired differences of each ``paired`` call, in order: how far
-#: one batch's difference strays on this machine (printed beside the median).
-SPREAD: list[tuple[float, float]] = []
-
-
-def _spread() -> str:
-    low, high = SPREAD[-1]
+def _spread(spread: tuple[float, float]) -> str:
+    low, high = spread
     return f"middle half of the {REPEATS * 3} paired batches: {low:+.1f} to {high:+.1f} us"
 
 

@@ -596,10 +596,9 @@ def _tuple_layout() -> bool:
     )
 
 
-_RAW_CONTEXT: Final = _tuple_layout()
 #: Whether a ``SpanContext`` is the tuple (trace id, span id, remote, flags, state, valid),
 #: so that it can be built with ``tuple.__new__`` and read by unpacking (hot paths).
-CONTEXT_IS_TUPLE: Final = _RAW_CONTEXT
+CONTEXT_IS_TUPLE: Final = _tuple_layout()
 _DEFAULT_STATE: Final = trace_api.DEFAULT_TRACE_STATE
 _MAX_TRACE_ID: Final = 2**128 - 1
 _MAX_SPAN_ID: Final = 2**64 - 1
@@ -771,7 +770,7 @@ def start_stage_span(
     else:
         span_id = sdk.id_generator.generate_span_id()
     flags = _FLAGS[(1 if sampled else 0) | random_flag]
-    if _RAW_CONTEXT and 0 < trace_id <= _MAX_TRACE_ID and 0 < span_id <= _MAX_SPAN_ID:
+    if CONTEXT_IS_TUPLE and 0 < trace_id <= _MAX_TRACE_ID and 0 < span_id <= _MAX_SPAN_ID:
         span_context = tuple.__new__(
             trace_api.SpanContext,
             (trace_id, span_id, False, flags, trace_state or _DEFAULT_STATE, True),
