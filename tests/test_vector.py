@@ -15,6 +15,7 @@ import rag_instrument as ri
 from rag_instrument._sweep import percentile, recall_at_k
 from rag_instrument.testing import capture
 from rag_instrument.vector import query_shape, result_count
+from support.gc_cycles import library_garbage
 
 # --- vector_search --------------------------------------------------------------------------
 
@@ -139,6 +140,22 @@ def test_nested_vector_searches_count_once_but_other_work_rolls_up() -> None:
     assert breakdown["db"]["count"] == 1
     inner_span = cap.span(inner.__qualname__)
     assert inner_span.parent.span_id == cap.span(outer.__qualname__).context.span_id
+
+
+def test_searches_inside_a_stage_leave_nothing_for_the_garbage_collector() -> None:
+    # An operation's frame once referred back to the operation: a reference cycle holding
+    # the span and the breakdown until a collection.
+    with capture():
+        with ri.stage("retrieval"):
+            search([[0.0]])  # first use: the library's caches are filled here
+        with library_garbage() as garbage:
+            for _ in range(3):
+                with ri.stage("retrieval"):
+                    search([[0.0]])
+                    asyncio.run(asearch("q"))
+                    with pytest.raises(TypeError):
+                        search(None)  # type: ignore[arg-type]
+    assert garbage == []
 
 
 def test_disabled_is_a_pass_through() -> None:

@@ -68,7 +68,10 @@ class Frame:
 
     ``breakdown`` accumulates the work reported while this frame is the innermost one; at
     exit it is rolled up into ``parent``. ``stage`` is the pipeline stage log lines inside
-    this frame report (a traced operation inherits its parent's).
+    this frame report (a traced operation inherits its parent's). ``owner``: the object
+    that opened it, for a ``with`` block to find its own frame (``None`` when nothing looks);
+    an owner that keeps the frame must drop it when the frame ends, or the two form a
+    reference cycle that only the garbage collector frees, with all they hold.
     """
 
     __slots__ = (

@@ -71,7 +71,7 @@ def start(
         parent = current_frame()
         if parent is not None:
             # Only inside a stage is there a breakdown to protect from double counting.
-            frame = Frame(name, parent.stage, False, parent, span, op)
+            frame = Frame(name, parent.stage, False, parent, span, None)  # no cycle: see web
             op.frame = frame
             op.frame_token = set_frame(frame)
         op.context_token = otel_context.attach(trace_api.set_span_in_context(span))

@@ -309,7 +309,10 @@ class _Request:
             raise
         self.span = span
         self.start_attrs = attributes
-        self.frame = frame = Frame("request", None, False, None, span, self)
+        # No owner: the frame would refer back to this object, a reference cycle that only
+        # the garbage collector frees (with everything the request held, promoted to the
+        # oldest generation while it ran: fuller and more frequent full collections).
+        self.frame = frame = Frame("request", None, False, None, span, None)
         frame.start_ns = self.start_ns
         self.timings: _breakdown.StageTimings | None = None
         timings_token = None
