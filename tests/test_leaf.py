@@ -203,6 +203,60 @@ def test_children_follow_the_parents_decision() -> None:
     assert exported.parent.is_remote
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    flags=st.integers(min_value=0, max_value=255),
+    remote=st.booleans(),
+    state=st.lists(
+        st.tuples(st.sampled_from(["a", "vendor", "k1"]), st.sampled_from(["1", "x-y"])),
+        max_size=2,
+        unique_by=lambda pair: pair[0],
+    ),
+    valid=st.booleans(),
+    through_context=st.booleans(),
+)
+def test_the_parents_decision_flags_and_state_are_the_sdks(
+    flags: int, remote: bool, state: list[tuple[str, str]], valid: bool, through_context: bool
+) -> None:
+    # The usual case (parent-based sampling, random ids) is decided in fewer steps: every
+    # parent (sampled or not, remote or local, any flags and trace state, or none) still
+    # gives the span the SDK would give.
+    provider, _ = _app()
+    tracer = provider.get_tracer("t")
+    _leaf.start_stage_span(tracer, "warm-up", {}).end()  # the tracer's facts, found once
+    parent = SpanContext(
+        0xABC if valid else 0,
+        0xDEF,
+        is_remote=remote,
+        trace_flags=TraceFlags(flags),
+        trace_state=trace.TraceState(state),
+    )
+    context = trace.set_span_in_context(NonRecordingSpan(parent))
+    token = None if through_context else otel_context.attach(context)
+    try:
+        ours = _leaf.start_stage_span(
+            tracer, "s", {"a": 1}, context=context if through_context else None
+        )
+        sdk = tracer.start_span("s", context=context, attributes={"a": 1})
+    finally:
+        if token is not None:
+            otel_context.detach(token)
+    assert isinstance(ours, StageSpan) is sdk.is_recording()
+    assert ours.is_recording() is sdk.is_recording()
+    mine, theirs = ours.get_span_context(), sdk.get_span_context()
+    assert mine.trace_flags == theirs.trace_flags
+    assert mine.trace_state == theirs.trace_state
+    assert mine.is_valid
+    assert not mine.is_remote
+    if valid:
+        assert mine.trace_id == theirs.trace_id == 0xABC
+    if isinstance(ours, StageSpan):
+        assert isinstance(sdk, Span)
+        assert ours.parent == sdk.parent
+        ours.end()
+    sdk.end()
+
+
 class KeepNamed(Sampler):
     """A custom sampler: keeps spans with one name and adds an attribute of its own."""
 

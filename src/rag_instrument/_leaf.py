@@ -606,6 +606,11 @@ _MAX_SPAN_ID: Final = 2**64 - 1
 # Whether this SDK sets the "random trace id" flag (W3C Trace Context level 2).
 _RANDOM_FLAG: Final = int(getattr(trace_api.TraceFlags, "RANDOM_TRACE_ID", 0))
 _FLAGS: Final = tuple(trace_api.TraceFlags(bits) for bits in range(4))
+_SAMPLED_FLAG: Final = int(trace_api.TraceFlags.SAMPLED)
+#: The parent's flags a child keeps under parent-based sampling: sampled, random trace id.
+_KEPT_FLAGS: Final = _SAMPLED_FLAG | _RANDOM_FLAG
+_SPAN_CONTEXT: Final = trace_api.SpanContext
+_ROOT_FLAGS: Final = _FLAGS[_SAMPLED_FLAG | _RANDOM_FLAG]
 
 
 class _Processor:
@@ -731,6 +736,36 @@ def start_stage_span(
         current_span() if context is None else trace_api.get_current_span(context)
     ).get_span_context()
     sampler = sdk.sampler
+    if (
+        sampler is facts.sampler
+        and facts.sampling == "parent"
+        and facts.random_ids
+        and CONTEXT_IS_TUPLE
+        and type(parent) is _SPAN_CONTEXT
+    ):
+        # The usual case, decided as below in fewer steps: a parent-based sampler with the
+        # default delegates and an always-on root (the parent decides; a root is sampled),
+        # random ids, the parent's context read as the tuple it is.
+        trace_id, _, _, parent_flags, state, valid = parent
+        if valid:
+            flags = _FLAGS[parent_flags & _KEPT_FLAGS]
+        else:
+            parent = None
+            trace_id = random.getrandbits(128)
+            while not trace_id:
+                trace_id = random.getrandbits(128)
+            flags, state = _ROOT_FLAGS, _DEFAULT_STATE
+        span_id = random.getrandbits(64)
+        while not span_id:
+            span_id = random.getrandbits(64)
+        span_context = tuple.__new__(
+            _SPAN_CONTEXT, (trace_id, span_id, False, flags, state or _DEFAULT_STATE, True)
+        )
+        if not flags & _SAMPLED_FLAG:
+            return trace_api.NonRecordingSpan(span_context)
+        return _stage_span(
+            facts, sdk, name, span_context, parent, attributes, kind, sanitized, context
+        )
     sampling = facts.sampling_of(sampler)
     sampled = recording = True
     trace_state: trace_api.TraceState | None = None
@@ -781,6 +816,21 @@ def start_stage_span(
         )
     if not recording:
         return trace_api.NonRecordingSpan(span_context)
+    return _stage_span(facts, sdk, name, span_context, parent, attributes, kind, sanitized, context)
+
+
+def _stage_span(
+    facts: _Facts,
+    sdk: Any,
+    name: str,
+    span_context: trace_api.SpanContext,
+    parent: trace_api.SpanContext | None,
+    attributes: dict[str, Any],
+    kind: trace_api.SpanKind,
+    sanitized: bool,
+    context: Context | None,
+) -> StageSpan:
+    """The recording span, once sampled, with the processors' ``on_start`` if they act."""
     processor = facts.processor
     multi = sdk.span_processor
     if (
