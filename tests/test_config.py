@@ -360,6 +360,47 @@ def test_otel_metric_export_interval_is_honoured(monkeypatch: pytest.MonkeyPatch
             ri.shutdown(timeout=5.0)
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("OTEL_BSP_SCHEDULE_DELAY", "1s"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "0"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "250.5"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "-1"),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "many"),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "100000"),  # larger than the span queue
+        ("OTEL_BSP_EXPORT_TIMEOUT", "-5"),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "30s"),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "0"),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "nan"),
+        ("OTEL_METRIC_EXPORT_TIMEOUT", "soon"),
+    ],
+)
+def test_an_unusable_export_variable_fails_configure_naming_it(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    # The SDK would warn and keep its default (or fail naming no variable): a batch delay
+    # or interval the operator believes is in force and is not.
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=variable) as raised:
+        ri.configure(exporter="memory")
+    assert repr(value) in str(raised.value)
+    assert not ri.is_configured()  # refused before anything was installed
+
+
+def test_usable_export_variables_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", " 200 ")
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "4096")
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4096")
+    monkeypatch.setenv("OTEL_BSP_EXPORT_TIMEOUT", "0")
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "inf")  # no periodic export
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_TIMEOUT", "2500.5")
+    ri.configure(exporter="console", metrics_exporter="none")
+    with ri.stage("retrieval"):
+        pass
+    ri.shutdown()
+
+
 def test_console_exporter_writes_spans(capsys: pytest.CaptureFixture[str]) -> None:
     ri.configure(exporter="console")
     with ri.stage("retrieval"):

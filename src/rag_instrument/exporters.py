@@ -79,6 +79,11 @@ from rag_instrument._sending import (
     estimated_bytes,
     install_refusal_filter,
 )
+from rag_instrument._settings import (
+    SPAN_EXPORT_BATCH_SIZE,
+    SPAN_QUEUE_SIZE,
+    SPAN_SCHEDULE_DELAY_MS,
+)
 from rag_instrument._utils import user_code_error
 
 if TYPE_CHECKING:
@@ -105,11 +110,10 @@ __all__ = [
     "start_stage_span",
 ]
 
-#: Large enough that a tight loop of stages does not outrun the export thread; the SDK's
-#: default of 2048 was measured dropping 18-41 % of spans in such a loop (RELIABILITY.md 50).
-MAX_QUEUE_SIZE = 65_536
-SCHEDULE_DELAY_MS = 1_000
-EXPORT_BATCH_SIZE = 1_024
+#: The span batch defaults (see :data:`rag_instrument._settings.SPAN_QUEUE_SIZE`).
+MAX_QUEUE_SIZE = SPAN_QUEUE_SIZE
+SCHEDULE_DELAY_MS = SPAN_SCHEDULE_DELAY_MS
+EXPORT_BATCH_SIZE = SPAN_EXPORT_BATCH_SIZE
 OTLP_TIMEOUT_S = 5.0
 
 
