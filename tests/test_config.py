@@ -374,6 +374,9 @@ def test_otel_metric_export_interval_is_honoured(monkeypatch: pytest.MonkeyPatch
         ("OTEL_METRIC_EXPORT_INTERVAL", "0"),
         ("OTEL_METRIC_EXPORT_INTERVAL", "nan"),
         ("OTEL_METRIC_EXPORT_TIMEOUT", "soon"),
+        ("OTEL_METRIC_EXPORT_TIMEOUT", "inf"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", str(10**30)),  # more than a queue can hold
+        ("OTEL_BSP_SCHEDULE_DELAY", str(10**12)),  # longer than the SDK's timer can wait
     ],
 )
 def test_an_unusable_export_variable_fails_configure_naming_it(
@@ -386,6 +389,20 @@ def test_an_unusable_export_variable_fails_configure_naming_it(
         ri.configure(exporter="memory")
     assert repr(value) in str(raised.value)
     assert not ri.is_configured()  # refused before anything was installed
+
+
+def test_a_span_queue_smaller_than_the_librarys_batch_is_honoured(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Once failed configure() in the SDK ("max_export_batch_size must be less than or equal
+    # to max_queue_size"): the library's own batch of 1,024 now shrinks to the queue.
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "10")
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "")  # empty: not set
+    ri.configure(exporter="console")
+    with ri.stage("retrieval"):
+        pass
+    ri.shutdown()
+    assert '"name": "retrieval"' in capsys.readouterr().out
 
 
 def test_usable_export_variables_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:

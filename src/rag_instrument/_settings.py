@@ -599,15 +599,20 @@ SPAN_SCHEDULE_DELAY_MS: Final = 1_000
 SPAN_EXPORT_BATCH_SIZE: Final = 1_024
 
 #: The standard variables the SDK reads when ``configure()`` builds the export pipelines:
-#: name -> (number type, smallest value allowed, whether that value itself is allowed).
-_EXPORT_VARIABLES: Final[dict[str, tuple[type[int] | type[float], float, bool]]] = {
-    "OTEL_BSP_SCHEDULE_DELAY": (int, 0, False),
-    "OTEL_BSP_MAX_QUEUE_SIZE": (int, 0, False),
-    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": (int, 0, False),
-    "OTEL_BSP_EXPORT_TIMEOUT": (int, 0, True),
-    "OTEL_METRIC_EXPORT_INTERVAL": (float, 0, False),
-    "OTEL_METRIC_EXPORT_TIMEOUT": (float, 0, True),
+#: name -> (number type, unit, whether zero is allowed).
+_EXPORT_VARIABLES: Final[dict[str, tuple[type[int] | type[float], str, bool]]] = {
+    "OTEL_BSP_SCHEDULE_DELAY": (int, "milliseconds", False),
+    "OTEL_BSP_MAX_QUEUE_SIZE": (int, "spans", False),
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": (int, "spans", False),
+    "OTEL_BSP_EXPORT_TIMEOUT": (int, "milliseconds", True),
+    "OTEL_METRIC_EXPORT_INTERVAL": (float, "milliseconds", False),
+    "OTEL_METRIC_EXPORT_TIMEOUT": (float, "milliseconds", True),
 }
+
+
+#: The longest delay, interval or timeout accepted (about 24.8 days in milliseconds), and
+#: the largest size.
+_MAX_EXPORT_MS: Final = 2**31 - 1
 
 
 def check_export_variables(env: Mapping[str, str]) -> dict[str, float]:
@@ -615,26 +620,35 @@ def check_export_variables(env: Mapping[str, str]) -> dict[str, float]:
 
     The SDK itself would log a warning and keep its default for a value it cannot read
     (``OTEL_BSP_SCHEDULE_DELAY=1s``), and fail with a message that names no variable for
-    one out of range (``0``, a batch larger than the queue). Milliseconds; the metric ones
-    may be ``inf`` (no periodic export).
+    one out of range (``0``, a batch larger than the queue). Delays, intervals and timeouts
+    in milliseconds, sizes in spans; the metric interval may be ``inf`` (no periodic
+    export).
 
     Raises:
         ValueError: naming the variable, its value and what is accepted.
     """
     found: dict[str, float] = {}
-    for name, (kind, least, inclusive) in _EXPORT_VARIABLES.items():
+    for name, (kind, unit, zero) in _EXPORT_VARIABLES.items():
         raw = env.get(name)
         if raw is None or raw.strip() == "":
             continue
+        endless = name == "OTEL_METRIC_EXPORT_INTERVAL"  # inf: no periodic export
         accepted = (
-            f"{'an integer' if kind is int else 'a number'} of milliseconds "
-            f"{'>= 0' if inclusive else '> 0'}"
+            f"{'an integer' if kind is int else 'a number'} of {unit} "
+            f"{'>= 0' if zero else '> 0'} and up to {_MAX_EXPORT_MS}"
+            f"{' (or inf)' if endless else ''}"
         )
         try:
             value: float = kind(raw.strip())
         except ValueError:
             raise bad(name, f"environment variable {name}", raw, accepted) from None
-        if math.isnan(value) or value < least or (value == least and not inclusive):
+        if (
+            math.isnan(value)
+            or value < 0
+            or (value == 0 and not zero)
+            # Longer waits overflow the SDK's timers (its export thread would die).
+            or (value > _MAX_EXPORT_MS and not (endless and value == math.inf))
+        ):
             raise bad(name, f"environment variable {name}", raw, accepted)
         found[name] = value
     batch = found.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE")

@@ -83,6 +83,7 @@ from rag_instrument._settings import (
     SPAN_EXPORT_BATCH_SIZE,
     SPAN_QUEUE_SIZE,
     SPAN_SCHEDULE_DELAY_MS,
+    check_export_variables,
 )
 from rag_instrument._utils import user_code_error
 
@@ -341,13 +342,16 @@ class _CountingBatchProcessor(BatchSpanProcessor):
     """The SDK's batch processor, counting the spans it drops because its queue is full."""
 
     def __init__(self, exporter: SpanExporter, drops: _Drops) -> None:
-        env = os.environ
+        # The standard variables where set (configure() has refused unusable ones), else
+        # ours; our batch never exceeds a smaller queue the operator asked for.
+        env = check_export_variables(os.environ)
+        queue = int(env.get("OTEL_BSP_MAX_QUEUE_SIZE", MAX_QUEUE_SIZE))
         super().__init__(
             exporter,
-            max_queue_size=None if "OTEL_BSP_MAX_QUEUE_SIZE" in env else MAX_QUEUE_SIZE,
-            schedule_delay_millis=None if "OTEL_BSP_SCHEDULE_DELAY" in env else SCHEDULE_DELAY_MS,
-            max_export_batch_size=(
-                None if "OTEL_BSP_MAX_EXPORT_BATCH_SIZE" in env else EXPORT_BATCH_SIZE
+            max_queue_size=queue,
+            schedule_delay_millis=int(env.get("OTEL_BSP_SCHEDULE_DELAY", SCHEDULE_DELAY_MS)),
+            max_export_batch_size=int(
+                env.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", min(EXPORT_BATCH_SIZE, queue))
             ),
         )
         self._drops = drops
@@ -515,9 +519,9 @@ def _otlp(signal: str) -> Callable[..., Any]:
         ) from exc
 
 
-def _metric_interval(default_ms: float) -> float | None:
-    """Our export interval, unless ``OTEL_METRIC_EXPORT_INTERVAL`` is set (the SDK reads it)."""
-    return None if "OTEL_METRIC_EXPORT_INTERVAL" in os.environ else default_ms
+def _metric_interval(default_ms: float) -> float:
+    """Our export interval, unless ``OTEL_METRIC_EXPORT_INTERVAL`` is set (and usable)."""
+    return check_export_variables(os.environ).get("OTEL_METRIC_EXPORT_INTERVAL", default_ms)
 
 
 def _otlp_metrics(settings: Settings) -> MetricExporter:
