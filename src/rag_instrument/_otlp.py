@@ -22,7 +22,7 @@ It must produce exactly what the SDK's encoder produces, or not be used:
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
 from opentelemetry import trace as trace_api
@@ -579,19 +579,22 @@ def agrees_with_sdk() -> bool:
 _AGREES: list[bool | None] = [None]
 
 
-def fast_exporter(make: Any, **kwargs: Any) -> Any:
+def fast_exporter(
+    make: Any, *, max_bytes: int = 0, split: Split | None = None, **kwargs: Any
+) -> Any:
     """An OTLP/HTTP span exporter (``make``, the SDK's class) that encodes with this module.
 
     The SDK's exporter is returned as it is when its layout is not the one the fast path
     knows (an HTTP client taking serialised bytes, its export metrics, its size limit) or
-    when the encoders disagree on the sample spans.
+    when the encoders disagree on the sample spans. ``max_bytes`` and ``split``: see
+    :class:`FastOTLPSpanExporter`.
     """
     exporter = make(**kwargs)
     if _AGREES[0] is None:
         _AGREES[0] = agrees_with_sdk()
     if not _AGREES[0] or not _knows_layout(exporter):
         return exporter
-    return FastOTLPSpanExporter(exporter)
+    return FastOTLPSpanExporter(exporter, max_bytes, split)
 
 
 def _knows_layout(exporter: Any) -> bool:
@@ -605,14 +608,26 @@ def _knows_layout(exporter: Any) -> bool:
     )
 
 
+#: ``split(spans, max_bytes)``: ``spans`` in chunks of at most about ``max_bytes`` each.
+Split = Callable[[Sequence[ReadableSpan], int], Iterable[Sequence[ReadableSpan]]]
+
+
 class FastOTLPSpanExporter(SpanExporter):
     """Wraps the SDK's OTLP/HTTP span exporter: the same sending, the bytes made here.
 
-    A batch this module cannot encode goes to the SDK exporter's own ``export``.
+    A batch this module cannot encode goes to the SDK exporter's own ``export``. With
+    ``max_bytes`` and ``split``, a request whose encoding is larger than ``max_bytes`` is
+    sent as several, the batch cut by ``split``: the size is measured on the bytes made
+    anyway, so a batch of the usual size costs no estimate.
     """
 
-    def __init__(self, inner: Any) -> None:
+    #: Callers need not cut batches by size first: :meth:`export` does, from the encoding.
+    splits_by_size = True
+
+    def __init__(self, inner: Any, max_bytes: int = 0, split: Split | None = None) -> None:
         self.inner = inner
+        self.max_bytes = max_bytes
+        self.split = split
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         """Encode ``spans`` and send them with the wrapped exporter's HTTP client."""
@@ -623,6 +638,18 @@ class FastOTLPSpanExporter(SpanExporter):
             data = encode_request(spans)
         except Exception:
             return inner.export(spans)  # type: ignore[no-any-return]
+        if 0 < self.max_bytes < len(data) and len(spans) > 1 and self.split is not None:
+            outcome = SpanExportResult.SUCCESS
+            for chunk in self.split(spans, self.max_bytes):
+                if len(chunk) == len(spans):  # the estimate keeps them together: as they are
+                    return self._send(spans, data)
+                if self.export(chunk) is not SpanExportResult.SUCCESS:
+                    outcome = SpanExportResult.FAILURE
+            return outcome
+        return self._send(spans, data)
+
+    def _send(self, spans: Sequence[ReadableSpan], data: bytes) -> SpanExportResult:
+        inner = self.inner
         if 0 < inner._max_request_size < len(data):
             return inner.export(spans)  # type: ignore[no-any-return]  # it drops it, saying why
         with inner._metrics.export_operation(len(spans)) as result:
@@ -643,4 +670,3 @@ class FastOTLPSpanExporter(SpanExporter):
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         """Flush the wrapped exporter."""
         return bool(self.inner.force_flush(timeout_millis))
-

@@ -302,6 +302,8 @@ class SafeSpanExporter(SpanExporter):
                 self._drops.add(len(spans))
                 user_code_error("redacting spans for export", exc)
                 return SpanExportResult.FAILURE
+        if getattr(self.inner, "splits_by_size", False):  # it measures its own encoding
+            return self._export(spans)
         outcome = SpanExportResult.SUCCESS
         for chunk in by_size(spans, MAX_EXPORT_BYTES):
             if self._export(chunk) is not SpanExportResult.SUCCESS:
@@ -491,7 +493,11 @@ def _span_processors(settings: Settings, drops: _Drops) -> tuple[list[SpanProces
     elif settings.exporter == "otlp":
         # The SDK's exporter, sending what rag_instrument's encoder wrote (the same bytes).
         exporter = fast_exporter(
-            _otlp("trace"), endpoint=_otlp_url(settings, "traces"), timeout=OTLP_TIMEOUT_S
+            _otlp("trace"),
+            max_bytes=MAX_EXPORT_BYTES,
+            split=by_size,
+            endpoint=_otlp_url(settings, "traces"),
+            timeout=OTLP_TIMEOUT_S,
         )
     elif settings.exporter == "custom":
         exporter = settings.span_exporter
