@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -28,7 +32,10 @@ def test_leaf_span_under_a_stage_is_a_full_child(rag_capture: Capture) -> None:
     assert leaf.parent.span_id == parent.get_span_context().span_id
     assert leaf.context.trace_id == parent.get_span_context().trace_id
     assert leaf.kind is SpanKind.CLIENT
-    assert dict(leaf.attributes or {}) == {"db.system.name": "sqlite", "db.operation.name": "SELECT"}
+    assert dict(leaf.attributes or {}) == {
+        "db.system.name": "sqlite",
+        "db.operation.name": "SELECT",
+    }
     assert leaf.status.status_code is StatusCode.ERROR
     assert leaf.resource.attributes["service.name"] == "rag-service"
     assert leaf.instrumentation_scope is not None
@@ -77,7 +84,9 @@ def test_the_applications_processors_receive_leaf_spans() -> None:
 def test_secrets_in_any_span_are_masked_before_export(rag_capture: Capture) -> None:
     tracer = trace.get_tracer("some.other.instrumentation")
     with tracer.start_as_current_span("GET") as span:
-        span.set_attribute("url.full", "https://user:hunter2@api.example.com/v1?api_key=abc123secret")
+        span.set_attribute(
+            "url.full", "https://user:hunter2@api.example.com/v1?api_key=abc123secret"
+        )
         span.set_attribute("http.request.header.authorization", ("Bearer abcdef123456",))
         span.set_attribute("api_key", "k-123")
         span.set_attribute("gen_ai.usage.input_tokens", 12)
@@ -116,3 +125,59 @@ def test_attributes_added_to_a_stage_span_by_hand_are_still_masked(rag_capture: 
         pass
     assert (rag_capture.span("retrieval").attributes or {})["api_key"] == "[REDACTED]"
     assert (rag_capture.span("generation").attributes or {})["rag.stage"] == "generation"
+
+
+# --- the batch processor's queue ---------------------------------------------------------------
+
+
+def test_a_full_batch_wakes_the_export_thread_before_its_delay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Spans are queued without the SDK's emit() (a system call per span); a queue holding a
+    # whole batch must still wake the export thread, long before the hour-long delay.
+    import threading
+
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "3600000")
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "8")
+    exported: list[str] = []
+    arrived = threading.Event()
+
+    class Collect(SpanExporter):
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            exported.extend(span.name for span in spans)
+            if len(exported) >= 8:
+                arrived.set()
+            return SpanExportResult.SUCCESS
+
+    ri.configure(exporter=Collect(), metrics_exporter="none")
+    try:
+        for n in range(8):
+            with ri.stage(f"s{n}"):
+                pass
+        assert arrived.wait(30), exported  # no flush: only the wake-up can send them
+        assert sorted(exported) == [f"s{n}" for n in range(8)]
+    finally:
+        ri.shutdown()
+
+
+def test_spans_after_shutdown_are_refused_the_sdks_way(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    class Drop(SpanExporter):
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    ri.configure(exporter=Drop(), metrics_exporter="none")
+    pipelines = ri.get_runtime().pipelines
+    assert pipelines is not None
+    processor: Any = next(p for p in pipelines.processors if hasattr(p, "_batch_processor"))
+    processor._batch_processor.shutdown()
+    with caplog.at_level(logging.INFO):
+        with ri.stage("late"):
+            pass
+    assert any("Shutdown called" in r.getMessage() for r in caplog.records)
+    ri.shutdown()

@@ -18,6 +18,7 @@ Design (see ``docs/design.md``):
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import sys
@@ -340,6 +341,29 @@ class SafeSpanExporter(SpanExporter):
             return False
 
 
+#: This process's id, kept current across forks: the batch processor's check that it runs in
+#: the process that made it, without a system call per span.
+_PROCESS: list[int] = [os.getpid()]
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: _PROCESS.__setitem__(0, os.getpid()))
+
+
+def _emits_inline(inner: Any) -> bool:
+    """Whether ``inner`` (the SDK's batch processor) has the state its emit() reads."""
+    try:
+        return (
+            isinstance(inner._shutdown, bool)
+            and isinstance(inner._pid, int)
+            and isinstance(inner._queue, collections.deque)
+            and isinstance(inner._max_queue_size, int)
+            and isinstance(inner._max_export_batch_size, int)
+            and isinstance(inner._worker_awaken, threading.Event)
+            and callable(getattr(inner, "emit", None))
+        )
+    except AttributeError:
+        return False
+
+
 class _CountingBatchProcessor(BatchSpanProcessor):
     """The SDK's batch processor, counting the spans it drops because its queue is full."""
 
@@ -362,6 +386,8 @@ class _CountingBatchProcessor(BatchSpanProcessor):
         # The SDK's on_end is "queue it if sampled": done here directly when its batch
         # processor has the expected shape (a stage's hot path), else through it.
         self._emit = getattr(inner, "emit", None)
+        #: The SDK's batch processor, when its emit() can be done inline (see on_end).
+        self._inline: Any = inner if _emits_inline(inner) else None
 
     def on_end(self, span: ReadableSpan) -> None:
         """Queue the span (if sampled), counting it when the queue is full."""
@@ -372,7 +398,22 @@ class _CountingBatchProcessor(BatchSpanProcessor):
         if emit is None:
             super().on_end(span)
         elif span.context is not None and span.context.trace_flags.sampled:
-            emit(span)
+            inner = self._inline
+            if (
+                inner is None
+                or inner._shutdown
+                or inner._pid != _PROCESS[0]
+                or len(queue) >= inner._max_queue_size  # type: ignore[arg-type]
+            ):
+                emit(span)  # the SDK's own way: it warns, counts, or starts over after a fork
+                return
+            # The SDK's emit() for a running processor in its own process with room in its
+            # queue, without the os.getpid() system call it makes for every span.
+            queue.appendleft(span)  # type: ignore[union-attr]
+            if len(queue) >= inner._max_export_batch_size:  # type: ignore[arg-type]
+                awaken = inner._worker_awaken
+                if not awaken.is_set():
+                    awaken.set()
 
 
 _NO_OP_ON_START: Final = frozenset(
