@@ -307,3 +307,35 @@ def test_a_batch_over_the_size_limit_is_dropped_by_the_sdk_exporter_saying_why(
         assert "exceeds max_request_size" in caplog.text
         assert receiver.trace_requests == []
         fast.shutdown()
+
+
+def test_a_batch_too_large_for_one_request_is_sent_in_several_counting_only_the_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The size is measured on the encoding; a batch over the limit is cut, and when one of
+    # its requests fails only that request's spans count as dropped.
+    from rag_instrument import exporters
+
+    spans = _otlp.sample_spans()[:3]
+    with OTLPReceiver() as receiver:
+        inner = OTLPSpanExporter(endpoint=receiver.traces_endpoint)
+        fast = _otlp.FastOTLPSpanExporter(
+            inner, max_bytes=1, split=lambda batch, _limit: [[span] for span in batch]
+        )
+        sent: list[int] = []
+        outcomes = iter([SpanExportResult.SUCCESS, SpanExportResult.FAILURE])
+
+        def send(batch: Sequence[ReadableSpan], data: bytes) -> SpanExportResult:
+            sent.append(len(batch))
+            return next(outcomes, SpanExportResult.SUCCESS)
+
+        monkeypatch.setattr(fast, "_send", send)
+        drops = exporters._Drops()
+        safe = exporters.SafeSpanExporter(fast, drops)
+        assert safe.export(spans) is SpanExportResult.FAILURE
+        assert sent == [1, 1, 1]  # three requests of one span each
+        assert fast.failed == 1
+        assert drops.count == 1  # the one span of the failed request, not the batch
+        assert fast.export(spans[:1]) is SpanExportResult.SUCCESS  # under the limit: as is
+        assert fast.failed == 0
+        fast.shutdown()

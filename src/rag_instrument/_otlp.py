@@ -629,24 +629,37 @@ class FastOTLPSpanExporter(SpanExporter):
         self.max_bytes = max_bytes
         self.split = split
 
+    #: How many spans the last :meth:`export` did not deliver (a batch cut in several
+    #: requests may lose some of them only): what its caller counts as dropped.
+    failed = 0
+
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         """Encode ``spans`` and send them with the wrapped exporter's HTTP client."""
+        self.failed = 0
+        return self._export(spans)
+
+    def _export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         inner = self.inner
         if inner._shutdown:
-            return inner.export(spans)  # type: ignore[no-any-return]  # it warns and fails
+            return self._counted(spans, inner.export(spans))  # it warns and fails
         try:
             data = encode_request(spans)
         except Exception:
-            return inner.export(spans)  # type: ignore[no-any-return]
+            return self._counted(spans, inner.export(spans))
         if 0 < self.max_bytes < len(data) and len(spans) > 1 and self.split is not None:
             outcome = SpanExportResult.SUCCESS
             for chunk in self.split(spans, self.max_bytes):
                 if len(chunk) == len(spans):  # the estimate keeps them together: as they are
-                    return self._send(spans, data)
-                if self.export(chunk) is not SpanExportResult.SUCCESS:
+                    return self._counted(spans, self._send(spans, data))
+                if self._export(chunk) is not SpanExportResult.SUCCESS:
                     outcome = SpanExportResult.FAILURE
             return outcome
-        return self._send(spans, data)
+        return self._counted(spans, self._send(spans, data))
+
+    def _counted(self, spans: Sequence[ReadableSpan], result: Any) -> SpanExportResult:
+        if result is not SpanExportResult.SUCCESS:
+            self.failed += len(spans)
+        return result  # type: ignore[no-any-return]
 
     def _send(self, spans: Sequence[ReadableSpan], data: bytes) -> SpanExportResult:
         inner = self.inner

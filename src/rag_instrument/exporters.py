@@ -319,7 +319,10 @@ class SafeSpanExporter(SpanExporter):
             user_code_error(f"span exporter {type(self.inner).__name__}.export", exc)
             return SpanExportResult.FAILURE
         if result is not SpanExportResult.SUCCESS:
-            self._drops.add(len(spans))
+            # An exporter that cuts a batch in several requests says how many it lost.
+            failed = getattr(self.inner, "failed", None)
+            splits = getattr(self.inner, "splits_by_size", False)
+            self._drops.add(failed if splits and type(failed) is int else len(spans))
         return result
 
     def shutdown(self) -> None:
