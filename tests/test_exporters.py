@@ -181,3 +181,29 @@ def test_spans_after_shutdown_are_refused_the_sdks_way(caplog: pytest.LogCapture
             pass
     assert any("Shutdown called" in r.getMessage() for r in caplog.records)
     ri.shutdown()
+
+
+def test_an_sdk_whose_emit_does_more_keeps_its_emit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    from rag_instrument import exporters
+
+    class Drop(SpanExporter):
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    ri.configure(exporter=Drop(), metrics_exporter="none")
+    pipelines = ri.get_runtime().pipelines
+    assert pipelines is not None
+    processor: Any = next(p for p in pipelines.processors if hasattr(p, "_batch_processor"))
+    inner = processor._batch_processor
+    assert exporters._emits_inline(inner)
+    original = type(inner).emit
+
+    def emit(self: Any, data: Any) -> None:  # a later SDK: a metric per queued item
+        self._metrics.queued_items(1)
+        original(self, data)
+
+    monkeypatch.setattr(type(inner), "emit", emit)
+    assert not exporters._emits_inline(inner)
+    ri.shutdown()

@@ -351,19 +351,51 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=lambda: _PROCESS.__setitem__(0, os.getpid()))
 
 
+#: The names the SDK batch processor's emit() uses (1.45): one more (a metric
+#: recorded per queued item, say) and its spans are queued through emit() again.
+_EMIT_NAMES: Final = frozenset(
+    {
+        "_at_fork_reinit",
+        "_bsp_reset_once",
+        "_exporting",
+        "_logger",
+        "_max_export_batch_size",
+        "_max_queue_size",
+        "_metrics",
+        "_pid",
+        "_queue",
+        "_shutdown",
+        "_worker_awaken",
+        "appendleft",
+        "do_once",
+        "drop_items",
+        "getpid",
+        "info",
+        "is_set",
+        "len",
+        "os",
+        "set",
+        "warning",
+    }
+)
+
+
 def _emits_inline(inner: Any) -> bool:
-    """Whether ``inner`` (the SDK's batch processor) has the state its emit() reads."""
+    """Whether on_end may repeat ``inner``'s emit() inline (``inner``: the SDK's processor).
+
+    Its emit() uses no name beyond the known ones, and the state it reads is there.
+    """
     try:
         return (
-            isinstance(inner._shutdown, bool)
+            frozenset(type(inner).emit.__code__.co_names) <= _EMIT_NAMES
+            and isinstance(inner._shutdown, bool)
             and isinstance(inner._pid, int)
             and isinstance(inner._queue, collections.deque)
             and isinstance(inner._max_queue_size, int)
             and isinstance(inner._max_export_batch_size, int)
             and isinstance(inner._worker_awaken, threading.Event)
-            and callable(getattr(inner, "emit", None))
         )
-    except AttributeError:
+    except AttributeError:  # another SDK's processor, or none
         return False
 
 
