@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
@@ -137,8 +137,6 @@ def test_a_full_batch_wakes_the_export_thread_before_its_delay(
     # whole batch must still wake the export thread, long before the hour-long delay.
     import threading
 
-    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "3600000")
     monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "8")
     exported: list[str] = []
@@ -162,20 +160,24 @@ def test_a_full_batch_wakes_the_export_thread_before_its_delay(
         ri.shutdown()
 
 
-def test_spans_after_shutdown_are_refused_the_sdks_way(caplog: pytest.LogCaptureFixture) -> None:
-    import logging
+class _Drop(SpanExporter):
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
 
-    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-    class Drop(SpanExporter):
-        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-            return SpanExportResult.SUCCESS
-
-    ri.configure(exporter=Drop(), metrics_exporter="none")
+def _sdk_batch_processor() -> Any:
+    """Configure with a dropping exporter; the SDK batch processor inside ours."""
+    ri.configure(exporter=_Drop(), metrics_exporter="none")
     pipelines = ri.get_runtime().pipelines
     assert pipelines is not None
     processor: Any = next(p for p in pipelines.processors if hasattr(p, "_batch_processor"))
-    processor._batch_processor.shutdown()
+    return processor._batch_processor
+
+
+def test_spans_after_shutdown_are_refused_the_sdks_way(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    _sdk_batch_processor().shutdown()
     with caplog.at_level(logging.INFO):
         with ri.stage("late"):
             pass
@@ -184,19 +186,9 @@ def test_spans_after_shutdown_are_refused_the_sdks_way(caplog: pytest.LogCapture
 
 
 def test_an_sdk_whose_emit_does_more_keeps_its_emit(monkeypatch: pytest.MonkeyPatch) -> None:
-    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-
     from rag_instrument import exporters
 
-    class Drop(SpanExporter):
-        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-            return SpanExportResult.SUCCESS
-
-    ri.configure(exporter=Drop(), metrics_exporter="none")
-    pipelines = ri.get_runtime().pipelines
-    assert pipelines is not None
-    processor: Any = next(p for p in pipelines.processors if hasattr(p, "_batch_processor"))
-    inner = processor._batch_processor
+    inner = _sdk_batch_processor()
     assert exporters._emits_inline(inner)
     original = type(inner).emit
 
