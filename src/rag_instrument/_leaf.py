@@ -610,7 +610,7 @@ _SAMPLED_FLAG: Final = int(trace_api.TraceFlags.SAMPLED)
 #: The parent's flags a child keeps under parent-based sampling: sampled, random trace id.
 _KEPT_FLAGS: Final = _SAMPLED_FLAG | _RANDOM_FLAG
 _SPAN_CONTEXT: Final = trace_api.SpanContext
-_ROOT_FLAGS: Final = _FLAGS[_SAMPLED_FLAG | _RANDOM_FLAG]
+_ROOT_FLAGS: Final = _FLAGS[_KEPT_FLAGS]  # a root the always-on sampler keeps
 
 
 class _Processor:

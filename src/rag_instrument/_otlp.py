@@ -621,17 +621,16 @@ class FastOTLPSpanExporter(SpanExporter):
     anyway, so a batch of the usual size costs no estimate.
     """
 
-    #: Callers need not cut batches by size first: :meth:`export` does, from the encoding.
-    splits_by_size = True
-
     def __init__(self, inner: Any, max_bytes: int = 0, split: Split | None = None) -> None:
         self.inner = inner
         self.max_bytes = max_bytes
         self.split = split
-
-    #: How many spans the last :meth:`export` did not deliver (a batch cut in several
-    #: requests may lose some of them only): what its caller counts as dropped.
-    failed = 0
+        #: Whether callers may leave cutting batches by size to :meth:`export` (it does,
+        #: from the encoding, when given a limit and a way to cut).
+        self.splits_by_size = max_bytes > 0 and split is not None
+        #: How many spans the last :meth:`export` did not deliver (a batch cut in several
+        #: requests may lose some of them only): what its caller counts as dropped.
+        self.failed = 0
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         """Encode ``spans`` and send them with the wrapped exporter's HTTP client."""
@@ -646,9 +645,10 @@ class FastOTLPSpanExporter(SpanExporter):
             data = encode_request(spans)
         except Exception:
             return self._counted(spans, inner.export(spans))
-        if 0 < self.max_bytes < len(data) and len(spans) > 1 and self.split is not None:
+        split = self.split
+        if split is not None and 0 < self.max_bytes < len(data) and len(spans) > 1:
             outcome = SpanExportResult.SUCCESS
-            for chunk in self.split(spans, self.max_bytes):
+            for chunk in split(spans, self.max_bytes):
                 if len(chunk) == len(spans):  # the estimate keeps them together: as they are
                     return self._counted(spans, self._send(spans, data))
                 if self._export(chunk) is not SpanExportResult.SUCCESS:
