@@ -389,6 +389,12 @@ _BOUND_VALUES = st.one_of(
     st.none(),
     st.floats(allow_nan=False, allow_infinity=False),
 )
+# A stage's rendered breakdown, as its completion line carries it after execution_time_ms.
+_BREAKDOWNS = st.dictionaries(
+    st.sampled_from(["db", "llm", "vector"]),
+    st.fixed_dictionaries({"count": st.integers(0, 10**6), "ms": st.floats(0, 1e9)}),
+    max_size=3,
+)
 
 
 @settings(max_examples=40, deadline=None)
@@ -403,8 +409,10 @@ _BOUND_VALUES = st.one_of(
     operation=st.one_of(st.none(), st.text(max_size=20)),
     ms=st.floats(min_value=0, max_value=1e6, allow_nan=False),
     extra=st.dictionaries(
-        st.sampled_from(["response_model", "input_tokens", "cache_hit", "ttft_ms"]),
-        _BOUND_VALUES,
+        st.sampled_from(
+            ["response_model", "input_tokens", "cache_hit", "ttft_ms", "cpu_ms", "breakdown"]
+        ),
+        st.one_of(_BOUND_VALUES, _BREAKDOWNS),
         max_size=3,
     ),
 )

@@ -318,10 +318,30 @@ def _end(
         timings = _breakdown.stage_timings.get()
         if timings is not None:  # inside a web request: its Server-Timing header lists us
             timings.add(spec.name, ms)
-    if rt.log is not None and exc is None and not breakdown and items is None and cpu_ms is None:
-        # The common line, assembled from its rendered fixed part.
+    plain_line = not breakdown and items is None and cpu_ms is None
+    if rt.log is not None and exc is None and (plain_line or spec.is_stage):
+        # The common lines, assembled from their rendered fixed part; a stage's breakdown,
+        # CPU time and items follow execution_time_ms, where emit() would put them too (an
+        # operation's head already holds "operation", which emit() puts after them).
+        extra: dict[str, Any] | None = None
+        if not plain_line:
+            extra = {}
+            if cpu_ms is not None:
+                extra["cpu_ms"] = cpu_ms
+            if breakdown:
+                extra["breakdown"] = _breakdown.render(breakdown)
+            if items is not None:
+                extra["items"] = items
         line_stage = spec.name if spec.is_stage else (frame.stage or "")
-        emit_head(rt, spec.completed_head, span, line_stage, round(ms, 3), own_stage=spec.is_stage)
+        emit_head(
+            rt,
+            spec.completed_head,
+            span,
+            line_stage,
+            round(ms, 3),
+            own_stage=spec.is_stage,
+            extra=extra,
+        )
     elif rt.log is not None:
         fields: dict[str, Any] = {"execution_time_ms": round(ms, 3)}
         if cpu_ms is not None:
