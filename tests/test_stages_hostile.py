@@ -128,6 +128,52 @@ async def test_application_exception_quoting_prompt_or_completion_is_hidden(
     assert line["error_message"].startswith("could not parse '[content hidden]' for [content")
 
 
+@pytest.mark.asyncio
+async def test_content_seen_by_an_ended_stage_is_hidden_in_its_siblings_and_parents(
+    rag_capture: Capture,
+) -> None:
+    # The answer was generated in a stage that has ended; a later sibling (parsing it) and
+    # the enclosing stage quote it in their exceptions: hidden in both.
+    @ri.stage("generation")
+    async def generate() -> str:
+        return await Answering().generate(PROMPT)
+
+    @ri.stage("parsing")
+    async def parse(text: str) -> None:
+        raise RuntimeError(f"could not parse {text!r}")
+
+    @ri.stage("search")
+    async def search() -> None:
+        text = await generate()
+        try:
+            await parse(text)
+        except RuntimeError:
+            raise LookupError(f"no answer in {text!r}") from None
+
+    with pytest.raises(LookupError, match="oak desk"):  # the caller's exception is intact
+        await search()
+    assert "oak desk" not in _everything(rag_capture)
+    (parsing,) = rag_capture.find_logs("parsing failed")
+    assert parsing["error_message"] == "could not parse '[content hidden]'"
+    (outer,) = rag_capture.find_logs("search failed")
+    assert outer["error_message"] == "no answer in '[content hidden]'"
+
+
+@pytest.mark.asyncio
+async def test_the_latest_contents_of_a_long_request_are_hidden(rag_capture: Capture) -> None:
+    # A request that made many model calls: the ones before the failure are remembered.
+    @ri.stage("batch")
+    async def batch() -> None:
+        answers = [await Answering().generate(f"{PROMPT} #{n}") for n in range(100)]
+        raise RuntimeError(f"bad answer {answers[-1]!r} to {PROMPT} #99")
+
+    with pytest.raises(RuntimeError):
+        await batch()
+    (line,) = rag_capture.find_logs("batch failed")
+    assert "oak desk" not in line["error_message"]
+    assert "Lindqvist" not in line["error_message"]
+
+
 def test_with_capture_on_a_key_echoed_by_the_provider_is_masked_on_the_stage() -> None:
     hex_key = "3f9a0c1e5b7d4a2f8e6c0b9d1a3e5f7c"  # no known shape: only the literal finds it
 

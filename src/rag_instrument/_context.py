@@ -8,6 +8,7 @@ task it was copied from.
 
 from __future__ import annotations
 
+import collections
 import contextvars
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -128,37 +129,48 @@ bound = _bound.get
 # --- content seen by a stage -----------------------------------------------------------------
 
 _CONTENTS_KEY: Final = "rag_instrument.contents"
-_MAX_CONTENTS: Final = 16
+#: Content texts kept per tree of stages (a request's): the most recent ones.
+_MAX_CONTENTS: Final = 64
 _MIN_CONTENT_CHARS: Final = 8
 
 
-def note_content(text: object) -> None:
-    """Remember prompt or completion ``text`` in the enclosing stages (content capture off).
+def _root(frame: Frame) -> Frame:
+    parent = frame.parent
+    while parent is not None:
+        frame, parent = parent, parent.parent
+    return frame
 
-    An exception raised later in those stages that quotes it has the quote hidden on the
-    stage's span and failed line. Only references are kept, until the stages end.
+
+def note_content(text: object) -> None:
+    """Remember prompt or completion ``text`` for the current tree of stages (content capture off).
+
+    An exception raised later in any stage of that tree (the request's, or the outermost
+    stage's) that quotes it has the quote hidden on the stage's span and failed line: a
+    stage hides what it saw, and what its siblings saw too. Kept once, on the outermost
+    frame, and only as references, until that frame ends.
     """
     if not isinstance(text, str) or len(text) < _MIN_CONTENT_CHARS:
         return
     frame = _frame.get()
-    depth = 0
-    while frame is not None and depth < 32:
-        scratch = frame.scratch
-        if scratch is None:
-            scratch = frame.scratch = {}
-        seen: list[str] = scratch.setdefault(_CONTENTS_KEY, [])
-        if len(seen) >= _MAX_CONTENTS:
-            del seen[0]
-        seen.append(text)
-        frame = frame.parent
-        depth += 1
+    if frame is None:
+        return
+    root = _root(frame)
+    scratch = root.scratch
+    if scratch is None:
+        scratch = root.scratch = {}
+    seen = scratch.get(_CONTENTS_KEY)
+    if seen is None:
+        seen = scratch.setdefault(_CONTENTS_KEY, collections.deque(maxlen=_MAX_CONTENTS))
+    seen.append(text)
 
 
 def seen_contents(frame: Any = None) -> tuple[str, ...]:
-    """The content texts noted in ``frame`` (default: the current stage)."""
+    """The content texts noted in ``frame``'s tree of stages (default: the current one)."""
     if frame is None:
         frame = _frame.get()
-    scratch = getattr(frame, "scratch", None)
+    if not isinstance(frame, Frame):
+        return ()
+    scratch = _root(frame).scratch
     if not scratch:
         return ()
     return tuple(scratch.get(_CONTENTS_KEY, ()))
