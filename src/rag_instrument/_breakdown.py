@@ -24,6 +24,7 @@ __all__ = [
     "StageTimings",
     "as_attributes",
     "detach",
+    "forms",
     "largest",
     "record",
     "record_cache",
@@ -125,14 +126,6 @@ def roll_up(frame: Frame, child: dict[str, dict[str, float]]) -> None:
                     entry[key] = entry.get(key, 0) + amount
 
 
-def render(breakdown: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
-    """The log form: counts as integers, milliseconds rounded to the microsecond."""
-    out: dict[str, dict[str, Any]] = {}
-    for kind, values in breakdown.items():
-        out[kind] = {k: (round(v, 3) if k == "ms" else int(v)) for k, v in values.items()}
-    return out
-
-
 def largest(breakdown: dict[str, dict[str, float]] | None) -> dict[str, Any] | None:
     """The timed entry that took the most milliseconds, as ``{"kind", "count", "ms"}``."""
     if not breakdown:
@@ -146,13 +139,43 @@ def largest(breakdown: dict[str, dict[str, float]] | None) -> dict[str, Any] | N
     return {"kind": best[0], "count": int(best[1]["count"]), "ms": round(best[1]["ms"], 3)}
 
 
+def render(breakdown: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """The log form: counts as integers, milliseconds rounded to the microsecond."""
+    return forms(breakdown)[1]
+
+
 def as_attributes(breakdown: dict[str, dict[str, float]]) -> dict[str, float | int]:
     """Flatten for span attributes: ``rag.breakdown.db.count``, ``rag.breakdown.db.ms``."""
-    out: dict[str, float | int] = {}
+    return forms(breakdown)[0]
+
+
+# The attribute names made so far, by (kind, key): the same few on every stage.
+_ATTRIBUTE_NAMES: dict[tuple[str, str], str] = {}
+
+
+def forms(
+    breakdown: dict[str, dict[str, float]],
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Both forms of ``breakdown`` in one pass: span attributes, and the log's (as :func:`render`).
+
+    Counts as integers, milliseconds rounded to the microsecond, in both.
+    """
+    attributes: dict[str, Any] = {}  # numbers, in a dict its callers may add to
+    log: dict[str, dict[str, Any]] = {}
+    names = _ATTRIBUTE_NAMES
     for kind, values in breakdown.items():
+        entry: dict[str, Any] = {}
         for key, amount in values.items():
-            out[f"rag.breakdown.{kind}.{key}"] = round(amount, 3) if key == "ms" else int(amount)
-    return out
+            value = round(amount, 3) if key == "ms" else int(amount)
+            entry[key] = value
+            name = names.get((kind, key))
+            if name is None:
+                if len(names) >= 1024:  # kinds named at run time must not grow it forever
+                    names.clear()
+                name = names[(kind, key)] = f"rag.breakdown.{kind}.{key}"
+            attributes[name] = value
+        log[kind] = entry
+    return attributes, log
 
 
 # --- stage timings of a web request ---------------------------------------------------------

@@ -270,6 +270,8 @@ def _end(
     # Detached under the lock: work still running elsewhere (an executor job) can no longer
     # change it while it is rendered below.
     breakdown = _breakdown.detach(frame)
+    # The span's attributes and the line's field, made in one pass.
+    forms = _breakdown.forms(breakdown) if breakdown else None
     if isinstance(exc, GeneratorExit):
         # A generator around this block was closed or collected: control flow, not an
         # error, and not a cancellation either (the enclosing stream says completed=false).
@@ -288,9 +290,7 @@ def _end(
         if span.is_recording() and (
             breakdown or items is not None or exc is not None or exceeded or cpu_ms is not None
         ):
-            own = {}
-            if breakdown:
-                own.update(_breakdown.as_attributes(breakdown))
+            own = forms[0] if forms is not None else {}  # a fresh dict: ours to add to
             if cpu_ms is not None:
                 own[attr.RAG_CPU_MS] = cpu_ms
             if items is not None:
@@ -328,8 +328,8 @@ def _end(
             extra = {}
             if cpu_ms is not None:
                 extra["cpu_ms"] = cpu_ms
-            if breakdown:
-                extra["breakdown"] = _breakdown.render(breakdown)
+            if forms is not None:
+                extra["breakdown"] = forms[1]
             if items is not None:
                 extra["items"] = items
         line_stage = spec.name if spec.is_stage else (frame.stage or "")
@@ -346,8 +346,8 @@ def _end(
         fields: dict[str, Any] = {"execution_time_ms": round(ms, 3)}
         if cpu_ms is not None:
             fields["cpu_ms"] = cpu_ms
-        if breakdown:
-            fields["breakdown"] = _breakdown.render(breakdown)
+        if forms is not None:
+            fields["breakdown"] = forms[1]
         if items is not None:
             fields["items"] = items
         if exc is None:

@@ -428,6 +428,8 @@ class _Request:
             route = rt.sanitizer.text(route)
         name = f"{self.method if self.method != '_OTHER' else 'HTTP'} {route}" if route else None
         breakdown = _breakdown.detach(self.frame)
+        # The span's attributes and the line's field, made in one pass.
+        forms = _breakdown.forms(breakdown) if breakdown else None
         key = f"{self.method} {route}" if route else None
         budget = self.middleware.route_budget(rt, key) if key is not None else None
         exceeded = budget is not None and ms > budget
@@ -438,8 +440,8 @@ class _Request:
             if route:
                 end_attrs[attr.HTTP_ROUTE] = route
             end_attrs[attr.HTTP_RESPONSE_STATUS_CODE] = status
-            if breakdown:
-                end_attrs.update(_breakdown.as_attributes(breakdown))
+            if forms is not None:
+                end_attrs.update(forms[0])
             if cancelled:
                 end_attrs[attr.RAG_CANCELLED] = True
             elif failed:
@@ -482,8 +484,8 @@ class _Request:
                 "status": status,
                 "execution_time_ms": round(ms, 3),
             }
-            if breakdown:
-                fields["breakdown"] = _breakdown.render(breakdown)
+            if forms is not None:
+                fields["breakdown"] = forms[1]
             level = "error" if failed or status >= 500 else "info"
             if cancelled:
                 fields["cancelled"] = True
