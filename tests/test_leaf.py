@@ -550,3 +550,73 @@ def test_a_tracer_that_starts_spans_its_own_way_keeps_its_way() -> None:
         assert not isinstance(span, StageSpan)
     assert started == ["retrieval"]
     assert [s.name for s in app.get_finished_spans()] == ["retrieval"]
+
+
+_LIMITED_VALUES = st.one_of(
+    st.text(max_size=30),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False),
+    st.booleans(),
+    st.lists(st.text(max_size=30), max_size=3).map(tuple),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.dictionaries(st.text(min_size=1, max_size=8), _LIMITED_VALUES, max_size=6),
+    st.dictionaries(st.text(min_size=1, max_size=8), _LIMITED_VALUES, max_size=4),
+    st.integers(min_value=0, max_value=24),
+)
+def test_a_stage_span_keeps_to_the_length_limit_as_the_sdk_span(
+    start: dict[str, Any], added: dict[str, Any], length: int
+) -> None:
+    # Start attributes and the library's own at the end, under any value length limit:
+    # what is exported is what the SDK's span exports (each string cut to the limit).
+    from opentelemetry.sdk.trace import SpanLimits
+
+    results = []
+    for fast in (True, False):
+        provider = TracerProvider(span_limits=SpanLimits(max_attribute_length=length))
+        app = InMemorySpanExporter()
+        provider.add_span_processor(SimpleSpanProcessor(app))
+        tracer = provider.get_tracer("t")
+        if fast:
+            span = _leaf.start_stage_span(tracer, "s", dict(start))
+            assert isinstance(span, StageSpan)
+            span.finish(added)
+        else:
+            sdk_span = tracer.start_span("s", attributes=start)
+            sdk_span.set_attributes(added)
+            sdk_span.end()
+        (exported,) = app.get_finished_spans()
+        results.append(dict(exported.attributes or {}))
+        _leaf._FACTS[0] = None
+    assert results[0] == results[1]
+
+
+
+def _cut(value: Any, length: int) -> Any:
+    return value[:length] if isinstance(value, str) else tuple(v[:length] for v in value)
+
+
+@pytest.mark.parametrize("length", [1, 5, 10, 40])
+@pytest.mark.parametrize(
+    "make", [lambda n: "x" * n, lambda n: ("k", "y" * n)], ids=["string", "tuple item"]
+)
+def test_a_value_one_past_the_length_limit_is_cut_on_a_stage_span(length: int, make: Any) -> None:
+    # At the boundary: a value one character too long is cut, one of the limit's length
+    # is kept whole (whatever the rest of the span holds).
+    from opentelemetry.sdk.trace import SpanLimits
+
+    provider = TracerProvider(span_limits=SpanLimits(max_attribute_length=length))
+    app = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(app))
+    tracer = provider.get_tracer("t")
+    for name, value in (("long", make(length + 1)), ("whole", make(length))):
+        span = _leaf.start_stage_span(tracer, name, {"a": value})
+        assert isinstance(span, StageSpan)
+        span.finish({"n": 1})
+    _leaf._FACTS[0] = None
+    long, whole = app.get_finished_spans()
+    assert dict(long.attributes or {}) == {"a": _cut(make(length + 1), length), "n": 1}
+    assert dict(whole.attributes or {}) == {"a": make(length), "n": 1}
