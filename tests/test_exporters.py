@@ -174,6 +174,31 @@ def _sdk_batch_processor() -> Any:
     return processor._batch_processor
 
 
+def test_only_sampled_spans_are_queued_for_export() -> None:
+    # A span handed to the processor with its sampled flag off is not exported, as the
+    # SDK's batch processor does; with the flag on (and the random-id bit) it is.
+    from opentelemetry.sdk.trace import ReadableSpan as SDKReadableSpan
+
+    exported: list[str] = []
+
+    class Collect(SpanExporter):
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            exported.extend(span.name for span in spans)
+            return SpanExportResult.SUCCESS
+
+    ri.configure(exporter=Collect(), metrics_exporter="none")
+    pipelines = ri.get_runtime().pipelines
+    assert pipelines is not None
+    processor: Any = next(p for p in pipelines.processors if hasattr(p, "_batch_processor"))
+    for name, flags in (("dropped", 0), ("kept", 1), ("random only", 2), ("kept too", 3)):
+        context = trace.SpanContext(7, 9, is_remote=False, trace_flags=trace.TraceFlags(flags))
+        processor.on_end(SDKReadableSpan(name=name, context=context))
+    processor.on_end(SDKReadableSpan(name="no context"))
+    ri.force_flush()
+    ri.shutdown()
+    assert sorted(exported) == ["kept", "kept too"]
+
+
 def test_spans_after_shutdown_are_refused_the_sdks_way(caplog: pytest.LogCaptureFixture) -> None:
     import logging
 

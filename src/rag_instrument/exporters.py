@@ -60,6 +60,7 @@ from opentelemetry.trace import Status
 
 from rag_instrument import attributes as attr
 from rag_instrument._leaf import (
+    CONTEXT_IS_TUPLE,
     LeafSpan,
     StageSpan,
     end_stage_span,
@@ -347,6 +348,9 @@ class SafeSpanExporter(SpanExporter):
 #: This process's id, kept current across forks: the batch processor's check that it runs in
 #: the process that made it, without a system call per span.
 _PROCESS: list[int] = [os.getpid()]
+#: The span context's type when it is the tuple (trace id, span id, remote, flags, ...).
+_SPAN_CONTEXT: Final = trace_api.SpanContext if CONTEXT_IS_TUPLE else None
+_SAMPLED: Final = int(trace_api.TraceFlags.SAMPLED)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=lambda: _PROCESS.__setitem__(0, os.getpid()))
 
@@ -426,29 +430,32 @@ class _CountingBatchProcessor(BatchSpanProcessor):
 
     def on_end(self, span: ReadableSpan) -> None:
         """Queue the span (if sampled), counting it when the queue is full."""
+        inner = self._inline
         queue = self._queue
+        if inner is not None and not inner._shutdown and inner._pid == _PROCESS[0]:
+            # The SDK's emit() for a running processor in its own process with room in its
+            # queue, without the os.getpid() system call it makes for every span.
+            queued = len(queue)  # type: ignore[arg-type]
+            if queued < inner._max_queue_size:
+                context = span.context
+                if context is None:
+                    return
+                # trace_flags.sampled, read off the tuple (two property calls less a span)
+                flags = context[3] if type(context) is _SPAN_CONTEXT else context.trace_flags
+                if flags & _SAMPLED:
+                    queue.appendleft(span)  # type: ignore[union-attr]
+                    if queued + 1 >= inner._max_export_batch_size:
+                        awaken = inner._worker_awaken
+                        if not awaken.is_set():
+                            awaken.set()
+                return
         if queue is not None and queue.maxlen is not None and len(queue) >= queue.maxlen:
             self._drops.add(1)
         emit = self._emit
         if emit is None:
             super().on_end(span)
         elif span.context is not None and span.context.trace_flags.sampled:
-            inner = self._inline
-            if (
-                inner is None
-                or inner._shutdown
-                or inner._pid != _PROCESS[0]
-                or len(queue) >= inner._max_queue_size  # type: ignore[arg-type]
-            ):
-                emit(span)  # the SDK's own way: it warns, counts, or starts over after a fork
-                return
-            # The SDK's emit() for a running processor in its own process with room in its
-            # queue, without the os.getpid() system call it makes for every span.
-            queue.appendleft(span)  # type: ignore[union-attr]
-            if len(queue) >= inner._max_export_batch_size:  # type: ignore[arg-type]
-                awaken = inner._worker_awaken
-                if not awaken.is_set():
-                    awaken.set()
+            emit(span)  # the SDK's own way: it warns, counts, or starts over after a fork
 
 
 _NO_OP_ON_START: Final = frozenset(
