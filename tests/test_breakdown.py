@@ -92,3 +92,23 @@ def test_largest_entry() -> None:
     assert _breakdown.largest(
         {"db": {"count": 3, "ms": 12.1}, "vector": {"count": 1, "ms": 800.2}}
     ) == {"kind": "vector", "count": 1, "ms": 800.2}
+
+
+def test_a_breakdown_that_cannot_be_rendered_still_ends_its_stage(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A library bug (an amount that is not a number) loses the breakdown, not the stage's
+    # span or line.
+    from rag_instrument._context import current_frame
+    from rag_instrument.testing import capture
+
+    monkeypatch.delenv("RAG_INSTRUMENT_RAISE_INTERNAL_ERRORS")
+    with capture() as cap:
+        with ri.stage("retrieval"):
+            frame = current_frame()
+            assert frame is not None
+            frame.breakdown = {"db": {"count": 1, "ms": "not a number"}}  # type: ignore[dict-item]
+    (line,) = cap.find_logs("retrieval completed")
+    assert "breakdown" not in line
+    assert "rag.breakdown.db.ms" not in (cap.span("retrieval").attributes or {})
+    assert _breakdown.safe_forms(None) is None

@@ -19,6 +19,7 @@ import threading
 from typing import Any
 
 from rag_instrument._context import Frame, current_frame
+from rag_instrument._utils import internal_error
 
 __all__ = [
     "StageTimings",
@@ -31,6 +32,7 @@ __all__ = [
     "record_in",
     "render",
     "roll_up",
+    "safe_forms",
     "stage_timings",
 ]
 
@@ -151,6 +153,19 @@ def as_attributes(breakdown: dict[str, dict[str, float]]) -> dict[str, float | i
 
 # The attribute names made so far, by (kind, key): the same few on every stage.
 _ATTRIBUTE_NAMES: dict[tuple[str, str], str] = {}
+
+
+def safe_forms(
+    breakdown: dict[str, dict[str, float]] | None,
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]] | None:
+    """:func:`forms`, or ``None`` when there is nothing to report or it fails (never raises)."""
+    if not breakdown:
+        return None
+    try:
+        return forms(breakdown)
+    except Exception as exc:  # an amount that is not a number: the stage still ends
+        internal_error("rendering a breakdown", exc)
+        return None
 
 
 def forms(
