@@ -323,15 +323,7 @@ def _end(
         # The common lines, assembled from their rendered fixed part; a stage's breakdown,
         # CPU time and items follow execution_time_ms, where emit() would put them too (an
         # operation's head already holds "operation", which emit() puts after them).
-        extra: dict[str, Any] | None = None
-        if not plain_line:
-            extra = {}
-            if cpu_ms is not None:
-                extra["cpu_ms"] = cpu_ms
-            if forms is not None:
-                extra["breakdown"] = forms[1]
-            if items is not None:
-                extra["items"] = items
+        extra = None if plain_line else _measured(cpu_ms, forms, items)
         line_stage = spec.name if spec.is_stage else (frame.stage or "")
         emit_head(
             rt,
@@ -344,12 +336,7 @@ def _end(
         )
     elif rt.log is not None:
         fields: dict[str, Any] = {"execution_time_ms": round(ms, 3)}
-        if cpu_ms is not None:
-            fields["cpu_ms"] = cpu_ms
-        if forms is not None:
-            fields["breakdown"] = forms[1]
-        if items is not None:
-            fields["items"] = items
+        fields.update(_measured(cpu_ms, forms, items))
         if exc is None:
             event, level = spec.completed_event, spec.level
         elif cancelled:
@@ -398,6 +385,20 @@ def _end(
                 trusted=True,
                 rt=rt,
             )
+
+
+def _measured(
+    cpu_ms: float | None, forms: tuple[dict[str, Any], dict[str, Any]] | None, items: int | None
+) -> dict[str, Any]:
+    """A stage line's fields after ``execution_time_ms``: CPU time, breakdown, items."""
+    fields: dict[str, Any] = {}
+    if cpu_ms is not None:
+        fields["cpu_ms"] = cpu_ms
+    if forms is not None:
+        fields["breakdown"] = forms[1]
+    if items is not None:
+        fields["items"] = items
+    return fields
 
 
 def _safe_end(
