@@ -195,3 +195,30 @@ async def test_postgresql_by_url() -> None:
         async with engine.begin() as conn:
             await conn.run_sync(documents_table(table).metadata.drop_all)
         await engine.dispose()
+
+
+def test_the_stand_in_models_waits_stray_within_the_jitter_the_same_way_each_time() -> None:
+    from examples.fastapi_app.app import FakeModel
+
+    fixed = FakeModel(300)
+    assert {fixed.wait_s() for _ in range(5)} == {0.3}
+    first, second = FakeModel(300, jitter=0.5), FakeModel(300, jitter=0.5)
+    waits = [first.wait_s() for _ in range(200)]
+    assert all(0.15 <= wait <= 0.45 for wait in waits)
+    assert min(waits) < 0.2  # spread over the range, not one value
+    assert max(waits) > 0.4
+    assert waits == [second.wait_s() for _ in range(200)]  # both servers of a load test
+
+
+@pytest.mark.parametrize("jitter", ["1", "-0.1", "half"])
+def test_an_unusable_jitter_is_refused_before_anything_is_configured(
+    jitter: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import rag_instrument as ri
+
+    configured: list[object] = []
+    monkeypatch.setattr(ri, "configure", lambda *a, **kw: configured.append(kw))
+    monkeypatch.setenv("RAG_EXAMPLE_LLM_JITTER", jitter)
+    with pytest.raises(ValueError, match=r"(?i)jitter"):
+        create_app(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}")
+    assert configured == []

@@ -1,7 +1,7 @@
 """Load test: examples/fastapi_app under uvicorn, with and without instrumentation, in one run.
 
     python benchmarks/load/run.py [--requests 1500] [--concurrency 16] [--rounds 3]
-                                  [--llm-ms 20] [--docs 300]
+                                  [--llm-ms 20] [--llm-jitter 0] [--docs 300]
 
 Two uvicorn servers (``serve.py``, 127.0.0.1, ephemeral ports) serve the example RAG app:
 ``plain`` (``configure(enabled=False)``, no middleware, engine not instrumented) and
@@ -15,8 +15,11 @@ how many spans and log lines each request produced. The goal of issue #9: instru
 costs under 3% of throughput and of p95.
 
 The stand-in model waits ``--llm-ms`` per call (two calls per search, like a rewrite and
-an answer); SQL and scoring are real work on SQLite. The client runs on the same machine:
-compare the two modes of one run, not runs.
+an answer); SQL and scoring are real work on SQLite. With the same wait for every call the
+clients stay in step, so a request at p95 also waits for the CPU of most of the others;
+``--llm-jitter 0.5`` draws each wait between half and one and a half times ``--llm-ms``
+(the same draws in both servers), as a real model's varying latency would. The client
+runs on the same machine: compare the two modes of one run, not runs.
 """
 
 from __future__ import annotations
@@ -167,7 +170,11 @@ async def main_async(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="rag-load-"))
     log_file = tmp / "instrumented.jsonl"
     with ChildSink() as receiver:
-        common = {"RAG_EXAMPLE_LLM_MS": str(args.llm_ms), "PYTHONDONTWRITEBYTECODE": "1"}
+        common = {
+            "RAG_EXAMPLE_LLM_MS": str(args.llm_ms),
+            "RAG_EXAMPLE_LLM_JITTER": str(args.llm_jitter),
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
         plain = Server(
             "plain",
             {
@@ -212,6 +219,7 @@ async def main_async(args: argparse.Namespace) -> int:
     print(
         f"POST /api/search: {args.requests} requests x {args.rounds} rounds per mode, "
         f"concurrency {args.concurrency}, model latency {args.llm_ms:g} ms x 2 calls"
+        + (f" (each within {args.llm_jitter:.0%} of it)" if args.llm_jitter else "")
     )
     print(f"{'mode':<14}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'CPU ms/req':>12}")
     summary: dict[str, dict[str, float]] = {}
@@ -254,8 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--llm-ms", type=float, default=20.0)
+    parser.add_argument("--llm-jitter", type=float, default=0.0)
     parser.add_argument("--docs", type=int, default=300)
     args: Any = parser.parse_args(argv)
+    if not 0.0 <= args.llm_jitter < 1.0:
+        parser.error(f"--llm-jitter must be at least 0 and below 1, got {args.llm_jitter:g}")
     return asyncio.run(main_async(args))
 
 

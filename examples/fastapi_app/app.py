@@ -12,7 +12,8 @@ Run it (SQLite by default; any SQLAlchemy async URL, e.g. PostgreSQL, by environ
     uvicorn examples.fastapi_app.app:create_app --factory
 
 The "model" is a stand-in that waits ``RAG_EXAMPLE_LLM_MS`` milliseconds (default 20) per
-call, like a remote LLM would; everything else (SQL, scoring) is real work.
+call, like a remote LLM would (``RAG_EXAMPLE_LLM_JITTER=0.5``: each wait drawn between half
+and one and a half times that); everything else (SQL, scoring) is real work.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import hashlib
 import inspect
 import math
 import os
+import random
 import re
 import tempfile
 from collections.abc import AsyncIterator
@@ -84,11 +86,22 @@ class FakeModel(ri.LLMProvider):
     model = "example-model"
     timeout = 10.0
 
-    def __init__(self, latency_ms: float) -> None:
+    def __init__(self, latency_ms: float, jitter: float = 0.0, seed: int = 0) -> None:
+        if not 0.0 <= jitter < 1.0:
+            raise ValueError(f"llm jitter must be at least 0 and below 1, got {jitter!r}")
         self.latency_s = latency_ms / 1000.0
+        self.jitter = jitter
+        # The same waits, in order, in every server (a simulation, not a secret).
+        self._random = random.Random(seed)  # noqa: S311
+
+    def wait_s(self) -> float:
+        """How long the next call waits: the latency, within +/- ``jitter`` of it."""
+        if not self.jitter:
+            return self.latency_s
+        return self.latency_s * (1.0 + self.jitter * (2.0 * self._random.random() - 1.0))
 
     async def _generate(self, prompt: str, **params: Any) -> ri.LLMResult:
-        await asyncio.sleep(self.latency_s)
+        await asyncio.sleep(self.wait_s())
         words = _WORD.findall(prompt.lower())
         text = " ".join(words[-24:]) or "no answer"
         return ri.LLMResult(text=text, input_tokens=len(words), output_tokens=min(len(words), 24))
@@ -127,6 +140,7 @@ def create_app(
     database_url: str | None = None,
     *,
     llm_latency_ms: float | None = None,
+    llm_jitter: float | None = None,
     configure: bool = True,
     instrument: bool | None = None,
     table_name: str = "rag_example_documents",
@@ -137,6 +151,8 @@ def create_app(
         database_url: a SQLAlchemy async URL (default ``RAG_EXAMPLE_DATABASE_URL``, else a
             SQLite file, :func:`default_database_url`).
         llm_latency_ms: the stand-in model's latency (default ``RAG_EXAMPLE_LLM_MS`` or 20).
+        llm_jitter: how far each wait strays from it, as a fraction (0 to below 1; default
+            ``RAG_EXAMPLE_LLM_JITTER`` or 0: every wait the same).
         configure: call ``ri.configure()`` (settings from ``RAG_INSTRUMENT_*``) at start-up.
         instrument: add the middleware and instrument the engine (default: on unless
             ``RAG_EXAMPLE_INSTRUMENT=0``); the load test compares both.
@@ -149,6 +165,15 @@ def create_app(
         if llm_latency_ms is not None
         else float(os.environ.get("RAG_EXAMPLE_LLM_MS", "20"))
     )
+    jitter = llm_jitter
+    if jitter is None:
+        raw = os.environ.get("RAG_EXAMPLE_LLM_JITTER") or "0"
+        try:
+            jitter = float(raw)
+        except ValueError:
+            raise ValueError(f"RAG_EXAMPLE_LLM_JITTER must be a number, got {raw!r}") from None
+    if not 0.0 <= jitter < 1.0:  # before anything is configured
+        raise ValueError(f"llm_jitter must be at least 0 and below 1, got {jitter!r}")
     if instrument is None:
         instrument = os.environ.get("RAG_EXAMPLE_INSTRUMENT", "1") != "0"
     if configure and instrument:
@@ -158,7 +183,7 @@ def create_app(
     engine: AsyncEngine = create_async_engine(url)
     if instrument:
         ri.instrument_sqlalchemy(engine)
-    model = FakeModel(latency)
+    model = FakeModel(latency, jitter)
     log = ri.get_logger("example.search")
 
     @asynccontextmanager
