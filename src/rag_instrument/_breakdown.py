@@ -23,14 +23,12 @@ from rag_instrument._utils import internal_error
 
 __all__ = [
     "StageTimings",
-    "as_attributes",
     "detach",
     "forms",
     "largest",
     "record",
     "record_cache",
     "record_in",
-    "render",
     "roll_up",
     "safe_forms",
     "stage_timings",
@@ -141,16 +139,6 @@ def largest(breakdown: dict[str, dict[str, float]] | None) -> dict[str, Any] | N
     return {"kind": best[0], "count": int(best[1]["count"]), "ms": round(best[1]["ms"], 3)}
 
 
-def render(breakdown: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
-    """The log form: counts as integers, milliseconds rounded to the microsecond."""
-    return forms(breakdown)[1]
-
-
-def as_attributes(breakdown: dict[str, dict[str, float]]) -> dict[str, float | int]:
-    """Flatten for span attributes: ``rag.breakdown.db.count``, ``rag.breakdown.db.ms``."""
-    return forms(breakdown)[0]
-
-
 # The attribute names made so far, by (kind, key): the same few on every stage.
 _ATTRIBUTE_NAMES: dict[tuple[str, str], str] = {}
 
@@ -159,7 +147,7 @@ def safe_forms(
     breakdown: dict[str, dict[str, float]] | None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]] | None:
     """:func:`forms`, or ``None`` when there is nothing to report or it fails (never raises)."""
-    if not breakdown:
+    if not breakdown:  # callers test first on the hot path; kept for the others
         return None
     try:
         return forms(breakdown)
@@ -171,7 +159,7 @@ def safe_forms(
 def forms(
     breakdown: dict[str, dict[str, float]],
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """Both forms of ``breakdown`` in one pass: span attributes, and the log's (as :func:`render`).
+    """Both forms of ``breakdown`` in one pass: span attributes, and the log's.
 
     Counts as integers, milliseconds rounded to the microsecond, in both.
     """

@@ -271,7 +271,7 @@ def _end(
     # change it while it is rendered below.
     breakdown = _breakdown.detach(frame)
     # The span's attributes and the line's field, made in one pass.
-    forms = _breakdown.safe_forms(breakdown)
+    forms = _breakdown.safe_forms(breakdown) if breakdown else None
     if isinstance(exc, GeneratorExit):
         # A generator around this block was closed or collected: control flow, not an
         # error, and not a cancellation either (the enclosing stream says completed=false).

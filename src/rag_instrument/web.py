@@ -429,7 +429,7 @@ class _Request:
         name = f"{self.method if self.method != '_OTHER' else 'HTTP'} {route}" if route else None
         breakdown = _breakdown.detach(self.frame)
         # The span's attributes and the line's field, made in one pass.
-        forms = _breakdown.safe_forms(breakdown)
+        forms = _breakdown.safe_forms(breakdown) if breakdown else None
         key = f"{self.method} {route}" if route else None
         budget = self.middleware.route_budget(rt, key) if key is not None else None
         exceeded = budget is not None and ms > budget
