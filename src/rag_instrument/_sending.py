@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
+import orjson
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult
 from opentelemetry.sdk.trace import ReadableSpan
 
@@ -35,6 +36,7 @@ __all__ = [
 #: captured content reached), leaving room for the encoding's own overhead.
 MAX_EXPORT_BYTES: Final = 3 * 1024 * 1024
 _SPAN_OVERHEAD: Final = 160  # ids, times, kind, status, scope: bytes per span, generously
+_json: Final = orjson.dumps
 
 
 def _value_bytes(value: Any) -> int:
@@ -50,13 +52,21 @@ def _value_bytes(value: Any) -> int:
 
 
 def _attributes_bytes(attributes: Any) -> int:
-    """Each attribute's key, value and 8 bytes of framing.
+    """Each attribute's key, value and framing: at least the bytes OTLP carries for them.
 
-    A plain loop with the usual values (text, numbers) inline: the export thread runs it
-    for every attribute of every span, where a generator and a call per value cost a third
-    of the instructions a whole span costs.
+    Their JSON text (UTF-8, as OTLP's strings are; quotes, separators and escapes only add
+    to it) plus 14 bytes per attribute: one C call, where the loop below takes a dozen
+    steps per attribute on the export thread, for every span. The loop (each key, value
+    and 8 bytes; non-ASCII text counted twice) is for what JSON cannot hold (an integer
+    beyond 64 bits).
     """
-    plain = getattr(attributes, "_dict", attributes) or {}
+    plain = getattr(attributes, "_dict", attributes)
+    if not plain:
+        return 0
+    try:
+        return len(_json(plain)) + 14 * len(plain)
+    except Exception:
+        pass
     size = 0
     for key, value in plain.items():
         kind = type(value)
