@@ -244,3 +244,59 @@ def test_a_secret_in_the_response_model_is_redacted_every_time() -> None:
     assert len(lines) == 2
     for line in lines:
         assert "abcdefghijklmnopqrstuvwxyz" not in line["response_model"]
+
+
+# --- the span as exported: masked at the source, or by export, never neither ---------------
+
+_KEY = "sk-proj-abcdefghijklmnopqrstuvwxyz012345"
+
+
+def _exported_span(cap: Capture) -> Any:
+    (span,) = cap.spans
+    return span
+
+
+def test_secrets_from_the_provider_are_masked_on_the_exported_span() -> None:
+    with capture() as cap:
+        call = _call(model="gpt-4o-mini")
+        call.finish(None, response_model=f"m {_KEY}", finish_reasons=[f"stop {_KEY}"])
+    span = _exported_span(cap)
+    assert "abcdefghijklmnopqrstuvwxyz" not in _everything(cap)
+    assert span.attributes["gen_ai.response.model"].startswith("m ")
+    assert span.attributes["gen_ai.response.finish_reasons"][0].startswith("stop ")
+
+
+def test_a_secret_in_the_model_name_is_masked_on_the_exported_span() -> None:
+    with capture() as cap:
+        _call(model=f"gpt {_KEY}").finish(None, response_model="gpt", input_tokens=3)
+    span = _exported_span(cap)
+    assert "abcdefghijklmnopqrstuvwxyz" not in span.name + _everything(cap)
+    assert span.attributes["gen_ai.usage.input_tokens"] == 3
+
+
+@given(
+    st.sampled_from(["gpt-4o-mini", f"gpt {_KEY}", "m" * 250]),
+    st.text(min_size=1, max_size=60) | st.just(f"x {_KEY}"),
+    st.lists(st.text(max_size=30) | st.just(f"password={_KEY}"), max_size=3),
+    st.booleans(),
+)
+def test_the_exported_span_is_what_exports_redaction_makes_of_the_call(
+    model: str, response_model: str, reasons: list[str], failed: bool
+) -> None:
+    from rag_instrument._sanitize import exported_name, redact_text
+
+    with capture() as cap:
+        call = _call(model=model)
+        call.finish(
+            ValueError("boom") if failed else None,
+            response_model=response_model,
+            finish_reasons=reasons,
+        )
+    span = _exported_span(cap)
+    assert span.name == exported_name(f"chat {model}")
+    assert span.attributes["gen_ai.request.model"] == redact_text(model)
+    assert span.attributes["gen_ai.response.model"] == redact_text(response_model)
+    if reasons:
+        assert span.attributes["gen_ai.response.finish_reasons"] == tuple(
+            map(redact_text, reasons)
+        )

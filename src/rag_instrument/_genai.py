@@ -37,7 +37,14 @@ from rag_instrument import _breakdown
 from rag_instrument import attributes as attr
 from rag_instrument._context import attach_span, current_frame, detach_span, note_content
 from rag_instrument._errors import remember_exception
-from rag_instrument._sanitize import REDACTED, redact_then_truncate, safe_str, stack_trace
+from rag_instrument._sanitize import (
+    REDACTED,
+    exported_name,
+    redact_text,
+    redact_then_truncate,
+    safe_str,
+    stack_trace,
+)
 from rag_instrument._utils import http_status, internal_error, user_code_error
 from rag_instrument.attributes import (
     EVENT_LLM_CANCELLED,
@@ -127,9 +134,14 @@ def _will_be_retried(exc: BaseException) -> bool:
         return False
 
 
+_NUMERIC_NAMES: Final = frozenset(_NUMERIC_PARAMS)
+
+
 def numeric_params(params: Mapping[str, Any]) -> dict[str, int | float]:
     """The known numeric request parameters as ``gen_ai.request.*`` attributes."""
     out: dict[str, int | float] = {}
+    if _NUMERIC_NAMES.isdisjoint(params):  # the usual call (model and messages): one C call
+        return out
     for key, value in params.items():
         name = _NUMERIC_PARAMS.get(key)
         if name is not None and type(value) in (int, float):
@@ -226,6 +238,11 @@ class GenAICall:
         cache_hit: ``True``/``False`` when a cache answered or missed, ``None`` if uncached.
         ttft_ms: time to the first streamed chunk, for streams.
         chunks: streamed chunks seen, for streams.
+        http: for an SDK call whose HTTP attempts are recorded, what the SDK integration
+            needs to record them (set by it; ``None`` otherwise): each attempt adds one to
+            ``attempts``.
+        http_failure: the last HTTP attempt's failure, until the next attempt records it
+            as a retry (set by the SDK integration).
     """
 
     __slots__ = (
@@ -236,6 +253,8 @@ class GenAICall:
         "cache_hit",
         "chunks",
         "finished",
+        "http",
+        "http_failure",
         "line",
         "metric_attrs",
         "operation",
@@ -271,6 +290,8 @@ class GenAICall:
         self.ttft_ms: float | None = None
         self.chunks: int | None = None
         self.finished = False
+        self.http: Any = None
+        self.http_failure: Any = None
         self._token: tuple[object, contextvars.Token[GenAICall | None]] | None = None
         self.start_ns = time.perf_counter_ns()
 
@@ -334,15 +355,122 @@ class GenAICall:
             return
         self.finished = True
         try:
-            self._finish(
-                exc,
-                response_model,
-                input_tokens,
-                output_tokens,
-                finish_reasons,
-                output_text,
-                completed,
-            )
+            elapsed_s = (time.perf_counter_ns() - self.start_ns) / 1e9
+            ms = elapsed_s * 1000.0
+            rt = self.rt
+            span = self.span
+            cancelled = exc is not None and not isinstance(exc, Exception)
+            hit = self.cache_hit is True
+            if hit:  # nothing was asked of the provider
+                input_tokens = output_tokens = 0
+            if span.is_recording():
+                values: dict[str, Any] = {}
+                # Text from the provider, masked here as export would: the span may be
+                # marked sanitised at the source (export then leaves it as it is).
+                if response_model:
+                    values[GEN_AI_RESPONSE_MODEL] = (
+                        redact_text(response_model)
+                        if type(response_model) is str
+                        else response_model
+                    )
+                if input_tokens is not None:
+                    values[GEN_AI_USAGE_INPUT_TOKENS] = input_tokens
+                if output_tokens is not None:
+                    values[GEN_AI_USAGE_OUTPUT_TOKENS] = output_tokens
+                if finish_reasons:
+                    values[GEN_AI_RESPONSE_FINISH_REASONS] = tuple(
+                        map(redact_text, map(str, finish_reasons))
+                    )
+                if self.attempts:
+                    values[RAG_RETRY_ATTEMPTS] = self.attempts
+                    values[RAG_RETRY_BACKOFF_MS] = round(self.backoff_ms, 3)
+                if self.cache_hit is not None:
+                    values[RAG_CACHE_HIT] = hit
+                if self.ttft_ms is not None:
+                    values[RAG_LLM_TTFT_MS] = round(self.ttft_ms, 3)
+                if self.chunks is not None:
+                    values[RAG_STREAM_CHUNKS] = self.chunks
+                    values[attr.RAG_STREAM_COMPLETED] = completed
+                if output_text is not None and not rt.settings.capture_content:
+                    note_content(output_text)
+                if output_text is not None and rt.settings.capture_content:
+                    values[GEN_AI_OUTPUT_MESSAGES] = _messages_json(
+                        "assistant", output_text, rt, self.secrets
+                    )
+                if exc is not None:
+                    values[attr.ERROR_TYPE] = redact_text(type(exc).__qualname__)
+                    if cancelled:
+                        values[attr.RAG_CANCELLED] = True
+                    else:
+                        self._record_exception(exc)
+            else:
+                values = {}
+            try:
+                rt.end_span(span, None, values)
+            except Exception as end_exc:
+                user_code_error("ending a span", end_exc)
+            metric_attrs: dict[str, str] = self.metric_attrs
+            instruments = _instruments(rt)
+            if instruments is not None:  # None: the meter is the API's no-op one
+                duration, usage, _ = instruments
+                if exc is not None:
+                    metric_attrs = {**metric_attrs, attr.ERROR_TYPE: type(exc).__qualname__}
+                duration.record(elapsed_s, metric_attrs)
+                if not hit and (input_tokens or output_tokens):
+                    usage_in, usage_out = self.usage_attrs or (
+                        {**self.metric_attrs, GEN_AI_TOKEN_TYPE: "input"},
+                        {**self.metric_attrs, GEN_AI_TOKEN_TYPE: "output"},
+                    )
+                    if input_tokens:
+                        usage.record(input_tokens, usage_in)
+                    if output_tokens:
+                        usage.record(output_tokens, usage_out)
+            frame = current_frame()
+            if not hit and frame is not None:
+                _breakdown.record_in(frame, self.breakdown_kind, ms)
+            if rt.log is None:
+                return
+            # What changes per call; the fixed fields (operation, provider, model) come first.
+            fields: dict[str, Any] = {}
+            if response_model:
+                fields["response_model"] = _clean_model(response_model)
+            if input_tokens is not None:
+                fields["input_tokens"] = input_tokens
+            if output_tokens is not None:
+                fields["output_tokens"] = output_tokens
+            if self.attempts > 1:
+                fields["retry_attempts"] = self.attempts
+                fields["retry_backoff_ms"] = round(self.backoff_ms, 3)
+            if self.cache_hit is not None:
+                fields["cache_hit"] = hit
+            if self.ttft_ms is not None:
+                fields["time_to_first_token_ms"] = round(self.ttft_ms, 3)
+            line = self.line
+            if exc is None and line is not None:
+                # The usual line, from its pre-rendered fixed part: the bytes emit() writes.
+                stage = frame.stage if frame is not None else None
+                emit_head(rt, line, span, stage or "", round(ms, 3), own_stage=False, extra=fields)
+                return
+            fields = {
+                "execution_time_ms": round(ms, 3),
+                "operation": self.operation,
+                "provider": self.metric_attrs.get(GEN_AI_PROVIDER_NAME),
+                "model": self.metric_attrs.get(GEN_AI_REQUEST_MODEL),
+                **fields,
+            }
+            if exc is None:
+                event, level = EVENT_LLM_COMPLETED, "info"
+            elif cancelled:
+                event, level = EVENT_LLM_CANCELLED, "warning"
+                fields["error_type"] = type(exc).__name__
+            else:
+                event, level = EVENT_LLM_FAILED, "error"
+                if _will_be_retried(exc):  # an attempt, not the call's outcome
+                    level = "warning"
+                    fields["will_retry"] = True
+                fields["error_type"] = type(exc).__name__
+                fields["error_message"] = self._error_text(exc)
+            emit(level, event, fields, span=span, trusted=True, rt=rt, measures=True)
         except Exception as err:
             internal_error("finishing an llm call", err)
 
@@ -354,125 +482,6 @@ class GenAICall:
         if self.rt.settings.capture_content:
             return self._scrub(safe_str(exc))
         return self._scrub(error_summary(exc, self.secrets))
-
-    def _finish(
-        self,
-        exc: BaseException | None,
-        response_model: str | None,
-        input_tokens: int | None,
-        output_tokens: int | None,
-        finish_reasons: Sequence[str] | None,
-        output_text: str | None,
-        completed: bool,
-    ) -> None:
-        elapsed_s = (time.perf_counter_ns() - self.start_ns) / 1e9
-        ms = elapsed_s * 1000.0
-        rt = self.rt
-        span = self.span
-        cancelled = exc is not None and not isinstance(exc, Exception)
-        hit = self.cache_hit is True
-        if hit:  # nothing was asked of the provider
-            input_tokens = output_tokens = 0
-        if span.is_recording():
-            values: dict[str, Any] = {}
-            if response_model:
-                values[GEN_AI_RESPONSE_MODEL] = response_model
-            if input_tokens is not None:
-                values[GEN_AI_USAGE_INPUT_TOKENS] = input_tokens
-            if output_tokens is not None:
-                values[GEN_AI_USAGE_OUTPUT_TOKENS] = output_tokens
-            if finish_reasons:
-                values[GEN_AI_RESPONSE_FINISH_REASONS] = tuple(map(str, finish_reasons))
-            if self.attempts:
-                values[RAG_RETRY_ATTEMPTS] = self.attempts
-                values[RAG_RETRY_BACKOFF_MS] = round(self.backoff_ms, 3)
-            if self.cache_hit is not None:
-                values[RAG_CACHE_HIT] = hit
-            if self.ttft_ms is not None:
-                values[RAG_LLM_TTFT_MS] = round(self.ttft_ms, 3)
-            if self.chunks is not None:
-                values[RAG_STREAM_CHUNKS] = self.chunks
-                values[attr.RAG_STREAM_COMPLETED] = completed
-            if output_text is not None and not rt.settings.capture_content:
-                note_content(output_text)
-            if output_text is not None and rt.settings.capture_content:
-                values[GEN_AI_OUTPUT_MESSAGES] = _messages_json(
-                    "assistant", output_text, rt, self.secrets
-                )
-            if exc is not None:
-                values[attr.ERROR_TYPE] = type(exc).__qualname__
-                if cancelled:
-                    values[attr.RAG_CANCELLED] = True
-                else:
-                    self._record_exception(exc)
-        else:
-            values = {}
-        try:
-            rt.end_span(span, None, values)
-        except Exception as end_exc:
-            user_code_error("ending a span", end_exc)
-        metric_attrs: dict[str, str] = self.metric_attrs
-        instruments = _instruments(rt)
-        if instruments is not None:  # None: the meter is the API's no-op one
-            duration, usage, _ = instruments
-            if exc is not None:
-                metric_attrs = {**metric_attrs, attr.ERROR_TYPE: type(exc).__qualname__}
-            duration.record(elapsed_s, metric_attrs)
-            if not hit and (input_tokens or output_tokens):
-                usage_in, usage_out = self.usage_attrs or (
-                    {**self.metric_attrs, GEN_AI_TOKEN_TYPE: "input"},
-                    {**self.metric_attrs, GEN_AI_TOKEN_TYPE: "output"},
-                )
-                if input_tokens:
-                    usage.record(input_tokens, usage_in)
-                if output_tokens:
-                    usage.record(output_tokens, usage_out)
-        frame = current_frame()
-        if not hit and frame is not None:
-            _breakdown.record_in(frame, self.breakdown_kind, ms)
-        if rt.log is None:
-            return
-        # What changes per call; the fixed fields (operation, provider, model) come first.
-        fields: dict[str, Any] = {}
-        if response_model:
-            fields["response_model"] = _clean_model(response_model)
-        if input_tokens is not None:
-            fields["input_tokens"] = input_tokens
-        if output_tokens is not None:
-            fields["output_tokens"] = output_tokens
-        if self.attempts > 1:
-            fields["retry_attempts"] = self.attempts
-            fields["retry_backoff_ms"] = round(self.backoff_ms, 3)
-        if self.cache_hit is not None:
-            fields["cache_hit"] = hit
-        if self.ttft_ms is not None:
-            fields["time_to_first_token_ms"] = round(self.ttft_ms, 3)
-        line = self.line
-        if exc is None and line is not None:
-            # The usual line, from its pre-rendered fixed part: the bytes emit() writes.
-            stage = frame.stage if frame is not None else None
-            emit_head(rt, line, span, stage or "", round(ms, 3), own_stage=False, extra=fields)
-            return
-        fields = {
-            "execution_time_ms": round(ms, 3),
-            "operation": self.operation,
-            "provider": self.metric_attrs.get(GEN_AI_PROVIDER_NAME),
-            "model": self.metric_attrs.get(GEN_AI_REQUEST_MODEL),
-            **fields,
-        }
-        if exc is None:
-            event, level = EVENT_LLM_COMPLETED, "info"
-        elif cancelled:
-            event, level = EVENT_LLM_CANCELLED, "warning"
-            fields["error_type"] = type(exc).__name__
-        else:
-            event, level = EVENT_LLM_FAILED, "error"
-            if _will_be_retried(exc):  # an attempt, not the call's outcome
-                level = "warning"
-                fields["will_retry"] = True
-            fields["error_type"] = type(exc).__name__
-            fields["error_message"] = self._error_text(exc)
-        emit(level, event, fields, span=span, trusted=True, rt=rt, measures=True)
 
     def _record_exception(self, exc: BaseException) -> None:
         exc_type = type(exc)
@@ -551,9 +560,12 @@ def start_call(
             attributes[GEN_AI_INPUT_MESSAGES] = _messages_json("user", text, rt, secrets)
     if prompt is not None and not capture and isinstance(prompt, str):
         note_content(prompt)  # hidden where an exception of the enclosing stage quotes it
-    # Not sanitised as a whole (the provider and model names are the application's): export
-    # redacts the span as it does any other instrumentation's.
-    span = rt.start_span(f"{operation} {model}", attributes, kind=SpanKind.CLIENT, sanitized=False)
+    # Sanitised at the source when its name and attributes are as export would leave them
+    # (export then skips them); with captured content, export redacts the span as it does
+    # any other instrumentation's.
+    span = rt.start_span(
+        described.name, attributes, kind=SpanKind.CLIENT, sanitized=described.clean and not capture
+    )
     call = GenAICall(rt, span, operation, breakdown_kind, secrets)
     call.metric_attrs = described.metric_attrs
     call.usage_attrs = described.usage_attrs
@@ -587,19 +599,28 @@ def _instruments(rt: Runtime) -> tuple[Histogram, Histogram, Histogram] | None:
 class _Described:
     """What is the same for every call of one operation, provider, model and kind."""
 
-    __slots__ = ("attributes", "line", "metric_attrs", "usage_attrs")
+    __slots__ = ("attributes", "clean", "line", "metric_attrs", "name", "usage_attrs")
 
     def __init__(self, operation: str, system: str, model: str, span_kind: str) -> None:
+        self.name = f"{operation} {model}"
+        #: The span's name and first attributes are what export's redaction would leave
+        #: (the usual model name): the span may be marked sanitised at the source.
+        self.clean = exported_name(self.name) == self.name and all(
+            redact_text(value) == value for value in (operation, system, model, span_kind)
+        )
         self.attributes: dict[str, Any] = {
             GEN_AI_OPERATION_NAME: operation,
             GEN_AI_PROVIDER_NAME: system,
             GEN_AI_REQUEST_MODEL: model,
             attr.OPENINFERENCE_SPAN_KIND: span_kind,
         }
+        # The log line and the metrics carry the model name as a log line's response
+        # model does: secrets masked, cut to 200 characters.
+        line_model = redact_then_truncate(model, 200)
         self.metric_attrs: dict[str, str] = {
             GEN_AI_OPERATION_NAME: operation,
             GEN_AI_PROVIDER_NAME: system,
-            GEN_AI_REQUEST_MODEL: model,
+            GEN_AI_REQUEST_MODEL: line_model,
         }
         self.usage_attrs = (
             {**self.metric_attrs, GEN_AI_TOKEN_TYPE: "input"},
@@ -608,7 +629,7 @@ class _Described:
         #: The completed line's fixed part, rendered once (the fields emit() would get).
         self.line: LineHead | None
         try:
-            tail = {"operation": operation, "provider": system, "model": model}
+            tail = {"operation": operation, "provider": system, "model": line_model}
             self.line = LineHead("info", EVENT_LLM_COMPLETED, tail)
         except Exception:  # a name orjson refuses (a lone surrogate): built per line
             self.line = None

@@ -32,8 +32,10 @@ import orjson
 from rag_instrument._utils import install_text_cleaner
 
 __all__ = [
+    "MAX_SPAN_NAME_CHARS",
     "REDACTED",
     "Sanitizer",
+    "exported_name",
     "int_text",
     "is_secret_key",
     "redact_text",
@@ -499,6 +501,15 @@ def truncate(text: str, limit: int) -> str:
     if limit < 0 or len(text) <= limit:
         return text
     return f"{text[:limit]}...[truncated, {len(text)} chars]"
+
+
+#: Longest span name exported (names from other instrumentations too: a URL, a query).
+MAX_SPAN_NAME_CHARS: Final = 200
+
+
+def exported_name(name: str) -> str:
+    """A span's name as export leaves it: secrets masked, cut to :data:`MAX_SPAN_NAME_CHARS`."""
+    return truncate(redact_text(name), MAX_SPAN_NAME_CHARS) if name else name
 
 
 #: Redaction looks this far past a cut, so a secret straddling the cut is still recognised

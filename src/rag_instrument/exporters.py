@@ -72,7 +72,12 @@ from rag_instrument._leaf import (
 )
 from rag_instrument._metrics import MetricsHub, build_hub
 from rag_instrument._otlp import fast_exporter
-from rag_instrument._sanitize import REDACTED, is_secret_key, redact_text, truncate
+from rag_instrument._sanitize import (
+    REDACTED,
+    exported_name,
+    is_secret_key,
+    redact_text,
+)
 from rag_instrument._sending import (
     MAX_EXPORT_BYTES,
     REFUSING_STATUSES,
@@ -225,10 +230,6 @@ def _redact_mapping(attributes: Any) -> dict[str, Any] | None:
     return changed
 
 
-#: Longest span name exported (names from other instrumentations too: a URL, a query).
-MAX_SPAN_NAME_CHARS: Final = 200
-
-
 def redact_span(span: ReadableSpan) -> ReadableSpan:
     """``span`` itself when nothing in it looks secret, else a copy with secrets masked.
 
@@ -249,7 +250,7 @@ def redact_span(span: ReadableSpan) -> ReadableSpan:
     description = status.description
     clean_description = redact_text(description) if description else description
     name = span.name
-    clean_name = truncate(redact_text(name), MAX_SPAN_NAME_CHARS) if name else name
+    clean_name = exported_name(name)
     if (
         attributes is None
         and new_events is None

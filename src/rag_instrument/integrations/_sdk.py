@@ -27,7 +27,6 @@ time of the failure.
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import time
 from collections.abc import Callable, Mapping
@@ -36,7 +35,6 @@ from typing import Any, Final
 import orjson
 
 from rag_instrument._genai import GenAICall, current_call
-from rag_instrument._runtime import get_runtime
 from rag_instrument._utils import internal_error
 from rag_instrument.attributes import (
     ERROR_TYPE,
@@ -49,23 +47,14 @@ from rag_instrument.attributes import (
 from rag_instrument.logs import emit
 
 __all__ = [
-    "Attempts",
-    "begin",
-    "describe_target",
-    "end",
+    "Watch",
     "raw_body",
     "status_error_names",
-    "tracked",
     "watch_http_client",
 ]
 
 #: Set on an ``httpx`` client whose ``send`` is wrapped.
 SEND_MARKER: Final = "_rag_instrument_send"
-
-_active: contextvars.ContextVar[Attempts | None] = contextvars.ContextVar(
-    "rag_instrument.sdk_attempts", default=None
-)
-
 
 def status_error_names(module: Any) -> Callable[[int], str]:
     """The SDK error class name a status becomes (``429 -> "RateLimitError"``).
@@ -98,103 +87,72 @@ def _is_timeout(exc: BaseException) -> bool:
     return any(cls.__name__ == "TimeoutException" for cls in type(exc).__mro__)
 
 
-class Attempts:
-    """The HTTP attempts of one instrumented call."""
+#: What the wrapped ``send`` needs to record a call's attempts: the ``"retrying"`` line's
+#: ``target`` and the status -> SDK error name function. Set on the call by
+#: :func:`~rag_instrument.integrations._streams.instrumented` (its ``http`` argument).
+Watch = tuple[str, Callable[[int], str]]
 
-    __slots__ = (
-        "backoff_ms",
-        "call",
-        "count",
-        "error_type",
-        "failed_ns",
-        "failed_wall_ns",
-        "names",
-        "status",
-        "target",
-    )
 
-    def __init__(self, call: GenAICall, target: str, names: Callable[[int], str]) -> None:
-        self.call = call
-        self.target = target
-        self.names = names
-        self.count = 0
-        self.backoff_ms = 0.0
-        self.failed_ns = 0
-        self.failed_wall_ns = 0
-        self.status: int | None = None
-        self.error_type: str | None = None
+def _failed(call: GenAICall, status: int | None, error_type: str) -> None:
+    """The attempt failed: kept on the call until the next attempt makes it a retry."""
+    call.http_failure = (time.perf_counter_ns(), time.time_ns(), status, error_type)
 
-    def before(self) -> None:
-        """An attempt starts: if the previous one failed, this is a retry."""
+
+def _answered(call: GenAICall, response: Any) -> None:
+    """The attempt got a response (a status >= 400 is a failure)."""
+    try:
+        status = response.status_code
+        if isinstance(status, int) and status >= 400:
+            _failed(call, status, call.http[1](status))
+    except Exception as exc:
+        internal_error("recording an http response", exc)
+
+
+def _raised(call: GenAICall, exc: BaseException) -> None:
+    """The attempt failed without a response."""
+    if isinstance(exc, Exception):
         try:
-            now = time.perf_counter_ns()
-            if self.count and self.failed_ns:
-                self._retried(now)
-            self.count += 1
-            self.failed_ns = 0
-            self.status = None
-            self.error_type = None
-        except Exception as exc:
-            internal_error("recording an http attempt", exc)
+            _failed(call, None, "APITimeoutError" if _is_timeout(exc) else "APIConnectionError")
+        except Exception as err:
+            internal_error("recording an http failure", err)
 
-    def after(self, response: Any) -> None:
-        """The attempt got a response (a status >= 400 is a failure)."""
-        try:
-            status = response.status_code
-            if isinstance(status, int) and status >= 400:
-                self._failed(status, self.names(status))
-        except Exception as exc:
-            internal_error("recording an http response", exc)
 
-    def raised(self, exc: BaseException) -> None:
-        """The attempt failed without a response."""
-        if isinstance(exc, Exception):
-            self._failed(None, "APITimeoutError" if _is_timeout(exc) else "APIConnectionError")
-
-    def _failed(self, status: int | None, error_type: str) -> None:
-        self.failed_ns = time.perf_counter_ns()
-        self.failed_wall_ns = time.time_ns()
-        self.status = status
-        self.error_type = error_type
-
-    def _retried(self, now: int) -> None:
-        wait_s = (now - self.failed_ns) / 1e9
-        self.backoff_ms += wait_s * 1000.0
-        rt = self.call.rt
+def _retried(call: GenAICall) -> None:
+    """An attempt starts after a failed one: record the retry (never raises)."""
+    try:
+        failed_ns, failed_wall_ns, status, error_type = call.http_failure
+        call.http_failure = None
+        wait_s = (time.perf_counter_ns() - failed_ns) / 1e9
+        call.backoff_ms += wait_s * 1000.0
+        rt = call.rt
         if not rt.enabled:
             return
-        call = self.call
-        error_type = self.error_type or "unknown"
         event: dict[str, Any] = {
-            "attempt": self.count,
+            "attempt": call.attempts,
             "error_type": error_type,
             "wait_s": round(wait_s, 6),
         }
-        if self.status is not None:
-            event[HTTP_RESPONSE_STATUS_CODE] = self.status
+        if status is not None:
+            event[HTTP_RESPONSE_STATUS_CODE] = status
         if call.span.is_recording():
-            call.span.add_event(EVENT_RETRY, event, timestamp=self.failed_wall_ns)
+            call.span.add_event(EVENT_RETRY, event, timestamp=failed_wall_ns)
         rt.counter(METRIC_RETRY_COUNT, "{retry}", "Retried calls (one per retry).").add(
             1, {ERROR_TYPE: error_type}
         )
         metric: dict[str, Any] = {**call.metric_attrs, ERROR_TYPE: error_type}
-        if self.status is not None:
-            metric[HTTP_RESPONSE_STATUS_CODE] = self.status
+        if status is not None:
+            metric[HTTP_RESPONSE_STATUS_CODE] = status
         rt.counter(
             METRIC_LLM_RETRIES, "{retry}", "Retried model requests (one per retry)."
         ).add(1, metric)
         if rt.log is not None:
-            fields: dict[str, Any] = {"target": self.target, **event}
-            if self.status is not None:
+            fields: dict[str, Any] = {"target": call.http[0], **event}
+            if status is not None:
                 del fields[HTTP_RESPONSE_STATUS_CODE]
-                fields["http_status"] = self.status
+                fields["http_status"] = status
             emit("warning", LOG_RETRYING, fields, span=call.span, trusted=True, rt=rt)
-
-    def done(self) -> None:
-        """Put the totals on the call."""
-        if self.count:
-            self.call.attempts = self.count
-            self.call.backoff_ms = self.backoff_ms
+    except Exception as exc:
+        internal_error("recording an http attempt", exc)
 
 
 def watch_http_client(client: Any, is_async: bool) -> None:
@@ -211,19 +169,26 @@ def watch_http_client(client: Any, is_async: bool) -> None:
         internal_error("watching an SDK's http client", exc)
 
 
+# The two loops around the decisions above. Each attempt of a call whose HTTP attempts are
+# watched (``call.http`` set) counts on ``call.attempts``; any other request through the
+# same ``httpx`` client (another library's, an unwatched call's) goes straight through.
+
+
 def _sync_send(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def send(*args: Any, **kwargs: Any) -> Any:
-        attempts = _active.get()
-        if attempts is None:
+        call = current_call()
+        if call is None or call.http is None:
             return original(*args, **kwargs)
-        attempts.before()
+        if call.http_failure is not None:
+            _retried(call)
+        call.attempts += 1
         try:
             response = original(*args, **kwargs)
         except BaseException as exc:
-            attempts.raised(exc)
+            _raised(call, exc)
             raise
-        attempts.after(response)
+        _answered(call, response)
         return response
 
     return send
@@ -232,79 +197,21 @@ def _sync_send(original: Callable[..., Any]) -> Callable[..., Any]:
 def _async_send(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     async def send(*args: Any, **kwargs: Any) -> Any:
-        attempts = _active.get()
-        if attempts is None:
+        call = current_call()
+        if call is None or call.http is None:
             return await original(*args, **kwargs)
-        attempts.before()
+        if call.http_failure is not None:
+            _retried(call)
+        call.attempts += 1
         try:
             response = await original(*args, **kwargs)
         except BaseException as exc:
-            attempts.raised(exc)
+            _raised(call, exc)
             raise
-        attempts.after(response)
+        _answered(call, response)
         return response
 
     return send
-
-
-def begin(target: str, names: Callable[[int], str]) -> tuple[Attempts, Any] | None:
-    """Start counting the attempts of the call current in this context, if any."""
-    call = current_call()
-    if call is None or not get_runtime().enabled:
-        return None
-    attempts = Attempts(call, target, names)
-    return attempts, _active.set(attempts)
-
-
-def end(started: tuple[Attempts, Any]) -> None:
-    """Stop counting; the totals go on the call."""
-    attempts, token = started
-    try:
-        _active.reset(token)
-    except ValueError:
-        _active.set(None)  # ended in another context (a stream helper's exit)
-    attempts.done()
-
-
-def tracked(
-    original: Callable[..., Any],
-    *,
-    is_async: bool,
-    target: str,
-    names: Callable[[int], str],
-) -> Callable[..., Any]:
-    """``original`` with its HTTP attempts counted onto the current call."""
-    if is_async:
-
-        @functools.wraps(original)
-        async def async_method(*args: Any, **kwargs: Any) -> Any:
-            started = begin(target, names)
-            if started is None:
-                return await original(*args, **kwargs)
-            try:
-                return await original(*args, **kwargs)
-            finally:
-                end(started)
-
-        return async_method
-
-    @functools.wraps(original)
-    def method(*args: Any, **kwargs: Any) -> Any:
-        started = begin(target, names)
-        if started is None:
-            return original(*args, **kwargs)
-        try:
-            return original(*args, **kwargs)
-        finally:
-            end(started)
-
-    return method
-
-
-def describe_target(system: str, operation: str) -> str:
-    """The ``target`` field of a ``"retrying"`` line (``"openai.chat"``)."""
-    return f"{system}.{operation}"
-
 
 
 # --- raw responses ----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import operator
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, Final
@@ -24,6 +25,7 @@ from typing import Any, Final
 from rag_instrument._genai import GenAICall, start_call
 from rag_instrument._runtime import get_runtime
 from rag_instrument._utils import internal_error
+from rag_instrument.integrations._sdk import Watch
 
 __all__ = ["Describe", "StreamState", "instrument_methods", "instrumented", "uninstrument_methods"]
 
@@ -146,6 +148,7 @@ def _start(
     describe: Describe,
     kwargs: Mapping[str, Any],
     secrets: Callable[[], tuple[str, ...]] | None,
+    http: Watch | None,
 ) -> GenAICall | None:
     rt = get_runtime()
     if not rt.enabled:
@@ -153,6 +156,7 @@ def _start(
     try:
         found = secrets() if secrets is not None else ()
         call = start_call(rt, system=system, secrets=found, **describe(kwargs))
+        call.http = http
         call.attach()
     except Exception as exc:
         internal_error("starting an llm call", exc)
@@ -170,6 +174,7 @@ def instrumented(
     make_state: Callable[[GenAICall], StreamState] | None = None,
     is_async: bool | None = None,
     secrets: Callable[[], tuple[str, ...]] | None = None,
+    http: Watch | None = None,
 ) -> Callable[..., Any]:
     """Wrap one SDK method (sync or async) so that each call is a GenAI call.
 
@@ -184,6 +189,9 @@ def instrumented(
             plain functions behind their decorators, so the caller says so).
         secrets: returns the client's credentials, read at each call, to be scrubbed
             literally from everything recorded for it (see :func:`client_secrets`).
+        http: the ``"retrying"`` line's target and the SDK's status -> error name: each
+            HTTP attempt the call makes through a client watched by
+            :func:`~rag_instrument.integrations._sdk.watch_http_client` is recorded.
     """
 
     # The decisions, shared by the sync and the async method below.
@@ -212,7 +220,7 @@ def instrumented(
 
         @functools.wraps(original)
         async def async_method(*args: Any, **kwargs: Any) -> Any:
-            call = _start(system, describe, kwargs, secrets)
+            call = _start(system, describe, kwargs, secrets, http)
             if call is None:
                 return await original(*args, **kwargs)
             try:
@@ -227,7 +235,7 @@ def instrumented(
 
     @functools.wraps(original)
     def method(*args: Any, **kwargs: Any) -> Any:
-        call = _start(system, describe, kwargs, secrets)
+        call = _start(system, describe, kwargs, secrets, http)
         if call is None:
             return original(*args, **kwargs)
         try:
@@ -248,17 +256,28 @@ def client_secrets(
     ref = weakref.ref(client)
     # The values last read and what they gave, replaced whole: the same keys (the usual
     # case) give the same tuple back, without building one per call.
-    memo: list[tuple[list[object], tuple[str, ...]]] = [([], ())]
+    memo: list[tuple[object, tuple[str, ...]]] = [(object(), ())]
+    # One C call for the usual client (its value, or a tuple of values for several names).
+    get = operator.attrgetter(*names)
+    several = len(names) > 1
 
     def read() -> tuple[str, ...]:
         target = ref()
         if target is None:
             return ()
-        values = [getattr(target, name, None) for name in names]
+        values: Any
+        try:
+            values = get(target)
+        except AttributeError:  # a client without one of them
+            values = tuple(getattr(target, name, None) for name in names) if several else None
         last_values, last_found = memo[0]
         if values == last_values:  # str values: equal is the same key
             return last_found
-        found = tuple(value for value in values if isinstance(value, str) and value)
+        found = tuple(
+            value
+            for value in (values if several else (values,))
+            if isinstance(value, str) and value
+        )
         memo[0] = (values, found)
         return found
 

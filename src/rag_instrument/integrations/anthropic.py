@@ -51,7 +51,6 @@ from rag_instrument.integrations._cache import cache_spec, cached_method
 from rag_instrument.integrations._sdk import (
     raw_body,
     status_error_names,
-    tracked,
     watch_http_client,
 )
 from rag_instrument.integrations._streams import (
@@ -177,14 +176,8 @@ def _stream_helper(
         try:
             base: Any = type(manager)
             enter = base.__aenter__ if is_async else base.__enter__
-            request = tracked(
-                functools.partial(enter, manager),
-                is_async=is_async,
-                target="anthropic.chat",
-                names=names,
-            )
             manager._rag_instrument_enter = instrumented(
-                request,
+                functools.partial(enter, manager),
                 system=SYSTEM,
                 describe=lambda _: _describe(kwargs),
                 on_result=_finish,
@@ -192,6 +185,7 @@ def _stream_helper(
                 make_state=_MessageStream,
                 is_async=is_async,
                 secrets=secrets,
+                http=("anthropic.chat", names),
             )
             manager.__class__ = _traced_manager(base)
         except Exception as exc:
@@ -253,7 +247,7 @@ def instrument_anthropic(client: C, *, cache: CacheSpec | bool | None = None) ->
                 tokens=_message_tokens,
             )
         return instrumented(
-            tracked(inner, is_async=is_async, target="anthropic.chat", names=names),
+            inner,
             system=SYSTEM,
             describe=_describe,
             on_result=_finish,
@@ -261,6 +255,7 @@ def instrument_anthropic(client: C, *, cache: CacheSpec | bool | None = None) ->
             make_state=_MessageStream,
             is_async=is_async,
             secrets=secrets,
+            http=("anthropic.chat", names),
         )
 
     def stream_helper(original: Any) -> Any:

@@ -56,7 +56,6 @@ from rag_instrument.integrations._cache import cache_spec, cached_method
 from rag_instrument.integrations._sdk import (
     raw_body,
     status_error_names,
-    tracked,
     watch_http_client,
 )
 from rag_instrument.integrations._streams import (
@@ -103,9 +102,18 @@ def _usage(result: Any) -> tuple[int | None, int | None]:
 
 def _finish_chat(call: GenAICall, result: Any) -> None:
     result = raw_body(result) or result
-    choices = getattr(result, "choices", None) or []
-    input_tokens, output_tokens = _usage(result)
-    reasons = [str(c.finish_reason) for c in choices if getattr(c, "finish_reason", None)]
+    choices = getattr(result, "choices", None) or ()
+    usage = getattr(result, "usage", None)
+    if usage is None:
+        input_tokens = output_tokens = None
+    else:
+        input_tokens = getattr(usage, "prompt_tokens", None)
+        output_tokens = getattr(usage, "completion_tokens", None)
+    reasons = []
+    for choice in choices:  # a loop, not a comprehension: no frame of its own (3.11)
+        reason = getattr(choice, "finish_reason", None)
+        if reason:
+            reasons.append(str(reason))
     text = None
     if call.rt.settings.capture_content and choices:
         text = getattr(getattr(choices[0], "message", None), "content", None)
@@ -201,7 +209,7 @@ def instrument_openai(client: C, *, cache: CacheSpec | bool | None = None) -> C:
     def chat(original: Any) -> Any:
         inner = cached(original, "chat", openai.types.chat.ChatCompletion)
         return instrumented(
-            tracked(inner, is_async=is_async, target="openai.chat", names=names),
+            inner,
             system=SYSTEM,
             describe=_describe_chat,
             on_result=_finish_chat,
@@ -209,17 +217,19 @@ def instrument_openai(client: C, *, cache: CacheSpec | bool | None = None) -> C:
             make_state=_ChatStream,
             is_async=is_async,
             secrets=secrets,
+            http=("openai.chat", names),
         )
 
     def embeddings(original: Any) -> Any:
         inner = cached(original, "embeddings", openai.types.CreateEmbeddingResponse)
         return instrumented(
-            tracked(inner, is_async=is_async, target="openai.embeddings", names=names),
+            inner,
             system=SYSTEM,
             describe=_describe_embeddings,
             on_result=_finish_embeddings,
             is_async=is_async,
             secrets=secrets,
+            http=("openai.embeddings", names),
         )
 
     instrument_methods(
