@@ -80,11 +80,13 @@ if TYPE_CHECKING:
 __all__ = [
     "GenAICall",
     "RetryScope",
+    "Secrets",
     "current_call",
     "error_summary",
     "numeric_params",
     "retry_scope",
     "start_call",
+    "usable_secrets",
 ]
 
 # --- names (to move to attributes.py) -----------------------------------------------------
@@ -165,15 +167,20 @@ def _clean_model(response_model: object) -> str:
     return clean
 
 
-def _usable_secrets(secrets: Sequence[str]) -> tuple[str, ...]:
-    """The secrets long enough to scrub literally (the same tuple when all are)."""
-    if type(secrets) is tuple:
-        for secret in secrets:
-            if not isinstance(secret, str) or len(secret) < _MIN_SECRET_CHARS:
-                break
-        else:
-            return secrets
-    return tuple(s for s in secrets if isinstance(s, str) and len(s) >= _MIN_SECRET_CHARS)
+class Secrets(tuple[str, ...]):
+    """Secrets already found long enough to scrub literally (see :func:`usable_secrets`).
+
+    :func:`start_call` takes them as they are, where any other sequence is checked per call.
+    """
+
+    __slots__ = ()
+
+
+def usable_secrets(secrets: Sequence[object]) -> Secrets:
+    """The secrets long enough to scrub literally (strings of 8 characters or more)."""
+    if type(secrets) is Secrets:
+        return secrets
+    return Secrets(s for s in secrets if isinstance(s, str) and len(s) >= _MIN_SECRET_CHARS)
 
 
 def _without_secrets(text: str, secrets: Sequence[str]) -> str:
@@ -273,17 +280,24 @@ class GenAICall:
         operation: str,
         breakdown_kind: str,
         secrets: Sequence[str] = (),
+        described: _Described | None = None,
     ) -> None:
         self.rt = rt
         self.span = span
         self.operation = operation
         self.breakdown_kind = breakdown_kind
         self.secrets = secrets
-        self.metric_attrs: dict[str, str] = {}
-        #: Token usage's metric attributes (input, output); ``None``: from ``metric_attrs``.
-        self.usage_attrs: tuple[dict[str, str], dict[str, str]] | None = None
-        #: The completed line's rendered fixed part (``None``: built field by field).
-        self.line: LineHead | None = None
+        #: The metric attributes; token usage's (input, output), ``None``: made from them;
+        #: the completed line's rendered fixed part (``None``: built field by field).
+        self.metric_attrs: dict[str, str]
+        self.usage_attrs: tuple[dict[str, str], dict[str, str]] | None
+        self.line: LineHead | None
+        if described is not None:
+            self.metric_attrs = described.metric_attrs
+            self.usage_attrs = described.usage_attrs
+            self.line = described.line
+        else:
+            self.metric_attrs, self.usage_attrs, self.line = {}, None, None
         self.attempts = 0
         self.backoff_ms = 0.0
         self.cache_hit: bool | None = None
@@ -544,8 +558,8 @@ def start_call(
         secrets: literal strings (a client's API key) to replace in every text recorded
             for this call; those shorter than 8 characters are ignored.
     """
-    if secrets:
-        secrets = _usable_secrets(secrets)
+    if secrets and type(secrets) is not Secrets:
+        secrets = usable_secrets(secrets)
     key = (operation, system, model, span_kind)
     described = _DESCRIBED.get(key)
     if described is None:
@@ -566,11 +580,7 @@ def start_call(
     span = rt.start_span(
         described.name, attributes, kind=SpanKind.CLIENT, sanitized=described.clean and not capture
     )
-    call = GenAICall(rt, span, operation, breakdown_kind, secrets)
-    call.metric_attrs = described.metric_attrs
-    call.usage_attrs = described.usage_attrs
-    call.line = described.line
-    return call
+    return GenAICall(rt, span, operation, breakdown_kind, secrets, described)
 
 
 # The runtime the model-call histograms were last looked up on, with the histograms (one

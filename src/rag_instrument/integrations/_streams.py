@@ -22,7 +22,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, Final
 
-from rag_instrument._genai import GenAICall, start_call
+from rag_instrument._genai import GenAICall, Secrets, start_call, usable_secrets
 from rag_instrument._runtime import get_runtime
 from rag_instrument._utils import internal_error
 from rag_instrument.integrations._sdk import Watch
@@ -252,11 +252,15 @@ def instrumented(
 def client_secrets(
     client: Any, names: tuple[str, ...] = ("api_key",)
 ) -> Callable[[], tuple[str, ...]]:
-    """A function returning the client's credentials (read at call time, weakly held)."""
+    """A function returning the client's credentials (read at call time, weakly held).
+
+    Those long enough to scrub literally, as :class:`~rag_instrument._genai.Secrets`: each
+    call takes them without checking them again.
+    """
     ref = weakref.ref(client)
     # The values last read and what they gave, replaced whole: the same keys (the usual
     # case) give the same tuple back, without building one per call.
-    memo: list[tuple[object, tuple[str, ...]]] = [(object(), ())]
+    memo: list[tuple[object, Secrets]] = [(object(), Secrets())]
     # One C call for the usual client (its value, or a tuple of values for several names).
     get = operator.attrgetter(*names)
     several = len(names) > 1
@@ -273,11 +277,7 @@ def client_secrets(
         last_values, last_found = memo[0]
         if values == last_values:  # str values: equal is the same key
             return last_found
-        found = tuple(
-            value
-            for value in (values if several else (values,))
-            if isinstance(value, str) and value
-        )
+        found = usable_secrets(values if several else (values,))
         memo[0] = (values, found)
         return found
 
