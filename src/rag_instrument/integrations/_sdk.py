@@ -56,6 +56,7 @@ __all__ = [
 #: Set on an ``httpx`` client whose ``send`` is wrapped.
 SEND_MARKER: Final = "_rag_instrument_send"
 
+
 def status_error_names(module: Any) -> Callable[[int], str]:
     """The SDK error class name a status becomes (``429 -> "RateLimitError"``).
 
@@ -142,9 +143,9 @@ def _retried(call: GenAICall) -> None:
         metric: dict[str, Any] = {**call.metric_attrs, ERROR_TYPE: error_type}
         if status is not None:
             metric[HTTP_RESPONSE_STATUS_CODE] = status
-        rt.counter(
-            METRIC_LLM_RETRIES, "{retry}", "Retried model requests (one per retry)."
-        ).add(1, metric)
+        rt.counter(METRIC_LLM_RETRIES, "{retry}", "Retried model requests (one per retry).").add(
+            1, metric
+        )
         if rt.log is not None:
             fields: dict[str, Any] = {"target": call.http[0], **event}
             if status is not None:
