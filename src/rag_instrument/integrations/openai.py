@@ -103,12 +103,7 @@ def _usage(result: Any) -> tuple[int | None, int | None]:
 def _finish_chat(call: GenAICall, result: Any) -> None:
     result = raw_body(result) or result
     choices = getattr(result, "choices", None) or ()
-    usage = getattr(result, "usage", None)
-    if usage is None:
-        input_tokens = output_tokens = None
-    else:
-        input_tokens = getattr(usage, "prompt_tokens", None)
-        output_tokens = getattr(usage, "completion_tokens", None)
+    input_tokens, output_tokens = _usage(result)
     reasons = []
     for choice in choices:  # a loop, not a comprehension: no frame of its own (3.11)
         reason = getattr(choice, "finish_reason", None)
