@@ -512,6 +512,75 @@ async def test_mounted_routes_include_the_mount_prefix() -> None:
     ]
 
 
+@pytest.mark.asyncio
+async def test_path_parameters_of_mounts_stay_templates() -> None:
+    async def doc(request: Request) -> Response:
+        return PlainTextResponse(",".join(request.path_params))
+
+    async def files(scope: Any, receive: Any, send: Any) -> None:
+        await PlainTextResponse("file")(scope, receive, send)
+
+    api = make_fastapi()
+
+    @api.get("/items/{item_id}")
+    async def item(item_id: str) -> dict[str, str]:
+        return {"id": item_id}
+
+    outer = Starlette(
+        routes=[
+            Mount("/tenants/{tenant}", routes=[Route("/docs/{doc_id}", doc)]),
+            Mount("/a", routes=[Mount("/b/{org}", routes=[Route("/c/{cid}", doc)])]),
+            Mount("/{tenant}/static", app=files),
+            Mount("/{region}/api", app=api),
+        ]
+    )
+    app = ri.RequestMiddleware(outer)
+    with capture(budgets={"GET /tenants/{tenant}/docs/{doc_id}": 0.001}) as cap:
+        for path in ("/tenants/acme/docs/42", "/tenants/docs/docs/docs", "/a/b/acme/c/7"):
+            assert (await get(app, path)).status_code == 200
+        assert (await get(app, "/acme/static/x.css")).text == "file"
+        assert (await get(app, "/eu/api/items/9")).json() == {"id": "9"}
+    # The ids (a tenant, an organisation, a region) never reach the route: one route for
+    # every tenant, so budgets and analyze --by route group them.
+    assert [line["route"] for line in request_lines(cap)] == [
+        "/tenants/{tenant}/docs/{doc_id}",
+        "/tenants/{tenant}/docs/{doc_id}",
+        "/a/b/{org}/c/{cid}",
+        "/{tenant}/static/{path}",
+        "/{region}/api/items/{item_id}",
+    ]
+    assert [s.name for s in cap.spans if s.kind is SpanKind.SERVER][:2] == [
+        "GET /tenants/{tenant}/docs/{doc_id}"
+    ] * 2
+    exceeded = cap.find_logs("budget exceeded", route="GET /tenants/{tenant}/docs/{doc_id}")
+    assert len(exceeded) == 2
+
+
+@pytest.mark.asyncio
+async def test_a_path_no_route_of_a_mount_matches_is_not_a_route() -> None:
+    async def doc(request: Request) -> Response:
+        return PlainTextResponse("doc")
+
+    inner = make_fastapi()
+
+    @inner.get("/docs/{doc_id}")
+    async def fdoc(doc_id: str) -> dict[str, str]:
+        return {"id": doc_id}
+
+    outer = Starlette(
+        routes=[
+            Mount("/api", routes=[Route("/docs/{doc_id}", doc)]),
+            Mount("/{tenant}/v1", app=inner),
+        ]
+    )
+    app = ri.RequestMiddleware(outer)
+    with capture() as cap:
+        assert (await get(app, "/api/unknown/123")).status_code == 404
+        assert (await get(app, "/acme/v1/unknown/123")).status_code == 404
+    assert [line["route"] for line in request_lines(cap)] == [None, None]
+    assert [s.name for s in cap.spans if s.kind is SpanKind.SERVER] == ["GET", "GET"]
+
+
 def test_route_template_reads_other_frameworks_scope_keys() -> None:
     assert route_template({"path_template": "/u/{id}"}) == "/u/{id}"
     assert route_template({"route": "/x/{y}"}) == "/x/{y}"

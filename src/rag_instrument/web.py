@@ -105,7 +105,9 @@ def route_template(scope: Scope, root_path: str = "") -> str | None:
     Read after the application routed the request: Starlette and FastAPI put the matched
     route object in ``scope["route"]`` (its ``path`` is the template, relative to the mount
     point when the route lives in a mounted application); other frameworks may set
-    ``scope["path_template"]``. The raw path is never used: it carries ids.
+    ``scope["path_template"]``. The raw path is never used: it carries ids, and so does
+    the mount point when a mount's path has parameters (``/tenants/{tenant}``): then the
+    mounts' own templates are read off the application's routes.
 
     Args:
         scope: the request's ASGI scope.
@@ -118,18 +120,87 @@ def route_template(scope: Scope, root_path: str = "") -> str | None:
         template = scope.get("path_template")
         return template if isinstance(template, str) and template else None
     path: str = found
+    path_format = getattr(route, "path_format", None)
+    is_mount = isinstance(path_format, str) and hasattr(route, "routes")
+    if is_mount and getattr(route, "routes", None):
+        # The router inside the mount matched nothing (a 404): no route, not the mount.
+        return None
     mounted = scope.get("root_path", "")
     if not isinstance(mounted, str) or not mounted.startswith(root_path):
         return path
     prefix = mounted[len(root_path) :]
-    path_format = getattr(route, "path_format", None)
-    if hasattr(route, "routes") and isinstance(path_format, str):
-        # A Mount matched itself (static files, a non-router sub-application): its own
+    with_ids = False
+    if is_mount:
+        # A mount matched itself (static files, a non-router sub-application): its own
         # prefix is already in root_path; the template is the mount's format.
         if prefix.endswith(path):
             prefix = prefix[: len(prefix) - len(path)]
+        else:
+            with_ids = True  # its own path has parameters: what it matched holds ids
         path = path_format
+    if prefix and (with_ids or _mount_has_parameters(scope, route)):
+        prefix = _mounts_template(scope, root_path, route)
+        if prefix is None:
+            return None  # not found as routed: no template rather than one with ids
     return prefix + path if prefix else path
+
+
+def _mount_has_parameters(scope: Scope, route: Any) -> bool:
+    """Whether a path parameter of the request belongs to a mount, not to ``route``."""
+    params = scope.get("path_params")
+    if not isinstance(params, dict) or not params:
+        return False
+    own = getattr(route, "param_convertors", None)
+    return any(name not in own for name in params) if isinstance(own, dict) else True
+
+
+_MOUNT_TAIL: Final = "/{path}"
+
+
+def _holds(routes: Any, target: Any, depth: int = 0) -> bool:
+    """Whether ``target`` is one of ``routes``, or of the routes mounted under them."""
+    for candidate in routes:
+        if candidate is target:
+            return True
+        if depth < 16 and hasattr(candidate, "path_regex"):
+            inner = getattr(candidate, "routes", None)
+            if inner and _holds(inner, target, depth + 1):
+                return True
+    return False
+
+
+def _mounts_template(scope: Scope, root_path: str, target: Any) -> str | None:
+    """The templates of the mounts from the application's router down to ``target``.
+
+    Routes the request's path through the mounts as Starlette's router does (each mount's
+    path pattern, first match), keeping each mount's template instead of what it matched.
+    """
+    routes = getattr(scope.get("router"), "routes", None)
+    path = scope.get("path")
+    if not routes or not isinstance(path, str):
+        return None
+    if root_path and path.startswith(root_path):
+        path = path[len(root_path) :]
+    prefix = ""
+    for _ in range(16):
+        if any(candidate is target for candidate in routes):
+            return prefix
+        for mount in routes:
+            pattern = getattr(mount, "path_regex", None)
+            template = getattr(mount, "path_format", None)
+            inner = getattr(mount, "routes", None) if pattern is not None else None
+            if not inner or not isinstance(template, str) or not template.endswith(_MOUNT_TAIL):
+                continue
+            match = pattern.match(path)
+            if match is None or not _holds(inner, target):
+                continue
+            prefix += template[: -len(_MOUNT_TAIL)]
+            path = "/" + str(match.groupdict().get("path", ""))
+            routes = inner
+            break
+        else:
+            return None
+    return None
 
 
 def _token(name: str) -> str:
