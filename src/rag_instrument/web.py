@@ -137,11 +137,12 @@ def route_template(scope: Scope, root_path: str = "") -> str | None:
             prefix = prefix[: len(prefix) - len(path)]
         else:
             with_ids = True  # its own path has parameters: what it matched holds ids
-        path = path_format
+        path = str(path_format)
     if prefix and (with_ids or _mount_has_parameters(scope, route)):
-        prefix = _mounts_template(scope, root_path, route)
-        if prefix is None:
+        templates = _mounts_template(scope, root_path, route)
+        if templates is None:
             return None  # not found as routed: no template rather than one with ids
+        prefix = templates
     return prefix + path if prefix else path
 
 
@@ -186,7 +187,7 @@ def _mounts_template(scope: Scope, root_path: str, target: Any) -> str | None:
         if any(candidate is target for candidate in routes):
             return prefix
         for mount in routes:
-            pattern = getattr(mount, "path_regex", None)
+            pattern: Any = getattr(mount, "path_regex", None)
             template = getattr(mount, "path_format", None)
             inner = getattr(mount, "routes", None) if pattern is not None else None
             if not inner or not isinstance(template, str) or not template.endswith(_MOUNT_TAIL):
