@@ -146,6 +146,64 @@ def test_dataclass_that_does_not_round_trip_is_refused(
     assert "Stamped" in message
 
 
+class Aliased(pydantic.BaseModel):
+    doc_id: str = pydantic.Field(alias="docId")
+    is_async: bool = pydantic.Field(alias="async", default=False)
+
+
+def test_a_model_with_field_aliases_is_rebuilt_on_a_hit(caplog: pytest.LogCaptureFixture) -> None:
+    calls = 0
+
+    @ri.cached
+    def fetch(n: int) -> Aliased:
+        nonlocal calls
+        calls += 1
+        return Aliased(docId=f"d{n}", **{"async": True})
+
+    with caplog.at_level("WARNING", logger="rag_instrument.internal"):
+        first, second = fetch(1), fetch(1)
+    assert calls == 1
+    assert type(second) is Aliased
+    assert second == first
+    assert fetch.cache_info().hits == 1
+    assert not [r for r in caplog.records if "cache entry" in r.getMessage()]
+
+
+def test_a_tuple_is_refused_not_handed_back_as_a_list(caplog: pytest.LogCaptureFixture) -> None:
+    calls = 0
+
+    @ri.cached
+    def pair() -> tuple[int, int]:
+        nonlocal calls
+        calls += 1
+        return (1, 2)
+
+    with caplog.at_level("WARNING", logger="rag_instrument.internal"):
+        results = [pair() for _ in range(3)]
+    assert results == [(1, 2)] * 3
+    assert all(type(r) is tuple for r in results)
+    assert calls == 3
+    (message,) = [r.getMessage() for r in caplog.records if "not cached" in r.getMessage()]
+    assert "tuple" in message
+
+
+def test_a_dict_is_refused_for_what_it_holds_not_for_being_a_dict() -> None:
+    calls = 0
+
+    @ri.cached
+    def scores(nan: bool) -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        return {"score": float("nan") if nan else 0.5, "ids": [1, 2]}
+
+    first = scores(True)
+    assert first["score"] != first["score"]  # the NaN itself, not null from JSON
+    assert scores(True)["score"] != scores(True)["score"]
+    assert calls == 3  # never cached: a hit would have made the NaN null
+    assert scores(False) == scores(False) == {"score": 0.5, "ids": [1, 2]}
+    assert calls == 4  # other dicts still are
+
+
 def test_entries_naming_a_class_not_allowed_are_misses() -> None:
     types = ValueTypes()
     forged = orjson.dumps({"t": "obj", "c": "os:system", "v": "echo pwned"})

@@ -117,7 +117,7 @@ def encode_value(value: Any, types: ValueTypes | None = None) -> bytes:
     else:
         envelope = {"t": "json", "v": value}
     try:
-        return orjson.dumps(envelope, default=_reject, option=orjson.OPT_PASSTHROUGH_DATACLASS)
+        data = orjson.dumps(envelope, default=_reject, option=orjson.OPT_PASSTHROUGH_DATACLASS)
     except orjson.JSONEncodeError:
         kind = type_name(type(value))
         raise UncacheableError(
@@ -125,6 +125,15 @@ def encode_value(value: Any, types: ValueTypes | None = None) -> bytes:
             if types is not None and envelope["t"] == "json"
             else f"{kind} holds a value that is not JSON"
         ) from None
+    # What a hit would hand out must equal what the call returned: a tuple comes back from
+    # JSON as a list, a NaN or an infinity as null (the leaves always come back equal).
+    # Checked on a store (after a real call), never on a hit.
+    if envelope["t"] == "json" and type(value) not in _LEAVES and orjson.loads(data)["v"] != value:
+        raise UncacheableError(
+            f"{type_name(type(value))} does not come back equal from JSON "
+            "(a tuple comes back as a list, NaN or an infinity as null)"
+        )
+    return data
 
 
 #: Values a cache hit may hand out as the very object stored: immutable, and equal to what

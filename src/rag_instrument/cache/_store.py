@@ -172,7 +172,8 @@ class Store:
         try:
             data = encode_value(value, self.types)
         except UncacheableError as exc:
-            self.types.refused.add(kind)
+            if kind is not dict and kind is not list:  # those are refused for what they hold
+                self.types.refused.add(kind)
             warn_once.warning(
                 f"rag_instrument: results of type {kind.__qualname__} not cached: {exc}"
             )

@@ -1,7 +1,7 @@
 """Cached values that are objects: pydantic models and dataclasses, stored as JSON.
 
 A cache entry holds JSON only, never a pickle. An object is stored as its class's name and
-its JSON form (``model_dump(mode="json")`` for a pydantic model, the fields for a
+its JSON form (``model_dump(mode="json", by_alias=True)`` for a pydantic model, the fields for a
 dataclass) and rebuilt on a hit (``model_validate``, or the dataclass's constructor with
 its nested dataclasses and models rebuilt from the field annotations).
 
@@ -114,7 +114,7 @@ def _loads_dict(data: bytes) -> dict[str, Any]:
 
 def _nested(value: Any) -> Any:
     if _is_model_class(type(value)):
-        return value.model_dump(mode="json")
+        return value.model_dump(mode="json", by_alias=True)
     raise TypeError(f"Type is not JSON serializable: {type(value).__qualname__}")
 
 
@@ -141,7 +141,8 @@ class ValueTypes:
         name = type_name(cls)
         data: Any
         if _is_model_class(cls):
-            data = orjson.Fragment(value.model_dump_json())  # pydantic's own JSON, as is
+            # pydantic's own JSON, as is; by alias, which is what validating it expects
+            data = orjson.Fragment(value.model_dump_json(by_alias=True))
         elif _is_dataclass_class(cls):
             try:  # nested dataclasses and models as dicts
                 data = orjson.loads(orjson.dumps(value, default=_nested))
