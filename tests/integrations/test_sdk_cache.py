@@ -274,3 +274,55 @@ def test_bad_cache_settings_are_value_errors(server: FakeLLMServer) -> None:
         ri.CacheSpec(namespace=42)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="cache"):
         _openai(server, cache="yes")
+
+
+def test_cache_settings_as_cache_mixins_class_attributes(server: FakeLLMServer) -> None:
+    class Settings:  # CacheMixin's attributes, as a provider class would set them
+        cache_ttl = 120.0
+        cache_namespace = "tenant-a"
+
+    client = _openai(server, cache=Settings)
+    other = _openai(server, cache=ri.CacheSpec(namespace="tenant-b"))
+    _ask(client, temperature=0)
+    assert type(_ask(client, temperature=0)) is ChatCompletion
+    _ask(other, temperature=0)  # another namespace: its own entry
+    assert len(server.requests) == 2
+
+    class Provider(ri.CacheMixin, ri.LLMProvider):  # a provider class's settings, as is
+        system, model = "acme", "m"
+        cache_nondeterministic = True
+
+        async def _generate(self, prompt: str, **params: Any) -> ri.LLMResult:
+            return ri.LLMResult(text=prompt)
+
+    mixin = _openai(server, cache=Provider)
+    _ask(mixin, temperature=0.7)
+    _ask(mixin, temperature=0.7)  # nondeterministic calls cached, as the class says
+    assert len(server.requests) == 3
+    with pytest.raises(ValueError, match="maxsize"):
+        _openai(server, cache=type("Bad", (), {"cache_maxsize": 0}))
+
+
+def test_asking_an_instrumented_client_for_a_cache_it_lacks_is_an_error(
+    server: FakeLLMServer,
+) -> None:
+    client = _openai(server, cache=None)
+    assert instrument_openai(client) is client  # twice: nothing more
+    with pytest.raises(ValueError, match="already instrumented without a response cache"):
+        instrument_openai(client, cache=ri.CacheSpec())
+    uninstrument_openai(client)
+    spec = ri.CacheSpec()
+    instrument_openai(client, cache=spec)
+    assert instrument_openai(client, cache=spec) is client
+    assert instrument_openai(client, cache=True) is client  # any cache will do
+    assert instrument_openai(client) is client
+    with pytest.raises(ValueError, match="with another cache"):
+        instrument_openai(client, cache=ri.CacheSpec(ttl=5))
+    _ask(client, temperature=0)
+    _ask(client, temperature=0)
+    assert len(server.requests) == 1  # still the first spec's cache
+    aclient = anthropic.Anthropic(api_key=KEY, base_url=server.anthropic_base_url, max_retries=0)
+    _OPEN.append(aclient)
+    instrument_anthropic(aclient)
+    with pytest.raises(ValueError, match=r"ri\.uninstrument_anthropic"):
+        instrument_anthropic(aclient, cache=True)

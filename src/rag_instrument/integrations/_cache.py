@@ -31,11 +31,28 @@ _TRANSPORT_OPTIONS: Final = frozenset({"timeout"})
 _RAW_HEADER: Final = "x-stainless-raw-response"
 
 
-def cache_spec(cache: CacheSpec | bool | None) -> CacheSpec | None:
+#: ``CacheMixin``'s class attributes, and the ``CacheSpec`` argument each one sets.
+_MIXIN_SETTINGS: Final = (
+    ("cache_ttl", "ttl"),
+    ("cache_maxsize", "maxsize"),
+    ("cache_backend", "backend"),
+    ("cache_namespace", "namespace"),
+    ("cache_nondeterministic", "nondeterministic"),
+)
+
+
+def cache_spec(cache: object) -> CacheSpec | None:
     """The spec for ``instrument_*(client, cache=...)``.
 
+    ``cache``: a :class:`CacheSpec`, ``True`` (the defaults), ``None`` or ``False`` (no
+    cache), or a class or object with :class:`~rag_instrument.cache.CacheMixin`'s class
+    attributes (``cache_ttl``, ``cache_maxsize``, ``cache_backend``, ``cache_namespace``,
+    ``cache_nondeterministic``; a ``CacheMixin`` provider class, say): the same settings,
+    those it does not set at ``CacheMixin``'s defaults (the same settings, not the same
+    entries: the client's cache is its own).
+
     Raises:
-        ValueError: ``cache`` is neither a ``CacheSpec`` nor a bool.
+        ValueError: ``cache`` is none of these, or one of its settings is not valid.
     """
     if cache is None or cache is False:
         return None
@@ -43,7 +60,18 @@ def cache_spec(cache: CacheSpec | bool | None) -> CacheSpec | None:
         return CacheSpec()
     if isinstance(cache, CacheSpec):
         return cache
-    raise ValueError(f"cache must be a rag_instrument.CacheSpec or a bool, got {cache!r}")
+    if any(hasattr(cache, name) for name, _ in _MIXIN_SETTINGS):
+        settings = {
+            arg: getattr(cache, name) for name, arg in _MIXIN_SETTINGS if hasattr(cache, name)
+        }
+        try:
+            return CacheSpec(**settings)
+        except ValueError as exc:
+            raise ValueError(f"cache={cache!r:.200}: {exc}") from None
+    raise ValueError(
+        "cache must be a rag_instrument.CacheSpec, a bool, or a class or object with "
+        f"CacheMixin's cache_* attributes, got {cache!r:.200}"
+    )
 
 
 def _is_omitted(value: Any) -> bool:

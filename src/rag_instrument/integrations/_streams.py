@@ -27,9 +27,18 @@ from rag_instrument._runtime import get_runtime
 from rag_instrument._utils import internal_error
 from rag_instrument.integrations._sdk import Watch
 
-__all__ = ["Describe", "StreamState", "instrument_methods", "instrumented", "uninstrument_methods"]
+__all__ = [
+    "Describe",
+    "StreamState",
+    "instrument_methods",
+    "instrumented",
+    "instrumented_already",
+    "uninstrument_methods",
+]
 
 MARKER: Final = "_rag_instrument_patches"
+#: The ``cache`` argument a client was instrumented with (as given).
+CACHE_MARKER: Final = "_rag_instrument_cache"
 
 #: ``describe(kwargs) -> start_call keyword arguments`` (operation, model, params, prompt...).
 Describe = Callable[[Mapping[str, Any]], dict[str, Any]]
@@ -284,16 +293,39 @@ def client_secrets(
     return read
 
 
+def instrumented_already(client: Any, cache: object, sdk: str) -> bool:
+    """Whether ``client`` is instrumented already (then instrumenting it again does nothing).
+
+    Raises:
+        ValueError: it is, but not with the response cache ``cache`` asks for (``True``:
+            any cache); it would silently go without one.
+    """
+    if getattr(client, MARKER, None) is None:
+        return False
+    if cache is None or cache is False:
+        return True
+    installed = getattr(client, CACHE_MARKER, None)
+    if installed is cache or (cache is True and installed not in (None, False)):
+        return True
+    had = "without a response cache" if installed in (None, False) else "with another cache"
+    raise ValueError(
+        f"this {sdk} client is already instrumented {had}: call "
+        f"ri.uninstrument_{sdk}(client) first, then instrument it with cache={cache!r:.200}"
+    )
+
+
 def instrument_methods(
     client: Any,
     targets: list[tuple[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]]]],
     instrument: Callable[[Any], Any] | None = None,
+    cache: object = None,
 ) -> bool:
     """Patch ``name`` on each resource object; ``False`` if the client already was.
 
     With ``instrument``, the client's ``copy`` and ``with_options`` (an alias of ``copy``
     in both SDKs, looked up on the class, so both are patched) are patched too, so that
-    the copies they return are instrumented by ``instrument(copy)``.
+    the copies they return are instrumented by ``instrument(copy)``. ``cache``: the
+    ``cache`` argument the client is instrumented with (see :func:`instrumented_already`).
     """
     if getattr(client, MARKER, None) is not None:
         return False
@@ -308,6 +340,7 @@ def instrument_methods(
             if callable(original):
                 setattr(client, name, _instrumenting_copy(original, instrument))
                 patched.append((client, name))
+    setattr(client, CACHE_MARKER, cache)
     setattr(client, MARKER, patched)
     return True
 
@@ -335,6 +368,7 @@ def uninstrument_methods(client: Any) -> bool:
     for resource, name in patched:
         resource.__dict__.pop(name, None)
     delattr(client, MARKER)
+    client.__dict__.pop(CACHE_MARKER, None)
     return True
 
 

@@ -58,6 +58,7 @@ from rag_instrument.integrations._streams import (
     client_secrets,
     instrument_methods,
     instrumented,
+    instrumented_already,
     text_of,
     uninstrument_methods,
 )
@@ -204,10 +205,11 @@ def _message_tokens(result: Any) -> int:
     return total
 
 
-def instrument_anthropic(client: C, *, cache: CacheSpec | bool | None = None) -> C:
+def instrument_anthropic(client: C, *, cache: CacheSpec | bool | object | None = None) -> C:
     """Instrument an ``anthropic.Anthropic`` or ``anthropic.AsyncAnthropic`` client in place.
 
-    Instrumenting twice does nothing the second time; undo with
+    Instrumenting twice does nothing the second time (asking for a cache the client was not
+    instrumented with raises); undo with
     :func:`uninstrument_anthropic`.
 
     Args:
@@ -215,19 +217,24 @@ def instrument_anthropic(client: C, *, cache: CacheSpec | bool | None = None) ->
         cache: a :class:`~rag_instrument.cache.CacheSpec` (or ``True`` for the defaults)
             answers ``messages.create`` from a response cache; ``None`` (the default)
             caches nothing.
+            A class or object with ``CacheMixin``'s ``cache_*`` attributes (a
+            ``CacheMixin`` provider class) gives the same settings.
 
     Returns:
         The same client, for chaining.
 
     Raises:
         TypeError: ``client`` is not an Anthropic client.
-        ValueError: ``cache`` is neither a ``CacheSpec`` nor a bool.
+        ValueError: ``cache`` is none of these; or the client is instrumented already,
+            without the cache asked for (uninstrument it first).
     """
     if not isinstance(client, anthropic.Anthropic | anthropic.AsyncAnthropic):
         raise TypeError(
             f"instrument_anthropic expects an Anthropic client, got {type(client).__name__}"
         )
     spec = cache_spec(cache)
+    if instrumented_already(client, cache, "anthropic"):
+        return client
     is_async = isinstance(client, anthropic.AsyncAnthropic)
     streams = (anthropic.Stream, anthropic.AsyncStream)
     secrets = client_secrets(client, ("api_key", "auth_token"))
@@ -268,6 +275,7 @@ def instrument_anthropic(client: C, *, cache: CacheSpec | bool | None = None) ->
             (client.messages, "stream", stream_helper),
         ],
         instrument=functools.partial(instrument_anthropic, cache=spec),
+        cache=cache,
     )
     return client
 

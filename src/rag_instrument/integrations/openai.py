@@ -63,6 +63,7 @@ from rag_instrument.integrations._streams import (
     client_secrets,
     instrument_methods,
     instrumented,
+    instrumented_already,
     text_of,
     uninstrument_methods,
 )
@@ -161,27 +162,33 @@ def _chat_tokens(result: Any) -> int:
     return int(getattr(usage, "total_tokens", 0) or 0)
 
 
-def instrument_openai(client: C, *, cache: CacheSpec | bool | None = None) -> C:
+def instrument_openai(client: C, *, cache: CacheSpec | bool | object | None = None) -> C:
     """Instrument an ``openai.OpenAI`` or ``openai.AsyncOpenAI`` client in place.
 
-    Instrumenting twice does nothing the second time; undo with :func:`uninstrument_openai`.
+    Instrumenting twice does nothing the second time (asking for a cache the client was not
+    instrumented with raises); undo with :func:`uninstrument_openai`.
 
     Args:
         client: the client.
         cache: a :class:`~rag_instrument.cache.CacheSpec` (or ``True`` for the defaults)
             answers ``chat.completions.create`` and ``embeddings.create`` from a response
             cache; ``None`` (the default) caches nothing.
+            A class or object with ``CacheMixin``'s ``cache_*`` attributes (a
+            ``CacheMixin`` provider class) gives the same settings.
 
     Returns:
         The same client, for chaining.
 
     Raises:
         TypeError: ``client`` is not an OpenAI client.
-        ValueError: ``cache`` is neither a ``CacheSpec`` nor a bool.
+        ValueError: ``cache`` is none of these; or the client is instrumented already,
+            without the cache asked for (uninstrument it first).
     """
     if not isinstance(client, openai.OpenAI | openai.AsyncOpenAI):
         raise TypeError(f"instrument_openai expects an OpenAI client, got {type(client).__name__}")
     spec = cache_spec(cache)
+    if instrumented_already(client, cache, "openai"):
+        return client
     is_async = isinstance(client, openai.AsyncOpenAI)
     streams = (openai.Stream, openai.AsyncStream)
     secrets = client_secrets(client)
@@ -234,6 +241,7 @@ def instrument_openai(client: C, *, cache: CacheSpec | bool | None = None) -> C:
             (client.embeddings, "create", embeddings),
         ],
         instrument=functools.partial(instrument_openai, cache=spec),
+        cache=cache,
     )
     return client
 
