@@ -276,3 +276,38 @@ def test_instrumented_client_results_are_cacheable_too() -> None:
         assert ask() == ask()
         assert len(server.requests) == 1
         client.close()
+
+
+def _shared_cache_function(backend: Any, returns: Any) -> Any:
+    """One cached function as each process of a service decorates it (a fresh store)."""
+    calls: list[int] = []
+
+    def answer(question: str) -> Any:
+        calls.append(1)
+        return Answer(text=question.upper(), sources=["d1"])
+
+    answer.__annotations__["return"] = returns
+    answer.__qualname__ = "answer"
+    wrapped = ri.cached(backend=backend)(answer)
+    wrapped.calls = calls
+    return wrapped
+
+
+@pytest.mark.parametrize("returns", [Answer, Answer | None, "Answer"])
+def test_another_process_rebuilds_the_class_its_function_declares(returns: Any) -> None:
+    shared = cache_module.MemoryCache(maxsize=16, ttl=60.0)  # as a Redis would be shared
+    first = _shared_cache_function(shared, returns)
+    second = _shared_cache_function(shared, returns)  # another process: stored nothing yet
+    stored = first("where")
+    assert second("where") == stored
+    assert type(second("where")) is Answer
+    assert (len(first.calls), len(second.calls)) == (1, 0)
+
+
+def test_an_undeclared_class_stored_by_another_process_is_a_miss() -> None:
+    shared = cache_module.MemoryCache(maxsize=16, ttl=60.0)
+    first = _shared_cache_function(shared, Answer)
+    second = _shared_cache_function(shared, dict)  # declares no class: nothing to rebuild
+    first("where")
+    assert type(second("where")) is Answer
+    assert len(second.calls) == 1

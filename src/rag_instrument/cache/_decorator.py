@@ -20,6 +20,7 @@ from rag_instrument.cache._store import (
     make_backend,
     single_flight,
 )
+from rag_instrument.cache._values import ValueTypes, returned_classes
 
 __all__ = ["cached"]
 
@@ -115,7 +116,10 @@ def cached(
             raise TypeError("rag_instrument.cached: generators (streams) are not cached")
         name = f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', repr(func))}"
         prefix = name if namespace is None else f"{namespace}:{name}"
-        store = Store(make_backend(backend, maxsize, ttl), ttl)
+        # The classes its return annotation names are rebuilt from entries that another
+        # process (sharing a Redis backend) stored before this one stored any.
+        types = ValueTypes(declared=functools.partial(returned_classes, func))
+        store = Store(make_backend(backend, maxsize, ttl), ttl, types)
         wrapper = _wrap(func, store, key or _default_key, prefix)
         functools.update_wrapper(wrapper, func)
         wrapper.cache_info = store.info  # type: ignore[attr-defined]

@@ -7,8 +7,9 @@ its nested dataclasses and models rebuilt from the field annotations).
 
 An entry names a class, so an entry written by someone else (a shared Redis) could name
 any class: a class is rebuilt only if it is *allowed* for this cache, which it is once
-this process has stored a value of it, or when the cache was told about it up front (an
-SDK client's cache knows its response types). An entry naming any other class is a miss.
+this process has stored a value of it, when the cache was told about it up front (an
+SDK client's cache knows its response types), or when the cached function's return
+annotation names it. An entry naming any other class is a miss.
 
 A dataclass is stored only if rebuilding it from its JSON gives an equal value (a ``set``,
 ``bytes`` or ``datetime`` field, an ``eq=False`` class... do not); a pydantic model is
@@ -21,12 +22,19 @@ import dataclasses
 import threading
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import orjson
 
-__all__ = ["OBJ_PREFIX", "RefusedValue", "ValueTypes", "is_object", "type_name"]
+__all__ = [
+    "OBJ_PREFIX",
+    "RefusedValue",
+    "ValueTypes",
+    "is_object",
+    "returned_classes",
+    "type_name",
+]
 
 _MODEL: Final = "obj"
 
@@ -118,13 +126,51 @@ def _nested(value: Any) -> Any:
     raise TypeError(f"Type is not JSON serializable: {type(value).__qualname__}")
 
 
-class ValueTypes:
-    """The classes one cache may rebuild, and those it refused (warned about once each)."""
+def returned_classes(func: Any) -> list[type]:
+    """The models and dataclasses ``func``'s return annotation names (``A | B | None``).
 
-    def __init__(self, allowed: Iterable[type] = ()) -> None:
+    An annotation that does not resolve (a name defined nowhere) names none.
+    """
+    try:
+        hint = typing.get_type_hints(func).get("return")
+    except Exception:
+        return []
+    found: list[type] = []
+    stack: list[Any] = [hint]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, type) and (
+            _is_model_class(current) or _is_dataclass_class(current)
+        ):
+            found.append(current)
+        elif typing.get_origin(current) in (typing.Union, types.UnionType):
+            stack.extend(typing.get_args(current))
+    return found
+
+
+class ValueTypes:
+    """The classes one cache may rebuild, and those it refused (warned about once each).
+
+    ``declared``: called once, when an entry names a class not allowed yet, for the
+    classes the cached function declares it returns (an entry another process stored).
+    """
+
+    def __init__(
+        self, allowed: Iterable[type] = (), declared: Callable[[], Iterable[type]] | None = None
+    ) -> None:
         self._lock = threading.Lock()
         self.allowed: dict[str, type] = {type_name(cls): cls for cls in allowed}
         self.refused: set[type] = set()
+        self._declared = declared
+
+    def _allowed(self, name: str) -> type | None:
+        cls = self.allowed.get(name)
+        if cls is None and self._declared is not None:
+            declared, self._declared = self._declared, None
+            for each in declared():
+                self.allow(each)
+            cls = self.allowed.get(name)
+        return cls
 
     def allow(self, cls: type) -> None:
         """Let entries naming ``cls`` be rebuilt."""
@@ -176,7 +222,7 @@ class ValueTypes:
         if end < 0 or not data.endswith(b"}"):
             return self.rebuild(_loads_dict(data))
         name = data[len(OBJ_PREFIX) : end].decode("utf-8", "replace")
-        cls = self.allowed.get(name)
+        cls = self._allowed(name)
         if cls is None:
             raise ValueError(f"a cache entry names a class not allowed here: {name!r:.200}")
         body = data[end + 6 : -1]
@@ -194,7 +240,7 @@ class ValueTypes:
             ValueError: the entry names a class this cache may not rebuild, or does not fit it.
         """
         name = envelope.get("c")
-        cls = self.allowed.get(name) if isinstance(name, str) else None
+        cls = self._allowed(name) if isinstance(name, str) else None
         if cls is None:
             raise ValueError(f"a cache entry names a class not allowed here: {name!r:.200}")
         data = envelope.get("v")
