@@ -169,6 +169,51 @@ def test_a_model_with_field_aliases_is_rebuilt_on_a_hit(caplog: pytest.LogCaptur
     assert not [r for r in caplog.records if "cache entry" in r.getMessage()]
 
 
+class SerializedAs(pydantic.BaseModel):  # an alias for the JSON it writes, not for reading
+    doc_id: str = pydantic.Field(serialization_alias="docId")
+    rank: int = 0
+
+
+@dataclasses.dataclass
+class Holding:
+    inner: SerializedAs
+
+
+def test_a_serialization_only_alias_is_stored_by_field_name() -> None:
+    calls = 0
+
+    @ri.cached
+    def fetch(n: int) -> SerializedAs:
+        nonlocal calls
+        calls += 1
+        return SerializedAs(doc_id=f"d{n}", rank=n)
+
+    @ri.cached
+    def hold(n: int) -> Holding:
+        nonlocal calls
+        calls += 1
+        return Holding(SerializedAs(doc_id=f"d{n}"))
+
+    assert fetch(1) == fetch(1) == SerializedAs(doc_id="d1", rank=1)
+    assert hold(2) == hold(2)
+    assert calls == 2
+    assert (fetch.cache_info().hits, hold.cache_info().hits) == (1, 1)
+
+
+def test_one_nan_does_not_stop_caching_floats() -> None:
+    calls = 0
+
+    @ri.cached
+    def score(name: str) -> float:
+        nonlocal calls
+        calls += 1
+        return float("nan") if name == "bad" else 0.25
+
+    score("bad")
+    assert [score("good") for _ in range(3)] == [0.25] * 3
+    assert calls == 2
+
+
 def test_a_tuple_is_refused_not_handed_back_as_a_list(caplog: pytest.LogCaptureFixture) -> None:
     calls = 0
 
@@ -309,5 +354,27 @@ def test_an_undeclared_class_stored_by_another_process_is_a_miss() -> None:
     first = _shared_cache_function(shared, Answer)
     second = _shared_cache_function(shared, dict)  # declares no class: nothing to rebuild
     first("where")
-    assert type(second("where")) is Answer
-    assert len(second.calls) == 1
+    second("where")
+    assert len(second.calls) == 1  # the other process's entry was not rebuilt
+
+
+def test_the_return_annotation_counts_even_if_a_parameter_does_not_resolve() -> None:
+    shared = cache_module.MemoryCache(maxsize=16, ttl=60.0)
+
+    def make() -> Any:
+        calls: list[int] = []
+
+        def answer(question: NotDefinedAnywhere) -> Answer:  # type: ignore[name-defined]  # noqa: F821
+            calls.append(1)
+            return Answer(text=str(question), sources=[])
+
+        answer.__annotations__ = {"question": "NotDefinedAnywhere", "return": "Answer"}
+        answer.__qualname__ = "annotated_answer"
+        wrapped = ri.cached(backend=shared)(answer)
+        wrapped.calls = calls
+        return wrapped
+
+    first, second = make(), make()
+    first("q")
+    assert second("q") == Answer(text="q", sources=[])
+    assert len(second.calls) == 0

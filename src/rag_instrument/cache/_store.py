@@ -117,6 +117,11 @@ class _Flight:
         return False, None
 
 
+#: Types refused for what one value holds (a NaN, a tuple inside), not for being that type:
+#: the next value of the type may be stored.
+_REFUSED_FOR_THEIR_VALUE: Final = frozenset({dict, list, float})
+
+
 class Store:
     """One cache: a backend plus the in-flight calls and counts (shared by all callers)."""
 
@@ -172,7 +177,7 @@ class Store:
         try:
             data = encode_value(value, self.types)
         except UncacheableError as exc:
-            if kind is not dict and kind is not list:  # those are refused for what they hold
+            if kind not in _REFUSED_FOR_THEIR_VALUE:
                 self.types.refused.add(kind)
             warn_once.warning(
                 f"rag_instrument: results of type {kind.__qualname__} not cached: {exc}"

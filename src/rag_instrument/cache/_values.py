@@ -19,6 +19,7 @@ trusted to round-trip, which is its contract. Anything else that is not JSON is 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import threading
 import types
 import typing
@@ -120,9 +121,42 @@ def _loads_dict(data: bytes) -> dict[str, Any]:
     return envelope
 
 
+#: Per model class: whether its JSON is written by alias (``True``) or by field name, the
+#: form that validating it gives back an equal model (decided on the first value stored).
+_BY_ALIAS: dict[type, bool] = {}
+
+
+def _by_alias(cls: type, value: Any) -> bool:
+    """How ``cls``'s JSON must be written for ``model_validate`` to rebuild ``value``.
+
+    By alias when validation takes aliases (the SDKs' models: ``Field(alias=...)``), by
+    field name when an alias is for serialization only.
+
+    Raises:
+        RefusedValue: neither form gives back an equal model.
+    """
+    decided = _BY_ALIAS.get(cls)
+    if decided is not None:
+        return decided
+    for by_alias in (True, False):
+        try:
+            same = cls.model_validate_json(value.model_dump_json(by_alias=by_alias)) == value  # type: ignore[attr-defined]
+        except Exception:
+            same = False
+        if same:
+            if len(_BY_ALIAS) < 10_000:  # classes made at run time are not remembered forever
+                _BY_ALIAS[cls] = by_alias
+            return by_alias
+    raise RefusedValue(
+        f"{type_name(cls)} is a pydantic model that validating its JSON does not give back "
+        "equal (a NaN or infinite float, or an alias validation does not accept?)"
+    )
+
+
 def _nested(value: Any) -> Any:
-    if _is_model_class(type(value)):
-        return value.model_dump(mode="json", by_alias=True)
+    cls = type(value)
+    if _is_model_class(cls):
+        return value.model_dump(mode="json", by_alias=_by_alias(cls, value))
     raise TypeError(f"Type is not JSON serializable: {type(value).__qualname__}")
 
 
@@ -131,8 +165,16 @@ def returned_classes(func: Any) -> list[type]:
 
     An annotation that does not resolve (a name defined nowhere) names none.
     """
-    try:
-        hint = typing.get_type_hints(func).get("return")
+    target = inspect.unwrap(func) if callable(func) else func
+    annotation = getattr(target, "__annotations__", {}).get("return")
+    if annotation is None:
+        return []
+    try:  # the return annotation alone: a parameter's may not resolve (TYPE_CHECKING)
+        shim = types.SimpleNamespace(
+            __annotations__={"return": annotation},
+            __globals__=getattr(target, "__globals__", {}),
+        )
+        hint = typing.get_type_hints(shim)["return"]
     except Exception:
         return []
     found: list[type] = []
@@ -165,10 +207,11 @@ class ValueTypes:
 
     def _allowed(self, name: str) -> type | None:
         cls = self.allowed.get(name)
-        if cls is None and self._declared is not None:
-            declared, self._declared = self._declared, None
-            for each in declared():
+        declared = self._declared
+        if cls is None and declared is not None:
+            for each in declared():  # threads racing here both allow the same classes
                 self.allow(each)
+            self._declared = None
             cls = self.allowed.get(name)
         return cls
 
@@ -187,12 +230,15 @@ class ValueTypes:
         name = type_name(cls)
         data: Any
         if _is_model_class(cls):
-            # pydantic's own JSON, as is; by alias, which is what validating it expects
-            data = orjson.Fragment(value.model_dump_json(by_alias=True))
+            # pydantic's own JSON, as is, in the form validating it takes back
+            data = orjson.Fragment(value.model_dump_json(by_alias=_by_alias(cls, value)))
         elif _is_dataclass_class(cls):
             try:  # nested dataclasses and models as dicts
                 data = orjson.loads(orjson.dumps(value, default=_nested))
             except orjson.JSONEncodeError as exc:
+                cause = exc.__cause__
+                if isinstance(cause, RefusedValue):
+                    raise cause from None
                 raise RefusedValue(f"{name} holds a value that is not JSON: {exc}") from None
             try:  # checked on every store (a miss, so after a real call: cheap beside it)
                 same = _dataclass(cls, data) == value

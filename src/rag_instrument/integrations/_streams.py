@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 MARKER: Final = "_rag_instrument_patches"
-#: The ``cache`` argument a client was instrumented with (as given).
+#: The response cache (a ``CacheSpec``) a client was instrumented with, or ``None``.
 CACHE_MARKER: Final = "_rag_instrument_cache"
 
 #: ``describe(kwargs) -> start_call keyword arguments`` (operation, model, params, prompt...).
@@ -296,20 +296,19 @@ def client_secrets(
 def instrumented_already(client: Any, cache: object, sdk: str) -> bool:
     """Whether ``client`` is instrumented already (then instrumenting it again does nothing).
 
+    A client instrumented with a cache keeps that one, whatever ``cache`` says now (a
+    function that instruments the same client on every call keeps working).
+
     Raises:
-        ValueError: it is, but not with the response cache ``cache`` asks for (``True``:
-            any cache); it would silently go without one.
+        ValueError: it is, without a response cache, and ``cache`` asks for one: going on
+            silently would cache nothing.
     """
     if getattr(client, MARKER, None) is None:
         return False
-    if cache is None or cache is False:
+    if cache is None or cache is False or getattr(client, CACHE_MARKER, None) is not None:
         return True
-    installed = getattr(client, CACHE_MARKER, None)
-    if installed is cache or (cache is True and installed not in (None, False)):
-        return True
-    had = "without a response cache" if installed in (None, False) else "with another cache"
     raise ValueError(
-        f"this {sdk} client is already instrumented {had}: call "
+        f"this {sdk} client is already instrumented without a response cache: call "
         f"ri.uninstrument_{sdk}(client) first, then instrument it with cache={cache!r:.200}"
     )
 
@@ -325,7 +324,7 @@ def instrument_methods(
     With ``instrument``, the client's ``copy`` and ``with_options`` (an alias of ``copy``
     in both SDKs, looked up on the class, so both are patched) are patched too, so that
     the copies they return are instrumented by ``instrument(copy)``. ``cache``: the
-    ``cache`` argument the client is instrumented with (see :func:`instrumented_already`).
+    response cache the client is instrumented with (see :func:`instrumented_already`).
     """
     if getattr(client, MARKER, None) is not None:
         return False

@@ -208,8 +208,8 @@ def _message_tokens(result: Any) -> int:
 def instrument_anthropic(client: C, *, cache: CacheSpec | bool | object | None = None) -> C:
     """Instrument an ``anthropic.Anthropic`` or ``anthropic.AsyncAnthropic`` client in place.
 
-    Instrumenting twice does nothing the second time (asking for a cache the client was not
-    instrumented with raises); undo with
+    Instrumenting twice does nothing the second time (but asking for a cache a client
+    instrumented without one raises); undo with
     :func:`uninstrument_anthropic`.
 
     Args:
@@ -226,7 +226,7 @@ def instrument_anthropic(client: C, *, cache: CacheSpec | bool | object | None =
     Raises:
         TypeError: ``client`` is not an Anthropic client.
         ValueError: ``cache`` is none of these; or the client is instrumented already,
-            without the cache asked for (uninstrument it first).
+            without a cache, and ``cache`` asks for one (uninstrument it first).
     """
     if not isinstance(client, anthropic.Anthropic | anthropic.AsyncAnthropic):
         raise TypeError(
@@ -275,7 +275,7 @@ def instrument_anthropic(client: C, *, cache: CacheSpec | bool | object | None =
             (client.messages, "stream", stream_helper),
         ],
         instrument=functools.partial(instrument_anthropic, cache=spec),
-        cache=cache,
+        cache=spec,
     )
     return client
 

@@ -165,8 +165,8 @@ def _chat_tokens(result: Any) -> int:
 def instrument_openai(client: C, *, cache: CacheSpec | bool | object | None = None) -> C:
     """Instrument an ``openai.OpenAI`` or ``openai.AsyncOpenAI`` client in place.
 
-    Instrumenting twice does nothing the second time (asking for a cache the client was not
-    instrumented with raises); undo with :func:`uninstrument_openai`.
+    Instrumenting twice does nothing the second time (but asking for a cache a client
+    instrumented without one raises); undo with :func:`uninstrument_openai`.
 
     Args:
         client: the client.
@@ -182,7 +182,7 @@ def instrument_openai(client: C, *, cache: CacheSpec | bool | object | None = No
     Raises:
         TypeError: ``client`` is not an OpenAI client.
         ValueError: ``cache`` is none of these; or the client is instrumented already,
-            without the cache asked for (uninstrument it first).
+            without a cache, and ``cache`` asks for one (uninstrument it first).
     """
     if not isinstance(client, openai.OpenAI | openai.AsyncOpenAI):
         raise TypeError(f"instrument_openai expects an OpenAI client, got {type(client).__name__}")
@@ -241,7 +241,7 @@ def instrument_openai(client: C, *, cache: CacheSpec | bool | object | None = No
             (client.embeddings, "create", embeddings),
         ],
         instrument=functools.partial(instrument_openai, cache=spec),
-        cache=cache,
+        cache=spec,
     )
     return client
 
