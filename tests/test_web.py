@@ -20,7 +20,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.routing import Mount, Route
+from starlette.routing import Host, Mount, Route, Router
 
 import rag_instrument as ri
 from rag_instrument import _breakdown, _settings
@@ -579,6 +579,69 @@ async def test_a_path_no_route_of_a_mount_matches_is_not_a_route() -> None:
         assert (await get(app, "/acme/v1/unknown/123")).status_code == 404
     assert [line["route"] for line in request_lines(cap)] == [None, None]
     assert [s.name for s in cap.spans if s.kind is SpanKind.SERVER] == ["GET", "GET"]
+
+
+@pytest.mark.asyncio
+async def test_mount_templates_under_hosts_nested_apps_and_shared_names() -> None:
+    async def doc(request: Request) -> Response:
+        return PlainTextResponse("doc")
+
+    class OtherFramework:  # an ASGI app with routes of its own kind (no scope["route"])
+        routes = ["/x"]
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            await PlainTextResponse("other")(scope, receive, send)
+
+    outer = Starlette(
+        routes=[
+            Host(
+                "{sub}.example.com",
+                app=Router(
+                    [
+                        Mount("/api", routes=[Route("/users/{uid}", doc)]),
+                        Mount("/t/{tenant}", routes=[Route("/d/{doc_id}", doc)]),
+                    ]
+                ),
+            ),
+            Mount("/same/{tenant}", routes=[Route("/d/{tenant}", doc)]),
+            Mount("/other", app=OtherFramework()),
+        ]
+    )
+    app = ri.RequestMiddleware(outer)
+    with capture() as cap:
+        for host, path in (
+            ("acme.example.com", "/api/users/7"),
+            ("acme.example.com", "/t/acme/d/9"),
+            ("testserver", "/same/acme/d/acme"),
+            ("testserver", "/other/anything/1"),
+        ):
+            assert (await get(app, path, headers={"host": host})).status_code == 200
+        outer.router.routes.append(Mount("/late/{tenant}", routes=[Route("/d/{doc_id}", doc)]))
+        assert (await get(app, "/late/acme/d/1")).status_code == 200  # added after the first
+    assert [line["route"] for line in request_lines(cap)] == [
+        "/api/users/{uid}",
+        "/t/{tenant}/d/{doc_id}",
+        "/same/{tenant}/d/{tenant}",
+        "/other/{path}",
+        "/late/{tenant}/d/{doc_id}",
+    ]
+
+
+@pytest.mark.asyncio
+async def test_a_middleware_on_a_mounted_app_names_routes_from_its_own_mount() -> None:
+    inner = make_fastapi()
+    tenant_app = make_fastapi()
+
+    @tenant_app.get("/d/{doc}")
+    async def doc(doc: str) -> dict[str, str]:
+        return {"doc": doc}
+
+    inner.mount("/t/{tenant}", tenant_app)
+    inner.add_middleware(ri.RequestMiddleware)
+    outer = Starlette(routes=[Mount("/v1", app=inner)])
+    with capture() as cap:
+        assert (await get(outer, "/v1/t/acme/d/3")).json() == {"doc": "3"}
+    assert [line["route"] for line in request_lines(cap)] == ["/t/{tenant}/d/{doc}"]
 
 
 def test_route_template_reads_other_frameworks_scope_keys() -> None:

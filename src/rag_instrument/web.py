@@ -21,9 +21,11 @@ the request (``scope["route"]``, set by Starlette and FastAPI; ``scope["path_tem
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any, Final
 
@@ -122,7 +124,7 @@ def route_template(scope: Scope, root_path: str = "") -> str | None:
     path: str = found
     path_format = getattr(route, "path_format", None)
     is_mount = isinstance(path_format, str) and hasattr(route, "routes")
-    if is_mount and getattr(route, "routes", None):
+    if is_mount and _routes_within(route):
         # The router inside the mount matched nothing (a 404): no route, not the mount.
         return None
     mounted = scope.get("root_path", "")
@@ -138,12 +140,20 @@ def route_template(scope: Scope, root_path: str = "") -> str | None:
         else:
             with_ids = True  # its own path has parameters: what it matched holds ids
         path = str(path_format)
-    if prefix and (with_ids or _mount_has_parameters(scope, route)):
+    if prefix and scope.get("path_params"):
+        # What the mounts matched may hold ids (theirs, or a host's): their templates.
         templates = _mounts_template(scope, root_path, route)
-        if templates is None:
+        if templates is not None:
+            prefix = templates
+        elif with_ids or _mount_has_parameters(scope, route):
             return None  # not found as routed: no template rather than one with ids
-        prefix = templates
     return prefix + path if prefix else path
+
+
+def _routes_within(mount: Any) -> bool:
+    """Whether ``mount`` holds a Starlette router's routes (which set ``scope["route"]``)."""
+    inner: Any = getattr(mount, "routes", None)
+    return bool(inner) and any(hasattr(each, "matches") for each in inner)
 
 
 def _mount_has_parameters(scope: Scope, route: Any) -> bool:
@@ -156,51 +166,78 @@ def _mount_has_parameters(scope: Scope, route: Any) -> bool:
 
 
 _MOUNT_TAIL: Final = "/{path}"
+_MAX_DEPTH: Final = 16
+
+#: Per router (by ``id``, with a weak reference to tell a new router at a reused address):
+#: every route under it, by ``id``, with the mounts (and hosts) above it.
+_Chains = dict[int, list[tuple[Any, tuple[Any, ...]]]]
+_CHAINS: dict[int, tuple[weakref.ref[Any], _Chains]] = {}
+_CHAINS_MAX: Final = 256
 
 
-def _holds(routes: Any, target: Any, depth: int = 0) -> bool:
-    """Whether ``target`` is one of ``routes``, or of the routes mounted under them."""
-    for candidate in routes:
-        if candidate is target:
-            return True
-        if depth < 16 and hasattr(candidate, "path_regex"):
-            inner = getattr(candidate, "routes", None)
-            if inner and _holds(inner, target, depth + 1):
-                return True
-    return False
+def _chains_of(router: Any, target: Any) -> list[tuple[Any, tuple[Any, ...]]]:
+    """The mount chains from ``router`` down to ``target`` (mapped once per router)."""
+    if router is None:
+        return []
+    entry = _CHAINS.get(id(router))
+    chains = entry[1] if entry is not None and entry[0]() is router else None
+    found = chains.get(id(target)) if chains is not None else None
+    if found is None or found[0][0] is not target:  # first use, or routes added since
+        chains = {}
+        _map_routes(getattr(router, "routes", None) or (), (), chains, 0)
+        if len(_CHAINS) >= _CHAINS_MAX:  # routers of applications gone (tests make many)
+            _CHAINS.clear()
+        with contextlib.suppress(TypeError):  # a router that takes no weak reference
+            _CHAINS[id(router)] = (weakref.ref(router), chains)
+        found = chains.get(id(target))
+    return [chain for chain in found or () if chain[0] is target]
+
+
+def _map_routes(routes: Any, above: tuple[Any, ...], chains: _Chains, depth: int) -> None:
+    for each in routes:
+        chains.setdefault(id(each), []).append((each, above))
+        if depth < _MAX_DEPTH and (hasattr(each, "path_regex") or hasattr(each, "host_regex")):
+            inner = getattr(each, "routes", None)
+            if inner:
+                _map_routes(inner, (*above, each), chains, depth + 1)
 
 
 def _mounts_template(scope: Scope, root_path: str, target: Any) -> str | None:
-    """The templates of the mounts from the application's router down to ``target``.
+    """The templates of the mounts between this middleware and ``target``, or ``None``.
 
-    Routes the request's path through the mounts as Starlette's router does (each mount's
-    path pattern, first match), keeping each mount's template instead of what it matched.
+    Routes the request's path through the mounts above ``target`` as Starlette's router
+    does (each mount's path pattern; a host routes by the host, not the path), keeping
+    each mount's template instead of what it matched. Mounts above this middleware (when
+    it wraps a mounted application) are left out, as their part of the path is.
     """
-    routes = getattr(scope.get("router"), "routes", None)
     path = scope.get("path")
-    if not routes or not isinstance(path, str):
+    if not isinstance(path, str):
         return None
-    if root_path and path.startswith(root_path):
-        path = path[len(root_path) :]
-    prefix = ""
-    for _ in range(16):
-        if any(candidate is target for candidate in routes):
-            return prefix
-        for mount in routes:
+    top = scope.get("app_root_path", root_path)  # the outermost router's root path
+    if not isinstance(top, str) or not root_path.startswith(top):
+        top = root_path
+    if top and path.startswith(top):
+        path = path[len(top) :]
+    above = len(root_path) - len(top)  # what mounts above this middleware matched
+    for _, chain in _chains_of(scope.get("router"), target):
+        rest, consumed, prefix = path, 0, ""
+        for mount in chain:
             pattern: Any = getattr(mount, "path_regex", None)
+            if pattern is None:
+                continue  # a host
             template = getattr(mount, "path_format", None)
-            inner = getattr(mount, "routes", None) if pattern is not None else None
-            if not inner or not isinstance(template, str) or not template.endswith(_MOUNT_TAIL):
-                continue
-            match = pattern.match(path)
-            if match is None or not _holds(inner, target):
-                continue
-            prefix += template[: -len(_MOUNT_TAIL)]
-            path = "/" + str(match.groupdict().get("path", ""))
-            routes = inner
-            break
+            match = pattern.match(rest)
+            if match is None or not isinstance(template, str):
+                break
+            if not template.endswith(_MOUNT_TAIL):
+                break
+            remaining = "/" + str(match.groupdict().get("path", ""))
+            consumed += len(rest) - len(remaining)
+            rest = remaining
+            if consumed > above:
+                prefix += template[: -len(_MOUNT_TAIL)]
         else:
-            return None
+            return prefix
     return None
 
 
