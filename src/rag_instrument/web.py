@@ -226,10 +226,10 @@ def _mounts_template(scope: Scope, root_path: str, target: Any) -> str | None:
             if pattern is None:
                 continue  # a host
             template = getattr(mount, "path_format", None)
-            match = pattern.match(rest)
-            if match is None or not isinstance(template, str):
+            if not isinstance(template, str) or not template.endswith(_MOUNT_TAIL):
                 break
-            if not template.endswith(_MOUNT_TAIL):
+            match = pattern.match(rest)
+            if match is None:
                 break
             remaining = "/" + str(match.groupdict().get("path", ""))
             consumed += len(rest) - len(remaining)

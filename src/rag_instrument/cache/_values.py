@@ -1,9 +1,10 @@
 """Cached values that are objects: pydantic models and dataclasses, stored as JSON.
 
 A cache entry holds JSON only, never a pickle. An object is stored as its class's name and
-its JSON form (``model_dump(mode="json", by_alias=True)`` for a pydantic model, the fields for a
-dataclass) and rebuilt on a hit (``model_validate``, or the dataclass's constructor with
-its nested dataclasses and models rebuilt from the field annotations).
+its JSON form (``model_dump(mode="json")`` for a pydantic model, by alias or by field name,
+whichever its validation takes back; the fields for a dataclass) and rebuilt on a hit
+(``model_validate``, or the dataclass's constructor with its nested dataclasses and models
+rebuilt from the field annotations).
 
 An entry names a class, so an entry written by someone else (a shared Redis) could name
 any class: a class is rebuilt only if it is *allowed* for this cache, which it is once
@@ -12,8 +13,9 @@ SDK client's cache knows its response types), or when the cached function's retu
 annotation names it. An entry naming any other class is a miss.
 
 A dataclass is stored only if rebuilding it from its JSON gives an equal value (a ``set``,
-``bytes`` or ``datetime`` field, an ``eq=False`` class... do not); a pydantic model is
-trusted to round-trip, which is its contract. Anything else that is not JSON is refused.
+``bytes`` or ``datetime`` field, an ``eq=False`` class... do not); a pydantic model class
+is checked once, on the first value stored, for the form that round-trips. Anything else
+that is not JSON is refused.
 """
 
 from __future__ import annotations
@@ -140,7 +142,8 @@ def _by_alias(cls: type, value: Any) -> bool:
         return decided
     for by_alias in (True, False):
         try:
-            same = cls.model_validate_json(value.model_dump_json(by_alias=by_alias)) == value  # type: ignore[attr-defined]
+            text = value.model_dump_json(by_alias=by_alias)
+            same = cls.model_validate_json(text) == value  # type: ignore[attr-defined]
         except Exception:
             same = False
         if same:
@@ -165,11 +168,11 @@ def returned_classes(func: Any) -> list[type]:
 
     An annotation that does not resolve (a name defined nowhere) names none.
     """
-    target = inspect.unwrap(func) if callable(func) else func
-    annotation = getattr(target, "__annotations__", {}).get("return")
-    if annotation is None:
-        return []
     try:  # the return annotation alone: a parameter's may not resolve (TYPE_CHECKING)
+        target = inspect.unwrap(func)
+        annotation = getattr(target, "__annotations__", {}).get("return")
+        if annotation is None:
+            return []
         shim = types.SimpleNamespace(
             __annotations__={"return": annotation},
             __globals__=getattr(target, "__globals__", {}),
