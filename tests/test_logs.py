@@ -474,3 +474,43 @@ def test_emit_head_goes_through_emit_for_console_lines(capsys: pytest.CaptureFix
     assert "[info    ] retrieval completed" in err
     assert "execution_time_ms=1.5" in err
     assert "pipeline_stage=retrieval" in err
+
+
+def test_the_librarys_own_warnings_in_a_stage_do_not_count_as_runs(tmp_path: Path) -> None:
+    # A cache backend that is down warns inside the stage; the per-stage jq one-liner and
+    # analyze read context.pipeline_stage, so that warning must name the stage elsewhere.
+    path = tmp_path / "app.jsonl"
+    ri.configure(log_file=str(path))
+
+    @ri.cached(ttl=60, backend=ri.RedisCache("redis://127.0.0.1:1/0"))
+    def lookup(x: int) -> int:
+        return x * 2
+
+    with ri.stage("retrieval"):
+        assert lookup(1) == 2
+    ri.shutdown()
+    lines = _lines(path)
+    runs = [line for line in lines if line["context"].get("pipeline_stage") == "retrieval"]
+    assert [line["event"] for line in runs] == ["retrieval completed"]
+    warnings = [line for line in lines if line["level"] == "warning"]
+    assert warnings, lines
+    assert all(line["stage"] == "retrieval" for line in warnings)
+
+
+def test_export_errors_at_shutdown_are_log_lines_not_raw_stderr(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    class Broken(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            raise RuntimeError("collector down")
+
+    path = tmp_path / "app.jsonl"
+    ri.configure(exporter=Broken(), log_file=str(path))
+    with ri.stage("retrieval"):
+        pass
+    assert ri.shutdown() is False  # the span was lost
+    failures = [line for line in _lines(path) if "collector down" in line["event"]]
+    assert failures and failures[0]["level"] == "warning"
+    assert "collector down" not in capfd.readouterr().err

@@ -687,6 +687,10 @@ _RECORD_KEYS: Final = frozenset(
 ) | {"message", "asctime", "taskName"}
 
 
+#: The prefix of the library's own standard-library loggers (``rag_instrument.internal``).
+_OWN_LOGGERS: Final = LOGGER_NAME + "."
+
+
 class _StdlibHandler(logging.Handler):
     """Routes ``logging`` records through the pipeline, with trace ids and context."""
 
@@ -702,13 +706,17 @@ class _StdlibHandler(logging.Handler):
             level = record.levelname.lower()
             if level not in _LEVEL_NO:
                 level = "critical" if record.levelno >= logging.CRITICAL else "info"
+            name = record.name
             emit(
                 level,
                 message,
                 extra,
-                logger=record.name,
+                logger=name,
                 exc_info=record.exc_info if record.exc_info else None,
-                app=True,
+                # The library's own warnings (a cache backend down, a span exporter
+                # failing) are library lines: inside a stage they name it in ``stage``,
+                # not ``context.pipeline_stage``, so they never count as another run.
+                app=not (name == LOGGER_NAME or name.startswith(_OWN_LOGGERS)),
             )
         except Exception as exc:
             internal_error("logging handler", exc)
@@ -776,10 +784,14 @@ def bridge_while_flushing(rt: Runtime) -> Callable[[], None]:
     if rt.log is None or not rt.settings.capture_logging:
         return lambda: None
     handler = _FlushBridge(rt)
-    sdk = logging.getLogger("opentelemetry")
-    sdk.addHandler(handler)
+    # The SDK's loggers, and the library's own (a span exporter that raised, a refused
+    # metrics export: reported by rag_instrument.internal).
+    loggers = [logging.getLogger("opentelemetry"), logging.getLogger(LOGGER_NAME)]
+    for logger in loggers:
+        logger.addHandler(handler)
 
     def detach() -> None:
-        sdk.removeHandler(handler)
+        for logger in loggers:
+            logger.removeHandler(handler)
 
     return detach
