@@ -514,3 +514,56 @@ def test_export_errors_at_shutdown_are_log_lines_not_raw_stderr(
     failures = [line for line in _lines(path) if "collector down" in line["event"]]
     assert failures and failures[0]["level"] == "warning"
     assert "collector down" not in capfd.readouterr().err
+
+
+def test_get_logger_takes_structlogs_calls(rag_capture: Capture) -> None:
+    import asyncio
+
+    log = ri.get_logger("app.calls", tenant="t1")
+    log.info("hello %s from %d", "world", 7)
+    log.info("%(who)s said hi", {"who": "alice"})
+    log.info("100% done")  # no arguments: a lone % is not a format
+    log.info("bad %d", "x")  # never raises into the caller
+    log.log(logging.WARNING, "by number %s", "w")
+    log.log("error", "by name")
+    log.msg("as msg")
+    log.fatal("as fatal")
+
+    async def main() -> None:
+        await log.ainfo("async %s", "info")
+        await log.awarning("async warning")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            await log.aexception("async exception")
+        await log.alog(logging.DEBUG, "async debug")  # below the level: dropped
+
+    asyncio.run(main())
+    events = {line["event"]: line for line in rag_capture.logs}
+    assert "hello world from 7" in events
+    assert "alice said hi" in events
+    assert "100% done" in events
+    assert events["bad %d (unformattable arguments)"]["level"] == "info"
+    assert events["by number w"]["level"] == "warning"
+    assert events["by name"]["level"] == "error"
+    assert events["as msg"]["level"] == "info"
+    assert events["as fatal"]["level"] == "critical"
+    assert events["async info"]["level"] == "info"
+    assert events["async warning"]["level"] == "warning"
+    assert events["async exception"]["exception"]
+    assert all(line["logger"] == "app.calls" for line in events.values())
+    assert all(line["tenant"] == "t1" for line in events.values())
+
+
+def test_get_logger_new_keeps_the_loggers_name(rag_capture: Capture) -> None:
+    log = ri.get_logger("app.named", tenant="t1")
+    fresh = log.new(request="r-1")
+    fresh.info("fresh")
+    log.info("original")
+    (line,) = rag_capture.find_logs("fresh")
+    assert line["logger"] == "app.named"
+    assert line["request"] == "r-1"
+    assert "tenant" not in line
+    (original,) = rag_capture.find_logs("original")
+    assert original["logger"] == "app.named"
+    assert original["tenant"] == "t1"

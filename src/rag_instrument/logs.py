@@ -24,7 +24,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
@@ -627,40 +627,122 @@ class _Sink:
 
 
 class BoundLogger(structlog.BoundLoggerBase):
-    """A structlog bound logger on rag_instrument's pipeline (see :func:`get_logger`)."""
+    """A structlog bound logger on rag_instrument's pipeline (see :func:`get_logger`).
 
-    def debug(self, event: str | None = None, **kw: Any) -> Any:
+    It has the methods of structlog's own loggers: one per level (``debug`` ... ``critical``,
+    ``warn``, ``fatal``, ``msg``, ``exception``), ``log(level, event)``, their ``a``-prefixed
+    async forms (``await log.ainfo(...)``), and positional arguments formatted the
+    ``%``-way: ``log.info("hello %s", name)``.
+    """
+
+    def debug(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
         """Log at debug level."""
-        return self._proxy_to_logger("debug", event, **kw)
+        return self._proxy_to_logger("debug", event, *args, **kw)
 
-    def info(self, event: str | None = None, **kw: Any) -> Any:
+    def info(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
         """Log at info level."""
-        return self._proxy_to_logger("info", event, **kw)
+        return self._proxy_to_logger("info", event, *args, **kw)
 
-    def warning(self, event: str | None = None, **kw: Any) -> Any:
+    msg = info
+
+    def warning(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
         """Log at warning level."""
-        return self._proxy_to_logger("warning", event, **kw)
+        return self._proxy_to_logger("warning", event, *args, **kw)
 
     warn = warning
 
-    def error(self, event: str | None = None, **kw: Any) -> Any:
+    def error(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
         """Log at error level."""
-        return self._proxy_to_logger("error", event, **kw)
+        return self._proxy_to_logger("error", event, *args, **kw)
 
-    def exception(self, event: str | None = None, **kw: Any) -> Any:
+    def exception(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
         """Log at error level with the exception being handled, as a structured dict."""
-        return self._proxy_to_logger("exception", event, **kw)
+        return self._proxy_to_logger("exception", event, *args, **kw)
 
-    def critical(self, event: str | None = None, **kw: Any) -> Any:
+    def critical(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
         """Log at critical level."""
-        return self._proxy_to_logger("critical", event, **kw)
+        return self._proxy_to_logger("critical", event, *args, **kw)
 
-    def _proxy_to_logger(self, method_name: str, event: str | None = None, **event_kw: Any) -> Any:
+    fatal = critical
+
+    def log(self, level: int | str, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        """Log at ``level``: a ``logging`` level number or a level name."""
+        return self._proxy_to_logger(_method_for(level), event, *args, **kw)
+
+    async def adebug(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        """Log at debug level (async form; the line is written before it returns)."""
+        return self._proxy_to_logger("debug", event, *args, **kw)
+
+    async def ainfo(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        """Log at info level (async form)."""
+        return self._proxy_to_logger("info", event, *args, **kw)
+
+    async def awarning(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        """Log at warning level (async form)."""
+        return self._proxy_to_logger("warning", event, *args, **kw)
+
+    awarn = awarning
+
+    async def aerror(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        """Log at error level (async form)."""
+        return self._proxy_to_logger("error", event, *args, **kw)
+
+    async def aexception(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        """Log at error level with the exception being handled (async form)."""
+        return self._proxy_to_logger("exception", event, *args, **kw)
+
+    async def acritical(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        """Log at critical level (async form)."""
+        return self._proxy_to_logger("critical", event, *args, **kw)
+
+    afatal = acritical
+
+    async def alog(self, level: int | str, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        """Log at ``level`` (async form)."""
+        return self._proxy_to_logger(_method_for(level), event, *args, **kw)
+
+    def new(self, **new_values: Any) -> BoundLogger:
+        """A logger with only ``new_values`` bound (it keeps its name)."""
+        name = self._context.get("_logger_name", LOGGER_NAME)
+        return BoundLogger(self._logger, self._processors, {**new_values, "_logger_name": name})
+
+    def _proxy_to_logger(
+        self, method_name: str, event: str | None = None, *args: Any, **event_kw: Any
+    ) -> Any:
         try:
+            if args:
+                event = _formatted(event, args)
             return super()._proxy_to_logger(method_name, event, **event_kw)
         except Exception as exc:  # e.g. a non-str key in event_kw
             internal_error("logger call", exc)
             return None
+
+
+def _formatted(event: Any, args: tuple[Any, ...]) -> str:
+    """``event % args``, as structlog and ``logging`` format positional arguments."""
+    values: Any = args
+    if len(args) == 1 and isinstance(args[0], Mapping) and args[0]:
+        values = args[0]  # "%(name)s" with a mapping, as logging does
+    try:
+        return str(str(event) % values)
+    except Exception:
+        return f"{event!s} (unformattable arguments)"
+
+
+def _method_for(level: int | str) -> str:
+    """The method that logs at ``level`` (a number as in ``logging``, or a name)."""
+    if isinstance(level, str):
+        name = level.lower()
+        return name if name in _METHOD_LEVEL else "info"
+    if level >= logging.CRITICAL:
+        return "critical"
+    if level >= logging.ERROR:
+        return "error"
+    if level >= logging.WARNING:
+        return "warning"
+    if level >= logging.INFO:
+        return "info"
+    return "debug"
 
 
 def get_logger(name: str | None = None, **initial_values: Any) -> BoundLogger:
