@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -22,7 +23,7 @@ from starlette.routing import Route
 import rag_instrument as ri
 from rag_instrument import _breakdown
 from rag_instrument._context import bound, current_frame, current_stage
-from rag_instrument.testing import capture
+from rag_instrument.testing import Capture, capture
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -288,3 +289,86 @@ def test_concurrent_calls_of_one_wrapped_function_do_not_see_each_other() -> Non
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(wrapped, range(4)))
     assert results == [{"request_id": "r-1", "n": n} for n in range(4)]
+
+
+def test_wrap_context_runs_an_async_functions_body_in_the_callers_context(
+    rag_capture: Capture,
+) -> None:
+    import asyncio
+    import inspect
+    import threading
+
+    async def answer(n: int) -> int:
+        """Doc."""
+        await asyncio.sleep(0)  # the body resumes after a step: still in the context
+        ri.get_logger("app").info("in coroutine")
+        return n * 2
+
+    with ri.request_context(request_id="r-async"), ri.stage("generation"):
+        wrapped = ri.wrap_context(answer)
+    assert inspect.iscoroutinefunction(wrapped)
+    assert wrapped.__qualname__ == answer.__qualname__
+    assert wrapped.__doc__ == "Doc."
+    results: list[int] = []
+    worker = threading.Thread(target=lambda: results.append(asyncio.run(wrapped(7))))
+    worker.start()
+    worker.join()
+    assert results == [14]
+    (line,) = rag_capture.find_logs("in coroutine")
+    assert line["context"] == {"pipeline_stage": "generation", "request_id": "r-async"}
+
+
+def test_wrap_context_keeps_generators_and_their_context(rag_capture: Capture) -> None:
+    import asyncio
+    import inspect
+
+    def numbers(n: int) -> Iterator[int]:
+        for i in range(n):
+            ri.get_logger("app").info("gen step", i=i)
+            yield i
+        return None
+
+    async def anumbers(n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            await asyncio.sleep(0)
+            ri.get_logger("app").info("agen step", i=i)
+            yield i
+
+    with ri.request_context(request_id="r-gen"):
+        gen = ri.wrap_context(numbers)
+        agen = ri.wrap_context(anumbers)
+    assert inspect.isgeneratorfunction(gen)
+    assert inspect.isasyncgenfunction(agen)
+    assert list(gen(3)) == [0, 1, 2]
+
+    async def consume() -> list[int]:
+        return [i async for i in agen(2)]
+
+    assert asyncio.run(consume()) == [0, 1]
+    steps = rag_capture.find_logs("gen step") + rag_capture.find_logs("agen step")
+    assert len(steps) == 5
+    assert all(line["context"] == {"request_id": "r-gen"} for line in steps)
+
+
+def test_wrap_context_passes_exceptions_and_cancellation_through() -> None:
+    import asyncio
+
+    async def fails() -> None:
+        await asyncio.sleep(0)
+        raise KeyError("missing")
+
+    async def waits(started: asyncio.Event) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    async def main() -> None:
+        with pytest.raises(KeyError, match="missing"):
+            await ri.wrap_context(fails)()
+        started = asyncio.Event()
+        task = asyncio.ensure_future(ri.wrap_context(waits)(started))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import collections
 import contextvars
-from collections.abc import Callable, Iterator
+import functools
+import inspect
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, cast
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace as trace_api
@@ -345,14 +347,97 @@ def wrap_context(fn: Callable[P, R]) -> Callable[P, R]:
         loop.run_in_executor(None, ri.wrap_context(work), arg)
 
     Each call runs in a fresh copy, so a reused worker thread keeps nothing from the
-    previous job, and concurrent calls do not see each other's changes.
+    previous job, and concurrent calls do not see each other's changes. A coroutine
+    function, generator function or async generator function stays one (its body, run
+    step by step wherever it is awaited or iterated, sees the copy at every step), and
+    the wrapper keeps ``fn``'s name, qualified name, module and docstring.
     """
     ctx = contextvars.copy_context()
+    wrapper: Callable[..., Any]
+    if inspect.iscoroutinefunction(fn):
 
-    def run(*args: P.args, **kwargs: P.kwargs) -> R:
-        return ctx.copy().run(fn, *args, **kwargs)
+        async def run_coroutine(*args: Any, **kwargs: Any) -> Any:
+            copy = ctx.copy()
+            return await _InContext(copy, copy.run(fn, *args, **kwargs))
 
-    run.__wrapped__ = fn  # type: ignore[attr-defined]
-    run.__name__ = getattr(fn, "__name__", "wrapped")
-    run.__doc__ = getattr(fn, "__doc__", None)
-    return run
+        wrapper = run_coroutine
+    elif inspect.isasyncgenfunction(fn):
+
+        async def run_async_generator(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, Any]:
+            copy = ctx.copy()
+            agen = copy.run(fn, *args, **kwargs)
+            try:
+                item = await _InContext(copy, agen.asend(None))
+                while True:
+                    try:
+                        sent = yield item
+                    except GeneratorExit:
+                        raise
+                    except BaseException as exc:
+                        item = await _InContext(copy, agen.athrow(exc))
+                    else:
+                        item = await _InContext(copy, agen.asend(sent))
+            except StopAsyncIteration:
+                return
+            finally:
+                await _InContext(copy, agen.aclose())
+
+        wrapper = run_async_generator
+    elif inspect.isgeneratorfunction(fn):
+
+        def run_generator(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
+            copy = ctx.copy()
+            return (yield from _steps_in(copy, copy.run(fn, *args, **kwargs)))
+
+        wrapper = run_generator
+    else:
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            return ctx.copy().run(fn, *args, **kwargs)
+
+        wrapper = run
+    try:
+        functools.update_wrapper(wrapper, fn)
+    except Exception:  # an object without the usual attributes (a callable instance)
+        setattr(wrapper, "__wrapped__", fn)  # noqa: B010
+    return cast("Callable[P, R]", wrapper)
+
+
+def _steps_in(ctx: contextvars.Context, steps: Any) -> Generator[Any, Any, Any]:
+    """Drive a generator or coroutine ``steps``, running each of its steps in ``ctx``."""
+    try:
+        item = ctx.run(steps.send, None)
+    except StopIteration as stop:
+        return stop.value
+    while True:
+        try:
+            sent = yield item
+        except GeneratorExit:
+            ctx.run(steps.close)
+            raise
+        except BaseException as exc:  # thrown in (a cancellation): the body sees it
+            try:
+                item = ctx.run(steps.throw, exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                item = ctx.run(steps.send, sent)
+            except StopIteration as stop:
+                return stop.value
+
+
+class _InContext:
+    """An awaitable that runs a coroutine's (or an async generator step's) steps in ``ctx``."""
+
+    __slots__ = ("ctx", "steps")
+
+    def __init__(self, ctx: contextvars.Context, steps: Awaitable[Any]) -> None:
+        self.ctx = ctx
+        self.steps = steps
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        steps: Any = self.steps
+        if not hasattr(steps, "send"):  # an awaitable object, not a coroutine
+            steps = steps.__await__()
+        return _steps_in(self.ctx, steps)
