@@ -65,3 +65,30 @@ def test_routes_from_the_middleware_lines(
     assert (stage["stage"], stage["count"]) == ("retrieval", 5)
     assert main(["analyze", str(log)]) == 0
     assert "GET /api/search" in capsys.readouterr().out  # the budget table names the route
+
+
+def test_route_budgets_from_a_file_or_option_in_any_case(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # configure() takes "post /api/search"; --budgets and --budget take the same keys.
+    log = tmp_path / "web.jsonl"
+    ri.configure(exporter="memory", log_file=str(log))
+    app = RequestMiddleware(Starlette(routes=[Route("/api/search", _search)]))
+
+    async def traffic() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            for i in range(3):
+                await client.get(f"/api/search?q={i}")
+
+    asyncio.run(traffic())
+    ri.shutdown()
+    budgets = tmp_path / "budgets.toml"
+    budgets.write_text('"get /api/search" = 0.0001\n')
+    for option in (["--budgets", str(budgets)], ["--budget", "Get  /api/search=0.0001"]):
+        argv = ["analyze", str(log), "--by", "route", "--format", "json", *option]
+        assert main([*argv, "--fail-on-budget"]) == 1, option
+        (row,) = json.loads(capsys.readouterr().out)
+        assert (row["route"], row["budget_ms"], row["over_budget"]) == (
+            "GET /api/search", 0.0001, 3
+        )

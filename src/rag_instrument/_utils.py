@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from enum import Enum
-from typing import Any
+from typing import Any, Final
 
 __all__ = [
     "FunctionKind",
@@ -171,4 +171,22 @@ def http_status(exc: BaseException) -> int | None:
     ):
         if type(value) is int:
             return value
+    return None
+
+
+#: The HTTP methods a route budget (``"POST /api/search"``) may name, in any case.
+HTTP_METHODS: Final = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY"}
+)
+
+
+def route_key(name: str) -> str | None:
+    """A route budget's key as request lines name the route (``"post /a"`` -> ``"POST /a"``).
+
+    ``None`` when ``name`` is not ``"METHOD /path"`` (a stage's name).
+    """
+    method, sep, path = name.strip().partition(" ")
+    path = path.strip()
+    if sep and path.startswith("/") and method.upper() in HTTP_METHODS:
+        return f"{method.upper()} {path}"
     return None

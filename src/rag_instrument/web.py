@@ -49,7 +49,7 @@ from rag_instrument._context import (
     set_frame,
 )
 from rag_instrument._runtime import get_runtime
-from rag_instrument._utils import internal_error, user_code_error
+from rag_instrument._utils import HTTP_METHODS, internal_error, route_key, user_code_error
 from rag_instrument.logs import emit
 
 if TYPE_CHECKING:
@@ -66,9 +66,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 """An ASGI 3 application: ``async def app(scope, receive, send)``."""
 
-_KNOWN_METHODS: Final = frozenset(
-    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY"}
-)
+_KNOWN_METHODS: Final = HTTP_METHODS
 # Incoming request ids are echoed in headers and written to every log line: only ids made
 # of these characters, at most 128 of them, are trusted (UUIDs, ULIDs, hex, base64, "r-1").
 _REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._:@+=/~-]{1,128}")
@@ -715,9 +713,9 @@ class RequestMiddleware:
         if cached_rt is not rt:
             budgets = {}
             for name, ms in rt.budgets.items():
-                method, sep, path = name.partition(" ")
-                if sep and path.startswith("/") and method.upper() in _KNOWN_METHODS:
-                    budgets[f"{method.upper()} {path.strip()}"] = ms
+                key_of_route = route_key(name)
+                if key_of_route is not None:
+                    budgets[key_of_route] = ms
             self._budgets = (rt, budgets)
         return budgets.get(key) if budgets else None
 

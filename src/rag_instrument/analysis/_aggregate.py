@@ -19,6 +19,7 @@ from typing import Any, TypeGuard
 
 import orjson
 
+from rag_instrument._utils import route_key
 from rag_instrument.analysis import _fast, _otlp, _parallel
 from rag_instrument.analysis._model import (
     TOTAL_STAGE,
@@ -127,7 +128,8 @@ class Aggregator:
         if by not in _BY:
             raise ValueError(f"by must be one of {', '.join(_BY)}, got {by!r}")
         self.by = by
-        self.budgets = dict(budgets or {})
+        # A route's budget in any case, as configure() takes it ("post /api/search").
+        self.budgets = {route_key(key) or key: ms for key, ms in (budgets or {}).items()}
         self.learned_budgets: dict[str, float] = {}
         self.since = since
         self.until = until
