@@ -341,3 +341,49 @@ def test_printed_settings_do_not_show_the_collector_password() -> None:
     assert "s3cretPW99" not in shown
     assert "collector:4318" in shown
     assert settings.otlp_endpoint == "http://user:s3cretPW99@collector:4318"  # the value is kept
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"slow_query_ms": 10**400},
+        {"sample_ratio": 10**400},
+        {"budgets": {"retrieval": 10**400}},
+        {"shutdown_timeout": -(10**400)},
+    ],
+)
+def test_numbers_beyond_a_float_are_refused_by_name(kwargs: dict[str, Any]) -> None:
+    (name,) = kwargs
+    with pytest.raises(ValueError, match=name):
+        ri.configure(**kwargs)
+
+
+def test_a_budget_beyond_a_float_in_the_environment_is_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RAG_INSTRUMENT_BUDGETS", '{"retrieval": 1' + "0" * 400 + "}")
+    with pytest.raises(ValueError, match="RAG_INSTRUMENT_BUDGETS"):
+        ri.configure()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"tracer_provider": 5},
+        {"meter_provider": "provider"},
+        {"metric_readers": 5},
+        {"metric_readers": [object()]},
+    ],
+)
+def test_provider_arguments_are_checked_and_keep_the_running_configuration(
+    kwargs: dict[str, Any],
+) -> None:
+    from rag_instrument.testing import capture
+
+    with capture() as cap:
+        (name,) = kwargs
+        with pytest.raises(ValueError, match=name):
+            ri.configure(**kwargs)
+        with ri.stage("retrieval"):
+            pass
+        assert cap.find_logs("retrieval completed")

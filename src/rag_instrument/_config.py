@@ -24,7 +24,13 @@ from opentelemetry import trace as trace_api
 
 from rag_instrument import _pools, _runtime, _stagehooks, logs
 from rag_instrument._runtime import Runtime, get_runtime
-from rag_instrument._settings import Settings, build_settings, docstring_args, settings_table
+from rag_instrument._settings import (
+    Settings,
+    bad,
+    build_settings,
+    docstring_args,
+    settings_table,
+)
 from rag_instrument._utils import internal_error, warn_once
 
 if TYPE_CHECKING:
@@ -98,6 +104,7 @@ def configure(  # noqa: D417 (the settings' Args are generated from the table)
     # The settings' arguments, by name (the table in ``_settings`` lists them).
     given = locals()
     settings = build_settings(**{row.name: given[row.name] for row in settings_table()})
+    metric_readers = _checked_providers(metric_readers, tracer_provider, meter_provider)
     apply(
         settings,
         metric_readers=metric_readers,
@@ -105,6 +112,31 @@ def configure(  # noqa: D417 (the settings' Args are generated from the table)
         meter_provider=meter_provider,
     )
     return settings
+
+
+def _checked_providers(
+    metric_readers: Any, tracer_provider: Any, meter_provider: Any
+) -> tuple[MetricReader, ...]:
+    """``configure()``'s object arguments, checked before anything is built."""
+
+    def refuse(name: str, value: Any, accepted: str) -> ValueError:
+        return bad(name, f"configure({name}=...)", value, accepted)
+
+    if tracer_provider is not None and not callable(getattr(tracer_provider, "get_tracer", None)):
+        raise refuse("tracer_provider", tracer_provider, "a TracerProvider (with get_tracer)")
+    if meter_provider is not None and not callable(getattr(meter_provider, "get_meter", None)):
+        raise refuse("meter_provider", meter_provider, "a MeterProvider (with get_meter)")
+    accepted = "a sequence of OpenTelemetry SDK MetricReader instances"
+    if isinstance(metric_readers, str | bytes) or not hasattr(metric_readers, "__iter__"):
+        raise refuse("metric_readers", metric_readers, accepted)
+    readers = tuple(metric_readers)
+    if readers:
+        from opentelemetry.sdk.metrics.export import MetricReader as SDKMetricReader
+
+        for reader in readers:
+            if not isinstance(reader, SDKMetricReader):
+                raise refuse("metric_readers", metric_readers, accepted)
+    return readers
 
 
 def apply(

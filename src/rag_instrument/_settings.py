@@ -170,15 +170,16 @@ def parse_number(
         raise bad(name, origin, value, accepted)
     try:
         number = float(value) if not isinstance(value, int | float) else value
-        if isinstance(number, float) and not math.isfinite(number):
+        as_float = float(number)  # an integer beyond a float's range: OverflowError
+        if not math.isfinite(as_float):
             raise bad(name, origin, value, accepted)
-        if integer and float(number) != int(number):
+        if integer and as_float != int(number):
             raise bad(name, origin, value, accepted)
     except (TypeError, ValueError, OverflowError):
         raise bad(name, origin, value, accepted) from None
     if number < minimum or (strict and number == minimum):
         raise bad(name, origin, value, accepted)
-    return float(number)
+    return as_float
 
 
 def choice(
