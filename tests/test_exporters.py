@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -224,3 +225,31 @@ def test_an_sdk_whose_emit_does_more_keeps_its_emit(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(type(inner), "emit", emit)
     assert not exporters._emits_inline(inner)
     ri.shutdown()
+
+
+def test_an_exporter_raising_systemexit_loses_that_batch_only(tmp_path: Path) -> None:
+    # SystemExit ended the SDK's export thread silently: every later span was lost, and
+    # shutdown() still said everything was exported.
+    class ExitsOnce(SpanExporter):
+        calls = 0
+        exported = 0
+
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            ExitsOnce.calls += 1
+            if ExitsOnce.calls == 1:
+                raise SystemExit(1)
+            ExitsOnce.exported += len(spans)
+            return SpanExportResult.SUCCESS
+
+    log = tmp_path / "app.jsonl"
+    ri.configure(exporter=ExitsOnce(), log_file=str(log))
+    with ri.stage("lost"):
+        pass
+    assert ri.force_flush() is False  # that batch is lost; the application goes on
+    for _ in range(3):
+        with ri.stage("kept"):
+            pass
+    assert ri.force_flush() is True
+    assert ExitsOnce.exported == 3
+    assert ri.shutdown() is False  # one span was lost in this configuration's life
+    assert "ExitsOnce.export failed: SystemExit" in log.read_text()

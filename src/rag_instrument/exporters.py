@@ -316,9 +316,17 @@ class SafeSpanExporter(SpanExporter):
     def _export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         try:
             result = self.inner.export(spans)
-        except Exception as exc:
+        except BaseException as exc:
+            # SystemExit or KeyboardInterrupt raised by an exporter would end the export
+            # thread silently, losing every later span: counted and reported like any
+            # failure. On the main thread (a flush the application called) they are the
+            # application's, and go on once counted.
             self._drops.add(len(spans))
             user_code_error(f"span exporter {type(self.inner).__name__}.export", exc)
+            if not isinstance(exc, Exception) and (
+                threading.current_thread() is threading.main_thread()
+            ):
+                raise
             return SpanExportResult.FAILURE
         if result is not SpanExportResult.SUCCESS:
             # An exporter that cuts a batch in several requests says how many it lost.
