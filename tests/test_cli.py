@@ -163,3 +163,24 @@ def test_help_text_has_no_restructuredtext_markup(
     out = capsys.readouterr().out
     assert "``" not in out
     assert ":func:`" not in out
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--concurrency", "0"], "--concurrency"),  # hung for ever
+        (["--concurrency", "-3"], "--concurrency"),  # a traceback
+        (["--requests", "-1"], "--requests"),  # "ran -1 requests"
+        (["--fault-rate", "2"], "--fault-rate"),
+        (["--fault-rate", "nan"], "--fault-rate"),
+        (["--postgres", "notaurl"], "--postgres"),  # a SQLAlchemy traceback
+        (["--postgres", "sqlite:///x.db"], "--postgres"),
+    ],
+)
+def test_demo_refuses_bad_arguments_by_name(
+    args: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", *args])
+    assert exit_info.value.code == 2
+    assert f"argument {named}:" in capsys.readouterr().err

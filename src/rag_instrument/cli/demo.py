@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import sys
 import time
 from pathlib import Path
@@ -202,6 +203,44 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share from 0 to 1, got {text!r}")
+    return value
+
+
+def _database_url(text: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+    except ImportError:  # the demo says which extra it needs when it gets there
+        return text
+    try:
+        url = make_url(text)
+    except Exception:
+        raise argparse.ArgumentTypeError(
+            f"expected a database URL such as postgresql+psycopg://user@host/db, got {text!r}"
+        ) from None
+    if not url.drivername.startswith("postgresql"):
+        raise argparse.ArgumentTypeError(
+            f"expected a PostgreSQL URL (postgresql+psycopg://...), got {text!r}"
+        )
+    return text
+
+
 def add_parser(subparsers: Any) -> None:
     """Register ``demo``."""
     parser = subparsers.add_parser(
@@ -209,9 +248,14 @@ def add_parser(subparsers: Any) -> None:
         help="run a sample instrumented RAG application, write its log and report, analyse it",
         description=__doc__.splitlines()[0] if __doc__ else None,
     )
-    parser.add_argument("--requests", type=int, default=50, help="requests to run (default 50)")
     parser.add_argument(
-        "--concurrency", type=int, default=4, help="requests in flight at once (default 4)"
+        "--requests", type=_at_least_one, default=50, help="requests to run (default 50)"
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=_at_least_one,
+        default=4,
+        help="requests in flight at once (default 4)",
     )
     parser.add_argument(
         "--log-file",
@@ -224,13 +268,14 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--fault-rate",
-        type=float,
+        type=_share,
         default=0.15,
         help="share of model calls that fail transiently (default 0.15)",
     )
     parser.add_argument(
         "--postgres",
         metavar="URL",
+        type=_database_url,
         help="use this PostgreSQL database instead of SQLite in memory, e.g. "
         "postgresql+psycopg://user@host/db (tables are created and dropped)",
     )
