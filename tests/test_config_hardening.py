@@ -21,6 +21,7 @@ import pytest
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 import rag_instrument as ri
+from rag_instrument._settings import build_settings
 from support.otlp_receiver import OTLPReceiver
 
 
@@ -387,3 +388,48 @@ def test_provider_arguments_are_checked_and_keep_the_running_configuration(
         with ri.stage("retrieval"):
             pass
         assert cap.find_logs("retrieval completed")
+
+
+# --- the OpenTelemetry SDK's precedence for endpoints and the service name ------------------------
+
+
+def test_per_signal_endpoint_and_resource_service_name_as_the_sdk_reads_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
+    with OTLPReceiver() as receiver:
+        # The base variable points nowhere: the traces' own variable must win over it.
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.endpoint + "/v1/traces")
+        monkeypatch.setenv(
+            "OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=prod,service.name=search%20api"
+        )
+        settings = ri.configure(exporter="otlp", metrics_exporter="none")
+        assert settings.service_name == "search api"
+        with ri.stage("retrieval"):
+            pass
+        assert ri.shutdown(timeout=10.0) is True
+        assert receiver.wait_for_spans(1, timeout=10.0)
+        (span,) = receiver.spans()
+        assert span["service_name"] == "search api"
+
+
+def test_endpoint_and_service_name_precedence() -> None:
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://base:4318",
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://metrics:4318/custom/metrics",
+        "OTEL_RESOURCE_ATTRIBUTES": "service.name=from-resource",
+    }
+    settings = build_settings(env=env)
+    assert settings.otlp_signal_endpoints == {"metrics": "http://metrics:4318/custom/metrics"}
+    assert settings.service_name == "from-resource"
+    # Ours, or an explicit argument, win over the standard variables.
+    explicit = build_settings(env=env, otlp_endpoint="http://mine:4318", service_name="mine")
+    assert explicit.otlp_signal_endpoints == {}
+    assert explicit.service_name == "mine"
+    ours = build_settings(env={**env, "RAG_INSTRUMENT_OTLP_ENDPOINT": "http://ours:4318"})
+    assert ours.otlp_signal_endpoints == {}
+    named = build_settings(env={**env, "OTEL_SERVICE_NAME": "from-variable"})
+    assert named.service_name == "from-variable"
+    with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        build_settings(env={"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "collector:4318"})

@@ -358,6 +358,21 @@ def _otel_exporter(variable: str, known: Mapping[str, str]) -> EnvReader:
     return read
 
 
+def _service_name_from_resource(env: Mapping[str, str]) -> tuple[Any, str] | None:
+    """``service.name`` in ``OTEL_RESOURCE_ATTRIBUTES`` (``key=value`` pairs, percent-encoded).
+
+    The SDK's rule: ``OTEL_SERVICE_NAME`` wins over it, and it wins over a default.
+    """
+    raw = env.get("OTEL_RESOURCE_ATTRIBUTES", "")
+    for pair in raw.split(","):
+        key, sep, value = pair.partition("=")
+        if sep and key.strip() == "service.name":
+            name = urllib.parse.unquote(value.strip())
+            if name.strip():
+                return name, "environment variable OTEL_RESOURCE_ATTRIBUTES"
+    return None
+
+
 def _disabled_from_otel(env: Mapping[str, str]) -> tuple[Any, str] | None:
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return False, "environment variable OTEL_SDK_DISABLED"
@@ -380,6 +395,9 @@ class Settings:
         _parse_service_name,
         "`service.name` of the spans",
         env=("OTEL_SERVICE_NAME",),
+        env_reader=_service_name_from_resource,
+        env_doc="`RAG_INSTRUMENT_SERVICE_NAME`, `OTEL_SERVICE_NAME`, `service.name` in "
+        "`OTEL_RESOURCE_ATTRIBUTES`",
     )
     exporter: str = setting(
         "none",
@@ -499,6 +517,10 @@ class Settings:
     )
     #: Set (with ``exporter="custom"``) when ``exporter`` was a ``SpanExporter`` instance.
     span_exporter: SpanExporter | None = dataclasses.field(default=None, repr=False)
+    #: Full URLs per signal (``traces``, ``metrics``) from ``OTEL_EXPORTER_OTLP_<SIGNAL>_
+    #: ENDPOINT``, used as they are, when ``otlp_endpoint`` was not given to ``configure()``
+    #: nor as ``RAG_INSTRUMENT_OTLP_ENDPOINT`` (the OpenTelemetry SDK's precedence).
+    otlp_signal_endpoints: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def log_level_no(self) -> int:
@@ -576,11 +598,25 @@ def build_settings(env: Mapping[str, str] | None = None, **given: Any) -> Settin
     if unknown:
         raise TypeError(f"rag_instrument: unknown setting(s): {', '.join(sorted(unknown))}")
     values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     for row in _TABLE:
         picked = _pick(row, given.get(row.name), source)
         if picked is not None:
             values[row.name] = row.parse(row.name, picked[0], picked[1])
+            origins[row.name] = picked[1]
     check_export_variables(source)
+    endpoint_origin = origins.get("otlp_endpoint", "")
+    if not endpoint_origin.startswith(("configure(", "environment variable RAG_INSTRUMENT_")):
+        signals = {}
+        for signal in ("traces", "metrics"):
+            variable = f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT"
+            raw = source.get(variable, "").strip()
+            if raw:
+                signals[signal] = _parse_endpoint(
+                    variable, raw, f"environment variable {variable}"
+                )
+        if signals:
+            values["otlp_signal_endpoints"] = signals
     exporter = values.get("exporter")
     if exporter is not None and not isinstance(exporter, str):
         values["exporter"] = "custom"

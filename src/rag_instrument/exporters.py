@@ -629,6 +629,9 @@ def _otlp_metrics(settings: Settings) -> MetricExporter:
 
 
 def _otlp_url(settings: Settings, signal: str) -> str:
+    full = settings.otlp_signal_endpoints.get(signal)
+    if full is not None:  # OTEL_EXPORTER_OTLP_<SIGNAL>_ENDPOINT: the URL as it is
+        return full
     base = (settings.otlp_endpoint or "http://localhost:4318").rstrip("/")
     suffix = f"/v1/{signal}"
     if base.endswith(("/v1/traces", "/v1/metrics")):
