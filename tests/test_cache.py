@@ -443,3 +443,47 @@ async def test_redis_outage_is_a_miss_and_one_warning(caplog: pytest.LogCaptureF
     assert provider.calls == 3
     warnings = [r for r in caplog.records if "Redis cache" in r.getMessage()]
     assert len(warnings) == 1
+
+
+@pytest.mark.parametrize("backend", ["redis://127.0.0.1:6379/0", 42, object()])
+def test_a_backend_that_is_not_one_is_refused_where_it_is_set(backend: Any) -> None:
+    # It was accepted, then every call failed (AttributeError from the store).
+    with pytest.raises(ValueError, match="backend"):
+        ri.cached(backend=backend)
+    with pytest.raises(ValueError, match="backend"):
+        ri.CacheSpec(backend=backend)
+    with pytest.raises(ValueError, match="cache_backend"):
+
+        class Provider(ri.CacheMixin, ri.LLMProvider):
+            system, model = "acme", "m"
+            cache_backend = backend
+
+            async def _generate(self, prompt: str, **params: Any) -> str:
+                return "answer"
+
+
+def test_a_redis_url_given_as_a_backend_says_how_to_fix_it() -> None:
+    with pytest.raises(ValueError, match=r"ri\.RedisCache\('redis://127.0.0.1:6379/0'\)"):
+        ri.cached(backend="redis://127.0.0.1:6379/0")
+
+
+def test_a_key_that_is_not_a_function_is_refused() -> None:
+    with pytest.raises(ValueError, match="key"):
+        ri.cached(key="question")  # type: ignore[arg-type]
+
+
+def test_a_cachetools_cache_of_the_applications_own_is_a_backend() -> None:
+    mine: TTLCache[str, Any] = TTLCache(maxsize=8, ttl=60)
+    calls: list[str] = []
+
+    @ri.cached(backend=mine)
+    def answer(question: str) -> str:
+        calls.append(question)
+        return question.upper()
+
+    assert answer("a") == answer("a") == "A"
+    assert calls == ["a"]
+    assert len(mine) == 1  # the entry lives in the application's cache
+    mine.clear()
+    assert answer("a") == "A"
+    assert calls == ["a", "a"]

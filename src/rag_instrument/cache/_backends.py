@@ -7,6 +7,7 @@ import re
 import threading
 import time
 import urllib.parse
+from collections.abc import MutableMapping
 from typing import Any, Final, Protocol
 
 from cachetools import TTLCache
@@ -15,7 +16,7 @@ from rag_instrument._sanitize import redact_text
 from rag_instrument._utils import warn_once
 from rag_instrument.cache._keys import NOT_KEPT, keepable
 
-__all__ = ["CacheBackend", "MemoryCache", "RedisCache"]
+__all__ = ["CacheBackend", "MappingCache", "MemoryCache", "RedisCache"]
 
 
 class CacheBackend(Protocol):
@@ -29,6 +30,40 @@ class CacheBackend(Protocol):
 
     def clear(self) -> None:
         """Drop every entry this backend holds."""
+
+
+class MappingCache:
+    """A cache the application made, as a backend (``backend=TTLCache(...)`` is wrapped).
+
+    Any mutable mapping: a cachetools ``TTLCache`` or ``LRUCache``, say. Entries are its
+    values, behind a lock; its own rules (size, time to live) decide what it keeps.
+    """
+
+    def __init__(self, mapping: MutableMapping[str, Any]) -> None:
+        self.mapping = mapping
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> bytes | None:
+        """The stored bytes, or ``None``."""
+        with self._lock:
+            value = self.mapping.get(key)
+        return value if type(value) is bytes else None
+
+    def set(self, key: str, value: bytes, ttl: float | None) -> None:
+        """Store ``value`` (the mapping's own time to live applies)."""
+        try:
+            with self._lock:
+                self.mapping[key] = value
+        except ValueError:  # cachetools: a value larger than the whole cache is not kept
+            pass
+
+    def clear(self) -> None:
+        """Drop every entry of the mapping."""
+        with self._lock:
+            self.mapping.clear()
+
+    def __repr__(self) -> str:
+        return f"MappingCache({type(self.mapping).__name__})"
 
 
 class MemoryCache:

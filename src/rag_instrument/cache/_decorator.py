@@ -109,7 +109,12 @@ def cached(
     Raises:
         TypeError: the function is a generator (streams are not cached).
     """
-    check_cache_settings("rag_instrument.cached", ttl, maxsize, "")
+    check_cache_settings("rag_instrument.cached", ttl, maxsize, "", backend)
+    if key is not None and not callable(key):
+        raise ValueError(
+            f"rag_instrument.cached: key must be a function of the call's arguments or None, "
+            f"got {key!r}"
+        )
 
     def decorate(func: F) -> F:
         if function_kind(func) in (FunctionKind.GENERATOR, FunctionKind.ASYNC_GENERATOR):

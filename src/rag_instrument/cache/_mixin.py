@@ -44,7 +44,9 @@ class CacheMixin:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        check_cache_settings(cls.__qualname__, cls.cache_ttl, cls.cache_maxsize, "cache_")
+        check_cache_settings(
+            cls.__qualname__, cls.cache_ttl, cls.cache_maxsize, "cache_", cls.cache_backend
+        )
 
     @classmethod
     def _rag_store(cls) -> Store:

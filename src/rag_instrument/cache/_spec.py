@@ -45,7 +45,7 @@ class CacheSpec:
         namespace: str | Callable[[], str | None] | None = None,
         nondeterministic: bool = False,
     ) -> None:
-        check_cache_settings("CacheSpec", ttl, maxsize, "")
+        check_cache_settings("CacheSpec", ttl, maxsize, "", backend)
         if namespace is not None and not isinstance(namespace, str) and not callable(namespace):
             raise ValueError(
                 f"CacheSpec: namespace must be a string, a function or None, got {namespace!r}"

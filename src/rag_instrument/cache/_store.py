@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -26,7 +26,7 @@ from rag_instrument.attributes import (
     METRIC_CACHE_TOKENS_SAVED,
 )
 from rag_instrument.cache import _keys
-from rag_instrument.cache._backends import CacheBackend, MemoryCache
+from rag_instrument.cache._backends import CacheBackend, MappingCache, MemoryCache
 from rag_instrument.cache._keys import NOT_KEPT, UncacheableError, encode_value, keepable
 from rag_instrument.cache._values import ValueTypes
 from rag_instrument.llm import LLMResult
@@ -402,8 +402,27 @@ def _observe(rt: Runtime) -> None:
         )
 
 
-def check_cache_settings(owner: str, ttl: Any, maxsize: Any, prefix: str) -> None:
-    """Reject a TTL or size that would silently cache nothing (configuration time)."""
+def check_cache_settings(
+    owner: str, ttl: Any, maxsize: Any, prefix: str, backend: Any = None
+) -> None:
+    """Reject a TTL, size or backend that would cache nothing or fail every call."""
+    if (
+        backend is not None
+        and not isinstance(backend, MutableMapping)  # a cachetools cache: see make_backend
+        and not (
+            callable(getattr(backend, "get", None)) and callable(getattr(backend, "set", None))
+        )
+    ):
+        hint = (
+            f" (for a Redis URL: ri.RedisCache({backend!r}))"
+            if isinstance(backend, str) and backend.startswith(("redis://", "rediss://", "unix://"))
+            else ""
+        )
+        raise ValueError(
+            f"{owner}: {prefix}backend must be None (in-process), a cachetools cache, "
+            f"ri.RedisCache(url) or an object with get(key) and set(key, value, ttl), "
+            f"got {backend!r}{hint}"
+        )
     if ttl is not None and (
         isinstance(ttl, bool)
         or not isinstance(ttl, int | float)
@@ -417,7 +436,11 @@ def check_cache_settings(owner: str, ttl: Any, maxsize: Any, prefix: str) -> Non
         raise ValueError(f"{owner}: {prefix}maxsize must be an int >= 1, got {maxsize!r}")
 
 
-def make_backend(backend: CacheBackend | None, maxsize: int, ttl: float | None) -> CacheBackend:
+def make_backend(
+    backend: CacheBackend | MutableMapping[str, Any] | None, maxsize: int, ttl: float | None
+) -> CacheBackend:
+    if isinstance(backend, MutableMapping):
+        return MappingCache(backend)
     if backend is not None:
         return backend
     return MemoryCache(maxsize=maxsize, ttl=ttl if ttl is not None else float("inf"))
