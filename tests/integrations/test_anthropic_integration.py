@@ -327,3 +327,21 @@ async def test_async_with_raw_response_has_token_usage(server: FakeLLMServer) ->
         message.usage.output_tokens
     )
     await client.close()
+
+
+def test_input_tokens_count_the_prompt_cache_too(server: FakeLLMServer) -> None:
+    # The GenAI conventions: gen_ai.usage.input_tokens includes cached input tokens.
+    usage = {"input_tokens": 10, "cache_read_input_tokens": 1000, "output_tokens": 7}
+    server.enqueue(usage={**usage, "cache_creation_input_tokens": 50})
+    server.enqueue(usage=usage)
+    client = instrument_anthropic(_client(server))
+    with capture() as cap:
+        client.messages.create(model="claude-x", max_tokens=100, messages=MESSAGES)
+        with client.messages.stream(model="claude-s", max_tokens=100, messages=MESSAGES) as s:
+            s.until_done()
+    attrs = dict(cap.span("chat claude-x").attributes or {})
+    assert attrs["gen_ai.usage.input_tokens"] == 1060
+    assert attrs["gen_ai.usage.output_tokens"] == 7
+    streamed = dict(cap.span("chat claude-s").attributes or {})
+    assert streamed["gen_ai.usage.input_tokens"] == 1010
+    assert streamed["gen_ai.usage.output_tokens"] == 7

@@ -60,6 +60,7 @@ class ScriptedResponse:
     malformed: bool = False
     stream_error_after: int | None = None
     text: str | None = None
+    usage: dict[str, int] | None = None
 
 
 def _sse(event: str | None, data: Any) -> bytes:
@@ -265,7 +266,8 @@ class _Handler(BaseHTTPRequestHandler):
         text = self.server.fake.reply_text if script.text is None else script.text
         prompt = _text_of(body.get("system") or "") + " " + _text_of(body.get("messages") or [])
         c = _tokens(text)
-        usage = {"input_tokens": _tokens(prompt), "output_tokens": c}
+        usage = {"input_tokens": _tokens(prompt), "output_tokens": c, **(script.usage or {})}
+        c = usage["output_tokens"]
         message: dict[str, Any] = {
             "id": f"msg_{uuid.uuid4().hex[:24]}",
             "type": "message",
@@ -280,7 +282,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, message, script.headers)
             return
         start = {**message, "content": [], "stop_reason": None}
-        start["usage"] = {"input_tokens": usage["input_tokens"], "output_tokens": 1}
+        start["usage"] = {**usage, "output_tokens": 1}
         block = {"type": "text", "text": ""}
         frames: list[_Frame] = [
             (_event("message_start", message=start), "pre"),
@@ -383,6 +385,7 @@ class FakeLLMServer:
         malformed: bool = False,
         stream_error_after: int | None = None,
         text: str | None = None,
+        usage: dict[str, int] | None = None,
         times: int = 1,
     ) -> None:
         """Queues a scripted response for the next request(s), first in first out.
@@ -395,10 +398,11 @@ class FakeLLMServer:
             malformed: Answer 200 with invalid JSON (an invalid SSE event if streaming).
             stream_error_after: Stream this many text chunks, then cut the connection.
             text: Reply text for this response instead of ``reply_text``.
+            usage: Anthropic usage fields to report (e.g. ``cache_read_input_tokens``).
             times: Queue the same script this many times.
         """
         script = ScriptedResponse(
-            status, dict(headers or {}), body, hang_s, malformed, stream_error_after, text
+            status, dict(headers or {}), body, hang_s, malformed, stream_error_after, text, usage
         )
         with self._lock:
             self._queue.extend([script] * times)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 try:
     import anthropic
@@ -94,7 +94,7 @@ def _finish(call: GenAICall, result: Any) -> None:
     call.finish(
         None,
         response_model=getattr(result, "model", None),
-        input_tokens=getattr(usage, "input_tokens", None),
+        input_tokens=_input_tokens(usage),
         output_tokens=getattr(usage, "output_tokens", None),
         finish_reasons=[str(reason)] if reason else None,
         output_text=text,
@@ -112,9 +112,11 @@ class _MessageStream(StreamState):
             message = getattr(item, "message", None)
             self.response_model = getattr(message, "model", None) or self.response_model
             usage = getattr(message, "usage", None)
-            self.input_tokens = getattr(usage, "input_tokens", None)
+            self.input_tokens = _input_tokens(usage)
         elif kind == "message_delta":
             usage = getattr(item, "usage", None)
+            if getattr(usage, "input_tokens", None) is not None:  # newer APIs: final counts
+                self.input_tokens = _input_tokens(usage)
             output = getattr(usage, "output_tokens", None)
             if output is not None:
                 self.output_tokens = output
@@ -196,13 +198,25 @@ def _stream_helper(
     return stream
 
 
+#: The usage fields that count input tokens: the new ones, and those read from or written
+#: to Anthropic's prompt cache (the GenAI conventions count them all as input tokens).
+_INPUT_FIELDS: Final = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+
+
+def _input_tokens(usage: Any) -> int | None:
+    """All the input tokens of ``usage`` (``None`` when it reports none)."""
+    total: int | None = None
+    for name in _INPUT_FIELDS:
+        value = getattr(usage, name, None)
+        if type(value) is int:
+            total = value if total is None else total + value
+    return total
+
+
 def _message_tokens(result: Any) -> int:
     usage = getattr(result, "usage", None)
-    total = 0
-    for name in ("input_tokens", "output_tokens"):
-        value = getattr(usage, name, None)
-        total += value if isinstance(value, int) else 0
-    return total
+    output = getattr(usage, "output_tokens", None)
+    return (_input_tokens(usage) or 0) + (output if type(output) is int else 0)
 
 
 def instrument_anthropic(client: C, *, cache: CacheSpec | bool | object | None = None) -> C:
