@@ -327,3 +327,90 @@ def test_asking_an_instrumented_client_for_a_cache_it_lacks_is_an_error(
     instrument_anthropic(aclient)
     with pytest.raises(ValueError, match=r"ri\.uninstrument_anthropic"):
         instrument_anthropic(aclient, cache=True)
+
+
+_TOOL_CALL_COMPLETION = {
+    "id": "chatcmpl-tool",
+    "object": "chat.completion",
+    "created": 0,
+    "model": "gpt-x",
+    "choices": [
+        {
+            "index": 0,
+            "finish_reason": "tool_calls",
+            "message": {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "lookup", "arguments": '{"city": "Lima"}'},
+                    }
+                ],
+            },
+        }
+    ],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10},
+}
+_TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+
+
+def test_tool_call_answers_are_not_cached(server: FakeLLMServer) -> None:
+    # RELIABILITY 38: what a tool call leads to depends on what the tool returns.
+    server.enqueue(body=_TOOL_CALL_COMPLETION, times=2)
+    client = _openai(server)
+    for _ in range(2):
+        result = client.chat.completions.create(
+            model="gpt-x", messages=MESSAGES, tools=_TOOLS, temperature=0  # type: ignore[arg-type]
+        )
+        assert result.choices[0].finish_reason == "tool_calls"
+    assert len(server.requests) == 2
+    # Plain answers still are.
+    for _ in range(2):
+        client.chat.completions.create(model="gpt-x", messages=MESSAGES, temperature=0)
+    assert len(server.requests) == 3
+
+
+def test_anthropic_tool_use_answers_are_not_cached(server: FakeLLMServer) -> None:
+    message = {
+        "id": "msg_tool",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-x",
+        "content": [{"type": "tool_use", "id": "tu_1", "name": "lookup", "input": {"c": 1}}],
+        "stop_reason": "tool_use",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 5, "output_tokens": 5},
+    }
+    server.enqueue(body=message, times=2)
+    client = anthropic.Anthropic(
+        api_key=KEY, base_url=server.anthropic_base_url, max_retries=0
+    )
+    _OPEN.append(client)
+    instrument_anthropic(client, cache=True)
+    for _ in range(2):
+        result = client.messages.create(model="claude-x", max_tokens=50, messages=MESSAGES)
+        assert result.stop_reason == "tool_use"
+    assert len(server.requests) == 2
+
+
+def test_cache_mixin_does_not_keep_tool_calls() -> None:
+    calls: list[str] = []
+
+    class Agent(ri.CacheMixin, ri.LLMProvider):
+        system, model = "acme", "m"
+
+        async def _generate(self, prompt: str, **params: Any) -> ri.LLMResult:
+            calls.append(prompt)
+            reason = "tool_calls" if prompt.startswith("tool") else "stop"
+            return ri.LLMResult(text="", finish_reason=reason)
+
+    async def main() -> None:
+        agent = Agent()
+        for _ in range(2):
+            await agent.generate("tool please")
+            await agent.generate("plain")
+
+    asyncio.run(main())
+    assert calls == ["tool please", "plain", "tool please"]

@@ -34,6 +34,7 @@ from rag_instrument.cache._keys import encode_value as encode_value
 from rag_instrument.cache._mixin import CacheMixin
 from rag_instrument.cache._spec import CacheSpec
 from rag_instrument.cache._spec import sdk_store as sdk_store  # for the SDK integrations
+from rag_instrument.cache._store import TOOL_CALL_REASONS as TOOL_CALL_REASONS  # the SDKs' rule
 from rag_instrument.cache._store import CacheInfo
 from rag_instrument.cache._store import single_flight as single_flight  # cached() and the SDKs
 

@@ -9,7 +9,13 @@ from typing import Any
 from rag_instrument._utils import user_code_error
 from rag_instrument.cache._backends import CacheBackend
 from rag_instrument.cache._keys import UncacheableError
-from rag_instrument.cache._store import CacheInfo, Store, check_cache_settings, make_backend
+from rag_instrument.cache._store import (
+    KEEPERS,
+    CacheInfo,
+    Store,
+    check_cache_settings,
+    make_backend,
+)
 
 __all__ = ["CacheSpec", "sdk_store"]
 
@@ -110,9 +116,19 @@ class CacheSpec:
 _TOKEN_COUNTERS: dict[type, Callable[[Any], int]] = {}
 
 
-def sdk_store(spec: CacheSpec, result_type: type, tokens: Callable[[Any], int]) -> Store:
-    """The store of ``spec``, allowed to rebuild ``result_type`` (an SDK response model)."""
+def sdk_store(
+    spec: CacheSpec,
+    result_type: type,
+    tokens: Callable[[Any], int],
+    keep: Callable[[Any], bool] | None = None,
+) -> Store:
+    """The store of ``spec``, allowed to rebuild ``result_type`` (an SDK response model).
+
+    ``keep(value)``: whether a response may be stored (``False`` for a tool call).
+    """
     store = spec.store()
     store.types.allow(result_type)
     _TOKEN_COUNTERS.setdefault(result_type, tokens)
+    if keep is not None:
+        KEEPERS.setdefault(result_type, keep)
     return store

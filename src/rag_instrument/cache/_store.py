@@ -174,6 +174,9 @@ class Store:
         kind = type(value)
         if kind in self.types.refused:
             return None  # said once already
+        keep = KEEPERS.get(kind)
+        if keep is not None and not keep(value):
+            return None  # an answer of a kind never cached (a tool call)
         try:
             data = encode_value(value, self.types)
         except UncacheableError as exc:
@@ -310,6 +313,19 @@ class Store:
             _TOTALS.add(outcome, saved)
         except Exception as exc:
             internal_error("counting a cache outcome", exc)
+
+
+#: The finish reasons of a model answer that asks for a tool: the answer depends on what
+#: the tools will return, so it is never cached (RELIABILITY 38).
+TOOL_CALL_REASONS: Final = frozenset({"tool_calls", "function_call", "tool_use"})
+
+
+def _not_a_tool_call(value: LLMResult) -> bool:
+    return value.finish_reason not in TOOL_CALL_REASONS
+
+
+#: Per result type, whether a value may be stored (SDK response types register theirs).
+KEEPERS: dict[type, Callable[[Any], bool]] = {LLMResult: _not_a_tool_call}
 
 
 def single_flight(

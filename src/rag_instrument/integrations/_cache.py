@@ -93,6 +93,7 @@ def cached_method(
     scope: Mapping[str, Any],
     result_type: type,
     tokens: Callable[[Any], int],
+    keep: Callable[[Any], bool] | None = None,
 ) -> Callable[..., Any]:
     """Wrap one SDK method with the response cache.
 
@@ -105,8 +106,9 @@ def cached_method(
             differently).
         result_type: the SDK's response model class (the only type rebuilt from entries).
         tokens: the tokens a response cost (counted as saved on a hit).
+        keep: whether a response may be stored (a tool call's is not).
     """
-    store = sdk_store(spec, result_type, tokens)
+    store = sdk_store(spec, result_type, tokens, keep)
 
     def key_of(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str | None:
         if args or kwargs.get("stream") or _is_raw(kwargs):

@@ -46,7 +46,7 @@ except ImportError as _exc:  # pragma: no cover - exercised without the extra
 
 from rag_instrument._genai import GenAICall
 from rag_instrument._utils import internal_error
-from rag_instrument.cache import CacheSpec
+from rag_instrument.cache import TOOL_CALL_REASONS, CacheSpec
 from rag_instrument.integrations._cache import cache_spec, cached_method
 from rag_instrument.integrations._sdk import (
     raw_body,
@@ -213,6 +213,13 @@ def _input_tokens(usage: Any) -> int | None:
     return total
 
 
+def _not_a_tool_call(result: Any) -> bool:
+    """Whether a message may be cached: not when it asks for a tool."""
+    if getattr(result, "stop_reason", None) in TOOL_CALL_REASONS:
+        return False
+    return all(getattr(b, "type", None) != "tool_use" for b in getattr(result, "content", ()) or ())
+
+
 def _message_tokens(result: Any) -> int:
     usage = getattr(result, "usage", None)
     output = getattr(usage, "output_tokens", None)
@@ -266,6 +273,7 @@ def instrument_anthropic(client: C, *, cache: CacheSpec | bool | object | None =
                 scope=scope,
                 result_type=anthropic.types.Message,
                 tokens=_message_tokens,
+                keep=_not_a_tool_call,
             )
         return instrumented(
             inner,

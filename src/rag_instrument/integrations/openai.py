@@ -51,7 +51,7 @@ except ImportError as _exc:  # pragma: no cover - exercised without the extra
 
 from rag_instrument import attributes as attr
 from rag_instrument._genai import GenAICall
-from rag_instrument.cache import CacheSpec
+from rag_instrument.cache import TOOL_CALL_REASONS, CacheSpec
 from rag_instrument.integrations._cache import cache_spec, cached_method
 from rag_instrument.integrations._sdk import (
     raw_body,
@@ -157,6 +157,17 @@ def _error_names() -> Callable[[int], str]:
     return status_error_names(openai)
 
 
+def _not_a_tool_call(result: Any) -> bool:
+    """Whether a chat completion may be cached: not when it asks for a tool."""
+    for choice in getattr(result, "choices", None) or ():
+        if getattr(choice, "finish_reason", None) in TOOL_CALL_REASONS:
+            return False
+        message = getattr(choice, "message", None)
+        if getattr(message, "tool_calls", None) or getattr(message, "function_call", None):
+            return False
+    return True
+
+
 def _chat_tokens(result: Any) -> int:
     usage = getattr(result, "usage", None)
     return int(getattr(usage, "total_tokens", 0) or 0)
@@ -206,6 +217,7 @@ def instrument_openai(client: C, *, cache: CacheSpec | bool | object | None = No
             scope=scope,
             result_type=result_type,
             tokens=_chat_tokens,
+            keep=_not_a_tool_call,
         )
 
     def chat(original: Any) -> Any:
