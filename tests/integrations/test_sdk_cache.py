@@ -414,3 +414,39 @@ def test_cache_mixin_does_not_keep_tool_calls() -> None:
 
     asyncio.run(main())
     assert calls == ["tool please", "plain", "tool please"]
+
+
+def test_a_hit_is_a_response_as_the_sdk_hands_it_out(server: FakeLLMServer) -> None:
+    # Code reads completion._request_id (the SDKs' documentation shows it): a hit made no
+    # request, so it is None, where it raised AttributeError.
+    client = _openai(server)
+    first = client.chat.completions.create(model="gpt-x", messages=MESSAGES, temperature=0)
+    again = client.chat.completions.create(model="gpt-x", messages=MESSAGES, temperature=0)
+    assert len(server.requests) == 1
+    assert again == first
+    assert again._request_id is None
+    client.embeddings.create(model="emb", input="x")
+    assert client.embeddings.create(model="emb", input="x")._request_id is None
+    messages = anthropic.Anthropic(api_key=KEY, base_url=server.anthropic_base_url, max_retries=0)
+    _OPEN.append(messages)
+    instrument_anthropic(messages, cache=True)
+    for _ in range(2):
+        message = messages.messages.create(model="claude-x", max_tokens=50, messages=MESSAGES)
+    assert message._request_id is None
+
+
+def test_a_cached_function_returning_an_sdk_model_gives_it_a_request_id(
+    server: FakeLLMServer,
+) -> None:
+    client = openai.OpenAI(api_key=KEY, base_url=server.openai_base_url, max_retries=0)
+    _OPEN.append(client)
+
+    @ri.cached
+    def ask(question: str) -> ChatCompletion:
+        return client.chat.completions.create(
+            model="gpt-x", messages=[{"role": "user", "content": question}]
+        )
+
+    ask("q")
+    assert ask("q")._request_id is None
+    assert len(server.requests) == 1

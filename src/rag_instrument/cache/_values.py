@@ -67,6 +67,32 @@ def is_object(value: Any) -> bool:
     return _is_model_class(cls) or _is_dataclass_class(cls)
 
 
+#: Per model class, whether it is an OpenAI or Anthropic SDK model (see :func:`_answered`).
+_SDK_MODELS: dict[type, bool] = {}
+_SDKS: Final = ("openai", "anthropic")
+
+
+def _answered(model: Any) -> Any:
+    """``model`` as the SDK hands out a response: with ``_request_id`` (``None``: no request).
+
+    The SDKs set ``_request_id`` on the response of each HTTP call, and code reads it (their
+    documentation shows it); a response rebuilt from the cache had none (AttributeError).
+    """
+    cls = type(model)
+    sdk = _SDK_MODELS.get(cls)
+    if sdk is None:
+        sdk = _SDK_MODELS[cls] = any(
+            base.__name__ == "BaseModel" and base.__module__.partition(".")[0] in _SDKS
+            for base in cls.__mro__
+        )
+    if sdk:
+        try:
+            model._request_id = None
+        except Exception:  # an SDK version without it: the model as it is
+            pass
+    return model
+
+
 def _rebuild(hint: Any, data: Any) -> Any:
     """``data`` (decoded JSON) as the annotated type ``hint``, for what can be rebuilt."""
     if data is None:
@@ -277,7 +303,7 @@ class ValueTypes:
         body = data[end + 6 : -1]
         try:
             if _is_model_class(cls):
-                return cls.model_validate_json(body)  # type: ignore[attr-defined]
+                return _answered(cls.model_validate_json(body))  # type: ignore[attr-defined]
             return _dataclass(cls, orjson.loads(body))
         except Exception as exc:  # the type only: a validation message quotes the entry
             raise ValueError(f"a cache entry does not fit {name}: {type(exc).__name__}") from None
@@ -295,7 +321,7 @@ class ValueTypes:
         data = envelope.get("v")
         try:
             if _is_model_class(cls):
-                return cls.model_validate(data)  # type: ignore[attr-defined]
+                return _answered(cls.model_validate(data))  # type: ignore[attr-defined]
             return _dataclass(cls, data)
         except Exception as exc:  # the type only: a validation message quotes the entry
             raise ValueError(f"a cache entry does not fit {name}: {type(exc).__name__}") from None
