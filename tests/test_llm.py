@@ -300,3 +300,29 @@ def test_llm_result_round_trips_through_dict() -> None:
     assert ri.LLMResult.from_dict(result.to_dict()) == result
     with pytest.raises(TypeError):
         ri.LLMResult.from_dict({"text": 3})
+
+
+@pytest.mark.parametrize("value", ["5", float("nan"), 0, -1.0, True])
+def test_a_timeout_that_is_not_one_is_refused_when_the_class_is_defined(value: Any) -> None:
+    # "5" failed every call with a TypeError; NaN timed every call out.
+    with pytest.raises(ValueError, match="Slow: timeout"):
+
+        class Slow(ri.LLMProvider):
+            system, model = "acme", "m"
+            timeout = value
+
+            async def _generate(self, prompt: str, **params: Any) -> str:
+                return "answer"
+
+
+def test_a_timeout_of_none_or_infinity_means_no_limit() -> None:
+    for value in (None, float("inf"), 2):
+
+        class Patient(ri.LLMProvider):
+            system, model = "acme", "m"
+            timeout = value
+
+            async def _generate(self, prompt: str, **params: Any) -> str:
+                return "answer"
+
+        assert asyncio.run(Patient().generate("q")) == "answer"

@@ -31,6 +31,7 @@ import concurrent.futures
 import contextvars
 import dataclasses
 import inspect
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Final
 
@@ -163,7 +164,23 @@ class LLMProvider:
     _rag_plain_invoke: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Check ``timeout`` when the class is defined, not at its first call.
+
+        Raises:
+            ValueError: ``timeout`` is not ``None`` or a positive number of seconds.
+        """
         super().__init_subclass__(**kwargs)
+        timeout = cls.timeout
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or math.isnan(timeout)
+            or timeout <= 0
+        ):
+            raise ValueError(
+                f"{cls.__qualname__}: timeout must be None or a positive number of seconds, "
+                f"got {timeout!r}"
+            )
         cls._rag_sync_generate = not inspect.iscoroutinefunction(cls._generate)
         cls._rag_plain_invoke = cls._invoke is LLMProvider._invoke and not cls._rag_sync_generate
 

@@ -307,6 +307,19 @@ def test_diagnose_refuses_other_databases() -> None:
 
 
 @pytest.mark.asyncio
+async def test_diagnose_and_adiagnose_name_each_other_for_the_wrong_engine() -> None:
+    # No server is needed: the engine's kind is checked before any connection.
+    async_engine = create_async_engine("postgresql+asyncpg://nobody@127.0.0.1:1/none")
+    try:
+        with pytest.raises(TypeError, match="adiagnose"):
+            postgres.diagnose(async_engine)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"use diagnose\(\)"):
+            await postgres.adiagnose(create_engine("postgresql+psycopg://nobody@127.0.0.1:1/x"))  # type: ignore[arg-type]
+    finally:
+        await async_engine.dispose()
+
+
+@pytest.mark.asyncio
 async def test_adiagnose() -> None:
     require_postgres()
     engine = create_async_engine(PG_ASYNC_URL)

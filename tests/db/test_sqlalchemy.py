@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import sqlite3
 from collections.abc import Iterator
@@ -382,6 +383,22 @@ def test_db_session_commits_and_counts_statements(engine: Engine) -> None:
     assert span.attributes["rag.db.session.outcome"] == "commit"
     children = [s for s in cap.spans if s.parent and s.parent.span_id == span.context.span_id]
     assert len(children) == 2
+
+
+def test_db_session_under_async_with_on_a_sync_factory_runs_nothing(engine: Engine) -> None:
+    # It ran the block, committed, then failed with "NoneType can't be used in 'await'".
+    factory = sessionmaker(engine)
+    ran: list[bool] = []
+
+    async def misuse() -> None:
+        async with ri.db_session(factory) as session:
+            ran.append(True)
+            session.execute(text("INSERT INTO users (email) VALUES ('a@x')"))
+
+    with pytest.raises(TypeError, match="use 'with' for sync sessions"):
+        asyncio.run(misuse())
+    assert ran == []
+    assert _count(engine) == 0
 
 
 def test_db_session_rolls_back_and_reraises_the_same_exception(engine: Engine) -> None:

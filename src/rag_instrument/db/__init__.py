@@ -219,6 +219,15 @@ def uninstrument_sqlalchemy(engine: Any) -> None:
 # --- db_session ---------------------------------------------------------------------------------
 
 
+def _is_sync_session(session: Any) -> bool:
+    """Whether ``session`` is SQLAlchemy's sync ``Session`` (not for ``async with``)."""
+    try:
+        from sqlalchemy.orm import Session
+    except ImportError:  # pragma: no cover - the db module needs SQLAlchemy
+        return False
+    return isinstance(session, Session)
+
+
 class DbSession(Generic[S]):
     """The context manager returned by :func:`db_session` (``with`` or ``async with``)."""
 
@@ -348,6 +357,9 @@ class DbSession(Generic[S]):
 
     async def __aenter__(self) -> S:
         session = self._factory()
+        if _is_sync_session(session):  # before the block runs: it would commit, then fail
+            session.close()
+            raise TypeError("rag_instrument.db_session: use 'with' for sync sessions")
         self._session = session
         self._open()
         return session  # type: ignore[no-any-return]

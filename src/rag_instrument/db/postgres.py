@@ -464,7 +464,10 @@ def diagnose(engine: Engine, *, top: int = 10) -> Report:
     Raises:
         sqlalchemy.exc.OperationalError: the server cannot be reached at all.
         ValueError: ``engine`` is not a PostgreSQL engine, or ``top`` is below 1.
+        TypeError: ``engine`` is an ``AsyncEngine`` (use :func:`adiagnose`).
     """
+    if hasattr(engine, "sync_engine"):  # an AsyncEngine: its connect() is async
+        raise TypeError("diagnose() takes a sync Engine; for an AsyncEngine use adiagnose()")
     if engine.dialect.name != "postgresql":
         raise ValueError(f"diagnose() needs a PostgreSQL engine, not {engine.dialect.name}")
     _check_top(top)
@@ -474,6 +477,8 @@ def diagnose(engine: Engine, *, top: int = 10) -> Report:
 
 async def adiagnose(engine: AsyncEngine, *, top: int = 10) -> Report:
     """:func:`diagnose` for an ``AsyncEngine`` (asyncpg or psycopg async)."""
+    if not hasattr(engine, "sync_engine"):
+        raise TypeError("adiagnose() takes an AsyncEngine; for a sync Engine use diagnose()")
     if engine.dialect.name != "postgresql":
         raise ValueError(f"adiagnose() needs a PostgreSQL engine, not {engine.dialect.name}")
     _check_top(top)
