@@ -220,8 +220,13 @@ def test_an_empty_input_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[st
     status, out, _ = run_cli([str(empty)], capsys)
     assert status == 0
     assert "the input is empty" in out
-    status, out, _ = run_cli([str(empty), "--format", "json"], capsys)
+    status, out, err = run_cli([str(empty), "--format", "json"], capsys)
     assert (status, json.loads(out)) == (0, [])
+    assert "the input is empty" in err  # said aside: the output stays JSON
+    status, out, err = run_cli([str(empty), "--format", "csv"], capsys)
+    assert status == 0
+    assert out.startswith("stage,")
+    assert "the input is empty" in err
 
 
 def test_pipeline_order_nesting_and_the_whole_request(
@@ -397,6 +402,12 @@ def test_since_and_until(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     with pytest.raises(SystemExit):
         main(["analyze", str(log), "--since", "yesterday"])
     assert "ISO 8601" in capsys.readouterr().err
+    # A window that holds no time is a mistake, not "no stage runs found".
+    status, _, err = run_cli(
+        [str(log), "--since", "2027-01-01T00:00Z", "--until", "2026-01-01T00:00Z"], capsys
+    )
+    assert status == 2
+    assert "--since must be before --until" in err
 
 
 def test_colour_only_on_a_terminal_and_never_with_no_color(

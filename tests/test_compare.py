@@ -143,3 +143,14 @@ def test_help_names_the_test() -> None:
     assert "%%" not in out
     assert "in ms and %," in " ".join(out.split())
     assert "least p% of runs" in " ".join(out.split())
+
+
+def test_empty_inputs_as_json_stay_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["compare", str(empty), str(empty), "--format", "json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == []
+    assert "nothing to compare" in err
+    assert main(["compare", str(empty), str(empty)]) == 0
+    assert "nothing to compare" in capsys.readouterr().out

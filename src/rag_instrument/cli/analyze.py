@@ -124,7 +124,14 @@ def add_input_options(parser: argparse.ArgumentParser, *, files: bool = True) ->
 
 
 def budgets_of(args: argparse.Namespace) -> dict[str, float]:
-    """``--budgets`` overlaid with ``--budget``; ``ValueError`` names a bad file."""
+    """``--budgets`` overlaid with ``--budget``, once the options are checked.
+
+    Raises:
+        ValueError: naming a bad budgets file, or a ``--since``/``--until`` window that
+            holds no time.
+    """
+    if args.since is not None and args.until is not None and args.since >= args.until:
+        raise ValueError("--since must be before --until (the window holds no time)")
     budgets = parse_budgets(args.budgets) if args.budgets else {}
     budgets.update(dict(args.budget))
     return budgets
@@ -190,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
             print(empty_message(analysis))
         else:
             sys.stdout.write(render_csv(analysis))
+        if args.format != "table":  # the output stays machine-readable: the word goes aside
+            print(f"rag-instrument: {empty_message(analysis)}", file=sys.stderr)
         return 0
     if args.format == "json":
         sys.stdout.write(render_json(analysis))

@@ -81,7 +81,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     changes = compare(before, after, alpha=args.alpha)
     if not changes:
-        print("No stage runs in either input: nothing to compare.")
+        message = "No stage runs in either input: nothing to compare."
+        if args.format == "json":  # the output stays machine-readable: the word goes aside
+            sys.stdout.write("[]\n")
+            print(f"rag-instrument: {message}", file=sys.stderr)
+        else:
+            print(message)
         return 0
     if args.format == "json":
         sys.stdout.write(
