@@ -515,3 +515,48 @@ def test_since_and_until_on_spans(tmp_path: Path) -> None:
     (row,) = analyze([str(path)], since=t0 + 30, until=t0 + 90).rows
     assert row.count == 1
     assert row.max_ms == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("kept", [0.3, 0.5, 0.9])
+def test_a_cut_gzip_keeps_every_whole_line_before_the_cut(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kept: float
+) -> None:
+    # A rotated log copied while it was written: gzip.GzipFile lost the lines of its last
+    # read (up to 1 MiB of them) and named a whole line as broken.
+    import random
+    import zlib
+
+    rng = random.Random(7)
+    body = "".join(
+        line("retrieval", round(rng.uniform(1, 500), 3), request=f"{rng.random():.17f}") + "\n"
+        for _ in range(8000)
+    ).encode()
+    packed = gzip.compress(body)
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(packed[: int(len(packed) * kept)])
+    recoverable = zlib.decompressobj(31).decompress(cut.read_bytes())  # what zcat shows
+    whole = recoverable.count(b"\n")
+    status, out, err = run_cli([str(cut), "--format", "json"], capsys)
+    assert status == 0
+    (row,) = json.loads(out)
+    assert row["count"] == whole
+    assert "read failed" in err  # the cut is said once
+    assert "not valid JSON" not in err  # and no whole line is called broken
+    assert "unusable" not in err
+
+
+def test_gzip_members_padding_and_corruption(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = gzip.compress((line("retrieval", 1.0) + "\n").encode())
+    second = gzip.compress((line("retrieval", 3.0) + "\n").encode())
+    padded = tmp_path / "padded.gz"
+    padded.write_bytes(first + b"\0" * 1000 + second + b"\0" * 10)
+    rows = as_json([str(padded)], capsys)
+    assert (rows["retrieval"]["count"], rows["retrieval"]["avg_ms"]) == (2, 2.0)
+    corrupt = tmp_path / "corrupt.gz"
+    corrupt.write_bytes(first + b"\x1f\x8bnot deflate at all")
+    status, out, err = run_cli([str(corrupt), "--format", "json"], capsys)
+    assert status == 0
+    assert json.loads(out)[0]["count"] == 1
+    assert "read failed" in err

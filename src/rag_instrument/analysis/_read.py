@@ -51,7 +51,7 @@ class Source:
                 return
             peekable = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)  # type: ignore[type-var]
             if peekable.peek(2)[:2] == _GZIP_MAGIC:
-                yield gzip.GzipFile(fileobj=peekable, mode="rb")  # type: ignore[misc]
+                yield _Gunzip(peekable)  # type: ignore[misc]
             else:
                 yield peekable
         finally:
@@ -120,6 +120,57 @@ def expand(patterns: list[str]) -> tuple[list[Source], list[str]]:
     return sources, missing
 
 
+class _Gunzip:
+    """gzip members one after another (NUL padding between them skipped), decompressed.
+
+    Unlike ``gzip.GzipFile``, whose ``read()`` raises on a cut file and loses what it had
+    decompressed in that call, this hands out every byte it could decompress first, then
+    raises (``EOFError`` for a file cut short, ``zlib.error`` for corrupt data) on the
+    next read: a log copied while it was being written keeps all its whole lines.
+    """
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self._member = zlib.decompressobj(31)
+        self._input = b""  # compressed bytes not yet given to the decompressor
+        self._started = False  # whether the current member has had any input
+        self._error: Exception | None = None
+
+    def read(self, size: int) -> bytes:
+        """Up to ``size`` decompressed bytes; ``b""`` at the end of the last member."""
+        if self._error is not None:
+            raise self._error
+        out = bytearray()
+        while len(out) < size:
+            if not self._input:
+                self._input = self._raw.read(BLOCK)
+                if not self._input:
+                    if self._started:  # cut inside a member
+                        self._error = EOFError(
+                            "compressed file ended before the end-of-stream marker was reached"
+                        )
+                    break
+            if not self._started:  # between members: a writer's NUL padding
+                self._input = self._input.lstrip(b"\x00")
+                if not self._input:
+                    continue
+            try:
+                out += self._member.decompress(self._input, size - len(out))
+            except zlib.error as exc:
+                self._error = exc
+                break
+            self._started = True
+            if self._member.eof:  # this member is complete: the next one, if any
+                self._input = self._member.unused_data
+                self._member = zlib.decompressobj(31)
+                self._started = False
+            else:
+                self._input = self._member.unconsumed_tail
+        if not out and self._error is not None:
+            raise self._error
+        return bytes(out)
+
+
 def _raw_blocks(
     source: Source, report: InputReport, where: Callable[[], str]
 ) -> Iterator[bytes]:
@@ -169,7 +220,7 @@ def read_blocks(source: Source, report: InputReport) -> Iterator[tuple[int, list
         report.lines += len(lines)
         yield line_no, lines
         line_no += len(lines)
-    if tail:
+    if tail and not _cut(source, report):
         report.lines += 1
         yield line_no, [tail]
 
@@ -195,5 +246,10 @@ def read_chunks(source: Source, report: InputReport) -> Iterator[bytes | None]:
             continue
         yield b"".join((b"\n", tail, memoryview(block)[: end + 1]))  # one copy
         tail = block[end + 1 :]
-    if tail:
+    if tail and not _cut(source, report):
         yield b"".join((b"\n", tail, b"\n"))
+
+
+def _cut(source: Source, report: InputReport) -> bool:
+    """Whether ``source`` failed midway: its unfinished last line is where it was cut."""
+    return report.unreadable.get(source.name, "").startswith("read failed")
