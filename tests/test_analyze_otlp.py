@@ -76,10 +76,10 @@ def test_collector_file_gives_the_same_table_as_the_log(
     assert rows["retrieval"].over_budget == 8
     assert rows["search"].is_total
 
-    # The command line reads it the same way, mixed with a log from another host.
+    # The command line reads it the same way; with the log of the same runs, each run once.
     assert main(["analyze", str(spans_file), str(log), "--format", "json"]) == 0
     merged = {r["stage"]: r for r in json.loads(capsys.readouterr().out)}
-    assert merged["retrieval"]["count"] == 16
+    assert merged["retrieval"]["count"] == 8
 
 
 def test_malformed_spans_are_counted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -122,3 +122,36 @@ def test_routes_from_server_spans(tmp_path: Path) -> None:
     assert (row.key, row.count, row.errors, row.max_ms) == ("POST /api/search", 4, 1, 40.0)
     assert row.statuses == {"2xx": 3, "5xx": 1}
     assert row.over_budget == 2
+
+
+@pytest.mark.parametrize("order", ["spans first", "logs first"])
+def test_spans_and_logs_of_the_same_runs_are_counted_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], order: str
+) -> None:
+    # The docs' "spans and logs together": a run in both (its line carries its span's id)
+    # counted twice.
+    log = tmp_path / "rag.jsonl"
+    other = tmp_path / "other-service.jsonl"
+    with OTLPReceiver() as receiver:
+        ri.configure(exporter="otlp", otlp_endpoint=receiver.endpoint, log_file=str(log))
+        _run_pipeline(4)
+        ri.shutdown()
+        assert receiver.wait_for_spans(16)
+        spans_file = write_collector_file(list(receiver.trace_requests), tmp_path / "traces.json")
+    ri.configure(exporter="none", log_file=str(other))
+    for _ in range(3):
+        with ri.stage("retrieval"):  # runs only in the logs: still counted
+            pass
+    ri.shutdown()
+    inputs = [str(spans_file), str(log), str(other)]
+    if order == "logs first":
+        inputs.reverse()
+    rows = {r.key: r for r in analyze(inputs).rows}
+    assert rows["search"].count == 4
+    assert rows["generation"].count == 4
+    assert rows["retrieval"].count == 4 + 3
+    assert main(["analyze", *inputs, "--format", "json"]) == 0
+    out, err = capsys.readouterr()
+    counts = {row["stage"]: row["count"] for row in json.loads(out)}
+    assert counts["search"] == 4
+    assert "not counted again" in err

@@ -75,6 +75,5 @@ def analyze(
     sources, missing = expand(list(inputs))
     for pattern in missing:
         aggregator.report.unreadable[pattern] = "no such file"
-    for source in sources:
-        aggregator.feed_source(source)
+    aggregator.feed_sources(sources)
     return aggregator.result()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import zlib
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -149,6 +150,11 @@ class Aggregator:
         self.nest_left = _NEST_LINES
         #: OTLP span id -> (parent span id, stage or None), to nest stages.
         self.otlp_spans: dict[str, tuple[str | None, str | None]] = {}
+        #: The span ids of the runs counted from OTLP spans: the same run's log line (it
+        #: carries the span id) is not counted again when spans and logs are read together.
+        self.otlp_runs: set[str] = set()
+        #: Log lines skipped because their run was counted from its span.
+        self.duplicates = 0
         self.open_traces: OrderedDict[str, list[tuple[str, float, float]]] = OrderedDict()
         self.slowest: list[tuple[float, str, list[tuple[str, float, float]]]] = []
 
@@ -165,11 +171,22 @@ class Aggregator:
             "details": self.details,
         }
 
+    def feed_sources(self, sources: list[Source], jobs: int = 1) -> None:
+        """Read inputs to the end, those holding OTLP spans first (see :attr:`otlp_runs`)."""
+        spans = [source for source in sources if _holds_spans(source)]
+        for source in spans + [source for source in sources if source not in spans]:
+            self.feed_source(source, jobs=jobs)
+
     def feed_source(self, source: Source, jobs: int = 1) -> None:
         """Read one input to the end; a large plain file with up to ``jobs`` processes.
 
-        The HTML report's details (series, waterfalls) are always read by one process.
+        The HTML report's details (series, waterfalls) are always read by one process, and
+        so are logs read after spans (each stage line is checked against them).
         """
+        if self.otlp_runs:
+            for first, lines in read_blocks(source, self.report):
+                self.feed_lines(source.name, first, lines)
+            return
         if not self.details and _parallel.worth_it(source, jobs):
             _parallel.feed_parallel(self, source, jobs, _read_range)
             return
@@ -298,6 +315,9 @@ class Aggregator:
                     route = record.get("route") or "(no route)"
                     key = f"{record.get('method') or '?'} {route}"
             if key is not None and type(key) is str:
+                if self.otlp_runs and record.get("span_id") in self.otlp_runs:
+                    self.duplicates += 1  # counted from its span already
+                    return None
                 self.run(key, float(ms), record, ts)
                 if self.by == "stage" and self.details:
                     self._place(key, float(ms), record, ts)
@@ -499,6 +519,18 @@ class Aggregator:
             exact=group.sample.exact,
             statuses=dict(sorted(group.statuses.items())),
         )
+
+
+def _holds_spans(source: Source) -> bool:
+    """Whether ``source``'s first line is an OTLP request (a Collector's file exporter)."""
+    if source.name == "-" or source.start:
+        return False
+    try:
+        with source.open() as stream:
+            head = stream.read(1 << 16)
+    except (OSError, EOFError, ValueError, zlib.error):
+        return False
+    return b'"resourceSpans"' in head.lstrip().split(b"\n", 1)[0]
 
 
 def _read_range(options: dict[str, Any], source: Source) -> Aggregator:

@@ -91,6 +91,8 @@ def feed(agg: Aggregator, record: dict[str, Any]) -> str | None:
         ms = (end - start) / 1e6
         line = _as_line(span, attributes, ms)
         agg.run(key, ms, line, end_s)
+        if type(span_id) is str:
+            agg.otlp_runs.add(span_id.lower())
         if agg.by == "stage" and type(trace_id) is str:
             agg.interval(trace_id, key, start / 1e6, end / 1e6)
         budget = attributes.get("rag.budget.ms")

@@ -171,6 +171,8 @@ def merge(into: Aggregator, part: Aggregator, name: str, lines_before: int) -> N
         into.nest_traces.setdefault(trace, []).extend(runs)
     for span_id, link in part.otlp_spans.items():
         into.otlp_spans.setdefault(span_id, link)
+    into.otlp_runs |= part.otlp_runs
+    into.duplicates += part.duplicates
 
 
 def merge_samples(a: Sample, b: Sample) -> Sample:

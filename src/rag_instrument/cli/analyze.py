@@ -151,8 +151,13 @@ def load(
     for pattern in missing:
         aggregator.report.unreadable[pattern] = "no such file"
     jobs = args.jobs or default_jobs()
-    for source in sources:
-        aggregator.feed_source(source, jobs=jobs)
+    aggregator.feed_sources(sources, jobs=jobs)
+    if aggregator.duplicates:
+        print(
+            f"rag-instrument: {aggregator.duplicates} log line(s) not counted again: their runs "
+            "were counted from their spans",
+            file=sys.stderr,
+        )
     report = aggregator.report
     if report.files == 0:
         reasons = "; ".join(f"{name}: {why}" for name, why in report.unreadable.items())
