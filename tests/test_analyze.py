@@ -560,3 +560,31 @@ def test_gzip_members_padding_and_corruption(
     assert status == 0
     assert json.loads(out)[0]["count"] == 1
     assert "read failed" in err
+
+
+def test_a_huge_line_is_one_unusable_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A 40 MB line (over the 16 MiB limit) was reported as 3 unusable lines.
+    log = tmp_path / "huge.jsonl"
+    with log.open("w") as handle:
+        handle.write(line("retrieval", 1.0) + "\n")
+        handle.write('{"event": "' + "x" * (40 << 20) + '"}\n')
+        handle.write(line("retrieval", 3.0) + "\n")
+    for extra in ([], ["--since", "2020-01-01T00:00Z"]):  # both readers
+        status, out, err = run_cli([str(log), "--format", "json", *extra], capsys)
+        assert status == 0
+        assert json.loads(out)[0]["count"] == 2
+        assert "1 unusable line(s)" in err
+        assert "line 2: line too long" in err
+
+
+@pytest.mark.parametrize("stage", [123, {"a": 1}, ["retrieval"]])
+def test_a_stage_that_is_not_a_string_is_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], stage: Any
+) -> None:
+    record = json.loads(line("retrieval", 2.0))
+    record["context"]["pipeline_stage"] = stage
+    log = write(tmp_path / "a.jsonl", [line("retrieval", 1.0), json.dumps(record)])
+    status, out, err = run_cli([str(log), "--format", "json"], capsys)
+    assert status == 0
+    assert json.loads(out)[0]["count"] == 1
+    assert "line 2: context.pipeline_stage is not a string" in err

@@ -303,6 +303,8 @@ class Aggregator:
             stage = context.get("pipeline_stage") if type(context) is dict else None
             key: Any
             if self.by == "stage":
+                if stage is not None and type(stage) is not str:
+                    return "context.pipeline_stage is not a string"
                 key = stage
             elif self.by == "event":
                 # A budget warning repeats the time of a run its stage (or request) line

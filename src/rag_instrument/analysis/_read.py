@@ -208,14 +208,23 @@ def read_blocks(source: Source, report: InputReport) -> Iterator[tuple[int, list
     """
     line_no = 1
     tail = b""
+    skipping = False  # inside a line already reported as too long: up to its end
     # The lambda reads line_no when a read fails: how far this reader got by then.
-    for block in _raw_blocks(source, report, lambda: f"line {line_no - 1}"):  # noqa: B023
+    for raw in _raw_blocks(source, report, lambda: f"line {line_no - 1}"):  # noqa: B023
+        block = raw
+        if skipping:
+            end = block.find(b"\n")
+            if end < 0:
+                continue
+            block, skipping = block[end + 1 :], False
+            line_no += 1
         lines = (tail + block).split(b"\n") if tail else block.split(b"\n")
         tail = lines.pop()  # the unfinished last line waits for the next block
         if not lines:
             if len(tail) > MAX_LINE:
                 report.bad(source.name, line_no, "line too long")
-                tail = b""
+                report.lines += 1
+                tail, skipping = b"", True
             continue
         report.lines += len(lines)
         yield line_no, lines
@@ -235,14 +244,21 @@ def read_chunks(source: Source, report: InputReport) -> Iterator[bytes | None]:
     """
     tail = b""
     done = 0
-    for block in _raw_blocks(source, report, lambda: f"byte {done}"):  # noqa: B023 (as above)
-        done += len(block)
+    skipping = False  # inside a line already reported as too long: up to its end
+    for raw in _raw_blocks(source, report, lambda: f"byte {done}"):  # noqa: B023 (as above)
+        done += len(raw)
+        block = raw
+        if skipping:
+            first = block.find(b"\n")
+            if first < 0:
+                continue
+            block, skipping = block[first + 1 :], False
         end = block.rfind(b"\n")
         if end < 0:
             tail += block
             if len(tail) > MAX_LINE:
                 yield None
-                tail = b""
+                tail, skipping = b"", True
             continue
         yield b"".join((b"\n", tail, memoryview(block)[: end + 1]))  # one copy
         tail = block[end + 1 :]
