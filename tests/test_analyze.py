@@ -588,3 +588,18 @@ def test_a_stage_that_is_not_a_string_is_reported(
     assert status == 0
     assert json.loads(out)[0]["count"] == 1
     assert "line 2: context.pipeline_stage is not a string" in err
+
+
+def test_a_byte_order_mark_does_not_cost_the_first_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "bom.jsonl"
+    log.write_bytes(b"\xef\xbb\xbf" + f"{line('retrieval', 1.0)}\n{line('retrieval', 3.0)}\n".encode())
+    packed = tmp_path / "bom.jsonl.gz"
+    packed.write_bytes(gzip.compress(log.read_bytes()))
+    for path in (log, packed):
+        for extra in ([], ["--since", "2020-01-01T00:00Z"]):
+            status, out, err = run_cli([str(path), "--format", "json", *extra], capsys)
+            assert status == 0
+            assert json.loads(out)[0]["count"] == 2, (path, extra)
+            assert "unusable" not in err

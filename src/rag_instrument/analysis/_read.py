@@ -24,6 +24,7 @@ BLOCK = 1 << 20
 #: A line longer than this is not a log line we can use: it is skipped, and counted.
 MAX_LINE = 16 << 20
 _GZIP_MAGIC = b"\x1f\x8b"
+_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass
@@ -181,6 +182,7 @@ def _raw_blocks(
     ``where()`` (how far the reader got); what was read before the failure counts.
     """
     remaining = None if source.end is None else source.end - source.start
+    first = source.start == 0  # a UTF-8 byte order mark there is not part of a line
     try:
         with source.open() as stream:
             report.files += 1
@@ -196,6 +198,12 @@ def _raw_blocks(
                     return
                 if not block:
                     return
+                if first:
+                    first = False
+                    if block.startswith(_BOM):
+                        block = block[len(_BOM) :]
+                        if not block:
+                            continue
                 yield block
     except OSError as exc:
         report.unreadable[source.name] = exc.strerror or type(exc).__name__
