@@ -105,11 +105,12 @@ class Client:
 
 
 class State(StreamState):
-    def read(self, item: Any) -> None:
+    def read(self, item: Any) -> bool:
         if self.text is not None:
             self.text.append(item.text)
         if item.finish:
             self.finish_reasons.append(item.finish)
+        return bool(item.text)  # a chunk with text: the first one is the first token
 
 
 def describe(kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -287,3 +288,32 @@ def test_text_of_reads_strings_parts_and_message_lists() -> None:
     assert text_of(messages) == "Be brief.\nHi"
     assert text_of("plain") == "plain"
     assert text_of(42) == ""
+
+
+def test_time_to_first_token_waits_for_a_token_not_the_opening_chunk() -> None:
+    # Both SDKs open a stream with a chunk that holds no output (OpenAI's role-only delta,
+    # Anthropic's message_start): the first token comes after it.
+    import anthropic
+    import openai
+
+    from rag_instrument.integrations.anthropic import instrument_anthropic
+    from rag_instrument.integrations.openai import instrument_openai
+    from support.fake_llm import FakeLLMServer
+
+    messages = [{"role": "user", "content": "hi"}]
+    with FakeLLMServer(chunk_delay_s=0.3) as server, capture() as cap:
+        oa = instrument_openai(
+            openai.OpenAI(api_key="sk-x", base_url=server.openai_base_url, max_retries=0)
+        )
+        for _ in oa.chat.completions.create(model="o", messages=messages, stream=True):
+            pass
+        an = instrument_anthropic(
+            anthropic.Anthropic(api_key="sk-x", base_url=server.anthropic_base_url, max_retries=0)
+        )
+        for _ in an.messages.create(model="a", max_tokens=9, messages=messages, stream=True):
+            pass
+        oa.close()
+        an.close()
+    for name in ("chat o", "chat a"):
+        # The server waits 0.3 s before the first text chunk (after the opening ones).
+        assert cap.span(name).attributes["rag.llm.time_to_first_token_ms"] >= 280.0, name

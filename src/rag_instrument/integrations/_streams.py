@@ -67,16 +67,21 @@ class StreamState:
         self.finish_reasons: list[str] = []
         self.text: list[str] | None = [] if self.capture else None
 
-    def read(self, item: Any) -> None:
-        """Take what is useful from one chunk (implemented per SDK)."""
+    def read(self, item: Any) -> bool:
+        """Take what is useful from one chunk (implemented per SDK).
+
+        Returns whether the chunk carries output (text, a tool call's arguments): the first
+        such chunk is the time to first token, not a chunk that only opens the message
+        (a role, ``message_start``).
+        """
+        return True
 
     def item(self, item: Any) -> None:
         call = self.call
         try:
-            if call.chunks == 0:
-                call.first_chunk()
             call.chunks = (call.chunks or 0) + 1
-            self.read(item)
+            if self.read(item) and call.ttft_ms is None:
+                call.first_chunk()
         except Exception as exc:
             internal_error("reading a stream chunk", exc)
 

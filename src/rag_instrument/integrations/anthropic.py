@@ -106,7 +106,7 @@ class _MessageStream(StreamState):
 
     __slots__ = ()
 
-    def read(self, item: Any) -> None:
+    def read(self, item: Any) -> bool:
         kind = getattr(item, "type", None)
         if kind == "message_start":
             message = getattr(item, "message", None)
@@ -123,10 +123,13 @@ class _MessageStream(StreamState):
             reason = getattr(getattr(item, "delta", None), "stop_reason", None)
             if reason:
                 self.finish_reasons.append(str(reason))
-        elif kind == "content_block_delta" and self.text is not None:
-            text = getattr(getattr(item, "delta", None), "text", None)
-            if isinstance(text, str):
-                self.text.append(text)
+        elif kind == "content_block_delta":  # text, a tool's input, thinking: output
+            if self.text is not None:
+                text = getattr(getattr(item, "delta", None), "text", None)
+                if isinstance(text, str):
+                    self.text.append(text)
+            return True
+        return False
 
 
 @functools.cache

@@ -134,7 +134,7 @@ class _ChatStream(StreamState):
 
     __slots__ = ()
 
-    def read(self, item: Any) -> None:
+    def read(self, item: Any) -> bool:
         model = getattr(item, "model", None)
         if model:
             self.response_model = model
@@ -142,14 +142,20 @@ class _ChatStream(StreamState):
         if usage is not None:
             self.input_tokens = getattr(usage, "prompt_tokens", None)
             self.output_tokens = getattr(usage, "completion_tokens", None)
+        output = False
         for choice in getattr(item, "choices", None) or ():
             reason = getattr(choice, "finish_reason", None)
             if reason:
                 self.finish_reasons.append(str(reason))
-            if self.text is not None:
-                content = getattr(getattr(choice, "delta", None), "content", None)
-                if isinstance(content, str):
+            delta = getattr(choice, "delta", None)
+            content = getattr(delta, "content", None)
+            if isinstance(content, str) and content:
+                output = True
+                if self.text is not None:
                     self.text.append(content)
+            elif getattr(delta, "tool_calls", None) or getattr(delta, "refusal", None):
+                output = True
+        return output
 
 
 @functools.cache
