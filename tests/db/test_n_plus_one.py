@@ -249,3 +249,22 @@ def test_shape_counts_report_once_under_threads() -> None:
         thread.join()
     assert len(reports) == 1
     assert reports[0] >= 100
+
+
+def test_sqlite_tables_with_quoted_names_are_different_statements(sqlite_engine) -> None:
+    # SQLAlchemy double-quotes mixed-case names; SQLite's "x" was masked as a string, so
+    # one query on each of five tables looked like one statement run five times.
+    from sqlalchemy import Column, Integer, MetaData, Table
+
+    engine = sqlite_engine()
+    metadata = MetaData()
+    tables = [Table(f"Docs{n}", metadata, Column("id", Integer, primary_key=True)) for n in range(5)]
+    metadata.create_all(engine)
+    ri.instrument_sqlalchemy(engine)
+    with capture() as cap:  # the default threshold: 5 runs of one statement
+        with ri.stage("retrieval"), engine.connect() as conn:
+            for table in tables:
+                conn.execute(select(table).where(table.c.id == 1)).all()
+    assert cap.find_logs("n+1 query detected") == []
+    texts = {s.attributes.get("db.query.text") for s in cap.spans if s.name.startswith("SELECT")}
+    assert len(texts) == 5

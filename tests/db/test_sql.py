@@ -151,7 +151,8 @@ def test_double_quotes_stay_identifiers_where_the_dialect_says_so() -> None:
     sql = 'SELECT "email" FROM "Users"'
     assert sanitize(sql, "postgresql") == sql
     assert sanitize(sql) == sql
-    assert sanitize(sql, "sqlite") == "SELECT ? FROM ?"
+    # SQLite reads "x" as a string where no name exists: masked unless its place says name.
+    assert sanitize(sql, "sqlite") == 'SELECT ? FROM "Users"'
     assert analyze('SELECT a FROM "Users"', "postgresql").collection == "Users"
     # Brackets are arrays and subscripts on PostgreSQL, identifiers on SQL Server.
     assert sanitize("SELECT a[1] FROM t", "postgresql") == "SELECT a[?] FROM t"
@@ -300,3 +301,22 @@ def test_vector_setting_statements_are_recognised() -> None:
     assert analyze("RESET ALL").touches_vector_settings
     assert not analyze("SET search_path = public").touches_vector_settings
     assert not analyze("SELECT 'ef_search'").touches_vector_settings
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        # SQLAlchemy quotes mixed-case tables: N+1 must tell them apart (it saw one shape).
+        (
+            'SELECT "Docs0".id, "Docs0".body FROM "Docs0" WHERE "Docs0".id = ?',
+            'SELECT "Docs0".id, "Docs0".body FROM "Docs0" WHERE "Docs0".id = ?',
+        ),
+        ('SELECT t."Col" AS "Alias" FROM t', 'SELECT t."Col" AS "Alias" FROM t'),
+        ('INSERT INTO "My Table" (a) VALUES ("pw")', 'INSERT INTO "My Table" (a) VALUES (?)'),
+        ('UPDATE "T" SET a = "secret" WHERE "b" = 1', 'UPDATE "T" SET a = ? WHERE ? = ?'),
+        ('SELECT * FROM t WHERE name = "alice@x.com"', "SELECT * FROM t WHERE name = ?"),
+        ('SELECT "alice@x.com"', "SELECT ?"),
+    ],
+)
+def test_sqlite_double_quotes_are_names_only_where_a_name_stands(sql: str, expected: str) -> None:
+    assert sanitize(sql, "sqlite") == expected

@@ -230,6 +230,26 @@ def _nested_comment_end(sql: str, pos: int) -> int:
             return pos
 
 
+#: Words after which SQLite reads a double-quoted token as a name (a table, an alias).
+_NAME_AFTER: Final = frozenset({"FROM", "JOIN", "INTO", "UPDATE", "TABLE", "AS", "INDEX"})
+
+
+def _names_something(sql: str, end: int, tokens: list[tuple[str, str, int]]) -> bool:
+    """Whether the double-quoted token ending at ``end`` stands where only a name can.
+
+    SQLite takes ``"x"`` for an identifier, or for a string when no such name exists, so
+    it is masked as a string unless its place says name: ``"t".c``, ``t."c"``, or after
+    ``FROM``, ``JOIN``, ``INTO``, ``UPDATE``, ``TABLE``, ``AS``, ``INDEX`` (how SQLAlchemy
+    quotes mixed-case and reserved names).
+    """
+    if sql[end : end + 1] == ".":
+        return True
+    if not tokens:
+        return False
+    kind, value, _ = tokens[-1]
+    return (kind == "punct" and value == ".") or (kind == "word" and value.upper() in _NAME_AFTER)
+
+
 def _scan(
     sql: str, dialect: str | None = None
 ) -> tuple[str, str, list[tuple[str, str, int]], list[str | int]]:
@@ -265,6 +285,8 @@ def _scan(
                 text_parts.append(" ")
                 shape_parts.append(" ")
             continue
+        if kind == "dqstring" and dialect == "sqlite" and _names_something(sql, pos, tokens):
+            kind = "qident"  # SQLite reads "x" as a string only where no name can stand
         if kind in ("dollar", "estring", "string", "dqstring", "number"):
             text_parts.append("?")
             shape_parts.append("?")
