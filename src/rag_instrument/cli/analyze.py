@@ -48,13 +48,14 @@ def _budget(text: str) -> tuple[str, float]:
     return name.strip(), ms
 
 
-def _jobs(text: str) -> int:
+def at_least_one(text: str) -> int:
+    """An argparse type: a whole number >= 1 (``--jobs``, the demo's ``--requests``)."""
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"--jobs expects a whole number >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return value
 
 
@@ -115,7 +116,7 @@ def add_input_options(parser: argparse.ArgumentParser, *, files: bool = True) ->
         "configure(budgets=...)); --budget wins",
     )
     parser.add_argument(
-        "--jobs", type=_jobs, default=None, metavar="N",
+        "--jobs", type=at_least_one, default=None, metavar="N",
         help="processes that share a large (32 MB+) plain file (default: the CPUs, up to 2; "
         "each adds about 30 MB)",
     )

@@ -30,6 +30,7 @@ from rag_instrument.cli._demo_pipeline import (
     open_corpus,
     search,
 )
+from rag_instrument.cli.analyze import at_least_one
 
 __all__ = ["BUDGETS", "StandInLLM", "add_parser", "run", "run_demo"]
 
@@ -203,16 +204,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
-
-
 def _share(text: str) -> float:
     try:
         value = float(text)
@@ -249,11 +240,11 @@ def add_parser(subparsers: Any) -> None:
         description=__doc__.splitlines()[0] if __doc__ else None,
     )
     parser.add_argument(
-        "--requests", type=_at_least_one, default=50, help="requests to run (default 50)"
+        "--requests", type=at_least_one, default=50, help="requests to run (default 50)"
     )
     parser.add_argument(
         "--concurrency",
-        type=_at_least_one,
+        type=at_least_one,
         default=4,
         help="requests in flight at once (default 4)",
     )
