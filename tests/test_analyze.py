@@ -603,3 +603,24 @@ def test_a_byte_order_mark_does_not_cost_the_first_run(
             assert status == 0
             assert json.loads(out)[0]["count"] == 2, (path, extra)
             assert "unusable" not in err
+
+
+def test_a_pipe_is_read_once_and_whole(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Looking into an input for spans must not eat a pipe's first bytes.
+    import threading
+
+    body = "".join(f"{line('retrieval', float(n % 7))}\n" for n in range(3000)).encode()
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        with fifo.open("wb") as handle:
+            handle.write(body)
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    status, out, err = run_cli([str(fifo), "--format", "json"], capsys)
+    writer.join()
+    assert status == 0
+    assert json.loads(out)[0]["count"] == 3000
+    assert "unusable" not in err

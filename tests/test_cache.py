@@ -445,7 +445,10 @@ async def test_redis_outage_is_a_miss_and_one_warning(caplog: pytest.LogCaptureF
     assert len(warnings) == 1
 
 
-@pytest.mark.parametrize("backend", ["redis://127.0.0.1:6379/0", 42, object()])
+@pytest.mark.parametrize(
+    "backend",
+    ["redis://127.0.0.1:6379/0", 42, object(), {}, ri.RedisCache, MemoryCache],
+)
 def test_a_backend_that_is_not_one_is_refused_where_it_is_set(backend: Any) -> None:
     # It was accepted, then every call failed (AttributeError from the store).
     with pytest.raises(ValueError, match="backend"):
@@ -487,3 +490,51 @@ def test_a_cachetools_cache_of_the_applications_own_is_a_backend() -> None:
     mine.clear()
     assert answer("a") == "A"
     assert calls == ["a", "a"]
+
+
+def test_a_backend_of_ones_own_is_used_even_when_it_is_a_mapping() -> None:
+    class Store(dict):  # type: ignore[type-arg]
+        def __init__(self) -> None:
+            super().__init__()
+            self.ttls: list[float | None] = []
+
+        def set(self, key: str, value: bytes, ttl: float | None) -> None:
+            self.ttls.append(ttl)
+            self[key] = value
+
+    mine = Store()
+
+    @ri.cached(ttl=5, backend=mine)
+    def answer(question: str) -> str:
+        return question.upper()
+
+    assert answer("a") == answer("a") == "A"
+    assert mine.ttls == [5]
+
+
+def test_an_odd_finish_reason_is_not_an_error() -> None:
+    class Odd(ri.CacheMixin, ri.LLMProvider):
+        system, model = "acme", "m"
+
+        async def _generate(self, prompt: str, **params: Any) -> ri.LLMResult:
+            return ri.LLMResult(text="hi", finish_reason=["stop"])  # type: ignore[arg-type]
+
+    result = asyncio.run(Odd().generate("q"))
+    assert isinstance(result, ri.LLMResult)
+    assert result.text == "hi"
+
+
+def test_an_application_cache_answers_async_hits() -> None:
+    mine: TTLCache[str, Any] = TTLCache(maxsize=8, ttl=60)
+    calls: list[str] = []
+
+    @ri.cached(backend=mine)
+    async def answer(question: str) -> str:
+        calls.append(question)
+        return question.upper()
+
+    async def main() -> list[str]:
+        return [await answer("a") for _ in range(3)]
+
+    assert asyncio.run(main()) == ["A", "A", "A"]
+    assert calls == ["a"]

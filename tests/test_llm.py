@@ -326,3 +326,23 @@ def test_a_timeout_of_none_or_infinity_means_no_limit() -> None:
                 return "answer"
 
         assert asyncio.run(Patient().generate("q")) == "answer"
+
+
+def test_a_timeout_property_is_read_per_call_not_checked_at_definition() -> None:
+    class PerInstance(ri.LLMProvider):
+        system, model = "acme", "m"
+
+        def __init__(self, seconds: float | None) -> None:
+            self._seconds = seconds
+
+        @property
+        def timeout(self) -> float | None:  # type: ignore[override]
+            return self._seconds
+
+        async def _generate(self, prompt: str, **params: Any) -> str:
+            await asyncio.sleep(0.5)
+            return "answer"
+
+    assert asyncio.run(PerInstance(None).generate("q")) == "answer"
+    with pytest.raises(TimeoutError):
+        asyncio.run(PerInstance(0.01).generate("q"))

@@ -527,6 +527,8 @@ def test_get_logger_takes_structlogs_calls(rag_capture: Capture) -> None:
     log.info("bad %d", "x")  # never raises into the caller
     log.log(logging.WARNING, "by number %s", "w")
     log.log("error", "by name")
+    for odd in (None, object(), float("nan"), [1]):
+        log.log(odd, "odd level")  # never raises into the caller: info
     log.msg("as msg")
     log.fatal("as fatal")
 
@@ -547,6 +549,7 @@ def test_get_logger_takes_structlogs_calls(rag_capture: Capture) -> None:
     assert events["bad %d (unformattable arguments)"]["level"] == "info"
     assert events["by number w"]["level"] == "warning"
     assert events["by name"]["level"] == "error"
+    assert events["odd level"]["level"] == "info"
     assert events["as msg"]["level"] == "info"
     assert events["as fatal"]["level"] == "critical"
     assert events["async info"]["level"] == "info"

@@ -372,3 +372,17 @@ def test_wrap_context_passes_exceptions_and_cancellation_through() -> None:
             await task
 
     asyncio.run(main())
+
+
+def test_wrap_context_keeps_a_types_coroutine_awaitable() -> None:
+    import types
+
+    @types.coroutine
+    def legacy() -> Iterator[None]:
+        yield
+        return 5
+
+    async def main() -> int:
+        return await ri.wrap_context(legacy)()  # type: ignore[no-any-return]
+
+    assert asyncio.run(main()) == 5

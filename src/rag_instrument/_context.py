@@ -12,6 +12,7 @@ import collections
 import contextvars
 import functools
 import inspect
+import types
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, cast
@@ -390,6 +391,9 @@ def wrap_context(fn: Callable[P, R]) -> Callable[P, R]:
             return (yield from _steps_in(copy, copy.run(fn, *args, **kwargs)))
 
         wrapper = run_generator
+        flags = getattr(getattr(fn, "__code__", None), "co_flags", 0)
+        if flags & inspect.CO_ITERABLE_COROUTINE:  # @types.coroutine: awaitable, stays so
+            wrapper = types.coroutine(run_generator)
     else:
 
         def run(*args: Any, **kwargs: Any) -> Any:

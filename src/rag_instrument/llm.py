@@ -170,7 +170,9 @@ class LLMProvider:
             ValueError: ``timeout`` is not ``None`` or a positive number of seconds.
         """
         super().__init_subclass__(**kwargs)
-        timeout = cls.timeout
+        timeout = inspect.getattr_static(cls, "timeout", None)
+        if hasattr(type(timeout), "__get__"):  # a property: read per call, checked there
+            timeout = None
         if timeout is not None and (
             isinstance(timeout, bool)
             or not isinstance(timeout, int | float)

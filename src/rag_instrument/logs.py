@@ -20,6 +20,7 @@ honours a later ``configure()``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import threading
@@ -734,6 +735,8 @@ def _method_for(level: int | str) -> str:
     if isinstance(level, str):
         name = level.lower()
         return name if name in _METHOD_LEVEL else "info"
+    if not isinstance(level, int | float) or math.isnan(level):  # None, an object, NaN
+        return "info"  # logging never raises into the caller
     if level >= logging.CRITICAL:
         return "critical"
     if level >= logging.ERROR:

@@ -316,6 +316,9 @@ def test_vector_setting_statements_are_recognised() -> None:
         ('UPDATE "T" SET a = "secret" WHERE "b" = 1', 'UPDATE "T" SET a = ? WHERE ? = ?'),
         ('SELECT * FROM t WHERE name = "alice@x.com"', "SELECT * FROM t WHERE name = ?"),
         ('SELECT "alice@x.com"', "SELECT ?"),
+        # a comparison, not a table: SQLite reads an unknown name there as a string
+        ('SELECT a FROM t WHERE a IS DISTINCT FROM "hunter2"', "SELECT a FROM t WHERE a IS DISTINCT FROM ?"),
+        ('SELECT a FROM t WHERE a IS NOT DISTINCT FROM "pw-1"', "SELECT a FROM t WHERE a IS NOT DISTINCT FROM ?"),
     ],
 )
 def test_sqlite_double_quotes_are_names_only_where_a_name_stands(sql: str, expected: str) -> None:

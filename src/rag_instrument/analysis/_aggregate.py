@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import os
 import zlib
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -525,7 +526,9 @@ class Aggregator:
 
 def _holds_spans(source: Source) -> bool:
     """Whether ``source``'s first line is an OTLP request (a Collector's file exporter)."""
-    if source.name == "-" or source.start:
+    # Only a regular file can be read twice: a pipe's or a FIFO's bytes, once peeked at,
+    # would be gone for the reading proper.
+    if source.name == "-" or source.start or not os.path.isfile(source.name):
         return False
     try:
         with source.open() as stream:

@@ -11,8 +11,9 @@ import asyncio
 import math
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, cast
 
+from cachetools import Cache
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from rag_instrument import _breakdown
@@ -137,7 +138,8 @@ class Store:
         self.types = types if types is not None else ValueTypes()
         self.tokens = tokens  # the tokens a stored response cost (saved on a hit)
         self.memory: MemoryCache | None = backend if type(backend) is MemoryCache else None
-        self.local = self.memory is not None
+        # In-process backends are asked on the caller's thread (no pool hop on a hit).
+        self.local = self.memory is not None or type(backend) is MappingCache
         self.lock = threading.Lock()
         self.flights: dict[str, _Flight] = {}
         self.hits = self.misses = self.coalesced = 0
@@ -175,8 +177,13 @@ class Store:
         if kind in self.types.refused:
             return None  # said once already
         keep = KEEPERS.get(kind)
-        if keep is not None and not keep(value):
-            return None  # an answer of a kind never cached (a tool call)
+        if keep is not None:
+            try:
+                kept = keep(value)
+            except Exception:  # an odd value (a finish reason that is a list): not stored
+                kept = False
+            if not kept:
+                return None  # an answer of a kind never cached (a tool call)
         try:
             data = encode_value(value, self.types)
         except UncacheableError as exc:
@@ -321,7 +328,8 @@ TOOL_CALL_REASONS: Final = frozenset({"tool_calls", "function_call", "tool_use"}
 
 
 def _not_a_tool_call(value: LLMResult) -> bool:
-    return value.finish_reason not in TOOL_CALL_REASONS
+    reason = value.finish_reason
+    return not (type(reason) is str and reason in TOOL_CALL_REASONS)
 
 
 #: Per result type, whether a value may be stored (SDK response types register theirs).
@@ -422,12 +430,9 @@ def check_cache_settings(
     owner: str, ttl: Any, maxsize: Any, prefix: str, backend: Any = None
 ) -> None:
     """Reject a TTL, size or backend that would cache nothing or fail every call."""
-    if (
-        backend is not None
-        and not isinstance(backend, MutableMapping)  # a cachetools cache: see make_backend
-        and not (
-            callable(getattr(backend, "get", None)) and callable(getattr(backend, "set", None))
-        )
+    if backend is not None and (
+        isinstance(backend, type)  # ri.RedisCache, not ri.RedisCache(url)
+        or not (_is_backend(backend) or isinstance(backend, Cache))
     ):
         hint = (
             f" (for a Redis URL: ri.RedisCache({backend!r}))"
@@ -435,8 +440,8 @@ def check_cache_settings(
             else ""
         )
         raise ValueError(
-            f"{owner}: {prefix}backend must be None (in-process), a cachetools cache, "
-            f"ri.RedisCache(url) or an object with get(key) and set(key, value, ttl), "
+            f"{owner}: {prefix}backend must be None (in-process), a cachetools cache "
+            f"instance, ri.RedisCache(url) or an object with get(key) and set(key, value, ttl), "
             f"got {backend!r}{hint}"
         )
     if ttl is not None and (
@@ -452,11 +457,16 @@ def check_cache_settings(
         raise ValueError(f"{owner}: {prefix}maxsize must be an int >= 1, got {maxsize!r}")
 
 
+def _is_backend(backend: Any) -> bool:
+    """Whether ``backend`` has a backend's own ``get`` and ``set`` (a mapping has no set)."""
+    return callable(getattr(backend, "get", None)) and callable(getattr(backend, "set", None))
+
+
 def make_backend(
     backend: CacheBackend | MutableMapping[str, Any] | None, maxsize: int, ttl: float | None
 ) -> CacheBackend:
-    if isinstance(backend, MutableMapping):
+    if backend is None:
+        return MemoryCache(maxsize=maxsize, ttl=ttl if ttl is not None else float("inf"))
+    if not _is_backend(backend) and isinstance(backend, Cache):
         return MappingCache(backend)
-    if backend is not None:
-        return backend
-    return MemoryCache(maxsize=maxsize, ttl=ttl if ttl is not None else float("inf"))
+    return cast("CacheBackend", backend)

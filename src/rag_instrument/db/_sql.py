@@ -247,7 +247,17 @@ def _names_something(sql: str, end: int, tokens: list[tuple[str, str, int]]) -> 
     if not tokens:
         return False
     kind, value, _ = tokens[-1]
-    return (kind == "punct" and value == ".") or (kind == "word" and value.upper() in _NAME_AFTER)
+    if kind == "punct":
+        return value == "."
+    if kind != "word" or value.upper() not in _NAME_AFTER:
+        return False
+    # "a IS [NOT] DISTINCT FROM "x"" compares with a value: there "x" may be a string.
+    return not (
+        value.upper() == "FROM"
+        and len(tokens) > 1
+        and tokens[-2][0] == "word"
+        and tokens[-2][1].upper() == "DISTINCT"
+    )
 
 
 def _scan(

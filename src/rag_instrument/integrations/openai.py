@@ -153,7 +153,11 @@ class _ChatStream(StreamState):
                 output = True
                 if self.text is not None:
                     self.text.append(content)
-            elif getattr(delta, "tool_calls", None) or getattr(delta, "refusal", None):
+            elif (
+                getattr(delta, "tool_calls", None)
+                or getattr(delta, "function_call", None)
+                or getattr(delta, "refusal", None)
+            ):
                 output = True
         return output
 
