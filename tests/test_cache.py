@@ -524,6 +524,25 @@ def test_an_odd_finish_reason_is_not_an_error() -> None:
     assert result.text == "hi"
 
 
+def test_a_tool_call_reason_in_an_odd_shape_is_not_stored() -> None:
+    calls: list[str] = []
+
+    class Odd(ri.CacheMixin, ri.LLMProvider):
+        system, model = "acme", "m"
+
+        async def _generate(self, prompt: str, **params: Any) -> ri.LLMResult:
+            calls.append(prompt)
+            return ri.LLMResult(text="", finish_reason=["tool_calls"])  # type: ignore[arg-type]
+
+    async def main() -> None:
+        provider = Odd()
+        for _ in range(2):
+            await provider.generate("q")
+
+    asyncio.run(main())
+    assert calls == ["q", "q"]
+
+
 def test_an_application_cache_answers_async_hits() -> None:
     mine: TTLCache[str, Any] = TTLCache(maxsize=8, ttl=60)
     calls: list[str] = []

@@ -346,3 +346,16 @@ def test_a_timeout_property_is_read_per_call_not_checked_at_definition() -> None
     assert asyncio.run(PerInstance(None).generate("q")) == "answer"
     with pytest.raises(TimeoutError):
         asyncio.run(PerInstance(0.01).generate("q"))
+
+
+def test_a_timeout_method_without_property_is_refused() -> None:
+    with pytest.raises(ValueError, match="timeout"):
+
+        class Forgot(ri.LLMProvider):
+            system, model = "acme", "m"
+
+            def timeout(self) -> float:  # type: ignore[override]  # @property forgotten
+                return 5.0
+
+            async def _generate(self, prompt: str, **params: Any) -> str:
+                return "answer"

@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import threading
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -529,6 +530,8 @@ def test_get_logger_takes_structlogs_calls(rag_capture: Capture) -> None:
     log.log("error", "by name")
     for odd in (None, object(), float("nan"), [1]):
         log.log(odd, "odd level")  # never raises into the caller: info
+    log.log(10**400, "huge level")
+    log.log(Decimal(40), "decimal level")
     log.msg("as msg")
     log.fatal("as fatal")
 
@@ -550,6 +553,8 @@ def test_get_logger_takes_structlogs_calls(rag_capture: Capture) -> None:
     assert events["by number w"]["level"] == "warning"
     assert events["by name"]["level"] == "error"
     assert events["odd level"]["level"] == "info"
+    assert events["huge level"]["level"] == "critical"
+    assert events["decimal level"]["level"] == "error"
     assert events["as msg"]["level"] == "info"
     assert events["as fatal"]["level"] == "critical"
     assert events["async info"]["level"] == "info"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import threading
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -382,7 +383,14 @@ def test_wrap_context_keeps_a_types_coroutine_awaitable() -> None:
         yield
         return 5
 
-    async def main() -> int:
-        return await ri.wrap_context(legacy)()  # type: ignore[no-any-return]
+    @types.coroutine
+    def times(n: int) -> Iterator[None]:
+        yield
+        return n * 5
 
-    assert asyncio.run(main()) == 5
+    async def main() -> tuple[int, int]:
+        plain = await ri.wrap_context(legacy)()
+        partial = await ri.wrap_context(functools.partial(times, 2))()
+        return plain, partial  # type: ignore[return-value]
+
+    assert asyncio.run(main()) == (5, 10)

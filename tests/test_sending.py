@@ -60,3 +60,10 @@ def test_arrays_of_small_numbers_are_not_underestimated() -> None:
     # OTLP frames each element (up to 13 bytes for a number).
     for values in ({"": (0, 0, 0)}, {"k": [0.0] * 50}, {"k": (1,)}):
         assert _sending._attributes_bytes(values) >= _payload(values)
+
+
+def test_bytes_and_maps_are_measured_and_text_with_commas_is_not_inflated() -> None:
+    assert _sending._attributes_bytes({"k": b"x" * 100_000}) >= 100_000
+    assert _sending._attributes_bytes({"k": {"a": "x" * 10_000, "b": b""}}) >= 10_000
+    # Commas inside a string are text, not array elements.
+    assert _sending._attributes_bytes({"k": "," * 4000}) < 2 * 4000

@@ -391,7 +391,10 @@ def wrap_context(fn: Callable[P, R]) -> Callable[P, R]:
             return (yield from _steps_in(copy, copy.run(fn, *args, **kwargs)))
 
         wrapper = run_generator
-        flags = getattr(getattr(fn, "__code__", None), "co_flags", 0)
+        inner: Any = fn
+        while isinstance(inner, functools.partial):
+            inner = inner.func
+        flags = getattr(getattr(inner, "__code__", None), "co_flags", 0)
         if flags & inspect.CO_ITERABLE_COROUTINE:  # @types.coroutine: awaitable, stays so
             wrapper = types.coroutine(run_generator)
     else:

@@ -40,13 +40,24 @@ _json: Final = orjson.dumps
 
 
 def _value_bytes(value: Any) -> int:
-    """A value's share: its characters (twice, for non-ASCII text), 10 for a number."""
+    """A value's share: its characters (twice, for non-ASCII text), 10 for a number.
+
+    Bytes count as themselves; arrays and maps (which the OTLP encoder also writes) as
+    their elements, each framed.
+    """
     if isinstance(value, str):
         return len(value) * 2 if not value.isascii() else len(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return len(value) + 4
     if isinstance(value, tuple | list):
         size = 0
         for item in value:
             size += _value_bytes(item) + 4
+        return size
+    if isinstance(value, dict):
+        size = 0
+        for key, item in value.items():
+            size += _value_bytes(key) + _value_bytes(item) + 8
         return size
     return 10
 
@@ -55,10 +66,10 @@ def _attributes_bytes(attributes: Any) -> int:
     """Each attribute's key, value and framing: at least the bytes OTLP carries for them.
 
     Their JSON text (UTF-8, as OTLP's strings are; quotes, separators and escapes only add
-    to it) plus 14 bytes per attribute and 12 per array element: three C calls, where the
-    loop below takes a dozen steps per attribute on the export thread, for every span. The loop (each key, value
-    and 8 bytes; non-ASCII text counted twice) is for what JSON cannot hold (an integer
-    beyond 64 bits).
+    to it) plus 14 bytes per attribute (and 12 per array element): one C call, where the
+    loop below takes a dozen steps per attribute on the export thread, for every span.
+    The loop (each key, value and 8 bytes; non-ASCII text counted twice) is for what JSON
+    cannot hold (an integer beyond 64 bits, bytes).
     """
     plain = getattr(attributes, "_dict", attributes)
     if not plain:
@@ -68,10 +79,12 @@ def _attributes_bytes(attributes: Any) -> int:
     except Exception:
         pass
     else:
-        # An array's elements are framed one by one in OTLP (tag, length, value: up to 13
-        # bytes for a number JSON writes as "0,"): 12 more per element, counted as one per
-        # "[" and ",", two C calls (a string holding either only makes it larger).
-        return len(text) + 14 * len(plain) + 12 * (text.count(b"[") + text.count(b","))
+        size = len(text) + 14 * len(plain)
+        if b"[" in text:  # arrays (rare): OTLP frames their elements one by one
+            for value in plain.values():
+                if type(value) is tuple or type(value) is list:
+                    size += 12 * len(value) + 12  # a number JSON writes as "0,": 13 in OTLP
+        return size
     size = 0
     for key, value in plain.items():
         kind = type(value)

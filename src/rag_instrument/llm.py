@@ -171,7 +171,7 @@ class LLMProvider:
         """
         super().__init_subclass__(**kwargs)
         timeout = inspect.getattr_static(cls, "timeout", None)
-        if hasattr(type(timeout), "__get__"):  # a property: read per call, checked there
+        if isinstance(timeout, property):  # read per call: the value is the application's
             timeout = None
         if timeout is not None and (
             isinstance(timeout, bool)

@@ -735,15 +735,21 @@ def _method_for(level: int | str) -> str:
     if isinstance(level, str):
         name = level.lower()
         return name if name in _METHOD_LEVEL else "info"
-    if not isinstance(level, int | float) or math.isnan(level):  # None, an object, NaN
-        return "info"  # logging never raises into the caller
-    if level >= logging.CRITICAL:
+    try:
+        number = float(level)  # numpy's and Decimal's numbers too
+    except OverflowError:  # an integer beyond a float
+        number = math.inf if level > 0 else -math.inf
+    except Exception:  # None, an object: logging never raises into the caller
+        return "info"
+    if math.isnan(number):
+        return "info"
+    if number >= logging.CRITICAL:
         return "critical"
-    if level >= logging.ERROR:
+    if number >= logging.ERROR:
         return "error"
-    if level >= logging.WARNING:
+    if number >= logging.WARNING:
         return "warning"
-    if level >= logging.INFO:
+    if number >= logging.INFO:
         return "info"
     return "debug"
 

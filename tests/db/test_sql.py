@@ -319,7 +319,20 @@ def test_vector_setting_statements_are_recognised() -> None:
         # a comparison, not a table: SQLite reads an unknown name there as a string
         ('SELECT a FROM t WHERE a IS DISTINCT FROM "hunter2"', "SELECT a FROM t WHERE a IS DISTINCT FROM ?"),
         ('SELECT a FROM t WHERE a IS NOT DISTINCT FROM "pw-1"', "SELECT a FROM t WHERE a IS NOT DISTINCT FROM ?"),
+        ('VACUUM INTO "/backups/secret.db"', "VACUUM INTO ?"),  # a file name, a value
+        # an unclosed quote swallows the rest, whatever stands before it
+        ("SELECT * FROM \"t WHERE b = 'secret'", "SELECT * FROM ?"),
     ],
 )
 def test_sqlite_double_quotes_are_names_only_where_a_name_stands(sql: str, expected: str) -> None:
     assert sanitize(sql, "sqlite") == expected
+
+
+def test_is_distinct_from_is_no_table() -> None:
+    for dialect in ("sqlite", "postgresql"):
+        assert analyze("SELECT * FROM t WHERE a IS DISTINCT FROM 5", dialect).collection == "t"
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "mssql", None])
+def test_an_unclosed_quoted_name_does_not_keep_what_follows(dialect: str | None) -> None:
+    assert sanitize("SELECT \"a FROM t WHERE b = 'secret'", dialect) == "SELECT ?"

@@ -328,8 +328,8 @@ TOOL_CALL_REASONS: Final = frozenset({"tool_calls", "function_call", "tool_use"}
 
 
 def _not_a_tool_call(value: LLMResult) -> bool:
-    reason = value.finish_reason
-    return not (type(reason) is str and reason in TOOL_CALL_REASONS)
+    reason = value.finish_reason  # anything but None or a text: not stored either
+    return reason is None or (type(reason) is str and reason not in TOOL_CALL_REASONS)
 
 
 #: Per result type, whether a value may be stored (SDK response types register theirs).

@@ -251,12 +251,12 @@ def _names_something(sql: str, end: int, tokens: list[tuple[str, str, int]]) -> 
         return value == "."
     if kind != "word" or value.upper() not in _NAME_AFTER:
         return False
-    # "a IS [NOT] DISTINCT FROM "x"" compares with a value: there "x" may be a string.
+    # "a IS [NOT] DISTINCT FROM "x"" compares with a value, "VACUUM INTO "x"" names a
+    # file: there "x" may be a string.
+    before = tokens[-2][1].upper() if len(tokens) > 1 and tokens[-2][0] == "word" else ""
     return not (
-        value.upper() == "FROM"
-        and len(tokens) > 1
-        and tokens[-2][0] == "word"
-        and tokens[-2][1].upper() == "DISTINCT"
+        (value.upper() == "FROM" and before == "DISTINCT")
+        or (value.upper() == "INTO" and before == "VACUUM")
     )
 
 
@@ -295,7 +295,14 @@ def _scan(
                 text_parts.append(" ")
                 shape_parts.append(" ")
             continue
-        if kind == "dqstring" and dialect == "sqlite" and _names_something(sql, pos, tokens):
+        if kind == "qident" and value[:1] == '"' and value.count('"') % 2:
+            kind = "dqstring"  # an unclosed quoted name swallows the rest: masked, not kept
+        elif (
+            kind == "dqstring"
+            and dialect == "sqlite"
+            and value.count('"') % 2 == 0  # closed: an unclosed one swallows the rest
+            and _names_something(sql, pos, tokens)
+        ):
             kind = "qident"  # SQLite reads "x" as a string only where no name can stand
         if kind in ("dollar", "estring", "string", "dqstring", "number"):
             text_parts.append("?")
@@ -382,6 +389,8 @@ def _collection(tokens: list[tuple[str, str, int]], op: str, at: int) -> str | N
             if depth != depth0 or kind != "word":
                 continue
             upper = value.upper()
+            if upper == "FROM" and i > 0 and tokens[i - 1][1].upper() == "DISTINCT":
+                continue  # a IS [NOT] DISTINCT FROM b: a comparison, not a table
             if upper in ("FROM", "JOIN"):
                 name, end = _name_at(tokens, i + 1)
                 if name is None:
