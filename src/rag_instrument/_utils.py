@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from enum import Enum
 from typing import Any, Final
@@ -190,3 +191,31 @@ def route_key(name: str) -> str | None:
     if sep and path.startswith("/") and method.upper() in HTTP_METHODS:
         return f"{method.upper()} {path}"
     return None
+
+
+#: What to renew in a forked child, per object: a lock another thread held at the fork
+#: stays locked in the child for good (the child has only the forking thread).
+_RENEW_AFTER_FORK: weakref.WeakKeyDictionary[Any, Callable[[Any], None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def renew_after_fork(owner: Any, renew: Callable[[Any], None] | None = None) -> None:
+    """Call ``renew(owner)`` in a forked child (default: a new ``owner._lock``)."""
+    _RENEW_AFTER_FORK[owner] = renew or _new_lock
+
+
+def _new_lock(owner: Any) -> None:
+    owner._lock = threading.Lock()
+
+
+def _renew_all_after_fork() -> None:
+    for owner, renew in list(_RENEW_AFTER_FORK.items()):
+        try:
+            renew(owner)
+        except Exception:  # in a fresh child, with nothing to report to yet
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_all_after_fork)

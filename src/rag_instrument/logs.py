@@ -37,7 +37,7 @@ from rag_instrument._context import bound, current_frame, seen_contents
 from rag_instrument._errors import exception_chain, exception_message, hide_content
 from rag_instrument._runtime import get_runtime
 from rag_instrument._sanitize import safe_repr
-from rag_instrument._utils import internal_error
+from rag_instrument._utils import internal_error, renew_after_fork
 from rag_instrument.attributes import LOGGER_NAME
 
 if TYPE_CHECKING:
@@ -204,6 +204,7 @@ class LogOutput:
         #: Lines that could not be written whole (disk full).
         self.dropped = 0
         self._lock = threading.Lock()
+        renew_after_fork(self)  # a thread logging at a fork would leave it locked there
         if sink is None and settings.log_file is not None:
             # O_APPEND: each line is one write(2), so lines from threads and from forked
             # workers sharing the file never interleave, without a lock.

@@ -28,6 +28,8 @@ from typing import Any, Final, ParamSpec, TypeVar
 
 from rag_instrument import _operation
 from rag_instrument import attributes as attr
+from rag_instrument._errors import remember_exception
+from rag_instrument._genai import error_summary
 from rag_instrument._runtime import get_runtime
 from rag_instrument._sweep import SweepRow, format_table, sweep
 from rag_instrument._utils import internal_error
@@ -445,6 +447,22 @@ class _Batches:
         return out
 
 
+def _batch_failed(op: _operation.Operation | None, exc: BaseException) -> None:
+    """End a failed batch's span; without content capture, the error's text is not shown.
+
+    Not here, nor on the stages it passes through: it may quote the texts being embedded,
+    as an LLM error may quote the prompt. Its type, HTTP status and error code are shown.
+    """
+    if op is None:
+        return
+    try:
+        if isinstance(exc, Exception) and not op.rt.settings.capture_content:
+            remember_exception(exc, summary=error_summary(exc))
+    except Exception as error:
+        internal_error("hiding an embedding error's text", error)
+    _operation.finish(op, exc)
+
+
 def embed_in_batches(
     texts: Iterable[T],
     embed_batch: Callable[[list[T]], Sequence[V]],
@@ -477,8 +495,7 @@ def embed_in_batches(
         try:
             embeddings = embed_batch(batch)
         except BaseException as exc:
-            if op is not None:
-                _operation.finish(op, exc)
+            _batch_failed(op, exc)
             if isinstance(exc, Exception):
                 raise batches.failure(index) from exc
             raise
@@ -520,8 +537,7 @@ async def aembed_in_batches(
         try:
             embeddings = await embed_batch(batches.batches[index])
         except BaseException as exc:
-            if op is not None:
-                _operation.finish(op, exc)
+            _batch_failed(op, exc)
             if isinstance(exc, Exception):
                 failed.append((index, exc))
             raise

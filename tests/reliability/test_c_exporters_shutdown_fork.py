@@ -242,3 +242,68 @@ def test_c22_fork_child_exports_its_own_spans_once() -> None:
         assert "TypeError" not in result.stderr
         assert receiver.wait_for_spans(2)  # both processes have exited: all exports are in
         assert sorted(receiver.span_names()) == ["child", "parent-before-fork"]
+
+
+def test_c22_a_child_forked_while_a_thread_logs_can_log() -> None:
+    # The log output's lock, held by the logging thread at the fork, stayed locked in the
+    # child: its first line waited for ever (50 of 50 children in a review).
+    if not hasattr(os, "fork"):
+        pytest.skip("needs os.fork")
+    result = run_python(
+        """
+        import faulthandler, os, threading, warnings
+        import rag_instrument as ri
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, on 3.12+
+        ri.configure(log_file=os.devnull)
+        log = ri.get_logger()
+        threading.Thread(target=lambda: [log.info("bg") for _ in iter(int, 1)], daemon=True).start()
+        for _ in range(10):
+            pid = os.fork()
+            if pid == 0:
+                faulthandler.dump_traceback_later(20, exit=True)  # a hang fails, not blocks
+                log.info("worker started")
+                os._exit(0)
+            assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        print("ok")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_c22_a_child_does_not_wait_for_a_cached_call_in_flight_in_its_parent() -> None:
+    # The parent's call in flight (single flight) was copied into the child without its
+    # leader thread: the child's identical call waited for ever.
+    if not hasattr(os, "fork"):
+        pytest.skip("needs os.fork")
+    result = run_python(
+        """
+        import faulthandler, os, threading, time, warnings
+        import rag_instrument as ri
+        warnings.simplefilter("ignore", DeprecationWarning)
+        parent = os.getpid()
+        started, release = threading.Event(), threading.Event()
+
+        @ri.cached
+        def lookup(key):
+            if os.getpid() == parent:
+                started.set()
+                release.wait(30)
+            return key.upper()
+
+        leader = threading.Thread(target=lookup, args=("k",))
+        leader.start()
+        started.wait(30)
+        pid = os.fork()
+        if pid == 0:
+            faulthandler.dump_traceback_later(20, exit=True)
+            os._exit(0 if lookup("k") == "K" else 3)
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        release.set()
+        leader.join()
+        assert code == 0, code
+        print("ok")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

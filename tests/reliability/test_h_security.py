@@ -244,3 +244,28 @@ def test_h_property_secrets_never_survive_any_surrounding_text(prefix: str, secr
     assert PASSWORD not in out
     assert OPENAI_KEY not in out
     assert ANTHROPIC_KEY not in out
+
+
+def test_h45_an_embedding_error_quoting_its_texts_shows_none_of_them(rag_capture: Capture) -> None:
+    # Without content capture, an embedding provider's error that echoes the texts (as an
+    # LLM error may echo the prompt) is shown by its type only, here and on the stage.
+    secret = "PATIENT-7 has condition X"
+
+    def embed_batch(texts: list[str]) -> list[list[float]]:
+        raise ValueError(f"cannot embed {texts}")
+
+    async def aembed_batch(texts: list[str]) -> list[list[float]]:
+        raise ValueError(f"cannot embed {texts}")
+
+    with ri.stage("ingestion"), pytest.raises(ri.EmbeddingBatchError):
+        ri.embed_in_batches([secret], embed_batch)
+    with pytest.raises(ri.EmbeddingBatchError):
+        asyncio.run(ri.aembed_in_batches([secret], aembed_batch))
+    everything = repr(rag_capture.logs)
+    for span in rag_capture.spans:
+        everything += repr(dict(span.attributes or {})) + repr(span.status.description)
+        everything += repr([dict(e.attributes or {}) for e in span.events])
+    assert "PATIENT-7" not in everything
+    failed = [s for s in rag_capture.spans if s.name == "embedding batch"]
+    assert len(failed) == 2
+    assert all(s.events[0].attributes["exception.type"] == "ValueError" for s in failed)

@@ -13,7 +13,7 @@ from typing import Any, Final, Protocol
 from cachetools import TTLCache
 
 from rag_instrument._sanitize import redact_text
-from rag_instrument._utils import warn_once
+from rag_instrument._utils import renew_after_fork, warn_once
 from rag_instrument.cache._keys import NOT_KEPT, keepable
 
 __all__ = ["CacheBackend", "MappingCache", "MemoryCache", "RedisCache"]
@@ -42,6 +42,7 @@ class MappingCache:
     def __init__(self, mapping: MutableMapping[str, Any]) -> None:
         self.mapping = mapping
         self._lock = threading.Lock()
+        renew_after_fork(self)
 
     def get(self, key: str) -> bytes | None:
         """The stored bytes, or ``None``."""
@@ -78,6 +79,7 @@ class MemoryCache:
         # Each entry is (bytes, the decoded value or NOT_KEPT): see lookup().
         self._cache: TTLCache[str, tuple[bytes, Any]] = TTLCache(maxsize=maxsize, ttl=ttl)
         self._lock = threading.Lock()
+        renew_after_fork(self)
         self.maxsize = maxsize
 
     def get(self, key: str) -> bytes | None:
@@ -215,6 +217,7 @@ class RedisCache:
         self.cooldown_s = cooldown_s
         self._client: Any = None
         self._lock = threading.Lock()
+        renew_after_fork(self)
         self._down_until = 0.0
 
     def __repr__(self) -> str:

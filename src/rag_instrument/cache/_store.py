@@ -19,7 +19,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from rag_instrument import _breakdown
 from rag_instrument._pools import CACHE_IO, worker_pool
 from rag_instrument._steps import Plan, arun, run
-from rag_instrument._utils import internal_error, warn_once
+from rag_instrument._utils import internal_error, renew_after_fork, warn_once
 from rag_instrument.attributes import (
     METRIC_CACHE_COALESCED,
     METRIC_CACHE_HITS,
@@ -142,6 +142,9 @@ class Store:
         self.local = self.memory is not None or type(backend) is MappingCache
         self.lock = threading.Lock()
         self.flights: dict[str, _Flight] = {}
+        # In a forked child the leaders of the calls in flight are gone (only the forking
+        # thread is copied): their waiters would wait for ever, and the lock may be held.
+        renew_after_fork(self, Store._forked)
         self.hits = self.misses = self.coalesced = 0
 
     def info(self) -> CacheInfo:
@@ -262,6 +265,10 @@ class Store:
                 if self.flights.get(key) is mine:
                     del self.flights[key]
             mine.finish()
+
+    def _forked(self) -> None:
+        self.lock = threading.Lock()
+        self.flights = {}
 
     def call(self, key: str, fn: Callable[[], Any]) -> tuple[Any, int]:
         """Answer from the cache, from an identical call in flight, or by calling ``fn``.
