@@ -101,3 +101,42 @@ def test_captures_nest() -> None:
 def test_capture_rejects_an_unknown_setting() -> None:
     with pytest.raises(TypeError, match=r"unknown setting.*budget"), capture(budget={"x": 1}):
         pass
+
+
+def test_overlapping_captures_put_back_what_was_before_them_and_say_so() -> None:
+    # Two tasks each in a capture(): the first opened ends first. It used to put back the
+    # configuration from before it while the second was open, and the second then put
+    # back the first's: a capture that had ended kept recording the process for good.
+    import asyncio
+
+    async def job(name: str, opened: asyncio.Event, first_done: asyncio.Event) -> Capture:
+        with capture() as cap:
+            if name == "a":
+                opened.set()
+                await asyncio.sleep(0)  # let b open its capture inside ours
+                with ri.stage(name):
+                    pass
+            else:
+                await opened.wait()
+                with capture():  # b's own nested capture nests as usual
+                    pass
+                await first_done.wait()
+                with ri.stage(name):
+                    pass
+        return cap
+
+    async def main() -> tuple[Capture, Capture]:
+        opened, first_done = asyncio.Event(), asyncio.Event()
+        b = asyncio.ensure_future(job("b", opened, first_done))
+        a = await job("a", opened, first_done)
+        first_done.set()
+        return a, await b
+
+    with capture() as outer:
+        with pytest.warns(RuntimeWarning, match="ended while one opened after it"):
+            a, b = asyncio.run(main())
+        assert [s.name for s in b.spans] == ["a", "b"]  # b was in force while both were open
+        with ri.stage("after"):
+            pass
+    assert [s.name for s in outer.spans] == ["after"]  # the configuration before both
+    assert a.spans == []

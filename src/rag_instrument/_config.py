@@ -220,6 +220,17 @@ def restore(previous: Runtime) -> None:
         _retire(current, timeout=5.0, successor=previous)
 
 
+def retire_set_aside(runtime: Runtime) -> None:
+    """Close a runtime that ``apply(..., retire=False)`` made and that is no longer in force.
+
+    (A capture that ended while a later one was still open: the later one is in force.)
+    """
+    with _LOCK:
+        current = get_runtime()
+        if current is not runtime:
+            _retire(runtime, timeout=5.0, successor=current)
+
+
 def _retire(
     old: Runtime, timeout: float, successor: Runtime | None = None, *, at_exit: bool = False
 ) -> bool:

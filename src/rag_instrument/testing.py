@@ -18,6 +18,7 @@ installed) is the same object, active for the whole test.
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -114,14 +115,51 @@ def capture(**settings: Any) -> Iterator[Capture]:
     ``configure()`` arguments to change a setting (``budgets=...``, ``log_level="debug"``).
     The configuration in force before is restored afterwards.
     """
-    previous = get_runtime()
     cap = Capture()
     values = {"exporter": "memory", **settings}
     built = _config.build_settings(env={}, **values)
-    # The configuration in force is set aside, not closed: the application's exporters,
-    # log file and processors come back exactly as they were (and captures nest).
-    cap._runtime = _config.apply(built, log_sink=cap._write, retire=False)
+    with _OPEN_LOCK:
+        previous = get_runtime()
+        # The configuration in force is set aside, not closed: the application's
+        # exporters, log file and processors come back exactly as they were (and captures
+        # nest).
+        cap._runtime = _config.apply(built, log_sink=cap._write, retire=False)
+        _OPEN.append((cap, previous))
     try:
         yield cap
     finally:
-        _config.restore(previous)
+        _close(cap)
+
+
+#: The captures open now, in the order they were opened, each with the configuration that
+#: was in force when it was (what closing it puts back).
+_OPEN: list[tuple[Capture, Runtime]] = []
+_OPEN_LOCK = threading.Lock()
+
+
+def _close(cap: Capture) -> None:
+    """End ``cap``: put back what was before it, even when captures overlapped.
+
+    Captures opened in one task or thread nest: the last opened closes first, and the one
+    around it records again. Captures in concurrent tasks or threads can overlap instead
+    (the first opened closes first): the configuration is the process's, so while both
+    were open, what either ran was recorded by the last opened; a warning says so. The one
+    still open then puts back, when it closes, what was in force before the first.
+    """
+    with _OPEN_LOCK:
+        index = next(i for i, (open_cap, _) in enumerate(_OPEN) if open_cap is cap)
+        _, previous = _OPEN.pop(index)
+        if index == len(_OPEN):  # the last opened: what was before it comes back
+            _config.restore(previous)
+            return
+        later, _ = _OPEN[index]
+        _OPEN[index] = (later, previous)
+        if cap._runtime is not None:
+            _config.retire_set_aside(cap._runtime)
+    warnings.warn(
+        "rag_instrument.testing.capture(): this capture ended while one opened after it "
+        "(in another task or thread) was still open; the configuration is the process's, "
+        "so what both blocks ran while both were open was recorded by the later one",
+        RuntimeWarning,
+        stacklevel=4,
+    )
