@@ -142,3 +142,66 @@ def test_demo_milvus_index_on_a_given_file_drops_its_collection(tmp_path: Path) 
         assert index.collection not in client.list_collections()
     finally:
         client.close()
+
+
+def test_sweep_loads_a_collection_another_process_made(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Milvus Lite keeps no collection loaded across processes: the documented
+    # `rag-instrument sweep ./milvus.db ...` failed with "call load() before search".
+    import subprocess
+    import sys
+    import textwrap
+
+    path = tmp_path / "other.db"
+    code = textwrap.dedent(
+        f"""
+        import random
+        from pymilvus import DataType, MilvusClient
+        client = MilvusClient({str(path)!r})
+        schema = MilvusClient.create_schema(auto_id=False)
+        schema.add_field("pk", DataType.INT64, is_primary=True)
+        schema.add_field("emb", DataType.FLOAT_VECTOR, dim={DIM})
+        params = client.prepare_index_params()
+        params.add_index("emb", index_type="IVF_FLAT", metric_type="L2", params={{"nlist": 8}})
+        client.create_collection("docs", schema=schema, index_params=params)
+        rng = random.Random(1)
+        rows = [{{"pk": i, "emb": [rng.gauss(0, 1) for _ in range({DIM})]}} for i in range(300)]
+        client.insert("docs", rows)
+        client.flush("docs")
+        client.close()
+        """
+    )
+    made = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert made.returncode == 0, made.stderr
+    args = ["sweep", str(path), "--collection", "docs", "--param", "nprobe", "--values", "1,8"]
+    status = main([*args, "--queries", "10", "--format", "json"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert [row["value"] for row in json.loads(out)] == [1, 8]
+
+
+def test_sweep_command_refuses_bad_input_in_one_line(
+    lite: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An unreachable server, a missing exact collection, a bad queries file: exit 2 and a
+    # line naming the culprit (a traceback and exit 1 before).
+    cases = [
+        (["http://127.0.0.1:1", *IVF, "--values", "1"], "Milvus at http://127.0.0.1:1"),
+        ([lite, *IVF, "--values", "1", "--exact-collection", "nope"], "--exact-collection"),
+    ]
+    bad_file = tmp_path / "queries.json"
+    bad_file.write_text("not json")
+    cases.append(([lite, *IVF, "--values", "1", "--queries-file", str(bad_file)], str(bad_file)))
+    for args, named in cases:
+        assert main(["sweep", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert named in err
+        assert "Traceback" not in err
+    for option in (["--target-recall", "1.5"], ["--target-recall", "nan"], ["--param", " "]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["sweep", lite, "--collection", "ivf", "--param", "nprobe", "--values", "1", *option])
+        assert exit_info.value.code == 2
+        assert option[0] in capsys.readouterr().err

@@ -392,6 +392,21 @@ def test_sweep_validation() -> None:
         ri.sweep(_Clock(), "nprobe", [1], [1], ground_truth=[[1]], k=0)
     with pytest.raises(ValueError, match="param"):
         ri.sweep(_Clock(), "", [1], [1], ground_truth=[[1]])
+    with pytest.raises(ValueError, match="search must be a function"):
+        ri.sweep(None, "nprobe", [1], [1], ground_truth=[[1]])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="ground_truth must be"):
+        ri.sweep(_Clock(), "nprobe", [1], [1], ground_truth=5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="an entry is not a list of ids"):
+        ri.sweep(_Clock(), "nprobe", [1], [1, 2], ground_truth=["0123456789", "abc"])
+    with pytest.raises(TypeError, match="must return the ids"):
+        ri.sweep(lambda q, **p: None, "nprobe", [1], [1], ground_truth=[[1]])
+
+
+@pytest.mark.parametrize("target", [1.5, -0.1, 0.0, float("nan"), "x", True])
+def test_format_table_refuses_a_target_recall_that_is_not_one(target: Any) -> None:
+    rows = [ri.SweepRow("nprobe", 1, 0.5, 0.9, 2000.0, 0.42, 10, 50)]
+    with pytest.raises(ValueError, match="target_recall"):
+        ri.format_table(rows, target_recall=target)
 
 
 def test_format_table_marks_the_fastest_value_reaching_the_target() -> None:

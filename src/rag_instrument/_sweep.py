@@ -148,10 +148,13 @@ def sweep(
         One :class:`SweepRow` per value, in the order of ``values``.
 
     Raises:
-        ValueError: empty ``param``, ``values`` or ``queries``, a non-positive ``k``, a
-            negative ``warmup``, or a ground-truth list whose length differs from
-            ``queries``.
+        ValueError: ``search`` is not callable; empty ``param``, ``values`` or ``queries``;
+            a non-positive ``k``; a negative ``warmup``; a ``ground_truth`` that is neither
+            a function nor a list of id lists, or whose length differs from ``queries``.
+        TypeError: ``search`` returned an awaitable, or something that is not a list.
     """
+    if not callable(search):
+        raise ValueError(f"sweep: search must be a function of a query, got {search!r:.80}")  # noqa: TRY004
     if not isinstance(param, str) or not param:
         raise ValueError(f"sweep: param must be a non-empty string, got {param!r}")
     values = list(values)
@@ -166,7 +169,15 @@ def sweep(
     if callable(ground_truth):
         truth = [list(ground_truth(q))[:k] for q in queries]
     else:
-        truth = [list(ids)[:k] for ids in ground_truth]
+        accepted = "a list of id lists (one per query) or a function of a query"
+        if isinstance(ground_truth, str | bytes) or not hasattr(ground_truth, "__iter__"):
+            raise ValueError(f"sweep: ground_truth must be {accepted}, got {ground_truth!r:.80}")
+        entries = list(ground_truth)
+        if any(isinstance(ids, str | bytes) or not hasattr(ids, "__iter__") for ids in entries):
+            raise ValueError(
+                f"sweep: ground_truth must be {accepted}; an entry is not a list of ids"
+            )
+        truth = [list(ids)[:k] for ids in entries]
         if len(truth) != len(queries):
             raise ValueError(
                 f"sweep: ground_truth has {len(truth)} entries for {len(queries)} queries"
@@ -184,6 +195,10 @@ def sweep(
             latencies.append(time.perf_counter() - started)
             if inspect.isawaitable(hits):
                 raise TypeError("sweep: search returned an awaitable; pass a synchronous search")
+            if hits is None or isinstance(hits, str | bytes) or not hasattr(hits, "__iter__"):
+                raise TypeError(
+                    f"sweep: search must return the ids (or hits) it found, got {hits!r:.80}"
+                )
             recalls.append(recall_at_k(_ids(hits, k), exact, k))
         total = sum(latencies)
         latencies.sort()
@@ -218,6 +233,15 @@ def format_table(
         target_recall: name the fastest value reaching this recall under the table
             (``None``: no such line).
     """
+    if target_recall is not None and (
+        isinstance(target_recall, bool)
+        or not isinstance(target_recall, int | float)
+        or not 0.0 < target_recall <= 1.0
+    ):
+        raise ValueError(
+            f"format_table: target_recall must be above 0 and at most 1, or None, "
+            f"got {target_recall!r}"
+        )
     typed = [row if isinstance(row, SweepRow) else SweepRow(**dict(row)) for row in rows]
     if not typed:
         return "(no rows)"

@@ -260,3 +260,26 @@ def test_unusable_connection_text_never_echoes_its_password(
     out, err = capsys.readouterr()
     assert "KVsecret8" not in out + err
     assert err.count("\n") == 1  # one line, no traceback
+
+
+
+@pytest.mark.parametrize("timeout", ["nan", "inf", "0", "-1", "soon"])
+def test_connect_timeout_must_be_a_positive_number(
+    timeout: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = "postgresql://postgres@127.0.0.1:5432/test"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["db-doctor", url, "--connect-timeout", timeout])
+    assert exit_info.value.code == 2
+    assert "--connect-timeout" in capsys.readouterr().err
+
+
+def test_an_async_driver_url_is_read_through_psycopg(capsys: pytest.CaptureFixture[str]) -> None:
+    # postgresql+asyncpg:// (an app's async URL, pasted as it is) said it could not connect.
+    require_role("rag_reader")
+    url = "postgresql+asyncpg://rag_reader:pw-unused@127.0.0.1:5432/test"
+    assert main(["db-doctor", url, "--format", "json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["database"]["rows"][0]["database"] == "test"
+    assert "never awaited" not in err
+    assert "pw-unused" not in out + err

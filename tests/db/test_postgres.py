@@ -304,6 +304,8 @@ def test_diagnose_is_read_only(pg: tuple[Engine, str], monkeypatch: pytest.Monke
 def test_diagnose_refuses_other_databases() -> None:
     with pytest.raises(ValueError, match="PostgreSQL"):
         postgres.diagnose(create_engine("sqlite://"))
+    with pytest.raises(TypeError, match=r"create_engine\(url\)"):
+        postgres.diagnose("postgresql://postgres@127.0.0.1:5432/test")  # type: ignore[arg-type]
 
 
 @pytest.mark.asyncio

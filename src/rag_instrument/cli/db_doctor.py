@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import urllib.parse
@@ -21,6 +22,20 @@ from rag_instrument._sanitize import is_secret_key, redact_text
 __all__ = ["add_parser", "mask_url", "render_table", "run"]
 
 _EXIT_UNREACHABLE = 2
+
+
+#: Drivers of SQLAlchemy's async engines: the report is read through psycopg instead.
+_ASYNC_DRIVERS = frozenset({"asyncpg", "psycopg_async", "aiopg"})
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 def add_parser(subparsers: Any) -> None:
@@ -36,7 +51,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--top", type=_positive_int, default=10, help="rows per ranked section (default 10)"
     )
-    parser.add_argument("--connect-timeout", type=float, default=5.0, help="seconds (default 5)")
+    parser.add_argument(
+        "--connect-timeout", type=_seconds, default=5.0, help="seconds (default 5)"
+    )
     parser.set_defaults(func=run)
 
 
@@ -205,6 +222,9 @@ def _run_url(raw: str, url: Any, shown: str, args: argparse.Namespace) -> int:
         return _error(f"only PostgreSQL is supported, got {url.get_backend_name()!r}")
     if url.get_driver_name() in ("", "psycopg2") and "+" not in url.drivername:
         url = url.set(drivername="postgresql+psycopg")  # psycopg 3 comes with the extra
+    elif url.get_driver_name() in _ASYNC_DRIVERS:
+        # The report reads through a sync engine: the same server through psycopg.
+        url = url.set(drivername="postgresql+psycopg")
     connect_args: dict[str, Any] = {}
     if url.get_driver_name() in ("psycopg", "psycopg2"):
         connect_args["connect_timeout"] = max(1, round(args.connect_timeout))

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rag_instrument._sanitize import redact_text
 from rag_instrument.vector import SweepRow, format_table, sweep
 
 __all__ = ["add_parser", "exact_search", "run"]
@@ -47,6 +48,22 @@ def _values(text: str) -> list[Any]:
     return out
 
 
+def _recall(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a recall above 0 and at most 1, got {text!r}")
+    return value
+
+
+def _name(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a name, got an empty one")
+    return text.strip()
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -65,9 +82,11 @@ def add_parser(subparsers: Any) -> None:
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     parser.add_argument("uri", help="Milvus URI (http://host:19530) or a Milvus Lite file (.db)")
-    parser.add_argument("--collection", required=True, help="the collection to search")
     parser.add_argument(
-        "--param", required=True, help="the search parameter to vary (nprobe, ef, ...)"
+        "--collection", required=True, type=_name, help="the collection to search"
+    )
+    parser.add_argument(
+        "--param", required=True, type=_name, help="the search parameter to vary (nprobe, ef, ...)"
     )
     parser.add_argument(
         "--values", required=True, type=_values, help="comma-separated values, e.g. 1,4,16,64"
@@ -92,7 +111,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--filter", default="", help="a filter expression for every search")
     parser.add_argument("--seed", type=int, default=0, help="query sampling seed (default 0)")
     parser.add_argument(
-        "--target-recall", type=float, default=0.95, help="recall to reach (default 0.95)"
+        "--target-recall", type=_recall, default=0.95, help="recall to reach (default 0.95)"
     )
     parser.add_argument("--token", default="", help="Milvus token (user:password)")
     parser.add_argument("--format", choices=("table", "json"), default="table")
@@ -209,9 +228,21 @@ def run(args: argparse.Namespace) -> int:
         print(_HINT, file=sys.stderr)
         return 2
     try:
+        from pymilvus.exceptions import MilvusException
+    except ImportError:  # pragma: no cover - an older layout: its errors are Exceptions
+        MilvusException = Exception
+    try:
         rows = _run(args, MilvusClient)
     except (ValueError, OSError) as exc:
         print(f"rag-instrument sweep: {exc}", file=sys.stderr)
+        return 2
+    except MilvusException as exc:  # an unreachable server, a bad filter or parameter
+        message = str(getattr(exc, "message", "") or exc).splitlines()[0] if str(exc) else ""
+        print(
+            f"rag-instrument sweep: Milvus at {redact_text(args.uri)}: "
+            f"{message or type(exc).__name__}",
+            file=sys.stderr,
+        )
         return 2
     if args.format == "json":
         print(json.dumps([row.as_dict() for row in rows], indent=2))
@@ -220,15 +251,37 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _queries_from(path: Path) -> list[list[float]]:
+    """The query vectors of ``--queries-file`` (a JSON list of lists of numbers)."""
+    try:
+        vectors = json.loads(path.read_text())
+        return [list(map(float, vector)) for vector in vectors]
+    except OSError as exc:
+        raise ValueError(f"--queries-file {path}: {exc.strerror or exc}") from None
+    except (ValueError, TypeError):
+        raise ValueError(
+            f"--queries-file {path}: expected a JSON list of vectors (lists of numbers)"
+        ) from None
+
+
 def _run(args: argparse.Namespace, client_class: Any) -> list[SweepRow]:
     client = client_class(args.uri, token=args.token) if args.token else client_class(args.uri)
     try:
         if not client.has_collection(args.collection):
-            raise ValueError(f"no collection {args.collection!r} at {args.uri}")
+            raise ValueError(f"no collection {args.collection!r} at {redact_text(args.uri)}")
+        if args.exact_collection and not client.has_collection(args.exact_collection):
+            raise ValueError(
+                f"no collection {args.exact_collection!r} (--exact-collection) at "
+                f"{redact_text(args.uri)}"
+            )
+        # A collection is searchable once loaded; Milvus Lite does not keep a collection
+        # loaded across processes, and a server may have released it.
+        for name in {args.collection, args.exact_collection} - {None}:
+            client.load_collection(name)
         primary, field, metric = _schema(client, args.collection, args.field)
         data: list[tuple[Any, list[float]]] | None = None
         if args.queries_file is not None:
-            queries = [list(map(float, v)) for v in json.loads(args.queries_file.read_text())]
+            queries = _queries_from(args.queries_file)
         else:
             data = _read_rows(client, args.collection, primary, field, args.max_exact, args.filter)
             if not data:

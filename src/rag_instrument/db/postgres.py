@@ -468,6 +468,10 @@ def diagnose(engine: Engine, *, top: int = 10) -> Report:
     """
     if hasattr(engine, "sync_engine"):  # an AsyncEngine: its connect() is async
         raise TypeError("diagnose() takes a sync Engine; for an AsyncEngine use adiagnose()")
+    if not hasattr(engine, "dialect") or not callable(getattr(engine, "connect", None)):
+        raise TypeError(
+            f"diagnose() takes a SQLAlchemy Engine (create_engine(url)), got {engine!r:.80}"
+        )
     if engine.dialect.name != "postgresql":
         raise ValueError(f"diagnose() needs a PostgreSQL engine, not {engine.dialect.name}")
     _check_top(top)
