@@ -342,6 +342,24 @@ async def test_server_timing_lists_stages_and_breakdown_totals() -> None:
 
 
 @pytest.mark.asyncio
+async def test_server_timing_names_each_thing_once() -> None:
+    # An EMBEDDING stage doing embedding calls listed "embedding" twice: the stage and the
+    # breakdown's total; a stage called "total" clashed with the request's total.
+    async def endpoint(request: Request) -> Response:
+        with ri.stage(ri.PipelineStage.EMBEDDING):
+            _breakdown.record("embedding", 3.0)
+        with ri.stage("total"):
+            pass
+        return PlainTextResponse("ok")
+
+    app = ri.RequestMiddleware(Starlette(routes=[Route("/e", endpoint)]))
+    with capture():
+        response = await get(app, "/e")
+    names = [part.strip().split(";")[0] for part in response.headers["server-timing"].split(",")]
+    assert names == ["embedding-stage", "total-stage", "embedding", "total"]
+
+
+@pytest.mark.asyncio
 async def test_server_timing_can_be_turned_off() -> None:
     with capture():
         response = await get(build_timed_app(server_timing=False), "/s")

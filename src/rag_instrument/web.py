@@ -244,6 +244,10 @@ def _token(name: str) -> str:
     return _TOKEN_BAD.sub("_", name)[:64] or "stage"
 
 
+#: The names the header's totals take: a stage of the same name is listed as "<name>-stage".
+_TOTAL_NAMES: Final = frozenset({*attr.BREAKDOWN_KINDS, attr.BREAKDOWN_CACHE, "total"})
+
+
 def server_timing(
     timings: _breakdown.StageTimings | None,
     breakdown: dict[str, dict[str, float]] | None,
@@ -254,12 +258,17 @@ def server_timing(
     Each stage once (runs of the same stage summed, ``desc`` says how many), then the
     ``db``, ``llm``, ``vector`` and ``embedding`` totals of the breakdown, the ``cache``
     hits and misses, and ``total``: the time from the request to its response headers.
+    A stage named like one of those (``embedding``, say) is listed as ``embedding-stage``,
+    so that every name in the header is one thing.
     """
     parts: list[str] = []
     if timings is not None:
         for name, (runs, ms) in list(timings.by_name.items()):
             desc = f';desc="{int(runs)} runs"' if runs > 1 else ""
-            parts.append(f"{_token(name)};dur={ms:.1f}{desc}")
+            token = _token(name)
+            if token in _TOTAL_NAMES:  # a stage named like a total (PipelineStage.EMBEDDING)
+                token += "-stage"
+            parts.append(f"{token};dur={ms:.1f}{desc}")
     if breakdown:
         for kind in attr.BREAKDOWN_KINDS:
             values = breakdown.get(kind)
