@@ -352,11 +352,21 @@ async def test_server_timing_names_each_thing_once() -> None:
             pass
         return PlainTextResponse("ok")
 
-    app = ri.RequestMiddleware(Starlette(routes=[Route("/e", endpoint)]))
+    async def plain(request: Request) -> Response:
+        with ri.stage(ri.PipelineStage.EMBEDDING):  # no embedding total: no clash
+            pass
+        return PlainTextResponse("ok")
+
+    app = ri.RequestMiddleware(
+        Starlette(routes=[Route("/e", endpoint), Route("/p", plain)])
+    )
     with capture():
         response = await get(app, "/e")
+        alone = await get(app, "/p")
     names = [part.strip().split(";")[0] for part in response.headers["server-timing"].split(",")]
     assert names == ["embedding-stage", "total-stage", "embedding", "total"]
+    names = [part.strip().split(";")[0] for part in alone.headers["server-timing"].split(",")]
+    assert names == ["embedding", "total"]
 
 
 @pytest.mark.asyncio

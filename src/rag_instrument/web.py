@@ -244,7 +244,7 @@ def _token(name: str) -> str:
     return _TOKEN_BAD.sub("_", name)[:64] or "stage"
 
 
-#: The names the header's totals take: a stage of the same name is listed as "<name>-stage".
+#: The names of the header's totals: a stage of the same name is listed as "<name>-stage".
 _TOTAL_NAMES: Final = frozenset({*attr.BREAKDOWN_KINDS, attr.BREAKDOWN_CACHE, "total"})
 
 
@@ -258,15 +258,19 @@ def server_timing(
     Each stage once (runs of the same stage summed, ``desc`` says how many), then the
     ``db``, ``llm``, ``vector`` and ``embedding`` totals of the breakdown, the ``cache``
     hits and misses, and ``total``: the time from the request to its response headers.
-    A stage named like one of those (``embedding``, say) is listed as ``embedding-stage``,
-    so that every name in the header is one thing.
+    A stage named like one of the totals listed (``embedding`` around embedding calls, say)
+    is listed as ``embedding-stage``, so that every name in the header is one thing.
     """
     parts: list[str] = []
     if timings is not None:
+        # The totals this header lists: a stage of the same name is renamed, not they.
+        totals = {"total"}
+        if breakdown:
+            totals.update(kind for kind in _TOTAL_NAMES if breakdown.get(kind))
         for name, (runs, ms) in list(timings.by_name.items()):
             desc = f';desc="{int(runs)} runs"' if runs > 1 else ""
             token = _token(name)
-            if token in _TOTAL_NAMES:  # a stage named like a total (PipelineStage.EMBEDDING)
+            if token in totals:  # e.g. the EMBEDDING stage around embedding calls
                 token += "-stage"
             parts.append(f"{token};dur={ms:.1f}{desc}")
     if breakdown:
