@@ -41,11 +41,9 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import threading
 import time
-import weakref
 from bisect import bisect_left
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +75,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from rag_instrument._context import current_span
 from rag_instrument._leaf import CONTEXT_IS_TUPLE
+from rag_instrument._utils import renew_after_fork
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -117,20 +116,6 @@ def _frozen(attributes: Mapping[str, Any] | None) -> frozenset[tuple[str, Any]]:
     return frozenset(
         (k, tuple(v) if isinstance(v, list | tuple) else v) for k, v in attributes.items()
     )
-
-
-#: Every instrument and hub alive, for new locks in a forked child (a lock another thread
-#: held at the fork would stay locked there for good).
-_LOCKED: weakref.WeakSet[Any] = weakref.WeakSet()
-
-
-def _new_locks_after_fork() -> None:
-    for owner in list(_LOCKED):
-        owner._lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_locks_after_fork)
 
 
 class _Series:
@@ -203,7 +188,7 @@ class _Instrument:
         self._unit = unit
         self._description = description
         self._lock = threading.Lock()
-        _LOCKED.add(self)
+        renew_after_fork(self)  # a lock held by another thread at a fork: a new one
         # The interval since the last collection: by the caller's attribute order (the hot
         # path's key) and by attribute set (what the points are made of).
         self._live: dict[Any, _Series] = {}
@@ -411,7 +396,7 @@ class MetricsHub:
             self.exemplar_mode = _EXEMPLARS_CUSTOM
             self.exemplar_filter = exemplar_filter
         self._lock = threading.Lock()
-        _LOCKED.add(self)
+        renew_after_fork(self)  # a lock held by another thread at a fork: a new one
         self._instruments: dict[tuple[str, str], _Instrument] = {}
         self._readers: list[_ReaderState] = []
 

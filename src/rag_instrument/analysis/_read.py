@@ -221,10 +221,10 @@ def read_blocks(source: Source, report: InputReport) -> Iterator[tuple[int, list
     for raw in _raw_blocks(source, report, lambda: f"line {line_no - 1}"):  # noqa: B023
         block = raw
         if skipping:
-            end = block.find(b"\n")
-            if end < 0:
+            rest = _after_line_end(block)
+            if rest is None:
                 continue
-            block, skipping = block[end + 1 :], False
+            block, skipping = rest, False
             line_no += 1
         lines = (tail + block).split(b"\n") if tail else block.split(b"\n")
         tail = lines.pop()  # the unfinished last line waits for the next block
@@ -257,10 +257,10 @@ def read_chunks(source: Source, report: InputReport) -> Iterator[bytes | None]:
         done += len(raw)
         block = raw
         if skipping:
-            first = block.find(b"\n")
-            if first < 0:
+            rest = _after_line_end(block)
+            if rest is None:
                 continue
-            block, skipping = block[first + 1 :], False
+            block, skipping = rest, False
         end = block.rfind(b"\n")
         if end < 0:
             tail += block
@@ -272,6 +272,12 @@ def read_chunks(source: Source, report: InputReport) -> Iterator[bytes | None]:
         tail = block[end + 1 :]
     if tail and not _cut(source, report):
         yield b"".join((b"\n", tail, b"\n"))
+
+
+def _after_line_end(block: bytes) -> bytes | None:
+    """What follows the first line end in ``block`` (``None``: the line goes on)."""
+    end = block.find(b"\n")
+    return None if end < 0 else block[end + 1 :]
 
 
 def _cut(source: Source, report: InputReport) -> bool:
