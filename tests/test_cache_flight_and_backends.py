@@ -403,3 +403,130 @@ def test_cache_settings_that_would_cache_nothing_fail_at_definition() -> None:
 
             async def _generate(self, prompt: str, **params: Any) -> str:
                 return prompt
+
+
+# --- single flight: answers never stored, other event loops, failing backends --------------
+
+
+def test_identical_calls_whose_answer_is_not_stored_are_made_at_once(waiters: Waiters) -> None:
+    # A tuple is refused by the cache: after the leader, the four calls that waited on it
+    # each make their own call, together, not one after another (a barrier of four).
+    together = threading.Barrier(4, timeout=30)
+    calls: list[str] = []
+    lock = threading.Lock()
+
+    @cached(ttl=60)
+    def lookup(query: str) -> tuple[str, int]:
+        with lock:
+            first = not calls
+            calls.append(query)
+        if first:
+            assert waiters.wait_for(4)
+        else:
+            together.wait()  # broken (after 30 s) if the calls run one at a time
+        return (query, 1)
+
+    results: list[object] = []
+    threads = [threading.Thread(target=lambda: results.append(lookup("q"))) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert results == [("q", 1)] * 5
+    assert len(calls) == 5
+
+
+def test_tool_call_answers_waited_on_are_asked_for_at_once(waiters: Waiters) -> None:
+    together = threading.Barrier(3, timeout=30)
+    calls: list[int] = []
+    lock = threading.Lock()
+
+    class Tools(ri.CacheMixin, ri.LLMProvider):
+        system, model = "acme", "tool-model"
+
+        async def _generate(self, prompt: str, **params: Any) -> ri.LLMResult:
+            with lock:
+                first = not calls
+                calls.append(1)
+            if first:
+                assert await asyncio.to_thread(waiters.wait_for, 3)
+            else:
+                await asyncio.to_thread(together.wait)
+            return ri.LLMResult("call search()", finish_reason="tool_calls")
+
+    async def main() -> list[ri.LLMResult]:
+        provider = Tools()
+        return list(await asyncio.gather(*(provider.generate("q") for _ in range(4))))
+
+    results = asyncio.run(main())
+    assert [r.finish_reason for r in results] == ["tool_calls"] * 4
+    assert len(calls) == 4
+
+
+def test_single_flight_spans_event_loops_in_other_threads(waiters: Waiters) -> None:
+    # Eight threads, each with its own loop (asyncio.run in a worker): one underlying call.
+    calls: list[int] = []
+
+    @cached(ttl=60)
+    async def answer(query: str) -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            assert await asyncio.to_thread(waiters.wait_for, 7)
+        return query.upper()
+
+    results: list[str] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(asyncio.run(answer("q"))))
+        for _ in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert results == ["Q"] * 8
+    assert len(calls) == 1
+    assert answer.cache_info().hits == 7  # type: ignore[attr-defined]
+
+
+class _FailingBackend:
+    def __init__(self, *, get: bool, set: bool) -> None:
+        self.fail_get, self.fail_set = get, set
+
+    def get(self, key: str) -> bytes | None:
+        if self.fail_get:
+            raise ConnectionError("backend down")
+        return None
+
+    def set(self, key: str, value: bytes, ttl: float | None) -> None:
+        if self.fail_set:
+            raise ConnectionError("backend down")
+
+    def clear(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("fail_get", "fail_set"), [(True, False), (False, True), (True, True)])
+def test_a_failing_backend_of_the_apps_own_never_fails_the_call(
+    fail_get: bool, fail_set: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = _FailingBackend(get=fail_get, set=fail_set)
+    made: list[str] = []
+
+    class Model(ri.CacheMixin, ri.LLMProvider):
+        system, model = "acme", "m"
+        cache_backend = backend
+
+        async def _generate(self, prompt: str, **params: Any) -> str:
+            made.append(prompt)
+            return "answer"
+
+    @cached(backend=backend)
+    def double(x: int) -> int:
+        return x * 2
+
+    with caplog.at_level("WARNING", logger="rag_instrument"):
+        assert asyncio.run(Model().generate("q")) == "answer"
+        assert double(2) == 4
+    assert made == ["q"]  # the answer paid for is returned, not lost
+    assert "_FailingBackend" in caplog.text
+    assert "serving without the cache" in caplog.text

@@ -8,6 +8,7 @@ not kept for later callers); if it is cancelled, one waiter takes over instead.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import math
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
@@ -65,49 +66,49 @@ class CacheInfo(NamedTuple):
 
 
 class _Flight:
-    """One underlying call in progress, and how it ended (for the calls waiting on it)."""
+    """One underlying call in progress, and how it ended (for the calls waiting on it).
 
-    __slots__ = ("data", "done", "error", "loop", "value")
+    Its end is a ``concurrent.futures.Future``, so that calls waiting in other threads and
+    on other event loops (a worker thread's ``asyncio.run``) share it too; it is marked
+    running at once, so that no waiter can cancel it.
+    """
+
+    __slots__ = ("answered", "data", "done", "error", "loop", "value")
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
-        self.loop = loop
-        self.done: threading.Event | asyncio.Future[None] = (
-            threading.Event() if loop is None else loop.create_future()
-        )
+        self.loop = loop  # the leader's loop, or None for a thread's call
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        done.set_running_or_notify_cancel()
+        self.done = done
+        self.answered = False  # the leader's call returned (stored or not)
         self.data: bytes | None = None  # the result's JSON, if it was stored
         self.value: Any = NOT_KEPT  # the result itself, if immutable
         self.error: Exception | None = None  # the leader's failure (not a cancellation)
 
     def settle(self, value: Any, data: bytes | None) -> None:
+        self.answered = True
         self.data = data
         if data is not None and keepable(value):
             self.value = value
 
     def wait(self) -> None:
-        """Block until the leader finished (a thread's flight)."""
-        done = self.done
-        assert isinstance(done, threading.Event)
-        done.wait()
+        """Block until the leader finished."""
+        self.done.result()
 
     async def await_done(self) -> None:
-        """Wait until the leader finished (a task's flight); never cancels the leader."""
-        done = self.done
-        assert isinstance(done, asyncio.Future)
-        await asyncio.shield(done)
+        """Wait until the leader finished, in any thread or loop; never cancels the leader."""
+        await asyncio.shield(asyncio.wrap_future(self.done))
 
     def finish(self) -> None:
-        """Wake the calls waiting on this flight (in the leader's thread or loop)."""
-        done = self.done
-        if isinstance(done, threading.Event):
-            done.set()
-        elif not done.done():
-            done.set_result(None)
+        """Wake the calls waiting on this flight."""
+        if not self.done.done():
+            self.done.set_result(None)
 
     def outcome(self, types: ValueTypes) -> tuple[bool, Any]:
         """What a waiter gets: ``(True, value)``, or the leader's exception raised.
 
-        ``(False, None)`` when the leader was cancelled or its result could not be stored:
-        the waiter takes over.
+        ``(False, None)`` when the leader was cancelled (a waiter takes over) or its result
+        was not stored (:attr:`answered`: each waiter makes its own call).
         """
         if self.error is not None:
             raise self.error
@@ -116,6 +117,14 @@ class _Flight:
         if self.data is not None:
             return True, _keys.decode_value(self.data, types)
         return False, None
+
+
+def _backend_failed(backend: object, method: str, exc: Exception) -> None:
+    """Say (at most every 20 s) that a cache backend failed; the call goes on without it."""
+    warn_once.warning(
+        f"rag_instrument: cache backend {type(backend).__qualname__}.{method}() failed "
+        f"({type(exc).__name__}); serving without the cache"
+    )
 
 
 #: Types refused for what one value holds (a NaN, a tuple inside), not for being that type:
@@ -166,7 +175,11 @@ class Store:
                 return True, entry[1]  # immutable: no need to decode it again
             data: bytes | None = entry[0]
         else:
-            data = self.backend.get(key)
+            try:
+                data = self.backend.get(key)
+            except Exception as exc:  # a backend of the application's own: a miss
+                _backend_failed(self.backend, "get", exc)
+                return False, None
             if data is None:
                 return False, None
         try:
@@ -198,8 +211,12 @@ class Store:
             return None
         if self.memory is not None:
             self.memory.set_value(key, data, value)
-        else:
+            return data
+        try:
             self.backend.set(key, data, self.ttl)
+        except Exception as exc:  # a backend of the application's own: not stored
+            _backend_failed(self.backend, "set", exc)
+            return None
         return data
 
     async def alookup(self, key: str) -> tuple[bool, Any]:
@@ -237,7 +254,9 @@ class Store:
         while True:
             with self.lock:
                 flight = self.flights.get(key)
-                if flight is None or flight.loop is not loop:
+                # A thread's call never blocks on a flight led on an event loop (which may
+                # be this thread's own); a task waits on any flight without blocking.
+                if flight is None or (loop is None and flight.loop is not None):
                     mine = self.flights[key] = _Flight(loop)
                     break
             yield wait, (flight,)
@@ -245,7 +264,12 @@ class Store:
             found, value = flight.outcome(self.types)  # raises the leader's exception
             if found:
                 return value, COALESCED
-            # The leader was interrupted (or its result not stored): one waiter takes over.
+            if flight.answered:
+                # An answer never stored (a tool call, a type the cache refuses): each call
+                # is made as if uncached, all at once, not one after another.
+                value = yield fn, ()
+                return value, MISS
+            # The leader was interrupted: one waiter takes over.
             found, value = yield lookup, (key,)
             if found:
                 return value, COALESCED if coalesced else HIT
