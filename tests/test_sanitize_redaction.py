@@ -128,6 +128,19 @@ RECALL = [
     ("api_key: truelyrandom", "truelyrandom"),
     ("pass: 1234", "1234"),
     ("jwt: " + "eyJhbGciOiJIUzI1NiJ9", "eyJhbGciOiJIUzI1NiJ9"),
+    # something between the name and the value's opening quote, or no closing quote
+    ("cannot connect with {'token': b'Zq8vTx3LmN0pRw5s'}", "Zq8vTx3LmN0pRw5s"),
+    ("Settings(db_password=b'Hunter2Bytes', port=5)", "Hunter2Bytes"),
+    ("{b'cookie': b'session=abc123XYZsess'}", "abc123XYZsess"),
+    ('{"password": ["S3cretPw"]}', "S3cretPw"),
+    ("password => 'S3cretPw'", "S3cretPw"),
+    ("login failed for password='S3cretPw", "S3cretPw"),
+    ('password="it\'s a secret" and more', "it's a secret"),
+    # "key=" with a credential-shaped value; provider prefixes glued to letters
+    ("signing with key=3f9a0c7b2e4d6f8a1b3c5d7e9f0a2b4c", "3f9a0c7b2e4d6f8a1b3c5d7e9f0a2b4c"),
+    ("https://maps.test/api?key=Hunter2PwXyz&q=x", "Hunter2PwXyz"),
+    ("openaikey" + _k("sk-proj-", 40), _k("sk-proj-", 40)[8:]),
+    ("x" * 10 + _k("sk-ant-api03-", 40), _k("sk-ant-api03-", 40)[13:]),
 ]  # fmt: skip
 
 # Text that must come out exactly as it went in.
@@ -155,6 +168,8 @@ PRECISION = [
     "http.request.header.accept: application/json",
     "cache_key: 3f2a",
     "key: value",
+    "key=value and key=primary",
+    "sort by key=name_of_field",
     "primary_key=id",
     "ghost_story about gh_pages",
     "the AKIA prefix names AWS keys",

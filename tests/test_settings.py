@@ -114,3 +114,13 @@ def test_errors_name_the_setting_and_the_variable(row: object) -> None:
 def test_unknown_setting_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="unknown setting"):
         build_settings(env={}, colour="blue")
+
+
+def test_an_invalid_setting_is_named_without_its_password() -> None:
+    # A mistyped endpoint (port "43l8") still carries a password: the error must not.
+    with pytest.raises(ValueError, match="otlp_endpoint") as raised:
+        ri.configure(
+            "svc", exporter="otlp", otlp_endpoint="http://collector:Sup3rSecretPw@otel:43l8"
+        )
+    assert "Sup3rSecretPw" not in str(raised.value)
+    assert "collector:[REDACTED]@otel:43l8" in str(raised.value)

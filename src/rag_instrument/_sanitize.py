@@ -157,7 +157,8 @@ _URL_USER_TOKEN: Final = re.compile(
 )
 _COOKIE: Final = re.compile(
     # The whole header value: every cookie in it may be a session.
-    r"""(?im)(\b(?:set-)?cookie["']?\s*[:=]\s*["']?)(?!\s*\[REDACTED\])[^\r\n"']+"""
+    r"""(?im)(\b(?:set-)?cookie["']?\s*[:=]\s*(?:[bB]?["'])?)"""
+    r"""(?!\s*[bB]?["']?\s*\[REDACTED\])[^\r\n"']+"""
 )
 _AUTH_HEADER: Final = re.compile(
     # Authorization: <scheme> <credentials> - whatever the credentials look like.
@@ -176,9 +177,13 @@ _AUTH_SCHEME: Final = re.compile(
 # long text costs far more.
 _SEPARATOR: Final = re.compile(r"[=:]")
 _SEPARATOR_ENCODED: Final = re.compile(r"[=:]|%3[dDaA]")  # also URL-encoded: password%3Dv
-_VALUE_AT: Final = re.compile(
-    r"""\s*(?!\[REDACTED)(?:(["'])([^"'\r\n]*)\1|(?!//)([^\s"'&,;}\])]+))"""
+# What may stand between the separator and a value's opening quote: blanks, the ">" of
+# "=>", an opening bracket (a list of one: ["v"]) and a string prefix (a bytes repr: b'v').
+_VALUE_LEAD: Final = re.compile(
+    r"""\s*(?:>\s*)?(?:[\[(]\s*(?=[bBrRuU]{0,2}["']))?(?:[bBrRuU]{1,2}(?=["']))?"""
 )
+_QUOTED: Final = {"'": re.compile(r"[^'\r\n]*"), '"': re.compile(r'[^"\r\n]*')}
+_BARE_VALUE: Final = re.compile(r"""(?!//)[^\s"'&,;}\])]+""")
 _NAME_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 _MAX_NAME: Final = 81
 _TOKEN_COUNT: Final = re.compile(r"[0-9][0-9_,.]{0,9}")
@@ -252,7 +257,11 @@ def _mask_provider_keys(text: str) -> str:
 # Identifiers that merely start with "sk-" ("sk-learn-compat", "sk-2024-plan") survive:
 # the key needs a provider's key prefix (sk-proj-, sk-ant-...), a run of 20+ letters and
 # digits (longer than words are), or of 12+ mixing letter cases or digits.
-_SK_KEY: Final = re.compile(r"(?<![A-Za-z0-9])sk-[A-Za-z0-9_-]{16,}")
+_SK_KEY: Final = re.compile(
+    # A provider's own prefix is specific enough to be found glued to a word too
+    # ("openaikeysk-proj-..."); a plain "sk-" needs a word boundary before it.
+    r"(?:(?<![A-Za-z0-9])sk-|sk-(?:proj|ant|svcacct|admin)-)[A-Za-z0-9_-]{16,}"
+)
 _RANDOM_RUN: Final = re.compile(r"[A-Za-z0-9]{12,}")
 
 
@@ -311,14 +320,30 @@ def _key_value_at(text: str, sep: int, sep_end: int) -> tuple[int, int] | None:
     if start > 0 and text[start - 1] == "%" and stop - start > 2:
         start += 2  # URL-encoded: "%3Fpassword%3D..." is "?password=..."
     key = text[start:stop].lstrip("-")  # a command-line option: --password=v
-    if not key or not (key[0].isalpha() or key[0] == "_") or not is_secret_key(key):
+    if not key or not (key[0].isalpha() or key[0] == "_"):
         return None
-    value = _VALUE_AT.match(text, sep_end)
-    if value is None:
+    # "key=<credential>" (a signing key, ?key= in a URL) names a secret where "key: value"
+    # in prose does not: only with "=" and a credential-shaped value of 8 or more.
+    bare_key = key.lower() == "key" and text[sep] != ":" and not text.startswith("%3a", sep)
+    if not bare_key and not is_secret_key(key):
         return None
-    quoted = value.group(2)
-    raw = quoted if quoted is not None else value.group(3)
+    value_start = _VALUE_LEAD.match(text, sep_end).end()  # type: ignore[union-attr]
+    if text.startswith("[REDACTED", value_start):
+        return None
+    quote = text[value_start : value_start + 1]
+    if quote in ("'", '"'):
+        # To the closing quote, or to the end of the line when there is none (a value cut
+        # off, or a quote left open: nothing after the opening quote can be trusted).
+        value_start += 1
+        raw = _QUOTED[quote].match(text, value_start).group(0)  # type: ignore[union-attr]
+    else:
+        bare = _BARE_VALUE.match(text, value_start)
+        if bare is None:
+            return None
+        raw = bare.group(0)
     if not raw:
+        return None
+    if bare_key and (len(raw) < 8 or not _credential_shaped(raw)):
         return None
     if raw.lower() in _AUTH_SCHEME_WORDS:
         return None  # "Authorization: Bearer ..." - the scheme pass masks the rest
@@ -326,7 +351,6 @@ def _key_value_at(text: str, sep: int, sep_end: int) -> tuple[int, int] | None:
         return None  # "token: None", "passphrase: (empty)", "pass: 3 of 5"
     if _TOKEN_COUNT.fullmatch(raw) and key.lower().rstrip("s").endswith("token"):
         return None  # "token: 512" counts tokens
-    value_start = value.start(2) if quoted is not None else value.start(3)
     return value_start, value_start + len(raw)  # quotes, if any, stay
 
 

@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+from rag_instrument._sanitize import redact_text
 from rag_instrument._utils import internal_logger
 
 if TYPE_CHECKING:
@@ -68,9 +69,14 @@ _META: Final = "rag_instrument.setting"
 
 
 def bad(name: str, origin: str, value: Any, accepted: str) -> ValueError:
-    """The error for an invalid setting: its name, value, origin and what is accepted."""
+    """The error for an invalid setting: its name, value, origin and what is accepted.
+
+    The value is shown redacted: a mistyped endpoint or DSN may carry a password, and the
+    error may end in a start-up log.
+    """
     return ValueError(
-        f"rag_instrument: invalid {name} {value!r} (from {origin}); expected {accepted}"
+        f"rag_instrument: invalid {name} {redact_text(repr(value))} (from {origin}); "
+        f"expected {accepted}"
     )
 
 
@@ -250,7 +256,8 @@ def _parse_log_file(name: str, value: Any, origin: str) -> str:
         os.close(fd)
     except OSError as exc:
         raise ValueError(
-            f"rag_instrument: invalid {name} {os.fspath(value)!r} (from {origin}): "
+            f"rag_instrument: invalid {name} {redact_text(repr(os.fspath(value)))} "
+            f"(from {origin}): "
             f"cannot write there ({exc.strerror or exc})"
         ) from None
     return str(path)
