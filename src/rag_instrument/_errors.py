@@ -21,7 +21,13 @@ from rag_instrument._registry import format_error
 from rag_instrument._sanitize import REDACTED, Sanitizer, safe_str
 from rag_instrument._utils import http_status
 
-__all__ = ["exception_chain", "exception_message", "hide_content", "remember_exception"]
+__all__ = [
+    "exception_chain",
+    "exception_message",
+    "hide_content",
+    "is_database_error",
+    "remember_exception",
+]
 
 
 def _type_name(value: object) -> str:
@@ -95,18 +101,30 @@ def _driver_values(match: re.Match[str]) -> str:
     return f"{match.group(2)}?"
 
 
+# asyncpg's check of a bound parameter: "invalid input for query argument $1: <the value,
+# quoted or not> (<why>)"; the value goes, the reason stays (its own quotes are masked).
+_ARGUMENT: Final = re.compile(r"(query argument \$\d+: ).*?( \((?:[^()]|\([^()]*\))*\))?$")
+# A value in single quotes (MySQL's "Duplicate entry 'a@b.c' for key ...", asyncpg's
+# arguments); PostgreSQL quotes names in double quotes, which stay.
+_SINGLE_QUOTED: Final = re.compile(r"'(?:[^']|'')*'")
+
+
 def _driver_message(exc: BaseException) -> str:
     # A database driver's own exception (psycopg's UniqueViolation ...): its first line says
     # what went wrong ("duplicate key value violates unique constraint ..."); the DETAIL,
     # HINT and CONTEXT lines after it quote the row's values. Keep the first line, with any
     # value it quotes replaced.
     first = safe_str(exc).split("\n", 1)[0].strip()
-    return f"{_type_name(exc)}: {_DRIVER_VALUES.sub(_driver_values, first)}"
+    first = _DRIVER_VALUES.sub(_driver_values, first)
+    first = _ARGUMENT.sub(lambda m: f"{m.group(1)}?{m.group(2) or ''}", first)
+    return f"{_type_name(exc)}: {_SINGLE_QUOTED.sub('?', first)}"
 
 
 def _is_driver_error(exc: BaseException) -> bool:
     module = type(exc).__module__ or ""
-    return module.split(".", 1)[0] in _DRIVER_ROOTS
+    # SQLAlchemy's adapters of async drivers (AsyncAdapt_asyncpg_dbapi.Error ...) carry
+    # the driver's message as their own.
+    return module.split(".", 1)[0] in _DRIVER_ROOTS or module.startswith("sqlalchemy.dialects.")
 
 
 # What the library learnt about an exception where it was raised: the safe summary an LLM
@@ -206,14 +224,14 @@ def exception_chain(exc: BaseException, limit: int = 16) -> list[BaseException]:
     return out
 
 
-def _own_message(exc: BaseException, capture_content: bool) -> str:
+def _own_message(exc: BaseException, capture_content: bool, from_driver: bool = False) -> str:
     remembered = _remembered(exc)
     if remembered is not None and remembered[0] is not None and not capture_content:
         return remembered[0]
     module = type(exc).__module__ or ""
     if module.startswith("sqlalchemy") and hasattr(exc, "statement"):
         return _statement_error_message(exc)
-    if _is_driver_error(exc):
+    if from_driver or _is_driver_error(exc):
         return _driver_message(exc)
     if not capture_content and f"{module}.".startswith(_SDK_MODULES):
         return _sdk_message(exc)
@@ -221,6 +239,19 @@ def _own_message(exc: BaseException, capture_content: bool) -> str:
     if rendered is not None:
         return rendered
     return safe_str(exc)
+
+
+def is_database_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a database driver's error or a SQLAlchemy statement error.
+
+    What such an error was raised from (asyncpg's ``ValueError: invalid UUID '<value>'``
+    while encoding a parameter) is the driver's own doing and quotes the same values: show
+    it with ``exception_message(..., from_driver=True)``.
+    """
+    module = type(exc).__module__ or ""
+    return (module.startswith("sqlalchemy") and hasattr(exc, "statement")) or _is_driver_error(
+        exc
+    )
 
 
 def _sensitive(exc: BaseException, capture_content: bool) -> bool:
@@ -242,6 +273,8 @@ def exception_message(
     capture_content: bool,
     hide: Sequence[str] = (),
     related: Sequence[BaseException] = (),
+    *,
+    from_driver: bool = False,
 ) -> str:
     """The text of ``exc`` that is safe to put on a span or a log line.
 
@@ -255,10 +288,12 @@ def exception_message(
     completions the enclosing stage saw) are hidden where quoted. ``related`` are the
     exception groups ``exc`` is a member of: a member made inside an ``except`` block
     (``ExceptionGroup("g", [SignupError(f"failed: {e}")])``) has no chain of its own, the
-    group holds it, so what the groups were raised from is looked at too. Never raises.
+    group holds it, so what the groups were raised from is looked at too.
+    ``from_driver``: ``exc`` is what a database error was raised from (see
+    :func:`is_database_error`): shown as a driver's own message is. Never raises.
     """
     try:
-        message = _own_message(exc, capture_content)
+        message = _own_message(exc, capture_content, from_driver)
         hidden: list[str] = [] if capture_content else list(hide)
         secrets: list[str] = []
         links = exception_chain(exc)

@@ -34,7 +34,12 @@ from opentelemetry import trace as trace_api
 from structlog.tracebacks import ExceptionDictTransformer
 
 from rag_instrument._context import bound, current_frame, seen_contents
-from rag_instrument._errors import exception_chain, exception_message, hide_content
+from rag_instrument._errors import (
+    exception_chain,
+    exception_message,
+    hide_content,
+    is_database_error,
+)
 from rag_instrument._runtime import get_runtime
 from rag_instrument._sanitize import safe_repr
 from rag_instrument._utils import internal_error, renew_after_fork
@@ -556,6 +561,7 @@ def _safe_messages(
         return
     chain = exception_chain(exc, len(stacks))
     capture = rt.settings.capture_content
+    below_database = False  # past a database error: its driver's own causes follow
     for index, stack in enumerate(stacks):
         if not isinstance(stack, dict):
             continue
@@ -565,8 +571,9 @@ def _safe_messages(
             stack.pop("exceptions", None)
             continue
         stack["exc_value"] = exception_message(
-            link, rt.sanitizer, capture, hide, related=groups
+            link, rt.sanitizer, capture, hide, related=groups, from_driver=below_database
         )
+        below_database = below_database or is_database_error(link)
         notes = stack.get("exc_notes")
         if notes:
             stack["exc_notes"] = [_exception_note(str(n), rt, hide) for n in notes]

@@ -209,6 +209,35 @@ async def test_asyncpg_statement_span_and_explain(pg: tuple[Engine, str]) -> Non
         await engine.dispose()
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("cast", "value"),
+    [("integer", "123-45-6789"), ("uuid", "UuidSecret-not-a-uuid"), ("integer", 2**70)],
+)
+async def test_asyncpg_argument_errors_keep_the_value_out_of_logged_exceptions(
+    cast: str, value: object
+) -> None:
+    # asyncpg checks bound values itself, and its errors (and the ValueError it raises them
+    # from) quote the value: "invalid input for query argument $1: '123-45-6789' (...)".
+    require_postgres()
+    engine = create_async_engine(PG_ASYNC_URL)
+    handle = ri.instrument_sqlalchemy(engine)
+    try:
+        with capture() as cap:
+            try:
+                async with engine.connect() as conn:
+                    await conn.execute(text(f"SELECT CAST(:v AS {cast})"), {"v": value})
+            except Exception:
+                ri.get_logger("app").exception("lookup failed")
+        (line,) = cap.find_logs("lookup failed")
+        assert str(value) not in str(line)
+        messages = [stack["exc_value"] for stack in line["exception"]]
+        assert any("query argument $1: ?" in m for m in messages), messages
+    finally:
+        handle.uninstrument()
+        await engine.dispose()
+
+
 def test_pool_gauges_on_a_queue_pool(pg: tuple[Engine, str]) -> None:
     engine, _ = pg
     ri.instrument_sqlalchemy(engine)
