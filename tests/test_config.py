@@ -650,3 +650,51 @@ def test_memory_plateaus_with_a_failing_exporter() -> None:
         tracemalloc.stop()
     growth = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
     assert growth < 1_000_000, f"grew by {growth} bytes over 8,000 stages"
+
+
+@pytest.mark.parametrize(
+    ("sampler", "sampled_under", "ratio"),
+    [
+        # the SDK's meaning of each OTEL_TRACES_SAMPLER value, under a sampled and an
+        # unsampled incoming traceparent
+        ("always_off", (False, False), "1"),
+        ("always_on", (True, True), "1"),
+        ("traceidratio", (False, False), "0"),
+        ("parentbased_always_off", (True, False), "1"),
+        ("parentbased_always_on", (True, False), "1"),
+        ("parentbased_traceidratio", (True, False), "0"),
+    ],
+)
+def test_otel_traces_sampler_values_mean_what_the_sdk_means(
+    monkeypatch: pytest.MonkeyPatch, sampler: str, sampled_under: tuple[bool, bool], ratio: str
+) -> None:
+    from opentelemetry import context as otel_context
+
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", sampler)
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", ratio)
+    settings = ri.configure(exporter="memory")
+    assert settings.parent_based_sampling is sampler.startswith("parentbased_")
+    found = []
+    for flags in ("01", "00"):
+        parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-" + flags
+        token = otel_context.attach(ri.extract_context({"traceparent": parent}))
+        try:
+            with ri.stage("retrieval") as span:
+                found.append(span.get_span_context().trace_flags.sampled)
+        finally:
+            otel_context.detach(token)
+    assert tuple(found) == sampled_under
+
+
+def test_parent_based_sampling_off_by_argument() -> None:
+    settings = ri.configure(exporter="memory", sample_ratio=1.0, parent_based_sampling=False)
+    assert settings.parent_based_sampling is False
+    from opentelemetry import context as otel_context
+
+    unsampled = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+    token = otel_context.attach(ri.extract_context({"traceparent": unsampled}))
+    try:
+        with ri.stage("retrieval") as span:
+            assert span.get_span_context().trace_flags.sampled
+    finally:
+        otel_context.detach(token)

@@ -70,6 +70,7 @@ def configure(  # noqa: D417 (the settings' Args are generated from the table)
     n_plus_one_threshold: int | None = None,
     budgets: Mapping[str, float] | None = None,
     sample_ratio: float | None = None,
+    parent_based_sampling: bool | None = None,
     redact: bool | None = None,
     capture_logging: bool | None = None,
     capture_logging_level: str | int | None = None,

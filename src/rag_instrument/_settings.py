@@ -331,6 +331,17 @@ def _sampler_from_otel(env: Mapping[str, str]) -> tuple[Any, str] | None:
     )
 
 
+def _parent_based_from_otel(env: Mapping[str, str]) -> tuple[Any, str] | None:
+    # always_on, always_off and traceidratio decide every span alone, whatever its parent
+    # decided (the SDK's samplers of those names); their parentbased_ forms follow it.
+    sampler = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if sampler in ("always_on", "always_off", "traceidratio"):
+        return False, "environment variable OTEL_TRACES_SAMPLER"
+    if sampler in ("parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio"):
+        return True, "environment variable OTEL_TRACES_SAMPLER"
+    return None
+
+
 def _capture_from_otel(env: Mapping[str, str]) -> tuple[Any, str] | None:
     name = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
     raw = env.get(name, "").strip()
@@ -492,6 +503,15 @@ class Settings:
         "parent-based ratio sampling of new traces",
         env_reader=_sampler_from_otel,
         env_doc="`RAG_INSTRUMENT_SAMPLE_RATIO`, `OTEL_TRACES_SAMPLER` / `_ARG`",
+    )
+    parent_based_sampling: bool = setting(
+        True,
+        parse_bool,
+        "a span whose parent was sampled (or dropped) is too, and the ratio decides new "
+        "traces only; off, the ratio decides every span alone, as the SDK's `always_on`, "
+        "`always_off` and `traceidratio` samplers do",
+        env_reader=_parent_based_from_otel,
+        env_doc="`RAG_INSTRUMENT_PARENT_BASED_SAMPLING`, `OTEL_TRACES_SAMPLER`",
     )
     redact: bool = setting(True, parse_bool, "mask secrets in logs and span attributes")
     capture_logging: bool = setting(

@@ -51,6 +51,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
     ALWAYS_ON,
     ParentBased,
     Sampler,
@@ -532,9 +533,13 @@ class DispatchProcessor(SpanProcessor):
         return ok
 
 
-def _ratio_sampler(ratio: float) -> Sampler:
+def _ratio_sampler(ratio: float, parent_based: bool = True) -> Sampler:
     # ALWAYS_ON skips the ratio arithmetic on every span at the default ratio of 1.
-    return ParentBased(ALWAYS_ON if ratio >= 1.0 else TraceIdRatioBased(ratio))
+    if parent_based:
+        return ParentBased(ALWAYS_ON if ratio >= 1.0 else TraceIdRatioBased(ratio))
+    if ratio >= 1.0:
+        return ALWAYS_ON
+    return ALWAYS_OFF if ratio <= 0.0 else TraceIdRatioBased(ratio)
 
 
 _OWNED_PROVIDER: SDKTracerProvider | None = None
@@ -558,7 +563,7 @@ def _tracer_provider(
         return current, False  # the application's own SDK provider: add to it
     if isinstance(current, trace_api.ProxyTracerProvider) and _OWNED_PROVIDER is None:
         _OWNED_PROVIDER = SDKTracerProvider(
-            sampler=_ratio_sampler(settings.sample_ratio),
+            sampler=_ratio_sampler(settings.sample_ratio, settings.parent_based_sampling),
             resource=_resource(settings),
             span_limits=SpanLimits(
                 max_attributes=128,
@@ -812,7 +817,7 @@ def build(
     if owned and isinstance(provider, SDKTracerProvider):
         # A reconfigured ratio: tracers read the sampler they were created with, so the
         # provider's and every cached tracer's are replaced (no wrapper on the hot path).
-        sampler = _ratio_sampler(settings.sample_ratio)
+        sampler = _ratio_sampler(settings.sample_ratio, settings.parent_based_sampling)
         provider.sampler = sampler
         for cached in getattr(provider, "_tracers", {}).values():
             if hasattr(cached, "sampler"):
