@@ -6,6 +6,7 @@ collects must be what the SDK itself would have produced for the same measuremen
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -50,6 +51,9 @@ def _readers(limit: int | None = None) -> list[InMemoryMetricReader]:
     ]
 
 
+ADVISED = (0.01, 0.5, 1, 7.5, 100.0, 5000)
+
+
 class Pair:
     """The same measurements through the hub and through the SDK's own instruments."""
 
@@ -80,8 +84,13 @@ class Pair:
     def instrument(self, kind: str, name: str) -> tuple[Any, Any]:
         key = (kind, name)
         if key not in self.ours:
-            self.ours[key] = getattr(self.hub, f"create_{kind}")(name, "s", "d")
-            self.sdk[key] = getattr(self.meter, f"create_{kind}")(name, unit="s", description="d")
+            advice: dict[str, Any] = {}
+            if kind == "histogram" and name.endswith(".advised"):  # the instrument's buckets
+                advice["explicit_bucket_boundaries_advisory"] = ADVISED
+            self.ours[key] = getattr(self.hub, f"create_{kind}")(name, "s", "d", **advice)
+            self.sdk[key] = getattr(self.meter, f"create_{kind}")(
+                name, unit="s", description="d", **advice
+            )
         return self.ours[key], self.sdk[key]
 
     def measure(self, kind: str, name: str, value: float, attributes: dict[str, Any]) -> None:
@@ -119,7 +128,14 @@ def _summary(data: MetricsData | None) -> dict[str, Any]:
                 for p in metric.data.data_points:
                     key = frozenset(p.attributes.items())
                     if hasattr(p, "bucket_counts"):
-                        points[key] = (p.count, Close(p.sum), tuple(p.bucket_counts), p.min, p.max)
+                        points[key] = (
+                            p.count,
+                            Close(p.sum),
+                            tuple(p.bucket_counts),
+                            tuple(p.explicit_bounds),
+                            p.min,
+                            p.max,
+                        )
                     else:
                         points[key] = p.value
                 out[metric.name] = (
@@ -145,7 +161,7 @@ operations = st.lists(
         st.tuples(
             st.just("measure"),
             st.sampled_from(["histogram", "counter"]),
-            st.sampled_from(["a", "b"]),
+            st.sampled_from(["a", "b", "advised"]),
             st.one_of(
                 st.integers(min_value=0, max_value=20_000),
                 st.floats(min_value=0, max_value=20_000, allow_nan=False),
@@ -520,3 +536,48 @@ def test_a_reader_with_preferences_laid_out_otherwise_is_left_to_the_sdk() -> No
     provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
     reader._instrument_class_cardinality_limit = ["not", "a", "mapping"]  # type: ignore[assignment]
     assert _metrics.build_hub(provider, [reader], Resource.create({}), "x", "1") is None
+
+
+def test_histograms_use_the_semantic_conventions_buckets() -> None:
+    # Seconds in the SDK's default buckets (0, 5, 10 ... 10000) would put every call under
+    # 5 s in one bucket: each histogram uses the boundaries its convention advises.
+    class Model(ri.LLMProvider):
+        system, model = "acme", "m"
+
+        async def _generate(self, prompt: str, **params: Any) -> ri.LLMResult:
+            return ri.LLMResult("a", input_tokens=300, output_tokens=20)
+
+    with testing.capture() as cap:
+        with ri.stage("generation"):
+            asyncio.run(Model().generate("q"))
+        points = cap.metrics()
+    (duration,) = points["gen_ai.client.operation.duration"]
+    assert tuple(duration.explicit_bounds)[:3] == (0.01, 0.02, 0.04)
+    assert duration.bucket_counts[0] == 1  # a call of well under 10 ms: the first bucket
+    tokens = points["gen_ai.client.token.usage"]
+    assert {tuple(p.explicit_bounds)[:4] for p in tokens} == {(1, 4, 16, 64)}
+    (stage,) = points["rag.stage.duration"]
+    assert tuple(stage.explicit_bounds)[:2] == (0.005, 0.01)
+    assert tuple(stage.explicit_bounds) == ri.attributes.HISTOGRAM_BOUNDARIES["rag.stage.duration"]
+
+
+def test_an_applications_meter_provider_gets_the_same_advice() -> None:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
+    ri.configure(exporter="memory", meter_provider=provider)
+
+    @ri.stage("retrieval")
+    def retrieve() -> int:
+        return 1
+
+    retrieve()
+    data = reader.get_metrics_data()
+    assert data is not None
+    bounds = {
+        metric.name: tuple(metric.data.data_points[0].explicit_bounds)
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for metric in sm.metrics
+        if metric.name == "rag.stage.duration"
+    }
+    assert bounds == {"rag.stage.duration": ri.attributes.HISTOGRAM_BOUNDARIES["rag.stage.duration"]}

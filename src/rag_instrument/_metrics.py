@@ -180,6 +180,7 @@ class _Instrument:
     """What a histogram and a counter share: the live interval, its lock, the limit."""
 
     _buckets = 0
+    _bounds: tuple[float, ...] = ()
     kind = ""
 
     def __init__(self, hub: MetricsHub, name: str, unit: str, description: str) -> None:
@@ -262,8 +263,7 @@ class _Instrument:
             return (amount, time.time_ns(), None, None, bool(attributes))
         return (amount, time.time_ns(), span_id, trace_id, bool(attributes))
 
-    @staticmethod
-    def _add(series: _Series, amount: float, sample: _Sample | None) -> None:
+    def _add(self, series: _Series, amount: float, sample: _Sample | None) -> None:
         """Add one measurement to ``series`` (called with the lock held)."""
         raise NotImplementedError
 
@@ -309,12 +309,25 @@ class FastHistogram(_Instrument, metrics_api.Histogram):
 
     kind = "histogram"
     _buckets = len(BOUNDARIES) + 1
+    _bounds = BOUNDARIES
 
     record = _Instrument._measure
 
-    @staticmethod
-    def _add(series: _Series, amount: float, sample: _Sample | None) -> None:
-        index = bisect_left(BOUNDARIES, amount)
+    def __init__(
+        self,
+        hub: MetricsHub,
+        name: str,
+        unit: str,
+        description: str,
+        boundaries: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__(hub, name, unit, description)
+        if boundaries is not None:  # the instrument's advice, as the SDK takes it
+            self._bounds = tuple(float(b) for b in boundaries)
+            self._buckets = len(self._bounds) + 1
+
+    def _add(self, series: _Series, amount: float, sample: _Sample | None) -> None:
+        index = bisect_left(self._bounds, amount)
         series.count += 1
         series.total += amount
         # Comparisons, not min()/max(): a builtin call with its argument parsing costs
@@ -335,8 +348,7 @@ class FastCounter(_Instrument, metrics_api.Counter):
 
     add = _Instrument._measure
 
-    @staticmethod
-    def _add(series: _Series, amount: float, sample: _Sample | None) -> None:
+    def _add(self, series: _Series, amount: float, sample: _Sample | None) -> None:
         series.count += 1
         series.total += amount
         if sample is not None:  # one exemplar, chosen uniformly (reservoir sampling)
@@ -400,19 +412,40 @@ class MetricsHub:
         self._instruments: dict[tuple[str, str], _Instrument] = {}
         self._readers: list[_ReaderState] = []
 
-    def create_histogram(self, name: str, unit: str = "", description: str = "") -> FastHistogram:
-        found: FastHistogram = self._create(FastHistogram, name, unit, description)
+    def create_histogram(
+        self,
+        name: str,
+        unit: str = "",
+        description: str = "",
+        *,
+        explicit_bucket_boundaries_advisory: Sequence[float] | None = None,
+    ) -> FastHistogram:
+        found: FastHistogram = self._create(
+            FastHistogram, name, unit, description, explicit_bucket_boundaries_advisory
+        )
         return found
 
     def create_counter(self, name: str, unit: str = "", description: str = "") -> FastCounter:
         found: FastCounter = self._create(FastCounter, name, unit, description)
         return found
 
-    def _create(self, cls: type[Any], name: str, unit: str, description: str) -> Any:
+    def _create(
+        self,
+        cls: type[Any],
+        name: str,
+        unit: str,
+        description: str,
+        boundaries: Sequence[float] | None = None,
+    ) -> Any:
         with self._lock:
             found = self._instruments.get((cls.kind, name))
             if found is None:
-                found = self._instruments[(cls.kind, name)] = cls(self, name, unit, description)
+                made = (
+                    cls(self, name, unit, description)
+                    if boundaries is None
+                    else cls(self, name, unit, description, boundaries)
+                )
+                found = self._instruments[(cls.kind, name)] = made
             return found
 
     # --- collection ---------------------------------------------------------------------
@@ -492,7 +525,7 @@ class MetricsHub:
                 count=series.count,
                 sum=series.total,
                 bucket_counts=tuple(series.buckets),
-                explicit_bounds=BOUNDARIES,
+                explicit_bounds=instrument._bounds,
                 min=series.low,
                 max=series.high,
                 exemplars=chosen,

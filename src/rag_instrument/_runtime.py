@@ -25,7 +25,7 @@ from rag_instrument._sanitize import Sanitizer
 from rag_instrument._settings import Settings
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
 
     from opentelemetry.context import Context
     from opentelemetry.metrics import Counter, Histogram, Meter
@@ -95,7 +95,14 @@ class InstrumentFactory(Protocol):
     The exporters module offers one that aggregates in place (``_metrics.MetricsHub``).
     """
 
-    def create_histogram(self, name: str, unit: str = ..., description: str = ...) -> Histogram:
+    def create_histogram(
+        self,
+        name: str,
+        unit: str = ...,
+        description: str = ...,
+        *,
+        explicit_bucket_boundaries_advisory: Sequence[float] | None = ...,
+    ) -> Histogram:
         """A histogram (created once per configuration by :meth:`Runtime.histogram`)."""
         ...
 
@@ -179,7 +186,17 @@ class Runtime:
         found = self._instruments.get(key)
         if found is None:
             factory = getattr(self._factory, f"create_{kind}")
-            found = self._instruments[key] = factory(name, unit=unit, description=description)
+            boundaries = attr.HISTOGRAM_BOUNDARIES.get(name) if kind == "histogram" else None
+            if boundaries is None:
+                found = factory(name, unit=unit, description=description)
+            else:
+                found = factory(
+                    name,
+                    unit=unit,
+                    description=description,
+                    explicit_bucket_boundaries_advisory=boundaries,
+                )
+            self._instruments[key] = found
         return found
 
     def histogram(self, name: str, unit: str, description: str = "") -> Histogram:

@@ -46,6 +46,7 @@ __all__ = [
     "GEN_AI_TOKEN_TYPE",
     "GEN_AI_USAGE_INPUT_TOKENS",
     "GEN_AI_USAGE_OUTPUT_TOKENS",
+    "HISTOGRAM_BOUNDARIES",
     "HTTP_REQUEST_METHOD",
     "HTTP_REQUEST_METHOD_ORIGINAL",
     "HTTP_RESPONSE_STATUS_CODE",
@@ -64,6 +65,7 @@ __all__ = [
     "METRIC_DB_CONNECTION_WAIT_TIME",
     "METRIC_DB_OPERATION_DURATION",
     "METRIC_EVENT_LOOP_BLOCKED",
+    "METRIC_HTTP_SERVER_REQUEST_DURATION",
     "METRIC_LLM_RETRIES",
     "METRIC_OPERATION_DURATION",
     "METRIC_RETRY_COUNT",
@@ -270,3 +272,33 @@ RAG_REQUEST_ID_REPLACED: Final = "rag.request_id.replaced"
 """``True`` when the incoming ``X-Request-ID`` was invalid and a new id was generated."""
 EVENT_REQUEST_COMPLETED: Final = "request completed"
 """The one line per request: ``method``, ``route``, ``status``, ``execution_time_ms``."""
+METRIC_HTTP_SERVER_REQUEST_DURATION: Final = "http.server.request.duration"
+
+# --- histogram bucket boundaries ------------------------------------------------------------
+# The semantic conventions' advice for each histogram (``explicit_bucket_boundaries_advisory``
+# in the metrics API), which readers with the default aggregation follow: the SDK's default
+# boundaries (0, 5, 10, ... 10000) suit milliseconds, and would put every duration in seconds
+# under 5 s in one bucket.
+_GENAI_SECONDS: Final = (
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+)  # fmt: skip
+_DB_SECONDS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
+HISTOGRAM_BOUNDARIES: Final[dict[str, tuple[float, ...]]] = {
+    METRIC_OPERATION_DURATION: _GENAI_SECONDS,
+    METRIC_TIME_TO_FIRST_CHUNK: _GENAI_SECONDS,
+    METRIC_TOKEN_USAGE: (
+        1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216,
+        67108864,
+    ),
+    METRIC_DB_OPERATION_DURATION: _DB_SECONDS,
+    METRIC_DB_CONNECTION_WAIT_TIME: _DB_SECONDS,
+    METRIC_HTTP_SERVER_REQUEST_DURATION: (
+        0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    ),
+    # ours: a stage lasts from milliseconds (a cache hit) to a minute (a long generation)
+    METRIC_STAGE_DURATION: (
+        0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0,
+        60.0,
+    ),
+}  # fmt: skip
+"""Bucket boundaries per histogram name (seconds, or tokens for the token usage)."""

@@ -71,7 +71,7 @@ _KNOWN_METHODS: Final = HTTP_METHODS
 # of these characters, at most 128 of them, are trusted (UUIDs, ULIDs, hex, base64, "r-1").
 _REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._:@+=/~-]{1,128}")
 _TOKEN_BAD: Final = re.compile(r"[^A-Za-z0-9!#$%&'*+.^_`|~-]")
-_REQUEST_DURATION: Final = "http.server.request.duration"
+_REQUEST_DURATION: Final = attr.METRIC_HTTP_SERVER_REQUEST_DURATION
 _MAX_EXCLUDED: Final = 1000
 _ERROR: Final = Status(StatusCode.ERROR)
 
