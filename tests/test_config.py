@@ -698,3 +698,30 @@ def test_parent_based_sampling_off_by_argument() -> None:
             assert span.get_span_context().trace_flags.sampled
     finally:
         otel_context.detach(token)
+
+
+def test_the_unsupported_sampler_warning_is_a_line_of_the_configured_log(tmp_path: Path) -> None:
+    # Logged once the log output is in place: a JSON line in the file, nothing on stderr
+    # (where a plain-text line would break a JSON log stream read by jq).
+    log = tmp_path / "rag.jsonl"
+    code = textwrap.dedent(
+        f"""
+        import rag_instrument as ri
+        ri.configure(log_file={str(log)!r})
+        ri.get_logger().info("after")
+        """
+    )
+    env = {**os.environ, "OTEL_TRACES_SAMPLER": "xray"}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    lines = [orjson.loads(line) for line in log.read_text().splitlines()]
+    assert [line["level"] for line in lines] == ["warning", "info"]
+    assert "OTEL_TRACES_SAMPLER='xray'" in lines[0]["event"]

@@ -106,3 +106,53 @@ def test_stage_lines_escape_line_breaks_in_bound_values(tmp_path: Path) -> None:
     text = path.read_text(encoding="utf-8")
     assert len(text.splitlines()) == 1
     assert json.loads(text)["context"]["note"] == "a\u2028b\u0085c"
+
+
+def test_lines_written_while_configure_runs_again_stay_in_the_file(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Threads keep running stages while configure() is called again with the same file:
+    # a line whose thread still held the previous configuration's output belongs in the
+    # file, not on standard error, and none is lost.
+    import threading
+
+    log = tmp_path / "rag.jsonl"
+    ri.configure(log_file=str(log))
+    stop = threading.Event()
+    runs = [0] * 4
+
+    def work(n: int) -> None:
+        while not stop.is_set():
+            with ri.stage("retrieval"):
+                pass
+            runs[n] += 1
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(30):
+            ri.configure(log_file=str(log))
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    ri.shutdown()
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    completed = [line for line in lines if line["event"] == "retrieval completed"]
+    assert len(completed) == sum(runs)
+    assert "retrieval completed" not in capfd.readouterr().err
+
+
+def test_a_closed_output_hands_late_lines_to_its_successor(tmp_path: Path) -> None:
+    from rag_instrument.logs import LogOutput
+
+    old = LogOutput(ri.Settings(log_file=str(tmp_path / "a.jsonl")))
+    new = LogOutput(ri.Settings(log_file=str(tmp_path / "b.jsonl")))
+    old.write(b'{"n": 1}\n')
+    old.close(new)
+    old.write(b'{"n": 2}\n')  # a thread that still held the old output
+    new.close()
+    old.write(b'{"n": 3}\n')  # after shutdown: dropped
+    assert (tmp_path / "a.jsonl").read_text() == '{"n": 1}\n'
+    assert (tmp_path / "b.jsonl").read_text() == '{"n": 2}\n'

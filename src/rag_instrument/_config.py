@@ -30,8 +30,9 @@ from rag_instrument._settings import (
     build_settings,
     docstring_args,
     settings_table,
+    take_warnings,
 )
-from rag_instrument._utils import internal_error, warn_once
+from rag_instrument._utils import internal_error, internal_logger, warn_once
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics.export import MetricReader
@@ -192,6 +193,8 @@ def apply(
         )
         _switch(new)
         warn_once.reset()
+        for message in take_warnings():  # now that the new output takes them as lines
+            internal_logger.warning(message)
         if retire:
             _retire(old, timeout=5.0, successor=new)
         if pipelines is not None:
@@ -245,9 +248,12 @@ def _retire(
     messages during the flush (export errors at a worker's exit) go to it, not to raw
     standard error.
     """
+    # Lines written to the old output after it closed (threads still at work under the old
+    # configuration) go to the successor's, not to standard error, nor nowhere.
+    next_log = successor.log if successor is not None else None
     if old.pipelines is None:
         if old.log is not None:
-            old.log.close()
+            old.log.close(next_log)
         return True
     pipelines = old.pipelines
     if successor is not None and successor.settings.span_exporter is not None:
@@ -265,7 +271,7 @@ def _retire(
         finally:
             detach()
             if old.log is not None:
-                old.log.close()
+                old.log.close(next_log)
 
     finished = _bounded(work, timeout, "rag_instrument-shutdown", at_exit=at_exit)
     return finished and bool(result and result[0])

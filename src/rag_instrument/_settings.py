@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from rag_instrument._sanitize import redact_text
-from rag_instrument._utils import internal_logger
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
@@ -301,6 +300,16 @@ def _parse_budgets(name: str, value: Any, origin: str) -> dict[str, float]:
 _UNSUPPORTED_SAMPLERS: Final = ("jaeger_remote", "parentbased_jaeger_remote", "xray")
 
 
+_PENDING_WARNINGS: list[str] = []
+
+
+def take_warnings() -> list[str]:
+    """The warnings the last :func:`build_settings` found, for configure() to log (once)."""
+    found = list(_PENDING_WARNINGS)
+    _PENDING_WARNINGS.clear()
+    return found
+
+
 def _sampler_from_otel(env: Mapping[str, str]) -> tuple[Any, str] | None:
     raw = env.get("OTEL_TRACES_SAMPLER", "").strip()
     sampler = raw.lower()
@@ -315,10 +324,11 @@ def _sampler_from_otel(env: Mapping[str, str]) -> tuple[Any, str] | None:
         arg = env.get("OTEL_TRACES_SAMPLER_ARG", "1.0").strip() or "1.0"
         return arg, "environment variable OTEL_TRACES_SAMPLER_ARG"
     if sampler in _UNSUPPORTED_SAMPLERS:
-        internal_logger.warning(
-            "rag_instrument: OTEL_TRACES_SAMPLER=%r is not supported; using the default "
-            "sampler, parentbased_always_on (sample_ratio 1.0)",
-            raw,
+        # Logged by configure() once its log output is in place (a line now would reach
+        # standard error as plain text, or miss the log file).
+        _PENDING_WARNINGS.append(
+            f"rag_instrument: OTEL_TRACES_SAMPLER={raw!r} is not supported; using the "
+            "default sampler, parentbased_always_on (sample_ratio 1.0)"
         )
         return None
     raise bad(
@@ -621,6 +631,7 @@ def build_settings(env: Mapping[str, str] | None = None, **given: Any) -> Settin
         TypeError: an argument that is not a setting.
     """
     source = os.environ if env is None else env
+    _PENDING_WARNINGS.clear()
     unknown = set(given) - {row.name for row in _TABLE}
     if unknown:
         raise TypeError(f"rag_instrument: unknown setting(s): {', '.join(sorted(unknown))}")

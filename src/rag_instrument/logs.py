@@ -204,6 +204,8 @@ class LogOutput:
         self.sink = sink
         self._fd: int | None = None
         self._closed = False
+        #: Where lines still written after close() go: the next configuration's output.
+        self._successor: LogOutput | None = None
         #: The unwritten end of a line cut short by a failed write (disk full).
         self._rest = b""
         #: Lines that could not be written whole (disk full).
@@ -216,8 +218,14 @@ class LogOutput:
             self._fd = os.open(settings.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, data: bytes) -> None:
-        """Write one rendered line (dropped once the output is closed)."""
+        """Write one rendered line.
+
+        Once the output is closed (a reconfiguration), a line still written to it (by a
+        thread that started its work under the previous configuration) goes to the next
+        configuration's output, or is dropped when there is none (shutdown).
+        """
         if self._closed:
+            self._forward(data)
             return
         if self.sink is not None:
             self.sink(data)
@@ -240,6 +248,8 @@ class LogOutput:
                         return
                     self._write_fd(fd, data)
                     return
+            self._forward(data)  # closed meanwhile: a file's line never goes to stderr
+            return
         stream = sys.stderr
         if stream is None:
             return
@@ -267,8 +277,15 @@ class LogOutput:
                 self._rest = rest  # part of the line is in the file: finish it later
             self.dropped += 1
 
-    def close(self) -> None:
-        """Close the file, if any; lines written after this are dropped."""
+    def _forward(self, data: bytes) -> None:
+        successor = self._successor
+        if successor is not None and successor is not self:
+            successor.write(data)
+
+    def close(self, successor: LogOutput | None = None) -> None:
+        """Close the file, if any; lines written after this go to ``successor`` (or none)."""
+        if successor is not None and successor is not self:
+            self._successor = successor
         self._closed = True
         with self._lock:
             fd, self._fd = self._fd, None
