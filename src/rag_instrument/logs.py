@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import orjson
 import structlog
@@ -235,7 +235,7 @@ class LogOutput:
             # reuse for another file) between reading it and writing, and so that a line
             # finished after a short write is not interleaved with another thread's.
             with self._lock:
-                fd = self._fd
+                fd = cast("int | None", self._fd)  # close() may have cleared it meanwhile
                 if fd is not None:
                     if not self._rest:  # the usual case, inline: the whole line, one write
                         try:
