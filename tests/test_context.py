@@ -12,7 +12,7 @@ import pytest
 
 import rag_instrument as ri
 from rag_instrument._context import bound, current_frame, current_stage
-from rag_instrument.testing import Capture
+from rag_instrument.testing import Capture, capture
 
 
 def test_bound_context_is_isolated_and_unbound(rag_capture: Capture) -> None:
@@ -196,3 +196,17 @@ def test_outside_any_stage_there_is_no_stage_or_frame() -> None:
         assert frame is not None
         assert frame.name == "inner op"
     assert current_stage() is None
+
+
+def test_a_long_bound_value_is_cut_once_on_stage_spans() -> None:
+    # The marker gives the original length, on the span as in the line (cut once).
+    value = "q" * 2500
+    with capture() as cap, ri.request_context(user_query=value, api_key="sk-x"):
+        with ri.stage("retrieval"):
+            pass
+    line = cap.find_logs("retrieval completed")[0]
+    attributes = cap.span("retrieval").attributes
+    assert line["context"]["user_query"].endswith("[truncated, 2500 chars]")
+    assert attributes["user_query"].endswith("[truncated, 2500 chars]")
+    assert attributes["user_query"] == line["context"]["user_query"]
+    assert attributes["api_key"] == "[REDACTED]"

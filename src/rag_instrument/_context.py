@@ -22,7 +22,7 @@ from opentelemetry import trace as trace_api
 from opentelemetry.context.context import Context
 
 from rag_instrument._runtime import get_runtime
-from rag_instrument._sanitize import to_attribute_value
+from rag_instrument._sanitize import REDACTED, is_secret_key, to_attribute_value
 from rag_instrument._utils import internal_error, warn_once
 
 if TYPE_CHECKING:
@@ -283,7 +283,12 @@ def _make_bound(base: Bound, kv: dict[str, Any]) -> Bound:
             warn_once.warning("rag_instrument: 'pipeline_stage' cannot be bound; ignored")
             continue
         log[key] = sanitizer.value(value, key)
-        attr = to_attribute_value(log[key], sanitizer)
+        # From the value itself, as a stage's own attributes are: the log's form is already
+        # cut, and cutting it again would report the cut length as the original's.
+        if sanitizer.redact and is_secret_key(key):
+            attr: Any = REDACTED
+        else:
+            attr = to_attribute_value(value, sanitizer)
         if attr is None:
             attrs.pop(key, None)
         else:
