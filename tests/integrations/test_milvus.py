@@ -524,6 +524,12 @@ async def test_async_client_every_method_and_error(
         ("title like 'abc%'", "title like ?", ("title",)),
         ("age > {age}", "age > {age}", ("age",)),
         ('name == "it\\"s"', "name == ?", ("name",)),
+        # a quote never closed, comments and backtick strings: their text is never shown
+        ('email == "dana@example.com', "email == ?", ("email",)),
+        ("email == 'dana@example.com", "email == ?", ("email",)),
+        ('email == "x" /* dana@example.com */', "email == ? ?", ("email",)),
+        ("email == 1 # dana@example.com", "email == ? ?", ("email",)),
+        ("email == `dana@example.com`", "email == ?", ("email",)),
     ],
 )
 def test_filter_shape(expr: str, shape: str, fields: tuple[str, ...]) -> None:
@@ -539,6 +545,22 @@ def test_filter_shape_never_shows_literal_values(text: str, number: int) -> None
     assert text not in shape or text in "body == ? and n == ? or k in [?]"
     assert str(number) not in shape
     assert fields == ("body", "n", "k")
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        'unterminated string literal at column 9\n  email == "dana@example.com',
+        "cannot parse: email == 'x' /* dana@example.com */ and y",
+        "cannot parse: email == `dana@example.com`",
+    ],
+)
+def test_error_messages_hide_open_quotes_comments_and_backticks(message: str) -> None:
+    from rag_instrument.integrations._milvus_expr import sanitize_error
+
+    shown = sanitize_error(ValueError(message))
+    assert shown is not None
+    assert "dana@example.com" not in shown
 
 
 def test_module_db_path_is_a_file(db_path: str) -> None:

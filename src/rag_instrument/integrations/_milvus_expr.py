@@ -14,7 +14,9 @@ __all__ = ["filter_shape", "sanitize_error"]
 
 _TOKEN: Final = re.compile(
     r"""
-    (?P<str>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')
+    (?P<str>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|`[^`]*`)
+    |(?P<open>["'`].*)  # a quote never closed: nothing after it can be trusted
+    |(?P<comment>/\*.*?(?:\*/|\Z)|//[^\n]*|\#[^\n]*)
     |(?P<num>(?<![\w.])(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+)(?![\w.]))
     |(?P<tmpl>\{[A-Za-z_]\w*\})
     |(?P<ident>[A-Za-z_$][\w$]*)
@@ -51,6 +53,10 @@ def filter_shape(expr: str) -> tuple[str, tuple[str, ...]]:
         if kind == "ws":
             if out and not out[-1].endswith(" "):
                 out.append(" ")
+            continue
+        if kind in ("open", "comment"):
+            out.append("?")
+            previous.append("?")
             continue
         if kind == "str":
             # A JSON key (meta["k"]) is part of the field reference, not a value.
@@ -90,7 +96,10 @@ def _is_ref(text: str) -> bool:
 
 
 _LITERAL: Final = re.compile(
-    r""""(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|(?<![\w.])\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w.])"""
+    # Quoted literals (one never closed runs to the end of the message), comments, numbers.
+    r""""(?:[^"\\]|\\.)*(?:"|\Z)|'(?:[^'\\]|\\.)*(?:'|\Z)|`[^`]*(?:`|\Z)"""
+    r"""|/\*.*?(?:\*/|\Z)|(?<![\w.])\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w.])""",
+    re.DOTALL,
 )
 
 
