@@ -72,6 +72,37 @@ def test_error_carries_sqlstate_and_leaks_no_value(pg: tuple[Engine, str]) -> No
     assert span.attributes["error.type"] == "psycopg.errors.UniqueViolation"
     assert span.attributes["db.response.status_code"] == "23505"
     assert "a@x" not in repr(span.status.description) + repr(span.attributes)
+    # the duration metric's failed point says the same (databases.md)
+    failed = [
+        p
+        for p in cap.metrics()["db.client.operation.duration"]
+        if "error.type" in p.attributes
+    ]
+    assert [dict(p.attributes)["db.response.status_code"] for p in failed] == ["23505"]
+
+
+@pytest.mark.asyncio
+async def test_asyncpg_errors_name_the_drivers_class_and_sqlstate() -> None:
+    # SQLAlchemy raises an adapter (AsyncAdapt_asyncpg_dbapi.ProgrammingError) from
+    # asyncpg's own exception: error.type names the driver's class, as with psycopg.
+    require_postgres()
+    engine = create_async_engine(PG_ASYNC_URL)
+    handle = ri.instrument_sqlalchemy(engine)
+    try:
+        with capture() as cap:
+            with pytest.raises(sa_exc.ProgrammingError):
+                async with engine.connect() as conn:
+                    await conn.execute(text("SELECT * FROM rag_no_such_table_here"))
+            points = cap.metrics()["db.client.operation.duration"]
+        span = cap.span("SELECT rag_no_such_table_here")
+        assert span.attributes["error.type"] == "asyncpg.exceptions.UndefinedTableError"
+        assert span.attributes["db.response.status_code"] == "42P01"
+        (failed,) = [p for p in points if "error.type" in p.attributes]
+        assert failed.attributes["error.type"] == "asyncpg.exceptions.UndefinedTableError"
+        assert failed.attributes["db.response.status_code"] == "42P01"
+    finally:
+        handle.uninstrument()
+        await engine.dispose()
 
 
 def _record_sent_sql(engine: Engine) -> list[str]:

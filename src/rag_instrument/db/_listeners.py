@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import re
 import threading
 import time
 import weakref
@@ -205,6 +206,26 @@ def _orm_release() -> None:
         _orm_users[0] -= 1
         if _orm_users[0] == 0 and event.contains(Session, "do_orm_execute", _on_orm_execute):
             event.remove(Session, "do_orm_execute", _on_orm_execute)
+
+
+_SQLSTATE: Final = re.compile(r"[0-9A-Z]{5}")  # five characters, by the SQL standard
+
+
+def _driver_exception(exc: BaseException) -> BaseException:
+    """The driver's own exception, for ``error.type`` and the SQLSTATE.
+
+    SQLAlchemy's adapters of async drivers (``AsyncAdapt_asyncpg_dbapi.ProgrammingError``)
+    are raised from it.
+    """
+    cause = exc.__cause__
+    if (
+        cause is not None
+        and (type(exc).__module__ or "").startswith("sqlalchemy.dialects.")
+        and not (type(cause).__module__ or "").startswith("sqlalchemy")
+        and type(cause).__module__ != "builtins"
+    ):
+        return cause
+    return exc
 
 
 def _error_type(exc: BaseException) -> str:
@@ -499,21 +520,27 @@ class EngineInstrumentation:
                 return
             end_ns = time.perf_counter_ns()
             span, info, rt = pending.span, pending.info, pending.rt
-            exc = ctx.original_exception
+            exc = _driver_exception(ctx.original_exception)
             error_type = _error_type(exc)
+            code = None
+            if isinstance(exc, Exception):
+                code = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
+                if not isinstance(code, str) or not _SQLSTATE.fullmatch(code):
+                    code = None
             if span.is_recording():
                 span.set_attribute(attr.ERROR_TYPE, error_type)
                 if isinstance(exc, Exception):
                     # Only the type: driver messages can quote the offending values.
                     span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-                    code = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
-                    if isinstance(code, str):
+                    if code is not None:
                         span.set_attribute(DB_STATUS_CODE, code)
                 else:
                     span.set_attribute(attr.RAG_CANCELLED, True)
             span.end()
             ms = (end_ns - pending.start_ns) / 1e6
             metric_attrs = {**pending.metric_attributes, attr.ERROR_TYPE: error_type}
+            if code is not None:
+                metric_attrs[DB_STATUS_CODE] = code
             self._duration_histogram(rt).record(ms / 1000.0, metric_attrs)
             vector = self.is_postgres and info.vector_metric is not None
             _breakdown.record(attr.BREAKDOWN_VECTOR if vector else attr.BREAKDOWN_DB, ms)
