@@ -437,3 +437,25 @@ def test_invalid_arguments() -> None:
         retry(attempts=0)
     with pytest.raises(ValueError, match="wait_min"):
         retry(wait_min=2, wait_max=1)
+
+
+def test_retried_calls_in_one_stage_add_up_on_its_span() -> None:
+    def flaky(failures: int) -> Any:
+        calls: list[int] = []
+
+        @ri.retry(attempts=5, wait_min=0.001, wait_max=0.001)
+        def call() -> int:
+            calls.append(1)
+            if len(calls) <= failures:
+                raise ConnectionError("down")
+            return len(calls)
+
+        return call
+
+    with capture() as cap, ri.stage("generation"):
+        assert flaky(3)() == 4  # 4 attempts
+        assert flaky(1)() == 2  # 2 more
+    span = cap.span("generation")
+    assert span.attributes["rag.retry.attempts"] == 6
+    assert len([e for e in span.events if e.name == "retry"]) == 4
+    assert span.attributes["rag.retry.backoff_ms"] > 0

@@ -258,12 +258,20 @@ class _Recorder:
             self.call.backoff_ms = self.backoff_ms
             return
         try:
-            if self.span.is_recording():
-                self.span.set_attributes(
-                    {
-                        RAG_RETRY_ATTEMPTS: self.attempts,
-                        RAG_RETRY_BACKOFF_MS: round(self.backoff_ms, 3),
-                    }
+            span = self.span
+            if span.is_recording():
+                # Several retried calls in one span (a stage's): their totals add up.
+                attempts, backoff_ms = self.attempts, self.backoff_ms
+                before = getattr(span, "attributes", None)
+                if isinstance(before, Mapping):
+                    made = before.get(RAG_RETRY_ATTEMPTS)
+                    slept = before.get(RAG_RETRY_BACKOFF_MS)
+                    if type(made) is int:
+                        attempts += made
+                    if type(slept) is float or type(slept) is int:
+                        backoff_ms += slept
+                span.set_attributes(
+                    {RAG_RETRY_ATTEMPTS: attempts, RAG_RETRY_BACKOFF_MS: round(backoff_ms, 3)}
                 )
         except Exception as err:
             user_code_error("recording retry totals", err)
