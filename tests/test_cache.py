@@ -557,3 +557,57 @@ def test_an_application_cache_answers_async_hits() -> None:
 
     assert asyncio.run(main()) == ["A", "A", "A"]
     assert calls == ["a"]
+
+
+def _sharing(backend: Any) -> tuple[Any, Any, Any, dict[str, int]]:
+    calls = {"A": 0, "B": 0, "f": 0}
+
+    class A(ri.CacheMixin, ri.LLMProvider):
+        system, model = "acme", "m"
+        cache_backend = backend
+
+        async def _generate(self, prompt: str, **params: Any) -> str:
+            calls["A"] += 1
+            return "a"
+
+    class B(ri.CacheMixin, ri.LLMProvider):
+        system, model = "acme", "m"
+        cache_backend = backend
+
+        async def _generate(self, prompt: str, **params: Any) -> str:
+            calls["B"] += 1
+            return "b"
+
+    @ri.cached(backend=backend)
+    def f(x: int) -> int:
+        calls["f"] += 1
+        return x
+
+    return A, B, f, calls
+
+
+def _clear_one_of_three(backend: Any) -> dict[str, int]:
+    a_class, b_class, f, calls = _sharing(backend)
+
+    async def main() -> None:
+        await a_class().generate("q")
+        await b_class().generate("q")
+        f(1)
+        a_class.cache_clear()  # this class's entries only
+        await a_class().generate("q")
+        await b_class().generate("q")
+        f(1)
+
+    asyncio.run(main())
+    return calls
+
+
+@pytest.mark.redis
+def test_cache_clear_of_one_class_keeps_the_others_in_a_shared_redis(redis_cache: Any) -> None:
+    assert _clear_one_of_three(redis_cache) == {"A": 2, "B": 1, "f": 1}
+
+
+def test_cache_clear_of_one_class_keeps_the_others_in_a_shared_cachetools_cache() -> None:
+    from cachetools import LRUCache
+
+    assert _clear_one_of_three(LRUCache(maxsize=100)) == {"A": 2, "B": 1, "f": 1}

@@ -63,6 +63,13 @@ class MappingCache:
         with self._lock:
             self.mapping.clear()
 
+    def clear_prefix(self, prefix: str) -> None:
+        """Drop the entries whose key starts with ``prefix`` (one cache's, when shared)."""
+        with self._lock:
+            doomed = [k for k in list(self.mapping) if isinstance(k, str) and k.startswith(prefix)]
+            for key in doomed:
+                self.mapping.pop(key, None)
+
     def __repr__(self) -> str:
         return f"MappingCache({type(self.mapping).__name__})"
 
@@ -114,9 +121,20 @@ class MemoryCache:
         with self._lock:
             self._cache.clear()
 
+    def clear_prefix(self, prefix: str) -> None:
+        """Drop the entries whose key starts with ``prefix``."""
+        with self._lock:
+            for key in [k for k in list(self._cache) if k.startswith(prefix)]:
+                self._cache.pop(key, None)
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._cache)
+
+
+def _glob_escape(text: str) -> str:
+    """``text``, to be matched literally by Redis's glob-style ``MATCH`` (escaped)."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
 _REDIS_SCHEMES: Final = ("redis", "rediss", "unix")
@@ -279,11 +297,16 @@ class RedisCache:
 
     def clear(self) -> None:
         """Delete every key under ``prefix``."""
+        self.clear_prefix("")
+
+    def clear_prefix(self, prefix: str) -> None:
+        """Delete the keys under ``self.prefix + prefix`` (one cache's, of those sharing it)."""
         client = self._redis()
+        pattern = _glob_escape(self.prefix + prefix) + "*"
         try:
-            keys = list(client.scan_iter(match=self.prefix + "*", count=500))
-            if keys:
-                client.delete(*keys)
+            keys = list(client.scan_iter(match=pattern, count=500))
+            for start in range(0, len(keys), 500):
+                client.delete(*keys[start : start + 500])
         except Exception as exc:
             self._unavailable(exc)
 

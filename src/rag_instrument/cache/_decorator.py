@@ -124,7 +124,7 @@ def cached(
         # The classes its return annotation names are rebuilt from entries that another
         # process (sharing a Redis backend) stored before this one stored any.
         types = ValueTypes(declared=functools.partial(returned_classes, func))
-        store = Store(make_backend(backend, maxsize, ttl), ttl, types)
+        store = Store(make_backend(backend, maxsize, ttl), ttl, types, scope=prefix)
         wrapper = _wrap(func, store, key or _default_key, prefix)
         functools.update_wrapper(wrapper, func)
         wrapper.cache_info = store.info  # type: ignore[attr-defined]

@@ -56,7 +56,9 @@ class CacheMixin:
                 store = cls.__dict__.get("_rag_cache_store")
                 if store is None:
                     backend = make_backend(cls.cache_backend, cls.cache_maxsize, cls.cache_ttl)
-                    store = Store(backend, cls.cache_ttl)
+                    store = Store(
+                        backend, cls.cache_ttl, scope=f"{cls.__module__}.{cls.__qualname__}"
+                    )
                     cls._rag_cache_store = store  # type: ignore[attr-defined]
         return store
 

@@ -95,7 +95,10 @@ class CacheSpec:
             with self._lock:
                 if self._store is None:
                     backend = make_backend(self.backend, self.maxsize, self.ttl)
-                    self._store = Store(backend, self.ttl, tokens=self._tokens)
+                    scope = "rag_instrument.CacheSpec"  # SDK clients' entries, apart
+                    if isinstance(self.namespace, str):
+                        scope += f":{self.namespace}"
+                    self._store = Store(backend, self.ttl, tokens=self._tokens, scope=scope)
                 store = self._store
         return store
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import math
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
@@ -119,6 +120,11 @@ class _Flight:
         return False, None
 
 
+def _scope_tag(scope: str) -> str:
+    """The prefix of a store's keys: a short hash of its owner's name (stable everywhere)."""
+    return hashlib.sha256(scope.encode("utf-8", "surrogatepass")).hexdigest()[:16] + ":"
+
+
 def _backend_failed(backend: object, method: str, exc: Exception) -> None:
     """Say (at most every 20 s) that a cache backend failed; the call goes on without it."""
     warn_once.warning(
@@ -141,8 +147,12 @@ class Store:
         ttl: float | None,
         types: ValueTypes | None = None,
         tokens: Callable[[Any], int] | None = None,
+        scope: str | None = None,
     ) -> None:
         self.backend = backend
+        # Entries of this store are kept under ``<scope>:`` in a shared backend (a Redis
+        # of several classes and functions), so that clearing it clears them alone.
+        self.scope = "" if scope is None else _scope_tag(scope)
         self.ttl = ttl
         self.types = types if types is not None else ValueTypes()
         self.tokens = tokens  # the tokens a stored response cost (saved on a hit)
@@ -162,7 +172,12 @@ class Store:
         return CacheInfo(self.hits, self.misses, self.coalesced, maxsize, currsize)
 
     def clear(self) -> None:
-        self.backend.clear()
+        """Drop this store's entries (only them, in a backend that can tell) and its counts."""
+        clear_prefix = getattr(self.backend, "clear_prefix", None)
+        if self.scope and callable(clear_prefix):
+            clear_prefix(self.scope)
+        else:
+            self.backend.clear()
         self.hits = self.misses = self.coalesced = 0
 
     def lookup(self, key: str) -> tuple[bool, Any]:
@@ -300,6 +315,7 @@ class Store:
         Raises:
             Exception: what ``fn`` raised, in the leader and in the calls waiting on it.
         """
+        key = self.scope + key
         found, value = self.lookup(key)
         if found:
             return value, HIT
@@ -307,6 +323,7 @@ class Store:
 
     async def acall(self, key: str, fn: Callable[[], Awaitable[Any]]) -> tuple[Any, int]:
         """The asyncio version of :meth:`call` (waiters never cancel the leader)."""
+        key = self.scope + key
         found, value = await self.alookup(key)
         if found:
             return value, HIT
