@@ -537,3 +537,27 @@ def test_async_generator_asend_athrow_and_aclose_pass_through() -> None:
     assert cleaned == ["a,caught k"]
     rows = functions(only_profile_line(cap))
     assert rows[label(busy_sum)]["calls"] == 1
+
+
+def test_the_librarys_bookkeeping_is_not_in_the_profile(tmp_path: Path) -> None:
+    # The context variables and sets ri.profile itself touches around the block are not
+    # the application's calls: neither the line nor the .prof file lists them.
+    def tiny() -> int:
+        return sum(range(200))
+
+    path = tmp_path / "tiny.prof"
+    with capture() as cap:
+        with ri.profile("tiny", top=10, save_to=str(path)):
+            tiny()
+
+        @ri.profile("decorated", top=10)
+        async def decorated() -> int:
+            return tiny()
+
+        asyncio.run(decorated())
+    for line in cap.find_logs("profile"):
+        labels = [row["function"] for row in line["functions"]]
+        assert not [x for x in labels if "ContextVar" in x or "set.add" in x], labels
+        assert any("sum" in x for x in labels), labels
+    listed = {f"{name}" for _file, _line, name in pstats.Stats(str(path)).stats}  # type: ignore[attr-defined]
+    assert not [name for name in listed if "ContextVar" in name or "'set'" in name], listed

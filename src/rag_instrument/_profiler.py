@@ -200,12 +200,12 @@ class Run:
         if reason is not None:  # something else started profiling while we were paused
             self.reasons.append(reason + " (part of the run was not profiled)")
             return
+        _enabled.add(profiler)  # before enable(): the profile is to hold the user's calls
         try:
             profiler.enable()
         except ValueError as exc:  # 3.12+: the profiler slot was taken meanwhile
+            _enabled.discard(profiler)
             self.reasons.append(f"{exc} (part of the run was not profiled)")
-        else:
-            _enabled.add(profiler)
 
     def pause(self) -> None:
         profiler = self.profiler
@@ -238,23 +238,35 @@ class Run:
         dropped: set[Any] = set()
         total_calls = 0
         task_clocked = self.clock is not None
-        for entry in profiler.getstats():
+        entries = profiler.getstats()
+        ours = _builtins_called_by_ours(entries)
+        for entry in entries:
             code = entry.code
             if _is_ours(code):
                 dropped.add(code)
                 continue
+            calls, inline, total = entry.callcount, entry.inlinetime, entry.totaltime
+            if isinstance(code, str) and code in ours:
+                # A builtin the library's own bookkeeping called (a context variable, a
+                # set): only the application's calls of it count.
+                ours_calls, ours_inline, ours_total = ours[code]
+                calls -= ours_calls
+                inline = max(inline - ours_inline, 0.0)
+                total = max(total - ours_total, 0.0)
+                if calls <= 0:
+                    continue
             if task_clocked and entry.totaltime == 0 and entry.inlinetime == 0:
                 # Under the task clock, code that only ran while other tasks had the loop
                 # took none of this task's time: it is not part of the profile.
                 dropped.add(code)
                 continue
-            total_calls += entry.callcount
+            total_calls += calls
             rows.append(
                 {
                     "function": _label(code),
-                    "calls": entry.callcount,
-                    "tottime_ms": round(entry.inlinetime * 1000, 3),
-                    "cumtime_ms": round(entry.totaltime * 1000, 3),
+                    "calls": calls,
+                    "tottime_ms": round(inline * 1000, 3),
+                    "cumtime_ms": round(total * 1000, 3),
                 }
             )
         key = SORT_KEYS[self.spec.sort]
@@ -313,6 +325,23 @@ class Run:
             fields["save_error"] = f"{type(exc).__name__}: {exc.strerror or exc}"
 
 
+def _builtins_called_by_ours(entries: Any) -> dict[str, tuple[int, float, float]]:
+    """Per builtin, the calls the library's own code made of it: (count, own time, total)."""
+    found: dict[str, tuple[int, float, float]] = {}
+    for entry in entries:
+        if not _is_ours(entry.code) or not entry.calls:
+            continue
+        for sub in entry.calls:
+            if isinstance(sub.code, str):
+                calls, inline, total = found.get(sub.code, (0, 0.0, 0.0))
+                found[sub.code] = (
+                    calls + sub.callcount,
+                    inline + sub.inlinetime,
+                    total + sub.totaltime,
+                )
+    return found
+
+
 def _drop_entries(
     stats: pstats.Stats, labels: set[tuple[str, int, str]], builtin_names: set[str]
 ) -> None:
@@ -327,7 +356,19 @@ def _drop_entries(
         del table[key]
     for key, (cc, nc, tt, ct, callers) in list(table.items()):
         kept = {c: v for c, v in callers.items() if not unwanted(c)}
-        table[key] = (cc, nc, tt, ct, kept)
+        figures = [cc, nc, tt, ct]
+        if key[0] == "~" and len(kept) < len(callers):
+            # A builtin the library's code called too: only the application's calls count.
+            for caller, by_caller in callers.items():
+                if caller not in kept and isinstance(by_caller, tuple) and len(by_caller) == 4:
+                    figures[0] -= by_caller[1]  # a caller's figures: nc, cc, tt, ct
+                    figures[1] -= by_caller[0]
+                    figures[2] = max(figures[2] - by_caller[2], 0.0)
+                    figures[3] = max(figures[3] - by_caller[3], 0.0)
+            if figures[1] <= 0:
+                del table[key]
+                continue
+        table[key] = (*figures, kept)
 
 
 # --- async-with scoping on 3.12+ -------------------------------------------------------------
