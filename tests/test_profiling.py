@@ -561,3 +561,15 @@ def test_the_librarys_bookkeeping_is_not_in_the_profile(tmp_path: Path) -> None:
         assert any("sum" in x for x in labels), labels
     listed = {f"{name}" for _file, _line, name in pstats.Stats(str(path)).stats}  # type: ignore[attr-defined]
     assert not [name for name in listed if "ContextVar" in name or "'set'" in name], listed
+
+
+def test_bare_profile_decorator_profiles_with_the_defaults() -> None:
+    @ri.profile
+    def work() -> int:
+        return sum(range(100))
+
+    with capture() as cap:
+        assert work() == 4950
+    (line,) = cap.find_logs("profile")
+    assert line["profile"].endswith("work")
+    assert any("sum" in row["function"] for row in line["functions"])

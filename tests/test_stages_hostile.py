@@ -374,3 +374,13 @@ def test_a_key_echoed_by_the_openai_sdk_is_masked_on_the_stage_with_capture_on()
     assert hex_key not in _everything(cap)
     (line,) = cap.find_logs("generation failed")
     assert "Incorrect API key provided: [REDACTED]" in line["error_message"]
+
+
+def test_a_bare_stage_decorator_fails_where_it_is_written() -> None:
+    # @ri.stage without a name would replace the function by the stage object, and the
+    # first call would raise into the application: refused at decoration instead.
+    with pytest.raises(TypeError, match=r'@ri\.stage\("retrieval"\)'):
+
+        @ri.stage  # type: ignore[arg-type]
+        def retrieve() -> int:
+            return 1

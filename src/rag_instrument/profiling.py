@@ -48,7 +48,7 @@ import os
 import sys
 import types
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Generator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from rag_instrument._profiler import MONITORING, SORT_KEYS, Run, RunRelay, pauser
 from rag_instrument._steps import Relay, relay, relay_async_generator
@@ -259,6 +259,11 @@ def _pop_run(spec: Profile) -> Run | None:
     return None
 
 
+@overload
+def profile(name: F, /) -> F: ...
+
+
+@overload
 def profile(
     name: str | None = None,
     *,
@@ -266,7 +271,17 @@ def profile(
     sort: str = "cumulative",
     memory: bool = False,
     save_to: str | os.PathLike[str] | None = None,
-) -> Profile:
+) -> Profile: ...
+
+
+def profile(
+    name: Any = None,
+    *,
+    top: int = 20,
+    sort: str = "cumulative",
+    memory: bool = False,
+    save_to: str | os.PathLike[str] | None = None,
+) -> Any:
     """Profile a block or each call of a function, and log one ``"profile"`` line per run.
 
     Args:
@@ -283,7 +298,12 @@ def profile(
     Returns:
         A :class:`Profile`: use it as ``with``/``async with`` or as a decorator.
 
+    ``@ri.profile`` without parentheses profiles the function with these defaults, as
+    ``@ri.profile()`` does.
+
     Raises:
         ValueError: an argument is invalid (named in the message).
     """
+    if callable(name) and not isinstance(name, str):  # bare @ri.profile
+        return Profile(None, top, sort, memory, save_to)(name)
     return Profile(name, top, sort, memory, save_to)

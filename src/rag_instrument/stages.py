@@ -769,6 +769,14 @@ def stage(stage: Any = _MISSING, /, **attributes: Any) -> Stage:
     manager at run time it logs a rate-limited warning and traces nothing.
     """
     value = _positional_or_keyword(stage, attributes, "stage", "stage")
+    if callable(value) and not isinstance(value, str):
+        # ``@ri.stage`` without its name: the function would be replaced by the stage
+        # object and fail at its first call; said now, where it is written.
+        raise TypeError(
+            "rag_instrument.stage: a stage needs its name: write "
+            '@ri.stage("retrieval") (or @ri.traced for an operation named after the '
+            f"function), not @ri.stage on {safe_repr(value, 80)}"
+        )
     checked, error = _checked(value, "stage")
     return Stage(checked, attributes, "stage", error=error)
 

@@ -85,6 +85,11 @@ async def use() -> None:
     del profiled_total
 
 
+@ri.profile
+def bare_profiled(x: int) -> int:
+    return x
+
+
 @ri.profile(top=5)
 def profiled(x: int) -> int:
     return x
