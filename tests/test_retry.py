@@ -459,3 +459,39 @@ def test_retried_calls_in_one_stage_add_up_on_its_span() -> None:
     assert span.attributes["rag.retry.attempts"] == 6
     assert len([e for e in span.events if e.name == "retry"]) == 4
     assert span.attributes["rag.retry.backoff_ms"] > 0
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: __import__("httpx").ConnectError("connection refused"),
+        lambda: __import__("httpx").ReadTimeout("read timed out"),
+        lambda: __import__("httpx").RemoteProtocolError("server disconnected"),
+    ],
+)
+def test_http_clients_network_errors_are_retried_by_default(make: Any) -> None:
+    # A provider written on httpx gets its network failures retried, as the SDKs' are.
+    class Handwritten(ri.RetryMixin, ri.LLMProvider):
+        system, model = "acme", "m"
+        retry_wait_min = 0.001
+        retry_wait_max = 0.001
+        calls = 0
+
+        async def _generate(self, prompt: str, **params: Any) -> str:
+            Handwritten.calls += 1
+            if Handwritten.calls == 1:
+                raise make()
+            return "fine"
+
+    assert asyncio.run(Handwritten().generate("q")) == "fine"
+    assert Handwritten.calls == 2
+
+
+def test_requests_network_errors_are_transient_and_its_http_errors_are_not() -> None:
+    requests = pytest.importorskip("requests")
+    from rag_instrument.retry import is_transient
+
+    assert is_transient(requests.ConnectionError("refused"))
+    assert is_transient(requests.ReadTimeout("slow"))
+    assert not is_transient(requests.HTTPError("404 Not Found"))
+    assert not is_transient(ValueError("bad"))

@@ -67,21 +67,39 @@ T = TypeVar("T")
 RETRYABLE_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504, 529})
 _NEVER: Final = (asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit)
 _SDK_TRANSIENT: Final = frozenset({"APIConnectionError", "APITimeoutError"})
+# HTTP clients' connection and timeout errors, which are not the builtin ones: (module
+# root, class name) of a class in the error's MRO. A provider written on httpx, requests
+# or aiohttp gets its network failures retried as the SDKs' are.
+_CLIENT_TRANSIENT: Final = frozenset(
+    {
+        ("httpx", "TimeoutException"),  # ConnectTimeout, ReadTimeout, WriteTimeout, PoolTimeout
+        ("httpx", "NetworkError"),  # ConnectError, ReadError, WriteError, CloseError
+        ("httpx", "RemoteProtocolError"),  # the server closed the connection mid-response
+        ("requests", "ConnectionError"),
+        ("requests", "Timeout"),
+        ("aiohttp", "ClientConnectionError"),  # ServerDisconnectedError, ClientConnectorError
+    }
+)
 
 
 def is_transient(exc: BaseException) -> bool:
     """The default ``is_retryable``: is ``exc`` a failure that may pass if tried again?
 
     ``TimeoutError``, ``ConnectionError``, the openai / anthropic SDKs' connection and
-    timeout errors, and errors carrying HTTP status 408, 429, 500, 502, 503, 504 or 529 in
-    ``status_code``, ``status`` or ``response.status_code``.
+    timeout errors, httpx's, requests' and aiohttp's connection and timeout errors, and
+    errors carrying HTTP status 408, 429, 500, 502, 503, 504 or 529 in ``status_code``,
+    ``status`` or ``response.status_code``.
     """
     if not isinstance(exc, Exception):
         return False
     if isinstance(exc, TimeoutError | ConnectionError):
         return True
     for cls in type(exc).__mro__:
-        if cls.__name__ in _SDK_TRANSIENT and cls.__module__.startswith(("openai", "anthropic")):
+        name = cls.__name__
+        root = (cls.__module__ or "").split(".", 1)[0]
+        if name in _SDK_TRANSIENT and root in ("openai", "anthropic"):
+            return True
+        if (root, name) in _CLIENT_TRANSIENT:
             return True
     return http_status(exc) in RETRYABLE_STATUSES
 
