@@ -154,3 +154,73 @@ def test_empty_inputs_as_json_stay_json(tmp_path: Path, capsys: pytest.CaptureFi
     assert "nothing to compare" in err
     assert main(["compare", str(empty), str(empty)]) == 0
     assert "nothing to compare" in capsys.readouterr().out
+
+
+def test_a_p95_that_grew_from_zero_fails_the_gate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = _log(tmp_path / "b.jsonl", {"reranking": [0.0] * 100})
+    after = _log(tmp_path / "a.jsonl", {"reranking": [50.0] * 100})
+    assert main(["compare", str(before), str(after), "--fail-on-regression", "10"]) == 1
+    out, err = capsys.readouterr()
+    assert "slower" in out
+    assert "reranking p95 grew from 0" in err
+
+
+def test_the_verdict_follows_the_runs_not_only_the_p95(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Most runs went from 10 to 50 ms; the slowest stayed at 100 ms: p95 unchanged, slower.
+    before = _log(tmp_path / "b.jsonl", {"retrieval": [10.0] * 54 + [100.0] * 6})
+    after = _log(tmp_path / "a.jsonl", {"retrieval": [50.0] * 54 + [100.0] * 6})
+    assert main(["compare", str(before), str(after), "--format", "json"]) == 0
+    (change,) = json.loads(capsys.readouterr().out)
+    assert change["p95_change_ms"] == 0.0
+    assert change["verdict"] == "slower"
+    assert main(["compare", str(after), str(before), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["verdict"] == "faster"
+
+
+def test_run_counts_are_exact_beyond_the_percentile_sample(tmp_path: Path) -> None:
+    from rag_instrument.analysis import analyze
+    from rag_instrument.analysis._compare import compare
+
+    before = _log(tmp_path / "b.jsonl", {"retrieval": [float(i % 7) for i in range(120)]})
+    after = _log(tmp_path / "a.jsonl", {"retrieval": [float(i % 7) for i in range(130)]})
+    (change,) = compare(
+        analyze([str(before)], max_values=50), analyze([str(after)], max_values=50)
+    )
+    assert (change.count_before, change.count_after) == (120, 130)
+
+
+def test_a_growth_of_exactly_the_limit_passes_the_gate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = _log(tmp_path / "b.jsonl", {"retrieval": [0.3] * 60})
+    after = _log(tmp_path / "a.jsonl", {"retrieval": [0.33] * 60})  # +10.000000000000009%
+    assert main(["compare", str(before), str(after), "--fail-on-regression", "10"]) == 0
+    capsys.readouterr()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.floats(0, 1000, allow_nan=False), min_size=1, max_size=40),
+    st.lists(st.floats(0, 1000, allow_nan=False), min_size=1, max_size=40),
+)
+def test_the_merged_rank_sum_equals_ranking_everything(a: list[float], b: list[float]) -> None:
+    # Against a plain reference: rank the combined values (mean ranks for ties).
+    from rag_instrument.analysis._stats import mann_whitney
+
+    combined = sorted(a + b)
+    rank = {}
+    i = 0
+    while i < len(combined):
+        j = i
+        while j + 1 < len(combined) and combined[j + 1] == combined[i]:
+            j += 1
+        rank[combined[i]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    u1 = sum(rank[v] for v in a) - len(a) * (len(a) + 1) / 2.0
+    mean = len(a) * len(b) / 2.0
+    _p, direction = mann_whitney(a, b)
+    assert direction == (0 if u1 == mean else (1 if u1 < mean else -1))

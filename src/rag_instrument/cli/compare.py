@@ -96,16 +96,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(render_changes(changes, colour=use_colour(sys.stdout)))
     if args.fail_on_regression is not None:
-        regressed = [
-            c
-            for c in changes
-            if c.significant
-            and c.p95_change_pct is not None
-            and c.p95_change_pct > args.fail_on_regression
-        ]
+        regressed = [c for c in changes if c.p95_regressed_beyond(args.fail_on_regression)]
         for c in regressed:
+            grew = "from 0" if c.p95_change_pct is None else f"{c.p95_change_pct:.0f}%"
             print(
-                f"rag-instrument: {c.key} p95 grew {c.p95_change_pct:.0f}% "
+                f"rag-instrument: {c.key} p95 grew {grew} "
                 f"({_f(c.p95_before)} -> {_f(c.p95_after)} ms, p={c.p_value:.3g})",
                 file=sys.stderr,
             )
