@@ -168,3 +168,16 @@ def test_the_browser_check_sees_console_errors(tmp_path: Path) -> None:
     broken.write_text("<!DOCTYPE html><p>x</p><script>no_such_function()</script>")
     shot = render(broken, width=300, height=200)
     assert any("no_such_function is not defined" in line for line in shot.console)
+
+
+def test_an_empty_input_says_so_on_stderr_and_on_the_page(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "empty.jsonl"
+    log.write_text("")
+    out = tmp_path / "r.html"
+    assert main(["report", str(log), "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "No stage runs found" in err
+    assert "the input is empty" in err
+    assert "No stage runs found" in out.read_text()

@@ -12,7 +12,15 @@ import orjson
 
 from rag_instrument.analysis._model import BREAKDOWN_KINDS, Analysis, Row
 
-__all__ = ["budget_text", "largest_text", "render_csv", "render_json", "render_table", "use_colour"]
+__all__ = [
+    "budget_text",
+    "empty_message",
+    "largest_text",
+    "render_csv",
+    "render_json",
+    "render_table",
+    "use_colour",
+]
 
 _RED, _BOLD, _DIM, _RESET = "\x1b[31m", "\x1b[1m", "\x1b[2m", "\x1b[0m"
 
@@ -238,3 +246,16 @@ def render_csv(analysis: Analysis) -> str:
 
 def _num(value: float | None) -> str:
     return "" if value is None else repr(round(value, 6))
+
+
+def empty_message(analysis: Analysis) -> str:
+    """What to say when there is nothing to show."""
+    what = {"stage": "stage runs", "event": "timed lines", "route": "'request completed' lines"}
+    lines = analysis.inputs.lines
+    return (
+        f"No {what[analysis.by]} found ({lines} line(s) read from "
+        f"{analysis.inputs.files} input(s)): the input is empty."
+        if lines == 0
+        else f"No {what[analysis.by]} found in {lines} line(s) from "
+        f"{analysis.inputs.files} input(s)."
+    )

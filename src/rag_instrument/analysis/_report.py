@@ -10,7 +10,7 @@ from rag_instrument import __version__
 from rag_instrument.analysis import _svg
 from rag_instrument.analysis._compare import Change
 from rag_instrument.analysis._model import BREAKDOWN_KINDS, TOTAL_STAGE, Analysis
-from rag_instrument.analysis._render import budget_text, largest_text
+from rag_instrument.analysis._render import budget_text, empty_message, largest_text
 from rag_instrument.analysis._stats import percentile
 
 __all__ = ["SECTIONS", "render_report"]
@@ -61,6 +61,8 @@ def _ms(value: float | None) -> str:
 
 
 def _summary(analysis: Analysis) -> str:
+    if not analysis.rows:
+        return f'<p class="note">{escape(empty_message(analysis))}</p>'
     kinds = [k for k in BREAKDOWN_KINDS if any(k in r.breakdown_share for r in analysis.rows)]
     headers = [analysis.by, "runs", "errors", "avg ms", "p50 ms", "p95 ms", "p99 ms", "max ms",
                "budget", *(f"{k} %" for k in kinds), "cache hits"]

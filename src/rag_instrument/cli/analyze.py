@@ -13,7 +13,13 @@ from typing import Any
 
 from rag_instrument.analysis import DEFAULT_MAX_VALUES, Aggregator, Analysis, expand, parse_time
 from rag_instrument.analysis._parallel import default_jobs
-from rag_instrument.analysis._render import render_csv, render_json, render_table, use_colour
+from rag_instrument.analysis._render import (
+    empty_message,
+    render_csv,
+    render_json,
+    render_table,
+    use_colour,
+)
 
 __all__ = ["add_input_options", "add_parser", "load", "parse_budgets", "run"]
 
@@ -172,19 +178,6 @@ def load(
         for name, (line_no, why) in report.first_bad.items():
             print(f"  first in {name}, line {line_no}: {why}", file=sys.stderr)
     return aggregator.result()
-
-
-def empty_message(analysis: Analysis) -> str:
-    """What to say when there is nothing to show."""
-    what = {"stage": "stage runs", "event": "timed lines", "route": "'request completed' lines"}
-    lines = analysis.inputs.lines
-    return (
-        f"No {what[analysis.by]} found ({lines} line(s) read from "
-        f"{analysis.inputs.files} input(s)): the input is empty."
-        if lines == 0
-        else f"No {what[analysis.by]} found in {lines} line(s) from "
-        f"{analysis.inputs.files} input(s)."
-    )
 
 
 def run(args: argparse.Namespace) -> int:

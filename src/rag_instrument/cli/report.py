@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from rag_instrument.analysis._compare import compare
+from rag_instrument.analysis._render import empty_message
 from rag_instrument.analysis._report import render_report
 from rag_instrument.cli.analyze import PERCENTILES_HELP, add_input_options, budgets_of, load
 
@@ -32,6 +33,8 @@ def write_report(
         if before is None:
             return 2
         changes = compare(before, analysis)
+    if not analysis.rows:  # said, as analyze says it; the page says it too
+        print(f"rag-instrument: {empty_message(analysis)}", file=sys.stderr)
     page = render_report(analysis, files, changes)
     try:
         output.write_text(page, encoding="utf-8")
