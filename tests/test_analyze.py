@@ -10,6 +10,8 @@ import math
 import os
 import subprocess
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -624,3 +626,36 @@ def test_a_pipe_is_read_once_and_whole(tmp_path: Path, capsys: pytest.CaptureFix
     assert status == 0
     assert json.loads(out)[0]["count"] == 3000
     assert "unusable" not in err
+
+
+def test_a_trace_of_thousands_of_runs_nests_and_its_waterfall_holds_them(
+    tmp_path: Path,
+) -> None:
+    # A batch job under one trace id: one request holding 3,000 embedding runs, each in
+    # one of 30 retrieval runs (found by a search, not a pass over every run per run).
+    lines = []
+    base = 1_764_000_000.0
+    def line(stage: str, start_ms: float, ms: float) -> str:
+        end = base + (start_ms + ms) / 1000.0
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(end))
+        stamp += f".{int((end % 1) * 1e6):06d}Z"
+        return json.dumps({
+            "timestamp": stamp, "level": "info", "event": f"{stage} completed",
+            "trace_id": "ab" * 16, "context": {"pipeline_stage": stage},
+            "execution_time_ms": ms,
+        })
+    for r in range(30):
+        r_start = r * 1000.0
+        for e in range(100):
+            lines.append(line("embedding", r_start + 10 + e * 9, 8.0))
+        lines.append(line("retrieval", r_start, 990.0))
+    lines.append(line("search", -5.0, 30_010.0))
+    log = tmp_path / "batch.jsonl"
+    log.write_text("\n".join(lines) + "\n")
+    result = analyze([str(log)], details=True)
+    assert [(r.key, r.depth, r.count) for r in result.rows] == [
+        ("search", 0, 1), ("retrieval", 1, 30), ("embedding", 2, 3000),
+    ]
+    (waterfall,) = result.waterfalls
+    depths = Counter(stage for stage, _start, _ms, depth in waterfall.stages if depth == 2)
+    assert depths == {"embedding": 3000}

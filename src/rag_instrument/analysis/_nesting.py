@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import Counter
 
 from rag_instrument.analysis._model import PIPELINE_ORDER, TOTAL_STAGE, Waterfall
@@ -12,12 +13,63 @@ __all__ = ["Interval", "ordered", "parents_from_intervals", "waterfalls"]
 Interval = tuple[str, float, float]
 #: How far a run's start or end from a log line may seem outside the request's.
 _SLACK_MS = 5.0
+#: Runs walked back at most to find the one holding another (see ``_ByStart.holder``).
+_WALK = 4096
+
+
+class _ByStart:
+    """One stage's runs in one trace, by start: the run holding a given span of time.
+
+    Finding it costs a binary search and a short walk back, not a pass over every run of
+    the trace: one trace may hold tens of thousands of runs (a batch ingestion job under
+    one trace id), and a pass per run made reading such a log take hours.
+    """
+
+    __slots__ = ("max_end", "runs", "starts")
+
+    def __init__(self, runs: list[Interval]) -> None:
+        self.runs = sorted(runs, key=lambda r: r[1])
+        self.starts = [r[1] for r in self.runs]
+        self.max_end: list[float] = []
+        highest = float("-inf")
+        for run in self.runs:
+            highest = max(highest, run[2])
+            self.max_end.append(highest)
+
+    def holder(
+        self, start_by: float, end_from: float, exclude: Interval | None = None
+    ) -> Interval | None:
+        """The run holding a span of time: the innermost of this stage around it, if any.
+
+        That is the latest-starting run that started by ``start_by`` and ended at or after
+        ``end_from``; the walk back is bounded (a holder farther back than
+        :data:`_WALK` runs is not looked for).
+        """
+        index = bisect_right(self.starts, start_by) - 1
+        if index < 0 or self.max_end[index] < end_from:
+            return None  # none of the runs started by then lasts that long
+        runs = self.runs
+        stop = max(-1, index - _WALK)
+        while index > stop:
+            run = runs[index]
+            if run[2] >= end_from and run is not exclude:
+                return run
+            index -= 1
+        return None
+
+
+def _by_stage(runs: list[Interval]) -> dict[str, _ByStart]:
+    grouped: dict[str, list[Interval]] = {}
+    for run in runs:
+        grouped.setdefault(run[0], []).append(run)
+    return {stage: _ByStart(group) for stage, group in grouped.items()}
 
 
 def parents_from_intervals(traces: dict[str, list[Interval]]) -> dict[str, str]:
     """Stage -> the stage it usually runs in, from the runs' times within each trace."""
     votes: dict[str, Counter[str | None]] = {}
     for runs in traces.values():
+        by_stage = _by_stage(runs)
         for stage, start, end in runs:
             best: tuple[float, str] | None = None
             # A line's start is its timestamp minus its duration: a few tens of microseconds
@@ -26,11 +78,12 @@ def parents_from_intervals(traces: dict[str, list[Interval]]) -> dict[str, str]:
             # stage's duration, so that a short stage is never "inside" the sibling that
             # starts right after it).
             slack = max(0.05, min(0.5, (end - start) / 2))
-            for other, o_start, o_end in runs:
+            for other, index in by_stage.items():
                 if other == stage:
                     continue
-                if o_start <= start + slack and end <= o_end:
-                    width = o_end - o_start
+                found = index.holder(start + slack, end)
+                if found is not None:
+                    width = found[2] - found[1]
                     if best is None or width < best[0]:
                         best = (width, other)
             votes.setdefault(stage, Counter())[best[1] if best else None] += 1
@@ -67,20 +120,19 @@ def waterfalls(
         # are a little late (the time to write the line; more on a busy machine): a run may
         # seem to start up to a few ms before the request does.
         mine = [r for r in runs if r[1] >= origin - _SLACK_MS and r[2] <= end + _SLACK_MS]
+        by_stage = _by_stage(mine)
         children: dict[Interval, list[Interval]] = {}
         for run in mine:
             if run is total_run:
                 continue
-            holders = [
-                other
-                for other in mine
-                if other is not run
-                and other[0] == parents.get(run[0])
-                and other[1] <= run[1] + _SLACK_MS
-                and run[2] <= other[2] + _SLACK_MS
-            ]
-            holder = min(holders, key=lambda o: o[2] - o[1]) if holders else total_run
-            children.setdefault(holder, []).append(run)
+            parent = parents.get(run[0])
+            index = by_stage.get(parent) if parent is not None else None
+            found = (
+                index.holder(run[1] + _SLACK_MS, run[2] - _SLACK_MS, exclude=run)
+                if index is not None
+                else None
+            )
+            children.setdefault(found if found is not None else total_run, []).append(run)
         stages: list[tuple[str, float, float, int]] = []
         pending: list[tuple[Interval, int]] = [(total_run, 0)]
         while pending:  # depth first, children in start order
