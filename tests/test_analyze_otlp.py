@@ -155,3 +155,61 @@ def test_spans_and_logs_of_the_same_runs_are_counted_once(
     counts = {row["stage"]: row["count"] for row in json.loads(out)}
     assert counts["search"] == 4
     assert "not counted again" in err
+
+
+def _route_span(
+    trace: int, span: int, parent: int | None, kind: int, start_ms: int, end_ms: int,
+    route: str | None = "/api/search",
+) -> dict[str, object]:
+    attributes: list[dict[str, object]] = [
+        {"key": "http.request.method", "value": {"stringValue": "POST"}},
+        {"key": "http.response.status_code", "value": {"intValue": "200"}},
+    ]
+    if route is not None:
+        attributes.append({"key": "http.route", "value": {"stringValue": route}})
+    out: dict[str, object] = {
+        "traceId": f"{trace:032x}", "spanId": f"{span:016x}", "name": "POST /api/search",
+        "kind": kind, "startTimeUnixNano": str(start_ms * 1_000_000),
+        "endTimeUnixNano": str(end_ms * 1_000_000), "attributes": attributes,
+    }
+    if parent is not None:
+        out["parentSpanId"] = f"{parent:016x}"
+    return out
+
+
+def _scopes(**spans: list[dict[str, object]]) -> str:
+    return json.dumps({"resourceSpans": [{"scopeSpans": [
+        {"scope": {"name": name}, "spans": group} for name, group in spans.items()
+    ]}]}) + "\n"
+
+
+def test_a_request_traced_by_two_instrumentations_counts_once(tmp_path: Path) -> None:
+    from rag_instrument.analysis import analyze
+
+    # FastAPI's own telemetry in a trace of its own beside rag_instrument's request span.
+    apart = tmp_path / "apart.json"
+    apart.write_text(_scopes(
+        fastapi=[_route_span(100 + i, 1000 + i, None, 2, i * 100, i * 100 + 20) for i in range(5)],
+        rag_instrument=[_route_span(i, i + 1, None, 2, i * 100 + 1, i * 100 + 19) for i in range(5)],
+    ))
+    (row,) = analyze([str(apart)], by="route").rows
+    assert (row.key, row.count, row.max_ms) == ("POST /api/search", 5, 18.0)
+    # The OpenTelemetry ASGI middleware's server span around rag_instrument's, one trace.
+    nested = tmp_path / "nested.json"
+    nested.write_text(_scopes(**{
+        "opentelemetry.instrumentation.asgi": [
+            _route_span(i, 500 + i, None, 2, i * 100, i * 100 + 20) for i in range(5)
+        ],
+        "other": [_route_span(i, 600 + i, 500 + i, 1, i * 100 + 1, i * 100 + 19) for i in range(5)],
+    }))
+    (row,) = analyze([str(nested)], by="route").rows
+    assert row.count == 5
+
+
+def test_our_request_span_without_a_route_is_listed_as_no_route(tmp_path: Path) -> None:
+    from rag_instrument.analysis import analyze
+
+    path = tmp_path / "404.json"
+    path.write_text(_scopes(rag_instrument=[_route_span(1, 2, None, 2, 0, 3, route=None)]))
+    (row,) = analyze([str(path)], by="route").rows
+    assert (row.key, row.count) == ("POST (no route)", 1)

@@ -154,6 +154,10 @@ class Aggregator:
         #: The span ids of the runs counted from OTLP spans: the same run's log line (it
         #: carries the span id) is not counted again when spans and logs are read together.
         self.otlp_runs: set[str] = set()
+        #: Per trace, the requests counted from OTLP spans (``--by route``): key, start, end.
+        self.otlp_requests: dict[str, list[tuple[str, int, int]]] = {}
+        #: Whether rag_instrument's own request spans were seen (then only they count).
+        self.otlp_own_requests = False
         #: Log lines skipped because their run was counted from its span.
         self.duplicates = 0
         self.open_traces: OrderedDict[str, list[tuple[str, float, float]]] = OrderedDict()

@@ -21,6 +21,8 @@ __all__ = ["feed", "parents"]
 _MAX_SPANS = 500_000
 _ERROR_CODES = (2, "STATUS_CODE_ERROR")
 _BREAKDOWN = "rag.breakdown."
+#: The instrumentation scope of rag_instrument's spans.
+_OUR_SCOPE = "rag_instrument"
 
 
 def _value(value: Any) -> Any:
@@ -47,6 +49,7 @@ def _attributes(items: Any) -> dict[str, Any]:
 
 
 def _spans(record: dict[str, Any]) -> Any:
+    """``(instrumentation scope name, span)`` of every span of the request."""
     for resource_spans in record.get("resourceSpans") or ():
         if type(resource_spans) is not dict:
             continue
@@ -55,13 +58,44 @@ def _spans(record: dict[str, Any]) -> Any:
         )
         for scope in scopes or ():
             if type(scope) is dict:
-                yield from (s for s in scope.get("spans") or () if type(s) is dict)
+                info = scope.get("scope") or scope.get("instrumentationLibrary")
+                name = info.get("name") if type(info) is dict else None
+                name = name if type(name) is str else ""
+                yield from ((name, s) for s in scope.get("spans") or () if type(s) is dict)
+
+
+def _same_request(agg: Aggregator, trace_id: str, key: str, start: int, end: int) -> bool:
+    """Whether a request of ``key`` that holds this span, or that it holds, was counted.
+
+    Two instrumentations of one request (FastAPI's or the OpenTelemetry ASGI middleware's
+    server span, and rag_instrument's request span inside it) both carry ``http.route``:
+    one request, counted once.
+    """
+    requests = agg.otlp_requests.get(trace_id)
+    if requests is None:
+        if len(agg.otlp_requests) >= _MAX_SPANS:
+            agg.otlp_requests.clear()
+        requests = agg.otlp_requests[trace_id] = []
+    for other, o_start, o_end in requests:
+        if other == key and (
+            (o_start <= start and end <= o_end) or (start <= o_start and o_end <= end)
+        ):
+            return True
+    requests.append((key, start, end))
+    return False
 
 
 def feed(agg: Aggregator, record: dict[str, Any]) -> str | None:
     """Aggregate the spans of one request line; return what was wrong, if anything."""
     problem: str | None = None
-    for span in _spans(record):
+    if agg.by == "route" and not agg.otlp_own_requests:
+        # Once rag_instrument's request spans are in the input, only they count: another
+        # instrumentation's server span of the same request (FastAPI's own telemetry, in a
+        # trace of its own) would count it twice. Decided before this line's spans count.
+        agg.otlp_own_requests = any(
+            scope == _OUR_SCOPE and _is_request(span) for scope, span in _spans(record)
+        )
+    for scope_name, span in _spans(record):
         try:
             start = int(span["startTimeUnixNano"])
             end = int(span["endTimeUnixNano"])
@@ -85,8 +119,16 @@ def feed(agg: Aggregator, record: dict[str, Any]) -> str | None:
                 parent if type(parent) is str else None,
                 stage if type(stage) is str else None,
             )
-        key = _key(agg.by, span, attributes, stage)
+        key = _key(agg.by, span, attributes, stage, scope_name, agg.otlp_own_requests)
         if key is None:
+            continue
+        if (
+            agg.by == "route"
+            and type(trace_id) is str
+            and _same_request(agg, trace_id, key, start, end)
+        ):
+            if type(span_id) is str:  # its log line, if read too, is this request's
+                agg.otlp_runs.add(span_id.lower())
             continue
         ms = (end - start) / 1e6
         line = _as_line(span, attributes, ms)
@@ -102,16 +144,38 @@ def feed(agg: Aggregator, record: dict[str, Any]) -> str | None:
     return problem
 
 
-def _key(by: str, span: dict[str, Any], attributes: dict[str, Any], stage: Any) -> str | None:
+def _is_request(span: dict[str, Any]) -> bool:
+    """Whether a span of rag_instrument's is a request span (not a stage's)."""
+    names = {
+        item.get("key") for item in span.get("attributes") or () if type(item) is dict
+    }
+    return "http.request.method" in names and "rag.stage" not in names
+
+
+def _key(
+    by: str,
+    span: dict[str, Any],
+    attributes: dict[str, Any],
+    stage: Any,
+    scope: str,
+    own_only: bool = False,
+) -> str | None:
     if by == "stage":
         return stage if type(stage) is str and stage else None
     if by == "event":
         name = span.get("name")
         return name if type(name) is str else None
-    route = attributes.get("http.route")
-    if type(route) is not str:
+    if own_only and scope != _OUR_SCOPE:
         return None
-    return f"{attributes.get('http.request.method') or '?'} {route}"
+    route = attributes.get("http.route")
+    method = attributes.get("http.request.method")
+    if type(route) is not str:
+        # rag_instrument's request span of a request no route matched (a 404): listed as
+        # its "request completed" line lists it.
+        if scope == _OUR_SCOPE and type(method) is str and stage is None:
+            return f"{method} (no route)"
+        return None
+    return f"{method or '?'} {route}"
 
 
 def _as_line(span: dict[str, Any], attributes: dict[str, Any], ms: float) -> dict[str, Any]:
