@@ -181,3 +181,18 @@ def test_an_empty_input_says_so_on_stderr_and_on_the_page(
     assert "No stage runs found" in err
     assert "the input is empty" in err
     assert "No stage runs found" in out.read_text()
+
+
+def test_the_baseline_comparison_is_the_compare_table(
+    demo_logs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # As `rag-instrument compare` prints it: p50, p95 and p99 before and after, nested.
+    before, after = demo_logs
+    out = tmp_path / "report.html"
+    assert main(["report", str(after), "-o", str(out), "--baseline", str(before)]) == 0
+    html = out.read_text()
+    section = html[html.index('<section id="comparison">') :]
+    section = section[: section.index("</section>")]
+    for header in ("stage", "runs", "p50 ms", "p95 ms", "p99 ms", "p95 change", "p-value"):
+        assert f"<th>{header}</th>" in section, header
+    assert "\u00a0\u00a0retrieval" in section  # nested under the whole request, as in compare

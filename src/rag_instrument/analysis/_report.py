@@ -229,8 +229,11 @@ def _comparison(changes: list[Change]) -> str:
         change = "-" if c.p95_change_ms is None else f"{c.p95_change_ms:+.1f} ms"
         if c.p95_change_pct is not None:
             change += f" ({c.p95_change_pct:+.0f}%)"
-        rows.append([c.key, f"{c.count_before} → {c.count_after}",
-                     f"{_ms(c.p95_before)} → {_ms(c.p95_after)}", change,
+        # The compare command's table: p50, p95 and p99 before and after, stages nested.
+        rows.append(["\u00a0\u00a0" * c.depth + c.key, f"{c.count_before} → {c.count_after}",
+                     f"{_ms(c.p50_before)} → {_ms(c.p50_after)}",
+                     f"{_ms(c.p95_before)} → {_ms(c.p95_after)}",
+                     f"{_ms(c.p99_before)} → {_ms(c.p99_after)}", change,
                      "-" if c.p_value is None else f"{c.p_value:.3g}", c.verdict])
     items: list[tuple[str, float, str]] = []
     for c in changes:
@@ -244,7 +247,8 @@ def _comparison(changes: list[Change]) -> str:
         if items
         else ""
     )
-    return _table(["stage", "runs", "p95 ms", "p95 change", "p-value", "verdict"], rows) + (
+    headers = ["stage", "runs", "p50 ms", "p95 ms", "p99 ms", "p95 change", "p-value", "verdict"]
+    return _table(headers, rows) + (
         '<p class="note">Beyond noise: two-sided Mann-Whitney U test, p &lt; 0.05.</p>' + chart
     )
 
