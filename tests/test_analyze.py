@@ -659,3 +659,15 @@ def test_a_trace_of_thousands_of_runs_nests_and_its_waterfall_holds_them(
     (waterfall,) = result.waterfalls
     depths = Counter(stage for stage, _start, _ms, depth in waterfall.stages if depth == 2)
     assert depths == {"embedding": 3000}
+
+
+def test_sampled_percentiles_are_marked_on_their_row(tmp_path: Path) -> None:
+    from rag_instrument.analysis._render import render_table
+
+    sampled = write(tmp_path / "a.jsonl", [line("retrieval", float(i)) for i in range(500)])
+    exact = write(tmp_path / "b.jsonl", [line("generation", float(i)) for i in range(10)])
+    table = render_table(analyze([str(sampled), str(exact)], max_values=50))
+    rows = {row.split()[0]: row for row in table.splitlines()[2:4]}
+    assert rows["retrieval"].count("~") == 3  # p50, p95, p99 over the sample
+    assert "~" not in rows["generation"]
+    assert "~: percentiles over a uniform sample" in table

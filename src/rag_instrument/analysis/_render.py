@@ -98,9 +98,10 @@ def render_table(analysis: Analysis, colour: bool = False) -> str:
                 str(row.errors),
                 _ms(row.avg_ms),
                 *([_ms(row.avg_cpu_ms)] if has_cpu else []),
-                _ms(row.p50_ms),
-                _ms(row.p95_ms),
-                _ms(row.p99_ms),
+                # "~": over a uniform sample of the group's runs (see the note below).
+                _ms(row.p50_ms) + ("" if row.exact else "~"),
+                _ms(row.p95_ms) + ("" if row.exact else "~"),
+                _ms(row.p99_ms) + ("" if row.exact else "~"),
                 _ms(row.max_ms),
                 budget_text(row),
                 *(_pct(row.breakdown_share.get(k)) for k in kinds),
@@ -116,7 +117,10 @@ def render_table(analysis: Analysis, colour: bool = False) -> str:
                 lines[i + 2] = _RED + lines[i + 2] + _RESET
     out = lines
     if any(not r.exact for r in analysis.rows):
-        out.append("(percentiles marked over a uniform sample: a group had more runs than kept)")
+        out.append(
+            "(~: percentiles over a uniform sample of that group's runs, which were more than "
+            "kept; counts, means and maxima are exact)"
+        )
     for title, table in _side_tables(analysis):
         out += ["", (_BOLD + title + _RESET) if colour else title, *table]
     return "\n".join(out) + "\n"
