@@ -671,3 +671,12 @@ def test_sampled_percentiles_are_marked_on_their_row(tmp_path: Path) -> None:
     assert rows["retrieval"].count("~") == 3  # p50, p95, p99 over the sample
     assert "~" not in rows["generation"]
     assert "~: percentiles over a uniform sample" in table
+
+
+def test_control_characters_from_the_log_are_shown_escaped(tmp_path: Path) -> None:
+    from rag_instrument.analysis._render import render_table
+
+    log = write(tmp_path / "a.jsonl", [line("evil\x1b[31mRED\nline", 3.0)])
+    table = render_table(analyze([str(log)]))
+    assert "\x1b" not in table
+    assert "evil\\x1b[31mRED\\x0aline" in table

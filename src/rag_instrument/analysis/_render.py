@@ -6,7 +6,7 @@ import csv
 import io
 import os
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import Any, Final, TextIO
 
 import orjson
 
@@ -16,6 +16,7 @@ __all__ = [
     "budget_text",
     "empty_message",
     "largest_text",
+    "printable",
     "render_csv",
     "render_json",
     "render_table",
@@ -63,7 +64,20 @@ def _label(row: Row, by: str) -> str:
     return name if by == "stage" else row.key
 
 
+# Control characters from a log's text (a stage name, a statement) are shown escaped: an
+# escape sequence written to the terminal would recolour, move or hide the table.
+_CONTROLS: Final = {
+    code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))
+}
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped (as backslash-x codes), for a terminal."""
+    return text.translate(_CONTROLS)
+
+
 def _grid(headers: Sequence[str], rows: list[list[str]], left: int = 1) -> list[str]:
+    rows = [[cell.translate(_CONTROLS) for cell in cells] for cells in rows]
     widths = [len(h) for h in headers]
     for cells in rows:
         widths = [max(w, len(c)) for w, c in zip(widths, cells, strict=True)]

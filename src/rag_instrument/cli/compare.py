@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 
 from rag_instrument.analysis._compare import ALPHA, Change, compare
-from rag_instrument.analysis._render import use_colour
+from rag_instrument.analysis._render import printable, use_colour
 from rag_instrument.cli.analyze import PERCENTILES_HELP, add_input_options, budgets_of, load
 
 __all__ = ["add_parser", "render_changes", "run"]
@@ -39,7 +39,7 @@ def render_changes(changes: list[Change], colour: bool = False) -> str:
                 change += f" ({c.p95_change_pct:+.0f}%)"
         rows.append(
             [
-                "  " * c.depth + c.key,
+                "  " * c.depth + printable(c.key),
                 f"{c.count_before} -> {c.count_after}",
                 f"{_f(c.p50_before)} -> {_f(c.p50_after)}",
                 f"{_f(c.p95_before)} -> {_f(c.p95_after)}",
