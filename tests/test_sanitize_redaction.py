@@ -138,7 +138,7 @@ RECALL = [
     ('password="it\'s a secret" and more', "it's a secret"),
     # "key=" with a credential-shaped value; provider prefixes glued to letters
     ("signing with key=3f9a0c7b2e4d6f8a1b3c5d7e9f0a2b4c", "3f9a0c7b2e4d6f8a1b3c5d7e9f0a2b4c"),
-    ("https://maps.test/api?key=Hunter2PwXyz&q=x", "Hunter2PwXyz"),
+    ("https://maps.test/api?key=Hunter2PwXyzQrst42&q=x", "Hunter2PwXyzQrst42"),
     ("openaikey" + _k("sk-proj-", 40), _k("sk-proj-", 40)[8:]),
     ("x" * 10 + _k("sk-ant-api03-", 40), _k("sk-ant-api03-", 40)[13:]),
 ]  # fmt: skip
@@ -170,6 +170,15 @@ PRECISION = [
     "key: value",
     "key=value and key=primary",
     "sort by key=name_of_field",
+    # "key=" with ordinary keys; words glued before a provider-looking prefix
+    "cache key=user_profile_v2 hit",
+    "s3 put key=uploads/2024/report.pdf",
+    "key=192.168.0.1 and key=2024-01-01T00:00:00Z",
+    "redis GET key=session:abc123def456 miss",
+    "deploying flask-admin-dashboard-7d9f8c6b5-x2k4p",
+    "GET /api/v1/task-admin-settings-overview 200",
+    "https://github.com/org/disk-proj-cleanup-utility-tool",
+    "kiosk-ant-colony-simulation-results",
     "primary_key=id",
     "ghost_story about gh_pages",
     "the AKIA prefix names AWS keys",

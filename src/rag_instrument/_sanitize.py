@@ -182,6 +182,10 @@ _SEPARATOR_ENCODED: Final = re.compile(r"[=:]|%3[dDaA]")  # also URL-encoded: pa
 _VALUE_LEAD: Final = re.compile(
     r"""\s*(?:>\s*)?(?:[\[(]\s*(?=[bBrRuU]{0,2}["']))?(?:[bBrRuU]{1,2}(?=["']))?"""
 )
+# What "key=" must be followed by to be a secret: 16 or more of a key's alphabet (letters,
+# digits, "-", "_", "+", "="), with letters and digits both: "key=3f9a0c7b...", not
+# "key=user_profile_v2", "key=uploads/2024/report.pdf" or "key=192.168.0.1".
+_BARE_KEY_VALUE: Final = re.compile(r"(?=[^0-9]*[0-9])(?=[^A-Za-z]*[A-Za-z])[A-Za-z0-9_+=-]{16,}")
 _QUOTED: Final = {"'": re.compile(r"[^'\r\n]*"), '"': re.compile(r'[^"\r\n]*')}
 _BARE_VALUE: Final = re.compile(r"""(?!//)[^\s"'&,;}\])]+""")
 _NAME_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
@@ -343,8 +347,8 @@ def _key_value_at(text: str, sep: int, sep_end: int) -> tuple[int, int] | None:
         raw = bare.group(0)
     if not raw:
         return None
-    if bare_key and (len(raw) < 8 or not _credential_shaped(raw)):
-        return None
+    if bare_key and not _BARE_KEY_VALUE.fullmatch(raw):
+        return None  # a cache key, an object's path, an address, a date: not a secret
     if raw.lower() in _AUTH_SCHEME_WORDS:
         return None  # "Authorization: Bearer ..." - the scheme pass masks the rest
     if raw.strip("()<>[]").lower() in _PLACEHOLDERS or _SMALL_NUMBER.fullmatch(raw):
@@ -379,19 +383,29 @@ _SK_PREFIXES: Final = ("sk-proj-", "sk-ant-", "sk-svcacct-", "sk-admin-", "sk-No
 
 def _sk_key(match: re.Match[str]) -> str:
     text = match.group(0)
+    start = match.start()
+    glued = start > 0 and match.string[start - 1].isalnum()
+    if glued:
+        # Glued to a word ("openaikeysk-proj-..."): a key only with a key's random body,
+        # not "flask-admin-dashboard-7d9f8" or "disk-proj-cleanup-utility".
+        for run in _RANDOM_RUN.findall(text):
+            if len(run) >= 20 and _classes(run) >= 2:
+                return REDACTED
+        return text
     if text.startswith(_SK_PREFIXES):
         return REDACTED  # a provider's own key prefix: whatever follows
     for run in _RANDOM_RUN.findall(text):
         if len(run) >= 20:
             return REDACTED  # longer than any word
-        classes = (
-            any(c.isdigit() for c in run)
-            + any(c.islower() for c in run)
-            + any(c.isupper() for c in run)
-        )
-        if classes >= 2:
+        if _classes(run) >= 2:
             return REDACTED
     return text
+
+
+def _classes(run: str) -> int:
+    """How many of digits, lower and upper case letters ``run`` mixes."""
+    digits = any(c.isdigit() for c in run)
+    return digits + any(c.islower() for c in run) + any(c.isupper() for c in run)
 
 
 _KV_WORDS: Final = (
