@@ -530,3 +530,41 @@ def test_a_failing_backend_of_the_apps_own_never_fails_the_call(
     assert made == ["q"]  # the answer paid for is returned, not lost
     assert "_FailingBackend" in caplog.text
     assert "serving without the cache" in caplog.text
+
+
+def test_a_call_never_waits_on_a_leader_whose_event_loop_stopped() -> None:
+    # The leading call's task is left pending on a loop that stops running (a worker's loop
+    # between run_until_complete calls): identical calls on other loops take over.
+    started = threading.Event()
+    release = threading.Event()
+    calls: list[str] = []
+
+    @cached(ttl=60)
+    async def answer(x: int) -> int:
+        calls.append(threading.current_thread().name)
+        started.set()
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        return x * 2
+
+    idle = asyncio.new_event_loop()
+    try:
+        leader = idle.create_task(answer(1))
+
+        async def until_started() -> None:
+            while not started.is_set():
+                await asyncio.sleep(0.001)
+
+        idle.run_until_complete(until_started())  # then the loop stops, the task pending
+        release.set()  # the leader would finish at once, if its loop ran
+
+        async def waiter() -> int:
+            return await asyncio.wait_for(answer(1), 30)
+
+        assert asyncio.run(waiter()) == 2
+        assert asyncio.run(waiter()) == 2  # and the stale flight does not hold later calls
+        assert len(calls) == 2
+    finally:
+        leader.cancel()
+        idle.run_until_complete(asyncio.gather(leader, return_exceptions=True))
+        idle.close()

@@ -97,8 +97,25 @@ class _Flight:
         self.done.result()
 
     async def await_done(self) -> None:
-        """Wait until the leader finished, in any thread or loop; never cancels the leader."""
-        await asyncio.shield(asyncio.wrap_future(self.done))
+        """Wait until the leader finished, in any thread or loop; never cancels the leader.
+
+        A leader on another event loop makes progress only while that loop runs: if it
+        stops (a worker's loop between ``run_until_complete`` calls, a loop closed with
+        the task still pending), the wait ends and the caller takes over the call.
+        """
+        waiter = asyncio.wrap_future(self.done)
+        leader = self.loop
+        if leader is None or leader is asyncio.get_running_loop():
+            await asyncio.shield(waiter)
+            return
+        while True:
+            done, _ = await asyncio.wait({waiter}, timeout=_FOREIGN_POLL_S)
+            if done or not _progressing(leader):
+                return
+
+    def stalled(self) -> bool:
+        """Whether the leader can no longer finish (its event loop stopped or closed)."""
+        return self.loop is not None and not _progressing(self.loop)
 
     def finish(self) -> None:
         """Wake the calls waiting on this flight."""
@@ -118,6 +135,14 @@ class _Flight:
         if self.data is not None:
             return True, _keys.decode_value(self.data, types)
         return False, None
+
+
+#: How often a call waiting on a leader in another event loop checks that loop still runs.
+_FOREIGN_POLL_S: Final = 0.25
+
+
+def _progressing(loop: asyncio.AbstractEventLoop) -> bool:
+    return not loop.is_closed() and loop.is_running()
 
 
 def _scope_tag(scope: str) -> str:
@@ -271,7 +296,11 @@ class Store:
                 flight = self.flights.get(key)
                 # A thread's call never blocks on a flight led on an event loop (which may
                 # be this thread's own); a task waits on any flight without blocking.
-                if flight is None or (loop is None and flight.loop is not None):
+                if (
+                    flight is None
+                    or (loop is None and flight.loop is not None)
+                    or (flight.loop is not loop and flight.stalled())
+                ):
                     mine = self.flights[key] = _Flight(loop)
                     break
             yield wait, (flight,)
