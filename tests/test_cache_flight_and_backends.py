@@ -543,8 +543,7 @@ def test_a_call_never_waits_on_a_leader_whose_event_loop_stopped() -> None:
     async def answer(x: int) -> int:
         calls.append(threading.current_thread().name)
         started.set()
-        while not release.is_set():
-            await asyncio.sleep(0.01)
+        await asyncio.to_thread(release.wait, 30)
         return x * 2
 
     idle = asyncio.new_event_loop()
@@ -552,8 +551,7 @@ def test_a_call_never_waits_on_a_leader_whose_event_loop_stopped() -> None:
         leader = idle.create_task(answer(1))
 
         async def until_started() -> None:
-            while not started.is_set():
-                await asyncio.sleep(0.001)
+            await asyncio.to_thread(started.wait, 30)
 
         idle.run_until_complete(until_started())  # then the loop stops, the task pending
         release.set()  # the leader would finish at once, if its loop ran

@@ -725,3 +725,16 @@ def test_the_unsupported_sampler_warning_is_a_line_of_the_configured_log(tmp_pat
     lines = [orjson.loads(line) for line in log.read_text().splitlines()]
     assert [line["level"] for line in lines] == ["warning", "info"]
     assert "OTEL_TRACES_SAMPLER='xray'" in lines[0]["event"]
+
+
+def test_the_otel_samplers_kind_goes_with_its_ratio_only() -> None:
+    # OTEL_TRACES_SAMPLER=always_on set for other services, a ratio of our own: the ratio
+    # stays parent-based (as documented), not a ratio deciding every span alone.
+    settings = build_settings(
+        env={"OTEL_TRACES_SAMPLER": "always_on", "RAG_INSTRUMENT_SAMPLE_RATIO": "0.2"}
+    )
+    assert (settings.sample_ratio, settings.parent_based_sampling) == (0.2, True)
+    explicit = build_settings(env={"OTEL_TRACES_SAMPLER": "always_on"}, sample_ratio=0.2)
+    assert explicit.parent_based_sampling is True
+    alone = build_settings(env={"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.3"})
+    assert (alone.sample_ratio, alone.parent_based_sampling) == (0.3, False)

@@ -495,3 +495,18 @@ def test_requests_network_errors_are_transient_and_its_http_errors_are_not() -> 
     assert is_transient(requests.ReadTimeout("slow"))
     assert not is_transient(requests.HTTPError("404 Not Found"))
     assert not is_transient(ValueError("bad"))
+
+
+def test_certificate_failures_are_not_retried() -> None:
+    import ssl
+
+    import httpx
+
+    from rag_instrument.retry import is_transient
+
+    wrapped = httpx.ConnectError("[SSL: CERTIFICATE_VERIFY_FAILED]")
+    wrapped.__cause__ = ssl.SSLCertVerificationError("certificate verify failed")
+    assert not is_transient(wrapped)
+    requests = pytest.importorskip("requests")
+    assert not is_transient(requests.exceptions.SSLError("bad certificate"))
+    assert is_transient(requests.ConnectionError("refused"))

@@ -643,6 +643,13 @@ def build_settings(env: Mapping[str, str] | None = None, **given: Any) -> Settin
             values[row.name] = row.parse(row.name, picked[0], picked[1])
             origins[row.name] = picked[1]
     check_export_variables(source)
+    sampler = "environment variable OTEL_TRACES_SAMPLER"
+    if origins.get("parent_based_sampling") == sampler and not origins.get(
+        "sample_ratio", ""
+    ).startswith(sampler):
+        # The OTEL sampler's kind goes with its ratio: with the ratio from elsewhere
+        # (RAG_INSTRUMENT_SAMPLE_RATIO, configure()), the ratio is parent-based as documented.
+        del values["parent_based_sampling"]
     endpoint_origin = origins.get("otlp_endpoint", "")
     if not endpoint_origin.startswith(("configure(", "environment variable RAG_INSTRUMENT_")):
         signals = {}

@@ -26,6 +26,8 @@ import email.utils
 import functools
 import math
 import numbers
+import ssl
+import threading
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Mapping
 from typing import TYPE_CHECKING, Any, Final, TypeVar, overload
@@ -94,6 +96,8 @@ def is_transient(exc: BaseException) -> bool:
         return False
     if isinstance(exc, TimeoutError | ConnectionError):
         return True
+    if _certificate_failure(exc):
+        return False  # an HTTP client's ConnectError for a bad certificate: not transient
     for cls in type(exc).__mro__:
         name = cls.__name__
         root = (cls.__module__ or "").split(".", 1)[0]
@@ -102,6 +106,23 @@ def is_transient(exc: BaseException) -> bool:
         if (root, name) in _CLIENT_TRANSIENT:
             return True
     return http_status(exc) in RETRYABLE_STATUSES
+
+
+def _certificate_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is (or was raised from) a TLS failure.
+
+    Requests' ``SSLError``, or httpx's ``ConnectError`` raised from an :class:`ssl.SSLError`.
+    """
+    link: BaseException | None = exc
+    for _ in range(8):
+        if link is None:
+            return False
+        if isinstance(link, ssl.SSLError) or any(
+            cls.__name__ == "SSLError" for cls in type(link).__mro__
+        ):
+            return True
+        link = link.__cause__ or link.__context__
+    return False
 
 
 def _headers_of(exc: BaseException) -> Mapping[str, str] | None:
@@ -209,6 +230,9 @@ class RetryPolicy:
             return False
 
 
+_TOTALS_LOCK: Final = threading.Lock()  # read-add-write of a span's retry totals
+
+
 class _Recorder:
     """Telemetry for one retried call: span events, counter, log lines, time slept."""
 
@@ -278,19 +302,21 @@ class _Recorder:
         try:
             span = self.span
             if span.is_recording():
-                # Several retried calls in one span (a stage's): their totals add up.
-                attempts, backoff_ms = self.attempts, self.backoff_ms
-                before = getattr(span, "attributes", None)
-                if isinstance(before, Mapping):
-                    made = before.get(RAG_RETRY_ATTEMPTS)
-                    slept = before.get(RAG_RETRY_BACKOFF_MS)
-                    if type(made) is int:
-                        attempts += made
-                    if type(slept) is float or type(slept) is int:
-                        backoff_ms += slept
-                span.set_attributes(
-                    {RAG_RETRY_ATTEMPTS: attempts, RAG_RETRY_BACKOFF_MS: round(backoff_ms, 3)}
-                )
+                # Several retried calls in one span (a stage's): their totals add up (under
+                # a lock: calls retried in several threads of one stage).
+                with _TOTALS_LOCK:
+                    attempts, backoff_ms = self.attempts, self.backoff_ms
+                    before = getattr(span, "attributes", None)
+                    if isinstance(before, Mapping):
+                        made = before.get(RAG_RETRY_ATTEMPTS)
+                        slept = before.get(RAG_RETRY_BACKOFF_MS)
+                        if type(made) is int:
+                            attempts += made
+                        if type(slept) is float or type(slept) is int:
+                            backoff_ms += slept
+                    span.set_attributes(
+                        {RAG_RETRY_ATTEMPTS: attempts, RAG_RETRY_BACKOFF_MS: round(backoff_ms, 3)}
+                    )
         except Exception as err:
             user_code_error("recording retry totals", err)
 
