@@ -680,3 +680,64 @@ def test_control_characters_from_the_log_are_shown_escaped(tmp_path: Path) -> No
     table = render_table(analyze([str(log)]))
     assert "\x1b" not in table
     assert "evil\\x1b[31mRED\\x0aline" in table
+
+
+def _parents_by_every_pair(traces: dict[str, list[tuple[str, float, float]]]) -> dict[str, str]:
+    """The reference: for each run, a pass over every other run (the narrowest holder)."""
+    votes: dict[str, Counter[str | None]] = {}
+    for runs in traces.values():
+        for stage, start, end in runs:
+            best: tuple[float, str] | None = None
+            slack = max(0.05, min(0.5, (end - start) / 2))
+            for other, o_start, o_end in runs:
+                holds = other != stage and o_start <= start + slack and end <= o_end
+                if holds and (best is None or o_end - o_start < best[0]):
+                    best = (o_end - o_start, other)
+            votes.setdefault(stage, Counter())[best[1] if best else None] += 1
+    out = {}
+    for stage, counter in votes.items():
+        parent, n = counter.most_common(1)[0]
+        if parent is not None and n * 2 > sum(counter.values()):
+            out[stage] = parent
+    for stage in list(out):  # a cycle is no nesting at all
+        seen, node = {stage}, out.get(stage)
+        while node is not None:
+            if node in seen:
+                out.pop(stage, None)
+                break
+            seen.add(node)
+            node = out.get(node)
+    return out
+
+
+_stage_runs = st.lists(
+    st.tuples(
+        st.sampled_from(["search", "retrieval", "embedding", "llm", "rerank"]),
+        st.floats(0, 100, allow_nan=False),
+        st.floats(0, 100, allow_nan=False),
+    ).map(lambda r: (r[0], min(r[1], r[2]), max(r[1], r[2]))),
+    max_size=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_stage_runs, min_size=1, max_size=3))
+def test_nesting_matches_a_pass_over_every_pair(traces: list[list[tuple[str, float, float]]]) -> None:
+    from rag_instrument.analysis._nesting import parents_from_intervals
+
+    by_trace = {f"t{i}": runs for i, runs in enumerate(traces)}
+    assert parents_from_intervals(by_trace) == _parents_by_every_pair(by_trace)
+
+
+def test_a_waterfall_puts_a_run_in_the_narrowest_run_around_it() -> None:
+    from rag_instrument.analysis._nesting import waterfalls
+
+    runs = [
+        ("search", 0.0, 500.0), ("retrieval", 10.0, 60.0), ("retrieval", 11.0, 400.0),
+        ("embedding", 12.0, 30.0), ("embedding", 100.0, 150.0),
+    ]
+    (waterfall,) = waterfalls([(500.0, "t", runs)], {"embedding": "retrieval", "retrieval": "search"})
+    assert waterfall.stages == [
+        ("search", 0.0, 500.0, 0), ("retrieval", 10.0, 50.0, 1), ("embedding", 12.0, 18.0, 2),
+        ("retrieval", 11.0, 389.0, 1), ("embedding", 100.0, 50.0, 2),
+    ]

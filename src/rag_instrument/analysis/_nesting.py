@@ -39,23 +39,27 @@ class _ByStart:
     def holder(
         self, start_by: float, end_from: float, exclude: Interval | None = None
     ) -> Interval | None:
-        """The run holding a span of time: the innermost of this stage around it, if any.
+        """The run holding a span of time: the narrowest of this stage around it, if any.
 
-        That is the latest-starting run that started by ``start_by`` and ended at or after
-        ``end_from``; the walk back is bounded (a holder farther back than
-        :data:`_WALK` runs is not looked for).
+        That is, of the runs that started by ``start_by`` and ended at or after
+        ``end_from``, the shortest (as a pass over every run would choose). Walking back
+        from the latest start, a run that started before ``end_from`` minus the shortest
+        width found so far cannot be shorter: the walk stops there (and after
+        :data:`_WALK` runs in any case).
         """
         index = bisect_right(self.starts, start_by) - 1
         if index < 0 or self.max_end[index] < end_from:
             return None  # none of the runs started by then lasts that long
         runs = self.runs
         stop = max(-1, index - _WALK)
-        while index > stop:
+        best: Interval | None = None
+        width = float("inf")
+        while index > stop and runs[index][1] > end_from - width:
             run = runs[index]
-            if run[2] >= end_from and run is not exclude:
-                return run
+            if run[2] >= end_from and run is not exclude and run[2] - run[1] < width:
+                best, width = run, run[2] - run[1]
             index -= 1
-        return None
+        return best
 
 
 def _by_stage(runs: list[Interval]) -> dict[str, _ByStart]:
