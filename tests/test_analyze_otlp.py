@@ -213,3 +213,40 @@ def test_our_request_span_without_a_route_is_listed_as_no_route(tmp_path: Path) 
     path.write_text(_scopes(rag_instrument=[_route_span(1, 2, None, 2, 0, 3, route=None)]))
     (row,) = analyze([str(path)], by="route").rows
     assert (row.key, row.count) == ("POST (no route)", 1)
+
+
+@pytest.mark.parametrize("ours_first", [True, False])
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_route_counts_do_not_depend_on_order_or_jobs(
+    tmp_path: Path,
+    ours_first: bool,
+    jobs: int,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from rag_instrument.analysis import _parallel
+    from rag_instrument.cli.__main__ import main
+
+    monkeypatch.setattr(_parallel, "MIN_BYTES", 1)  # split even a small file between jobs
+    monkeypatch.setattr(_parallel, "_MIN_RANGE", 1)
+
+    # Each instrumentation exports its own batches (one collector line each): 30 requests.
+    ours = [
+        _scopes(rag_instrument=[
+            _route_span(i, i + 1, None, 2, i * 100 + 1, i * 100 + 19) for i in range(b, b + 10)
+        ])
+        for b in (0, 10, 20)
+    ]
+    theirs = [
+        _scopes(fastapi=[
+            _route_span(900 + i, 9000 + i, None, 2, i * 100, i * 100 + 20)
+            for i in range(b, b + 10)
+        ])
+        for b in (0, 10, 20)
+    ]
+    path = tmp_path / "traces.json"
+    path.write_text("".join(ours + theirs if ours_first else theirs + ours))
+    args = ["analyze", str(path), "--by", "route", "--jobs", str(jobs), "--format", "json"]
+    assert main(args) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["count"] == 30

@@ -158,6 +158,10 @@ class Aggregator:
         self.otlp_requests: dict[str, list[tuple[str, int, int]]] = {}
         #: Whether rag_instrument's own request spans were seen (then only they count).
         self.otlp_own_requests = False
+        #: Other instrumentations' request spans, held back until the end (``--by route``).
+        self.otlp_foreign: list[Any] = []
+        #: Whether those are counted as they come (too many held back, none of ours seen).
+        self.otlp_foreign_counted = False
         #: Log lines skipped because their run was counted from its span.
         self.duplicates = 0
         self.open_traces: OrderedDict[str, list[tuple[str, float, float]]] = OrderedDict()
@@ -459,6 +463,8 @@ class Aggregator:
 
     def result(self) -> Analysis:
         """Rows in pipeline order with nesting, and the side tables."""
+        if self.otlp_foreign:
+            _otlp.settle_routes(self)
         parents = self._parents() if self.by == "stage" else {}
         order = ordered(list(self.groups), parents)
         rows: list[Row] = []

@@ -27,45 +27,51 @@ class _ByStart:
 
     __slots__ = ("max_end", "runs", "starts")
 
-    def __init__(self, runs: list[Interval]) -> None:
-        self.runs = sorted(runs, key=lambda r: r[1])
-        self.starts = [r[1] for r in self.runs]
+    def __init__(self, runs: list[tuple[Interval, int]]) -> None:
+        #: (run, its place in the trace's input), by start.
+        self.runs = sorted(runs, key=lambda r: r[0][1])
+        self.starts = [r[0][1] for r in self.runs]
         self.max_end: list[float] = []
         highest = float("-inf")
-        for run in self.runs:
+        for run, _ in self.runs:
             highest = max(highest, run[2])
             self.max_end.append(highest)
 
     def holder(
         self, start_by: float, end_from: float, exclude: Interval | None = None
-    ) -> Interval | None:
+    ) -> tuple[Interval, int] | None:
         """The run holding a span of time: the narrowest of this stage around it, if any.
 
         That is, of the runs that started by ``start_by`` and ended at or after
-        ``end_from``, the shortest (as a pass over every run would choose). Walking back
-        from the latest start, a run that started before ``end_from`` minus the shortest
-        width found so far cannot be shorter: the walk stops there (and after
-        :data:`_WALK` runs in any case).
+        ``end_from``, the shortest, the first in the input among equals (as a pass over
+        every run chose), with its place in the input. Walking back from the latest start,
+        a run that started before ``end_from`` minus the shortest width found so far
+        cannot be as short: the walk stops there (and after :data:`_WALK` runs in any case).
         """
         index = bisect_right(self.starts, start_by) - 1
         if index < 0 or self.max_end[index] < end_from:
             return None  # none of the runs started by then lasts that long
         runs = self.runs
         stop = max(-1, index - _WALK)
-        best: Interval | None = None
+        best: tuple[Interval, int] | None = None
         width = float("inf")
-        while index > stop and runs[index][1] > end_from - width:
-            run = runs[index]
-            if run[2] >= end_from and run is not exclude and run[2] - run[1] < width:
-                best, width = run, run[2] - run[1]
+        while index > stop and runs[index][0][1] >= end_from - width:
+            found = runs[index]
+            run = found[0]
+            if run[2] >= end_from and run is not exclude:
+                run_width = run[2] - run[1]
+                if run_width < width or (
+                    run_width == width and best is not None and found[1] < best[1]
+                ):
+                    best, width = found, run_width
             index -= 1
         return best
 
 
 def _by_stage(runs: list[Interval]) -> dict[str, _ByStart]:
-    grouped: dict[str, list[Interval]] = {}
-    for run in runs:
-        grouped.setdefault(run[0], []).append(run)
+    grouped: dict[str, list[tuple[Interval, int]]] = {}
+    for place, run in enumerate(runs):
+        grouped.setdefault(run[0], []).append((run, place))
     return {stage: _ByStart(group) for stage, group in grouped.items()}
 
 
@@ -75,7 +81,7 @@ def parents_from_intervals(traces: dict[str, list[Interval]]) -> dict[str, str]:
     for runs in traces.values():
         by_stage = _by_stage(runs)
         for stage, start, end in runs:
-            best: tuple[float, str] | None = None
+            best: tuple[float, int, str] | None = None
             # A line's start is its timestamp minus its duration: a few tens of microseconds
             # late (the time to write the line). A stage holds another when it ended no
             # earlier and started no later, within that slack (at most half the inner
@@ -87,10 +93,10 @@ def parents_from_intervals(traces: dict[str, list[Interval]]) -> dict[str, str]:
                     continue
                 found = index.holder(start + slack, end)
                 if found is not None:
-                    width = found[2] - found[1]
-                    if best is None or width < best[0]:
-                        best = (width, other)
-            votes.setdefault(stage, Counter())[best[1] if best else None] += 1
+                    candidate = (found[0][2] - found[0][1], found[1], other)
+                    if best is None or candidate < best:  # narrowest, then first in input
+                        best = candidate
+            votes.setdefault(stage, Counter())[best[2] if best else None] += 1
     parents: dict[str, str] = {}
     for stage, counter in votes.items():
         parent, n = counter.most_common(1)[0]
@@ -136,7 +142,7 @@ def waterfalls(
                 if index is not None
                 else None
             )
-            children.setdefault(found if found is not None else total_run, []).append(run)
+            children.setdefault(found[0] if found is not None else total_run, []).append(run)
         stages: list[tuple[str, float, float, int]] = []
         pending: list[tuple[Interval, int]] = [(total_run, 0)]
         while pending:  # depth first, children in start order

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rag_instrument.analysis._aggregate import Aggregator
 
-__all__ = ["feed", "parents"]
+__all__ = ["feed", "parents", "settle_routes"]
 
 #: Spans remembered (id -> parent, stage) to nest stages; beyond it, new ones are not.
 _MAX_SPANS = 500_000
@@ -64,6 +64,37 @@ def _spans(record: dict[str, Any]) -> Any:
                 yield from ((name, s) for s in scope.get("spans") or () if type(s) is dict)
 
 
+#: A request span: key, ms, line, end (s), span id, trace id, start and end (ns).
+_Request = tuple[str, float, dict[str, Any], float, Any, Any, int, int]
+#: Other instrumentations' request spans held back before they are counted now.
+_MAX_FOREIGN = 200_000
+
+
+def _count_request(agg: Aggregator, request: _Request) -> bool:
+    """Count one request span, unless a span of the same request was counted."""
+    key, ms, line, end_s, span_id, trace_id, start, end = request
+    if type(trace_id) is str and _same_request(agg, trace_id, key, start, end):
+        if type(span_id) is str:  # its log line, if read too, is this request's
+            agg.otlp_runs.add(span_id.lower())
+        return False
+    agg.run(key, ms, line, end_s)
+    return True
+
+
+def settle_routes(agg: Aggregator) -> None:
+    """Count the other instrumentations' request spans held back, if they are the only ones.
+
+    Called at the end of the input (and when too many are held back); from then on they
+    are counted as they come.
+    """
+    held, agg.otlp_foreign = agg.otlp_foreign, []
+    if agg.otlp_own_requests:
+        return  # rag_instrument's own request spans stand for these requests
+    agg.otlp_foreign_counted = True
+    for request in held:
+        _count_request(agg, request)
+
+
 def _same_request(agg: Aggregator, trace_id: str, key: str, start: int, end: int) -> bool:
     """Whether a request of ``key`` that holds this span, or that it holds, was counted.
 
@@ -88,13 +119,6 @@ def _same_request(agg: Aggregator, trace_id: str, key: str, start: int, end: int
 def feed(agg: Aggregator, record: dict[str, Any]) -> str | None:
     """Aggregate the spans of one request line; return what was wrong, if anything."""
     problem: str | None = None
-    if agg.by == "route" and not agg.otlp_own_requests:
-        # Once rag_instrument's request spans are in the input, only they count: another
-        # instrumentation's server span of the same request (FastAPI's own telemetry, in a
-        # trace of its own) would count it twice. Decided before this line's spans count.
-        agg.otlp_own_requests = any(
-            scope == _OUR_SCOPE and _is_request(span) for scope, span in _spans(record)
-        )
     for scope_name, span in _spans(record):
         try:
             start = int(span["startTimeUnixNano"])
@@ -119,19 +143,27 @@ def feed(agg: Aggregator, record: dict[str, Any]) -> str | None:
                 parent if type(parent) is str else None,
                 stage if type(stage) is str else None,
             )
-        key = _key(agg.by, span, attributes, stage, scope_name, agg.otlp_own_requests)
+        key = _key(agg.by, span, attributes, stage, scope_name)
         if key is None:
-            continue
-        if (
-            agg.by == "route"
-            and type(trace_id) is str
-            and _same_request(agg, trace_id, key, start, end)
-        ):
-            if type(span_id) is str:  # its log line, if read too, is this request's
-                agg.otlp_runs.add(span_id.lower())
             continue
         ms = (end - start) / 1e6
         line = _as_line(span, attributes, ms)
+        if agg.by == "route":
+            request = (key, ms, line, end_s, span_id, trace_id, start, end)
+            if scope_name != _OUR_SCOPE and not agg.otlp_foreign_counted:
+                # Another instrumentation's server span: counted at the end, and only if
+                # the input holds none of rag_instrument's request spans (which count
+                # once per request, whatever instrumented it besides, in any order).
+                agg.otlp_foreign.append(request)
+                if len(agg.otlp_foreign) >= _MAX_FOREIGN and not agg.otlp_own_requests:
+                    settle_routes(agg)  # memory stays bounded: count these now
+                continue
+            agg.otlp_own_requests = True
+            if not _count_request(agg, request):
+                continue
+            if type(span_id) is str:
+                agg.otlp_runs.add(span_id.lower())
+            continue
         agg.run(key, ms, line, end_s)
         if type(span_id) is str:
             agg.otlp_runs.add(span_id.lower())
@@ -144,29 +176,14 @@ def feed(agg: Aggregator, record: dict[str, Any]) -> str | None:
     return problem
 
 
-def _is_request(span: dict[str, Any]) -> bool:
-    """Whether a span of rag_instrument's is a request span (not a stage's)."""
-    names = {
-        item.get("key") for item in span.get("attributes") or () if type(item) is dict
-    }
-    return "http.request.method" in names and "rag.stage" not in names
-
-
 def _key(
-    by: str,
-    span: dict[str, Any],
-    attributes: dict[str, Any],
-    stage: Any,
-    scope: str,
-    own_only: bool = False,
+    by: str, span: dict[str, Any], attributes: dict[str, Any], stage: Any, scope: str
 ) -> str | None:
     if by == "stage":
         return stage if type(stage) is str and stage else None
     if by == "event":
         name = span.get("name")
         return name if type(name) is str else None
-    if own_only and scope != _OUR_SCOPE:
-        return None
     route = attributes.get("http.route")
     method = attributes.get("http.request.method")
     if type(route) is not str:

@@ -172,6 +172,12 @@ def merge(into: Aggregator, part: Aggregator, name: str, lines_before: int) -> N
     for span_id, link in part.otlp_spans.items():
         into.otlp_spans.setdefault(span_id, link)
     into.otlp_runs |= part.otlp_runs
+    # Request spans (--by route): ours counted in each part; the others held back to the end.
+    into.otlp_own_requests |= part.otlp_own_requests
+    into.otlp_foreign_counted |= part.otlp_foreign_counted
+    into.otlp_foreign.extend(part.otlp_foreign)
+    for trace, requests in part.otlp_requests.items():
+        into.otlp_requests.setdefault(trace, []).extend(requests)
     into.duplicates += part.duplicates
 
 
