@@ -224,3 +224,25 @@ def test_the_merged_rank_sum_equals_ranking_everything(a: list[float], b: list[f
     mean = len(a) * len(b) / 2.0
     _p, direction = mann_whitney(a, b)
     assert direction == (0 if u1 == mean else (1 if u1 < mean else -1))
+
+
+def test_the_test_ignores_nan_rather_than_stalling() -> None:
+    from rag_instrument.analysis._stats import mann_whitney
+
+    p_value, _direction = mann_whitney([1.0, float("nan"), 2.0], [3.0, 4.0])
+    assert p_value == mann_whitney([1.0, 2.0], [3.0, 4.0])[0]
+
+
+def test_stage_names_in_gate_messages_are_shown_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = "evil\x1b[2Jstage"
+    before = _log(tmp_path / "b.jsonl", {name: [10.0] * 60})
+    after = _log(tmp_path / "a.jsonl", {name: [50.0] * 60})
+    assert main(["compare", str(before), str(after), "--fail-on-regression", "10"]) == 1
+    err = capsys.readouterr().err
+    assert "\x1b" not in err
+    assert "evil\\x1b[2Jstage p95 grew" in err
+    gone = _log(tmp_path / "g.jsonl", {"other": [1.0]})
+    assert main(["compare", str(before), str(gone), "--fail-on-regression", "10"]) == 1
+    assert "\x1b" not in capsys.readouterr().err

@@ -553,6 +553,8 @@ def test_filter_shape_never_shows_literal_values(text: str, number: int) -> None
         'unterminated string literal at column 9\n  email == "dana@example.com',
         "cannot parse: email == 'x' /* dana@example.com */ and y",
         "cannot parse: email == `dana@example.com`",
+        "invalid expression: a == 1 # dana@example.com",
+        "invalid expression: a == 1 // dana@example.com",
     ],
 )
 def test_error_messages_hide_open_quotes_comments_and_backticks(message: str) -> None:
@@ -565,3 +567,11 @@ def test_error_messages_hide_open_quotes_comments_and_backticks(message: str) ->
 
 def test_module_db_path_is_a_file(db_path: str) -> None:
     assert Path(db_path).exists()
+
+
+def test_error_messages_keep_a_urls_double_slash() -> None:
+    from rag_instrument.integrations._milvus_expr import sanitize_error
+
+    assert sanitize_error(ValueError("cannot connect: http://milvus:19530/db")) == (
+        "ValueError: cannot connect: http://milvus:?/db"
+    )

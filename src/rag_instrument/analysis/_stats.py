@@ -162,6 +162,11 @@ def mann_whitney(before: Sequence[float], after: Sequence[float]) -> tuple[float
     (a p50 that doubled under an unchanged p95 is slower). The ranks are counted by merging
     the two sorted sides, with no combined copy: memory stays that of the samples.
     """
+    # NaN is not a duration and has no rank (and would stall the merge below).
+    if any(math.isnan(v) for v in before):
+        before = [v for v in before if not math.isnan(v)]
+    if any(math.isnan(v) for v in after):
+        after = [v for v in after if not math.isnan(v)]
     n1, n2 = len(before), len(after)
     if n1 == 0 or n2 == 0:
         return 1.0, 0

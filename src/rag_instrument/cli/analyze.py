@@ -15,6 +15,7 @@ from rag_instrument.analysis import DEFAULT_MAX_VALUES, Aggregator, Analysis, ex
 from rag_instrument.analysis._parallel import default_jobs
 from rag_instrument.analysis._render import (
     empty_message,
+    printable,
     render_csv,
     render_json,
     render_table,
@@ -210,7 +211,8 @@ def run(args: argparse.Namespace) -> int:
         over = [r for r in analysis.rows if r.budget_ms is not None and r.p95_ms > r.budget_ms]
         for row in over:
             print(
-                f"rag-instrument: {row.key} p95 {row.p95_ms:.1f} ms is over its budget of "
+                f"rag-instrument: {printable(row.key)} p95 {row.p95_ms:.1f} ms is over its "
+                "budget of "
                 f"{row.budget_ms:g} ms",
                 file=sys.stderr,
             )

@@ -99,15 +99,18 @@ def run(args: argparse.Namespace) -> int:
         regressed = [c for c in changes if c.p95_regressed_beyond(args.fail_on_regression)]
         for c in regressed:
             grew = "from 0" if c.p95_change_pct is None else f"{c.p95_change_pct:.0f}%"
+            # The gate reads p95 alone; the verdict, the runs as a whole (which may be faster).
+            overall = "" if c.verdict == "slower" else f"; the runs as a whole: {c.verdict}"
             print(
-                f"rag-instrument: {c.key} p95 grew {grew} "
-                f"({_f(c.p95_before)} -> {_f(c.p95_after)} ms, p={c.p_value:.3g})",
+                f"rag-instrument: {printable(c.key)} p95 grew {grew} "
+                f"({_f(c.p95_before)} -> {_f(c.p95_after)} ms, p={c.p_value:.3g}{overall})",
                 file=sys.stderr,
             )
         gone = [] if args.allow_missing else [c for c in changes if c.verdict == "gone"]
         for c in gone:
             print(
-                f"rag-instrument: {c.key} ran {c.count_before} times in the baseline and not "
+                f"rag-instrument: {printable(c.key)} ran {c.count_before} times in the baseline "
+                "and not "
                 "in the candidate (pass --allow-missing if it was removed on purpose)",
                 file=sys.stderr,
             )

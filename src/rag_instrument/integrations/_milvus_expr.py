@@ -98,7 +98,8 @@ def _is_ref(text: str) -> bool:
 _LITERAL: Final = re.compile(
     # Quoted literals (one never closed runs to the end of the message), comments, numbers.
     r""""(?:[^"\\]|\\.)*(?:"|\Z)|'(?:[^'\\]|\\.)*(?:'|\Z)|`[^`]*(?:`|\Z)"""
-    r"""|/\*.*?(?:\*/|\Z)|(?<![\w.])\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w.])""",
+    r"""|/\*.*?(?:\*/|\Z)|(?<!:)//[^\n]*|(?<![\w/&])\#[^\n]*"""  # not a URL's "//"
+    r"""|(?<![\w.])\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w.])""",
     re.DOTALL,
 )
 
