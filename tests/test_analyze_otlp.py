@@ -250,3 +250,21 @@ def test_route_counts_do_not_depend_on_order_or_jobs(
     assert main(args) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["count"] == 30
+
+
+def test_route_counts_stay_once_per_request_past_the_hold_back_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rag_instrument.analysis import _otlp, analyze
+
+    monkeypatch.setattr(_otlp, "_MAX_FOREIGN", 5)  # fewer held back than come first
+    theirs = _scopes(fastapi=[
+        _route_span(900 + i, 9000 + i, None, 2, i * 100, i * 100 + 20) for i in range(20)
+    ])
+    ours = _scopes(rag_instrument=[
+        _route_span(i, i + 1, None, 2, i * 100 + 1, i * 100 + 19) for i in range(20)
+    ])
+    path = tmp_path / "traces.json"
+    path.write_text(theirs + ours)
+    (row,) = analyze([str(path)], by="route").rows
+    assert row.count == 20

@@ -508,5 +508,10 @@ def test_certificate_failures_are_not_retried() -> None:
     wrapped.__cause__ = ssl.SSLCertVerificationError("certificate verify failed")
     assert not is_transient(wrapped)
     requests = pytest.importorskip("requests")
-    assert not is_transient(requests.exceptions.SSLError("bad certificate"))
+    assert not is_transient(requests.exceptions.SSLError("certificate verify failed"))
     assert is_transient(requests.ConnectionError("refused"))
+    # A handshake the peer dropped is transient: retried.
+    dropped = httpx.ReadError("EOF occurred in violation of protocol")
+    dropped.__cause__ = ssl.SSLEOFError("UNEXPECTED_EOF_WHILE_READING")
+    assert is_transient(dropped)
+    assert is_transient(requests.exceptions.SSLError("UNEXPECTED_EOF_WHILE_READING"))

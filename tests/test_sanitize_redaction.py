@@ -139,6 +139,10 @@ RECALL = [
     # "key=" with a credential-shaped value; provider prefixes glued to letters
     ("signing with key=3f9a0c7b2e4d6f8a1b3c5d7e9f0a2b4c", "3f9a0c7b2e4d6f8a1b3c5d7e9f0a2b4c"),
     ("https://maps.test/api?key=Hunter2PwXyzQrst42&q=x", "Hunter2PwXyzQrst42"),
+    ("aws key=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY loaded", "wJalrXUtnFEMI"),
+    ("GET /sign?key=wJalrXUtnFEMI%2FK7MDENG%2FbPxRfiCYEXAMPLEKEY&x=1", "wJalrXUtnFEMI"),
+    ("signing key=Zx9Kq2LmP0rT loaded", "Zx9Kq2LmP0rT"),
+    ("key=a1b2c3d4e5f6a7b8.c9d0e1f2", "a1b2c3d4e5f6a7b8"),
     ("openaikey" + _k("sk-proj-", 40), _k("sk-proj-", 40)[8:]),
     ("x" * 10 + _k("sk-ant-api03-", 40), _k("sk-ant-api03-", 40)[13:]),
 ]  # fmt: skip
@@ -175,6 +179,7 @@ PRECISION = [
     "s3 put key=uploads/2024/report.pdf",
     "key=192.168.0.1 and key=2024-01-01T00:00:00Z",
     "redis GET key=session:abc123def456 miss",
+    "key=user_profile_v2_2024_backup and key=tenant-42-shard-7-replica-3",
     "deploying flask-admin-dashboard-7d9f8c6b5-x2k4p",
     "GET /api/v1/task-admin-settings-overview 200",
     "https://github.com/org/disk-proj-cleanup-utility-tool",

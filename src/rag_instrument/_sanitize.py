@@ -182,10 +182,24 @@ _SEPARATOR_ENCODED: Final = re.compile(r"[=:]|%3[dDaA]")  # also URL-encoded: pa
 _VALUE_LEAD: Final = re.compile(
     r"""\s*(?:>\s*)?(?:[\[(]\s*(?=[bBrRuU]{0,2}["']))?(?:[bBrRuU]{1,2}(?=["']))?"""
 )
-# What "key=" must be followed by to be a secret: 16 or more of a key's alphabet (letters,
-# digits, "-", "_", "+", "="), with letters and digits both: "key=3f9a0c7b...", not
-# "key=user_profile_v2", "key=uploads/2024/report.pdf" or "key=192.168.0.1".
-_BARE_KEY_VALUE: Final = re.compile(r"(?=[^0-9]*[0-9])(?=[^A-Za-z]*[A-Za-z])[A-Za-z0-9_+=-]{16,}")
+# What "key=" must be followed by to be a secret: 10 or more of a key's alphabet (base64,
+# hex, URL-encoded), and a key's randomness: upper and lower case with a digit or a base64
+# sign ("wJalrXUtnFEMI/K7MDENG/...", "Zx9Kq2LmP0rT"), or a run of 16 or more letters and
+# digits mixed ("3f9a0c7b2e4d6f8a..."). Not "key=user_profile_v2", "key=uploads/2024/x.pdf",
+# "key=192.168.0.1", "key=tenant-42-shard-7".
+_BARE_KEY_CHARS: Final = re.compile(r"[A-Za-z0-9+/=_.%-]{10,}")
+_LONG_RUN: Final = re.compile(r"(?=[A-Za-z0-9]*[0-9])(?=[A-Za-z0-9]*[A-Za-z])[A-Za-z0-9]{16,}")
+
+
+def _bare_key_value(raw: str) -> bool:
+    """Whether the value of a bare ``key=`` looks like a credential (see above)."""
+    if not _BARE_KEY_CHARS.fullmatch(raw):
+        return False
+    upper = any(c.isupper() for c in raw)
+    lower = any(c.islower() for c in raw)
+    if upper and lower and (any(c.isdigit() for c in raw) or any(c in "+/=" for c in raw)):
+        return True
+    return _LONG_RUN.search(raw) is not None
 _QUOTED: Final = {"'": re.compile(r"[^'\r\n]*"), '"': re.compile(r'[^"\r\n]*')}
 _BARE_VALUE: Final = re.compile(r"""(?!//)[^\s"'&,;}\])]+""")
 _NAME_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
@@ -347,7 +361,7 @@ def _key_value_at(text: str, sep: int, sep_end: int) -> tuple[int, int] | None:
         raw = bare.group(0)
     if not raw:
         return None
-    if bare_key and not _BARE_KEY_VALUE.fullmatch(raw):
+    if bare_key and not _bare_key_value(raw):
         return None  # a cache key, an object's path, an address, a date: not a secret
     if raw.lower() in _AUTH_SCHEME_WORDS:
         return None  # "Authorization: Bearer ..." - the scheme pass masks the rest

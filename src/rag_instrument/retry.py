@@ -109,18 +109,22 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def _certificate_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` is (or was raised from) a TLS failure.
+    """Whether ``exc`` is (or was raised from) a failed certificate check.
 
-    Requests' ``SSLError``, or httpx's ``ConnectError`` raised from an :class:`ssl.SSLError`.
+    :class:`ssl.SSLCertVerificationError` in the chain, or a TLS error whose message says
+    the certificate failed (requests' ``SSLError``); a connection the peer dropped during
+    the handshake (``SSLEOFError``) is transient and retried.
     """
     link: BaseException | None = exc
     for _ in range(8):
         if link is None:
             return False
-        if isinstance(link, ssl.SSLError) or any(
-            cls.__name__ == "SSLError" for cls in type(link).__mro__
-        ):
+        if isinstance(link, ssl.SSLCertVerificationError):
             return True
+        if any(cls.__name__ == "SSLError" for cls in type(link).__mro__):
+            text = str(link).lower()
+            if "certificate" in text or "hostname" in text:
+                return True
         link = link.__cause__ or link.__context__
     return False
 

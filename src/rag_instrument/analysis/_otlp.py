@@ -150,15 +150,25 @@ def feed(agg: Aggregator, record: dict[str, Any]) -> str | None:
         line = _as_line(span, attributes, ms)
         if agg.by == "route":
             request = (key, ms, line, end_s, span_id, trace_id, start, end)
-            if scope_name != _OUR_SCOPE and not agg.otlp_foreign_counted:
+            if scope_name != _OUR_SCOPE:
                 # Another instrumentation's server span: counted at the end, and only if
                 # the input holds none of rag_instrument's request spans (which count
                 # once per request, whatever instrumented it besides, in any order).
-                agg.otlp_foreign.append(request)
-                if len(agg.otlp_foreign) >= _MAX_FOREIGN and not agg.otlp_own_requests:
-                    settle_routes(agg)  # memory stays bounded: count these now
+                if agg.otlp_foreign_counted:
+                    _count_request(agg, request)
+                elif not agg.otlp_own_requests:
+                    agg.otlp_foreign.append(request)
+                    if len(agg.otlp_foreign) >= _MAX_FOREIGN:
+                        settle_routes(agg)  # memory stays bounded: these count from now
+                continue
+            if agg.otlp_foreign_counted:
+                # Requests are counted from the other instrumentation's spans already (more
+                # of them came first than are held back): each request once, from those.
+                if type(span_id) is str:
+                    agg.otlp_runs.add(span_id.lower())
                 continue
             agg.otlp_own_requests = True
+            agg.otlp_foreign.clear()  # ours stand for the requests: theirs are not needed
             if not _count_request(agg, request):
                 continue
             if type(span_id) is str:

@@ -175,7 +175,10 @@ def merge(into: Aggregator, part: Aggregator, name: str, lines_before: int) -> N
     # Request spans (--by route): ours counted in each part; the others held back to the end.
     into.otlp_own_requests |= part.otlp_own_requests
     into.otlp_foreign_counted |= part.otlp_foreign_counted
-    into.otlp_foreign.extend(part.otlp_foreign)
+    if not into.otlp_own_requests:
+        into.otlp_foreign.extend(part.otlp_foreign)
+    else:
+        into.otlp_foreign.clear()
     for trace, requests in part.otlp_requests.items():
         into.otlp_requests.setdefault(trace, []).extend(requests)
     into.duplicates += part.duplicates
