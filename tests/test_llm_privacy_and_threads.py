@@ -223,3 +223,24 @@ async def test_sync_call_cancelled_while_queued_never_runs(monkeypatch: pytest.M
         assert await first == "first"
     pool.shutdown(wait=True)
     assert ran == ["first"]
+
+
+def test_an_instrumented_clients_key_is_masked_in_every_log_line() -> None:
+    # The application logs an SDK error quoting the key ("Incorrect API key provided:
+    # <key>") through the standard library: the key, whatever its shape, is masked.
+    import logging
+
+    import openai
+
+    key = "plainlowercaseclientkeyvalue"
+    client = openai.OpenAI(api_key=key, base_url="http://127.0.0.1:9/v1", max_retries=0)
+    ri.instrument_openai(client)
+    with capture() as cap:
+        with pytest.raises(openai.APIConnectionError):
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "q"}])
+        logging.getLogger("app.std").error("llm failed: Incorrect API key provided: %s", key)
+        ri.get_logger("app").warning("retrying with", api=key)
+    lines = [str(line) for line in cap.logs]
+    assert lines
+    assert not [line for line in lines if key in line]
+    assert any("Incorrect API key provided: [REDACTED]" in line for line in lines)

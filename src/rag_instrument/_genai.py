@@ -42,6 +42,7 @@ from rag_instrument._sanitize import (
     exported_name,
     redact_text,
     redact_then_truncate,
+    register_literal_secrets,
     safe_str,
     stack_trace,
 )
@@ -180,7 +181,10 @@ def usable_secrets(secrets: Sequence[object]) -> Secrets:
     """The secrets long enough to scrub literally (strings of 8 characters or more)."""
     if type(secrets) is Secrets:
         return secrets
-    return Secrets(s for s in secrets if isinstance(s, str) and len(s) >= _MIN_SECRET_CHARS)
+    found = Secrets(s for s in secrets if isinstance(s, str) and len(s) >= _MIN_SECRET_CHARS)
+    if found:
+        register_literal_secrets(found)  # and out of every log line, the app's own too
+    return found
 
 
 def _without_secrets(text: str, secrets: Sequence[str]) -> str:

@@ -23,7 +23,7 @@ import re
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import PurePath
 from typing import Any, Final
 
@@ -38,8 +38,10 @@ __all__ = [
     "exported_name",
     "int_text",
     "is_secret_key",
+    "mask_literal_secrets",
     "redact_text",
     "redact_then_truncate",
+    "register_literal_secrets",
     "safe_repr",
     "safe_str",
     "stack_trace",
@@ -260,6 +262,31 @@ _PROVIDER_RULES: Final[tuple[tuple[tuple[str, ...], str], ...]] = (
     (("eyJ",), r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]+"),  # JWTs
 )  # fmt: skip
 _PROVIDERS: Final = tuple((marks, re.compile(pattern)) for marks, pattern in _PROVIDER_RULES)
+
+
+# The credentials of instrumented clients (their API keys, whatever their shape), masked as
+# literals in every log line written, the application's own lines included (a line that
+# quotes an SDK error: "Incorrect API key provided: <key>"). Registered where the library
+# reads them (:func:`register_literal_secrets`); a few per process.
+LITERAL_SECRETS: list[bytes] = []
+_LITERAL_SEEN: set[str] = set()
+_MAX_LITERALS: Final = 64
+
+
+def register_literal_secrets(values: Sequence[str]) -> None:
+    """Remember credentials to mask, as literals, in every log line (8 characters or more)."""
+    for value in values:
+        if value not in _LITERAL_SEEN and len(value) >= 8 and len(_LITERAL_SEEN) < _MAX_LITERALS:
+            _LITERAL_SEEN.add(value)
+            LITERAL_SECRETS.append(value.encode("utf-8", "surrogatepass"))
+
+
+def mask_literal_secrets(data: bytes) -> bytes:
+    """``data`` (a rendered log line) with the registered credentials masked."""
+    for literal in LITERAL_SECRETS:
+        if literal in data:
+            data = data.replace(literal, b"[REDACTED]")
+    return data
 
 
 def _mask_provider_keys(text: str) -> str:

@@ -41,7 +41,7 @@ from rag_instrument._errors import (
     is_database_error,
 )
 from rag_instrument._runtime import get_runtime
-from rag_instrument._sanitize import safe_repr
+from rag_instrument._sanitize import LITERAL_SECRETS, mask_literal_secrets, safe_repr
 from rag_instrument._utils import internal_error, renew_after_fork
 from rag_instrument.attributes import LOGGER_NAME
 
@@ -121,6 +121,9 @@ _LINE_BREAKS: Final = (
 
 
 def _escape_line_breaks(data: bytes) -> bytes:
+    # Every rendered line passes here: instrumented clients' credentials are masked too.
+    if LITERAL_SECRETS:
+        data = mask_literal_secrets(data)
     if data.isascii():  # one C pass; the characters above are all non-ASCII
         return data
     for raw, escaped in _LINE_BREAKS:
