@@ -68,6 +68,8 @@ def _spans(record: dict[str, Any]) -> Any:
 _Request = tuple[str, float, dict[str, Any], float, Any, Any, int, int]
 #: Other instrumentations' request spans held back before they are counted now.
 _MAX_FOREIGN = 200_000
+#: A trace's latest requests compared with a new request span (see ``_same_request``).
+_RECENT = 64
 
 
 def _count_request(agg: Aggregator, request: _Request) -> bool:
@@ -100,14 +102,15 @@ def _same_request(agg: Aggregator, trace_id: str, key: str, start: int, end: int
 
     Two instrumentations of one request (FastAPI's or the OpenTelemetry ASGI middleware's
     server span, and rag_instrument's request span inside it) both carry ``http.route``:
-    one request, counted once.
+    one request, counted once. Their spans are exported together, so only the trace's last
+    requests are compared (a trace may hold many: a client that sends one traceparent).
     """
     requests = agg.otlp_requests.get(trace_id)
     if requests is None:
         if len(agg.otlp_requests) >= _MAX_SPANS:
             agg.otlp_requests.clear()
         requests = agg.otlp_requests[trace_id] = []
-    for other, o_start, o_end in requests:
+    for other, o_start, o_end in requests[-_RECENT:]:
         if other == key and (
             (o_start <= start and end <= o_end) or (start <= o_start and o_end <= end)
         ):
