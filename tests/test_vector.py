@@ -167,8 +167,8 @@ def test_disabled_is_a_pass_through() -> None:
 def test_configuration_errors_name_the_culprit() -> None:
     with pytest.raises(ValueError, match="db_system"):
         ri.vector_search(db_system="")
-    with pytest.raises(TypeError, match=r"params\['ef'\]"):
-        ri.vector_search(db_system="x", params={"ef": [1, 2]})
+    with pytest.raises(ValueError, match="params must be a mapping"):
+        ri.vector_search(db_system="x", params=[("ef", 64)])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="index_type"):
         ri.vector_search(db_system="x", index_type=3)  # type: ignore[arg-type]
 
@@ -482,3 +482,21 @@ def test_openai_embeddings_inside_a_batch_count_once_as_embedding() -> None:
     breakdown = cap.find_logs("embedding completed")[0]["breakdown"]
     assert breakdown["embedding"]["count"] == 2
     assert "llm" not in breakdown
+
+
+def test_search_params_of_any_kind_are_attributes_as_reliability_23_says() -> None:
+    # None left out; a dict or a mixed list as its JSON text; never an error at decoration.
+    @ri.vector_search(
+        db_system="milvus",
+        params={"ef": None, "filters": {"lang": "en"}, "mix": [1, "a"], "nprobe": 16},
+    )
+    def search(query: list[float], limit: int = 3) -> list[list[int]]:
+        return [[1, 2]]
+
+    with capture() as cap:
+        assert search([0.1], limit=3) == [[1, 2]]
+    attributes = cap.spans[0].attributes
+    assert "rag.vector.params.ef" not in attributes
+    assert attributes["rag.vector.params.filters"] == '{"lang":"en"}'
+    assert attributes["rag.vector.params.mix"] == '[1,"a"]'
+    assert attributes["rag.vector.params.nprobe"] == 16

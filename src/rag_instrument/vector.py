@@ -31,6 +31,7 @@ from rag_instrument import attributes as attr
 from rag_instrument._errors import remember_exception
 from rag_instrument._genai import error_summary
 from rag_instrument._runtime import get_runtime
+from rag_instrument._sanitize import to_attribute_value
 from rag_instrument._sweep import SweepRow, format_table, sweep
 from rag_instrument._utils import internal_error
 
@@ -249,12 +250,12 @@ def vector_search(
         db_system: the vector store (``"milvus"``, ``"postgresql"``, ``"qdrant"``, ...).
         index_type: the index serving the search (``"HNSW"``, ``"IVF_FLAT"``, ...).
         metric: the distance metric (``"L2"``, ``"COSINE"``, ``"IP"``).
-        params: search parameters (``{"nprobe": 16}``, ``{"ef": 64}``).
+        params: search parameters (``{"nprobe": 16}``, ``{"ef": 64}``); a ``None`` value
+            is left out, a dict or a mixed list recorded as its JSON text.
 
     Raises:
         ValueError: ``db_system`` is empty.
-        TypeError: a parameter value is not a scalar, or a decorated object is a
-            generator function or not callable.
+        TypeError: a decorated object is a generator function or not callable.
     """
     if not isinstance(db_system, str) or not db_system.strip():
         raise ValueError(f"vector_search: db_system must be a non-empty string, got {db_system!r}")
@@ -273,13 +274,13 @@ def vector_search(
     if params is not None:
         if not isinstance(params, Mapping):
             raise ValueError(f"vector_search: params must be a mapping, got {params!r:.80}")
+        sanitizer = get_runtime().sanitizer
         for name, value in params.items():
-            if not isinstance(value, str | int | float | bool):
-                raise TypeError(
-                    f"vector_search: params[{name!r}] must be a string, number or bool, "
-                    f"got {type(value).__name__}"
-                )
-            attrs[f"{attr.RAG_VECTOR_PARAMS_PREFIX}{name}"] = value
+            # As any attribute: None is left out, a dict or a mixed list becomes its JSON
+            # text ({"filters": {...}}), identically on every OpenTelemetry version.
+            converted = to_attribute_value(value, sanitizer)
+            if converted is not None:
+                attrs[f"{attr.RAG_VECTOR_PARAMS_PREFIX}{name}"] = converted
 
     def decorate(fn: Callable[P, R]) -> Callable[P, R]:
         if not callable(fn):
