@@ -246,3 +246,13 @@ def test_stage_names_in_gate_messages_are_shown_escaped(
     gone = _log(tmp_path / "g.jsonl", {"other": [1.0]})
     assert main(["compare", str(before), str(gone), "--fail-on-regression", "10"]) == 1
     assert "\x1b" not in capsys.readouterr().err
+
+
+def test_json_objects_name_their_stage_as_analyze_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = _log(tmp_path / "b.jsonl", {"retrieval": [10.0] * 20})
+    after = _log(tmp_path / "a.jsonl", {"retrieval": [11.0] * 20})
+    assert main(["compare", str(before), str(after), "--format", "json"]) == 0
+    (change,) = json.loads(capsys.readouterr().out)
+    assert change["stage"] == change["key"] == "retrieval"

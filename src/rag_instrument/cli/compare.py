@@ -89,10 +89,11 @@ def run(args: argparse.Namespace) -> int:
             print(message)
         return 0
     if args.format == "json":
-        sys.stdout.write(
-            orjson.dumps([c.as_json() for c in changes], option=orjson.OPT_INDENT_2).decode()
-            + "\n"
-        )
+        # Each object names its group as analyze's JSON does ("stage", "event", "route"),
+        # beside "key".
+        by = getattr(args, "by", "stage") or "stage"
+        rows = [{by: c.key, **c.as_json()} for c in changes]
+        sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         sys.stdout.write(render_changes(changes, colour=use_colour(sys.stdout)))
     if args.fail_on_regression is not None:
