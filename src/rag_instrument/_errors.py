@@ -256,11 +256,9 @@ def is_database_error(exc: BaseException) -> bool:
 
 def _sensitive(exc: BaseException, capture_content: bool) -> bool:
     # Whose raw text must not be quoted by the exceptions raised from it.
+    if is_database_error(exc):
+        return True
     module = type(exc).__module__ or ""
-    if module.startswith("sqlalchemy") and hasattr(exc, "statement"):
-        return True
-    if _is_driver_error(exc):
-        return True
     remembered = _remembered(exc)
     if remembered is not None and remembered[0] is not None and not capture_content:
         return True

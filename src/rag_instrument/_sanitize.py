@@ -368,7 +368,7 @@ def _key_value_at(text: str, sep: int, sep_end: int) -> tuple[int, int] | None:
     if not key or not (key[0].isalpha() or key[0] == "_"):
         return None
     # "key=<credential>" (a signing key, ?key= in a URL) names a secret where "key: value"
-    # in prose does not: only with "=" and a credential-shaped value of 8 or more.
+    # in prose does not: only with "=" and a credential-shaped value (_bare_key_value).
     bare_key = key.lower() == "key" and text[sep] != ":" and not text.startswith("%3a", sep)
     if not bare_key and not is_secret_key(key):
         return None

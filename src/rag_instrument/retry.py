@@ -36,6 +36,7 @@ from opentelemetry import trace as trace_api
 from tenacity import AsyncRetrying, RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_base, wait_random_exponential
 
+from rag_instrument._errors import exception_chain
 from rag_instrument._genai import retry_scope
 from rag_instrument._runtime import get_runtime
 from rag_instrument._utils import (
@@ -115,17 +116,13 @@ def _certificate_failure(exc: BaseException) -> bool:
     the certificate failed (requests' ``SSLError``); a connection the peer dropped during
     the handshake (``SSLEOFError``) is transient and retried.
     """
-    link: BaseException | None = exc
-    for _ in range(8):
-        if link is None:
-            return False
+    for link in exception_chain(exc, 8):
         if isinstance(link, ssl.SSLCertVerificationError):
             return True
         if any(cls.__name__ == "SSLError" for cls in type(link).__mro__):
             text = str(link).lower()
             if "certificate" in text or "hostname" in text:
                 return True
-        link = link.__cause__ or link.__context__
     return False
 
 
