@@ -268,3 +268,25 @@ def test_route_counts_stay_once_per_request_past_the_hold_back_bound(
     path.write_text(theirs + ours)
     (row,) = analyze([str(path)], by="route").rows
     assert row.count == 20
+
+
+def test_route_budgets_are_read_from_request_spans(tmp_path: Path) -> None:
+    # Our request spans say which budget they exceeded, as stage spans do: --by route on a
+    # collector's file shows it without --budget, as it does from the JSON lines.
+    from rag_instrument.analysis import analyze
+
+    spans = []
+    for i in range(4):
+        span = _route_span(i + 1, i + 1, None, 2, i * 100, i * 100 + (30 if i < 3 else 10))
+        if i < 3:
+            span["attributes"] = [  # type: ignore[index]
+                *span["attributes"],  # type: ignore[misc]
+                {"key": "rag.budget.exceeded", "value": {"boolValue": True}},
+                {"key": "rag.budget.ms", "value": {"doubleValue": 25.0}},
+            ]
+        spans.append(span)
+    path = tmp_path / "budgets.json"
+    path.write_text(_scopes(rag_instrument=spans))
+    result = analyze([str(path)], by="route")
+    (row,) = result.rows
+    assert (row.key, row.budget_ms, row.over_budget) == ("POST /api/search", 25.0, 3)

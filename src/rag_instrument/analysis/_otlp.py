@@ -176,17 +176,25 @@ def feed(agg: Aggregator, record: dict[str, Any]) -> str | None:
                 continue
             if type(span_id) is str:
                 agg.otlp_runs.add(span_id.lower())
+            _learn_budget(agg, key, attributes, line)  # a route budget, as a stage's
             continue
         agg.run(key, ms, line, end_s)
         if type(span_id) is str:
             agg.otlp_runs.add(span_id.lower())
         if agg.by == "stage" and type(trace_id) is str:
             agg.interval(trace_id, key, start / 1e6, end / 1e6)
-        budget = attributes.get("rag.budget.ms")
-        if attributes.get("rag.budget.exceeded") is True and isinstance(budget, int | float):
-            agg.learned_budgets[key] = float(budget)
-            agg.exceeded.setdefault(key, Counter())[_largest(line.get("breakdown"))] += 1
+        _learn_budget(agg, key, attributes, line)
     return problem
+
+
+def _learn_budget(
+    agg: Aggregator, key: str, attributes: dict[str, Any], line: dict[str, Any]
+) -> None:
+    """Take the budget a span says it exceeded (``rag.budget.*``) as ``key``'s."""
+    budget = attributes.get("rag.budget.ms")
+    if attributes.get("rag.budget.exceeded") is True and isinstance(budget, int | float):
+        agg.learned_budgets[key] = float(budget)
+        agg.exceeded.setdefault(key, Counter())[_largest(line.get("breakdown"))] += 1
 
 
 def _key(
