@@ -452,3 +452,50 @@ print(len(loaded), loaded[:3])
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert done.stdout.startswith("0 "), done.stdout + done.stderr
+
+
+def test_a_raw_streamed_response_records_the_stream_it_parses_into(server: FakeLLMServer) -> None:
+    client = instrument_openai(_client(server))
+    with capture() as cap:
+        raw = client.chat.completions.with_raw_response.create(
+            model="m", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+        )
+        assert not cap.spans  # the body is not read yet: the call goes on
+        text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+    assert text == server.reply_text
+    attrs = dict(cap.span("chat m").attributes or {})
+    assert attrs["rag.llm.time_to_first_token_ms"] > 0
+    assert attrs["rag.llm.stream.chunks"] >= 3
+    assert attrs["gen_ai.usage.output_tokens"] > 0
+    assert attrs["rag.stream.completed"] is True
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_raw_streamed_response_never_parsed_ends_when_collected(server: FakeLLMServer) -> None:
+    client = instrument_openai(_client(server))
+    with capture() as cap:
+        client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES, stream=True)
+        gc.collect()
+        assert cap.span("chat m").attributes["rag.stream.completed"] is False
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_stream_dropped_unfinished_ends_in_the_context_it_was_made_in(
+    server: FakeLLMServer,
+) -> None:
+    # Collected later, from wherever the collector runs (another request's code): the
+    # call's line keeps its own request's values and stage.
+    client = instrument_openai(_client(server))
+    with capture() as cap:
+        with ri.request_context(request_id="req-42"), ri.stage("generation"):
+            stream = client.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+            for _chunk in stream:
+                break  # left without closing it
+        with ri.request_context(request_id="req-43"), ri.stage("search"):
+            del stream, _chunk
+            gc.collect()
+    (line,) = cap.find_logs("llm call completed")
+    assert line["context"] == {"request_id": "req-42"}
+    assert line["stage"] == "generation"

@@ -15,6 +15,7 @@ capture is on.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import operator
@@ -50,6 +51,7 @@ class StreamState:
     __slots__ = (
         "call",
         "capture",
+        "context",
         "finish_reasons",
         "input_tokens",
         "output_tokens",
@@ -66,6 +68,8 @@ class StreamState:
         self.output_tokens: int | None = None
         self.finish_reasons: list[str] = []
         self.text: list[str] | None = [] if self.capture else None
+        #: A copy of the context the call was made in (see :meth:`abandoned`).
+        self.context: contextvars.Context | None = contextvars.copy_context()
 
     def read(self, item: Any) -> bool:
         """Take what is useful from one chunk (implemented per SDK).
@@ -90,9 +94,26 @@ class StreamState:
         if exc is None:
             self.end(completed=True)
         elif isinstance(exc, GeneratorExit):
-            self.end(completed=False)
+            self.abandoned()
         else:
             self.end(exc)
+
+    def abandoned(self) -> None:
+        """End a stream left unfinished, from wherever it is collected.
+
+        The collector (or the event loop's async generator finalizer) runs this in whatever
+        context is current then, maybe another request's: the call ends in the context it
+        was made in, so its line carries that request's values and stage.
+        """
+        context = self.context
+        if context is None:
+            self.end(completed=False)
+            return
+        self.context = None
+        try:
+            context.run(self.end, completed=False)
+        except RuntimeError:  # that context is running right now: end it here
+            self.end(completed=False)
 
     def end(self, exc: BaseException | None = None, *, completed: bool = False) -> None:
         self.call.finish(
@@ -154,7 +175,64 @@ def _wrap_stream(stream: Any, state: StreamState) -> None:
 
         close = sync_close
     stream.close = close
-    weakref.finalize(stream, state.end, completed=False)
+    weakref.finalize(stream, state.abandoned)
+
+
+def _unread_raw(result: Any) -> bool:
+    """Whether ``result`` is a ``with_raw_response`` result whose body is still unread.
+
+    That is a streamed call's (``stream=True``): its stream comes from ``parse()``.
+    """
+    if not callable(getattr(type(result), "parse", None)):
+        return False
+    http = getattr(result, "http_response", None)
+    return http is not None and getattr(http, "is_closed", True) is False
+
+
+def _wrap_raw_stream(
+    result: Any,
+    call: GenAICall,
+    make_state: Callable[[GenAICall], StreamState],
+    stream_types: tuple[type, ...],
+) -> None:
+    """A raw streamed response: the call goes on in the stream ``parse()`` returns.
+
+    A response never parsed into a stream ends the call when it is collected.
+    """
+    original = type(result).parse
+    ref = weakref.ref(result)
+    wrapped = [False]
+
+    def take(parsed: Any) -> Any:
+        if not wrapped[0] and isinstance(parsed, stream_types):
+            wrapped[0] = True
+            try:
+                _wrap_stream(parsed, make_state(call))
+            except Exception as exc:
+                internal_error("wrapping a stream", exc)
+                call.finish(None)
+        return parsed
+
+    def never_parsed() -> None:
+        if not wrapped[0]:
+            call.chunks = 0  # a stream none of which was read
+            call.finish(None, completed=False)
+
+    parse: Callable[..., Any]
+    if inspect.iscoroutinefunction(original):
+
+        async def async_parse(*args: Any, **kwargs: Any) -> Any:
+            return take(await original(ref(), *args, **kwargs))
+
+        parse = async_parse
+    else:
+
+        def sync_parse(*args: Any, **kwargs: Any) -> Any:
+            return take(original(ref(), *args, **kwargs))
+
+        parse = sync_parse
+    result.parse = functools.wraps(original)(parse)
+    weakref.finalize(result, never_parsed)
 
 
 def _start(
@@ -213,15 +291,20 @@ def instrumented(
         call.detach()
         call.finish(exc)
 
-    def finish(call: GenAICall, result: Any) -> None:
+    def finish(call: GenAICall, result: Any, streamed: bool) -> None:
         call.detach()
-        if stream_types and make_state is not None and isinstance(result, stream_types):
+        if stream_types and make_state is not None:
             try:
-                _wrap_stream(result, make_state(call))
+                if isinstance(result, stream_types):
+                    _wrap_stream(result, make_state(call))
+                    return
+                if streamed and _unread_raw(result):  # with_raw_response, stream=True
+                    _wrap_raw_stream(result, call, make_state, stream_types)
+                    return
             except Exception as exc:
                 internal_error("wrapping a stream", exc)
                 call.finish(None)
-            return
+                return
         try:
             on_result(call, result)
         except Exception as exc:
@@ -242,7 +325,7 @@ def instrumented(
             except BaseException as exc:
                 failed(call, exc)
                 raise
-            finish(call, result)
+            finish(call, result, kwargs.get("stream") is True)
             return result
 
         return async_method
@@ -257,7 +340,7 @@ def instrumented(
         except BaseException as exc:
             failed(call, exc)
             raise
-        finish(call, result)
+        finish(call, result, kwargs.get("stream") is True)
         return result
 
     return method
