@@ -394,3 +394,32 @@ def test_wrap_context_keeps_a_types_coroutine_awaitable() -> None:
         return plain, partial  # type: ignore[return-value]
 
     assert asyncio.run(main()) == (5, 10)
+
+
+@pytest.mark.parametrize("as_bytes", [False, True])
+def test_inject_headers_fills_a_list_of_pairs(as_bytes: bool) -> None:
+    # ASGI-style pairs (bytes) and str pairs: extract_context takes both, so inject does.
+    stale = (b"traceparent", b"00-" + b"1" * 32 + b"-" + b"2" * 16 + b"-01")
+    headers: list[tuple[Any, Any]] = [(b"accept", b"*/*"), stale] if as_bytes else [
+        ("accept", "*/*"),
+        (stale[0].decode(), stale[1].decode()),
+    ]
+    with capture(), ri.stage("retrieval") as span:
+        same = ri.inject_headers(headers)
+        expected = span.get_span_context().trace_id
+    assert same is headers
+    names = [name for name, _value in headers]
+    assert names.count(b"traceparent" if as_bytes else "traceparent") == 1
+    assert trace.get_current_span(ri.extract_context(headers)).get_span_context().trace_id == (
+        expected
+    )
+
+
+def test_garbage_given_to_the_helpers_is_quiet_and_harmless(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert ri.extract_context(42) == otel_context.Context()  # type: ignore[arg-type]
+    assert "Traceback" not in capsys.readouterr().err
+    with capture() as cap, ri.stage("retrieval"):
+        assert ri.inject_headers(42) == 42  # type: ignore[type-var]
+    assert any("cannot hold headers" in line["event"] for line in cap.logs)

@@ -1178,3 +1178,183 @@ async def test_a_request_leaves_nothing_for_the_garbage_collector() -> None:
             with pytest.raises(RuntimeError):
                 await get(app, "/fail")
     assert garbage == []
+
+
+# --- review of 2026-12-04, night ---------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_wrapping_a_natively_traced_fastapi_app_keeps_one_trace() -> None:
+    # app = ri.RequestMiddleware(FastAPI()): FastAPI's native tracing takes its parent from
+    # the request headers, so without our traceparent in them it started a second trace.
+    inner = FastAPI()
+
+    @inner.get("/items/{i}")
+    async def item(i: int) -> dict[str, int]:
+        with ri.stage("retrieval"):
+            pass
+        return {"i": i}
+
+    app = RequestMiddleware(inner)
+    for headers in ({}, {"traceparent": TRACEPARENT, "tracestate": "v=1"}):
+        with capture() as cap:
+            await get(app, "/items/3", headers=headers)
+        assert len({s.context.trace_id for s in cap.spans}) == 1, [s.name for s in cap.spans]
+        ours = server_span_named(cap, "GET /items/{i}", our=True)
+        assert ours.kind is SpanKind.SERVER
+        if headers:
+            assert format(ours.context.trace_id, "032x") == TRACEPARENT.split("-")[1]
+            assert ours.parent.span_id == int(TRACEPARENT.split("-")[2], 16)
+        lines = {line["event"]: line["trace_id"] for line in cap.logs}
+        assert lines["request completed"] == lines["retrieval completed"]
+
+
+@pytest.mark.asyncio
+async def test_the_application_sees_the_request_span_as_its_traceparent() -> None:
+    seen: dict[str, str] = {}
+
+    async def echo(request: Request) -> Response:
+        seen.update(request.headers)
+        return PlainTextResponse("ok")
+
+    app = RequestMiddleware(Starlette(routes=[Route("/e", echo)]))
+    with capture() as cap:
+        await get(app, "/e", headers={"traceparent": TRACEPARENT, "tracestate": "v=1"})
+    span = server_span(cap)
+    ctx = span.context
+    assert seen["traceparent"] == f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-01"
+    assert seen["tracestate"] == "v=1"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("root_path", ["", "/api"])
+async def test_quiet_and_excluded_paths_match_under_a_root_path(root_path: str) -> None:
+    async def ok(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    inner = Starlette(routes=[Route("/health", ok), Route("/metrics", ok), Route("/a", ok)])
+    app = RequestMiddleware(inner, quiet_paths=["/health"], exclude_paths=["/metrics"])
+    transport = httpx.ASGITransport(app=app, root_path=root_path)
+    with capture() as cap:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            for path in ("/health", "/metrics", "/a"):
+                assert (await client.get(root_path + path)).status_code == 200
+    assert sorted(s.name for s in cap.spans) == ["GET /a", "GET /health"]
+    assert [line["route"] for line in request_lines(cap)] == ["/a"]
+
+
+def test_server_timing_gives_stages_whose_names_clash_names_of_their_own() -> None:
+    timings = _breakdown.StageTimings()
+    for name in ("vector search", "vector_search", "vector/search", "résumé", "r_sum_"):
+        timings.add(name, 1.0)
+    value = server_timing(timings, None, 5.0)
+    names = [part.split(";")[0] for part in value.split(", ")]
+    assert len(names) == len(set(names)) == 6, value
+    assert names[:3] == ["vector_search", "vector_search-2", "vector_search-3"]
+
+
+@pytest.mark.asyncio
+async def test_repeated_trace_headers_are_read_as_http_lists() -> None:
+    other = "00-11111111111111111111111111111111-2222222222222222-01"
+    with capture() as cap:
+        await get(
+            build_items_app(),
+            "/api/items/1",
+            headers=[("traceparent", TRACEPARENT), ("traceparent", other)],
+        )
+    trace_ids = {format(s.context.trace_id, "032x") for s in cap.spans}
+    assert trace_ids.isdisjoint({TRACEPARENT.split("-")[1], other.split("-")[1]})
+    with capture() as cap:
+        await get(
+            build_items_app(),
+            "/api/items/1",
+            headers=[("traceparent", TRACEPARENT), ("tracestate", "a=1"), ("tracestate", "b=2")],
+        )
+    span = server_span(cap)
+    assert span.context.trace_state.to_header() == "a=1,b=2"
+
+
+@pytest.mark.asyncio
+async def test_a_method_not_in_canonical_case_is_other() -> None:
+    app = build_paths_app()
+    driver = Driver()
+    with capture() as cap:
+        messages = await driver(app, "/api", method="get")  # httpx would send "GET"
+    assert messages[0]["status"] == 405  # Starlette reads methods case-sensitively too
+    span = server_span(cap)
+    assert span.attributes["http.request.method"] == "_OTHER"
+    assert span.attributes["http.request.method_original"] == "get"
+
+
+@pytest.mark.asyncio
+async def test_request_duration_points_carry_scheme_protocol_and_error_type() -> None:
+    async def ok(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    async def boom(request: Request) -> Response:
+        raise RuntimeError("boom")
+
+    app = RequestMiddleware(Starlette(routes=[Route("/ok", ok), Route("/boom", boom)]))
+    with capture() as cap:
+        await get(app, "/ok")
+        with pytest.raises(RuntimeError):
+            await get(app, "/boom")
+        points = {
+            p.attributes["http.route"]: dict(p.attributes)
+            for p in cap.metrics()["http.server.request.duration"]
+        }
+    assert points["/ok"]["url.scheme"] == "http"
+    assert points["/ok"]["network.protocol.version"] == "1.1"
+    assert "error.type" not in points["/ok"]
+    assert points["/boom"]["error.type"] == "RuntimeError"
+
+
+@pytest.mark.asyncio
+async def test_a_stream_collected_after_its_request_logs_with_the_request_id() -> None:
+    # ASGI 2.4: the server's send raises once the client is gone, and Starlette leaves the
+    # body iterator to the collector: its stage ends after the request, elsewhere.
+    async def stream_tokens() -> AsyncIterator[bytes]:
+        with ri.stage("generation"):
+            for _ in range(100):
+                await asyncio.sleep(0)
+                yield b"x"
+
+    async def stream(request: Request) -> Response:
+        return StreamingResponse(stream_tokens())
+
+    app = RequestMiddleware(Starlette(routes=[Route("/s", stream)]))
+    sent = 0
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}  # pragma: no cover
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal sent
+        sent += 1
+        if sent > 3:
+            raise OSError("client went away")
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/s",
+        "raw_path": b"/s",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"x-request-id", b"req-42")],
+        "client": ("127.0.0.1", 1),
+        "server": ("s", 80),
+    }
+
+    async def main() -> None:
+        with pytest.raises(Exception):  # whatever Starlette makes of the failed send
+            await app(scope, receive, send)
+
+    with capture() as cap:
+        await asyncio.get_running_loop().run_in_executor(None, asyncio.run, main())
+    line = cap.find_logs("generation cancelled")[0]
+    assert line["context"] == {"pipeline_stage": "generation", "request_id": "req-42"}

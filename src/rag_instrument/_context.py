@@ -80,6 +80,7 @@ class Frame:
 
     __slots__ = (
         "attr_count",
+        "bound",
         "breakdown",
         "is_stage",
         "name",
@@ -117,6 +118,9 @@ class Frame:
         self.attr_count = 0
         #: Per-frame state for integrations (e.g. N+1 statement counts), created on demand.
         self.scratch: dict[str, Any] | None = None
+        #: The values bound where the frame started (for lines written where it ends, when
+        #: that is another context: a generator closed by the collector).
+        self.bound: Bound | None = None
 
 
 _frame: contextvars.ContextVar[Frame | None] = contextvars.ContextVar(
@@ -127,6 +131,8 @@ current_frame = _frame.get
 set_frame = _frame.set
 reset_frame = _frame.reset
 bound = _bound.get
+set_bound = _bound.set
+reset_bound = _bound.reset
 
 
 # --- content seen by a stage -----------------------------------------------------------------

@@ -25,11 +25,12 @@ from typing import Any, TypeVar, overload
 from opentelemetry import propagate
 from opentelemetry.context import Context
 
-from rag_instrument._utils import internal_error
+from rag_instrument._utils import internal_error, warn_once
 
 __all__ = ["extract_context", "inject_headers"]
 
 H = TypeVar("H", bound=MutableMapping[str, str])
+L = TypeVar("L", bound=list[tuple[Any, Any]])
 
 _MAX_HEADER_CHARS = 8192
 
@@ -42,13 +43,21 @@ def inject_headers(headers: None = None) -> dict[str, str]: ...
 def inject_headers(headers: H) -> H: ...
 
 
-def inject_headers(headers: MutableMapping[str, str] | None = None) -> MutableMapping[str, str]:
+@overload
+def inject_headers(headers: L) -> L: ...
+
+
+def inject_headers(
+    headers: MutableMapping[str, str] | list[tuple[Any, Any]] | None = None,
+) -> MutableMapping[str, str] | list[tuple[Any, Any]]:
     """Add the current trace context (``traceparent``, ``tracestate``, ``baggage``) to headers.
 
     Args:
         headers: a mutable mapping of outgoing headers (a ``dict``, ``httpx.Headers``,
-            ``requests``' ``CaseInsensitiveDict`` ...), changed in place; a new ``dict``
-            when omitted.
+            ``requests``' ``CaseInsensitiveDict`` ...) or a list of ``(name, value)``
+            pairs (``str``, or ``bytes`` as ASGI's; pairs of the same names are replaced),
+            changed in place; a new ``dict`` when omitted. Anything else is returned
+            unchanged, with a warning.
 
     Returns:
         ``headers`` itself (or the new dict), so it can be passed on inline. Outside any
@@ -59,12 +68,49 @@ def inject_headers(headers: MutableMapping[str, str] | None = None) -> MutableMa
         >>> ri.inject_headers({"accept": "application/json"})
         {'accept': 'application/json'}
     """
-    carrier: MutableMapping[str, str] = {} if headers is None else headers
+    if headers is None or isinstance(headers, MutableMapping) or not isinstance(headers, list):
+        carrier: MutableMapping[str, str] = {} if headers is None else headers
+        if not callable(getattr(carrier, "__setitem__", None)):
+            _cannot_carry(carrier)
+            return carrier
+        try:
+            propagate.inject(carrier)
+        except Exception as exc:
+            internal_error("inject_headers", exc)
+        return carrier
+    # A list of (name, value) pairs (ASGI-style bytes, or str): the pairs are replaced.
     try:
-        propagate.inject(carrier)
+        found: dict[str, str] = {}
+        propagate.inject(found)
+        if found:
+            as_bytes = any(type(item) is tuple and type(item[0]) is bytes for item in headers)
+            names = {name.lower() for name in found}
+            headers[:] = [item for item in headers if not _named(item, names)]
+            for name, value in found.items():
+                headers.append(
+                    (name.encode("latin-1"), value.encode("latin-1")) if as_bytes else (name, value)
+                )
     except Exception as exc:
         internal_error("inject_headers", exc)
-    return carrier
+    return headers
+
+
+def _named(item: Any, names: set[str]) -> bool:
+    """Whether the header pair ``item`` has one of ``names`` (lower case)."""
+    try:
+        name = item[0]
+        if isinstance(name, bytes | bytearray):
+            name = bytes(name).decode("latin-1")
+        return isinstance(name, str) and name.lower() in names
+    except Exception:
+        return False
+
+
+def _cannot_carry(headers: object) -> None:
+    warn_once.warning(
+        f"rag_instrument.inject_headers: headers of type {type(headers).__name__} cannot "
+        "hold headers (pass a dict, a headers object or a list of pairs): nothing added"
+    )
 
 
 def _normalise(headers: Any) -> dict[str, str]:
@@ -74,6 +120,10 @@ def _normalise(headers: Any) -> dict[str, str]:
     else:
         items = headers  # ASGI-style raw pairs: [(b"traceparent", b"00-..."), ...]
     out: dict[str, str] = {}
+    try:
+        items = iter(items)
+    except TypeError:
+        return out  # not headers at all (a number, None inside a list ...): no context
     for item in items:
         try:
             key, value = item

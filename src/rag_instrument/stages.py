@@ -43,9 +43,11 @@ from rag_instrument._context import (
     bound,
     current_frame,
     detach_span,
+    reset_bound,
     reset_frame,
     run_end_hooks,
     seen_contents,
+    set_bound,
     set_frame,
 )
 from rag_instrument._errors import exception_message
@@ -176,7 +178,8 @@ def _clean_name(name: str) -> str:
 def _begin(spec: _Spec, rt: Runtime, owner: object, cpu: bool | None = None) -> Frame:
     parent = current_frame()
     attributes = spec.attributes
-    context_attrs = bound().attrs
+    frame_bound = bound()
+    context_attrs = frame_bound.attrs
     if context_attrs:
         attributes = {**context_attrs, **attributes}
     span = rt.start_span(spec.name, attributes)
@@ -184,6 +187,7 @@ def _begin(spec: _Spec, rt: Runtime, owner: object, cpu: bool | None = None) -> 
     frame = Frame(spec.name, stage_name, spec.is_stage, parent, span, owner)
     frame.attr_count = len(attributes)
     frame.start_attrs = attributes
+    frame.bound = frame_bound
     frame.tokens = (attach_span(span), set_frame(frame))
     if _stagehooks.active:  # resource_metrics, event_loop_threshold_ms, a 3.11 loop watch
         _stagehooks.begin(frame, rt, cpu)
@@ -252,7 +256,6 @@ def _end(
     completed: bool = True,
 ) -> None:
     elapsed_ns = time.perf_counter_ns() - frame.start_ns
-    rt = get_runtime()
     if frame.scratch is not None:
         run_end_hooks(frame)  # scopes tied to this stage report (N+1 final counts)
     tokens = frame.tokens
@@ -264,7 +267,31 @@ def _end(
         except Exception:
             # Exited in a different context than entered (a misused context manager):
             # restore nothing rather than someone else's state.
-            pass
+            tokens = None
+    if tokens is None and frame.bound is not None and frame.bound is not bound():
+        # Ended from another context than the one it ran in (a generator holding the
+        # block, closed by the collector or the event loop after its request ended): its
+        # lines carry the values bound where it ran (the request id), not whatever is
+        # bound where it happens to end.
+        bound_token = set_bound(frame.bound)
+        try:
+            _finish(frame, spec, exc, items, completed, elapsed_ns)
+        finally:
+            reset_bound(bound_token)
+        return
+    _finish(frame, spec, exc, items, completed, elapsed_ns)
+
+
+def _finish(
+    frame: Frame,
+    spec: _Spec,
+    exc: BaseException | None,
+    items: int | None,
+    completed: bool,
+    elapsed_ns: int,
+) -> None:
+    """The end of a stage whose context is restored: its span, metrics and line."""
+    rt = get_runtime()
     cpu_ms = _stagehooks.end(frame, rt) if _stagehooks.active else None
     ms = elapsed_ns / 1e6
     # Detached under the lock: work still running elsewhere (an executor job) can no longer

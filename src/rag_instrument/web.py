@@ -39,13 +39,14 @@ from rag_instrument import attributes as attr
 from rag_instrument._context import (
     Bound,
     Frame,
-    _bound,
     _make_bound,
     attach_span,
     bound,
     current_span,
     detach_span,
+    reset_bound,
     reset_frame,
+    set_bound,
     set_frame,
 )
 from rag_instrument._runtime import get_runtime
@@ -97,6 +98,25 @@ def _path_matcher(paths: Iterable[str], what: str) -> tuple[frozenset[str], tupl
 def _matches(matcher: tuple[frozenset[str], tuple[str, ...]], path: str) -> bool:
     exact, prefixes = matcher
     return path in exact or (bool(prefixes) and path.startswith(prefixes))
+
+
+def _path_matches(matcher: tuple[frozenset[str], tuple[str, ...]], scope: Scope) -> bool:
+    """Whether the request's path matches, as the application sees it or as it was sent.
+
+    Under a root path (``uvicorn --root-path /api``, a mount) ``scope["path"]`` holds the
+    root path too: ``"/health"`` matches ``"/api/health"`` there, as does the full path.
+    """
+    path = scope.get("path", "")
+    if not isinstance(path, str):
+        return False
+    if _matches(matcher, path):
+        return True
+    root = scope.get("root_path", "")
+    if root and isinstance(root, str) and path.startswith(root):
+        rest = path[len(root) :]
+        if rest[:1] == "/" or not rest:
+            return _matches(matcher, rest or "/")
+    return False
 
 
 def route_template(scope: Scope, root_path: str = "") -> str | None:
@@ -267,11 +287,18 @@ def server_timing(
         totals = {"total"}
         if breakdown:
             totals.update(kind for kind in _TOTAL_NAMES if breakdown.get(kind))
+        used: set[str] = set()
         for name, (runs, ms) in list(timings.by_name.items()):
             desc = f';desc="{int(runs)} runs"' if runs > 1 else ""
             token = _token(name)
             if token in totals:  # e.g. the EMBEDDING stage around embedding calls
                 token += "-stage"
+            if token in used:  # "vector search" and "vector/search": two stages, two names
+                number = 2
+                while f"{token}-{number}" in used:
+                    number += 1
+                token = f"{token}-{number}"
+            used.add(token)
             parts.append(f"{token};dur={ms:.1f}{desc}")
     if breakdown:
         for kind in attr.BREAKDOWN_KINDS:
@@ -288,16 +315,51 @@ def server_timing(
     return ", ".join(parts)
 
 
+# Headers of which the first one counts when a request repeats them; the others' repeated
+# values are combined into one comma-separated list, as HTTP reads repeated list headers
+# (RFC 9110 5.3): two ``tracestate`` headers are one list, two ``traceparent`` headers (or
+# two request ids) an invalid value, so a new trace (a new id) starts, as W3C Trace Context
+# requires.
+_FIRST_WINS: Final = frozenset({"host", "user-agent"})
+
+
 def _header_values(scope: Scope, wanted: frozenset[bytes]) -> dict[str, str]:
     found: dict[str, str] = {}
     for item in scope.get("headers") or ():
         try:
             key = bytes(item[0]).lower()
             if key in wanted:
-                found[key.decode("latin-1")] = bytes(item[1]).decode("latin-1")
+                name = key.decode("latin-1")
+                value = bytes(item[1]).decode("latin-1")
+                seen = found.get(name)
+                if seen is None:
+                    found[name] = value
+                elif name not in _FIRST_WINS:
+                    found[name] = f"{seen},{value}"
         except Exception:  # noqa: S112 - a malformed header never fails the request
             continue
     return found
+
+
+def _carry_down(scope: Scope, span: trace_api.Span, parent: Context | None) -> None:
+    """Put ``span``'s trace context in the request headers the application sees.
+
+    Tracing inside the application (FastAPI's native telemetry, the OpenTelemetry ASGI
+    middleware added after this one) takes its parent from the request headers, not from
+    the current span: without this, a request would be split into two traces. The
+    application sees what it would behind a tracing proxy: this request's span as the
+    ``traceparent``, the incoming ``tracestate`` and ``baggage`` kept.
+    """
+    if not span.get_span_context().is_valid:
+        return
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=trace_api.set_span_in_context(span, parent))
+    if not carrier:
+        return
+    names = {key.lower().encode("latin-1"): value for key, value in carrier.items()}
+    headers = [item for item in scope.get("headers") or () if bytes(item[0]).lower() not in names]
+    headers.extend((key, value.encode("latin-1")) for key, value in names.items())
+    scope["headers"] = headers
 
 
 class _Request:
@@ -350,10 +412,12 @@ class _Request:
         root_path = scope.get("root_path", "")
         self.root_path = root_path if isinstance(root_path, str) else ""
         path = scope.get("path", "")
-        self.quiet = _matches(middleware.quiet, path) if middleware.quiet_any else False
+        self.quiet = _path_matches(middleware.quiet, scope) if middleware.quiet_any else False
 
+        # Methods are case-sensitive (RFC 9110, and Starlette answers "get" with 405): one
+        # not in its canonical form is "_OTHER", with the original kept beside it.
         method = scope.get("method", "")
-        method = method.upper() if isinstance(method, str) else ""
+        method = method if isinstance(method, str) else ""
         self.method = method if method in _KNOWN_METHODS else "_OTHER"
 
         headers = _header_values(scope, middleware.wanted_headers)
@@ -413,9 +477,9 @@ class _Request:
             log["request_id"] = self.request_id
             span_attrs = dict(base.attrs)
             span_attrs["request_id"] = self.request_id
-            bound_token = _bound.set(Bound(log, span_attrs))
+            bound_token = set_bound(Bound(log, span_attrs))
         else:
-            bound_token = _bound.set(_make_bound(base, {"request_id": self.request_id}))
+            bound_token = set_bound(_make_bound(base, {"request_id": self.request_id}))
         self.start_name = self.method if self.method != "_OTHER" else "HTTP"
         try:
             extra = bound().attrs
@@ -425,10 +489,14 @@ class _Request:
             # export skips redaction as long as nobody else adds to it.
             span = rt.start_span(self.start_name, attributes, kind=kind, context=parent)
         except BaseException:
-            _bound.reset(bound_token)
+            reset_bound(bound_token)
             raise
         self.span = span
         self.start_attrs = attributes
+        try:
+            _carry_down(scope, span, parent)
+        except Exception as exc:
+            internal_error("RequestMiddleware: trace headers", exc)
         # No owner: the frame would refer back to this object, a reference cycle that only
         # the garbage collector frees (with everything the request held, promoted to the
         # oldest generation while it ran: fuller and more frequent full collections).
@@ -520,7 +588,7 @@ class _Request:
             (_breakdown.stage_timings.reset, timings_token),
             (reset_frame, frame_token),
             (detach_span if light else otel_context.detach, otel_token),
-            (_bound.reset, bound_token),
+            (reset_bound, bound_token),
         ):
             if token is not None:
                 try:
@@ -588,12 +656,22 @@ class _Request:
                 )
             except Exception as end_exc:
                 user_code_error("ending a span", end_exc)
+        # The metric's attributes per its semantic conventions: url.scheme required,
+        # error.type when the request failed, the protocol version recommended.
+        start_attrs = self.start_attrs
         metric_attrs: dict[str, Any] = {
             attr.HTTP_REQUEST_METHOD: self.method,
+            attr.URL_SCHEME: start_attrs[attr.URL_SCHEME],
             attr.HTTP_RESPONSE_STATUS_CODE: status,
         }
         if route:
             metric_attrs[attr.HTTP_ROUTE] = route
+        version = start_attrs.get(attr.NETWORK_PROTOCOL_VERSION)
+        if version is not None:
+            metric_attrs[attr.NETWORK_PROTOCOL_VERSION] = version
+        error_type = end_attrs.get(attr.ERROR_TYPE)
+        if error_type is not None:
+            metric_attrs[attr.ERROR_TYPE] = error_type
         rt.histogram(_REQUEST_DURATION, "s", "Duration of HTTP server requests.").record(
             ms / 1000.0, metric_attrs
         )
@@ -738,7 +816,7 @@ class RequestMiddleware:
             await self.app(scope, receive, send)
             return
         rt = get_runtime()
-        if not rt.enabled or (self.exclude_any and _matches(self.exclude, scope.get("path", ""))):
+        if not rt.enabled or (self.exclude_any and _path_matches(self.exclude, scope)):
             await self.app(scope, receive, send)
             return
         try:
