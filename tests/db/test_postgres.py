@@ -390,3 +390,37 @@ async def test_adiagnose() -> None:
     finally:
         await engine.dispose()
     assert report.database.rows[0].database == "test"
+
+
+def test_in_lists_of_any_length_are_one_shape_on_postgresql(pg: tuple[Engine, str]) -> None:
+    # SQLAlchemy expands IN lists into a cast placeholder per value on PostgreSQL
+    # (%(id_1_1)s::INTEGER, ...): six lengths are still one statement shape, so the N+1
+    # warning fires as it does on SQLite.
+    from sqlalchemy import Integer, column, select
+    from sqlalchemy import table as sa_table
+
+    engine, name = pg
+    items = sa_table(name, column("id", Integer))
+    ri.instrument_sqlalchemy(engine)
+    with capture() as cap, engine.connect() as conn, ri.stage("reranking"):
+        for n in range(1, 7):
+            conn.execute(select(items.c.id).where(items.c.id.in_(list(range(n)))))
+    texts = {s.attributes["db.query.text"] for s in cap.spans if s.name.startswith("SELECT")}
+    assert texts == {f"SELECT {name}.id FROM {name} WHERE {name}.id IN (?)"}
+    (warning,) = cap.find_logs("n+1 query detected")
+    assert warning["count"] == 6
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT a FROM t WHERE id IN (%(id_1_1)s::INTEGER, %(id_1_2)s::INTEGER)",
+        "SELECT a FROM t WHERE id IN ($1::INTEGER, $2::INTEGER, $3::INTEGER)",
+        "SELECT a FROM t WHERE id IN (%s, %s)",
+        "SELECT a FROM t WHERE id IN (%(p_1)s::VARCHAR(30), %(p_2)s::NUMERIC(10, 2))",
+    ],
+)
+def test_driver_placeholders_in_in_lists_collapse(sql: str) -> None:
+    from rag_instrument.db._sql import collapse_in_lists
+
+    assert collapse_in_lists(sql) == "SELECT a FROM t WHERE id IN (?)"

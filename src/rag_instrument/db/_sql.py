@@ -146,7 +146,11 @@ _TOKENS: Final = {
 }
 _FLAT_COMMENTS: Final = frozenset({"sqlite", "mysql", "mariadb"})
 _COMMENT_DELIMITER: Final = re.compile(r"/\*|\*/")
-_SIGNED: Final = r"[-+]?\s*\?"
+# A bound value as each driver writes it (?, %s, %(name)s, $1, :name), with the type cast
+# SQLAlchemy adds to each expanded value on PostgreSQL (``%(id_1_1)s::INTEGER``).
+_PLACEHOLDER: Final = r"(?:\?|%s|%\(\w+\)s|\$\d+|:[A-Za-z_]\w*)"
+_CAST: Final = r"(?:\s*::\s*[A-Za-z_][\w ]*?(?:\(\s*\d+(?:\s*,\s*\d+)?\s*\))?(?:\[\])?)?"
+_SIGNED: Final = rf"[-+]?\s*{_PLACEHOLDER}{_CAST}"
 _IN_LIST: Final = re.compile(rf"\b(IN)\s*\(\s*{_SIGNED}(?:\s*,\s*{_SIGNED})*\s*\)", re.IGNORECASE)
 _ARRAY_LIST: Final = re.compile(
     rf"\b(ARRAY)\s*\[\s*{_SIGNED}(?:\s*,\s*{_SIGNED})*\s*\]", re.IGNORECASE
@@ -210,8 +214,12 @@ class StatementInfo:
 
 
 def collapse_in_lists(text: str) -> str:
-    """``IN (?, -?, ?)`` -> ``IN (?)``, ``ARRAY[?, ?]`` -> ``ARRAY[?]``: one shape, any length."""
-    if "?" not in text:
+    """``IN (?, -?, ?)`` -> ``IN (?)``, ``ARRAY[?, ?]`` -> ``ARRAY[?]``: one shape, any length.
+
+    Whatever the driver's placeholders (``IN (%(id_1_1)s::INTEGER, %(id_1_2)s::INTEGER)``,
+    ``IN ($1, $2)``): the list becomes ``(?)``.
+    """
+    if "?" not in text and "%" not in text and "$" not in text and ":" not in text:
         return text
     return _ARRAY_LIST.sub(r"\1[?]", _IN_LIST.sub(r"\1 (?)", text))
 
