@@ -253,3 +253,65 @@ def test_an_exporter_raising_systemexit_loses_that_batch_only(tmp_path: Path) ->
     assert ExitsOnce.exported == 3
     assert ri.shutdown() is False  # one span was lost in this configuration's life
     assert "ExitsOnce.export failed: SystemExit" in log.read_text()
+
+
+def test_nothing_is_traced_under_suppress_instrumentation() -> None:
+    # The SDK's batch processor exports under suppress_instrumentation(): an exporter that
+    # writes through instrumented code must make no spans of its own, or each export makes
+    # spans to export, forever.
+    import sqlalchemy as sa
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+    engine = sa.create_engine("sqlite://")
+    ri.instrument_sqlalchemy(engine)
+
+    @ri.traced("op")
+    def op() -> int:
+        return 1
+
+    try:
+        with capture() as cap:
+            with suppress_instrumentation():
+                with ri.stage("retrieval"), engine.connect() as conn:
+                    conn.execute(sa.text("SELECT 1"))
+                    assert op() == 1
+            assert not cap.spans
+            assert cap.find_logs("retrieval completed")  # lines are not exported: kept
+            with ri.stage("retrieval"), engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+            assert sorted(s.name for s in cap.spans) == ["SELECT", "retrieval"]
+    finally:
+        ri.db.uninstrument_sqlalchemy(engine)
+
+
+class _WritesThroughAnInstrumentedEngine(SpanExporter):
+    def __init__(self) -> None:
+        import sqlalchemy as sa
+
+        self.engine = sa.create_engine("sqlite://")
+        ri.instrument_sqlalchemy(self.engine)
+        self.exported = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        import sqlalchemy as sa
+
+        self.exported += len(spans)
+        with self.engine.connect() as conn:
+            for _span in spans:
+                conn.execute(sa.text("SELECT 1"))
+        return SpanExportResult.SUCCESS
+
+
+def test_an_exporter_using_instrumented_code_exports_only_the_applications_spans() -> None:
+    exporter = _WritesThroughAnInstrumentedEngine()
+    ri.configure(exporter=exporter, logs_exporter="none", metrics_exporter="none")
+    try:
+        for _ in range(5):
+            with ri.stage("retrieval"):
+                pass
+        for _ in range(3):
+            assert ri.force_flush()
+        assert exporter.exported == 5
+    finally:
+        ri.db.uninstrument_sqlalchemy(exporter.engine)
+        ri.shutdown()

@@ -22,6 +22,7 @@ from rag_instrument import _breakdown
 from rag_instrument import attributes as attr
 from rag_instrument._context import Frame, current_frame, reset_frame, set_frame
 from rag_instrument._errors import exception_message
+from rag_instrument._runtime import instrumentation_suppressed
 from rag_instrument._utils import internal_error, user_code_error
 
 if TYPE_CHECKING:
@@ -66,7 +67,11 @@ def start(
             op = Operation(rt, rt.start_leaf_span(name, span_kind, attributes), kind)
             op.start_ns = time.perf_counter_ns()
             return op
-        span = rt.tracer.start_span(name, kind=span_kind, attributes=attributes)
+        span = (
+            trace_api.INVALID_SPAN
+            if instrumentation_suppressed()
+            else rt.tracer.start_span(name, kind=span_kind, attributes=attributes)
+        )
         op = Operation(rt, span, kind)
         parent = current_frame()
         if parent is not None:

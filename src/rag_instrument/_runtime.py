@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any, Protocol
 
+from opentelemetry import context as otel_context
 from opentelemetry import metrics as metrics_api
 from opentelemetry import trace as trace_api
 
@@ -38,6 +39,22 @@ __all__ = ["InstrumentFactory", "Runtime", "SpanTools", "get_runtime", "install"
 
 LIBRARY: str = "rag_instrument"
 _INTERNAL = trace_api.SpanKind.INTERNAL
+
+
+try:  # the key OpenTelemetry's suppress_instrumentation() sets (the SDK's export does)
+    from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY as _SUPPRESS_KEY
+except ImportError:  # pragma: no cover - an API without it: nothing is ever suppressed
+    _SUPPRESS_KEY = "suppress_instrumentation"
+
+
+def instrumentation_suppressed() -> bool:
+    """Whether the current context asks instrumentations to record nothing.
+
+    OpenTelemetry's ``suppress_instrumentation()`` sets it, and the SDK's batch processor
+    exports under it: work an exporter does through instrumented code (a database, an
+    instrumented client) must make no spans, which would be exported, and make more.
+    """
+    return bool(otel_context.get_value(_SUPPRESS_KEY))
 
 
 class SpanTools(Protocol):
@@ -238,6 +255,8 @@ class Runtime:
         so that export can skip redacting it. Without an SDK configuration by
         rag_instrument, this is the tracer's own ``start_span``.
         """
+        if instrumentation_suppressed():
+            return trace_api.INVALID_SPAN
         tools = self._tools
         if tools is None:
             return self.tracer.start_span(name, kind=kind, attributes=attributes)
@@ -261,6 +280,8 @@ class Runtime:
         skip redacting the span as long as nobody else adds to it). ``context``: the
         parent's context (e.g. extracted from a request's headers) instead of the current.
         """
+        if instrumentation_suppressed():  # an exporter's own work (see the function)
+            return trace_api.INVALID_SPAN
         tools = self._tools
         if tools is None:
             return self.tracer.start_span(name, context=context, kind=kind, attributes=attributes)

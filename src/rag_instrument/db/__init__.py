@@ -51,7 +51,7 @@ from opentelemetry import trace as trace_api
 from opentelemetry.trace import Status, StatusCode
 
 from rag_instrument import attributes as attr
-from rag_instrument._runtime import get_runtime
+from rag_instrument._runtime import get_runtime, instrumentation_suppressed
 from rag_instrument._steps import Plan, arun, run
 from rag_instrument._utils import internal_error
 from rag_instrument.attributes import (
@@ -246,7 +246,11 @@ class DbSession(Generic[S]):
         if not rt.enabled:
             return
         try:
-            span = rt.tracer.start_span(SESSION_SPAN, kind=trace_api.SpanKind.INTERNAL)
+            span = (
+                trace_api.INVALID_SPAN
+                if instrumentation_suppressed()
+                else rt.tracer.start_span(SESSION_SPAN, kind=trace_api.SpanKind.INTERNAL)
+            )
             self._span = span
             self._token = otel_context.attach(trace_api.set_span_in_context(span))
             self._counter = StatementCounter()
