@@ -738,3 +738,34 @@ def test_the_otel_samplers_kind_goes_with_its_ratio_only() -> None:
     assert explicit.parent_based_sampling is True
     alone = build_settings(env={"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.3"})
     assert (alone.sample_ratio, alone.parent_based_sampling) == (0.3, False)
+
+
+def test_an_explicit_enabled_wins_over_otel_sdk_disabled() -> None:
+    # The SDK's providers read OTEL_SDK_DISABLED themselves: enabled=True (and capture(),
+    # which ignores the environment) still recorded no span. A fresh process: the provider
+    # is built once per process.
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import rag_instrument as ri
+from rag_instrument.testing import capture
+assert ri.configure().enabled is False  # the variable is enabled's default
+with capture() as cap, ri.stage("retrieval"):
+    pass
+print([s.name for s in cap.spans], "trace_id" in cap.logs[0])
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+exporter = InMemorySpanExporter()
+ri.configure(exporter=exporter, enabled=True, logs_exporter="none")
+with ri.stage("generation"):
+    pass
+ri.force_flush()
+print([s.name for s in exporter.get_finished_spans()])
+"""
+    env = {**os.environ, "OTEL_SDK_DISABLED": "true"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["['retrieval'] True", "['generation']"]

@@ -571,11 +571,23 @@ def _tracer_provider(
             ),
             shutdown_on_exit=False,  # rag_instrument's bounded shutdown runs at exit instead
         )
+        _enable(_OWNED_PROVIDER)
         trace_api.set_tracer_provider(_OWNED_PROVIDER)
         return _OWNED_PROVIDER, True
     if _OWNED_PROVIDER is not None:
         return _OWNED_PROVIDER, True
     return current, False
+
+
+def _enable(provider: Any) -> None:
+    """Undo ``OTEL_SDK_DISABLED`` on a provider of ours: ``enabled`` has decided already.
+
+    The SDK's providers read the variable themselves and hand out no-op tracers and meters.
+    The library reads it too, as the default of ``enabled`` (an explicit ``enabled=True``
+    or ``RAG_INSTRUMENT_ENABLED=true`` wins); a provider is only built when enabled.
+    """
+    if getattr(provider, "_disabled", False) is True:
+        provider._disabled = False
 
 
 def _span_processors(settings: Settings, drops: _Drops) -> tuple[list[SpanProcessor], Any]:
@@ -780,6 +792,7 @@ def _meter(
     provider = SDKMeterProvider(
         metric_readers=all_readers, resource=resource, shutdown_on_exit=False
     )
+    _enable(provider)
     meter = provider.get_meter(name, lib_version)
     # The library's own histograms and counters skip the SDK's per-measurement work when
     # every reader takes the default aggregations (see rag_instrument._metrics).
