@@ -140,3 +140,27 @@ def test_overlapping_captures_put_back_what_was_before_them_and_say_so() -> None
             pass
     assert [s.name for s in outer.spans] == ["after"]  # the configuration before both
     assert a.spans == []
+
+
+def test_the_fixture_isolates_bound_context_between_tests(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import rag_instrument as ri
+
+        def test_a(rag_capture):
+            ri.bind_context(tenant="acme")
+            ri.get_logger().info("a")
+            assert rag_capture.logs[0]["context"] == {"tenant": "acme"}
+
+        def test_b(rag_capture):
+            ri.get_logger().info("b")
+            assert rag_capture.logs[0]["context"] == {}
+
+        def test_c(rag_capture):
+            with ri.stage("s"):
+                pass
+            assert "tenant" not in dict(rag_capture.span("s").attributes)
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
