@@ -769,3 +769,15 @@ print([s.name for s in exporter.get_finished_spans()])
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:2] == ["['retrieval'] True", "['generation']"]
+
+
+@pytest.mark.parametrize("timeout", [None, float("inf"), float("nan"), -1, "abc", 2**70])
+def test_shutdown_and_force_flush_take_any_timeout(timeout: Any) -> None:
+    # Nothing raises into the application: None and infinity wait without a limit, NaN
+    # and negative values not at all, a non-number is the default.
+    ri.configure(exporter="memory", logs_exporter="none")
+    with ri.stage("x"):
+        pass
+    assert isinstance(ri.force_flush(timeout), bool)
+    assert isinstance(ri.shutdown(timeout), bool)
+    assert not ri.is_configured()

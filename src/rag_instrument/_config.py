@@ -13,6 +13,7 @@ This module sits above logs, exporters and stages: it is the only one that assem
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import re
 import threading
@@ -236,7 +237,11 @@ def retire_set_aside(runtime: Runtime) -> None:
 
 
 def _retire(
-    old: Runtime, timeout: float, successor: Runtime | None = None, *, at_exit: bool = False
+    old: Runtime,
+    timeout: float | None,
+    successor: Runtime | None = None,
+    *,
+    at_exit: bool = False,
 ) -> bool:
     """Flush and close what ``old`` created, within ``timeout`` seconds.
 
@@ -265,7 +270,7 @@ def _retire(
 
     def work() -> None:
         try:
-            result.append(pipelines.shutdown(timeout_millis=int(timeout * 900)))
+            result.append(pipelines.shutdown(timeout_millis=_millis(timeout, 0.9)))
         except Exception as exc:
             internal_error("shutdown", exc)
         finally:
@@ -277,7 +282,9 @@ def _retire(
     return finished and bool(result and result[0])
 
 
-def _bounded(work: Callable[[], None], timeout: float, name: str, *, at_exit: bool = False) -> bool:
+def _bounded(
+    work: Callable[[], None], timeout: float | None, name: str, *, at_exit: bool = False
+) -> bool:
     """Run ``work`` on a daemon thread and wait for it at most ``timeout`` seconds.
 
     Exporters may block (a black-holed collector): that never holds the caller past the
@@ -301,14 +308,46 @@ def _bounded(work: Callable[[], None], timeout: float, name: str, *, at_exit: bo
             # No thread waits and the exiting interpreter refuses a new one: flushing here,
             # bounded only by the exporters' own timeouts, beats losing the spans.
             job()
-    return done.wait(max(timeout, 0.0))
+    return done.wait(None if timeout is None else max(timeout, 0.0))
 
 
 def _nothing() -> None:
     pass
 
 
-def shutdown(timeout: float = 5.0) -> bool:
+#: The longest wait in milliseconds handed to an exporter (``None`` / infinity: no limit).
+_NO_LIMIT_MS = 2**31 - 1
+
+
+def _seconds(timeout: object, default: float = 5.0) -> float | None:
+    """``timeout`` as seconds to wait: ``None`` for no limit; never raises.
+
+    ``None`` and infinity wait without limit, a negative or NaN value not at all, and
+    anything that is not a number is the default (with a warning).
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        warn_once.warning(
+            "rag_instrument: a timeout must be a number of seconds, got a "
+            f"{type(timeout).__name__}: using {default}"
+        )
+        return default
+    seconds = float(timeout)
+    if math.isnan(seconds):
+        return 0.0
+    if seconds == math.inf:
+        return None
+    return max(seconds, 0.0)
+
+
+def _millis(seconds: float | None, share: float = 1.0) -> int:
+    if seconds is None:
+        return int(_NO_LIMIT_MS)
+    return int(min(seconds * 1000 * share, _NO_LIMIT_MS))
+
+
+def shutdown(timeout: float | None = 5.0) -> bool:
     """Flush and close what :func:`configure` created; ``True`` only if all was exported.
 
     ``False`` when the flush did not finish within ``timeout`` seconds, or when any span of
@@ -316,11 +355,12 @@ def shutdown(timeout: float = 5.0) -> bool:
     ``timeout`` seconds even when the collector is down or black-holed.
     Afterwards the library is unconfigured: stages still run, nothing is exported or
     logged. A second call does nothing. Also registered to run at interpreter exit.
+    ``None`` (or infinity) waits as long as the flush takes.
     """
-    return _shutdown(timeout)
+    return _shutdown(_seconds(timeout))
 
 
-def _shutdown(timeout: float, *, at_exit: bool = False) -> bool:
+def _shutdown(timeout: float | None, *, at_exit: bool = False) -> bool:
     with _LOCK:
         old = get_runtime()
         if not old.configured:
@@ -331,8 +371,12 @@ def _shutdown(timeout: float, *, at_exit: bool = False) -> bool:
     return _retire(old, timeout, at_exit=at_exit)
 
 
-def force_flush(timeout: float = 5.0) -> bool:
-    """Export every span that has already ended; ``True`` when done within ``timeout``."""
+def force_flush(timeout: float | None = 5.0) -> bool:
+    """Export every span that has already ended; ``True`` when done within ``timeout``.
+
+    ``None`` (or infinity) waits as long as the export takes.
+    """
+    seconds = _seconds(timeout)
     pipelines = get_runtime().pipelines
     if pipelines is None:
         return True
@@ -340,11 +384,11 @@ def force_flush(timeout: float = 5.0) -> bool:
 
     def work() -> None:
         try:
-            result.append(pipelines.force_flush(int(timeout * 1000)))
+            result.append(pipelines.force_flush(_millis(seconds)))
         except Exception as exc:
             internal_error("force_flush", exc)
 
-    return _bounded(work, timeout, "rag_instrument-flush") and bool(result and result[0])
+    return _bounded(work, seconds, "rag_instrument-flush") and bool(result and result[0])
 
 
 def _at_exit() -> None:

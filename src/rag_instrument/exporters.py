@@ -726,7 +726,11 @@ class Pipelines:
         for processor in self.processors:
             ok = bool(processor.force_flush(timeout_millis)) and ok
         if self.meter_provider is not None:
-            ok = bool(self.meter_provider.force_flush(timeout_millis)) and ok
+            try:
+                ok = bool(self.meter_provider.force_flush(timeout_millis)) and ok
+            except Exception as exc:  # the SDK raises when a reader times out or fails
+                user_code_error("metric readers' force_flush", exc)
+                ok = False
         return ok and self.drops.count == dropped_before
 
     def shutdown(self, timeout_millis: int) -> bool:
