@@ -500,3 +500,16 @@ def test_search_params_of_any_kind_are_attributes_as_reliability_23_says() -> No
     assert attributes["rag.vector.params.filters"] == '{"lang":"en"}'
     assert attributes["rag.vector.params.mix"] == '[1,"a"]'
     assert attributes["rag.vector.params.nprobe"] == 16
+
+
+@pytest.mark.parametrize("as_callable", [False, True])
+def test_sweep_ground_truth_may_be_hits_like_the_searchs(as_callable: bool) -> None:
+    # A FLAT search as the ground truth returns hits, as the search does: read them alike.
+    exact = {"q1": [{"id": 1, "distance": 0.1}, {"id": 2, "distance": 0.2}]}
+
+    def search(query: str, nprobe: int) -> list[dict[str, Any]]:
+        return [{"id": 1, "distance": 0.1}, {"id": 9, "distance": 0.3}]
+
+    truth: Any = (lambda q: exact[q]) if as_callable else [exact["q1"]]
+    (row,) = ri.sweep(search, "nprobe", [4], ["q1"], ground_truth=truth, k=2)
+    assert row.recall == 0.5

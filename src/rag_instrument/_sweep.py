@@ -138,7 +138,8 @@ def sweep(
         param: the keyword argument to vary (``"nprobe"``, ``"ef"``, ``"probes"``).
         values: the values to try, in order.
         queries: the query vectors (or texts).
-        ground_truth: the exact ids for each query (a list, in the order of ``queries``),
+        ground_truth: the exact ids (or hits, read as ``search``'s are) for each query (a list,
+            in the order of ``queries``),
             or a callable giving them for a query (e.g. a FLAT / exact search), called once
             per query before any timing.
         k: the ``k`` of recall@k (only the first ``k`` hits of each side count).
@@ -167,7 +168,7 @@ def sweep(
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"sweep: warmup must be a non-negative integer, got {warmup!r}")
     if callable(ground_truth):
-        truth = [list(ground_truth(q))[:k] for q in queries]
+        truth = [_ids(ground_truth(q), k) for q in queries]
     else:
         accepted = "a list of id lists (one per query) or a function of a query"
         if isinstance(ground_truth, str | bytes) or not hasattr(ground_truth, "__iter__"):
@@ -177,7 +178,7 @@ def sweep(
             raise ValueError(
                 f"sweep: ground_truth must be {accepted}; an entry is not a list of ids"
             )
-        truth = [list(ids)[:k] for ids in entries]
+        truth = [_ids(ids, k) for ids in entries]  # ids, or hits as search gives them
         if len(truth) != len(queries):
             raise ValueError(
                 f"sweep: ground_truth has {len(truth)} entries for {len(queries)} queries"
