@@ -384,3 +384,30 @@ def test_a_bare_stage_decorator_fails_where_it_is_written() -> None:
         @ri.stage  # type: ignore[arg-type]
         def retrieve() -> int:
             return 1
+
+
+def test_too_many_attributes_keep_the_stages_own_and_the_bound_ones() -> None:
+    # Spans keep 128 attributes and the SDK dropped the oldest beyond (the stage's own,
+    # the request id), writing a warning for each one dropped.
+    many = {f"k{i}": i for i in range(300)}
+    with capture() as cap:
+        with ri.request_context(request_id="r-1"):
+            with ri.pipeline_stage_context("retrieval", **many):
+                pass
+        ri.bind_context(**{f"b{i}": "v" for i in range(300)})
+        try:
+            with ri.stage("generation"):
+                pass
+        finally:
+            ri.unbind_context(*(f"b{i}" for i in range(300)))
+    retrieval = dict(cap.span("retrieval").attributes or {})
+    assert retrieval["rag.stage"] == "retrieval"
+    assert retrieval["openinference.span.kind"] == "RETRIEVER"
+    assert retrieval["request_id"] == "r-1"
+    assert len(retrieval) <= 128
+    generation = dict(cap.span("generation").attributes or {})
+    assert generation["rag.stage"] == "generation"
+    assert len(generation) <= 128
+    assert not [line for line in cap.logs if "Attributes dict is full" in line["event"]]
+    warnings = [line["event"] for line in cap.logs if line["level"] == "warning"]
+    assert len(warnings) == 2, warnings  # one for each, not one per attribute dropped

@@ -273,6 +273,34 @@ def detach_span(token: Any) -> None:
         var.reset(token)
 
 
+#: The attributes a span of the library's starts with, at most: spans keep 128 (the SDK
+#: drops the oldest beyond, with a warning each time), and the library adds about a dozen
+#: when a span ends (breakdown, error, budget, stream). Its own always fit.
+START_ATTRIBUTES_MAX: Final = 112
+#: Of those, the most a stage's own attributes take, given ones included: the rest is for
+#: the bound values (the request id).
+STAGE_ATTRIBUTES_MAX: Final = 64
+
+
+def within_span_limit(
+    context_attrs: dict[str, Any], own: dict[str, Any], what: str
+) -> dict[str, Any]:
+    """``{**context_attrs, **own}`` cut to :data:`START_ATTRIBUTES_MAX`, ``own`` kept whole.
+
+    The bound values beyond the limit are left off the span (the log lines keep them), with
+    a warning (rate-limited); ``own``: the span's own attributes, at most the limit.
+    """
+    if len(context_attrs) + len(own) <= START_ATTRIBUTES_MAX:
+        return {**context_attrs, **own}
+    room = max(START_ATTRIBUTES_MAX - len(own), 0)
+    kept = dict(list(context_attrs.items())[:room])
+    warn_once.warning(
+        f"rag_instrument: {len(context_attrs)} bound values are more than the span of "
+        f"{what!r} can hold with its own: it keeps the first {room} (the lines keep all)"
+    )
+    return {**kept, **own}
+
+
 def current_stage() -> str | None:
     """The pipeline stage the current task or thread is in, or ``None``."""
     frame = _frame.get()

@@ -38,6 +38,8 @@ from opentelemetry.trace import Status, StatusCode
 from rag_instrument import _breakdown, _stagehooks
 from rag_instrument import attributes as attr
 from rag_instrument._context import (
+    STAGE_ATTRIBUTES_MAX,
+    START_ATTRIBUTES_MAX,
     Frame,
     attach_span,
     bound,
@@ -49,6 +51,7 @@ from rag_instrument._context import (
     seen_contents,
     set_bound,
     set_frame,
+    within_span_limit,
 )
 from rag_instrument._errors import exception_message
 from rag_instrument._registry import register_span_kind, span_kind
@@ -136,6 +139,15 @@ class _Spec:
             converted = to_attribute_value(value, sanitizer)
             if converted is not None:
                 attrs[key] = converted
+        if len(attrs) > STAGE_ATTRIBUTES_MAX:
+            # Spans keep 128 attributes and drop the oldest beyond, its own first: keep
+            # the stage's own and the first of the given ones (room left for the bound
+            # values), and say so once.
+            warn_once.warning(
+                f"rag_instrument: {name!r} was given {len(attrs)} attributes: its span "
+                f"keeps the first {STAGE_ATTRIBUTES_MAX}"
+            )
+            attrs = dict(list(attrs.items())[:STAGE_ATTRIBUTES_MAX])
         self.attributes = attrs
         self.metric_attributes = {attr.RAG_STAGE: name}
         self.completed_event = f"{name} completed"
@@ -181,7 +193,11 @@ def _begin(spec: _Spec, rt: Runtime, owner: object, cpu: bool | None = None) -> 
     frame_bound = bound()
     context_attrs = frame_bound.attrs
     if context_attrs:
-        attributes = {**context_attrs, **attributes}
+        attributes = (
+            {**context_attrs, **attributes}
+            if len(context_attrs) + len(attributes) <= START_ATTRIBUTES_MAX
+            else within_span_limit(context_attrs, attributes, spec.name)
+        )
     span = rt.start_span(spec.name, attributes)
     stage_name = spec.name if spec.is_stage else (parent.stage if parent is not None else None)
     frame = Frame(spec.name, stage_name, spec.is_stage, parent, span, owner)

@@ -48,6 +48,7 @@ from rag_instrument._context import (
     reset_frame,
     set_bound,
     set_frame,
+    within_span_limit,
 )
 from rag_instrument._runtime import get_runtime
 from rag_instrument._utils import HTTP_METHODS, internal_error, route_key, user_code_error
@@ -483,7 +484,8 @@ class _Request:
         self.start_name = self.method if self.method != "_OTHER" else "HTTP"
         try:
             extra = bound().attrs
-            attributes = {**extra, **attributes} if extra else attributes
+            if extra:
+                attributes = within_span_limit(extra, attributes, self.start_name)
             # Every attribute is the sanitiser's or the server's (the scope's scheme,
             # protocol version and client address): the library's light span, whose
             # export skips redaction as long as nobody else adds to it.
