@@ -40,6 +40,7 @@ from opentelemetry.sdk.util import BoundedList
 from opentelemetry.trace import Status, StatusCode
 
 from rag_instrument._context import current_span
+from rag_instrument._utils import user_code_error
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -854,7 +855,10 @@ def _stage_span(
     if kind is not trace_api.SpanKind.INTERNAL:
         span._kind = kind
     if processor.starting or (processor.dynamic and processor.acts_on_start()):
-        multi.on_start(span, parent_context=context)
+        try:
+            multi.on_start(span, parent_context=context)
+        except Exception as exc:  # an application's processor: its telemetry, not the stage
+            user_code_error(f"span processor on_start ({name!r})", exc)
     return span
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import json
 import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -273,3 +274,40 @@ async def test_a06_llm_stream_proxy_behaves_like_the_sdk_stream() -> None:
         client.close()
         await aclient.close()
     assert len([s for s in cap.spans if s.name == "chat m"]) == 4
+
+
+class _ExplodingOnStart(SpanProcessor):
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        raise RuntimeError("on_start exploded")
+
+
+def test_a04_a_processor_raising_at_start_loses_no_line(
+    no_internal_raise: None, tmp_path: Any
+) -> None:
+    # The stage went on as a bare pass-through: no span, and no line either, although the
+    # line does not depend on the application's processor.
+    from opentelemetry.sdk.trace import TracerProvider
+
+    provider = TracerProvider()
+    provider.add_span_processor(_ExplodingOnStart())
+    log = tmp_path / "app.jsonl"
+    ri.configure(exporter="memory", tracer_provider=provider, log_file=str(log))
+
+    @ri.stage("retrieval")
+    def ok() -> object:
+        return SENTINEL
+
+    @ri.stage("retrieval")
+    def fail() -> None:
+        raise ValueError("app")
+
+    try:
+        assert ok() is SENTINEL
+        with pytest.raises(ValueError, match="app"):
+            fail()
+    finally:
+        ri.shutdown()
+        provider.shutdown()
+    events = [json.loads(line)["event"] for line in log.read_text().splitlines()]
+    assert "retrieval completed" in events
+    assert "retrieval failed" in events
