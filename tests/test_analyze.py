@@ -741,3 +741,26 @@ def test_a_waterfall_puts_a_run_in_the_narrowest_run_around_it() -> None:
         ("search", 0.0, 500.0, 0), ("retrieval", 10.0, 50.0, 1), ("embedding", 12.0, 18.0, 2),
         ("retrieval", 11.0, 389.0, 1), ("embedding", 100.0, 50.0, 2),
     ]
+
+
+def test_lines_with_escaped_lone_surrogates_count_as_jq_counts_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Valid JSON text (Python's json.dumps writes it for surrogate-escaped text; jq reads
+    # it) that orjson refuses: it was reported as not JSON and left out of the figures.
+    path = tmp_path / "log.jsonl"
+    lines = [
+        {"event": "retrieval completed", "context": {"pipeline_stage": "retrieval"},
+         "execution_time_ms": 3},
+        {"event": "retrieval completed", "context": {"pipeline_stage": "retrieval",
+         "q": "bad \udc80"}, "execution_time_ms": 5},
+        {"event": "odd\udc80 completed", "context": {"pipeline_stage": "odd\udc80"},
+         "execution_time_ms": 1},
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main(["analyze", str(path), "--format", "json"]) == 0
+    rows = {row["stage"]: row for row in json.loads(capsys.readouterr().out)}
+    assert (rows["retrieval"]["avg_time"], rows["retrieval"]["max_time"]) == (4.0, 5.0)
+    assert rows["odd\ufffd"]["count"] == 1
+    assert main(["analyze", str(path)]) == 0
+    assert "odd\ufffd" in capsys.readouterr().out

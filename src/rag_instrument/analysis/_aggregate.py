@@ -11,6 +11,7 @@ figures.
 from __future__ import annotations
 
 import heapq
+import json
 import math
 import os
 import zlib
@@ -282,6 +283,8 @@ class Aggregator:
         try:
             record = orjson.loads(line)
         except orjson.JSONDecodeError:
+            record = _lenient(line)
+        if record is None:
             problem: str | None = "not valid JSON (truncated or binary?)"
         else:
             problem = self.feed(record) if type(record) is dict else "not a JSON object"
@@ -553,3 +556,32 @@ def _read_range(options: dict[str, Any], source: Source) -> Aggregator:
     aggregator = Aggregator(**options)
     aggregator.feed_source(source, jobs=1)
     return aggregator
+
+
+def _lenient(line: bytes) -> Any:
+    r"""A line orjson refuses that is still JSON, as jq and ``json`` read it, or ``None``.
+
+    Escaped lone surrogates (``"\udc80"``, which Python's ``json.dumps`` writes for text
+    decoded with ``surrogateescape``) are valid JSON text but no Unicode: they become
+    U+FFFD, so that everything downstream (tables, JSON out) has proper text.
+    """
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return _without_surrogates(record)
+
+
+def _without_surrogates(value: Any) -> Any:
+    kind = type(value)
+    if kind is str:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: not text
+            return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in value)
+        return value
+    if kind is list:
+        return [_without_surrogates(v) for v in value]
+    if kind is dict:
+        return {_without_surrogates(k): _without_surrogates(v) for k, v in value.items()}
+    return value
