@@ -135,6 +135,40 @@ def test_otel_exporter_variables_are_honoured(
     assert ri.configure().exporter == "memory"
 
 
+def test_otel_logs_exporter_otlp_keeps_the_lines(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The specification's default, which operators and distros set: it failed configure(),
+    # so the service did not start.
+    monkeypatch.setenv("OTEL_LOGS_EXPORTER", "otlp")
+    log = tmp_path / "rag.jsonl"
+    assert ri.configure(log_file=str(log)).logs_exporter == "console"
+    ri.get_logger().warning("written")
+    ri.shutdown()
+    assert "written" in log.read_text()
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+    ],
+)
+def test_an_otlp_protocol_other_than_http_protobuf_fails_configure(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    # grpc was ignored: spans went over HTTP to a gRPC port, and nothing said why.
+    monkeypatch.setenv(variable, "grpc")
+    with pytest.raises(ValueError, match=variable):
+        ri.configure(exporter="otlp")
+    assert ri.configure(exporter="none", metrics_exporter="none").exporter == "none"
+    monkeypatch.setenv(variable, "http/protobuf")
+    assert ri.configure(exporter="otlp").exporter == "otlp"
+    ri.shutdown(0.1)
+
+
 # --- 15: traces-only backends -------------------------------------------------------------------
 
 

@@ -473,7 +473,11 @@ class Settings:
         "console",
         choice(("console", "none")),
         "`console`: log lines go to `log_file` or standard error; `none`: no lines",
-        env_reader=_otel_exporter("OTEL_LOGS_EXPORTER", {"console": "console", "none": "none"}),
+        # otlp (the variable's default in the specification, which operators and distros
+        # set) keeps the lines: rag_instrument writes JSON lines, not OTLP log records.
+        env_reader=_otel_exporter(
+            "OTEL_LOGS_EXPORTER", {"otlp": "console", "console": "console", "none": "none"}
+        ),
         env_doc="`RAG_INSTRUMENT_LOGS_EXPORTER`, `OTEL_LOGS_EXPORTER`",
     )
     enabled: bool = setting(
@@ -668,7 +672,35 @@ def build_settings(env: Mapping[str, str] | None = None, **given: Any) -> Settin
         values["span_exporter"] = exporter
     if values.get("exporter") == "otlp" and "otlp_endpoint" not in values:
         values["otlp_endpoint"] = "http://localhost:4318"
+    sends_otlp = values.get("exporter") == "otlp" or values.get("metrics_exporter") == "otlp"
+    if sends_otlp:
+        _check_otlp_protocol(source)
     return Settings(**values)
+
+
+#: The OTLP transport rag_instrument sends (``OTEL_EXPORTER_OTLP_PROTOCOL`` and the
+#: per-signal variables must say this one, or nothing).
+OTLP_PROTOCOL: Final = "http/protobuf"
+
+
+def _check_otlp_protocol(source: Mapping[str, str]) -> None:
+    """Fail for an OTLP protocol other than HTTP/protobuf: it would be ignored silently.
+
+    Raises:
+        ValueError: naming the variable (a gRPC collector's port 4317 would get nothing).
+    """
+    for variable in (
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+    ):
+        raw = source.get(variable, "").strip()
+        if raw and raw.lower() != OTLP_PROTOCOL:
+            raise ValueError(
+                f"rag_instrument: environment variable {variable}={raw[:40]!r} is not "
+                f"supported: rag_instrument sends OTLP over HTTP ({OTLP_PROTOCOL!r}, a "
+                "collector's port 4318); set it to that, or unset it"
+            )
 
 
 # --- the OpenTelemetry SDK's export variables ------------------------------------------------
