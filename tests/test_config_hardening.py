@@ -467,3 +467,24 @@ def test_endpoint_and_service_name_precedence() -> None:
     assert named.service_name == "from-variable"
     with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         build_settings(env={"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "collector:4318"})
+
+
+def test_a_metric_reader_passed_again_fails_configure_clearly() -> None:
+    # An app factory called twice with a module-level reader: the SDK raised a bare
+    # Exception ("registered already in other MeterProvider instance").
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    ri.configure(metric_readers=[reader], logs_exporter="none")
+    with pytest.raises(ValueError, match="metric_readers"):
+        ri.configure(metric_readers=[reader], logs_exporter="none")
+    with ri.stage("retrieval"):  # the running configuration is kept, its reader too
+        pass
+    data = reader.get_metrics_data()
+    assert data is not None
+    names = {
+        m.name for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+    }
+    assert "rag.stage.duration" in names
+    ri.configure(metric_readers=[InMemoryMetricReader()], logs_exporter="none")
+    ri.shutdown()

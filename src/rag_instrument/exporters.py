@@ -793,9 +793,20 @@ def _meter(
     if not all_readers:
         return metrics_api.NoOpMeter(name), None, None, None
     resource = _resource(settings)
-    provider = SDKMeterProvider(
-        metric_readers=all_readers, resource=resource, shutdown_on_exit=False
-    )
+    try:
+        provider = SDKMeterProvider(
+            metric_readers=all_readers, resource=resource, shutdown_on_exit=False
+        )
+    except Exception as exc:
+        if "registered already" not in str(exc):
+            raise
+        # A reader belongs to one meter provider for good: the running configuration's
+        # (an app factory called twice with a module-level reader), or another's.
+        raise ValueError(
+            "rag_instrument: metric_readers: a reader is already in use by a meter provider "
+            "(an earlier configure() or the application's); a MetricReader serves one "
+            "provider for its life: pass new reader objects to each configure()"
+        ) from None
     _enable(provider)
     meter = provider.get_meter(name, lib_version)
     # The library's own histograms and counters skip the SDK's per-measurement work when
