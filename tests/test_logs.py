@@ -576,3 +576,21 @@ def test_get_logger_new_keeps_the_loggers_name(rag_capture: Capture) -> None:
     (original,) = rag_capture.find_logs("original")
     assert original["logger"] == "app.named"
     assert original["tenant"] == "t1"
+
+
+def test_stdlib_records_keep_their_creation_time_and_stack() -> None:
+    # Records handed over later (a QueueListener) were stamped with the time of writing,
+    # and stack_info=True was dropped.
+    import logging
+    import time
+
+    logger = logging.getLogger("app.queued")
+    record = logger.makeRecord("app.queued", logging.WARNING, __file__, 1, "queued", (), None)
+    record.created -= 3600.0
+    with capture() as cap:
+        logger.handle(record)
+        logger.warning("with stack", stack_info=True)
+    queued, stacked = cap.find_logs("queued")[0], cap.find_logs("with stack")[0]
+    expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+    assert queued["timestamp"].startswith(expected)
+    assert stacked["stack"].startswith("Stack (most recent call last)")

@@ -91,9 +91,11 @@ _DUMP_OPTIONS: Final = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
 _ts_cache: list[tuple[int, str]] = [(-1, "")]
 
 
-def _timestamp() -> str:
-    """UTC ISO 8601 with microseconds and ``Z``; the seconds part is cached (hot path)."""
-    ns = time.time_ns()  # integers: a float's int() and a format spec cost a microsecond
+def _timestamp(ns: int | None = None) -> str:
+    """UTC ISO 8601 with microseconds and ``Z`` (of now, or of ``ns``); the seconds part is
+    cached (hot path)."""
+    if ns is None:
+        ns = time.time_ns()  # integers: a float's int() and a format spec cost a microsecond
     whole = ns // 1_000_000_000
     cached = _ts_cache[0]
     if whole != cached[0]:
@@ -360,6 +362,7 @@ def emit(
     measures: bool = False,
     own_stage: bool = False,
     app: bool = False,
+    created_ns: int | None = None,
 ) -> None:
     """Write one event through the pipeline; never raises.
 
@@ -380,6 +383,8 @@ def emit(
             the stage goes in ``context.pipeline_stage`` (the jq one-liner's key).
         app: the line is the application's (structlog or standard ``logging``): inside a
             stage it keeps ``context.pipeline_stage``, as the contract says.
+        created_ns: when the event happened (a ``logging`` record's creation time, which
+            a ``QueueListener`` hands over later), if not now.
 
     One stage run, one line: every other line, i.e. every line the library writes inside a
     stage (LLM calls, retries, slow queries, N+1 and budget warnings ...), names the stage
@@ -396,7 +401,7 @@ def emit(
     _local.emitting = True
     try:
         line: dict[str, Any] = {
-            "timestamp": _timestamp(),
+            "timestamp": _timestamp(created_ns),
             "level": level,
             "event": event if type(event) is str else rt.sanitizer.value(event),
             "logger": logger,
@@ -822,6 +827,8 @@ class _StdlibHandler(logging.Handler):
             except Exception:
                 message = f"{record.msg!s} (unformattable arguments)"
             extra = {k: v for k, v in record.__dict__.items() if k not in _RECORD_KEYS}
+            if record.stack_info:  # logging's stack_info=True: the caller's stack
+                extra["stack"] = record.stack_info
             level = record.levelname.lower()
             if level not in _LEVEL_NO:
                 level = "critical" if record.levelno >= logging.CRITICAL else "info"
@@ -836,9 +843,18 @@ class _StdlibHandler(logging.Handler):
                 # failing) are library lines: inside a stage they name it in ``stage``,
                 # not ``context.pipeline_stage``, so they never count as another run.
                 app=not (name == LOGGER_NAME or name.startswith(_OWN_LOGGERS)),
+                created_ns=_created_ns(record),
             )
         except Exception as exc:
             internal_error("logging handler", exc)
+
+
+def _created_ns(record: logging.LogRecord) -> int | None:
+    """The record's creation time in nanoseconds (``created``, to the microsecond)."""
+    created = getattr(record, "created", None)
+    if type(created) is not float:
+        return None
+    return int(created * 1_000_000) * 1000
 
 
 _HANDLER: _StdlibHandler | None = None
