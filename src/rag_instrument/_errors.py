@@ -63,10 +63,14 @@ def _statement_error_message(exc: BaseException) -> str:
     # SQLAlchemy's StatementError text carries the raw SQL and a "[parameters: ...]" block,
     # and the driver's message under it can quote values ("Key (email)=(...)").
     # The database integration registers its formatter (rag_instrument._registry).
+    orig = getattr(exc, "orig", None)
+    if getattr(exc, "statement", "") is None and isinstance(orig, BaseException):
+        # No statement was sent (connecting failed): the driver's first line says why
+        # ("connection to server ... failed: Connection refused"), quoted values masked.
+        return _driver_message(orig)
     rendered = format_error(exc)
     if rendered is not None:
         return rendered
-    orig = getattr(exc, "orig", None)
     inner = f" ({type(orig).__module__}.{type(orig).__name__})" if orig is not None else ""
     return f"{type(exc).__name__}{inner}: statement and parameters hidden"
 
@@ -297,11 +301,13 @@ def exception_message(
         links = exception_chain(exc)
         for group in related:
             links.extend(link for link in exception_chain(group) if link is not exc)
+        # The driver error a failed connection's message was made from, safely: not hidden.
+        shown = getattr(exc, "orig", None) if getattr(exc, "statement", "") is None else None
         for link in links:
             remembered = _remembered(link)
             if remembered is not None:
                 secrets.extend(remembered[1])
-            if link is not exc and _sensitive(link, capture_content):
+            if link is not exc and link is not shown and _sensitive(link, capture_content):
                 hidden.append(safe_str(link))
                 orig = getattr(link, "orig", None)
                 if isinstance(orig, BaseException):

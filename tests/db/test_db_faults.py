@@ -176,3 +176,21 @@ def test_n_plus_one_count_is_the_final_count() -> None:
     finally:
         handle.uninstrument()
         engine.dispose()
+
+
+def test_a_connection_failure_says_why_not_sql_hidden() -> None:
+    # No statement was sent: "[SQL hidden]" hid nothing and lost the cause.
+    engine = create_engine("postgresql+psycopg://postgres:hunter2-secret@127.0.0.1:1/test")
+    ri.instrument_sqlalchemy(engine)
+    try:
+        with capture() as cap:
+            with pytest.raises(sa_exc.OperationalError), ri.stage("retrieval"):
+                with engine.connect() as conn:
+                    conn.execute(text("SELECT 1"))
+        line = cap.find_logs("retrieval failed")[0]
+        assert "Connection refused" in line["error_message"]
+        assert "SQL hidden" not in line["error_message"]
+        assert "hunter2" not in json.dumps(cap.logs)
+    finally:
+        ri.db.uninstrument_sqlalchemy(engine)
+        engine.dispose()
