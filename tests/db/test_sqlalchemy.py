@@ -215,6 +215,19 @@ def test_instrumenting_twice_returns_the_same_handle_and_one_span(engine: Engine
     assert len(cap.spans) == 1
 
 
+def test_instrumenting_again_with_other_options_says_they_are_not_taken(
+    engine: Engine,
+) -> None:
+    ri.instrument_sqlalchemy(engine)
+    with capture() as cap:
+        ri.instrument_sqlalchemy(engine)  # the same options: nothing to say
+        assert not cap.logs
+        ri.instrument_sqlalchemy(engine, slow_query_ms=0, explain_slow=True)
+    (line,) = cap.logs
+    assert line["level"] == "warning"
+    assert "slow_query_ms=0" in line["event"] and "explain_slow=True" in line["event"]
+
+
 def test_uninstrument_removes_every_listener(engine: Engine) -> None:
     pool = engine.pool
     handle = ri.instrument_sqlalchemy(engine)

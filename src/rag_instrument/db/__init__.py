@@ -53,7 +53,7 @@ from opentelemetry.trace import Status, StatusCode
 from rag_instrument import attributes as attr
 from rag_instrument._runtime import get_runtime, instrumentation_suppressed
 from rag_instrument._steps import Plan, arun, run
-from rag_instrument._utils import internal_error
+from rag_instrument._utils import internal_error, warn_once
 from rag_instrument.attributes import (
     DB_SESSION_SPAN as SESSION_SPAN,
 )
@@ -93,6 +93,8 @@ class SQLAlchemyHandle:
     def __init__(self, engine: Engine, instrumentation: EngineInstrumentation) -> None:
         self._engine = weakref.ref(engine)
         self._instrumentation = instrumentation
+        #: The options it was instrumented with (``instrument_sqlalchemy``'s keywords).
+        self.options: dict[str, Any] = {}
 
     @property
     def engine(self) -> Engine | None:
@@ -168,7 +170,7 @@ def instrument_sqlalchemy(
     """Instrument a SQLAlchemy ``Engine`` or ``AsyncEngine`` through its events.
 
     Instrumenting an engine that already is returns the existing handle unchanged (its
-    options stay those of the first call).
+    options stay those of the first call; other options given again are warned about).
 
     Args:
         engine: an ``Engine`` or ``AsyncEngine``.
@@ -190,9 +192,27 @@ def instrument_sqlalchemy(
     _check("slow_query_ms", slow_query_ms, 0)
     _check("n_plus_one_threshold", n_plus_one_threshold, 2, integer=True)
     _check("pool_slow_ms", pool_slow_ms, 0)
+    options = {
+        "slow_query_ms": slow_query_ms,
+        "explain_slow": explain_slow,
+        "n_plus_one_threshold": n_plus_one_threshold,
+        "capture_parameters": capture_parameters,
+        "pool_slow_ms": pool_slow_ms,
+    }
     with _lock:
         existing = _handles.get(sync)
         if existing is not None and existing.instrumented:
+            if existing.options != options:
+                changed = ", ".join(
+                    f"{name}={value!r}"
+                    for name, value in options.items()
+                    if existing.options.get(name) != value
+                )
+                warn_once.warning(
+                    "rag_instrument.instrument_sqlalchemy: this engine is instrumented "
+                    f"already: the first call's options stay, not {changed} (call "
+                    "uninstrument_sqlalchemy(engine) first to change them)"
+                )
             return existing
         instrumentation = EngineInstrumentation(
             sync,
@@ -204,6 +224,7 @@ def instrument_sqlalchemy(
         )
         instrumentation.install(sync)
         handle = SQLAlchemyHandle(sync, instrumentation)
+        handle.options = options
         _handles[sync] = handle
         return handle
 
