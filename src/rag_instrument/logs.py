@@ -92,8 +92,10 @@ _ts_cache: list[tuple[int, str]] = [(-1, "")]
 
 
 def _timestamp(ns: int | None = None) -> str:
-    """UTC ISO 8601 with microseconds and ``Z`` (of now, or of ``ns``); the seconds part is
-    cached (hot path)."""
+    """UTC ISO 8601 with microseconds and ``Z``, of now or of ``ns``.
+
+    The seconds part is cached (hot path).
+    """
     if ns is None:
         ns = time.time_ns()  # integers: a float's int() and a format spec cost a microsecond
     whole = ns // 1_000_000_000

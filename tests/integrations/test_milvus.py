@@ -575,3 +575,32 @@ def test_error_messages_keep_a_urls_double_slash() -> None:
     assert sanitize_error(ValueError("cannot connect: http://milvus:19530/db")) == (
         "ValueError: cannot connect: http://milvus:?/db"
     )
+
+
+def test_hybrid_search_over_fields_of_different_sizes_gives_each_size(
+    client: MilvusClient,
+) -> None:
+    from pymilvus import AnnSearchRequest, RRFRanker
+
+    name = f"c_{uuid.uuid4().hex[:10]}"
+    schema = MilvusClient.create_schema(auto_id=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("dense", DataType.FLOAT_VECTOR, dim=8)
+    schema.add_field("small", DataType.FLOAT_VECTOR, dim=4)
+    params = client.prepare_index_params()
+    params.add_index("dense", index_type="FLAT", metric_type="L2")
+    params.add_index("small", index_type="FLAT", metric_type="IP")
+    client.create_collection(name, schema=schema, index_params=params)
+    client.insert(name, [{"id": i, "dense": [i / 20] * 8, "small": [i / 20] * 4} for i in range(20)])
+    ri.instrument_milvus(client)
+    requests = [
+        AnnSearchRequest(data=[[0.5] * 8], anns_field="dense", param={}, limit=5),
+        AnnSearchRequest(data=[[0.5] * 4], anns_field="small", param={}, limit=5),
+    ]
+    with capture() as cap:
+        client.hybrid_search(name, requests, RRFRanker(), limit=3)
+        client.hybrid_search(name, requests[:1], RRFRanker(), limit=3)
+    first, second = (s.attributes for s in cap.spans)
+    assert first["rag.vector.field"] == "dense,small"
+    assert first["rag.vector.dimensions"] == "8,4"
+    assert second["rag.vector.dimensions"] == 8

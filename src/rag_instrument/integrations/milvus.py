@@ -371,17 +371,16 @@ def _describe_hybrid(call: _Call, arguments: Mapping[str, Any], info: _Collectio
     fields: list[str] = []
     index_types: list[str] = []
     metrics: list[str] = []
+    dimensions: list[int | None] = []
     for request in arguments.get("reqs") or ():
         field = getattr(request, "anns_field", None)
         if not isinstance(field, str):
             continue
         fields.append(field)
-        if attr.RAG_VECTOR_QUERY_COUNT not in attrs:
-            count, dims, call.batched = query_shape(getattr(request, "data", None))
-            if count is not None:
-                attrs[attr.RAG_VECTOR_QUERY_COUNT] = count
-            if dims is not None:
-                attrs[attr.RAG_VECTOR_DIMENSIONS] = dims
+        count, dims, _batched = query_shape(getattr(request, "data", None))
+        dimensions.append(dims)
+        if count is not None and attr.RAG_VECTOR_QUERY_COUNT not in attrs:
+            attrs[attr.RAG_VECTOR_QUERY_COUNT] = count
         index_type, metric = info.vectors.get(field, (None, None)) if info else (None, None)
         index_types.append(index_type or "?")
         param = getattr(request, "param", None)
@@ -391,6 +390,12 @@ def _describe_hybrid(call: _Call, arguments: Mapping[str, Any], info: _Collectio
         attrs.update(_params_of(param, f"{field}."))
         call.filter(getattr(request, "expr", None))
     call.batched = True
+    known = {d for d in dimensions if d is not None}
+    if len(known) == 1 and None not in dimensions:
+        attrs[attr.RAG_VECTOR_DIMENSIONS] = known.pop()
+    elif known:  # fields of different sizes: each request's, as the field list names them
+        shown = ("?" if d is None else str(d) for d in dimensions)
+        attrs[attr.RAG_VECTOR_DIMENSIONS] = ",".join(shown)
     if fields:
         attrs[attr.RAG_VECTOR_FIELD] = ",".join(fields)
         if any(t != "?" for t in index_types):
