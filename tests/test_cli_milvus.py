@@ -85,6 +85,16 @@ def test_sweep_command_reports_bad_input(lite: str, capsys: pytest.CaptureFixtur
         main(["sweep", lite, "--collection", "ivf", "--param", "nprobe", "--values", ","])
 
 
+def test_sweep_on_a_mistyped_lite_path_leaves_nothing_behind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    typo = tmp_path / "typo.db"
+    status = main(["sweep", str(typo), *IVF, "--values", "1"])
+    assert status == 2
+    assert "no Milvus Lite database" in capsys.readouterr().err
+    assert not typo.exists()  # opening a missing file created an empty database
+
+
 @pytest.mark.parametrize("metric", ["L2", "IP", "COSINE"])
 def test_brute_force_exact_search(metric: str) -> None:
     rows = [(1, [1.0, 0.0]), (2, [0.0, 1.0]), (3, [3.0, 3.0]), (4, [-1.0, -1.0])]

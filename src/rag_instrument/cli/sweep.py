@@ -265,6 +265,10 @@ def _queries_from(path: Path) -> list[list[float]]:
 
 
 def _run(args: argparse.Namespace, client_class: Any) -> list[SweepRow]:
+    if "://" not in args.uri and not Path(args.uri).exists():
+        # A Milvus Lite file: opening a missing one creates it (an empty database left
+        # behind by a typo). A sweep needs one with the collection in it.
+        raise ValueError(f"no Milvus Lite database at {args.uri} (no such file)")
     client = client_class(args.uri, token=args.token) if args.token else client_class(args.uri)
     try:
         if not client.has_collection(args.collection):
