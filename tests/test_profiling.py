@@ -573,3 +573,22 @@ def test_bare_profile_decorator_profiles_with_the_defaults() -> None:
     (line,) = cap.find_logs("profile")
     assert line["profile"].endswith("work")
     assert any("sum" in row["function"] for row in line["functions"])
+
+
+def test_a_recursive_profiled_function_writes_one_line_per_outermost_call() -> None:
+    # Each level was a nested profile: 50 "profiled": false warnings and one real profile.
+    @ri.profile
+    def walk(n: int) -> int:
+        return 0 if n == 0 else 1 + walk(n - 1)
+
+    @ri.profile
+    async def awalk(n: int) -> int:
+        return 0 if n == 0 else 1 + await awalk(n - 1)
+
+    with capture() as cap:
+        assert walk(50) == 50
+        assert walk(3) == 3
+        assert asyncio.run(awalk(20)) == 20
+    lines = cap.find_logs("profile")
+    assert len(lines) == 3
+    assert all(line["profiled"] is True for line in lines)

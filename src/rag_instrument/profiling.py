@@ -183,7 +183,13 @@ class Profile:
         return wrapper  # type: ignore[return-value]
 
     def _wrap_sync(self, fn: Callable[..., R], label: str) -> Callable[..., R]:
+        key = object()  # this decorated function, in the runs open in this task or thread
+
         def wrapper(*args: Any, **kwargs: Any) -> R:
+            active = _in_progress.get()
+            if key in active:  # a recursive call: the outermost call's run profiles it
+                return fn(*args, **kwargs)
+            token = _in_progress.set(active | {key})
             run = Run(self, label)
             run.start()
             run.resume()
@@ -192,18 +198,28 @@ class Profile:
             finally:
                 run.pause()
                 run.finish()
+                _in_progress.reset(token)
 
         return wrapper
 
     def _wrap_async(
         self, fn: Callable[..., Awaitable[R]], label: str
     ) -> Callable[..., Awaitable[R]]:
+        key = object()
+
         async def wrapper(*args: Any, **kwargs: Any) -> R:
-            with RunRelay(self._started(label)) as core:
-                awaitable = fn(*args, **kwargs)
-                if not isinstance(awaitable, Coroutine):
-                    return await awaitable  # an object whose __call__ returns an awaitable
-                return await core.stepped(awaitable)
+            active = _in_progress.get()
+            if key in active:  # a recursive call: the outermost call's run profiles it
+                return await fn(*args, **kwargs)
+            token = _in_progress.set(active | {key})
+            try:
+                with RunRelay(self._started(label)) as core:
+                    awaitable = fn(*args, **kwargs)
+                    if not isinstance(awaitable, Coroutine):
+                        return await awaitable  # an object whose __call__ returns an awaitable
+                    return await core.stepped(awaitable)
+            finally:
+                _in_progress.reset(token)
 
         return wrapper
 
@@ -238,6 +254,12 @@ class Profile:
         run.start()
         return run
 
+
+#: The decorated functions whose run is open in this task or thread: a recursive call of
+#: one is part of that run (one line per outermost call, not one warning per level).
+_in_progress: contextvars.ContextVar[frozenset[object]] = contextvars.ContextVar(
+    "rag_instrument.profiled_functions", default=frozenset()
+)
 
 #: Runs opened by ``with`` / ``async with`` in this task or thread, innermost last: each
 #: exit pairs with its own entry even when one Profile object is used in several places.
