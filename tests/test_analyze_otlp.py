@@ -290,3 +290,28 @@ def test_route_budgets_are_read_from_request_spans(tmp_path: Path) -> None:
     result = analyze([str(path)], by="route")
     (row,) = result.rows
     assert (row.key, row.budget_ms, row.over_budget) == ("POST /api/search", 25.0, 3)
+
+
+@pytest.mark.parametrize("ms", [{"stringValue": "61.5"}, {"arrayValue": {}}, {}])
+def test_a_breakdown_value_of_the_wrong_type_does_not_stop_the_analysis(
+    tmp_path: Path, ms: dict[str, object]
+) -> None:
+    from rag_instrument.analysis import analyze
+
+    def value(v: object) -> dict[str, object]:
+        return {"doubleValue": v} if isinstance(v, float) else {"boolValue": v}
+
+    span = _route_span(1, 1, None, 1, 0, 100, route=None)
+    span["attributes"] = [
+        {"key": "rag.stage", "value": {"stringValue": "retrieval"}},
+        {"key": "rag.breakdown.db.ms", "value": ms},
+        {"key": "rag.breakdown.vector.ms", "value": value(9.0)},
+        {"key": "rag.budget.exceeded", "value": value(True)},
+        {"key": "rag.budget.ms", "value": value(8.0)},
+    ]
+    path = tmp_path / "bad.json"
+    path.write_text(_scopes(rag_instrument=[span]))
+    result = analyze([str(path)])
+    (row,) = result.rows
+    assert (row.key, row.count) == ("retrieval", 1)
+    assert result.budget_exceeded[0]["largest"] == {"vector": 1}

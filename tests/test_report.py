@@ -196,3 +196,55 @@ def test_the_baseline_comparison_is_the_compare_table(
     for header in ("stage", "runs", "p50 ms", "p95 ms", "p99 ms", "p95 change", "p-value"):
         assert f"<th>{header}</th>" in section, header
     assert "\u00a0\u00a0retrieval" in section  # nested under the whole request, as in compare
+
+
+def test_a_log_holding_the_same_runs_twice_is_reported(tmp_path: Path) -> None:
+    # `cat app.log app.log > x`: equal runs, and report looped for ever (a run was taken as
+    # its own child). Run in a child process so that a regression fails instead of hanging.
+    import subprocess
+    import sys
+
+    lines = [
+        {"timestamp": "2026-12-04T21:00:00.050000Z", "level": "info",
+         "event": "retrieval completed", "trace_id": "0c" * 16, "span_id": "a2" * 8,
+         "context": {"pipeline_stage": "retrieval"}, "execution_time_ms": 40.0},
+        {"timestamp": "2026-12-04T21:00:00.100000Z", "level": "info",
+         "event": "search completed", "trace_id": "0c" * 16, "span_id": "a1" * 8,
+         "context": {"pipeline_stage": "search"}, "execution_time_ms": 100.0},
+    ]
+    log = tmp_path / "twice.jsonl"
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines * 2))
+    out = tmp_path / "report.html"
+    done = subprocess.run(
+        [sys.executable, "-m", "rag_instrument.cli", "report", str(log), "-o", str(out)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "retrieval" in out.read_text()
+
+
+@pytest.mark.parametrize("values", [[1e-9], [5e-324], [1e-9, 0.0], [1e308, 1e308]])
+def test_extreme_durations_are_reported_not_a_traceback(
+    tmp_path: Path, values: list[float], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Valid JSON numbers: the over-time chart divided by zero, the ticks' logarithm
+    # failed, and the exact sum overflowed (1e308 + 1e308).
+    log = tmp_path / "extreme.jsonl"
+    log.write_text(
+        "".join(
+            json.dumps({
+                "timestamp": f"2026-12-04T21:00:0{i}.000000Z",
+                "context": {"pipeline_stage": "search"},
+                "execution_time_ms": value,
+                "breakdown": {"db": {"count": 1, "ms": value}},
+            }) + "\n"
+            for i, value in enumerate(values)
+        )
+    )
+    assert main(["report", str(log), "-o", str(tmp_path / "r.html")]) == 0
+    assert main(["analyze", str(log), "--format", "json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert row["count"] == len(values)

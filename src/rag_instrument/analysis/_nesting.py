@@ -131,7 +131,9 @@ def waterfalls(
         # seem to start up to a few ms before the request does.
         mine = [r for r in runs if r[1] >= origin - _SLACK_MS and r[2] <= end + _SLACK_MS]
         by_stage = _by_stage(mine)
-        children: dict[Interval, list[Interval]] = {}
+        # By identity: the same run logged twice (a file concatenated with itself) is two
+        # equal tuples, and keyed by value a run became its own child, for ever.
+        children: dict[int, list[Interval]] = {}
         for run in mine:
             if run is total_run:
                 continue
@@ -142,13 +144,18 @@ def waterfalls(
                 if index is not None
                 else None
             )
-            children.setdefault(found[0] if found is not None else total_run, []).append(run)
+            holder = found[0] if found is not None else total_run
+            children.setdefault(id(holder), []).append(run)
         stages: list[tuple[str, float, float, int]] = []
         pending: list[tuple[Interval, int]] = [(total_run, 0)]
+        seen: set[int] = set()
         while pending:  # depth first, children in start order
             run, depth = pending.pop()
+            if id(run) in seen:  # pragma: no cover - each run is listed under one holder
+                continue
+            seen.add(id(run))
             stages.append((run[0], max(0.0, run[1] - origin), run[2] - run[1], depth))
-            kids = sorted(children.get(run, []), key=lambda r: r[1], reverse=True)
+            kids = sorted(children.get(id(run), []), key=lambda r: r[1], reverse=True)
             pending.extend((kid, depth + 1) for kid in kids)
         out.append(Waterfall(trace_id=trace, total_ms=total, stages=stages))
     return out

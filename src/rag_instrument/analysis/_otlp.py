@@ -9,6 +9,7 @@ one with a ``rag.stage`` attribute; its breakdown is in ``rag.breakdown.<kind>.<
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -245,7 +246,14 @@ def _as_line(span: dict[str, Any], attributes: dict[str, Any], ms: float) -> dic
 def _largest(breakdown: Any) -> str:
     if type(breakdown) is not dict:
         return "-"
-    timed = [(v.get("ms", 0), k) for k, v in breakdown.items() if k != "cache"]
+    timed = [
+        (ms, kind)
+        for kind, entry in breakdown.items()
+        if kind != "cache"
+        and type(entry) is dict
+        and type(ms := entry.get("ms", 0)) in (int, float)
+        and not math.isnan(ms)
+    ]
     return max(timed)[1] if timed else "-"
 
 

@@ -81,6 +81,14 @@ class Sample:
         return sorted(self.values)
 
 
+def _fsum(values: Sequence[float]) -> float:
+    """``math.fsum``, or infinity where the exact sum is beyond floats (1e308 + 1e308)."""
+    try:
+        return math.fsum(values)
+    except OverflowError:
+        return sum(values)  # the plain sum overflows the same way: inf or -inf
+
+
 class ExactSum:
     """A sum of floats that does not depend on the order they come in.
 
@@ -117,7 +125,7 @@ class ExactSum:
 
     def value(self) -> float:
         """The sum, correctly rounded."""
-        return math.fsum(self._parts + self._pending)
+        return _fsum(self._parts + self._pending)
 
     def _fold(self) -> None:
         values = self._parts + self._pending
@@ -125,7 +133,7 @@ class ExactSum:
         # Each round takes out the rounded sum of what is left; what is left is exact in
         # floats (the inputs and the negated partial sums), so the parts add up exactly.
         while len(parts) < 64:
-            total = math.fsum(values)
+            total = _fsum(values)
             if total == 0.0 or not math.isfinite(total):
                 if total != 0.0:
                     parts = [total]

@@ -26,6 +26,9 @@ def nice_ticks(high: float, count: int = 5) -> list[float]:
     """Round tick values from 0 to at least ``high``."""
     if not high > 0 or not math.isfinite(high):
         return [0.0, 1.0]
+    # The charts are in milliseconds: below a thousandth there is nothing to tell apart
+    # (and a step of 1e-10 or less rounds to 0, or its logarithm fails for a subnormal).
+    high = max(high, 0.001)
     raw = high / count
     magnitude = 10 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
