@@ -6,10 +6,12 @@ import asyncio
 import functools
 import gc
 import inspect
+import json
 import logging
 import traceback
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -967,3 +969,33 @@ def test_llm_sdk_error_messages_are_hidden_without_content_capture() -> None:
         assert "HTTP 400" in line["error_message"] or visible
         event = cap.span("generation").events[0].attributes or {}
         assert ("blue drawer" in str(event["exception.stacktrace"])) is visible
+
+
+def test_a_stage_lines_timestamp_is_when_the_stage_ended(tmp_path: Path) -> None:
+    # The analyzer nests stages by start = timestamp - execution_time_ms. The timestamp was
+    # taken when the line was written, after the span ended (processors, end hooks), so on
+    # a busy machine a stage seemed to start late and fell out of the one it ran in.
+    import datetime
+    import time as time_module
+
+    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+
+    class Slow(SpanProcessor):
+        def on_end(self, span: Any) -> None:
+            time_module.sleep(0.3)
+
+    provider = TracerProvider()
+    provider.add_span_processor(Slow())
+    log = tmp_path / "app.jsonl"
+    ri.configure(exporter="memory", tracer_provider=provider, log_file=str(log))
+    try:
+        started = time_module.time()
+        with ri.stage("retrieval"):
+            pass
+    finally:
+        ri.shutdown()
+        provider.shutdown()
+    (line,) = [json.loads(text) for text in log.read_text().splitlines()]
+    stamp = datetime.datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00"))
+    derived_start = stamp.timestamp() - line["execution_time_ms"] / 1000
+    assert derived_start - started < 0.15  # not after the processor's 0.3 s

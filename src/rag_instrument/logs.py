@@ -472,6 +472,7 @@ def emit_head(
     *,
     own_stage: bool,
     extra: dict[str, Any] | None = None,
+    ended_ns: int | None = None,
 ) -> None:
     """Write the line ``emit()`` would write for ``head``, assembled from its rendered part.
 
@@ -480,13 +481,15 @@ def emit_head(
     ``extra``: fields that change per line (a model call's tokens), written after the
     tail; trusted as ``emit`` trusts them: the caller made them safe (redacted what needs
     it). For JSON lines to a file or standard error; anything else (console format, a
-    capture sink, a value orjson refuses) goes through :func:`emit`.
+    capture sink, a value orjson refuses) goes through :func:`emit`. ``ended_ns``: when
+    the measured work ended (``time.time_ns()``), the line's timestamp: its start is then
+    the timestamp minus ``ms``, however long the line took to be made.
     """
     out = rt.log
     if out is None or head.level_no < out.level_no:
         return
     if out.render is not render_json or out.sink is not None or getattr(_local, "emitting", False):
-        _emit_fields(rt, head, span, stage, ms, own_stage, extra)
+        _emit_fields(rt, head, span, stage, ms, own_stage, extra, ended_ns)
         return
     try:
         context = bound().log
@@ -507,7 +510,7 @@ def emit_head(
             else b""
         )
         line = b'{"timestamp":"%s%s%s,"context":%s,"execution_time_ms":%s%s%s}\n' % (
-            _timestamp().encode(),
+            _timestamp(ended_ns).encode(),
             head.head,
             ids,
             rendered,
@@ -517,7 +520,7 @@ def emit_head(
         )
         line = _escape_line_breaks(line)  # as render_json: one event, one line, any reader
     except Exception:  # a value orjson refuses: the general path copes
-        _emit_fields(rt, head, span, stage, ms, own_stage, extra)
+        _emit_fields(rt, head, span, stage, ms, own_stage, extra, ended_ns)
         return
     try:
         out.write(line)
@@ -533,6 +536,7 @@ def _emit_fields(
     ms: float,
     own_stage: bool,
     extra: dict[str, Any] | None = None,
+    ended_ns: int | None = None,
 ) -> None:
     fields = head.fields(ms)
     if extra:
@@ -546,6 +550,7 @@ def _emit_fields(
         trusted=True,
         rt=rt,
         own_stage=own_stage,
+        created_ns=ended_ns,
     )
 
 

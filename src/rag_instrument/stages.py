@@ -272,6 +272,10 @@ def _end(
     completed: bool = True,
 ) -> None:
     elapsed_ns = time.perf_counter_ns() - frame.start_ns
+    # The line's timestamp: its start (timestamp - duration) is then where the stage
+    # started, however long ending it takes (end hooks, processors, a busy machine), and
+    # the analyzer nests stages by those times.
+    ended_ns = time.time_ns()
     if frame.scratch is not None:
         run_end_hooks(frame)  # scopes tied to this stage report (N+1 final counts)
     tokens = frame.tokens
@@ -291,11 +295,11 @@ def _end(
         # bound where it happens to end.
         bound_token = set_bound(frame.bound)
         try:
-            _finish(frame, spec, exc, items, completed, elapsed_ns)
+            _finish(frame, spec, exc, items, completed, elapsed_ns, ended_ns)
         finally:
             reset_bound(bound_token)
         return
-    _finish(frame, spec, exc, items, completed, elapsed_ns)
+    _finish(frame, spec, exc, items, completed, elapsed_ns, ended_ns)
 
 
 def _finish(
@@ -305,6 +309,7 @@ def _finish(
     items: int | None,
     completed: bool,
     elapsed_ns: int,
+    ended_ns: int,
 ) -> None:
     """The end of a stage whose context is restored: its span, metrics and line."""
     rt = get_runtime()
@@ -376,6 +381,7 @@ def _finish(
             round(ms, 3),
             own_stage=spec.is_stage,
             extra=extra,
+            ended_ns=ended_ns,
         )
     elif rt.log is not None:
         fields: dict[str, Any] = {"execution_time_ms": round(ms, 3)}
@@ -409,6 +415,7 @@ def _finish(
             trusted=True,
             rt=rt,
             own_stage=spec.is_stage,
+            created_ns=ended_ns,
         )
     if exceeded:
         assert budget is not None
