@@ -118,6 +118,21 @@ def test_demo_on_postgres(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert all(x["db.system.name"] == "postgresql" for x in slow)
 
 
+def test_demo_on_an_unreachable_postgres_says_so_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A 140-line SQLAlchemy traceback and exit status 1 before.
+    url = "postgresql+psycopg://postgres:hunter2@127.0.0.1:1/test"
+    status = main(["demo", "--requests", "2", "--postgres", url,
+                   "--log-file", str(tmp_path / "d.jsonl"), "--report", str(tmp_path / "r.html")])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rag-instrument demo: cannot connect to postgresql+psycopg://")
+    assert "Connection refused" in err
+    assert err.count("\n") == 1
+    assert "hunter2" not in err
+
+
 def test_demo_as_a_fresh_process(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAG_INSTRUMENT_")}
     result = subprocess.run(

@@ -85,6 +85,22 @@ def test_sweep_command_reports_bad_input(lite: str, capsys: pytest.CaptureFixtur
         main(["sweep", lite, "--collection", "ivf", "--param", "nprobe", "--values", ","])
 
 
+def test_sweep_with_a_bad_filter_is_one_line_on_stderr(
+    lite: str, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # pymilvus logged the failed call with its traceback (to standard error, in a
+    # terminal) before raising: the error is the CLI's one line.
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="pymilvus")
+    status = main(["sweep", lite, *IVF, "--values", "1", "--filter", "id >>> 3"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rag-instrument sweep: Milvus at ")
+    assert err.count("\n") == 1
+    assert not [r for r in caplog.records if r.name.startswith("pymilvus")]
+
+
 def test_sweep_on_a_mistyped_lite_path_leaves_nothing_behind(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

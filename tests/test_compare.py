@@ -256,3 +256,14 @@ def test_json_objects_name_their_stage_as_analyze_does(
     assert main(["compare", str(before), str(after), "--format", "json"]) == 0
     (change,) = json.loads(capsys.readouterr().out)
     assert change["stage"] == change["key"] == "retrieval"
+
+
+def test_the_table_heads_its_first_column_by_the_grouping(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = _log(tmp_path / "b.jsonl", {"retrieval": [10.0] * 20})
+    after = _log(tmp_path / "a.jsonl", {"retrieval": [11.0] * 20})
+    assert main(["compare", str(before), str(after), "--by", "event"]) == 0
+    assert capsys.readouterr().out.split()[0] == "event"
+    assert main(["compare", str(before), str(after)]) == 0
+    assert capsys.readouterr().out.split()[0] == "stage"

@@ -27,9 +27,9 @@ def _f(value: float | None, signed: bool = False) -> str:
     return f"{value:+.1f}" if signed else f"{value:.1f}"
 
 
-def render_changes(changes: list[Change], colour: bool = False) -> str:
-    """An aligned table of the changes."""
-    headers = ["stage", "runs", "p50 ms", "p95 ms", "p99 ms", "p95 change", "p-value", "verdict"]
+def render_changes(changes: list[Change], colour: bool = False, by: str = "stage") -> str:
+    """An aligned table of the changes; ``by`` heads the first column (stage, route, event)."""
+    headers = [by, "runs", "p50 ms", "p95 ms", "p99 ms", "p95 change", "p-value", "verdict"]
     rows = []
     for c in changes:
         change = "-"
@@ -88,14 +88,13 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(message)
         return 0
+    # Each row names its group as analyze does ("stage", "event", "route"); JSON beside "key".
+    by = getattr(args, "by", "stage") or "stage"
     if args.format == "json":
-        # Each object names its group as analyze's JSON does ("stage", "event", "route"),
-        # beside "key".
-        by = getattr(args, "by", "stage") or "stage"
         rows = [{by: c.key, **c.as_json()} for c in changes]
         sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
-        sys.stdout.write(render_changes(changes, colour=use_colour(sys.stdout)))
+        sys.stdout.write(render_changes(changes, colour=use_colour(sys.stdout), by=by))
     if args.fail_on_regression is not None:
         regressed = [c for c in changes if c.p95_regressed_beyond(args.fail_on_regression)]
         for c in regressed:

@@ -153,6 +153,27 @@ def run_demo(
     return result
 
 
+def _unreachable(url: str) -> str | None:
+    """Why the database at ``url`` cannot be used, in one line; ``None`` when it can."""
+    import sqlalchemy
+    from sqlalchemy import exc as sa_exc
+
+    from rag_instrument._sanitize import redact_text
+
+    driver = sqlalchemy.engine.make_url(url).drivername
+    libpq = driver in ("postgresql", "postgresql+psycopg", "postgresql+psycopg2")
+    engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 10} if libpq else {})
+    try:
+        with engine.connect():
+            return None
+    except sa_exc.DBAPIError as exc:  # refused, unknown host, no such database, bad role
+        first = str(exc.orig or exc).strip().split("\n", 1)[0]
+        where = engine.url.render_as_string(hide_password=True)
+        return redact_text(f"cannot connect to {where}: {first}")
+    finally:
+        engine.dispose()
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``rag-instrument demo``."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -174,6 +195,11 @@ def run(args: argparse.Namespace) -> int:
             "SQLAlchemy is not installed, so the database steps are left out "
             "(pip install 'rag_instrument[sqlalchemy]' to include them).\n"
         )
+    if args.postgres:
+        problem = _unreachable(args.postgres)
+        if problem is not None:
+            print(f"rag-instrument demo: {problem}", file=sys.stderr)
+            return 2
     try:
         index = make_index(args)
     except ImportError as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import random
 import sys
@@ -231,6 +232,11 @@ def run(args: argparse.Namespace) -> int:
         from pymilvus.exceptions import MilvusException
     except ImportError:  # pragma: no cover - an older layout: its errors are Exceptions
         MilvusException = Exception
+    # pymilvus logs each failed call with its traceback (its _log_rpc_error) before it
+    # raises: the error is reported below, as one line.
+    milvus_logger = logging.getLogger("pymilvus")
+    level = milvus_logger.level
+    milvus_logger.setLevel(logging.CRITICAL)
     try:
         rows = _run(args, MilvusClient)
     except (ValueError, OSError) as exc:
@@ -244,6 +250,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    finally:
+        milvus_logger.setLevel(level)
     if args.format == "json":
         print(json.dumps([row.as_dict() for row in rows], indent=2))
     else:
