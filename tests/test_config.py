@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -786,3 +787,24 @@ def test_shutdown_and_force_flush_take_any_timeout(timeout: Any) -> None:
     assert isinstance(ri.force_flush(timeout), bool)
     assert isinstance(ri.shutdown(timeout), bool)
     assert not ri.is_configured()
+
+
+def test_enabled_false_keeps_the_applications_own_lines(tmp_path: Path) -> None:
+    # Switching the instrumentation off silenced the application's warnings too.
+    import logging
+
+    log = tmp_path / "app.jsonl"
+    ri.configure(enabled=False, log_file=str(log))
+    try:
+
+        @ri.stage("retrieval")
+        def retrieve() -> int:
+            ri.get_logger("app").warning("payment failed")
+            logging.getLogger("app.std").warning("stdlib warning")
+            return 1
+
+        assert retrieve() == 1
+    finally:
+        ri.shutdown()
+    events = [json.loads(line)["event"] for line in log.read_text().splitlines()]
+    assert events == ["payment failed", "stdlib warning"]  # no stage line: a pass-through

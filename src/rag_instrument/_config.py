@@ -173,7 +173,7 @@ def apply(
             if settings.enabled
             else None
         )
-        writes = settings.enabled and (log_sink is not None or settings.logs_exporter != "none")
+        writes = log_sink is not None or settings.logs_exporter != "none"
         output = logs.LogOutput(settings, sink=log_sink) if writes else None
         old = get_runtime()
         if pipelines is not None:

@@ -483,7 +483,8 @@ class Settings:
     enabled: bool = setting(
         True,
         parse_bool,
-        "`false`: every decorator and context manager is a pass-through",
+        "`false`: every decorator and context manager is a pass-through "
+        "(your own log lines are still written)",
         env_reader=_disabled_from_otel,
         env_doc="`RAG_INSTRUMENT_ENABLED`, `OTEL_SDK_DISABLED`",
     )
