@@ -350,7 +350,8 @@ def test_reconfiguring_stops_the_automatic_watches_but_not_explicit_ones() -> No
         assert automatic is not None
         other_loop = asyncio.new_event_loop()
         explicit = ri.watch_event_loop(THRESHOLD_MS, loop=other_loop)
-        ri.configure(event_loop_threshold_ms=None)
+        with pytest.warns(RuntimeWarning, match="inside testing.capture"):
+            ri.configure(event_loop_threshold_ms=None)
         assert not automatic.running
         assert explicit.running
         explicit.stop()

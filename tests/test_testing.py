@@ -164,3 +164,14 @@ def test_the_fixture_isolates_bound_context_between_tests(pytester: pytest.Pytes
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=3)
+
+
+def test_configure_inside_a_capture_says_the_capture_ends() -> None:
+    # An app factory that configures itself inside capture() silently ended it.
+    with capture() as cap:
+        with pytest.warns(RuntimeWarning, match="inside testing.capture"):
+            ri.configure(exporter="memory", logs_exporter="none")
+        with ri.stage("retrieval"):
+            pass
+    assert cap.spans == []
+    ri.shutdown()

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import threading
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -108,6 +109,17 @@ def configure(  # noqa: D417 (the settings' Args are generated from the table)
     given = locals()
     settings = build_settings(**{row.name: given[row.name] for row in settings_table()})
     metric_readers = _checked_providers(metric_readers, tracer_provider, meter_provider)
+    current = get_runtime().log
+    if current is not None and current.sink is not None:
+        # Only rag_instrument.testing.capture() writes lines to a sink: an application
+        # factory configuring itself inside one ends the capture, silently otherwise.
+        warnings.warn(
+            "rag_instrument.configure() was called inside testing.capture(): the capture "
+            "records nothing from here on. Configure before capture(), or pass the settings "
+            "to capture(**settings)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     apply(
         settings,
         metric_readers=metric_readers,
