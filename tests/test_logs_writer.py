@@ -156,3 +156,28 @@ def test_a_closed_output_hands_late_lines_to_its_successor(tmp_path: Path) -> No
     old.write(b'{"n": 3}\n')  # after shutdown: dropped
     assert (tmp_path / "a.jsonl").read_text() == '{"n": 1}\n'
     assert (tmp_path / "b.jsonl").read_text() == '{"n": 2}\n'
+
+
+def test_a_rotated_or_deleted_log_file_is_opened_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # logrotate's default renames the file and expects the writer to open a new one at
+    # the same path; lines went on into the renamed file (and, once it was deleted, to
+    # a descriptor of a deleted file: lost, its space never freed).
+    from rag_instrument import logs
+
+    monkeypatch.setattr(logs, "_REOPEN_CHECK_S", 0.0)  # check at every line (else each 1 s)
+    log = tmp_path / "app.log"
+    ri.configure(log_file=str(log))
+    try:
+        ri.get_logger().info("one")
+        log.rename(tmp_path / "app.log.1")
+        ri.get_logger().info("two")
+        (tmp_path / "app.log.1").unlink()
+        ri.get_logger().info("three")
+    finally:
+        ri.shutdown()
+    assert [json.loads(line)["event"] for line in log.read_text().splitlines()] == [
+        "two",
+        "three",
+    ]

@@ -461,7 +461,8 @@ class Settings:
     log_file: str | None = setting(
         None,
         _parse_log_file,
-        "append log lines to this file (a missing folder is created)",
+        "append log lines to this file (a missing folder is created; moved or deleted by "
+        "log rotation, it is opened again within a second)",
         default_doc="standard error",
     )
     log_level: str = setting(

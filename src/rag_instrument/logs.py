@@ -219,10 +219,15 @@ class LogOutput:
         self.dropped = 0
         self._lock = threading.Lock()
         renew_after_fork(self)  # a thread logging at a fork would leave it locked there
+        #: The file's path, and when to check next that it is still the file written to.
+        self._path: str | None = None
+        self._check_at = 0.0
         if sink is None and settings.log_file is not None:
             # O_APPEND: each line is one write(2), so lines from threads and from forked
             # workers sharing the file never interleave, without a lock.
-            self._fd = os.open(settings.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._path = settings.log_file
+            self._fd = os.open(settings.log_file, _FILE_FLAGS, 0o644)
+            self._check_at = time.monotonic() + _REOPEN_CHECK_S
 
     def write(self, data: bytes) -> None:
         """Write one rendered line.
@@ -244,6 +249,8 @@ class LogOutput:
             with self._lock:
                 fd = cast("int | None", self._fd)  # close() may have cleared it meanwhile
                 if fd is not None:
+                    if time.monotonic() >= self._check_at:
+                        fd = self._follow(fd)
                     if not self._rest:  # the usual case, inline: the whole line, one write
                         try:
                             written = os.write(fd, data)
@@ -263,6 +270,47 @@ class LogOutput:
         with self._lock:
             stream.write(data.decode("utf-8", "replace"))
             stream.flush()
+
+    def _follow(self, fd: int) -> int:
+        """The descriptor to write to: a new one if the file was moved or deleted.
+
+        Log rotation (logrotate's default ``create`` mode) renames the file and expects
+        the writer to open a new one at the same path, as ``logging``'s
+        ``WatchedFileHandler`` does: checked at most once every :data:`_REOPEN_CHECK_S`
+        seconds (one ``stat`` then), under the lock.
+        """
+        self._check_at = time.monotonic() + _REOPEN_CHECK_S
+        path = self._path
+        if path is None:
+            return fd
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            moved = True
+        except OSError:
+            return fd
+        else:
+            try:
+                own = os.fstat(fd)
+            except OSError:
+                return fd
+            moved = (current.st_ino, current.st_dev) != (own.st_ino, own.st_dev)
+        if not moved:
+            return fd
+        try:
+            new = os.open(path, _FILE_FLAGS, 0o644)
+        except OSError:
+            return fd  # the folder went too, or no space: keep the old file
+        if self._rest:  # a line cut short ends in the old file, as well as it can
+            if _write_all(fd, self._rest):
+                _write_all(fd, b"\n")
+            self._rest = b""
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        self._fd = new
+        return new
 
     def _write_fd(self, fd: int, data: bytes) -> None:
         # A full disk (or a signal) can make write(2) take only part of a line. The rest
@@ -305,6 +353,12 @@ class LogOutput:
                 os.close(fd)
             except OSError:
                 pass
+
+
+#: How a log file is opened: appended to, created if missing.
+_FILE_FLAGS: Final = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+#: How often (seconds, at most) a log file is checked for having been moved or deleted.
+_REOPEN_CHECK_S: Final = 1.0
 
 
 def _write_all(fd: int, data: bytes) -> bytes:
