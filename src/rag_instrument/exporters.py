@@ -438,6 +438,29 @@ class _CountingBatchProcessor(BatchSpanProcessor):
         #: The SDK's batch processor, when its emit() can be done inline (see on_end).
         self._inline: Any = inner if _emits_inline(inner) else None
 
+    def shutdown_within(self, timeout_millis: int) -> None:
+        """Shut down within ``timeout_millis``: the worker stops exporting after it.
+
+        ``BatchSpanProcessor.shutdown()`` takes no timeout and gives its batch processor
+        the SDK's 30 s: a slow exporter went on exporting batch after batch long after
+        ``ri.shutdown(timeout)`` had returned.
+        """
+        inner = getattr(self, "_batch_processor", None)
+        shutdown = getattr(inner, "shutdown", None)
+        if shutdown is None:
+            self.shutdown()  # type: ignore[no-untyped-call]
+            return
+        try:
+            shutdown(timeout_millis=max(int(timeout_millis), 0))
+        except TypeError:  # a batch processor without the parameter
+            self.shutdown()  # type: ignore[no-untyped-call]
+        # What is still queued is never exported now: lost, as a full queue's spans are.
+        queue = self._queue
+        left = len(queue) if queue is not None else 0
+        worker = getattr(inner, "_worker_thread", None)
+        if left or (worker is not None and worker.is_alive()):
+            self._drops.add(max(left, 1))
+
     def on_end(self, span: ReadableSpan) -> None:
         """Queue the span (if sampled), counting it when the queue is full."""
         inner = self._inline
@@ -743,7 +766,10 @@ class Pipelines:
             self.dispatcher.processors = ()
         for processor in self.processors:
             try:
-                processor.shutdown()
+                if isinstance(processor, _CountingBatchProcessor):
+                    processor.shutdown_within(timeout_millis)
+                else:
+                    processor.shutdown()
             except Exception as exc:
                 user_code_error(f"span processor {type(processor).__name__}.shutdown", exc)
         if self.meter_provider is not None:

@@ -307,3 +307,34 @@ def test_c22_a_child_does_not_wait_for_a_cached_call_in_flight_in_its_parent() -
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_c20_no_export_starts_after_shutdowns_deadline(
+    monkeypatch: pytest.MonkeyPatch, no_internal_raise: None
+) -> None:
+    # RELIABILITY (a)4: shutdown(timeout) with a slow exporter returns in time "after 2
+    # export calls rather than 3". It returned in time, but the worker went on with every
+    # batch left (the SDK's 30 s were its limit).
+    release = threading.Event()
+    first = threading.Event()
+    more = threading.Event()
+    calls: list[int] = []
+
+    class Blocking(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            calls.append(len(spans))
+            (more if len(calls) > 1 else first).set()
+            release.wait(10)
+            return SpanExportResult.SUCCESS
+
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "1")
+    ri.configure(exporter=Blocking(), logs_exporter="none", metrics_exporter="none")
+    try:
+        for _ in range(6):
+            with ri.stage("retrieval"):
+                pass
+        assert first.wait(10)  # the worker is inside the first export
+        assert ri.shutdown(0.5) is False
+    finally:
+        release.set()
+    assert not more.wait(3), calls  # nothing more is exported once shutdown gave up
