@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -275,6 +276,25 @@ def test_export_errors_at_exit_go_to_the_log_not_raw_stderr(tmp_path: Path) -> N
     assert "Failed to export" not in result.stderr
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert any("Failed to export" in str(line.get("event")) for line in lines), lines
+
+
+def test_an_unreachable_collector_at_exit_writes_nothing_raw() -> None:
+    # The metric exporter's thread, still retrying when the exit flush gave up, said
+    # "Shutdown in progress, aborting retry." after the bridge to the log was gone.
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for _ in range(3):
+        result = _run(
+            f"""
+            import rag_instrument as ri
+            ri.configure(exporter="otlp", otlp_endpoint="http://127.0.0.1:{port}")
+            """,
+        )
+        assert result.returncode == 0, result.stderr
+        raw = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+        assert raw == [], result.stderr
 
 
 # --- 19: the application's logging levels ----------------------------------------------------------

@@ -286,7 +286,11 @@ def _retire(
         except Exception as exc:
             internal_error("shutdown", exc)
         finally:
-            detach()
+            if not at_exit:
+                # At exit the bridge stays: an exporter's thread still retrying when the
+                # flush gave up says so later ("Shutdown in progress, aborting retry."),
+                # and that must not come out as raw text on standard error.
+                detach()
             if old.log is not None:
                 old.log.close(next_log)
 
