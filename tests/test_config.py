@@ -808,3 +808,21 @@ def test_enabled_false_keeps_the_applications_own_lines(tmp_path: Path) -> None:
         ri.shutdown()
     events = [json.loads(line)["event"] for line in log.read_text().splitlines()]
     assert events == ["payment failed", "stdlib warning"]  # no stage line: a pass-through
+
+
+def test_the_first_span_after_shutdown_says_it_is_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # RELIABILITY.md 20: "late spans dropped with one log"; they were dropped silently.
+    ri.configure(exporter="memory", logs_exporter="none")
+    ri.shutdown()
+    with caplog.at_level(logging.WARNING, logger="rag_instrument"):
+        for _ in range(3):
+            with ri.stage("late"):
+                pass
+    said = [r.getMessage() for r in caplog.records if "after shutdown" in r.getMessage()]
+    assert len(said) == 1, said
+    ri.configure(exporter="memory", logs_exporter="none")  # re-init works, and records
+    with ri.stage("again"):
+        pass
+    assert [s.name for s in _memory_spans()] == ["again"]

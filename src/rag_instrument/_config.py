@@ -381,7 +381,10 @@ def _shutdown(timeout: float | None, *, at_exit: bool = False) -> bool:
         old = get_runtime()
         if not old.configured:
             return True
-        new = _runtime.install(None)
+        # After an explicit shutdown(), stage spans have nowhere to go: the first says so
+        # (not at exit, where a daemon thread's last stage would print raw text).
+        owned = old.pipelines is not None and old.pipelines.owns_tracer_provider
+        new = _runtime.install(_runtime.after_shutdown() if owned and not at_exit else None)
         logs.install_stdlib_handler(new)
         _stagehooks.switched(old, new)
     return _retire(old, timeout, at_exit=at_exit)

@@ -24,6 +24,7 @@ from opentelemetry import trace as trace_api
 from rag_instrument import attributes as attr
 from rag_instrument._sanitize import Sanitizer
 from rag_instrument._settings import Settings
+from rag_instrument._utils import warn_once
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -342,6 +343,43 @@ def _unconfigured() -> Runtime:
         Settings(),
         configured=False,
         tracer=trace_api.get_tracer(LIBRARY),
+        meter=metrics_api.get_meter(LIBRARY),
+    )
+
+
+class _AfterShutdown(trace_api.NoOpTracer):
+    """The tracer after ``shutdown()``: spans go nowhere, and the first one says so once."""
+
+    def __init__(self) -> None:
+        self.warned = False
+
+    def _warn(self) -> None:
+        if not self.warned:
+            self.warned = True
+            warn_once.warning(
+                "rag_instrument: a span was started after shutdown(): spans are dropped "
+                "until configure() is called again"
+            )
+
+    def start_span(self, *args: Any, **kwargs: Any) -> trace_api.Span:
+        self._warn()
+        return super().start_span(*args, **kwargs)
+
+    def start_as_current_span(self, *args: Any, **kwargs: Any) -> Any:
+        self._warn()
+        return super().start_as_current_span(*args, **kwargs)
+
+
+def after_shutdown() -> Runtime:
+    """The runtime after ``shutdown()`` of a configuration that built the tracer provider.
+
+    As before ``configure()``, but the spans of stages have nowhere to go (the provider's
+    processors are shut down): they are dropped, and the first one says so.
+    """
+    return Runtime(
+        Settings(),
+        configured=False,
+        tracer=_AfterShutdown(),
         meter=metrics_api.get_meter(LIBRARY),
     )
 

@@ -703,6 +703,9 @@ class Pipelines:
         self.meter_provider = meter_provider
         self.memory_reader = memory_reader
         self.drops = drops
+        #: Whether the global tracer provider is the one rag_instrument built (spans the
+        #: global API makes after shutdown() are then dropped, with nowhere to go).
+        self.owns_tracer_provider = False
         #: Where the library's own histograms and counters come from (``None``: the meter).
         self.instruments = instruments
 
@@ -890,7 +893,7 @@ def build(
         provider.add_span_processor(dispatcher)
         provider._rag_instrument_dispatcher = dispatcher  # type: ignore[attr-defined]
     tracer = provider.get_tracer("rag_instrument", _library_version())
-    return Pipelines(
+    pipelines = Pipelines(
         tracer=tracer,
         meter=meter,
         dispatcher=dispatcher,
@@ -901,3 +904,5 @@ def build(
         drops=drops,
         instruments=hub,
     )
+    pipelines.owns_tracer_provider = owned
+    return pipelines
