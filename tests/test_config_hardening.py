@@ -253,6 +253,25 @@ def test_export_requests_stay_under_four_mebibytes() -> None:
     assert len(sizes) >= 3  # 9 MB of spans went out in several requests
 
 
+def test_one_span_too_big_for_any_request_is_cut_to_fit(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A dozen attributes of 200 retrieved chunks each: one span of 4.8 MB, alone in a
+    # request a collector rejects whole (the span lost with it).
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
+    chunks = {f"chunks{i}": [f"{i}-{n}-" + "x" * 2000 for n in range(200)] for i in range(12)}
+    with OTLPReceiver() as receiver:
+        ri.configure(exporter="otlp", metrics_exporter="none", otlp_endpoint=receiver.endpoint)
+        with caplog.at_level(logging.WARNING, logger="rag_instrument"):
+            with ri.stage("retrieval", **chunks):
+                pass
+            assert ri.shutdown(timeout=30.0) is True
+        assert receiver.wait_for_spans(1, timeout=30.0)
+        sizes = [request.ByteSize() for request in receiver.trace_requests]
+    assert max(sizes) < 4 * 1024 * 1024, sizes
+    assert any("too big to export" in r.getMessage() for r in caplog.records)
+
+
 # --- 20: export errors at a worker's exit go to the log ------------------------------------------
 
 

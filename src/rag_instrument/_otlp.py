@@ -580,21 +580,26 @@ _AGREES: list[bool | None] = [None]
 
 
 def fast_exporter(
-    make: Any, *, max_bytes: int = 0, split: Split | None = None, **kwargs: Any
+    make: Any,
+    *,
+    max_bytes: int = 0,
+    split: Split | None = None,
+    fit: Fit | None = None,
+    **kwargs: Any,
 ) -> Any:
     """An OTLP/HTTP span exporter (``make``, the SDK's class) that encodes with this module.
 
     The SDK's exporter is returned as it is when its layout is not the one the fast path
     knows (an HTTP client taking serialised bytes, its export metrics, its size limit) or
-    when the encoders disagree on the sample spans. ``max_bytes`` and ``split``: see
-    :class:`FastOTLPSpanExporter`.
+    when the encoders disagree on the sample spans. ``max_bytes``, ``split`` and ``fit``:
+    see :class:`FastOTLPSpanExporter`.
     """
     exporter = make(**kwargs)
     if _AGREES[0] is None:
         _AGREES[0] = agrees_with_sdk()
     if not _AGREES[0] or not _knows_layout(exporter):
         return exporter
-    return FastOTLPSpanExporter(exporter, max_bytes, split)
+    return FastOTLPSpanExporter(exporter, max_bytes, split, fit)
 
 
 def _knows_layout(exporter: Any) -> bool:
@@ -610,6 +615,8 @@ def _knows_layout(exporter: Any) -> bool:
 
 #: ``split(spans, max_bytes)``: ``spans`` in chunks of at most about ``max_bytes`` each.
 Split = Callable[[Sequence[ReadableSpan], int], Iterable[Sequence[ReadableSpan]]]
+#: ``fit(span, max_bytes)``: the span, or a copy of it cut to about ``max_bytes``.
+Fit = Callable[[ReadableSpan, int], ReadableSpan]
 
 
 class FastOTLPSpanExporter(SpanExporter):
@@ -618,13 +625,21 @@ class FastOTLPSpanExporter(SpanExporter):
     A batch this module cannot encode goes to the SDK exporter's own ``export``. With
     ``max_bytes`` and ``split``, a request whose encoding is larger than ``max_bytes`` is
     sent as several, the batch cut by ``split``: the size is measured on the bytes made
-    anyway, so a batch of the usual size costs no estimate.
+    anyway, so a batch of the usual size costs no estimate. A single span larger than
+    ``max_bytes`` is cut by ``fit`` (a request that large is rejected whole).
     """
 
-    def __init__(self, inner: Any, max_bytes: int = 0, split: Split | None = None) -> None:
+    def __init__(
+        self,
+        inner: Any,
+        max_bytes: int = 0,
+        split: Split | None = None,
+        fit: Fit | None = None,
+    ) -> None:
         self.inner = inner
         self.max_bytes = max_bytes
         self.split = split
+        self.fit = fit
         #: Whether callers may leave cutting batches by size to :meth:`export` (it does,
         #: from the encoding, when given a limit and a way to cut).
         self.splits_by_size = max_bytes > 0 and split is not None
@@ -646,6 +661,15 @@ class FastOTLPSpanExporter(SpanExporter):
         except Exception:
             return self._counted(spans, inner.export(spans))
         split = self.split
+        fit = self.fit
+        if fit is not None and len(spans) == 1 and 0 < self.max_bytes < len(data):
+            # One span bigger than any request may be: cut to fit, or it is lost whole.
+            slim = fit(spans[0], self.max_bytes)
+            if slim is not spans[0]:
+                try:
+                    spans, data = [slim], encode_request([slim])
+                except Exception:
+                    return self._counted(spans, inner.export([slim]))
         if split is not None and 0 < self.max_bytes < len(data) and len(spans) > 1:
             outcome = SpanExportResult.SUCCESS
             for chunk in split(spans, self.max_bytes):

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import orjson
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import Event, ReadableSpan
 
 from rag_instrument._sanitize import redact_text
 from rag_instrument._utils import warn_once
@@ -28,6 +28,7 @@ __all__ = [
     "by_size",
     "estimated_bytes",
     "install_refusal_filter",
+    "within_size",
 ]
 
 
@@ -119,6 +120,63 @@ def by_size(spans: Sequence[ReadableSpan], limit: int) -> Iterator[Sequence[Read
         total += size
     if start < len(spans):
         yield spans[start:] if start else spans
+
+
+def within_size(span: ReadableSpan, limit: int) -> ReadableSpan:
+    """``span`` itself when its estimate is within ``limit`` bytes; else a copy cut to fit.
+
+    One span can outgrow any request on its own (a dozen attributes of 200 retrieved
+    chunks each): a collector rejects such a request whole, and with it the span. Its
+    largest attribute values (then its events') are replaced, largest first, by a note of
+    what was cut, until the estimate fits; a warning (rate-limited) names them.
+    """
+    if estimated_bytes(span) <= limit:
+        return span
+    attributes = dict(getattr(span._attributes, "_dict", span._attributes) or {})
+    events = list(span._events)
+    budget = int(limit * 0.9)
+    cut: list[str] = []
+    sized = sorted(
+        ((_value_bytes(value), key) for key, value in attributes.items()), reverse=True
+    )
+    current = estimated_bytes(span)
+    for size, key in sized:
+        if current <= budget:
+            break
+        note = f"[cut: {size} bytes, more than an export request holds]"
+        attributes[key] = note
+        current -= size - len(note)
+        cut.append(key)
+    if current > budget:
+        events = [
+            Event(event.name, {"rag.cut": "attributes over the export size limit"},
+                  event.timestamp)
+            for event in events
+        ]
+        cut.append("(event attributes)")
+    warn_once.warning(
+        f"rag_instrument: span {redact_text(span.name)!r} was too big to export "
+        f"({estimated_bytes(span)} bytes); its largest values were cut: "
+        f"{', '.join(cut[:10])}{' ...' if len(cut) > 10 else ''}"
+    )
+    return _copy(span, attributes, events)
+
+
+def _copy(span: ReadableSpan, attributes: dict[str, Any], events: list[Event]) -> ReadableSpan:
+    return ReadableSpan(
+        name=span.name,
+        context=span.get_span_context(),
+        parent=span.parent,
+        resource=span.resource,
+        attributes=attributes,
+        events=events,
+        links=span._links,
+        kind=span.kind,
+        status=span.status,
+        start_time=span.start_time,
+        end_time=span.end_time,
+        instrumentation_scope=span.instrumentation_scope,
+    )
 
 
 #: HTTP statuses that mean "this collector does not take metrics at all" (a traces-only

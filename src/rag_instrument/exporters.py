@@ -86,6 +86,7 @@ from rag_instrument._sending import (
     by_size,
     estimated_bytes,
     install_refusal_filter,
+    within_size,
 )
 from rag_instrument._settings import (
     SPAN_EXPORT_BATCH_SIZE,
@@ -628,6 +629,7 @@ def _span_processors(settings: Settings, drops: _Drops) -> tuple[list[SpanProces
             _otlp("trace"),
             max_bytes=MAX_EXPORT_BYTES,
             split=by_size,
+            fit=within_size,
             endpoint=_otlp_url(settings, "traces"),
             timeout=OTLP_TIMEOUT_S,
         )
