@@ -210,3 +210,18 @@ def test_a_long_bound_value_is_cut_once_on_stage_spans() -> None:
     assert attributes["user_query"].endswith("[truncated, 2500 chars]")
     assert attributes["user_query"] == line["context"]["user_query"]
     assert attributes["api_key"] == "[REDACTED]"
+
+
+def test_a_bound_object_reads_the_same_on_spans_and_lines() -> None:
+    # On spans its repr was JSON-quoted ('"<T object ...>"'), in lines it was not.
+    class Tenant:
+        def __repr__(self) -> str:
+            return "<Tenant acme>"
+
+    with capture() as cap:
+        with ri.request_context(tenant=Tenant(), ids={"a": 1}):
+            with ri.stage("retrieval"):
+                pass
+    attributes = cap.span("retrieval").attributes
+    assert attributes["tenant"] == "<Tenant acme>" == cap.logs[0]["context"]["tenant"]
+    assert attributes["ids"] == '{"a":1}'  # a structure stays its JSON text on a span

@@ -872,6 +872,8 @@ def _to_attribute_value(
                 return [int_text(v, sanitizer.max_chars) for v in head]
             return list(head)
     clean = sanitizer.value(value)
+    if isinstance(clean, str):  # an object shown by its repr: the text, as the log has it
+        return clean
     try:
         return sanitizer.text(orjson.dumps(clean, option=orjson.OPT_NON_STR_KEYS).decode())
     except Exception:
