@@ -21,7 +21,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace as trace_api
 from opentelemetry.context.context import Context
 
-from rag_instrument._runtime import get_runtime
+from rag_instrument._runtime import OTEL_CONTEXT_VAR, get_runtime
 from rag_instrument._sanitize import REDACTED, is_secret_key, to_attribute_value
 from rag_instrument._utils import internal_error, warn_once
 
@@ -221,20 +221,8 @@ def _span_key() -> str | None:
     return _SPAN_KEY if context.get(_SPAN_KEY) is probe and len(context) == 1 else None
 
 
-def _runtime_var() -> contextvars.ContextVar[Context] | None:
-    # The context variable behind the API's default runtime context (``contextvars``);
-    # another runtime context (OTEL_PYTHON_CONTEXT) is attached through the API.
-    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
-    var = getattr(runtime, "_current_context", None)
-    if type(runtime).__name__ == "ContextVarsRuntimeContext" and isinstance(
-        var, contextvars.ContextVar
-    ):
-        return var
-    return None
-
-
 _SPAN_KEY = _span_key()
-_CURRENT = _runtime_var() if _SPAN_KEY is not None else None
+_CURRENT = OTEL_CONTEXT_VAR if _SPAN_KEY is not None else None
 
 
 def attach_span(span: Span) -> Any:

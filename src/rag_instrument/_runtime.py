@@ -14,12 +14,14 @@ through the :class:`SpanTools` the exporters module hands in at ``configure()`` 
 
 from __future__ import annotations
 
+import contextvars
 import threading
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics as metrics_api
 from opentelemetry import trace as trace_api
+from opentelemetry.context.context import Context
 
 from rag_instrument import attributes as attr
 from rag_instrument._sanitize import Sanitizer
@@ -48,6 +50,23 @@ except ImportError:  # pragma: no cover - an API without it: nothing is ever sup
     _SUPPRESS_KEY = "suppress_instrumentation"
 
 
+def _runtime_var() -> contextvars.ContextVar[Context] | None:
+    # The context variable behind the API's default runtime context (``contextvars``);
+    # another runtime context (OTEL_PYTHON_CONTEXT) is read through the API.
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    var = getattr(runtime, "_current_context", None)
+    if type(runtime).__name__ == "ContextVarsRuntimeContext" and isinstance(
+        var, contextvars.ContextVar
+    ):
+        return var
+    return None
+
+
+#: The OpenTelemetry API's current-context variable, read directly on hot paths (``None``
+#: when the application chose another runtime context: the API is asked then).
+OTEL_CONTEXT_VAR: Final = _runtime_var()
+
+
 def instrumentation_suppressed() -> bool:
     """Whether the current context asks instrumentations to record nothing.
 
@@ -55,7 +74,10 @@ def instrumentation_suppressed() -> bool:
     exports under it: work an exporter does through instrumented code (a database, an
     instrumented client) must make no spans, which would be exported, and make more.
     """
-    return bool(otel_context.get_value(_SUPPRESS_KEY))
+    var = OTEL_CONTEXT_VAR
+    if var is None:
+        return bool(otel_context.get_value(_SUPPRESS_KEY))
+    return bool(var.get().get(_SUPPRESS_KEY))
 
 
 class SpanTools(Protocol):
