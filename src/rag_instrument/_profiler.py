@@ -59,7 +59,12 @@ def _profiler_in_use() -> str | None:
     current: object = sys.getprofile()
     if current is not None:
         if current in _enabled:
-            return "an enclosing ri.profile is profiling this code already"
+            # Python 3.11 has one profiler per thread: the other ri.profile encloses this
+            # code, or is an ``async with`` profile of another task on this event loop.
+            return (
+                "an enclosing ri.profile (or an async one of another task on the same event "
+                "loop) is profiling this thread already"
+            )
         return "another profiler is active in this thread (sys.setprofile)"
     if MONITORING:
         holder = _monitoring.get_tool(_monitoring.PROFILER_ID)
