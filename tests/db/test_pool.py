@@ -150,6 +150,26 @@ def test_a_fast_checkout_is_measured_but_not_reported_as_slow(
     eng.dispose()
 
 
+def test_two_pools_on_one_database_named_by_the_application_are_two_series(
+    tmp_path: Path, sqlite_engine: Any
+) -> None:
+    url = f"sqlite:///{tmp_path / 'shared.sqlite'}"
+    writer = sqlite_engine(url, poolclass=QueuePool, pool_logging_name="writer")
+    reader = sqlite_engine(url, poolclass=QueuePool, pool_logging_name="reader")
+    handles = [ri.instrument_sqlalchemy(writer), ri.instrument_sqlalchemy(reader)]
+    with capture() as cap:
+        for engine in (writer, reader, reader):
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+    waits = {
+        p.attributes["db.client.connection.pool.name"]: p.count
+        for p in cap.metrics()["db.client.connection.wait_time"]
+    }
+    assert waits == {"writer": 1, "reader": 2}
+    for handle in handles:
+        handle.uninstrument()
+
+
 @pytest.mark.parametrize("poolclass", [StaticPool, NullPool])
 def test_pools_without_counts_report_used_connections_from_checkouts(
     tmp_path: Path, poolclass: type, sqlite_engine: Any

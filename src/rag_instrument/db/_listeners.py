@@ -276,7 +276,13 @@ class EngineInstrumentation:
         self.explainer = Explainer(dialect)
         self.index_types = _pgvector.IndexTypes()
         location = f"{url.host}:{base.get(SERVER_PORT, '')}" if url.host else dialect
-        self.pool = PoolInstrumentation(engine, f"{location}/{url.database or ''}", pool_slow_ms)
+        # SQLAlchemy's own name for the pool when the application gave one
+        # (create_engine(..., pool_logging_name="reader")): two pools on one database
+        # (a writer and a reader) are then two series, not one summed.
+        given = getattr(engine.pool, "logging_name", None)
+        default = f"{location}/{url.database or ''}"
+        pool_name = given if isinstance(given, str) and given else default
+        self.pool = PoolInstrumentation(engine, pool_name, pool_slow_ms)
         # Names and functions only: a strong reference to the engine here would keep it
         # alive through the handle registry (a WeakKeyDictionary whose values are handles).
         # before_cursor_execute with retval=True: SQLAlchemy then calls _before directly
