@@ -74,6 +74,17 @@ def test_sweep_command_json_with_a_flat_copy_as_truth(
     assert rows[0]["recall"] < rows[1]["recall"]
 
 
+def test_query_vectors_of_the_wrong_size_are_named(
+    lite: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # numpy's "operands could not be broadcast together" before.
+    queries = tmp_path / "queries.json"
+    queries.write_text(json.dumps([[0.5] * (DIM + 3)]))
+    status = main(["sweep", lite, *IVF, "--values", "2", "--queries-file", str(queries)])
+    assert status == 2
+    assert f"a vector of {DIM + 3} numbers" in capsys.readouterr().err
+
+
 def test_sweep_command_reports_bad_input(lite: str, capsys: pytest.CaptureFixture[str]) -> None:
     status = main(["sweep", lite, "--collection", "nope", "--param", "nprobe", "--values", "1"])
     assert status == 2
@@ -83,6 +94,9 @@ def test_sweep_command_reports_bad_input(lite: str, capsys: pytest.CaptureFixtur
     assert "'missing' is not a vector field" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["sweep", lite, "--collection", "ivf", "--param", "nprobe", "--values", ","])
+    with pytest.raises(SystemExit):  # a typo among numbers, which Milvus would ignore
+        main(["sweep", lite, "--collection", "ivf", "--param", "nprobe", "--values", "1,x"])
+    assert "mixes numbers and text" in capsys.readouterr().err
 
 
 def test_sweep_with_a_bad_filter_is_one_line_on_stderr(

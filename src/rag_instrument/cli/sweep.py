@@ -46,6 +46,12 @@ def _values(text: str) -> list[Any]:
                 out.append(item)
     if not out:
         raise argparse.ArgumentTypeError("--values needs at least one value, e.g. 1,4,16,64")
+    text_values = [v for v in out if isinstance(v, str)]
+    if text_values and len(text_values) < len(out):  # "1,x": a typo, which Milvus ignores
+        raise argparse.ArgumentTypeError(
+            f"--values mixes numbers and text ({', '.join(map(repr, text_values[:3]))}): "
+            "give numbers only (1,4,16,64) or text only"
+        )
     return out
 
 
@@ -174,16 +180,20 @@ def exact_search(
     return fast
 
 
-def _schema(client: Any, collection: str, wanted: str | None) -> tuple[str, str, str]:
-    """``(primary field, vector field, metric)`` of the collection."""
+def _schema(client: Any, collection: str, wanted: str | None) -> tuple[str, str, str, int | None]:
+    """``(primary field, vector field, metric, its dimensions if known)`` of the collection."""
     description = client.describe_collection(collection)
     primary, vectors = "id", []
+    dims: dict[str, int] = {}
     for field in description.get("fields", ()):
         type_name = getattr(field.get("type"), "name", str(field.get("type")))
         if field.get("is_primary"):
             primary = field["name"]
         elif "VECTOR" in type_name.upper():
             vectors.append(field["name"])
+            dim = (field.get("params") or {}).get("dim")
+            if isinstance(dim, int) or (isinstance(dim, str) and dim.isdigit()):
+                dims[field["name"]] = int(dim)
     if wanted is None:
         if len(vectors) != 1:
             raise ValueError(f"the collection has vector fields {vectors}: choose one with --field")
@@ -195,7 +205,7 @@ def _schema(client: Any, collection: str, wanted: str | None) -> tuple[str, str,
         info = client.describe_index(collection, index_name)
         if info.get("field_name") == wanted and info.get("metric_type"):
             metric = str(info["metric_type"])
-    return primary, wanted, metric
+    return primary, wanted, metric, dims.get(wanted)
 
 
 def _read_rows(
@@ -290,10 +300,16 @@ def _run(args: argparse.Namespace, client_class: Any) -> list[SweepRow]:
         # loaded across processes, and a server may have released it.
         for name in {args.collection, args.exact_collection} - {None}:
             client.load_collection(name)
-        primary, field, metric = _schema(client, args.collection, args.field)
+        primary, field, metric, dim = _schema(client, args.collection, args.field)
         data: list[tuple[Any, list[float]]] | None = None
         if args.queries_file is not None:
             queries = _queries_from(args.queries_file)
+            wrong = next((q for q in queries if dim is not None and len(q) != dim), None)
+            if wrong is not None:
+                raise ValueError(
+                    f"--queries-file {args.queries_file}: a vector of {len(wrong)} numbers, "
+                    f"where {field!r} holds vectors of {dim}"
+                )
         else:
             data = _read_rows(client, args.collection, primary, field, args.max_exact, args.filter)
             if not data:
