@@ -527,3 +527,9 @@ def test_a_metric_reader_passed_again_fails_configure_clearly() -> None:
     assert "rag.stage.duration" in names
     ri.configure(metric_readers=[InMemoryMetricReader()], logs_exporter="none")
     ri.shutdown()
+
+
+def test_metric_readers_none_means_none_given() -> None:
+    # As tracer_provider=None and meter_provider=None do; it raised ValueError.
+    assert ri.configure(metric_readers=None, exporter="memory").exporter == "memory"
+    ri.shutdown()

@@ -80,7 +80,7 @@ def configure(  # noqa: D417 (the settings' Args are generated from the table)
     shutdown_timeout: float | None = None,
     event_loop_threshold_ms: float | None = None,
     resource_metrics: bool | None = None,
-    metric_readers: Sequence[MetricReader] = (),
+    metric_readers: Sequence[MetricReader] | None = (),
     tracer_provider: trace_api.TracerProvider | None = None,
     meter_provider: metrics_api.MeterProvider | None = None,
 ) -> Settings:
@@ -142,6 +142,8 @@ def _checked_providers(
     if meter_provider is not None and not callable(getattr(meter_provider, "get_meter", None)):
         raise refuse("meter_provider", meter_provider, "a MeterProvider (with get_meter)")
     accepted = "a sequence of OpenTelemetry SDK MetricReader instances"
+    if metric_readers is None:  # as the other provider arguments: None is "none given"
+        metric_readers = ()
     if isinstance(metric_readers, str | bytes) or not hasattr(metric_readers, "__iter__"):
         raise refuse("metric_readers", metric_readers, accepted)
     readers = tuple(metric_readers)
