@@ -315,3 +315,23 @@ def test_an_exporter_using_instrumented_code_exports_only_the_applications_spans
     finally:
         ri.db.uninstrument_sqlalchemy(exporter.engine)
         ri.shutdown()
+
+
+def test_an_exporter_returning_failure_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    # Counted in rag.spans.dropped, but no line said so.
+    import logging
+
+    class Failing(SpanExporter):
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            return SpanExportResult.FAILURE
+
+    ri.configure(exporter=Failing(), logs_exporter="none")
+    try:
+        with caplog.at_level(logging.WARNING, logger="rag_instrument"):
+            with ri.stage("retrieval"):
+                pass
+            assert ri.force_flush() is False
+    finally:
+        ri.shutdown()
+    said = [r.getMessage() for r in caplog.records if "did not export" in r.getMessage()]
+    assert said and "Failing" in said[0]

@@ -94,7 +94,7 @@ from rag_instrument._settings import (
     SPAN_SCHEDULE_DELAY_MS,
     check_export_variables,
 )
-from rag_instrument._utils import user_code_error
+from rag_instrument._utils import user_code_error, warn_once
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import CallbackOptions, Observation
@@ -334,7 +334,14 @@ class SafeSpanExporter(SpanExporter):
             # An exporter that cuts a batch in several requests says how many it lost.
             failed = getattr(self.inner, "failed", None)
             splits = getattr(self.inner, "splits_by_size", False)
-            self._drops.add(failed if splits and type(failed) is int else len(spans))
+            lost = failed if splits and type(failed) is int else len(spans)
+            self._drops.add(lost)
+            if not splits and not type(self.inner).__module__.startswith("opentelemetry."):
+                # The SDK's exporters say why themselves; an application's says nothing.
+                warn_once.warning(
+                    f"rag_instrument: span exporter {type(self.inner).__name__} did not "
+                    f"export {lost} span(s) (it returned {result!r})"
+                )
         return result
 
     def shutdown(self) -> None:
