@@ -181,3 +181,20 @@ def test_a_rotated_or_deleted_log_file_is_opened_again(
         "two",
         "three",
     ]
+
+
+def test_lines_a_full_disk_loses_are_reported_on_stderr_once(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # /dev/full takes nothing: every line was dropped, and nothing said so.
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    ri.configure(log_file="/dev/full")
+    try:
+        for _ in range(5):
+            ri.get_logger().warning("lost")
+    finally:
+        ri.shutdown()
+    err = capsys.readouterr().err
+    assert err.count("log lines are being lost") == 1
+    assert "/dev/full" in err

@@ -222,6 +222,8 @@ class LogOutput:
         #: The file's path, and when to check next that it is still the file written to.
         self._path: str | None = None
         self._check_at = 0.0
+        #: When lost lines may be reported again on standard error (see _lost).
+        self._lost_notice_at = 0.0
         if sink is None and settings.log_file is not None:
             # O_APPEND: each line is one write(2), so lines from threads and from forked
             # workers sharing the file never interleave, without a lock.
@@ -254,8 +256,8 @@ class LogOutput:
                     if not self._rest:  # the usual case, inline: the whole line, one write
                         try:
                             written = os.write(fd, data)
-                        except OSError:
-                            self.dropped += 1
+                        except OSError as exc:
+                            self._lost(exc.strerror or type(exc).__name__)
                             return
                         if written != len(data):  # cut short (disk full): as _write_fd does
                             self._kept(data, _write_rest(fd, data, written))
@@ -321,7 +323,7 @@ class LogOutput:
         if self._rest:
             self._rest = _write_all(fd, self._rest)
             if self._rest:
-                self.dropped += 1
+                self._lost("the file takes no more (disk full?)")
                 return
         self._kept(data, _write_all(fd, data))
 
@@ -330,7 +332,29 @@ class LogOutput:
         if rest:
             if len(rest) < len(data):
                 self._rest = rest  # part of the line is in the file: finish it later
-            self.dropped += 1
+            self._lost("the file takes no more (disk full?)")
+
+    def _lost(self, why: str) -> None:
+        """Count a line the file did not take; say so on standard error, once a minute.
+
+        Not as a log line: the log is what fails. Under the lock, on the failing path only.
+        """
+        self.dropped += 1
+        now = time.monotonic()
+        if now < self._lost_notice_at:
+            return
+        self._lost_notice_at = now + 60.0
+        stream = sys.stderr
+        if stream is None:
+            return
+        try:
+            stream.write(
+                f"rag_instrument: log lines are being lost: cannot write to {self._path}: "
+                f"{why} ({self.dropped} so far)\n"
+            )
+            stream.flush()
+        except Exception:  # nowhere left to say it
+            pass
 
     def _forward(self, data: bytes) -> None:
         successor = self._successor
