@@ -358,7 +358,14 @@ def _carry_down(scope: Scope, span: trace_api.Span, parent: Context | None) -> N
     if not carrier:
         return
     names = {key.lower().encode("latin-1"): value for key, value in carrier.items()}
-    headers = [item for item in scope.get("headers") or () if bytes(item[0]).lower() not in names]
+    headers: list[Any] = []
+    for item in scope.get("headers") or ():
+        try:
+            replaced = bytes(item[0]).lower() in names
+        except Exception:  # a malformed item: passed on as it came, as the rest
+            replaced = False
+        if not replaced:
+            headers.append(item)
     headers.extend((key, value.encode("latin-1")) for key, value in names.items())
     scope["headers"] = headers
 
