@@ -290,6 +290,11 @@ def test_route_budgets_are_read_from_request_spans(tmp_path: Path) -> None:
     result = analyze([str(path)], by="route")
     (row,) = result.rows
     assert (row.key, row.budget_ms, row.over_budget) == ("POST /api/search", 25.0, 3)
+    from rag_instrument.analysis._render import render_table
+
+    table = render_table(result, colour=False)
+    budget_table = table[table.index("Budget exceeded") :]
+    assert budget_table.splitlines()[1].split()[0] == "route"
 
 
 @pytest.mark.parametrize("ms", [{"stringValue": "61.5"}, {"arrayValue": {}}, {}])

@@ -133,6 +133,28 @@ def test_demo_on_an_unreachable_postgres_says_so_in_one_line(
     assert "hunter2" not in err
 
 
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("postgresql+foo://u:pw@127.0.0.1:1/db", "cannot use postgresql+foo"),
+        ("postgresql+asyncpg://u:pw@127.0.0.1:1/db", "synchronously"),
+    ],
+)
+def test_demo_refuses_drivers_it_cannot_use_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str, said: str
+) -> None:
+    try:
+        status = main(["demo", "--requests", "2", "--postgres", url,
+                       "--log-file", str(tmp_path / "d.jsonl")])
+    except SystemExit as exc:  # refused by the argument check
+        status = exc.code
+    assert status == 2
+    err = capsys.readouterr().err
+    assert said in err
+    assert "Traceback" not in err
+    assert ":pw@" not in err
+
+
 def test_demo_as_a_fresh_process(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAG_INSTRUMENT_")}
     result = subprocess.run(

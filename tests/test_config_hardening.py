@@ -533,3 +533,22 @@ def test_metric_readers_none_means_none_given() -> None:
     # As tracer_provider=None and meter_provider=None do; it raised ValueError.
     assert ri.configure(metric_readers=None, exporter="memory").exporter == "memory"
     ri.shutdown()
+
+
+def test_the_protocol_in_force_for_each_signal_sent_is_the_one_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Per-signal variables override the general one, and a signal not sent over OTLP is
+    # not checked at all.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "http/protobuf")
+    assert ri.configure(exporter="otlp").exporter == "otlp"
+    ri.shutdown(0.1)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL")
+    with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_PROTOCOL"):
+        ri.configure(exporter="otlp")  # metrics go there too, by the general variable
+    assert ri.configure(exporter="otlp", metrics_exporter="none").exporter == "otlp"
+    ri.shutdown(0.1)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc")
+    assert ri.configure(exporter="console", metrics_exporter="none").exporter == "console"

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import re
 import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -375,3 +377,26 @@ def test_the_setting_is_validated_and_read_from_the_environment(
     monkeypatch.delenv("RAG_INSTRUMENT_EVENT_LOOP_THRESHOLD_MS")
     with pytest.raises(ValueError, match="event_loop_threshold_ms"):
         ri.configure(event_loop_threshold_ms=0)
+
+
+def test_with_the_library_disabled_a_watch_writes_nothing(tmp_path: Path) -> None:
+    # The application's own lines are still written with enabled=False; a watch started
+    # by hand is instrumentation, and stays silent.
+    log = tmp_path / "app.jsonl"
+    ri.configure(enabled=False, log_file=str(log))
+
+    async def main() -> None:
+        watch = await started(ri.watch_event_loop(threshold_ms=THRESHOLD_MS))
+        try:
+            blocking_retrieve()
+            await until(lambda: watch.blocks >= 1)  # the watchdog saw it
+        finally:
+            watch.stop()  # waits for the watchdog: its report, if any, is written
+
+    try:
+        asyncio.run(main())
+        ri.get_logger("app").warning("app line")
+    finally:
+        ri.shutdown()
+    events = [json.loads(line)["event"] for line in log.read_text().splitlines()]
+    assert events == ["app line"]

@@ -334,4 +334,5 @@ def test_an_exporter_returning_failure_is_reported(caplog: pytest.LogCaptureFixt
     finally:
         ri.shutdown()
     said = [r.getMessage() for r in caplog.records if "did not export" in r.getMessage()]
-    assert said and "Failing" in said[0]
+    assert said
+    assert "Failing" in said[0]

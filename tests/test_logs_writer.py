@@ -198,3 +198,26 @@ def test_lines_a_full_disk_loses_are_reported_on_stderr_once(
     err = capsys.readouterr().err
     assert err.count("log lines are being lost") == 1
     assert "/dev/full" in err
+
+
+def test_a_relative_log_file_is_followed_after_a_change_of_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The rotation check stat()ed the relative path in the new directory, found nothing,
+    # and started a second file there.
+    from rag_instrument import logs
+
+    monkeypatch.setattr(logs, "_REOPEN_CHECK_S", 0.0)
+    (tmp_path / "app").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "app")
+    ri.configure(log_file="app.jsonl")
+    try:
+        ri.get_logger().info("one")
+        monkeypatch.chdir(tmp_path / "elsewhere")
+        ri.get_logger().info("two")
+    finally:
+        ri.shutdown()
+    assert not (tmp_path / "elsewhere" / "app.jsonl").exists()
+    lines = (tmp_path / "app" / "app.jsonl").read_text().splitlines()
+    assert [json.loads(line)["event"] for line in lines] == ["one", "two"]

@@ -67,3 +67,20 @@ def test_bytes_and_maps_are_measured_and_text_with_commas_is_not_inflated() -> N
     assert _sending._attributes_bytes({"k": {"a": "x" * 10_000, "b": b""}}) >= 10_000
     # Commas inside a string are text, not array elements.
     assert _sending._attributes_bytes({"k": "," * 4000}) < 2 * 4000
+
+
+def test_a_span_too_big_is_cut_to_about_the_limit_whatever_its_text() -> None:
+    # Each attribute was sized as 2 bytes a non-ASCII character where the span's estimate
+    # counts 3: with CJK text every attribute was cut, leaving the span nearly empty.
+    from opentelemetry.sdk.trace import ReadableSpan
+
+    limit = 3 * 1024 * 1024
+    for char in ("x", "\u6f22"):
+        attributes = {f"chunks{i}": [char * 2000] * 200 for i in range(12)}
+        span = ReadableSpan(name="retrieval", attributes=attributes)
+        cut = _sending.within_size(span, limit)
+        size = _sending.estimated_bytes(cut)
+        assert size <= limit
+        assert size > limit * 0.6, (char, size)  # not cut far below what fits
+        kept = [k for k, v in (cut.attributes or {}).items() if not isinstance(v, str)]
+        assert kept, char

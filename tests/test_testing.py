@@ -175,3 +175,45 @@ def test_configure_inside_a_capture_says_the_capture_ends() -> None:
             pass
     assert cap.spans == []
     ri.shutdown()
+
+
+def test_the_fixture_keeps_what_earlier_fixtures_bound(pytester: pytest.Pytester) -> None:
+    # An application's autouse fixture binds a tenant: the test sees it (it was wiped).
+    pytester.makepyfile(
+        """
+        import pytest
+        import rag_instrument as ri
+
+        @pytest.fixture(autouse=True)
+        def tenant():
+            ri.bind_context(tenant="acme")
+            yield
+            ri.unbind_context("tenant")
+
+        def test_a(rag_capture):
+            ri.get_logger().info("a")
+            assert rag_capture.logs[0]["context"] == {"tenant": "acme"}
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+
+
+def test_a_configure_that_fails_inside_a_capture_leaves_it_recording() -> None:
+    # The warning came before the new configuration was built: a configure() that then
+    # failed (a metric reader in use elsewhere) said the capture had ended, and it had not.
+    import warnings
+
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    taken = InMemoryMetricReader()
+    MeterProvider(metric_readers=[taken])  # the reader is someone else's
+    with capture() as cap:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "the capture records nothing" here
+            with pytest.raises(ValueError, match="metric_readers"):
+                ri.configure(metric_readers=[taken])
+        with ri.stage("retrieval"):
+            pass
+    assert [s.name for s in cap.spans] == ["retrieval"]

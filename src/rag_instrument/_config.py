@@ -110,9 +110,16 @@ def configure(  # noqa: D417 (the settings' Args are generated from the table)
     settings = build_settings(**{row.name: given[row.name] for row in settings_table()})
     metric_readers = _checked_providers(metric_readers, tracer_provider, meter_provider)
     current = get_runtime().log
-    if current is not None and current.sink is not None:
-        # Only rag_instrument.testing.capture() writes lines to a sink: an application
-        # factory configuring itself inside one ends the capture, silently otherwise.
+    # Only rag_instrument.testing.capture() writes lines to a sink.
+    in_capture = current is not None and current.sink is not None
+    apply(
+        settings,
+        metric_readers=metric_readers,
+        tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
+    )
+    if in_capture:
+        # An application factory configuring itself inside a capture ended it: say so.
         warnings.warn(
             "rag_instrument.configure() was called inside testing.capture(): the capture "
             "records nothing from here on. Configure before capture(), or pass the settings "
@@ -120,12 +127,6 @@ def configure(  # noqa: D417 (the settings' Args are generated from the table)
             RuntimeWarning,
             stacklevel=2,
         )
-    apply(
-        settings,
-        metric_readers=metric_readers,
-        tracer_provider=tracer_provider,
-        meter_provider=meter_provider,
-    )
     return settings
 
 

@@ -136,8 +136,11 @@ def within_size(span: ReadableSpan, limit: int) -> ReadableSpan:
     events = list(span._events)
     budget = int(limit * 0.9)
     cut: list[str] = []
+    # Each attribute sized as the span's estimate sizes it (JSON text, framing), so that
+    # taking it out takes out what it counted there.
     sized = sorted(
-        ((_value_bytes(value), key) for key, value in attributes.items()), reverse=True
+        ((_attributes_bytes({key: value}), key) for key, value in attributes.items()),
+        reverse=True,
     )
     current = estimated_bytes(span)
     for size, key in sized:
@@ -145,7 +148,7 @@ def within_size(span: ReadableSpan, limit: int) -> ReadableSpan:
             break
         note = f"[cut: {size} bytes, more than an export request holds]"
         attributes[key] = note
-        current -= size - len(note)
+        current -= size - _attributes_bytes({key: note})
         cut.append(key)
     if current > budget:
         events = [

@@ -674,9 +674,14 @@ def build_settings(env: Mapping[str, str] | None = None, **given: Any) -> Settin
         values["span_exporter"] = exporter
     if values.get("exporter") == "otlp" and "otlp_endpoint" not in values:
         values["otlp_endpoint"] = "http://localhost:4318"
-    sends_otlp = values.get("exporter") == "otlp" or values.get("metrics_exporter") == "otlp"
-    if sends_otlp:
-        _check_otlp_protocol(source)
+    metrics_to = values.get("metrics_exporter") or values.get("exporter")
+    sent = [
+        signal
+        for signal, target in (("TRACES", values.get("exporter")), ("METRICS", metrics_to))
+        if target == "otlp"
+    ]
+    if sent:
+        _check_otlp_protocol(source, sent)
     return Settings(**values)
 
 
@@ -685,18 +690,21 @@ def build_settings(env: Mapping[str, str] | None = None, **given: Any) -> Settin
 OTLP_PROTOCOL: Final = "http/protobuf"
 
 
-def _check_otlp_protocol(source: Mapping[str, str]) -> None:
+def _check_otlp_protocol(source: Mapping[str, str], signals: list[str]) -> None:
     """Fail for an OTLP protocol other than HTTP/protobuf: it would be ignored silently.
+
+    Only for the ``signals`` sent over OTLP (``"TRACES"``, ``"METRICS"``), each with the
+    value in force for it: its own variable, else ``OTEL_EXPORTER_OTLP_PROTOCOL``.
 
     Raises:
         ValueError: naming the variable (a gRPC collector's port 4317 would get nothing).
     """
-    for variable in (
-        "OTEL_EXPORTER_OTLP_PROTOCOL",
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
-        "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
-    ):
+    for signal in signals:
+        variable = f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL"
         raw = source.get(variable, "").strip()
+        if not raw:
+            variable = "OTEL_EXPORTER_OTLP_PROTOCOL"
+            raw = source.get(variable, "").strip()
         if raw and raw.lower() != OTLP_PROTOCOL:
             raise ValueError(
                 f"rag_instrument: environment variable {variable}={raw[:40]!r} is not "

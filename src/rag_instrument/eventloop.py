@@ -285,6 +285,8 @@ class EventLoopWatch:
         ongoing: bool,
     ) -> None:
         rt = get_runtime()
+        if not rt.enabled:  # instrumentation off: a watch started before writes nothing
+            return
         stage = stage_frame.stage if stage_frame is not None else None
         metric_attributes = {attr.RAG_STAGE: stage} if stage else {}
         rt.counter(

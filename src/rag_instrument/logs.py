@@ -227,8 +227,10 @@ class LogOutput:
         if sink is None and settings.log_file is not None:
             # O_APPEND: each line is one write(2), so lines from threads and from forked
             # workers sharing the file never interleave, without a lock.
-            self._path = settings.log_file
-            self._fd = os.open(settings.log_file, _FILE_FLAGS, 0o644)
+            # Absolute: a relative path checked after the process changed directory would
+            # seem deleted, and a second file would be started there.
+            self._path = os.path.abspath(settings.log_file)
+            self._fd = os.open(self._path, _FILE_FLAGS, 0o644)
             self._check_at = time.monotonic() + _REOPEN_CHECK_S
 
     def write(self, data: bytes) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from rag_instrument._context import EMPTY, reset_bound, set_bound
+from rag_instrument._context import bound, reset_bound, set_bound
 from rag_instrument.testing import Capture, capture
 
 __all__ = ["rag_capture"]
@@ -16,8 +16,8 @@ __all__ = ["rag_capture"]
 def rag_capture() -> Iterator[Capture]:
     """Spans, metrics and log lines recorded in memory during the test.
 
-    The test starts with no bound context (``ri.bind_context``), and what it binds is
-    dropped after it.
+    What the test binds (``ri.bind_context``) is dropped after it, so the next test does
+    not see it; what fixtures set up before it bound is kept.
 
     Example::
 
@@ -25,9 +25,11 @@ def rag_capture() -> Iterator[Capture]:
             run_search("q")
             assert rag_capture.span("retrieval").attributes["rag.stage"] == "retrieval"
     """
-    # Each test starts with nothing bound, and what it binds goes with it: values bound
-    # by one test (sync tests share a context) must not show in the next one's lines.
-    token = set_bound(EMPTY)
+    # What the test binds goes with it: values bound by one test (sync tests share a
+    # context) must not show in the next one's lines. What fixtures set up before this
+    # one bound (an application's autouse fixture) stays in force for the test.
+    before = bound()
+    token = set_bound(before)
     try:
         with capture() as cap:
             yield cap
@@ -35,4 +37,4 @@ def rag_capture() -> Iterator[Capture]:
         try:
             reset_bound(token)
         except ValueError:  # pragma: no cover - torn down in another context
-            set_bound(EMPTY)
+            set_bound(before)

@@ -203,7 +203,7 @@ def _side_tables(analysis: Analysis) -> list[tuple[str, list[str]]]:
             (
                 "Budget exceeded, and what was largest each time",
                 _grid(
-                    ["stage", "times", "largest"],
+                    [analysis.by, "times", "largest"],  # a stage, or a route's requests
                     [
                         [
                             e["stage"],

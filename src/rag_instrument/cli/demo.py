@@ -162,7 +162,12 @@ def _unreachable(url: str) -> str | None:
 
     driver = sqlalchemy.engine.make_url(url).drivername
     libpq = driver in ("postgresql", "postgresql+psycopg", "postgresql+psycopg2")
-    engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 10} if libpq else {})
+    try:
+        engine = sqlalchemy.create_engine(
+            url, connect_args={"connect_timeout": 10} if libpq else {}
+        )
+    except (ImportError, sa_exc.ArgumentError) as exc:  # no such driver, or not installed
+        return redact_text(f"cannot use {driver}: {str(exc).splitlines()[0]}")
     try:
         with engine.connect():
             return None
@@ -245,15 +250,23 @@ def _database_url(text: str) -> str:
         from sqlalchemy.engine import make_url
     except ImportError:  # the demo says which extra it needs when it gets there
         return text
+    from rag_instrument._sanitize import redact_text
+
+    shown = redact_text(text)  # a password in the URL is not echoed
     try:
         url = make_url(text)
     except Exception:
         raise argparse.ArgumentTypeError(
-            f"expected a database URL such as postgresql+psycopg://user@host/db, got {text!r}"
+            f"expected a database URL such as postgresql+psycopg://user@host/db, got {shown!r}"
         ) from None
     if not url.drivername.startswith("postgresql"):
         raise argparse.ArgumentTypeError(
-            f"expected a PostgreSQL URL (postgresql+psycopg://...), got {text!r}"
+            f"expected a PostgreSQL URL (postgresql+psycopg://...), got {shown!r}"
+        )
+    if url.drivername in ("postgresql+asyncpg", "postgresql+aiopg", "postgresql+psycopg_async"):
+        raise argparse.ArgumentTypeError(
+            f"the demo runs its database synchronously: use postgresql+psycopg://..., "
+            f"got {shown!r}"
         )
     return text
 
