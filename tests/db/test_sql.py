@@ -336,3 +336,25 @@ def test_is_distinct_from_is_no_table() -> None:
 @pytest.mark.parametrize("dialect", ["postgresql", "mssql", None])
 def test_an_unclosed_quoted_name_does_not_keep_what_follows(dialect: str | None) -> None:
     assert sanitize("SELECT \"a FROM t WHERE b = 'secret'", dialect) == "SELECT ?"
+
+
+def test_an_in_list_that_does_not_close_as_expected_fails_fast() -> None:
+    # Adjacent quantifiers that could take the same characters made a list of cast
+    # placeholders ending in something else (", now())") take seconds at 18 items, on the
+    # thread running the statement: the time quadrupled with every two more. In a child
+    # process: the regex engine holds the interpreter, so a regression would hang here.
+    import subprocess
+    import sys
+
+    code = """
+from rag_instrument.db._sql import collapse_in_lists
+items = ", ".join(f"%(x_1_{k})s::TIMESTAMP WITHOUT TIME ZONE" for k in range(60))
+text = f"SELECT id FROM t WHERE x IN ({items}, now())"
+assert collapse_in_lists(text) == text
+assert collapse_in_lists(f"SELECT id FROM t WHERE x IN ({items})").endswith("IN (?)")
+print("ok")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60
+    )  # linear: milliseconds; the old pattern: longer than the universe (a TimeoutExpired)
+    assert done.stdout.strip() == "ok", done.stderr
