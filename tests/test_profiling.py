@@ -9,6 +9,7 @@ import pstats
 import sys
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -592,3 +593,28 @@ def test_a_recursive_profiled_function_writes_one_line_per_outermost_call() -> N
     lines = cap.find_logs("profile")
     assert len(lines) == 3
     assert all(line["profiled"] is True for line in lines)
+
+
+def test_calls_in_child_tasks_and_threads_are_runs_of_their_own() -> None:
+    # The recursion check was inherited by child tasks and worker threads (the context is
+    # copied there), so their calls were skipped, and their work was in no profile.
+    @ri.profile
+    async def crawl(depth: int) -> int:
+        if depth == 0:
+            return busy_sum()
+        results = await asyncio.gather(*(crawl(depth - 1) for _ in range(3)))
+        return sum(results)
+
+    @ri.profile
+    def fan(depth: int) -> int:
+        if depth == 0:
+            return busy_sum()
+        with ThreadPoolExecutor(2) as pool:
+            return sum(pool.map(ri.wrap_context(fan), [depth - 1] * 2))
+
+    with capture() as cap:
+        asyncio.run(crawl(1))
+        fan(1)
+    lines = cap.find_logs("profile")
+    assert len(lines) == 1 + 3 + 1 + 2
+    assert all(line["profiled"] is True for line in lines if line["level"] == "info")

@@ -46,6 +46,7 @@ import functools
 import inspect
 import os
 import sys
+import threading
 import types
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Generator
 from typing import Any, TypeVar, overload
@@ -187,9 +188,10 @@ class Profile:
 
         def wrapper(*args: Any, **kwargs: Any) -> R:
             active = _in_progress.get()
-            if key in active:  # a recursive call: the outermost call's run profiles it
+            mine = (key, _runner())
+            if mine in active:  # a recursive call: the outermost call's run profiles it
                 return fn(*args, **kwargs)
-            token = _in_progress.set(active | {key})
+            token = _in_progress.set(active | {mine})
             run = Run(self, label)
             run.start()
             run.resume()
@@ -209,9 +211,10 @@ class Profile:
 
         async def wrapper(*args: Any, **kwargs: Any) -> R:
             active = _in_progress.get()
-            if key in active:  # a recursive call: the outermost call's run profiles it
+            mine = (key, _runner())
+            if mine in active:  # a recursive call: the outermost call's run profiles it
                 return await fn(*args, **kwargs)
-            token = _in_progress.set(active | {key})
+            token = _in_progress.set(active | {mine})
             try:
                 with RunRelay(self._started(label)) as core:
                     awaitable = fn(*args, **kwargs)
@@ -255,11 +258,22 @@ class Profile:
         return run
 
 
-#: The decorated functions whose run is open in this task or thread: a recursive call of
-#: one is part of that run (one line per outermost call, not one warning per level).
-_in_progress: contextvars.ContextVar[frozenset[object]] = contextvars.ContextVar(
+#: The decorated functions whose run is open, each with the task or thread it runs in: a
+#: recursive call of one in the same task or thread is part of that run (one line per
+#: outermost call, not one warning per level). Calls in child tasks and worker threads
+#: (which inherit the context) are runs of their own, as a profile covers its own task.
+_in_progress: contextvars.ContextVar[frozenset[tuple[object, object]]] = contextvars.ContextVar(
     "rag_instrument.profiled_functions", default=frozenset()
 )
+
+
+def _runner() -> object:
+    """The current asyncio task, or the current thread's id outside one."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no running loop in this thread
+        task = None
+    return task if task is not None else threading.get_ident()
 
 #: Runs opened by ``with`` / ``async with`` in this task or thread, innermost last: each
 #: exit pairs with its own entry even when one Profile object is used in several places.
