@@ -473,11 +473,33 @@ def test_a_raw_streamed_response_records_the_stream_it_parses_into(server: FakeL
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_raw_streamed_response_never_parsed_ends_when_collected(server: FakeLLMServer) -> None:
+    # In the context it was made in (not the one the collector runs in), and saying
+    # nothing of a stream it never saw.
     client = instrument_openai(_client(server))
     with capture() as cap:
-        client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES, stream=True)
-        gc.collect()
-        assert cap.span("chat m").attributes["rag.stream.completed"] is False
+        with ri.request_context(request_id="req-A"), ri.stage("generation"):
+            raw = client.chat.completions.with_raw_response.create(
+                model="m", messages=MESSAGES, stream=True
+            )
+        with ri.request_context(request_id="req-B"), ri.stage("search"):
+            del raw
+            gc.collect()
+    assert "rag.stream.completed" not in cap.span("chat m").attributes
+    (line,) = cap.find_logs("llm call completed")
+    assert (line["context"], line["stage"]) == ({"request_id": "req-A"}, "generation")
+    assert "breakdown" not in cap.find_logs("search completed")[0]
+
+
+def test_a_streaming_response_call_ends_when_it_returns(server: FakeLLMServer) -> None:
+    # with_streaming_response(stream=True): the body is the caller's to read (iter_lines),
+    # the span ends when the call returns, as documented.
+    client = instrument_openai(_client(server))
+    with capture() as cap:
+        with client.chat.completions.with_streaming_response.create(
+            model="m", messages=MESSAGES, stream=True
+        ) as response:
+            assert cap.spans  # ended already
+            assert sum(1 for _ in response.iter_lines()) > 0
 
 
 @pytest.mark.filterwarnings("ignore::ResourceWarning")

@@ -178,6 +178,24 @@ def _wrap_stream(stream: Any, state: StreamState) -> None:
     weakref.finalize(stream, state.abandoned)
 
 
+#: The header the SDKs (Stainless-made, both) set on ``with_raw_response`` ("true") and
+#: ``with_streaming_response`` ("stream") calls.
+_RAW_RESPONSE_HEADER: Final = "X-Stainless-Raw-Response"
+
+
+def _raw_stream(kwargs: Mapping[str, Any]) -> bool:
+    """Whether a call asked for a stream whose raw response comes back to be parsed.
+
+    ``with_streaming_response`` calls are not: their body is the caller's to read (the
+    span ends when the call returns, as documented).
+    """
+    if kwargs.get("stream") is not True:
+        return False
+    headers = kwargs.get("extra_headers")
+    mode = headers.get(_RAW_RESPONSE_HEADER) if isinstance(headers, Mapping) else None
+    return mode != "stream"
+
+
 def _unread_raw(result: Any) -> bool:
     """Whether ``result`` is a ``with_raw_response`` result whose body is still unread.
 
@@ -202,6 +220,9 @@ def _wrap_raw_stream(
     original = type(result).parse
     ref = weakref.ref(result)
     wrapped = [False]
+    # Where the call was made: a response never parsed ends there when collected, wherever
+    # the collector runs (another request's code), as an abandoned stream does.
+    context = contextvars.copy_context()
 
     def take(parsed: Any) -> Any:
         if not wrapped[0] and isinstance(parsed, stream_types):
@@ -214,9 +235,12 @@ def _wrap_raw_stream(
         return parsed
 
     def never_parsed() -> None:
-        if not wrapped[0]:
-            call.chunks = 0  # a stream none of which was read
-            call.finish(None, completed=False)
+        if wrapped[0]:
+            return
+        try:  # the body may have been read another way: nothing said of the stream
+            context.run(call.finish, None)
+        except RuntimeError:  # that context is running right now: end it here
+            call.finish(None)
 
     parse: Callable[..., Any]
     if inspect.iscoroutinefunction(original):
@@ -298,7 +322,7 @@ def instrumented(
                 if isinstance(result, stream_types):
                     _wrap_stream(result, make_state(call))
                     return
-                if streamed and _unread_raw(result):  # with_raw_response, stream=True
+                if streamed and _unread_raw(result):  # with_raw_response(stream=True)
                     _wrap_raw_stream(result, call, make_state, stream_types)
                     return
             except Exception as exc:
@@ -325,7 +349,7 @@ def instrumented(
             except BaseException as exc:
                 failed(call, exc)
                 raise
-            finish(call, result, kwargs.get("stream") is True)
+            finish(call, result, _raw_stream(kwargs))
             return result
 
         return async_method
@@ -340,7 +364,7 @@ def instrumented(
         except BaseException as exc:
             failed(call, exc)
             raise
-        finish(call, result, kwargs.get("stream") is True)
+        finish(call, result, _raw_stream(kwargs))
         return result
 
     return method
