@@ -423,3 +423,13 @@ def test_garbage_given_to_the_helpers_is_quiet_and_harmless(
     with capture() as cap, ri.stage("retrieval"):
         assert ri.inject_headers(42) == 42  # type: ignore[type-var]
     assert any("cannot hold headers" in line["event"] for line in cap.logs)
+
+
+def test_inject_headers_gives_bytes_to_any_form_of_byte_pairs() -> None:
+    # Pairs as lists (ASGI allows them) and bytearray names got str pairs added.
+    for headers in ([[b"accept", b"*/*"]], [(bytearray(b"accept"), b"*/*")]):
+        with capture(), ri.stage("retrieval"):
+            ri.inject_headers(headers)
+        added = [item for item in headers if bytes(item[0]) == b"traceparent"]
+        assert len(added) == 1
+        assert isinstance(added[0][1], bytes)

@@ -411,3 +411,16 @@ def test_too_many_attributes_keep_the_stages_own_and_the_bound_ones() -> None:
     assert not [line for line in cap.logs if "Attributes dict is full" in line["event"]]
     warnings = [line["event"] for line in cap.logs if line["level"] == "warning"]
     assert len(warnings) == 2, warnings  # one for each, not one per attribute dropped
+
+
+def test_with_too_many_bound_values_the_request_id_bound_last_is_kept() -> None:
+    ri.bind_context(**{f"app{i}": "v" for i in range(150)})
+    try:
+        with capture() as cap:
+            with ri.request_context(request_id="r-9"), ri.stage("retrieval"):
+                pass
+    finally:
+        ri.unbind_context(*(f"app{i}" for i in range(150)))
+    attributes = cap.span("retrieval").attributes or {}
+    assert attributes["request_id"] == "r-9"
+    assert attributes["rag.stage"] == "retrieval"

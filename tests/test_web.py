@@ -1358,3 +1358,48 @@ async def test_a_stream_collected_after_its_request_logs_with_the_request_id() -
         await asyncio.get_running_loop().run_in_executor(None, asyncio.run, main())
     line = cap.find_logs("generation cancelled")[0]
     assert line["context"] == {"pipeline_stage": "generation", "request_id": "req-42"}
+
+
+@pytest.mark.asyncio
+async def test_the_servers_scope_is_not_changed_and_a_discarded_tracestate_is_dropped() -> None:
+    seen: dict[str, str | None] = {}
+
+    async def echo(request: Request) -> Response:
+        seen["traceparent"] = request.headers.get("traceparent")
+        seen["tracestate"] = request.headers.get("tracestate")
+        return PlainTextResponse("ok")
+
+    app = RequestMiddleware(Starlette(routes=[Route("/e", echo)]))
+    driver = Driver()
+    headers = [(b"traceparent", TRACEPARENT.encode()), (b"tracestate", b"v=1")]
+    original = list(headers)
+    scopes: list[dict[str, Any]] = []
+
+    async def recording(scope: Any, receive: Any, send: Any) -> None:
+        scopes.append(scope)
+        await app(scope, receive, send)
+
+    with capture():
+        await driver(recording, "/e", headers=headers)
+    assert scopes[0]["headers"] == original  # the server's scope: as the client sent it
+    assert seen["tracestate"] == "v=1"  # the trace is continued: its state goes with it
+    # A malformed traceparent starts a new trace: the old state does not go with it.
+    with capture():
+        await Driver()(app, "/e", headers=[(b"traceparent", b"00-zz"), (b"tracestate", b"v=1")])
+    assert seen["tracestate"] is None
+    assert seen["traceparent"] is not None
+
+
+@pytest.mark.asyncio
+async def test_suppressed_instrumentation_stays_suppressed_under_an_incoming_trace() -> None:
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+    async def handler(request: Request) -> Response:
+        with ri.stage("inside"):
+            pass
+        return PlainTextResponse("ok")
+
+    app = RequestMiddleware(Starlette(routes=[Route("/s", handler)]))
+    with capture() as cap, suppress_instrumentation():
+        await Driver()(app, "/s", headers=[(b"traceparent", TRACEPARENT.encode())])
+    assert cap.spans == []

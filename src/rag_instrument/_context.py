@@ -276,15 +276,17 @@ def within_span_limit(
     """``{**context_attrs, **own}`` cut to :data:`START_ATTRIBUTES_MAX`, ``own`` kept whole.
 
     The bound values beyond the limit are left off the span (the log lines keep them), with
-    a warning (rate-limited); ``own``: the span's own attributes, at most the limit.
+    a warning (rate-limited): the latest bound are kept (a request's id, bound by the
+    middleware over the application-wide values); ``own``: the span's own attributes, at
+    most the limit.
     """
     if len(context_attrs) + len(own) <= START_ATTRIBUTES_MAX:
         return {**context_attrs, **own}
     room = max(START_ATTRIBUTES_MAX - len(own), 0)
-    kept = dict(list(context_attrs.items())[:room])
+    kept = dict(list(context_attrs.items())[-room:]) if room else {}
     warn_once.warning(
         f"rag_instrument: {len(context_attrs)} bound values are more than the span of "
-        f"{what!r} can hold with its own: it keeps the first {room} (the lines keep all)"
+        f"{what!r} can hold with its own: it keeps the {room} bound last (the lines keep all)"
     )
     return {**kept, **own}
 

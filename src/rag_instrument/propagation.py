@@ -83,7 +83,14 @@ def inject_headers(
         found: dict[str, str] = {}
         propagate.inject(found)
         if found:
-            as_bytes = any(type(item) is tuple and type(item[0]) is bytes for item in headers)
+            # Bytes pairs (ASGI's; as tuples or lists, bytearray names too) get bytes; str
+            # pairs, and an empty list, get str.
+            as_bytes = any(
+                isinstance(item, tuple | list)
+                and len(item) == 2
+                and isinstance(item[0], bytes | bytearray)
+                for item in headers
+            )
             names = {name.lower() for name in found}
             headers[:] = [item for item in headers if not _named(item, names)]
             for name, value in found.items():

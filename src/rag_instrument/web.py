@@ -349,7 +349,8 @@ def _carry_down(scope: Scope, span: trace_api.Span, parent: Context | None) -> N
     middleware added after this one) takes its parent from the request headers, not from
     the current span: without this, a request would be split into two traces. The
     application sees what it would behind a tracing proxy: this request's span as the
-    ``traceparent``, the incoming ``tracestate`` and ``baggage`` kept.
+    ``traceparent``, the incoming ``tracestate`` kept when its trace is continued, and the
+    ``baggage``.
     """
     if not span.get_span_context().is_valid:
         return
@@ -358,13 +359,16 @@ def _carry_down(scope: Scope, span: trace_api.Span, parent: Context | None) -> N
     if not carrier:
         return
     names = {key.lower().encode("latin-1"): value for key, value in carrier.items()}
+    # An incoming tracestate goes with the trace it came with: kept (re-written from the
+    # span) when that trace is continued, dropped when a new one started.
+    replaced = {*names, b"traceparent", b"tracestate"}
     headers: list[Any] = []
     for item in scope.get("headers") or ():
         try:
-            replaced = bytes(item[0]).lower() in names
+            gone = bytes(item[0]).lower() in replaced
         except Exception:  # a malformed item: passed on as it came, as the rest
-            replaced = False
-        if not replaced:
+            gone = False
+        if not gone:
             headers.append(item)
     headers.extend((key, value.encode("latin-1")) for key, value in names.items())
     scope["headers"] = headers
@@ -445,7 +449,8 @@ class _Request:
             # continued the incoming trace: ours is its child, in the same trace.
             kind = SpanKind.INTERNAL
         elif not middleware.propagation_keys.isdisjoint(headers):
-            parent = propagate.extract(headers)
+            # Into the current context: what it holds (suppress_instrumentation()) stays.
+            parent = propagate.extract(headers, context=otel_context.get_current())
         sanitizer = rt.sanitizer
         attributes: dict[str, Any] = {
             attr.HTTP_REQUEST_METHOD: self.method,
@@ -828,6 +833,9 @@ class RequestMiddleware:
         if not rt.enabled or (self.exclude_any and _path_matches(self.exclude, scope)):
             await self.app(scope, receive, send)
             return
+        # A copy for the application: the trace headers put in it (see _carry_down) must
+        # not change the server's scope (ASGI: a middleware copies what it changes).
+        scope = dict(scope)
         try:
             request = _Request(self, scope, rt, receive, send)
         except Exception as exc:
