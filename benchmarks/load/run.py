@@ -213,6 +213,9 @@ async def main_async(args: argparse.Namespace) -> int:
                 **common,
                 "RAG_EXAMPLE_INSTRUMENT": "0",
                 "RAG_EXAMPLE_DATABASE_URL": f"sqlite+aiosqlite:///{tmp / 'plain.db'}",
+                # The application's own lines (ingestion) still go to a file, as in the
+                # instrumented server: enabled=False leaves them to the configuration.
+                "RAG_INSTRUMENT_LOG_FILE": str(tmp / "plain.jsonl"),
             },
         )
         instrumented = Server(
