@@ -105,15 +105,8 @@ class StreamState:
         context is current then, maybe another request's: the call ends in the context it
         was made in, so its line carries that request's values and stage.
         """
-        context = self.context
-        if context is None:
-            self.end(completed=False)
-            return
-        self.context = None
-        try:
-            context.run(self.end, completed=False)
-        except RuntimeError:  # that context is running right now: end it here
-            self.end(completed=False)
+        context, self.context = self.context, None
+        _run_in(context, functools.partial(self.end, completed=False))
 
     def end(self, exc: BaseException | None = None, *, completed: bool = False) -> None:
         self.call.finish(
@@ -125,6 +118,17 @@ class StreamState:
             output_text="".join(self.text) if self.text is not None else None,
             completed=completed,
         )
+
+
+def _run_in(context: contextvars.Context | None, end: Callable[[], None]) -> None:
+    """Run ``end`` in ``context`` (where a call was made), or here if that cannot be."""
+    if context is None:
+        end()
+        return
+    try:
+        context.run(end)
+    except RuntimeError:  # that context is running right now: end it here
+        end()
 
 
 def _iterate(inner: Iterator[Any], state: StreamState) -> Iterator[Any]:
@@ -235,12 +239,8 @@ def _wrap_raw_stream(
         return parsed
 
     def never_parsed() -> None:
-        if wrapped[0]:
-            return
-        try:  # the body may have been read another way: nothing said of the stream
-            context.run(call.finish, None)
-        except RuntimeError:  # that context is running right now: end it here
-            call.finish(None)
+        if not wrapped[0]:  # the body may have been read another way: nothing said of it
+            _run_in(context, call.finish)
 
     parse: Callable[..., Any]
     if inspect.iscoroutinefunction(original):
