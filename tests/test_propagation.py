@@ -423,6 +423,11 @@ def test_garbage_given_to_the_helpers_is_quiet_and_harmless(
     with capture() as cap, ri.stage("retrieval"):
         assert ri.inject_headers(42) == 42  # type: ignore[type-var]
     assert any("cannot hold headers" in line["event"] for line in cap.logs)
+    not_pairs: list[Any] = [1, 2, 3]
+    with capture() as cap, ri.stage("retrieval"):
+        assert ri.inject_headers(not_pairs) is not_pairs
+    assert not_pairs == [1, 2, 3]  # not changed: no pair added to a list of no pairs
+    assert any("type list cannot hold headers" in line["event"] for line in cap.logs)
 
 
 def test_inject_headers_gives_bytes_to_any_form_of_byte_pairs() -> None:

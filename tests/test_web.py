@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry import trace
@@ -55,7 +55,14 @@ class Driver:
         self.on_send: Callable[[dict[str, Any]], None] | None = None
 
     async def __call__(
-        self, app: Any, path: str = "/", method: str = "GET", headers: Any = (), spec="2.3"
+        self,
+        app: Any,
+        path: str = "/",
+        method: str = "GET",
+        headers: Any = (),
+        spec: str = "2.3",
+        scheme: str = "http",
+        server: Any = ("testserver", 80),
     ) -> list[dict[str, Any]]:
         gone = asyncio.Event()
         delivered = False
@@ -65,14 +72,14 @@ class Driver:
             "asgi": {"version": "3.0", "spec_version": spec},
             "http_version": "1.1",
             "method": method,
-            "scheme": "http",
+            "scheme": scheme,
             "path": path,
             "raw_path": path.encode(),
             "query_string": b"",
             "root_path": "",
             "headers": [(bytes(k), bytes(v)) for k, v in headers],
             "client": ("127.0.0.1", 5000),
-            "server": ("testserver", 80),
+            "server": server,
         }
 
         async def receive() -> dict[str, Any]:
@@ -156,6 +163,7 @@ async def test_root_span_is_named_after_the_route_template_not_the_path() -> Non
     assert attrs["url.query"] == "x=1"
     assert attrs["url.scheme"] == "http"
     assert attrs["server.address"] == "testserver"
+    assert attrs["server.port"] == 80  # no port in the Host header: the scheme's
     assert attrs["user_agent.original"] == "ua/1"
     assert attrs["client.address"] == "127.0.0.1"
     assert span.status.status_code is StatusCode.UNSET
@@ -164,6 +172,30 @@ async def test_root_span_is_named_after_the_route_template_not_the_path() -> Non
     stage = cap.span("retrieval")
     assert stage.parent is not None
     assert stage.parent.span_id == span.context.span_id
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("scheme", "headers", "server", "expected"),
+    [
+        ("https", [(b"host", b"api.example.com")], ("10.0.0.1", 8443), ("api.example.com", 443)),
+        ("http", [(b"host", b"api.example.com:8080")], ("10.0.0.1", 80), ("api.example.com", 8080)),
+        ("http", [(b"host", b"[::1]")], None, ("[::1]", 80)),
+        ("http", [], ("10.0.0.1", 8000), ("10.0.0.1", 8000)),  # HTTP/1.0: no Host header
+        ("http", [], None, (None, None)),
+    ],
+)
+async def test_server_address_and_port(
+    scheme: str, headers: list[Any], server: Any, expected: tuple[Any, Any]
+) -> None:
+    async def ok(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    app = RequestMiddleware(Starlette(routes=[Route("/x", ok)]))
+    with capture() as cap:
+        await Driver()(app, "/x", headers=headers, scheme=scheme, server=server)
+    attrs = server_span(cap).attributes
+    assert (attrs.get("server.address"), attrs.get("server.port")) == expected
 
 
 @pytest.mark.asyncio
@@ -491,6 +523,8 @@ async def test_excluded_paths_are_neither_traced_nor_logged() -> None:
         ({"exclude_paths": ["health"]}, ValueError),
         ({"quiet_paths": [None]}, ValueError),
         ({"exclude_paths": "/health"}, TypeError),
+        ({"quiet_paths": 42}, TypeError),
+        ({"exclude_paths": b"/health"}, TypeError),
         ({"server_timing": "yes"}, TypeError),
         ({"request_id_header": "x request id"}, ValueError),
     ],
@@ -498,6 +532,18 @@ async def test_excluded_paths_are_neither_traced_nor_logged() -> None:
 def test_bad_options_raise_at_construction(options: dict[str, Any], error: type) -> None:
     with pytest.raises(error, match="RequestMiddleware"):
         RequestMiddleware(lambda s, r, se: None, **options)  # type: ignore[arg-type,return-value]
+
+
+@pytest.mark.asyncio
+async def test_no_paths_given_as_none_is_none() -> None:
+    async def ok(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    inner = Starlette(routes=[Route("/health", ok)])
+    app = RequestMiddleware(inner, exclude_paths=None, quiet_paths=None)
+    with capture() as cap:
+        assert (await get(app, "/health")).status_code == 200
+    assert [line["route"] for line in request_lines(cap)] == ["/health"]
 
 
 # --- routes ----------------------------------------------------------------------------------
@@ -672,6 +718,28 @@ async def test_a_middleware_on_a_mounted_app_names_routes_from_its_own_mount() -
     assert [line["route"] for line in request_lines(cap)] == ["/t/{tenant}/d/{doc}"]
 
 
+@pytest.mark.asyncio
+async def test_routes_of_an_included_router_in_an_app_mounted_with_parameters() -> None:
+    # FastAPI keeps an included router's routes out of the app's route list until a request
+    # needs them: the mounts' templates are found by the path the request took.
+    router = APIRouter(prefix="/p")
+
+    @router.get("/r/{doc_id}")
+    async def read(doc_id: str) -> dict[str, str]:
+        return {"id": doc_id}
+
+    sub = make_fastapi()
+    sub.include_router(router)
+    main = make_fastapi()
+    main.mount("/v2/{tenant}", sub)
+    app = ri.RequestMiddleware(main)
+    with capture(budgets={"GET /v2/{tenant}/p/r/{doc_id}": 0.001}) as cap:
+        for tenant in ("acme", "globex"):
+            assert (await get(app, f"/v2/{tenant}/p/r/5")).json() == {"id": "5"}
+    assert [line["route"] for line in request_lines(cap)] == ["/v2/{tenant}/p/r/{doc_id}"] * 2
+    assert len(cap.find_logs("budget exceeded", route="GET /v2/{tenant}/p/r/{doc_id}")) == 2
+
+
 def test_route_template_reads_other_frameworks_scope_keys() -> None:
     assert route_template({"path_template": "/u/{id}"}) == "/u/{id}"
     assert route_template({"route": "/x/{y}"}) == "/x/{y}"
@@ -743,6 +811,10 @@ async def test_cancellation_passes_through_and_marks_the_span() -> None:
     span = server_span(cap)
     assert span.attributes["rag.cancelled"] is True
     assert span.status.status_code is StatusCode.UNSET
+    # No status was sent: none on the span or the duration metric; 499 in the line only.
+    assert "http.response.status_code" not in span.attributes
+    (point,) = cap.metrics()["http.server.request.duration"]
+    assert "http.response.status_code" not in point.attributes
     (line,) = request_lines(cap)
     assert (line["status"], line["cancelled"], line["level"]) == (499, True, "warning")
 
@@ -851,6 +923,52 @@ async def test_under_another_server_span_ours_is_its_child_in_the_same_trace() -
     assert ours.parent is not None
     assert ours.parent.span_id == outer_span.context.span_id
     assert ours.context.trace_id == outer_span.context.trace_id
+
+
+@pytest.mark.asyncio
+async def test_the_incoming_trace_is_continued_under_a_span_that_is_no_server_span() -> None:
+    # A test's own span, a stage, a client span: none of them is this request's server
+    # span, so the traceparent the request came with is continued, as a SERVER span.
+    app = build_items_app()
+    with capture() as cap:
+        with ri.stage("caller"):
+            await get(app, "/api/items/1", headers={"traceparent": TRACEPARENT})
+        with ri.stage("caller without header"):
+            await get(app, "/api/items/2")
+    first, second = (s for s in cap.spans if s.name == "GET /api/items/{item_id}")
+    assert first.kind is SpanKind.SERVER
+    assert format(first.context.trace_id, "032x") == TRACEPARENT.split("-")[1]
+    assert first.parent is not None
+    assert format(first.parent.span_id, "016x") == TRACEPARENT.split("-")[2]
+    caller = cap.span("caller without header")
+    assert second.kind is SpanKind.SERVER
+    assert second.parent is not None
+    assert second.parent.span_id == caller.context.span_id
+
+
+@pytest.mark.asyncio
+async def test_an_app_calling_another_in_process_from_its_request_span() -> None:
+    # App A's endpoint calls app B through httpx's ASGI transport (same task, so A's request
+    # span is current in B's middleware): B's request is a server span of its own, a child
+    # of A's, since the header it came with names A's span.
+    callee = build_items_app()
+
+    async def call(request: Request) -> Response:
+        transport = httpx.ASGITransport(app=callee)
+        async with httpx.AsyncClient(transport=transport, base_url="http://b") as client:
+            answer = await client.get("/api/items/3", headers=ri.inject_headers({}))
+        return PlainTextResponse(answer.text)
+
+    caller = ri.RequestMiddleware(Starlette(routes=[Route("/call", call)]))
+    with capture() as cap:
+        assert (await get(caller, "/call")).status_code == 200
+    a = server_span_named(cap, "GET /call", our=True)
+    b = server_span_named(cap, "GET /api/items/{item_id}", our=True)
+    assert a.kind is SpanKind.SERVER
+    assert b.kind is SpanKind.SERVER
+    assert b.parent is not None
+    assert b.parent.span_id == a.context.span_id
+    assert b.context.trace_id == a.context.trace_id
 
 
 # --- streaming -------------------------------------------------------------------------------
@@ -1243,6 +1361,32 @@ async def test_quiet_and_excluded_paths_match_under_a_root_path(root_path: str) 
     assert [line["route"] for line in request_lines(cap)] == ["/a"]
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("sent", ["/api", ""])
+async def test_fastapis_own_root_path_names_routes_and_matches_paths_the_same(sent: str) -> None:
+    fastapi_app = make_fastapi()
+    fastapi_app.root_path = "/api"  # as FastAPI(root_path="/api") does (now deprecated)
+
+    @fastapi_app.get("/items/{i}")
+    async def item(i: int) -> dict[str, int]:
+        return {"i": i}
+
+    @fastapi_app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    @fastapi_app.get("/metrics")
+    async def metrics() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    app = RequestMiddleware(fastapi_app, quiet_paths=["/health"], exclude_paths=["/metrics"])
+    with capture() as cap:
+        for path in ("/items/3", "/health", "/metrics"):
+            assert (await get(app, sent + path)).status_code == 200
+    assert sorted(s.name for s in cap.spans) == ["GET /health", "GET /items/{i}"]
+    assert [line["route"] for line in request_lines(cap)] == ["/items/{i}"]
+
+
 def test_server_timing_gives_stages_whose_names_clash_names_of_their_own() -> None:
     timings = _breakdown.StageTimings()
     for name in ("vector search", "vector_search", "vector/search", "résumé", "r_sum_"):
@@ -1358,6 +1502,26 @@ async def test_a_stream_collected_after_its_request_logs_with_the_request_id() -
         await asyncio.get_running_loop().run_in_executor(None, asyncio.run, main())
     line = cap.find_logs("generation cancelled")[0]
     assert line["context"] == {"pipeline_stage": "generation", "request_id": "req-42"}
+
+
+@pytest.mark.asyncio
+async def test_a_middleware_around_ours_sees_what_the_application_set_in_the_scope() -> None:
+    # A metrics middleware outside ours reads the route the framework matched, as it would
+    # without ours in between; the headers it sees are the client's once the app is done.
+    seen: dict[str, Any] = {}
+    app = build_items_app()  # under RequestMiddleware
+
+    async def outer(scope: Any, receive: Any, send: Any) -> None:
+        await app(scope, receive, send)
+        seen["route"] = getattr(scope.get("route"), "path", None)
+        seen["path_params"] = scope.get("path_params")
+        seen["headers"] = scope["headers"]
+
+    with capture():
+        await get(outer, "/api/items/7", headers={"traceparent": TRACEPARENT})
+    assert seen["route"] == "/api/items/{item_id}"
+    assert seen["path_params"] == {"item_id": "7"}
+    assert (b"traceparent", TRACEPARENT.encode()) in seen["headers"]
 
 
 @pytest.mark.asyncio

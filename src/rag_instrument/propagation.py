@@ -56,8 +56,8 @@ def inject_headers(
         headers: a mutable mapping of outgoing headers (a ``dict``, ``httpx.Headers``,
             ``requests``' ``CaseInsensitiveDict`` ...) or a list of ``(name, value)``
             pairs (``str``, or ``bytes`` as ASGI's; pairs of the same names are replaced),
-            changed in place; a new ``dict`` when omitted. Anything else is returned
-            unchanged, with a warning.
+            changed in place; a new ``dict`` when omitted. Anything else (a list of
+            anything but pairs included) is returned unchanged, with a warning.
 
     Returns:
         ``headers`` itself (or the new dict), so it can be passed on inline. Outside any
@@ -79,6 +79,9 @@ def inject_headers(
             internal_error("inject_headers", exc)
         return carrier
     # A list of (name, value) pairs (ASGI-style bytes, or str): the pairs are replaced.
+    if not all(isinstance(item, tuple | list) and len(item) == 2 for item in headers):
+        _cannot_carry(headers)  # a list, but not of header pairs
+        return headers
     try:
         found: dict[str, str] = {}
         propagate.inject(found)

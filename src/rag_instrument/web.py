@@ -78,9 +78,16 @@ _MAX_EXCLUDED: Final = 1000
 _ERROR: Final = Status(StatusCode.ERROR)
 
 
-def _path_matcher(paths: Iterable[str], what: str) -> tuple[frozenset[str], tuple[str, ...]]:
-    if isinstance(paths, str):
-        raise TypeError(f"rag_instrument.RequestMiddleware: {what} must be a list of paths")
+def _path_matcher(
+    paths: Iterable[str] | None, what: str
+) -> tuple[frozenset[str], tuple[str, ...]]:
+    if paths is None:  # none, as an empty list
+        return frozenset(), ()
+    if isinstance(paths, str | bytes) or not isinstance(paths, Iterable):
+        raise TypeError(
+            f"rag_instrument.RequestMiddleware: {what} must be a list of paths, "
+            f"got {paths!r:.80}"
+        )
     exact: set[str] = set()
     prefixes: list[str] = []
     for path in paths:
@@ -101,7 +108,9 @@ def _matches(matcher: tuple[frozenset[str], tuple[str, ...]], path: str) -> bool
     return path in exact or (bool(prefixes) and path.startswith(prefixes))
 
 
-def _path_matches(matcher: tuple[frozenset[str], tuple[str, ...]], scope: Scope) -> bool:
+def _path_matches(
+    matcher: tuple[frozenset[str], tuple[str, ...]], scope: Scope, root: Any = None
+) -> bool:
     """Whether the request's path matches, as the application sees it or as it was sent.
 
     Under a root path (``uvicorn --root-path /api``, a mount) ``scope["path"]`` holds the
@@ -112,7 +121,8 @@ def _path_matches(matcher: tuple[frozenset[str], tuple[str, ...]], scope: Scope)
         return False
     if _matches(matcher, path):
         return True
-    root = scope.get("root_path", "")
+    if root is None:
+        root = scope.get("root_path", "")
     if root and isinstance(root, str) and path.startswith(root):
         rest = path[len(root) :]
         if rest[:1] == "/" or not rest:
@@ -221,6 +231,32 @@ def _map_routes(routes: Any, above: tuple[Any, ...], chains: _Chains, depth: int
                 _map_routes(inner, (*above, each), chains, depth + 1)
 
 
+def _mounts_on_path(router: Any, path: str) -> tuple[Any, ...]:
+    """The mounts Starlette's router sends ``path`` through, outermost first.
+
+    At each level the first mount whose pattern matches takes the request, as in
+    Starlette's router (a route before it that matched fully would have been the target).
+    """
+    chain: list[Any] = []
+    routes: Any = getattr(router, "routes", None) or ()
+    rest = path
+    while len(chain) < _MAX_DEPTH:
+        for each in routes:
+            template = getattr(each, "path_format", None)
+            pattern: Any = getattr(each, "path_regex", None)
+            if not isinstance(template, str) or not template.endswith(_MOUNT_TAIL):
+                continue
+            match = pattern.match(rest) if pattern is not None else None
+            if match is not None:
+                chain.append(each)
+                rest = "/" + str(match.groupdict().get("path", ""))
+                routes = getattr(each, "routes", None) or ()
+                break
+        else:
+            break
+    return tuple(chain)
+
+
 def _mounts_template(scope: Scope, root_path: str, target: Any) -> str | None:
     """The templates of the mounts between this middleware and ``target``, or ``None``.
 
@@ -238,7 +274,14 @@ def _mounts_template(scope: Scope, root_path: str, target: Any) -> str | None:
     if top and path.startswith(top):
         path = path[len(top) :]
     above = len(root_path) - len(top)  # what mounts above this middleware matched
-    for _, chain in _chains_of(scope.get("router"), target):
+    router = scope.get("router")
+    chains = [chain for _, chain in _chains_of(router, target)]
+    if not chains:
+        # Routes the map cannot reach (FastAPI keeps included routers' routes out of
+        # ``routes`` until requested): the mounts the path goes through, in order.
+        found = _mounts_on_path(router, path)
+        chains = [found] if found else []
+    for chain in chains:
         rest, consumed, prefix = path, 0, ""
         for mount in chain:
             pattern: Any = getattr(mount, "path_regex", None)
@@ -342,7 +385,10 @@ def _header_values(scope: Scope, wanted: frozenset[bytes]) -> dict[str, str]:
     return found
 
 
-def _carry_down(scope: Scope, span: trace_api.Span, parent: Context | None) -> None:
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def _carry_down(scope: Scope, span: trace_api.Span, parent: Context | None) -> Any:
     """Put ``span``'s trace context in the request headers the application sees.
 
     Tracing inside the application (FastAPI's native telemetry, the OpenTelemetry ASGI
@@ -351,13 +397,18 @@ def _carry_down(scope: Scope, span: trace_api.Span, parent: Context | None) -> N
     application sees what it would behind a tracing proxy: this request's span as the
     ``traceparent``, the incoming ``tracestate`` kept when its trace is continued, and the
     ``baggage``.
+
+    The scope is changed in place, so that what the application sets in it (the matched
+    route, the path parameters) is seen by the middleware around this one, as without it.
+    Returns the headers as they came, for the request's end to put back (``None`` when
+    nothing was changed).
     """
     if not span.get_span_context().is_valid:
-        return
+        return None
     carrier: dict[str, str] = {}
     propagate.inject(carrier, context=trace_api.set_span_in_context(span, parent))
     if not carrier:
-        return
+        return None
     names = {key.lower().encode("latin-1"): value for key, value in carrier.items()}
     # An incoming tracestate goes with the trace it came with: kept (re-written from the
     # span) when that trace is continued, dropped when a new one started.
@@ -371,7 +422,9 @@ def _carry_down(scope: Scope, span: trace_api.Span, parent: Context | None) -> N
         if not gone:
             headers.append(item)
     headers.extend((key, value.encode("latin-1")) for key, value in names.items())
+    sent = scope.get("headers")
     scope["headers"] = headers
+    return sent
 
 
 class _Request:
@@ -379,6 +432,7 @@ class _Request:
 
     __slots__ = (
         "body_done",
+        "client_headers",
         "disconnected",
         "frame",
         "headers_ms",
@@ -421,10 +475,16 @@ class _Request:
         self.send_failed = False
         self.headers_ms: float | None = None
         self.tokens: tuple[Any, ...] | None = None
-        root_path = scope.get("root_path", "")
+        self.client_headers: Any = None
+        # FastAPI(root_path=...) sets the scope's root path itself, once past this middleware.
+        root_path = middleware.app_root_path or scope.get("root_path", "")
         self.root_path = root_path if isinstance(root_path, str) else ""
         path = scope.get("path", "")
-        self.quiet = _path_matches(middleware.quiet, scope) if middleware.quiet_any else False
+        self.quiet = (
+            _path_matches(middleware.quiet, scope, self.root_path)
+            if middleware.quiet_any
+            else False
+        )
 
         # Methods are case-sensitive (RFC 9110, and Starlette answers "get" with 405): one
         # not in its canonical form is "_OTHER", with the original kept beside it.
@@ -443,14 +503,24 @@ class _Request:
 
         kind = SpanKind.SERVER
         parent: Context | None = None
-        if current_span().get_span_context().is_valid:
-            # Another instrumentation in this process (FastAPI's native telemetry, the
-            # OpenTelemetry ASGI middleware) already opened the request's server span and
-            # continued the incoming trace: ours is its child, in the same trace.
-            kind = SpanKind.INTERNAL
-        elif not middleware.propagation_keys.isdisjoint(headers):
+        outer = current_span()
+        outer_context = outer.get_span_context()
+        if not middleware.propagation_keys.isdisjoint(headers):
             # Into the current context: what it holds (suppress_instrumentation()) stays.
             parent = propagate.extract(headers, context=otel_context.get_current())
+        if outer_context.is_valid and getattr(outer, "kind", None) is SpanKind.SERVER:
+            # Another instrumentation in this process (FastAPI's native telemetry, the
+            # OpenTelemetry ASGI middleware) already opened the request's server span and
+            # continued the incoming trace: ours is its child, in the same trace. Not so
+            # when the incoming header names that very span: then the request was sent
+            # from inside it (one app calling another in the same process).
+            incoming = (
+                trace_api.get_current_span(parent).get_span_context()
+                if parent is not None
+                else None
+            )
+            if incoming is None or incoming.span_id != outer_context.span_id:
+                kind, parent = SpanKind.INTERNAL, None
         sanitizer = rt.sanitizer
         attributes: dict[str, Any] = {
             attr.HTTP_REQUEST_METHOD: self.method,
@@ -471,8 +541,17 @@ class _Request:
             if name and port.isdigit():
                 attributes[attr.SERVER_ADDRESS] = sanitizer.text(name)
                 attributes[attr.SERVER_PORT] = int(port)
-            else:
+            else:  # no port in Host: the scheme's (RFC 9110, 7.2)
                 attributes[attr.SERVER_ADDRESS] = sanitizer.text(host)
+                default = _DEFAULT_PORTS.get(attributes[attr.URL_SCHEME])
+                if default is not None:
+                    attributes[attr.SERVER_PORT] = default
+        else:  # no Host header (HTTP/1.0): the address the server listens on
+            server = scope.get("server")
+            if isinstance(server, (tuple, list)) and len(server) == 2 and server[0]:
+                attributes[attr.SERVER_ADDRESS] = sanitizer.text(str(server[0]))
+                if isinstance(server[1], int):
+                    attributes[attr.SERVER_PORT] = server[1]
         client = scope.get("client")
         if client:  # client.port is opt-in in the semantic conventions: left out
             attributes[attr.CLIENT_ADDRESS] = str(client[0])
@@ -508,7 +587,7 @@ class _Request:
         self.span = span
         self.start_attrs = attributes
         try:
-            _carry_down(scope, span, parent)
+            self.client_headers = _carry_down(scope, span, parent)
         except Exception as exc:
             internal_error("RequestMiddleware: trace headers", exc)
         # No owner: the frame would refer back to this object, a reference cycle that only
@@ -590,6 +669,8 @@ class _Request:
             internal_error("RequestMiddleware", end_exc)
         finally:
             self._restore()
+            if self.client_headers is not None:  # the server's scope: as the client sent it
+                self.scope["headers"] = self.client_headers
 
     def _restore(self) -> None:
         tokens, self.tokens = self.tokens, None
@@ -641,7 +722,8 @@ class _Request:
         try:
             if route:
                 end_attrs[attr.HTTP_ROUTE] = route
-            end_attrs[attr.HTTP_RESPONSE_STATUS_CODE] = status
+            if not (cancelled and self.status is None):  # 499 is the line's: none was sent
+                end_attrs[attr.HTTP_RESPONSE_STATUS_CODE] = status
             if forms is not None:
                 end_attrs.update(forms[0])
             if cancelled:
@@ -676,8 +758,9 @@ class _Request:
         metric_attrs: dict[str, Any] = {
             attr.HTTP_REQUEST_METHOD: self.method,
             attr.URL_SCHEME: start_attrs[attr.URL_SCHEME],
-            attr.HTTP_RESPONSE_STATUS_CODE: status,
         }
+        if not (cancelled and self.status is None):
+            metric_attrs[attr.HTTP_RESPONSE_STATUS_CODE] = status
         if route:
             metric_attrs[attr.HTTP_ROUTE] = route
         version = start_attrs.get(attr.NETWORK_PROTOCOL_VERSION)
@@ -761,6 +844,7 @@ class RequestMiddleware:
     __slots__ = (
         "_budgets",
         "app",
+        "app_root_path",
         "exclude",
         "exclude_any",
         "propagation_keys",
@@ -777,8 +861,8 @@ class RequestMiddleware:
         app: ASGIApp,
         *,
         server_timing: bool = True,
-        exclude_paths: Iterable[str] = (),
-        quiet_paths: Iterable[str] = (),
+        exclude_paths: Iterable[str] | None = (),
+        quiet_paths: Iterable[str] | None = (),
         request_id_header: str = "x-request-id",
     ) -> None:
         if not callable(app):
@@ -798,6 +882,8 @@ class RequestMiddleware:
                 f"got {request_id_header!r:.80}"
             )
         self.app = app
+        root_path = getattr(app, "root_path", None)  # FastAPI's: the app's own root path
+        self.app_root_path = root_path if isinstance(root_path, str) else ""
         self.server_timing = server_timing
         self.exclude = _path_matcher(exclude_paths, "exclude_paths")
         self.exclude_any = bool(self.exclude[0] or self.exclude[1])
@@ -830,12 +916,11 @@ class RequestMiddleware:
             await self.app(scope, receive, send)
             return
         rt = get_runtime()
-        if not rt.enabled or (self.exclude_any and _path_matches(self.exclude, scope)):
+        if not rt.enabled or (
+            self.exclude_any and _path_matches(self.exclude, scope, self.app_root_path or None)
+        ):
             await self.app(scope, receive, send)
             return
-        # A copy for the application: the trace headers put in it (see _carry_down) must
-        # not change the server's scope (ASGI: a middleware copies what it changes).
-        scope = dict(scope)
         try:
             request = _Request(self, scope, rt, receive, send)
         except Exception as exc:
