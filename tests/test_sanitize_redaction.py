@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import string
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -339,3 +340,34 @@ def test_status_words_under_secret_names_survive(name: str, sep: str, value: str
 def test_real_values_under_the_same_names_are_masked(name: str, sep: str, value: str) -> None:
     out = redact_text(f"{name}{sep}{value}")
     assert value not in out
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "key=" * 6000,  # a bare "key=" whose value runs on through every other one
+        "a=key=" * 4000,
+        "://" * 8000,  # URL credentials tried from each "://"
+        "a://:" * 4800 + "&a=b@h:x",
+        "x@" + "a://:" * 4800,
+        "key=" + "a" * 24000,
+    ],
+    ids=["key=", "a=key=", "://", "url then a query", "url after an @", "one long value"],
+)
+def test_masking_costs_linear_time_in_what_a_client_sends(payload: str) -> None:
+    # A request's query string or user agent is masked on the request path: text that made
+    # masking quadratic (5.6 s of CPU for 24 KB of "key=") let one client slow the server.
+    # The bound is wide (about 30 times what linear masking costs here).
+    sanitizer = Sanitizer(max_chars=20000)
+    started = time.process_time()
+    sanitizer.text(payload)
+    assert time.process_time() - started < 1.0
+
+
+def test_a_long_bare_value_judged_a_secret_is_masked_whole() -> None:
+    secret = "aB3dE5gH7jK9mN1p" * 100  # 1,600 characters, credential-shaped from its start
+    out = redact_text(f"key={secret} rest")
+    assert out == f"key={REDACTED} rest"
+    assert redact_text("key=" + "a" * 200 + "/2024/report.pdf") == "key=" + "a" * 200 + (
+        "/2024/report.pdf"
+    )

@@ -23,6 +23,7 @@ import re
 import time
 import traceback
 import uuid
+from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import PurePath
 from typing import Any, Final
@@ -139,19 +140,18 @@ _PEM: Final = re.compile(
     r"(?:.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|.*\Z)",
     re.DOTALL,
 )
-_URL_PASSWORD: Final = re.compile(
-    # scheme://user:PASSWORD@host - the password runs to the last "@" before the host (an
-    # "@" followed by a host name and then "/", "?", "#" or the end), so passwords with
-    # "@", "/" or "#" in them (unencoded, as hand-written DSNs have them) are masked whole
-    # while an e-mail in the query string stays. Not when the colon starts a port
-    # ("host:443/?to=a@b.c": no credentials at all).
-    r"(://[^\s:/?#@]*:)(?!\d{1,5}(?:[/?#]|$|\s))(?!\[REDACTED)[^\s?]*"
-    r"(?=@[^\s@/?#]+(?:[/?#\s]|$))"
-)
-_URL_PASSWORD_WIDE: Final = re.compile(
-    # First, to the last "@" of the URL (a password with "?" in it), see _wide_password.
-    r"(://[^\s:/?#@]*:)(?!\d{1,5}(?:[/?#]|$|\s))(?!\[REDACTED)[^\s]*(?=@[^\s@]*(?:\s|$))"
-)
+# scheme://user:PASSWORD@host. Two readings, as two passes (see _url_passwords): first
+# the password runs to the last "@" of the URL (a password with "?" in it; see
+# _wide_password), then to the last "@" before the host (an "@" followed by a host name and
+# then "/", "?", "#", a blank or the end), within what stops at "?" or a blank, so that
+# passwords with "@", "/" or "#" in them (unencoded, as hand-written DSNs have them) are
+# masked whole while an e-mail in the query string stays. Not when the colon starts a port
+# ("host:443/?to=a@b.c": no credentials at all). Found from each "://" outwards, with the
+# ends looked up rather than backtracked to: a text of many "://" costs linear time.
+_URL_CREDENTIALS: Final = re.compile(r"://[^\s:/?#@]*:(?!\d{1,5}(?:[/?#]|$|\s))(?!\[REDACTED)")
+_BLANK: Final = re.compile(r"\s")
+_BLANK_OR_QUERY: Final = re.compile(r"[\s?]")
+_HOST_AT: Final = re.compile(r"@(?=[^\s@/?#]+(?:[/?#\s]|$))")
 _URL_USER_TOKEN: Final = re.compile(
     # scheme://TOKEN@host: a user part long or digit-bearing enough to be a credential
     # (https://ghp_...@github.com, https://<key>@sentry.io) - not "postgres@localhost".
@@ -190,18 +190,24 @@ _VALUE_LEAD: Final = re.compile(
 # digits mixed ("3f9a0c7b2e4d6f8a..."). Not "key=user_profile_v2", "key=uploads/2024/x.pdf",
 # "key=192.168.0.1", "key=tenant-42-shard-7".
 _BARE_KEY_CHARS: Final = re.compile(r"[A-Za-z0-9+/=_.%-]{10,}")
-_LONG_RUN: Final = re.compile(r"(?=[A-Za-z0-9]*[0-9])(?=[A-Za-z0-9]*[A-Za-z])[A-Za-z0-9]{16,}")
+_ALNUM_RUN: Final = re.compile(r"[A-Za-z0-9]{16,}")
+_UPPER: Final = re.compile(r"[A-Z]")
+_LOWER: Final = re.compile(r"[a-z]")
+_DIGIT: Final = re.compile(r"[0-9]")
+_DIGIT_OR_SIGN: Final = re.compile(r"[0-9+/=]")
 
 
 def _bare_key_value(raw: str) -> bool:
     """Whether the value of a bare ``key=`` looks like a credential (see above)."""
-    if not _BARE_KEY_CHARS.fullmatch(raw):
+    if not _BARE_KEY_CHARS.fullmatch(raw):  # ASCII only from here on
         return False
-    upper = any(c.isupper() for c in raw)
-    lower = any(c.islower() for c in raw)
-    if upper and lower and (any(c.isdigit() for c in raw) or any(c in "+/=" for c in raw)):
+    if _UPPER.search(raw) and _LOWER.search(raw) and _DIGIT_OR_SIGN.search(raw):
         return True
-    return _LONG_RUN.search(raw) is not None
+    # A run of 16 or more letters and digits with both in it (each run read once).
+    return any(
+        _DIGIT.search(run.group(0)) and (_UPPER.search(run.group(0)) or _LOWER.search(run.group(0)))
+        for run in _ALNUM_RUN.finditer(raw)
+    )
 _QUOTED: Final = {"'": re.compile(r"[^'\r\n]*"), '"': re.compile(r'[^"\r\n]*')}
 _BARE_VALUE: Final = re.compile(r"""(?!//)[^\s"'&,;}\])]+""")
 _NAME_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
@@ -314,14 +320,52 @@ def _keep_prefix(match: re.Match[str]) -> str:
     return match.group(1) + REDACTED
 
 
-def _wide_password(match: re.Match[str]) -> str:
+def _wide_password(password: str) -> bool:
     # To the last "@" of the URL, unless that "@" is in a query parameter's value
-    # ("?email=a@b.c"): then the narrow pattern (to the "@" before the host) decides.
-    password = match.group(0)[len(match.group(1)) :]
+    # ("?email=a@b.c"): then the narrow reading (to the "@" before the host) decides.
     cut = max(password.rfind("?"), password.rfind("&"))
-    if cut >= 0 and "=" in password[cut:]:
-        return match.group(0)
-    return match.group(1) + REDACTED
+    return not (cut >= 0 and "=" in password[cut:])
+
+
+def _url_passwords(text: str, *, wide: bool) -> str:
+    """Mask URL passwords (see _URL_CREDENTIALS), the ``wide`` reading or the narrow one."""
+    parts: list[str] = []
+    done = pos = 0
+    run_end = -1  # where the value that started at or before pos stops (a blank, a "?")
+    host_ats: list[int] | None = None  # where an "@" is followed by a host, in order
+    last_at = -1  # the last "@" before run_end
+    while True:
+        found = _URL_CREDENTIALS.search(text, pos)
+        if found is None:
+            break
+        value_start = found.end()
+        if value_start >= run_end:  # a new run: where it stops, its last "@"
+            stop = (_BLANK if wide else _BLANK_OR_QUERY).search(text, value_start)
+            run_end = stop.start() if stop is not None else len(text)
+            last_at = text.rfind("@", value_start, run_end)
+        end = -1
+        if wide:
+            if last_at >= value_start and _wide_password(text[value_start:last_at]):
+                end = last_at
+            elif last_at >= value_start:
+                pos = last_at  # the whole URL is the narrow reading's to judge
+                continue
+        elif last_at >= value_start:
+            if host_ats is None:
+                host_ats = [at.start() for at in _HOST_AT.finditer(text)]
+            index = bisect_left(host_ats, run_end) - 1
+            if index >= 0 and host_ats[index] >= value_start:
+                end = host_ats[index]
+        if end < 0:
+            pos = found.start() + 1
+            continue
+        parts.append(text[done:value_start])
+        parts.append(REDACTED)
+        done = pos = end
+    if not parts:
+        return text
+    parts.append(text[done:])
+    return "".join(parts)
 
 
 def _url_user(match: re.Match[str]) -> str:
@@ -347,8 +391,20 @@ def _credential_shaped(word: str) -> bool:
     return False
 
 
-def _key_value_at(text: str, sep: int, sep_end: int) -> tuple[int, int] | None:
-    """For the separator at ``sep``: where a secret's value is, to be masked."""
+#: How much of a bare value is read to judge it (a bare ``key=``'s credential shape); a
+#: value judged a secret is masked whole, however long.
+_JUDGED: Final = 128
+
+
+def _key_value_at(
+    text: str, sep: int, sep_end: int, runs: list[int] | None = None
+) -> tuple[int, int] | None:
+    """For the separator at ``sep``: where a secret's value is, to be masked.
+
+    ``runs`` (``[start, end]`` of the last bare value found, kept by the caller across
+    separators in order) spares finding the same value's end again from each separator
+    inside it: "key=key=key=..." costs linear time, not quadratic.
+    """
     # Back over blanks and a closing quote to the name: "api_key" : "v", NAME = v.
     stop = sep
     while stop > 0 and text[stop - 1] in " \t":
@@ -382,10 +438,23 @@ def _key_value_at(text: str, sep: int, sep_end: int) -> tuple[int, int] | None:
         value_start += 1
         raw = _QUOTED[quote].match(text, value_start).group(0)  # type: ignore[union-attr]
     else:
-        bare = _BARE_VALUE.match(text, value_start)
-        if bare is None:
-            return None
-        raw = bare.group(0)
+        if text.startswith("//", value_start):
+            return None  # "scheme://": not a value
+        if runs is not None and runs[0] <= value_start < runs[1]:
+            end = runs[1]  # inside the last value found: it ends where that one does
+        else:
+            bare = _BARE_VALUE.match(text, value_start)
+            if bare is None:
+                return None
+            end = bare.end()
+            if runs is not None:
+                runs[0], runs[1] = value_start, end
+        if end - value_start > _JUDGED:  # judged by its start, masked whole
+            head = text[value_start : value_start + _JUDGED]
+            if bare_key and not _bare_key_value(head):
+                return None
+            return value_start, end
+        raw = text[value_start:end]
     if not raw:
         return None
     if bare_key and not _bare_key_value(raw):
@@ -403,10 +472,11 @@ def _mask_key_values(text: str) -> str:
     parts: list[str] = []
     done = 0
     separators = _SEPARATOR_ENCODED if "%3" in text else _SEPARATOR
+    runs = [0, 0]
     for sep in separators.finditer(text):
         if sep.start() < done:
             continue  # inside a value already masked
-        found = _key_value_at(text, sep.start(), sep.end())
+        found = _key_value_at(text, sep.start(), sep.end(), runs)
         if found is None:
             continue
         start, end = found
@@ -524,8 +594,9 @@ def _redact(text: str) -> str:
     if "PRIVATE KEY" in text:
         text = _PEM.sub(REDACTED, text)
     if "://" in text:
-        text = _URL_PASSWORD_WIDE.sub(_wide_password, text)
-        text = _URL_PASSWORD.sub(_keep_prefix, text)
+        if "@" in text:  # every reading needs an "@" after the password
+            text = _url_passwords(text, wide=True)
+            text = _url_passwords(text, wide=False)
         if "@" in text:
             text = _URL_USER_TOKEN.sub(_url_user, text)
     lower = text.lower()
