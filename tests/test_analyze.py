@@ -49,6 +49,14 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     return status, out, err
 
 
+def run_cli_command(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str, str]:
+    status = main(args)
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
 def as_json(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, dict[str, Any]]:
     status, out, _ = run_cli([*args, "--format", "json"], capsys)
     assert status == 0
@@ -214,6 +222,41 @@ def test_nothing_readable_exits_2_with_one_line(
     assert only.startswith("rag-instrument: nothing could be read (")
     assert "nope.jsonl: No such file or directory" in only
     assert "*.none: no such file" in only
+
+
+def test_a_corrupt_gzip_as_the_only_input_is_nothing_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Not "the input is empty" with exit 0: a CI gate on budgets would pass on nothing.
+    fake = tmp_path / "fake.jsonl.gz"
+    fake.write_bytes(b"\x1f\x8bgarbage")
+    good = write(tmp_path / "a.jsonl", [line("retrieval", 10.0)])
+    status, out, err = run_cli([str(fake), "--budget", "retrieval=1", "--fail-on-budget"], capsys)
+    assert (status, out) == (2, "")
+    assert err.startswith("rag-instrument: nothing could be read (")
+    assert "fake.jsonl.gz" in err
+    for args in ([str(fake), str(good)], [str(good), str(fake), "--allow-missing"]):
+        status, _, err = run_cli_command(["compare", *args, "--fail-on-regression", "10"], capsys)
+        assert status == 2, err
+    # Beside a readable input it is named, and the rest is analysed.
+    status, out, err = run_cli([str(good), str(fake), "--format", "json"], capsys)
+    assert status == 0
+    assert [row["stage"] for row in json.loads(out)] == ["retrieval"]
+    assert f"cannot read {fake}:" in err
+
+
+def test_a_budget_that_names_no_stage_is_said(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = write(tmp_path / "a.jsonl", [line("retrieval", 10.0)])
+    status, _, err = run_cli(
+        [str(log), "--budget", "retreival=1", "--budget", "POST /api/x=5", "--fail-on-budget"],
+        capsys,
+    )
+    assert status == 0
+    assert err.splitlines() == [
+        "rag-instrument: the budget for 'retreival' names no stage in the input"
+    ]
 
 
 def test_an_empty_input_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

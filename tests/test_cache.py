@@ -611,3 +611,71 @@ def test_cache_clear_of_one_class_keeps_the_others_in_a_shared_cachetools_cache(
     from cachetools import LRUCache
 
     assert _clear_one_of_three(LRUCache(maxsize=100)) == {"A": 2, "B": 1, "f": 1}
+
+
+class _DictBackend:
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    def get(self, key: str) -> bytes | None:
+        return self.data.get(key)
+
+    def set(self, key: str, value: bytes, ttl: float | None) -> None:
+        self.data[key] = value
+
+
+def test_an_instance_that_sets_its_own_cache_settings_gets_its_own_store() -> None:
+    class Answers(ri.CacheMixin, ri.LLMProvider):
+        system, model = "stand-in", "m"
+
+        def __init__(self, backend: Any = None, ttl: Any = None) -> None:
+            self.calls = 0
+            if backend is not None:
+                self.cache_backend = backend
+            if ttl is not None:
+                self.cache_ttl = ttl
+
+        async def _generate(self, prompt: str, **params: Any) -> str:
+            self.calls += 1
+            return f"answer {self.calls}"
+
+    async def main() -> None:
+        shared = _DictBackend()
+        own = Answers(shared)
+        assert await own.generate("q") == "answer 1"
+        assert await own.generate("q") == "answer 1"  # from its own backend
+        assert own.calls == 1
+        assert len(shared.data) == 1
+        other = Answers(shared)  # another instance on the same backend: a hit there too
+        assert await other.generate("q") == "answer 1"
+        assert other.calls == 0
+        plain = Answers()  # the class's own in-process store, not the backend
+        assert await plain.generate("q") == "answer 1"
+        assert plain.calls == 1
+        assert len(shared.data) == 1
+        with pytest.raises(ValueError, match="Answers instance: cache_ttl must be"):
+            await Answers(ttl=-1.0).generate("q")
+
+    with capture():
+        asyncio.run(main())
+
+
+def test_class_settings_changed_before_the_first_call_are_checked() -> None:
+    class Answers(ri.CacheMixin, ri.LLMProvider):
+        system, model = "stand-in", "m"
+
+        async def _generate(self, prompt: str, **params: Any) -> str:
+            return "a"
+
+    Answers.cache_backend = "redis://127.0.0.1:6379/0"  # type: ignore[assignment]
+    with capture(), pytest.raises(ValueError, match=r"ri.RedisCache\('redis://"):
+        asyncio.run(Answers().generate("q"))
+
+
+@pytest.mark.parametrize("mixin", [ri.RetryMixin, ri.CacheMixin])
+def test_a_mixin_listed_after_llmprovider_is_refused_where_the_class_is_written(
+    mixin: type,
+) -> None:
+    with pytest.raises(TypeError, match=f"list {mixin.__name__} before LLMProvider"):
+        type("Late", (ri.LLMProvider, mixin), {"system": "s", "model": "m"})
+    type("Early", (mixin, ri.LLMProvider), {"system": "s", "model": "m"})  # the right order

@@ -107,6 +107,24 @@ def test_stdlib_logging_comes_through_with_ids_and_extras(rag_capture: Capture) 
     assert line["context"] == {"pipeline_stage": "generation"}
 
 
+def test_stdlib_records_are_levelled_by_number_not_name() -> None:
+    app_logger = logging.getLogger("app.levels")
+    logging.addLevelName(logging.ERROR, "ERR")
+    try:
+        with capture(log_level="warning") as cap:
+            app_logger.error("db down")  # named "ERR" now
+            app_logger.log(35, "between warning and error")
+            app_logger.log(45, "between error and critical")
+            app_logger.log(25, "below the level: dropped")
+    finally:
+        logging.addLevelName(logging.ERROR, "ERROR")
+    assert [(line["event"], line["level"]) for line in cap.logs] == [
+        ("db down", "error"),
+        ("between warning and error", "warning"),
+        ("between error and critical", "error"),
+    ]
+
+
 def test_stdlib_logging_can_be_left_alone(tmp_path: Path) -> None:
     log = tmp_path / "rag.jsonl"
     ri.configure(log_file=str(log), capture_logging=False)

@@ -248,3 +248,29 @@ def test_extreme_durations_are_reported_not_a_traceback(
     assert main(["analyze", str(log), "--format", "json"]) == 0
     (row,) = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert row["count"] == len(values)
+
+
+@pytest.mark.parametrize("flag", ["input", "baseline"])
+def test_the_report_never_replaces_a_log_it_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str
+) -> None:
+    log = tmp_path / "a.jsonl"
+    other = tmp_path / "b.jsonl"
+    for path in (log, other):
+        path.write_text(json.dumps({"context": {"pipeline_stage": "x"}, "execution_time_ms": 3.0}))
+    before = log.read_bytes()
+    args = ["report", str(log), "-o", str(log)]
+    if flag == "baseline":  # the page written over the baseline, by another spelling of it
+        args = ["report", str(other), "--baseline", str(log), "-o", f"{tmp_path}/./a.jsonl"]
+    assert main(args) == 2
+    assert "the report would replace the log it reads" in capsys.readouterr().err
+    assert log.read_bytes() == before
+
+
+def test_the_demo_refuses_a_report_over_its_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "x.jsonl"
+    assert main(["demo", "--log-file", str(log), "--report", str(log), "--requests", "2"]) == 2
+    assert "is the log file" in capsys.readouterr().err
+    assert not log.exists()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -217,3 +221,44 @@ def test_a_configure_that_fails_inside_a_capture_leaves_it_recording() -> None:
         with ri.stage("retrieval"):
             pass
     assert [s.name for s in cap.spans] == ["retrieval"]
+
+
+def test_a_capture_leaves_no_tracer_provider_installed_when_none_was() -> None:
+    # A test that installs its own provider after another test used capture() (in one
+    # pytest process) goes as it would alone: the API takes a global provider only once.
+    code = textwrap.dedent(
+        """
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        import rag_instrument as ri
+        from rag_instrument.testing import capture
+
+        with capture() as cap, ri.stage("first"):
+            pass
+        assert [s.name for s in cap.spans] == ["first"]
+        assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+        app = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(app))
+        trace.set_tracer_provider(provider)
+        ri.configure(logs_exporter="none")
+        with ri.stage("retrieval"):
+            pass
+        assert trace.get_tracer_provider() is provider
+        assert [s.name for s in app.get_finished_spans()] == ["retrieval"]
+        with capture() as cap, ri.stage("again"):
+            pass
+        assert [s.name for s in cap.spans] == ["again"]
+        assert trace.get_tracer_provider() is provider  # the application's, kept
+        print("ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAG_INSTRUMENT_", "OTEL_"))}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+    assert "Overriding" not in result.stderr

@@ -45,6 +45,8 @@ __all__ = [
     "build_settings",
     "configure",
     "force_flush",
+    "global_provider_is_unset",
+    "release_global_provider",
     "restore",
     "shutdown",
 ]
@@ -432,3 +434,17 @@ if configure.__doc__:
         count=1,
         flags=re.MULTILINE,
     )
+
+
+def global_provider_is_unset() -> bool:
+    """Whether no tracer provider is installed in the OpenTelemetry API's global slot."""
+    from rag_instrument import exporters
+
+    return exporters.global_provider_is_unset()
+
+
+def release_global_provider() -> None:
+    """Take the library's provider out of the global slot (``testing.capture()``'s end)."""
+    from rag_instrument import exporters
+
+    exporters.release_global_provider()

@@ -94,7 +94,7 @@ from rag_instrument._settings import (
     SPAN_SCHEDULE_DELAY_MS,
     check_export_variables,
 )
-from rag_instrument._utils import user_code_error, warn_once
+from rag_instrument._utils import internal_error, user_code_error, warn_once
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import CallbackOptions, Observation
@@ -592,22 +592,49 @@ def _tracer_provider(
         return _OWNED_PROVIDER, True
     if hasattr(current, "add_span_processor"):
         return current, False  # the application's own SDK provider: add to it
-    if isinstance(current, trace_api.ProxyTracerProvider) and _OWNED_PROVIDER is None:
-        _OWNED_PROVIDER = SDKTracerProvider(
-            sampler=_ratio_sampler(settings.sample_ratio, settings.parent_based_sampling),
-            resource=_resource(settings),
-            span_limits=SpanLimits(
-                max_attributes=128,
-                max_attribute_length=max(4096, settings.max_content_chars + 64),
-            ),
-            shutdown_on_exit=False,  # rag_instrument's bounded shutdown runs at exit instead
-        )
+    if isinstance(current, trace_api.ProxyTracerProvider):
+        # No provider installed (or none any more: see release_global_provider): ours.
+        if _OWNED_PROVIDER is None:
+            _OWNED_PROVIDER = SDKTracerProvider(
+                sampler=_ratio_sampler(settings.sample_ratio, settings.parent_based_sampling),
+                resource=_resource(settings),
+                span_limits=SpanLimits(
+                    max_attributes=128,
+                    max_attribute_length=max(4096, settings.max_content_chars + 64),
+                ),
+                shutdown_on_exit=False,  # the library's bounded shutdown runs at exit instead
+            )
         _enable(_OWNED_PROVIDER)
         trace_api.set_tracer_provider(_OWNED_PROVIDER)
         return _OWNED_PROVIDER, True
     if _OWNED_PROVIDER is not None:
         return _OWNED_PROVIDER, True
     return current, False
+
+
+def global_provider_is_unset() -> bool:
+    """Whether no tracer provider is installed globally (the API's proxy is in place)."""
+    return isinstance(trace_api.get_tracer_provider(), trace_api.ProxyTracerProvider)
+
+
+def release_global_provider() -> None:
+    """Take the library's own provider out of the API's global slot, if it is there.
+
+    For ``testing.capture()``: a capture opened when no provider was installed leaves none
+    installed, so that what the process does next (a test installing its own provider with
+    ``trace.set_tracer_provider``) goes as it would have gone without the capture. The
+    API lets a provider be set once only; this puts back the unset state, as
+    OpenTelemetry's own test helpers do. The next ``configure()`` installs it again.
+    """
+    if _OWNED_PROVIDER is None or trace_api.get_tracer_provider() is not _OWNED_PROVIDER:
+        return
+    try:
+        from opentelemetry.util._once import Once
+
+        trace_api._TRACER_PROVIDER = None
+        trace_api._TRACER_PROVIDER_SET_ONCE = Once()
+    except Exception as exc:  # another version of the API: the provider stays installed
+        internal_error("releasing the global tracer provider", exc)
 
 
 def _enable(provider: Any) -> None:

@@ -168,8 +168,22 @@ class LLMProvider:
 
         Raises:
             ValueError: ``timeout`` is not ``None`` or a positive number of seconds.
+            TypeError: a mixin (``RetryMixin``, ``CacheMixin``) is listed after
+                ``LLMProvider``.
         """
         super().__init_subclass__(**kwargs)
+        # A mixin listed after LLMProvider (class P(ri.LLMProvider, ri.RetryMixin)) comes
+        # after it in the method order too: its _invoke would never run, and the class
+        # would silently neither retry nor cache.
+        mro = cls.__mro__
+        late = [c for c in mro[mro.index(LLMProvider) + 1 :] if "_invoke" in c.__dict__]
+        if late:
+            names = ", ".join(c.__name__ for c in late)
+            raise TypeError(
+                f"{cls.__qualname__}: list {names} before LLMProvider among the class's "
+                f"bases (class {cls.__name__}({late[0].__name__}, ..., LLMProvider)): after "
+                "it, it is never called"
+            )
         timeout = inspect.getattr_static(cls, "timeout", None)
         if isinstance(timeout, property):  # read per call: the value is the application's
             timeout = None

@@ -41,6 +41,7 @@ class Capture:
         self._lines: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._runtime: Runtime | None = None
+        self._unset_before = False  # no tracer provider was installed when it opened
 
     def _write(self, data: bytes) -> None:
         line = orjson.loads(data)
@@ -120,6 +121,7 @@ def capture(**settings: Any) -> Iterator[Capture]:
     built = _config.build_settings(env={}, **values)
     with _OPEN_LOCK:
         previous = get_runtime()
+        cap._unset_before = _config.global_provider_is_unset()
         # The configuration in force is set aside, not closed: the application's
         # exporters, log file and processors come back exactly as they were (and captures
         # nest).
@@ -151,6 +153,9 @@ def _close(cap: Capture) -> None:
         _, previous = _OPEN.pop(index)
         if index == len(_OPEN):  # the last opened: what was before it comes back
             _config.restore(previous)
+            if cap._unset_before and not _OPEN:
+                # No tracer provider was installed before: none is after.
+                _config.release_global_provider()
             return
         later, _ = _OPEN[index]
         _OPEN[index] = (later, previous)

@@ -194,7 +194,12 @@ def _raw_blocks(
                         block = stream.read(min(BLOCK, remaining))
                         remaining -= len(block)
                 except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-                    report.unreadable[source.name] = f"read failed after {where()}: {exc}"
+                    if first and source.start == 0:
+                        # Nothing of it could be read (not gzip after all): not read.
+                        report.files -= 1
+                        report.unreadable[source.name] = str(exc) or type(exc).__name__
+                    else:
+                        report.unreadable[source.name] = f"read failed after {where()}: {exc}"
                     return
                 if not block:
                     return

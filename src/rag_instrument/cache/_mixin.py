@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 __all__ = ["CacheMixin"]
 
 _STORES_LOCK = threading.Lock()
+#: Cache settings an instance may set for itself (its own store, see _rag_call_store).
+_INSTANCE_SETTINGS: frozenset[str] = frozenset({"cache_backend", "cache_ttl", "cache_maxsize"})
 
 
 class CacheMixin:
@@ -33,7 +35,9 @@ class CacheMixin:
             a sampled answer is not a fact to repeat).
 
     Streams (``stream=True``) are never cached; ``generate(..., cache=False)`` bypasses
-    the cache for one call. The cache is shared by every instance of the class.
+    the cache for one call. The cache is shared by every instance of the class, but for an
+    instance that sets ``cache_backend``, ``cache_ttl`` or ``cache_maxsize`` itself: it gets
+    a store of its own.
     """
 
     cache_ttl: float | None = 3600.0
@@ -55,11 +59,49 @@ class CacheMixin:
             with _STORES_LOCK:
                 store = cls.__dict__.get("_rag_cache_store")
                 if store is None:
+                    # Checked again: the class's attributes may have changed since.
+                    check_cache_settings(
+                        cls.__qualname__,
+                        cls.cache_ttl,
+                        cls.cache_maxsize,
+                        "cache_",
+                        cls.cache_backend,
+                    )
                     backend = make_backend(cls.cache_backend, cls.cache_maxsize, cls.cache_ttl)
                     store = Store(
                         backend, cls.cache_ttl, scope=f"{cls.__module__}.{cls.__qualname__}"
                     )
                     cls._rag_cache_store = store  # type: ignore[attr-defined]
+        return store
+
+    def _rag_call_store(self) -> Store:
+        """The store of this instance's calls.
+
+        The class's, or its own when the instance sets ``cache_backend``, ``cache_ttl`` or
+        ``cache_maxsize`` itself (read at its first cached call; a bad value raises
+        ``ValueError`` naming it there).
+        """
+        own = getattr(self, "__dict__", None)
+        if not own or _INSTANCE_SETTINGS.isdisjoint(own):
+            return type(self)._rag_store()
+        store: Store | None = own.get("_rag_cache_store")
+        if store is None:
+            with _STORES_LOCK:
+                store = own.get("_rag_cache_store")
+                if store is None:
+                    cls = type(self)
+                    check_cache_settings(
+                        f"{cls.__qualname__} instance",
+                        self.cache_ttl,
+                        self.cache_maxsize,
+                        "cache_",
+                        self.cache_backend,
+                    )
+                    backend = make_backend(self.cache_backend, self.cache_maxsize, self.cache_ttl)
+                    store = Store(
+                        backend, self.cache_ttl, scope=f"{cls.__module__}.{cls.__qualname__}"
+                    )
+                    own["_rag_cache_store"] = store
         return store
 
     @classmethod
@@ -115,7 +157,7 @@ class CacheMixin:
         except UncacheableError as exc:
             warn_once.warning(f"rag_instrument: call not cached: {exc}")
             return await invoke(request)
-        store = self._rag_store()
+        store = self._rag_call_store()
         value, outcome = await store.acall(key, lambda: invoke(request))
         if request.call is not None:
             request.call.cache_hit = outcome != MISS

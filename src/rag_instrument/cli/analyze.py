@@ -11,6 +11,7 @@ import sys
 import tomllib
 from typing import Any
 
+from rag_instrument._utils import route_key
 from rag_instrument.analysis import DEFAULT_MAX_VALUES, Aggregator, Analysis, expand, parse_time
 from rag_instrument.analysis._parallel import default_jobs
 from rag_instrument.analysis._render import (
@@ -181,6 +182,24 @@ def load(
     return aggregator.result()
 
 
+def warn_unmatched_budgets(budgets: dict[str, float], analysis: Analysis) -> None:
+    """Say on stderr which budgets given name no group of the input.
+
+    A typo, or a stage that did not run: a CI gate on budgets must not pass by mistake.
+    """
+    keys = {row.key for row in analysis.rows}
+    for name in budgets:
+        route = route_key(name)
+        if (route is not None) != (analysis.by == "route"):
+            continue  # a route's budget when grouping by stage, or the other way round
+        if name not in keys and (route or name) not in keys:
+            print(
+                f"rag-instrument: the budget for {printable(name)!r} names no "
+                f"{'route' if analysis.by == 'route' else analysis.by} in the input",
+                file=sys.stderr,
+            )
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``rag-instrument analyze``."""
     try:
@@ -201,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
         if args.format != "table":  # the output stays machine-readable: the word goes aside
             print(f"rag-instrument: {empty_message(analysis)}", file=sys.stderr)
         return 0
+    warn_unmatched_budgets(budgets, analysis)
     if args.format == "json":
         sys.stdout.write(render_json(analysis))
     elif args.format == "csv":

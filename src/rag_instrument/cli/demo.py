@@ -31,6 +31,7 @@ from rag_instrument.cli._demo_pipeline import (
     search,
 )
 from rag_instrument.cli.analyze import at_least_one
+from rag_instrument.cli.report import overwrites_input
 
 __all__ = ["BUDGETS", "StandInLLM", "add_parser", "run", "run_demo"]
 
@@ -184,6 +185,12 @@ def run(args: argparse.Namespace) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log_file = Path(args.log_file or f"rag-demo-{stamp}.jsonl")
     report = Path(args.report)
+    if overwrites_input(report, [str(log_file)]) is not None:
+        print(
+            f"rag-instrument: --report {report} is the log file: write the report elsewhere",
+            file=sys.stderr,
+        )
+        return 2
     engine = "PostgreSQL" if args.postgres else "SQLite"
     try:
         import sqlalchemy  # noqa: F401

@@ -12,13 +12,21 @@ from rag_instrument.analysis._render import empty_message
 from rag_instrument.analysis._report import render_report
 from rag_instrument.cli.analyze import PERCENTILES_HELP, add_input_options, budgets_of, load
 
-__all__ = ["add_parser", "run", "write_report"]
+__all__ = ["add_parser", "overwrites_input", "run", "write_report"]
 
 
 def write_report(
     args: argparse.Namespace, files: list[str], output: Path, baseline: str | None = None
 ) -> int:
     """Analyse ``files`` (and ``baseline``) and write the page; return the exit status."""
+    overwritten = overwrites_input(output, [*files, *([baseline] if baseline else [])])
+    if overwritten is not None:
+        print(
+            f"rag-instrument: -o {output} is an input ({overwritten}): the report would "
+            "replace the log it reads; write it elsewhere",
+            file=sys.stderr,
+        )
+        return 2
     try:
         budgets = budgets_of(args)
     except ValueError as exc:
@@ -42,6 +50,21 @@ def write_report(
         print(f"rag-instrument: cannot write {output}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def overwrites_input(output: Path, inputs: list[str]) -> str | None:
+    """The input ``output`` is the same file as, if any (``-`` and patterns never are)."""
+    for name in inputs:
+        if name == "-":
+            continue
+        try:
+            if Path(name).exists() and output.exists() and output.samefile(name):
+                return name
+            if Path(name).resolve() == output.resolve():
+                return name
+        except OSError:
+            continue
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
