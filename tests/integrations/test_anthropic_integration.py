@@ -345,3 +345,22 @@ def test_input_tokens_count_the_prompt_cache_too(server: FakeLLMServer) -> None:
     streamed = dict(cap.span("chat claude-s").attributes or {})
     assert streamed["gen_ai.usage.input_tokens"] == 1010
     assert streamed["gen_ai.usage.output_tokens"] == 7
+
+
+def test_structured_output_parse_is_traced_like_create(server: FakeLLMServer) -> None:
+    from pydantic import BaseModel
+
+    class Van(BaseModel):
+        level: int
+
+    server.reply_text = '{"level": 3}'
+    client = instrument_anthropic(_client(server))
+    with capture() as cap, ri.stage("generation"):
+        reply = client.messages.parse(
+            model="claude-x", max_tokens=50, messages=MESSAGES, output_format=Van
+        )
+    assert reply.parsed_output == Van(level=3)  # the SDK's own parsed message
+    span = cap.span("chat claude-x")
+    assert span.attributes["gen_ai.provider.name"] == "anthropic"
+    (line,) = cap.find_logs("generation completed")
+    assert line["breakdown"]["llm"]["count"] == 1

@@ -521,3 +521,45 @@ def test_a_stream_dropped_unfinished_ends_in_the_context_it_was_made_in(
     (line,) = cap.find_logs("llm call completed")
     assert line["context"] == {"request_id": "req-42"}
     assert line["stage"] == "generation"
+
+
+def test_structured_output_parse_is_traced_like_create(server: FakeLLMServer) -> None:
+    from pydantic import BaseModel
+
+    class Drawer(BaseModel):
+        drawer: str
+
+    server.reply_text = '{"drawer": "top left"}'
+    client = instrument_openai(_client(server))
+    with capture() as cap, ri.stage("generation"):
+        reply = client.chat.completions.parse(
+            model="gpt-4o-mini", messages=MESSAGES, response_format=Drawer
+        )
+    assert reply.choices[0].message.parsed == Drawer(drawer="top left")  # the SDK's own
+    span = cap.span("chat gpt-4o-mini")
+    assert span.attributes["gen_ai.usage.output_tokens"] == reply.usage.completion_tokens  # type: ignore[union-attr]
+    (line,) = cap.find_logs("generation completed")
+    assert line["breakdown"]["llm"]["count"] == 1
+    assert cap.find_logs("llm call completed")
+    uninstrument_openai(client)
+    with capture() as cap:
+        client.chat.completions.parse(model="gpt-4o-mini", messages=MESSAGES, response_format=Drawer)
+    assert cap.spans == []
+
+
+@pytest.mark.asyncio
+async def test_structured_output_parse_on_the_async_client(server: FakeLLMServer) -> None:
+    from pydantic import BaseModel
+
+    class Drawer(BaseModel):
+        drawer: str
+
+    server.reply_text = '{"drawer": "bottom"}'
+    client = instrument_openai(_aclient(server))
+    with capture() as cap:
+        reply = await client.chat.completions.parse(
+            model="gpt-4o-mini", messages=MESSAGES, response_format=Drawer
+        )
+    await client.close()
+    assert reply.choices[0].message.parsed == Drawer(drawer="bottom")
+    assert [s.name for s in cap.spans] == ["chat gpt-4o-mini"]

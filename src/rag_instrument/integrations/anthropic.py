@@ -293,12 +293,29 @@ def instrument_anthropic(client: C, *, cache: CacheSpec | bool | object | None =
     def stream_helper(original: Any) -> Any:
         return _stream_helper(original, is_async=is_async, secrets=secrets, names=names)
 
+    def parse(original: Any) -> Any:
+        # Structured output (messages.parse) posts to the same endpoint without going
+        # through create(): traced the same way, never cached (its parsed value is an
+        # object of the caller's class).
+        return instrumented(
+            original,
+            system=SYSTEM,
+            describe=_describe,
+            on_result=_finish,
+            is_async=is_async,
+            secrets=secrets,
+            http=("anthropic.chat", names),
+        )
+
+    targets: list[tuple[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]]]] = [
+        (client.messages, "create", messages),
+        (client.messages, "stream", stream_helper),
+    ]
+    if callable(getattr(client.messages, "parse", None)):
+        targets.append((client.messages, "parse", parse))
     instrument_methods(
         client,
-        [
-            (client.messages, "create", messages),
-            (client.messages, "stream", stream_helper),
-        ],
+        targets,
         instrument=functools.partial(instrument_anthropic, cache=spec),
         cache=spec,
     )

@@ -256,12 +256,29 @@ def instrument_openai(client: C, *, cache: CacheSpec | bool | object | None = No
             http=("openai.embeddings", names),
         )
 
+    def parse(original: Any) -> Any:
+        # Structured output (chat.completions.parse) posts to the same endpoint without
+        # going through create(): traced the same way, never cached (its parsed value is an
+        # object of the caller's class).
+        return instrumented(
+            original,
+            system=SYSTEM,
+            describe=_describe_chat,
+            on_result=_finish_chat,
+            is_async=is_async,
+            secrets=secrets,
+            http=("openai.chat", names),
+        )
+
+    targets: list[tuple[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]]]] = [
+        (client.chat.completions, "create", chat),
+        (client.embeddings, "create", embeddings),
+    ]
+    if callable(getattr(client.chat.completions, "parse", None)):
+        targets.append((client.chat.completions, "parse", parse))
     instrument_methods(
         client,
-        [
-            (client.chat.completions, "create", chat),
-            (client.embeddings, "create", embeddings),
-        ],
+        targets,
         instrument=functools.partial(instrument_openai, cache=spec),
         cache=spec,
     )
