@@ -340,3 +340,23 @@ def test_an_exporter_returning_failure_is_reported(caplog: pytest.LogCaptureFixt
     said = [r.getMessage() for r in caplog.records if "did not export" in r.getMessage()]
     assert said
     assert "Failing" in said[0]
+
+
+def test_export_masks_event_names_link_attributes_and_bytes_values() -> None:
+    with capture() as cap:
+        with ri.stage("s") as span:
+            span.add_event("called with password=hunter2-x", {"note": "token=abc123def456ghi"})
+            span.add_link(trace.get_current_span().get_span_context(), {"password": "pw-1"})
+            span.set_attribute("raw", b"password=hunter2-y")
+            span.set_attribute("raws", [b"password=hunter2-z", b"fine"])
+    (exported,) = cap.spans
+    dumped = repr(
+        [(e.name, dict(e.attributes or {})) for e in exported.events]
+        + [dict(link.attributes or {}) for link in exported.links]
+        + [dict(exported.attributes or {})]
+    )
+    for secret in ("hunter2-x", "abc123def456ghi", "pw-1", "hunter2-y", "hunter2-z"):
+        assert secret not in dumped
+    assert exported.events[0].name == "called with password=[REDACTED]"
+    assert exported.attributes["raw"] == b"password=[REDACTED]"  # bytes still
+    assert tuple(exported.attributes["raws"]) == (b"password=[REDACTED]", b"fine")

@@ -146,6 +146,17 @@ RECALL = [
     ("key=a1b2c3d4e5f6a7b8.c9d0e1f2", "a1b2c3d4e5f6a7b8"),
     ("openaikey" + _k("sk-proj-", 40), _k("sk-proj-", 40)[8:]),
     ("x" * 10 + _k("sk-ant-api03-", 40), _k("sk-ant-api03-", 40)[13:]),
+    # session cookies by name, in text and URLs
+    ("sessionid=k3j5h2l9x0q8w7e6r5t4y3u2; HttpOnly", "k3j5h2l9x0q8w7e6r5t4y3u2"),
+    ("GET /app;jsessionid=A1B2C3D4E5F6A7B8C9D0", "A1B2C3D4E5F6A7B8C9D0"),
+    ("PHPSESSID=9f8e7d6c5b4a39f8e7d6c5b4a3 set", "9f8e7d6c5b4a39f8e7d6c5b4a3"),
+    # an escaped quote inside a quoted value, JSON held in a JSON string, Go's :=
+    ('{"password": "Xy\\"9kLmTAIL"}', "9kLmTAIL"),
+    ('{"error": "{\\"password\\": \\"hunter2-x\\"}"}', "hunter2-x"),
+    ('db_password := "Sup3rS3cret"', "Sup3rS3cret"),
+    ("passWord: hunter2-x", "hunter2-x"),
+    # a long environment variable name
+    ("MYCOMPANY_" + "X" * 70 + "_REPLICA_CONNECTION_DB_PASSWORD=hunter2-x", "hunter2-x"),
 ]  # fmt: skip
 
 # Text that must come out exactly as it went in.
@@ -246,15 +257,19 @@ def test_masks_keep_the_surrounding_text() -> None:
 @pytest.mark.parametrize(
     "key",
     ["NAME_PASSWORD", "AWS_SECRET_ACCESS_KEY", "dbpassword", "csrftoken", "X-Amz-Signature",
-     "sig", "MASTER_KEY", "storage_account_key", "X-Amz-Security-Token"],
+     "sig", "MASTER_KEY", "storage_account_key", "X-Amz-Security-Token", "passWord",
+     "dbPassWord", "userPassWord", "sessionid", "JSESSIONID", "PHPSESSID", "connect.sid",
+     "session"],
 )  # fmt: skip
 def test_joined_secret_names(key: str) -> None:
     assert is_secret_key(key)
 
 
 @pytest.mark.parametrize(
-    "key", ["max_tokens", "keyword", "primary_key", "cache_key", "signal", "tokens_saved"]
-)
+    "key",
+    ["max_tokens", "keyword", "primary_key", "cache_key", "signal", "tokens_saved", "crossWord",
+     "session_count"],
+)  # fmt: skip
 def test_ordinary_names(key: str) -> None:
     assert not is_secret_key(key)
 

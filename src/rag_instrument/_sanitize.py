@@ -72,6 +72,11 @@ _SECRET_WORDS: Final = frozenset(
         "dsn",
         "jwt",
         "bearer",
+        # Session cookies by their usual names (Django, Java, PHP, Express, Flask).
+        "sessionid",
+        "jsessionid",
+        "phpsessid",
+        "session",
     }
 )
 # Two-word names, joined without separator after splitting (``api_key`` -> ``apikey``).
@@ -91,6 +96,7 @@ _SECRET_PAIRS: Final = frozenset(
         "encryptionkey",
         "masterkey",
         "accountkey",
+        "connectsid",
     }
 )
 # A last word that merely ends with one of these is a secret too (``dbpassword``,
@@ -104,6 +110,8 @@ _SECRET_SUFFIXES: Final = (
     "privatekey",
     "secretkey",
     "token",
+    "sessid",
+    "sessionid",
 )
 _WORD_SPLIT: Final = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])")
 
@@ -125,8 +133,11 @@ def is_secret_key(key: str) -> bool:
     last = words[-1]
     if last in _SECRET_WORDS:
         return True
-    if len(words) >= 2 and words[-2] + last in _SECRET_PAIRS:
-        return True
+    if len(words) >= 2:
+        joined = words[-2] + last
+        # api_key; and one word split at a case change: passWord, dbPassWord.
+        if joined in _SECRET_PAIRS or joined in _SECRET_WORDS:
+            return True
     return len(last) > 5 and last.endswith(_SECRET_SUFFIXES)
 
 
@@ -182,7 +193,7 @@ _SEPARATOR_ENCODED: Final = re.compile(r"[=:]|%3[dDaA]")  # also URL-encoded: pa
 # What may stand between the separator and a value's opening quote: blanks, the ">" of
 # "=>", an opening bracket (a list of one: ["v"]) and a string prefix (a bytes repr: b'v').
 _VALUE_LEAD: Final = re.compile(
-    r"""\s*(?:>\s*)?(?:[\[(]\s*(?=[bBrRuU]{0,2}["']))?(?:[bBrRuU]{1,2}(?=["']))?"""
+    r"""\s*(?:[>=]\s*)?(?:[\[(]\s*(?=[bBrRuU]{0,2}["']))?(?:[bBrRuU]{1,2}(?=["']))?"""
 )
 # What "key=" must be followed by to be a secret: 10 or more of a key's alphabet (base64,
 # hex, URL-encoded), and a key's randomness: upper and lower case with a digit or a base64
@@ -208,10 +219,17 @@ def _bare_key_value(raw: str) -> bool:
         _DIGIT.search(run.group(0)) and (_UPPER.search(run.group(0)) or _LOWER.search(run.group(0)))
         for run in _ALNUM_RUN.finditer(raw)
     )
-_QUOTED: Final = {"'": re.compile(r"[^'\r\n]*"), '"': re.compile(r'[^"\r\n]*')}
+# A quoted value runs to its closing quote; a backslash-escaped quote inside it (JSON's
+# "Xy\"9k") does not close it.
+_QUOTED: Final = {
+    "'": re.compile(r"(?:[^'\\\r\n]|\\[^\r\n])*"),
+    '"': re.compile(r'(?:[^"\\\r\n]|\\[^\r\n])*'),
+}
+# A value quoted with escaped quotes: JSON held in a JSON string ("{\"password\": \"v\"}").
+_ESCAPED_QUOTED: Final = re.compile(r"""(?:[^\\\r\n]|\\[^"'\r\n])*""")
 _BARE_VALUE: Final = re.compile(r"""(?!//)[^\s"'&,;}\])]+""")
 _NAME_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
-_MAX_NAME: Final = 81
+_MAX_NAME: Final = 256
 _TOKEN_COUNT: Final = re.compile(r"[0-9][0-9_,.]{0,9}")
 _AUTH_SCHEME_WORDS: Final = frozenset(
     {"bearer", "basic", "token", "digest", "negotiate", "apikey", "dsn"}
@@ -411,6 +429,8 @@ def _key_value_at(
         stop -= 1
     if stop > 0 and text[stop - 1] in "\"'":
         stop -= 1
+        if stop > 0 and text[stop - 1] == "\\":  # an escaped quote: JSON in a string
+            stop -= 1
     start = stop
     while start > 0 and stop - start <= _MAX_NAME and text[start - 1] in _NAME_CHARS:
         start -= 1
@@ -428,11 +448,16 @@ def _key_value_at(
     bare_key = key.lower() == "key" and text[sep] != ":" and not text.startswith("%3a", sep)
     if not bare_key and not is_secret_key(key):
         return None
+    if key.lower() == "session":
+        return None  # a key's or a log's word ("key=session:abc"); a Cookie header is masked whole
     value_start = _VALUE_LEAD.match(text, sep_end).end()  # type: ignore[union-attr]
     if text.startswith("[REDACTED", value_start):
         return None
     quote = text[value_start : value_start + 1]
-    if quote in ("'", '"'):
+    if quote == "\\" and text[value_start + 1 : value_start + 2] in ("'", '"'):
+        value_start += 2  # \"value\": to the next escaped quote
+        raw = _ESCAPED_QUOTED.match(text, value_start).group(0)  # type: ignore[union-attr]
+    elif quote in ("'", '"'):
         # To the closing quote, or to the end of the line when there is none (a value cut
         # off, or a quote left open: nothing after the opening quote can be trusted).
         value_start += 1
@@ -521,7 +546,7 @@ def _classes(run: str) -> int:
 
 _KV_WORDS: Final = (
     "key", "token", "secret", "pass", "pwd", "auth", "cookie", "sig", "credential",
-    "dsn", "jwt", "bearer", "session",
+    "dsn", "jwt", "bearer", "session", "sessid", ".sid",
 )  # fmt: skip
 
 

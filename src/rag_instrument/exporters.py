@@ -57,7 +57,7 @@ from opentelemetry.sdk.trace.sampling import (
     Sampler,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import Status
+from opentelemetry.trace import Link, Status
 
 from rag_instrument import attributes as attr
 from rag_instrument._leaf import (
@@ -191,6 +191,18 @@ class _Drops:
 _CLEAN_PAIRS: dict[tuple[str, Any], None] = {}
 
 
+def _redact_item(value: Any) -> Any:
+    """One value of a sequence attribute (or a bytes one), secrets masked."""
+    kind = type(value)
+    if kind is str:
+        return redact_text(value)
+    if kind is bytes or kind is bytearray:  # read as text; bytes again if anything changed
+        text = bytes(value).decode("utf-8", "replace")
+        clean = redact_text(text)
+        return value if clean == text else clean.encode("utf-8")
+    return value
+
+
 def _redact_mapping(attributes: Any) -> dict[str, Any] | None:
     """A redacted copy of ``attributes``, or ``None`` when nothing needed masking.
 
@@ -221,8 +233,12 @@ def _redact_mapping(attributes: Any) -> dict[str, Any] | None:
         elif is_secret_key(key):
             clean = REDACTED
         elif kind is tuple or kind is list:
-            clean = tuple(redact_text(v) if type(v) is str else v for v in value)
+            clean = tuple(_redact_item(v) for v in value)
             if clean == tuple(value):
+                continue
+        elif kind is bytes or kind is bytearray:
+            clean = _redact_item(value)
+            if clean == value:
                 continue
         else:
             continue
@@ -244,10 +260,21 @@ def redact_span(span: ReadableSpan) -> ReadableSpan:
     new_events: list[Event] | None = None
     for index, event in enumerate(events):
         cleaned = _redact_mapping(event.attributes)
-        if cleaned is not None:
+        event_name = redact_text(event.name) if type(event.name) is str else event.name
+        if cleaned is not None or event_name != event.name:
             if new_events is None:
                 new_events = list(events)
-            new_events[index] = Event(event.name, cleaned, event.timestamp)
+            new_events[index] = Event(
+                event_name, cleaned if cleaned is not None else event.attributes, event.timestamp
+            )
+    links = span._links
+    new_links: list[Link] | None = None
+    for index, link in enumerate(links):
+        cleaned = _redact_mapping(link.attributes)
+        if cleaned is not None:
+            if new_links is None:
+                new_links = list(links)
+            new_links[index] = Link(link.context, cleaned)
     status = span._status
     description = status.description
     clean_description = redact_text(description) if description else description
@@ -256,6 +283,7 @@ def redact_span(span: ReadableSpan) -> ReadableSpan:
     if (
         attributes is None
         and new_events is None
+        and new_links is None
         and clean_description == description
         and clean_name == name
     ):
@@ -267,7 +295,7 @@ def redact_span(span: ReadableSpan) -> ReadableSpan:
         resource=span.resource,
         attributes=attributes if attributes is not None else span.attributes,
         events=new_events if new_events is not None else events,
-        links=span.links,
+        links=new_links if new_links is not None else span.links,
         kind=span.kind,
         status=Status(status.status_code, clean_description),
         start_time=span.start_time,
