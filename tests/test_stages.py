@@ -999,3 +999,40 @@ def test_a_stage_lines_timestamp_is_when_the_stage_ended(tmp_path: Path) -> None
     stamp = datetime.datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00"))
     derived_start = stamp.timestamp() - line["execution_time_ms"] / 1000
     assert derived_start - started < 0.15  # not after the processor's 0.3 s
+
+
+def test_a_with_block_in_a_plain_generator_closed_in_another_request_keeps_its_own() -> None:
+    # docs/stages.md: such a block ending elsewhere writes its line with the values bound
+    # where it ran, whether the collector or the other request's code closes it.
+    def held() -> Iterator[int]:
+        with ri.stage("held"):
+            yield 1
+            yield 2
+
+    gc.disable()
+    try:
+        with capture() as cap:
+            with ri.request_context(request_id="A"):
+                first = held()
+                next(first)
+                cycle: list[Any] = [first]
+                cycle.append(cycle)  # only the collector frees it
+                del first, cycle
+            with ri.request_context(request_id="B"):
+                gc.collect()
+            with ri.request_context(request_id="C"):
+                second = held()
+                next(second)
+            with ri.request_context(request_id="D"):
+                second.close()
+            with ri.request_context(request_id="E"), ri.stage("bound inside"):
+                ri.bind_context(user="u-1")  # bound within the stage: in its line
+    finally:
+        gc.enable()
+    assert [line["context"]["request_id"] for line in cap.find_logs("held completed")] == [
+        "A",
+        "C",
+    ]
+    (inside,) = cap.find_logs("bound inside completed")
+    assert inside["context"]["request_id"] == "E"
+    assert inside["context"]["user"] == "u-1"

@@ -40,6 +40,7 @@ from rag_instrument import attributes as attr
 from rag_instrument._context import (
     STAGE_ATTRIBUTES_MAX,
     START_ATTRIBUTES_MAX,
+    Bound,
     Frame,
     attach_span,
     bound,
@@ -288,7 +289,12 @@ def _end(
             # Exited in a different context than entered (a misused context manager):
             # restore nothing rather than someone else's state.
             tokens = None
-    if tokens is None and frame.bound is not None and frame.bound is not bound():
+    now_bound = bound()
+    if (
+        frame.bound is not None
+        and frame.bound is not now_bound
+        and (tokens is None or not _extends(now_bound, frame.bound))
+    ):
         # Ended from another context than the one it ran in (a generator holding the
         # block, closed by the collector or the event loop after its request ended): its
         # lines carry the values bound where it ran (the request id), not whatever is
@@ -300,6 +306,25 @@ def _end(
             reset_bound(bound_token)
         return
     _finish(frame, spec, exc, items, completed, elapsed_ns, ended_ns)
+
+
+def _extends(now: Bound, then: Bound) -> bool:
+    """Whether ``now`` holds every value of ``then``: bound since, within the same request.
+
+    Not so when a plain generator holding a ``with`` block is closed in another request's
+    code (by the collector, or by that code closing it): the values bound there are that
+    request's, not the ones the block ran under.
+    """
+    if not then.log:
+        return True
+    current = now.log
+    try:
+        return all(
+            key in current and (current[key] is value or current[key] == value)
+            for key, value in then.log.items()
+        )
+    except Exception:  # a bound value whose == raises: taken as the same request
+        return True
 
 
 def _finish(
