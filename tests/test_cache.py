@@ -679,3 +679,14 @@ def test_a_mixin_listed_after_llmprovider_is_refused_where_the_class_is_written(
     with pytest.raises(TypeError, match=f"list {mixin.__name__} before LLMProvider"):
         type("Late", (ri.LLMProvider, mixin), {"system": "s", "model": "m"})
     type("Early", (mixin, ri.LLMProvider), {"system": "s", "model": "m"})  # the right order
+
+
+@given(st.integers(min_value=-(2**53), max_value=2**53))
+def test_equal_numbers_make_one_key(number: int) -> None:
+    # Canonical JSON writes 1.0 as 1 and -0.0 as 0: temperature=0 and 0.0 are one entry.
+    as_float = float(number)
+    assert make_key({"temperature": as_float, "nested": [as_float]}) == make_key(
+        {"temperature": number, "nested": [number]}
+    )
+    assert make_key({"t": -0.0}) == make_key({"t": 0})
+    assert make_key({"t": 0.5}) != make_key({"t": 0})

@@ -62,6 +62,16 @@ def test_default_is_retryable() -> None:
     err = Exception()
     err.status = 503  # type: ignore[attr-defined]
     assert is_transient(err)
+    import http
+
+    for value in (http.HTTPStatus.SERVICE_UNAVAILABLE, "503", "429"):
+        err = Exception()
+        err.status_code = value  # type: ignore[attr-defined]
+        assert is_transient(err), value
+    for value in (http.HTTPStatus.BAD_REQUEST, "400", "503 ", True, "５０３"):
+        err = Exception()
+        err.status_code = value  # type: ignore[attr-defined]
+        assert not is_transient(err), value
     assert not is_transient(HTTPError(400))
     assert not is_transient(ValueError())
     assert not is_transient(asyncio.CancelledError())

@@ -1036,3 +1036,22 @@ def test_a_with_block_in_a_plain_generator_closed_in_another_request_keeps_its_o
     (inside,) = cap.find_logs("bound inside completed")
     assert inside["context"]["request_id"] == "E"
     assert inside["context"]["user"] == "u-1"
+
+
+def test_a_decorators_attributes_follow_the_settings_in_force_when_it_runs() -> None:
+    with capture(redact=False):  # in force where the decorator is applied (an import)
+
+        @ri.stage("configured later", api_key="secret-value-xyz", note="x" * 3000)
+        def work() -> None:
+            pass
+
+    with capture(max_content_chars=100) as cap:
+        work()
+    attributes = cap.span("configured later").attributes
+    assert attributes["api_key"] == "[REDACTED]"
+    assert attributes["note"].startswith("x" * 100 + "...[truncated, 3000 chars]")
+    with capture(redact=False, max_content_chars=5000) as cap:
+        work()
+    attributes = cap.span("configured later").attributes
+    assert attributes["api_key"] == "secret-value-xyz"
+    assert attributes["note"] == "x" * 3000

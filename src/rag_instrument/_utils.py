@@ -172,6 +172,10 @@ def http_status(exc: BaseException) -> int | None:
     ):
         if type(value) is int:
             return value
+        if isinstance(value, int) and not isinstance(value, bool):  # an IntEnum: HTTPStatus(503)
+            return int(value)
+        if isinstance(value, str) and len(value) == 3 and value.isdigit() and value.isascii():
+            return int(value)  # "503", as some clients keep it
     return None
 
 

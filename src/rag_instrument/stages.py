@@ -114,6 +114,8 @@ class _Spec:
     """Everything about a stage that is known before it runs (computed once)."""
 
     __slots__ = (
+        "_given",
+        "_sanitizer",
         "attributes",
         "cancelled_event",
         "completed_event",
@@ -128,7 +130,36 @@ class _Spec:
     def __init__(self, name: str, is_stage: bool, attributes: dict[str, Any]) -> None:
         self.name = name
         self.is_stage = is_stage
+        self._given = attributes
         sanitizer = get_runtime().sanitizer
+        self._sanitizer: Any = sanitizer
+        self.attributes = self._cleaned(sanitizer)
+        self.metric_attributes = {attr.RAG_STAGE: name}
+        self.completed_event = f"{name} completed"
+        self.failed_event = f"{name} failed"
+        self.cancelled_event = f"{name} cancelled"
+        # A traced operation's line is a detail of its stage: debug level.
+        self.level = "info" if is_stage else "debug"
+        self.completed_head = LineHead(
+            self.level, self.completed_event, None if is_stage else {"operation": name}
+        )
+
+    def attributes_for(self, sanitizer: Any) -> dict[str, Any]:
+        """The span's start attributes under the configuration in force.
+
+        Given attributes are cleaned (masked, cut to ``max_content_chars``) with the
+        settings of the configuration that runs the stage, not those in force when the
+        decorator was applied (at import, usually): cleaned again after a
+        ``configure()`` changes them.
+        """
+        if sanitizer is self._sanitizer or not self._given:
+            return self.attributes
+        attributes = self._cleaned(sanitizer)
+        self.attributes, self._sanitizer = attributes, sanitizer
+        return attributes
+
+    def _cleaned(self, sanitizer: Any) -> dict[str, Any]:
+        name, is_stage, attributes = self.name, self.is_stage, self._given
         attrs: dict[str, Any] = {}
         if is_stage:
             attrs[attr.RAG_STAGE] = name
@@ -149,16 +180,7 @@ class _Spec:
                 f"keeps the first {STAGE_ATTRIBUTES_MAX}"
             )
             attrs = dict(list(attrs.items())[:STAGE_ATTRIBUTES_MAX])
-        self.attributes = attrs
-        self.metric_attributes = {attr.RAG_STAGE: name}
-        self.completed_event = f"{name} completed"
-        self.failed_event = f"{name} failed"
-        self.cancelled_event = f"{name} cancelled"
-        # A traced operation's line is a detail of its stage: debug level.
-        self.level = "info" if is_stage else "debug"
-        self.completed_head = LineHead(
-            self.level, self.completed_event, None if is_stage else {"operation": name}
-        )
+        return attrs
 
 
 #: Longest stage or span name kept (a name is a label, not a payload).
@@ -190,7 +212,9 @@ def _clean_name(name: str) -> str:
 
 def _begin(spec: _Spec, rt: Runtime, owner: object, cpu: bool | None = None) -> Frame:
     parent = current_frame()
-    attributes = spec.attributes
+    attributes = spec.attributes if spec._sanitizer is rt.sanitizer else spec.attributes_for(
+        rt.sanitizer
+    )
     frame_bound = bound()
     context_attrs = frame_bound.attrs
     if context_attrs:

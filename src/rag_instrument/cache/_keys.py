@@ -59,25 +59,52 @@ def make_key(payload: Any) -> str:
 
 
 def key_with_variable(payload: Any, variable: Any) -> str:
-    """:func:`make_key`, checking only ``variable`` (a part of ``payload``) for NaN."""
+    """:func:`make_key`, checking only ``variable`` (a part of ``payload``) for NaN.
+
+    Equal numbers give equal keys, as canonical JSON (RFC 8785) writes them: a float with
+    an integral value is written as the integer (``1.0`` as ``1``, ``-0.0`` as ``0``), so
+    ``temperature=0`` and ``temperature=0.0`` are one entry.
+    """
+    found = _floats(variable)
+    if found is _NON_FINITE:  # orjson writes NaN and inf as null: two keys in one
+        raise UncacheableError("a NaN or infinite float has no canonical JSON form")
+    if found is _INTEGRAL:
+        payload = _canonical_numbers(payload)
     try:
         data = orjson.dumps(payload, default=_reject, option=_KEY_OPTIONS)
     except orjson.JSONEncodeError as exc:
         raise UncacheableError(str(exc)) from None
-    if _has_non_finite(variable):  # orjson writes NaN and inf as null: two keys in one
-        raise UncacheableError("a NaN or infinite float has no canonical JSON form")
     return hashlib.sha256(data).hexdigest()
 
 
-_LEAVES: Final = frozenset({str, int, bool, type(None)})
-_SEQUENCES: Final = (list, tuple)
+_NON_FINITE: Final = "non-finite"
+_INTEGRAL: Final = "integral"
+#: Floats of integral value up to this are written as integers (exactly representable).
+_EXACT_INT: Final = 2.0**53
 
 
-def _has_non_finite(value: Any) -> bool:
-    """Whether ``value`` holds a NaN or infinite float (one call: no recursion)."""
+def _canonical_numbers(value: Any) -> Any:
+    """``value`` with each float of integral value (within 2**53) as the int it equals."""
+    kind = type(value)
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and abs(value) <= _EXACT_INT else value
+    if kind is dict or isinstance(value, dict):
+        return {key: _canonical_numbers(item) for key, item in value.items()}
+    if kind is list or kind is tuple or isinstance(value, _SEQUENCES):
+        return [_canonical_numbers(item) for item in value]
+    return value
+
+
+def _floats(value: Any) -> str | None:
+    """What floats ``value`` holds (one walk, no recursion).
+
+    ``_NON_FINITE`` for a NaN or an infinity, else ``_INTEGRAL`` for a float of integral
+    value, else ``None``.
+    """
     leaves = _LEAVES
     if type(value) in leaves:
-        return False
+        return None
+    found: str | None = None
     stack = [value]
     while stack:
         node = stack.pop()
@@ -89,13 +116,20 @@ def _has_non_finite(value: Any) -> bool:
         elif isinstance(node, _SEQUENCES):
             items = node
         else:
-            if isinstance(node, float) and not math.isfinite(node):
-                return True
+            if isinstance(node, float):
+                if not math.isfinite(node):
+                    return _NON_FINITE
+                if node.is_integer() and abs(node) <= _EXACT_INT:
+                    found = _INTEGRAL
             continue
         for item in items:
             if type(item) not in leaves:
                 stack.append(item)  # noqa: PERF401 - a loop is faster for 1-3 items
-    return False
+    return found
+
+
+_LEAVES: Final = frozenset({str, int, bool, type(None)})
+_SEQUENCES: Final = (list, tuple)
 
 
 def encode_value(value: Any, types: ValueTypes | None = None) -> bytes:
