@@ -807,3 +807,16 @@ def test_lines_with_escaped_lone_surrogates_count_as_jq_counts_them(
     assert rows["odd\ufffd"]["count"] == 1
     assert main(["analyze", str(path)]) == 0
     assert "odd\ufffd" in capsys.readouterr().out
+
+
+def test_json_names_the_budget_and_its_violations(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = write(tmp_path / "a.jsonl", [line("retrieval", float(v)) for v in (10, 20, 30, 40)])
+    rows = as_json([str(log), "--budget", "retrieval=25"], capsys)
+    row = rows["retrieval"]
+    assert (row["budget"], row["violations"]) == (25.0, 2)
+    assert (row["budget_ms"], row["over_budget"]) == (25.0, 2)
+    log2 = write(tmp_path / "b.jsonl", [line("generation", 1.0)])
+    row = as_json([str(log2)], capsys)["generation"]
+    assert (row["budget"], row["violations"]) == (None, None)
