@@ -612,3 +612,27 @@ def test_stdlib_records_keep_their_creation_time_and_stack() -> None:
     expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
     assert queued["timestamp"].startswith(expected)
     assert stacked["stack"].startswith("Stack (most recent call last)")
+
+
+def _log_with_a_literal() -> None:
+    secret_literal = "hunter2-in-source"  # noqa: F841 - source text must not be recorded
+    logging.getLogger("app.stack").warning("stdlib stack", stack_info=True)
+    ri.get_logger("app.stack").warning("structlog stack", stack_info=True)
+
+
+def test_stack_info_gives_frames_without_source_text() -> None:
+    with capture() as cap:
+        _log_with_a_literal()
+    for event in ("stdlib stack", "structlog stack"):
+        (line,) = cap.find_logs(event)
+        stack = line["stack"]
+        assert stack.startswith("Stack (most recent call last):\n"), event
+        assert "stack_info" not in line
+        innermost = stack.splitlines()[-1]
+        assert innermost.endswith(", in _log_with_a_literal"), innermost
+        assert innermost.startswith(f'  File "{__file__}", line ')
+        assert "outer frame(s) left out" in stack  # pytest's own frames: the cut ones
+        assert "getLogger" not in stack
+        assert "get_logger" not in stack
+        assert "hunter2" not in stack
+        assert "structlog" not in stack.split("\n")[-1]  # the logging call's own frames: out

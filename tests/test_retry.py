@@ -68,7 +68,7 @@ def test_default_is_retryable() -> None:
         err = Exception()
         err.status_code = value  # type: ignore[attr-defined]
         assert is_transient(err), value
-    for value in (http.HTTPStatus.BAD_REQUEST, "400", "503 ", True, "５０３"):
+    for value in (http.HTTPStatus.BAD_REQUEST, "400", "503 ", True, "\uff15\uff10\uff13"):
         err = Exception()
         err.status_code = value  # type: ignore[attr-defined]
         assert not is_transient(err), value

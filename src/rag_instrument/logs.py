@@ -25,6 +25,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -736,8 +737,50 @@ def _process(_logger: Any, method_name: str, event_dict: MutableMapping[str, Any
     if method_name == "exception" and exc_info is None:
         exc_info = True
     name = fields.pop("_logger_name", LOGGER_NAME)
+    if "stack_info" in fields and fields["stack_info"] is True:  # as logging's stack_info
+        del fields["stack_info"]
+        fields["stack"] = _caller_stack()
     emit(level, event, fields, logger=name, exc_info=exc_info, rt=rt, app=True)
     raise structlog.DropEvent  # emit() wrote it: nothing left for structlog to do
+
+
+_STACK_HEAD: Final = "Stack (most recent call last):\n"
+#: Where the frames of the logging call itself come from (left out of a ``stack``).
+_LOGGING_FILES: Final = (structlog.__file__.rsplit("/", 1)[0], __file__)
+
+
+def _caller_stack() -> str:
+    """The stack of the code that logged, as ``logging``'s ``stack_info`` gives it.
+
+    Each frame is its file, line and function, never its source text (as in recorded
+    exceptions: source can hold literals).
+    """
+    frames = [
+        f'  File "{frame.filename}", line {frame.lineno}, in {frame.name}'
+        for frame in traceback.extract_stack(sys._getframe(1))
+        if not frame.filename.startswith(_LOGGING_FILES)
+    ]
+    return _innermost(_STACK_HEAD.rstrip("\n"), frames)
+
+
+def _frames_only(stack: str) -> str:
+    """``logging``'s ``stack_info`` text without the source lines under each frame."""
+    lines = [line for line in stack.splitlines() if line.strip() and not line.startswith("    ")]
+    if lines and lines[0].startswith("Stack"):
+        return _innermost(lines[0], lines[1:])
+    return _innermost(_STACK_HEAD.rstrip("\n"), lines)
+
+
+#: Frames kept in a ``stack`` field: the innermost (where the call was made), so that the
+#: field's cut to ``max_content_chars`` never loses them.
+_STACK_FRAMES: Final = 16
+
+
+def _innermost(head: str, frames: list[str]) -> str:
+    if len(frames) > _STACK_FRAMES:
+        left_out = len(frames) - _STACK_FRAMES
+        frames = [f"  ... {left_out} outer frame(s) left out", *frames[-_STACK_FRAMES:]]
+    return "\n".join([head, *frames])
 
 
 class _Sink:
@@ -931,7 +974,7 @@ class _StdlibHandler(logging.Handler):
                 message = f"{record.msg!s} (unformattable arguments)"
             extra = {k: v for k, v in record.__dict__.items() if k not in _RECORD_KEYS}
             if record.stack_info:  # logging's stack_info=True: the caller's stack
-                extra["stack"] = record.stack_info
+                extra["stack"] = _frames_only(record.stack_info)
             level = _record_level(record)
             name = record.name
             emit(
