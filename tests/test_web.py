@@ -1567,3 +1567,17 @@ async def test_suppressed_instrumentation_stays_suppressed_under_an_incoming_tra
     with capture() as cap, suppress_instrumentation():
         await Driver()(app, "/s", headers=[(b"traceparent", TRACEPARENT.encode())])
     assert cap.spans == []
+
+
+@pytest.mark.asyncio
+async def test_a_bad_baggage_header_does_not_add_a_line_per_request() -> None:
+    # The propagator warns about each malformed baggage entry: a client could add log
+    # lines at will. The same warning is written once per window.
+    app = build_items_app()
+    with capture() as cap:
+        for n in range(5):
+            response = await get(app, f"/api/items/{n}", headers={"baggage": "k=v\x7f; bad entry"})
+            assert response.status_code == 200
+    warnings = [line for line in cap.logs if line["logger"].startswith("opentelemetry.")]
+    assert len(warnings) == 1, warnings
+    assert len(request_lines(cap)) == 5

@@ -211,6 +211,7 @@ def apply(
         )
         _switch(new)
         warn_once.reset()
+        logs.reset_repeated_sdk_warnings()
         for message in take_warnings():  # now that the new output takes them as lines
             internal_logger.warning(message)
         if retire:

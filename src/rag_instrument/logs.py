@@ -945,6 +945,37 @@ _RECORD_KEYS: Final = frozenset(
 _OWN_LOGGERS: Final = LOGGER_NAME + "."
 
 
+#: OpenTelemetry's own loggers: their warnings below error are written once per window
+#: per message (its template), since a request can trigger them at will (a malformed
+#: ``baggage`` header makes the propagator warn on every request).
+_OTEL_LOGGERS: Final = "opentelemetry."
+_OTEL_WINDOW_S: Final = 20.0
+_otel_last: dict[tuple[str, str], float] = {}
+_otel_lock = threading.Lock()
+
+
+def _otel_record_due(record: logging.LogRecord) -> bool:
+    """Whether an OpenTelemetry record is written: errors always, the rest once a window."""
+    if record.levelno >= logging.ERROR:
+        return True
+    key = (record.name, str(record.msg))
+    now = time.monotonic()
+    with _otel_lock:
+        last = _otel_last.get(key)
+        if last is not None and now - last < _OTEL_WINDOW_S:
+            return False
+        if len(_otel_last) >= 1024:
+            _otel_last.clear()
+        _otel_last[key] = now
+    return True
+
+
+def reset_repeated_sdk_warnings() -> None:
+    """Forget which OpenTelemetry warnings were written (a new configuration writes them)."""
+    with _otel_lock:
+        _otel_last.clear()
+
+
 def _record_level(record: logging.LogRecord) -> str:
     """A ``logging`` record's level as a line's: by its number, whatever its name.
 
@@ -968,6 +999,8 @@ class _StdlibHandler(logging.Handler):
         if getattr(_local, "emitting", False):
             return
         try:
+            if record.name.startswith(_OTEL_LOGGERS) and not _otel_record_due(record):
+                return  # the same SDK warning again (a client's bad baggage header, each time)
             try:
                 message = record.getMessage()
             except Exception:
