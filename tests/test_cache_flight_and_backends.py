@@ -566,3 +566,29 @@ def test_a_call_never_waits_on_a_leader_whose_event_loop_stopped() -> None:
         leader.cancel()
         idle.run_until_complete(asyncio.gather(leader, return_exceptions=True))
         idle.close()
+
+
+def test_a_redis_outage_warning_names_the_callers_stage_request_and_trace() -> None:
+    # API 2: the library's lines inside a stage name it; bound values are in every line.
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    class Down(ri.CacheMixin, ri.LLMProvider):
+        system, model = "stand-in", "m"
+        cache_backend = ri.RedisCache(f"redis://127.0.0.1:{port}/0", prefix="down:")
+
+        async def _generate(self, prompt: str, **params: Any) -> str:
+            return "answer"
+
+    async def main() -> str:
+        with ri.request_context(request_id="r-7"), ri.stage("generation") as span:
+            assert await Down().generate("q") == "answer"
+            return format(span.get_span_context().trace_id, "032x")
+
+    with capture() as cap:
+        trace_id = asyncio.run(main())
+    (line,) = [x for x in cap.logs if "unavailable" in x["event"]]
+    assert line["stage"] == "generation"
+    assert line["context"] == {"request_id": "r-7"}
+    assert line["trace_id"] == trace_id

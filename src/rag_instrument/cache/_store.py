@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import hashlib
 import math
 import threading
@@ -263,13 +264,19 @@ class Store:
         if self.local:
             return self.lookup(key)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(worker_pool(CACHE_IO), self.lookup, key)
+        # In the caller's context: a warning the backend writes (Redis down) names the
+        # caller's stage, request id and trace, as it would on the caller's thread.
+        in_context = contextvars.copy_context().run
+        return await loop.run_in_executor(worker_pool(CACHE_IO), in_context, self.lookup, key)
 
     async def asave(self, key: str, value: Any) -> bytes | None:
         if self.local:
             return self.save(key, value)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(worker_pool(CACHE_IO), self.save, key, value)
+        in_context = contextvars.copy_context().run
+        return await loop.run_in_executor(
+            worker_pool(CACHE_IO), in_context, self.save, key, value
+        )
 
     # --- single flight: one decision core, a sync and an async loop around it ---------------
     #
