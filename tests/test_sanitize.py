@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import rag_instrument as ri
 from rag_instrument._sanitize import (
     REDACTED,
     Sanitizer,
@@ -22,6 +23,7 @@ from rag_instrument._sanitize import (
     to_attribute_value,
     truncate,
 )
+from rag_instrument.testing import capture
 
 TOKEN = st.text(string.ascii_letters + string.digits, min_size=16, max_size=40)
 # A real key's random part mixes letter cases and digits; "sk-" plus one plain word is an
@@ -291,3 +293,26 @@ def test_stack_trace_reads_no_source_file(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(linecache, "getlines", refuse)
     monkeypatch.setattr(linecache, "updatecache", refuse)
     assert "in _recurse" in stack_trace(info.value, _python_last_line)
+
+
+def test_named_tuples_are_masked_by_their_field_names() -> None:
+    from collections import namedtuple
+    from typing import NamedTuple
+
+    credentials = namedtuple("credentials", "user password")
+
+    class Key(NamedTuple):
+        name: str
+        api_key: str
+
+    with capture() as cap:
+        ri.get_logger("app").info(
+            "connecting", cred=credentials("bob", "hunter2"), key=Key("k", "sk-abc"), pair=(1, 2)
+        )
+        with ri.stage("s", cred=credentials("bob", "hunter2")):
+            pass
+    (line,) = cap.find_logs("connecting")
+    assert line["cred"] == {"user": "bob", "password": "[REDACTED]"}
+    assert line["key"] == {"name": "k", "api_key": "[REDACTED]"}
+    assert line["pair"] == [1, 2]  # a plain tuple stays a list
+    assert "hunter2" not in repr(cap.span("s").attributes)

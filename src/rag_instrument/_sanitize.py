@@ -861,6 +861,11 @@ class Sanitizer:
             try:
                 if isinstance(value, Mapping):
                     return self._mapping(value, depth, seen)
+                fields = getattr(type(value), "_fields", None) if type(value) is not tuple else None
+                if isinstance(fields, tuple) and len(fields) == len(value):
+                    # A named tuple: a mapping of its fields, so that their names are read
+                    # (Credentials(user, password) is masked by name, as a dataclass is).
+                    return self._mapping(dict(zip(fields, value, strict=True)), depth, seen)
                 seq = (
                     list(itertools.islice(value, _MAX_ITEMS + 1))
                     if isinstance(value, set | frozenset)
@@ -958,7 +963,7 @@ def _to_attribute_value(
         return int_text(value, sanitizer.max_chars)
     if isinstance(value, enum.Enum):
         return _to_attribute_value(value.value, sanitizer)
-    if isinstance(value, list | tuple) and value:
+    if isinstance(value, list | tuple) and value and not hasattr(type(value), "_fields"):
         first = type(value[0])
         head = value[:_MAX_ITEMS]
         if first in (str, bool, int, float) and all(type(v) is first for v in head):
