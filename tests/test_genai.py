@@ -83,6 +83,20 @@ def test_secrets_are_scrubbed_literally_from_every_recorded_text() -> None:
     assert "my key is" in cap.span("chat m").attributes["gen_ai.input.messages"]
 
 
+def test_a_placeholder_key_is_not_masked_in_every_later_line() -> None:
+    # Local servers take any key ("not-needed", "lm-studio"): plain words, not credentials.
+    # Scrubbed from the call's own texts, but not turned into a mask for every line.
+    with capture(capture_content=True) as cap:
+        call = start_call(
+            _runtime.get_runtime(), operation="chat", system="openai", model="m",
+            prompt="hello", secrets=("not-needed", "lm-studio-local"),
+        )
+        call.finish(None)
+        ri.get_logger("app").info("the lm-studio-local server says a key is not-needed here")
+    (line,) = cap.find_logs("the lm-studio-local server says a key is not-needed here")
+    assert line["event"] == "the lm-studio-local server says a key is not-needed here"
+
+
 @given(
     st.dictionaries(
         st.sampled_from(["temperature", "top_p", "max_tokens", "seed", "n", "stop", "user"]),

@@ -298,9 +298,19 @@ _MAX_LITERALS: Final = 64
 
 
 def register_literal_secrets(values: Sequence[str]) -> None:
-    """Remember credentials to mask, as literals, in every log line (8 characters or more)."""
+    """Remember credentials to mask, as literals, in every log line.
+
+    Only values that look like a credential: 8 characters or more, and either 20 or more
+    or not plain words (``_credential_shaped``). A local server's placeholder key
+    (``"not-needed"``, ``"lm-studio"``) would otherwise mask those words in every line.
+    """
     for value in values:
-        if value not in _LITERAL_SEEN and len(value) >= 8 and len(_LITERAL_SEEN) < _MAX_LITERALS:
+        if (
+            value not in _LITERAL_SEEN
+            and len(value) >= 8
+            and (len(value) >= 20 or _credential_shaped(value))
+            and len(_LITERAL_SEEN) < _MAX_LITERALS
+        ):
             _LITERAL_SEEN.add(value)
             LITERAL_SECRETS.append(value.encode("utf-8", "surrogatepass"))
 
