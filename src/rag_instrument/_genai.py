@@ -195,9 +195,29 @@ def _without_secrets(text: str, secrets: Sequence[str]) -> str:
     return text
 
 
-def _messages_json(role: str, text: str, rt: Runtime, secrets: Sequence[str] = ()) -> str:
-    clean = rt.sanitizer.text(_without_secrets(text, secrets))
-    return orjson.dumps([{"role": role, "parts": [{"type": "text", "content": clean}]}]).decode()
+def _messages_json(
+    role: str, text: str | Sequence[tuple[str, str]], rt: Runtime, secrets: Sequence[str] = ()
+) -> str:
+    """``gen_ai.input.messages`` / ``gen_ai.output.messages`` as JSON text.
+
+    One message of ``role`` with ``text``, or the ``(role, text)`` pairs ``text`` gives
+    (each masked and cut).
+    """
+    pairs = [(role, text)] if isinstance(text, str) else list(text)
+    return orjson.dumps(
+        [
+            {
+                "role": str(each_role),
+                "parts": [
+                    {
+                        "type": "text",
+                        "content": rt.sanitizer.text(_without_secrets(each_text, secrets)),
+                    }
+                ],
+            }
+            for each_role, each_text in pairs
+        ]
+    ).decode()
 
 
 def _code_of(exc: BaseException) -> str | None:
@@ -542,7 +562,7 @@ def start_call(
     system: str,
     model: str,
     params: Mapping[str, Any] | None = None,
-    prompt: str | Callable[[], str] | None = None,
+    prompt: str | Callable[[], str | Sequence[tuple[str, str]]] | None = None,
     breakdown_kind: str = attr.BREAKDOWN_LLM,
     span_kind: str = attr.SpanKind.LLM,
     secrets: Sequence[str] = (),
@@ -557,7 +577,8 @@ def start_call(
         params: the request's parameters (only the known numeric ones are recorded).
         breakdown_kind: the stage breakdown entry (``llm`` or ``embedding``).
         span_kind: ``openinference.span.kind``.
-        prompt: the prompt text, or a function building it: called only when content
+        prompt: the prompt text, or a function building it (the text, or ``(role, text)``
+            pairs, one per message): called only when content
             capture is on (joining 1,000 embedding inputs is not paid for otherwise).
         secrets: literal strings (a client's API key) to replace in every text recorded
             for this call; those shorter than 8 characters are ignored.

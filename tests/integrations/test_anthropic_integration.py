@@ -364,3 +364,27 @@ def test_structured_output_parse_is_traced_like_create(server: FakeLLMServer) ->
     assert span.attributes["gen_ai.provider.name"] == "anthropic"
     (line,) = cap.find_logs("generation completed")
     assert line["breakdown"]["llm"]["count"] == 1
+
+
+def test_captured_messages_keep_the_system_prompt_and_roles(server: FakeLLMServer) -> None:
+    import json
+
+    client = instrument_anthropic(_client(server))
+    with capture(capture_content=True) as cap:
+        client.messages.create(
+            model="claude-x",
+            max_tokens=20,
+            system="Be brief.",
+            messages=[
+                {"role": "user", "content": "Where is the van?"},
+                {"role": "assistant", "content": "Level 3."},
+                {"role": "user", "content": [{"type": "text", "text": "Which bay?"}]},
+            ],
+        )
+    recorded = json.loads(cap.span("chat claude-x").attributes["gen_ai.input.messages"])
+    assert [(m["role"], m["parts"][0]["content"]) for m in recorded] == [
+        ("system", "Be brief."),
+        ("user", "Where is the van?"),
+        ("assistant", "Level 3."),
+        ("user", "Which bay?"),
+    ]

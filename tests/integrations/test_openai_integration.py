@@ -563,3 +563,25 @@ async def test_structured_output_parse_on_the_async_client(server: FakeLLMServer
     await client.close()
     assert reply.choices[0].message.parsed == Drawer(drawer="bottom")
     assert [s.name for s in cap.spans] == ["chat gpt-4o-mini"]
+
+
+def test_captured_messages_keep_their_roles_and_a_generator_of_messages_is_sent_whole(
+    server: FakeLLMServer,
+) -> None:
+    import json
+
+    client = instrument_openai(_client(server))
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Which drawer?"},
+        {"role": "assistant", "content": "The top one."},
+        {"role": "user", "content": "And the key?"},
+    ]
+    with capture(capture_content=True) as cap:
+        client.chat.completions.create(model="m", messages=(m for m in messages))
+    sent = server.requests[-1].json["messages"]
+    assert [m["content"] for m in sent] == [m["content"] for m in messages]  # all of it
+    recorded = json.loads(cap.span("chat m").attributes["gen_ai.input.messages"])
+    assert [(m["role"], m["parts"][0]["content"]) for m in recorded] == [
+        (m["role"], m["content"]) for m in messages
+    ]

@@ -483,6 +483,38 @@ def uninstrument_methods(client: Any) -> bool:
     return True
 
 
+def role_texts(messages: Any, system: Any = None) -> list[tuple[str, str]]:
+    """Chat messages as ``(role, text)`` pairs, for ``gen_ai.input.messages``.
+
+    ``system``: a separate system prompt (Anthropic's ``system=``), first. A message
+    without a role is the user's.
+    """
+    out: list[tuple[str, str]] = []
+    text = text_of(system)
+    if text:
+        out.append(("system", text))
+    if isinstance(messages, str):
+        return [*out, ("user", messages)]
+    for message in messages if isinstance(messages, list | tuple) else ():
+        role = message.get("role") if isinstance(message, Mapping) else None
+        out.append((role if isinstance(role, str) and role else "user", text_of(message)))
+    return out
+
+
+def materialize_messages(kwargs: Any, name: str = "messages") -> None:
+    """Turn a one-shot iterable of messages (a generator) into a list, in place.
+
+    The SDK reads it once; so would the capture of its text: a list serves both.
+    """
+    messages = kwargs.get(name) if isinstance(kwargs, dict) else None
+    if messages is None or isinstance(messages, list | tuple | str | bytes | Mapping):
+        return
+    try:
+        kwargs[name] = list(messages)
+    except TypeError:  # not iterable: the SDK says what it thinks of it
+        return
+
+
 def text_of(value: Any) -> str:
     """The text in chat messages: strings, content parts and message lists."""
     if isinstance(value, str):

@@ -59,7 +59,8 @@ from rag_instrument.integrations._streams import (
     instrument_methods,
     instrumented,
     instrumented_already,
-    text_of,
+    materialize_messages,
+    role_texts,
     uninstrument_methods,
 )
 
@@ -70,16 +71,13 @@ SYSTEM = "anthropic"
 
 
 def _describe(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    def prompt() -> str:  # built only when content capture is on
-        system = text_of(kwargs.get("system"))
-        messages = text_of(kwargs.get("messages"))
-        return f"{system}\n{messages}" if system else messages
-
+    materialize_messages(kwargs)
     return {
         "operation": "chat",
         "model": str(kwargs.get("model") or "unknown"),
         "params": kwargs,
-        "prompt": prompt,
+        # Built only when content capture is on: the system prompt, then each message.
+        "prompt": functools.partial(role_texts, kwargs.get("messages"), kwargs.get("system")),
     }
 
 

@@ -64,6 +64,8 @@ from rag_instrument.integrations._streams import (
     instrument_methods,
     instrumented,
     instrumented_already,
+    materialize_messages,
+    role_texts,
     text_of,
     uninstrument_methods,
 )
@@ -75,11 +77,13 @@ SYSTEM = "openai"
 
 
 def _describe_chat(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    materialize_messages(kwargs)
     return {
         "operation": "chat",
         "model": str(kwargs.get("model") or "unknown"),
         "params": kwargs,
-        "prompt": functools.partial(text_of, kwargs.get("messages")),  # built only if captured
+        # Built only if captured: each message with its role.
+        "prompt": functools.partial(role_texts, kwargs.get("messages")),
     }
 
 
