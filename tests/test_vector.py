@@ -57,6 +57,15 @@ def test_sync_search_span_attributes_from_decorator_and_call() -> None:
     assert "5987321" not in dumped
 
 
+def test_a_numpy_integer_top_k_is_recorded() -> None:
+    numpy = pytest.importorskip("numpy")
+    with capture() as cap:
+        search([[1.0, 2.0]], numpy.int64(3))
+    (span,) = [s for s in cap.spans if s.name == search.__qualname__]
+    assert span.attributes["rag.vector.top_k"] == 3
+    assert type(span.attributes["rag.vector.top_k"]) is int
+
+
 def test_positional_limit_and_default_limit() -> None:
     with capture() as cap:
         search([[1.0, 2.0]], 1)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import numbers
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, ParamSpec, TypeVar
 
@@ -160,8 +161,8 @@ class _SearchSpec:
         attrs = dict(self.attributes)
         batched: bool | None = None
         top_k = _argument(self.top_k_arg, args, kwargs)
-        if isinstance(top_k, int) and not isinstance(top_k, bool):
-            attrs[attr.RAG_VECTOR_TOP_K] = top_k
+        if not isinstance(top_k, bool) and isinstance(top_k, numbers.Integral):
+            attrs[attr.RAG_VECTOR_TOP_K] = int(top_k)  # numpy's integers too
         if self.query_arg is not None:
             count, dimensions, batched = query_shape(_argument(self.query_arg, args, kwargs))
             if count is not None:

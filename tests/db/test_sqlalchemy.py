@@ -229,6 +229,31 @@ def test_instrumenting_again_with_other_options_says_they_are_not_taken(
     assert "explain_slow=True" in line["event"]
 
 
+def test_instrumenting_again_without_options_says_nothing(engine: Engine) -> None:
+    # An application factory instrumenting the engine it was handed again asks for nothing.
+    ri.instrument_sqlalchemy(engine, slow_query_ms=200, explain_slow=True)
+    with capture() as cap:
+        ri.instrument_sqlalchemy(engine)
+    assert not cap.logs
+
+
+def test_a_sqlite_failure_carries_its_result_code(engine: Engine) -> None:
+    ri.instrument_sqlalchemy(engine)
+    with capture() as cap, engine.connect() as conn:
+        conn.exec_driver_sql("CREATE TABLE unique_ids (id INTEGER PRIMARY KEY)")
+        conn.exec_driver_sql("INSERT INTO unique_ids VALUES (1)")
+        with pytest.raises(sa_exc.IntegrityError):
+            conn.exec_driver_sql("INSERT INTO unique_ids VALUES (1)")
+    failed = cap.spans[-1]
+    assert failed.attributes["db.response.status_code"] == str(
+        sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY
+    )
+    (point,) = [
+        p for p in cap.metrics()["db.client.operation.duration"] if "error.type" in p.attributes
+    ]
+    assert point.attributes["db.response.status_code"] == "1555"
+
+
 def test_uninstrument_removes_every_listener(engine: Engine) -> None:
     pool = engine.pool
     handle = ri.instrument_sqlalchemy(engine)
@@ -595,3 +620,15 @@ def test_db_session_endings(
     (span,) = [s for s in cap.spans if s.name == "db.session"]
     assert span.attributes["rag.db.session.outcome"] == outcome
     assert bool(cap.find_logs("db session rollback failed")) == ("rollback" in fail)
+
+
+def test_sqlite_ddl_with_if_exists_keeps_quoted_names(engine: Engine) -> None:
+    ri.instrument_sqlalchemy(engine)
+    with capture() as cap, engine.connect() as conn:
+        conn.exec_driver_sql('CREATE TABLE IF NOT EXISTS "Docs" (id INTEGER)')
+        conn.exec_driver_sql('DROP TABLE IF EXISTS "Docs"')
+    create, drop = cap.spans
+    assert create.attributes["db.query.text"] == 'CREATE TABLE IF NOT EXISTS "Docs" (id INTEGER)'
+    assert create.attributes["db.collection.name"] == "Docs"
+    assert drop.attributes["db.query.text"] == 'DROP TABLE IF EXISTS "Docs"'
+    assert drop.attributes["db.collection.name"] == "Docs"

@@ -158,6 +158,15 @@ def _check(name: str, value: float | None, minimum: float, integer: bool = False
         )
 
 
+_DEFAULT_OPTIONS: Final = {
+    "slow_query_ms": None,
+    "explain_slow": False,
+    "n_plus_one_threshold": None,
+    "capture_parameters": False,
+    "pool_slow_ms": 100.0,
+}
+
+
 def instrument_sqlalchemy(
     engine: Any,
     *,
@@ -202,12 +211,14 @@ def instrument_sqlalchemy(
     with _lock:
         existing = _handles.get(sync)
         if existing is not None and existing.instrumented:
-            if existing.options != options:
-                changed = ", ".join(
-                    f"{name}={value!r}"
-                    for name, value in options.items()
-                    if existing.options.get(name) != value
-                )
+            # Only options given this time (not at their defaults) can differ: a plain
+            # instrument_sqlalchemy(engine) again (an app factory) asks for nothing else.
+            changed = ", ".join(
+                f"{name}={value!r}"
+                for name, value in options.items()
+                if value != _DEFAULT_OPTIONS[name] and existing.options.get(name) != value
+            )
+            if changed:
                 warn_once.warning(
                     "rag_instrument.instrument_sqlalchemy: this engine is instrumented "
                     f"already: the first call's options stay, not {changed} (call "

@@ -533,6 +533,9 @@ class EngineInstrumentation:
                 code = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
                 if not isinstance(code, str) or not _SQLSTATE.fullmatch(code):
                     code = None
+                sqlite_code = getattr(exc, "sqlite_errorcode", None)
+                if code is None and type(sqlite_code) is int:  # SQLite's (extended) result code
+                    code = str(sqlite_code)
             if span.is_recording():
                 span.set_attribute(attr.ERROR_TYPE, error_type)
                 if isinstance(exc, Exception):

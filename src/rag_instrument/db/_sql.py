@@ -263,6 +263,12 @@ def _names_something(sql: str, end: int, tokens: list[tuple[str, str, int]]) -> 
     kind, value, _ = tokens[-1]
     if kind == "punct":
         return value == "."
+    if kind == "word" and value.upper() == "EXISTS":
+        # CREATE TABLE IF NOT EXISTS "x", DROP INDEX IF EXISTS "x": still the name's place.
+        words = [t[1].upper() for t in tokens[-4:-1] if t[0] == "word"]
+        if words[-1:] == ["NOT"]:
+            words.pop()
+        return words[-1:] == ["IF"] and len(words) >= 2 and words[-2] in _NAME_AFTER
     if kind != "word" or value.upper() not in _NAME_AFTER:
         return False
     # "a IS [NOT] DISTINCT FROM "x"" compares with a value, "VACUUM INTO "x"" names a
