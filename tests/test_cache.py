@@ -653,6 +653,18 @@ def test_an_instance_that_sets_its_own_cache_settings_gets_its_own_store() -> No
         assert await plain.generate("q") == "answer 1"
         assert plain.calls == 1
         assert len(shared.data) == 1
+        # One instance per request with the same settings: one store, shared.
+        first, second = Answers(ttl=60.0), Answers(ttl=60.0)
+        assert await first.generate("r") == "answer 1"
+        assert await second.generate("r") == "answer 1"
+        assert second.calls == 0
+        assert second.cache_info().hits == 1  # the store of its settings
+        second.cache_clear()
+        assert second.cache_info().hits == 0
+        assert await Answers(ttl=60.0).generate("r") == "answer 1"  # cleared: called again
+        assert Answers.cache_info().misses == 1  # the class's own store: plain's call
+        Answers.cache_clear()  # on the class: every store of the class
+        assert Answers.cache_info().misses == 0
         with pytest.raises(ValueError, match="Answers instance: cache_ttl must be"):
             await Answers(ttl=-1.0).generate("q")
 

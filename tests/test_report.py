@@ -250,7 +250,7 @@ def test_extreme_durations_are_reported_not_a_traceback(
     assert row["count"] == len(values)
 
 
-@pytest.mark.parametrize("flag", ["input", "baseline"])
+@pytest.mark.parametrize("flag", ["input", "baseline", "glob"])
 def test_the_report_never_replaces_a_log_it_reads(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str
 ) -> None:
@@ -260,6 +260,8 @@ def test_the_report_never_replaces_a_log_it_reads(
         path.write_text(json.dumps({"context": {"pipeline_stage": "x"}, "execution_time_ms": 3.0}))
     before = log.read_bytes()
     args = ["report", str(log), "-o", str(log)]
+    if flag == "glob":  # the page written over a log the pattern takes in
+        args = ["report", f"{tmp_path}/*.jsonl", "-o", str(log)]
     if flag == "baseline":  # the page written over the baseline, by another spelling of it
         args = ["report", str(other), "--baseline", str(log), "-o", f"{tmp_path}/./a.jsonl"]
     assert main(args) == 2

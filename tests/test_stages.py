@@ -1027,6 +1027,9 @@ def test_a_with_block_in_a_plain_generator_closed_in_another_request_keeps_its_o
                 second.close()
             with ri.request_context(request_id="E"), ri.stage("bound inside"):
                 ri.bind_context(user="u-1")  # bound within the stage: in its line
+            with ri.request_context(request_id="F", user="u-0"), ri.stage("rebound inside"):
+                ri.bind_context(user="u-2", answer_id=7)  # a key bound again: the new value
+                ri.unbind_context("request_id")
     finally:
         gc.enable()
     assert [line["context"]["request_id"] for line in cap.find_logs("held completed")] == [
@@ -1036,6 +1039,8 @@ def test_a_with_block_in_a_plain_generator_closed_in_another_request_keeps_its_o
     (inside,) = cap.find_logs("bound inside completed")
     assert inside["context"]["request_id"] == "E"
     assert inside["context"]["user"] == "u-1"
+    (rebound,) = cap.find_logs("rebound inside completed")
+    assert rebound["context"] == {"pipeline_stage": "rebound inside", "user": "u-2", "answer_id": 7}
 
 
 def test_a_decorators_attributes_follow_the_settings_in_force_when_it_runs() -> None:

@@ -1581,3 +1581,28 @@ async def test_a_bad_baggage_header_does_not_add_a_line_per_request() -> None:
     warnings = [line for line in cap.logs if line["logger"].startswith("opentelemetry.")]
     assert len(warnings) == 1, warnings
     assert len(request_lines(cap)) == 5
+
+
+@pytest.mark.asyncio
+async def test_a_middleware_inside_another_is_the_same_request() -> None:
+    # A mounted app with a RequestMiddleware of its own, under the outer app's: one server
+    # request, the inner span INTERNAL, though the inner one sees the outer's traceparent.
+    async def hello(request: Request) -> Response:
+        return PlainTextResponse("hi")
+
+    inner = RequestMiddleware(Starlette(routes=[Route("/hello", hello)]))
+    outer = RequestMiddleware(Starlette(routes=[Mount("/sub", app=inner)]))
+    seen: list[dict[str, Any]] = []
+
+    async def server(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope)
+        await outer(scope, receive, send)
+
+    with capture() as cap:
+        assert (await get(server, "/sub/hello")).text == "hi"
+    servers = [s for s in cap.spans if s.kind is SpanKind.SERVER]
+    assert len(servers) == 1
+    (internal,) = [s for s in cap.spans if s.kind is SpanKind.INTERNAL]
+    assert internal.parent is not None
+    assert internal.parent.span_id == servers[0].context.span_id
+    assert "rag_instrument.request" not in seen[0]  # taken out at the end

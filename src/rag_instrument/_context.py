@@ -51,14 +51,31 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+class BoundScope:
+    """What a set of bound values belongs to.
+
+    One request (``request_context()``, the request middleware), or the process outside
+    any. Values bound or unbound within it keep it; a stage that ends under another
+    scope's values ended elsewhere (see stages).
+    """
+
+    __slots__ = ()
+
+
+ROOT_SCOPE: Final = BoundScope()
+
+
 class Bound:
     """An immutable snapshot of bound values, in log form and in span-attribute form."""
 
-    __slots__ = ("attrs", "log")
+    __slots__ = ("attrs", "log", "scope")
 
-    def __init__(self, log: dict[str, Any], attrs: dict[str, Any]) -> None:
+    def __init__(
+        self, log: dict[str, Any], attrs: dict[str, Any], scope: BoundScope = ROOT_SCOPE
+    ) -> None:
         self.log = log
         self.attrs = attrs
+        self.scope = scope
 
 
 EMPTY = Bound({}, {})
@@ -297,7 +314,7 @@ def current_stage() -> str | None:
     return frame.stage if frame is not None else None
 
 
-def _make_bound(base: Bound, kv: dict[str, Any]) -> Bound:
+def _make_bound(base: Bound, kv: dict[str, Any], scope: BoundScope | None = None) -> Bound:
     sanitizer = get_runtime().sanitizer
     log = dict(base.log)
     attrs = dict(base.attrs)
@@ -317,7 +334,7 @@ def _make_bound(base: Bound, kv: dict[str, Any]) -> Bound:
             attrs.pop(key, None)
         else:
             attrs[key] = attr
-    return Bound(log, attrs)
+    return Bound(log, attrs, base.scope if scope is None else scope)
 
 
 def bind_context(**kv: Any) -> None:
@@ -339,7 +356,7 @@ def unbind_context(*keys: str) -> None:
         return
     log = {k: v for k, v in current.log.items() if k not in keys}
     attrs = {k: v for k, v in current.attrs.items() if k not in keys}
-    _bound.set(Bound(log, attrs) if log else EMPTY)
+    _bound.set(Bound(log, attrs, current.scope))
 
 
 @contextmanager
@@ -352,7 +369,9 @@ def request_context(**kv: Any) -> Iterator[None]:
         ...     pass
     """
     try:
-        token: contextvars.Token[Bound] | None = _bound.set(_make_bound(_bound.get(), kv))
+        token: contextvars.Token[Bound] | None = _bound.set(
+            _make_bound(_bound.get(), kv, BoundScope())  # a request of its own
+        )
     except Exception as exc:
         internal_error("request_context", exc)
         token = None

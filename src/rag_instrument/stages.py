@@ -333,22 +333,13 @@ def _end(
 
 
 def _extends(now: Bound, then: Bound) -> bool:
-    """Whether ``now`` holds every value of ``then``: bound since, within the same request.
+    """Whether ``now`` is of the request ``then`` was bound in (values bound since kept).
 
     Not so when a plain generator holding a ``with`` block is closed in another request's
     code (by the collector, or by that code closing it): the values bound there are that
     request's, not the ones the block ran under.
     """
-    if not then.log:
-        return True
-    current = now.log
-    try:
-        return all(
-            key in current and (current[key] is value or current[key] == value)
-            for key, value in then.log.items()
-        )
-    except Exception:  # a bound value whose == raises: taken as the same request
-        return True
+    return now.scope is then.scope
 
 
 def _finish(

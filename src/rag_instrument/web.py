@@ -38,6 +38,7 @@ from rag_instrument import _breakdown
 from rag_instrument import attributes as attr
 from rag_instrument._context import (
     Bound,
+    BoundScope,
     Frame,
     _make_bound,
     attach_span,
@@ -386,6 +387,8 @@ def _header_values(scope: Scope, wanted: frozenset[bytes]) -> dict[str, str]:
 
 
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+#: The scope key a RequestMiddleware sets while it serves the request (see _Request).
+_ROUTED: Final = "rag_instrument.request"
 
 
 def _carry_down(scope: Scope, span: trace_api.Span, parent: Context | None) -> Any:
@@ -436,6 +439,7 @@ class _Request:
         "disconnected",
         "frame",
         "headers_ms",
+        "marked",
         "method",
         "middleware",
         "quiet",
@@ -476,6 +480,7 @@ class _Request:
         self.headers_ms: float | None = None
         self.tokens: tuple[Any, ...] | None = None
         self.client_headers: Any = None
+        self.marked = False
         # FastAPI(root_path=...) sets the scope's root path itself, once past this middleware.
         root_path = middleware.app_root_path or scope.get("root_path", "")
         self.root_path = root_path if isinstance(root_path, str) else ""
@@ -519,8 +524,17 @@ class _Request:
                 if parent is not None
                 else None
             )
-            if incoming is None or incoming.span_id != outer_context.span_id:
+            if (
+                incoming is None
+                or incoming.span_id != outer_context.span_id
+                or scope.get(_ROUTED) is not None  # this request, routed on by ours
+            ):
                 kind, parent = SpanKind.INTERNAL, None
+        self.marked = _ROUTED not in scope
+        if self.marked:
+            # Seen by a RequestMiddleware further in (a mounted app with its own): the
+            # same request, not a call from inside this one. Taken out at the end.
+            scope[_ROUTED] = True
         sanitizer = rt.sanitizer
         attributes: dict[str, Any] = {
             attr.HTTP_REQUEST_METHOD: self.method,
@@ -569,9 +583,12 @@ class _Request:
             log["request_id"] = self.request_id
             span_attrs = dict(base.attrs)
             span_attrs["request_id"] = self.request_id
-            bound_token = set_bound(Bound(log, span_attrs))
+            bound_token = set_bound(Bound(log, span_attrs, BoundScope()))  # a request of its own
         else:
-            bound_token = set_bound(_make_bound(base, {"request_id": self.request_id}))
+            request_scope = BoundScope()  # a request of its own
+            bound_token = set_bound(
+                _make_bound(base, {"request_id": self.request_id}, request_scope)
+            )
         self.start_name = self.method if self.method != "_OTHER" else "HTTP"
         try:
             extra = bound().attrs
@@ -671,6 +688,8 @@ class _Request:
             self._restore()
             if self.client_headers is not None:  # the server's scope: as the client sent it
                 self.scope["headers"] = self.client_headers
+            if self.marked:
+                self.scope.pop(_ROUTED, None)
 
     def _restore(self) -> None:
         tokens, self.tokens = self.tokens, None

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from rag_instrument._runtime import get_runtime
@@ -20,6 +21,18 @@ __all__ = ["CacheMixin"]
 _STORES_LOCK = threading.Lock()
 #: Cache settings an instance may set for itself (its own store, see _rag_call_store).
 _INSTANCE_SETTINGS: frozenset[str] = frozenset({"cache_backend", "cache_ttl", "cache_maxsize"})
+
+
+class _class_or_instance:
+    """A method called with the class and, on an instance, the instance too."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.__doc__ = fn.__doc__
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Callable[..., Any]:
+        cls = owner if owner is not None else type(instance)
+        return functools.partial(self.fn, cls, instance)
 
 
 class CacheMixin:
@@ -77,42 +90,66 @@ class CacheMixin:
     def _rag_call_store(self) -> Store:
         """The store of this instance's calls.
 
-        The class's, or its own when the instance sets ``cache_backend``, ``cache_ttl`` or
-        ``cache_maxsize`` itself (read at its first cached call; a bad value raises
-        ``ValueError`` naming it there).
+        The class's, or, when the instance sets ``cache_backend``, ``cache_ttl`` or
+        ``cache_maxsize`` itself, the class's store for those settings: instances with the
+        same settings (one per request, say) share it. Read at each cached call; a bad
+        value raises ``ValueError`` naming it at the first call that uses it.
         """
         own = getattr(self, "__dict__", None)
         if not own or _INSTANCE_SETTINGS.isdisjoint(own):
             return type(self)._rag_store()
-        store: Store | None = own.get("_rag_cache_store")
+        cls = type(self)
+        backend, ttl, maxsize = self.cache_backend, self.cache_ttl, self.cache_maxsize
+        try:
+            key: Any = (backend, ttl, maxsize)
+            hash(key)
+        except TypeError:  # an unhashable backend object: by identity
+            key = (id(backend), ttl, maxsize)
+        stores: dict[Any, Store] | None = cls.__dict__.get("_rag_setting_stores")
+        store = stores.get(key) if stores is not None else None
         if store is None:
             with _STORES_LOCK:
-                store = own.get("_rag_cache_store")
+                stores = cls.__dict__.get("_rag_setting_stores")
+                if stores is None:
+                    stores = {}
+                    cls._rag_setting_stores = stores  # type: ignore[attr-defined]
+                store = stores.get(key)
                 if store is None:
-                    cls = type(self)
                     check_cache_settings(
-                        f"{cls.__qualname__} instance",
-                        self.cache_ttl,
-                        self.cache_maxsize,
-                        "cache_",
-                        self.cache_backend,
+                        f"{cls.__qualname__} instance", ttl, maxsize, "cache_", backend
                     )
-                    backend = make_backend(self.cache_backend, self.cache_maxsize, self.cache_ttl)
                     store = Store(
-                        backend, self.cache_ttl, scope=f"{cls.__module__}.{cls.__qualname__}"
+                        make_backend(backend, maxsize, ttl),
+                        ttl,
+                        scope=f"{cls.__module__}.{cls.__qualname__}",
                     )
-                    own["_rag_cache_store"] = store
+                    stores[key] = store
         return store
 
-    @classmethod
-    def cache_info(cls) -> CacheInfo:
-        """Hits, misses, coalesced calls and size of this class's cache."""
-        return cls._rag_store().info()
+    @_class_or_instance
+    def cache_info(cls, self: Any = None) -> CacheInfo:
+        """Hits, misses, coalesced calls and size of the cache.
 
-    @classmethod
-    def cache_clear(cls) -> None:
-        """Empty this class's cache and reset its statistics."""
+        The class's; called on an instance with settings of its own, those settings' store.
+        """
+        store = self._rag_call_store() if self is not None else cls._rag_store()
+        return store.info()
+
+    @_class_or_instance
+    def cache_clear(cls, self: Any = None) -> None:
+        """Empty the cache and reset its statistics.
+
+        Called on the class, every store of the class; on an instance with settings of its
+        own, those settings' store.
+        """
+        if self is not None and _INSTANCE_SETTINGS.isdisjoint(getattr(self, "__dict__", ())):
+            self = None
+        if self is not None:
+            self._rag_call_store().clear()
+            return
         cls._rag_store().clear()
+        for store in list((cls.__dict__.get("_rag_setting_stores") or {}).values()):
+            store.clear()
 
     def cache_key(self, prompt: str, params: Mapping[str, Any], namespace: str | None) -> str:
         """The cache key of one call (override to change what is part of it).

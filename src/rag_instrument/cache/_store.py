@@ -200,10 +200,16 @@ class Store:
     def clear(self) -> None:
         """Drop this store's entries (only them, in a backend that can tell) and its counts."""
         clear_prefix = getattr(self.backend, "clear_prefix", None)
+        clear = getattr(self.backend, "clear", None)
         if self.scope and callable(clear_prefix):
             clear_prefix(self.scope)
-        else:
-            self.backend.clear()
+        elif callable(clear):
+            clear()
+        else:  # a backend of the application's with get and set only
+            warn_once.warning(
+                f"rag_instrument: cache backend {type(self.backend).__name__} has no clear(): "
+                "its entries stay (the statistics are reset)"
+            )
         self.hits = self.misses = self.coalesced = 0
 
     def lookup(self, key: str) -> tuple[bool, Any]:

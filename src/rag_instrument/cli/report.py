@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rag_instrument.analysis import expand
 from rag_instrument.analysis._compare import compare
 from rag_instrument.analysis._render import empty_message
 from rag_instrument.analysis._report import render_report
@@ -53,8 +54,9 @@ def write_report(
 
 
 def overwrites_input(output: Path, inputs: list[str]) -> str | None:
-    """The input ``output`` is the same file as, if any (``-`` and patterns never are)."""
-    for name in inputs:
+    """The input ``output`` is the same file as, if any (globs expanded as they are read)."""
+    sources, _missing = expand(inputs)
+    for name in (source.name for source in sources):
         if name == "-":
             continue
         try:
