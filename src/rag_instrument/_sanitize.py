@@ -23,7 +23,7 @@ import re
 import time
 import traceback
 import uuid
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import PurePath
 from typing import Any, Final
@@ -595,23 +595,88 @@ def _long_option(match: re.Match[str]) -> str:
     return match.group(0)
 
 
-# curl -u user:password / --user user:password (the password part only).
-_CURL_USER: Final = re.compile(
-    r"""(\bcurl\b[^\n]*?\s(?:-u|--user)(?:\s+|=)["']?[^\s:"']*:)(?!\[REDACTED)[^\s"']+"""
+# curl -u user:password / --user user:password (the password part only), and mysql
+# -pPASSWORD (also mysqldump, mysqladmin): the option glued to its value. Only after the
+# client's own name on the same line ("-p" alone is too common an option to mask
+# elsewhere). Each option is found once and the name looked up before it (see
+# _after_word_on_line): a line of many "curl -u " costs linear time.
+_CURL_WORD: Final = re.compile(r"\bcurl\b")
+_CURL_OPTION: Final = re.compile(
+    r"""(\s(?:-u|--user)(?:\s+|=)["']?[^\s:"']*:)(?!\[REDACTED)[^\s"']+"""
 )
-# mysql -pPASSWORD (also mysqldump, mysqladmin): the option glued to its value. Only after
-# the client's own name: "-p" alone is too common an option to mask elsewhere.
-_MYSQL_PASSWORD: Final = re.compile(
-    r"(\bmysql(?:dump|admin|import|check|sh)?\b[^\n]*?\s-p)(?!\[REDACTED)[^\s\-][^\s]*"
-)
+_MYSQL_WORD: Final = re.compile(r"\bmysql(?:dump|admin|import|check|sh)?\b")
+_MYSQL_OPTION: Final = re.compile(r"(\s-p)(?!\[REDACTED)[^\s\-][^\s]*")
+_NEWLINE: Final = re.compile(r"\n")
+
+
+def _after_word_on_line(text: str, word: re.Pattern[str], option: re.Pattern[str]) -> str:
+    """Mask ``option``'s value (keeping its group 1) where ``word`` ends before it on its line."""
+    ends = [found.end() for found in word.finditer(text)]
+    if not ends:
+        return text
+    newlines = [found.start() for found in _NEWLINE.finditer(text)]
+
+    def masked(match: re.Match[str]) -> str:
+        start = match.start()
+        index = bisect_right(ends, start) - 1
+        if index < 0:
+            return match.group(0)
+        # No line break between the word and the option: the same command line.
+        if bisect_left(newlines, ends[index]) != bisect_left(newlines, start):
+            return match.group(0)
+        return match.group(1) + REDACTED
+
+    return option.sub(masked, text)
+
+
 # PostgreSQL's DETAIL lines quote the row: "Key (email)=(alice@x.com) already exists",
 # "... is not present in table", "conflicts with existing key (during)=([1,2))",
 # "Failing row contains (1, alice@x.com, null)". The column names stay, the values go.
-_PG_KEY_VALUES: Final = re.compile(
-    r"(?i)(\bkey \((?:[^()\n]|\([^()\n]*\))*\)=\()"
-    r"(?:[^\n]*?(?=\)(?: already exists| is not present| is still referenced| conflicts with))"
-    r"|(?:[^()\n]|\([^()\n]*\))*(?=\)))"
+_PG_KEY_PREFIX: Final = re.compile(r"(?i)\bkey \((?:[^()\n]|\([^()\n]*\))*\)=\(")
+_PG_KEY_END: Final = re.compile(
+    r"(?i)\)(?: already exists| is not present| is still referenced| conflicts with)"
 )
+_PG_KEY_REST: Final = re.compile(r"(?:[^()\n]|\([^()\n]*\))*(?=\))")
+
+
+def _pg_key_values(text: str) -> str:
+    """Mask the values of "Key (cols)=(values)".
+
+    To the phrase that follows them on the line (") already exists", ...), or else to
+    their closing parenthesis. The phrases are found once and looked up from each key
+    (a line of many "Key (" costs linear time).
+    """
+    ends = [found.start() for found in _PG_KEY_END.finditer(text)]
+    newlines = [found.start() for found in _NEWLINE.finditer(text)]
+    parts: list[str] = []
+    done = pos = 0
+    while True:
+        found = _PG_KEY_PREFIX.search(text, pos)
+        if found is None:
+            break
+        value_start = found.end()
+        end = -1
+        index = bisect_left(ends, value_start)
+        if index < len(ends) and bisect_left(newlines, value_start) == bisect_left(
+            newlines, ends[index]
+        ):
+            end = ends[index]  # the first such phrase on the same line
+        else:
+            rest = _PG_KEY_REST.match(text, value_start)
+            if rest is not None:
+                end = rest.end()
+        if end < 0:
+            pos = found.start() + 1
+            continue
+        parts.append(text[done:value_start])
+        parts.append(REDACTED)
+        done = pos = end
+    if not parts:
+        return text
+    parts.append(text[done:])
+    return "".join(parts)
+
+
 _PG_FAILING_ROW: Final = re.compile(
     r"(Failing row contains \()[^\n]*?(?=\)\.?(?:\n|$))|(Failing row contains \()[^\n]*"
 )
@@ -649,12 +714,12 @@ def _redact(text: str) -> str:
             text = _LONG_OPTION.sub(_long_option, text)
     if " -" in text:  # a command line's options
         if "curl" in lower:
-            text = _CURL_USER.sub(_keep_prefix, text)
+            text = _after_word_on_line(text, _CURL_WORD, _CURL_OPTION)
         if "mysql" in lower:
-            text = _MYSQL_PASSWORD.sub(_keep_prefix, text)
+            text = _after_word_on_line(text, _MYSQL_WORD, _MYSQL_OPTION)
     if "(" in text:
         if ")=(" in text:
-            text = _PG_KEY_VALUES.sub(_keep_prefix, text)
+            text = _pg_key_values(text)
         if "Failing row contains (" in text:
             text = _PG_FAILING_ROW.sub(_first_group, text)
     if "[parameters: " in text:
