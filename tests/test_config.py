@@ -826,3 +826,65 @@ def test_the_first_span_after_shutdown_says_it_is_dropped(
     with ri.stage("again"):
         pass
     assert [s.name for s in _memory_spans()] == ["again"]
+
+
+def test_force_flush_says_false_when_spans_were_dropped_for_a_full_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    release = threading.Event()
+
+    class Held(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:  # type: ignore[override]
+            release.wait(10)
+            return SpanExportResult.SUCCESS
+
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "8")
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "8")
+    ri.configure(exporter=Held(), log_file=str(tmp_path / "a.jsonl"), metrics_exporter="none")
+    try:
+        for _ in range(100):  # the export is held: the queue fills, the rest is dropped
+            with ri.stage("x"):
+                pass
+        release.set()
+        assert ri.force_flush(10) is False  # ended spans were lost before this flush
+        with ri.stage("x"):
+            pass
+        assert ri.force_flush(10) is True  # none lost since
+    finally:
+        release.set()
+        ri.shutdown(5)
+
+
+def test_an_infinite_metric_interval_still_sends_the_metrics_at_shutdown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # configuration.md: with OTEL_METRIC_EXPORT_INTERVAL=inf, metrics are sent only at
+    # force_flush() and shutdown(): the SDK's reader sends nothing at shutdown then.
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "inf")
+    with OTLPReceiver() as receiver:
+        ri.configure(exporter="otlp", otlp_endpoint=receiver.endpoint, logs_exporter="none")
+        with ri.stage("retrieval"):
+            pass
+        assert ri.shutdown(5.0) is True
+        names = {
+            metric.name
+            for request in receiver.metrics_requests
+            for resource in request.resource_metrics
+            for scope in resource.scope_metrics
+            for metric in scope.metrics
+        }
+    assert "rag.stage.duration" in names
+
+
+def test_the_settings_budgets_are_read_only() -> None:
+    settings = ri.configure(budgets={"retrieval": 5}, logs_exporter="none")
+    assert settings.budgets == {"retrieval": 5.0}
+    with pytest.raises(TypeError):
+        settings.budgets["generation"] = 1.0  # type: ignore[index]
+    assert ri.configure(logs_exporter="none").budgets == {}
+    with pytest.raises(TypeError):
+        ri.configure(logs_exporter="none").budgets["x"] = 1.0  # type: ignore[index]

@@ -24,6 +24,7 @@ import os
 import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from rag_instrument._sanitize import redact_text
@@ -262,7 +263,7 @@ def _parse_log_file(name: str, value: Any, origin: str) -> str:
     return str(path)
 
 
-def _parse_budgets(name: str, value: Any, origin: str) -> dict[str, float]:
+def _parse_budgets(name: str, value: Any, origin: str) -> Mapping[str, float]:
     accepted = "a mapping of stage name (or 'METHOD /route') to a positive number of milliseconds"
     if isinstance(value, str):
         text = value.strip()
@@ -288,7 +289,8 @@ def _parse_budgets(name: str, value: Any, origin: str) -> dict[str, float]:
         budgets[key] = parse_number(
             f"{name}[{key!r}]", origin, ms, integer=False, minimum=0.0, strict=True
         )
-    return budgets
+    # Read-only, as the rest of the frozen settings: a change would not be in force.
+    return MappingProxyType(budgets)
 
 
 # --- standard variables that need translating ---------------------------------------------------
@@ -415,8 +417,13 @@ class Settings:
     """The validated configuration in force (returned by ``configure()``).
 
     Attributes mirror the arguments of ``configure()``; ``budgets`` maps stage names to
-    milliseconds. Each field is one row of the settings table (see :func:`setting`).
+    milliseconds (read-only, as every setting). Each field is one row of the settings
+    table (see :func:`setting`).
     """
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.budgets, MappingProxyType):  # the default, or a copy's
+            object.__setattr__(self, "budgets", MappingProxyType(dict(self.budgets)))
 
     service_name: str = setting(
         "rag-service",

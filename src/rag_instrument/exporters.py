@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import sys
 import threading
@@ -767,6 +768,8 @@ class Pipelines:
         self.meter_provider = meter_provider
         self.memory_reader = memory_reader
         self.drops = drops
+        #: ``drops.count`` when the last flush returned (see :meth:`force_flush`).
+        self.drops_seen = 0
         #: Whether the global tracer provider is the one rag_instrument built (spans the
         #: global API makes after shutdown() are then dropped, with nowhere to go).
         self.owns_tracer_provider = False
@@ -810,8 +813,12 @@ class Pipelines:
             self.dispatcher.processors = tuple(self.processors)
 
     def force_flush(self, timeout_millis: int) -> bool:
-        """Flush processors and metric readers; ``False`` if any span failed to export."""
-        dropped_before = self.drops.count
+        """Flush processors and metric readers; ``False`` if any span failed to export.
+
+        Since the previous flush (or the configuration's start): a span dropped because
+        the queue was full when it ended did not make it either.
+        """
+        dropped_before = self.drops_seen
         ok = True
         for processor in self.processors:
             ok = bool(processor.force_flush(timeout_millis)) and ok
@@ -821,7 +828,9 @@ class Pipelines:
             except Exception as exc:  # the SDK raises when a reader times out or fails
                 user_code_error("metric readers' force_flush", exc)
                 ok = False
-        return ok and self.drops.count == dropped_before
+        dropped_now = self.drops.count
+        self.drops_seen = dropped_now
+        return ok and dropped_now == dropped_before
 
     def shutdown(self, timeout_millis: int) -> bool:
         """Detach from the dispatcher, then flush and close everything this built.
@@ -840,6 +849,13 @@ class Pipelines:
             except Exception as exc:
                 user_code_error(f"span processor {type(processor).__name__}.shutdown", exc)
         if self.meter_provider is not None:
+            try:
+                if math.isinf(_metric_interval(30_000)):
+                    # OTEL_METRIC_EXPORT_INTERVAL=inf: the SDK's reader runs no thread, and
+                    # its final collection ran only there: collected and sent here.
+                    self.meter_provider.force_flush(timeout_millis)
+            except Exception as exc:
+                user_code_error("metric readers' final flush", exc)
             try:
                 self.meter_provider.shutdown(timeout_millis=timeout_millis)
             except Exception as exc:
