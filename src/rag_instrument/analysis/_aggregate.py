@@ -13,13 +13,11 @@ from __future__ import annotations
 import heapq
 import json
 import math
-import operator
 import os
 import zlib
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime
-from functools import reduce
 from typing import Any, TypeGuard
 
 import orjson
@@ -519,7 +517,7 @@ class Aggregator:
             count=count,
             errors=group.errors,
             cancelled=group.cancelled,
-            avg_ms=_mean_as_jq(group, total_ms),
+            avg_ms=total_ms / count,
             p50_ms=percentile(values, 50),
             p95_ms=percentile(values, 95),
             p99_ms=percentile(values, 99),
@@ -587,16 +585,3 @@ def _without_surrogates(value: Any) -> Any:
     if kind is dict:
         return {_without_surrogates(k): _without_surrogates(v) for k, v in value.items()}
     return value
-
-
-def _mean_as_jq(group: _Group, exact_total: float) -> float:
-    """The group's mean as the README's jq pipeline computes it, to the last bit.
-
-    jq adds the values one after the other in the order the lines came (``add / length``),
-    so while every value is kept, in that order, they are added the same way: the figure
-    equals jq's, not just comes close. Beyond the bound (a sample), the exact sum is used.
-    """
-    sample = group.sample
-    if sample.exact and sample.seen == group.count and group.count:
-        return reduce(operator.add, sample.values, 0.0) / group.count
-    return exact_total / group.count
