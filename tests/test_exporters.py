@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -360,3 +361,28 @@ def test_export_masks_event_names_link_attributes_and_bytes_values() -> None:
     assert exported.events[0].name == "called with password=[REDACTED]"
     assert exported.attributes["raw"] == b"password=[REDACTED]"  # bytes still
     assert tuple(exported.attributes["raws"]) == (b"password=[REDACTED]", b"fine")
+
+
+def test_a_failure_whose_text_changes_is_still_one_warning_per_window(tmp_path: Path) -> None:
+    # RELIABILITY C17/I49: one fault, one warning per 20 s, whatever its text says.
+    from opentelemetry.sdk.trace import SpanProcessor
+
+    class Broken(SpanProcessor):
+        calls = 0
+
+        def on_start(self, span: Any, parent_context: Any = None) -> None:
+            Broken.calls += 1
+            raise RuntimeError(f"request id {Broken.calls}")
+
+    provider = TracerProvider()
+    provider.add_span_processor(Broken())
+    log = tmp_path / "a.jsonl"
+    ri.configure(exporter="memory", tracer_provider=provider, log_file=str(log))
+    for n in range(50):
+        with ri.stage(f"doc-{n}"):
+            pass
+    ri.shutdown()
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    warnings = [line for line in lines if "on_start" in line["event"]]
+    assert len(warnings) == 1, [w["event"] for w in warnings]
+    assert Broken.calls == 50

@@ -5,6 +5,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -221,3 +224,37 @@ def test_a_relative_log_file_is_followed_after_a_change_of_directory(
     assert not (tmp_path / "elsewhere" / "app.jsonl").exists()
     lines = (tmp_path / "app" / "app.jsonl").read_text().splitlines()
     assert [json.loads(line)["event"] for line in lines] == ["one", "two"]
+
+
+def test_a_signal_handler_that_logs_does_not_hang_the_process(tmp_path: Path) -> None:
+    # A handler runs on the thread it interrupts, which may be writing a line under the
+    # output's lock: with a plain lock it waited for itself forever (RELIABILITY A8).
+    code = textwrap.dedent(
+        f"""
+        import logging, os, signal, threading, time
+        import rag_instrument as ri
+        ri.configure(log_file={str(tmp_path / "a.jsonl")!r})
+        handled = []
+        def on_term(signum, frame):
+            handled.append(signum)
+            logging.getLogger("app").warning("SIGTERM, draining")
+        signal.signal(signal.SIGTERM, on_term)
+        def killer():
+            for _ in range(200):
+                time.sleep(0.002)
+                os.kill(os.getpid(), signal.SIGTERM)
+        thread = threading.Thread(target=killer, daemon=True)
+        thread.start()
+        @ri.stage("retrieval")
+        def step():
+            return 1
+        while thread.is_alive():
+            step()
+        print("done", len(handled))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("done")

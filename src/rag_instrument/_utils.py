@@ -45,26 +45,37 @@ class RateLimitedLogger:
         self._suppressed: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def warning(self, message: str, *, exc_info: BaseException | None = None) -> bool:
-        """Log ``message`` unless it was logged within the window; return whether it was."""
-        return self._log(logging.WARNING, message, exc_info)
+    def warning(
+        self, message: str, *, exc_info: BaseException | None = None, key: str | None = None
+    ) -> bool:
+        """Log ``message`` unless it was logged within the window; return whether it was.
+
+        ``key``: what counts as the same message (default: the message itself), for a
+        message that quotes something that changes each time (an error's text).
+        """
+        return self._log(logging.WARNING, message, exc_info, key)
 
     def info(self, message: str) -> bool:
         """Like :meth:`warning`, at info level (an expected condition worth one line)."""
         return self._log(logging.INFO, message, None)
 
-    def _log(self, level: int, message: str, exc_info: BaseException | None) -> bool:
+    def _log(
+        self, level: int, message: str, exc_info: BaseException | None, key: str | None = None
+    ) -> bool:
         now = time.monotonic()
+        if key is None:
+            key = message
         with self._lock:
-            last = self._last.get(message)
+            last = self._last.get(key)
             if last is not None and now - last < self._window_s:
-                self._suppressed[message] = self._suppressed.get(message, 0) + 1
+                self._suppressed[key] = self._suppressed.get(key, 0) + 1
                 return False
-            if len(self._last) > 1024:  # bound the memory of distinct messages
-                self._last.clear()
-                self._suppressed.clear()
-            self._last[message] = now
-            suppressed = self._suppressed.pop(message, 0)
+            if len(self._last) > 1024:  # bound the memory: the oldest half is forgotten
+                for old in sorted(self._last, key=self._last.__getitem__)[:512]:
+                    del self._last[old]
+                    self._suppressed.pop(old, None)
+            self._last[key] = now
+            suppressed = self._suppressed.pop(key, 0)
         text = message if not suppressed else f"{message} ({suppressed} similar suppressed)"
         try:
             self._logger.log(level, text, exc_info=exc_info)
@@ -128,7 +139,12 @@ def user_code_error(where: str, exc: BaseException) -> None:
         text = "<unprintable>"
     # Redacted before it is cut: a cut first could leave half a secret unrecognisable.
     text = _clean_text(text, 200)
-    warn_once.warning(f"rag_instrument: {where} failed: {type(exc).__name__}: {text}")
+    # Rate-limited by where and what, not by the error's text (which may hold a request
+    # id, a counter, a span's name): one broken exporter, one warning per window.
+    warn_once.warning(
+        f"rag_instrument: {where} failed: {type(exc).__name__}: {text}",
+        key=f"{where.split(' (', 1)[0]}:{type(exc).__qualname__}",
+    )
 
 
 class FunctionKind(Enum):
@@ -209,8 +225,12 @@ def renew_after_fork(owner: Any, renew: Callable[[Any], None] | None = None) -> 
     _RENEW_AFTER_FORK[owner] = renew or _new_lock
 
 
+_RLOCK_TYPE: Final = type(threading.RLock())
+
+
 def _new_lock(owner: Any) -> None:
-    owner._lock = threading.Lock()
+    # The same kind as before: a re-entrant lock stays re-entrant.
+    owner._lock = threading.RLock() if isinstance(owner._lock, _RLOCK_TYPE) else threading.Lock()
 
 
 def _renew_all_after_fork() -> None:

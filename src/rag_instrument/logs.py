@@ -218,7 +218,9 @@ class LogOutput:
         self._rest = b""
         #: Lines that could not be written whole (disk full).
         self.dropped = 0
-        self._lock = threading.Lock()
+        # Re-entrant: a signal handler that logs runs on the thread that may be holding it
+        # (mid-line); a plain lock would wait for itself forever.
+        self._lock = threading.RLock()
         renew_after_fork(self)  # a thread logging at a fork would leave it locked there
         #: The file's path, and when to check next that it is still the file written to.
         self._path: str | None = None
