@@ -16,10 +16,11 @@ import atexit
 import math
 import os
 import re
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from opentelemetry import metrics as metrics_api
 from opentelemetry import trace as trace_api
@@ -423,6 +424,39 @@ def _at_exit() -> None:
         _shutdown(get_runtime().settings.shutdown_timeout, at_exit=True)
     except Exception:
         pass
+
+
+def _flush_at_worker_exit() -> None:
+    """In a forked child: flush at its end when multiprocessing ends it.
+
+    A multiprocessing worker started by fork (a pool's, Celery's prefork) ends with
+    ``os._exit()``, which runs no ``atexit`` handler: only multiprocessing's own
+    finalizers run, so the last task's spans would never be exported (RELIABILITY C21).
+    """
+    util = sys.modules.get("multiprocessing.util")
+    if util is None:
+        return
+
+    def register(_token: object) -> None:
+        util.Finalize(None, _at_exit, exitpriority=0)
+
+    try:
+        # multiprocessing clears its finalizers at the start of a worker, then runs the
+        # after-fork callbacks: the flush is registered from one of those.
+        util.register_after_fork(_AFTER_FORK_TOKEN, register)
+    except Exception as exc:
+        internal_error("registering the flush at a worker's exit", exc)
+
+
+class _Token:
+    """What multiprocessing's after-fork registry is keyed by (held weakly)."""
+
+
+_AFTER_FORK_TOKEN: Final = _Token()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_flush_at_worker_exit)
 
 
 # The settings' Args are generated from the settings table (one declaration per setting).

@@ -217,6 +217,41 @@ def test_c21_forked_worker_that_exits_normally_flushes_its_spans() -> None:
         assert sorted(receiver.span_names()) == ["child-task", "parent-task"]
 
 
+def test_c21_multiprocessing_workers_flush_their_last_spans() -> None:
+    # multiprocessing ends a worker with os._exit(): no atexit handler runs there, only its
+    # own finalizers. A pool worker that takes one task (Celery's max_tasks_per_child=1)
+    # and a plain forked Process export their spans all the same.
+    if not hasattr(os, "fork"):
+        pytest.skip("needs os.fork")
+    with OTLPReceiver() as receiver:
+        result = run_python(
+            f"""
+            import multiprocessing
+            import rag_instrument as ri
+            ri.configure(exporter="otlp", otlp_endpoint="{receiver.endpoint}")
+
+            @ri.traced("task")
+            def task(x):
+                return x
+
+            fork = multiprocessing.get_context("fork")
+            process = fork.Process(target=task, args=(1,))
+            process.start()
+            process.join()
+            assert process.exitcode == 0
+            pool = fork.Pool(1, maxtasksperchild=1)
+            assert pool.map(task, [2, 3]) == [2, 3]
+            pool.close()
+            pool.join()
+            ri.shutdown()
+            """,
+            RAG_INSTRUMENT_SHUTDOWN_TIMEOUT="20",
+        )
+        assert result.returncode == 0, result.stderr
+        assert receiver.wait_for_spans(3, timeout=20), (result.stdout, result.stderr)
+        assert receiver.span_names() == ["task", "task", "task"]
+
+
 def test_c22_fork_child_exports_its_own_spans_once() -> None:
     if not hasattr(os, "fork"):
         pytest.skip("needs os.fork")
