@@ -355,37 +355,27 @@ def _wide_password(password: str) -> bool:
     return not (cut >= 0 and "=" in password[cut:])
 
 
-def _url_passwords(text: str, *, wide: bool) -> str:
-    """Mask URL passwords (see _URL_CREDENTIALS), the ``wide`` reading or the narrow one."""
+def _mask_values(
+    text: str, start: re.Pattern[str], value_end: Callable[[int], tuple[int, int]]
+) -> str:
+    """Mask values found from each match of ``start``, looking their ends up.
+
+    The one scanning loop of the rules that look a value's end up rather than backtrack
+    to it (linear time). ``value_end(value_start)`` gives ``(end, resume)``: with
+    ``end >= 0`` the text from ``value_start`` to ``end`` is masked and the search goes on
+    from ``end``; otherwise it goes on from ``resume`` (``-1``: the next character after
+    the match's start).
+    """
     parts: list[str] = []
     done = pos = 0
-    run_end = -1  # where the value that started at or before pos stops (a blank, a "?")
-    host_ats: list[int] | None = None  # where an "@" is followed by a host, in order
-    last_at = -1  # the last "@" before run_end
     while True:
-        found = _URL_CREDENTIALS.search(text, pos)
+        found = start.search(text, pos)
         if found is None:
             break
         value_start = found.end()
-        if value_start >= run_end:  # a new run: where it stops, its last "@"
-            stop = (_BLANK if wide else _BLANK_OR_QUERY).search(text, value_start)
-            run_end = stop.start() if stop is not None else len(text)
-            last_at = text.rfind("@", value_start, run_end)
-        end = -1
-        if wide:
-            if last_at >= value_start and _wide_password(text[value_start:last_at]):
-                end = last_at
-            elif last_at >= value_start:
-                pos = last_at  # the whole URL is the narrow reading's to judge
-                continue
-        elif last_at >= value_start:
-            if host_ats is None:
-                host_ats = [at.start() for at in _HOST_AT.finditer(text)]
-            index = bisect_left(host_ats, run_end) - 1
-            if index >= 0 and host_ats[index] >= value_start:
-                end = host_ats[index]
+        end, resume = value_end(value_start)
         if end < 0:
-            pos = found.start() + 1
+            pos = resume if resume >= 0 else found.start() + 1
             continue
         parts.append(text[done:value_start])
         parts.append(REDACTED)
@@ -394,6 +384,34 @@ def _url_passwords(text: str, *, wide: bool) -> str:
         return text
     parts.append(text[done:])
     return "".join(parts)
+
+
+def _url_passwords(text: str, *, wide: bool) -> str:
+    """Mask URL passwords (see _URL_CREDENTIALS), the ``wide`` reading or the narrow one."""
+    run_end = -1  # where the value that started last stops (a blank, a "?")
+    last_at = -1  # the last "@" before run_end
+    host_ats: list[int] | None = None  # where an "@" is followed by a host, in order
+
+    def value_end(value_start: int) -> tuple[int, int]:
+        nonlocal run_end, last_at, host_ats
+        if value_start >= run_end:  # a new run: where it stops, its last "@"
+            stop = (_BLANK if wide else _BLANK_OR_QUERY).search(text, value_start)
+            run_end = stop.start() if stop is not None else len(text)
+            last_at = text.rfind("@", value_start, run_end)
+        if last_at < value_start:
+            return -1, -1
+        if wide:
+            if _wide_password(text[value_start:last_at]):
+                return last_at, -1
+            return -1, last_at  # the whole URL is the narrow reading's to judge
+        if host_ats is None:
+            host_ats = [at.start() for at in _HOST_AT.finditer(text)]
+        index = bisect_left(host_ats, run_end) - 1
+        if index >= 0 and host_ats[index] >= value_start:
+            return host_ats[index], -1
+        return -1, -1
+
+    return _mask_values(text, _URL_CREDENTIALS, value_end)
 
 
 def _url_user(match: re.Match[str]) -> str:
@@ -648,33 +666,17 @@ def _pg_key_values(text: str) -> str:
     """
     ends = [found.start() for found in _PG_KEY_END.finditer(text)]
     newlines = [found.start() for found in _NEWLINE.finditer(text)]
-    parts: list[str] = []
-    done = pos = 0
-    while True:
-        found = _PG_KEY_PREFIX.search(text, pos)
-        if found is None:
-            break
-        value_start = found.end()
-        end = -1
+
+    def value_end(value_start: int) -> tuple[int, int]:
         index = bisect_left(ends, value_start)
         if index < len(ends) and bisect_left(newlines, value_start) == bisect_left(
             newlines, ends[index]
         ):
-            end = ends[index]  # the first such phrase on the same line
-        else:
-            rest = _PG_KEY_REST.match(text, value_start)
-            if rest is not None:
-                end = rest.end()
-        if end < 0:
-            pos = found.start() + 1
-            continue
-        parts.append(text[done:value_start])
-        parts.append(REDACTED)
-        done = pos = end
-    if not parts:
-        return text
-    parts.append(text[done:])
-    return "".join(parts)
+            return ends[index], -1  # the first such phrase on the same line
+        rest = _PG_KEY_REST.match(text, value_start)
+        return (rest.end(), -1) if rest is not None else (-1, -1)
+
+    return _mask_values(text, _PG_KEY_PREFIX, value_end)
 
 
 _PG_FAILING_ROW: Final = re.compile(
