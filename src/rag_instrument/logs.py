@@ -978,22 +978,6 @@ def reset_repeated_sdk_warnings() -> None:
         _otel_last.clear()
 
 
-def _record_level(record: logging.LogRecord) -> str:
-    """A ``logging`` record's level as a line's: by its number, whatever its name.
-
-    A level renamed (``addLevelName(logging.ERROR, "ERR")``) or one between the standard
-    ones (35) is the standard level at or below it.
-    """
-    number = record.levelno
-    if number >= logging.CRITICAL:
-        return "critical"
-    if number >= logging.ERROR:
-        return "error"
-    if number >= logging.WARNING:
-        return "warning"
-    return "info" if number >= logging.INFO else "debug"
-
-
 class _StdlibHandler(logging.Handler):
     """Routes ``logging`` records through the pipeline, with trace ids and context."""
 
@@ -1010,7 +994,7 @@ class _StdlibHandler(logging.Handler):
             extra = {k: v for k, v in record.__dict__.items() if k not in _RECORD_KEYS}
             if record.stack_info:  # logging's stack_info=True: the caller's stack
                 extra["stack"] = _frames_only(record.stack_info)
-            level = _record_level(record)
+            level = _method_for(record.levelno)  # by number, whatever its name
             name = record.name
             emit(
                 level,
@@ -1080,7 +1064,7 @@ class _FlushBridge(logging.Handler):
                 message = record.getMessage()
             except Exception:
                 message = f"{record.msg!s} (unformattable arguments)"
-            level = _record_level(record)
+            level = _method_for(record.levelno)  # by number, whatever its name
             emit(level, message, None, logger=record.name, rt=self.rt)
         except Exception as exc:
             internal_error("logging bridge", exc)

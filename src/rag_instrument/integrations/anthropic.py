@@ -263,9 +263,9 @@ def instrument_anthropic(client: C, *, cache: CacheSpec | bool | object | None =
     names = _error_names()
     watch_http_client(client, is_async)
 
-    def messages(original: Any) -> Any:
+    def messages(original: Any, *, cache_it: bool = True) -> Any:
         inner = original
-        if spec is not None:
+        if spec is not None and cache_it:
             scope = {"sdk": SYSTEM, "operation": "chat", "base_url": str(client.base_url)}
             inner = cached_method(
                 original,
@@ -291,19 +291,10 @@ def instrument_anthropic(client: C, *, cache: CacheSpec | bool | object | None =
     def stream_helper(original: Any) -> Any:
         return _stream_helper(original, is_async=is_async, secrets=secrets, names=names)
 
-    def parse(original: Any) -> Any:
-        # Structured output (messages.parse) posts to the same endpoint without going
-        # through create(): traced the same way, never cached (its parsed value is an
-        # object of the caller's class).
-        return instrumented(
-            original,
-            system=SYSTEM,
-            describe=_describe,
-            on_result=_finish,
-            is_async=is_async,
-            secrets=secrets,
-            http=("anthropic.chat", names),
-        )
+    # Structured output (messages.parse) posts to the same endpoint without going through
+    # create(): traced the same way, never cached (its parsed value is an object of the
+    # caller's class).
+    parse = functools.partial(messages, cache_it=False)
 
     targets: list[tuple[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]]]] = [
         (client.messages, "create", messages),

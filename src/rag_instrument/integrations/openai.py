@@ -234,8 +234,8 @@ def instrument_openai(client: C, *, cache: CacheSpec | bool | object | None = No
             keep=_not_a_tool_call,
         )
 
-    def chat(original: Any) -> Any:
-        inner = cached(original, "chat", openai.types.chat.ChatCompletion)
+    def chat(original: Any, *, cache_it: bool = True) -> Any:
+        inner = cached(original, "chat", openai.types.chat.ChatCompletion) if cache_it else original
         return instrumented(
             inner,
             system=SYSTEM,
@@ -260,19 +260,10 @@ def instrument_openai(client: C, *, cache: CacheSpec | bool | object | None = No
             http=("openai.embeddings", names),
         )
 
-    def parse(original: Any) -> Any:
-        # Structured output (chat.completions.parse) posts to the same endpoint without
-        # going through create(): traced the same way, never cached (its parsed value is an
-        # object of the caller's class).
-        return instrumented(
-            original,
-            system=SYSTEM,
-            describe=_describe_chat,
-            on_result=_finish_chat,
-            is_async=is_async,
-            secrets=secrets,
-            http=("openai.chat", names),
-        )
+    # Structured output (chat.completions.parse) posts to the same endpoint without going
+    # through create(): traced the same way, never cached (its parsed value is an object of
+    # the caller's class).
+    parse = functools.partial(chat, cache_it=False)
 
     targets: list[tuple[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]]]] = [
         (client.chat.completions, "create", chat),
