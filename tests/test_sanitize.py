@@ -99,6 +99,12 @@ def test_truncation_keeps_prefix_and_states_length(text: str, limit: int) -> Non
             "Cookie",
             "private_key",
             "sessionId",
+            "password_1",  # SQLAlchemy's bind for ``where(User.password == ...)``
+            "api_key_2",
+            "token2",
+            "pw",
+            "password_hash",
+            "pwd_salt",
         ]
     )
 )
@@ -120,6 +126,9 @@ def test_secret_keys(key: str) -> None:
             "prompt",
             "monkey",
             "tokens_saved",
+            "tokens_1",
+            "max_tokens_2",
+            "gpt4",
         ]
     )
 )

@@ -35,11 +35,14 @@ from rag_instrument._utils import install_text_cleaner
 __all__ = [
     "MAX_SPAN_NAME_CHARS",
     "REDACTED",
+    "SQL_PLACEHOLDER",
+    "STATEMENT_KEY",
     "Sanitizer",
     "exported_name",
     "int_text",
     "is_secret_key",
     "mask_literal_secrets",
+    "redact_statement",
     "redact_text",
     "redact_then_truncate",
     "register_literal_secrets",
@@ -57,6 +60,7 @@ _SECRET_WORDS: Final = frozenset(
         "password",
         "passwd",
         "pwd",
+        "pw",
         "passphrase",
         "pass",
         "secret",
@@ -97,6 +101,15 @@ _SECRET_PAIRS: Final = frozenset(
         "masterkey",
         "accountkey",
         "connectsid",
+        # A password's hash or salt (``password_hash``, ``pwd_salt``).
+        "passwordhash",
+        "passwordsalt",
+        "passworddigest",
+        "passwdhash",
+        "pwdhash",
+        "pwdsalt",
+        "pwhash",
+        "passhash",
     }
 )
 # A last word that merely ends with one of these is a secret too (``dbpassword``,
@@ -125,12 +138,17 @@ def is_secret_key(key: str) -> bool:
     ``http.request.header.authorization`` are secrets, while ``max_tokens``,
     ``gen_ai.usage.input_tokens`` and ``rag.llm.time_to_first_token_ms`` (a duration about
     a token) are not. A last word that ends with ``password``, ``secret``, ``token`` or
-    ``apikey`` (``dbpassword``, ``csrftoken``) counts too.
+    ``apikey`` (``dbpassword``, ``csrftoken``) counts too. A number at the end is an index,
+    not a word (``password_1``, SQLAlchemy's name for the value a ``where`` compares a
+    ``password`` column with; ``token2``); a password's hash or salt is a secret too.
     """
     words = [w.lower() for w in _WORD_SPLIT.split(key) if w]
+    while words and words[-1].isdigit():
+        words.pop()
     if not words:
         return False
-    last = words[-1]
+    last = words[-1].rstrip("0123456789") or words[-1]
+    words[-1] = last
     if last in _SECRET_WORDS:
         return True
     if len(words) >= 2:
@@ -748,6 +766,27 @@ def redact_text(text: str) -> str:
     return out
 
 
+#: A placeholder of a statement (``:name``, ``%(name)s``, ``$1``, ``?``, ``%s``).
+SQL_PLACEHOLDER: Final = re.compile(r"(?<=[\s(,=<>]):[A-Za-z_]\w*|%\((\w+)\)s|\$(\d+)|\?|%s")
+#: The attribute (and log field) holding a statement's text.
+STATEMENT_KEY: Final = "db.query.text"
+
+
+def redact_statement(text: str) -> str:
+    """:func:`redact_text` for a SQL statement: ``password = :p`` names a parameter and holds
+    no secret, so placeholders are kept; the text around them is masked as any text."""
+    if len(text) < 8 or text in _CLEAN:
+        return text
+    parts: list[str] = []
+    pos = 0
+    for match in SQL_PLACEHOLDER.finditer(text):
+        parts.append(redact_text(text[pos : match.start()]))
+        parts.append(match.group())
+        pos = match.end()
+    parts.append(redact_text(text[pos:]))
+    return "".join(parts)
+
+
 def truncate(text: str, limit: int) -> str:
     """Cut ``text`` to ``limit`` characters plus a marker giving the original length."""
     if limit < 0 or len(text) <= limit:
@@ -872,6 +911,14 @@ class Sanitizer:
             return redact_then_truncate(_fix_surrogates(value), self.max_chars)
         return truncate(_fix_surrogates(value), self.max_chars)
 
+    def statement(self, value: str) -> str:
+        """:meth:`text` for a SQL statement: its placeholders are kept (see
+        :func:`redact_statement`)."""
+        value = _fix_surrogates(value)
+        if self.redact:
+            value = redact_statement(value)
+        return truncate(value, self.max_chars)
+
     def mapping(self, items: Mapping[Any, Any]) -> dict[str, Any]:
         """Sanitise a mapping of log fields; never raises."""
         try:
@@ -906,6 +953,8 @@ class Sanitizer:
             key = self._key(k)
             if self.redact and is_secret_key(key):
                 out[key] = REDACTED
+            elif key == STATEMENT_KEY and type(v) is str:
+                out[key] = self.statement(v)
             else:
                 out[key] = self._value(v, depth + 1, seen)
         return out

@@ -76,8 +76,10 @@ from rag_instrument._metrics import MetricsHub, build_hub
 from rag_instrument._otlp import fast_exporter
 from rag_instrument._sanitize import (
     REDACTED,
+    STATEMENT_KEY,
     exported_name,
     is_secret_key,
+    redact_statement,
     redact_text,
 )
 from rag_instrument._sending import (
@@ -224,7 +226,13 @@ def _redact_mapping(attributes: Any) -> dict[str, Any] | None:
             pair = (key, value)
             if pair in clean_pairs:
                 continue
-            clean: Any = REDACTED if is_secret_key(key) else redact_text(value)
+            clean: Any = (
+                REDACTED
+                if is_secret_key(key)
+                else redact_statement(value)
+                if key == STATEMENT_KEY
+                else redact_text(value)
+            )
             if clean == value:
                 if len(value) <= 256:
                     if len(clean_pairs) >= 16384:

@@ -99,6 +99,38 @@ def test_parameters_are_captured_redacted_when_asked(engine: Engine) -> None:
     assert "hunter22" not in _everything(cap)
 
 
+def test_parameters_compared_with_or_stored_in_secret_columns_are_redacted(
+    engine: Engine,
+) -> None:
+    """Whatever the parameter's name: ``password_1`` (an ORM ``where``), ``:p`` next to a
+    ``password`` column, a ``VALUES`` position under ``api_key``."""
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE accounts (email TEXT, password TEXT, api_key TEXT)"))
+    ri.instrument_sqlalchemy(engine, capture_parameters=True)
+    with capture() as cap, engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO accounts (email, api_key) VALUES (:e, :k)"),
+            {"e": "a@b.c", "k": "key-value-1"},
+        )
+        conn.execute(
+            text("SELECT email FROM accounts WHERE email = :e AND password=:p"),
+            {"e": "a@b.c", "p": "hunter22"},
+        )
+        conn.execute(
+            text("SELECT email FROM accounts WHERE password = :password_1"),
+            {"password_1": "swordfish9"},
+        )
+    everything = _everything(cap)
+    for secret in ("key-value-1", "hunter22", "swordfish9"):
+        assert secret not in everything
+    assert everything.count("'db.query.parameter.e': 'a@b.c'") == 2  # the rest is kept
+    select = [s for s in cap.spans if s.name == "SELECT accounts"][0]
+    # The statement keeps its placeholders: "password=?" names a parameter, it holds none.
+    assert select.attributes["db.query.text"] == (
+        "SELECT email FROM accounts WHERE email = ? AND password=?"
+    )
+
+
 def test_sql_reaching_the_database_is_byte_identical(tmp_path: Path) -> None:
     """RELIABILITY G40: no comment or anything else is added to the statement."""
 

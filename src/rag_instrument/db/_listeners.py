@@ -25,7 +25,7 @@ from rag_instrument import _breakdown
 from rag_instrument import attributes as attr
 from rag_instrument._context import current_stage
 from rag_instrument._runtime import Runtime, get_runtime
-from rag_instrument._sanitize import to_attribute_value
+from rag_instrument._sanitize import REDACTED, to_attribute_value
 from rag_instrument._utils import internal_error, warn_once
 from rag_instrument.attributes import (
     DB_COLLECTION_NAME as DB_COLLECTION,
@@ -73,7 +73,7 @@ from rag_instrument.db import _pgvector
 from rag_instrument.db._explain import Explainer
 from rag_instrument.db._pool import PoolInstrumentation
 from rag_instrument.db._scope import scope_counts, session_counter
-from rag_instrument.db._sql import StatementInfo, analyze, limit_value
+from rag_instrument.db._sql import StatementInfo, analyze, limit_value, secret_binds
 from rag_instrument.logs import emit
 
 if TYPE_CHECKING:
@@ -339,7 +339,7 @@ class EngineInstrumentation:
         if found is not None:
             return found
         attrs = dict(self.base_attributes)
-        attrs[DB_QUERY_TEXT] = get_runtime().sanitizer.text(info.text)
+        attrs[DB_QUERY_TEXT] = get_runtime().sanitizer.statement(info.text)
         if info.operation:
             attrs[DB_OPERATION] = info.operation
         if info.collection:
@@ -367,23 +367,35 @@ class EngineInstrumentation:
             self._histogram = (rt, histogram)
         return histogram
 
-    def _parameters(self, rt: Runtime, parameters: Any, context: Any) -> dict[str, Any]:
+    def _parameters(
+        self, rt: Runtime, parameters: Any, context: Any, info: StatementInfo
+    ) -> dict[str, Any]:
         if isinstance(parameters, list) and parameters:  # executemany: the first set
             parameters = parameters[0]
         out: dict[str, Any] = {}
+        # Parameters compared with or stored in a secret-named column (password = :p).
+        secret = secret_binds(info.text) if rt.sanitizer.redact else frozenset()
         if isinstance(parameters, dict):
-            items: list[tuple[str, Any]] = [(str(k), v) for k, v in parameters.items()]
+            items: list[tuple[str, Any, bool]] = [
+                (str(k), v, k in secret) for k, v in parameters.items()
+            ]
         elif isinstance(parameters, tuple | list):
             # Positional paramstyles (qmark, numeric): name values after the bind parameters
             # of the compiled statement, so that key-based redaction (password=...) works.
             names = getattr(getattr(context, "compiled", None), "positiontup", None)
             if names is None or len(names) != len(parameters):
                 names = range(len(parameters))
-            items = [(str(n), v) for n, v in zip(names, parameters, strict=True)]
+            items = [
+                (str(n), v, i in secret or n in secret)
+                for i, (n, v) in enumerate(zip(names, parameters, strict=True))
+            ]
         else:
             return out
         sanitizer = rt.sanitizer
-        for key, value in items[:128]:
+        for key, value, is_secret in items[:128]:
+            if is_secret:
+                out[DB_PARAMETER + key] = REDACTED
+                continue
             converted = to_attribute_value(sanitizer.value(value, key), sanitizer)
             if converted is not None:
                 out[DB_PARAMETER + key] = converted
@@ -413,7 +425,7 @@ class EngineInstrumentation:
                     if rows is not None:
                         attrs[DB_BATCH_SIZE] = rows
                 if self.capture_parameters:
-                    attrs.update(self._parameters(rt, parameters, context))
+                    attrs.update(self._parameters(rt, parameters, context, info))
             span = rt.start_leaf_span(info.span_name, SpanKind.CLIENT, attrs, sanitized=True)
             pending = _Pending(span, time.perf_counter_ns(), info, rt, metric_attrs)
             if context is not None:

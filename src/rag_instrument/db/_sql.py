@@ -34,8 +34,10 @@ import threading
 from typing import Any, Final
 
 from rag_instrument._registry import register_error_formatter
+from rag_instrument._sanitize import SQL_PLACEHOLDER, is_secret_key
 
 __all__ = [
+    "secret_binds",
     "StatementInfo",
     "analyze",
     "collapse_in_lists",
@@ -606,3 +608,64 @@ def limit_value(info: StatementInfo, parameters: Any) -> int | None:
 
 # The core renders statement errors through the registry, never by importing this module.
 register_error_formatter("sqlalchemy", sanitize_statement_error)
+
+
+# --- bind parameters that hold secrets ------------------------------------------------------
+
+# A column compared with or set to what follows: ``password =``, ``u."api_key" <>``.
+_COMPARED: Final = re.compile(
+    r'((?:[A-Za-z_][\w$]*|"[^"]+"|`[^`]+`|\[[^\]]+\])\s*)'
+    r"(?:=|<>|!=|\bLIKE\b|\bILIKE\b|\bIN\s*\()\s*$",
+    re.IGNORECASE,
+)
+_INSERT_VALUES: Final = re.compile(r"\(([^()]*)\)\s*VALUES\s*\(([^()]*)\)", re.IGNORECASE)
+_secret_binds_cache: dict[str, frozenset[str | int]] = {}
+
+
+def _bind_key(match: re.Match[str], positional: int) -> tuple[str | int, int]:
+    """The parameter key of a placeholder (its name, or its position), and the next position."""
+    value = match.group()
+    if value.startswith(":"):
+        return value[1:], positional
+    if match.group(1) is not None:
+        return match.group(1), positional
+    if match.group(2) is not None:
+        return int(match.group(2)) - 1, positional
+    return positional, positional + 1
+
+
+def _column_secret(name: str) -> bool:
+    return is_secret_key(name.strip().strip('"`[]').rsplit(".", 1)[-1].strip('"`[]'))
+
+
+def secret_binds(text: str) -> frozenset[str | int]:
+    """Keys of the parameters ``text`` (a sanitised statement) compares with, or stores in,
+    a secret-named column: ``password = :p`` -> ``{"p"}``; positions for ``?``, ``%s``
+    and ``$n`` (``$2`` is position 1)."""
+    found = _secret_binds_cache.get(text)
+    if found is not None:
+        return found
+    keys: set[str | int] = set()
+    places: list[tuple[int, str | int]] = []
+    positional = 0
+    for match in SQL_PLACEHOLDER.finditer(text):
+        key, positional = _bind_key(match, positional)
+        places.append((match.start(), key))
+        before = _COMPARED.search(text, max(0, match.start() - 200), match.start())
+        if before is not None and _column_secret(before.group(1)):
+            keys.add(key)
+    for insert in _INSERT_VALUES.finditer(text):
+        columns = insert.group(1).split(",")
+        start = insert.start(2)
+        values_at = [start]
+        values_at.extend(start + i + 1 for i, c in enumerate(insert.group(2)) if c == ",")
+        for at, key in places:
+            if insert.start(2) <= at <= insert.end(2):
+                index = sum(1 for v in values_at if v <= at) - 1
+                if 0 <= index < len(columns) and _column_secret(columns[index]):
+                    keys.add(key)
+    found = frozenset(keys)
+    if len(_secret_binds_cache) >= 2048:
+        _secret_binds_cache.clear()
+    _secret_binds_cache[text] = found
+    return found
