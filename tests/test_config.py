@@ -484,6 +484,20 @@ def test_spans_after_shutdown_are_dropped_and_reinit_works(tmp_path: Path) -> No
     assert [line["event"] for line in _lines(log)] == ["generation completed"]
 
 
+def test_an_application_exporter_can_be_passed_again_after_shutdown() -> None:
+    """The instance is the application's: a module-level one serves every test."""
+    exporter = InMemorySpanExporter()
+    for round_no in range(3):
+        ri.configure(exporter=exporter)
+        with ri.stage(f"stage{round_no}"):
+            pass
+        if round_no == 1:
+            ri.configure(exporter="memory")  # A -> memory -> A
+        assert ri.shutdown() is True
+        assert [s.name for s in exporter.get_finished_spans()] == [f"stage{round_no}"]
+        exporter.clear()
+
+
 def test_fork_child_exports_its_own_spans() -> None:
     if not hasattr(os, "fork"):
         pytest.skip("needs os.fork")

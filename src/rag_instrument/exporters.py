@@ -711,6 +711,9 @@ def _span_processors(settings: Settings, drops: _Drops) -> tuple[list[SpanProces
     if exporter is None:
         return [], None
     safe = SafeSpanExporter(exporter, drops, redact=settings.redact)
+    # An exporter the application passed stays the application's: flushed, never shut
+    # down, so that the same instance can be passed to configure() again.
+    safe.keep_inner = settings.exporter == "custom"
     return [_CountingBatchProcessor(safe, drops)], None
 
 
