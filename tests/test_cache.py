@@ -296,6 +296,37 @@ def test_cached_rejects_generators_and_skips_unkeyable_arguments() -> None:
     assert calls == 2  # no canonical JSON for the argument: called, not cached, no crash
 
 
+@pytest.mark.asyncio
+async def test_cached_methods_key_on_their_arguments_not_the_instance() -> None:
+    class Service:
+        calls = 0
+
+        @cached(ttl=60)
+        def lookup(self, q: str) -> str:
+            Service.calls += 1
+            return q.upper()
+
+        @cached(ttl=60)
+        async def alookup(self, q: str) -> str:
+            Service.calls += 1
+            return q.lower()
+
+        @classmethod
+        @cached(ttl=60)
+        def build(cls, q: str) -> str:
+            Service.calls += 1
+            return q * 2
+
+    one, two = Service(), Service()
+    assert one.lookup("a") == one.lookup("a") == two.lookup("a") == "A"
+    assert await one.alookup("B") == await two.alookup("B") == "b"
+    assert Service.build("c") == Service.build("c") == "cc"
+    assert Service.calls == 3
+    assert Service.lookup.cache_info().hits == 2  # type: ignore[attr-defined]
+    assert one.lookup("other") == "OTHER"  # the arguments still make the key
+    assert Service.calls == 4
+
+
 def test_values_are_json_not_shared_objects() -> None:
     @cached
     def make() -> dict[str, list[int]]:

@@ -31,6 +31,21 @@ def _default_key(*args: Any, **kwargs: Any) -> Any:
     return (args, kwargs)
 
 
+def _method_key(_owner: Any, /, *args: Any, **kwargs: Any) -> Any:
+    return (args, kwargs)
+
+
+def _is_method(func: Callable[..., Any]) -> bool:
+    """Whether ``func`` is defined in a class body with ``self`` or ``cls`` first."""
+    owner, _, _ = getattr(func, "__qualname__", "").rpartition(".")
+    if not owner or owner.endswith("<locals>"):
+        return False
+    code = getattr(func, "__code__", None)
+    if code is None or code.co_argcount < 1:
+        return False
+    return code.co_varnames[0] in ("self", "cls")
+
+
 def _wrap(
     fn: Callable[..., Any],
     store: Store,
@@ -99,8 +114,9 @@ def cached(
         ttl: seconds an entry lives (``None``: until evicted).
         maxsize: entries kept by the in-process cache.
         backend: where entries live (default: in-process).
-        key: builds the key part from the call's arguments (default: all of them); its
-            result is hashed as canonical JSON together with the function's name.
+        key: builds the key part from the call's arguments (default: all of them but a
+            method's ``self`` or ``cls``); its result is hashed as canonical JSON together
+            with the function's qualified name (``Class.method`` for a method).
         namespace: keeps this function's entries apart from others with the same name.
 
     Returns:
@@ -125,7 +141,10 @@ def cached(
         # process (sharing a Redis backend) stored before this one stored any.
         types = ValueTypes(declared=functools.partial(returned_classes, func))
         store = Store(make_backend(backend, maxsize, ttl), ttl, types, scope=prefix)
-        wrapper = _wrap(func, store, key or _default_key, prefix)
+        # A method's instance has no JSON form: the class's name is in the key already,
+        # and instances share entries (key= tells them apart: lambda self, q: [self.model, q]).
+        default = _method_key if _is_method(func) else _default_key
+        wrapper = _wrap(func, store, key or default, prefix)
         functools.update_wrapper(wrapper, func)
         wrapper.cache_info = store.info  # type: ignore[attr-defined]
         wrapper.cache_clear = store.clear  # type: ignore[attr-defined]
