@@ -764,18 +764,22 @@ def test_traced_default_name_and_stage_inheritance(rag_capture: Capture) -> None
     assert line["context"]["pipeline_stage"] == "retrieval"
 
 
-def test_traced_line_is_debug_and_not_attributed_to_stage() -> None:
-    with capture(log_level="debug") as cap:
+def test_traced_line_is_info_and_not_attributed_to_stage() -> None:
+    """API: ``traced`` is "the same" as a stage: one "<name> completed" line at info."""
+    with capture() as cap:
         with ri.stage("retrieval"), ri.traced("lookup"):
             pass
     (line,) = cap.find_logs("lookup completed")
-    assert line["level"] == "debug"
+    assert line["level"] == "info"
     assert line["operation"] == "lookup"
-    assert "pipeline_stage" not in line["context"]
-    with capture() as cap:
-        with ri.traced("lookup"):
-            pass
-    assert cap.find_logs("lookup completed") == []  # info level hides it
+    assert line["stage"] == "retrieval"
+    assert isinstance(line["execution_time_ms"], float)
+    assert "pipeline_stage" not in line["context"]  # the stage's run is counted once
+    with capture() as cap, pytest.raises(KeyError), ri.traced("fetch"):
+        raise KeyError("x")
+    (failed,) = cap.find_logs("fetch failed")
+    assert failed["level"] == "error"
+    assert failed["error_type"] == "KeyError"
 
 
 # --- budgets and metrics --------------------------------------------------------------------

@@ -138,8 +138,8 @@ class _Spec:
         self.completed_event = f"{name} completed"
         self.failed_event = f"{name} failed"
         self.cancelled_event = f"{name} cancelled"
-        # A traced operation's line is a detail of its stage: debug level.
-        self.level = "info" if is_stage else "debug"
+        # Stages and traced operations alike: one "<name> completed" line at info.
+        self.level = "info"
         self.completed_head = LineHead(
             self.level, self.completed_event, None if is_stage else {"operation": name}
         )
@@ -901,8 +901,9 @@ def traced(name: Any = _MISSING, /, **attributes: Any) -> Any:
     """Trace any operation that is not a pipeline stage (``@ri.traced`` or ``@ri.traced("x")``).
 
     Like :func:`stage` but the span has no ``rag.stage``, no budget or histogram applies,
-    its completion line is at debug level, and log lines inside it keep the enclosing
-    stage. Work recorded inside it rolls up into the enclosing stage's breakdown.
+    its completion line (``"<name> completed"``, info, with ``execution_time_ms`` and the
+    ``operation`` name) names the enclosing stage in a top-level ``stage`` field, and log
+    lines inside it keep the enclosing stage. Work recorded inside it rolls up into the enclosing stage's breakdown.
 
     Args:
         name: the span name (default: the decorated function's qualified name; ``"traced"``
