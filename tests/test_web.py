@@ -15,7 +15,7 @@ import pytest
 from fastapi import APIRouter, FastAPI
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, StatusCode
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -906,23 +906,33 @@ async def test_sync_endpoints_in_the_thread_pool_share_the_request() -> None:
 
 
 @pytest.mark.asyncio
-async def test_under_another_server_span_ours_is_its_child_in_the_same_trace() -> None:
-    outer_tracer = trace.get_tracer("outer")
+async def test_under_another_server_span_that_span_is_the_requests_one_span() -> None:
+    # Another instrumentation (the OpenTelemetry ASGI middleware, FastAPI's own) opened the
+    # request's server span: it becomes ours, named after the route, not a second span.
     app = build_items_app()
+    started: list[Any] = []
 
     async def outer(scope: Any, receive: Any, send: Any) -> None:
-        with ri.get_runtime().tracer.start_as_current_span("outer", kind=SpanKind.SERVER):
+        parent = propagate.extract({"traceparent": TRACEPARENT})
+        tracer = ri.get_runtime().tracer
+        with tracer.start_as_current_span("outer", context=parent, kind=SpanKind.SERVER) as s:
+            started.append(s)
             await app(scope, receive, send)
 
-    del outer_tracer
     with capture() as cap:
-        await get(outer, "/api/items/1", headers={"traceparent": TRACEPARENT})
-    ours = server_span(cap)
-    outer_span = cap.span("outer")
-    assert ours.kind is SpanKind.INTERNAL
-    assert ours.parent is not None
-    assert ours.parent.span_id == outer_span.context.span_id
-    assert ours.context.trace_id == outer_span.context.trace_id
+        response = await get(outer, "/api/items/1")
+    (request_span,) = [s for s in cap.spans if s.kind is SpanKind.SERVER]
+    assert request_span.context.span_id == started[0].get_span_context().span_id
+    assert request_span.name == "GET /api/items/{item_id}"
+    assert request_span.attributes["request_id"] == response.headers["x-request-id"]
+    assert request_span.attributes["http.response.status_code"] == 200
+    assert request_span.attributes["http.route"] == "/api/items/{item_id}"
+    assert format(request_span.context.trace_id, "032x") == TRACEPARENT.split("-")[1]
+    (line,) = request_lines(cap)
+    assert line["span_id"] == format(request_span.context.span_id, "016x")
+    stage = cap.span("retrieval")
+    assert stage.parent is not None
+    assert stage.parent.span_id == request_span.context.span_id
 
 
 @pytest.mark.asyncio
@@ -1235,30 +1245,43 @@ async def test_under_uvicorn_a_client_leaving_mid_stream_cancels_the_request_spa
 
 
 @pytest.mark.asyncio
-async def test_with_fastapis_own_tracing_on_there_is_still_one_trace() -> None:
-    app = FastAPI()  # newer FastAPI versions trace natively when a provider is installed
+async def test_with_fastapis_own_tracing_on_there_is_one_request_span() -> None:
+    # Newer FastAPI versions trace natively when a provider is installed: added inside the
+    # app (add_middleware) or around it, the request still has one span, ours.
+    def build() -> FastAPI:
+        app = FastAPI()
 
-    @app.get("/x/{n}")
-    async def endpoint(n: int) -> dict[str, int]:
-        with ri.stage("retrieval"):
-            pass
-        return {"n": n}
+        @app.get("/x/{n}")
+        async def endpoint(n: int) -> dict[str, int]:
+            with ri.stage("retrieval"):
+                pass
+            return {"n": n}
 
-    app.add_middleware(RequestMiddleware)
-    with capture() as cap:
-        await get(app, "/x/1", headers={"traceparent": TRACEPARENT})
-    assert {format(s.context.trace_id, "032x") for s in cap.spans} == {
-        "0af7651916cd43dd8448eb211c80319c"
-    }
-    ours = server_span_named(cap, "GET /x/{n}", our=True)
-    native = "telemetry" in inspect.signature(FastAPI).parameters
-    assert ours.kind is (SpanKind.INTERNAL if native else SpanKind.SERVER)
-    by_id = {s.context.span_id: s for s in cap.spans}
-    ancestors, current = [], cap.span("retrieval")
-    while current.parent is not None and current.parent.span_id in by_id:
-        current = by_id[current.parent.span_id]
-        ancestors.append(current)
-    assert ours in ancestors  # the stage is inside our request span (maybe via FastAPI's)
+        return app
+
+    inside = build()
+    inside.add_middleware(RequestMiddleware)
+    for app in (inside, RequestMiddleware(build())):
+        with capture() as cap:
+            response = await get(app, "/x/1", headers={"traceparent": TRACEPARENT})
+        assert {format(s.context.trace_id, "032x") for s in cap.spans} == {
+            "0af7651916cd43dd8448eb211c80319c"
+        }
+        (request_span,) = [s for s in cap.spans if s.name == "GET /x/{n}"]
+        assert request_span.kind is SpanKind.SERVER
+        assert request_span.parent is not None
+        assert format(request_span.parent.span_id, "016x") == TRACEPARENT.split("-")[2]
+        assert request_span.attributes["request_id"] == response.headers["x-request-id"]
+        assert request_span.attributes["http.response.status_code"] == 200
+        by_id = {s.context.span_id: s for s in cap.spans}
+        ancestors, current = [], cap.span("retrieval")
+        while current.parent is not None and current.parent.span_id in by_id:
+            current = by_id[current.parent.span_id]
+            ancestors.append(current)
+        assert request_span in ancestors
+        (line,) = request_lines(cap)
+        assert line["span_id"] == format(request_span.context.span_id, "016x")
+        assert line["route"] == "/x/{n}"
 
 
 def server_span_named(cap: Capture, name: str, *, our: bool) -> Any:
@@ -1585,8 +1608,8 @@ async def test_a_bad_baggage_header_does_not_add_a_line_per_request() -> None:
 
 @pytest.mark.asyncio
 async def test_a_middleware_inside_another_is_the_same_request() -> None:
-    # A mounted app with a RequestMiddleware of its own, under the outer app's: one server
-    # request, the inner span INTERNAL, though the inner one sees the outer's traceparent.
+    # A mounted app with a RequestMiddleware of its own, under the outer app's: one
+    # request, though the inner one sees the outer's traceparent.
     async def hello(request: Request) -> Response:
         return PlainTextResponse("hi")
 
@@ -1600,9 +1623,10 @@ async def test_a_middleware_inside_another_is_the_same_request() -> None:
 
     with capture() as cap:
         assert (await get(server, "/sub/hello")).text == "hi"
-    servers = [s for s in cap.spans if s.kind is SpanKind.SERVER]
-    assert len(servers) == 1
-    (internal,) = [s for s in cap.spans if s.kind is SpanKind.INTERNAL]
-    assert internal.parent is not None
-    assert internal.parent.span_id == servers[0].context.span_id
+    # One span and one line, with the whole route: the inner middleware stands aside.
+    (span,) = cap.spans
+    assert span.kind is SpanKind.SERVER
+    assert span.name == "GET /sub/hello"
+    (line,) = request_lines(cap)
+    assert line["route"] == "/sub/hello"
     assert "rag_instrument.request" not in seen[0]  # taken out at the end

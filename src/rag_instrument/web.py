@@ -389,6 +389,9 @@ def _header_values(scope: Scope, wanted: frozenset[bytes]) -> dict[str, str]:
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 #: The scope key a RequestMiddleware sets while it serves the request (see _Request).
 _ROUTED: Final = "rag_instrument.request"
+# FastAPI's scope key for its request telemetry: present (None included) means "observed
+# already", and FastAPI's own tracing leaves the request alone.
+_FASTAPI_TELEMETRY: Final = "fastapi.telemetry"
 
 
 def _carry_down(scope: Scope, span: trace_api.Span, parent: Context | None) -> Any:
@@ -434,6 +437,7 @@ class _Request:
     """The state of one HTTP request under the middleware (one per request)."""
 
     __slots__ = (
+        "adopted",
         "body_done",
         "client_headers",
         "disconnected",
@@ -513,22 +517,22 @@ class _Request:
         if not middleware.propagation_keys.isdisjoint(headers):
             # Into the current context: what it holds (suppress_instrumentation()) stays.
             parent = propagate.extract(headers, context=otel_context.get_current())
+        #: The server span another instrumentation opened for this request, made ours.
+        self.adopted = False
         if outer_context.is_valid and getattr(outer, "kind", None) is SpanKind.SERVER:
             # Another instrumentation in this process (FastAPI's native telemetry, the
             # OpenTelemetry ASGI middleware) already opened the request's server span and
-            # continued the incoming trace: ours is its child, in the same trace. Not so
-            # when the incoming header names that very span: then the request was sent
-            # from inside it (one app calling another in the same process).
+            # continued the incoming trace: that span is the request's, and ours (one span
+            # per request, not two of the same name). Not so when the incoming header
+            # names that very span: then the request was sent from inside it (one app
+            # calling another in the same process).
             incoming = (
                 trace_api.get_current_span(parent).get_span_context()
                 if parent is not None
                 else None
             )
-            if (
-                incoming is None
-                or incoming.span_id != outer_context.span_id
-                or scope.get(_ROUTED) is not None  # this request, routed on by ours
-            ):
+            if incoming is None or incoming.span_id != outer_context.span_id:
+                self.adopted = outer.is_recording()
                 kind, parent = SpanKind.INTERNAL, None
         self.marked = _ROUTED not in scope
         if self.marked:
@@ -597,7 +601,11 @@ class _Request:
             # Every attribute is the sanitiser's or the server's (the scope's scheme,
             # protocol version and client address): the library's light span, whose
             # export skips redaction as long as nobody else adds to it.
-            span = rt.start_span(self.start_name, attributes, kind=kind, context=parent)
+            if self.adopted:
+                span = outer
+                span.set_attributes(attributes)
+            else:
+                span = rt.start_span(self.start_name, attributes, kind=kind, context=parent)
         except BaseException:
             reset_bound(bound_token)
             raise
@@ -648,6 +656,8 @@ class _Request:
                 kind == "http.response.body" and not message.get("more_body", False)
             ):
                 self.body_done = True
+                if self.adopted:  # its owner ends it as this message goes by
+                    self._before_owner_ends()
         except Exception as exc:
             internal_error("RequestMiddleware.send", exc)
         try:
@@ -676,6 +686,35 @@ class _Request:
         new = dict(message)
         new["headers"] = headers
         return new
+
+    def _before_owner_ends(self) -> None:
+        """What the request's span gets at its end, for a span another instrumentation ends
+        when the response's last message goes by (FastAPI's native telemetry)."""
+        span = self.span
+        if not span.is_recording():
+            return
+        ms = (time.perf_counter_ns() - self.start_ns) / 1e6
+        route = route_template(self.scope, self.root_path)
+        if route:
+            route = self.rt.sanitizer.text(route)
+        attributes: dict[str, Any] = {}
+        if route:
+            attributes[attr.HTTP_ROUTE] = route
+        if self.status is not None:
+            attributes[attr.HTTP_RESPONSE_STATUS_CODE] = self.status
+        with _breakdown._lock:
+            current = self.frame.breakdown
+            snapshot = {k: dict(v) for k, v in current.items()} if current else None
+        forms = _breakdown.safe_forms(snapshot) if snapshot else None
+        if forms is not None:
+            attributes.update(forms[0])
+        if route:
+            budget = self.middleware.route_budget(self.rt, f"{self.method} {route}")
+            if budget is not None and ms > budget:
+                attributes[attr.RAG_BUDGET_EXCEEDED] = True
+                attributes[attr.RAG_BUDGET_MS] = budget
+            span.update_name(f"{self.start_name} {route}")
+        span.set_attributes(attributes)
 
     # --- the end of the request ---------------------------------------------------------------
 
@@ -761,14 +800,23 @@ class _Request:
                 end_attrs[attr.RAG_BUDGET_MS] = budget
         finally:
             try:
-                rt.end_span(
-                    span,
-                    (self.start_attrs, self.start_name),
-                    end_attrs,
-                    span_status,
-                    event,
-                    name=name,
-                )
+                if not self.adopted:
+                    rt.end_span(
+                        span,
+                        (self.start_attrs, self.start_name),
+                        end_attrs,
+                        span_status,
+                        event,
+                        name=name,
+                    )
+                elif span.is_recording():  # its owner ends it, after this
+                    if name is not None:
+                        span.update_name(name)
+                    span.set_attributes(end_attrs)
+                    if span_status is not None:
+                        span.set_status(span_status)
+                    if event is not None:
+                        span.add_event(event[0], event[1])
             except Exception as end_exc:
                 user_code_error("ending a span", end_exc)
         # The metric's attributes per its semantic conventions: url.scheme required,
@@ -935,8 +983,10 @@ class RequestMiddleware:
             await self.app(scope, receive, send)
             return
         rt = get_runtime()
-        if not rt.enabled or (
-            self.exclude_any and _path_matches(self.exclude, scope, self.app_root_path or None)
+        if (
+            not rt.enabled
+            or scope.get(_ROUTED) is not None  # under another of ours: the same request
+            or (self.exclude_any and _path_matches(self.exclude, scope, self.app_root_path or None))
         ):
             await self.app(scope, receive, send)
             return
@@ -946,11 +996,19 @@ class RequestMiddleware:
             internal_error("RequestMiddleware", exc)
             await self.app(scope, receive, send)
             return
+        # FastAPI's native request telemetry (FastAPI 0.165+) stands aside for a request
+        # this middleware traces, as it does for one it is told to exclude: one span.
+        quiet_fastapi = _FASTAPI_TELEMETRY not in scope
+        if quiet_fastapi:
+            scope[_FASTAPI_TELEMETRY] = None
         try:
             await self.app(scope, request.receive, request.send)
         except BaseException as exc:
             request.finish(exc)
             raise
+        finally:
+            if quiet_fastapi and scope.get(_FASTAPI_TELEMETRY, 0) is None:
+                scope.pop(_FASTAPI_TELEMETRY, None)
         request.finish(None)
 
 
