@@ -112,3 +112,35 @@ def test_a_breakdown_that_cannot_be_rendered_still_ends_its_stage(
     assert "breakdown" not in line
     assert "rag.breakdown.db.ms" not in (cap.span("retrieval").attributes or {})
     assert _breakdown.safe_forms(None) is None
+
+
+@pytest.mark.asyncio
+async def test_work_outliving_its_stage_counts_in_the_stage_still_open(
+    rag_capture: Capture,
+) -> None:
+    """A task started in one stage and awaited in the enclosing one: its work is the
+    enclosing stage's (it waited for it), not lost with the stage that ended."""
+    released = asyncio.Event()
+
+    async def prefetch() -> None:
+        await released.wait()
+        _breakdown.record("db", 2.0)
+        with ri.stage("late_child"):  # a stage started there, ending after its parent
+            _breakdown.record("vector", 3.0)
+
+    @ri.stage("query_rewriting")
+    async def rewrite() -> asyncio.Task[None]:
+        return asyncio.create_task(prefetch())
+
+    @ri.stage("search")
+    async def search() -> None:
+        task = await rewrite()
+        released.set()
+        await task
+
+    await search()
+    rewrite_line = rag_capture.find_logs("query_rewriting completed")[0]
+    assert "breakdown" not in rewrite_line  # it had ended: nothing of it ran inside
+    search_line = rag_capture.find_logs("search completed")[0]
+    assert search_line["breakdown"]["db"] == {"count": 1, "ms": 2.0}
+    assert search_line["breakdown"]["vector"] == {"count": 1, "ms": 3.0}

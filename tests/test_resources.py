@@ -195,3 +195,19 @@ def test_settings_from_arguments_and_environment(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("RAG_INSTRUMENT_RESOURCE_METRICS", "sometimes")
     with pytest.raises(ValueError, match="resource_metrics"):
         ri.configure()
+
+
+def test_cpu_ms_never_exceeds_the_stages_own_time() -> None:
+    """One thread cannot compute longer than the time that passed: short stages, whose
+    bookkeeping is a large part of them, too."""
+
+    @ri.stage("tiny")
+    def tiny() -> int:
+        return sum(range(200))
+
+    with capture(resource_metrics=True) as cap:
+        for _ in range(300):
+            tiny()
+    lines = cap.find_logs("tiny completed")
+    assert len(lines) == 300
+    assert all(line["cpu_ms"] <= line["execution_time_ms"] for line in lines)

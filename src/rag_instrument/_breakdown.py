@@ -40,6 +40,14 @@ __all__ = [
 _lock = threading.Lock()
 
 
+def _open(frame: Frame | None) -> Frame | None:
+    """``frame``, or its nearest ancestor still open when it has ended (work it started,
+    such as a task it created, outlived it: the stages still running waited for it)."""
+    while frame is not None and frame.ended:
+        frame = frame.parent
+    return frame
+
+
 def record(kind: str, ms: float, count: int = 1) -> None:
     """Report ``count`` units of ``kind`` work (``db``, ``llm``, ``vector``, ``embedding``).
 
@@ -52,6 +60,10 @@ def record(kind: str, ms: float, count: int = 1) -> None:
     if frame is None:
         return
     with _lock:
+        if frame.ended:
+            frame = _open(frame)
+            if frame is None:
+                return
         bd = frame.breakdown
         if bd is None:
             bd = frame.breakdown = {}
@@ -66,9 +78,12 @@ def record(kind: str, ms: float, count: int = 1) -> None:
 def record_in(frame: Frame, kind: str, ms: float, count: int = 1) -> None:
     """Like :func:`record`, into a given ``frame`` (from another thread: the loop watchdog)."""
     with _lock:
-        bd = frame.breakdown
+        open_frame = _open(frame)
+        if open_frame is None:
+            return
+        bd = open_frame.breakdown
         if bd is None:
-            bd = frame.breakdown = {}
+            bd = open_frame.breakdown = {}
         entry = bd.get(kind)
         if entry is None:
             bd[kind] = {"count": count, "ms": ms}
@@ -83,6 +98,10 @@ def record_cache(hit: bool, count: int = 1) -> None:
     if frame is None:
         return
     with _lock:
+        if frame.ended:
+            frame = _open(frame)
+            if frame is None:
+                return
         bd = frame.breakdown
         if bd is None:
             bd = frame.breakdown = {}
@@ -96,8 +115,9 @@ def detach(frame: Frame) -> dict[str, dict[str, float]] | None:
     """Take ``frame``'s totals (once, when it exits) and add them to its parent's.
 
     Returns the totals, which nothing mutates any more: work reported to ``frame`` after
-    this (by a job it started that outlives it) is counted in a fresh, unreported dict.
+    this (by a job it started that outlives it) goes to its nearest ancestor still open.
     """
+    frame.ended = True
     if frame.breakdown is None:
         return None  # nothing was recorded: no lock needed (the common case)
     with _lock:
@@ -110,10 +130,12 @@ def detach(frame: Frame) -> dict[str, dict[str, float]] | None:
 
 def roll_up(frame: Frame, child: dict[str, dict[str, float]]) -> None:
     """Add ``child`` (``frame``'s detached totals) to ``frame``'s parent's."""
-    parent = frame.parent
-    if parent is None or not child:
+    if not child:
         return
     with _lock:
+        parent = _open(frame.parent)
+        if parent is None:
+            return
         bd = parent.breakdown
         if bd is None:
             bd = parent.breakdown = {}

@@ -99,6 +99,7 @@ class Frame:
         "attr_count",
         "bound",
         "breakdown",
+        "ended",
         "is_stage",
         "name",
         "owner",
@@ -127,6 +128,8 @@ class Frame:
         self.span = span
         self.owner = owner
         self.breakdown: dict[str, dict[str, float]] | None = None
+        #: Set when its totals were taken: work reported later goes to an open ancestor.
+        self.ended = False
         self.start_ns = 0
         self.tokens: tuple[Any, Any] | None = None
         #: The attributes the span was started with (all sanitised by us).

@@ -96,6 +96,7 @@ def finish(op: Operation, exc: BaseException | None) -> float:
         frame = op.frame
         if frame is not None:
             reset_frame(op.frame_token)
+            frame.ended = True
             child = frame.breakdown
             frame.breakdown = None
             if child:

@@ -355,6 +355,10 @@ def _finish(
     rt = get_runtime()
     cpu_ms = _stagehooks.end(frame, rt) if _stagehooks.active else None
     ms = elapsed_ns / 1e6
+    if cpu_ms is not None and cpu_ms > ms:
+        # The CPU clock is read outside the wall clock's span (around the stage's own
+        # bookkeeping): one thread never computes longer than the time that passed.
+        cpu_ms = round(ms, 3)
     # Detached under the lock: work still running elsewhere (an executor job) can no longer
     # change it while it is rendered below.
     breakdown = _breakdown.detach(frame)
