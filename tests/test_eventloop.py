@@ -6,7 +6,6 @@ import asyncio
 import inspect
 import json
 import re
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -140,8 +139,8 @@ def test_outside_any_stage_the_stage_is_null() -> None:
     assert line["stack"][-1] == f"{__file__}:{BLOCK_LINE} in blocking_retrieve"
 
 
-@pytest.mark.skipif(sys.version_info < (3, 12), reason="Task.get_context() is 3.12+")
 def test_the_blocked_requests_bound_context_is_on_the_line() -> None:
+    # 3.12+: the blocked task's context; 3.11: the values bound where its stage started.
     async def main() -> None:
         watch = await started(ri.watch_event_loop(threshold_ms=THRESHOLD_MS))
         with ri.request_context(request_id="r-9"), ri.stage("retrieval"):

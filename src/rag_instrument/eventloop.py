@@ -307,6 +307,15 @@ class EventLoopWatch:
         span = stage_frame.span if stage_frame is not None else None
         # Inside the blocked task's context (as it was during the block) the line carries
         # that request's bound values, e.g. its request_id.
+        if ctx is None and stage_frame is not None and stage_frame.bound is not None:
+            # No task context to run in (Python 3.11): the values bound where the stage
+            # started are that request's too.
+            token = _context.set_bound(stage_frame.bound)
+            try:
+                emit("warning", "event loop blocked", fields, span=span, stage="", rt=rt)
+            finally:
+                _context.reset_bound(token)
+            return
         runner = ctx.run if ctx is not None else _call
         runner(emit, "warning", "event loop blocked", fields, span=span, stage="", rt=rt)
 
