@@ -225,3 +225,31 @@ def test_a_bound_object_reads_the_same_on_spans_and_lines() -> None:
     attributes = cap.span("retrieval").attributes
     assert attributes["tenant"] == "<Tenant acme>" == cap.logs[0]["context"]["tenant"]
     assert attributes["ids"] == '{"a":1}'  # a structure stays its JSON text on a span
+
+
+def test_unbind_context_takes_a_list_of_keys_and_never_raises(rag_capture: Capture) -> None:
+    ri.bind_context(request_id="r", tenant="t", user="u")
+    ri.unbind_context(["request_id", "tenant"])
+    ri.unbind_context({"a": 1})  # type: ignore[arg-type]  # no key in it: nothing, no error
+    ri.unbind_context(3)  # type: ignore[arg-type]
+    ri.get_logger("t").info("x")
+    assert rag_capture.find_logs("x")[0]["context"] == {"user": "u"}
+    ri.unbind_context("user")
+
+
+@pytest.mark.asyncio
+async def test_request_context_with_async_with_and_as_a_decorator(rag_capture: Capture) -> None:
+    log = ri.get_logger("t")
+    async with ri.request_context(request_id="a-1"):
+        log.info("inside async with")
+    log.info("after")
+
+    @ri.request_context(request_id="d-1")
+    async def handler() -> int:
+        log.info("inside decorated")
+        return 7
+
+    assert await handler() == 7
+    assert rag_capture.find_logs("inside async with")[0]["context"] == {"request_id": "a-1"}
+    assert rag_capture.find_logs("after")[0]["context"] == {}
+    assert rag_capture.find_logs("inside decorated")[0]["context"] == {"request_id": "d-1"}

@@ -41,8 +41,11 @@ _lock = threading.Lock()
 
 
 def _open(frame: Frame | None) -> Frame | None:
-    """``frame``, or its nearest ancestor still open when it has ended (work it started,
-    such as a task it created, outlived it: the stages still running waited for it)."""
+    """``frame``, or its nearest ancestor still open when it has ended.
+
+    Work a frame started (a task it created) can outlive it: the stages still running
+    waited for it.
+    """
     while frame is not None and frame.ended:
         frame = frame.parent
     return frame

@@ -13,8 +13,7 @@ import contextvars
 import functools
 import inspect
 import types
-from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, cast
 
 from opentelemetry import context as otel_context
@@ -353,34 +352,69 @@ def bind_context(**kv: Any) -> None:
 
 
 def unbind_context(*keys: str) -> None:
-    """Remove bound values by key (missing keys are ignored)."""
-    current = _bound.get()
-    if not any(k in current.log for k in keys):
-        return
-    log = {k: v for k, v in current.log.items() if k not in keys}
-    attrs = {k: v for k, v in current.attrs.items() if k not in keys}
-    _bound.set(Bound(log, attrs, current.scope))
+    """Remove bound values by key; never raises.
 
-
-@contextmanager
-def request_context(**kv: Any) -> Iterator[None]:
-    """Bind values for the duration of a ``with`` block, then restore what was bound before.
-
-    Example:
-        >>> import rag_instrument as ri
-        >>> with ri.request_context(request_id="r-1"):
-        ...     pass
+    Missing keys are ignored; a list (tuple, set) of keys is read as its keys.
     """
     try:
-        token: contextvars.Token[Bound] | None = _bound.set(
-            _make_bound(_bound.get(), kv, BoundScope())  # a request of its own
-        )
+        wanted: set[Any] = set()
+        key: Any
+        for key in keys:
+            if isinstance(key, list | tuple | set | frozenset):
+                wanted.update(k for k in key if isinstance(k, str))
+            elif isinstance(key, str):
+                wanted.add(key)
+        current = _bound.get()
+        if not any(k in current.log for k in wanted):
+            return
+        log = {k: v for k, v in current.log.items() if k not in wanted}
+        attrs = {k: v for k, v in current.attrs.items() if k not in wanted}
+        _bound.set(Bound(log, attrs, current.scope))
     except Exception as exc:
-        internal_error("request_context", exc)
-        token = None
-    try:
-        yield
-    finally:
+        internal_error("unbind_context", exc)
+
+
+class _RequestContext:
+    """What :func:`request_context` returns: ``with``, ``async with``, or a decorator.
+
+    As a decorator (of a ``def`` or an ``async def``) each call is a block of its own.
+    """
+
+    __slots__ = ("_kv", "_token")
+
+    def __init__(self, kv: dict[str, Any]) -> None:
+        self._kv = kv
+        self._token: contextvars.Token[Bound] | None = None
+
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
+        kv = self._kv
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def run_async(*args: Any, **kwargs: Any) -> Any:
+                async with _RequestContext(kv):
+                    return await fn(*args, **kwargs)
+
+            return run_async  # type: ignore[return-value]
+
+        @functools.wraps(fn)
+        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            with _RequestContext(kv):
+                return fn(*args, **kwargs)
+
+        return run
+
+    def __enter__(self) -> None:
+        try:
+            self._token = _bound.set(
+                _make_bound(_bound.get(), self._kv, BoundScope())  # a request of its own
+            )
+        except Exception as exc:
+            internal_error("request_context", exc)
+            self._token = None
+
+    def __exit__(self, *exc_info: object) -> None:
+        token, self._token = self._token, None
         if token is not None:
             try:
                 _bound.reset(token)
@@ -388,6 +422,25 @@ def request_context(**kv: Any) -> Iterator[None]:
                 # Exited in another context than it was entered in (a generator finalised
                 # elsewhere): the other context's values must not be touched.
                 pass
+
+    async def __aenter__(self) -> None:
+        self.__enter__()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.__exit__(*exc_info)
+
+
+def request_context(**kv: Any) -> _RequestContext:
+    """Bind values for a ``with`` or ``async with`` block (or a decorated function's call).
+
+    What was bound before is restored at the end.
+
+    Example:
+        >>> import rag_instrument as ri
+        >>> with ri.request_context(request_id="r-1"):
+        ...     pass
+    """
+    return _RequestContext(kv)
 
 
 def wrap_context(fn: Callable[P, R]) -> Callable[P, R]:

@@ -773,8 +773,11 @@ STATEMENT_KEY: Final = "db.query.text"
 
 
 def redact_statement(text: str) -> str:
-    """:func:`redact_text` for a SQL statement: ``password = :p`` names a parameter and holds
-    no secret, so placeholders are kept; the text around them is masked as any text."""
+    """:func:`redact_text` for a SQL statement, its placeholders kept.
+
+    ``password = :p`` names a parameter and holds no secret; the text around the
+    placeholders is masked as any text.
+    """
     if len(text) < 8 or text in _CLEAN:
         return text
     parts: list[str] = []
@@ -912,8 +915,7 @@ class Sanitizer:
         return truncate(_fix_surrogates(value), self.max_chars)
 
     def statement(self, value: str) -> str:
-        """:meth:`text` for a SQL statement: its placeholders are kept (see
-        :func:`redact_statement`)."""
+        """:meth:`text` for a SQL statement: its placeholders kept (:func:`redact_statement`)."""
         value = _fix_surrogates(value)
         if self.redact:
             value = redact_statement(value)

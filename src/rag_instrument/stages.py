@@ -907,7 +907,8 @@ def traced(name: Any = _MISSING, /, **attributes: Any) -> Any:
     Like :func:`stage` but the span has no ``rag.stage``, no budget or histogram applies,
     its completion line (``"<name> completed"``, info, with ``execution_time_ms`` and the
     ``operation`` name) names the enclosing stage in a top-level ``stage`` field, and log
-    lines inside it keep the enclosing stage. Work recorded inside it rolls up into the enclosing stage's breakdown.
+    lines inside it keep the enclosing stage. Work recorded inside it rolls up into the
+    enclosing stage's breakdown.
 
     Args:
         name: the span name (default: the decorated function's qualified name; ``"traced"``

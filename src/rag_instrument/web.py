@@ -688,8 +688,11 @@ class _Request:
         return new
 
     def _before_owner_ends(self) -> None:
-        """What the request's span gets at its end, for a span another instrumentation ends
-        when the response's last message goes by (FastAPI's native telemetry)."""
+        """Put the request's end on a span another instrumentation ends.
+
+        FastAPI's native telemetry ends its span as the response's last message goes by,
+        before the middleware's own end.
+        """
         span = self.span
         if not span.is_recording():
             return

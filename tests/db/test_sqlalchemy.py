@@ -124,7 +124,7 @@ def test_parameters_compared_with_or_stored_in_secret_columns_are_redacted(
     for secret in ("key-value-1", "hunter22", "swordfish9"):
         assert secret not in everything
     assert everything.count("'db.query.parameter.e': 'a@b.c'") == 2  # the rest is kept
-    select = [s for s in cap.spans if s.name == "SELECT accounts"][0]
+    select = next(s for s in cap.spans if s.name == "SELECT accounts")
     # The statement keeps its placeholders: "password=?" names a parameter, it holds none.
     assert select.attributes["db.query.text"] == (
         "SELECT email FROM accounts WHERE email = ? AND password=?"

@@ -37,13 +37,13 @@ from rag_instrument._registry import register_error_formatter
 from rag_instrument._sanitize import SQL_PLACEHOLDER, is_secret_key
 
 __all__ = [
-    "secret_binds",
     "StatementInfo",
     "analyze",
     "collapse_in_lists",
     "limit_value",
     "sanitize",
     "sanitize_statement_error",
+    "secret_binds",
 ]
 
 _COMMENT_LINE: Final = r"--[^\n]*"
@@ -639,9 +639,11 @@ def _column_secret(name: str) -> bool:
 
 
 def secret_binds(text: str) -> frozenset[str | int]:
-    """Keys of the parameters ``text`` (a sanitised statement) compares with, or stores in,
-    a secret-named column: ``password = :p`` -> ``{"p"}``; positions for ``?``, ``%s``
-    and ``$n`` (``$2`` is position 1)."""
+    """Keys of the parameters ``text`` compares with, or stores in, a secret-named column.
+
+    ``text`` is a sanitised statement: ``password = :p`` gives ``{"p"}``; positions for
+    ``?``, ``%s`` and ``$n`` (``$2`` is position 1).
+    """
     found = _secret_binds_cache.get(text)
     if found is not None:
         return found
