@@ -733,3 +733,11 @@ def test_equal_numbers_make_one_key(number: int) -> None:
     )
     assert make_key({"t": -0.0}) == make_key({"t": 0})
     assert make_key({"t": 0.5}) != make_key({"t": 0})
+
+
+def test_cache_settings_of_the_wrong_type_are_value_errors_naming_them() -> None:
+    with pytest.raises(ValueError, match="prefix"):
+        ri.RedisCache("redis://127.0.0.1:6379/0", prefix=5)  # type: ignore[arg-type]
+    for name, value in (("cache_namespace", 5), ("cache_nondeterministic", "yes")):
+        with pytest.raises(ValueError, match=name):
+            type("Bad", (ri.CacheMixin, ri.LLMProvider), {"model": "m", name: value})

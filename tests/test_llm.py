@@ -273,6 +273,9 @@ async def test_generate_batch_order_exceptions_and_concurrency() -> None:
     assert len([s for s in cap.spans if s.name == "chat batch"]) == 10
     with pytest.raises(ValueError, match="concurrency"):
         await Counting().generate_batch(["1"], concurrency=0)
+    for bad in (None, "4", 2.5, True):
+        with pytest.raises(ValueError, match="concurrency"):
+            await Counting().generate_batch(["1"], concurrency=bad)
 
 
 @pytest.mark.asyncio
@@ -359,3 +362,11 @@ def test_a_timeout_method_without_property_is_refused() -> None:
 
             async def _generate(self, prompt: str, **params: Any) -> str:
                 return "answer"
+
+
+@pytest.mark.parametrize(("name", "value"), [("system", None), ("model", 5), ("system", b"x")])
+def test_a_provider_class_with_a_system_or_model_that_is_no_string_is_refused(
+    name: str, value: object
+) -> None:
+    with pytest.raises(ValueError, match=name):
+        type("Bad", (ri.LLMProvider,), {name: value})

@@ -167,7 +167,8 @@ class LLMProvider:
         """Check ``timeout`` when the class is defined, not at its first call.
 
         Raises:
-            ValueError: ``timeout`` is not ``None`` or a positive number of seconds.
+            ValueError: ``timeout`` is not ``None`` or a positive number of seconds, or
+                ``system`` / ``model`` is not a string.
             TypeError: a mixin (``RetryMixin``, ``CacheMixin``) is listed after
                 ``LLMProvider``.
         """
@@ -197,6 +198,13 @@ class LLMProvider:
                 f"{cls.__qualname__}: timeout must be None or a positive number of seconds, "
                 f"got {timeout!r}"
             )
+        for name in ("system", "model"):
+            value = inspect.getattr_static(cls, name, None)
+            if not isinstance(value, str | property):
+                raise ValueError(  # noqa: TRY004 - configuration errors are ValueErrors here
+                    f"{cls.__qualname__}: {name} must be a string (such as "
+                    f"{'openai' if name == 'system' else 'gpt-4o-mini'!r}), got {value!r}"
+                )
         cls._rag_sync_generate = not inspect.iscoroutinefunction(cls._generate)
         cls._rag_plain_invoke = cls._invoke is LLMProvider._invoke and not cls._rag_sync_generate
 
@@ -333,8 +341,10 @@ class LLMProvider:
         Raises:
             ValueError: ``concurrency`` is less than 1.
         """
-        if concurrency < 1:
-            raise ValueError(f"generate_batch: concurrency must be >= 1, got {concurrency!r}")
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(
+                f"generate_batch: concurrency must be an integer >= 1, got {concurrency!r}"
+            )
         gate = asyncio.Semaphore(concurrency)
 
         async def one(prompt: str) -> str | LLMResult:

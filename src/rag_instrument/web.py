@@ -84,8 +84,10 @@ def _path_matcher(
 ) -> tuple[frozenset[str], tuple[str, ...]]:
     if paths is None:  # none, as an empty list
         return frozenset(), ()
-    if isinstance(paths, str | bytes) or not isinstance(paths, Iterable):
-        raise TypeError(
+    if isinstance(paths, str):  # "/health" or "/health,/metrics", as OpenTelemetry's lists
+        paths = [part.strip() for part in paths.split(",") if part.strip()]
+    if isinstance(paths, bytes) or not isinstance(paths, Iterable):
+        raise ValueError(  # noqa: TRY004 - configuration errors are ValueErrors here
             f"rag_instrument.RequestMiddleware: {what} must be a list of paths, "
             f"got {paths!r:.80}"
         )
@@ -938,7 +940,7 @@ class RequestMiddleware:
         if not callable(app):
             raise TypeError(f"rag_instrument.RequestMiddleware: app {app!r:.80} is not callable")
         if not isinstance(server_timing, bool):
-            raise TypeError(
+            raise ValueError(  # noqa: TRY004 - configuration errors are ValueErrors here
                 f"rag_instrument.RequestMiddleware: server_timing must be True or False, "
                 f"got {server_timing!r:.80}"
             )

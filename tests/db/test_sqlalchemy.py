@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -429,6 +430,16 @@ def test_invalid_arguments_raise_at_instrument_time(engine: Engine) -> None:
         ri.instrument_sqlalchemy(engine, slow_query_ms=-1)
     with pytest.raises(ValueError, match="n_plus_one_threshold"):
         ri.instrument_sqlalchemy(engine, n_plus_one_threshold=1)
+    for bad in (math.nan, math.inf):
+        with pytest.raises(ValueError, match="slow_query_ms"):
+            ri.instrument_sqlalchemy(engine, slow_query_ms=bad)
+        with pytest.raises(ValueError, match="n_plus_one_threshold"):
+            ri.instrument_sqlalchemy(engine, n_plus_one_threshold=bad)
+    # "no" is a true value in Python: refused, rather than read as asking for parameters.
+    with pytest.raises(ValueError, match="capture_parameters"):
+        ri.instrument_sqlalchemy(engine, capture_parameters="no")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="explain_slow"):
+        ri.instrument_sqlalchemy(engine, explain_slow="yes")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="Engine"):
         ri.instrument_sqlalchemy(object())
 

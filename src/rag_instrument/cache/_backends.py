@@ -219,7 +219,9 @@ class RedisCache:
     ) -> None:
         _check_redis_url(url)
         if not isinstance(prefix, str):
-            raise TypeError(f"RedisCache: prefix must be a string, got {type(prefix).__name__}")
+            raise ValueError(  # noqa: TRY004 - configuration errors are ValueErrors here
+                f"RedisCache: prefix must be a string, got {type(prefix).__name__}"
+            )
         for name, value in (("timeout_s", timeout_s), ("cooldown_s", cooldown_s)):
             if (
                 isinstance(value, bool)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -64,6 +65,18 @@ class CacheMixin:
         check_cache_settings(
             cls.__qualname__, cls.cache_ttl, cls.cache_maxsize, "cache_", cls.cache_backend
         )
+        namespace = inspect.getattr_static(cls, "cache_namespace", None)
+        if namespace is not None and not isinstance(namespace, str | property):
+            raise ValueError(
+                f"{cls.__qualname__}: cache_namespace must be a string or None (a call's "
+                f"cache_namespace= sets one per call), got {namespace!r}"
+            )
+        nondeterministic = inspect.getattr_static(cls, "cache_nondeterministic", False)
+        if not isinstance(nondeterministic, bool | property):
+            raise ValueError(  # noqa: TRY004 - configuration errors are ValueErrors here
+                f"{cls.__qualname__}: cache_nondeterministic must be True or False, "
+                f"got {nondeterministic!r}"
+            )
 
     @classmethod
     def _rag_store(cls) -> Store:

@@ -32,6 +32,7 @@ Requires the ``sqlalchemy`` extra.
 from __future__ import annotations
 
 import inspect
+import math
 import threading
 import weakref
 from types import TracebackType
@@ -147,7 +148,12 @@ def _sync_engine(engine: Any) -> Engine:
 def _check(name: str, value: float | None, minimum: float, integer: bool = False) -> None:
     if value is None:
         return
-    bad = isinstance(value, bool) or not isinstance(value, int | float) or value < minimum
+    bad = (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < minimum
+    )
     if integer and not bad and int(value) != value:
         bad = True
     if bad:
@@ -198,6 +204,15 @@ def instrument_sqlalchemy(
         ValueError: a threshold is negative (or ``n_plus_one_threshold`` below 2).
     """
     sync = _sync_engine(engine)
+    for flag, flag_value in (
+        ("explain_slow", explain_slow),
+        ("capture_parameters", capture_parameters),
+    ):
+        if not isinstance(flag_value, bool):
+            raise ValueError(  # noqa: TRY004 - configuration errors are ValueErrors here
+                f"rag_instrument.instrument_sqlalchemy: invalid {flag} {flag_value!r}; "
+                "expected True or False"
+            )
     _check("slow_query_ms", slow_query_ms, 0)
     _check("n_plus_one_threshold", n_plus_one_threshold, 2, integer=True)
     _check("pool_slow_ms", pool_slow_ms, 0)
