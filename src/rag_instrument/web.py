@@ -84,16 +84,17 @@ def _path_matcher(
 ) -> tuple[frozenset[str], tuple[str, ...]]:
     if paths is None:  # none, as an empty list
         return frozenset(), ()
-    if isinstance(paths, str):  # "/health" or "/health,/metrics", as OpenTelemetry's lists
-        paths = [part.strip() for part in paths.split(",") if part.strip()]
-    if isinstance(paths, bytes) or not isinstance(paths, Iterable):
+    given: Any = paths
+    if isinstance(given, str):  # "/health" or "/health,/metrics", as OpenTelemetry's lists
+        given = [part.strip() for part in given.split(",") if part.strip()]
+    if isinstance(given, bytes) or not isinstance(given, Iterable):
         raise ValueError(  # noqa: TRY004 - configuration errors are ValueErrors here
             f"rag_instrument.RequestMiddleware: {what} must be a list of paths, "
             f"got {paths!r:.80}"
         )
     exact: set[str] = set()
     prefixes: list[str] = []
-    for path in paths:
+    for path in given:
         if not isinstance(path, str) or not path.startswith("/"):
             raise ValueError(
                 f"rag_instrument.RequestMiddleware: {what} entry {path!r} must be a path "
