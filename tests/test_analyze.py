@@ -423,6 +423,11 @@ def test_bad_budgets_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str
     status, _, err = run_cli([str(log), "--budgets", str(bad)], capsys)
     assert status == 2
     assert "budget for 'retrieval' must be a positive number" in err
+    for value in ("inf", "nan"):  # as configure() and --budget refuse them
+        bad.write_text(f"retrieval = {value}\n")
+        status, _, err = run_cli([str(log), "--budgets", str(bad)], capsys)
+        assert status == 2
+        assert "budget for 'retrieval' must be a positive number" in err
     bad.write_text("retrieval = [\n")
     status, _, err = run_cli([str(log), "--budgets", str(bad)], capsys)
     assert (status, "not valid TOML" in err) == (2, True)

@@ -293,6 +293,8 @@ class Run:
             fields["functions"] = rows
             if spec.save_to is not None:
                 self._save(profiler, dropped, fields)
+        else:
+            fields["functions"] = []  # the line keeps its shape: no function was profiled
         if self.memory_owned:
             _current, peak = tracemalloc.get_traced_memory()
             fields["peak_kib"] = round(peak / 1024, 1)

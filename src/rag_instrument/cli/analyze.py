@@ -95,7 +95,12 @@ def parse_budgets(path: str) -> dict[str, float]:
         raise ValueError(f"--budgets {path}: [budgets] must be a table of stage = ms")  # noqa: TRY004
     budgets: dict[str, float] = {}
     for name, value in table.items():
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not value > 0
+            or not math.isfinite(value)
+        ):
             raise ValueError(
                 f"--budgets {path}: budget for {name!r} must be a positive number of "
                 f"milliseconds, got {value!r}"
