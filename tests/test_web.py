@@ -1643,3 +1643,19 @@ async def test_a_middleware_inside_another_is_the_same_request() -> None:
     (line,) = request_lines(cap)
     assert line["route"] == "/sub/hello"
     assert "rag_instrument.request" not in seen[0]  # taken out at the end
+
+
+@pytest.mark.asyncio
+async def test_a_404_inside_a_mounted_app_wrapped_in_middleware_has_no_route() -> None:
+    from starlette.middleware.cors import CORSMiddleware
+
+    async def ok(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    inner = CORSMiddleware(Starlette(routes=[Route("/x/{k}", ok)]), allow_origins=["*"])
+    app = RequestMiddleware(Starlette(routes=[Mount("/cors", app=inner)]))
+    with capture() as cap:
+        assert (await get(app, "/cors/x/1")).status_code == 200
+        assert (await get(app, "/cors/nope")).status_code == 404
+    assert [s.name for s in cap.spans] == ["GET /cors/x/{k}", "GET"]
+    assert [line["route"] for line in request_lines(cap)] == ["/cors/x/{k}", None]

@@ -184,8 +184,20 @@ def route_template(scope: Scope, root_path: str = "") -> str | None:
 
 
 def _routes_within(mount: Any) -> bool:
-    """Whether ``mount`` holds a Starlette router's routes (which set ``scope["route"]``)."""
+    """Whether ``mount`` holds a Starlette router's routes (which set ``scope["route"]``).
+
+    Directly, or under the ASGI middleware wrapping the mounted application.
+    """
     inner: Any = getattr(mount, "routes", None)
+    if not inner:
+        app: Any = getattr(mount, "app", None)
+        for _ in range(16):  # middleware keep what they wrap as .app
+            if app is None:
+                break
+            inner = getattr(app, "routes", None)
+            if inner:
+                break
+            app = getattr(app, "app", None)
     return bool(inner) and any(hasattr(each, "matches") for each in inner)
 
 
