@@ -68,8 +68,10 @@ def test_inject_works_on_a_framework_headers_object() -> None:
         {"TRACEPARENT": TRACEPARENT.encode()},
         [(b"traceparent", TRACEPARENT.encode()), (b"x", b"\xff")],
         httpx.Headers({"traceparent": TRACEPARENT}),
+        {"traceparent": [TRACEPARENT]},
+        {"traceparent": (TRACEPARENT.encode(),)},
     ],
-    ids=["mixed-case", "bytes-values", "asgi-pairs", "httpx-headers"],
+    ids=["mixed-case", "bytes-values", "asgi-pairs", "httpx-headers", "list", "tuple-bytes"],
 )
 def test_extract_accepts_any_header_shape(headers: Any) -> None:
     assert trace_id_of(ri.extract_context(headers)) == "0af7651916cd43dd8448eb211c80319c"

@@ -140,10 +140,22 @@ def _normalise(headers: Any) -> dict[str, str]:
             key = key.decode("latin-1") if isinstance(key, bytes | bytearray) else str(key)
             if isinstance(value, bytes | bytearray):
                 value = value.decode("latin-1")
+            elif isinstance(value, list | tuple):
+                # A multi-value headers API ({"traceparent": [tp]}): the values joined by
+                # commas, as HTTP reads a repeated header.
+                parts = [
+                    v.decode("latin-1") if isinstance(v, bytes | bytearray) else v
+                    for v in value[:16]
+                ]
+                if not parts or not all(isinstance(v, str) for v in parts):
+                    continue
+                value = ",".join(parts)
             elif not isinstance(value, str):
                 continue
             if len(value) <= _MAX_HEADER_CHARS:
-                out[key.lower()] = value
+                key = key.lower()
+                seen = out.get(key)
+                out[key] = value if seen is None else f"{seen},{value}"  # repeated: joined
         except Exception:  # noqa: S112 - one malformed header must not hide the others
             continue
     return out
