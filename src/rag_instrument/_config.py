@@ -222,6 +222,8 @@ def apply(
         if not _ATEXIT_REGISTERED:
             atexit.register(_at_exit)
             _ATEXIT_REGISTERED = True
+        if pipelines is not None:
+            _flush_at_child_exit()
         return new
 
 
@@ -446,6 +448,40 @@ def _flush_at_worker_exit() -> None:
         util.register_after_fork(_AFTER_FORK_TOKEN, register)
     except Exception as exc:
         internal_error("registering the flush at a worker's exit", exc)
+
+
+# The process that registered the flush below (its registries are its own).
+_CHILD_FLUSH_PID: list[int] = [0]
+
+
+def _flush_at_child_exit() -> None:
+    """In a multiprocessing child configured after it started: flush at its end.
+
+    A child of the ``forkserver`` start method (Linux's default from Python 3.14) imports
+    the library after its fork, so the after-fork hook above never ran in it, and it ends
+    with ``os._exit()`` too (RELIABILITY C21): its finalizers are what runs. Configured
+    while the child imports the main module, before multiprocessing clears the
+    finalizers, the flush is registered from an after-fork callback, run after that;
+    configured later, inside the child's task, directly.
+    """
+    pid = os.getpid()
+    util = sys.modules.get("multiprocessing.util")
+    process = sys.modules.get("multiprocessing.process")
+    if _CHILD_FLUSH_PID[0] == pid or util is None or process is None:
+        return
+    _CHILD_FLUSH_PID[0] = pid
+    try:
+        util.register_after_fork(_AFTER_FORK_TOKEN, _finalize_at_exit)
+        if process.parent_process() is not None:
+            util.Finalize(None, _at_exit, exitpriority=0)
+    except Exception as exc:
+        internal_error("registering the flush at a worker's exit", exc)
+
+
+def _finalize_at_exit(_token: object) -> None:
+    util = sys.modules.get("multiprocessing.util")
+    if util is not None:
+        util.Finalize(None, _at_exit, exitpriority=0)
 
 
 class _Token:

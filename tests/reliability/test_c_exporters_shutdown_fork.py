@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -250,6 +252,51 @@ def test_c21_multiprocessing_workers_flush_their_last_spans() -> None:
         assert result.returncode == 0, result.stderr
         assert receiver.wait_for_spans(3, timeout=20), (result.stdout, result.stderr)
         assert receiver.span_names() == ["task", "task", "task"]
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_c21_workers_of_other_start_methods_flush_their_last_spans(
+    method: str, tmp_path: Path
+) -> None:
+    # A forkserver child (Linux's default from Python 3.14) imports the library after its
+    # fork and ends with os._exit() as well: configured there, it still flushes.
+    if method not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"no {method} start method here")
+    with OTLPReceiver() as receiver:
+        script = tmp_path / "worker_main.py"
+        script.write_text(
+            textwrap.dedent(
+                f"""
+                import multiprocessing
+                import rag_instrument as ri
+                ri.configure(exporter="otlp", otlp_endpoint="{receiver.endpoint}")
+
+                def task(x):
+                    with ri.stage("worker-task"):
+                        return x
+
+                if __name__ == "__main__":
+                    process = multiprocessing.get_context("{method}").Process(
+                        target=task, args=(1,)
+                    )
+                    process.start()
+                    process.join()
+                    assert process.exitcode == 0
+                """
+            )
+        )
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("RAG_", "OTEL_"))}
+        result = subprocess.run(
+            [sys.executable, str(script)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**clean, "RAG_INSTRUMENT_SHUTDOWN_TIMEOUT": "20"},
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert receiver.wait_for_spans(1, timeout=20), (result.stdout, result.stderr)
+        assert receiver.span_names() == ["worker-task"]
 
 
 def test_c22_fork_child_exports_its_own_spans_once() -> None:
