@@ -124,3 +124,10 @@ def test_an_invalid_setting_is_named_without_its_password() -> None:
         )
     assert "Sup3rSecretPw" not in str(raised.value)
     assert "collector:[REDACTED]@otel:43l8" in str(raised.value)
+
+
+def test_booleans_take_the_integers_one_and_zero_as_the_message_says() -> None:
+    assert build_settings(enabled=1).enabled is True
+    assert build_settings(capture_content=0).capture_content is False
+    with pytest.raises(ValueError, match=r"enabled 2 .*1/0"):
+        build_settings(enabled=2)

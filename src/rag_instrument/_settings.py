@@ -142,9 +142,11 @@ def setting(
 
 
 def parse_bool(name: str, value: Any, origin: str) -> bool:
-    """``True``/``False``, or the strings true/false, 1/0, yes/no, on/off."""
+    """``True``/``False``, the integers 1/0, or the strings true/false, 1/0, yes/no, on/off."""
     if isinstance(value, bool):
         return value
+    if type(value) is int and value in (0, 1):  # as the message below offers
+        return value == 1
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
     raise bad(name, origin, value, "a boolean (true/false, 1/0, yes/no, on/off)")
