@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import uuid
 from collections.abc import Iterator
@@ -288,6 +289,25 @@ def test_server_error_is_recorded_and_reraised_unchanged(
     )
     (line,) = cap.find_logs("retrieval failed")
     assert line["breakdown"]["vector"]["count"] == 1
+
+
+def test_the_librarys_own_collection_read_adds_no_pymilvus_error_line(
+    client: MilvusClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pymilvus logs each failed call at ERROR: the application's own, not ours too."""
+
+    def rpc_errors() -> int:
+        return sum("RPC error" in r.getMessage() for r in caplog.records)
+
+    with caplog.at_level(logging.ERROR, logger="pymilvus"):
+        with pytest.raises(MilvusException):
+            client.search("no_such_collection", data=[[0.1] * DIM], limit=2)
+        plain = rpc_errors()
+        caplog.clear()
+        instrument_milvus(client)
+        with pytest.raises(MilvusException):
+            client.search("no_such_collection", data=[[0.1] * DIM], limit=2)
+        assert rpc_errors() == plain >= 1
 
 
 def test_filter_values_quoted_in_a_server_error_are_hidden(client: MilvusClient) -> None:

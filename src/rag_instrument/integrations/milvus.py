@@ -47,8 +47,10 @@ Supported: ``pymilvus>=2.4`` (``MilvusClient``; ``AsyncMilvusClient`` from 2.5).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -199,7 +201,9 @@ class _State:
                 self.collections[name] = info
 
     # Reading is split in steps so that the sync and async clients share everything but
-    # the awaiting.
+    # the awaiting. pymilvus logs a failed call at ERROR with its traceback (a collection
+    # that does not exist, say): for the library's own reads, which the application did not
+    # make, that line is dropped (the application's call then fails and logs for itself).
     def read_sync(self, client: Any, name: str) -> _Collection | None:
         done, info = self.known(name)
         if done:
@@ -211,6 +215,13 @@ class _State:
             return self._read_sync(client, name)
 
     def _read_sync(self, client: Any, name: str) -> _Collection | None:
+        token = _READING.set(True)
+        try:
+            return self._read_sync_quietly(client, name)
+        finally:
+            _READING.reset(token)
+
+    def _read_sync_quietly(self, client: Any, name: str) -> _Collection | None:
         info = _Collection()
         try:
             _describe(info, client.describe_collection(name))
@@ -249,6 +260,13 @@ class _State:
         return info
 
     async def _read_async(self, client: Any, name: str) -> _Collection | None:
+        token = _READING.set(True)
+        try:
+            return await self._read_async_quietly(client, name)
+        finally:
+            _READING.reset(token)
+
+    async def _read_async_quietly(self, client: Any, name: str) -> _Collection | None:
         info = _Collection()
         try:
             _describe(info, await client.describe_collection(name))
@@ -638,6 +656,29 @@ def _parameter_names(original: Callable[..., Any], name: str = "") -> tuple[str,
     return _POSITIONAL.get(name, ("collection_name",))
 
 
+# Set while the library reads a collection's description (see _QuietReads).
+_READING: Final[contextvars.ContextVar[bool]] = contextvars.ContextVar(
+    "rag_instrument.milvus_reading", default=False
+)
+
+
+class _QuietReads(logging.Filter):
+    """Drops pymilvus's error lines about the library's own metadata reads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _READING.get()
+
+
+_QUIET_READS: Final = _QuietReads()
+
+
+def _quiet_pymilvus_reads() -> None:
+    for name in ("pymilvus.decorators", "pymilvus.client.async_grpc_handler"):
+        logger = logging.getLogger(name)
+        if _QUIET_READS not in logger.filters:
+            logger.addFilter(_QUIET_READS)
+
+
 def instrument_milvus(client: C) -> C:
     """Instrument a pymilvus ``MilvusClient`` or ``AsyncMilvusClient`` in place.
 
@@ -660,6 +701,7 @@ def instrument_milvus(client: C) -> C:
         )
     if getattr(client, MARKER, None) is not None:
         return client
+    _quiet_pymilvus_reads()
     state = _State(is_async)
     wrap = _wrap_async if is_async else _wrap_sync
     own = vars(client)
