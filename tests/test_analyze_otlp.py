@@ -98,6 +98,10 @@ def test_malformed_spans_are_counted(tmp_path: Path, capsys: pytest.CaptureFixtu
     (row,) = json.loads(out)
     assert (row["stage"], row["count"], row["max_ms"]) == ("retrieval", 1, 12.5)
     assert "line 1: a span without start/end times" in err
+    path.write_text(json.dumps(line) + "\n" + json.dumps({"resourceSpans": "oops"}) + "\n")
+    assert main(["analyze", str(path), "--format", "json"]) == 0
+    _, err = capsys.readouterr()
+    assert "line 2: resourceSpans is not a list" in err
 
 
 def test_routes_from_server_spans(tmp_path: Path) -> None:

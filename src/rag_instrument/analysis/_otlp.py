@@ -122,6 +122,8 @@ def _same_request(agg: Aggregator, trace_id: str, key: str, start: int, end: int
 
 def feed(agg: Aggregator, record: dict[str, Any]) -> str | None:
     """Aggregate the spans of one request line; return what was wrong, if anything."""
+    if type(record.get("resourceSpans")) is not list:
+        return "resourceSpans is not a list"
     problem: str | None = None
     for scope_name, span in _spans(record):
         try:
