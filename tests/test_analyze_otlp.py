@@ -101,7 +101,7 @@ def test_malformed_spans_are_counted(tmp_path: Path, capsys: pytest.CaptureFixtu
     path.write_text(json.dumps(line) + "\n" + json.dumps({"resourceSpans": "oops"}) + "\n")
     assert main(["analyze", str(path), "--format", "json"]) == 0
     _, err = capsys.readouterr()
-    assert "line 2: resourceSpans is not a list" in err
+    assert "2 unusable line(s)" in err  # the broken span's line and this one
 
 
 def test_routes_from_server_spans(tmp_path: Path) -> None:
