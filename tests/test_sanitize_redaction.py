@@ -41,6 +41,7 @@ RECALL = [
     ("Cookie: sessionid=abc123; csrftoken=def456", "def456"),
     ("set-cookie: sid=zz9plural; Path=/", "zz9plural"),
     ("Authorization: Bearer abc", "abc"),
+    ("retried with Bearer abc.def.ghi", "abc.def.ghi"),  # a JWT's shape, however short
     ("authorization: Basic dXNlcjpwYXNz", "dXNlcjpwYXNz"),
     ("Proxy-Authorization: Digest someopaque", "someopaque"),
     ("curl -H 'X-Api-Key: kkk111' https://api", "kkk111"),

@@ -443,9 +443,15 @@ def _auth_scheme(match: re.Match[str]) -> str:
     return match.group(0)
 
 
+_DOTTED: Final = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+){2,}")
+
+
 def _credential_shaped(word: str) -> bool:
     # Prose ("research", "budget", "sk-learn") is lowercase or capitalised words, maybe
-    # hyphenated; credentials are base64/base62 soup with digits, symbols or mixed case.
+    # hyphenated; credentials are base64/base62 soup with digits, symbols or mixed case,
+    # or a JWT's three dotted parts (header.payload.signature), however short.
+    if _DOTTED.fullmatch(word):
+        return True
     for part in re.split(r"[-_.~]", word):
         if any(not ch.isalpha() for ch in part):
             return True
