@@ -1659,3 +1659,18 @@ async def test_a_404_inside_a_mounted_app_wrapped_in_middleware_has_no_route() -
         assert (await get(app, "/cors/nope")).status_code == 404
     assert [s.name for s in cap.spans] == ["GET /cors/x/{k}", "GET"]
     assert [line["route"] for line in request_lines(cap)] == ["/cors/x/{k}", None]
+
+
+@pytest.mark.asyncio
+async def test_an_excluded_path_of_a_wrapped_fastapi_app_has_no_span_at_all() -> None:
+    inner = FastAPI()  # traces natively once a provider is installed
+
+    @inner.get("/health")
+    async def health() -> dict[str, bool]:
+        return {"ok": True}
+
+    app = RequestMiddleware(inner, exclude_paths=["/health"])
+    with capture() as cap:
+        assert (await get(app, "/health")).status_code == 200
+    assert [s.kind for s in cap.spans if s.kind is SpanKind.SERVER] == []
+    assert request_lines(cap) == []

@@ -1001,11 +1001,12 @@ class RequestMiddleware:
             await self.app(scope, receive, send)
             return
         rt = get_runtime()
-        if (
-            not rt.enabled
-            or scope.get(_ROUTED) is not None  # under another of ours: the same request
-            or (self.exclude_any and _path_matches(self.exclude, scope, self.app_root_path or None))
-        ):
+        if not rt.enabled or scope.get(_ROUTED) is not None:  # under another of ours: passed
+            await self.app(scope, receive, send)
+            return
+        if self.exclude_any and _path_matches(self.exclude, scope, self.app_root_path or None):
+            # Not traced at all: FastAPI's own request tracing included.
+            scope.setdefault(_FASTAPI_TELEMETRY, None)
             await self.app(scope, receive, send)
             return
         try:
