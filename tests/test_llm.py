@@ -364,9 +364,35 @@ def test_a_timeout_method_without_property_is_refused() -> None:
                 return "answer"
 
 
-@pytest.mark.parametrize(("name", "value"), [("system", None), ("model", 5), ("system", b"x")])
+@pytest.mark.parametrize(("name", "value"), [("system", 3), ("model", 5), ("system", b"x")])
 def test_a_provider_class_with_a_system_or_model_that_is_no_string_is_refused(
     name: str, value: object
 ) -> None:
     with pytest.raises(ValueError, match=name):
         type("Bad", (ri.LLMProvider,), {name: value})
+
+
+@pytest.mark.asyncio
+async def test_a_model_set_per_instance_or_by_a_property_is_accepted() -> None:
+    import functools
+
+    class PerInstance(ri.LLMProvider):
+        system = "openai"
+        model = None  # type: ignore[assignment]
+
+        def __init__(self, model: str) -> None:
+            self.model = model
+
+        async def _generate(self, prompt: str, **params: Any) -> str:
+            return prompt
+
+    class ByProperty(PerInstance):
+        @functools.cached_property
+        def model(self) -> str:  # type: ignore[override]
+            return "from-property"
+
+    with capture() as cap:
+        assert await PerInstance("gpt-4o").generate("a") == "a"
+        assert await ByProperty("x").generate("b") == "b"
+    models = [s.attributes["gen_ai.request.model"] for s in cap.spans]
+    assert models == ["gpt-4o", "x"]  # the instance's own value wins over the class's

@@ -129,6 +129,9 @@ def test_secret_keys(key: str) -> None:
             "tokens_1",
             "max_tokens_2",
             "gpt4",
+            "retrieval_pass_1",  # a pipeline's passes, numbered
+            "rerank_pass2",
+            "auth0",
         ]
     )
 )

@@ -83,6 +83,13 @@ _SECRET_WORDS: Final = frozenset(
         "session",
     }
 )
+# Names that stay secrets with a number after them (``password_1``, ``token2``).
+_NUMBERED_SECRETS: Final = frozenset(
+    {
+        "password", "passwd", "pwd", "passphrase", "secret", "token", "apikey",
+        "credential", "credentials", "authorization", "jwt", "cookie", "dsn",
+    }
+)
 # Two-word names, joined without separator after splitting (``api_key`` -> ``apikey``).
 _SECRET_PAIRS: Final = frozenset(
     {
@@ -143,12 +150,23 @@ def is_secret_key(key: str) -> bool:
     ``password`` column with; ``token2``); a password's hash or salt is a secret too.
     """
     words = [w.lower() for w in _WORD_SPLIT.split(key) if w]
+    numbered = False
     while words and words[-1].isdigit():
         words.pop()
+        numbered = True
     if not words:
         return False
     last = words[-1].rstrip("0123456789") or words[-1]
-    words[-1] = last
+    if last != words[-1]:
+        numbered = True
+        words[-1] = last
+    if numbered:
+        # An index after a name (password_1, token2) keeps the name's meaning only for
+        # names that mean a secret whatever they stand next to: not "pass" (retrieval_pass_1),
+        # "session", "auth" (auth0) or "sig".
+        return last in _NUMBERED_SECRETS or (
+            len(words) >= 2 and words[-2] + last in _SECRET_PAIRS
+        )
     if last in _SECRET_WORDS:
         return True
     if len(words) >= 2:

@@ -200,7 +200,10 @@ class LLMProvider:
             )
         for name in ("system", "model"):
             value = inspect.getattr_static(cls, name, None)
-            if not isinstance(value, str | property):
+            # None (set per instance), a string, or a descriptor (property, cached_property).
+            if value is not None and not isinstance(value, str) and not hasattr(
+                type(value), "__get__"
+            ):
                 raise ValueError(  # noqa: TRY004 - configuration errors are ValueErrors here
                     f"{cls.__qualname__}: {name} must be a string (such as "
                     f"{'openai' if name == 'system' else 'gpt-4o-mini'!r}), got {value!r}"

@@ -66,13 +66,19 @@ class CacheMixin:
             cls.__qualname__, cls.cache_ttl, cls.cache_maxsize, "cache_", cls.cache_backend
         )
         namespace = inspect.getattr_static(cls, "cache_namespace", None)
-        if namespace is not None and not isinstance(namespace, str | property):
+        if (
+            namespace is not None
+            and not isinstance(namespace, str)
+            and not hasattr(type(namespace), "__get__")  # a property: read per instance
+        ):
             raise ValueError(
                 f"{cls.__qualname__}: cache_namespace must be a string or None (a call's "
                 f"cache_namespace= sets one per call), got {namespace!r}"
             )
         nondeterministic = inspect.getattr_static(cls, "cache_nondeterministic", False)
-        if not isinstance(nondeterministic, bool | property):
+        if not isinstance(nondeterministic, bool) and not hasattr(
+            type(nondeterministic), "__get__"
+        ):
             raise ValueError(  # noqa: TRY004 - configuration errors are ValueErrors here
                 f"{cls.__qualname__}: cache_nondeterministic must be True or False, "
                 f"got {nondeterministic!r}"
