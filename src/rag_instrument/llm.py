@@ -204,7 +204,7 @@ class LLMProvider:
             if value is not None and not isinstance(value, str) and not hasattr(
                 type(value), "__get__"
             ):
-                raise ValueError(  # noqa: TRY004 - configuration errors are ValueErrors here
+                raise ValueError(
                     f"{cls.__qualname__}: {name} must be a string (such as "
                     f"{'openai' if name == 'system' else 'gpt-4o-mini'!r}), got {value!r}"
                 )

@@ -79,7 +79,7 @@ class CacheMixin:
         if not isinstance(nondeterministic, bool) and not hasattr(
             type(nondeterministic), "__get__"
         ):
-            raise ValueError(  # noqa: TRY004 - configuration errors are ValueErrors here
+            raise ValueError(
                 f"{cls.__qualname__}: cache_nondeterministic must be True or False, "
                 f"got {nondeterministic!r}"
             )
