@@ -15,7 +15,7 @@ import pytest
 from fastapi import APIRouter, FastAPI
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from opentelemetry import propagate
+from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -919,33 +919,23 @@ async def test_sync_endpoints_in_the_thread_pool_share_the_request() -> None:
 
 
 @pytest.mark.asyncio
-async def test_under_another_server_span_that_span_is_the_requests_one_span() -> None:
-    # Another instrumentation (the OpenTelemetry ASGI middleware, FastAPI's own) opened the
-    # request's server span: it becomes ours, named after the route, not a second span.
+async def test_under_another_server_span_ours_is_its_child_in_the_same_trace() -> None:
+    outer_tracer = trace.get_tracer("outer")
     app = build_items_app()
-    started: list[Any] = []
 
     async def outer(scope: Any, receive: Any, send: Any) -> None:
-        parent = propagate.extract({"traceparent": TRACEPARENT})
-        tracer = ri.get_runtime().tracer
-        with tracer.start_as_current_span("outer", context=parent, kind=SpanKind.SERVER) as s:
-            started.append(s)
+        with ri.get_runtime().tracer.start_as_current_span("outer", kind=SpanKind.SERVER):
             await app(scope, receive, send)
 
+    del outer_tracer
     with capture() as cap:
-        response = await get(outer, "/api/items/1")
-    (request_span,) = [s for s in cap.spans if s.kind is SpanKind.SERVER]
-    assert request_span.context.span_id == started[0].get_span_context().span_id
-    assert request_span.name == "GET /api/items/{item_id}"
-    assert request_span.attributes["request_id"] == response.headers["x-request-id"]
-    assert request_span.attributes["http.response.status_code"] == 200
-    assert request_span.attributes["http.route"] == "/api/items/{item_id}"
-    assert format(request_span.context.trace_id, "032x") == TRACEPARENT.split("-")[1]
-    (line,) = request_lines(cap)
-    assert line["span_id"] == format(request_span.context.span_id, "016x")
-    stage = cap.span("retrieval")
-    assert stage.parent is not None
-    assert stage.parent.span_id == request_span.context.span_id
+        await get(outer, "/api/items/1", headers={"traceparent": TRACEPARENT})
+    ours = server_span(cap)
+    outer_span = cap.span("outer")
+    assert ours.kind is SpanKind.INTERNAL
+    assert ours.parent is not None
+    assert ours.parent.span_id == outer_span.context.span_id
+    assert ours.context.trace_id == outer_span.context.trace_id
 
 
 @pytest.mark.asyncio
@@ -1674,3 +1664,34 @@ async def test_an_excluded_path_of_a_wrapped_fastapi_app_has_no_span_at_all() ->
         assert (await get(app, "/health")).status_code == 200
     assert [s.kind for s in cap.spans if s.kind is SpanKind.SERVER] == []
     assert request_lines(cap) == []
+
+
+@pytest.mark.asyncio
+async def test_an_app_calling_another_in_process_keeps_its_own_request_span() -> None:
+    # B is called from inside A's request, without a traceparent header: B's request span
+    # is B's own (under A's), A's span keeps A's path and status.
+    async def b_endpoint(request: Request) -> Response:
+        return PlainTextResponse("b", status_code=503)
+
+    app_b = RequestMiddleware(Starlette(routes=[Route("/b/{n}", b_endpoint)]))
+
+    async def a_endpoint(request: Request) -> Response:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app_b), base_url="http://b"
+        ) as client:
+            answer = await client.get("/b/1")
+        return PlainTextResponse(answer.text)
+
+    app_a = RequestMiddleware(Starlette(routes=[Route("/a", a_endpoint)]))
+    with capture() as cap:
+        assert (await get(app_a, "/a")).status_code == 200
+    span_a = cap.span("GET /a")
+    span_b = cap.span("GET /b/{n}")
+    assert span_a.attributes["url.path"] == "/a"
+    assert span_a.attributes["http.response.status_code"] == 200
+    assert span_a.status.status_code is StatusCode.UNSET
+    assert span_b.parent is not None
+    assert span_b.parent.span_id == span_a.context.span_id
+    assert span_b.attributes["http.response.status_code"] == 503
+    lines = request_lines(cap)
+    assert len({line["span_id"] for line in lines}) == 2

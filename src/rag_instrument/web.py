@@ -537,17 +537,24 @@ class _Request:
         if outer_context.is_valid and getattr(outer, "kind", None) is SpanKind.SERVER:
             # Another instrumentation in this process (FastAPI's native telemetry, the
             # OpenTelemetry ASGI middleware) already opened the request's server span and
-            # continued the incoming trace: that span is the request's, and ours (one span
-            # per request, not two of the same name). Not so when the incoming header
-            # names that very span: then the request was sent from inside it (one app
-            # calling another in the same process).
+            # continued the incoming trace. Not so when the incoming header names that
+            # very span: then the request was sent from inside it (one app calling
+            # another in the same process).
             incoming = (
                 trace_api.get_current_span(parent).get_span_context()
                 if parent is not None
                 else None
             )
-            if incoming is None or incoming.span_id != outer_context.span_id:
-                self.adopted = outer.is_recording()
+            if (
+                incoming is None
+                or incoming.span_id != outer_context.span_id
+                or scope.get(_ROUTED) is not None  # this request, routed on by ours
+            ):
+                # FastAPI's span for this very request (its telemetry in this scope holds
+                # it) becomes ours; any other stays the parent of an INTERNAL span (it may
+                # be another request's: one app calling another in the same process).
+                telemetry = scope.get(_FASTAPI_TELEMETRY)
+                self.adopted = getattr(telemetry, "span", None) is outer and outer.is_recording()
                 kind, parent = SpanKind.INTERNAL, None
         self.marked = _ROUTED not in scope
         if self.marked:
