@@ -523,6 +523,41 @@ def test_a_stream_dropped_unfinished_ends_in_the_context_it_was_made_in(
     assert line["stage"] == "generation"
 
 
+@pytest.mark.asyncio
+async def test_a_stream_read_or_closed_after_its_blocks_ended_keeps_their_context(
+    server: FakeLLMServer,
+) -> None:
+    # A handler returns the stream; the framework (StreamingResponse) reads it after the
+    # handler's request_context() and stage blocks have ended.
+    client = instrument_openai(_client(server))
+    aclient = instrument_openai(_aclient(server))
+
+    def handler(request_id: str) -> Any:
+        with ri.request_context(request_id=request_id), ri.stage("generation"):
+            return client.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+
+    with capture() as cap:
+        assert list(handler("read-to-end"))
+        closed = handler("closed-early")
+        next(iter(closed))
+        closed.close()
+        async with ri.request_context(request_id="async-read"), ri.stage("generation"):
+            astream = await aclient.chat.completions.create(
+                model="m", messages=MESSAGES, stream=True
+            )
+        async for _chunk in astream:
+            pass
+    await aclient.close()
+    client.close()
+    lines = cap.find_logs("llm call completed")
+    assert [line["context"] for line in lines] == [
+        {"request_id": "read-to-end"},
+        {"request_id": "closed-early"},
+        {"request_id": "async-read"},
+    ]
+    assert all(line["stage"] == "generation" for line in lines)
+
+
 def test_structured_output_parse_is_traced_like_create(server: FakeLLMServer) -> None:
     from pydantic import BaseModel
 

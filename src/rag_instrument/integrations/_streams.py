@@ -90,13 +90,21 @@ class StreamState:
             internal_error("reading a stream chunk", exc)
 
     def stopped(self, exc: BaseException | None) -> None:
-        """The stream stopped: exhausted (``None``), closed early (``GeneratorExit``) or failed."""
-        if exc is None:
-            self.end(completed=True)
-        elif isinstance(exc, GeneratorExit):
+        """The stream stopped: exhausted (``None``), closed early (``GeneratorExit``) or failed.
+
+        Ended in the context the call was made in, wherever it is read to its end: a
+        stream returned from a handler is read by the framework (``StreamingResponse``)
+        after the handler's ``with ri.request_context(...)`` and stage blocks have ended,
+        and its line keeps that request's values and stage all the same.
+        """
+        if isinstance(exc, GeneratorExit):
             self.abandoned()
+            return
+        context, self.context = self.context, None
+        if exc is None:
+            _run_in(context, functools.partial(self.end, completed=True))
         else:
-            self.end(exc)
+            _run_in(context, functools.partial(self.end, exc))
 
     def abandoned(self) -> None:
         """End a stream left unfinished, from wherever it is collected.
@@ -162,7 +170,7 @@ def _wrap_stream(stream: Any, state: StreamState) -> None:
         stream._iterator = _aiterate(stream._iterator, state)
 
         async def aclose() -> None:
-            state.end(completed=False)
+            state.abandoned()  # ended in the context the call was made in
             target = ref()
             if target is not None:
                 await original_close(target)
@@ -172,7 +180,7 @@ def _wrap_stream(stream: Any, state: StreamState) -> None:
         stream._iterator = _iterate(stream._iterator, state)
 
         def sync_close() -> None:
-            state.end(completed=False)
+            state.abandoned()  # ended in the context the call was made in
             target = ref()
             if target is not None:
                 original_close(target)
