@@ -129,6 +129,20 @@ def test_attributes_added_to_a_stage_span_by_hand_are_still_masked(rag_capture: 
     assert (rag_capture.span("generation").attributes or {})["rag.stage"] == "generation"
 
 
+def test_numbers_under_secret_names_set_by_hand_are_masked(rag_capture: Capture) -> None:
+    from opentelemetry import trace
+
+    with ri.stage("login"):
+        trace.get_current_span().set_attribute("password", 48151623)
+    with trace.get_tracer("app").start_as_current_span("raw") as raw:
+        raw.set_attribute("client_secret", 987654321.5)
+        raw.set_attribute("gen_ai.usage.input_tokens", 12)  # not a secret: kept
+    assert (rag_capture.span("login").attributes or {})["password"] == "[REDACTED]"
+    attributes = rag_capture.span("raw").attributes or {}
+    assert attributes["client_secret"] == "[REDACTED]"
+    assert attributes["gen_ai.usage.input_tokens"] == 12
+
+
 # --- the batch processor's queue ---------------------------------------------------------------
 
 

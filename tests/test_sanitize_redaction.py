@@ -393,3 +393,34 @@ def test_a_long_bare_value_judged_a_secret_is_masked_whole() -> None:
     assert redact_text("key=" + "a" * 200 + "/2024/report.pdf") == "key=" + "a" * 200 + (
         "/2024/report.pdf"
     )
+
+
+@pytest.mark.parametrize(
+    ("statement", "secret"),
+    [
+        ("INSERT INTO conns (dsn) VALUES ('postgresql://app:s3cr?tP4ssw0rd@db:5432/x')", "s3cr"),
+        ("SELECT id FROM u WHERE password = 'hunter?2Secret'", "2Secret"),
+        ("conn postgresql://app:s3cr?tP4ssw0rd@db:5432/x", "tP4ssw0rd"),
+        ("SELECT 1 WHERE api_key=sk-abc?def1234567890abcdef", "1234567890abcdef"),
+    ],
+)
+def test_a_statements_text_keeps_placeholders_but_never_a_secret_around_a_question_mark(
+    statement: str, secret: str
+) -> None:
+    """db.query.text in lines and in other libraries' spans: a "?" in a value is no
+    placeholder, and the value is masked whole."""
+    from rag_instrument._sanitize import redact_statement
+
+    assert secret not in redact_statement(statement)
+    assert secret not in Sanitizer().mapping({"db.query.text": statement})["db.query.text"]
+
+
+def test_a_statements_placeholders_after_secret_columns_are_kept() -> None:
+    from rag_instrument._sanitize import redact_statement
+
+    for statement in (
+        "SELECT * FROM u WHERE email = ? AND password=?",
+        "UPDATE u SET secret=:secret, access_token=%(t)s WHERE id = $1",
+        "INSERT INTO u (email, password) VALUES (?, ?)",
+    ):
+        assert redact_statement(statement) == statement

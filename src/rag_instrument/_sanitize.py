@@ -792,6 +792,12 @@ def redact_text(text: str) -> str:
 
 #: A placeholder of a statement (``:name``, ``%(name)s``, ``$1``, ``?``, ``%s``).
 SQL_PLACEHOLDER: Final = re.compile(r"(?<=[\s(,=<>]):[A-Za-z_]\w*|%\((\w+)\)s|\$(\d+)|\?|%s")
+# A placeholder where a statement's value stands: after a comparison or assignment, in a
+# list (IN, VALUES), alone. A "?" inside a word or a URL ("s3cr?t") is no placeholder.
+_VALUE_PLACEHOLDER: Final = re.compile(
+    r"(?:(?<=[=<>(,])|(?<=[=<>(,]\s)|(?<=\s[Ii][Nn]\s)|(?<=[Ll][Ii][Kk][Ee]\s))"
+    r"(?::[A-Za-z_]\w*|%\(\w+\)s|\$\d+|\?|%s)(?=[\s),;]|$)"
+)
 #: The attribute (and log field) holding a statement's text.
 STATEMENT_KEY: Final = "db.query.text"
 
@@ -804,9 +810,13 @@ def redact_statement(text: str) -> str:
     """
     if len(text) < 8 or text in _CLEAN:
         return text
+    if "'" in text or "\\" in text:
+        # String literals (someone else's statement, a line quoting one): a "?" or ":x"
+        # inside one is part of a value, maybe a secret's; masked as any text.
+        return redact_text(text)
     parts: list[str] = []
     pos = 0
-    for match in SQL_PLACEHOLDER.finditer(text):
+    for match in _VALUE_PLACEHOLDER.finditer(text):
         parts.append(redact_text(text[pos : match.start()]))
         parts.append(match.group())
         pos = match.end()

@@ -220,13 +220,17 @@ def _redact_mapping(attributes: Any) -> dict[str, Any] | None:
     clean_pairs = _CLEAN_PAIRS
     for key, value in plain.items():
         kind = type(value)
-        if kind is bool or kind is int or kind is float:
+        if kind is bool:
             continue
-        if kind is str:
+        if kind is int or kind is float:
+            if not is_secret_key(key):  # a PIN or a numeric token set by hand is masked
+                continue
+            clean: Any = REDACTED
+        elif kind is str:
             pair = (key, value)
             if pair in clean_pairs:
                 continue
-            clean: Any = (
+            clean = (
                 REDACTED
                 if is_secret_key(key)
                 else redact_statement(value)
