@@ -35,7 +35,6 @@ from rag_instrument._utils import install_text_cleaner
 __all__ = [
     "MAX_SPAN_NAME_CHARS",
     "REDACTED",
-    "SQL_PLACEHOLDER",
     "STATEMENT_KEY",
     "Sanitizer",
     "exported_name",
@@ -791,7 +790,6 @@ def redact_text(text: str) -> str:
 
 
 #: A placeholder of a statement (``:name``, ``%(name)s``, ``$1``, ``?``, ``%s``).
-SQL_PLACEHOLDER: Final = re.compile(r"(?<=[\s(,=<>]):[A-Za-z_]\w*|%\((\w+)\)s|\$(\d+)|\?|%s")
 # A placeholder where a statement's value stands: after a comparison or assignment, in a
 # list (IN, VALUES), alone. A "?" inside a word or a URL ("s3cr?t") is no placeholder.
 _VALUE_PLACEHOLDER: Final = re.compile(

@@ -126,6 +126,21 @@ def test_parameters_compared_with_or_stored_in_secret_columns_are_redacted(
         assert secret not in everything
     assert everything.count("'db.query.parameter.e': 'a@b.c'") == 2  # the rest is kept
     select = next(s for s in cap.spans if s.name == "SELECT accounts")
+    # Positional parameters, with literals and an IN list before them, and several rows.
+    with capture() as cap, engine.begin() as conn:
+        conn.exec_driver_sql(
+            "SELECT email FROM accounts WHERE email = 'x' AND email IN (?, ?, ?) "
+            "AND password = ?",
+            ("a", "b", "c", "positional-pw"),
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO accounts (email, password) VALUES ('lit', ?), (?, ?)",
+            ("row1-pw", "row2@b.c", "row2-pw"),
+        )
+    everything = _everything(cap)
+    for secret in ("positional-pw", "row1-pw", "row2-pw"):
+        assert secret not in everything
+    assert "'b'" in everything and "row2@b.c" in everything  # the others are kept
     # The statement keeps its placeholders: "password=?" names a parameter, it holds none.
     assert select.attributes["db.query.text"] == (
         "SELECT email FROM accounts WHERE email = ? AND password=?"

@@ -73,7 +73,7 @@ from rag_instrument.db import _pgvector
 from rag_instrument.db._explain import Explainer
 from rag_instrument.db._pool import PoolInstrumentation
 from rag_instrument.db._scope import scope_counts, session_counter
-from rag_instrument.db._sql import StatementInfo, analyze, limit_value, secret_binds
+from rag_instrument.db._sql import StatementInfo, analyze, limit_value
 from rag_instrument.logs import emit
 
 if TYPE_CHECKING:
@@ -374,7 +374,7 @@ class EngineInstrumentation:
             parameters = parameters[0]
         out: dict[str, Any] = {}
         # Parameters compared with or stored in a secret-named column (password = :p).
-        secret = secret_binds(info.text) if rt.sanitizer.redact else frozenset()
+        secret = info.secret_params if rt.sanitizer.redact else frozenset()
         if isinstance(parameters, dict):
             items: list[tuple[str, Any, bool]] = [
                 (str(k), v, k in secret) for k, v in parameters.items()

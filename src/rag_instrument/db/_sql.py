@@ -34,7 +34,7 @@ import threading
 from typing import Any, Final
 
 from rag_instrument._registry import register_error_formatter
-from rag_instrument._sanitize import SQL_PLACEHOLDER, is_secret_key
+from rag_instrument._sanitize import is_secret_key
 
 __all__ = [
     "StatementInfo",
@@ -43,7 +43,6 @@ __all__ = [
     "limit_value",
     "sanitize",
     "sanitize_statement_error",
-    "secret_binds",
 ]
 
 _COMMENT_LINE: Final = r"--[^\n]*"
@@ -186,6 +185,7 @@ class StatementInfo:
         "limit",
         "limit_param",
         "operation",
+        "secret_params",
         "shape",
         "span_name",
         "text",
@@ -204,7 +204,11 @@ class StatementInfo:
         vector_metric: str | None,
         touches_vector_settings: bool,
         explainable: bool = False,
+        secret_params: frozenset[str | int] = frozenset(),
     ) -> None:
+        #: Keys (names, or positions) of the parameters compared with or stored in a
+        #: secret-named column: their values are never recorded.
+        self.secret_params = secret_params
         self.text = text
         self.shape = shape
         self.operation = operation
@@ -526,6 +530,7 @@ def _analyze(sql: str, dialect: str | None = None) -> StatementInfo:
         metric,
         settings,
         _explainable(tokens, op),
+        _secret_params(tokens, params),
     )
 
 
@@ -612,62 +617,106 @@ register_error_formatter("sqlalchemy", sanitize_statement_error)
 
 # --- bind parameters that hold secrets ------------------------------------------------------
 
-# A column compared with or set to what follows: ``password =``, ``u."api_key" <>``.
-_COMPARED: Final = re.compile(
-    r'((?:[A-Za-z_][\w$]*|"[^"]+"|`[^`]+`|\[[^\]]+\])\s*)'
-    r"(?:=|<>|!=|\bLIKE\b|\bILIKE\b|\bIN\s*\()\s*$",
-    re.IGNORECASE,
-)
-_INSERT_VALUES: Final = re.compile(r"\(([^()]*)\)\s*VALUES\s*\(([^()]*)\)", re.IGNORECASE)
-_secret_binds_cache: dict[str, frozenset[str | int]] = {}
+_COMPARISONS: Final = frozenset({"=", "==", "<>", "!=", "<", ">", "<=", ">="})
+_NAMES: Final = ("word", "qident")
 
 
-def _bind_key(match: re.Match[str], positional: int) -> tuple[str | int, int]:
-    """The parameter key of a placeholder (its name, or its position), and the next position."""
-    value = match.group()
-    if value.startswith(":"):
-        return value[1:], positional
-    if match.group(1) is not None:
-        return match.group(1), positional
-    if match.group(2) is not None:
-        return int(match.group(2)) - 1, positional
-    return positional, positional + 1
+def _column_secret(token: tuple[str, str, int]) -> bool:
+    return token[0] in _NAMES and is_secret_key(_ident(token[1]))
 
 
-def _column_secret(name: str) -> bool:
-    return is_secret_key(name.strip().strip('"`[]').rsplit(".", 1)[-1].strip('"`[]'))
+def _secret_params(
+    tokens: list[tuple[str, str, int]], params: list[str | int]
+) -> frozenset[str | int]:
+    """Keys of the parameters compared with, or stored in, a secret-named column.
 
-
-def secret_binds(text: str) -> frozenset[str | int]:
-    """Keys of the parameters ``text`` compares with, or stores in, a secret-named column.
-
-    ``text`` is a sanitised statement: ``password = :p`` gives ``{"p"}``; positions for
-    ``?``, ``%s`` and ``$n`` (``$2`` is position 1).
+    ``password = :p`` and ``password IN (?, ?)`` (the column before the comparison), an
+    ``INSERT``'s ``VALUES`` rows (the column at the same position). Keys are names, or
+    positions for ``?``, ``%s`` and ``$n``, as :func:`_scan` gives them.
     """
-    found = _secret_binds_cache.get(text)
-    if found is not None:
-        return found
     keys: set[str | int] = set()
-    places: list[tuple[int, str | int]] = []
-    positional = 0
-    for match in SQL_PLACEHOLDER.finditer(text):
-        key, positional = _bind_key(match, positional)
-        places.append((match.start(), key))
-        before = _COMPARED.search(text, max(0, match.start() - 200), match.start())
-        if before is not None and _column_secret(before.group(1)):
+    for i, (kind, value, _depth) in enumerate(tokens):
+        if kind != "param":
+            continue
+        key = params[int(value)]
+        before = tokens[i - 1] if i >= 1 else None
+        if before is not None and (
+            (before[0] == "punct" and before[1] in _COMPARISONS)
+            or (before[0] == "word" and before[1].upper() in ("LIKE", "ILIKE"))
+        ):
+            if i >= 2 and _column_secret(tokens[i - 2]):
+                keys.add(key)
+            continue
+        k = i - 1
+        while k >= 0 and (
+            tokens[k][0] in ("param", "literal") or tokens[k][:2] == ("punct", ",")
+        ):
+            k -= 1
+        if (
+            k >= 2
+            and tokens[k][:2] == ("punct", "(")
+            and tokens[k - 1][0] == "word"
+            and tokens[k - 1][1].upper() == "IN"
+            and _column_secret(tokens[k - 2])
+        ):
             keys.add(key)
-    for insert in _INSERT_VALUES.finditer(text):
-        columns = insert.group(1).split(",")
-        start = insert.start(2)
-        values_at = [start]
-        values_at.extend(start + i + 1 for i, c in enumerate(insert.group(2)) if c == ",")
-        for at, key in places:
-            if insert.start(2) <= at <= insert.end(2):
-                index = sum(1 for v in values_at if v <= at) - 1
-                if 0 <= index < len(columns) and _column_secret(columns[index]):
-                    keys.add(key)
-    found = frozenset(keys)
-    if len(_secret_binds_cache) >= 2048:
-        _secret_binds_cache.clear()
-    _secret_binds_cache[text] = found
-    return found
+    keys.update(_inserted_secrets(tokens, params))
+    return frozenset(keys)
+
+
+def _inserted_secrets(
+    tokens: list[tuple[str, str, int]], params: list[str | int]
+) -> set[str | int]:
+    """Parameters of ``INSERT ... (a, b) VALUES (?, ?), (?, ?)`` under secret columns."""
+    at = next(
+        (
+            i
+            for i, t in enumerate(tokens)
+            if t[0] == "word" and t[1].upper() == "VALUES" and t[2] == 0
+        ),
+        None,
+    )
+    if at is None or at < 2 or tokens[at - 1][:2] != ("punct", ")"):
+        return set()
+    # The column list: the parenthesised group right before VALUES.
+    start = at - 2
+    while start >= 0 and not (tokens[start][:2] == ("punct", "(") and tokens[start][2] == 1):
+        start -= 1
+    if start < 0:
+        return set()
+    columns: list[bool] = []
+    item: list[tuple[str, str, int]] = []
+    for token in tokens[start + 1 : at - 1]:
+        if token[:2] == ("punct", ",") and token[2] == 1:
+            columns.append(bool(item) and _column_secret(item[-1]))
+            item = []
+        else:
+            item.append(token)
+    columns.append(bool(item) and _column_secret(item[-1]))
+    if not any(columns):
+        return set()
+    keys: set[str | int] = set()
+    position = -1
+    values: list[tuple[str, str, int]] = []
+    for token in tokens[at + 1 :]:
+        if token[:2] == ("punct", "(") and token[2] == 1:  # a row starts
+            position, values = 0, []
+        elif position < 0:
+            if token[0] == "word":  # ON CONFLICT, RETURNING ...: the rows are over
+                break
+        elif (token[:2] == ("punct", ",") and token[2] == 1) or (
+            token[:2] == ("punct", ")") and token[2] == 0
+        ):
+            if (
+                len(values) == 1
+                and values[0][0] == "param"
+                and position < len(columns)
+                and columns[position]
+            ):
+                keys.add(params[int(values[0][1])])
+            position, values = position + 1, []
+            if token[1] == ")":
+                position = -1
+        else:
+            values.append(token)
+    return keys
