@@ -140,7 +140,8 @@ def test_parameters_compared_with_or_stored_in_secret_columns_are_redacted(
     everything = _everything(cap)
     for secret in ("positional-pw", "row1-pw", "row2-pw"):
         assert secret not in everything
-    assert "'b'" in everything and "row2@b.c" in everything  # the others are kept
+    assert "'b'" in everything  # the others are kept
+    assert "row2@b.c" in everything
     # The statement keeps its placeholders: "password=?" names a parameter, it holds none.
     assert select.attributes["db.query.text"] == (
         "SELECT email FROM accounts WHERE email = ? AND password=?"
