@@ -133,6 +133,21 @@ def test_demo_on_an_unreachable_postgres_says_so_in_one_line(
     assert "hunter2" not in err
 
 
+def test_demo_with_an_unwritable_log_or_report_says_so_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log, report = str(tmp_path / "d.jsonl"), str(tmp_path / "r.html")
+    for args, said in (
+        (["--log-file", str(tmp_path), "--report", report], "--log-file"),
+        (["--log-file", log, "--report", str(tmp_path / "missing" / "r.html")], "--report"),
+    ):
+        assert main(["demo", "--requests", "2", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"rag-instrument demo: {said} ")
+        assert err.count("\n") == 1
+    assert not (tmp_path / "d.jsonl").exists()  # nothing left behind by the check
+
+
 @pytest.mark.parametrize(
     ("url", "said"),
     [

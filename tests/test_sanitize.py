@@ -328,3 +328,20 @@ def test_named_tuples_are_masked_by_their_field_names() -> None:
     assert line["key"] == {"name": "k", "api_key": "[REDACTED]"}
     assert line["pair"] == [1, 2]  # a plain tuple stays a list
     assert "hunter2" not in repr(cap.span("s").attributes)
+
+
+def test_a_container_that_cannot_be_read_is_one_placeholder_not_the_whole_line() -> None:
+    class BadItems(dict):  # type: ignore[type-arg]
+        def items(self) -> Any:
+            raise RuntimeError("no items")
+
+    class BadIter(list):  # type: ignore[type-arg]
+        def __getitem__(self, index: Any) -> Any:
+            raise RuntimeError("no items")
+
+    out = Sanitizer().mapping({"other": "kept", "bad": BadItems(a=1), "worse": BadIter([1])})
+    assert out == {
+        "other": "kept",
+        "bad": "<unrepresentable BadItems>",
+        "worse": "<unrepresentable BadIter>",
+    }

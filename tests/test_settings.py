@@ -131,3 +131,9 @@ def test_booleans_take_the_integers_one_and_zero_as_the_message_says() -> None:
     assert build_settings(capture_content=0).capture_content is False
     with pytest.raises(ValueError, match=r"enabled 2 .*1/0"):
         build_settings(enabled=2)
+
+
+@pytest.mark.parametrize("value", [-0.1, "x", 1.5, float("nan")])
+def test_a_bad_sample_ratio_names_the_accepted_range(value: object) -> None:
+    with pytest.raises(ValueError, match=r"sample_ratio .*between 0 and 1"):
+        build_settings(sample_ratio=value)

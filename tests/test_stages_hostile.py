@@ -424,3 +424,21 @@ def test_with_too_many_bound_values_the_request_id_bound_last_is_kept() -> None:
     attributes = cap.span("retrieval").attributes or {}
     assert attributes["request_id"] == "r-9"
     assert attributes["rag.stage"] == "retrieval"
+
+
+def test_a_name_with_a_lone_surrogate_is_a_stage_all_the_same() -> None:
+    with capture() as cap:
+
+        @ri.stage("a\udcffb")
+        def decorated() -> int:
+            return 1
+
+        assert decorated() == 1
+        with ri.stage("c\udcffd"), ri.traced("t\udcff"):
+            pass
+    assert [s.name for s in cap.spans] == ["a\\udcffb", "t\\udcff", "c\\udcffd"]
+    assert [line["event"] for line in cap.logs] == [
+        "a\\udcffb completed",
+        "t\\udcff completed",
+        "c\\udcffd completed",
+    ]

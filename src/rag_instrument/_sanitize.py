@@ -50,6 +50,7 @@ __all__ = [
     "stack_trace",
     "to_attribute_value",
     "truncate",
+    "valid_utf8",
 ]
 
 REDACTED: Final = "[REDACTED]"
@@ -911,6 +912,11 @@ def _type_name(value: object) -> str:
         return "object"
 
 
+def valid_utf8(text: str) -> str:
+    """``text``, with lone surrogates (not encodable as UTF-8) written as escapes."""
+    return _fix_surrogates(text)
+
+
 def _fix_surrogates(text: str) -> str:
     try:
         text.encode("utf-8")
@@ -1040,6 +1046,8 @@ class Sanitizer:
                 if len(seq) > _MAX_ITEMS:
                     items.append(f"[{len(value) - _MAX_ITEMS} more items]")
                 return items
+            except Exception:  # a container whose items() or iteration raises: this value only
+                return f"<unrepresentable {_type_name(value)}>"
             finally:
                 seen.discard(ident)
         if isinstance(value, bytes | bytearray | memoryview):

@@ -158,9 +158,21 @@ def number(
     """A parser for a finite number (or integer) of at least ``minimum`` (``strict``: above)."""
 
     def parse(name: str, value: Any, origin: str) -> Any:
-        result = parse_number(name, origin, value, integer=integer, minimum=minimum, strict=strict)
-        if maximum is not None and result > maximum:
-            raise bad(name, origin, value, f"a number between {minimum:g} and {maximum:g}")
+        if maximum is None:
+            result = parse_number(
+                name, origin, value, integer=integer, minimum=minimum, strict=strict
+            )
+        else:
+            # One message for every bad value of a bounded setting: the whole range.
+            between = f"a number between {minimum:g} and {maximum:g}"
+            try:
+                result = parse_number(
+                    name, origin, value, integer=integer, minimum=minimum, strict=strict
+                )
+            except ValueError:
+                raise bad(name, origin, value, between) from None
+            if result > maximum:
+                raise bad(name, origin, value, between)
         return int(result) if integer else result
 
     return parse

@@ -65,6 +65,7 @@ from rag_instrument._sanitize import (
     stack_trace,
     to_attribute_value,
     truncate,
+    valid_utf8,
 )
 from rag_instrument._steps import Relay, relay, relay_async_generator, relay_await
 from rag_instrument._utils import (
@@ -203,8 +204,8 @@ def _stage_name(value: object, what: str) -> str:
 
 
 def _clean_name(name: str) -> str:
-    """A span or stage name made safe: secrets masked, then cut to ``MAX_NAME_CHARS``."""
-    return truncate(redact_text(name), MAX_NAME_CHARS)
+    """A span or stage name made safe: valid UTF-8, secrets masked, cut to ``MAX_NAME_CHARS``."""
+    return truncate(redact_text(valid_utf8(name)), MAX_NAME_CHARS)
 
 
 # --- begin / end ----------------------------------------------------------------------------

@@ -180,6 +180,21 @@ def _unreachable(url: str) -> str | None:
         engine.dispose()
 
 
+def _unwritable(path: Path) -> str | None:
+    """Why ``path`` cannot be written (checked before the demo runs), or ``None``."""
+    existed = path.exists()
+    try:
+        if path.is_dir():
+            return "is a directory"
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if not existed:
+        path.unlink(missing_ok=True)
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``rag-instrument demo``."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -211,6 +226,11 @@ def run(args: argparse.Namespace) -> int:
         problem = _unreachable(args.postgres)
         if problem is not None:
             print(f"rag-instrument demo: {problem}", file=sys.stderr)
+            return 2
+    for what, path in (("--log-file", log_file), ("--report", report)):
+        problem = _unwritable(path)
+        if problem is not None:
+            print(f"rag-instrument demo: {what} {path}: {problem}", file=sys.stderr)
             return 2
     try:
         index = make_index(args)
