@@ -379,9 +379,11 @@ class SafeSpanExporter(SpanExporter):
             self._drops.add(lost)
             if not splits and not type(self.inner).__module__.startswith("opentelemetry."):
                 # The SDK's exporters say why themselves; an application's says nothing.
+                name = type(self.inner).__name__
                 warn_once.warning(
-                    f"rag_instrument: span exporter {type(self.inner).__name__} did not "
-                    f"export {lost} span(s) (it returned {result!r})"
+                    f"rag_instrument: span exporter {name} did not "
+                    f"export {lost} span(s) (it returned {result!r})",
+                    key=f"span exporter {name} failed",  # one per window, whatever the count
                 )
         return result
 
