@@ -297,19 +297,24 @@ def test_cached_rejects_generators_and_skips_unkeyable_arguments() -> None:
 
 
 @pytest.mark.asyncio
-async def test_cached_methods_key_on_their_arguments_not_the_instance() -> None:
+async def test_cached_methods_keep_entries_per_instance() -> None:
+    """As functools.lru_cache: an instance never gets another's result."""
+
     class Service:
         calls = 0
+
+        def __init__(self, index: str) -> None:
+            self.index = index
 
         @cached(ttl=60)
         def lookup(self, q: str) -> str:
             Service.calls += 1
-            return q.upper()
+            return f"{self.index}:{q}"
 
         @cached(ttl=60)
         async def alookup(self, q: str) -> str:
             Service.calls += 1
-            return q.lower()
+            return f"{self.index}:{q}".upper()
 
         @classmethod
         @cached(ttl=60)
@@ -317,14 +322,20 @@ async def test_cached_methods_key_on_their_arguments_not_the_instance() -> None:
             Service.calls += 1
             return q * 2
 
-    one, two = Service(), Service()
-    assert one.lookup("a") == one.lookup("a") == two.lookup("a") == "A"
-    assert await one.alookup("B") == await two.alookup("B") == "b"
+        @cached(ttl=60, key=lambda self, q: q)  # shared between instances, by choice
+        def shared(self, q: str) -> str:
+            Service.calls += 1
+            return f"{self.index}:{q}"
+
+    wiki, legal = Service("wiki"), Service("legal")
+    assert wiki.lookup("x") == wiki.lookup("x") == "wiki:x"
+    assert legal.lookup("x") == "legal:x"  # not wiki's entry
+    assert await wiki.alookup("y") == await wiki.alookup("y") == "WIKI:Y"
     assert Service.build("c") == Service.build("c") == "cc"
-    assert Service.calls == 3
-    assert Service.lookup.cache_info().hits == 2  # type: ignore[attr-defined]
-    assert one.lookup("other") == "OTHER"  # the arguments still make the key
     assert Service.calls == 4
+    assert Service.lookup.cache_info().hits == 1  # type: ignore[attr-defined]
+    assert wiki.shared("z") == legal.shared("z") == "wiki:z"
+    assert Service.calls == 5
 
 
 def test_values_are_json_not_shared_objects() -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import threading
+import uuid
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
@@ -31,8 +34,42 @@ def _default_key(*args: Any, **kwargs: Any) -> Any:
     return (args, kwargs)
 
 
-def _method_key(_owner: Any, /, *args: Any, **kwargs: Any) -> Any:
-    return (args, kwargs)
+# A token per live instance whose methods are cached: entries are the instance's own, as
+# functools.lru_cache's are. By identity, weakly: an id reused after the instance is gone
+# gets a new token, never the old one's entries.
+_TOKENS: dict[int, tuple[weakref.ref[Any], str]] = {}
+_TOKENS_LOCK = threading.Lock()
+
+
+def _instance_token(owner: Any) -> str:
+    if isinstance(owner, type):  # a class method: the class, by name (the same everywhere)
+        return f"class {owner.__module__}.{owner.__qualname__}"
+    ident = id(owner)
+    with _TOKENS_LOCK:
+        found = _TOKENS.get(ident)
+        if found is not None and found[0]() is owner:
+            return found[1]
+        try:
+            ref = weakref.ref(owner, functools.partial(_forget, ident))
+        except TypeError:
+            raise UncacheableError(
+                f"{type(owner).__name__} instances take no weak reference: "
+                "pass key= to cache this method"
+            ) from None
+        token = f"instance {uuid.uuid4().hex}"
+        _TOKENS[ident] = (ref, token)
+        return token
+
+
+def _forget(ident: int, ref: weakref.ref[Any]) -> None:
+    with _TOKENS_LOCK:
+        found = _TOKENS.get(ident)
+        if found is not None and found[0] is ref:
+            del _TOKENS[ident]
+
+
+def _method_key(owner: Any, /, *args: Any, **kwargs: Any) -> Any:
+    return (_instance_token(owner), args, kwargs)
 
 
 def _is_method(func: Callable[..., Any]) -> bool:
@@ -114,9 +151,10 @@ def cached(
         ttl: seconds an entry lives (``None``: until evicted).
         maxsize: entries kept by the in-process cache.
         backend: where entries live (default: in-process).
-        key: builds the key part from the call's arguments (default: all of them but a
-            method's ``self`` or ``cls``); its result is hashed as canonical JSON together
-            with the function's qualified name (``Class.method`` for a method).
+        key: builds the key part from the call's arguments (default: all of them; a
+            method's ``self`` by identity, so that each instance has its own entries, and
+            a class method's ``cls`` by name); its result is hashed as canonical JSON
+            together with the function's qualified name (``Class.method`` for a method).
         namespace: keeps this function's entries apart from others with the same name.
 
     Returns:
@@ -141,8 +179,9 @@ def cached(
         # process (sharing a Redis backend) stored before this one stored any.
         types = ValueTypes(declared=functools.partial(returned_classes, func))
         store = Store(make_backend(backend, maxsize, ttl), ttl, types, scope=prefix)
-        # A method's instance has no JSON form: the class's name is in the key already,
-        # and instances share entries (key= tells them apart: lambda self, q: [self.model, q]).
+        # A method's instance has no JSON form: its entries are its own (a token per live
+        # instance; a class method's, its class's). key= without self shares them between
+        # instances (and processes, through Redis): key=lambda self, q: q.
         default = _method_key if _is_method(func) else _default_key
         wrapper = _wrap(func, store, key or default, prefix)
         functools.update_wrapper(wrapper, func)
