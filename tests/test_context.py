@@ -253,3 +253,71 @@ async def test_request_context_with_async_with_and_as_a_decorator(rag_capture: C
     assert rag_capture.find_logs("inside async with")[0]["context"] == {"request_id": "a-1"}
     assert rag_capture.find_logs("after")[0]["context"] == {}
     assert rag_capture.find_logs("inside decorated")[0]["context"] == {"request_id": "d-1"}
+
+
+@pytest.mark.asyncio
+async def test_one_request_context_object_entered_again_restores_each_time(
+    rag_capture: Capture,
+) -> None:
+    shared = ri.request_context(user="u1")
+    with shared:
+        with shared:
+            pass
+        assert bound().log == {"user": "u1"}
+    assert bound().log == {}
+
+    async def task(i: int) -> None:
+        async with shared:
+            await asyncio.sleep(0)
+            ri.bind_context(i=i)
+            await asyncio.sleep(0)
+        assert bound().log == {}
+
+    await asyncio.gather(*(task(i) for i in range(5)))
+    assert bound().log == {}
+
+
+@pytest.mark.asyncio
+async def test_request_context_decorates_generators_every_step_bound(
+    rag_capture: Capture,
+) -> None:
+    log = ri.get_logger("t")
+
+    @ri.request_context(request_id="gen-1")
+    def numbers() -> Any:
+        for n in range(2):
+            log.info("step", n=n)
+            yield n
+
+    @ri.request_context(request_id="agen-1")
+    async def anumbers() -> Any:
+        for n in range(2):
+            log.info("astep", n=n)
+            yield n
+
+    assert list(numbers()) == [0, 1]
+    assert bound().log == {}  # the consumer's context is left alone
+    assert [n async for n in anumbers()] == [0, 1]
+    assert bound().log == {}
+    steps = rag_capture.find_logs("step") + rag_capture.find_logs("astep")
+    assert [line["context"]["request_id"] for line in steps] == ["gen-1"] * 2 + ["agen-1"] * 2
+
+
+def test_request_context_keeps_what_it_decorates_recognisable() -> None:
+    import inspect
+
+    @ri.request_context(a=1)
+    async def coro() -> None: ...
+
+    @ri.request_context(a=1)
+    def gen() -> Any:
+        yield 1
+
+    @ri.request_context(a=1)
+    async def agen() -> Any:
+        yield 1
+
+    assert inspect.iscoroutinefunction(coro)
+    assert inspect.isgeneratorfunction(gen)
+    assert inspect.isasyncgenfunction(agen)
+    assert gen.__name__ == "gen"

@@ -377,57 +377,84 @@ def unbind_context(*keys: str) -> None:
 class _RequestContext:
     """What :func:`request_context` returns: ``with``, ``async with``, or a decorator.
 
-    As a decorator (of a ``def`` or an ``async def``) each call is a block of its own.
+    The same object may be entered again, nested or from concurrent tasks: each exit
+    restores what its own entry replaced. As a decorator (of a ``def``, an ``async def``,
+    a generator or an async generator function) each call is a block of its own; a
+    generator's every step runs with the values bound.
     """
 
-    __slots__ = ("_kv", "_token")
+    __slots__ = ("_kv", "_tokens")
 
     def __init__(self, kv: dict[str, Any]) -> None:
         self._kv = kv
-        self._token: contextvars.Token[Bound] | None = None
+        self._tokens: list[contextvars.Token[Bound]] = []
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
         kv = self._kv
-        if inspect.iscoroutinefunction(fn):
+        wrapper: Callable[..., Any]
+        if inspect.isasyncgenfunction(fn):
+            wrapper = _async_generator_in(functools.partial(_bound_copy, kv), fn)
+        elif inspect.isgeneratorfunction(fn):
 
-            @functools.wraps(fn)
+            def run_generator(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
+                copy = _bound_copy(kv)
+                return (yield from _steps_in(copy, copy.run(fn, *args, **kwargs)))
+
+            wrapper = run_generator
+        elif inspect.iscoroutinefunction(fn):
+
             async def run_async(*args: Any, **kwargs: Any) -> Any:
                 async with _RequestContext(kv):
                     return await fn(*args, **kwargs)
 
-            return run_async  # type: ignore[return-value]
+            wrapper = run_async
+        else:
 
-        @functools.wraps(fn)
-        def run(*args: P.args, **kwargs: P.kwargs) -> R:
-            with _RequestContext(kv):
-                return fn(*args, **kwargs)
+            def run(*args: Any, **kwargs: Any) -> Any:
+                with _RequestContext(kv):
+                    return fn(*args, **kwargs)
 
-        return run
+            wrapper = run
+        functools.update_wrapper(wrapper, fn)
+        return cast("Callable[P, R]", wrapper)
 
     def __enter__(self) -> None:
         try:
-            self._token = _bound.set(
-                _make_bound(_bound.get(), self._kv, BoundScope())  # a request of its own
+            self._tokens.append(
+                _bound.set(_make_bound(_bound.get(), self._kv, BoundScope()))  # a request
             )
         except Exception as exc:
             internal_error("request_context", exc)
-            self._token = None
 
     def __exit__(self, *exc_info: object) -> None:
-        token, self._token = self._token, None
-        if token is not None:
+        tokens = self._tokens
+        # The latest entry made in this context (another task's entries of the same object
+        # belong to their own contexts: resetting one of those here fails, and is skipped).
+        for index in range(len(tokens) - 1, -1, -1):
             try:
-                _bound.reset(token)
+                _bound.reset(tokens[index])
             except (ValueError, RuntimeError):
-                # Exited in another context than it was entered in (a generator finalised
-                # elsewhere): the other context's values must not be touched.
-                pass
+                continue
+            del tokens[index]
+            return
+        # None of them: exited in another context than it was entered in (a generator
+        # finalised elsewhere): the other context's values must not be touched.
 
     async def __aenter__(self) -> None:
         self.__enter__()
 
     async def __aexit__(self, *exc_info: object) -> None:
         self.__exit__(*exc_info)
+
+
+def _bound_copy(kv: dict[str, Any]) -> contextvars.Context:
+    """A copy of the current context with ``kv`` bound in it (a request of its own)."""
+    copy = contextvars.copy_context()
+    try:
+        copy.run(_bound.set, _make_bound(_bound.get(), kv, BoundScope()))
+    except Exception as exc:
+        internal_error("request_context", exc)
+    return copy
 
 
 def request_context(**kv: Any) -> _RequestContext:
@@ -468,26 +495,7 @@ def wrap_context(fn: Callable[P, R]) -> Callable[P, R]:
         wrapper = run_coroutine
     elif inspect.isasyncgenfunction(fn):
 
-        async def run_async_generator(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, Any]:
-            copy = ctx.copy()
-            agen = copy.run(fn, *args, **kwargs)
-            try:
-                item = await _InContext(copy, agen.asend(None))
-                while True:
-                    try:
-                        sent = yield item
-                    except GeneratorExit:
-                        raise
-                    except BaseException as exc:
-                        item = await _InContext(copy, agen.athrow(exc))
-                    else:
-                        item = await _InContext(copy, agen.asend(sent))
-            except StopAsyncIteration:
-                return
-            finally:
-                await _InContext(copy, agen.aclose())
-
-        wrapper = run_async_generator
+        wrapper = _async_generator_in(ctx.copy, fn)
     elif inspect.isgeneratorfunction(fn):
 
         def run_generator(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
@@ -512,6 +520,36 @@ def wrap_context(fn: Callable[P, R]) -> Callable[P, R]:
     except Exception:  # an object without the usual attributes (a callable instance)
         setattr(wrapper, "__wrapped__", fn)  # noqa: B010
     return cast("Callable[P, R]", wrapper)
+
+
+def _async_generator_in(
+    make_context: Callable[[], contextvars.Context], fn: Callable[..., Any]
+) -> Callable[..., AsyncGenerator[Any, Any]]:
+    """An async generator function running ``fn``'s every step in a context of its call's.
+
+    ``make_context`` gives each call its context (a copy).
+    """
+
+    async def run_async_generator(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, Any]:
+        copy = make_context()
+        agen = copy.run(fn, *args, **kwargs)
+        try:
+            item = await _InContext(copy, agen.asend(None))
+            while True:
+                try:
+                    sent = yield item
+                except GeneratorExit:
+                    raise
+                except BaseException as exc:
+                    item = await _InContext(copy, agen.athrow(exc))
+                else:
+                    item = await _InContext(copy, agen.asend(sent))
+        except StopAsyncIteration:
+            return
+        finally:
+            await _InContext(copy, agen.aclose())
+
+    return run_async_generator
 
 
 def _steps_in(ctx: contextvars.Context, steps: Any) -> Generator[Any, Any, Any]:
