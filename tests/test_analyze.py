@@ -423,6 +423,13 @@ def test_bad_budgets_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str
     status, _, err = run_cli([str(log), "--budgets", str(bad)], capsys)
     assert status == 2
     assert "budget for 'retrieval' must be a positive number" in err
+    both = tmp_path / "both.toml"  # top-level pairs and a [budgets] table: all of them
+    both.write_text("retrieval = 0.5\n[budgets]\ngeneration = 60\n")
+    log2 = write(tmp_path / "b.jsonl", [line("retrieval", 1.0), line("generation", 1.0)])
+    status, out, _ = run_cli([str(log2), "--budgets", str(both), "--format", "json"], capsys)
+    assert status == 0
+    by_stage = {row["stage"]: row["budget_ms"] for row in json.loads(out)}
+    assert by_stage == {"retrieval": 0.5, "generation": 60.0}
     for value in ("inf", "nan"):  # as configure() and --budget refuse them
         bad.write_text(f"retrieval = {value}\n")
         status, _, err = run_cli([str(log), "--budgets", str(bad)], capsys)

@@ -90,9 +90,13 @@ def parse_budgets(path: str) -> dict[str, float]:
         raise ValueError(f"--budgets {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"--budgets {path}: not valid TOML ({exc})") from None
-    table = data.get("budgets", data)
-    if not isinstance(table, dict):
+    section = data.get("budgets", {})
+    if not isinstance(section, dict):
         raise ValueError(f"--budgets {path}: [budgets] must be a table of stage = ms")  # noqa: TRY004
+    # Top-level pairs and the [budgets] table together (the table wins); other tables
+    # (a pyproject's [tool...]) are not budgets.
+    table = {k: v for k, v in data.items() if k != "budgets" and not isinstance(v, dict)}
+    table.update(section)
     budgets: dict[str, float] = {}
     for name, value in table.items():
         if (
