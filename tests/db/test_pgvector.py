@@ -114,6 +114,30 @@ def test_no_matching_index_reports_no_index_type(tables: tuple[Engine, str, str]
     handle.uninstrument()
 
 
+def test_a_search_no_index_can_serve_reports_no_index(tables: tuple[Engine, str, str]) -> None:
+    # pgvector's indexes serve ORDER BY distance ... LIMIT only: a filter on the distance,
+    # or an ORDER BY without LIMIT, is a sequential scan whatever indexes the table has.
+    engine, hnsw, _ = tables
+    handle = ri.instrument_sqlalchemy(engine)
+    query = "[0.5,0.5,0.5]"
+    with capture() as cap, engine.connect() as conn:
+        conn.execute(text(f"SELECT id FROM {hnsw} ORDER BY embedding <-> CAST(:q AS vector)"), {"q": query})
+        conn.execute(
+            text(f"SELECT id FROM {hnsw} WHERE embedding <-> CAST(:q AS vector) < 0.3"), {"q": query}
+        ).all()
+        conn.execute(
+            text(f"SELECT id, embedding <-> CAST(:q AS vector) AS d FROM {hnsw} ORDER BY d LIMIT 2"),
+            {"q": query},
+        ).all()
+    unserved, filtered, served = [s for s in cap.spans if s.name == f"SELECT {hnsw}"]
+    for span in (unserved, filtered):
+        assert "rag.vector.index_type" not in span.attributes
+        assert not [k for k in span.attributes if k.startswith("rag.vector.params.")]
+    assert served.attributes["rag.vector.index_type"] == "hnsw"  # by its alias
+    assert served.attributes["rag.vector.top_k"] == 2
+    handle.uninstrument()
+
+
 def test_table_without_vector_index_reports_no_search_settings(
     tables: tuple[Engine, str, str],
 ) -> None:

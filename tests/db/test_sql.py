@@ -278,6 +278,10 @@ def test_operation_and_collection(
         ("SELECT id FROM items WHERE a = :a LIMIT :n", {"a": 1, "n": 3}, 3),
         ("SELECT id FROM (SELECT id FROM t LIMIT 2) s", None, None),
         ("SELECT id FROM items LIMIT :n", {}, None),
+        # The standard's form, SQLAlchemy's .fetch(): FETCH FIRST / NEXT n ROWS ONLY.
+        ("SELECT id FROM items ORDER BY e <-> :q FETCH FIRST :k ROWS ONLY", {"k": 6}, 6),
+        ("SELECT id FROM items ORDER BY e FETCH NEXT 3 ROWS ONLY", None, 3),
+        ("SELECT id FROM items ORDER BY e FETCH FIRST ROW ONLY", None, 1),
     ],
 )
 def test_limit(sql: str, params: object, expected: int | None) -> None:
@@ -358,3 +362,19 @@ print("ok")
         [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60
     )  # linear: milliseconds; the old pattern: longer than the universe (a TimeoutExpired)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+@pytest.mark.parametrize(
+    ("sql", "servable"),
+    [
+        ("SELECT id FROM t ORDER BY e <-> %(q)s LIMIT 5", True),
+        ("SELECT id, e <=> :q AS distance FROM t ORDER BY distance LIMIT :k", True),
+        ("SELECT id FROM t ORDER BY e <#> :q FETCH FIRST 3 ROWS ONLY", True),
+        # What pgvector's indexes do not serve: a sequential scan, no index to report.
+        ("SELECT id FROM t ORDER BY e <-> %(q)s", False),
+        ("SELECT id FROM t WHERE e <-> %(q)s < 0.3 LIMIT 3", False),
+        ("SELECT id, x AS d FROM t ORDER BY d LIMIT 3", False),
+    ],
+)
+def test_a_vector_search_an_index_can_serve(sql: str, servable: bool) -> None:
+    assert analyze(sql, "postgresql").index_servable is servable

@@ -612,8 +612,10 @@ class EngineInstrumentation:
             dbapi_conn = conn.connection.dbapi_connection
             if plan is not _NOT_EXPLAINED and plan is not None:
                 used = self.index_types.from_plan(dbapi_conn, info.collection, plan)
-            else:
+            elif info.index_servable:
                 used = self.index_types.lookup(dbapi_conn, info.collection, info.vector_metric)
+            else:  # no ORDER BY distance ... LIMIT: no pgvector index serves it
+                used = None
             if used is None:
                 # No vector index served it (an exact, sequential scan): no index type,
                 # and hnsw.ef_search / ivfflat.probes did not apply.

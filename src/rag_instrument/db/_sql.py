@@ -181,6 +181,7 @@ class StatementInfo:
     __slots__ = (
         "collection",
         "explainable",
+        "index_servable",
         "is_select",
         "limit",
         "limit_param",
@@ -205,7 +206,11 @@ class StatementInfo:
         touches_vector_settings: bool,
         explainable: bool = False,
         secret_params: frozenset[str | int] = frozenset(),
+        index_servable: bool = False,
     ) -> None:
+        #: A vector search an index can serve: ORDER BY a distance, with a LIMIT (pgvector's
+        #: indexes serve nothing else; a search without them is a sequential scan).
+        self.index_servable = index_servable
         #: Keys (names, or positions) of the parameters compared with or stored in a
         #: secret-named column: their values are never recorded.
         self.secret_params = secret_params
@@ -466,8 +471,22 @@ def _limit(
 ) -> tuple[int | None, str | int | None]:
     for i in range(len(tokens) - 2, -1, -1):
         kind, value, depth = tokens[i]
-        if kind == "word" and depth == 0 and value.upper() == "LIMIT":
-            nkind, nvalue, _ = tokens[i + 1]
+        if kind != "word" or depth != 0:
+            continue
+        upper = value.upper()
+        at = i + 1  # the count's token
+        if upper == "FETCH" and tokens[i + 1][1].upper() in ("FIRST", "NEXT"):
+            # The standard's LIMIT (SQLAlchemy's .fetch()): FETCH FIRST n ROWS ONLY, where
+            # a missing n is one row.
+            if i + 2 < len(tokens) and tokens[i + 2][0] in ("literal", "param"):
+                at = i + 2
+            elif i + 2 < len(tokens) and tokens[i + 2][1].upper() in ("ROW", "ROWS"):
+                return 1, None
+            else:
+                return None, None
+            upper = "LIMIT"
+        if upper == "LIMIT":
+            nkind, nvalue, _ = tokens[at]
             if nkind == "literal" and nvalue.isdigit():
                 return int(nvalue), None
             if nkind == "param":
@@ -531,7 +550,45 @@ def _analyze(sql: str, dialect: str | None = None) -> StatementInfo:
         settings,
         _explainable(tokens, op),
         _secret_params(tokens, params),
+        metric is not None
+        and (limit is not None or limit_param is not None)
+        and _orders_by_distance(tokens),
     )
+
+
+def _orders_by_distance(tokens: list[tuple[str, str, int]]) -> bool:
+    """Whether the statement's own ORDER BY (depth 0) sorts by a vector distance.
+
+    The distance itself (``ORDER BY e <-> :q``) or its alias in the select list
+    (``e <-> :q AS distance ... ORDER BY distance``).
+    """
+    aliases: set[str] = set()
+    in_item = False  # a distance seen in the current select-list item
+    ordering = False
+    for i, (kind, value, depth) in enumerate(tokens):
+        if kind == "vecop":
+            if ordering and depth == 0:
+                return True
+            in_item = True
+            continue
+        if depth != 0:
+            continue
+        if kind == "punct" and value == ",":
+            in_item = False
+        elif kind in ("word", "qident"):
+            upper = value.upper()
+            if ordering:
+                if upper in ("LIMIT", "FETCH", "OFFSET"):
+                    ordering = False
+                elif _ident(value).lower() in aliases:
+                    return True
+            elif upper == "BY" and i >= 1 and tokens[i - 1][1].upper() == "ORDER":
+                ordering = True
+            elif upper == "AS" and in_item and i + 1 < len(tokens):
+                aliases.add(_ident(tokens[i + 1][1]).lower())
+            elif upper == "FROM":
+                in_item = False
+    return False
 
 
 _cache: dict[tuple[str | None, str], StatementInfo] = {}
