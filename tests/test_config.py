@@ -286,6 +286,21 @@ def test_explicit_tracer_provider_is_used_as_is() -> None:
     assert [s.name for s in _memory_spans()] == ["generation"]
 
 
+def test_an_applications_own_exporter_never_sees_a_secret_set_on_a_stage_by_hand() -> None:
+    app_exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(app_exporter))
+    ri.configure(exporter="memory", tracer_provider=provider)
+    with ri.stage("retrieval", api_key="kw-secret-1") as span:
+        span.set_attribute("api_key", "later-secret-2")
+        span.set_attributes({"url": "postgresql://u:hunter2@db/x", "k": 3, "ok": True})
+    (seen,) = app_exporter.get_finished_spans()
+    attributes = dict(seen.attributes or {})
+    assert attributes["api_key"] == "[REDACTED]"
+    assert attributes["url"] == "postgresql://u:[REDACTED]@db/x"
+    assert (attributes["k"], attributes["ok"]) == (3, True)
+
+
 def _run(code: str, timeout: float = 30, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("RAG_INSTRUMENT_", "OTEL_"))}
     clean.update(env)

@@ -40,6 +40,8 @@ from opentelemetry.sdk.util import BoundedList
 from opentelemetry.trace import Status, StatusCode
 
 from rag_instrument._context import current_span
+from rag_instrument._runtime import get_runtime
+from rag_instrument._sanitize import REDACTED, is_secret_key, redact_text
 from rag_instrument._utils import user_code_error
 
 if TYPE_CHECKING:
@@ -359,26 +361,33 @@ class StageSpan(trace_api.Span, ReadableSpan):
         return attributes
 
     def set_attribute(self, key: str, value: Any) -> None:
-        """Set one attribute (the SDK's limits and validation apply)."""
+        """Set one attribute (the SDK's limits and validation apply).
+
+        Secrets are masked as the value is set (as the export masks them): the processors
+        of an application's own provider see the span before the library's export does.
+        """
         if self._end_time is not None:
             _logger.warning("Setting attribute on ended span.")
             return
         self._clean = False
         try:
+            if get_runtime().settings.redact:
+                value = _masked(key, value)
             self._bounded()[key] = value
         except TypeError:  # ended meanwhile: the mapping became immutable
             _logger.warning("Setting attribute on ended span.")
 
     def set_attributes(self, attributes: Mapping[str, Any]) -> None:
-        """Set several attributes (the SDK's limits and validation apply)."""
+        """Set several attributes (as :meth:`set_attribute`)."""
         if self._end_time is not None:
             _logger.warning("Setting attribute on ended span.")
             return
         self._clean = False
         bounded = self._bounded()
+        redact = get_runtime().settings.redact
         try:
             for key, value in attributes.items():
-                bounded[key] = value
+                bounded[key] = _masked(key, value) if redact else value
         except TypeError:
             _logger.warning("Setting attribute on ended span.")
 
@@ -550,6 +559,23 @@ class StageSpan(trace_api.Span, ReadableSpan):
                 each.on_end(self)
         else:
             processor.multi.on_end(self)
+
+
+def _masked(key: Any, value: Any) -> Any:
+    """``value`` set by hand under ``key``, secrets masked (never raises)."""
+    try:
+        kind = type(value)
+        if kind is bool:
+            return value
+        if type(key) is str and is_secret_key(key):
+            return REDACTED
+        if kind is str:
+            return redact_text(value)
+        if kind is tuple or kind is list:
+            return kind(redact_text(v) if type(v) is str else v for v in value)
+    except Exception:  # the export's pass masks it all the same
+        pass
+    return value
 
 
 def _within(attributes: dict[str, Any], max_count: int | None, max_length: int | None) -> bool:
