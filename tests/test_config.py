@@ -294,7 +294,11 @@ def test_an_applications_own_exporter_never_sees_a_secret_set_on_a_stage_by_hand
     with ri.stage("retrieval", api_key="kw-secret-1") as span:
         span.set_attribute("api_key", "later-secret-2")
         span.set_attributes({"url": "postgresql://u:hunter2@db/x", "k": 3, "ok": True})
+        span.add_event("called with token=abcdef123456", {"password": "pw-1", "n": 2})
     (seen,) = app_exporter.get_finished_spans()
+    (event,) = seen.events
+    assert event.name == "called with token=[REDACTED]"
+    assert dict(event.attributes or {}) == {"password": "[REDACTED]", "n": 2}
     attributes = dict(seen.attributes or {})
     assert attributes["api_key"] == "[REDACTED]"
     assert attributes["url"] == "postgresql://u:[REDACTED]@db/x"

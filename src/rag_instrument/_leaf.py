@@ -398,11 +398,19 @@ class StageSpan(trace_api.Span, ReadableSpan):
         events.append(event)
 
     def add_event(self, name: str, attributes: Any = None, timestamp: int | None = None) -> None:
-        """Add an event (the SDK's limits apply)."""
+        """Add an event (the SDK's limits apply; secrets masked, as :meth:`set_attribute`)."""
         if self._end_time is not None:
             _logger.warning("Tried calling %s on an ended span.", "_add_event")
             return
         self._clean = False
+        if get_runtime().settings.redact:
+            try:
+                if type(name) is str:
+                    name = redact_text(name)
+                if attributes:
+                    attributes = {k: _masked(k, v) for k, v in dict(attributes).items()}
+            except Exception:  # the export's pass masks it all the same
+                pass
         self._append_event(self._event(name, attributes, timestamp))
 
     def _event(self, name: str, attributes: Any, timestamp: int | None) -> Event:
