@@ -424,3 +424,18 @@ def test_a_statements_placeholders_after_secret_columns_are_kept() -> None:
         "INSERT INTO u (email, password) VALUES (?, ?)",
     ):
         assert redact_statement(statement) == statement
+
+
+def test_a_quoted_sqlalchemy_error_keeps_no_literal() -> None:
+    """An application's own line quoting a database error: the statement's literals go."""
+    text = (
+        "db error: (psycopg.errors.CheckViolation) new row violates check constraint\n"
+        "[SQL: INSERT INTO users (email, ssn, n, t1) "
+        "VALUES ('bob@y.example', 'bad-ssn-000', 42, E'x')]\n"
+        "(Background on this error at: https://sqlalche.me/e/20/gkpj)"
+    )
+    clean = redact_text(text)
+    for literal in ("bob@y.example", "bad-ssn-000", "42", "E'x'"):
+        assert literal not in clean
+    assert "[SQL: INSERT INTO users (email, ssn, n, t1) VALUES (?, ?, ?, ?)]" in clean
+    assert "https://sqlalche.me/e/20/gkpj" in clean

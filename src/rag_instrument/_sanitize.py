@@ -734,6 +734,21 @@ def _first_group(match: re.Match[str]) -> str:
     return (match.group(1) or match.group(2)) + REDACTED
 
 
+# SQLAlchemy's error text quotes the statement: "[SQL: INSERT ... VALUES ('bob', 7)]". In a
+# line that quotes the error (the application's own "db error: %s"), its literals become
+# "?", as in db.query.text: strings (E'', N'', '' escapes) and numbers. Each pattern scans
+# its text once (no nested or unbounded retries: crafted text costs linear time).
+_SQL_BLOCK: Final = re.compile(r"(\[SQL: )(.*?)(\](?=\s*(?:\n|$|\[|\())|$)", re.DOTALL)
+_SQL_LITERAL: Final = re.compile(
+    r"[EeNnBbXxUu]?&?'(?:[^']|'')*(?:'|$)"
+    r"|(?<![\w.$])\d+(?:\.\d+)?(?:[eE][+-]?\d+)?(?![\w.])"
+)
+
+
+def _sql_block(match: re.Match[str]) -> str:
+    return match.group(1) + _SQL_LITERAL.sub("?", match.group(2)) + match.group(3)
+
+
 def _redact(text: str) -> str:
     if "PRIVATE KEY" in text:
         text = _PEM.sub(REDACTED, text)
@@ -768,6 +783,8 @@ def _redact(text: str) -> str:
             text = _PG_FAILING_ROW.sub(_first_group, text)
     if "[parameters: " in text:
         text = _SQL_PARAMETERS.sub(_first_group, text)
+    if "[SQL: " in text:
+        text = _SQL_BLOCK.sub(_sql_block, text)
     if "sk-" in text:
         text = _SK_KEY.sub(_sk_key, text)
     return _mask_provider_keys(text)
