@@ -345,3 +345,18 @@ def test_a_container_that_cannot_be_read_is_one_placeholder_not_the_whole_line()
         "bad": "<unrepresentable BadItems>",
         "worse": "<unrepresentable BadIter>",
     }
+
+
+def test_rendering_stops_at_the_size_budget_and_later_fields_survive() -> None:
+    """RELIABILITY 25: serialisation stops at the budget (an 80 MB line before)."""
+    from rag_instrument._sanitize import TOTAL_CHARS
+
+    row = ["y" * 2000] * 200
+    huge = {f"k{i}": row for i in range(200)}
+    out = Sanitizer().mapping({"results": huge, "request_id": "r-1"})
+    rendered = orjson.dumps(out)
+    assert len(rendered) < TOTAL_CHARS + 20_000
+    assert out["request_id"] == "r-1"
+    assert "over the size budget" in rendered.decode()
+    small = {"docs": [{"id": i, "text": "t" * 50} for i in range(100)]}
+    assert Sanitizer().mapping(small) == small  # an ordinary value is untouched

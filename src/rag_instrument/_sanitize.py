@@ -949,6 +949,25 @@ _INT_MIN: Final = -(2**63)
 _INT_MAX: Final = 2**64 - 1
 
 
+#: Characters one log line's fields (or one attribute's value) may render to in all: a
+#: value past it is a marker, and rendering stops (a list of 200 dicts of 200 long strings
+#: would otherwise take seconds and write a line of 80 MB).
+TOTAL_CHARS: Final = 262_144
+_OVER_BUDGET: Final = "[over the size budget]"
+#: What each top-level field of a line may still use once the total is spent.
+_FIELD_CHARS: Final = 4096
+
+
+class _Walk(set[int]):
+    """What one rendering walk holds: the containers open (for cycles), the budget left."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left = TOTAL_CHARS
+
+
 class Sanitizer:
     """Turn values into JSON-safe, redacted, size-bounded Python values.
 
@@ -979,7 +998,7 @@ class Sanitizer:
     def mapping(self, items: Mapping[Any, Any]) -> dict[str, Any]:
         """Sanitise a mapping of log fields; never raises."""
         try:
-            return self._mapping(items, 0, set())
+            return self._mapping(items, 0, _Walk())
         except Exception:
             return {"_unserializable": f"<unrepresentable {_type_name(items)}>"}
 
@@ -988,7 +1007,7 @@ class Sanitizer:
         try:
             if key is not None and self.redact and is_secret_key(key):
                 return REDACTED
-            return self._value(value, 0, set())
+            return self._value(value, 0, _Walk())
         except Exception:
             return f"<unrepresentable {_type_name(value)}>"
 
@@ -1001,13 +1020,21 @@ class Sanitizer:
             return str(key)
         return safe_repr(key, 100)
 
-    def _mapping(self, items: Mapping[Any, Any], depth: int, seen: set[int]) -> dict[str, Any]:
+    def _mapping(self, items: Mapping[Any, Any], depth: int, seen: _Walk) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for n, (k, v) in enumerate(items.items()):
             if n >= _MAX_ITEMS:
                 out["..."] = f"[{len(items) - _MAX_ITEMS} more items]"
                 break
+            if depth == 0:
+                # Each of a line's own fields gets a little, whatever came before it: a
+                # huge field does not take the request id written after it.
+                seen.left = max(seen.left, _FIELD_CHARS)
+            elif seen.left <= 0:
+                out["..."] = f"[{len(items) - n} more items: {_OVER_BUDGET}]"
+                break
             key = self._key(k)
+            seen.left -= len(key) + 4
             if self.redact and is_secret_key(key):
                 out[key] = REDACTED
             elif key == STATEMENT_KEY and type(v) is str:
@@ -1016,15 +1043,20 @@ class Sanitizer:
                 out[key] = self._value(v, depth + 1, seen)
         return out
 
-    def _pair(self, pair: tuple[str, Any], depth: int, seen: set[int]) -> Any:
+    def _pair(self, pair: tuple[str, Any], depth: int, seen: _Walk) -> Any:
         # ("Authorization", "Bearer ...") in a list of header pairs: the key names a secret.
         if self.redact and is_secret_key(pair[0]):
             return [self.text(pair[0]), REDACTED]
         return self._value(pair, depth, seen)
 
-    def _value(self, value: Any, depth: int, seen: set[int]) -> Any:
+    def _value(self, value: Any, depth: int, seen: _Walk) -> Any:
+        if seen.left <= 0:  # the line's (the attribute's) budget is spent: no more work
+            return _OVER_BUDGET
         if isinstance(value, str):
-            return self.text(value)
+            text = self.text(value)
+            seen.left -= len(text) + 2
+            return text
+        seen.left -= 8
         if isinstance(value, _SCALARS):
             if isinstance(value, float) and not math.isfinite(value):
                 return str(value)  # NaN and infinities are not JSON
@@ -1054,12 +1086,16 @@ class Sanitizer:
                     if isinstance(value, set | frozenset)
                     else value
                 )
-                items = [
-                    self._pair(v, depth + 1, seen)
-                    if type(v) is tuple and len(v) == 2 and isinstance(v[0], str)
-                    else self._value(v, depth + 1, seen)
-                    for v in seq[:_MAX_ITEMS]
-                ]
+                items: list[Any] = []
+                for n, v in enumerate(seq[:_MAX_ITEMS]):
+                    if seen.left <= 0:
+                        items.append(f"[{len(value) - n} more items: {_OVER_BUDGET}]")
+                        return items
+                    items.append(
+                        self._pair(v, depth + 1, seen)
+                        if type(v) is tuple and len(v) == 2 and isinstance(v[0], str)
+                        else self._value(v, depth + 1, seen)
+                    )
                 if len(seq) > _MAX_ITEMS:
                     items.append(f"[{len(value) - _MAX_ITEMS} more items]")
                 return items
