@@ -321,3 +321,31 @@ def test_request_context_keeps_what_it_decorates_recognisable() -> None:
     assert inspect.isgeneratorfunction(gen)
     assert inspect.isasyncgenfunction(agen)
     assert gen.__name__ == "gen"
+
+
+def test_one_request_context_object_shared_by_threads_never_raises() -> None:
+    import sys
+
+    shared = ri.request_context(tenant="t1")
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        for _ in range(2000):
+            try:
+                with shared:
+                    assert bound().log == {"tenant": "t1"}
+            except BaseException as exc:  # collected for the assertion
+                errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    assert shared._tokens == []

@@ -12,6 +12,7 @@ import collections
 import contextvars
 import functools
 import inspect
+import threading
 import types
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, cast
@@ -374,6 +375,10 @@ def unbind_context(*keys: str) -> None:
         internal_error("unbind_context", exc)
 
 
+# Guards the entries of request_context objects shared by threads (held for a list step).
+_ENTRIES_LOCK: Final = threading.Lock()
+
+
 class _RequestContext:
     """What :func:`request_context` returns: ``with``, ``async with``, or a decorator.
 
@@ -420,25 +425,31 @@ class _RequestContext:
 
     def __enter__(self) -> None:
         try:
-            self._tokens.append(
-                _bound.set(_make_bound(_bound.get(), self._kv, BoundScope()))  # a request
-            )
+            token = _bound.set(_make_bound(_bound.get(), self._kv, BoundScope()))  # a request
         except Exception as exc:
             internal_error("request_context", exc)
+            return
+        with _ENTRIES_LOCK:
+            self._tokens.append(token)
 
     def __exit__(self, *exc_info: object) -> None:
-        tokens = self._tokens
-        # The latest entry made in this context (another task's entries of the same object
-        # belong to their own contexts: resetting one of those here fails, and is skipped).
-        for index in range(len(tokens) - 1, -1, -1):
+        # The latest entry made in this context (another task's or thread's entries of the
+        # same object belong to their own contexts: resetting one of those here fails, and
+        # is skipped). None of them: exited in another context than it was entered in (a
+        # generator finalised elsewhere): the other context's values must not be touched.
+        with _ENTRIES_LOCK:
+            tokens = list(reversed(self._tokens))
+        for token in tokens:
             try:
-                _bound.reset(tokens[index])
+                _bound.reset(token)
             except (ValueError, RuntimeError):
                 continue
-            del tokens[index]
+            with _ENTRIES_LOCK:
+                try:
+                    self._tokens.remove(token)
+                except ValueError:
+                    pass
             return
-        # None of them: exited in another context than it was entered in (a generator
-        # finalised elsewhere): the other context's values must not be touched.
 
     async def __aenter__(self) -> None:
         self.__enter__()

@@ -62,10 +62,12 @@ def _instance_token(owner: Any) -> str:
 
 
 def _forget(ident: int, ref: weakref.ref[Any]) -> None:
-    with _TOKENS_LOCK:
-        found = _TOKENS.get(ident)
-        if found is not None and found[0] is ref:
-            del _TOKENS[ident]
+    # No lock: the collector may run this in a thread that holds _TOKENS_LOCK (it frees
+    # objects wherever it runs). Dictionary steps are atomic; at worst a new instance at a
+    # reused address loses its fresh token, and takes another at its next call.
+    found = _TOKENS.get(ident)
+    if found is not None and found[0] is ref:
+        _TOKENS.pop(ident, None)
 
 
 def _method_key(owner: Any, /, *args: Any, **kwargs: Any) -> Any:
