@@ -752,3 +752,32 @@ def test_cache_settings_of_the_wrong_type_are_value_errors_naming_them() -> None
     for name, value in (("cache_namespace", 5), ("cache_nondeterministic", "yes")):
         with pytest.raises(ValueError, match=name):
             type("Bad", (ri.CacheMixin, ri.LLMProvider), {"model": "m", name: value})
+
+
+def test_the_collectors_callback_for_a_cached_methods_instance_takes_no_lock() -> None:
+    """The collector may free an instance in a thread holding the tokens' lock."""
+    import threading
+    import weakref
+
+    from rag_instrument.cache import _decorator
+
+    class Owner:
+        pass
+
+    owner = Owner()
+    _decorator._instance_token(owner)
+    ref = _decorator._TOKENS[id(owner)][0]
+    done = threading.Event()
+
+    def forget() -> None:
+        _decorator._forget(id(owner), ref)
+        done.set()
+
+    with _decorator._TOKENS_LOCK:  # as if the collector ran inside the locked section
+        thread = threading.Thread(target=forget)
+        thread.start()
+        finished = done.wait(10)
+    thread.join()
+    assert finished
+    assert id(owner) not in _decorator._TOKENS
+    assert isinstance(ref, weakref.ref)
