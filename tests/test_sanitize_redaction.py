@@ -439,3 +439,26 @@ def test_a_quoted_sqlalchemy_error_keeps_no_literal() -> None:
         assert literal not in clean
     assert "[SQL: INSERT INTO users (email, ssn, n, t1) VALUES (?, ?, ?, ?)]" in clean
     assert "https://sqlalche.me/e/20/gkpj" in clean
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        (
+            "x\n[SQL: INSERT INTO [users] ([name], [pin]) VALUES ('bob', '482913')]\n"
+            "(Background on this error at: https://sqlalche.me/e/20/gkpj)",
+            "482913",
+        ),
+        ("x\n[SQL: SELECT 1 FROM t WHERE k = E'abc\\'def' AND z = 'secret']", "secret"),
+        ("x\n[SQL: SELECT 1 FROM t WHERE p = $$hunter2$$]\n[parameters: {}]", "hunter2"),
+    ],
+)
+def test_a_quoted_statement_loses_its_literals_however_they_are_written(
+    text: str, secret: str
+) -> None:
+    assert secret not in redact_text(text)
+
+
+def test_sql_in_brackets_within_ordinary_text_is_left_alone() -> None:
+    text = "see the docs [SQL: is a tag] in my notes about version 3 and port 5432"
+    assert redact_text(text) == text

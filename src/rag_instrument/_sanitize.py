@@ -738,15 +738,49 @@ def _first_group(match: re.Match[str]) -> str:
 # line that quotes the error (the application's own "db error: %s"), its literals become
 # "?", as in db.query.text: strings (E'', N'', '' escapes) and numbers. Each pattern scans
 # its text once (no nested or unbounded retries: crafted text costs linear time).
-_SQL_BLOCK: Final = re.compile(r"(\[SQL: )(.*?)(\](?=\s*(?:\n|$|\[|\())|$)", re.DOTALL)
+# The block ends where SQLAlchemy ends it: before its "[parameters: ...]" or "(Background on
+# this error ...)" line, or at the end of the text; "[SQL: " in other text is left alone.
+_SQL_BLOCK_END: Final = re.compile(r"\](?=\n\[parameters: |\n\(Background on this error|\s*\Z)")
 _SQL_LITERAL: Final = re.compile(
-    r"[EeNnBbXxUu]?&?'(?:[^']|'')*(?:'|$)"
-    r"|(?<![\w.$])\d+(?:\.\d+)?(?:[eE][+-]?\d+)?(?![\w.])"
+    r"[Ee]'(?:[^'\\]|\\.|'')*(?:'|\Z)"  # E'...': backslash escapes
+    r"|[NnBbXxUu]?&?'(?:[^']|'')*(?:'|\Z)"
+    r"|\$(\w*)\$"  # a dollar-quoted body's opening tag: the rest of the block is a value
+    r"|(?<![\w.$])\d+(?:\.\d+)?(?:[eE][+-]?\d+)?(?![\w.])",
+    re.DOTALL,
 )
 
 
-def _sql_block(match: re.Match[str]) -> str:
-    return match.group(1) + _SQL_LITERAL.sub("?", match.group(2)) + match.group(3)
+def _sql_literals(statement: str) -> str:
+    out: list[str] = []
+    pos = 0
+    for match in _SQL_LITERAL.finditer(statement):
+        out.append(statement[pos : match.start()])
+        if match.group(0).startswith("$"):  # dollar quoting: masked to the end, once
+            out.append("?")
+            return "".join(out)
+        out.append("?")
+        pos = match.end()
+    out.append(statement[pos:])
+    return "".join(out)
+
+
+def _sql_blocks(text: str) -> str:
+    """``text`` with the literals of its ``[SQL: ...]`` blocks replaced (linear time)."""
+    out: list[str] = []
+    pos = 0
+    while True:
+        start = text.find("[SQL: ", pos)
+        if start < 0:
+            break
+        body = start + 6
+        end = _SQL_BLOCK_END.search(text, body)
+        if end is None:  # no end after this one: none after a later one either
+            break
+        out.append(text[pos:body])
+        out.append(_sql_literals(text[body : end.start()]))
+        pos = end.start()
+    out.append(text[pos:])
+    return "".join(out)
 
 
 def _redact(text: str) -> str:
@@ -784,7 +818,7 @@ def _redact(text: str) -> str:
     if "[parameters: " in text:
         text = _SQL_PARAMETERS.sub(_first_group, text)
     if "[SQL: " in text:
-        text = _SQL_BLOCK.sub(_sql_block, text)
+        text = _sql_blocks(text)
     if "sk-" in text:
         text = _SK_KEY.sub(_sk_key, text)
     return _mask_provider_keys(text)
