@@ -378,3 +378,39 @@ print("ok")
 )
 def test_a_vector_search_an_index_can_serve(sql: str, servable: bool) -> None:
     assert analyze(sql, "postgresql").index_servable is servable
+
+
+@pytest.mark.parametrize(
+    ("sql", "secret"),
+    [
+        ("SELECT 1 FROM u WHERE password::text = %s AND x = %s", {0}),
+        ("SELECT 1 FROM u WHERE token = ANY(%s) AND pw NOT IN (%s, %s)", {0, 1, 2}),
+        ("SELECT 1 FROM u WHERE lower(secret) <= upper(%s) AND name = %s", {0}),
+        ("INSERT INTO users (name, password) VALUES (?, upper(?))", {1}),
+        ("UPDATE u SET password = crypt(?, password) WHERE id = ?", {0}),
+        ("INSERT INTO u (name, password) VALUES (%s, crypt(%s, gen_salt('bf')))", {1}),
+        ("SELECT * FROM u WHERE lower(u.password) = :p", {"p"}),
+        ("SELECT * FROM u WHERE name = ? AND upper(x) = ?", set()),
+        ("SELECT * FROM u WHERE f(password, ?) AND y = ?", set()),
+    ],
+)
+def test_parameters_of_secret_columns_inside_expressions(sql: str, secret: set[object]) -> None:
+    assert analyze(sql, "postgresql").secret_params == secret
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT * FROM t ORDER BY (e <-> %s) LIMIT 5",
+        "SELECT * FROM (SELECT * FROM t ORDER BY e <-> %s LIMIT 10) s ORDER BY s.id LIMIT 3",
+        "WITH c AS (SELECT id FROM t ORDER BY e <=> %s LIMIT 10) SELECT * FROM c",
+    ],
+)
+def test_searches_an_index_serves_in_parentheses_subqueries_and_ctes(sql: str) -> None:
+    assert analyze(sql, "postgresql").index_servable is True
+
+
+@given(st.text(alphabet="SELECTFROMWHEREORDBYLIMT ()=<>-#,:?%s$1'\"pw.", max_size=80))
+def test_analyze_never_raises_on_sql_shaped_noise(sql: str) -> None:
+    analyze(sql, "postgresql")
+    analyze(sql, "sqlite")

@@ -550,44 +550,51 @@ def _analyze(sql: str, dialect: str | None = None) -> StatementInfo:
         settings,
         _explainable(tokens, op),
         _secret_params(tokens, params),
-        metric is not None
-        and (limit is not None or limit_param is not None)
-        and _orders_by_distance(tokens),
+        metric is not None and _orders_by_distance(tokens),
     )
 
 
 def _orders_by_distance(tokens: list[tuple[str, str, int]]) -> bool:
-    """Whether the statement's own ORDER BY (depth 0) sorts by a vector distance.
+    """Whether a query of the statement sorts by a vector distance and takes few rows.
 
-    The distance itself (``ORDER BY e <-> :q``) or its alias in the select list
-    (``e <-> :q AS distance ... ORDER BY distance``).
+    What pgvector's indexes serve, in the outer query, a subquery or a CTE. The distance
+    itself (``ORDER BY e <-> :q``, in parentheses too) or its alias in the
+    select list (``e <-> :q AS distance ... ORDER BY distance``), then ``LIMIT`` or
+    ``FETCH`` at that query's level.
     """
     aliases: set[str] = set()
-    in_item = False  # a distance seen in the current select-list item
-    ordering = False
+    for i, (kind, value, _depth) in enumerate(tokens):
+        if kind == "word" and value.upper() == "AS" and i + 1 < len(tokens):
+            # An alias of an expression holding a distance (looked back to its item's start).
+            k = i - 1
+            while k >= max(0, i - 64) and not (
+                tokens[k][:2] == ("punct", ",")
+                or (tokens[k][0] == "word" and tokens[k][1].upper() in ("SELECT", "DISTINCT"))
+            ):
+                if tokens[k][0] == "vecop":
+                    aliases.add(_ident(tokens[i + 1][1]).lower())
+                    break
+                k -= 1
+    n = len(tokens)
     for i, (kind, value, depth) in enumerate(tokens):
-        if kind == "vecop":
-            if ordering and depth == 0:
-                return True
-            in_item = True
+        if not (kind == "word" and value.upper() == "BY" and i >= 1):
             continue
-        if depth != 0:
+        if tokens[i - 1][1].upper() != "ORDER":
             continue
-        if kind == "punct" and value == ",":
-            in_item = False
-        elif kind in ("word", "qident"):
-            upper = value.upper()
-            if ordering:
-                if upper in ("LIMIT", "FETCH", "OFFSET"):
-                    ordering = False
-                elif _ident(value).lower() in aliases:
-                    return True
-            elif upper == "BY" and i >= 1 and tokens[i - 1][1].upper() == "ORDER":
-                ordering = True
-            elif upper == "AS" and in_item and i + 1 < len(tokens):
-                aliases.add(_ident(tokens[i + 1][1]).lower())
-            elif upper == "FROM":
-                in_item = False
+        distance = False
+        for kind2, value2, depth2 in tokens[i + 1 : min(n, i + 4096)]:
+            if depth2 < depth:  # that query's closing parenthesis
+                break
+            if kind2 == "vecop":
+                distance = True
+            elif kind2 in ("word", "qident") and depth2 == depth:
+                upper = value2.upper()
+                if upper in ("LIMIT", "FETCH"):
+                    if distance:
+                        return True
+                    break
+                if _ident(value2).lower() in aliases:
+                    distance = True
     return False
 
 
@@ -682,41 +689,80 @@ def _column_secret(token: tuple[str, str, int]) -> bool:
     return token[0] in _NAMES and is_secret_key(_ident(token[1]))
 
 
+_OPERAND_STOPS: Final = frozenset(
+    {
+        "AND", "OR", "WHERE", "SET", "VALUES", "SELECT", "FROM", "ON", "WHEN", "THEN",
+        "ELSE", "RETURNING", "HAVING", "USING", "CASE", "END",
+    }
+)
+
+
+def _comparison_at(tokens: list[tuple[str, str, int]], i: int) -> int | None:
+    """The comparison the parameter at ``i`` is an operand of: the operator's index.
+
+    Looked back over the parameter's own expression (``upper(?)``, ``ANY(?)``, an ``IN``
+    list, ``crypt(?, password)``), never past a clause keyword or another condition.
+    """
+    depth = tokens[i][2]
+    for k in range(i - 1, max(-1, i - 33), -1):
+        kind, value, token_depth = tokens[k]
+        if kind == "word":
+            upper = value.upper()
+            if upper in ("LIKE", "ILIKE", "IN"):
+                return k
+            if upper in _OPERAND_STOPS:
+                return None
+        elif kind == "punct":
+            if value in _COMPARISONS or value in ("<", ">", "!"):
+                return k
+            if value == "," and token_depth < depth:
+                return None
+        depth = min(depth, token_depth)
+    return None
+
+
+def _left_operand_secret(tokens: list[tuple[str, str, int]], op: int) -> bool:
+    """Whether the operand left of the operator at ``op`` names a secret column.
+
+    ``password``, ``u."api_key"``, ``password::text``, ``lower(password)``, ``pw NOT IN``.
+    """
+    k = op - 1
+    while k >= 0 and tokens[k][1] in ("<", ">", "!", "=") and tokens[k][0] == "punct":
+        k -= 1  # the first half of "<=", ">=", "!="
+    if k >= 0 and tokens[k][0] == "word" and tokens[k][1].upper() == "NOT":
+        k -= 1
+    depth = tokens[k][2] if k >= 0 else 0
+    for j in range(k, max(-1, k - 24), -1):
+        kind, value, token_depth = tokens[j]
+        if token_depth < depth and value == "(":
+            return False  # the operand's enclosing parenthesis: its start
+        if kind == "word" and value.upper() in _OPERAND_STOPS and token_depth <= depth:
+            return False
+        if kind == "punct" and value == "," and token_depth <= depth:
+            return False
+        if _column_secret(tokens[j]):
+            return True
+    return False
+
+
 def _secret_params(
     tokens: list[tuple[str, str, int]], params: list[str | int]
 ) -> frozenset[str | int]:
     """Keys of the parameters compared with, or stored in, a secret-named column.
 
-    ``password = :p`` and ``password IN (?, ?)`` (the column before the comparison), an
-    ``INSERT``'s ``VALUES`` rows (the column at the same position). Keys are names, or
-    positions for ``?``, ``%s`` and ``$n``, as :func:`_scan` gives them.
+    ``password = :p``, ``password IN (?, ?)``, ``lower(password) = upper(?)``,
+    ``token = ANY(%s)``, ``password = crypt(?, password)`` (the column left of the
+    comparison), an ``INSERT``'s ``VALUES`` rows (the column at the same position, the
+    parameter alone or inside an expression). Keys are names, or positions for ``?``,
+    ``%s`` and ``$n``, as :func:`_scan` gives them.
     """
     keys: set[str | int] = set()
     for i, (kind, value, _depth) in enumerate(tokens):
         if kind != "param":
             continue
-        key = params[int(value)]
-        before = tokens[i - 1] if i >= 1 else None
-        if before is not None and (
-            (before[0] == "punct" and before[1] in _COMPARISONS)
-            or (before[0] == "word" and before[1].upper() in ("LIKE", "ILIKE"))
-        ):
-            if i >= 2 and _column_secret(tokens[i - 2]):
-                keys.add(key)
-            continue
-        k = i - 1
-        while k >= 0 and (
-            tokens[k][0] in ("param", "literal") or tokens[k][:2] == ("punct", ",")
-        ):
-            k -= 1
-        if (
-            k >= 2
-            and tokens[k][:2] == ("punct", "(")
-            and tokens[k - 1][0] == "word"
-            and tokens[k - 1][1].upper() == "IN"
-            and _column_secret(tokens[k - 2])
-        ):
-            keys.add(key)
+        op = _comparison_at(tokens, i)
+        if op is not None and _left_operand_secret(tokens, op):
+            keys.add(params[int(value)])
     keys.update(_inserted_secrets(tokens, params))
     return frozenset(keys)
 
@@ -764,13 +810,8 @@ def _inserted_secrets(
         elif (token[:2] == ("punct", ",") and token[2] == 1) or (
             token[:2] == ("punct", ")") and token[2] == 0
         ):
-            if (
-                len(values) == 1
-                and values[0][0] == "param"
-                and position < len(columns)
-                and columns[position]
-            ):
-                keys.add(params[int(values[0][1])])
+            if position < len(columns) and columns[position]:
+                keys.update(params[int(t[1])] for t in values if t[0] == "param")
             position, values = position + 1, []
             if token[1] == ")":
                 position = -1
