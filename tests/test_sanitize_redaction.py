@@ -422,6 +422,8 @@ def test_a_statements_placeholders_after_secret_columns_are_kept() -> None:
         "SELECT * FROM u WHERE email = ? AND password=?",
         "UPDATE u SET secret=:secret, access_token=%(t)s WHERE id = $1",
         "INSERT INTO u (email, password) VALUES (?, ?)",
+        "SELECT * FROM users WHERE password = upper(?)",
+        "UPDATE u SET password = crypt(:pw, password) WHERE token = md5(%s)",
     ):
         assert redact_statement(statement) == statement
 

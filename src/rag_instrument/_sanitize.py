@@ -846,6 +846,7 @@ def redact_text(text: str) -> str:
 # list (IN, VALUES), alone. A "?" inside a word or a URL ("s3cr?t") is no placeholder.
 _VALUE_PLACEHOLDER: Final = re.compile(
     r"(?:(?<=[=<>(,])|(?<=[=<>(,]\s)|(?<=\s[Ii][Nn]\s)|(?<=[Ll][Ii][Kk][Ee]\s))"
+    r"(?:[A-Za-z_]\w{0,63}\()?"  # inside a call: upper(?), crypt(:pw, ...)
     r"(?::[A-Za-z_]\w*|%\(\w+\)s|\$\d+|\?|%s)(?=[\s),;]|$)"
 )
 #: The attribute (and log field) holding a statement's text.
