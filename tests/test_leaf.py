@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -484,6 +484,7 @@ def test_the_sdk_path_makes_the_same_spans(request: pytest.FixtureRequest) -> No
     ),
     st.integers(min_value=0, max_value=4),
 )
+@example({"SIGNATURE": 0, "api_key": "k", "note": "token=abcdef123456"}, 4)
 def test_set_attributes_match_the_sdk_span(values: dict[str, Any], limit: int) -> None:
     from opentelemetry.sdk.trace import SpanLimits
 
@@ -504,7 +505,10 @@ def test_set_attributes_match_the_sdk_span(values: dict[str, Any], limit: int) -
             span.set_attribute(key, value)
         span.end()
         (exported,) = app.get_finished_spans()
-        results.append((dict(exported.attributes or {}), exported.dropped_attributes))
+        attributes = dict(exported.attributes or {})
+        if not fast:  # a stage span masks secrets as they are set; the SDK's span does not
+            attributes = {k: _leaf._masked(k, v) for k, v in attributes.items()}
+        results.append((attributes, exported.dropped_attributes))
         _leaf._FACTS[0] = None
     assert results[0][0] == results[1][0]
     assert list(results[0][0]) == list(results[1][0])
