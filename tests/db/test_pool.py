@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Callable
@@ -15,6 +16,13 @@ from sqlalchemy.pool import NullPool, QueuePool, StaticPool
 
 import rag_instrument as ri
 from rag_instrument.testing import Capture, capture
+
+
+@pytest.fixture(autouse=True)
+def _no_pools_of_earlier_tests() -> None:
+    """Engines of earlier tests kept only by reference cycles still report their pools
+    until the collector frees them, which depends on when it last ran: free them first."""
+    gc.collect()
 
 
 def _poll(cap: Capture, metric: str, ready: Callable[[list[Any]], bool]) -> list[Any]:
