@@ -31,6 +31,7 @@ __all__ = [
     "record_in",
     "roll_up",
     "safe_forms",
+    "snapshot",
     "stage_timings",
 ]
 
@@ -129,6 +130,13 @@ def detach(frame: Frame) -> dict[str, dict[str, float]] | None:
     if child:
         roll_up(frame, child)
     return child
+
+
+def snapshot(frame: Frame) -> dict[str, dict[str, float]] | None:
+    """A copy of ``frame``'s totals so far (``None``: nothing recorded), taken under the lock."""
+    with _lock:
+        current = frame.breakdown
+        return {k: dict(v) for k, v in current.items()} if current else None
 
 
 def roll_up(frame: Frame, child: dict[str, dict[str, float]]) -> None:

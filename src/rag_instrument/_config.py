@@ -428,6 +428,10 @@ def _at_exit() -> None:
         pass
 
 
+# The process that registered the flush at its exit (its registries are its own).
+_CHILD_FLUSH_PID: list[int] = [0]
+
+
 def _flush_at_worker_exit() -> None:
     """In a forked child: flush at its end when multiprocessing ends it.
 
@@ -438,20 +442,13 @@ def _flush_at_worker_exit() -> None:
     util = sys.modules.get("multiprocessing.util")
     if util is None:
         return
-
-    def register(_token: object) -> None:
-        util.Finalize(None, _at_exit, exitpriority=0)
-
     try:
         # multiprocessing clears its finalizers at the start of a worker, then runs the
         # after-fork callbacks: the flush is registered from one of those.
-        util.register_after_fork(_AFTER_FORK_TOKEN, register)
+        util.register_after_fork(_AFTER_FORK_TOKEN, _finalize_at_exit)
+        _CHILD_FLUSH_PID[0] = os.getpid()  # configure() in this child: registered already
     except Exception as exc:
         internal_error("registering the flush at a worker's exit", exc)
-
-
-# The process that registered the flush below (its registries are its own).
-_CHILD_FLUSH_PID: list[int] = [0]
 
 
 def _flush_at_child_exit() -> None:

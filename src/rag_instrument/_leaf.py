@@ -41,7 +41,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from rag_instrument._context import current_span
 from rag_instrument._runtime import get_runtime
-from rag_instrument._sanitize import REDACTED, is_secret_key, redact_text
+from rag_instrument._sanitize import mask_attribute, redact_text
 from rag_instrument._utils import user_code_error
 
 if TYPE_CHECKING:
@@ -572,18 +572,9 @@ class StageSpan(trace_api.Span, ReadableSpan):
 def _masked(key: Any, value: Any) -> Any:
     """``value`` set by hand under ``key``, secrets masked (never raises)."""
     try:
-        kind = type(value)
-        if kind is bool:
-            return value
-        if type(key) is str and is_secret_key(key):
-            return REDACTED
-        if kind is str:
-            return redact_text(value)
-        if kind is tuple or kind is list:
-            return kind(redact_text(v) if type(v) is str else v for v in value)
+        return mask_attribute(key, value)
     except Exception:  # the export's pass masks it all the same
-        pass
-    return value
+        return value
 
 
 def _within(attributes: dict[str, Any], max_count: int | None, max_length: int | None) -> bool:

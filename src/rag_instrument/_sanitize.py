@@ -40,6 +40,7 @@ __all__ = [
     "exported_name",
     "int_text",
     "is_secret_key",
+    "mask_attribute",
     "mask_literal_secrets",
     "redact_statement",
     "redact_text",
@@ -873,6 +874,40 @@ def redact_statement(text: str) -> str:
         pos = match.end()
     parts.append(redact_text(text[pos:]))
     return "".join(parts)
+
+
+def mask_attribute(key: Any, value: Any) -> Any:
+    """A span attribute's ``value`` with its secrets masked (``value`` itself when clean).
+
+    Values under a secret name (numbers too: a PIN), secrets in strings (a statement's
+    placeholders kept), in the strings of a sequence, and in bytes read as text. Booleans
+    are left alone. The one decision for attributes set by hand and for the export's pass.
+    """
+    kind = type(value)
+    if kind is bool:
+        return value
+    if type(key) is str and is_secret_key(key):
+        return REDACTED
+    if kind is str:
+        return redact_statement(value) if key == STATEMENT_KEY else redact_text(value)
+    if kind is tuple or kind is list:
+        clean = tuple(_mask_item(v) for v in value)
+        return value if clean == tuple(value) else clean
+    if kind is bytes or kind is bytearray:
+        return _mask_item(value)
+    return value
+
+
+def _mask_item(value: Any) -> Any:
+    """One value of a sequence attribute (or a bytes one), secrets masked."""
+    kind = type(value)
+    if kind is str:
+        return redact_text(value)
+    if kind is bytes or kind is bytearray:  # read as text; bytes again if anything changed
+        text = bytes(value).decode("utf-8", "replace")
+        clean = redact_text(text)
+        return value if clean == text else clean.encode("utf-8")
+    return value
 
 
 def truncate(text: str, limit: int) -> str:

@@ -75,11 +75,9 @@ from rag_instrument._leaf import (
 from rag_instrument._metrics import MetricsHub, build_hub
 from rag_instrument._otlp import fast_exporter
 from rag_instrument._sanitize import (
-    REDACTED,
-    STATEMENT_KEY,
     exported_name,
     is_secret_key,
-    redact_statement,
+    mask_attribute,
     redact_text,
 )
 from rag_instrument._sending import (
@@ -194,18 +192,6 @@ class _Drops:
 _CLEAN_PAIRS: dict[tuple[str, Any], None] = {}
 
 
-def _redact_item(value: Any) -> Any:
-    """One value of a sequence attribute (or a bytes one), secrets masked."""
-    kind = type(value)
-    if kind is str:
-        return redact_text(value)
-    if kind is bytes or kind is bytearray:  # read as text; bytes again if anything changed
-        text = bytes(value).decode("utf-8", "replace")
-        clean = redact_text(text)
-        return value if clean == text else clean.encode("utf-8")
-    return value
-
-
 def _redact_mapping(attributes: Any) -> dict[str, Any] | None:
     """A redacted copy of ``attributes``, or ``None`` when nothing needed masking.
 
@@ -220,41 +206,23 @@ def _redact_mapping(attributes: Any) -> dict[str, Any] | None:
     clean_pairs = _CLEAN_PAIRS
     for key, value in plain.items():
         kind = type(value)
-        if kind is bool:
-            continue
-        if kind is int or kind is float:
-            if not is_secret_key(key):  # a PIN or a numeric token set by hand is masked
-                continue
-            clean: Any = REDACTED
-        elif kind is str:
+        if kind is bool or ((kind is int or kind is float) and not is_secret_key(key)):
+            continue  # the common numbers: no call
+        if kind is str:
             pair = (key, value)
             if pair in clean_pairs:
                 continue
-            clean = (
-                REDACTED
-                if is_secret_key(key)
-                else redact_statement(value)
-                if key == STATEMENT_KEY
-                else redact_text(value)
-            )
+            clean = mask_attribute(key, value)
             if clean == value:
                 if len(value) <= 256:
                     if len(clean_pairs) >= 16384:
                         clean_pairs.clear()
                     clean_pairs[pair] = None
                 continue
-        elif is_secret_key(key):
-            clean = REDACTED
-        elif kind is tuple or kind is list:
-            clean = tuple(_redact_item(v) for v in value)
-            if clean == tuple(value):
-                continue
-        elif kind is bytes or kind is bytearray:
-            clean = _redact_item(value)
-            if clean == value:
-                continue
         else:
-            continue
+            clean = mask_attribute(key, value)
+            if clean is value:
+                continue
         if changed is None:
             changed = dict(plain)
         changed[key] = clean

@@ -700,14 +700,19 @@ class _Request:
         if not any(bytes(k).lower() == key for k, _ in headers):
             headers.append((key, self.request_id.encode("ascii")))
         if self.timings is not None:
-            with _breakdown._lock:
-                current = self.frame.breakdown
-                snapshot = {k: dict(v) for k, v in current.items()} if current else None
-            value = server_timing(self.timings, snapshot, elapsed_ms)
+            value = server_timing(self.timings, _breakdown.snapshot(self.frame), elapsed_ms)
             headers.append((b"server-timing", value.encode("latin-1", "replace")))
         new = dict(message)
         new["headers"] = headers
         return new
+
+    def _route(self) -> str | None:
+        """The request's route template, once routed (``None`` before or without one).
+
+        Sanitised: a mount's prefix comes from the raw path, so it is treated as untrusted.
+        """
+        route = route_template(self.scope, self.root_path)
+        return self.rt.sanitizer.text(route) if route else route
 
     def _before_owner_ends(self) -> None:
         """Put the request's end on a span another instrumentation ends.
@@ -719,18 +724,14 @@ class _Request:
         if not span.is_recording():
             return
         ms = (time.perf_counter_ns() - self.start_ns) / 1e6
-        route = route_template(self.scope, self.root_path)
-        if route:
-            route = self.rt.sanitizer.text(route)
+        route = self._route()
         attributes: dict[str, Any] = {}
         if route:
             attributes[attr.HTTP_ROUTE] = route
         if self.status is not None:
             attributes[attr.HTTP_RESPONSE_STATUS_CODE] = self.status
-        with _breakdown._lock:
-            current = self.frame.breakdown
-            snapshot = {k: dict(v) for k, v in current.items()} if current else None
-        forms = _breakdown.safe_forms(snapshot) if snapshot else None
+        totals = _breakdown.snapshot(self.frame)
+        forms = _breakdown.safe_forms(totals) if totals else None
         if forms is not None:
             attributes.update(forms[0])
         if route:
@@ -789,9 +790,7 @@ class _Request:
             # application that returned without responding); 499 says the client left.
             status = 499 if cancelled else 500
         failed = exc is not None and not cancelled
-        route = route_template(self.scope, self.root_path)
-        if route:  # a mount's prefix comes from the raw path: treat it as untrusted
-            route = rt.sanitizer.text(route)
+        route = self._route()
         name = f"{self.method if self.method != '_OTHER' else 'HTTP'} {route}" if route else None
         breakdown = _breakdown.detach(self.frame)
         # The span's attributes and the line's field, made in one pass.

@@ -681,7 +681,8 @@ register_error_formatter("sqlalchemy", sanitize_statement_error)
 
 # --- bind parameters that hold secrets ------------------------------------------------------
 
-_COMPARISONS: Final = frozenset({"=", "==", "<>", "!=", "<", ">", "<=", ">="})
+# The scanner gives each character of a comparison ("<=", "!=") as a token of its own.
+_COMPARISON_CHARS: Final = frozenset({"=", "<", ">", "!"})
 _NAMES: Final = ("word", "qident")
 
 
@@ -713,7 +714,7 @@ def _comparison_at(tokens: list[tuple[str, str, int]], i: int) -> int | None:
             if upper in _OPERAND_STOPS:
                 return None
         elif kind == "punct":
-            if value in _COMPARISONS or value in ("<", ">", "!"):
+            if value in _COMPARISON_CHARS:
                 return k
             if value == "," and token_depth < depth:
                 return None
@@ -727,7 +728,7 @@ def _left_operand_secret(tokens: list[tuple[str, str, int]], op: int) -> bool:
     ``password``, ``u."api_key"``, ``password::text``, ``lower(password)``, ``pw NOT IN``.
     """
     k = op - 1
-    while k >= 0 and tokens[k][1] in ("<", ">", "!", "=") and tokens[k][0] == "punct":
+    while k >= 0 and tokens[k][1] in _COMPARISON_CHARS and tokens[k][0] == "punct":
         k -= 1  # the first half of "<=", ">=", "!="
     if k >= 0 and tokens[k][0] == "word" and tokens[k][1].upper() == "NOT":
         k -= 1
